@@ -1,0 +1,433 @@
+"""The SQLite buffer: the durable queue between acquisition and delivery (SPEC §3).
+
+`Buffer` opens (or creates, or rescues) the database file and offers the operations of the one
+writer (`agent.recorder` owns a writer `Buffer`) and of readers (the publisher, `edge-agent status`),
+each on its own connection. It imports only `agent.model` and `agent.seqmark`.
+
+Design: rows are append-only, keyed by `seq` (INTEGER PRIMARY KEY, so the table is ordered by seq).
+Publication progress is a watermark per stream (`streams.sent_upto`: every row with seq <= it is
+acknowledged) instead of a flag per row, so acknowledging never rewrites old pages. `seq` never goes
+back: a stream's next seq is above the largest of the rows present, `streams.floor_seq` (the highest
+seq ever purged or evicted) and, for a fresh file, the high-water mark kept beside it (`SeqMark`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, STREAMS, Reading
+from agent.seqmark import SeqMark
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+PAGE_SIZE = 4096
+
+
+class BufferError(Exception):
+    """The buffer cannot be opened or written (not a corruption we can rescue)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Unpublished readings dropped by eviction, to be announced on the data topic."""
+
+    id: int
+    stream: str
+    first_seq: int
+    last_seq: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """A stored aggregate or alarm event: its seq, time and JSON body (the payload object)."""
+
+    seq: int
+    ts_ms: int
+    body: dict
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """True for the SQLite errors that mean the file is damaged (not busy, not full)."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return True
+    text = str(exc).lower()
+    return "malformed" in text or "not a database" in text or "corrupt" in text
+
+
+def _connect(path: Path, *, readonly: bool, sync: str) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(str(path), timeout=10, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout=10000")
+    if not readonly:
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise BufferError(f"cannot put {path} in WAL mode (got {mode})")
+        conn.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
+        conn.execute("PRAGMA journal_size_limit=8388608")
+    return conn
+
+
+class Buffer:
+    """One connection to the buffer database. Open with `Buffer.open_writer` (exactly one, owned by
+    the recorder thread) or `Buffer.open_reader` (any number, any process)."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, *, writer: bool, seqmark: SeqMark | None):
+        self.path = path
+        self.conn = conn
+        self.writer = writer
+        self.seqmark = seqmark
+        self._last_seq: dict[str, int] = {}
+        self._sent_upto: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open_writer(cls, path: str | Path, *, sync: str = "full", max_mb: float | None = None) -> Buffer:
+        """Open or create the database for writing. A corrupt file is moved aside (never deleted),
+        logged, and a fresh one started whose seqs continue above the old high-water mark."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        seqmark = SeqMark(path.with_name(path.name + ".seq"))
+        try:
+            buf = cls._open_checked(path, sync, seqmark)
+        except sqlite3.DatabaseError as exc:
+            if not is_corruption(exc):
+                raise BufferError(f"cannot open buffer {path}: {exc}") from exc
+            moved = move_aside(path, str(exc))
+            log.error("buffer %s is corrupt (%s); moved aside to %s, starting a fresh one", path, exc, moved)
+            buf = cls._open_checked(path, sync, seqmark)
+        if max_mb is not None:
+            buf.set_size_cap(max_mb)
+        return buf
+
+    @classmethod
+    def _open_checked(cls, path: Path, sync: str, seqmark: SeqMark) -> Buffer:
+        fresh = not path.exists() or path.stat().st_size == 0
+        conn = _connect(path, readonly=False, sync=sync)
+        try:
+            if not fresh:
+                result = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+                if result != "ok":
+                    raise sqlite3.DatabaseError(f"database disk image is malformed: quick_check: {result}")
+            buf = cls(path, conn, writer=True, seqmark=seqmark)
+            buf._create_schema()
+            buf._load_counters()
+        except BaseException:
+            conn.close()
+            raise
+        return buf
+
+    @classmethod
+    def open_reader(cls, path: str | Path) -> Buffer:
+        """Open an existing database read-only (works while the agent writes to it)."""
+        path = Path(path)
+        if not path.exists():
+            raise BufferError(f"no buffer database at {path} (has the agent run yet?)")
+        conn = _connect(path, readonly=True, sync="normal")
+        buf = cls(path, conn, writer=False, seqmark=None)
+        return buf
+
+    def close(self) -> None:
+        if self.writer:
+            try:
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning("checkpoint at close failed: %s", exc)
+        self.conn.close()
+
+    def _create_schema(self) -> None:
+        db = sqlite_utils.Database(self.conn)
+        db["readings"].create(
+            {"seq": int, "ts_ms": int, "device": str, "channel": str, "value": float, "unit": str, "flag": str},
+            pk="seq", not_null={"ts_ms", "device", "channel", "flag"}, if_not_exists=True,
+        )
+        for stream in (STREAM_AGGREGATES, STREAM_ALARMS):
+            db[stream].create({"seq": int, "ts_ms": int, "body": str}, pk="seq", if_not_exists=True)
+        db["streams"].create(
+            {"name": str, "floor_seq": int, "sent_upto": int}, pk="name", if_not_exists=True
+        )
+        db["gaps"].create(
+            {"id": int, "stream": str, "first_seq": int, "last_seq": int, "reason": str,
+             "created_ms": int, "announced": int},
+            pk="id", if_not_exists=True,
+        )
+        db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+        db["channels"].create(
+            {"device": str, "channel": str, "seq": int, "ts_ms": int, "value": float, "unit": str,
+             "flag": str, "last_valid_ms": int, "good": int, "bad": int},
+            pk=("device", "channel"), if_not_exists=True,
+        )
+        self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                          (str(SCHEMA_VERSION),))
+        for stream in STREAMS:
+            self.conn.execute(
+                "INSERT OR IGNORE INTO streams(name, floor_seq, sent_upto) VALUES (?, 0, 0)", (stream,)
+            )
+
+    def _load_counters(self) -> None:
+        assert self.seqmark is not None
+        marks = self.seqmark.read()
+        for stream in STREAMS:
+            floor, sent = self.conn.execute(
+                "SELECT floor_seq, sent_upto FROM streams WHERE name=?", (stream,)
+            ).fetchone()
+            top = self.conn.execute(f"SELECT max(seq) FROM {stream}").fetchone()[0] or 0
+            last = max(top, floor)
+            mark = marks.get(stream, 0)
+            if last < mark and top == 0 and floor == 0:
+                # A fresh file (first start, or the old one was moved aside): continue above every
+                # seq that may ever have been issued.
+                log.info("stream %s continues above high-water mark %d", stream, mark)
+                last = mark
+                sent = mark
+                self.conn.execute(
+                    "UPDATE streams SET floor_seq=?, sent_upto=? WHERE name=?", (last, sent, stream)
+                )
+            self._last_seq[stream] = last
+            self._sent_upto[stream] = min(sent, last)
+        self.seqmark.ensure_above(self._last_seq)
+
+    # ------------------------------------------------------------------ writer side
+
+    def last_seq(self, stream: str = STREAM_READINGS) -> int:
+        return self._last_seq[stream]
+
+    def sent_upto(self, stream: str = STREAM_READINGS) -> int:
+        return self._sent_upto[stream]
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        try:
+            self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def reload_counters(self) -> None:
+        """After a rollback: drop the in-memory counters advanced by the failed transaction."""
+        self._load_counters()
+
+    def _next_seqs(self, stream: str, n: int) -> int:
+        """Reserve n seqs; returns the first. Grows the external high-water mark when needed."""
+        first = self._last_seq[stream] + 1
+        self._last_seq[stream] += n
+        assert self.seqmark is not None
+        self.seqmark.ensure_above({stream: self._last_seq[stream]})
+        return first
+
+    def insert_readings(self, readings: Sequence[Reading]) -> list[Reading]:
+        """Append readings (inside the caller's transaction); returns them with their seq."""
+        first = self._next_seqs(STREAM_READINGS, len(readings))
+        stored = [
+            Reading(r.device, r.channel, r.ts_ms, r.value, r.unit, r.flag, first + i)
+            for i, r in enumerate(readings)
+        ]
+        self.conn.executemany(
+            "INSERT INTO readings(seq, ts_ms, device, channel, value, unit, flag) VALUES (?,?,?,?,?,?,?)",
+            [(r.seq, r.ts_ms, r.device, r.channel, r.value, r.unit, r.flag) for r in stored],
+        )
+        return stored
+
+    def insert_event(self, stream: str, ts_ms: int, body: dict) -> int:
+        """Append an aggregate or alarm event (its body gets `seq`); returns the seq."""
+        if stream not in (STREAM_AGGREGATES, STREAM_ALARMS):
+            raise ValueError(f"not an event stream: {stream}")
+        seq = self._next_seqs(stream, 1)
+        body = {"seq": seq, **body}
+        self.conn.execute(f"INSERT INTO {stream}(seq, ts_ms, body) VALUES (?,?,?)",
+                          (seq, ts_ms, json.dumps(body, separators=(",", ":"))))
+        return seq
+
+    def set_sent_upto(self, stream: str, seq: int) -> None:
+        """Persist the acknowledgement watermark (only ever moves forward)."""
+        seq = min(seq, self._last_seq[stream])
+        if seq > self._sent_upto[stream]:
+            self._sent_upto[stream] = seq
+            self.conn.execute("UPDATE streams SET sent_upto=? WHERE name=?", (seq, stream))
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT INTO meta(key, value) VALUES (?, ?) "
+                          "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+    def upsert_channels(self, rows: Iterable[tuple]) -> None:
+        """rows: (device, channel, seq, ts_ms, value, unit, flag, last_valid_ms, good, bad)."""
+        self.conn.executemany(
+            "INSERT INTO channels(device, channel, seq, ts_ms, value, unit, flag, last_valid_ms, good, bad) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(device, channel) DO UPDATE SET "
+            "seq=excluded.seq, ts_ms=excluded.ts_ms, value=excluded.value, unit=excluded.unit, "
+            "flag=excluded.flag, last_valid_ms=excluded.last_valid_ms, good=excluded.good, bad=excluded.bad",
+            list(rows),
+        )
+
+    def mark_gap_announced(self, gap_id: int) -> None:
+        self.conn.execute("UPDATE gaps SET announced=1 WHERE id=?", (gap_id,))
+
+    # ------------------------------------------------------------------ size cap and purge
+
+    def set_size_cap(self, max_mb: float) -> None:
+        """Hard cap: SQLite refuses to grow the file beyond it (SQLITE_FULL), eviction keeps below."""
+        self.max_bytes = int(max_mb * 1024 * 1024)
+        pages = max(self.max_bytes // PAGE_SIZE, 64)
+        self.conn.execute(f"PRAGMA max_page_count={pages}")
+
+    def used_bytes(self) -> int:
+        """Bytes of the file in use (pages not on the free list)."""
+        pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
+        free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return (pages - free) * PAGE_SIZE
+
+    def purge_sent(self, keep_sent_days: float, now_ms: int) -> int:
+        """Delete published readings and events older than `keep_sent_days` (caller's transaction)."""
+        cutoff = now_ms - int(keep_sent_days * 86_400_000)
+        deleted = 0
+        for stream in STREAMS:
+            sent = self._sent_upto[stream]
+            # Rows are in seq order and (mostly) in time order: delete the sent prefix older than cutoff.
+            upto = self.conn.execute(
+                f"SELECT max(seq) FROM {stream} WHERE seq <= ? AND ts_ms < ?", (sent, cutoff)
+            ).fetchone()[0]
+            if upto:
+                deleted += self._delete_upto(stream, upto)
+        return deleted
+
+    def _delete_upto(self, stream: str, upto: int) -> int:
+        cur = self.conn.execute(f"DELETE FROM {stream} WHERE seq <= ?", (upto,))
+        self.conn.execute(
+            "UPDATE streams SET floor_seq = max(floor_seq, ?) WHERE name=?", (upto, stream)
+        )
+        return cur.rowcount
+
+    def evict(self, target_bytes: int, now_ms: int) -> tuple[int, int, Gap | None]:
+        """Free space until `used_bytes() <= target_bytes` (caller's transaction): published readings
+        first (oldest first), then published events, then the oldest unpublished readings — those
+        are recorded as a gap to announce. Unpublished alarms and aggregates are never dropped.
+        Returns (published rows purged, unpublished readings dropped, gap or None)."""
+        purged = dropped = 0
+        gap = None
+        chunk = 2000
+        for stream in (STREAM_READINGS, STREAM_AGGREGATES, STREAM_ALARMS):
+            while self.used_bytes() > target_bytes:
+                lo = self.conn.execute(f"SELECT min(seq) FROM {stream}").fetchone()[0]
+                sent = self._sent_upto[stream]
+                if lo is None or lo > sent:
+                    break
+                upto = min(sent, lo + chunk - 1)
+                purged += self._delete_upto(stream, upto)
+        while self.used_bytes() > target_bytes:
+            row = self.conn.execute("SELECT min(seq), max(seq) FROM readings").fetchone()
+            if row[0] is None:
+                break
+            lo = row[0]
+            upto = min(lo + chunk - 1, row[1])
+            n = self._delete_upto(STREAM_READINGS, upto)
+            dropped += n
+            gap = self._record_gap(STREAM_READINGS, lo, upto, "buffer_full", now_ms)
+            self.set_sent_upto(STREAM_READINGS, upto)
+        return purged, dropped, gap
+
+    def _record_gap(self, stream: str, first: int, last: int, reason: str, now_ms: int) -> Gap:
+        """Record dropped seqs; extends the newest unannounced gap when the ranges touch."""
+        row = self.conn.execute(
+            "SELECT id, first_seq, last_seq FROM gaps WHERE stream=? AND announced=0 AND reason=? "
+            "ORDER BY id DESC LIMIT 1", (stream, reason)
+        ).fetchone()
+        if row and row[2] + 1 >= first:
+            self.conn.execute("UPDATE gaps SET last_seq=? WHERE id=?", (max(last, row[2]), row[0]))
+            return Gap(row[0], stream, row[1], max(last, row[2]), reason)
+        cur = self.conn.execute(
+            "INSERT INTO gaps(stream, first_seq, last_seq, reason, created_ms, announced) VALUES (?,?,?,?,?,0)",
+            (stream, first, last, reason, now_ms),
+        )
+        return Gap(int(cur.lastrowid or 0), stream, first, last, reason)
+
+    # ------------------------------------------------------------------ reader side
+
+    def stream_state(self, stream: str = STREAM_READINGS) -> tuple[int, int]:
+        """(last seq stored or ever issued, acknowledged watermark) as the file says now."""
+        floor, sent = self.conn.execute(
+            "SELECT floor_seq, sent_upto FROM streams WHERE name=?", (stream,)
+        ).fetchone()
+        top = self.conn.execute(f"SELECT max(seq) FROM {stream}").fetchone()[0] or 0
+        return max(top, floor), sent
+
+    def readings_after(self, after_seq: int, limit: int) -> list[Reading]:
+        rows = self.conn.execute(
+            "SELECT seq, ts_ms, device, channel, value, unit, flag FROM readings WHERE seq > ? "
+            "ORDER BY seq LIMIT ?", (after_seq, limit)
+        ).fetchall()
+        return [Reading(r[2], r[3], r[1], r[4], r[5], r[6], r[0]) for r in rows]
+
+    def readings_between(self, from_seq: int, to_seq: int, limit: int) -> list[Reading]:
+        rows = self.conn.execute(
+            "SELECT seq, ts_ms, device, channel, value, unit, flag FROM readings WHERE seq BETWEEN ? AND ? "
+            "ORDER BY seq LIMIT ?", (from_seq, to_seq, limit)
+        ).fetchall()
+        return [Reading(r[2], r[3], r[1], r[4], r[5], r[6], r[0]) for r in rows]
+
+    def events_after(self, stream: str, after_seq: int, limit: int) -> list[EventRow]:
+        rows = self.conn.execute(
+            f"SELECT seq, ts_ms, body FROM {stream} WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+        ).fetchall()
+        return [EventRow(r[0], r[1], json.loads(r[2])) for r in rows]
+
+    def pending_gaps(self) -> list[Gap]:
+        rows = self.conn.execute(
+            "SELECT id, stream, first_seq, last_seq, reason FROM gaps WHERE announced=0 ORDER BY id"
+        ).fetchall()
+        return [Gap(*r) for r in rows]
+
+    def count_after(self, stream: str, after_seq: int) -> int:
+        return int(self.conn.execute(f"SELECT count(*) FROM {stream} WHERE seq > ?", (after_seq,)).fetchone()[0])
+
+    def meta(self) -> dict[str, str]:
+        return dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+
+    def channels(self) -> list[dict]:
+        cur = self.conn.execute(
+            "SELECT device, channel, seq, ts_ms, value, unit, flag, last_valid_ms, good, bad FROM channels "
+            "ORDER BY device, channel"
+        )
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def latest_readings_since(self, after_seq: int) -> list[Reading]:
+        """Readings newer than a seq (used by status to refresh the periodic channel snapshot)."""
+        return self.readings_after(after_seq, 100_000)
+
+
+def move_aside(path: Path, reason: str) -> Path:
+    """Rename a damaged database (and its -wal/-shm) to `NAME.corrupt-TIMESTAMP`; never deletes."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    os.replace(path, target)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            os.replace(side, target.with_name(target.name + suffix))
+    note = target.with_name(target.name + ".txt")
+    note.write_text(f"moved aside by edge-agent at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {reason}\n")
+    return target

@@ -1,0 +1,164 @@
+"""The `edge-agent` command line (SPEC §1): run, check-config, status, simulate, tail, schema.
+
+It wires and reports; the work is done by the modules it calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from agent import __version__
+from agent.logutil import setup_logging
+
+EXIT_OK = 0
+EXIT_INVALID = 2
+
+log = logging.getLogger("edge-agent")
+
+
+def _load_or_report(path: str):
+    from agent.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.file)
+    if config is None:
+        return EXIT_INVALID
+    print(f"{args.file}: OK — station {config.station.id}, {len(config.devices)} devices, "
+          f"{len(config.buses)} buses, {len(config.alarms)} alarm rules")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from agent.config import json_schema
+
+    json.dump(json_schema(), sys.stdout, indent=2, ensure_ascii=False)
+    print()
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.runtime import Station, UnsupportedConfig, check_supported
+
+    setup_logging(args.log_level)
+    config = _load_or_report(args.config)
+    if config is None:
+        return EXIT_INVALID
+    try:
+        check_supported(config)
+    except UnsupportedConfig as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        config.mqtt.read_password()
+    except (OSError, ValueError) as exc:
+        print(f"{args.config}: mqtt.password_file: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    log.info("edge-agent %s starting with %s", __version__, args.config)
+    return Station(args.config, config).run()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.buffer import Buffer
+    from agent.runtime import device_intervals
+    from agent.status import collect, render_text
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return EXIT_INVALID
+    path = config.storage.path
+    reader = Buffer.open_reader(path) if path.exists() else None
+    try:
+        status = collect(reader, device_intervals(config))
+    finally:
+        if reader is not None:
+            reader.close()
+    status["station"] = config.station.id
+    if args.json:
+        json.dump(status, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+    else:
+        if reader is None:
+            print(f"no buffer database at {path} yet (the agent has not run with this config)")
+        print(f"station  {config.station.id} ({config.station.name or ''})")
+        print(render_text(status))
+    return EXIT_OK
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from agent.tail import tail
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return EXIT_INVALID
+    m = config.mqtt
+    url = args.url or m.broker_urls()[0]
+    tls = {"ca": str(m.tls.ca) if m.tls and m.tls.ca else None,
+           "cert": str(m.tls.cert) if m.tls and m.tls.cert else None,
+           "key": str(m.tls.key) if m.tls and m.tls.key else None}
+    tail(url, f"{m.topic_prefix}/{config.station.id}", username=m.username, password=m.read_password(), tls=tls)
+    return EXIT_OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    config = _load_or_report(args.config)
+    if config is None:
+        return EXIT_INVALID
+    try:
+        from drivers.sim.serve import serve  # type: ignore[import-not-found]
+    except ImportError:
+        print("simulate: no instrument simulators in this version yet", file=sys.stderr)
+        return EXIT_INVALID
+    return int(serve(config) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description="Environmental monitoring station gateway.")
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help_text: str, config_flag: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        if config_flag:
+            p.add_argument("-c", "--config", required=True, metavar="FILE", help="station configuration (YAML)")
+        return p
+
+    p = add("run", cmd_run, "Run the station until SIGTERM/SIGINT; SIGHUP reloads the config.")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p = add("check-config", cmd_check_config, "Validate a config file without touching hardware or network.",
+            config_flag=False)
+    p.add_argument("file", metavar="FILE")
+    p = add("status", cmd_status, "Show backlog, devices, alarms and broker state from the buffer.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("simulate", cmd_simulate, "Serve simulated instruments for the devices of FILE that name a profile.")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p = add("tail", cmd_tail, "Print the station's MQTT messages as they arrive, flagging gaps and duplicates.")
+    p.add_argument("--url", help="broker URL (default: the config's first)")
+    add("schema", cmd_schema, "Print the JSON Schema of the config file.", config_flag=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

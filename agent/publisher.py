@@ -1,0 +1,642 @@
+"""The publisher: drains the buffer to the MQTT broker in seq order and answers platform commands.
+
+One thread owns the paho client and drives its socket with its own select loop (so that it can also
+wake up when the recorder commits). Rows are read from the buffer with a read-only connection,
+published at QoS 1 in batches of up to `max_batch` readings with a window of messages in flight, and
+acknowledged to the recorder only when the broker's PUBACKs arrive, in order. A lost connection
+drops the window: the next connection re-publishes from the last acknowledged seq (at-least-once).
+Imports `agent.buffer`, `agent.payloads`, `agent.model`, `agent.logutil`; never `drivers`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import select
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from agent import __version__
+from agent.buffer import Buffer, Gap
+from agent.logutil import RateLimitedLog
+from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, iso_utc_ms, now_ms
+from agent.payloads import (
+    DataEncoder,
+    aggregates_message,
+    alarm_message,
+    gap_message,
+    reply_message,
+    status_message,
+)
+
+log = logging.getLogger(__name__)
+
+WINDOW = 32  # messages in flight (unacknowledged) at once
+MAX_COMMAND_BYTES = 4096
+MAX_RESEND = 100_000  # readings one resend command may ask for
+EVENT_BATCH = 50  # aggregates per agg message
+
+
+@dataclass
+class BrokerSettings:
+    """What the publisher needs from the `mqtt` section (built by the runtime from the config)."""
+
+    urls: list[str]
+    client_id: str
+    station_id: str
+    topic_prefix: str = "env"
+    qos: int = 1
+    max_batch: int = 200
+    reconnect_max: float = 30.0
+    keepalive: int = 30
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    connect_timeout: float = 5.0
+
+    @property
+    def base_topic(self) -> str:
+        return f"{self.topic_prefix}/{self.station_id}"
+
+
+def describe_connack(reason: object) -> str:
+    """Plain words for a refused CONNACK, pointing at the setting to check."""
+    text = str(reason)
+    low = text.lower()
+    if "not authori" in low or "bad user" in low or "username" in low or "password" in low:
+        return f"{text} (check mqtt.username and mqtt.password / password_file)"
+    if "identifier" in low:
+        return f"{text} (check mqtt.client_id)"
+    return text
+
+
+class Publisher(threading.Thread):
+    """Delivers the buffer to the broker. `status_provider()` supplies the answer to the `status`
+    command; `recorder` (an `agent.recorder.Recorder`) receives acknowledgements and broker state."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        db_path: str,
+        recorder: object,
+        status_provider: Callable[[], dict] | None = None,
+    ):
+        super().__init__(name="publisher", daemon=True)
+        self.settings = settings
+        self.db_path = db_path
+        self.recorder = recorder
+        self.status_provider = status_provider
+        self.encoder = DataEncoder(settings.station_id)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stop_event = threading.Event()
+        self._drain_until: float | None = None
+        self._lock = threading.Lock()
+        self._new_settings: BrokerSettings | None = None
+        self.client: mqtt.Client | None = None
+        self.online = False
+        self.state = "connecting"
+        self.url: str | None = None
+        self.last_error: str | None = None
+        self.connected_since: float | None = None
+        self._url_index = 0
+        self._backoff = 0.5
+        self._reader: Buffer | None = None
+        self._cursor: dict[str, int] = {}
+        self._acked: dict[str, int] = {}
+        self._inflight: dict[str, deque[list]] = {s: deque() for s in (STREAM_READINGS, STREAM_AGGREGATES,
+                                                                       STREAM_ALARMS)}
+        self._by_mid: dict[int, list] = {}
+        self._early_acks: set[int] = set()
+        self._gaps_inflight: set[int] = set()
+        self._other_inflight = 0
+        self._check_gaps = True
+        self._connack: object = None
+        self.last_progress = time.monotonic()
+        self.published_readings = 0
+        self._errlog = RateLimitedLog(log, every_s=300)
+
+    # ------------------------------------------------------------------ any thread
+
+    def wake(self) -> None:
+        """New rows were committed (or something else needs the thread's attention)."""
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def update_settings(self, settings: BrokerSettings) -> None:
+        """Apply new broker settings (SIGHUP): reconnect with them if they differ."""
+        with self._lock:
+            self._new_settings = settings
+        self.wake()
+
+    def drain_and_stop(self, grace: float) -> None:
+        """Go on publishing the backlog for at most `grace` seconds, then say offline and stop."""
+        self._drain_until = time.monotonic() + grace
+        self.wake()
+        self.join(grace + 10)
+
+    def stop(self) -> None:
+        self._drain_until = time.monotonic()
+        self.wake()
+        self.join(10)
+
+    def backlog_done(self) -> bool:
+        return self._backlog_empty()
+
+    # ------------------------------------------------------------------ thread
+
+    def run(self) -> None:
+        try:
+            while True:
+                self.last_progress = time.monotonic()
+                if self._drain_until is not None and (time.monotonic() >= self._drain_until or
+                                                      (self.online and self._backlog_empty())):
+                    break
+                self._apply_new_settings()
+                if self.client is None:
+                    if not self._connect_once():
+                        self._sleep(self._next_backoff())
+                    continue
+                self._service_io(0.5 if self._window_full() or not self.online else 1.0)
+                if self.online:
+                    self._fill_window()
+        except Exception:  # noqa: BLE001 - the publisher must never die silently
+            log.exception("publisher crashed")
+            raise
+        finally:
+            self._close(clean=True)
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self._stopping():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            readable, _, _ = select.select([self._wake_r], [], [], min(left, 1.0))
+            self.last_progress = time.monotonic()
+            if readable:
+                self._drain_wake()
+                if self._new_settings is not None:
+                    return
+
+    def _stopping(self) -> bool:
+        return self._drain_until is not None and time.monotonic() >= self._drain_until
+
+    def _next_backoff(self) -> float:
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, self.settings.reconnect_max)
+        return random.uniform(delay / 2, delay)
+
+    def _apply_new_settings(self) -> None:
+        with self._lock:
+            new, self._new_settings = self._new_settings, None
+        if new is None:
+            return
+        if new != self.settings:
+            log.info("broker settings changed; reconnecting")
+            self.settings = new
+            self.encoder = DataEncoder(new.station_id)
+            self._drop_connection("settings reloaded")
+            self._backoff = 0.5
+            self._url_index = 0
+
+    # ------------------------------------------------------------------ connection
+
+    def _connect_once(self) -> bool:
+        s = self.settings
+        url = s.urls[self._url_index % len(s.urls)]
+        self._url_index += 1
+        parts = urlsplit(url)
+        tls = parts.scheme == "mqtts"
+        host = parts.hostname or "localhost"
+        port = parts.port or (8883 if tls else 1883)
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True,
+                             protocol=mqtt.MQTTv311)
+        client.enable_logger(logging.getLogger("paho"))
+        client.max_inflight_messages_set(WINDOW)
+        client.max_queued_messages_set(0)
+        client.connect_timeout = s.connect_timeout
+        client.will_set(f"{s.base_topic}/status", status_message(s.station_id, "offline"), qos=1, retain=True)
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password)
+        if tls:
+            try:
+                client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key,
+                               cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                self._set_state("offline", f"TLS files unusable: {exc}")
+                self._errlog.error("cannot use the TLS files of mqtt.tls: %s", exc)
+                return False
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        self._connack = None
+        try:
+            client.connect(host, port, keepalive=s.keepalive)
+        except ssl.SSLError as exc:
+            return self._connect_failed(url, f"TLS handshake failed: {exc}")
+        except (OSError, ValueError) as exc:
+            return self._connect_failed(url, f"{type(exc).__name__}: {exc}")
+        self.client = client
+        deadline = time.monotonic() + s.connect_timeout
+        while self._connack is None and self.client is not None and time.monotonic() < deadline:
+            self._service_io(0.2)
+        if self._connack is None:
+            self._drop_connection("no CONNACK")
+            return self._connect_failed(url, "broker did not answer CONNECT in time")
+        if self._connack is not True:
+            reason = describe_connack(self._connack)
+            self._drop_connection("refused")
+            return self._connect_failed(url, f"broker refused the connection: {reason}")
+        self._on_online(url)
+        return True
+
+    def _connect_failed(self, url: str, why: str) -> bool:
+        self._set_state("offline", why)
+        self._errlog.error("cannot connect to %s: %s; retrying with backoff", _safe_url(url), why)
+        return False
+
+    def _on_online(self, url: str) -> None:
+        assert self.client is not None
+        s = self.settings
+        self.online = True
+        self.url = url
+        self.connected_since = time.monotonic()
+        self._backoff = 0.5
+        self._url_index = 0
+        self._errlog = RateLimitedLog(log, every_s=300)
+        log.info("connected to %s as %s", _safe_url(url), s.client_id)
+        self._set_state("online", None)
+        self.client.subscribe(f"{s.base_topic}/cmd", qos=1)
+        self._publish_raw(f"{s.base_topic}/status",
+                          status_message(s.station_id, "online", ts=iso_utc_ms(now_ms()),
+                                         agent=f"edge-agent {__version__}"), retain=True)
+        self._open_reader()
+        self._check_gaps = True
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # paho callback
+        self._connack = True if not reason_code.is_failure else reason_code
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # paho callback
+        if client is self.client:
+            self._lost(f"disconnected ({reason_code})")
+
+    def _lost(self, why: str) -> None:
+        if self.online:
+            log.warning("connection to broker lost: %s", why)
+        self._drop_connection(why)
+        self._set_state("offline", why)
+
+    def _drop_connection(self, why: str) -> None:
+        client, self.client = self.client, None
+        self.online = False
+        self.connected_since = None
+        self._reset_window()
+        if client is not None:
+            try:
+                client.on_disconnect = None
+                client.disconnect()
+            except Exception:  # noqa: BLE001
+                pass
+            try:
+                sock = client.socket()
+                if sock is not None:
+                    sock.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _set_state(self, state: str, error: str | None) -> None:
+        changed = state != self.state or error != self.last_error
+        self.state = state
+        self.last_error = error
+        if changed:
+            record = {"state": state, "url": _safe_url(self.url) if self.url else None,
+                      "since": iso_utc_ms(now_ms()), "error": error}
+            self.recorder.set_meta("broker", json.dumps(record))
+
+    def _close(self, clean: bool) -> None:
+        if self.client is not None and self.online and clean:
+            s = self.settings
+            try:
+                info = self.client.publish(f"{s.base_topic}/status",
+                                           status_message(s.station_id, "offline", ts=iso_utc_ms(now_ms())),
+                                           qos=1, retain=True)
+                deadline = time.monotonic() + 2
+                while not info.is_published() and self.client is not None and time.monotonic() < deadline:
+                    self._service_io(0.1)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not publish offline status: %s", exc)
+        self._drop_connection("stopping")
+        self._set_state("offline", "agent stopped")
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    # ------------------------------------------------------------------ socket I/O
+
+    def _service_io(self, timeout: float) -> None:
+        client = self.client
+        if client is None:
+            return
+        sock = client.socket()
+        if sock is None:
+            self._lost("socket closed")
+            return
+        pending = sock.pending() if hasattr(sock, "pending") else 0
+        wlist = [sock] if client.want_write() else []
+        try:
+            readable, writable, _ = select.select([sock, self._wake_r], wlist, [], 0 if pending else timeout)
+        except (OSError, ValueError) as exc:
+            self._lost(f"select failed: {exc}")
+            return
+        if self._wake_r in readable:
+            self._drain_wake()
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        if sock in readable or pending:
+            rc = client.loop_read()
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self.client is client and client.want_write():
+            rc = client.loop_write()
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self.client is client:
+            rc = client.loop_misc()
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and self.client is client:
+            self._lost(mqtt.error_string(rc))
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    # ------------------------------------------------------------------ draining the buffer
+
+    def _open_reader(self) -> None:
+        if self._reader is None:
+            self._reader = Buffer.open_reader(self.db_path)
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        """Forget messages in flight; publishing resumes after the last acknowledged seq."""
+        for stream, q in self._inflight.items():
+            q.clear()
+            self._cursor[stream] = self._acked.get(stream, 0)
+        self._by_mid.clear()
+        self._early_acks.clear()
+        self._gaps_inflight.clear()
+        self._other_inflight = 0
+        if self._reader is not None:
+            try:
+                for stream in self._inflight:
+                    _, sent = self._reader.stream_state(stream)
+                    if sent > self._acked.get(stream, 0):
+                        self._acked[stream] = sent
+                    self._cursor[stream] = self._acked[stream]
+            except Exception as exc:  # noqa: BLE001
+                self._reader_failed(exc)
+
+    def _reader_failed(self, exc: Exception) -> None:
+        self._errlog.error("reading the buffer failed (%s); reopening it", exc)
+        try:
+            if self._reader is not None:
+                self._reader.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self._reader = None
+        time.sleep(0.5)
+        try:
+            self._reader = Buffer.open_reader(self.db_path)
+        except Exception as exc2:  # noqa: BLE001
+            self._errlog.error("cannot reopen the buffer: %s", exc2)
+
+    def _inflight_count(self) -> int:
+        return len(self._by_mid)
+
+    def _window_full(self) -> bool:
+        return self._inflight_count() >= WINDOW
+
+    def _backlog_empty(self) -> bool:
+        if self._inflight_count():
+            return False
+        try:
+            reader = self._reader or Buffer.open_reader(self.db_path)
+            try:
+                for stream in self._inflight:
+                    if reader.count_after(stream, self._cursor.get(stream, 0)):
+                        return False
+                return not reader.pending_gaps()
+            finally:
+                if reader is not self._reader:
+                    reader.close()
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _fill_window(self) -> None:
+        if self._reader is None:
+            self._open_reader()
+            if self._reader is None:
+                return
+        s = self.settings
+        try:
+            self._publish_events(STREAM_ALARMS, f"{s.base_topic}/alarm", 1)
+            if self._check_gaps:
+                self._check_gaps = False
+                for gap in self._reader.pending_gaps():
+                    self._publish_gap(gap)
+            while not self._window_full() and self.client is not None:
+                rows = self._reader.readings_after(self._cursor[STREAM_READINGS], s.max_batch)
+                if not rows:
+                    break
+                self._publish_tracked(STREAM_READINGS, f"{s.base_topic}/data", self.encoder.encode(rows),
+                                      rows[-1].seq)
+                self.published_readings += len(rows)
+            self._publish_events(STREAM_AGGREGATES, f"{s.base_topic}/agg", EVENT_BATCH)
+        except Exception as exc:  # noqa: BLE001 - a damaged or replaced file: reopen and go on
+            if self.client is None:
+                return
+            self._reader_failed(exc)
+
+    def _publish_events(self, stream: str, topic: str, batch: int) -> None:
+        assert self._reader is not None
+        while not self._window_full() and self.client is not None:
+            rows = self._reader.events_after(stream, self._cursor[stream], batch)
+            if not rows:
+                return
+            if stream == STREAM_ALARMS:
+                payload = alarm_message(self.settings.station_id, rows[0].body)
+                rows = rows[:1]
+            else:
+                payload = aggregates_message(self.settings.station_id, [r.body for r in rows])
+            self._publish_tracked(stream, topic, payload, rows[-1].seq)
+
+    def _publish_gap(self, gap: Gap) -> None:
+        if gap.id in self._gaps_inflight:
+            return
+        payload = gap_message(self.settings.station_id, gap.first_seq, gap.last_seq, gap.reason)
+        if self._publish_raw(f"{self.settings.base_topic}/data", payload, entry=["gap", gap.id, False]):
+            self._gaps_inflight.add(gap.id)
+
+    def _publish_tracked(self, stream: str, topic: str, payload: bytes, last_seq: int) -> None:
+        entry = [stream, last_seq, False]
+        self._inflight[stream].append(entry)
+        self._cursor[stream] = last_seq
+        if not self._publish_raw(topic, payload, entry=entry):
+            self._inflight[stream].pop()
+
+    def _publish_raw(self, topic: str, payload: bytes, retain: bool = False, entry: list | None = None) -> bool:
+        """Publish; every message is tracked by mid until its PUBACK (so mids are never confused)."""
+        client = self.client
+        if client is None:
+            return False
+        info = client.publish(topic, payload, qos=self.settings.qos, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            self._lost(f"publish failed: {mqtt.error_string(info.rc)}")
+            return False
+        self._by_mid[info.mid] = entry if entry is not None else ["other", 0, False]
+        if info.mid in self._early_acks:  # QoS 0: paho reported it written before we got the mid
+            self._early_acks.discard(info.mid)
+            self._acknowledge(info.mid)
+        return True
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # paho callback
+        if client is not self.client:
+            return
+        if mid not in self._by_mid:
+            self._early_acks.add(mid)
+            if len(self._early_acks) > 10_000:
+                self._early_acks.clear()
+            return
+        self._acknowledge(mid)
+
+    def _acknowledge(self, mid: int) -> None:
+        entry = self._by_mid.pop(mid)
+        kind = entry[0]
+        if kind == "gap":
+            self._gaps_inflight.discard(entry[1])
+            self.recorder.gap_announced(entry[1])
+            log.info("gap announced: %s", entry[1])
+            return
+        if kind == "other":
+            return
+        entry[2] = True
+        q = self._inflight[kind]
+        upto = None
+        while q and q[0][2]:
+            upto = q.popleft()[1]
+        if upto is not None:
+            self._acked[kind] = upto
+            self.recorder.ack(kind, upto)
+
+    # ------------------------------------------------------------------ commands
+
+    def _on_message(self, client, userdata, message) -> None:  # paho callback
+        s = self.settings
+        cmd_id: object = None
+        try:
+            if len(message.payload) > MAX_COMMAND_BYTES:
+                raise CommandError(f"command larger than {MAX_COMMAND_BYTES} bytes")
+            try:
+                cmd = json.loads(message.payload.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise CommandError(f"not JSON: {exc}") from None
+            if not isinstance(cmd, dict):
+                raise CommandError("a command is a JSON object")
+            cmd_id = cmd.get("id")
+            if not isinstance(cmd_id, (str, int)) or isinstance(cmd_id, bool):
+                cmd_id = None
+                raise CommandError("missing or invalid 'id' (a string or integer)")
+            name = cmd.get("cmd")
+            handler = {"ping": self._cmd_ping, "status": self._cmd_status, "resend": self._cmd_resend}.get(name)
+            if handler is None:
+                raise CommandError(f"unknown command {name!r} (known: ping, resend, status)")
+            reply = handler(cmd)
+            payload = reply_message(cmd_id, True, **reply)
+        except CommandError as exc:
+            log.warning("refused command on %s: %s", message.topic, exc)
+            payload = reply_message(cmd_id, False, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - a command must never take the agent down
+            log.exception("command failed")
+            payload = reply_message(cmd_id, False, error=f"internal error: {type(exc).__name__}")
+        self._publish_raw(f"{s.base_topic}/cmd/reply", payload)
+
+    def _cmd_ping(self, cmd: dict) -> dict:
+        _only_keys(cmd, {"id", "cmd"})
+        return {"cmd": "ping", "pong": True, "ts": iso_utc_ms(now_ms())}
+
+    def _cmd_status(self, cmd: dict) -> dict:
+        _only_keys(cmd, {"id", "cmd"})
+        status = self.status_provider() if self.status_provider else {}
+        return {"cmd": "status", "status": status}
+
+    def _cmd_resend(self, cmd: dict) -> dict:
+        _only_keys(cmd, {"id", "cmd", "from_seq", "to_seq"})
+        first, last = cmd.get("from_seq"), cmd.get("to_seq")
+        for name, value in (("from_seq", first), ("to_seq", last)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise CommandError(f"'{name}' must be a non-negative integer")
+        assert isinstance(first, int) and isinstance(last, int)
+        if first > last:
+            raise CommandError("'from_seq' is greater than 'to_seq'")
+        if last - first + 1 > MAX_RESEND:
+            raise CommandError(f"at most {MAX_RESEND} readings per resend; split the range")
+        if self._reader is None:
+            raise CommandError("buffer not available")
+        rows = self._reader.readings_between(first, last, MAX_RESEND)
+        topic = f"{self.settings.base_topic}/data"
+        size = self.settings.max_batch
+        for i in range(0, len(rows), size):
+            self._publish_raw(topic, self.encoder.encode(rows[i:i + size]))
+        found = [r.seq for r in rows]
+        reply: dict = {"cmd": "resend", "from_seq": first, "to_seq": last, "count": len(rows)}
+        if len(rows) < last - first + 1:
+            reply["missing"] = _missing_ranges(first, last, found)
+        return reply
+
+
+class CommandError(Exception):
+    """A command that is refused (answered with ok:false)."""
+
+
+def _only_keys(cmd: dict, allowed: set[str]) -> None:
+    extra = sorted(set(cmd) - allowed)
+    if extra:
+        raise CommandError(f"unknown field(s) {', '.join(map(repr, extra))} for command {cmd.get('cmd')!r}")
+
+
+def _missing_ranges(first: int, last: int, found: list[int]) -> list[list[int]]:
+    """Ranges of [first, last] absent from `found` (sorted): purged, evicted or never issued."""
+    out: list[list[int]] = []
+    expect = first
+    for seq in found:
+        if seq > expect:
+            out.append([expect, seq - 1])
+        expect = seq + 1
+    if expect <= last:
+        out.append([expect, last])
+    return out[:100]
+
+
+def _safe_url(url: str | None) -> str:
+    """A broker URL without any user:password part, for logs."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}"
+

@@ -1,0 +1,299 @@
+"""The recorder: the one thread that writes the buffer database, with group commit.
+
+Pollers hand it readings (`submit`), the publisher hands it acknowledgements (`ack`) and announced
+gaps; every `commit_interval_ms` it writes all of that in one transaction, so the SD card sees one
+small write burst per interval and a power cut loses at most that interval. It also keeps the size
+cap (eviction), purges old published rows and snapshots per-channel health for `status`.
+Imports `agent.buffer` and `agent.model` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from agent.buffer import Buffer, is_corruption, move_aside
+from agent.logutil import RateLimitedLog
+from agent.model import STREAM_READINGS, Reading, now_ms
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_EVERY_S = 5.0  # channel health table refresh (status reads it)
+ACK_PERSIST_EVERY_S = 1.0  # acknowledged watermark written at most this often (re-sent if lost)
+SIZE_CHECK_EVERY_S = 5.0
+PURGE_EVERY_S = 600.0
+MAX_PENDING = 500_000  # readings held in memory while the disk refuses writes
+
+
+class Recorder(threading.Thread):
+    """Owns the writer `Buffer`. Thread-safe entry points: submit, ack, gap_announced, set_meta,
+    add_listener, flush, stop. Everything else runs on the recorder thread."""
+
+    def __init__(
+        self,
+        buffer: Buffer,
+        *,
+        commit_interval_ms: int,
+        keep_sent_days: float,
+        max_mb: float,
+        sync: str = "full",
+    ):
+        super().__init__(name="recorder", daemon=True)
+        self.buffer = buffer
+        self.commit_interval = commit_interval_ms / 1000
+        self.keep_sent_days = keep_sent_days
+        self.max_bytes = int(max_mb * 1024 * 1024)
+        self.sync = sync
+        self._cond = threading.Condition()
+        self._pending: deque[Reading] = deque()
+        self._events: list[tuple[str, int, dict]] = []
+        self._acks: dict[str, int] = {}
+        self._gaps_announced: list[int] = []
+        self._meta: dict[str, str] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._stopping = False
+        self._flush_requested = 0
+        self._flushed = 0
+        self._channels: dict[tuple[str, str], list] = {
+            (c["device"], c["channel"]): [c["device"], c["channel"], c["seq"], c["ts_ms"], c["value"], c["unit"],
+                                          c["flag"], c["last_valid_ms"], c["good"] or 0, c["bad"] or 0]
+            for c in buffer.channels()
+        }
+        self._channels_dirty = False
+        self._last_snapshot = self._last_ack_persist = self._last_size_check = 0.0
+        self._last_purge = time.monotonic()
+        self.dropped_in_memory = 0
+        self.last_progress = time.monotonic()
+        self.last_committed_seq = buffer.last_seq(STREAM_READINGS)
+        self._errlog = RateLimitedLog(log, every_s=60)
+
+    # ------------------------------------------------------------------ any thread
+
+    def submit(self, readings: Sequence[Reading]) -> None:
+        """Queue readings for the next group commit. Never blocks; if the disk has refused writes
+        for long enough that MAX_PENDING readings wait in memory, the oldest are dropped (logged)."""
+        with self._cond:
+            self._pending.extend(readings)
+            overflow = len(self._pending) - MAX_PENDING
+            if overflow > 0:
+                for _ in range(overflow):
+                    self._pending.popleft()
+                self.dropped_in_memory += overflow
+                self._errlog.error("memory queue full while the buffer refuses writes: %d readings dropped",
+                                   self.dropped_in_memory)
+            self._cond.notify()
+
+    def submit_event(self, stream: str, ts_ms: int, body: dict) -> None:
+        """Queue an aggregate or alarm event (it gets its seq at commit)."""
+        with self._cond:
+            self._events.append((stream, ts_ms, body))
+            self._cond.notify()
+
+    def ack(self, stream: str, upto_seq: int) -> None:
+        """The broker acknowledged every row of `stream` up to `upto_seq`."""
+        with self._cond:
+            if upto_seq > self._acks.get(stream, 0):
+                self._acks[stream] = upto_seq
+
+    def gap_announced(self, gap_id: int) -> None:
+        with self._cond:
+            self._gaps_announced.append(gap_id)
+            self._cond.notify()
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._cond:
+            self._meta[key] = value
+            self._cond.notify()
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """`callback()` runs on the recorder thread after every commit that stored new rows."""
+        self._listeners.append(callback)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Commit everything queued so far now; True when done within `timeout`."""
+        with self._cond:
+            self._flush_requested += 1
+            target = self._flush_requested
+            self._cond.notify()
+            return self._cond.wait_for(lambda: self._flushed >= target or not self.is_alive(), timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Commit what is queued, persist acknowledgements, and end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self.join(timeout)
+
+    def pending_count(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    # ------------------------------------------------------------------ recorder thread
+
+    def run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(self._has_work, timeout=1.0)
+                if self._pending and not self._stopping and self._flushed >= self._flush_requested:
+                    # Group commit: let the interval fill up before writing.
+                    deadline = time.monotonic() + self.commit_interval
+                    while not self._stopping and self._flushed >= self._flush_requested:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                stopping = self._stopping
+                flush_target = self._flush_requested
+            self.last_progress = time.monotonic()
+            self._commit_once(final=stopping)
+            with self._cond:
+                if not self._pending or stopping:
+                    self._flushed = max(self._flushed, flush_target)
+                self._cond.notify_all()
+            if stopping:
+                return
+
+    def _has_work(self) -> bool:
+        return bool(self._pending or self._events or self._gaps_announced or self._meta or self._stopping
+                    or self._flush_requested > self._flushed)
+
+    def _commit_once(self, final: bool = False) -> None:
+        with self._cond:
+            batch = list(self._pending)
+            self._pending.clear()
+            events = self._events
+            self._events = []
+            gaps = self._gaps_announced
+            self._gaps_announced = []
+            meta = self._meta
+            self._meta = {}
+            acks = dict(self._acks)
+        now = time.monotonic()
+        persist_acks = final or now - self._last_ack_persist >= ACK_PERSIST_EVERY_S
+        snapshot = final or (self._channels_dirty and now - self._last_snapshot >= SNAPSHOT_EVERY_S)
+        try:
+            self.buffer.begin()
+            stored = self.buffer.insert_readings(batch) if batch else []
+            for stream, ts_ms, body in events:
+                self.buffer.insert_event(stream, ts_ms, body)
+            if persist_acks:
+                for stream, upto in acks.items():
+                    self.buffer.set_sent_upto(stream, upto)
+            for gap_id in gaps:
+                self.buffer.mark_gap_announced(gap_id)
+            for key, value in meta.items():
+                self.buffer.set_meta(key, value)
+            self._track_channels(stored)
+            if snapshot:
+                self._write_snapshot()
+            self.buffer.commit()
+        except sqlite3.Error as exc:
+            self.buffer.rollback()
+            self._on_write_error(exc, batch, events, gaps, meta)
+            return
+        if persist_acks:
+            self._last_ack_persist = now
+        if snapshot:
+            self._last_snapshot = now
+            self._channels_dirty = False
+        if stored or events:
+            if stored:
+                self.last_committed_seq = stored[-1].seq
+            for callback in self._listeners:
+                callback()
+        self._housekeeping(now)
+
+    def _on_write_error(self, exc: sqlite3.Error, batch: list[Reading], events: list, gaps: list[int],
+                        meta: dict[str, str]) -> None:
+        """Keep everything in memory and retry next interval; make room or rescue the file first."""
+        with self._cond:
+            self._pending.extendleft(reversed(batch))
+            self._events[:0] = events
+            self._gaps_announced[:0] = gaps
+            self._meta = {**meta, **self._meta}
+        if is_corruption(exc):
+            self._rescue_corrupt(exc)
+            return
+        self.buffer.reload_counters()
+        text = str(exc).lower()
+        if "full" in text:
+            self._errlog.error("buffer write refused (%s): evicting to make room; %d readings wait in memory",
+                               exc, len(batch))
+            self._make_room(int(self.max_bytes * 0.8))
+        else:
+            self._errlog.error("buffer write failed (%s); %d readings kept in memory, retrying", exc, len(batch))
+            time.sleep(min(self.commit_interval, 1.0))
+
+    def _rescue_corrupt(self, exc: sqlite3.Error) -> None:
+        path = self.buffer.path
+        try:
+            self.buffer.conn.close()
+        except sqlite3.Error:
+            pass
+        moved = move_aside(path, str(exc))
+        log.error("buffer %s became corrupt (%s); moved aside to %s, continuing in a fresh file", path, exc, moved)
+        self.buffer = Buffer.open_writer(path, sync=self.sync, max_mb=self.max_bytes / (1024 * 1024))
+
+    def _housekeeping(self, now: float) -> None:
+        if now - self._last_size_check >= SIZE_CHECK_EVERY_S:
+            self._last_size_check = now
+            try:
+                if self.buffer.used_bytes() > self.max_bytes * 0.95:
+                    self._make_room(int(self.max_bytes * 0.85))
+            except sqlite3.Error as exc:
+                self._errlog.error("size check failed: %s", exc)
+        if now - self._last_purge >= PURGE_EVERY_S:
+            self._last_purge = now
+            try:
+                self.buffer.begin()
+                n = self.buffer.purge_sent(self.keep_sent_days, now_ms())
+                self.buffer.commit()
+                if n:
+                    log.info("purged %d published rows older than %s days", n, self.keep_sent_days)
+            except sqlite3.Error as exc:
+                self.buffer.rollback()
+                self._errlog.error("purge failed: %s", exc)
+
+    def _make_room(self, target_bytes: int) -> None:
+        try:
+            self.buffer.begin()
+            purged, dropped, gap = self.buffer.evict(target_bytes, now_ms())
+            self.buffer.commit()
+        except sqlite3.Error as exc:
+            self.buffer.rollback()
+            self.buffer.reload_counters()
+            self._errlog.error("eviction failed: %s", exc)
+            return
+        if purged:
+            log.warning("buffer at its size cap: purged %d published rows", purged)
+        if dropped and gap:
+            log.error("buffer full of unpublished data: dropped %d oldest readings (seq %d..%d), gap recorded",
+                      dropped, gap.first_seq, gap.last_seq)
+            for callback in self._listeners:
+                callback()
+
+    # ------------------------------------------------------------------ channel health
+
+    def _track_channels(self, stored: list[Reading]) -> None:
+        for r in stored:
+            key = (r.device, r.channel)
+            row = self._channels.get(key)
+            if row is None:
+                row = self._channels[key] = [r.device, r.channel, 0, 0, None, None, "", None, 0, 0]
+            valid = r.value is not None
+            row[2:7] = [r.seq, r.ts_ms, r.value, r.unit, r.flag]
+            if valid:
+                row[7] = r.ts_ms
+                row[8] += 1
+            else:
+                row[9] += 1
+        if stored:
+            self._channels_dirty = True
+
+    def _write_snapshot(self) -> None:
+        if self._channels:
+            self.buffer.upsert_channels(tuple(row) for row in self._channels.values())

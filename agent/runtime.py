@@ -1,0 +1,204 @@
+"""`edge-agent run`: wires config -> drivers -> pollers -> recorder -> buffer -> publisher, and runs it.
+
+Owns the process lifecycle: signals (SIGTERM/SIGINT stop, SIGHUP reload), the systemd notification
+protocol (READY, WATCHDOG only while every loop makes progress, STATUS), and the orderly shutdown
+of SPEC §1 (stop polling, commit, publish the backlog for at most `shutdown_grace`, say offline).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from agent.buffer import Buffer
+from agent.config import Config, ConfigError, load_config
+from agent.poller import BusPoller
+from agent.publisher import BrokerSettings, Publisher
+from agent.recorder import Recorder
+from agent.sdnotify import Notifier
+from agent.status import collect
+from drivers.simulated import SimChannelSpec, SimulatedDriver
+
+log = logging.getLogger(__name__)
+
+PROGRESS_DEADLINE_S = 60.0  # a loop silent for longer than this (or 2 watchdog periods) is hung
+
+
+class UnsupportedConfig(Exception):
+    """The config is valid but asks for something this version cannot run yet."""
+
+
+def broker_settings(config: Config) -> BrokerSettings:
+    """The publisher's settings from the `mqtt` section (reads the password file now)."""
+    m = config.mqtt
+    tls = m.tls
+    return BrokerSettings(
+        urls=m.broker_urls(),
+        client_id=m.client_id or config.station.id,
+        station_id=config.station.id,
+        topic_prefix=m.topic_prefix,
+        qos=m.qos,
+        max_batch=m.max_batch,
+        reconnect_max=m.reconnect_max,
+        keepalive=m.keepalive,
+        username=m.username,
+        password=m.read_password(),
+        tls_ca=str(tls.ca) if tls and tls.ca else None,
+        tls_cert=str(tls.cert) if tls and tls.cert else None,
+        tls_key=str(tls.key) if tls and tls.key else None,
+    )
+
+
+def check_supported(config: Config) -> None:
+    """Refuse, with a clear message, what the config validates but this version does not run yet."""
+    problems = []
+    if config.mqtt.payload != "json":
+        problems.append("mqtt.payload: hj212 is not yet supported by this version (use json)")
+    if config.hj212 is not None and config.hj212.uplinks:
+        problems.append("hj212.uplinks: HJ 212 TCP uplinks are not yet supported by this version")
+    for dev_id, dev in config.devices.items():
+        if dev.driver != "simulated":
+            problems.append(f"devices.{dev_id}.driver: {dev.driver} devices are not yet supported by this version "
+                            "(only driver: simulated)")
+    if config.alarms:
+        problems.append("alarms: local alarms are not yet supported by this version")
+    if problems:
+        raise UnsupportedConfig("; ".join(problems))
+
+
+def build_pollers(config: Config, sink) -> list[BusPoller]:
+    """One poller per bus (and one per bus-less simulated device)."""
+    pollers = []
+    for dev_id, dev in config.devices.items():
+        if dev.driver == "simulated":
+            channels = [SimChannelSpec(code=code, **ch.model_dump()) for code, ch in (dev.channels or {}).items()]
+            driver = SimulatedDriver(dev_id, dev.interval, channels, dropout=dev.dropout, seed=dev.seed)
+            pollers.append(BusPoller(f"sim:{dev_id}", [driver], sink))
+    return pollers
+
+
+def device_intervals(config: Config) -> dict[str, float]:
+    return {dev_id: dev.interval for dev_id, dev in config.devices.items()}
+
+
+class Station:
+    """A running station. `run()` blocks until SIGTERM/SIGINT and returns the exit code."""
+
+    def __init__(self, config_path: str | Path, config: Config):
+        self.config_path = str(config_path)
+        self.config = config
+        self.notifier = Notifier()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self.pollers: list[BusPoller] = []
+
+    def run(self) -> int:
+        cfg = self.config
+        storage = cfg.storage
+        buffer = Buffer.open_writer(storage.path, sync=storage.sync, max_mb=storage.max_mb)
+        log.info("buffer %s open: readings last seq %d, acknowledged up to %d", storage.path,
+                 buffer.last_seq(), buffer.sent_upto())
+        self.recorder = Recorder(buffer, commit_interval_ms=storage.commit_interval_ms,
+                                 keep_sent_days=storage.keep_sent_days, max_mb=storage.max_mb, sync=storage.sync)
+        self.publisher = Publisher(broker_settings(cfg), str(storage.path), self.recorder, self._status)
+        self.recorder.add_listener(self.publisher.wake)
+        self.recorder.start()
+        self.publisher.start()
+        self.pollers = build_pollers(cfg, self.recorder.submit)
+        for p in self.pollers:
+            p.start()
+        self._install_signals()
+        self.notifier.notify("READY=1\nSTATUS=running")
+        log.info("station %s running: %d devices on %d pollers", cfg.station.id, len(cfg.devices), len(self.pollers))
+        self._main_loop()
+        self._shutdown()
+        return 0
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+
+    def _main_loop(self) -> None:
+        interval = self.notifier.watchdog_interval
+        tick = min(interval, 5.0) if interval else 5.0
+        next_status = 0.0
+        while not self._stop.is_set():
+            self._stop.wait(tick)
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            hung = self.hung_loops()
+            if hung:
+                log.error("no progress in %s; withholding the watchdog ping", ", ".join(hung))
+            elif interval:
+                self.notifier.notify("WATCHDOG=1")
+            now = time.monotonic()
+            if self.notifier.enabled and now >= next_status:
+                next_status = now + 30
+                self.notifier.notify(f"STATUS={self.summary()}")
+
+    def hung_loops(self) -> list[str]:
+        """Names of the loops (pollers, recorder, publisher) that made no progress recently."""
+        interval = self.notifier.watchdog_interval or 0
+        deadline = max(PROGRESS_DEADLINE_S, 4 * interval)
+        now = time.monotonic()
+        loops = [*self.pollers, self.recorder, self.publisher]
+        return [t.name for t in loops if now - t.last_progress > deadline or not t.is_alive()]
+
+    def summary(self) -> str:
+        p = self.publisher
+        return f"broker {p.state}, published {p.published_readings} readings, last seq {self.recorder.last_committed_seq}"
+
+    def _status(self) -> dict:
+        reader = Buffer.open_reader(self.config.storage.path)
+        try:
+            return collect(reader, device_intervals(self.config))
+        finally:
+            reader.close()
+
+    def reload(self) -> None:
+        """SIGHUP: load the config again; a bad one is logged and the running one kept."""
+        log.info("SIGHUP: reloading %s", self.config_path)
+        try:
+            new = load_config(self.config_path)
+            check_supported(new)
+            settings = broker_settings(new)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused: %s", problem)
+            log.error("keeping the running configuration")
+            return
+        except (UnsupportedConfig, OSError, ValueError) as exc:
+            log.error("reload refused: %s; keeping the running configuration", exc)
+            return
+        if new.storage != self.config.storage:
+            log.warning("storage settings changed: they take effect at the next restart")
+        self.publisher.update_settings(settings)
+        old_pollers = self.pollers
+        for p in old_pollers:
+            p.stop()
+        for p in old_pollers:
+            p.join(30)
+        self.config = new.model_copy(update={"storage": self.config.storage})
+        self.pollers = build_pollers(self.config, self.recorder.submit)
+        for p in self.pollers:
+            p.start()
+        log.info("configuration reloaded: %d devices", len(new.devices))
+
+    def _shutdown(self) -> None:
+        grace = self.config.mqtt.shutdown_grace
+        log.info("stopping: polling stopped, committing, publishing the backlog for up to %ss", grace)
+        self.notifier.notify("STOPPING=1")
+        for p in self.pollers:
+            p.stop()
+        for p in self.pollers:
+            p.join(30)
+        self.recorder.flush()
+        self.publisher.drain_and_stop(grace)
+        self.recorder.stop()
+        self.recorder.buffer.close()
+        log.info("stopped cleanly")

@@ -1,0 +1,71 @@
+"""The seq high-water mark kept outside the database file (SPEC §3).
+
+If the buffer file is lost or moved aside as corrupt, the fresh file must continue every stream's
+seq above the highest ever issued. Writing that number on every commit would double the writes to
+the SD card, so seqs are reserved in blocks: the file holds, per stream, a number at or above every
+seq issued so far, and is rewritten (atomically, fsynced) only when a stream crosses it. A fresh
+database then starts above the reservation; the skipped seqs were never issued to anyone.
+Imports nothing from the project.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BLOCK = 10_000
+
+
+class SeqMark:
+    """The `<buffer>.seq` file: `{"readings": N, "aggregates": N, "alarms": N}` reserved upper bounds."""
+
+    def __init__(self, path: Path, block: int = BLOCK):
+        self.path = path
+        self.block = block
+        self._marks: dict[str, int] | None = None
+
+    def read(self) -> dict[str, int]:
+        if self._marks is None:
+            try:
+                data = json.loads(self.path.read_text())
+                self._marks = {str(k): int(v) for k, v in data.items()}
+            except FileNotFoundError:
+                self._marks = {}
+            except (ValueError, OSError, AttributeError) as exc:
+                log.error("seq high-water mark %s unreadable (%s); relying on the database alone",
+                          self.path, exc)
+                self._marks = {}
+        return dict(self._marks)
+
+    def ensure_above(self, last_seqs: dict[str, int]) -> None:
+        """Make sure every stream's reservation covers `last_seqs`; rewrite the file if not."""
+        marks = self.read()
+        assert self._marks is not None
+        changed = False
+        for stream, last in last_seqs.items():
+            if last >= marks.get(stream, 0):
+                marks[stream] = last + self.block
+                changed = True
+        if changed:
+            self._write(marks)
+            self._marks = marks
+
+    def _write(self, marks: dict[str, int]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(marks, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        try:
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass

@@ -1,0 +1,124 @@
+"""What `edge-agent status` and the `status` command report, read from the buffer database only.
+
+Works while `run` writes (a read-only connection to the WAL database). Imports `agent.buffer`,
+`agent.model`; it takes the loaded config for device intervals.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from agent.buffer import Buffer
+from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, iso_utc_ms, now_ms
+
+STALE_AFTER_INTERVALS = 3  # a device is "stale" when nothing was stored for this many intervals
+RECENT_SCAN = 50_000  # readings after the channel snapshot that status folds in
+
+
+def _iso(ts_ms: int | None) -> str | None:
+    return iso_utc_ms(ts_ms) if ts_ms else None
+
+
+def collect(reader: Buffer | None, device_intervals: dict[str, float]) -> dict[str, Any]:
+    """The status document: backlog, last_seq, devices, alarms, broker, streams (SPEC §1)."""
+    now = now_ms()
+    if reader is None:
+        return {
+            "backlog": 0, "last_seq": 0, "alarms": [], "broker": {"state": "unknown"},
+            "devices": {d: {"health": "unknown", "channels": {}} for d in device_intervals},
+            "streams": {}, "buffer": None,
+        }
+    last_seq, sent = reader.stream_state(STREAM_READINGS)
+    channels = {(c["device"], c["channel"]): c for c in reader.channels()}
+    snapshot_top = max((c["seq"] or 0 for c in channels.values()), default=0)
+    for r in reader.readings_after(max(snapshot_top, last_seq - RECENT_SCAN), RECENT_SCAN):
+        c = channels.setdefault((r.device, r.channel), {"good": 0, "bad": 0, "last_valid_ms": None})
+        c.update(seq=r.seq, ts_ms=r.ts_ms, value=r.value, unit=r.unit, flag=r.flag)
+        if r.value is not None:
+            c["last_valid_ms"] = r.ts_ms
+    devices: dict[str, dict[str, Any]] = {d: {"channels": {}} for d in device_intervals}
+    for (device, channel), c in sorted(channels.items()):
+        dev = devices.setdefault(device, {"channels": {}})
+        dev["channels"][channel] = {
+            "value": c.get("value"), "unit": c.get("unit"), "flag": c.get("flag"), "ts": _iso(c.get("ts_ms")),
+            "seq": c.get("seq"), "last_valid": _iso(c.get("last_valid_ms")),
+        }
+    for device, dev in devices.items():
+        chans = [channels[(device, ch)] for ch in dev["channels"]]
+        last_ts = max((c.get("ts_ms") or 0 for c in chans), default=0)
+        last_valid = max((c.get("last_valid_ms") or 0 for c in chans), default=0)
+        interval = device_intervals.get(device)
+        dev["last_reading"] = _iso(last_ts)
+        dev["last_valid"] = _iso(last_valid)
+        latest = [c for c in chans if c.get("ts_ms") == last_ts]
+        flags = sorted({c.get("flag") for c in latest if c.get("flag")})
+        dev["flags"] = flags
+        if not chans:
+            dev["health"] = "unknown"
+        elif interval is not None and now - last_ts > STALE_AFTER_INTERVALS * interval * 1000 + 5000:
+            dev["health"] = "stale"
+        elif all(c.get("value") is None for c in latest):
+            dev["health"] = "failing"
+        elif flags != ["N"]:
+            dev["health"] = "degraded"
+        else:
+            dev["health"] = "ok"
+    meta = reader.meta()
+    try:
+        broker = json.loads(meta.get("broker", "")) if meta.get("broker") else {"state": "unknown"}
+    except ValueError:
+        broker = {"state": "unknown"}
+    try:
+        alarms = json.loads(meta.get("active_alarms", "[]"))
+    except ValueError:
+        alarms = []
+    streams = {}
+    for stream in (STREAM_READINGS, STREAM_AGGREGATES, STREAM_ALARMS):
+        top, acked = reader.stream_state(stream)
+        streams[stream] = {"last_seq": top, "sent_upto": acked, "backlog": reader.count_after(stream, acked)}
+    gaps = [{"first_seq": g.first_seq, "last_seq": g.last_seq, "reason": g.reason} for g in reader.pending_gaps()]
+    return {
+        "backlog": streams[STREAM_READINGS]["backlog"],
+        "last_seq": last_seq,
+        "sent_upto": sent,
+        "devices": devices,
+        "alarms": alarms,
+        "broker": broker,
+        "streams": streams,
+        "pending_gaps": gaps,
+        "buffer": {"path": str(reader.path), "used_bytes": reader.used_bytes()},
+        "ts": iso_utc_ms(now),
+    }
+
+
+def render_text(status: dict[str, Any]) -> str:
+    """The human-readable form of `edge-agent status`."""
+    lines = []
+    broker = status.get("broker") or {}
+    lines.append(f"broker   {broker.get('state', 'unknown')}"
+                 + (f" {broker['url']}" if broker.get("url") else "")
+                 + (f" since {broker['since']}" if broker.get("since") else "")
+                 + (f" — {broker['error']}" if broker.get("error") else ""))
+    lines.append(f"backlog  {status['backlog']} unsent readings (last seq {status['last_seq']})")
+    for name, s in (status.get("streams") or {}).items():
+        if name != STREAM_READINGS and (s["last_seq"] or s["backlog"]):
+            lines.append(f"         {name}: {s['backlog']} unsent (last seq {s['last_seq']})")
+    if status.get("pending_gaps"):
+        for g in status["pending_gaps"]:
+            lines.append(f"gap      seq {g['first_seq']}..{g['last_seq']} dropped ({g['reason']}), not yet announced")
+    buf = status.get("buffer")
+    if buf:
+        lines.append(f"buffer   {buf['path']} ({buf['used_bytes'] / 1048576:.1f} MB in use)")
+    lines.append("devices")
+    for device, dev in status["devices"].items():
+        lines.append(f"  {device:<16} {dev.get('health', 'unknown'):<9} last {dev.get('last_reading') or '-'}"
+                     f"  last valid {dev.get('last_valid') or '-'}")
+        for channel, c in dev["channels"].items():
+            value = "null" if c["value"] is None else f"{c['value']:.6g}"
+            lines.append(f"    {channel:<14} {value:>12} {c['unit'] or '':<8} {c['flag'] or '':<2} {c['ts'] or ''}")
+    alarms = status.get("alarms") or []
+    lines.append(f"alarms   {len(alarms)} active")
+    for a in alarms:
+        lines.append(f"  {a.get('id')} since {a.get('since')} value {a.get('value')}")
+    return "\n".join(lines)

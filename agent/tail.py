@@ -1,0 +1,112 @@
+"""`edge-agent tail`: subscribe to a station's topics and print what arrives, decoded, one line each.
+
+Flags seq gaps and duplicates per stream, so a platform engineer (or the demo) sees at once whether
+delivery is complete. Imports `agent.model` only (and paho).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import TextIO
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+@dataclass
+class SeqTracker:
+    """Highest seq seen per stream; reports gaps (missing ranges) and duplicates."""
+
+    last: dict[str, int] = field(default_factory=dict)
+    announced_gaps: list[tuple[int, int]] = field(default_factory=list)
+
+    def see(self, stream: str, seq: int) -> str:
+        prev = self.last.get(stream)
+        if prev is None or seq == prev + 1:
+            self.last[stream] = seq
+            return ""
+        if seq <= prev:
+            return "DUP"
+        self.last[stream] = seq
+        missing = (prev + 1, seq - 1)
+        if any(a <= missing[0] and missing[1] <= b for a, b in self.announced_gaps):
+            return f"(announced gap {missing[0]}..{missing[1]})"
+        return f"GAP {missing[0]}..{missing[1]} missing"
+
+
+def format_message(topic: str, payload: bytes, tracker: SeqTracker) -> list[str]:
+    """Lines to print for one message."""
+    kind = topic.rsplit("/", 1)[-1] if not topic.endswith("/cmd/reply") else "reply"
+    try:
+        msg = json.loads(payload)
+    except ValueError:
+        text = payload.decode("utf-8", "replace").strip()
+        return [f"{kind:<6} {text}"]
+    if not isinstance(msg, dict):
+        return [f"{kind:<6} {payload.decode('utf-8', 'replace')}"]
+    lines = []
+    if "readings" in msg:
+        for r in msg["readings"]:
+            note = tracker.see("readings", r.get("seq", -1))
+            value = "null" if r.get("value") is None else r["value"]
+            lines.append(f"data   #{r.get('seq')} {r.get('device')}.{r.get('channel')} {r.get('ts')} "
+                         f"{value} {r.get('unit') or ''} {r.get('flag')} {note}".rstrip())
+    elif "gap" in msg:
+        a, b = msg["gap"]
+        tracker.announced_gaps.append((a, b))
+        lines.append(f"GAP    seq {a}..{b} dropped at the station ({msg.get('reason')})")
+    elif "aggregates" in msg:
+        for g in msg["aggregates"]:
+            note = tracker.see("aggregates", g.get("seq", -1))
+            lines.append(f"agg    #{g.get('seq')} {g.get('device')}.{g.get('channel')} {g.get('period')} "
+                         f"{g.get('start')} avg={g.get('avg')} min={g.get('min')} max={g.get('max')} "
+                         f"n={g.get('count')} {g.get('flag')} {note}".rstrip())
+    elif "alarm" in msg:
+        a = msg["alarm"]
+        note = tracker.see("alarms", a.get("seq", -1))
+        lines.append(f"ALARM  #{a.get('seq')} {a.get('id')} {a.get('state')} value={a.get('value')} "
+                     f"threshold={a.get('threshold')} {a.get('ts')} {note}".rstrip())
+    else:
+        lines.append(f"{kind:<6} {json.dumps(msg, ensure_ascii=False)}")
+    return lines
+
+
+def tail(url: str, base_topic: str, out: TextIO = sys.stdout, username: str | None = None,
+         password: str | None = None, tls: dict | None = None, stop: threading.Event | None = None) -> None:
+    """Print every message under `base_topic/#` until interrupted (or `stop` is set)."""
+    parts = urlsplit(url)
+    tracker = SeqTracker()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
+    if username is not None:
+        client.username_pw_set(username, password)
+    if parts.scheme == "mqtts":
+        tls = tls or {}
+        client.tls_set(ca_certs=tls.get("ca"), certfile=tls.get("cert"), keyfile=tls.get("key"))
+
+    def on_connect(c, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            print(f"# broker refused: {reason_code}", file=out, flush=True)
+            return
+        c.subscribe(f"{base_topic}/#", qos=1)
+        print(f"# subscribed to {base_topic}/# on {parts.hostname}:{parts.port or ''}", file=out, flush=True)
+
+    def on_message(c, userdata, message):
+        for line in format_message(message.topic, message.payload, tracker):
+            print(line, file=out, flush=True)
+
+    client.on_connect = on_connect
+    client.on_message = on_message
+    tls_on = parts.scheme == "mqtts"
+    client.connect_async(parts.hostname or "localhost", parts.port or (8883 if tls_on else 1883))
+    client.loop_start()
+    try:
+        (stop or threading.Event()).wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.loop_stop()
+        client.disconnect()

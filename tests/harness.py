@@ -1,0 +1,234 @@
+"""Real parts for integration tests: a mosquitto broker on a free loopback port, an MQTT collector,
+the agent as a real process, and waiting on conditions with a deadline (never sleep-and-hope)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+REPO = Path(__file__).resolve().parent.parent
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str = "condition", interval: float = 0.05):
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    """A mosquitto process owned by a test: start, stop, restart on the same port; optional TLS with
+    client certificates and a password file."""
+
+    def __init__(self, workdir: Path, *, tls: dict | None = None, passwords: dict[str, str] | None = None,
+                 extra: str = ""):
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.tls = tls
+        self.passwords = passwords
+        self.extra = extra
+        self.proc: subprocess.Popen | None = None
+        self.conf = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+        self._write_conf()
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
+
+    def _write_conf(self) -> None:
+        lines = [f"listener {self.port} 127.0.0.1", "persistence false", f"log_dest file {self.log}",
+                 "log_type error", "log_type warning", "log_type notice", "max_inflight_messages 0",
+                 "max_queued_messages 100000"]
+        if self.passwords is not None:
+            pwfile = self.workdir / "passwd"
+            pwfile.write_text("")
+            for user, pw in self.passwords.items():
+                subprocess.run(["mosquitto_passwd", "-b", str(pwfile), user, pw], check=True,
+                               capture_output=True)
+            os.chmod(pwfile, 0o600)
+            lines += ["allow_anonymous false", f"password_file {pwfile}"]
+        else:
+            lines += ["allow_anonymous true"]
+        if self.tls:
+            lines += [f"cafile {self.tls['ca']}", f"certfile {self.tls['server_cert']}",
+                      f"keyfile {self.tls['server_key']}", "require_certificate true"]
+        if self.extra:
+            lines.append(self.extra)
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    def start(self) -> Broker:
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_for(self._accepts, 10, f"mosquitto on port {self.port}")
+        return self
+
+    def _accepts(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"mosquitto exited: {self.log.read_text() if self.log.exists() else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def client_kwargs(self) -> dict:
+        return {"host": "127.0.0.1", "port": self.port}
+
+
+class Collector:
+    """A subscriber that keeps every message of a topic filter, for assertions."""
+
+    def __init__(self, broker: Broker, topic: str, *, username: str | None = None, password: str | None = None,
+                 tls: dict | None = None):
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{os.getpid()}-{id(self)}",
+                                  clean_session=True)
+        if username:
+            self.client.username_pw_set(username, password)
+        if tls:
+            self.client.tls_set(ca_certs=tls["ca"], certfile=tls["client_cert"], keyfile=tls["client_key"])
+        self.topic = topic
+        self._subscribed = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", broker.port)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise AssertionError("collector could not subscribe")
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def json_messages(self, suffix: str = "") -> list[dict]:
+        with self._lock:
+            msgs = list(self.messages)
+        out = []
+        for topic, payload, _ in msgs:
+            if topic.endswith(suffix):
+                try:
+                    out.append(json.loads(payload))
+                except ValueError:
+                    pass
+        return out
+
+    def reading_seqs(self) -> list[int]:
+        """Every reading seq received on the data topic, in arrival order."""
+        return [r["seq"] for m in self.json_messages("/data") for r in m.get("readings", [])]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def sim_config(tmp: Path, broker: Broker, *, station_id: str = "TEST0001", channels: int = 3,
+               interval: float = 0.5, devices: int = 1, **overrides) -> dict:
+    """A station of simulated devices publishing to `broker`."""
+    config: dict = {
+        "station": {"id": station_id, "name": "test station", "type": "other", "timezone": "Asia/Shanghai"},
+        "storage": {"path": str(tmp / "buffer.db"), "commit_interval_ms": 100},
+        "mqtt": {"url": broker.url, "topic_prefix": "env", "reconnect_max": 1, "shutdown_grace": 3},
+        "devices": {},
+    }
+    for d in range(devices):
+        config["devices"][f"sim{d}"] = {
+            "driver": "simulated", "interval": interval,
+            "channels": {f"c{c:02d}": {"unit": "mg/L", "mean": 10 + c, "amplitude": 1, "period": 60, "noise": 0.1}
+                         for c in range(channels)},
+        }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    return config
+
+
+class AgentProcess:
+    """`edge-agent run -c FILE` as a real process; stderr captured to a file for assertions."""
+
+    def __init__(self, config_path: Path, env: dict | None = None):
+        self.config_path = config_path
+        self.log_path = config_path.with_suffix(f".{int(time.time() * 1000)}.log")
+        self._log = open(self.log_path, "wb")
+        full_env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "-c", str(config_path)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
+        )
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"agent did not stop within {timeout}s:\n{self.log()[-3000:]}") from None
+        self._log.close()
+        return self.proc.returncode
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=REPO, timeout=timeout)

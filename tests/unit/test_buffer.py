@@ -1,0 +1,181 @@
+"""The SQLite buffer and its one writer, on real database files: seq rules, eviction, corruption."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from agent.buffer import Buffer
+from agent.model import STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
+from agent.recorder import Recorder
+
+
+def readings(n: int, device: str = "d", start_ms: int | None = None) -> list[Reading]:
+    t = start_ms if start_ms is not None else now_ms()
+    return [Reading(device, f"c{i % 10}", t + i, float(i), "mg/L", "N") for i in range(n)]
+
+
+def store(buf: Buffer, rows: list[Reading]) -> list[Reading]:
+    buf.begin()
+    out = buf.insert_readings(rows)
+    buf.commit()
+    return out
+
+
+def test_seq_strictly_increasing_and_continues_after_restart(tmp_path):
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    first = store(buf, readings(5))
+    assert [r.seq for r in first] == [1, 2, 3, 4, 5]
+    buf.close()
+    buf = Buffer.open_writer(path)
+    again = store(buf, readings(3))
+    assert [r.seq for r in again] == [6, 7, 8]
+    buf.close()
+
+
+def test_seq_never_reused_after_everything_is_purged(tmp_path):
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    store(buf, readings(10, start_ms=0))
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 10)
+    assert buf.purge_sent(keep_sent_days=1, now_ms=now_ms()) == 10
+    buf.commit()
+    buf.close()
+    buf = Buffer.open_writer(path)
+    assert buf.conn.execute("SELECT count(*) FROM readings").fetchone()[0] == 0
+    assert store(buf, readings(1))[0].seq == 11
+    buf.close()
+
+
+def test_corrupt_file_is_moved_aside_and_seq_continues_above_high_water_mark(tmp_path):
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    store(buf, readings(25))
+    buf.close()
+    original = path.read_bytes()
+    # Damage the file: overwrite the middle pages with garbage, keep the header.
+    damaged = bytearray(original)
+    for i in range(4096, len(damaged)):
+        damaged[i] = 0xA5
+    path.write_bytes(bytes(damaged[:100]) + b"\x13" * 50 + bytes(damaged[150:]))
+    buf = Buffer.open_writer(path)
+    moved = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name and not p.name.endswith(".txt")]
+    assert moved, "the damaged file must be kept"
+    seq = store(buf, readings(1))[0].seq
+    assert seq > 25
+    buf.close()
+
+
+def test_not_a_database_file_is_moved_aside(tmp_path):
+    path = tmp_path / "b.db"
+    path.write_bytes(b"this is not sqlite at all" * 100)
+    buf = Buffer.open_writer(path)
+    assert store(buf, readings(1))[0].seq == 1
+    kept = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name and not p.name.endswith(".txt")]
+    assert kept and kept[0].read_bytes().startswith(b"this is not sqlite")
+    buf.close()
+
+
+def test_lost_database_file_continues_seq_from_the_mark_beside_it(tmp_path):
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    store(buf, readings(7))
+    buf.close()
+    path.unlink()
+    buf = Buffer.open_writer(path)
+    assert store(buf, readings(1))[0].seq > 7
+    buf.close()
+
+
+def test_eviction_purges_published_first_then_oldest_unpublished_with_a_gap(tmp_path):
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path, max_mb=1)
+    stored = store(buf, readings(20_000))
+    buf.begin()
+    buf.insert_event(STREAM_ALARMS, now_ms(), {"id": "x:above", "state": "raised"})
+    buf.set_sent_upto(STREAM_READINGS, 5_000)
+    buf.commit()
+    used = buf.used_bytes()
+    # First: a target reachable by dropping published rows only.
+    buf.begin()
+    purged, dropped, gap = buf.evict(used - 100_000, now_ms())
+    buf.commit()
+    assert purged > 0 and dropped == 0 and gap is None
+    low = buf.conn.execute("SELECT min(seq) FROM readings").fetchone()[0]
+    assert low <= 5_001
+    # Then a target that needs unpublished rows to go: all published rows go before any unpublished.
+    buf.begin()
+    purged2, dropped2, gap = buf.evict(buf.used_bytes() // 2, now_ms())
+    buf.commit()
+    assert dropped2 > 0 and gap is not None
+    assert gap.first_seq == 5_001, "only unpublished rows are in the gap, starting after the published"
+    low = buf.conn.execute("SELECT min(seq) FROM readings").fetchone()[0]
+    assert low == gap.last_seq + 1
+    assert buf.conn.execute("SELECT count(*) FROM alarms").fetchone()[0] == 1, "alarms are kept"
+    assert [(g.first_seq, g.last_seq) for g in buf.pending_gaps()] == [(gap.first_seq, gap.last_seq)]
+    # New readings still get fresh seqs above everything.
+    assert store(buf, readings(1))[0].seq == stored[-1].seq + 1
+    buf.close()
+
+
+def test_size_cap_is_a_hard_limit(tmp_path):
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path, max_mb=0.5)
+    try:
+        for _ in range(100):
+            store(buf, readings(2000))
+        raise AssertionError("the cap was not enforced")
+    except sqlite3.OperationalError as exc:
+        assert "full" in str(exc)
+        buf.rollback()
+    assert path.stat().st_size <= 0.5 * 1024 * 1024 + 4096
+    buf.close()
+
+
+def test_recorder_group_commits_and_keeps_the_cap(tmp_path):
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path, max_mb=0.5)
+    rec = Recorder(buf, commit_interval_ms=50, keep_sent_days=7, max_mb=0.5)
+    rec.start()
+    for _ in range(60):
+        rec.submit(readings(500))
+        assert rec.flush(30)
+    rec.stop()
+    assert path.stat().st_size <= 0.5 * 1024 * 1024 + 4096
+    reader = Buffer.open_reader(path)
+    last, _ = reader.stream_state()
+    assert last == 30_000, "every reading got a seq"
+    gaps = reader.pending_gaps()
+    assert gaps and gaps[0].first_seq == 1
+    low = reader.conn.execute("SELECT min(seq) FROM readings").fetchone()[0]
+    assert low == gaps[-1].last_seq + 1, "the only missing seqs are the announced gap"
+    reader.close()
+    buf.close()
+
+
+def test_recorder_persists_acknowledgements_on_stop(tmp_path):
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    rec = Recorder(buf, commit_interval_ms=20, keep_sent_days=7, max_mb=10)
+    rec.start()
+    rec.submit(readings(100))
+    assert rec.flush(10)
+    rec.ack(STREAM_READINGS, 60)
+    rec.stop()
+    buf.close()
+    reader = Buffer.open_reader(path)
+    assert reader.stream_state() == (100, 60)
+    reader.close()
+
+
+def test_reader_sees_committed_rows_while_writer_is_open(tmp_path):
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    store(buf, readings(3))
+    reader = Buffer.open_reader(path)
+    assert [r.seq for r in reader.readings_after(0, 10)] == [1, 2, 3]
+    store(buf, readings(2))
+    assert [r.seq for r in reader.readings_after(3, 10)] == [4, 5]
+    reader.close()
+    buf.close()
