@@ -399,6 +399,10 @@ class Buffer:
     def count_after(self, stream: str, after_seq: int) -> int:
         return int(self.conn.execute(f"SELECT count(*) FROM {stream} WHERE seq > ?", (after_seq,)).fetchone()[0])
 
+    def meta_value(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
     def meta(self) -> dict[str, str]:
         return dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
 

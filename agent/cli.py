@@ -19,11 +19,11 @@ EXIT_INVALID = 2
 log = logging.getLogger("edge-agent")
 
 
-def _load_or_report(path: str):
+def _load_or_report(path: str, check_files: bool = False):
     from agent.config import ConfigError, load_config
 
     try:
-        return load_config(path)
+        return load_config(path, check_files=check_files)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -31,7 +31,7 @@ def _load_or_report(path: str):
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load_or_report(args.file)
+    config = _load_or_report(args.file, check_files=True)
     if config is None:
         return EXIT_INVALID
     print(f"{args.file}: OK — station {config.station.id}, {len(config.devices)} devices, "

@@ -7,13 +7,15 @@ Frame: ``##`` + 4-digit data-segment length + data segment + 4 hex CRC + ``\\r\\
 ``QN=..;ST=..;CN=..;PW=..;MN=..;Flag=..;[PNUM=..;PNO=..;]CP=&&<groups>&&`` where groups are separated
 by ``;`` and the items of a group by ``,`` (DOMAIN.md, HJ 212 section).
 
-Decisions (see the README's HJ 212 section):
+Decisions:
 
-* Decoding is strict: exact length, CRC (upper or lower-case hex), trailing CRLF, printable ASCII,
-  known header fields each at most once (in any order; encoding always writes the standard order
-  QN ST CN PW MN Flag PNUM PNO CP), required ST/CN/PW/MN, PNUM/PNO present exactly when the Flag's
-  D bit is set, ``key=value`` items with no duplicate key in a group. The only leniency, off by
-  default, is ``allow_missing_crlf=True`` (for devices that end frames after the CRC).
+* Decoding is strict: exact length, CRC, trailing CRLF, printable ASCII, known header fields each at
+  most once, required ST/CN/PW/MN, PNUM/PNO present exactly when the Flag's D bit is set,
+  ``key=value`` items, no empty group, no duplicate key in a group, ``&`` and ``=`` never inside a
+  value. Deliberate leniencies: CRC in lower-case hex; header fields in any order (encoding always
+  writes QN ST CN PW MN Flag PNUM PNO CP); QN and Flag optional (HJ/T 212-2005 style packets);
+  any version bits in Flag (see `Packet.version`); empty item values (``w01012-Rtd=``); and, only
+  with ``allow_missing_crlf=True`` (off by default), a frame that ends right after its CRC.
 * HJ 212 has no null: a real-time value that is missing is sent as ``<code>-Flag`` alone (no
   ``-Rtd``); period statistics that are None are omitted.
 * A data segment over 1024 characters is split between CP groups (a group longer than a whole
@@ -353,7 +355,10 @@ def _check(ok: bool, message: str) -> None:
 
 def _validate(packet: Packet) -> None:
     """Raise ValueError unless `packet` encodes to a frame that `decode` accepts unchanged."""
-    _check(packet.qn is None or bool(_QN_RE.fullmatch(packet.qn)), f"QN {packet.qn!r} is not 17 digits")
+    _check(
+        packet.qn is None or (isinstance(packet.qn, str) and bool(_QN_RE.fullmatch(packet.qn))),
+        f"QN {packet.qn!r} is not 17 digits",
+    )
     _check(
         isinstance(packet.st, str) and bool(_ST_RE.fullmatch(packet.st)), f"ST {packet.st!r} is not 2 digits"
     )
@@ -428,41 +433,44 @@ def encode_one(packet: Packet, *, max_data_len: int = MAX_DATA_LEN) -> bytes:
     return _frame(segment)
 
 
-def _pack(texts: list[str], budget: int) -> list[list[str]]:
-    """Greedy: consecutive group texts into pieces whose ';'-joined length is <= budget."""
-    pieces: list[list[str]] = []
-    current: list[str] = []
-    size = 0
-    for text in texts:
-        extra = len(text) + (1 if current else 0)
-        if current and size + extra > budget:
-            pieces.append(current)
-            current, size = [], 0
-            extra = len(text)
-        current.append(text)
-        size += extra
-    if current:
-        pieces.append(current)
-    return pieces
+def _pack(groups: list[dict[str, str]], budget: int) -> list[list[str]]:
+    """Greedy packing of CP groups into pieces whose CP text (groups joined by ';') is <= budget.
 
-
-def _fit_groups(groups: list[dict[str, str]], budget: int) -> list[str]:
-    """Group texts, each <= budget: a longer group is cut between items into several groups."""
-    texts: list[str] = []
+    A group that does not fit the room left starts the next piece; only a group longer than a
+    whole piece is cut between items (filling the current piece first), never inside an item.
+    """
+    pieces: list[list[str]] = [[]]  # each piece: list of group texts
+    size = 0  # CP characters used in the last piece
     for group in groups:
         text = _group_text(group)
-        if len(text) <= budget:
-            texts.append(text)
+        need = len(text) + (1 if pieces[-1] else 0)
+        if size + need <= budget:
+            pieces[-1].append(text)
+            size += need
             continue
-        items = [f"{key}={value}" for key, value in group.items()]
-        for item in items:
+        if len(text) <= budget:
+            pieces.append([text])
+            size = len(text)
+            continue
+        continuing = False  # the last group text of the last piece belongs to this group
+        for key, value in group.items():
+            item = f"{key}={value}"
             if len(item) > budget:
                 raise ValueError(
                     f"CP item {item[:40]!r}... is longer than a whole packet ({budget} characters)"
                 )
-        # Same greedy packing; ',' has the length of ';'.
-        texts.extend(",".join(piece) for piece in _pack(items, budget))
-    return texts
+            need = len(item) + (1 if pieces[-1] else 0)
+            if size + need > budget:
+                pieces.append([item])
+                size = len(item)
+            elif continuing:
+                pieces[-1][-1] += "," + item
+                size += need
+            else:
+                pieces[-1].append(item)
+                size += need
+            continuing = True
+    return [piece for piece in pieces if piece]
 
 
 def encode(packet: Packet, *, max_data_len: int = MAX_DATA_LEN) -> list[bytes]:
@@ -491,7 +499,7 @@ def encode(packet: Packet, *, max_data_len: int = MAX_DATA_LEN) -> list[bytes]:
         budget = max_data_len - overhead
         if budget <= 0:
             raise ValueError(f"max_data_len {max_data_len} leaves no room for CP data")
-        pieces = _pack(_fit_groups(packet.cp, budget), budget)
+        pieces = _pack(packet.cp, budget)
         if len(pieces) <= widest:
             break
     else:

@@ -55,6 +55,8 @@ class Recorder(threading.Thread):
         self._gaps_announced: list[int] = []
         self._meta: dict[str, str] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._stored_listeners: list[Callable[[list[Reading]], None]] = []
+        self._tick_listeners: list[Callable[[], None]] = []
         self._stopping = False
         self._flush_requested = 0
         self._flushed = 0
@@ -112,6 +114,14 @@ class Recorder(threading.Thread):
     def add_listener(self, callback: Callable[[], None]) -> None:
         """`callback()` runs on the recorder thread after every commit that stored new rows."""
         self._listeners.append(callback)
+
+    def add_stored_listener(self, callback: Callable[[list[Reading]], None]) -> None:
+        """`callback(readings)` runs on the recorder thread with each committed batch (with seqs)."""
+        self._stored_listeners.append(callback)
+
+    def add_tick_listener(self, callback: Callable[[], None]) -> None:
+        """`callback()` runs on the recorder thread about once a second (and after every commit)."""
+        self._tick_listeners.append(callback)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Commit everything queued so far now; True when done within `timeout`."""
@@ -205,7 +215,18 @@ class Recorder(threading.Thread):
                 self.last_committed_seq = stored[-1].seq
             for callback in self._listeners:
                 callback()
+        if stored:
+            for stored_callback in self._stored_listeners:
+                self._safely(stored_callback, stored)
+        for tick in self._tick_listeners:
+            self._safely(tick)
         self._housekeeping(now)
+
+    def _safely(self, callback: Callable, *args: object) -> None:
+        try:
+            callback(*args)
+        except Exception:  # noqa: BLE001 - a listener bug must not stop the recorder
+            log.exception("recorder listener %r failed", callback)
 
     def _on_write_error(self, exc: sqlite3.Error, batch: list[Reading], events: list, gaps: list[int],
                         meta: dict[str, str]) -> None:

@@ -7,6 +7,7 @@ of SPEC §1 (stop polling, commit, publish the backlog for at most `shutdown_gra
 
 from __future__ import annotations
 
+import importlib
 import logging
 import signal
 import threading
@@ -52,6 +53,17 @@ def broker_settings(config: Config) -> BrokerSettings:
     )
 
 
+BUS_DRIVER_MODULES = {"rtu": "drivers.modbus", "tcp": "drivers.modbus", "serial": "drivers.serial_drivers"}
+
+
+def _bus_module(bus_type: str):
+    """The driver module serving a bus type (`build_bus_drivers(bus_name, bus, devices)`), or None."""
+    try:
+        return importlib.import_module(BUS_DRIVER_MODULES[bus_type])
+    except ImportError:
+        return None
+
+
 def check_supported(config: Config) -> None:
     """Refuse, with a clear message, what the config validates but this version does not run yet."""
     problems = []
@@ -59,24 +71,35 @@ def check_supported(config: Config) -> None:
         problems.append("mqtt.payload: hj212 is not yet supported by this version (use json)")
     if config.hj212 is not None and config.hj212.uplinks:
         problems.append("hj212.uplinks: HJ 212 TCP uplinks are not yet supported by this version")
-    for dev_id, dev in config.devices.items():
-        if dev.driver != "simulated":
-            problems.append(f"devices.{dev_id}.driver: {dev.driver} devices are not yet supported by this version "
-                            "(only driver: simulated)")
-    if config.alarms:
-        problems.append("alarms: local alarms are not yet supported by this version")
+    for bus_name, bus in config.buses.items():
+        if _bus_module(bus.type) is None and any(d.bus == bus_name for d in config.devices.values()):
+            problems.append(f"buses.{bus_name}: {bus.type} buses are not yet supported by this version")
+    try:
+        import agent.alarms  # noqa: F401
+    except ImportError:
+        if config.alarms:
+            problems.append("alarms: local alarms are not yet supported by this version")
     if problems:
         raise UnsupportedConfig("; ".join(problems))
 
 
 def build_pollers(config: Config, sink) -> list[BusPoller]:
-    """One poller per bus (and one per bus-less simulated device)."""
+    """One poller per bus, serving all its devices in turn (and one per bus-less simulated device)."""
     pollers = []
+    on_bus: dict[str, dict] = {}
     for dev_id, dev in config.devices.items():
         if dev.driver == "simulated":
             channels = [SimChannelSpec(code=code, **ch.model_dump()) for code, ch in (dev.channels or {}).items()]
             driver = SimulatedDriver(dev_id, dev.interval, channels, dropout=dev.dropout, seed=dev.seed)
             pollers.append(BusPoller(f"sim:{dev_id}", [driver], sink))
+        elif dev.bus is not None:
+            on_bus.setdefault(dev.bus, {})[dev_id] = dev
+    for bus_name, devices in on_bus.items():
+        bus = config.buses[bus_name]
+        module = _bus_module(bus.type)
+        if module is None:
+            raise UnsupportedConfig(f"buses.{bus_name}: {bus.type} buses are not yet supported by this version")
+        pollers.append(BusPoller(bus_name, module.build_bus_drivers(bus_name, bus, devices), sink))
     return pollers
 
 
@@ -107,6 +130,13 @@ class Station:
         self.recorder.add_listener(self.publisher.wake)
         self.recorder.start()
         self.publisher.start()
+        self.alarms = None
+        if cfg.alarms:
+            from agent.alarms import AlarmEngine
+
+            self.alarms = AlarmEngine(cfg, self.recorder, buffer.meta_value("alarm_state"))
+            self.recorder.add_stored_listener(self.alarms.observe)
+            self.recorder.add_tick_listener(self.alarms.tick)
         self.pollers = build_pollers(cfg, self.recorder.submit)
         for p in self.pollers:
             p.start()
@@ -151,7 +181,8 @@ class Station:
 
     def summary(self) -> str:
         p = self.publisher
-        return f"broker {p.state}, published {p.published_readings} readings, last seq {self.recorder.last_committed_seq}"
+        return (f"broker {p.state}, published {p.published_readings} readings, "
+                f"last seq {self.recorder.last_committed_seq}")
 
     def _status(self) -> dict:
         reader = Buffer.open_reader(self.config.storage.path)

@@ -181,7 +181,8 @@ def decode(words: Sequence[int], spec: RegisterSpec) -> float | None:
     raw = decode_raw(words, spec.type, spec.order)
     if isinstance(raw, float) and not math.isfinite(raw):
         return None
-    return _scaled(raw, spec)
+    value = _scaled(raw, spec)
+    return value if math.isfinite(value) else None  # a float64 near the limit times a scale
 
 
 def encode(value: float, spec: RegisterSpec) -> list[int]:
@@ -199,7 +200,10 @@ def encode(value: float, spec: RegisterSpec) -> list[int]:
     else:
         raw_dec = (_dec(value) - _dec(spec.offset)) / _dec(spec.scale)
     if spec.type in ("float32", "float64"):
-        return encode_raw(float(raw_dec), spec.type, spec.order)
+        raw_float = float(raw_dec)
+        if not math.isfinite(raw_float):
+            raise ValueError(f"{value} does not fit a {spec.type} with scale {spec.scale}")
+        return encode_raw(raw_float, spec.type, spec.order)
     raw_int = int(raw_dec.to_integral_value())
     if spec.type == "bool":
         return [1 if raw_int else 0]

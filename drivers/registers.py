@@ -110,6 +110,9 @@ class RegisterSpec:
         if not math.isfinite(self.offset):
             raise ValueError(f"offset: {self.offset} must be finite")
         if self.range is not None:
+            object.__setattr__(self, "range", tuple(self.range))  # a list when built directly
+            if len(self.range) != 2:
+                raise ValueError(f"range: {list(self.range)} must be [min, max]")
             lo, hi = self.range
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
                 raise ValueError(f"range: [{lo}, {hi}] must be two finite numbers, min < max")
@@ -157,6 +160,11 @@ class RegisterSpec:
                     raise ValueError(f"bits: bit {bit} is outside 0..{width - 1} of a {self.type}")
                 _check_flag(f"bits.{bit}", flag)
         if self.applies_to is not None:
+            if isinstance(self.applies_to, str):
+                object.__setattr__(self, "applies_to", (self.applies_to,))
+            object.__setattr__(self, "applies_to", tuple(self.applies_to))
+            if not self.applies_to:
+                raise ValueError("applies_to: empty; leave it out to flag every channel of the device")
             for name in self.applies_to:
                 if not CHANNEL_RE.fullmatch(name):
                     raise ValueError(f"applies_to: {name!r} is not a channel name")

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import ClassVar, TypeAlias
 
 Frame: TypeAlias = dict[str, float]
-"""A decoded frame's values: channel name -> value (see the table in the module docstring)."""
+"""A decoded frame's values: channel name -> value (see the list in the module docstring)."""
 
 UNIT_MASS = "ug/m3"
 UNIT_COUNT = "count/0.1L"
@@ -147,7 +147,7 @@ SDS011_HEADER = bytes((SDS011_HEAD, SDS011_CMD_DATA))
 SDS011_FRAME_SIZE = 10
 SDS011_CHANNELS: tuple[str, ...] = ("a34004", "a34002")
 SDS011_UNITS: dict[str, str] = {"a34004": UNIT_MASS, "a34002": UNIT_MASS}
-SDS011_DEFAULT_ID = 0xA160  # id1 = 0xA1, id2 = 0x60 (the example frame of DOMAIN/datasheet style)
+SDS011_DEFAULT_ID = 0xA160  # id1 = 0xA1, id2 = 0x60, as in the test vector AA C0 D4 04 3A 0A A1 60 1D AB
 
 
 def _sds011_values(buf: bytes | bytearray | memoryview, i: int) -> Frame:

@@ -134,6 +134,8 @@ def _describe(exc: ValidationError) -> str:
         index, *rest = err["loc"] or ("?",)
         loc = f"registers[{index}]" + "".join(f".{p}" for p in rest)
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "unexpected_keyword_argument":
+            msg = "unknown key"
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
 
@@ -151,6 +153,7 @@ def merge(
     """
     result = list(profile_registers)
     index = {spec.channel: i for i, spec in enumerate(result)}
+    inline_seen: set[str] = set()
     for item in inline_registers:
         if isinstance(item, RegisterSpec):
             spec = item
@@ -165,6 +168,9 @@ def merge(
                 spec = _REGISTERS.validate_python([dict(item)])[0]
             else:
                 spec = _REGISTERS.validate_python([{**_fields(result[base]), **item}])[0]
+        if spec.channel in inline_seen:
+            raise ValueError(f"channel {spec.channel!r} appears twice in the inline registers")
+        inline_seen.add(spec.channel)
         if spec.channel in index:
             result[index[spec.channel]] = spec
         else:

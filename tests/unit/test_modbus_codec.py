@@ -131,6 +131,20 @@ def test_nan_cannot_be_encoded_as_an_integer():
         encode(math.nan, RegisterSpec("x", 0, type="int16"))
 
 
+def test_scaling_beyond_the_float_range_gives_no_value():
+    spec = RegisterSpec("x", 0, type="float64", scale=10.0)
+    assert decode(encode_raw(1e308, "float64"), spec) is None
+    with pytest.raises(ValueError, match="does not fit"):
+        encode(1e308, RegisterSpec("x", 0, type="float64", scale=0.1))
+
+
+def test_entries_built_in_code_take_lists_too():
+    spec = RegisterSpec("x", 0, range=[0, 10])  # type: ignore[arg-type]
+    assert spec.range == (0, 10) and hash(spec)
+    status = RegisterSpec("st", 1, role="status", flags={0: "N"}, applies_to="x")  # type: ignore[arg-type]
+    assert status.applies_to == ("x",)
+
+
 def test_value_above_the_measuring_range_gets_flag_t():
     spec = RegisterSpec("w01018", 0, type="float32", range=(0, 2000))
     assert evaluate(encode(2000, spec), spec) == (2000.0, "N")
@@ -182,13 +196,16 @@ def test_registers_round_trip_through_decode_and_encode(type_, order, data):
         assert encode(value, spec) == words
 
 
+_BOUNDS = {
+    "int16": (-(2**15), 2**15 - 1),
+    "uint16": (0, 2**16 - 1),
+    "int32": (-(2**31), 2**31 - 1),
+    "uint32": (0, 2**32 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+    "uint64": (0, 2**64 - 1),
+}
 _RAWS = {
-    "int16": st.integers(-(2**15), 2**15 - 1),
-    "uint16": st.integers(0, 2**16 - 1),
-    "int32": st.integers(-(2**31), 2**31 - 1),
-    "uint32": st.integers(0, 2**32 - 1),
-    "int64": st.integers(-(2**63), 2**63 - 1),
-    "uint64": st.integers(0, 2**64 - 1),
+    **{t: st.integers(lo, hi) for t, (lo, hi) in _BOUNDS.items()},
     "float32": st.floats(width=32, allow_nan=False),
     "float64": st.floats(allow_nan=False),
     "bool": st.booleans(),
@@ -216,7 +233,8 @@ def test_values_round_trip_through_encode_and_decode(type_, order, data):
        offset=st.sampled_from([0.0, -40.0, 273.15, 0.5]))
 def test_scaled_integers_round_trip_exactly(type_, order, data, scale, offset):
     # up to 15 significant digits survive the float of a reading exactly
-    raw = data.draw(_RAWS[type_].filter(lambda r: abs(r) <= 10**11))
+    lo, hi = _BOUNDS[type_]
+    raw = data.draw(st.integers(max(lo, -(10**11)), min(hi, 10**11)))
     spec = RegisterSpec("x", 0, type=type_, order=order, scale=scale, offset=offset)
     words = encode_raw(raw, type_, order)
     assert encode(decode(words, spec), spec) == words
@@ -319,6 +337,8 @@ def test_status_flags_spread_over_applies_to_or_all_channels():
         ({"flags": {0: "N"}}, "only for a status word"),
         ({"applies_to": ("x",)}, "only for a status word"),
         ({"range": (10, 0)}, "min < max"),
+        ({"range": [1, 2, 3]}, r"\[min, max\]"),
+        ({"role": "status", "flags": {0: "N"}, "applies_to": []}, "leave it out"),
         ({"scale": 0}, "scale"),
         ({"address": 65535, "type": "float32"}, "runs past"),
         ({"address": -1}, "outside"),

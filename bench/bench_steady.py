@@ -1,0 +1,103 @@
+"""Steady state: the agent process polling 40 channels at 1 s into SQLite and a real mosquitto.
+
+    .venv/bin/python bench/bench_steady.py [--seconds 300] [--channels 40] [--interval 1] [--sync full]
+
+Reads the agent's own counters from /proc after a warm-up: CPU seconds (utime+stime) per 1000
+readings, peak RSS (VmHWM), and bytes the process caused to be written to storage (write_bytes of
+/proc/PID/io) per reading. Also reports the broker outage reconnect time: the broker is stopped
+for `--outage` seconds at the end and the time from its restart to the agent's next birth message
+is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from harness import AgentProcess, Broker, Collector, sim_config, wait_for, write_config  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_sample(pid: int) -> dict:
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(stat[11]) + int(stat[12])) / TICK
+    io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    status = dict(line.split(":\t") for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    return {"cpu": cpu, "write_bytes": int(io["write_bytes"]), "hwm_kb": int(status["VmHWM"].split()[0]),
+            "rss_kb": int(status["VmRSS"].split()[0])}
+
+
+def last_seq(db: Path) -> int:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return conn.execute("SELECT max(seq) FROM readings").fetchone()[0] or 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=300)
+    parser.add_argument("--channels", type=int, default=40)
+    parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--sync", choices=["full", "normal"], default="full")
+    parser.add_argument("--commit-ms", type=int, default=200)
+    parser.add_argument("--warmup", type=float, default=10)
+    parser.add_argument("--outage", type=float, default=120)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
+        tmp = Path(d)
+        broker = Broker(tmp / "broker").start()
+        config = sim_config(tmp, broker, station_id="STEADY01", channels=args.channels, interval=args.interval,
+                            storage={"commit_interval_ms": args.commit_ms, "sync": args.sync},
+                            mqtt={"reconnect_max": 30, "shutdown_grace": 5})
+        cfg = write_config(tmp / "station.yaml", config)
+        collector = Collector(broker, "env/#")
+        agent = AgentProcess(cfg)
+        db = tmp / "buffer.db"
+        try:
+            wait_for(lambda: db.exists() and last_seq(db) > 0, 30, "first readings")
+            time.sleep(args.warmup)
+            s0, n0, t0 = proc_sample(agent.proc.pid), last_seq(db), time.monotonic()
+            time.sleep(args.seconds)
+            s1, n1, t1 = proc_sample(agent.proc.pid), last_seq(db), time.monotonic()
+            reconnect = None
+            if args.outage > 0:
+                collector.close()
+                broker.stop()
+                time.sleep(args.outage)
+                broker.start()
+                t_up = time.monotonic()
+                collector = Collector(broker, "env/#")
+                wait_for(lambda: any(m.get("state") == "online" for m in collector.json_messages("/status")),
+                         args.outage + 120, "reconnect", interval=0.05)
+                reconnect = time.monotonic() - t_up
+        finally:
+            agent.stop()
+            collector.close()
+            broker.stop()
+    readings = n1 - n0
+    cpu = s1["cpu"] - s0["cpu"]
+    written = s1["write_bytes"] - s0["write_bytes"]
+    print(f"bench_steady  {time.strftime('%Y-%m-%d')}  {platform.machine()} {os.cpu_count()} cores  "
+          f"python {platform.python_version()}")
+    print(f"  {args.channels} channels every {args.interval} s for {t1 - t0:.0f} s (after {args.warmup:.0f} s warm-up), "
+          f"commit_interval_ms {args.commit_ms}, sync {args.sync}")
+    print(f"  readings stored      : {readings}  ({readings / (t1 - t0):.1f}/s)")
+    print(f"  CPU per 1000 readings: {cpu / readings * 1000 * 1000:.1f} ms  (target <= 20 ms; {cpu:.2f} CPU-s total)")
+    print(f"  peak RSS (VmHWM)     : {s1['hwm_kb'] / 1024:.1f} MB  (target <= 45 MB)")
+    print(f"  written per reading  : {written / readings:.0f} bytes  (target <= 150; {written / 1e6:.2f} MB total)")
+    if reconnect is not None:
+        print(f"  reconnect after a {args.outage:.0f} s broker outage: {reconnect:.1f} s from broker start to birth "
+              f"message (reconnect_max 30)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The station spine end to end: simulated instruments -> agent process -> SQLite -> real mosquitto.
+
+Every test runs `edge-agent run` as a real process against a mosquitto it starts itself, and checks
+what a platform engineer cares about: which seqs arrived, in which order, and that none is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import time
+
+import pytest
+from harness import AgentProcess, Broker, Collector, run_cli, sim_config, wait_for, write_config
+
+
+def db_last_seq(path) -> int:
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        top = conn.execute("SELECT max(seq) FROM readings").fetchone()[0] or 0
+        floor = conn.execute("SELECT floor_seq FROM streams WHERE name='readings'").fetchone()[0]
+    return max(top, floor)
+
+
+def assert_complete(seqs: list[int], first: int, last: int) -> None:
+    missing = set(range(first, last + 1)) - set(seqs)
+    assert not missing, f"{len(missing)} seqs missing, e.g. {sorted(missing)[:10]}"
+
+
+def assert_ordered_per_message(collector: Collector) -> None:
+    for msg in collector.json_messages("/data"):
+        seqs = [r["seq"] for r in msg.get("readings", [])]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), f"message not in seq order: {seqs[:20]}"
+
+
+@pytest.fixture
+def collector(broker):
+    c = Collector(broker, "env/#")
+    yield c
+    c.close()
+
+
+def test_readings_arrive_with_the_documented_payload(tmp_path, broker, collector):
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=2, interval=0.2))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) >= 10, 20, "10 readings")
+    finally:
+        assert agent.stop() == 0
+    msg = collector.json_messages("/data")[0]
+    assert msg["v"] == 1 and msg["station"] == "TEST0001"
+    r = msg["readings"][0]
+    assert set(r) == {"seq", "device", "channel", "ts", "value", "unit", "flag"}
+    assert r["device"] == "sim0" and r["channel"] in ("c00", "c01") and r["unit"] == "mg/L" and r["flag"] == "N"
+    assert r["ts"].endswith("Z") and len(r["ts"]) == len("2026-11-29T02:00:00.000Z")
+    status = [json.loads(p) for t, p, retained in collector.messages if t.endswith("/status")]
+    assert status[0]["state"] == "online" and status[-1]["state"] == "offline", "birth and clean offline"
+
+
+def test_broker_outage_loses_nothing(tmp_path, broker, collector):
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=20, interval=0.2))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) >= 200, 20, "readings before the outage")
+        collector.close()
+        broker.stop()
+        time.sleep(10)  # the outage itself (not a wait for a condition)
+        broker.start()
+        after = Collector(broker, "env/#")
+        try:
+            wait_for(lambda: any(m.get("state") == "online" for m in after.json_messages("/status")), 30,
+                     "agent reconnected")
+            time.sleep(1)
+            target = db_last_seq(tmp_path / "buffer.db")
+            wait_for(lambda: max(after.reading_seqs() or [0]) >= target, 30, f"seq {target} delivered")
+        finally:
+            after.close()
+    finally:
+        assert agent.stop() == 0
+    seqs = collector.reading_seqs() + after.reading_seqs()
+    assert_complete(seqs, 1, target)
+    assert_ordered_per_message(collector)
+    assert_ordered_per_message(after)
+    assert "lost" in agent.log() or "cannot connect" in agent.log()
+
+
+def test_kill9_while_draining_backlog_then_restart_loses_nothing(tmp_path, broker, collector):
+    config = sim_config(tmp_path, broker, channels=40, interval=0.1, mqtt={"max_batch": 5})
+    broker.stop()
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    wait_for(lambda: (tmp_path / "buffer.db").exists() and db_last_seq(tmp_path / "buffer.db") >= 4000, 30,
+             "a backlog of 4000 readings")
+    broker.start()
+    again = Collector(broker, "env/#")
+    wait_for(lambda: len(again.reading_seqs()) >= 200, 30, "drain started")
+    agent.kill9()
+    committed = db_last_seq(tmp_path / "buffer.db")
+    agent2 = AgentProcess(cfg)
+    try:
+        wait_for(lambda: set(range(1, committed + 1)) <= set(again.reading_seqs()), 60,
+                 f"every committed seq up to {committed}")
+        wait_for(lambda: max(again.reading_seqs()) > committed, 20, "numbering continues after the restart")
+    finally:
+        assert agent2.stop() == 0
+        again.close()
+    seqs = again.reading_seqs()
+    new = [s for s in seqs if s > committed]
+    assert new and min(new) == committed + 1, "seq continues right after the last committed one"
+
+
+def test_cold_start_without_broker_keeps_readings_taken_before_first_connection(tmp_path):
+    broker = Broker(tmp_path / "broker")  # configured, not started: the 4G link is not up yet
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=5, interval=0.2))
+    agent = AgentProcess(cfg)
+    wait_for(lambda: (tmp_path / "buffer.db").exists() and db_last_seq(tmp_path / "buffer.db") >= 50, 20,
+             "readings stored with no broker")
+    agent.kill9()
+    taken = db_last_seq(tmp_path / "buffer.db")
+    broker.start()
+    collector = Collector(broker, "env/#")
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: set(range(1, taken + 1)) <= set(collector.reading_seqs()), 30,
+                 f"all {taken} readings taken before the first connection")
+    finally:
+        agent.stop()
+        collector.close()
+        broker.stop()
+
+
+def test_corrupt_database_is_moved_aside_and_seq_continues(tmp_path, broker, collector):
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=3, interval=0.1))
+    agent = AgentProcess(cfg)
+    wait_for(lambda: len(collector.reading_seqs()) >= 30, 20, "readings")
+    assert agent.stop() == 0
+    old_high = db_last_seq(tmp_path / "buffer.db")
+    (tmp_path / "buffer.db").write_bytes(b"\x00garbage from a failing SD card" * 5000)
+    for side in ("buffer.db-wal", "buffer.db-shm"):
+        (tmp_path / side).unlink(missing_ok=True)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: max(collector.reading_seqs()) > old_high, 20, "new readings after the rescue")
+    finally:
+        assert agent.stop() == 0
+    assert any(".corrupt-" in p.name for p in tmp_path.iterdir()), "the damaged file is kept"
+    assert "corrupt" in agent.log() and "moved aside" in agent.log()
+    new = [s for s in collector.reading_seqs() if s > old_high]
+    assert min(new) > old_high
+
+
+def test_resend_command_republishes_a_stored_range_and_bad_commands_are_refused(tmp_path, broker, collector):
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=2, interval=0.2))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) >= 20, 20, "readings")
+        pub = Collector(broker, "nothing/#")
+        base = "env/TEST0001"
+        pub.client.publish(f"{base}/cmd", json.dumps({"id": "r1", "cmd": "resend", "from_seq": 3, "to_seq": 7}),
+                           qos=1)
+        for bad in [b"not json", b"[1,2]", json.dumps({"id": "x", "cmd": "reboot"}).encode(),
+                    json.dumps({"id": "y", "cmd": "resend", "from_seq": "a", "to_seq": 2}).encode(),
+                    json.dumps({"cmd": "ping"}).encode()]:
+            pub.client.publish(f"{base}/cmd", bad, qos=1)
+        pub.client.publish(f"{base}/cmd", json.dumps({"id": "p1", "cmd": "ping"}), qos=1)
+        replies = lambda: collector.json_messages("/cmd/reply")  # noqa: E731
+        wait_for(lambda: len(replies()) >= 7, 20, "7 replies")
+        by_id = {r["id"]: r for r in replies()}
+        assert by_id["r1"]["ok"] is True and by_id["r1"]["count"] == 5
+        assert by_id["p1"]["ok"] is True
+        assert by_id["x"]["ok"] is False and "unknown command" in by_id["x"]["error"]
+        assert by_id["y"]["ok"] is False
+        assert sum(1 for r in replies() if r["ok"] is False) == 5
+        assert collector.reading_seqs().count(5) >= 2, "seq 5 was published again"
+        before = max(collector.reading_seqs())
+        wait_for(lambda: max(collector.reading_seqs()) > before + 10, 20, "publishing goes on after bad commands")
+        pub.close()
+    finally:
+        assert agent.stop() == 0
+
+
+def test_status_command_and_cli_status_report_backlog_and_devices(tmp_path, broker, collector):
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=2, interval=0.2))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) >= 20, 20, "readings")
+        result = run_cli("status", "-c", str(cfg), "--json")
+        assert result.returncode == 0, result.stderr
+        status = json.loads(result.stdout)
+        for key in ("backlog", "last_seq", "devices", "alarms", "broker"):
+            assert key in status
+        assert status["last_seq"] >= 20
+        assert status["broker"]["state"] == "online"
+        assert set(status["devices"]["sim0"]["channels"]) == {"c00", "c01"}
+        text = run_cli("status", "-c", str(cfg))
+        assert text.returncode == 0 and "sim0" in text.stdout and "backlog" in text.stdout
+    finally:
+        assert agent.stop() == 0
+
+
+def test_sighup_with_a_broken_config_keeps_running(tmp_path, broker, collector):
+    path = tmp_path / "station.yaml"
+    cfg = write_config(path, sim_config(tmp_path, broker, channels=2, interval=0.2))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) >= 5, 20, "readings")
+        good = path.read_text()
+        path.write_text(good.replace("interval: 0.2", "intervall: 0.2"))
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: "keeping the running configuration" in agent.log(), 10, "reload refused")
+        before = max(collector.reading_seqs())
+        wait_for(lambda: max(collector.reading_seqs()) > before + 5, 10, "still publishing")
+        assert agent.alive()
+    finally:
+        assert agent.stop() == 0

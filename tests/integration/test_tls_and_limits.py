@@ -1,0 +1,100 @@
+"""A broker that demands TLS client certificates and a password; the buffer's size cap in an outage."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from harness import AgentProcess, Broker, Collector, sim_config, wait_for, write_config
+from test_spine import db_last_seq
+
+
+def make_pki(d: Path) -> dict:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    d.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=test-ca")
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "extendedKeyUsage=clientAuth")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")
+        (d / f"{name}.ext").write_text(ext + "\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return {"ca": str(d / "ca.pem"), "server_cert": str(d / "server.pem"), "server_key": str(d / "server.key"),
+            "client_cert": str(d / "client.pem"), "client_key": str(d / "client.key")}
+
+
+def test_tls_client_certificate_and_password_wrong_then_fixed_by_sighup(tmp_path):
+    pki = make_pki(tmp_path / "pki")
+    secret = "s3cret-Pa55word"
+    broker = Broker(tmp_path / "broker", tls=pki, passwords={"station": secret}).start()
+    pwfile = tmp_path / "mqtt.pass"
+    pwfile.write_text("wrong-password\n")
+    config = sim_config(tmp_path, broker, channels=2, interval=0.2, mqtt={
+        "username": "station", "password_file": str(pwfile), "reconnect_max": 1,
+        "tls": {"ca": pki["ca"], "cert": pki["client_cert"], "key": pki["client_key"]},
+    })
+    cfg = write_config(tmp_path / "station.yaml", config)
+    collector = Collector(broker, "env/#", username="station", password=secret, tls=pki)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: "refused" in agent.log() and "password" in agent.log(), 20, "a clear refusal in the log")
+        wait_for(lambda: db_last_seq(tmp_path / "buffer.db") >= 20, 20, "readings buffered meanwhile")
+        assert agent.alive()
+        assert not collector.reading_seqs()
+        pwfile.write_text(secret + "\n")
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: collector.reading_seqs() and min(collector.reading_seqs()) == 1, 30,
+                 "delivery from seq 1 once the password is fixed")
+        target = db_last_seq(tmp_path / "buffer.db")
+        wait_for(lambda: set(range(1, target + 1)) <= set(collector.reading_seqs()), 30, "the whole backlog")
+    finally:
+        assert agent.stop() == 0
+        collector.close()
+        broker.stop()
+    log = agent.log()
+    assert secret not in log and "wrong-password" not in log, "no password in any log line"
+
+
+def test_size_cap_during_outage_purges_published_then_drops_oldest_and_announces_the_gap(tmp_path):
+    broker = Broker(tmp_path / "broker").start()
+    collector = Collector(broker, "env/#")
+    config = sim_config(tmp_path, broker, channels=40, interval=0.1,
+                        storage={"max_mb": 0.5, "commit_interval_ms": 100})
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) >= 500, 20, "some readings published")
+        collector.close()
+        broker.stop()
+        wait_for(lambda: "dropped" in agent.log() and "gap recorded" in agent.log(), 120,
+                 "eviction of unpublished readings")
+        assert "purged" in agent.log(), "published rows went first"
+        assert (tmp_path / "buffer.db").stat().st_size <= 0.5 * 1024 * 1024 + 8192
+        broker.start()
+        after = Collector(broker, "env/#")
+        gaps = lambda: [m for m in after.json_messages("/data") if "gap" in m]  # noqa: E731
+        wait_for(gaps, 30, "the gap announced on the data topic")
+        gap = gaps()[0]
+        assert gap["reason"] == "buffer_full" and gap["gap"][0] <= gap["gap"][1]
+        time.sleep(1)
+        target = db_last_seq(tmp_path / "buffer.db")
+        wait_for(lambda: max(after.reading_seqs() or [0]) >= target, 30, "backlog delivered")
+        received = set(collector.reading_seqs()) | set(after.reading_seqs())
+        announced = set()
+        for g in gaps():
+            announced |= set(range(g["gap"][0], g["gap"][1] + 1))
+        missing = set(range(1, target + 1)) - received - announced
+        assert not missing, f"seqs missing without an announced gap: {sorted(missing)[:10]}"
+        after.close()
+    finally:
+        assert agent.stop() == 0
+        broker.stop()
+    assert json.dumps(gap)

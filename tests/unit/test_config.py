@@ -1,0 +1,484 @@
+"""The configuration layer (agent.config): the example files load, and every bad file is refused
+with `FILE:LINE:COL: path: message` problems that point at the offending key or value."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from agent.config import (
+    FILE_PATH,
+    Config,
+    ConfigError,
+    Problem,
+    check_files,
+    json_schema,
+    load_config,
+    parse_config,
+)
+from agent.envsubst import SubstitutionError, substitute
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = [REPO / "config" / "example.yaml", *sorted((REPO / "config" / "examples").glob("*.yaml"))]
+FIXTURES = Path(__file__).resolve().parent / "configs"
+EXAMPLE_ENV = {"HJ212_PW": "123456", "MQTT_USER": "station", "MQTT_PASS": "pass-word"}
+
+# A valid station; tests replace parts of it. Line numbers below refer to this text.
+GOOD = """\
+station:
+  id: ST01
+  type: other
+storage:
+  path: ./data/buffer.db
+mqtt:
+  url: mqtt://127.0.0.1:1883
+buses:
+  rs485-1: {type: rtu, port: /dev/ttyUSB0}
+devices:
+  sim:
+    driver: simulated
+    interval: 1
+    channels:
+      a34004: {unit: ug/m3, mean: 45}
+  cod:
+    bus: rs485-1
+    slave: 1
+    profile: cod-analyzer
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "station.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def problems_of(path: Path, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env=env or {})
+    return [str(p) for p in info.value.problems]
+
+
+def single_problem(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> str:
+    path = write(tmp_path, text)
+    found = problems_of(path, env)
+    assert len(found) == 1, found
+    prefix = f"{path}:"
+    assert found[0].startswith(prefix)
+    return found[0][len(prefix):]
+
+
+# --------------------------------------------------------------------------------------------------
+# Good files
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_configs_load(path: Path) -> None:
+    config = load_config(path, env=EXAMPLE_ENV)
+    assert config.source_path == path.resolve()
+    assert config.devices
+    assert all(dev.driver is not None for dev in config.devices.values())
+
+
+def test_demo_example_runs_without_hardware() -> None:
+    config = load_config(REPO / "config" / "example.yaml", env={})
+    assert config.station.id == "DEMO0000000001"
+    assert {dev.driver for dev in config.devices.values()} == {"simulated"}
+    assert not config.buses
+    assert config.mqtt.broker_urls() == ["mqtt://127.0.0.1:1883"]
+    assert config.storage.path == REPO / "config" / "demo-data" / "buffer.db"
+    assert all(1 <= dev.interval <= 5 for dev in config.devices.values())
+    assert config.alarms
+
+
+def test_good_config_has_defaults_and_helpers(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD), env={})
+    assert config.storage.max_mb == 256 and config.storage.keep_sent_days == 7
+    assert config.storage.commit_interval_ms == 200 and config.storage.sync == "full"
+    assert config.mqtt.qos == 1 and config.mqtt.payload == "json" and config.mqtt.max_batch == 200
+    assert config.mqtt.reconnect_max == 30 and config.mqtt.shutdown_grace == 5 and config.mqtt.keepalive == 30
+    assert config.client_id() == "ST01"
+    assert config.topic_base() == "env/ST01"
+    assert config.station.timezone == "Asia/Shanghai"
+    assert config.aggregate.minute == 10 and config.aggregate.hour and config.aggregate.day
+    bus = config.buses["rs485-1"]
+    assert (bus.type, bus.baudrate, bus.parity, bus.bytesize, bus.stopbits, bus.timeout, bus.retries) == (
+        "rtu", 9600, "N", 8, 1, 0.5, 1)
+    assert config.devices["cod"].driver == "modbus"  # default on an rtu bus
+    assert config.devices["cod"].interval == 60
+    assert config.devices["cod"].known_channels() == ["w01018"]
+    assert config.devices["sim"].known_channels() == ["a34004"]
+    assert config.bus_of("cod") is bus and config.bus_of("sim") is None
+    broker = config.mqtt.brokers()[0]
+    assert (broker.host, broker.port, broker.tls) == ("127.0.0.1", 1883, False)
+
+
+def test_relative_paths_resolve_against_the_config_directory(tmp_path: Path, monkeypatch) -> None:
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883", """\
+  url: mqtts://broker.example
+  username: station
+  password_file: secrets/mqtt.pass
+  tls: {ca: ca.pem, cert: /abs/client.pem, key: ../keys/client.key}""").replace(
+        "  rs485-1: {type: rtu, port: /dev/ttyUSB0}", "  rs485-1: {type: rtu, port: ttyUSB0}")
+    path = write(conf_dir, text)
+    monkeypatch.chdir(tmp_path)  # the working directory must not matter
+    config = load_config(Path("etc") / "station.yaml", env={})
+    assert config.storage.path == conf_dir / "data" / "buffer.db"
+    assert config.mqtt.password_file == conf_dir / "secrets" / "mqtt.pass"
+    assert config.mqtt.tls is not None
+    assert config.mqtt.tls.ca == conf_dir / "ca.pem"
+    assert config.mqtt.tls.cert == Path("/abs/client.pem")
+    assert config.mqtt.tls.key == tmp_path / "keys" / "client.key"
+    assert config.buses["rs485-1"].port == "ttyUSB0"  # a port is not a file path: left alone
+    assert config.source_path == path
+    assert config.mqtt.brokers()[0].port == 8883
+
+
+def test_env_substitution_anywhere_in_strings_with_escape(tmp_path: Path) -> None:
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883", """\
+  url: "mqtt://${BROKER_HOST}:${BROKER_PORT}"
+  username: "${SITE}-${USER_SUFFIX}"
+  password: ${MQTT_PASS}
+  topic_prefix: "$${literal}"
+  max_batch: ${BATCH}""")
+    env = {"BROKER_HOST": "10.0.0.7", "BROKER_PORT": "1884", "SITE": "fenhe", "USER_SUFFIX": "17",
+           "MQTT_PASS": "Pa55-w0rd", "BATCH": "50"}
+    config = load_config(write(tmp_path, text), env=env)
+    assert config.mqtt.url == "mqtt://10.0.0.7:1884"
+    assert config.mqtt.username == "fenhe-17"
+    assert config.mqtt.read_password() == "Pa55-w0rd"
+    assert config.mqtt.topic_prefix == "${literal}"
+    assert config.mqtt.max_batch == 50  # a plain ${VAR} that holds a number is a number
+    assert "Pa55-w0rd" not in repr(config)  # a config may be logged: the password is not in its repr
+
+
+def test_numbers_written_where_text_is_expected_keep_their_spelling(tmp_path: Path) -> None:
+    text = GOOD.replace("id: ST01", "id: 0012").replace("rs485-1", "1")
+    text += "hj212: {st: 32, pw: 012345, version: 2017}\n"
+    config = load_config(write(tmp_path, text), env={})
+    assert config.station.id == "0012"  # not 10 (YAML 1.1 octal) nor 12
+    assert config.devices["cod"].bus == "1"
+    assert config.hj212 is not None and config.hj212.pw == "012345" and config.hj212.version == "2017"
+
+
+def test_profile_entries_can_be_overridden_inline(tmp_path: Path) -> None:
+    text = GOOD + "    registers:\n      - {channel: w01018, range: [0, 500]}\n" \
+                  "      - {channel: extra, address: 0x50, type: uint16}\n"
+    config = load_config(write(tmp_path, text), env={})
+    specs = {s.channel: s for s in config.devices["cod"].register_map() or []}
+    assert specs["w01018"].range == (0, 500)
+    assert specs["w01018"].type == "float32" and specs["w01018"].order == "DCBA"  # from the profile
+    assert specs["extra"].address == 0x50
+    assert config.devices["cod"].known_channels() == ["w01018", "extra"]
+
+
+def test_yaml_merge_keys_share_bus_settings(tmp_path: Path) -> None:
+    text = GOOD.replace("  rs485-1: {type: rtu, port: /dev/ttyUSB0}", """\
+  rs485-1: &line {type: rtu, port: /dev/ttyUSB0, baudrate: 19200, parity: e}
+  rs485-2: {<<: *line, port: /dev/ttyUSB1}""")
+    config = load_config(write(tmp_path, text), env={})
+    bus2 = config.buses["rs485-2"]
+    assert (bus2.port, bus2.baudrate, bus2.parity) == ("/dev/ttyUSB1", 19200, "E")
+
+
+def test_programmatic_config_is_cross_checked_too() -> None:
+    data = {
+        "station": {"id": "ST01", "type": "other"},
+        "storage": {"path": "/tmp/x.db"},
+        "mqtt": {"url": "mqtt://localhost"},
+        "devices": {"sim": {"driver": "simulated", "channels": {"c1": {}}}},
+        "alarms": [{"channel": "nope.c1", "above": 1}],
+    }
+    with pytest.raises(ValueError, match=r"alarms\.0\.channel: unknown device 'nope'"):
+        Config.model_validate(data)
+    data["alarms"] = [{"channel": "sim.c1", "above": 1}]
+    assert Config.model_validate(data).devices["sim"].driver == "simulated"
+
+
+def test_json_schema_is_json_and_names_the_sections() -> None:
+    schema = json.loads(json.dumps(json_schema()))
+    assert set(schema["properties"]) == {"station", "storage", "mqtt", "buses", "devices", "aggregate",
+                                         "hj212", "alarms"}
+    assert set(schema["required"]) >= {"station", "storage", "mqtt", "devices"}
+    assert schema["additionalProperties"] is False
+
+
+def test_problem_format() -> None:
+    problem = Problem("a.yaml", 3, 5, "devices.cod.interval", "must be at least 0.1 seconds")
+    assert str(problem) == "a.yaml:3:5: devices.cod.interval: must be at least 0.1 seconds"
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad files: each refused with the exact location
+
+
+def test_typo_key_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
+    text = GOOD.replace("    interval: 1", "    intervall: 1")
+    assert single_problem(tmp_path, text) == (
+        "13:5: devices.sim.intervall: unknown key 'intervall' (did you mean 'interval'?)")
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    assert single_problem(tmp_path, GOOD + "log_level: debug\n").startswith("20:1: log_level: unknown key")
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    text = GOOD.replace("    slave: 1", "    slave: one")
+    assert single_problem(tmp_path, text) == "18:12: devices.cod.slave: expected a whole number (got 'one')"
+
+
+def test_missing_env_var_points_at_the_value(tmp_path: Path) -> None:
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883", "  url: mqtt://${BROKER}:1883")
+    assert single_problem(tmp_path, text) == "7:8: mqtt.url: environment variable BROKER is not set"
+
+
+def test_bad_url_scheme(tmp_path: Path) -> None:
+    text = GOOD.replace("mqtt://127.0.0.1:1883", "http://127.0.0.1:1883")
+    assert single_problem(tmp_path, text) == "7:8: mqtt.url: unsupported scheme 'http://': use mqtt:// or mqtts://"
+
+
+def test_url_without_host(tmp_path: Path) -> None:
+    text = GOOD.replace("mqtt://127.0.0.1:1883", "mqtt://:1883")
+    assert single_problem(tmp_path, text).startswith("7:8: mqtt.url: the url names no host")
+
+
+def test_duplicate_device_id(tmp_path: Path) -> None:
+    text = GOOD + "  sim:\n    driver: simulated\n    channels: {x: {}}\n"
+    assert single_problem(tmp_path, text) == "20:3: devices.sim: duplicate key 'sim' (first defined at line 11)"
+
+
+def test_negative_interval(tmp_path: Path) -> None:
+    text = GOOD.replace("    interval: 1", "    interval: -5")
+    assert single_problem(tmp_path, text) == "13:15: devices.sim.interval: must be at least 0.1 seconds (got -5)"
+
+
+def test_interval_below_a_tenth_of_a_second(tmp_path: Path) -> None:
+    text = GOOD.replace("    interval: 1", "    interval: 0.05")
+    assert single_problem(tmp_path, text) == "13:15: devices.sim.interval: must be at least 0.1 seconds (got 0.05)"
+
+
+def test_unknown_bus(tmp_path: Path) -> None:
+    text = GOOD.replace("    bus: rs485-1", "    bus: rs485-2")
+    assert single_problem(tmp_path, text) == (
+        "17:10: devices.cod.bus: unknown bus 'rs485-2' (did you mean 'rs485-1'?); buses: rs485-1")
+
+
+def test_unknown_profile(tmp_path: Path) -> None:
+    text = GOOD.replace("profile: cod-analyzer", "profile: cod-analyser")
+    assert single_problem(tmp_path, text).startswith(
+        "19:14: devices.cod.profile: unknown profile 'cod-analyser' (did you mean 'cod-analyzer'?)")
+
+
+def test_bad_station_id(tmp_path: Path) -> None:
+    text = GOOD.replace("id: ST01", 'id: "ST 01/2"')
+    assert single_problem(tmp_path, text) == (
+        "2:7: station.id: station id 'ST 01/2' must be 1 to 24 characters of A-Z, a-z, 0-9, '_' or '-'")
+
+
+def test_url_and_urls_both(tmp_path: Path) -> None:
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883", "  url: mqtt://a\n  urls: [mqtt://b]")
+    assert single_problem(tmp_path, text) == "8:3: mqtt.urls: give either url or urls, not both"
+
+
+def test_url_or_urls_required(tmp_path: Path) -> None:
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883", "  qos: 0")
+    assert single_problem(tmp_path, text).startswith("6:1: mqtt.url: missing required key 'url'")
+
+
+def test_alarm_on_unknown_device(tmp_path: Path) -> None:
+    text = GOOD + "alarms:\n  - {channel: cox.w01018, above: 50}\n"
+    assert single_problem(tmp_path, text) == (
+        "21:15: alarms.0.channel: unknown device 'cox' (did you mean 'cod'?); devices: cod, sim")
+
+
+def test_alarm_on_a_channel_the_device_does_not_have(tmp_path: Path) -> None:
+    text = GOOD + "alarms:\n  - {channel: sim.a34002, above: 50}\n  - {channel: cod.w01019, above: 50}\n"
+    found = problems_of(write(tmp_path, text))
+    assert [p.split(":", 1)[1] for p in found] == [
+        "21:15: alarms.0.channel: device 'sim' has no channel 'a34002' (did you mean 'a34004'?); channels: a34004",
+        "22:15: alarms.1.channel: device 'cod' has no channel 'w01019' (did you mean 'w01018'?); channels: w01018",
+    ]
+
+
+def test_alarm_rule_needs_a_condition(tmp_path: Path) -> None:
+    text = GOOD + "alarms:\n  - channel: sim.a34004\n    hysteresis: 1\n"
+    assert single_problem(tmp_path, text) == (
+        "21:5: alarms.0: a rule needs at least one of above, below, preset, stale or fault")
+
+
+def test_unknown_preset(tmp_path: Path) -> None:
+    text = GOOD + "alarms:\n  - {channel: sim.a34004, preset: gb3095-2012-2}\n"
+    assert single_problem(tmp_path, text).startswith("21:35: alarms.0.preset: unknown preset 'gb3095-2012-2'")
+
+
+def test_yaml_syntax_error(tmp_path: Path) -> None:
+    text = GOOD.replace("  rs485-1: {type: rtu, port: /dev/ttyUSB0}", "  rs485-1: {type: rtu, port: /dev/ttyUSB0")
+    assert single_problem(tmp_path, text).startswith(f"10:8: {FILE_PATH}: YAML syntax error: ")
+
+
+def test_tab_indentation_is_explained(tmp_path: Path) -> None:
+    text = GOOD.replace("    interval: 1", "\tinterval: 1")
+    assert "use spaces" in single_problem(tmp_path, text)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    assert problems_of(path) == [f"{path}:1:1: {FILE_PATH}: cannot read the file: No such file or directory"]
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    assert single_problem(tmp_path, "# only a comment\n").startswith(f"1:1: {FILE_PATH}: the file is empty")
+
+
+def test_not_a_mapping(tmp_path: Path) -> None:
+    assert single_problem(tmp_path, "- station\n").startswith(f"1:1: {FILE_PATH}: expected a mapping")
+
+
+def test_password_and_password_file_both(tmp_path: Path) -> None:
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883", """\
+  url: mqtt://127.0.0.1:1883
+  username: station
+  password: x
+  password_file: /etc/edge-agent/mqtt.pass""")
+    assert single_problem(tmp_path, text) == (
+        "10:3: mqtt.password_file: give either password or password_file, not both")
+
+
+def test_payload_hj212_needs_hj212_section(tmp_path: Path) -> None:
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883", "  url: mqtt://127.0.0.1:1883\n  payload: hj212")
+    assert single_problem(tmp_path, text) == "8:12: mqtt.payload: payload: hj212 needs an hj212: section (st, pw)"
+
+
+def test_tls_cert_without_key(tmp_path: Path) -> None:
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883", "  url: mqtts://127.0.0.1\n  tls:\n    cert: client.pem")
+    assert single_problem(tmp_path, text) == (
+        "9:5: mqtt.tls.cert: cert needs key too (the client certificate's private key)")
+
+
+def test_missing_required_key_points_at_the_parent(tmp_path: Path) -> None:
+    text = GOOD.replace("  type: other\n", "")
+    assert single_problem(tmp_path, text) == "1:1: station.type: missing required key 'type'"
+
+
+def test_missing_section(tmp_path: Path) -> None:
+    text = GOOD.replace("storage:\n  path: ./data/buffer.db\n", "")
+    assert single_problem(tmp_path, text) == "1:1: storage: missing required key 'storage'"
+
+
+def test_modbus_device_needs_slave(tmp_path: Path) -> None:
+    text = GOOD.replace("    slave: 1\n", "")
+    assert single_problem(tmp_path, text) == (
+        "16:3: devices.cod.slave: missing required key 'slave' (the Modbus unit id)")
+
+
+def test_serial_bus_device_needs_a_frame_driver(tmp_path: Path) -> None:
+    text = GOOD.replace("{type: rtu, port: /dev/ttyUSB0}", "{type: serial, port: /dev/ttyUSB0}")
+    assert single_problem(tmp_path, text).startswith(
+        "16:3: devices.cod.driver: missing required key 'driver': bus 'rs485-1' is a serial bus")
+
+
+def test_unknown_bus_type(tmp_path: Path) -> None:
+    text = GOOD.replace("{type: rtu,", "{type: rs485,")
+    found = problems_of(write(tmp_path, text))
+    assert found[0].split(":", 1)[1] == "9:19: buses.rs485-1.type: unknown type 'rs485'; use 'rtu', 'tcp', 'serial'"
+
+
+def test_bad_register_entry_points_at_the_key(tmp_path: Path) -> None:
+    text = GOOD.replace("    profile: cod-analyzer", """\
+    registers:
+      - {channel: w01018, address: 70000, type: float32}
+      - {channel: w21003, address: 2, typ: float32}""")
+    found = [p.split(":", 1)[1] for p in problems_of(write(tmp_path, text))]
+    assert found[0].startswith("20:36: devices.cod.registers.0.address: 70000 is outside 0..65535")
+    assert found[1] == "21:39: devices.cod.registers.1.typ: unknown key 'typ' (did you mean 'type'?)"
+
+
+def test_simulated_channel_codes_have_no_dash(tmp_path: Path) -> None:
+    text = GOOD.replace("      a34004:", "      a34004-Rtd:")
+    assert single_problem(tmp_path, text).startswith("15:7: devices.sim.channels.a34004-Rtd: channel code")
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    text = GOOD.replace("    interval: 1", "    intervall: 1").replace("slave: 1", "slave: 300").replace(
+        "type: other", "type: factory") + "alarms:\n  - {channel: nope.x, above: 1}\n"
+    found = [p.split(":", 1)[1] for p in problems_of(write(tmp_path, text))]
+    assert [f.split(": ")[0] for f in found] == [
+        "3:9", "13:5", "18:12", "21:15",
+    ], found  # in file order
+
+
+def test_password_file_is_read_without_its_newline(tmp_path: Path) -> None:
+    (tmp_path / "mqtt.pass").write_text("s3cret\n")
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883",
+                        "  url: mqtt://127.0.0.1:1883\n  username: u\n  password_file: mqtt.pass")
+    config = load_config(write(tmp_path, text), env={})
+    assert config.mqtt.read_password() == "s3cret"
+    (tmp_path / "mqtt.pass").unlink()
+    with pytest.raises(ConfigError) as info:
+        config.mqtt.read_password()
+    assert "cannot read the password file: No such file or directory" in str(info.value)
+    assert check_files(config)[0].path == "mqtt.password_file"
+    with pytest.raises(ConfigError, match="mqtt.password_file: file not found"):
+        load_config(tmp_path / "station.yaml", env={}, check_files=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Secrets
+
+
+def test_a_substituted_secret_never_appears_in_a_problem(tmp_path: Path) -> None:
+    secret = "hunter2-Secret"
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883", """\
+  url: "${MQTT_PASS}"
+  client_id: ""
+  username: u
+  password: ${MQTT_PASS}
+  qos: ${MQTT_PASS}
+  topic_prefix: "${MQTT_PASS}#"
+""").replace("id: ST01", 'id: "${MQTT_PASS}!"').replace("profile: cod-analyzer", 'profile: "${MQTT_PASS}"')
+    found = problems_of(write(tmp_path, text), env={"MQTT_PASS": secret})
+    assert len(found) >= 5, found
+    for problem in found:
+        assert secret not in problem
+
+
+def test_a_literal_password_is_never_echoed(tmp_path: Path) -> None:
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883", "  url: mqtt://h\n  username: u\n  password: [pa55word]")
+    found = single_problem(tmp_path, text)
+    assert found.startswith("9:13: mqtt.password: expected text") and "pa55word" not in found
+
+
+def test_substitute_errors_name_the_variable_not_the_text() -> None:
+    assert substitute("a${X}b${Y}", {"X": "1", "Y": "2"}).text == "a1b2"
+    assert substitute("$${X}", {}).text == "${X}"
+    with pytest.raises(SubstitutionError, match="environment variables not set: A, B"):
+        substitute("${A}${B}", {})
+    with pytest.raises(SubstitutionError) as info:
+        substitute("pa${ss word}", {})
+    assert "ss word" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixture files (tests as data): each bad file starts with `# expect: LINE:COL: path: message-prefix`
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("bad-*.yaml")), ids=lambda p: p.stem)
+def test_fixture_is_refused_as_expected(path: Path) -> None:
+    expected = [line.split("# expect:", 1)[1].strip()
+                for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("# expect:")]
+    assert expected, f"{path.name} has no '# expect:' line"
+    found = [p[len(str(path)) + 1:] for p in problems_of(path, env={"HJ212_PW": "x"})]
+    assert len(found) == len(expected), found
+    for got, want in zip(found, expected, strict=True):
+        assert got.startswith(want), (got, want)
+
+
+def test_parse_config_reports_the_given_file_name() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("station: [", file="inline.yaml")
+    assert str(info.value.problems[0]).startswith("inline.yaml:")
