@@ -66,6 +66,8 @@ class Broker:
         lines = [f"listener {self.port} 127.0.0.1", "persistence false", f"log_dest file {self.log}",
                  "log_type error", "log_type warning", "log_type notice", "max_inflight_messages 0",
                  "max_queued_messages 100000"]
+        if os.geteuid() == 0:  # mosquitto would drop to its own user and lose access to the test's files
+            lines.append("user root")
         if self.passwords is not None:
             pwfile = self.workdir / "passwd"
             pwfile.write_text("")

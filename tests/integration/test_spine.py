@@ -16,10 +16,14 @@ from harness import AgentProcess, Broker, Collector, run_cli, sim_config, wait_f
 
 
 def db_last_seq(path) -> int:
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-        top = conn.execute("SELECT max(seq) FROM readings").fetchone()[0] or 0
-        floor = conn.execute("SELECT floor_seq FROM streams WHERE name='readings'").fetchone()[0]
-    return max(top, floor)
+    """Highest readings seq stored in the agent's buffer (0 while the file is still being created)."""
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            top = conn.execute("SELECT max(seq) FROM readings").fetchone()[0] or 0
+            row = conn.execute("SELECT floor_seq FROM streams WHERE name='readings'").fetchone()
+    except sqlite3.OperationalError:
+        return 0
+    return max(top, row[0] if row else 0)
 
 
 def assert_complete(seqs: list[int], first: int, last: int) -> None:
