@@ -33,6 +33,23 @@ SCHEMA_VERSION = 1
 PAGE_SIZE = 4096
 
 
+# One reading as the JSON object of SPEC §4, built by SQLite itself: the drain's hot path stays in C.
+# `ts` is exact to the millisecond; values carry up to 15 significant digits.
+READING_JSON = ("json_object('seq',seq,'device',device,'channel',channel,"
+                "'ts',strftime('%Y-%m-%dT%H:%M:%fZ',ts_ms/1000.0,'unixepoch'),"
+                "'value',value,'unit',unit,'flag',flag)")
+
+
+@dataclass(frozen=True, slots=True)
+class JsonBatch:
+    """Consecutive stored readings as the comma-separated JSON objects of a data message."""
+
+    first_seq: int
+    last_seq: int
+    count: int
+    items: str
+
+
 class BufferError(Exception):
     """The buffer cannot be opened or written (not a corruption we can rescue)."""
 
@@ -376,6 +393,17 @@ class Buffer:
             "ORDER BY seq LIMIT ?", (after_seq, limit)
         ).fetchall()
         return [Reading(r[2], r[3], r[1], r[4], r[5], r[6], r[0]) for r in rows]
+
+    def readings_json(self, after_seq: int, limit: int, upto_seq: int | None = None) -> JsonBatch | None:
+        """Up to `limit` readings with seq > after_seq (and <= upto_seq), encoded, in seq order."""
+        row = self.conn.execute(
+            f"SELECT min(seq), max(seq), count(*), group_concat(j, ',') FROM (SELECT seq, {READING_JSON} AS j "
+            "FROM readings WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?)",
+            (after_seq, upto_seq if upto_seq is not None else 2**63 - 1, limit),
+        ).fetchone()
+        if not row[2]:
+            return None
+        return JsonBatch(row[0], row[1], row[2], row[3])
 
     def readings_between(self, from_seq: int, to_seq: int, limit: int) -> list[Reading]:
         rows = self.conn.execute(

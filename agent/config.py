@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import os
 import re
 import types
@@ -87,17 +88,20 @@ __all__ = [
 #: Path shown for problems that belong to the file as a whole (missing, unreadable, empty, syntax).
 FILE_PATH = "(file)"
 
-#: Alarm presets (DOMAIN.md "Limits for alarm presets"). Names only: the limits move to a data file.
-PRESETS: tuple[str, ...] = (
-    "gb3838-iii",
-    "gb3838-iv",
-    "gb3838-v",
-    "gb18918-1a",
-    "gb18918-1b",
-    "gb3095-2012-ii",
-    "gb3095-2026-ii",
-    "dust-15min",
-)
+
+
+def _preset_names() -> tuple[str, ...]:
+    """The names of the alarm presets in the packaged `agent/data/presets.yaml` (the limits
+    themselves are read by `agent.alarms.load_presets`)."""
+    text = importlib.resources.files("agent").joinpath("data/presets.yaml").read_text("utf-8")
+    document = yaml.safe_load(text)
+    if not isinstance(document, dict) or not isinstance(document.get("presets"), dict):
+        raise ValueError("agent/data/presets.yaml: top-level 'presets' mapping missing")
+    return tuple(str(name) for name in document["presets"])
+
+
+#: Alarm presets (DOMAIN.md "Limits for alarm presets"): names of agent/data/presets.yaml.
+PRESETS: tuple[str, ...] = _preset_names()
 
 DRIVERS: tuple[str, ...] = ("modbus", "pms5003", "sds011", "hj212", "simulated")
 SERIAL_DRIVERS = frozenset({"pms5003", "sds011", "hj212"})

@@ -31,9 +31,9 @@ from agent.buffer import Buffer, Gap
 from agent.logutil import RateLimitedLog
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, iso_utc_ms, now_ms
 from agent.payloads import (
-    DataEncoder,
     aggregates_message,
     alarm_message,
+    data_message,
     gap_message,
     reply_message,
     status_message,
@@ -98,7 +98,6 @@ class Publisher(threading.Thread):
         self.db_path = db_path
         self.recorder = recorder
         self.status_provider = status_provider
-        self.encoder = DataEncoder(settings.station_id)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -210,7 +209,6 @@ class Publisher(threading.Thread):
         if new != self.settings:
             log.info("broker settings changed; reconnecting")
             self.settings = new
-            self.encoder = DataEncoder(new.station_id)
             self._drop_connection("settings reloaded")
             self._backoff = 0.5
             self._url_index = 0
@@ -459,12 +457,12 @@ class Publisher(threading.Thread):
                 for gap in self._reader.pending_gaps():
                     self._publish_gap(gap)
             while not self._window_full() and self.client is not None:
-                rows = self._reader.readings_after(self._cursor[STREAM_READINGS], s.max_batch)
-                if not rows:
+                batch = self._reader.readings_json(self._cursor[STREAM_READINGS], s.max_batch)
+                if batch is None:
                     break
-                self._publish_tracked(STREAM_READINGS, f"{s.base_topic}/data", self.encoder.encode(rows),
-                                      rows[-1].seq)
-                self.published_readings += len(rows)
+                self._publish_tracked(STREAM_READINGS, f"{s.base_topic}/data",
+                                      data_message(s.station_id, batch.items), batch.last_seq)
+                self.published_readings += batch.count
             self._publish_events(STREAM_AGGREGATES, f"{s.base_topic}/agg", EVENT_BATCH)
         except Exception as exc:  # noqa: BLE001 - a damaged or replaced file: reopen and go on
             if self.client is None:
@@ -596,15 +594,21 @@ class Publisher(threading.Thread):
             raise CommandError(f"at most {MAX_RESEND} readings per resend; split the range")
         if self._reader is None:
             raise CommandError("buffer not available")
-        rows = self._reader.readings_between(first, last, MAX_RESEND)
         topic = f"{self.settings.base_topic}/data"
-        size = self.settings.max_batch
-        for i in range(0, len(rows), size):
-            self._publish_raw(topic, self.encoder.encode(rows[i:i + size]))
-        found = [r.seq for r in rows]
-        reply: dict = {"cmd": "resend", "from_seq": first, "to_seq": last, "count": len(rows)}
-        if len(rows) < last - first + 1:
-            reply["missing"] = _missing_ranges(first, last, found)
+        after, count, missing = first - 1, 0, []
+        while True:
+            batch = self._reader.readings_json(after, self.settings.max_batch, upto_seq=last)
+            if batch is None:
+                break
+            if batch.first_seq > after + 1:
+                missing.append([after + 1, batch.first_seq - 1])
+            self._publish_raw(topic, data_message(self.settings.station_id, batch.items))
+            after, count = batch.last_seq, count + batch.count
+        if after < last:
+            missing.append([after + 1, last])
+        reply: dict = {"cmd": "resend", "from_seq": first, "to_seq": last, "count": count}
+        if missing:  # purged (older than keep_sent_days), evicted, or not issued yet
+            reply["missing"] = missing
         return reply
 
 
@@ -616,19 +620,6 @@ def _only_keys(cmd: dict, allowed: set[str]) -> None:
     extra = sorted(set(cmd) - allowed)
     if extra:
         raise CommandError(f"unknown field(s) {', '.join(map(repr, extra))} for command {cmd.get('cmd')!r}")
-
-
-def _missing_ranges(first: int, last: int, found: list[int]) -> list[list[int]]:
-    """Ranges of [first, last] absent from `found` (sorted): purged, evicted or never issued."""
-    out: list[list[int]] = []
-    expect = first
-    for seq in found:
-        if seq > expect:
-            out.append([expect, seq - 1])
-        expect = seq + 1
-    if expect <= last:
-        out.append([expect, last])
-    return out[:100]
 
 
 def _safe_url(url: str | None) -> str:

@@ -28,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from agent.buffer import Buffer  # noqa: E402
 from agent.model import Reading  # noqa: E402
-from agent.payloads import DataEncoder  # noqa: E402
+from agent.payloads import data_message  # noqa: E402
 
 SUBSCRIBER = r"""
 import json, sys, time
@@ -83,15 +83,11 @@ def prefill(db: Path, n: int) -> None:
 def bare_paho(broker: Broker, db: Path, station: str, batch: int, window: int) -> tuple[float, int]:
     """Publish the same batches the agent would, with a bare paho client (same window, QoS 1)."""
     reader = Buffer.open_reader(db)
-    enc = DataEncoder(station)
     payloads = []
     after = 0
-    while True:
-        rows = reader.readings_after(after, batch)
-        if not rows:
-            break
-        payloads.append(enc.encode(rows))
-        after = rows[-1].seq
+    while (chunk := reader.readings_json(after, batch)) is not None:
+        payloads.append(data_message(station, chunk.items))
+        after = chunk.last_seq
     reader.close()
     sub = start_subscriber(broker.port, f"bare/{station}/data", len(payloads))
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare", clean_session=True)

@@ -146,7 +146,7 @@ uninstall() {
     else
         say "no unit at $UNIT_FILE"
     fi
-    if [[ -L "$LINK" ]]; then
+    if [[ -L "$LINK" && "$(readlink -- "$LINK")" == "$TARGET_ENTRY" ]]; then
         rm -f -- "$LINK"
         say "removed $LINK"
     fi

@@ -1,0 +1,1050 @@
+"""The local alarm engine (SPEC §2 "alarms", §4 alarm events): turns committed readings into
+`raised`/`cleared` events in the buffer's alarms stream, keeps the active set in the meta table (for
+`status` and for restarts) and drives alarm actions (a coil or register written on raise, back on clear).
+
+Runs on the recorder thread: `observe` gets each committed batch, `tick` runs about once a second;
+both are O(readings) / O(rules) and never do I/O (action writes run on a worker thread). Imports
+`agent.config`, `agent.model` and `agent.logutil` only; the limits of `preset:` come from
+`agent/data/presets.yaml`.
+
+Decisions (the README's alarm section repeats them for technicians):
+
+- Alarm ids are `<device.channel>:<rule>` with rule above, below, stale or fault; a preset rule has
+  rule `above` and the id `<device.channel>:<preset name>` (`nh3n.w21003:gb18918-1a`), so that a
+  preset and an explicit `above:` on the same channel are two alarms.
+- When several rules give the same id for a channel, the most specific pattern wins (`dev.ch`, then
+  `dev.*`, then `*`); among equals the first in the file wins (the others are logged at start).
+- Only values flagged N or T are compared with limits and enter windows; null values and values
+  flagged M, C, F, S, D or B are treated like null: they neither advance nor reset a delay.
+- `delay`/`clear_delay` run on the monotonic clock from the first value beyond (back within) the
+  limit; the raise (clear) happens on the first such value once the delay has passed.
+- `window: S` compares the mean of the readings of the last S seconds (reading timestamps, kept in
+  WINDOW_BUCKETS buckets of S/120) and is evaluated only once the readings cover MIN_WINDOW_COVERAGE
+  of the window (span of the readings plus one poll interval), so a restart does not alarm on a
+  "15-minute mean" of one value. Windows are saved with the alarm state and restored on start. A
+  reading more than S older than the newest one (the clock stepped back) restarts the window.
+- `background: dev.ch` is subtracted: its window mean (same S) or, without a window, its last value.
+- The GB 18918 "<= 12 degC" NH3-N limit applies while the station's water temperature channel (the
+  code the preset names, w01010; the same device's first, else the most recent of any device) reads
+  <= 12; with no temperature reading the normal (stricter) limit applies.
+- `stale: S` raises in `tick` when a channel had no non-null reading for S seconds of agent time
+  (from start for a channel not yet seen) and clears on its next non-null reading. `fault: S` raises
+  when a channel's readings have been flagged B or D for S seconds and clears after `clear_delay` of
+  readings with other flags. Their `value` is the number of seconds the condition has lasted (0 when
+  cleared) and their `threshold` is S.
+- State across restarts: the active alarms (and windows, action states) are saved in meta
+  `alarm_state` in the same transaction as each event; a restored alarm is not raised again and clears
+  normally. A pending delay is not saved (it restarts). An active alarm whose rule is gone from the
+  config (after a restart or a reload) is cleared with value null.
+- Actions: the desired state of a target (device, coil/register, address) is "on" while any alarm of
+  a rule naming it is active. Writes run on a worker thread through `action_writer`; a failed write is
+  retried after 2 s, doubling up to 60 s; "off" waits until the target has been on for `min_on`
+  seconds. At start, a target whose alarm is active is written "on" again; one saved as "on" whose
+  alarm is gone is written "off".
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+import logging
+import math
+import queue
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from agent.config import Alarm, Config
+from agent.logutil import RateLimitedLog
+from agent.model import FLAG_COMM, FLAG_FAULT, FLAG_NORMAL, FLAG_OVER_RANGE, STREAM_ALARMS, Reading, iso_utc_ms, now_ms
+
+__all__ = [
+    "ACTION_RETRY_FIRST_S",
+    "ACTION_RETRY_MAX_S",
+    "MIN_WINDOW_COVERAGE",
+    "AlarmEngine",
+    "ActionWriter",
+    "ColdLimit",
+    "Preset",
+    "PresetLimit",
+    "load_presets",
+    "resolve_preset",
+]
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+FAULT_FLAGS = frozenset({FLAG_COMM, FLAG_FAULT})  # the device fault rule: no answer, or the device says fault
+MEASURED_FLAGS = frozenset({FLAG_NORMAL, FLAG_OVER_RANGE})  # values compared with limits
+MIN_WINDOW_COVERAGE = 0.75  # a window mean needs readings over this share of the window
+WINDOW_BUCKETS = 120  # a window keeps at most about this many (sum, count) buckets
+WINDOW_SAVE_EVERY_S = 60.0  # windows are saved with the alarm state at most this often
+ACTION_RETRY_FIRST_S = 2.0  # a failed action write is retried after this, doubling ...
+ACTION_RETRY_MAX_S = 60.0  # ... up to this
+
+RULE_ABOVE, RULE_BELOW, RULE_STALE, RULE_FAULT = "above", "below", "stale", "fault"
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets (agent/data/presets.yaml)
+
+
+@dataclass(frozen=True)
+class ColdLimit:
+    """A second limit that applies while a temperature channel reads <= `at_or_below`."""
+
+    above: float
+    channel: str  # channel code of the temperature (w01010 water temperature)
+    at_or_below: float
+
+
+@dataclass(frozen=True)
+class PresetLimit:
+    """The limit of one pollutant in a preset, in the standard's unit."""
+
+    above: float
+    unit: str | None
+    cold: ColdLimit | None = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One entry of presets.yaml: limits per channel code and the averaging window they apply to."""
+
+    name: str
+    standard: str
+    year: int
+    title: str
+    window: float | None
+    limits: Mapping[str, PresetLimit]
+    note: str | None = None
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    return float(value)
+
+
+@functools.cache
+def load_presets(path: str | Path | None = None) -> Mapping[str, Preset]:
+    """The alarm presets, read once from the packaged `agent/data/presets.yaml` (or `path`).
+    Raises ValueError naming the entry when the file is malformed."""
+    if path is None:
+        text = importlib.resources.files("agent").joinpath("data/presets.yaml").read_text("utf-8")
+    else:
+        text = Path(path).read_text("utf-8")
+    document = yaml.safe_load(text)
+    if not isinstance(document, dict) or not isinstance(document.get("presets"), dict):
+        raise ValueError("presets: top-level 'presets' mapping missing")
+    presets: dict[str, Preset] = {}
+    for name, entry in document["presets"].items():
+        where = f"presets.{name}"
+        if not isinstance(entry, dict) or not {"standard", "year", "limits"} <= set(entry):
+            raise ValueError(f"{where}: needs standard, year and limits")
+        window = entry.get("window")
+        limits: dict[str, PresetLimit] = {}
+        for code, lim in (entry["limits"] or {}).items():
+            lw = f"{where}.limits.{code}"
+            if not isinstance(lim, dict) or "above" not in lim:
+                raise ValueError(f"{lw}: needs above")
+            cold = lim.get("cold")
+            cold_limit = None
+            if cold is not None:
+                if not isinstance(cold, dict) or not {"above", "channel", "at_or_below"} <= set(cold):
+                    raise ValueError(f"{lw}.cold: needs above, channel and at_or_below")
+                cold_limit = ColdLimit(_number(cold["above"], f"{lw}.cold.above"), str(cold["channel"]),
+                                       _number(cold["at_or_below"], f"{lw}.cold.at_or_below"))
+            limits[str(code)] = PresetLimit(_number(lim["above"], f"{lw}.above"),
+                                            str(lim["unit"]) if lim.get("unit") else None, cold_limit)
+        presets[str(name)] = Preset(
+            name=str(name), standard=str(entry["standard"]), year=int(entry["year"]),
+            title=str(entry.get("title") or ""),
+            window=None if window is None else _number(window, f"{where}.window"),
+            limits=limits, note=entry.get("note"),
+        )
+    return presets
+
+
+def resolve_preset(name: str, code: str, temperature: float | None = None) -> tuple[float, float | None]:
+    """(limit in the standard's unit, window seconds or None) of preset `name` for channel code
+    `code`, given the temperature the preset's cold variant looks at. KeyError when the preset has no
+    limit for that code."""
+    preset = load_presets()[name]
+    lim = preset.limits[code]
+    return _limit_for(lim, temperature), preset.window
+
+
+def _limit_for(lim: PresetLimit, temperature: float | None) -> float:
+    if lim.cold is not None and temperature is not None and temperature <= lim.cold.at_or_below:
+        return lim.cold.above
+    return lim.above
+
+
+# Mass-per-volume units: a preset in ug/m3 applies to a TSP channel reported in mg/m3.
+_MASS = {"ng": 1e-3, "ug": 1.0, "mg": 1e3, "g": 1e6}
+_UNIT_RE = re.compile(r"(ng|ug|mg|g)/(m3|l)")
+
+
+def _unit_factor(from_unit: str | None, to_unit: str | None) -> float | None:
+    """Factor turning a number in `from_unit` into `to_unit`; 1 when either is unknown; None when
+    they are different kinds of unit."""
+    if not from_unit or not to_unit:
+        return 1.0
+
+    def norm(u: str) -> str:
+        return (u.strip().lower().replace("µ", "u").replace("μ", "u").replace("³", "3").replace(" ", ""))
+
+    a, b = norm(from_unit), norm(to_unit)
+    if a == b:
+        return 1.0
+    ma, mb = _UNIT_RE.fullmatch(a), _UNIT_RE.fullmatch(b)
+    if ma is None or mb is None or ma.group(2) != mb.group(2):
+        return None
+    return _MASS[ma.group(1)] / _MASS[mb.group(1)]
+
+
+def _json_number(x: float | None) -> float | int | None:
+    """A limit as written in the config: 50 rather than 50.0."""
+    if x is None or not math.isfinite(x):
+        return None
+    x = round(x, 9)
+    return int(x) if x.is_integer() else x
+
+
+# --------------------------------------------------------------------------------------------------
+# Rolling window
+
+
+class _Window:
+    """Mean of the readings of the last `seconds` (reading timestamps), in (sum, count) buckets of
+    `seconds / WINDOW_BUCKETS`: O(1) per reading, bounded memory even for 24-hour windows."""
+
+    __slots__ = ("seconds", "span_ms", "bucket_ms", "buckets", "total", "count", "newest")
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.span_ms = int(seconds * 1000)
+        self.bucket_ms = max(1, self.span_ms // WINDOW_BUCKETS)
+        self.buckets: deque[list[float]] = deque()  # [index, sum, count, oldest ts]
+        self.total = 0.0
+        self.count = 0
+        self.newest: int | None = None
+
+    def add(self, ts_ms: int, value: float) -> None:
+        if self.newest is not None and ts_ms <= self.newest - self.span_ms:
+            self.clear()  # the clock stepped back by more than the window (or a very late reading)
+        index = ts_ms // self.bucket_ms
+        if not self.buckets or index > self.buckets[-1][0]:
+            self.buckets.append([index, value, 1, ts_ms])
+        else:
+            self._add_old(index, ts_ms, value)
+        self.total += value
+        self.count += 1
+        if self.newest is None or ts_ms > self.newest:
+            self.newest = ts_ms
+            self._expire()
+
+    def _add_old(self, index: int, ts_ms: int, value: float) -> None:
+        for pos in range(len(self.buckets) - 1, -1, -1):  # rare: a reading older than the newest bucket
+            b = self.buckets[pos]
+            if b[0] == index:
+                b[1] += value
+                b[2] += 1
+                b[3] = min(b[3], ts_ms)
+                return
+            if b[0] < index:
+                self.buckets.insert(pos + 1, [index, value, 1, ts_ms])
+                return
+        self.buckets.appendleft([index, value, 1, ts_ms])
+
+    def _expire(self) -> None:
+        assert self.newest is not None
+        horizon = self.newest - self.span_ms
+        expired = False
+        while self.buckets and (self.buckets[0][0] + 1) * self.bucket_ms <= horizon:
+            self.buckets.popleft()
+            expired = True
+        if expired:  # recompute: no drift of the running sum
+            self.total = math.fsum(b[1] for b in self.buckets)
+            self.count = int(sum(b[2] for b in self.buckets))
+
+    def clear(self) -> None:
+        self.buckets.clear()
+        self.total = 0.0
+        self.count = 0
+        self.newest = None
+
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+    def covered_ms(self) -> int:
+        """Milliseconds between the oldest and the newest reading in the window."""
+        if not self.buckets or self.newest is None:
+            return 0
+        return int(self.newest - self.buckets[0][3])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"s": self.seconds, "w": self.bucket_ms, "n": self.newest, "b": [list(b) for b in self.buckets]}
+
+    @classmethod
+    def from_json(cls, seconds: float, data: Any) -> _Window:
+        w = cls(seconds)
+        try:
+            if data.get("s") != seconds or data.get("w") != w.bucket_ms:
+                return w
+            for index, total, count, oldest in data["b"]:
+                w.buckets.append([int(index), float(total), int(count), int(oldest)])
+            w.newest = int(data["n"]) if data.get("n") is not None else None
+            w.total = math.fsum(b[1] for b in w.buckets)
+            w.count = int(sum(b[2] for b in w.buckets))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return cls(seconds)
+        return w
+
+
+# --------------------------------------------------------------------------------------------------
+# Rules, channels, alarm instances
+
+
+class ActionWriter(Protocol):
+    """Writes a Modbus coil or holding register of a configured device; raises on failure."""
+
+    def __call__(self, device_id: str, kind: str, address: int, value: int | bool) -> None: ...
+
+
+@dataclass
+class _Target:
+    """One thing an action writes (device, coil/register, address) and its state machine."""
+
+    key: str
+    device: str
+    kind: str  # "coil" | "register"
+    address: int
+    on_value: int | bool
+    off_value: int | bool
+    min_on: float
+    active_ids: set[str] = field(default_factory=set)
+    written: bool | None = None  # last state confirmed written (None: unknown)
+    touched: bool = False  # a write was attempted: an unknown state may be "on"
+    orphan: bool = False  # no rule names it any more: switch it off, then forget it
+    inflight: bool | None = None  # state being written right now
+    on_since: float | None = None  # monotonic time "on" was confirmed
+    retry_at: float = 0.0
+    failures: int = 0
+
+    @property
+    def desired(self) -> bool:
+        return bool(self.active_ids)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device": self.device, "kind": self.kind, "address": self.address, "on": self.on_value,
+                "off": self.off_value, "min_on": self.min_on, "written": self.written}
+
+    @classmethod
+    def from_json(cls, key: str, data: Mapping[str, Any]) -> _Target | None:
+        try:
+            target = cls(key, str(data["device"]), str(data["kind"]), int(data["address"]), data["on"],
+                         data["off"], float(data["min_on"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+        written = data.get("written")
+        target.written = written if isinstance(written, bool) else None
+        target.touched = target.written is not None
+        return target
+
+
+@dataclass
+class _Rule:
+    index: int
+    alarm: Alarm
+    specificity: int  # 2 "dev.ch", 1 "dev.*", 0 "*"
+    kinds: list[tuple[str, str]]  # (rule name in events, id suffix)
+    preset: Preset | None
+    window: float | None
+    target: _Target | None
+
+    def matches(self, key: str) -> bool:
+        pattern = self.alarm.channel
+        if pattern == "*":
+            return True
+        if pattern.endswith(".*"):
+            return key.split(".", 1)[0] == pattern[:-2]
+        return key == pattern
+
+
+class _Channel:
+    """What the engine knows of one `device.channel`."""
+
+    __slots__ = ("key", "device", "code", "unit", "last_valid_mono", "fault_since", "last_value", "windows",
+                 "instances")
+
+    def __init__(self, key: str, started: float):
+        self.key = key
+        self.device, self.code = key.split(".", 1)
+        self.unit: str | None = None
+        self.last_valid_mono = started  # not seen yet: the stale clock runs from the engine's start
+        self.fault_since: float | None = None
+        self.last_value: float | None = None  # last measured value (flag N/T)
+        self.windows: dict[float, _Window] = {}
+        self.instances: list[_Instance] = []
+
+
+class _Instance:
+    """One alarm: a rule applied to a channel."""
+
+    __slots__ = ("id", "rule_name", "rule", "channel", "limit", "active", "since_ms", "value", "threshold",
+                 "pending", "clearing", "_unit_seen", "_factor")
+
+    def __init__(self, id_: str, rule_name: str, rule: _Rule, channel: _Channel, limit: PresetLimit | None):
+        self.id = id_
+        self.rule_name = rule_name
+        self.rule = rule
+        self.channel = channel
+        self.limit = limit  # the preset's limit for this channel code
+        self.active = False
+        self.since_ms: int | None = None
+        self.value: float | None = None
+        self.threshold: float | None = None
+        self.pending: float | None = None  # monotonic start of "beyond the limit"
+        self.clearing: float | None = None  # monotonic start of "back within"
+        self._unit_seen: str | None = None
+        self._factor = 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine
+
+
+class AlarmEngine:
+    """Evaluates the config's alarm rules on committed readings (see the module docstring).
+
+    `recorder` needs `submit_event(stream, ts_ms, body)` and `set_meta(key, value)`; `saved_state` is
+    the meta value `alarm_state` of the previous run (None on a fresh buffer). `action_writer` runs
+    action writes (None: actions are logged as not executed). `clock` (monotonic seconds) and
+    `wall_ms` (Unix ms) are injectable for tests; `inline_actions` runs writes synchronously inside
+    `tick` instead of on the worker thread (tests).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        recorder: Any,
+        saved_state: str | None,
+        action_writer: ActionWriter | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_ms: Callable[[], int] = now_ms,
+        inline_actions: bool = False,
+    ):
+        self.recorder = recorder
+        self.action_writer = action_writer
+        self.clock = clock
+        self.wall_ms = wall_ms
+        self.inline_actions = inline_actions
+        self._started = clock()
+        self._lock = threading.Lock()
+        self._pending_config: Config | None = None
+        self._channels: dict[str, _Channel] = {}
+        self._instances: dict[str, _Instance] = {}
+        self._stale: list[_Instance] = []
+        self._targets: dict[str, _Target] = {}
+        self._temps: dict[str, tuple[float, float]] = {}  # device -> (temperature, monotonic time)
+        self._cold_codes: frozenset[str] = frozenset()
+        self._warned: set[str] = set()
+        self._windows_dirty = False
+        self._windows_saved = self._started
+        self._errlog = RateLimitedLog(log, every_s=300)
+        self._worker: _ActionWorker | None = None
+        state = self._parse_state(saved_state)
+        self._saved_windows: dict[tuple[str, float], Any] = {}
+        for key, per_channel in (state.get("windows") or {}).items():
+            if isinstance(per_channel, dict):
+                for seconds, data in per_channel.items():
+                    try:
+                        self._saved_windows[(str(key), float(seconds))] = data
+                    except ValueError:
+                        continue
+        self._apply_config(config, state, restoring=True)
+
+    # ------------------------------------------------------------------ any thread
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config (SIGHUP); applied on the recorder thread at the next tick. Alarms
+        whose id still exists keep their state; those whose rule is gone are cleared."""
+        with self._lock:
+            self._pending_config = config
+
+    def active(self) -> list[dict[str, Any]]:
+        """The active alarms as `status` lists them (id, channel, rule, since, value, threshold)."""
+        return [
+            {"id": i.id, "channel": i.channel.key, "rule": i.rule_name,
+             "since": iso_utc_ms(i.since_ms) if i.since_ms is not None else None,
+             "value": i.value, "threshold": _json_number(i.threshold)}
+            for i in sorted((i for i in self._instances.values() if i.active), key=lambda i: (i.since_ms or 0, i.id))
+        ]
+
+    def close(self) -> None:
+        """Stop the action worker (pending writes are dropped; they are retried at the next start)."""
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+
+    # ------------------------------------------------------------------ recorder thread
+
+    def observe(self, readings: Iterable[Reading]) -> None:
+        """A committed batch of readings (recorder thread)."""
+        self._take_config()
+        now = self.clock()
+        for r in readings:
+            key = f"{r.device}.{r.channel}"
+            ch = self._channels.get(key)
+            if ch is None:
+                ch = self._channel(key)
+            self._observe_one(ch, r, now)
+
+    def tick(self) -> None:
+        """About once a second (recorder thread): stale rules, action writes, saving windows."""
+        self._take_config()
+        now = self.clock()
+        for inst in self._stale:
+            if inst.active:
+                continue
+            limit = inst.rule.alarm.stale
+            assert limit is not None
+            age = now - inst.channel.last_valid_mono
+            if age >= limit:
+                self._raise(inst, round(age, 1), limit, self.wall_ms())
+        self._run_actions(now)
+        if self._windows_dirty and now - self._windows_saved >= WINDOW_SAVE_EVERY_S:
+            self._windows_saved = now
+            self._windows_dirty = False
+            self.recorder.set_meta("alarm_state", self._state_json())
+
+    # ------------------------------------------------------------------ configuration
+
+    def _take_config(self) -> None:
+        if self._pending_config is None:
+            return
+        with self._lock:
+            config, self._pending_config = self._pending_config, None
+        if config is not None:
+            log.info("alarm rules reloaded (%d rules)", len(config.alarms))
+            self._apply_config(config, self._state(), restoring=False)
+
+    def _apply_config(self, config: Config, state: Mapping[str, Any], *, restoring: bool) -> None:
+        """(Re)build rules and instances from `config`; restore active alarms and action states from
+        `state`; clear (value null) saved active alarms that no rule produces any more."""
+        self.config = config
+        self._intervals = {dev_id: dev.interval for dev_id, dev in config.devices.items()}
+        presets = load_presets()
+        targets: dict[str, _Target] = {}
+        self._rules: list[_Rule] = []
+        pattern_kinds: dict[tuple[str, str], int] = {}
+        for index, alarm in enumerate(config.alarms):
+            preset = presets.get(alarm.preset) if alarm.preset else None
+            kinds: list[tuple[str, str]] = []
+            if alarm.above is not None:
+                kinds.append((RULE_ABOVE, RULE_ABOVE))
+            if alarm.below is not None:
+                kinds.append((RULE_BELOW, RULE_BELOW))
+            if preset is not None:
+                kinds.append((RULE_ABOVE, preset.name))
+            if alarm.stale is not None:
+                kinds.append((RULE_STALE, RULE_STALE))
+            if alarm.fault is not None:
+                kinds.append((RULE_FAULT, RULE_FAULT))
+            for _, suffix in kinds:
+                first = pattern_kinds.setdefault((alarm.channel, suffix), index)
+                if first != index:
+                    self._warn_once(f"dup:{index}:{suffix}", "alarms.%d: same channel and rule (%s %s) as "
+                                    "alarms.%d, which takes precedence: ignored", index, alarm.channel, suffix, first)
+            pattern = alarm.channel
+            specificity = 0 if pattern == "*" else 1 if pattern.endswith(".*") else 2
+            window = preset.window if preset is not None else alarm.window
+            self._rules.append(_Rule(index, alarm, specificity, kinds, preset, window,
+                                     self._target(alarm, index, targets)))
+        self._cold_codes = frozenset(lim.cold.channel for r in self._rules if r.preset
+                                     for lim in r.preset.limits.values() if lim.cold)
+
+        saved_targets: dict[str, Any] = state.get("actions") or {}
+        if not isinstance(saved_targets, dict):
+            saved_targets = {}
+        if self.action_writer is not None:
+            known = dict(self._targets) if not restoring else {
+                key: t for key, data in saved_targets.items()
+                if isinstance(data, dict) and (t := _Target.from_json(key, data)) is not None}
+            for key, prev in known.items():
+                target = targets.get(key)
+                if target is not None:  # keep what is known of the device
+                    target.written, target.touched, target.on_since = prev.written, prev.touched, prev.on_since
+                    target.inflight, target.retry_at, target.failures = prev.inflight, prev.retry_at, prev.failures
+                elif prev.written is not False and prev.touched:
+                    # No rule names it any more, and it may be on: switch it off (min_on respected).
+                    prev.orphan = True
+                    prev.active_ids.clear()
+                    targets[key] = prev
+        self._targets = targets
+
+        # Rebind every channel known (config, saved state, seen so far).
+        old_instances = self._instances
+        self._instances = {}
+        self._stale = []
+        for ch in self._channels.values():
+            ch.instances = []
+        keys: list[str] = []
+        for dev_id, dev in config.devices.items():
+            keys += [f"{dev_id}.{code}" for code in dev.known_channels() or ()]
+        for rule in self._rules:
+            for ref in (rule.alarm.channel, rule.alarm.background):
+                if ref and not ref.endswith("*"):
+                    keys.append(ref)
+        saved_active = [a for a in state.get("active") or () if isinstance(a, dict) and isinstance(a.get("id"), str)
+                        and isinstance(a.get("channel"), str) and "." in a["channel"]]
+        keys += [a["channel"] for a in saved_active]
+        keys += list(self._channels)
+        for key in dict.fromkeys(keys):
+            ch = self._channels.get(key) or self._new_channel(key)
+            self._bind(ch)
+
+        # Carry over live state (reload) or restore saved state (start).
+        for inst in self._instances.values():
+            old = old_instances.get(inst.id)
+            if old is not None and old.active:
+                inst.active, inst.since_ms, inst.value, inst.threshold = True, old.since_ms, old.value, old.threshold
+                if old.rule.alarm == inst.rule.alarm:
+                    inst.clearing = old.clearing
+            elif old is not None and old.rule.alarm == inst.rule.alarm:
+                inst.pending = old.pending
+        orphans: list[dict[str, Any]] = []
+        if restoring:
+            for a in saved_active:
+                restored_inst = self._instances.get(a["id"])
+                if restored_inst is None:
+                    orphans.append(a)
+                    continue
+                restored_inst.active = True
+                restored_inst.since_ms = a.get("since_ms") if isinstance(a.get("since_ms"), int) else None
+                restored_inst.value = a.get("value")
+                restored_inst.threshold = a.get("threshold")
+        else:
+            orphans = [{"id": i.id, "channel": i.channel.key, "rule": i.rule_name, "threshold": i.threshold}
+                       for i in old_instances.values() if i.active and i.id not in self._instances]
+        for inst in self._instances.values():
+            if inst.active and inst.rule.target is not None:
+                inst.rule.target.active_ids.add(inst.id)
+        if restoring:
+            for target in self._targets.values():
+                if target.desired:
+                    target.written = None  # write "on" again: the device may have been restarted too
+        restored = [i.id for i in self._instances.values() if i.active]
+        if restoring and restored:
+            log.info("alarm state restored: %d active (%s)", len(restored), ", ".join(sorted(restored)))
+        for a in orphans:
+            self._clear_orphan(a)
+        if orphans or not restoring:
+            self._save()
+
+    def _target(self, alarm: Alarm, index: int, targets: dict[str, _Target]) -> _Target | None:
+        action = alarm.action
+        if action is None:
+            return None
+        kind = "coil" if action.coil is not None else "register"
+        address = action.coil if action.coil is not None else action.register
+        assert address is not None
+        if self.action_writer is None:
+            self._warn_once(f"noact:{index}", "alarms.%d: action (%s %s %d) is not executed: this agent has no "
+                            "Modbus write support yet", index, action.device, kind, address)
+            return None
+        if kind == "coil":
+            on: int | bool = bool(1 if action.on is None else action.on)
+            off: int | bool = bool(0 if action.off is None else action.off)
+        else:
+            assert action.on is not None and action.off is not None
+            on, off = action.on, action.off
+        key = f"{action.device}|{kind}|{address}"
+        target = targets.get(key)
+        if target is None:
+            target = targets[key] = _Target(key, action.device, kind, address, on, off, action.min_on)
+        else:
+            if (target.on_value, target.off_value) != (on, off):
+                self._warn_once(f"actconf:{index}", "alarms.%d: action on %s %s %d uses other on/off values than "
+                                "an earlier rule; the earlier rule's values are used", index, action.device, kind,
+                                address)
+            target.min_on = max(target.min_on, action.min_on)
+        return target
+
+    def _new_channel(self, key: str) -> _Channel:
+        ch = _Channel(key, self._started)
+        self._channels[key] = ch
+        return ch
+
+    def _channel(self, key: str) -> _Channel:
+        """A channel seen for the first time: create it and apply the rules (wildcards) to it."""
+        ch = self._new_channel(key)
+        self._bind(ch)
+        return ch
+
+    def _bind(self, ch: _Channel) -> None:
+        """Create the alarm instances of `ch`: for each id the most specific rule, the first on ties."""
+        chosen: dict[str, tuple[_Rule, str, PresetLimit | None]] = {}
+        for rule in self._rules:
+            if not rule.matches(ch.key):
+                continue
+            for rule_name, suffix in rule.kinds:
+                limit = None
+                if rule.preset is not None and rule_name == RULE_ABOVE and suffix == rule.preset.name:
+                    limit = rule.preset.limits.get(ch.code)
+                    if limit is None:
+                        if rule.specificity == 2:
+                            self._warn_once(f"nolimit:{rule.index}:{ch.key}", "alarms.%d: preset %s (%s) has no "
+                                            "limit for channel code %s: rule not applied", rule.index,
+                                            rule.preset.name, rule.preset.standard, ch.code)
+                        continue
+                id_ = f"{ch.key}:{suffix}"
+                prev = chosen.get(id_)
+                if prev is None or rule.specificity > prev[0].specificity:
+                    chosen[id_] = (rule, rule_name, limit)
+        for id_, (rule, rule_name, limit) in chosen.items():
+            inst = _Instance(id_, rule_name, rule, ch, limit)
+            ch.instances.append(inst)
+            self._instances[id_] = inst
+            if rule_name == RULE_STALE:
+                self._stale.append(inst)
+            if rule.window is not None and rule_name in (RULE_ABOVE, RULE_BELOW):
+                self._window(ch, rule.window)
+                bg = rule.alarm.background
+                if bg:
+                    self._window(self._channels.get(bg) or self._new_channel(bg), rule.window)
+            elif rule.alarm.background and rule.alarm.background not in self._channels:
+                self._new_channel(rule.alarm.background)
+
+    def _window(self, ch: _Channel, seconds: float) -> _Window:
+        w = ch.windows.get(seconds)
+        if w is None:
+            saved = self._saved_windows.pop((ch.key, seconds), None)
+            w = ch.windows[seconds] = _Window.from_json(seconds, saved) if saved is not None else _Window(seconds)
+        return w
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _observe_one(self, ch: _Channel, r: Reading, now: float) -> None:
+        if r.unit is not None:
+            ch.unit = r.unit
+        in_fault = r.flag in FAULT_FLAGS
+        if in_fault:
+            if ch.fault_since is None:
+                ch.fault_since = now
+        else:
+            ch.fault_since = None
+        valid = r.value is not None
+        if valid:
+            ch.last_valid_mono = now
+        measured = r.value is not None and r.flag in MEASURED_FLAGS and math.isfinite(r.value)
+        if measured:
+            assert r.value is not None
+            ch.last_value = r.value
+            for w in ch.windows.values():
+                w.add(r.ts_ms, r.value)
+                self._windows_dirty = True
+            if ch.code in self._cold_codes:
+                self._temps[ch.device] = (r.value, now)
+        for inst in ch.instances:
+            name = inst.rule_name
+            if name == RULE_STALE:
+                if valid and inst.active:
+                    self._clear(inst, 0, r.ts_ms)
+            elif name == RULE_FAULT:
+                self._eval_fault(inst, in_fault, now, r.ts_ms)
+            elif measured:
+                x = self._input_value(inst, r)
+                limit = self._limit(inst)
+                if x is not None and limit is not None:
+                    self._eval_limit(inst, x, limit, now, r.ts_ms)
+
+    def _input_value(self, inst: _Instance, r: Reading) -> float | None:
+        """The number compared with the limit: the value or its window mean, minus the background."""
+        rule = inst.rule
+        ch = inst.channel
+        if rule.window is not None:
+            w = ch.windows[rule.window]
+            interval_ms = self._intervals.get(ch.device, 0.0) * 1000
+            if w.covered_ms() + interval_ms < MIN_WINDOW_COVERAGE * w.span_ms:
+                return None
+            x = w.mean()
+        else:
+            x = r.value
+        if x is None:
+            return None
+        bg_key = rule.alarm.background
+        if bg_key:
+            bg = self._channels.get(bg_key)
+            if bg is None:
+                return None
+            b = bg.windows[rule.window].mean() if rule.window is not None else bg.last_value
+            if b is None:
+                return None
+            x -= b
+        return x if rule.window is None and not bg_key else round(x, 6)
+
+    def _limit(self, inst: _Instance) -> float | None:
+        alarm = inst.rule.alarm
+        if inst.limit is None:
+            return alarm.above if inst.rule_name == RULE_ABOVE else alarm.below
+        temperature = None
+        if inst.limit.cold is not None:
+            temperature = self._temperature(inst.channel.device)
+        unit = inst.channel.unit
+        if unit != inst._unit_seen:
+            inst._unit_seen = unit
+            factor = _unit_factor(inst.limit.unit, unit)
+            if factor is None:
+                self._warn_once(f"unit:{inst.id}", "%s: the channel's unit %r is not the preset's %r and cannot be "
+                                "converted; comparing the numbers as they are", inst.id, unit, inst.limit.unit)
+                factor = 1.0
+            inst._factor = factor
+        return _limit_for(inst.limit, temperature) * inst._factor
+
+    def _temperature(self, device: str) -> float | None:
+        own = self._temps.get(device)
+        if own is not None:
+            return own[0]
+        latest = max(self._temps.values(), key=lambda t: t[1], default=None)
+        return latest[0] if latest is not None else None
+
+    def _eval_limit(self, inst: _Instance, x: float, limit: float, now: float, ts_ms: int) -> None:
+        alarm = inst.rule.alarm
+        above = inst.rule_name == RULE_ABOVE
+        if not inst.active:
+            if (x > limit) if above else (x < limit):
+                if inst.pending is None:
+                    inst.pending = now
+                if now - inst.pending >= alarm.delay:
+                    self._raise(inst, x, limit, ts_ms)
+            else:
+                inst.pending = None
+            return
+        h = alarm.hysteresis
+        if (x < limit - h) if above else (x > limit + h):
+            if inst.clearing is None:
+                inst.clearing = now
+            if now - inst.clearing >= alarm.effective_clear_delay():
+                self._clear(inst, x, ts_ms, limit)
+        else:
+            inst.clearing = None
+
+    def _eval_fault(self, inst: _Instance, in_fault: bool, now: float, ts_ms: int) -> None:
+        limit = inst.rule.alarm.fault
+        assert limit is not None
+        ch = inst.channel
+        if not inst.active:
+            if in_fault and ch.fault_since is not None and now - ch.fault_since >= limit:
+                self._raise(inst, round(now - ch.fault_since, 1), limit, ts_ms)
+            return
+        if in_fault:
+            inst.clearing = None
+            return
+        if inst.clearing is None:
+            inst.clearing = now
+        if now - inst.clearing >= inst.rule.alarm.effective_clear_delay():
+            self._clear(inst, 0, ts_ms, limit)
+
+    # ------------------------------------------------------------------ events and state
+
+    def _raise(self, inst: _Instance, value: float, threshold: float, ts_ms: int) -> None:
+        inst.active = True
+        inst.since_ms = ts_ms
+        inst.value = value
+        inst.threshold = threshold
+        inst.pending = inst.clearing = None
+        if inst.rule.target is not None:
+            inst.rule.target.active_ids.add(inst.id)
+        self._emit(inst.id, inst.channel.key, inst.rule_name, "raised", value, threshold, ts_ms)
+
+    def _clear(self, inst: _Instance, value: float, ts_ms: int, threshold: float | None = None) -> None:
+        if threshold is None:
+            threshold = self._rule_threshold(inst)
+        inst.active = False
+        inst.since_ms = None
+        inst.value = None
+        inst.threshold = None
+        inst.pending = inst.clearing = None
+        if inst.rule.target is not None:
+            inst.rule.target.active_ids.discard(inst.id)
+        self._emit(inst.id, inst.channel.key, inst.rule_name, "cleared", value, threshold, ts_ms)
+
+    def _rule_threshold(self, inst: _Instance) -> float | None:
+        if inst.rule_name == RULE_STALE:
+            return inst.rule.alarm.stale
+        if inst.rule_name == RULE_FAULT:
+            return inst.rule.alarm.fault
+        return self._limit(inst)
+
+    def _clear_orphan(self, saved: Mapping[str, Any]) -> None:
+        threshold = saved.get("threshold")
+        log.warning("alarm %s: its rule is no longer configured; clearing it", saved["id"])
+        self._emit(saved["id"], saved["channel"], str(saved.get("rule") or saved["id"].rsplit(":", 1)[-1]),
+                   "cleared", None, threshold if isinstance(threshold, int | float) else None, self.wall_ms())
+
+    def _emit(self, id_: str, channel: str, rule: str, state: str, value: float | None, threshold: float | None,
+              ts_ms: int) -> None:
+        body = {"id": id_, "channel": channel, "rule": rule, "state": state, "value": value,
+                "threshold": _json_number(threshold), "ts": iso_utc_ms(ts_ms)}
+        self.recorder.submit_event(STREAM_ALARMS, ts_ms, body)
+        self._save()
+        log.log(logging.WARNING if state == "raised" else logging.INFO, "alarm %s %s: value %s, threshold %s",
+                id_, state, value, body["threshold"])
+        self._run_actions(self.clock())
+
+    def _state(self) -> dict[str, Any]:
+        active = [{"id": i.id, "channel": i.channel.key, "rule": i.rule_name, "since_ms": i.since_ms,
+                   "value": i.value, "threshold": i.threshold}
+                  for i in self._instances.values() if i.active]
+        windows: dict[str, dict[str, Any]] = {}
+        for ch in self._channels.values():
+            for seconds, w in ch.windows.items():
+                if w.buckets:
+                    windows.setdefault(ch.key, {})[repr(seconds)] = w.to_json()
+        actions = {t.key: t.to_json() for t in self._targets.values() if t.touched}
+        return {"v": STATE_VERSION, "active": active, "windows": windows, "actions": actions}
+
+    def _state_json(self) -> str:
+        return json.dumps(self._state(), separators=(",", ":"))
+
+    def _save(self) -> None:
+        """Alarm state and the active list for `status`; the recorder commits them with the events
+        submitted before them, in one transaction."""
+        self.recorder.set_meta("alarm_state", self._state_json())
+        self.recorder.set_meta("active_alarms", json.dumps(self.active(), separators=(",", ":")))
+        self._windows_dirty = False
+
+    @staticmethod
+    def _parse_state(saved: str | None) -> dict[str, Any]:
+        if not saved:
+            return {}
+        try:
+            state = json.loads(saved)
+        except ValueError:
+            log.error("saved alarm state is not valid JSON; starting with no active alarms")
+            return {}
+        if not isinstance(state, dict) or state.get("v") != STATE_VERSION:
+            log.error("saved alarm state has an unknown format; starting with no active alarms")
+            return {}
+        return state
+
+    def _warn_once(self, key: str, msg: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)
+
+    # ------------------------------------------------------------------ actions
+
+    def _run_actions(self, now: float) -> None:
+        if not self._targets:
+            return
+        changed = False
+        if self._worker is not None:
+            for key, value, error in self._worker.results():
+                changed |= self._write_done(key, value, error, now)
+        for key, target in list(self._targets.items()):
+            if target.orphan and target.written is False and target.inflight is None:
+                del self._targets[key]
+                changed = True
+                continue
+            if target.inflight is not None or target.written == target.desired:
+                continue
+            if target.written is None and not target.desired and not target.touched:
+                continue  # never written and not wanted: leave the device alone
+            if now < target.retry_at:
+                continue
+            if (not target.desired and target.on_since is not None
+                    and now - target.on_since < target.min_on):
+                continue  # minimum on-time not reached yet
+            changed |= self._dispatch(target, target.desired, now)
+        if changed:
+            self._save()
+
+    def _dispatch(self, target: _Target, on: bool, now: float) -> bool:
+        assert self.action_writer is not None
+        target.inflight = on
+        target.touched = True
+        value = target.on_value if on else target.off_value
+        if self.inline_actions:
+            try:
+                self.action_writer(target.device, target.kind, target.address, value)
+            except Exception as exc:  # noqa: BLE001 - any failure of the write is retried
+                return self._write_done(target.key, on, exc, now)
+            return self._write_done(target.key, on, None, now)
+        if self._worker is None:
+            self._worker = _ActionWorker(self.action_writer)
+            self._worker.start()
+        self._worker.submit(target.key, on, target.device, target.kind, target.address, value)
+        return False
+
+    def _write_done(self, key: str, on: bool, error: BaseException | None, now: float) -> bool:
+        """A write finished; True when the confirmed state changed (to be saved)."""
+        target = self._targets.get(key)
+        if target is None or target.inflight != on:
+            return False
+        target.inflight = None
+        what = f"{target.device} {target.kind} {target.address} {'on' if on else 'off'}"
+        if error is not None:
+            target.written = None  # the write may have reached the device: its state is unknown
+            target.failures += 1
+            delay = min(ACTION_RETRY_MAX_S, ACTION_RETRY_FIRST_S * 2 ** (target.failures - 1))
+            target.retry_at = now + delay
+            self._errlog.warning("alarm action %s failed (%s); retrying in %.0f s", what, error, delay)
+            return False
+        if target.failures:
+            log.info("alarm action %s written after %d failed attempts", what, target.failures)
+        else:
+            log.info("alarm action %s written", what)
+        target.failures = 0
+        target.retry_at = 0.0
+        target.written = on
+        target.on_since = now if on else None
+        return True
+
+
+class _ActionWorker(threading.Thread):
+    """Runs action writes one at a time, off the recorder thread (a Modbus write may wait for a
+    timeout); results are collected by the engine's next tick."""
+
+    def __init__(self, writer: ActionWriter):
+        super().__init__(name="alarm-actions", daemon=True)
+        self.writer = writer
+        self._queue: queue.Queue[tuple | None] = queue.Queue()
+        self._results: deque[tuple[str, bool, BaseException | None]] = deque()
+
+    def submit(self, key: str, on: bool, device: str, kind: str, address: int, value: int | bool) -> None:
+        self._queue.put((key, on, device, kind, address, value))
+
+    def results(self) -> list[tuple[str, bool, BaseException | None]]:
+        out = []
+        while self._results:
+            out.append(self._results.popleft())
+        return out
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            key, on, device, kind, address, value = job
+            try:
+                self.writer(device, kind, address, value)
+            except Exception as exc:  # noqa: BLE001 - reported to the engine, which retries
+                self._results.append((key, on, exc))
+            else:
+                self._results.append((key, on, None))

@@ -1,0 +1,613 @@
+"""Modbus RTU and TCP: one `ModbusBus` per configured bus (owns the link), one `ModbusDriver` per device.
+
+`build_bus_drivers(bus_name, bus, devices)` is what `agent.runtime` calls for `type: rtu` and `type: tcp`
+buses. Imports `agent.model`, the pure Modbus modules of `drivers` (registers, codec, planner, profiles)
+and pymodbus's synchronous clients; never `agent.config`: the bus and device models are duck-typed.
+
+The link. A bus holds one pymodbus sync client (pyserial underneath for RTU, a socket for TCP) and one
+lock, "the wire": a transaction (request and answer, with its retries) happens only while holding it, so
+an RS-485 line never sees two masters' requests at once. The bus poller thread holds the wire for a
+whole device poll. Retries are ours (pymodbus is given `retries=0`): a request is sent at most
+`retries + 1` times, each waiting at most `timeout` for the answer, so a silent slave costs at most
+`timeout * (retries + 1)` (a garbled answer may add one more `timeout` on RTU: pymodbus waits for the
+rest of a frame that never comes), after which the device is given up for this poll and the poller moves
+on. A serial port is checked (one `stat()` of its path) before every transaction: when the path vanished
+(USB adapter unplugged) or now names another device (replugged) the port is closed, and it is reopened
+when the path is back. A TCP connection that dropped is reopened by the next transaction. Each bus logs
+one line when its link is lost and one when it is back; each device one line when it stops answering
+properly and one when it recovers: never one per poll. pymodbus's own per-request error logging is
+turned down to CRITICAL, since these lines say the same once.
+
+Writes (`ModbusBus.write`, `ModbusDriver.write`) may be requested from any thread (the alarm engine):
+they are queued and return a `concurrent.futures.Future[WriteResult]` at once. Whoever holds the wire
+runs the queue: the bus poller right after the device poll in progress, or, when the wire is idle, a
+short-lived helper thread started by `write()`. So a write never interleaves with a poll's requests,
+waits at most one device poll, and runs in request order (an "on" is never overtaken by its "off").
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pymodbus.client import ModbusSerialClient, ModbusTcpClient
+from pymodbus.exceptions import ConnectionException
+
+from agent.model import FLAG_COMM, FLAG_FAULT, Reading
+from drivers import profiles
+from drivers.modbus_codec import combine_flags, evaluate, flag_from_status, status_flags_by_channel
+from drivers.planner import Request, naive_plan, plan, slice_response
+from drivers.registers import RegisterSpec, value_channels
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EXC_ILLEGAL_ADDRESS",
+    "ExceptionReply",
+    "LinkDown",
+    "ModbusBus",
+    "ModbusDriver",
+    "NoAnswer",
+    "WireError",
+    "WriteResult",
+    "build_bus_drivers",
+]
+
+EXC_ILLEGAL_ADDRESS = 2
+WriteKind = Literal["coil", "register"]
+
+# pymodbus renamed the unit keyword of its request methods from `slave` to `device_id` in 3.10.
+_UNIT_KEYWORD = (
+    "device_id" if "device_id" in inspect.signature(ModbusTcpClient.read_holding_registers).parameters else "slave"
+)
+_READ_METHODS = {
+    "holding": "read_holding_registers",
+    "input": "read_input_registers",
+    "coil": "read_coils",
+    "discrete": "read_discrete_inputs",
+}
+
+
+class WireError(Exception):
+    """A transaction that did not produce data; `flag` is the HJ 212 flag its readings get."""
+
+    flag = FLAG_COMM
+
+
+class LinkDown(WireError):
+    """The serial port or the TCP connection is not available (nothing was sent)."""
+
+
+class NoAnswer(WireError):
+    """No valid answer after all tries (timeout, bad CRC, garbled or mismatched frame)."""
+
+
+class ExceptionReply(WireError):
+    """The slave answered with a Modbus exception (`code`: 1 illegal function, 2 illegal address, ...)."""
+
+    flag = FLAG_FAULT
+
+    def __init__(self, code: int):
+        super().__init__(f"Modbus exception {code:02d}")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """Outcome of one `write`: `ok`, or `error` saying why not (`flag` B: no answer/link, D: refused)."""
+
+    device_id: str
+    kind: WriteKind
+    address: int
+    value: int
+    ok: bool
+    error: str | None = None
+    flag: str | None = None
+
+
+@dataclass
+class BusStats:
+    """Counters of one bus since it was built (for benchmarks, tests and diagnostics)."""
+
+    requests: int = 0  # request frames sent, retries included
+    no_answer: int = 0  # transactions given up after all tries
+    exceptions: int = 0  # Modbus exception replies
+
+
+@dataclass
+class _PendingWrite:
+    device_id: str
+    slave: int
+    kind: WriteKind
+    address: int
+    value: int
+    future: Future[WriteResult] = field(default_factory=Future)
+
+
+def _quiet_pymodbus() -> None:
+    logger = logging.getLogger("pymodbus")
+    if logger.level < logging.CRITICAL:
+        logger.setLevel(logging.CRITICAL)
+
+
+class ModbusBus:
+    """One physical Modbus link (`kind` "rtu": a serial port; "tcp": host:port) shared by its devices.
+
+    `read()` is for the thread holding the wire (`with bus.owned(): ...`); `write()` for anybody.
+    `slaves` maps the device ids on this bus to their unit ids (for `write`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        kind: Literal["rtu", "tcp"],
+        *,
+        port: str | None = None,
+        baudrate: int = 9600,
+        parity: str = "N",
+        bytesize: int = 8,
+        stopbits: int = 1,
+        host: str | None = None,
+        tcp_port: int = 502,
+        timeout: float = 0.5,
+        retries: int = 1,
+        slaves: Mapping[str, int] | None = None,
+    ):
+        if kind not in ("rtu", "tcp"):
+            raise ValueError(f"bus {name}: kind must be rtu or tcp, not {kind!r}")
+        if kind == "rtu" and not port:
+            raise ValueError(f"bus {name}: an rtu bus needs a port")
+        if kind == "tcp" and not host:
+            raise ValueError(f"bus {name}: a tcp bus needs a host")
+        _quiet_pymodbus()
+        self.name = name
+        self.kind = kind
+        self.port = port
+        self.host = host
+        self.tcp_port = tcp_port
+        self.timeout = float(timeout)
+        self.retries = max(0, int(retries))
+        self.slaves: dict[str, int] = dict(slaves or {})
+        self.stats = BusStats()
+        self._serial_settings = {"baudrate": baudrate, "parity": parity, "bytesize": bytesize, "stopbits": stopbits}
+        self._wire = threading.Lock()
+        self._writes: deque[_PendingWrite] = deque()
+        self._client: Any = None
+        self._opened_id: tuple[int, int, int] | None = None  # identity of the serial device we opened
+        self._up: bool | None = None  # None until the first attempt
+        self._users = 0
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------ build
+
+    @classmethod
+    def from_config(cls, name: str, bus: Any, slaves: Mapping[str, int] | None = None) -> ModbusBus:
+        """A bus from a config bus model (duck-typed: `type`, `port`/`host`, `timeout`, `retries`, ...)."""
+        kind = bus.type
+        common = {"timeout": getattr(bus, "timeout", 0.5 if kind == "rtu" else 1.0),
+                  "retries": getattr(bus, "retries", 1), "slaves": slaves}
+        if kind == "rtu":
+            return cls(name, "rtu", port=str(bus.port), baudrate=bus.baudrate, parity=str(bus.parity),
+                       bytesize=int(bus.bytesize), stopbits=int(bus.stopbits), **common)
+        if kind == "tcp":
+            return cls(name, "tcp", host=str(bus.host), tcp_port=int(bus.port), **common)
+        raise ValueError(f"bus {name}: type {kind!r} is not a Modbus bus (rtu or tcp)")
+
+    def describe(self) -> str:
+        """The link as a technician names it: the serial port, or host:port."""
+        return str(self.port) if self.kind == "rtu" else f"{self.host}:{self.tcp_port}"
+
+    @property
+    def is_up(self) -> bool | None:
+        """True when the link was usable at the last attempt, False when lost, None before the first."""
+        return self._up
+
+    def _make_client(self) -> Any:
+        if self.kind == "rtu":
+            s = self._serial_settings
+            return ModbusSerialClient(str(self.port), baudrate=int(s["baudrate"]), parity=str(s["parity"]),
+                                      bytesize=int(s["bytesize"]), stopbits=int(s["stopbits"]),
+                                      timeout=self.timeout, retries=0)
+        return ModbusTcpClient(str(self.host), port=self.tcp_port, timeout=self.timeout, retries=0)
+
+    # ------------------------------------------------------------------------------------------- link
+
+    def _port_identity(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(str(self.port))  # follows a symlink (a pty link, /dev/serial/by-id/...)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_rdev)
+
+    def _close_client(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:  # noqa: BLE001 - closing a dead port may fail in many ways
+                pass
+        self._opened_id = None
+
+    def _mark_down(self, reason: str) -> None:
+        self._close_client()
+        if self._up is not False:
+            verb = "cannot open" if self._up is None else "lost"
+            log.warning("bus %s: %s %s (%s); its devices read as flag B until it is back", self.name, verb,
+                        self.describe(), reason)
+        self._up = False
+
+    def _mark_up(self) -> None:
+        if self._up is False:
+            log.info("bus %s: %s is back", self.name, self.describe())
+        elif self._up is None:
+            log.info("bus %s: %s open", self.name, self.describe())
+        self._up = True
+
+    def _open_failure_reason(self) -> str:
+        if self.kind == "tcp":
+            return "connection failed"
+        try:
+            fd = os.open(str(self.port), os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        except OSError as exc:
+            return exc.strerror or "cannot open"
+        os.close(fd)
+        return "open failed: busy, locked by another program, or not a serial port"
+
+    def _ensure_link(self) -> bool:
+        """Open the link if needed; False (and the bus marked down) when it cannot be used now."""
+        if self._closed:
+            return False
+        if self.kind == "rtu":
+            identity = self._port_identity()
+            if identity is None:
+                self._mark_down("device path missing")
+                return False
+            if self._client is not None and self._client.connected and identity != self._opened_id:
+                self._close_client()  # the path now names another device: replugged, reopen it
+        if self._client is None:
+            self._client = self._make_client()
+        if not self._client.connected:
+            if not self._client.connect():
+                self._mark_down(self._open_failure_reason())
+                return False
+            if self.kind == "rtu":
+                self._opened_id = self._port_identity()
+        self._mark_up()
+        return True
+
+    def _after_failure(self) -> None:
+        """A transaction failed: on a serial bus, find out whether the port itself went away."""
+        if self.kind == "rtu" and self._port_identity() is None:
+            self._mark_down("device path vanished")
+
+    # ------------------------------------------------------------------------------------ transaction
+
+    def _transact(self, call: Callable[[Any], Any]) -> Any:
+        """Run `call(client)` with our retries; returns the response or raises a WireError."""
+        last = "no answer"
+        tries = 0
+        reopened = False
+        while tries <= self.retries:
+            if not self._ensure_link():
+                raise LinkDown(f"{self.describe()} unavailable")
+            self.stats.requests += 1
+            try:
+                response = call(self._client)
+            except ConnectionException:
+                # pymodbus closed the port or socket (peer closed, write error). Reopening it once is not
+                # a retry: a TCP server that restarted answers the request on the fresh connection.
+                self._close_client()
+                last = "connection lost"
+                self._after_failure()
+                if self._up is False:
+                    raise LinkDown(f"{self.describe()} lost") from None
+                if not reopened:
+                    reopened = True
+                    log.info("bus %s: connection to %s dropped; reopening it", self.name, self.describe())
+                    continue
+                tries += 1
+                continue
+            except Exception as exc:  # noqa: BLE001 - timeout, garbled frame, anything from the wire
+                last = f"no valid answer ({type(exc).__name__})"
+                tries += 1
+                continue
+            if response is None:
+                last = "no answer"
+                tries += 1
+                continue
+            if response.isError():
+                code = getattr(response, "exception_code", None)
+                if not code:
+                    last = "invalid answer"
+                    tries += 1
+                    continue
+                self.stats.exceptions += 1
+                raise ExceptionReply(int(code))
+            return response
+        self.stats.no_answer += 1
+        self._after_failure()
+        if self._up is False:
+            raise LinkDown(f"{self.describe()} lost")
+        raise NoAnswer(f"{last} after {self.retries + 1} tries")
+
+    def read(self, slave: int, table: str, address: int, count: int) -> list[int]:
+        """`count` registers (holding/input) or bits as 0/1 (coil/discrete) from `address` of `slave`.
+
+        Call while holding the wire (`owned()`). Raises LinkDown, NoAnswer or ExceptionReply."""
+        method = _READ_METHODS[table]
+        kwargs = {"count": count, _UNIT_KEYWORD: slave}
+        response = self._transact(lambda client: getattr(client, method)(address, **kwargs))
+        if table in ("coil", "discrete"):
+            values = [1 if b else 0 for b in response.bits]
+        else:
+            values = list(response.registers)
+        if len(values) < count:
+            self.stats.no_answer += 1
+            raise NoAnswer(f"short answer: {len(values)} of {count} values")
+        return values
+
+    @contextmanager
+    def owned(self) -> Iterator[ModbusBus]:
+        """Hold the wire for a sequence of transactions (one device poll); queued writes run first and
+        right after it, so they never wait longer than one device poll."""
+        with self._wire:
+            self._run_writes()
+            try:
+                yield self
+            finally:
+                self._run_writes()
+        self._drain_if_free()
+
+    # ------------------------------------------------------------------------------------------ writes
+
+    def write(self, device_id: str, kind: WriteKind, address: int, value: int | bool) -> Future[WriteResult]:
+        """Queue a write of one coil (`value` true/false or 1/0) or one holding register (an int16 or
+        uint16) of `device_id` on this bus; see the module docstring for when it runs. Raises ValueError
+        at once for an unknown device or an impossible value; wire problems end up in the WriteResult."""
+        if device_id not in self.slaves:
+            raise ValueError(f"bus {self.name}: no device {device_id!r} (devices: {', '.join(sorted(self.slaves))})")
+        if kind not in ("coil", "register"):
+            raise ValueError(f"write kind must be 'coil' or 'register', not {kind!r}")
+        if not 0 <= int(address) <= 0xFFFF:
+            raise ValueError(f"address {address} is outside 0..65535")
+        if kind == "coil":
+            if value not in (0, 1, True, False):
+                raise ValueError(f"a coil is written 0 or 1 (true/false), not {value!r}")
+            raw = 1 if value else 0
+        else:
+            raw = int(value)
+            if raw != value or not -0x8000 <= raw <= 0xFFFF:
+                raise ValueError(f"a register holds an int16 or uint16, not {value!r}")
+            raw &= 0xFFFF
+        pending = _PendingWrite(device_id, self.slaves[device_id], kind, int(address), raw)
+        if self._closed:
+            pending.future.set_result(self._write_result(pending, "bus closed", FLAG_COMM))
+            return pending.future
+        self._writes.append(pending)
+        threading.Thread(target=self._drain_if_free, name=f"modbus-write:{self.name}", daemon=True).start()
+        return pending.future
+
+    def _drain_if_free(self) -> None:
+        # Whoever releases the wire calls this, and so does write(): a queued write is never stranded.
+        while self._writes:
+            if not self._wire.acquire(blocking=False):
+                return  # the holder runs the queue when it is done
+            try:
+                self._run_writes()
+            finally:
+                self._wire.release()
+
+    def _run_writes(self) -> None:
+        while self._writes:
+            try:
+                pending = self._writes.popleft()
+            except IndexError:
+                return
+            if not pending.future.set_running_or_notify_cancel():
+                continue
+            pending.future.set_result(self._execute_write(pending))
+
+    def _execute_write(self, w: _PendingWrite) -> WriteResult:
+        unit = {_UNIT_KEYWORD: w.slave}
+        if w.kind == "coil":
+            def call(client: Any) -> Any:
+                return client.write_coil(w.address, bool(w.value), **unit)
+        else:
+            def call(client: Any) -> Any:
+                return client.write_register(w.address, w.value, **unit)
+        try:
+            self._transact(call)
+        except WireError as exc:
+            log.warning("device %s: write %s %d = %d failed: %s", w.device_id, w.kind, w.address, w.value, exc)
+            return self._write_result(w, str(exc), exc.flag)
+        except Exception as exc:  # noqa: BLE001 - a write must always resolve its future
+            log.exception("device %s: write %s %d failed", w.device_id, w.kind, w.address)
+            return self._write_result(w, f"{type(exc).__name__}: {exc}", FLAG_COMM)
+        log.info("device %s: wrote %s %d = %d", w.device_id, w.kind, w.address, w.value)
+        return self._write_result(w, None, None)
+
+    @staticmethod
+    def _write_result(w: _PendingWrite, error: str | None, flag: str | None) -> WriteResult:
+        return WriteResult(w.device_id, w.kind, w.address, w.value, ok=error is None, error=error, flag=flag)
+
+    # ------------------------------------------------------------------------------------------- close
+
+    def attach(self) -> None:
+        """A driver starts using this bus (the bus closes when its last driver closes)."""
+        self._users += 1
+
+    def detach(self) -> None:
+        self._users -= 1
+        if self._users <= 0:
+            self.close()
+
+    def close(self) -> None:
+        """Close the link; writes still queued fail with "bus closed"."""
+        with self._wire:
+            self._closed = True
+            self._close_client()
+            while self._writes:
+                w = self._writes.popleft()
+                if w.future.set_running_or_notify_cancel():
+                    w.future.set_result(self._write_result(w, "bus closed", FLAG_COMM))
+
+
+class ModbusDriver:
+    """One Modbus device on a `ModbusBus`: plans its map once, reads it each `poll`.
+
+    `requests` overrides the plan (e.g. `planner.naive_plan(specs)` for comparisons).
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        bus: ModbusBus,
+        slave: int,
+        interval: float,
+        specs: Sequence[RegisterSpec],
+        *,
+        plan_kwargs: Mapping[str, int] | None = None,
+        requests: Sequence[Request] | None = None,
+    ):
+        self.device_id = device_id
+        self.interval = float(interval)
+        self.bus = bus
+        self.slave = int(slave)
+        self.specs = list(specs)
+        if requests is None:
+            requests = plan(self.specs, **(plan_kwargs or {}))
+        self.requests: list[Request] = list(requests)
+        self._values = [s for s in self.specs if s.role == "value"]
+        self._status = [s for s in self.specs if s.role == "status"]
+        self._channels = value_channels(self.specs)
+        self._problem: str | None = None
+        self.last_poll_s = 0.0
+        self.polls = 0
+        bus.slaves.setdefault(device_id, self.slave)
+        bus.attach()
+        self._closed = False
+
+    def poll(self, ts_ms: int) -> list[Reading]:
+        """One reading per value channel, stamped `ts_ms`; never raises for anything from the wire."""
+        start = time.monotonic()
+        with self.bus.owned():
+            results, problem = self._read_all()
+        readings = self._readings(ts_ms, results)
+        self._report(problem)
+        self.polls += 1
+        self.last_poll_s = time.monotonic() - start
+        return readings
+
+    def write(self, kind: WriteKind, address: int, value: int | bool) -> Future[WriteResult]:
+        """`ModbusBus.write` for this device."""
+        return self.bus.write(self.device_id, kind, address, value)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.bus.detach()
+
+    # ---------------------------------------------------------------------------------------- reading
+
+    def _read_all(self) -> tuple[dict[RegisterSpec, list[int] | str], tuple[str, str] | None]:
+        """Each entry's registers, or the flag of its failure; and the worst problem (kind, text)."""
+        results: dict[RegisterSpec, list[int] | str] = {}
+        problem: tuple[str, str] | None = None
+        i = 0
+        while i < len(self.requests):
+            req = self.requests[i]
+            try:
+                words = self.bus.read(self.slave, req.table, req.address, req.count)
+            except ExceptionReply as exc:
+                if exc.code == EXC_ILLEGAL_ADDRESS and len(req.members) > 1:
+                    split = naive_plan(req.members)
+                    self.requests[i : i + 1] = split
+                    log.warning("device %s: slave %d refused the merged read of %s %d..%d (exception 02); "
+                                "reading its %d entries one by one from now on", self.device_id, self.slave,
+                                req.table, req.address, req.end - 1, len(split))
+                    continue
+                for m in req.members:
+                    results[m] = FLAG_FAULT
+                problem = problem or ("exception", f"exception {exc.code:02d} reading {req.table} "
+                                                   f"{req.address}+{req.count}")
+                i += 1
+                continue
+            except LinkDown as exc:
+                return dict.fromkeys(self.specs, FLAG_COMM), ("link", str(exc))
+            except NoAnswer as exc:
+                # Given up for this poll: every channel B, and the bus moves on (SPEC §2).
+                return dict.fromkeys(self.specs, FLAG_COMM), ("no answer", str(exc))
+            try:
+                for spec, words_of in slice_response(req, words):
+                    results[spec] = words_of
+            except ValueError as exc:
+                for m in req.members:
+                    results[m] = FLAG_COMM
+                problem = problem or ("bad answer", str(exc))
+            i += 1
+        return results, problem
+
+    def _readings(self, ts_ms: int, results: Mapping[RegisterSpec, list[int] | str]) -> list[Reading]:
+        status_pairs: list[tuple[RegisterSpec, str]] = []
+        for spec in self._status:
+            got = results.get(spec, FLAG_COMM)
+            if isinstance(got, str):
+                status_pairs.append((spec, got))
+                continue
+            try:
+                status_pairs.append((spec, flag_from_status(got, spec)))
+            except ValueError:
+                status_pairs.append((spec, spec.default_flag))
+        inherited = status_flags_by_channel(status_pairs, self._channels)
+        readings = []
+        for spec in self._values:
+            got = results.get(spec, FLAG_COMM)
+            if isinstance(got, str):
+                readings.append(Reading(self.device_id, spec.channel, ts_ms, None, spec.unit, got))
+                continue
+            try:
+                value, flag = evaluate(got, spec)
+            except ValueError:
+                value, flag = None, FLAG_COMM
+            flag = combine_flags((flag, inherited.get(spec.channel, "N")))
+            readings.append(Reading(self.device_id, spec.channel, ts_ms, value, spec.unit, flag))
+        return readings
+
+    def _report(self, problem: tuple[str, str] | None) -> None:
+        """One log line when the device stops answering properly, one when it recovers."""
+        if problem is not None and problem[0] == "link":
+            return  # the bus logs its link once, for all its devices
+        text = None if problem is None else f"{problem[0]}: {problem[1]}"
+        if text == self._problem:
+            return
+        if text is not None:
+            log.warning("device %s (slave %d on %s): %s", self.device_id, self.slave, self.bus.name, text)
+        elif self.polls:
+            log.info("device %s (slave %d on %s): answering normally again", self.device_id, self.slave,
+                     self.bus.name)
+        self._problem = text
+
+
+def build_bus_drivers(bus_name: str, bus: Any, devices: Mapping[str, Any]) -> list[ModbusDriver]:
+    """One `ModbusDriver` per device of `devices` (id -> device model), all sharing one `ModbusBus` built
+    from `bus` (the config's bus model). A device's map is its profile merged with its inline registers
+    (`device.register_map()`), planned with the profile's `max_gap`/`max_block` when it has one."""
+    slaves = {dev_id: int(dev.slave if dev.slave is not None else 1) for dev_id, dev in devices.items()}
+    shared = ModbusBus.from_config(bus_name, bus, slaves)
+    drivers = []
+    for dev_id, dev in devices.items():
+        specs = dev.register_map()
+        if not specs:
+            log.error("device %s: no register map (give a profile or registers); not polled", dev_id)
+            continue
+        kwargs = profiles.plan_args(profiles.load(dev.profile)) if getattr(dev, "profile", None) else {}
+        drivers.append(ModbusDriver(dev_id, shared, slaves[dev_id], dev.interval, specs, plan_kwargs=kwargs))
+    return drivers
