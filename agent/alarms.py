@@ -954,11 +954,7 @@ class AlarmEngine:
         if self._worker is not None:
             for key, value, error in self._worker.results():
                 changed |= self._write_done(key, value, error, now)
-        for key, target in list(self._targets.items()):
-            if target.orphan and target.written is False and target.inflight is None:
-                del self._targets[key]
-                changed = True
-                continue
+        for target in self._targets.values():
             if target.inflight is not None or target.written == target.desired:
                 continue
             if target.written is None and not target.desired and not target.touched:
@@ -969,6 +965,8 @@ class AlarmEngine:
                     and now - target.on_since < target.min_on):
                 continue  # minimum on-time not reached yet
             changed |= self._dispatch(target, target.desired, now)
+        for key in [k for k, t in self._targets.items() if t.orphan and t.written is False and t.inflight is None]:
+            del self._targets[key]  # switched off: forget it
         if changed:
             self._save()
 

@@ -171,8 +171,8 @@ class Publisher(threading.Thread):
                     if not self._connect_once():
                         self._sleep(self._next_backoff())
                     continue
-                self._service_io(0.5 if self._window_full() or not self.online else 1.0)
-                if self.online:
+                busy = self._window_full() or not self.online or self._drain_until is not None
+                if self._service_io(0.5 if busy else 5.0) and self.online:
                     self._fill_window()
         except Exception:  # noqa: BLE001 - the publisher must never die silently
             log.exception("publisher crashed")
@@ -348,21 +348,22 @@ class Publisher(threading.Thread):
 
     # ------------------------------------------------------------------ socket I/O
 
-    def _service_io(self, timeout: float) -> None:
+    def _service_io(self, timeout: float) -> bool:
+        """One round of socket I/O; True when anything happened (so the window may be refilled)."""
         client = self.client
         if client is None:
-            return
+            return False
         sock = client.socket()
         if sock is None:
             self._lost("socket closed")
-            return
+            return False
         pending = sock.pending() if hasattr(sock, "pending") else 0
         wlist = [sock] if client.want_write() else []
         try:
             readable, writable, _ = select.select([sock, self._wake_r], wlist, [], 0 if pending else timeout)
         except (OSError, ValueError) as exc:
             self._lost(f"select failed: {exc}")
-            return
+            return False
         if self._wake_r in readable:
             self._drain_wake()
         rc = MQTTErrorCode.MQTT_ERR_SUCCESS
@@ -374,6 +375,7 @@ class Publisher(threading.Thread):
             rc = client.loop_misc()
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and self.client is client:
             self._lost(mqtt.error_string(rc))
+        return bool(readable or writable or pending)
 
     def _drain_wake(self) -> None:
         try:
@@ -402,8 +404,7 @@ class Publisher(threading.Thread):
             try:
                 for stream in self._inflight:
                     _, sent = self._reader.stream_state(stream)
-                    if sent > self._acked.get(stream, 0):
-                        self._acked[stream] = sent
+                    self._acked[stream] = max(sent, self._acked.get(stream, 0))
                     self._cursor[stream] = self._acked[stream]
             except Exception as exc:  # noqa: BLE001
                 self._reader_failed(exc)

@@ -22,8 +22,8 @@ from agent.model import STREAM_READINGS, Reading, now_ms
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_EVERY_S = 5.0  # channel health table refresh (status reads it)
-ACK_PERSIST_EVERY_S = 1.0  # acknowledged watermark written at most this often (re-sent if lost)
+SNAPSHOT_EVERY_S = 60.0  # channel health table refresh (status also folds in the readings stored since)
+ACK_PERSIST_EVERY_S = 5.0  # acknowledged watermark written at most this often (a crash re-sends at most this much)
 SIZE_CHECK_EVERY_S = 5.0
 PURGE_EVERY_S = 600.0
 MAX_PENDING = 500_000  # readings held in memory while the disk refuses writes
@@ -159,6 +159,9 @@ class Recorder(threading.Thread):
                 stopping = self._stopping
                 flush_target = self._flush_requested
             self.last_progress = time.monotonic()
+            if self._nothing_to_write(stopping):
+                self._after_commit([], [])
+                continue
             self._commit_once(final=stopping)
             with self._cond:
                 if not self._pending or stopping:
@@ -166,6 +169,14 @@ class Recorder(threading.Thread):
                 self._cond.notify_all()
             if stopping:
                 return
+
+    def _nothing_to_write(self, stopping: bool) -> bool:
+        """Idle wake-up: no rows, no metadata, no acknowledgement due — skip the transaction."""
+        with self._cond:
+            if stopping or self._has_work() or self._flush_requested > self._flushed:
+                return False
+            acks_due = any(self._acks.get(s, 0) > self.buffer.sent_upto(s) for s in self._acks)
+        return not (acks_due and time.monotonic() - self._last_ack_persist >= ACK_PERSIST_EVERY_S)
 
     def _has_work(self) -> bool:
         return bool(self._pending or self._events or self._gaps_announced or self._meta or self._stopping
@@ -210,6 +221,10 @@ class Recorder(threading.Thread):
         if snapshot:
             self._last_snapshot = now
             self._channels_dirty = False
+        self._after_commit(stored, events)
+
+    def _after_commit(self, stored: list[Reading], events: list) -> None:
+        """Tell the listeners (publisher, alarm engine) and do the periodic housekeeping."""
         if stored or events:
             if stored:
                 self.last_committed_seq = stored[-1].seq
@@ -220,7 +235,7 @@ class Recorder(threading.Thread):
                 self._safely(stored_callback, stored)
         for tick in self._tick_listeners:
             self._safely(tick)
-        self._housekeeping(now)
+        self._housekeeping(time.monotonic())
 
     def _safely(self, callback: Callable, *args: object) -> None:
         try:

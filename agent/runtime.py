@@ -143,6 +143,8 @@ class Station:
         self._install_signals()
         self.notifier.notify("READY=1\nSTATUS=running")
         log.info("station %s running: %d devices on %d pollers", cfg.station.id, len(cfg.devices), len(self.pollers))
+        if "aggregate" in cfg.model_fields_set:
+            log.warning("aggregate: period statistics are validated but not computed by this version yet")
         self._main_loop()
         self._shutdown()
         return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sqlite3
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from harness import AgentProcess, Broker, Collector, sim_config, wait_for, write_config  # noqa: E402
+from harness import AgentProcess, Broker, Collector, db_last_seq, sim_config, wait_for, write_config  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -35,11 +34,6 @@ def proc_sample(pid: int) -> dict:
     status = dict(line.split(":\t") for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
     return {"cpu": cpu, "write_bytes": int(io["write_bytes"]), "hwm_kb": int(status["VmHWM"].split()[0]),
             "rss_kb": int(status["VmRSS"].split()[0])}
-
-
-def last_seq(db: Path) -> int:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return conn.execute("SELECT max(seq) FROM readings").fetchone()[0] or 0
 
 
 def main() -> None:
@@ -63,11 +57,11 @@ def main() -> None:
         agent = AgentProcess(cfg)
         db = tmp / "buffer.db"
         try:
-            wait_for(lambda: db.exists() and last_seq(db) > 0, 30, "first readings")
+            wait_for(lambda: db.exists() and db_last_seq(db) > 0, 30, "first readings")
             time.sleep(args.warmup)
-            s0, n0, t0 = proc_sample(agent.proc.pid), last_seq(db), time.monotonic()
+            s0, n0, t0 = proc_sample(agent.proc.pid), db_last_seq(db), time.monotonic()
             time.sleep(args.seconds)
-            s1, n1, t1 = proc_sample(agent.proc.pid), last_seq(db), time.monotonic()
+            s1, n1, t1 = proc_sample(agent.proc.pid), db_last_seq(db), time.monotonic()
             reconnect = None
             if args.outage > 0:
                 collector.close()
@@ -88,7 +82,8 @@ def main() -> None:
     written = s1["write_bytes"] - s0["write_bytes"]
     print(f"bench_steady  {time.strftime('%Y-%m-%d')}  {platform.machine()} {os.cpu_count()} cores  "
           f"python {platform.python_version()}")
-    print(f"  {args.channels} channels every {args.interval} s for {t1 - t0:.0f} s (after {args.warmup:.0f} s warm-up), "
+    print(f"  {args.channels} channels every {args.interval} s for {t1 - t0:.0f} s "
+          f"(after {args.warmup:.0f} s warm-up), "
           f"commit_interval_ms {args.commit_ms}, sync {args.sync}")
     print(f"  readings stored      : {readings}  ({readings / (t1 - t0):.1f}/s)")
     print(f"  CPU per 1000 readings: {cpu / readings * 1000 * 1000:.1f} ms  (target <= 20 ms; {cpu:.2f} CPU-s total)")

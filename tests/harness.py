@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -39,6 +40,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def db_last_seq(path) -> int:
+    """Highest readings seq stored in the agent's buffer (0 while the file is still being created)."""
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            top = conn.execute("SELECT max(seq) FROM readings").fetchone()[0] or 0
+            row = conn.execute("SELECT floor_seq FROM streams WHERE name='readings'").fetchone()
+    except sqlite3.OperationalError:
+        return 0
+    return max(top, row[0] if row else 0)
 
 
 class Broker:

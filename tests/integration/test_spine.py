@@ -8,22 +8,10 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import time
 
 import pytest
-from harness import AgentProcess, Broker, Collector, run_cli, sim_config, wait_for, write_config
-
-
-def db_last_seq(path) -> int:
-    """Highest readings seq stored in the agent's buffer (0 while the file is still being created)."""
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-            top = conn.execute("SELECT max(seq) FROM readings").fetchone()[0] or 0
-            row = conn.execute("SELECT floor_seq FROM streams WHERE name='readings'").fetchone()
-    except sqlite3.OperationalError:
-        return 0
-    return max(top, row[0] if row else 0)
+from harness import AgentProcess, Broker, Collector, db_last_seq, run_cli, sim_config, wait_for, write_config
 
 
 def assert_complete(seqs: list[int], first: int, last: int) -> None:

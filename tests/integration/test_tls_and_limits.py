@@ -8,8 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from harness import AgentProcess, Broker, Collector, sim_config, wait_for, write_config
-from test_spine import db_last_seq
+from harness import AgentProcess, Broker, Collector, db_last_seq, sim_config, wait_for, write_config
 
 
 def make_pki(d: Path) -> dict:
@@ -21,7 +20,8 @@ def make_pki(d: Path) -> dict:
 
     run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
         "-subj", "/CN=test-ca")
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "extendedKeyUsage=clientAuth")):
+    exts = (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "extendedKeyUsage=clientAuth"))
+    for name, ext in exts:
         run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
             "-subj", f"/CN={name}")
         (d / f"{name}.ext").write_text(ext + "\n")

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The demo station on any Debian / Raspberry Pi OS machine: simulated instruments speaking the real
+# protocols -> edge-agent -> a local mosquitto, with a live view of what arrives. Ctrl-C stops it all.
+#   bash deploy/demo.sh [CONFIG]        (default: config/example.yaml)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+config=${1:-config/example.yaml}
+
+sudo_cmd=()
+[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  echo "== installing mosquitto and socat"
+  "${sudo_cmd[@]}" apt-get update -qq
+  "${sudo_cmd[@]}" apt-get install -y -qq mosquitto socat python3-venv >/dev/null
+fi
+if [ ! -x .venv/bin/edge-agent ]; then
+  echo "== creating .venv and installing edge-agent"
+  python3 -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e .
+fi
+export PATH="$PWD/.venv/bin:$PATH"
+
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+if ! (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then
+  echo "== starting a local mosquitto on 127.0.0.1:1883"
+  "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -p 1883 >/dev/null 2>&1 &
+  pids+=($!)
+  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null && break; sleep 0.1; done
+fi
+
+edge-agent check-config "$config"
+if grep -q "profile:\|driver: *\(pms5003\|sds011\|hj212\)" "$config"; then
+  echo "== starting the simulated instruments (edge-agent simulate)"
+  edge-agent simulate -c "$config" &
+  pids+=($!)
+  sleep 2
+fi
+echo "== starting the agent (log: demo-agent.log); live view below, Ctrl-C to stop"
+edge-agent run -c "$config" 2>demo-agent.log &
+pids+=($!)
+edge-agent tail -c "$config"
