@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from agent import __version__
@@ -65,7 +66,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{args.config}: mqtt.password_file: {exc}", file=sys.stderr)
         return EXIT_INVALID
     log.info("edge-agent %s starting with %s", __version__, args.config)
-    return Station(args.config, config).run()
+    code = Station(args.config, config).run()
+    # Everything is committed and closed: leave now, so that a second SIGTERM arriving during the
+    # interpreter's teardown cannot turn a clean stop into a kill.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -154,8 +154,9 @@ class Publisher(threading.Thread):
         self.wake()
         self.join(10)
 
-    def backlog_done(self) -> bool:
-        return self._backlog_empty()
+    def acked_upto(self, stream: str = STREAM_READINGS) -> int:
+        """Highest seq of `stream` the broker has acknowledged (with all before it)."""
+        return self._acked.get(stream, 0)
 
     # ------------------------------------------------------------------ thread
 

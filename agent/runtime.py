@@ -16,6 +16,7 @@ from pathlib import Path
 
 from agent.buffer import Buffer
 from agent.config import Config, ConfigError, load_config
+from agent.logutil import RateLimitedLog
 from agent.poller import BusPoller
 from agent.publisher import BrokerSettings, Publisher
 from agent.recorder import Recorder
@@ -158,6 +159,8 @@ class Station:
         interval = self.notifier.watchdog_interval
         tick = min(interval, 5.0) if interval else 5.0
         next_status = 0.0
+        was_hung = False
+        self._hung_log = RateLimitedLog(log, every_s=60)
         while not self._stop.is_set():
             self._stop.wait(tick)
             if self._reload.is_set():
@@ -165,8 +168,13 @@ class Station:
                 self.reload()
             hung = self.hung_loops()
             if hung:
-                log.error("no progress in %s; withholding the watchdog ping", ", ".join(hung))
-            elif interval:
+                self._hung_log.error("no progress in %s; withholding the watchdog ping", ", ".join(hung))
+                was_hung = True
+                continue
+            if was_hung:
+                log.warning("every loop makes progress again; watchdog pings resumed")
+                was_hung = False
+            if interval:
                 self.notifier.notify("WATCHDOG=1")
             now = time.monotonic()
             if self.notifier.enabled and now >= next_status:
@@ -182,8 +190,14 @@ class Station:
         return [t.name for t in loops if now - t.last_progress > deadline or not t.is_alive()]
 
     def summary(self) -> str:
+        """One line for systemd's STATUS=: backlog, broker state, active alarms."""
         p = self.publisher
-        return (f"broker {p.state}, published {p.published_readings} readings, "
+        backlog = max(self.recorder.last_committed_seq - p.acked_upto(), 0)
+        try:
+            alarms = len(self.alarms.active()) if self.alarms is not None else 0
+        except RuntimeError:  # the engine changed its state meanwhile (it runs on the recorder thread)
+            alarms = 0
+        return (f"backlog {backlog}, broker {p.state}, {alarms} active alarms, "
                 f"last seq {self.recorder.last_committed_seq}")
 
     def _status(self) -> dict:
@@ -228,8 +242,9 @@ class Station:
         self.notifier.notify("STOPPING=1")
         for p in self.pollers:
             p.stop()
+        deadline = time.monotonic() + 10  # a poller stuck on a dead wire must not hold the stop
         for p in self.pollers:
-            p.join(30)
+            p.join(max(deadline - time.monotonic(), 0.1))
         self.recorder.flush()
         self.publisher.drain_and_stop(grace)
         self.recorder.stop()

@@ -34,6 +34,7 @@ SKIP_VENV=0
 NO_SYSTEMCTL=0
 SYSTEM_ACTIONS=1   # useradd, chown, apt-get: off under --root
 CHANGED=0          # the venv or the unit changed: a running service is restarted
+BUILD_TMP=""
 
 usage() {
     cat <<'EOF'
@@ -245,16 +246,26 @@ ensure_venv() {
     fi
     if [[ ! -x "$VENV/bin/python" ]]; then
         mkdir -p -- "$OPT_DIR"
-        "$PYTHON" -m venv -- "$VENV"
+        if ! "$PYTHON" -m venv -- "$VENV"; then
+            rm -rf -- "$VENV"
+            die "$PYTHON could not create $VENV (on Debian: apt-get install python3-venv)"
+        fi
         say "created venv $VENV"
     fi
     local -a pip_args=(--disable-pip-version-check --quiet)
     if [[ -n "$WHEELHOUSE" ]]; then
         pip_args+=(--no-index --find-links "$WHEELHOUSE")
     fi
+    # Build from a scratch copy: pip writes build/ and *.egg-info into the tree it builds, and the
+    # checkout may belong to someone else (or be read-only).
+    BUILD_TMP=$(mktemp -d)
+    trap 'rm -rf -- "$BUILD_TMP"' EXIT
+    tar -C "$SOURCE" --exclude='./.*' --exclude=./build --exclude='*.egg-info' --exclude=__pycache__ \
+        --exclude=./tests --exclude=./bench -cf - . | tar -C "$BUILD_TMP" -xf -
     # --upgrade: a local source is always rebuilt, so an upgrade with the same version number
     # still installs the new code; dependencies are upgraded only when the new code needs it.
-    "$VENV/bin/python" -m pip install "${pip_args[@]}" --upgrade --upgrade-strategy only-if-needed -- "$SOURCE"
+    "$VENV/bin/python" -m pip install "${pip_args[@]}" --upgrade --upgrade-strategy only-if-needed -- "$BUILD_TMP"
+    rm -rf -- "$BUILD_TMP"
     printf '%s\n' "$fingerprint" >"$stamp"
     CHANGED=1
     say "installed $("$VENV/bin/edge-agent" --version) into $VENV"
@@ -335,8 +346,8 @@ install_unit() {
 check_installed_config() {
     local entry="$VENV/bin/edge-agent"
     [[ -x "$entry" ]] || return 0
-    if "$entry" check-config "$CONF_FILE"; then
-        :
+    if "$entry" check-config "$CONF_FILE" >/dev/null; then
+        say "checked $CONF_FILE with the installed program: valid"
     else
         say "warning: $CONF_FILE has problems (above); fix them before starting the service"
     fi
