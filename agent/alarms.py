@@ -474,6 +474,10 @@ class AlarmEngine:
                     except ValueError:
                         continue
         self._apply_config(config, state, restoring=True)
+        if saved_state and not state:
+            self._save()  # replace the unreadable state (and the active list `status` shows)
+        log.info("alarm engine: %d rules, %d alarms on %d channels, %d active", len(self._rules),
+                 len(self._instances), len(self._channels), sum(i.active for i in self._instances.values()))
 
     # ------------------------------------------------------------------ any thread
 

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from agent.alarms import AlarmEngine
 from agent.buffer import Buffer
 from agent.config import Config, ConfigError, load_config
 from agent.logutil import RateLimitedLog
@@ -75,11 +76,9 @@ def check_supported(config: Config) -> None:
     for bus_name, bus in config.buses.items():
         if _bus_module(bus.type) is None and any(d.bus == bus_name for d in config.devices.values()):
             problems.append(f"buses.{bus_name}: {bus.type} buses are not yet supported by this version")
-    try:
-        import agent.alarms  # noqa: F401
-    except ImportError:
-        if config.alarms:
-            problems.append("alarms: local alarms are not yet supported by this version")
+    for i, rule in enumerate(config.alarms):
+        if rule.action is not None and _bus_module("rtu") is None:
+            problems.append(f"alarms.{i}.action: Modbus writes are not yet supported by this version")
     if problems:
         raise UnsupportedConfig("; ".join(problems))
 
@@ -131,13 +130,10 @@ class Station:
         self.recorder.add_listener(self.publisher.wake)
         self.recorder.start()
         self.publisher.start()
-        self.alarms = None
-        if cfg.alarms:
-            from agent.alarms import AlarmEngine
-
-            self.alarms = AlarmEngine(cfg, self.recorder, buffer.meta_value("alarm_state"))
-            self.recorder.add_stored_listener(self.alarms.observe)
-            self.recorder.add_tick_listener(self.alarms.tick)
+        # Always built: with no rules it still clears alarms left active by rules since removed.
+        self.alarms = AlarmEngine(cfg, self.recorder, buffer.meta_value("alarm_state"))
+        self.recorder.add_stored_listener(self.alarms.observe)
+        self.recorder.add_tick_listener(self.alarms.tick)
         self.pollers = build_pollers(cfg, self.recorder.submit)
         for p in self.pollers:
             p.start()
@@ -194,7 +190,7 @@ class Station:
         p = self.publisher
         backlog = max(self.recorder.last_committed_seq - p.acked_upto(), 0)
         try:
-            alarms = len(self.alarms.active()) if self.alarms is not None else 0
+            alarms = len(self.alarms.active())
         except RuntimeError:  # the engine changed its state meanwhile (it runs on the recorder thread)
             alarms = 0
         return (f"backlog {backlog}, broker {p.state}, {alarms} active alarms, "
@@ -231,6 +227,7 @@ class Station:
         for p in old_pollers:
             p.join(30)
         self.config = new.model_copy(update={"storage": self.config.storage})
+        self.alarms.reconfigure(self.config)
         self.pollers = build_pollers(self.config, self.recorder.submit)
         for p in self.pollers:
             p.start()
@@ -248,5 +245,6 @@ class Station:
         self.recorder.flush()
         self.publisher.drain_and_stop(grace)
         self.recorder.stop()
+        self.alarms.close()
         self.recorder.buffer.close()
         log.info("stopped cleanly")

@@ -1,0 +1,126 @@
+"""Local alarms end to end: a simulated analyzer -> agent process -> SQLite -> real mosquitto.
+
+The agent runs as a real process (`edge-agent run`) against a mosquitto the test starts; what is
+checked is what the platform and a technician see: the alarm events on `P/alarm` (SPEC §4), the
+active alarms in `edge-agent status --json`, and "raised once, cleared once" across restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sqlite3
+
+import pytest
+from harness import AgentProcess, Collector, run_cli, sim_config, wait_for, write_config
+
+ALARM_ID = "cod.w01018:above"
+ISO_MS_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+@pytest.fixture
+def collector(broker):
+    c = Collector(broker, "env/#")
+    yield c
+    c.close()
+
+
+def station(tmp_path, broker, cod_mean: float) -> dict:
+    """A station with one COD analyzer (simulated, constant value) and a COD limit of 50 mg/L."""
+    config = sim_config(tmp_path, broker, devices=0, alarms=[{"channel": "cod.w01018", "above": 50, "hysteresis": 2}])
+    config["devices"] = {"cod": {"driver": "simulated", "interval": 0.2, "channels": {
+        "w01018": {"unit": "mg/L", "mean": cod_mean, "amplitude": 0, "noise": 0}}}}
+    return config
+
+
+def alarm_events(collector: Collector) -> list[dict]:
+    """Alarm messages received, one per seq (delivery is at-least-once), in seq order."""
+    by_seq = {m["alarm"]["seq"]: m for m in collector.json_messages("/alarm")}
+    return [by_seq[s] for s in sorted(by_seq)]
+
+
+def states(collector: Collector) -> list[str]:
+    return [m["alarm"]["state"] for m in alarm_events(collector)]
+
+
+def stored_alarms(db) -> int:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return conn.execute("SELECT count(*) FROM alarms").fetchone()[0]
+
+
+def stored_readings(db) -> int:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return conn.execute("SELECT coalesce(max(seq), 0) FROM readings").fetchone()[0]
+
+
+def status_alarms(cfg) -> list[dict]:
+    result = run_cli("status", "-c", str(cfg), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["alarms"]
+
+
+def test_alarm_is_raised_once_across_a_restart_and_cleared_once(tmp_path, broker, collector):
+    db = tmp_path / "buffer.db"
+    cfg = write_config(tmp_path / "station.yaml", station(tmp_path, broker, cod_mean=60))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: states(collector) == ["raised"], 20, "the alarm raised on P/alarm")
+        raised = alarm_events(collector)[0]
+        assert raised == {"v": 1, "station": "TEST0001",
+                          "alarm": {"seq": 1, "id": ALARM_ID, "channel": "cod.w01018", "rule": "above",
+                                    "state": "raised", "value": 60, "threshold": 50,
+                                    "ts": raised["alarm"]["ts"]}}
+        assert list(raised["alarm"]) == ["seq", "id", "channel", "rule", "state", "value", "threshold", "ts"]
+        assert ISO_MS_Z.fullmatch(raised["alarm"]["ts"])
+        active = wait_for(lambda: status_alarms(cfg), 10, "status lists the alarm")
+        assert [{k: a[k] for k in ("id", "channel", "rule", "since", "value")} for a in active] == [
+            {"id": ALARM_ID, "channel": "cod.w01018", "rule": "above", "since": raised["alarm"]["ts"], "value": 60}]
+    finally:
+        assert agent.stop() == 0
+
+    # Restart with the value still high: the alarm stays active, and is not raised again.
+    before = stored_readings(db)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: stored_readings(db) >= before + 25, 20, "readings after the restart")
+        wait_for(lambda: max(collector.reading_seqs() or [0]) >= before + 20, 20, "readings published")
+        assert stored_alarms(db) == 1, "no second event after the restart"
+        assert states(collector) == ["raised"]
+        assert [a["id"] for a in status_alarms(cfg)] == [ALARM_ID]
+
+        # The value drops (config rewritten, SIGHUP): cleared once.
+        write_config(cfg, station(tmp_path, broker, cod_mean=10))
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: states(collector) == ["raised", "cleared"], 30, "the alarm cleared on P/alarm")
+        cleared = alarm_events(collector)[1]["alarm"]
+        assert {k: cleared[k] for k in ("seq", "id", "channel", "rule", "state", "value", "threshold")} == {
+            "seq": 2, "id": ALARM_ID, "channel": "cod.w01018", "rule": "above", "state": "cleared",
+            "value": 10, "threshold": 50}
+        assert wait_for(lambda: status_alarms(cfg) == [], 10, "status lists no active alarm")
+        settled = stored_readings(db)
+        wait_for(lambda: stored_readings(db) >= settled + 20, 20, "more readings")
+        assert stored_alarms(db) == 2 and states(collector) == ["raised", "cleared"]
+    finally:
+        assert agent.stop() == 0
+
+
+def test_an_alarm_that_ended_while_the_agent_was_down_is_cleared_at_start(tmp_path, broker, collector):
+    db = tmp_path / "buffer.db"
+    cfg = write_config(tmp_path / "station.yaml", station(tmp_path, broker, cod_mean=60))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: states(collector) == ["raised"], 20, "the alarm raised")
+    finally:
+        assert agent.stop() == 0
+
+    write_config(cfg, station(tmp_path, broker, cod_mean=10))  # fixed while the gateway was off
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: states(collector) == ["raised", "cleared"], 20, "the alarm cleared after the restart")
+        before = stored_readings(db)
+        wait_for(lambda: stored_readings(db) >= before + 20, 20, "more readings")
+        assert stored_alarms(db) == 2 and states(collector) == ["raised", "cleared"]
+        assert status_alarms(cfg) == []
+    finally:
+        assert agent.stop() == 0

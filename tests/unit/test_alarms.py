@@ -1,0 +1,625 @@
+"""The alarm engine's logic (agent.alarms), driven by hand: a fake recorder that keeps the events and
+meta values the engine submits, an injectable monotonic clock and wall clock, and a fake Modbus writer
+for actions. No threads (except the one test of the action worker), no database, no broker."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+import yaml
+from harness import wait_for
+
+from agent.alarms import ACTION_RETRY_FIRST_S, AlarmEngine, load_presets, resolve_preset
+from agent.config import PRESETS, Config, parse_config
+from agent.model import Reading, iso_utc_ms
+
+T0_MS = 1_790_000_000_000  # wall-clock origin of the tests (2026-09-21)
+
+
+def ts(t: float) -> str:
+    """The event `ts` of test time t (seconds after T0_MS)."""
+    return iso_utc_ms(T0_MS + int(t * 1000))
+
+
+DEVICES: dict[str, Any] = {
+    "cod": {"driver": "simulated", "interval": 10,
+            "channels": {"w01018": {"unit": "mg/L"}, "w21003": {"unit": "mg/L"}, "w01010": {"unit": "degC"}}},
+    "dust": {"driver": "simulated", "interval": 10,
+             "channels": {"a34002": {"unit": "ug/m3"}, "a34004": {"unit": "ug/m3"}, "a34001": {"unit": "mg/m3"}}},
+    "bg": {"driver": "simulated", "interval": 10, "channels": {"a34002": {"unit": "ug/m3"}}},
+    "fog": {"bus": "lan", "slave": 1, "registers": [{"channel": "running", "address": 0}]},
+}
+
+
+def make_config(alarms: list[dict]) -> Config:
+    data = {
+        "station": {"id": "ST01", "type": "other"},
+        "storage": {"path": "./buffer.db"},
+        "mqtt": {"url": "mqtt://127.0.0.1:1883"},
+        "buses": {"lan": {"type": "tcp", "host": "127.0.0.1"}},
+        "devices": DEVICES,
+        "alarms": alarms,
+    }
+    return parse_config(yaml.safe_dump(data, sort_keys=False))
+
+
+class FakeRecorder:
+    """What the engine needs of agent.recorder.Recorder: submit_event and set_meta."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, dict]] = []
+        self.meta: dict[str, str] = {}
+
+    def submit_event(self, stream: str, ts_ms: int, body: dict) -> None:
+        self.events.append((stream, ts_ms, json.loads(json.dumps(body))))
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.meta[key] = value
+
+    def bodies(self) -> list[dict]:
+        return [body for _, _, body in self.events]
+
+    def states(self) -> list[tuple[str, str]]:
+        return [(b["id"], b["state"]) for b in self.bodies()]
+
+
+class FakeWriter:
+    """A Modbus write API stand-in: records every call; fails the first `fail` calls."""
+
+    def __init__(self, rig: Rig | None = None, fail: int = 0) -> None:
+        self.calls: list[tuple[float, str, str, int, int | bool]] = []
+        self.fail = fail
+        self.rig = rig
+
+    def __call__(self, device_id: str, kind: str, address: int, value: int | bool) -> None:
+        self.calls.append((self.rig.t if self.rig else 0.0, device_id, kind, address, value))
+        if self.fail > 0:
+            self.fail -= 1
+            raise OSError("no answer from slave 1")
+
+    def values(self) -> list[int | bool]:
+        return [c[4] for c in self.calls]
+
+
+class Rig:
+    """An engine with a hand-driven clock: `t` is seconds since the engine started (both clocks)."""
+
+    def __init__(self, alarms: list[dict], saved: str | None = None, writer: Any = None, start: float = 0.0):
+        self.t = start
+        self.rec = FakeRecorder()
+        self.writer = writer
+        if isinstance(writer, FakeWriter):
+            writer.rig = self
+        self.engine = AlarmEngine(make_config(alarms), self.rec, saved, writer, clock=lambda: 5000.0 + self.t,
+                                  wall_ms=self.wall_ms, inline_actions=True)
+
+    def wall_ms(self) -> int:
+        return T0_MS + int(self.t * 1000)
+
+    def feed(self, channel: str, value: float | None, at: float | None = None, flag: str = "N",
+             unit: str | None = None) -> None:
+        if at is not None:
+            self.t = at
+        device, code = channel.split(".")
+        self.engine.observe([Reading(device, code, self.wall_ms(), value, unit, flag)])
+        self.engine.tick()
+
+    def tick(self, at: float) -> None:
+        self.t = at
+        self.engine.tick()
+
+    def saved(self) -> str:
+        return self.rec.meta["alarm_state"]
+
+
+# --------------------------------------------------------------------------------------------------
+# above / below, hysteresis, delay
+
+
+def test_crossing_inside_the_hysteresis_band_raises_once_and_clears_once():
+    rig = Rig([{"channel": "cod.w01018", "above": 50, "hysteresis": 2}])
+    for i, v in enumerate([49, 51, 49, 51, 48.5, 50.5, 48.0, 47.9, 49, 49.9, 47, 50]):
+        rig.feed("cod.w01018", v, at=i * 10)
+    assert rig.rec.states() == [("cod.w01018:above", "raised"), ("cod.w01018:above", "cleared")]
+    raised, cleared = rig.rec.bodies()
+    assert raised == {"id": "cod.w01018:above", "channel": "cod.w01018", "rule": "above", "state": "raised",
+                      "value": 51, "threshold": 50, "ts": ts(10)}
+    assert cleared["value"] == 47.9 and cleared["threshold"] == 50, "cleared below 50 - 2, carrying the limit"
+    assert [ts for _, ts, _ in rig.rec.events] == [T0_MS + 10_000, T0_MS + 70_000]
+    assert all(stream == "alarms" for stream, _, _ in rig.rec.events)
+
+
+def test_below_mirrors_above_and_a_rule_with_both_gives_two_alarms():
+    rig = Rig([{"channel": "cod.w01018", "above": 9, "below": 6, "hysteresis": 0.5}])
+    for i, v in enumerate([7, 5.9, 6.2, 6.6, 9.1, 8.6, 8.4]):
+        rig.feed("cod.w01018", v, at=i)
+    assert rig.rec.states() == [("cod.w01018:below", "raised"), ("cod.w01018:below", "cleared"),
+                                ("cod.w01018:above", "raised"), ("cod.w01018:above", "cleared")]
+    assert [b["threshold"] for b in rig.rec.bodies()] == [6, 6, 9, 9]
+    assert [b["rule"] for b in rig.rec.bodies()] == ["below", "below", "above", "above"]
+
+
+def test_a_spike_shorter_than_delay_raises_nothing():
+    rig = Rig([{"channel": "cod.w01018", "above": 50, "delay": 120}])
+    rig.feed("cod.w01018", 55, at=0)
+    rig.feed("cod.w01018", 58, at=60)
+    rig.feed("cod.w01018", 45, at=100)  # back within: the delay starts again
+    rig.feed("cod.w01018", 55, at=130)
+    rig.feed("cod.w01018", 55, at=200)
+    rig.tick(400)  # time alone raises nothing: a value must confirm it
+    assert rig.rec.events == []
+    rig.feed("cod.w01018", 56, at=401)
+    assert rig.rec.states() == [("cod.w01018:above", "raised")]
+
+
+def test_clear_delay_defaults_to_delay_and_can_be_set():
+    rig = Rig([{"channel": "cod.w01018", "above": 50, "delay": 30},
+               {"channel": "cod.w21003", "above": 5, "delay": 30, "clear_delay": 0}])
+    for ch, hi in (("cod.w01018", 60), ("cod.w21003", 6)):
+        rig.feed(ch, hi, at=0)
+        rig.feed(ch, hi, at=30)
+    assert len(rig.rec.events) == 2
+    rig.feed("cod.w01018", 10, at=40)
+    rig.feed("cod.w21003", 1, at=40)
+    assert rig.rec.states()[2:] == [("cod.w21003:above", "cleared")]
+    rig.feed("cod.w01018", 10, at=69)
+    assert len(rig.rec.events) == 3
+    rig.feed("cod.w01018", 10, at=70)
+    assert rig.rec.states()[3:] == [("cod.w01018:above", "cleared")]
+
+
+def test_null_readings_neither_advance_nor_reset_the_delay():
+    rig = Rig([{"channel": "cod.w01018", "above": 50, "delay": 60}])
+    rig.feed("cod.w01018", 55, at=0)
+    rig.feed("cod.w01018", None, at=30, flag="B")  # does not reset
+    rig.feed("cod.w01018", None, at=61, flag="B")  # does not complete the delay either
+    rig.feed("cod.w01018", 70, at=62, flag="C")  # a calibration value is not a measurement
+    assert rig.rec.events == []
+    rig.feed("cod.w01018", 55, at=63)  # counted from t=0, not from the nulls
+    assert rig.rec.states() == [("cod.w01018:above", "raised")]
+    assert rig.rec.bodies()[0]["value"] == 55
+
+
+# --------------------------------------------------------------------------------------------------
+# window, background
+
+
+def test_window_uses_the_rolling_mean_not_single_values():
+    rig = Rig([{"channel": "dust.a34002", "above": 80, "window": 95}])  # dust polls every 10 s
+    rig.feed("dust.a34002", 150, at=0)  # above 80, but one value is no 95-second mean
+    assert rig.rec.events == []
+    for t in range(10, 110, 10):
+        rig.feed("dust.a34002", 60, at=t)  # at t=70 (enough readings) the mean is (150 + 7 x 60) / 8 = 71
+    rig.feed("dust.a34002", 150, at=110)  # one value above 80: the mean of t=20..110 is 69
+    assert rig.rec.events == []
+    for t in range(120, 160, 10):
+        rig.feed("dust.a34002", 100, at=t)  # means 73 (t=120), 77 (t=130), 81 (t=140)
+    raised = rig.rec.bodies()
+    assert [b["state"] for b in raised] == ["raised"]
+    assert raised[0]["value"] == pytest.approx((60 * 6 + 150 + 100 * 3) / 10, abs=1e-6)
+    assert raised[0]["ts"] == ts(140)
+
+
+def test_background_channel_is_subtracted():
+    rig = Rig([{"channel": "dust.a34002", "preset": "dust-15min", "background": "bg.a34002"}])
+    for t in range(0, 700, 10):
+        rig.feed("bg.a34002", 60, at=t)
+        rig.feed("dust.a34002", 120, at=t)
+    assert rig.rec.events == [], "120 - 60 = 60, below 80"
+    for t in range(700, 2000, 10):
+        rig.feed("bg.a34002", 20, at=t)
+        rig.feed("dust.a34002", 120, at=t)
+        if rig.rec.events:
+            break
+    body = rig.rec.bodies()[0]
+    assert body["id"] == "dust.a34002:dust-15min" and body["rule"] == "above" and body["threshold"] == 80
+    assert 80 < body["value"] < 81, "raised as soon as the 15-minute means differ by more than 80"
+
+
+# --------------------------------------------------------------------------------------------------
+# stale, fault
+
+
+def test_stale_rule_raises_after_s_seconds_without_a_valid_reading_and_clears_on_the_next():
+    rig = Rig([{"channel": "cod.w01018", "stale": 30}])
+    rig.feed("cod.w01018", 20, at=0)
+    rig.feed("cod.w01018", None, at=10, flag="B")
+    rig.feed("cod.w01018", None, at=20, flag="B")
+    rig.tick(29.9)
+    assert rig.rec.events == []
+    rig.tick(30.5)
+    assert rig.rec.bodies() == [{"id": "cod.w01018:stale", "channel": "cod.w01018", "rule": "stale",
+                                 "state": "raised", "value": 30.5, "threshold": 30,
+                                 "ts": ts(30.5)}]
+    rig.tick(100)
+    assert len(rig.rec.events) == 1
+    rig.feed("cod.w01018", 21, at=101)
+    assert rig.rec.states()[1:] == [("cod.w01018:stale", "cleared")]
+    assert rig.rec.bodies()[1]["value"] == 0
+
+
+def test_stale_uses_the_agents_monotonic_clock_not_reading_times():
+    rig = Rig([{"channel": "cod.w01018", "stale": 30}])
+    rig.feed("cod.w01018", 20, at=0)
+    # The gateway's clock steps back a day: the readings' timestamps say "long ago", yet they are fresh.
+    for t in range(10, 100, 10):
+        rig.t = t
+        rig.engine.observe([Reading("cod", "w01018", T0_MS - 86_400_000 + t * 1000, 20.0)])
+        rig.engine.tick()
+    assert rig.rec.events == []
+
+
+def test_a_channel_never_seen_goes_stale_from_the_start():
+    rig = Rig([{"channel": "cod.w21003", "stale": 60}])
+    rig.tick(59)
+    assert rig.rec.events == []
+    rig.tick(61)
+    assert rig.rec.states() == [("cod.w21003:stale", "raised")]
+
+
+def test_fault_rule_raises_after_flag_b_or_d_for_s_seconds_and_clears():
+    rig = Rig([{"channel": "cod.w01018", "fault": 60}])
+    rig.feed("cod.w01018", None, at=0, flag="B")
+    rig.feed("cod.w01018", None, at=30, flag="D")
+    rig.feed("cod.w01018", None, at=59, flag="B")
+    assert rig.rec.events == []
+    rig.feed("cod.w01018", None, at=60, flag="D")
+    assert rig.rec.bodies() == [{"id": "cod.w01018:fault", "channel": "cod.w01018", "rule": "fault",
+                                 "state": "raised", "value": 60, "threshold": 60,
+                                 "ts": ts(60)}]
+    rig.feed("cod.w01018", None, at=70, flag="B")
+    rig.feed("cod.w01018", 12, at=80, flag="N")
+    assert rig.rec.states() == [("cod.w01018:fault", "raised"), ("cod.w01018:fault", "cleared")]
+
+
+def test_a_fault_interrupted_by_a_good_reading_starts_over():
+    rig = Rig([{"channel": "cod.w01018", "fault": 60}])
+    rig.feed("cod.w01018", None, at=0, flag="B")
+    rig.feed("cod.w01018", 12, at=40)
+    rig.feed("cod.w01018", None, at=50, flag="B")
+    rig.feed("cod.w01018", None, at=100, flag="B")
+    assert rig.rec.events == []
+    rig.feed("cod.w01018", None, at=110, flag="B")
+    assert rig.rec.states() == [("cod.w01018:fault", "raised")]
+
+
+# --------------------------------------------------------------------------------------------------
+# wildcards
+
+
+def test_wildcards_expand_to_every_channel_and_the_most_specific_rule_wins():
+    rig = Rig([{"channel": "*", "stale": 30}, {"channel": "cod.*", "above": 100},
+               {"channel": "cod.w01018", "stale": 300}])
+    rig.feed("cod.w21003", 150, at=1)
+    rig.feed("dust.a34002", 150, at=2)  # "cod.*" does not match dust
+    rig.feed("cod.newcode", 101, at=3)  # a channel the config does not list: expanded when seen
+    assert rig.rec.states() == [("cod.w21003:above", "raised"), ("cod.newcode:above", "raised")]
+    rig.tick(30.5)
+    stale = {b["channel"] for b in rig.rec.bodies() if b["rule"] == "stale"}
+    # every channel the config lists (and fog.running of the Modbus device) except the fresh ones,
+    # and not cod.w01018, whose own rule says 300 s
+    assert stale == {"cod.w01010", "dust.a34004", "dust.a34001", "bg.a34002", "fog.running"}
+    rig.tick(33.5)
+    stale = {b["channel"] for b in rig.rec.bodies() if b["rule"] == "stale"}
+    assert {"cod.w21003", "dust.a34002", "cod.newcode"} <= stale and "cod.w01018" not in stale
+    rig.tick(300)
+    assert ("cod.w01018:stale", "raised") in rig.rec.states()
+    assert len(rig.rec.states()) == len(set(rig.rec.states())), "each alarm raised once"
+
+
+# --------------------------------------------------------------------------------------------------
+# presets
+
+PRESET_TABLE = [
+    # preset, channel code, temperature, limit, window (DOMAIN.md "Limits for alarm presets")
+    ("gb3838-iii", "w01018", None, 20, None),
+    ("gb3838-iii", "w21003", None, 1.0, None),
+    ("gb3838-iv", "w01018", None, 30, None),
+    ("gb3838-iv", "w21003", None, 1.5, None),
+    ("gb3838-v", "w01018", None, 40, None),
+    ("gb3838-v", "w21003", None, 2.0, None),
+    ("gb18918-1a", "w01018", None, 50, None),
+    ("gb18918-1a", "w21003", None, 5, None),
+    ("gb18918-1a", "w21003", 20.0, 5, None),
+    ("gb18918-1a", "w21003", 12.0, 8, None),
+    ("gb18918-1a", "w21003", 4.0, 8, None),
+    ("gb18918-1b", "w01018", None, 60, None),
+    ("gb18918-1b", "w21003", 12.1, 8, None),
+    ("gb18918-1b", "w21003", 12.0, 15, None),
+    ("gb3095-2012-ii", "a34004", None, 75, 86400),
+    ("gb3095-2012-ii", "a34002", None, 150, 86400),
+    ("gb3095-2026-ii", "a34004", None, 50, 86400),
+    ("dust-15min", "a34002", None, 80, 900),
+]
+
+
+@pytest.mark.parametrize(("preset", "code", "temperature", "limit", "window"), PRESET_TABLE)
+def test_presets_resolve_to_the_limits_of_each_standard(preset, code, temperature, limit, window):
+    assert resolve_preset(preset, code, temperature) == (limit, window)
+
+
+def test_every_preset_names_its_standard_and_year_and_config_knows_them_all():
+    presets = load_presets()
+    assert tuple(presets) == PRESETS
+    expected = {"gb3838-iii": ("GB 3838-2002", 2002), "gb18918-1b": ("GB 18918-2002", 2002),
+                "gb3095-2012-ii": ("GB 3095-2012", 2012), "gb3095-2026-ii": ("GB 3095-2026", 2026)}
+    for name, (standard, year) in expected.items():
+        assert (presets[name].standard, presets[name].year) == (standard, year)
+    assert {(p, c) for p, c, *_ in PRESET_TABLE} == {(p.name, c) for p in presets.values() for c in p.limits}
+
+
+@pytest.mark.parametrize(("preset", "code", "temperature", "limit", "window"),
+                         [row for row in PRESET_TABLE if row[2] is None])
+def test_a_preset_rule_raises_at_its_limit_with_its_window(preset, code, temperature, limit, window):
+    device = "cod" if code.startswith("w") else "dust"
+    rig = Rig([{"channel": f"{device}.{code}", "preset": preset}])
+    step = (window or 10) / 20
+    for i in range(17):  # 80 % of the window: enough readings for a mean
+        rig.feed(f"{device}.{code}", limit, at=i * step)  # at the limit is not above it
+    assert rig.rec.events == []
+    for i in range(17, 60):
+        rig.feed(f"{device}.{code}", limit * 1.5, at=i * step)
+        if rig.rec.events:
+            break
+    body = rig.rec.bodies()[0]
+    assert (body["id"], body["rule"], body["threshold"]) == (f"{device}.{code}:{preset}", "above", limit)
+    assert body["value"] > limit
+
+
+def test_gb18918_nh3n_limit_follows_the_water_temperature_channel():
+    rig = Rig([{"channel": "cod.w21003", "preset": "gb18918-1a", "hysteresis": 0.5}])
+    rig.feed("cod.w01010", 10.5, at=0)
+    rig.feed("cod.w21003", 7.0, at=1)  # cold water: limit 8
+    assert rig.rec.events == []
+    rig.feed("cod.w01010", 14.0, at=2)
+    rig.feed("cod.w21003", 7.0, at=3)  # warm: limit 5
+    assert rig.rec.bodies()[0]["threshold"] == 5 and rig.rec.bodies()[0]["value"] == 7.0
+    rig.feed("cod.w01010", 11.0, at=4)
+    rig.feed("cod.w21003", 7.0, at=5)  # cold again: 7 < 8 - 0.5 clears, carrying the limit in force
+    assert rig.rec.bodies()[1]["state"] == "cleared" and rig.rec.bodies()[1]["threshold"] == 8
+
+
+def test_a_preset_limit_is_converted_to_the_channels_mass_unit():
+    rig = Rig([{"channel": "dust.a34002", "preset": "dust-15min"}])
+    for t in range(0, 900, 10):
+        rig.feed("dust.a34002", 0.09, at=t, unit="mg/m3")  # 90 ug/m3
+        if rig.rec.events:
+            break
+    assert rig.rec.bodies()[0]["threshold"] == 0.08
+
+
+def test_a_preset_without_a_limit_for_the_channel_is_not_applied(caplog):
+    with caplog.at_level(logging.WARNING, logger="agent.alarms"):
+        rig = Rig([{"channel": "dust.a34001", "preset": "dust-15min"}])
+    assert "preset dust-15min" in caplog.text and "no limit for channel code a34001" in caplog.text
+    for t in range(0, 1000, 10):
+        rig.feed("dust.a34001", 10, at=t)
+    assert rig.rec.events == []
+
+
+def test_preset_and_explicit_limit_on_one_channel_are_two_alarms():
+    rig = Rig([{"channel": "cod.w01018", "preset": "gb18918-1a"},
+               {"channel": "cod.w01018", "above": 45}])
+    rig.feed("cod.w01018", 55, at=0)
+    assert sorted(rig.rec.states()) == [("cod.w01018:above", "raised"), ("cod.w01018:gb18918-1a", "raised")]
+
+
+# --------------------------------------------------------------------------------------------------
+# state across restarts
+
+
+def test_restart_with_an_active_alarm_raises_no_second_time_then_clears_once():
+    alarms = [{"channel": "cod.w01018", "above": 50, "clear_delay": 30}]
+    first = Rig(alarms)
+    first.feed("cod.w01018", 55, at=0)
+    assert first.rec.states() == [("cod.w01018:above", "raised")]
+    active = json.loads(first.rec.meta["active_alarms"])
+    assert active == [{"id": "cod.w01018:above", "channel": "cod.w01018", "rule": "above",
+                       "since": ts(0), "value": 55, "threshold": 50}]
+
+    second = Rig(alarms, saved=first.saved(), start=500)
+    assert second.engine.active() == active
+    second.feed("cod.w01018", 56, at=510)
+    second.feed("cod.w01018", 57, at=520)
+    assert second.rec.events == []
+    second.feed("cod.w01018", 40, at=530)
+    second.feed("cod.w01018", 41, at=559)
+    assert second.rec.events == [], "clear_delay is respected after a restart too"
+    second.feed("cod.w01018", 41, at=560)
+    assert second.rec.states() == [("cod.w01018:above", "cleared")]
+    assert json.loads(second.rec.meta["active_alarms"]) == []
+    second.feed("cod.w01018", 42, at=600)
+    assert len(second.rec.events) == 1
+
+    third = Rig(alarms, saved=second.saved(), start=700)
+    third.feed("cod.w01018", 42, at=700)
+    assert third.rec.events == [] and third.engine.active() == []
+
+
+def test_an_active_alarm_whose_rule_was_removed_is_cleared_at_start():
+    first = Rig([{"channel": "cod.w01018", "above": 50}, {"channel": "*", "stale": 30}])
+    first.feed("cod.w01018", 55, at=0)
+    second = Rig([{"channel": "*", "stale": 30}], saved=first.saved())
+    assert second.rec.bodies() == [{"id": "cod.w01018:above", "channel": "cod.w01018", "rule": "above",
+                                    "state": "cleared", "value": None, "threshold": 50,
+                                    "ts": ts(0)}]
+    assert json.loads(second.rec.meta["active_alarms"]) == []
+
+
+def test_a_restored_stale_alarm_clears_on_the_first_valid_reading():
+    first = Rig([{"channel": "*", "stale": 30}])
+    first.tick(31)
+    assert ("cod.w01018:stale", "raised") in first.rec.states()
+    second = Rig([{"channel": "*", "stale": 30}], saved=first.saved())
+    second.feed("cod.w01018", 20, at=1)
+    assert second.rec.states() == [("cod.w01018:stale", "cleared")]
+
+
+def test_windows_are_restored_after_a_restart():
+    alarms = [{"channel": "dust.a34002", "above": 50, "window": 100}]
+    first = Rig(alarms)
+    for t in range(0, 90, 10):
+        first.feed("dust.a34002", 40, at=t)
+        if t == 60:
+            first.tick(61)  # windows are saved at most once a minute (and with every event): t=0..60
+    second = Rig(alarms, saved=first.saved(), start=85)
+    second.feed("dust.a34002", 100, at=90)  # (7 x 40 + 100) / 8 = 47.5
+    assert second.rec.events == []
+    second.feed("dust.a34002", 100, at=100)  # without the saved readings there would be no mean yet
+    assert second.rec.states() == [("dust.a34002:above", "raised")]
+    assert second.rec.bodies()[0]["value"] in (pytest.approx(480 / 9), pytest.approx(440 / 8))
+
+
+def test_an_unreadable_saved_state_starts_clean(caplog):
+    with caplog.at_level(logging.ERROR, logger="agent.alarms"):
+        rig = Rig([{"channel": "cod.w01018", "above": 50}], saved="{not json")
+    assert "not valid JSON" in caplog.text
+    rig.feed("cod.w01018", 60, at=0)
+    assert rig.rec.states() == [("cod.w01018:above", "raised")]
+
+
+def test_reconfigure_keeps_alarms_whose_rule_remains_and_clears_the_others():
+    rig = Rig([{"channel": "cod.w01018", "above": 50}, {"channel": "cod.w21003", "above": 5}])
+    rig.feed("cod.w01018", 60, at=0)
+    rig.feed("cod.w21003", 6, at=0)
+    rig.engine.reconfigure(make_config([{"channel": "cod.w01018", "above": 55}]))
+    rig.tick(1)
+    assert rig.rec.states()[2:] == [("cod.w21003:above", "cleared")]
+    rig.feed("cod.w01018", 60, at=2)
+    assert len(rig.rec.events) == 3, "still active: not raised again"
+    rig.feed("cod.w01018", 54, at=3)
+    assert rig.rec.bodies()[3] | {"ts": None} == {"id": "cod.w01018:above", "channel": "cod.w01018",
+                                                  "rule": "above", "state": "cleared", "value": 54,
+                                                  "threshold": 55, "ts": None}
+
+
+# --------------------------------------------------------------------------------------------------
+# actions
+
+FOG = {"channel": "dust.a34002", "above": 80, "action": {"device": "fog", "coil": 0, "min_on": 60}}
+
+
+def test_action_writes_on_raise_and_off_on_clear_after_the_minimum_on_time():
+    writer = FakeWriter()
+    rig = Rig([FOG], writer=writer)
+    rig.feed("dust.a34002", 90, at=0)
+    assert writer.calls == [(0, "fog", "coil", 0, True)]
+    rig.feed("dust.a34002", 70, at=10)
+    assert rig.rec.states()[-1] == ("dust.a34002:above", "cleared"), "the alarm clears at once"
+    rig.tick(59)
+    assert len(writer.calls) == 1, "the cannon stays on for min_on"
+    rig.tick(60)
+    assert writer.calls[1:] == [(60, "fog", "coil", 0, False)]
+
+
+def test_an_alarm_flapping_within_the_minimum_on_time_does_not_toggle_the_output():
+    writer = FakeWriter()
+    rig = Rig([FOG], writer=writer)
+    for t, v in ((0, 90), (10, 70), (20, 90), (30, 70), (40, 90)):
+        rig.feed("dust.a34002", v, at=t)
+    rig.tick(200)
+    assert writer.values() == [True]
+    rig.feed("dust.a34002", 70, at=210)
+    assert writer.values() == [True, False], "off once min_on has long passed"
+
+
+def test_a_failed_write_is_retried_with_backoff_without_blocking_the_alarm():
+    writer = FakeWriter(fail=2)
+    rig = Rig([FOG], writer=writer)
+    rig.feed("dust.a34002", 90, at=0)
+    assert rig.rec.states() == [("dust.a34002:above", "raised")], "the event does not wait for the write"
+    for t in (0.5, 1, 1.5, 2, 3, 4, 5, 6, 7, 8):
+        rig.tick(t)
+    assert [c[0] for c in writer.calls] == [0, ACTION_RETRY_FIRST_S, 3 * ACTION_RETRY_FIRST_S]
+    assert writer.values() == [True, True, True]
+    state = json.loads(rig.saved())
+    assert state["actions"]["fog|coil|0"]["written"] is True
+
+
+def test_a_register_action_writes_its_on_and_off_values():
+    writer = FakeWriter()
+    rule = {"channel": "cod.w01018", "above": 50,
+            "action": {"device": "fog", "register": 7, "on": 3, "off": 1}}
+    rig = Rig([rule], writer=writer)
+    rig.feed("cod.w01018", 60, at=0)
+    rig.feed("cod.w01018", 40, at=1)
+    assert [c[1:] for c in writer.calls] == [("fog", "register", 7, 3), ("fog", "register", 7, 1)]
+
+
+def test_two_alarms_driving_one_output_keep_it_on_until_both_clear():
+    writer = FakeWriter()
+    rig = Rig([{"channel": "dust.*", "above": 80, "action": {"device": "fog", "coil": 0}}], writer=writer)
+    rig.feed("dust.a34002", 90, at=0)
+    rig.feed("dust.a34004", 90, at=1)
+    rig.feed("dust.a34002", 10, at=2)
+    assert writer.values() == [True]
+    rig.feed("dust.a34004", 10, at=3)
+    assert writer.values() == [True, False]
+
+
+def test_an_off_write_that_failed_before_a_restart_is_done_after_it():
+    writer = FakeWriter()
+    rig = Rig([FOG], writer=writer)
+    rig.feed("dust.a34002", 90, at=0)
+    writer.fail = 100
+    rig.feed("dust.a34002", 10, at=70)  # off fails
+    assert writer.values() == [True, False]
+    writer2 = FakeWriter()
+    again = Rig([FOG], saved=rig.saved(), writer=writer2)
+    again.tick(0)
+    assert writer2.values() == [False]
+    # ... and an output saved "on" whose rule is gone is switched off too
+    third = Rig([FOG], writer=FakeWriter())
+    third.feed("dust.a34002", 90, at=0)
+    writer4 = FakeWriter()
+    fourth = Rig([{"channel": "dust.a34002", "above": 80}], saved=third.saved(), writer=writer4)
+    fourth.tick(1)
+    assert [c[1:] for c in writer4.calls] == [("fog", "coil", 0, False)]
+    assert "actions" not in json.loads(fourth.saved()) or not json.loads(fourth.saved())["actions"]
+
+
+def test_an_active_alarm_writes_its_output_on_again_after_a_restart():
+    first = Rig([FOG], writer=FakeWriter())
+    first.feed("dust.a34002", 90, at=0)
+    writer = FakeWriter()
+    second = Rig([FOG], saved=first.saved(), writer=writer)
+    second.tick(0)
+    assert writer.values() == [True]
+    second.feed("dust.a34002", 10, at=1)
+    second.tick(61)
+    assert writer.values() == [True, False]
+
+
+def test_without_a_writer_actions_are_logged_once_per_rule(caplog):
+    with caplog.at_level(logging.WARNING, logger="agent.alarms"):
+        rig = Rig([FOG, {"channel": "cod.w01018", "above": 50, "action": {"device": "fog", "coil": 1}}])
+        rig.feed("dust.a34002", 90, at=0)
+        rig.feed("dust.a34002", 10, at=100)
+        rig.engine.reconfigure(rig.engine.config)
+        rig.tick(101)
+    lines = [r.getMessage() for r in caplog.records if "not executed" in r.getMessage()]
+    assert len(lines) == 2 and "alarms.0" in lines[0] and "alarms.1" in lines[1]
+    assert rig.rec.states() == [("dust.a34002:above", "raised"), ("dust.a34002:above", "cleared")]
+
+
+def test_action_writes_run_on_a_worker_thread():
+    import threading
+
+    seen: list[str] = []
+
+    def writer(device_id: str, kind: str, address: int, value: int | bool) -> None:
+        seen.append(threading.current_thread().name)
+
+    rec = FakeRecorder()
+    engine = AlarmEngine(make_config([FOG]), rec, None, writer)
+    try:
+        engine.observe([Reading("dust", "a34002", T0_MS, 90.0)])
+        wait_for(lambda: seen, 5, "the write")
+        assert seen == ["alarm-actions"]
+        wait_for(lambda: (engine.tick(), "actions" in json.loads(rec.meta["alarm_state"]))[1], 5,
+                 "the write confirmed in the saved state")
+    finally:
+        engine.close()
