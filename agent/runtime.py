@@ -99,7 +99,8 @@ def build_pollers(config: Config, sink) -> list[BusPoller]:
         module = _bus_module(bus.type)
         if module is None:
             raise UnsupportedConfig(f"buses.{bus_name}: {bus.type} buses are not yet supported by this version")
-        pollers.append(BusPoller(bus_name, module.build_bus_drivers(bus_name, bus, devices), sink))
+        extra = {"timezone": config.station.timezone} if bus.type == "serial" else {}
+        pollers.append(BusPoller(bus_name, module.build_bus_drivers(bus_name, bus, devices, **extra), sink))
     return pollers
 
 

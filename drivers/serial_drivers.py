@@ -5,7 +5,9 @@ back after vanishing), reads whatever arrives and hands each chunk, stamped with
 time, to the devices on the bus, whose frame readers decode it. `poll()` therefore never waits on the
 wire, except a PMS5003 in passive mode, for which it sends a read command and waits at most the bus's
 `timeout` (capped at half the interval) for the answer. At each poll a device reports the latest valid
-frame received since its previous poll, or value None with flag B for every channel when none came.
+frame received since its previous poll, or value None with flag B for every channel when none came
+(except at the very first poll, right at start-up, which closes no interval and reports nothing when
+no frame is there yet, so that a restart does not leave a flag-B row behind).
 
 Imports pyserial, `agent.model`, `agent.hj212` and `drivers.serial_frames`; never `agent.config`
 (the bus and device objects are duck-typed: `bus.port`, `bus.baudrate`, ..., `device.driver`,
@@ -116,6 +118,7 @@ class SerialLine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"serial:{bus_name}", daemon=True)
         self._cb_errors = 0
+        self._failing_logged = False
 
     # ---------------------------------------------------------------- any thread
 
@@ -202,52 +205,60 @@ class SerialLine:
                 pass
 
     def _run(self) -> None:
-        failing_logged = False
         while not self._stop.is_set():
-            if self._serial is None:
-                try:
-                    ser = self._open_port()
-                except (OSError, ValueError, serial.SerialException) as exc:
-                    if not failing_logged:
-                        failing_logged = True
-                        log.warning("bus %s: cannot open serial port %s: %s; trying again every %g s",
-                                    self.bus_name, self.port, _short(exc), self.reopen_every)
-                    self._stop.wait(self.reopen_every)
-                    continue
-                with self._lock:
-                    self._serial = ser
-                self.opens += 1
-                failing_logged = False
-                if self.opens == 1:
-                    log.info("bus %s: serial port %s open", self.bus_name, self.describe())
-                else:
-                    log.warning("bus %s: serial port %s is back", self.bus_name, self.port)
-                for listener in list(self._open_listeners):
-                    self._call(listener)
-                continue
-            ser = self._serial
             try:
-                data = ser.read(1)
-                if data:
-                    waiting = ser.in_waiting
-                    if waiting:
-                        data += ser.read(waiting)
-            except (OSError, TypeError, serial.SerialException) as exc:
-                if self._stop.is_set():
-                    break
-                self.losses += 1
-                failing_logged = True  # the loss line says it all; no "cannot open" line after it
-                log.warning("bus %s: serial port %s lost (%s); reopening it when it comes back",
-                            self.bus_name, self.port, _short(exc))
+                self._step()
+            except Exception:  # noqa: BLE001 - the line must outlive any surprise; the port is reopened
+                log.exception("bus %s: unexpected error on serial port %s; reopening it", self.bus_name, self.port)
                 self._close_port()
-                self._stop.wait(min(self.reopen_every, 0.2))
-                continue
-            if data:
-                t = time.monotonic()
-                self.bytes_read += len(data)
-                for subscriber in list(self._subscribers):
-                    self._call(subscriber, data, t)
+                self._stop.wait(self.reopen_every)
         self._close_port()
+
+    def _step(self) -> None:
+        """Open the port if needed, else read once (at most `read_timeout`) and hand the bytes on."""
+        if self._serial is None:
+            try:
+                ser = self._open_port()
+            except (OSError, ValueError, serial.SerialException) as exc:
+                if not self._failing_logged:
+                    self._failing_logged = True
+                    log.warning("bus %s: cannot open serial port %s: %s; trying again every %g s",
+                                self.bus_name, self.port, _short(exc), self.reopen_every)
+                self._stop.wait(self.reopen_every)
+                return
+            with self._lock:
+                self._serial = ser
+            self.opens += 1
+            self._failing_logged = False
+            if self.opens == 1:
+                log.info("bus %s: serial port %s open", self.bus_name, self.describe())
+            else:
+                log.info("bus %s: serial port %s is back", self.bus_name, self.port)
+            for listener in list(self._open_listeners):
+                self._call(listener)
+            return
+        ser = self._serial
+        try:
+            data = ser.read(1)
+            if data:
+                waiting = ser.in_waiting
+                if waiting:
+                    data += ser.read(waiting)
+        except (OSError, TypeError, serial.SerialException) as exc:
+            if self._stop.is_set():
+                return
+            self.losses += 1
+            self._failing_logged = True  # the loss line says it all; no "cannot open" line after it
+            log.warning("bus %s: serial port %s lost (%s); reopening it when it comes back",
+                        self.bus_name, self.port, _short(exc))
+            self._close_port()
+            self._stop.wait(min(self.reopen_every, 0.2))
+            return
+        if data:
+            t = time.monotonic()
+            self.bytes_read += len(data)
+            for subscriber in list(self._subscribers):
+                self._call(subscriber, data, t)
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
         try:
@@ -379,6 +390,8 @@ class StreamDriver:
             values = self._latest.take()
             counters = self.reader.counters()
         self._rejects.update(counters, self._REJECTS, "garbage_bytes")
+        if values is None and self.polls == 1:
+            return []  # the poll at start-up closes no interval: nothing was missed yet
         self._silence.update(values is not None, self.line.is_open)
         return self._readings(ts_ms, values)
 
@@ -461,6 +474,7 @@ class Pms5003Driver(StreamDriver):
             answered = self._cond.wait_for(lambda: self.frames > before, timeout=wait)
             if not answered:
                 self.passive = False  # probe the mode again at the next poll
+                self._mode_base = None
         if not answered:
             log.debug("device %s: no answer to the read command within %.2f s", self.device_id, wait)
 
@@ -632,6 +646,8 @@ class Hj212Driver:
             counters = {**self.counters, "garbage_bytes": self.reader.bytes_dropped}
             detail = self._last_error
         self._rejects.update(counters, self._REJECTS, "garbage_bytes", detail)
+        if not latest and self.polls == 1:
+            return []  # the poll at start-up closes no interval: nothing was missed yet
         out = []
         fresh = False
         for code, unit in known:

@@ -57,7 +57,7 @@ SDS011_POISON = 999.9
 HJ212_POISON = 999.0
 
 
-class SimulatorError(Exception):
+class SimulatorError(OSError):
     """A simulator cannot be set up (e.g. the port path is a real device, or not writable)."""
 
 
@@ -174,6 +174,7 @@ class Instrument:
         self.split = split
         self.bad_checksum = bad_checksum
         self.rng = random.Random(seed)
+        self.device_id: str | None = None  # set by serve_serial
         self.silent = False
         self.n = 0  # good frames made
         self.poisoned = 0  # poison frames sent
@@ -478,9 +479,8 @@ class SerialSim(threading.Thread):
                 if not data:
                     continue
                 for inst in self.instruments:
-                    answers = inst.on_bytes(data)
-                    if answers and not inst.silent:
-                        self._send(answers)
+                    if not inst.silent:  # a silent instrument neither hears nor speaks (a cut cable)
+                        self._send(inst.on_bytes(data))
         finally:
             self.unplug()
             _LIVE.discard(self)
@@ -511,31 +511,36 @@ def _cleanup() -> None:  # pragma: no cover - runs at interpreter exit
 def make_instrument(driver: str, device_id: str, *, timezone: str = "Asia/Shanghai", station_id: str | None = None,
                     **kwargs: Any) -> Instrument:
     """A simulated instrument for a device with `driver` (pms5003, sds011, hj212)."""
+    inst: Instrument
     if driver == "pms5003":
-        return Pms5003Sim(**kwargs)
-    if driver == "sds011":
-        return Sds011Sim(**kwargs)
-    if driver == "hj212":
-        mn = station_id or f"SIM{device_id}"[:24]
-        return Hj212Sim(mn=mn, timezone=timezone, **kwargs)
-    raise ValueError(f"device {device_id}: no serial simulator for driver {driver!r}")
+        inst = Pms5003Sim(**kwargs)
+    elif driver == "sds011":
+        inst = Sds011Sim(**kwargs)
+    elif driver == "hj212":
+        inst = Hj212Sim(mn=station_id or f"SIM{device_id}"[:24], timezone=timezone, **kwargs)
+    else:
+        raise ValueError(f"device {device_id}: no serial simulator for driver {driver!r}")
+    inst.device_id = device_id
+    return inst
 
 
 def serve_serial(config: Any, stop_event: threading.Event) -> list[SerialSim]:
     """Start one simulator per serial bus of `config` that has devices (pms5003, sds011, hj212): a pty
     whose slave end is symlinked at the bus's `port` path, with one simulated instrument per device.
 
-    Returns the started `SerialSim` threads: they stop, close their pty and remove their symlink when
-    `stop_event` is set (join them to wait for that) or on `close()`. Raises SimulatorError when a
-    port path cannot be used (it is a real device, or its directory is not writable); simulators
-    already started are closed first.
+    Returns the started `SerialSim` threads (an empty list when the config has no serial device): they
+    stop, close their pty and remove their symlink when `stop_event` is set (join them to wait for
+    that) or on `close()`. `sim.instruments[k].device_id` names the device each instrument plays; set
+    its `silent` to make it fall silent. Raises SimulatorError (an OSError) when a port path cannot
+    be used (it is a real device, or its directory is not writable); simulators already started are
+    closed first.
     """
     by_bus: dict[str, list[tuple[str, Any]]] = {}
     buses = config.buses
     for dev_id, dev in config.devices.items():
         bus_name = getattr(dev, "bus", None)
         bus = buses.get(bus_name) if bus_name is not None else None
-        if bus is None or getattr(bus, "type", None) != "serial":
+        if bus_name is None or bus is None or getattr(bus, "type", None) != "serial":
             continue
         by_bus.setdefault(bus_name, []).append((dev_id, dev))
     tz = getattr(config.station, "timezone", "Asia/Shanghai")
@@ -548,7 +553,7 @@ def serve_serial(config: Any, stop_event: threading.Event) -> list[SerialSim]:
             sim = SerialSim(instruments, port, stop_event=stop_event, name=f"sim:{bus_name}")
             sims.append(sim)
             sim.start()
-            log.info("serial bus %s: simulated %s on %s -> %s", bus_name,
+            log.info("simulate: serial bus %s: %s on %s -> %s", bus_name,
                      ", ".join(f"{dev_id} ({dev.driver})" for dev_id, dev in devs), port, sim.pty.slave_path
                      if sim.pty else "?")
     except BaseException:

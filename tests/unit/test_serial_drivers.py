@@ -1,0 +1,460 @@
+"""The serial drivers (drivers.serial_drivers) over real pseudo-terminals: the latest valid frame of an
+interval, flag B when a sensor is silent, noise that never yields a corrupted value, rate-limited
+reject logs, PMS5003 passive mode, HJ 212 packets stamped with their DataTime, and a port that
+vanishes and comes back. The instruments are written to the pty master by the test (or by the
+simulators of drivers.sim.serial_sim); the drivers open the slave end like a real serial port."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import select
+import time
+import tty
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import pytest
+import serial
+from harness import wait_for
+
+from agent import hj212
+from agent.config import parse_config
+from drivers.serial_drivers import Hj212Driver, Pms5003Driver, Sds011Driver, StreamDriver, build_bus_drivers
+from drivers.serial_frames import (
+    PMS5003_CHANNELS,
+    PMS5003_CMD_READ,
+    PMS5003_UNITS,
+    encode_pms5003,
+    encode_sds011,
+)
+from drivers.sim.serial_sim import (
+    HJ212_POISON,
+    PMS5003_POISON,
+    SDS011_POISON,
+    Hj212Sim,
+    Pms5003Sim,
+    Sds011Sim,
+    SerialSim,
+)
+
+LOGGER = "drivers.serial_drivers"
+
+
+class Pty:
+    """A raw pty pair: the test writes the instrument's bytes to `master`, the driver opens `path`."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        self.path = os.ttyname(self.slave)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.master, view)
+            view = view[n:]
+
+    def read_available(self, timeout: float = 0.0) -> bytes:
+        out = b""
+        while select.select([self.master], [], [], timeout)[0]:
+            out += os.read(self.master, 4096)
+            timeout = 0.0
+        return out
+
+    def close(self) -> None:
+        for fd in (self.master, self.slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def pty() -> Iterator[Pty]:
+    p = Pty()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def built() -> Iterator[list]:
+    """Drivers to close at the end of the test (their serial line thread stops with the last one)."""
+    drivers: list = []
+    yield drivers
+    for d in drivers:
+        d.close()
+
+
+def build(built: list, port: str, devices: dict[str, tuple[str, float]], **kwargs) -> list:
+    bus = SimpleNamespace(type="serial", port=port, baudrate=9600, parity="N", bytesize=8, stopbits=1, timeout=0.5)
+    devs = {dev_id: SimpleNamespace(driver=drv, interval=interval) for dev_id, (drv, interval) in devices.items()}
+    drivers = build_bus_drivers("line", bus, devs, **kwargs)
+    built.extend(drivers)
+    return drivers
+
+
+def wait_open(driver) -> None:
+    wait_for(lambda: driver.line.is_open, 5, "serial port open")
+
+
+def pms_values(n: int) -> dict[str, float]:
+    return {ch: float(n * 10 + k) for k, ch in enumerate(PMS5003_CHANNELS)}
+
+
+def by_channel(readings) -> dict:
+    return {r.channel: r for r in readings}
+
+
+# --------------------------------------------------------------------------------------------------
+# PMS5003 / SDS011 streaming
+# --------------------------------------------------------------------------------------------------
+
+
+def test_latest_frame_of_the_interval_becomes_one_reading_per_channel(pty, built):
+    (pm,) = build(built, pty.path, {"pm": ("pms5003", 10)})
+    wait_open(pm)
+    for n in (1, 2, 3):
+        pty.write(encode_pms5003(pms_values(n)))
+    wait_for(lambda: pm.frames >= 3, 5, "three frames")
+    readings = pm.poll(1_795_000_000_000)
+    assert [r.channel for r in readings] == list(PMS5003_CHANNELS)
+    assert all(r.device == "pm" and r.ts_ms == 1_795_000_000_000 and r.flag == "N" for r in readings)
+    assert {r.channel: r.value for r in readings} == pms_values(3)
+    assert {r.channel: r.unit for r in readings} == PMS5003_UNITS
+    assert by_channel(readings)["a34004"].unit == "ug/m3" and by_channel(readings)["n0_3"].unit == "count/0.1L"
+
+
+def test_a_silent_sensor_gives_null_flag_b_each_interval_and_recovers(pty, built):
+    (pm,) = build(built, pty.path, {"pm": ("sds011", 10)})
+    wait_open(pm)
+    assert pm.poll(500) == [], "the poll at start-up closes no interval: nothing to report yet"
+    for _ in range(2):
+        readings = pm.poll(1000)
+        assert [(r.channel, r.value, r.flag) for r in readings] == [("a34004", None, "B"), ("a34002", None, "B")]
+    pty.write(encode_sds011(12.3, 45.6))
+    wait_for(lambda: pm.frames >= 1, 5, "a frame")
+    assert [(r.value, r.flag) for r in pm.poll(2000)] == [(12.3, "N"), (45.6, "N")]
+    # The frame is reported once: a silent sensor never looks alive through a repeated old value.
+    assert [(r.value, r.flag) for r in pm.poll(3000)] == [(None, "B"), (None, "B")]
+
+
+def test_noise_splits_and_bad_checksums_never_produce_a_corrupted_value(pty, built):
+    (pm,) = build(built, pty.path, {"pm": ("sds011", 10)})
+    wait_open(pm)
+    rng = random.Random(7)
+    good: list[tuple[float, float]] = []
+    seen: list[tuple[float, float]] = []
+    for n in range(40):
+        stream = bytearray(rng.randbytes(rng.randint(0, 30)))
+        if rng.random() < 0.5:
+            bad = bytearray(encode_sds011(SDS011_POISON, SDS011_POISON))
+            bad[rng.choice([8, 9])] ^= 0x01  # bad checksum or tail
+            stream += bad
+        if rng.random() < 0.3:
+            stream += b"\xaa\xc0"  # a false header right before the real frame
+        value = (round(1 + n * 0.7, 1), round(100 + n * 1.3, 1))
+        good.append(value)
+        stream += encode_sds011(*value)
+        frames_before = pm.frames
+        cut = sorted(rng.sample(range(1, len(stream)), 2))
+        for piece in (stream[: cut[0]], stream[cut[0] : cut[1]], stream[cut[1] :]):
+            pty.write(bytes(piece))
+        wait_for(lambda b=frames_before: pm.frames > b, 5, f"frame {n}", interval=0.002)
+        readings = pm.poll(n)
+        seen.append((readings[0].value, readings[1].value))
+    assert seen == good, "every poll got exactly the good frame written in its interval"
+    assert pm.reader.rejected > 0
+
+
+def test_rejected_frames_are_logged_at_most_once_per_period_with_counts(pty, built, caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    (pm,) = build(built, pty.path, {"pm": ("pms5003", 10)}, reject_log_every=60)
+    wait_open(pm)
+    for n in range(3):
+        bad = bytearray(encode_pms5003(pms_values(1)))
+        bad[-1] ^= 0xFF
+        pty.write(bytes(bad) + encode_pms5003(pms_values(2)))
+        wait_for(lambda n=n: pm.reader.bad_checksum >= n + 1 and pm.frames >= n + 1, 5, "bad and good frames")
+        pm.poll(n)
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "device pm: 1 frame(s) rejected (bad checksum 1)" in lines[0]
+    assert pm.stats()["bad_checksum"] == 3
+
+    # With a short period the next line carries everything counted since the previous one.
+    pm._rejects.every = 0.0
+    pm.poll(10)
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 2 and "2 frame(s) rejected (bad checksum 2)" in lines[1], lines
+
+
+# --------------------------------------------------------------------------------------------------
+# PMS5003 passive mode
+# --------------------------------------------------------------------------------------------------
+
+
+def test_pms5003_that_answers_the_mode_command_is_read_on_demand(tmp_path, built):
+    sensor = Pms5003Sim(period=3600)  # active mode would stream one frame an hour: only reads help
+    sim = SerialSim([sensor], tmp_path / "ttyPMS")
+    sim.start()
+    try:
+        (pm,) = build(built, sim.path, {"pm": ("pms5003", 2.0)})
+        wait_for(lambda: sensor.mode == "passive", 5, "the passive-mode command")
+        wait_for(lambda: pm.poll(0) and pm.passive, 5, "the sensor's answer to the mode command")
+        for _ in range(3):
+            readings = pm.poll(1)
+            assert {r.channel: r.value for r in readings} == sensor.sent[-1], "the frame asked for in this poll"
+            assert all(r.flag == "N" for r in readings)
+        assert sum(1 for cmd, _ in sensor.commands if cmd == PMS5003_CMD_READ) >= 3
+        # The sensor stops answering: flag B, and the mode is probed again; then it answers again.
+        sensor.silent = True
+        assert all(r.value is None and r.flag == "B" for r in pm.poll(2))
+        assert not pm.passive
+        sensor.silent = False
+        wait_for(lambda: pm.poll(3)[4].value is not None, 10, "readings again")
+        wait_for(lambda: pm.passive, 5, "passive mode again")
+    finally:
+        sim.close()
+
+
+def test_pms5003_that_ignores_commands_is_read_from_its_stream(tmp_path, built):
+    sensor = Pms5003Sim(passive_support=False, period=0.05)
+    sim = SerialSim([sensor], tmp_path / "ttyPMS")
+    sim.start()
+    try:
+        (pm,) = build(built, sim.path, {"pm": ("pms5003", 10)})
+        wait_for(lambda: pm.frames >= 3, 5, "streamed frames")
+        readings = pm.poll(0)
+        assert all(r.flag == "N" for r in readings)
+        assert {r.channel: r.value for r in readings} in sensor.sent
+        assert not pm.passive and pm.stats()["mode_commands"] >= 1
+    finally:
+        sim.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# HJ 212
+# --------------------------------------------------------------------------------------------------
+
+
+def packet_frame(data_time: str, items: dict[str, tuple[float | None, str]], *, flag: int = hj212.FLAG_V2017) -> bytes:
+    dt = datetime.strptime(data_time, "%Y%m%d%H%M%S")
+    packet = hj212.realtime_packet("ANALYZER0001", "32", "123456", dt, items, qn="20261129100000000", flag=flag)
+    return hj212.encode_one(packet)
+
+
+def test_hj212_items_become_readings_stamped_with_the_packets_datatime(pty, built):
+    (an,) = build(built, pty.path, {"an": ("hj212", 10)})
+    wait_open(an)
+    pty.write(packet_frame("20261129100000", {"w01018": (23.4, "N"), "w21003": (1.25, "T")}))
+    pty.write(packet_frame("20261129100005", {"w01018": (None, "D"), "w21003": (1.5, "N")}))
+    wait_for(lambda: an.stats().get("packets", 0) >= 2, 5, "two packets")
+    readings = by_channel(an.poll(1))
+    stamp = int(datetime(2026, 11, 29, 2, 0, 5, tzinfo=UTC).timestamp() * 1000)  # 10:00:05 in Shanghai
+    assert (readings["w01018"].value, readings["w01018"].flag, readings["w01018"].ts_ms) == (None, "D", stamp)
+    assert (readings["w21003"].value, readings["w21003"].flag, readings["w21003"].ts_ms) == (1.5, "N", stamp)
+    assert readings["w01018"].unit == "mg/L"
+    # Silent afterwards: every channel seen so far is null with flag B, stamped with the poll time.
+    assert [(r.channel, r.value, r.flag, r.ts_ms) for r in an.poll(99)] == [
+        ("w01018", None, "B", 99), ("w21003", None, "B", 99)]
+
+
+def test_hj212_datatime_is_read_in_the_station_timezone(pty, built):
+    (an,) = build(built, pty.path, {"an": ("hj212", 10)}, timezone="Europe/Berlin")
+    wait_open(an)
+    pty.write(packet_frame("20260701120000", {"w01018": (5.0, "N")}))
+    wait_for(lambda: an.stats().get("packets", 0) >= 1, 5, "a packet")
+    (reading,) = an.poll(1)
+    assert reading.ts_ms == int(datetime(2026, 7, 1, 10, 0, 0, tzinfo=UTC).timestamp() * 1000)  # CEST = UTC+2
+
+
+def test_hj212_packets_with_a_bad_crc_length_or_content_are_rejected_whole(pty, built):
+    (an,) = build(built, pty.path, {"an": ("hj212", 10)})
+    wait_open(an)
+    pty.write(packet_frame("20261129100000", {"w01018": (20.0, "N"), "w21003": (1.0, "N")}))
+    wait_for(lambda: an.stats().get("packets", 0) >= 1, 5, "a packet")
+    an.poll(0)
+    poison = {"w01018": (HJ212_POISON, "N"), "w21003": (HJ212_POISON, "N")}
+    good = packet_frame("20261129100001", poison)
+    bad_crc = good[:-6] + b"%04X" % (int(good[-6:-2], 16) ^ 0x0001) + b"\r\n"
+    bad_len = good[:2] + b"%04d" % (int(good[2:6]) - 1) + good[6:]
+    # Syntactically valid frames (right CRC) whose content cannot be trusted.
+    bad_number = hj212.encode_one(hj212.Packet(st="32", cn="2011", pw="123456", mn="A1", cp=[
+        {"DataTime": "20261129100002"}, {"w01018-Rtd": "999", "w01018-Flag": "N"}, {"w21003-Rtd": "1.x"}]))
+    bad_flag = hj212.encode_one(hj212.Packet(st="32", cn="2011", pw="123456", mn="A1", cp=[
+        {"DataTime": "20261129100003"}, {"w01018-Rtd": "999", "w01018-Flag": "Q"}]))
+    no_time = hj212.encode_one(hj212.Packet(st="32", cn="2011", pw="123456", mn="A1", cp=[
+        {"w01018-Rtd": "999", "w01018-Flag": "N"}]))
+    minute = hj212.encode_one(hj212.Packet(st="32", cn="2051", pw="123456", mn="A1", cp=[
+        {"DataTime": "20261129100000"}, {"w01018-Avg": "999", "w01018-Flag": "N"}]))
+    for frame in (bad_crc, bad_len, bad_number, bad_flag, no_time, minute):
+        pty.write(frame)
+    wait_for(lambda: an.stats().get("bad_content", 0) >= 3 and an.stats().get("ignored", 0) >= 1, 5,
+             "every frame examined")
+    stats = an.stats()
+    assert stats["bad_crc"] == 1 and stats["packets"] == 1
+    assert all(r.value is None and r.flag == "B" for r in an.poll(1)), "nothing of the bad packets is stored"
+
+
+def test_hj212_declared_channels_are_reported_before_any_packet(pty, built):
+    bus = SimpleNamespace(port=pty.path)
+    dev = SimpleNamespace(driver="hj212", interval=10, channels={"w01018": {"unit": "mg/L"}, "w00000": None})
+    (an,) = build_bus_drivers("line", bus, {"an": dev})
+    built.append(an)
+    assert an.poll(4) == []  # start-up
+    assert [(r.channel, r.value, r.flag, r.unit) for r in an.poll(5)] == [
+        ("w01018", None, "B", "mg/L"), ("w00000", None, "B", "L/s")]
+
+
+def test_hj212_packet_asking_for_an_answer_gets_a_9014_acknowledgement(pty, built):
+    (an,) = build(built, pty.path, {"an": ("hj212", 10)})
+    wait_open(an)
+    pty.write(packet_frame("20261129100000", {"w01018": (20.0, "N")}, flag=hj212.FLAG_V2017 | hj212.FLAG_ANSWER))
+    answer = wait_for(lambda: pty.read_available(0.1), 5, "an acknowledgement")
+    (ack,) = hj212.FrameReader().feed(answer)
+    assert isinstance(ack, hj212.Packet) and ack.cn == "9014" and ack.qn == "20261129100000000" and ack.st == "91"
+
+
+def test_hj212_split_packet_is_reassembled(pty, built):
+    (an,) = build(built, pty.path, {"an": ("hj212", 10)})
+    wait_open(an)
+    items = {f"w{k:05d}": (float(k), "N") for k in range(30)}
+    packet = hj212.realtime_packet("ANALYZER0001", "32", "123456", datetime(2026, 11, 29, 10), items,
+                                   qn="20261129100000000")
+    frames = hj212.encode(packet, max_data_len=200)
+    assert len(frames) > 2
+    for frame in reversed(frames):
+        pty.write(frame)
+    wait_for(lambda: an.stats().get("packets", 0) >= 1, 5, "the reassembled packet")
+    assert {r.channel: r.value for r in an.poll(0)} == {code: v for code, (v, _) in items.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The port
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_port_that_vanishes_is_reopened_when_it_comes_back(tmp_path, built, caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    sensor = Sds011Sim(period=0.05)
+    sim = SerialSim([sensor], tmp_path / "ttySDS")
+    sim.start()
+    try:
+        (pm,) = build(built, sim.path, {"pm": ("sds011", 10)}, reopen_every=0.1)
+        wait_for(lambda: pm.frames >= 2, 5, "frames")
+        sim.unplug()
+        wait_for(lambda: not pm.line.is_open, 5, "the loss noticed")
+        pm.poll(0)
+        assert all(r.value is None and r.flag == "B" for r in pm.poll(1))
+        time.sleep(0.5)  # the port stays away for a while (several reopen attempts), not a wait for a condition
+        sim.plug()
+        wait_for(lambda: pm.line.is_open, 5, "the port reopened")
+        before = pm.frames
+        wait_for(lambda: pm.frames > before, 5, "frames again")
+        assert pm.poll(2)[0].flag == "N"
+        messages = [r.getMessage() for r in caplog.records]
+    finally:
+        sim.close()
+    assert sum("lost" in m for m in messages) == 1, messages
+    assert sum("is back" in m for m in messages) == 1, messages
+    assert not any("cannot open" in m for m in messages), "one log line each way"
+
+
+def test_a_port_missing_at_start_is_opened_when_it_appears(tmp_path, built, caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    link = tmp_path / "ttyLATE"
+    (pm,) = build(built, str(link), {"pm": ("sds011", 10)}, reopen_every=0.1)
+    pm.poll(0)
+    assert [(r.value, r.flag) for r in pm.poll(0)] == [(None, "B"), (None, "B")]
+    wait_for(lambda: any("cannot open" in r.getMessage() for r in caplog.records), 5, "the failure logged")
+    sim = SerialSim([Sds011Sim(period=0.05)], link)
+    sim.start()
+    try:
+        wait_for(lambda: pm.frames >= 1, 5, "frames once the port exists")
+        assert pm.poll(1)[0].flag == "N"
+    finally:
+        sim.close()
+    assert sum("cannot open" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_random_bytes_on_a_shared_line_never_make_poll_raise(pty, built):
+    drivers = build(built, pty.path, {"pm": ("pms5003", 10), "sds": ("sds011", 10), "an": ("hj212", 10)})
+    wait_open(drivers[0])
+    rng = random.Random(1)
+    total = 0
+    for _ in range(50):
+        chunk = rng.randbytes(rng.randint(1, 4000))
+        # Sprinkle headers so that every reader has candidates to examine.
+        chunk += rng.choice([b"BM\x00\x1c", b"\xaa\xc0", b"##0100QN=", b"##"])
+        pty.write(chunk)
+        total += len(chunk)
+        for d in drivers:
+            d.poll(0)
+    wait_for(lambda: drivers[0].line.bytes_read >= total, 10, "every byte read")
+    assert [len(d.poll(1)) for d in drivers[:2]] == [12, 2]
+    assert drivers[0].line._thread.is_alive(), "the reader thread survived"
+
+
+def test_closing_the_last_driver_releases_the_port(pty, built):
+    drivers = build(built, pty.path, {"pm": ("pms5003", 10), "sds": ("sds011", 10)})
+    wait_open(drivers[0])
+    drivers[0].close()
+    assert drivers[1].line.is_open, "still used by the other device"
+    drivers[1].close()
+    assert not drivers[1].line.is_open and not drivers[1].line._thread.is_alive()
+    with serial.Serial(pty.path, exclusive=True):  # nobody holds the port any more
+        pass
+
+
+def test_build_bus_drivers_takes_the_config_models(tmp_path, pty, built):
+    config = parse_config(f"""
+station: {{id: ST01, type: dust}}
+storage: {{path: buffer.db}}
+mqtt: {{url: "mqtt://localhost"}}
+buses:
+  uart: {{type: serial, port: {pty.path}, baudrate: 9600, timeout: 0.3}}
+devices:
+  pm: {{bus: uart, driver: pms5003, interval: 5}}
+  sds: {{bus: uart, driver: sds011, interval: 7}}
+  an: {{bus: uart, driver: hj212, interval: 60}}
+""", base_dir=tmp_path)
+    drivers = build_bus_drivers("uart", config.buses["uart"], dict(config.devices), timezone=config.station.timezone)
+    built.extend(drivers)
+    assert [type(d) for d in drivers] == [Pms5003Driver, Sds011Driver, Hj212Driver]
+    assert [(d.device_id, d.interval) for d in drivers] == [("pm", 5.0), ("sds", 7.0), ("an", 60.0)]
+    assert all(isinstance(d, StreamDriver) for d in drivers[:2])
+    assert drivers[0].line is drivers[2].line and drivers[0].line.timeout == 0.3
+
+
+def test_a_device_that_is_not_a_serial_instrument_is_refused(pty):
+    with pytest.raises(ValueError, match="cannot run on serial bus"):
+        build_bus_drivers("line", SimpleNamespace(port=pty.path), {"x": SimpleNamespace(driver="modbus", interval=1)})
+
+
+def test_simulators_send_poison_only_in_frames_the_readers_reject(tmp_path, built):
+    """The fault injection of the simulators used by the end-to-end tests: plenty of rejected frames,
+    and not one poison value through."""
+    sims = [
+        (Pms5003Sim(passive_support=False, period=0.02, garbage=0.5, split=0.5, bad_checksum=0.5, seed=1), "pms5003"),
+        (Sds011Sim(period=0.02, garbage=0.5, split=0.5, bad_checksum=0.5, seed=2), "sds011"),
+        (Hj212Sim(period=0.02, garbage=0.5, split=0.5, bad_checksum=0.5, seed=3), "hj212"),
+    ]
+    poison = {PMS5003_POISON, SDS011_POISON, HJ212_POISON}
+    for k, (inst, driver) in enumerate(sims):
+        sim = SerialSim([inst], tmp_path / f"tty{k}")
+        sim.start()
+        try:
+            (d,) = build(built, sim.path, {"dev": (driver, 10)})
+            values: set = set()
+
+            def enough(d=d, inst=inst, values=values) -> bool:
+                values.update(r.value for r in d.poll(0))
+                return inst.poisoned >= 5 and len(values - {None}) >= 5
+
+            wait_for(enough, 10, f"{driver}: poison frames sent and good values read")
+            assert not values & poison, driver
+        finally:
+            sim.close()
