@@ -76,9 +76,6 @@ def check_supported(config: Config) -> None:
     for bus_name, bus in config.buses.items():
         if _bus_module(bus.type) is None and any(d.bus == bus_name for d in config.devices.values()):
             problems.append(f"buses.{bus_name}: {bus.type} buses are not yet supported by this version")
-    for i, rule in enumerate(config.alarms):
-        if rule.action is not None and _bus_module("rtu") is None:
-            problems.append(f"alarms.{i}.action: Modbus writes are not yet supported by this version")
     if problems:
         raise UnsupportedConfig("; ".join(problems))
 
@@ -132,7 +129,14 @@ class Station:
         self.recorder.start()
         self.publisher.start()
         # Always built: with no rules it still clears alarms left active by rules since removed.
-        self.alarms = AlarmEngine(cfg, self.recorder, buffer.meta_value("alarm_state"))
+        # Alarm actions write through the bus that owns the device, resolved at each write so that
+        # pollers rebuilt by SIGHUP are used.
+        writer = None
+        if any(rule.action is not None for rule in cfg.alarms):
+            from drivers.modbus import DeviceWriter  # pymodbus is loaded only when needed
+
+            writer = DeviceWriter(lambda: [d for p in self.pollers for d in p.drivers])
+        self.alarms = AlarmEngine(cfg, self.recorder, buffer.meta_value("alarm_state"), writer)
         self.recorder.add_stored_listener(self.alarms.observe)
         self.recorder.add_tick_listener(self.alarms.tick)
         self.pollers = build_pollers(cfg, self.recorder.submit)

@@ -23,6 +23,7 @@ they are queued and return a `concurrent.futures.Future[WriteResult]` at once. W
 runs the queue: the bus poller right after the device poll in progress, or, when the wire is idle, a
 short-lived helper thread started by `write()`. So a write never interleaves with a poll's requests,
 waits at most one device poll, and runs in request order (an "on" is never overtaken by its "off").
+`DeviceWriter` adapts this to the alarm engine's blocking `ActionWriter` call.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,12 +53,14 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "EXC_ILLEGAL_ADDRESS",
+    "DeviceWriter",
     "ExceptionReply",
     "LinkDown",
     "ModbusBus",
     "ModbusDriver",
     "NoAnswer",
     "WireError",
+    "WriteFailed",
     "WriteResult",
     "build_bus_drivers",
 ]
@@ -178,12 +181,14 @@ class ModbusBus:
         self.retries = max(0, int(retries))
         self.slaves: dict[str, int] = dict(slaves or {})
         self.stats = BusStats()
-        self._serial_settings = {"baudrate": baudrate, "parity": parity, "bytesize": bytesize, "stopbits": stopbits}
+        self._serial_settings: dict[str, Any] = {"baudrate": baudrate, "parity": parity, "bytesize": bytesize,
+                                                 "stopbits": stopbits}
         self._wire = threading.Lock()
         self._writes: deque[_PendingWrite] = deque()
         self._client: Any = None
         self._opened_id: tuple[int, int, int] | None = None  # identity of the serial device we opened
         self._up: bool | None = None  # None until the first attempt
+        self._was_up = False
         self._users = 0
         self._closed = False
 
@@ -193,18 +198,25 @@ class ModbusBus:
     def from_config(cls, name: str, bus: Any, slaves: Mapping[str, int] | None = None) -> ModbusBus:
         """A bus from a config bus model (duck-typed: `type`, `port`/`host`, `timeout`, `retries`, ...)."""
         kind = bus.type
-        common = {"timeout": getattr(bus, "timeout", 0.5 if kind == "rtu" else 1.0),
-                  "retries": getattr(bus, "retries", 1), "slaves": slaves}
+        timeout = float(getattr(bus, "timeout", 0.5 if kind == "rtu" else 1.0))
+        retries = int(getattr(bus, "retries", 1))
         if kind == "rtu":
-            return cls(name, "rtu", port=str(bus.port), baudrate=bus.baudrate, parity=str(bus.parity),
-                       bytesize=int(bus.bytesize), stopbits=int(bus.stopbits), **common)
+            return cls(name, "rtu", port=str(bus.port), baudrate=int(bus.baudrate), parity=str(bus.parity),
+                       bytesize=int(bus.bytesize), stopbits=int(bus.stopbits), timeout=timeout, retries=retries,
+                       slaves=slaves)
         if kind == "tcp":
-            return cls(name, "tcp", host=str(bus.host), tcp_port=int(bus.port), **common)
+            return cls(name, "tcp", host=str(bus.host), tcp_port=int(bus.port), timeout=timeout, retries=retries,
+                       slaves=slaves)
         raise ValueError(f"bus {name}: type {kind!r} is not a Modbus bus (rtu or tcp)")
 
     def describe(self) -> str:
         """The link as a technician names it: the serial port, or host:port."""
         return str(self.port) if self.kind == "rtu" else f"{self.host}:{self.tcp_port}"
+
+    @property
+    def busy(self) -> bool:
+        """True while somebody holds the wire (a device poll or a write in progress)."""
+        return self._wire.locked()
 
     @property
     def is_up(self) -> bool | None:
@@ -240,16 +252,14 @@ class ModbusBus:
         self._close_client()
         if self._up is not False:
             verb = "cannot open" if self._up is None else "lost"
-            log.warning("bus %s: %s %s (%s); its devices read as flag B until it is back", self.name, verb,
+            log.warning("bus %s: %s %s (%s); its devices read flag B until it returns", self.name, verb,
                         self.describe(), reason)
         self._up = False
 
     def _mark_up(self) -> None:
-        if self._up is False:
-            log.info("bus %s: %s is back", self.name, self.describe())
-        elif self._up is None:
-            log.info("bus %s: %s open", self.name, self.describe())
-        self._up = True
+        if self._up is not True:
+            log.info("bus %s: %s %s", self.name, self.describe(), "is back" if self._was_up else "open")
+        self._up = self._was_up = True
 
     def _open_failure_reason(self) -> str:
         if self.kind == "tcp":
@@ -303,7 +313,8 @@ class ModbusBus:
                 response = call(self._client)
             except ConnectionException:
                 # pymodbus closed the port or socket (peer closed, write error). Reopening it once is not
-                # a retry: a TCP server that restarted answers the request on the fresh connection.
+                # a retry: a TCP server that restarted answers the request on the fresh connection. Logged
+                # at debug only: some gateways close idle connections, which would be a line per poll.
                 self._close_client()
                 last = "connection lost"
                 self._after_failure()
@@ -311,7 +322,7 @@ class ModbusBus:
                     raise LinkDown(f"{self.describe()} lost") from None
                 if not reopened:
                     reopened = True
-                    log.info("bus %s: connection to %s dropped; reopening it", self.name, self.describe())
+                    log.debug("bus %s: connection to %s dropped; reopening it", self.name, self.describe())
                     continue
                 tries += 1
                 continue
@@ -545,6 +556,8 @@ class ModbusDriver:
             except NoAnswer as exc:
                 # Given up for this poll: every channel B, and the bus moves on (SPEC §2).
                 return dict.fromkeys(self.specs, FLAG_COMM), ("no answer", str(exc))
+            except Exception as exc:  # noqa: BLE001 - whatever else came off the wire: B, never a raise
+                return dict.fromkeys(self.specs, FLAG_COMM), ("bad answer", f"{type(exc).__name__}: {exc}")
             try:
                 for spec, words_of in slice_response(req, words):
                     results[spec] = words_of
@@ -594,6 +607,40 @@ class ModbusDriver:
             log.info("device %s (slave %d on %s): answering normally again", self.device_id, self.slave,
                      self.bus.name)
         self._problem = text
+
+
+class WriteFailed(Exception):
+    """A write that did not happen; `result` says why (flag B: no answer or link down, D: refused)."""
+
+    def __init__(self, result: WriteResult):
+        super().__init__(f"device {result.device_id}: write {result.kind} {result.address} = {result.value} "
+                         f"failed: {result.error}")
+        self.result = result
+
+
+class DeviceWriter:
+    """The alarm engine's `ActionWriter`: `writer(device_id, kind, address, value)` writes through the
+    device's bus (queued between polls, see the module docstring), blocks until done and raises
+    WriteFailed (or LookupError for a device that is not a Modbus device being polled).
+
+    `drivers` returns the drivers currently polled (called at each write, so that pollers rebuilt by a
+    config reload are picked up): e.g. `lambda: [d for p in station.pollers for d in p.drivers]`.
+    """
+
+    def __init__(self, drivers: Callable[[], Iterable[Any]], timeout: float = 60.0):
+        self._drivers = drivers
+        self.timeout = timeout
+
+    def __call__(self, device_id: str, kind: str, address: int, value: int | bool) -> None:
+        for driver in self._drivers():
+            if getattr(driver, "device_id", None) == device_id and isinstance(driver, ModbusDriver):
+                if kind not in ("coil", "register"):
+                    raise ValueError(f"write kind must be 'coil' or 'register', not {kind!r}")
+                result = driver.write(kind, address, value).result(self.timeout)  # type: ignore[arg-type]
+                if not result.ok:
+                    raise WriteFailed(result)
+                return
+        raise LookupError(f"device {device_id!r} is not a Modbus device being polled: cannot write to it")
 
 
 def build_bus_drivers(bus_name: str, bus: Any, devices: Mapping[str, Any]) -> list[ModbusDriver]:

@@ -58,7 +58,8 @@ class Broker:
     client certificates and a password file."""
 
     def __init__(self, workdir: Path, *, tls: dict | None = None, passwords: dict[str, str] | None = None,
-                 extra: str = ""):
+                 extra: str = "", persistence: bool = False):
+        self.persistence = persistence
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -75,7 +76,11 @@ class Broker:
         return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
     def _write_conf(self) -> None:
-        lines = [f"listener {self.port} 127.0.0.1", "persistence false", f"log_dest file {self.log}",
+        # With persistence, what the broker acknowledged survives its restart (as a production broker's
+        # would): a subscriber with a persistent session then receives every message it was due.
+        persist = ["persistence true", f"persistence_location {self.workdir}/"] if self.persistence else [
+            "persistence false"]
+        lines = [f"listener {self.port} 127.0.0.1", *persist, f"log_dest file {self.log}",
                  "log_type error", "log_type warning", "log_type notice", "max_inflight_messages 0",
                  "max_queued_messages 100000"]
         if os.geteuid() == 0:  # mosquitto would drop to its own user and lose access to the test's files
@@ -130,11 +135,14 @@ class Collector:
     """A subscriber that keeps every message of a topic filter, for assertions."""
 
     def __init__(self, broker: Broker, topic: str, *, username: str | None = None, password: str | None = None,
-                 tls: dict | None = None):
+                 tls: dict | None = None, persistent: bool = False):
+        """`persistent`: a platform-like subscriber with a persistent session (QoS 1) that reconnects by
+        itself, so that it receives every message the broker acknowledged, across broker restarts."""
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"collector-{os.getpid()}-{id(self)}",
-                                  clean_session=True)
+                                  clean_session=not persistent)
+        self.client.reconnect_delay_set(0.1, 0.5)
         if username:
             self.client.username_pw_set(username, password)
         if tls:
@@ -202,6 +210,17 @@ def sim_config(tmp: Path, broker: Broker, *, station_id: str = "TEST0001", chann
     return config
 
 
+LIVE_PROCESSES: list[subprocess.Popen] = []  # killed after each test (tests/conftest.py), even a failed one
+
+
+def kill_leftovers() -> None:
+    while LIVE_PROCESSES:
+        proc = LIVE_PROCESSES.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 class AgentProcess:
     """`edge-agent run -c FILE` as a real process; stderr captured to a file for assertions."""
 
@@ -215,6 +234,7 @@ class AgentProcess:
             [sys.executable, "-m", "agent.cli", "run", "-c", str(config_path)],
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
         )
+        LIVE_PROCESSES.append(self.proc)
 
     def log(self) -> str:
         if not self._log.closed:

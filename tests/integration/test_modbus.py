@@ -1,0 +1,462 @@
+"""Modbus RTU and TCP against real slaves: the driver (pymodbus's client underneath) talks to the project's
+simulated slave over Modbus TCP on loopback and over Modbus RTU on a pseudo-terminal pair, and at the end
+`edge-agent simulate` and `edge-agent run` talk to each other as two real processes.
+
+Expected register contents are built here from SPEC §2's byte-order table (and literal vectors for the
+float orders seen in the field), not with the codec under test.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from harness import REPO, AgentProcess, Collector, free_port, wait_for, write_config
+
+from agent.model import Reading
+from agent.poller import BusPoller
+from drivers import profiles
+from drivers.modbus import DeviceWriter, ModbusBus, ModbusDriver, WriteFailed
+from drivers.planner import naive_plan
+from drivers.registers import RegisterSpec
+from drivers.sim.instruments import SimInstrument
+from drivers.sim.slave import Fault, RegisterBank, RtuPtyServer, SlaveCore, TcpServer
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def wire_words(fmt: str, value: float | int, order: str) -> list[int]:
+    """Registers on the wire for `value` packed big-endian as `fmt`, placed per SPEC §2: CDAB reverses
+    the words, BADC swaps the bytes inside each word, DCBA does both."""
+    data = struct.pack(">" + fmt, value)
+    words = [data[i : i + 2] for i in range(0, len(data), 2)]
+    if order in ("BADC", "DCBA"):
+        words = [w[::-1] for w in words]
+    if order in ("CDAB", "DCBA"):
+        words = words[::-1]
+    return [int.from_bytes(w, "big") for w in words]
+
+
+class Link:
+    """A simulated slave line (TCP on loopback or RTU on a pty) and a ModbusBus connected to it."""
+
+    def __init__(self, kind: str, units: dict, tmp: Path, *, timeout: float = 0.3, retries: int = 1):
+        self.kind = kind
+        self.core = SlaveCore(units)
+        self.path = tmp / "ttySIM0"
+        if kind == "tcp":
+            self.server: TcpServer | RtuPtyServer = TcpServer(self.core, "127.0.0.1", 0).start()
+            self.bus = ModbusBus("lan", "tcp", host="127.0.0.1", tcp_port=self.server.port, timeout=timeout,
+                                 retries=retries)
+        else:
+            self.server = RtuPtyServer(self.core, self.path).start()
+            self.bus = ModbusBus("rs485", "rtu", port=str(self.path), baudrate=9600, timeout=timeout,
+                                 retries=retries)
+
+    def driver(self, device_id: str, slave: int, specs, interval: float = 1.0, **kw) -> ModbusDriver:
+        return ModbusDriver(device_id, self.bus, slave, interval, specs, **kw)
+
+    def close(self) -> None:
+        self.bus.close()
+        self.server.stop()
+
+
+@pytest.fixture(params=["tcp", "rtu"])
+def kind(request) -> str:
+    return request.param
+
+
+def by_channel(readings: list[Reading]) -> dict[str, Reading]:
+    return {r.channel: r for r in readings}
+
+
+# --------------------------------------------------------------------------------------------------
+# decoding against a real slave
+
+FORMATS = {"int32": "i", "uint32": "I", "int64": "q", "uint64": "Q", "float32": "f", "float64": "d"}
+SAMPLES = {
+    "int32": -123456789,
+    "uint32": 3456789012,
+    "int64": -1234567890123456789,
+    "uint64": 12345678901234567890,
+    "float32": 123.456,
+    "float64": -9876.54321,
+}
+# float32 123.456 = 0x42F6E979 as four field instruments send it (DOMAIN.md: ABCD, CDAB, DCBA, BADC).
+FLOAT_VECTORS = {
+    "ABCD": [0x42F6, 0xE979],
+    "CDAB": [0xE979, 0x42F6],
+    "BADC": [0xF642, 0x79E9],
+    "DCBA": [0x79E9, 0xF642],
+}
+
+
+def test_every_type_and_order_decodes_exactly_at_a_real_slave(kind, tmp_path):
+    bank = RegisterBank()
+    specs: list[RegisterSpec] = []
+    expected: dict[str, float] = {}
+    address = 0
+    for type_, fmt in FORMATS.items():
+        for order in ("ABCD", "CDAB", "BADC", "DCBA"):
+            channel = f"{type_}_{order}"
+            spec = RegisterSpec(channel=channel, address=address, type=type_, order=order)
+            bank.set("holding", address, wire_words(fmt, SAMPLES[type_], order))
+            specs.append(spec)
+            expected[channel] = float(SAMPLES[type_])
+            address += spec.count
+    for order, words in FLOAT_VECTORS.items():  # literal field vectors
+        specs.append(RegisterSpec(channel=f"field_{order}", address=address, type="float32", order=order))
+        bank.set("holding", address, words)
+        expected[f"field_{order}"] = 123.456
+        address += 2
+    extra = [  # 16-bit types, scale and offset, input table, bits
+        (RegisterSpec(channel="i16", address=200, type="int16"), "holding", [0x10000 - 12345], -12345.0),
+        (RegisterSpec(channel="u16", address=201, type="uint16"), "holding", [54321], 54321.0),
+        (RegisterSpec(channel="ph", address=202, type="int16", scale=0.01), "holding", [712], 7.12),
+        (RegisterSpec(channel="temp", address=203, type="uint16", scale=0.1, offset=-40), "holding", [1234], 83.4),
+        (RegisterSpec(channel="i32s", address=204, type="int32", order="CDAB", scale=0.001), "holding",
+         wire_words("i", -2500, "CDAB"), -2.5),
+        (RegisterSpec(channel="f32so", address=206, type="float32", order="DCBA", scale=2, offset=1), "holding",
+         wire_words("f", 1.25, "DCBA"), 3.5),
+        (RegisterSpec(channel="reg_bool", address=208, type="bool"), "holding", [7], 1.0),
+        (RegisterSpec(channel="in_f32", address=10, type="float32", table="input", order="CDAB"), "input",
+         wire_words("f", -0.5, "CDAB"), -0.5),
+        (RegisterSpec(channel="coil3", address=3, table="coil"), "coil", [1], 1.0),
+        (RegisterSpec(channel="coil4", address=4, table="coil"), "coil", [0], 0.0),
+        (RegisterSpec(channel="di9", address=9, table="discrete"), "discrete", [1], 1.0),
+    ]
+    for spec, table, words, value in extra:
+        specs.append(spec)
+        bank.set(table, spec.address, words)
+        expected[spec.channel] = value
+    link = Link(kind, {7: bank}, tmp_path)
+    try:
+        readings = link.driver("dev", 7, specs).poll(1_000)
+    finally:
+        link.close()
+    got = by_channel(readings)
+    assert set(got) == set(expected)
+    for channel, value in expected.items():
+        r = got[channel]
+        assert (r.value, r.flag) == (value, "N"), channel
+    assert link.core.counters[7].requests == 5, "holding 0..97, holding 200..208, input, coils, discrete"
+
+
+def forty_points() -> list[RegisterSpec]:
+    """A 40-point analyzer map: 16 float32 at 0..31, 16 int16 at 40..55 (a hole of 8), 8 input uint16."""
+    specs = [RegisterSpec(channel=f"f{i:02d}", address=2 * i, type="float32", order="CDAB") for i in range(16)]
+    specs += [RegisterSpec(channel=f"s{i:02d}", address=40 + i, type="int16", scale=0.1) for i in range(16)]
+    specs += [RegisterSpec(channel=f"in{i}", address=100 + i, type="uint16", table="input") for i in range(8)]
+    return specs
+
+
+def test_forty_point_map_costs_two_requests_at_the_slave_instead_of_forty(tmp_path):
+    specs = forty_points()
+    link = Link("rtu", {1: RegisterBank(), 2: RegisterBank()}, tmp_path)
+    try:
+        planned = link.driver("planned", 1, specs)
+        naive = link.driver("naive", 2, specs, requests=naive_plan(specs))
+        for _ in range(3):
+            assert all(r.flag == "N" for r in planned.poll(0) + naive.poll(0))
+    finally:
+        link.close()
+    plan_counts, naive_counts = link.core.counters[1], link.core.counters[2]
+    assert len(planned.requests) == 2
+    assert plan_counts.requests == 3 * 2
+    assert naive_counts.requests == 3 * 40
+    assert plan_counts.rx_bytes + plan_counts.tx_bytes < (naive_counts.rx_bytes + naive_counts.tx_bytes) / 4
+
+
+# --------------------------------------------------------------------------------------------------
+# failures
+
+
+def test_dead_slave_on_shared_rtu_bus_costs_one_timeout_and_recovers(tmp_path):
+    alive_bank, dead_bank = RegisterBank(), RegisterBank()
+    for bank in (alive_bank, dead_bank):
+        bank.set("holding", 0, wire_words("f", 12.5, "ABCD"))
+    dead_bank.fault = Fault("silent")
+    timeout, retries, interval = 0.1, 1, 0.25
+    link = Link("rtu", {1: alive_bank, 2: dead_bank}, tmp_path, timeout=timeout, retries=retries)
+    spec = [RegisterSpec(channel="w01018", address=0, type="float32", unit="mg/L")]
+    alive = link.driver("alive", 1, spec, interval=interval)
+    dead = link.driver("dead", 2, spec, interval=0.3)
+    received: list[Reading] = []
+    lock = threading.Lock()
+
+    def sink(readings: list[Reading]) -> None:
+        with lock:
+            received.extend(readings)
+
+    def of(device: str) -> list[Reading]:
+        with lock:
+            return [r for r in received if r.device == device]
+
+    poller = BusPoller("rs485", [alive, dead], sink)
+    poller.start()
+    try:
+        wait_for(lambda: len(of("dead")) >= 8, 10, "8 polls of the dead slave")
+        dead_cost = dead.last_poll_s
+        dead_bank.fault = None
+        wait_for(lambda: of("dead")[-1].flag == "N", 5, "the dead slave back to N")
+    finally:
+        poller.stop()
+        poller.join(5)
+        link.close()
+    dead_readings = of("dead")
+    first_ok = next(i for i, r in enumerate(dead_readings) if r.flag == "N")
+    assert first_ok >= 8
+    assert all(r.value is None and r.flag == "B" for r in dead_readings[:first_ok])
+    assert dead_readings[-1].value == 12.5
+    budget = timeout * (retries + 1)
+    assert budget * 0.9 <= dead_cost <= budget + 0.1, f"a silent slave costs timeout x tries, took {dead_cost:.3f}"
+    alive_ts = [r.ts_ms / 1000 for r in of("alive")]
+    gaps = [b - a for a, b in zip(alive_ts, alive_ts[1:], strict=False)]
+    assert all(r.flag == "N" for r in of("alive"))
+    assert max(gaps) <= interval + budget + 0.1, f"alive slave delayed beyond one dead poll: {max(gaps):.3f}"
+    mean = (alive_ts[-1] - alive_ts[0]) / len(gaps)
+    assert abs(mean - interval) < 0.05, f"alive slave kept its {interval} s interval on average ({mean:.3f})"
+
+
+def test_bad_crc_reads_as_communication_failure(tmp_path):
+    bank = RegisterBank()
+    bank.set("holding", 0, [712])
+    bank.fault = Fault("badcrc")
+    link = Link("rtu", {4: bank}, tmp_path, timeout=0.1, retries=1)
+    try:
+        driver = link.driver("ph", 4, [RegisterSpec(channel="w01001", address=0, type="int16", scale=0.01)])
+        r = driver.poll(0)[0]
+        assert (r.value, r.flag) == (None, "B")
+        assert link.core.counters[4].requests == 2, "tried retries + 1 times"
+        bank.fault = None
+        assert driver.poll(0)[0].value == 7.12
+    finally:
+        link.close()
+
+
+def profile_instrument(name: str, device: str) -> SimInstrument:
+    return SimInstrument(device, profiles.load(name).registers, clock=lambda: 1_780_000_000.0)
+
+
+def test_status_words_give_m_c_d_and_exceptions_give_d(kind, tmp_path):
+    dust = profile_instrument("dust-monitor", "dust")  # i12001 value map
+    cod = profile_instrument("cod-analyzer", "cod")  # ASCII flag letter
+    flow = profile_instrument("flow-meter", "flow")  # alarm bits, applies to w00000 only
+    link = Link(kind, {1: dust, 2: cod, 3: flow}, tmp_path)
+    drivers = {name: link.driver(name, unit, profiles.load(profile).registers,
+                                 plan_kwargs=profiles.plan_args(profiles.load(profile)))
+               for name, unit, profile in (("dust", 1, "dust-monitor"), ("cod", 2, "cod-analyzer"),
+                                           ("flow", 3, "flow-meter"))}
+    try:
+        def flags() -> dict[str, dict[str, str]]:
+            return {name: {r.channel: r.flag for r in d.poll(0)} for name, d in drivers.items()}
+
+        normal = flags()
+        assert all(f == "N" for chans in normal.values() for f in chans.values()), normal
+        values = by_channel(drivers["dust"].poll(0))
+        for channel, value in dust.values().items():
+            assert values[channel].value == pytest.approx(value, rel=1e-6)
+        for state, flag in (("maintenance", "M"), ("calibration", "C"), ("fault", "D")):
+            dust.state = cod.state = state
+            got = flags()
+            assert set(got["dust"].values()) == {flag}, state
+            assert set(got["cod"].values()) == {flag}, state
+        flow.state = "fault"
+        assert flags()["flow"] == {"w00000": "D", "w00000_total": "N"}
+        dust.state = cod.state = flow.state = "normal"
+        dust.fault = Fault("exception", 4)
+        readings = drivers["dust"].poll(0)
+        assert {(r.value, r.flag) for r in readings} == {(None, "D")}
+        dust.fault = None
+        assert {r.flag for r in drivers["dust"].poll(0)} == {"N"}
+    finally:
+        link.close()
+
+
+def test_merged_read_refused_with_exception_02_falls_back_to_single_reads_once(tmp_path, caplog):
+    bank = RegisterBank(strict=True)  # registers 1..2 undefined: a merged read of 0..3 is refused
+    bank.set("holding", 0, [100])
+    bank.set("holding", 3, [200])
+    specs = [RegisterSpec(channel="a", address=0), RegisterSpec(channel="b", address=3)]
+    link = Link("tcp", {1: bank}, tmp_path)
+    try:
+        driver = link.driver("picky", 1, specs)
+        assert len(driver.requests) == 1
+        with caplog.at_level(logging.WARNING, logger="drivers.modbus"):
+            for _ in range(3):
+                assert [(r.value, r.flag) for r in driver.poll(0)] == [(100.0, "N"), (200.0, "N")]
+    finally:
+        link.close()
+    assert link.core.counters[1].requests == 1 + 3 * 2, "refused once, then two reads per poll"
+    assert len([m for m in caplog.messages if "one by one" in m]) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# links that go away
+
+
+def test_usb_unplug_and_replug_resumes_polling_by_itself(tmp_path, caplog):
+    bank = RegisterBank()
+    bank.set("holding", 0, [712])
+    link = Link("rtu", {4: bank}, tmp_path, timeout=0.2)
+    driver = link.driver("ph", 4, [RegisterSpec(channel="w01001", address=0, type="int16", scale=0.01)])
+    try:
+        with caplog.at_level(logging.INFO, logger="drivers.modbus"):
+            assert driver.poll(0)[0].flag == "N"
+            link.server.stop()  # unplugged: the pty is gone and so is the link
+            assert not os.path.lexists(link.path)
+            for _ in range(5):
+                start = time.monotonic()
+                r = driver.poll(0)[0]
+                assert (r.value, r.flag) == (None, "B")
+                assert time.monotonic() - start < 0.05, "a missing port costs no timeout"
+            link.server = RtuPtyServer(link.core, link.path).start()  # replugged: a new tty behind the link
+            wait_for(lambda: driver.poll(0)[0].flag == "N", 5, "polling resumed")
+            assert driver.poll(0)[0].value == 7.12
+            # Only the link removed and re-created (same tty behind it): same story.
+            os.unlink(link.path)
+            assert driver.poll(0)[0].flag == "B"
+            assert link.server.pty_name is not None
+            os.symlink(link.server.pty_name, link.path)
+            wait_for(lambda: driver.poll(0)[0].flag == "N", 5, "polling resumed on the same tty")
+    finally:
+        link.close()
+    lost = [m for m in caplog.messages if ": lost " in m]
+    back = [m for m in caplog.messages if m.endswith(" is back")]
+    assert len(lost) == 2 and len(back) == 2, caplog.messages
+
+
+def test_tcp_connection_dropped_or_server_restarted_is_reopened(tmp_path, caplog):
+    bank = RegisterBank()
+    bank.set("holding", 0, wire_words("f", 3.25, "CDAB"))
+    link = Link("tcp", {1: bank}, tmp_path, timeout=0.3, retries=0)
+    spec = [RegisterSpec(channel="w21003", address=0, type="float32", order="CDAB")]
+    driver = link.driver("nh3n", 1, spec)
+    port = link.server.port
+    try:
+        with caplog.at_level(logging.INFO, logger="drivers.modbus"):
+            assert driver.poll(0)[0].value == 3.25
+            assert isinstance(link.server, TcpServer)
+            link.server.drop_connections()  # the gateway rebooted its sockets
+            wait_for(lambda: link.server.connection_count == 0, 2, "server side closed")
+            assert driver.poll(0)[0].value == 3.25, "reopened within the same poll, not a retry"
+            link.server.stop()
+            for _ in range(3):
+                assert driver.poll(0)[0].flag == "B"
+            link.server = TcpServer(link.core, "127.0.0.1", port).start()
+            wait_for(lambda: driver.poll(0)[0].flag == "N", 5, "server back")
+    finally:
+        link.close()
+    assert len([m for m in caplog.messages if ": lost " in m]) == 1, caplog.messages
+    assert len([m for m in caplog.messages if m.endswith(" is back")]) == 1, caplog.messages
+
+
+# --------------------------------------------------------------------------------------------------
+# writes
+
+
+def test_writes_from_another_thread_run_between_polls(tmp_path):
+    relay, silent = RegisterBank(), RegisterBank()
+    silent.fault = Fault("silent")
+    link = Link("rtu", {10: relay, 11: silent}, tmp_path, timeout=0.3, retries=0)
+    spec = [RegisterSpec(channel="x", address=0)]
+    sampler = link.driver("sampler", 10, spec)
+    dead = link.driver("dead", 11, spec)
+    try:
+        done_at: list[float] = []
+        poll_end: list[float] = []
+        poll = threading.Thread(target=lambda: (dead.poll(0), poll_end.append(time.monotonic())))
+        poll.start()
+        wait_for(lambda: link.bus.busy, 2, "the poll holds the wire")
+        future = link.bus.write("sampler", "coil", 0, True)
+        future.add_done_callback(lambda f: done_at.append(time.monotonic()))
+        assert not future.done(), "the write waits for the poll in progress"
+        poll.join(5)
+        result = future.result(5)
+        assert result.ok and relay.get("coil", 0) == [1]
+        assert done_at[0] >= poll_end[0] - 0.01
+        assert sampler.write("register", 5, -2).result(5).ok and relay.get("holding", 5) == [0xFFFE]
+        assert link.bus.write("sampler", "coil", 0, False).result(5).ok and relay.get("coil", 0) == [0]
+        failed = link.bus.write("dead", "coil", 0, True).result(5)
+        assert not failed.ok and failed.flag == "B"
+        relay.strict = True
+        refused = link.bus.write("sampler", "register", 99, 1).result(5)
+        assert not refused.ok and refused.flag == "D"
+        with pytest.raises(ValueError):
+            link.bus.write("nobody", "coil", 0, 1)
+        with pytest.raises(ValueError):
+            link.bus.write("sampler", "register", 0, 70000)
+        relay.strict = False
+        writer = DeviceWriter(lambda: [sampler, dead])  # what the alarm engine calls, on its own thread
+        writer("sampler", "coil", 1, True)
+        assert relay.get("coil", 1) == [1]
+        with pytest.raises(WriteFailed):
+            writer("dead", "coil", 0, True)
+        with pytest.raises(LookupError):
+            writer("fog", "coil", 0, True)
+    finally:
+        link.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end: `edge-agent simulate` + `edge-agent run`
+
+
+def tcp_accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def test_simulate_and_run_deliver_normal_readings_for_every_channel(tmp_path, broker):
+    config = yaml.safe_load((REPO / "config/examples/modbus-demo.yaml").read_text())
+    link = tmp_path / "dev" / "ttySIM0"
+    tcp_port = free_port()
+    config["mqtt"]["url"] = broker.url
+    config["storage"]["path"] = str(tmp_path / "buffer.db")
+    for bus in config["buses"].values():
+        if bus["type"] == "rtu":
+            bus["port"] = str(link)
+        else:
+            bus["port"] = tcp_port
+    for dev in config["devices"].values():
+        dev["interval"] = 0.5
+    cfg = write_config(tmp_path / "station.yaml", config)
+    expected = {(dev_id, spec.channel) for dev_id, dev in config["devices"].items()
+                for spec in profiles.load(dev["profile"]).registers if spec.role == "value"}
+    sim_log = open(tmp_path / "simulate.log", "wb")
+    sim = subprocess.Popen([sys.executable, "-m", "agent.cli", "simulate", "-c", str(cfg)], cwd=REPO,
+                           stdout=sim_log, stderr=subprocess.STDOUT)
+    collector = Collector(broker, "env/#")
+    agent = None
+    try:
+        wait_for(lambda: link.is_symlink() and tcp_accepts(tcp_port), 15, "simulators listening")
+        agent = AgentProcess(cfg)
+
+        def normal_channels() -> set[tuple[str, str]]:
+            return {(r["device"], r["channel"]) for m in collector.json_messages("/data")
+                    for r in m.get("readings", []) if r["flag"] == "N" and r["value"] is not None}
+
+        wait_for(lambda: expected <= normal_channels(), 20, f"flag N for all {len(expected)} channels")
+    finally:
+        if agent is not None:
+            assert agent.stop() == 0
+        collector.close()
+        sim.send_signal(signal.SIGTERM)
+        assert sim.wait(10) == 0
+        sim_log.close()
+    assert not os.path.lexists(link), "simulate removes its pty link on exit"
+    assert "serving" in (tmp_path / "simulate.log").read_text()
