@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Broker, kill_leftovers  # noqa: E402
+from harness import Broker, kill_leftovers, leaked_secrets  # noqa: E402
 
 
 @pytest.fixture
@@ -21,6 +21,9 @@ def broker(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _no_leftover_agents():
-    """An agent process left running by a failed test must not outlive it."""
+    """An agent process left running by a failed test must not outlive it; and no agent of any test
+    may have written a registered secret (password, key) into its log."""
     yield
     kill_leftovers()
+    leaks = leaked_secrets()
+    assert not leaks, f"secrets in agent logs: {leaks}"

@@ -211,6 +211,24 @@ def sim_config(tmp: Path, broker: Broker, *, station_id: str = "TEST0001", chann
 
 
 LIVE_PROCESSES: list[subprocess.Popen] = []  # killed after each test (tests/conftest.py), even a failed one
+AGENT_LOGS: list[Path] = []  # every agent log of the test, scanned for secrets afterwards
+SECRETS: set[str] = set()  # passwords and key material a test used: they must never reach a log line
+
+
+def secret(value: str) -> str:
+    """Register a secret for the after-test log scan; returns it."""
+    SECRETS.add(value)
+    return value
+
+
+def leaked_secrets() -> list[str]:
+    """Log files (of this test's agents) that contain a registered secret."""
+    found = []
+    for path in AGENT_LOGS:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        found += [f"{path.name}: {s[:3]}…" for s in SECRETS if s and s in text]
+    AGENT_LOGS.clear()
+    return found
 
 
 def kill_leftovers() -> None:
@@ -235,6 +253,7 @@ class AgentProcess:
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
         )
         LIVE_PROCESSES.append(self.proc)
+        AGENT_LOGS.append(self.log_path)
 
     def log(self) -> str:
         if not self._log.closed:

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from harness import AgentProcess, Broker, Collector, db_last_seq, sim_config, wait_for, write_config
+from harness import AgentProcess, Broker, Collector, db_last_seq, secret, sim_config, wait_for, write_config
 
 
 def make_pki(d: Path) -> dict:
@@ -33,23 +33,23 @@ def make_pki(d: Path) -> dict:
 
 def test_tls_client_certificate_and_password_wrong_then_fixed_by_sighup(tmp_path):
     pki = make_pki(tmp_path / "pki")
-    secret = "s3cret-Pa55word"
-    broker = Broker(tmp_path / "broker", tls=pki, passwords={"station": secret}).start()
+    password = secret("s3cret-Pa55word")
+    broker = Broker(tmp_path / "broker", tls=pki, passwords={"station": password}).start()
     pwfile = tmp_path / "mqtt.pass"
-    pwfile.write_text("wrong-password\n")
+    pwfile.write_text(secret("wrong-password") + "\n")
     config = sim_config(tmp_path, broker, channels=2, interval=0.2, mqtt={
         "username": "station", "password_file": str(pwfile), "reconnect_max": 1,
         "tls": {"ca": pki["ca"], "cert": pki["client_cert"], "key": pki["client_key"]},
     })
     cfg = write_config(tmp_path / "station.yaml", config)
-    collector = Collector(broker, "env/#", username="station", password=secret, tls=pki)
+    collector = Collector(broker, "env/#", username="station", password=password, tls=pki)
     agent = AgentProcess(cfg)
     try:
         wait_for(lambda: "refused" in agent.log() and "password" in agent.log(), 20, "a clear refusal in the log")
         wait_for(lambda: db_last_seq(tmp_path / "buffer.db") >= 20, 20, "readings buffered meanwhile")
         assert agent.alive()
         assert not collector.reading_seqs()
-        pwfile.write_text(secret + "\n")
+        pwfile.write_text(password + "\n")
         agent.signal(signal.SIGHUP)
         wait_for(lambda: collector.reading_seqs() and min(collector.reading_seqs()) == 1, 30,
                  "delivery from seq 1 once the password is fixed")
@@ -60,7 +60,9 @@ def test_tls_client_certificate_and_password_wrong_then_fixed_by_sighup(tmp_path
         collector.close()
         broker.stop()
     log = agent.log()
-    assert secret not in log and "wrong-password" not in log, "no password in any log line"
+    assert password not in log and "wrong-password" not in log, "no password in any log line"
+    key = Path(pki["client_key"]).read_text()
+    assert secret(key.splitlines()[1]) not in log, "no key material in any log line"
 
 
 def test_size_cap_during_outage_purges_published_then_drops_oldest_and_announces_the_gap(tmp_path):

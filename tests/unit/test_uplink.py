@@ -1,0 +1,341 @@
+"""The HJ 212 TCP uplink against a platform written here (a TCP server on loopback), with the real buffer
+and recorder: acknowledged delivery, retries and reconnection, progress kept per uplink, and answers to
+the platform's requests (backfill, time, refusals), with garbage on the wire."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+from harness import wait_for
+
+from agent.buffer import Buffer
+from agent.hj212 import (
+    FrameReader,
+    Hj212Error,
+    Packet,
+    ack_9014,
+    encode,
+    encode_one,
+    parse_time,
+    period_items,
+    realtime_items,
+)
+from agent.model import STREAM_AGGREGATES, STREAM_READINGS, Reading
+from agent.publisher import Hj212Identity
+from agent.recorder import Recorder
+from agent.uplink import Uplink, UplinkTarget
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+MN = "14010500000017"
+IDENTITY = Hj212Identity(mn=MN, st="32", pw="123456", timezone="Asia/Shanghai")
+T0 = int(datetime(2026, 11, 29, 2, 0, 0, tzinfo=UTC).timestamp() * 1000)  # 10:00:00 in Shanghai
+
+
+class Platform:
+    """An HJ 212 platform on loopback: accepts the station's connections, keeps every valid packet in
+    arrival order (and every bad frame), acknowledges data packets that ask for it with 9014 while
+    `ack` is true, and sends requests on the newest connection."""
+
+    def __init__(self, *, ack: bool = True, port: int = 0) -> None:
+        self.ack = ack
+        self.server = socket.socket()
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(("127.0.0.1", port))
+        self.server.listen(4)
+        self.port = self.server.getsockname()[1]
+        self.packets: list[Packet] = []
+        self.errors: list[Hj212Error] = []
+        self.conns: list[socket.socket] = []
+        self.accepted = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.conns.append(conn)
+                self.accepted += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        reader = FrameReader()
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            for item in reader.feed(data):
+                with self._lock:
+                    (self.errors if isinstance(item, Hj212Error) else self.packets).append(item)
+                if isinstance(item, Packet) and item.answer_requested and self.ack:
+                    try:
+                        conn.sendall(encode_one(ack_9014(item)))
+                    except OSError:
+                        return
+
+    def received(self, cn: str | None = None) -> list[Packet]:
+        with self._lock:
+            return [p for p in self.packets if cn is None or p.cn == cn]
+
+    def connected(self) -> bool:
+        with self._lock:
+            return bool(self.conns)
+
+    def send(self, data: bytes) -> None:
+        wait_for(self.connected, 10, "the station to connect")
+        with self._lock:
+            conn = self.conns[-1]
+        conn.sendall(data)
+
+    def request(self, cn: str, cp: list[dict[str, str]] | None = None, *, qn: str = "20261129120000001",
+                pw: str = "123456", mn: str = MN, st: str = "32", timeout: float = 10) -> list[Packet]:
+        """Send a request; return the answers with its QN up to the closing 9012 (or refusing 9011)."""
+        for frame in encode(Packet(qn=qn, st=st, cn=cn, pw=pw, mn=mn, flag=5, cp=cp or [])):
+            self.send(frame)
+
+        def answers() -> list[Packet] | None:
+            got = [p for p in self.received() if p.qn == qn]
+            done = any(p.cn == "9012" or (p.cn == "9011" and p.get("QnRtn") != "1") for p in got)
+            return got if done else None
+
+        return wait_for(answers, timeout, f"the answer to CN={cn}")
+
+    def cut(self) -> None:
+        """Drop every connection (the station must reconnect)."""
+        with self._lock:
+            conns, self.conns = self.conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self.server.close()
+
+
+class Station:
+    """The buffer, its recorder and one uplink, in this process."""
+
+    def __init__(self, tmp_path, platform: Platform, *, timeout: float = 2.0, retries: int = 1) -> None:
+        self.path = tmp_path / "buffer.db"
+        buf = Buffer.open_writer(self.path)
+        buf.ensure_time_index()
+        self.recorder = Recorder(buf, commit_interval_ms=20, keep_sent_days=7, max_mb=64)
+        self.recorder.start()
+        self.target = UplinkTarget("127.0.0.1", platform.port, timeout=timeout, retries=retries)
+        self.uplink: Uplink | None = None
+
+    def start_uplink(self) -> Uplink:
+        self.uplink = Uplink(self.target, IDENTITY, self.path, self.recorder, reconnect_max=0.5)
+        self.recorder.add_listener(self.uplink.wake)
+        self.uplink.start()
+        return self.uplink
+
+    def store(self, device: str, ts_ms: int, values: dict[str, float | None]) -> None:
+        self.recorder.submit([Reading(device, ch, ts_ms, v, "mg/L", "N" if v is not None else "B")
+                              for ch, v in values.items()])
+
+    def store_aggregate(self, channel: str, period: str, start_ms: int, avg: float, device: str = "cod") -> None:
+        start = datetime.fromtimestamp(start_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        self.recorder.submit_event(STREAM_AGGREGATES, start_ms, {
+            "device": device, "channel": channel, "period": period, "start": start, "avg": avg, "min": avg - 1,
+            "max": avg + 1, "cou": None, "count": 12, "flag": "N"})
+
+    def meta(self) -> dict:
+        self.recorder.flush()
+        reader = Buffer.open_reader(self.path)
+        try:
+            return json.loads(reader.meta_value(self.target.meta_key) or "{}")
+        finally:
+            reader.close()
+
+    def close(self) -> None:
+        if self.uplink is not None:
+            self.uplink.stop()
+        self.recorder.stop()
+        self.recorder.buffer.close()
+
+
+@pytest.fixture
+def platform():
+    p = Platform()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def station(tmp_path, platform):
+    s = Station(tmp_path, platform)
+    yield s
+    s.close()
+
+
+def local(text: str) -> int:
+    return int(parse_time(text, SHANGHAI).timestamp() * 1000)
+
+
+# ---------------------------------------------------------------- delivery
+
+
+def test_realtime_packets_arrive_valid_and_acknowledged_and_progress_is_kept(station, platform):
+    uplink = station.start_uplink()
+    for i in range(5):
+        station.store("cod", T0 + i * 1000, {"w01018": 20.0 + i, "w01001": 7.0})
+    wait_for(lambda: uplink.marks[STREAM_READINGS] == 10, 10, "5 polls acknowledged")
+    data = platform.received("2011")
+    assert [p.get("DataTime") for p in data] == [f"2026112910000{i}" for i in range(5)]
+    assert all((p.mn, p.st, p.pw, p.flag) == (MN, "32", "123456", 5) for p in data)
+    assert realtime_items(data[2]) == {"w01018": (22.0, "N"), "w01001": (7.0, "N")}
+    assert not platform.errors
+    assert station.meta()["state"] == "online"
+    uplink.stop()
+    assert station.meta()[STREAM_READINGS] == 10, "progress persisted for the next start"
+
+
+def test_period_packets_are_pushed_with_flag_a_and_acknowledged(station, platform):
+    uplink = station.start_uplink()
+    station.store_aggregate("w01018", "10m", T0, 20.5)
+    station.store_aggregate("w01001", "10m", T0, 7.25)
+    station.store_aggregate("w01018", "1h", T0, 21.0)
+    wait_for(lambda: uplink.marks[STREAM_AGGREGATES] == 3, 10, "aggregates acknowledged")
+    packets = platform.received("2051") + platform.received("2061")
+    assert [(p.cn, p.flag, p.get("DataTime")) for p in packets] == [("2051", 5, "20261129100000"),
+                                                                     ("2061", 5, "20261129100000")]
+    assert set(period_items(packets[0])) == {"w01018", "w01001"}
+
+
+def test_unacknowledged_packet_is_retried_then_the_connection_renewed_and_nothing_lost(tmp_path):
+    platform = Platform(ack=False)
+    station = Station(tmp_path, platform, timeout=0.3, retries=2)
+    try:
+        uplink = station.start_uplink()
+        station.store("cod", T0, {"w01018": 1.0})
+        wait_for(lambda: platform.accepted >= 2, 10, "a new connection after the retries")
+        first_qn = platform.received("2011")[0].qn
+        assert sum(p.qn == first_qn for p in platform.received("2011")) == 3, "sent once and retried twice"
+        assert uplink.marks[STREAM_READINGS] == 0
+        platform.ack = True
+        wait_for(lambda: uplink.marks[STREAM_READINGS] == 1, 10, "delivered once acknowledged")
+        assert uplink.is_alive()
+    finally:
+        station.close()
+        platform.close()
+
+
+def test_a_cut_connection_loses_no_poll(station, platform):
+    uplink = station.start_uplink()
+    for i in range(30):
+        station.store("cod", T0 + i * 1000, {"w01018": float(i)})
+        if i in (10, 20):
+            wait_for(lambda n=i: uplink.marks[STREAM_READINGS] >= n, 10, "progress before the cut")
+            platform.cut()
+        time.sleep(0.01)  # pacing the producer, not waiting for a result
+    wait_for(lambda: uplink.marks[STREAM_READINGS] == 30, 20, "every poll after the cuts")
+    times = {p.get("DataTime") for p in platform.received("2011")}
+    expected = {datetime.fromtimestamp((T0 + i * 1000) / 1000, SHANGHAI).strftime("%Y%m%d%H%M%S") for i in range(30)}
+    assert expected <= times
+    assert platform.accepted >= 3
+
+
+def test_new_uplink_starts_from_now_and_a_known_one_resumes_where_it_stopped(station, platform):
+    station.store("old", T0, {"x": 1.0})
+    station.recorder.flush()
+    uplink = station.start_uplink()
+    station.store("new", T0 + 1000, {"x": 2.0})
+    wait_for(lambda: uplink.marks[STREAM_READINGS] == 2, 10, "the new reading")
+    assert [p.get("DataTime") for p in platform.received("2011")] == ["20261129100001"]
+    uplink.stop()
+    station.uplink = None
+    station.store("later", T0 + 2000, {"x": 3.0})
+    station.recorder.flush()
+    again = station.start_uplink()
+    wait_for(lambda: again.marks[STREAM_READINGS] == 3, 10, "the reading stored while it was stopped")
+    assert [p.get("DataTime") for p in platform.received("2011")][-1] == "20261129100002"
+
+
+# ---------------------------------------------------------------- requests
+
+
+def test_backfill_is_framed_by_9011_and_9012_with_records_in_time_order(station, platform):
+    station.store_aggregate("w01018", "10m", local("20261129102000"), 3.0)
+    station.store_aggregate("w01018", "10m", local("20261129100000"), 1.0)
+    station.store_aggregate("w01001", "10m", local("20261129100000"), 7.0)
+    station.store_aggregate("w01018", "10m", local("20261129101000"), 2.0)
+    station.store_aggregate("w01018", "1h", local("20261129100000"), 9.0)
+    station.store_aggregate("w01018", "10m", local("20261129103000"), 4.0)  # after EndTime
+    station.recorder.flush()
+    station.start_uplink()
+    answer = platform.request("2051", [{"BeginTime": "20261129100000", "EndTime": "20261129102000"}])
+    assert [p.cn for p in answer] == ["9011", "2051", "2051", "2051", "9012"]
+    assert answer[0].get("QnRtn") == "1" and answer[-1].get("ExeRtn") == "1"
+    assert answer[0].st == "91" and answer[-1].st == "91"
+    records = answer[1:-1]
+    assert [p.get("DataTime") for p in records] == ["20261129100000", "20261129101000", "20261129102000"]
+    assert set(period_items(records[0])) == {"w01018", "w01001"}
+    assert [period_items(p)["w01018"]["avg"] for p in records] == [1.0, 2.0, 3.0]
+    hours = platform.request("2061", [{"BeginTime": "20261129000000", "EndTime": "20261129235959"}],
+                             qn="20261129120000002")
+    assert [p.cn for p in hours] == ["9011", "2061", "9012"]
+
+
+def test_backfill_of_an_empty_range_says_no_data(station, platform):
+    station.start_uplink()
+    answer = platform.request("2031", [{"BeginTime": "20200101000000", "EndTime": "20200131000000"}])
+    assert [(p.cn, p.get("QnRtn") or p.get("ExeRtn")) for p in answer] == [("9011", "1"), ("9012", "100")]
+
+
+def test_unknown_command_wrong_password_and_wrong_mn_are_refused(station, platform):
+    station.start_uplink()
+    assert [(p.cn, p.get("QnRtn")) for p in platform.request("3020", qn="20261129120000011")] == [("9011", "100")]
+    assert [(p.cn, p.get("QnRtn")) for p in platform.request("1011", pw="999999", qn="20261129120000012")] == [
+        ("9011", "3")]
+    assert [(p.cn, p.get("QnRtn")) for p in platform.request("1011", mn="OTHER", qn="20261129120000013")] == [
+        ("9011", "4")]
+    assert [(p.cn, p.get("QnRtn")) for p in platform.request("1011", st="22", qn="20261129120000014")] == [
+        ("9011", "5")]
+    refused = platform.request("2051", [{"BeginTime": "yesterday"}], qn="20261129120000015")
+    assert [(p.cn, p.get("QnRtn")) for p in refused] == [("9011", "2")]
+
+
+def test_time_requests_report_the_clock_and_never_set_it(station, platform):
+    station.start_uplink()
+    before = time.time()
+    answer = platform.request("1011", [{"PolId": "w01018"}])
+    assert [p.cn for p in answer] == ["9011", "1011", "9012"]
+    reported = parse_time(answer[1].get("SystemTime"), SHANGHAI).timestamp()
+    assert before - 2 <= reported <= time.time() + 1 and answer[1].get("PolId") == "w01018"
+    now_text = datetime.now(SHANGHAI).strftime("%Y%m%d%H%M%S")
+    agrees = platform.request("1012", [{"SystemTime": now_text}], qn="20261129120000021")
+    assert [(p.cn, p.get("QnRtn") or p.get("ExeRtn")) for p in agrees] == [("9011", "1"), ("9012", "1")]
+    wrong = platform.request("1012", [{"SystemTime": "20200101000000"}], qn="20261129120000022")
+    assert [(p.cn, p.get("QnRtn") or p.get("ExeRtn")) for p in wrong] == [("9011", "1"), ("9012", "2")]
+
+
+def test_garbage_and_bad_crc_never_kill_the_uplink(station, platform):
+    uplink = station.start_uplink()
+    good = encode_one(Packet(qn="20261129120000031", st="32", cn="1011", pw="123456", mn=MN, flag=5, cp=[]))
+    bad_crc = good[:-6] + (b"0000" if good[-6:-2] != b"0000" else b"0001") + b"\r\n"
+    platform.send(b"\x00\xff garbage ##12 ##9999" + bad_crc + b"##0010QN=1;ST=\r\n" + bytes(range(256)))
+    answer = platform.request("1011", qn="20261129120000032")
+    assert [p.cn for p in answer] == ["9011", "1011", "9012"]
+    assert not [p for p in platform.received() if p.qn == "20261129120000031"], "a bad-CRC request is not answered"
+    station.store("cod", T0, {"w01018": 5.0})
+    wait_for(lambda: uplink.marks[STREAM_READINGS] == 1, 10, "delivery goes on")
+    assert uplink.is_alive()
