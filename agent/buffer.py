@@ -13,6 +13,7 @@ seq ever purged or evicted) and, for a fresh file, the high-water mark kept besi
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -70,6 +71,27 @@ class EventRow:
     seq: int
     ts_ms: int
     body: dict
+
+
+@dataclass(frozen=True, slots=True)
+class Poll:
+    """The readings of one device poll: consecutive seqs of one device with the same `ts_ms`."""
+
+    device: str
+    ts_ms: int
+    readings: tuple[Reading, ...]
+
+    @property
+    def first_seq(self) -> int:
+        return self.readings[0].seq
+
+    @property
+    def last_seq(self) -> int:
+        return self.readings[-1].seq
+
+
+# Aggregate period names ("10m", "1h", "1d") end with their unit; HJ 212 asks by unit (2051/2061/2031).
+PERIOD_UNITS = frozenset("mhd")
 
 
 def is_corruption(exc: BaseException) -> bool:
@@ -426,6 +448,68 @@ class Buffer:
             f"SELECT seq, ts_ms, body FROM {stream} WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
         ).fetchall()
         return [EventRow(r[0], r[1], json.loads(r[2])) for r in rows]
+
+    def reading_polls(self, after_seq: int, max_readings: int, *, upto_seq: int | None = None,
+                      max_polls: int | None = None) -> list[Poll]:
+        """Readings with seq > after_seq (and <= upto_seq) in seq order, grouped per device poll.
+
+        A poll is a run of consecutive seqs of one device with one `ts_ms` (the recorder stores each
+        poll's readings together, in one transaction). About `max_readings` readings are read; the
+        last poll is completed beyond that limit (a poll is never cut in two), and at most
+        `max_polls` polls are returned.
+        """
+        upto = upto_seq if upto_seq is not None else 2**63 - 1
+        sql = ("SELECT seq, ts_ms, device, channel, value, unit, flag FROM readings WHERE seq > ? AND seq <= ? "
+               "ORDER BY seq LIMIT ?")
+        rows = self.conn.execute(sql, (after_seq, upto, max(max_readings, 1))).fetchall()
+        if not rows:
+            return []
+        groups: list[list[tuple]] = []
+        for row in rows:
+            if groups and groups[-1][-1][2] == row[2] and groups[-1][-1][1] == row[1]:
+                groups[-1].append(row)
+            else:
+                groups.append([row])
+        if max_polls is not None and len(groups) > max_polls:
+            groups = groups[:max_polls]
+        elif len(rows) >= max_readings:  # the limit may have cut the last poll: read the rest of it
+            last = groups[-1]
+            while True:
+                more = self.conn.execute(sql, (last[-1][0], upto, 256)).fetchall()
+                same = list(itertools.takewhile(lambda r: (r[1], r[2]) == (last[0][1], last[0][2]), more))
+                last.extend(same)
+                if len(same) < 256:
+                    break
+        return [Poll(g[0][2], g[0][1], tuple(Reading(r[2], r[3], r[1], r[4], r[5], r[6], r[0]) for r in g))
+                for g in groups]
+
+    def aggregates_between(self, start_ms: int, end_ms: int, *, unit: str | None = None,
+                           after: tuple[int, int] | None = None, limit: int = 1000) -> list[EventRow]:
+        """Aggregate events whose period start (`ts_ms`) lies in [start_ms, end_ms], both inclusive,
+        ordered by (period start, seq): what a platform's backfill request (2051/2061/2031) asks for.
+
+        `unit` ("m", "h" or "d") keeps only periods of that unit ("10m", "1h", "1d"). Page through a
+        long range with `after` = (ts_ms, seq) of the last row of the previous page.
+        """
+        if unit is not None and unit not in PERIOD_UNITS:
+            raise ValueError(f"period unit {unit!r} is not one of m, h, d")
+        sql = f"SELECT seq, ts_ms, body FROM {STREAM_AGGREGATES} WHERE ts_ms BETWEEN ? AND ?"
+        args: list[object] = [start_ms, end_ms]
+        if after is not None:
+            sql += " AND (ts_ms > ? OR (ts_ms = ? AND seq > ?))"
+            args += [after[0], after[0], after[1]]
+        if unit is not None:
+            sql += " AND substr(json_extract(body, '$.period'), -1) = ?"
+            args.append(unit)
+        sql += " ORDER BY ts_ms, seq LIMIT ?"
+        args.append(limit)
+        return [EventRow(r[0], r[1], json.loads(r[2])) for r in self.conn.execute(sql, args).fetchall()]
+
+    def ensure_time_index(self) -> None:
+        """Writer only: an index on aggregates(ts_ms), for `aggregates_between` (idempotent)."""
+        self.conn.execute(
+            f"CREATE INDEX IF NOT EXISTS {STREAM_AGGREGATES}_ts_ms ON {STREAM_AGGREGATES}(ts_ms)"
+        )
 
     def pending_gaps(self) -> list[Gap]:
         rows = self.conn.execute(

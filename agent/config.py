@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import ipaddress
 import os
 import re
 import types
@@ -64,6 +65,7 @@ __all__ = [
     "Bus",
     "Config",
     "ConfigError",
+    "Console",
     "Device",
     "Hj212",
     "Mqtt",
@@ -657,13 +659,73 @@ class Device(_Model):
 # aggregate, hj212, alarms
 
 
+_AGG_CHANNEL_RE = re.compile(r"[a-z0-9_-]+\.[A-Za-z0-9_]+")
+
+
+def _share(value: Any) -> Any:
+    """`min_valid: 0.75` is short for the same share for minute, hour and day periods."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not 0 < value <= 1:
+            raise _err(f"must be a share above 0 and at most 1, e.g. 0.75 (got {_show(value)})")
+        return {"minute": value, "hour": value, "day": value}
+    return value
+
+
+def _share_schema(schema: dict[str, Any]) -> None:
+    share = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+    schema.clear()
+    schema.update({
+        "description": "Share of the expected values (period / device interval) that must be valid for flag N: "
+                       "one number, or per period kind",
+        "anyOf": [share, {"type": "object", "additionalProperties": False,
+                          "properties": {"minute": share, "hour": share, "day": share}}],
+    })
+
+
+class AggregateShare(_Model):
+    """`aggregate.min_valid:` per period kind, the share of expected values that must be valid."""
+
+    minute: float = Field(0.75, gt=0, le=1)
+    hour: float = Field(0.75, gt=0, le=1)
+    day: float = Field(0.75, gt=0, le=1)
+
+
+class AggregateCount(_Model):
+    """`aggregate.min_count:` per period kind, an absolute number of valid values (replaces min_valid)."""
+
+    minute: int | None = Field(None, ge=1)
+    hour: int | None = Field(None, ge=1)
+    day: int | None = Field(None, ge=1)
+
+
+def _check_agg_channel(value: str) -> str:
+    if not _AGG_CHANNEL_RE.fullmatch(value):
+        raise _err(f"{value!r} must be \"device.channel\"")
+    return value
+
+
+AggChannel = Annotated[Text, AfterValidator(_check_agg_channel)]
+
+
 class Aggregate(_Model):
-    """`aggregate:` HJ 212 period statistics computed at the edge."""
+    """`aggregate:` HJ 212 period statistics computed at the edge (see agent/aggregate.py)."""
 
     minute: Literal[1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30] = Field(
         10, description="Minutes per 'minute' period (divides 60)")
     hour: bool = True
     day: bool = True
+    min_valid: Annotated[AggregateShare, BeforeValidator(_share)] = Field(
+        default_factory=lambda: AggregateShare.model_validate({}), json_schema_extra=_share_schema)
+    min_count: AggregateCount | None = Field(
+        None, description="Valid values a period needs for flag N, per period kind (instead of min_valid)")
+    flow: AggChannel | None = Field(
+        None, description='"device.channel" of the wastewater flow (w00000, L/s): enables flow-weighted '
+                          "concentrations and pollutant loads (cou, kg)")
+    flow_weighted: list[AggChannel] | None = Field(
+        None, description='"device.channel" list of the concentrations to weight by the flow '
+                          "(default: every channel in mg/L, ug/L, ng/L or g/L)")
+    grace: float = Field(2.0, ge=0, le=300,
+                         description="Seconds after a period's end to wait for its last readings before computing it")
 
 
 class Uplink(_Model):
@@ -779,6 +841,66 @@ class Alarm(_Model):
 
 
 # --------------------------------------------------------------------------------------------------
+# console
+
+_LISTEN_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>[0-9]{1,5})")
+
+
+def _split_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[IPV6]:PORT` -> (host, port); raises ValueError with a readable reason."""
+    m = _LISTEN_RE.fullmatch(value.strip())
+    if m is None and value.count(":") > 1 and not value.strip().startswith("["):
+        raise ValueError("put an IPv6 address in brackets: [::1]:8080")
+    if m is None:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080")
+    port = int(m.group("port"))
+    if not 1 <= port <= 65535:
+        raise ValueError("the port must be a number from 1 to 65535")
+    host = m.group("v6") or m.group("host")
+    if host.lower() == "localhost":
+        return "localhost", port
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address: use an address of this gateway (e.g. 192.168.1.10), "
+                         "0.0.0.0 for every interface, or localhost") from None
+    return host, port
+
+
+def _check_listen(value: str) -> str:
+    try:
+        _split_listen(value)
+    except ValueError as exc:
+        raise _err(str(exc)) from None
+    return value.strip()
+
+
+class Console(_Model):
+    """`console:` the local web console for technicians (read-only; off unless this section exists)."""
+
+    listen: Annotated[Text, AfterValidator(_check_listen)] = Field(
+        "127.0.0.1:8080", description="HOST:PORT to serve on; any address other than loopback needs password_file")
+    password_file: FilePath | None = Field(
+        None, description="File holding the console password (one line); HTTP basic auth, any user name")
+
+    @model_validator(mode="after")
+    def _rules(self) -> Console:
+        if self.password_file is None and not self.is_loopback():
+            raise _err(f"{self.listen} is reachable from other machines: set password_file (or listen on "
+                       "127.0.0.1)", at="listen")
+        return self
+
+    def address(self) -> tuple[str, int]:
+        """(host, port) to bind; the host is an IP literal or `localhost`."""
+        return _split_listen(self.listen)
+
+    def is_loopback(self) -> bool:
+        """True when only this machine can connect (127.0.0.0/8, ::1, localhost)."""
+        host, _ = self.address()
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+
+
+# --------------------------------------------------------------------------------------------------
 # the whole file
 
 
@@ -798,6 +920,8 @@ class Config(_Model):
         default_factory=lambda: Aggregate.model_validate({}))
     hj212: Hj212 | None = None
     alarms: Annotated[list[Alarm], BeforeValidator(_none_to_empty_list)] = Field(default_factory=list)
+    console: Annotated[Console | None, BeforeValidator(_none_to_empty_dict)] = Field(
+        None, description="Local web console (read-only); off unless this section is present")
 
     _source_path: Path | None = PrivateAttr(default=None)
     _marks: dict[tuple[str | int, ...], tuple[int, int]] = PrivateAttr(default_factory=dict)
@@ -1471,6 +1595,8 @@ def _file_problems(config: Config, file: str) -> list[Problem]:
         tls = config.mqtt.tls
         named += [(("mqtt", "tls", "ca"), tls.ca), (("mqtt", "tls", "cert"), tls.cert),
                   (("mqtt", "tls", "key"), tls.key)]
+    if config.console is not None:
+        named.append((("console", "password_file"), config.console.password_file))
     for path, value in named:
         if value is None:
             continue

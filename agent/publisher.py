@@ -5,13 +5,21 @@ wake up when the recorder commits). Rows are read from the buffer with a read-on
 published at QoS 1 in batches of up to `max_batch` readings with a window of messages in flight, and
 acknowledged to the recorder only when the broker's PUBACKs arrive, in order. A lost connection
 drops the window: the next connection re-publishes from the last acknowledged seq (at-least-once).
-Imports `agent.buffer`, `agent.payloads`, `agent.model`, `agent.logutil`; never `drivers`.
+
+Payload strategies (`mqtt.payload`): `json` (SPEC §4 messages, readings batched) or `hj212`: one
+HJ 212-2017 CN 2011 packet per device poll on the data topic and one 2051/2061/2031 packet per period
+start on the agg topic, built by `Hj212Payload` (also used by the TCP uplinks, `agent.uplink`). A
+packet over 1024 characters is split (PNUM/PNO); each piece is its own message and only the last
+piece's PUBACK (with every earlier one) moves the watermark to the packet's last seq. Alarms, gap
+announcements, status and command replies stay JSON in both modes (HJ 212 has no way to say them).
+Imports `agent.buffer`, `agent.payloads`, `agent.model`, `agent.hj212`, `agent.logutil`; never `drivers`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import select
 import socket
@@ -19,17 +27,29 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from agent import __version__
-from agent.buffer import Buffer, Gap
+from agent.buffer import Buffer, EventRow, Gap, Poll
+from agent.hj212 import (
+    CN_DAY,
+    CN_HOUR,
+    CN_MINUTE,
+    FLAG_V2017,
+    QnSource,
+    encode,
+    period_packet,
+    realtime_packet,
+)
 from agent.logutil import RateLimitedLog
-from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, iso_utc_ms, now_ms
+from agent.model import FLAGS, STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, iso_utc_ms, now_ms
 from agent.payloads import (
     aggregates_message,
     alarm_message,
@@ -45,6 +65,135 @@ WINDOW = 32  # messages in flight (unacknowledged) at once
 MAX_COMMAND_BYTES = 4096
 MAX_RESEND = 100_000  # readings one resend command may ask for
 EVENT_BATCH = 50  # aggregates per agg message
+HJ212_EVENT_BATCH = 500  # aggregate rows read at once to group into period packets
+
+# HJ 212 period commands by the unit of the aggregate's period name ("10m", "1h", "1d").
+PERIOD_CN = {"m": CN_MINUTE, "h": CN_HOUR, "d": CN_DAY}
+
+
+@dataclass(frozen=True)
+class Hj212Identity:
+    """Who the station is in HJ 212 (`MN`, `ST`, `PW`) and the timezone of its `DataTime` values."""
+
+    mn: str
+    st: str  # 2 digits
+    pw: str = field(repr=False)
+    timezone: str = "Asia/Shanghai"
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True, slots=True)
+class Hj212Message:
+    """One HJ 212 packet built from stored rows: its frames (one, or the pieces of a split packet),
+    its QN, and the seqs it carries. `frames` is empty when no row could be said in HJ 212 (the rows
+    are then skipped, never retried forever)."""
+
+    frames: list[bytes]
+    qn: str
+    first_seq: int
+    last_seq: int
+    count: int
+
+
+def _number(value: object) -> float | int | None:
+    """A stored value HJ 212 can carry (finite number), else None (sent as a flag without value)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def period_unit(body: dict) -> str | None:
+    """The unit ("m", "h", "d") of an aggregate body's `period`, None when it is not one of those."""
+    period = body.get("period")
+    if isinstance(period, str) and period and period[-1] in PERIOD_CN:
+        return period[-1]
+    return None
+
+
+def group_periods(rows: Iterable[EventRow]) -> Iterator[list[EventRow]]:
+    """Consecutive aggregate rows with the same period and period start, as the rows of one packet.
+
+    A group is cut where a channel code would repeat (two devices measuring the same pollutant), so
+    that no packet carries the same item twice; such a period start then goes out as several packets.
+    """
+    group: list[EventRow] = []
+    key: tuple | None = None
+    channels: set[object] = set()
+    for row in rows:
+        row_key = (row.body.get("period"), row.ts_ms)
+        channel = row.body.get("channel")
+        if group and (row_key != key or channel in channels):
+            yield group
+            group, channels = [], set()
+        group.append(row)
+        key = row_key
+        channels.add(channel)
+    if group:
+        yield group
+
+
+class Hj212Payload:
+    """Builds HJ 212-2017 packets from stored rows (SPEC §4 "With payload: hj212"): a CN 2011 packet
+    per device poll and a 2051/2061/2031 packet per period start, `MN`/`ST`/`PW` from `identity`,
+    `DataTime` in the station timezone, numbers in plain decimal. QNs come from a `QnSource`, so
+    every packet (and every split packet's pieces, which share theirs) has its own."""
+
+    def __init__(self, identity: Hj212Identity, clock: Callable[[], float] = time.time) -> None:
+        self.identity = identity
+        self.tz = identity.tz
+        self.next_qn = QnSource(self.tz, clock)
+        self._errlog = RateLimitedLog(log, every_s=300)
+
+    def poll_message(self, poll: Poll, flag: int = FLAG_V2017) -> Hj212Message:
+        """The CN 2011 packet of one poll: ``DataTime``, then ``<channel>-Rtd`` and ``<channel>-Flag``
+        per reading (a reading without value is sent as its flag alone)."""
+        items: dict[str, tuple[float | int | None, str]] = {}
+        for r in poll.readings:
+            if r.flag in FLAGS:
+                items[r.channel] = (_number(r.value), r.flag)
+        qn = self.next_qn()
+        frames = self._frames(lambda: realtime_packet(
+            self.identity.mn, self.identity.st, self.identity.pw, _utc(poll.ts_ms), items, qn, flag, tz=self.tz))
+        return Hj212Message(frames, qn, poll.first_seq, poll.last_seq, len(poll.readings))
+
+    def period_message(self, rows: Sequence[EventRow], flag: int = FLAG_V2017, *, qn: str | None = None,
+                       st: str | None = None) -> Hj212Message:
+        """The 2051/2061/2031 packet of aggregate rows of one period start (see `group_periods`):
+        ``DataTime`` = period start, then ``-Cou -Min -Avg -Max -Flag`` per channel. `qn` and `st`
+        default to a fresh QN and the station's ST (a backfill answer passes the request's QN)."""
+        first, last = rows[0], rows[-1]
+        unit = period_unit(first.body)
+        qn = qn or self.next_qn()
+        items: dict[str, dict[str, float | int | str | None]] = {}
+        for row in rows:
+            body = row.body
+            stats: dict[str, float | int | str | None] = {
+                name: _number(body.get(name)) for name in ("avg", "min", "max", "cou")}
+            stats["flag"] = body.get("flag") if body.get("flag") in FLAGS else None
+            if isinstance(body.get("channel"), str) and any(v is not None for v in stats.values()):
+                items[body["channel"]] = stats
+        if unit is None or not items:
+            self._errlog.error("aggregate rows seq %d..%d cannot be said in HJ 212 (period %r); skipped",
+                               first.seq, last.seq, first.body.get("period"))
+            return Hj212Message([], qn, first.seq, last.seq, len(rows))
+        frames = self._frames(lambda: period_packet(
+            PERIOD_CN[unit], self.identity.mn, st or self.identity.st, self.identity.pw, _utc(first.ts_ms), items,
+            qn, flag, tz=self.tz))
+        return Hj212Message(frames, qn, first.seq, last.seq, len(rows))
+
+    def _frames(self, build: Callable) -> list[bytes]:
+        try:
+            return encode(build())
+        except ValueError as exc:  # a row HJ 212 cannot carry (bad channel code...): skip it, say why
+            self._errlog.error("cannot encode an HJ 212 packet: %s; rows skipped", exc)
+            return []
+
+
+def _utc(ts_ms: int) -> datetime:
+    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
 
 
 @dataclass
@@ -65,6 +214,8 @@ class BrokerSettings:
     tls_cert: str | None = None
     tls_key: str | None = None
     connect_timeout: float = 5.0
+    payload: str = "json"  # json | hj212
+    hj212: Hj212Identity | None = None  # required with payload hj212
 
     @property
     def base_topic(self) -> str:
@@ -127,6 +278,7 @@ class Publisher(threading.Thread):
         self.last_progress = time.monotonic()
         self.published_readings = 0
         self._errlog = RateLimitedLog(log, every_s=300)
+        self._hj212 = self._payload_strategy(settings)
 
     # ------------------------------------------------------------------ any thread
 
@@ -202,6 +354,15 @@ class Publisher(threading.Thread):
         self._backoff = min(self._backoff * 2, self.settings.reconnect_max)
         return random.uniform(delay / 2, delay)
 
+    @staticmethod
+    def _payload_strategy(settings: BrokerSettings) -> Hj212Payload | None:
+        """None for JSON payloads, the HJ 212 packet builder for `payload: hj212`."""
+        if settings.payload == "json":
+            return None
+        if settings.payload != "hj212" or settings.hj212 is None:
+            raise ValueError(f"payload {settings.payload!r} needs the hj212 identity (hj212: st, pw)")
+        return Hj212Payload(settings.hj212)
+
     def _apply_new_settings(self) -> None:
         with self._lock:
             new, self._new_settings = self._new_settings, None
@@ -209,6 +370,7 @@ class Publisher(threading.Thread):
             return
         if new != self.settings:
             log.info("broker settings changed; reconnecting")
+            self._hj212 = self._payload_strategy(new)
             self.settings = new
             self._drop_connection("settings reloaded")
             self._backoff = 0.5
@@ -458,7 +620,10 @@ class Publisher(threading.Thread):
                 self._check_gaps = False
                 for gap in self._reader.pending_gaps():
                     self._publish_gap(gap)
-            while not self._window_full() and self.client is not None:
+            while self._hj212 is not None and not self._window_full() and self.client is not None:
+                if not self._publish_polls(f"{s.base_topic}/data"):
+                    break
+            while self._hj212 is None and not self._window_full() and self.client is not None:
                 batch = self._reader.readings_json(self._cursor[STREAM_READINGS], s.max_batch)
                 if batch is None:
                     break
@@ -471,8 +636,53 @@ class Publisher(threading.Thread):
                 return
             self._reader_failed(exc)
 
+    def _publish_polls(self, topic: str) -> bool:
+        """`payload: hj212`: one CN 2011 packet per poll; False when nothing is left to publish."""
+        assert self._reader is not None and self._hj212 is not None
+        room = max(WINDOW - self._inflight_count(), 1)
+        polls = self._reader.reading_polls(self._cursor[STREAM_READINGS], self.settings.max_batch, max_polls=room)
+        for poll in polls:
+            self._publish_message(STREAM_READINGS, topic, self._hj212.poll_message(poll))
+            if self.client is None:
+                return False
+            self.published_readings += len(poll.readings)
+        return bool(polls)
+
+    def _publish_periods(self, topic: str) -> None:
+        """`payload: hj212`: one 2051/2061/2031 packet per period start (see `group_periods`)."""
+        assert self._reader is not None and self._hj212 is not None
+        while not self._window_full() and self.client is not None:
+            rows = self._reader.events_after(STREAM_AGGREGATES, self._cursor[STREAM_AGGREGATES], HJ212_EVENT_BATCH)
+            if not rows:
+                return
+            groups = list(group_periods(rows))
+            if len(rows) == HJ212_EVENT_BATCH and len(groups) > 1:
+                groups.pop()  # its period start may go on beyond this page: next round
+            for group in groups:
+                self._publish_message(STREAM_AGGREGATES, topic, self._hj212.period_message(group))
+                if self.client is None:
+                    return
+
+    def _publish_message(self, stream: str, topic: str, message: Hj212Message) -> None:
+        """Each frame of an HJ 212 packet as its own message. The pieces before the last carry the
+        watermark as it was before the packet, so the packet counts as delivered only when every
+        piece is acknowledged; a packet with no frames (unsayable rows) is skipped in order."""
+        if not message.frames:
+            self._inflight[stream].append([stream, message.last_seq, True])
+            self._cursor[stream] = message.last_seq
+            self._settle(stream)
+            return
+        for number, frame in enumerate(message.frames, start=1):
+            upto = message.last_seq if number == len(message.frames) else message.first_seq - 1
+            self._publish_tracked(stream, topic, frame, upto)
+            if self.client is None:
+                return
+
     def _publish_events(self, stream: str, topic: str, batch: int) -> None:
         assert self._reader is not None
+        if stream == STREAM_AGGREGATES and self._hj212 is not None:
+            self._publish_periods(topic)
+            return
         while not self._window_full() and self.client is not None:
             rows = self._reader.events_after(stream, self._cursor[stream], batch)
             if not rows:
@@ -534,6 +744,10 @@ class Publisher(threading.Thread):
         if kind == "other":
             return
         entry[2] = True
+        self._settle(kind)
+
+    def _settle(self, kind: str) -> None:
+        """Move the watermark over the acknowledged messages at the head of the window, in order."""
         q = self._inflight[kind]
         upto = None
         while q and q[0][2]:
@@ -598,7 +812,17 @@ class Publisher(threading.Thread):
             raise CommandError("buffer not available")
         topic = f"{self.settings.base_topic}/data"
         after, count, missing = first - 1, 0, []
-        while True:
+        while self._hj212 is not None:  # payload hj212: the stored polls again, as 2011 packets
+            polls = self._reader.reading_polls(after, self.settings.max_batch, upto_seq=last)
+            if not polls:
+                break
+            for poll in polls:
+                if poll.first_seq > after + 1:
+                    missing.append([after + 1, poll.first_seq - 1])
+                for frame in self._hj212.poll_message(poll).frames:
+                    self._publish_raw(topic, frame)
+                after, count = poll.last_seq, count + len(poll.readings)
+        while self._hj212 is None:
             batch = self._reader.readings_json(after, self.settings.max_batch, upto_seq=last)
             if batch is None:
                 break

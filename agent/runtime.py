@@ -8,21 +8,27 @@ of SPEC §1 (stop polling, commit, publish the backlog for at most `shutdown_gra
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import signal
 import threading
 import time
 from pathlib import Path
 
+from agent.aggregate import Aggregator
 from agent.alarms import AlarmEngine
 from agent.buffer import Buffer
+from agent.clock import ClockWatch
 from agent.config import Config, ConfigError, load_config
+from agent.console import Console, start_console
+from agent.hj212 import Packet, encode
 from agent.logutil import RateLimitedLog
 from agent.poller import BusPoller
-from agent.publisher import BrokerSettings, Publisher
+from agent.publisher import BrokerSettings, Hj212Identity, Publisher
 from agent.recorder import Recorder
 from agent.sdnotify import Notifier
 from agent.status import collect
+from agent.uplink import Uplink, UplinkTarget
 from drivers.simulated import SimChannelSpec, SimulatedDriver
 
 log = logging.getLogger(__name__)
@@ -52,7 +58,30 @@ def broker_settings(config: Config) -> BrokerSettings:
         tls_ca=str(tls.ca) if tls and tls.ca else None,
         tls_cert=str(tls.cert) if tls and tls.cert else None,
         tls_key=str(tls.key) if tls and tls.key else None,
+        payload=m.payload,
+        hj212=hj212_identity(config),
     )
+
+
+def hj212_identity(config: Config) -> Hj212Identity | None:
+    """MN (station id), ST and PW of the `hj212` section and the station timezone; None without it."""
+    h = config.hj212
+    if h is None:
+        return None
+    return Hj212Identity(mn=config.station.id, st=f"{h.st:02d}", pw=h.pw, timezone=config.station.timezone)
+
+
+def build_uplinks(config: Config, recorder: Recorder, marks: dict[str, dict[str, int]] | None = None) -> list[Uplink]:
+    """One `Uplink` per `hj212.uplinks` entry (not started). `marks`: progress of the uplinks they replace."""
+    identity = hj212_identity(config)
+    if identity is None or config.hj212 is None:
+        return []
+    uplinks = []
+    for u in config.hj212.uplinks:
+        target = UplinkTarget(host=u.host, port=u.port, timeout=u.timeout, retries=u.retries)
+        uplinks.append(Uplink(target, identity, config.storage.path, recorder, reconnect_max=config.mqtt.reconnect_max,
+                              marks=(marks or {}).get(target.meta_key)))
+    return uplinks
 
 
 BUS_DRIVER_MODULES = {"rtu": "drivers.modbus", "tcp": "drivers.modbus", "serial": "drivers.serial_drivers"}
@@ -69,10 +98,12 @@ def _bus_module(bus_type: str):
 def check_supported(config: Config) -> None:
     """Refuse, with a clear message, what the config validates but this version does not run yet."""
     problems = []
-    if config.mqtt.payload != "json":
-        problems.append("mqtt.payload: hj212 is not yet supported by this version (use json)")
-    if config.hj212 is not None and config.hj212.uplinks:
-        problems.append("hj212.uplinks: HJ 212 TCP uplinks are not yet supported by this version")
+    identity = hj212_identity(config)
+    if identity is not None and (config.mqtt.payload == "hj212" or config.hj212 and config.hj212.uplinks):
+        try:  # HJ 212-2017 limits PW to 6 characters without separators; say so now, not on every packet
+            encode(Packet(st=identity.st, cn="2011", pw=identity.pw, mn=identity.mn, cp=[]))
+        except ValueError as exc:
+            problems.append(f"hj212: {exc}")
     for bus_name, bus in config.buses.items():
         if _bus_module(bus.type) is None and any(d.bus == bus_name for d in config.devices.values()):
             problems.append(f"buses.{bus_name}: {bus.type} buses are not yet supported by this version")
@@ -115,11 +146,17 @@ class Station:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.pollers: list[BusPoller] = []
+        self.clock = ClockWatch()
+        self._clock_synced: bool | None = None
+        self._clock_recorded: object = "unset"
+        self.uplinks: list[Uplink] = []
+        self.console: Console | None = None
 
     def run(self) -> int:
         cfg = self.config
         storage = cfg.storage
         buffer = Buffer.open_writer(storage.path, sync=storage.sync, max_mb=storage.max_mb)
+        buffer.ensure_time_index()  # HJ 212 backfill requests ask for aggregates by time
         log.info("buffer %s open: readings last seq %d, acknowledged up to %d", storage.path,
                  buffer.last_seq(), buffer.sent_upto())
         self.recorder = Recorder(buffer, commit_interval_ms=storage.commit_interval_ms,
@@ -128,6 +165,10 @@ class Station:
         self.recorder.add_listener(self.publisher.wake)
         self.recorder.start()
         self.publisher.start()
+        self.uplinks = build_uplinks(cfg, self.recorder)  # before polling: a new uplink starts "from now"
+        self.recorder.add_listener(self._wake_uplinks)
+        for u in self.uplinks:
+            u.start()
         # Always built: with no rules it still clears alarms left active by rules since removed.
         # Alarm actions write through the bus that owns the device, resolved at each write so that
         # pollers rebuilt by SIGHUP are used.
@@ -139,14 +180,18 @@ class Station:
         self.alarms = AlarmEngine(cfg, self.recorder, buffer.meta_value("alarm_state"), writer)
         self.recorder.add_stored_listener(self.alarms.observe)
         self.recorder.add_tick_listener(self.alarms.tick)
+        # Rebuilds its open periods from the stored readings before polling starts.
+        self.aggregator = Aggregator(cfg, self.recorder, buffer.meta_value("aggregate_state"),
+                                     lambda: Buffer.open_reader(storage.path))
+        self.recorder.add_stored_listener(self.aggregator.observe)
+        self.recorder.add_tick_listener(self.aggregator.tick)
+        self.console = start_console(self)  # None unless configured; a failure to start is logged
         self.pollers = build_pollers(cfg, self.recorder.submit)
         for p in self.pollers:
             p.start()
         self._install_signals()
         self.notifier.notify("READY=1\nSTATUS=running")
         log.info("station %s running: %d devices on %d pollers", cfg.station.id, len(cfg.devices), len(self.pollers))
-        if "aggregate" in cfg.model_fields_set:
-            log.warning("aggregate: period statistics are validated but not computed by this version yet")
         self._main_loop()
         self._shutdown()
         return 0
@@ -167,6 +212,7 @@ class Station:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
+            self._watch_clock()
             hung = self.hung_loops()
             if hung:
                 self._hung_log.error("no progress in %s; withholding the watchdog ping", ", ".join(hung))
@@ -182,12 +228,29 @@ class Station:
                 next_status = now + 30
                 self.notifier.notify(f"STATUS={self.summary()}")
 
+    def _watch_clock(self) -> None:
+        """Log a wall-clock step or a change of NTP synchronisation, and record both for `status`."""
+        step = self.clock.check()
+        synced = self.clock.state()["synchronized"]
+        if step is not None:
+            log.warning("wall clock stepped by %+.1f s; readings keep the time they were taken at, intervals "
+                        "and delays run on the monotonic clock", step.seconds)
+        if synced != self._clock_synced:
+            if synced is False:
+                log.warning("system clock not synchronised (no NTP yet): reading times may be wrong until it is")
+            elif synced and self._clock_synced is False:
+                log.info("system clock synchronised")
+            self._clock_synced = synced
+        if step is not None or synced != self._clock_recorded:
+            self._clock_recorded = synced
+            self.recorder.set_meta("clock", json.dumps(self.clock.state()))
+
     def hung_loops(self) -> list[str]:
         """Names of the loops (pollers, recorder, publisher) that made no progress recently."""
         interval = self.notifier.watchdog_interval or 0
         deadline = max(PROGRESS_DEADLINE_S, 4 * interval)
         now = time.monotonic()
-        loops = [*self.pollers, self.recorder, self.publisher]
+        loops: list = [*self.pollers, self.recorder, self.publisher, *self.uplinks]
         return [t.name for t in loops if now - t.last_progress > deadline or not t.is_alive()]
 
     def summary(self) -> str:
@@ -226,6 +289,7 @@ class Station:
         if new.storage != self.config.storage:
             log.warning("storage settings changed: they take effect at the next restart")
         self.publisher.update_settings(settings)
+        self._reload_uplinks(new)
         old_pollers = self.pollers
         for p in old_pollers:
             p.stop()
@@ -233,15 +297,43 @@ class Station:
             p.join(30)
         self.config = new.model_copy(update={"storage": self.config.storage})
         self.alarms.reconfigure(self.config)
+        self.aggregator.reconfigure(self.config)
         self.pollers = build_pollers(self.config, self.recorder.submit)
         for p in self.pollers:
             p.start()
         log.info("configuration reloaded: %d devices", len(new.devices))
 
+    def _wake_uplinks(self) -> None:
+        for u in self.uplinks:
+            u.wake()
+
+    def _stop_uplinks(self) -> dict[str, dict[str, int]]:
+        """Stop every uplink (in parallel); returns their progress by meta key."""
+        for u in self.uplinks:
+            u.request_stop()
+        deadline = time.monotonic() + 15
+        for u in self.uplinks:
+            u.join(max(deadline - time.monotonic(), 0.1))
+        marks = {u.target.meta_key: u.marks for u in self.uplinks}
+        self.uplinks = []
+        return marks
+
+    def _reload_uplinks(self, new: Config) -> None:
+        """SIGHUP: restart the uplinks when their list or the HJ 212 identity changed."""
+        if new.hj212 == self.config.hj212 and new.station == self.config.station:
+            return
+        marks = self._stop_uplinks()
+        self.uplinks = build_uplinks(new.model_copy(update={"storage": self.config.storage}), self.recorder, marks)
+        for u in self.uplinks:
+            u.start()
+        log.info("HJ 212 uplinks reloaded: %d", len(self.uplinks))
+
     def _shutdown(self) -> None:
         grace = self.config.mqtt.shutdown_grace
         log.info("stopping: polling stopped, committing, publishing the backlog for up to %ss", grace)
         self.notifier.notify("STOPPING=1")
+        if self.console is not None:
+            self.console.stop()
         for p in self.pollers:
             p.stop()
         deadline = time.monotonic() + 10  # a poller stuck on a dead wire must not hold the stop
@@ -249,7 +341,9 @@ class Station:
             p.join(max(deadline - time.monotonic(), 0.1))
         self.recorder.flush()
         self.publisher.drain_and_stop(grace)
+        self._stop_uplinks()  # before the recorder stops: their last progress is committed with it
         self.recorder.stop()
         self.alarms.close()
+        self.aggregator.close()
         self.recorder.buffer.close()
         log.info("stopped cleanly")

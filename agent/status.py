@@ -73,6 +73,10 @@ def collect(reader: Buffer | None, device_intervals: dict[str, float]) -> dict[s
         alarms = json.loads(meta.get("active_alarms", "[]"))
     except ValueError:
         alarms = []
+    try:
+        clock = json.loads(meta["clock"]) if meta.get("clock") else None
+    except ValueError:
+        clock = None
     streams = {}
     for stream in (STREAM_READINGS, STREAM_AGGREGATES, STREAM_ALARMS):
         top, acked = reader.stream_state(stream)
@@ -87,6 +91,7 @@ def collect(reader: Buffer | None, device_intervals: dict[str, float]) -> dict[s
         "broker": broker,
         "streams": streams,
         "pending_gaps": gaps,
+        "clock": clock,
         "buffer": {"path": str(reader.path), "used_bytes": reader.used_bytes()},
         "ts": iso_utc_ms(now),
     }
@@ -101,6 +106,11 @@ def render_text(status: dict[str, Any]) -> str:
                  + (f" since {broker['since']}" if broker.get("since") else "")
                  + (f" — {broker['error']}" if broker.get("error") else ""))
     lines.append(f"backlog  {status['backlog']} unsent readings (last seq {status['last_seq']})")
+    clock = status.get("clock")
+    if clock:
+        sync = {True: "synchronised", False: "NOT synchronised (no NTP yet)", None: "sync state unknown"}
+        lines.append(f"clock    {sync[clock.get('synchronized')]}"
+                     + (f", last step {clock['last_step_s']:+.1f} s" if clock.get("last_step_s") else ""))
     for name, s in (status.get("streams") or {}).items():
         if name != STREAM_READINGS and (s["last_seq"] or s["backlog"]):
             lines.append(f"         {name}: {s['backlog']} unsent (last seq {s['last_seq']})")

@@ -1,7 +1,10 @@
 """`edge-agent tail`: subscribe to a station's topics and print what arrives, decoded, one line each.
 
 Flags seq gaps and duplicates per stream, so a platform engineer (or the demo) sees at once whether
-delivery is complete. Imports `agent.model` only (and paho).
+delivery is complete. A message that is not JSON is read as an HJ 212 packet (`payload: hj212`): its
+CN, DataTime and items are shown, a bad frame is flagged, and the pieces of a split packet are shown
+once the last one arrives (HJ 212 has no seq: gaps cannot be flagged there).
+Imports `agent.hj212` only (and paho).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.hj212 import Hj212Error, Packet, Reassembler, codes, decode
+
 
 @dataclass
 class SeqTracker:
@@ -23,6 +28,7 @@ class SeqTracker:
 
     last: dict[str, int] = field(default_factory=dict)
     announced_gaps: list[tuple[int, int]] = field(default_factory=list)
+    reassembler: Reassembler = field(default_factory=Reassembler)  # split HJ 212 packets
 
     def see(self, stream: str, seq: int) -> str:
         prev = self.last.get(stream)
@@ -44,6 +50,8 @@ def format_message(topic: str, payload: bytes, tracker: SeqTracker) -> list[str]
     try:
         msg = json.loads(payload)
     except ValueError:
+        if payload.startswith(b"##"):
+            return format_hj212(kind, payload, tracker)
         text = payload.decode("utf-8", "replace").strip()
         return [f"{kind:<6} {text}"]
     if not isinstance(msg, dict):
@@ -72,6 +80,42 @@ def format_message(topic: str, payload: bytes, tracker: SeqTracker) -> list[str]
                      f"threshold={a.get('threshold')} {a.get('ts')} {note}".rstrip())
     else:
         lines.append(f"{kind:<6} {json.dumps(msg, ensure_ascii=False)}")
+    return lines
+
+
+def _command_name(cn: str) -> str:
+    try:
+        return codes()["commands"].meaning(cn) or ""
+    except (KeyError, OSError, ValueError):
+        return ""
+
+
+def format_hj212(kind: str, payload: bytes, tracker: SeqTracker) -> list[str]:
+    """Lines for an HJ 212 frame: ``CN name DataTime=… QN=…`` then one line per pollutant."""
+    try:
+        piece = decode(payload.strip() + b"\r\n")
+        packet = tracker.reassembler.add(piece)
+    except Hj212Error as exc:
+        return [f"{kind:<6} BAD HJ 212 frame ({type(exc).__name__}: {exc}): {payload[:80]!r}"]
+    if packet is None:
+        return [f"{kind:<6} HJ 212 CN={piece.cn} QN={piece.qn} piece {piece.pno}/{piece.pnum} (waiting for the rest)"]
+    return _packet_lines(kind, packet)
+
+
+def _packet_lines(kind: str, packet: Packet) -> list[str]:
+    name = _command_name(packet.cn)
+    head = f"{kind:<6} HJ 212 CN={packet.cn}{f' ({name})' if name else ''} MN={packet.mn} ST={packet.st}"
+    data_time = packet.get("DataTime")
+    if data_time is not None:
+        head += f" DataTime={data_time}"
+    head += f" QN={packet.qn} Flag={packet.flag}"
+    lines = [head]
+    pollutants = packet.pollutants()
+    for code, fields in pollutants.items():
+        lines.append(f"         {code}: " + " ".join(f"{k}={v}" for k, v in fields.items()))
+    other = [f"{k}={v}" for k, v in packet.items() if k != "DataTime" and "-" not in k]
+    if other:
+        lines.append("         " + " ".join(other))
     return lines
 
 

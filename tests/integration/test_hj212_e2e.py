@@ -30,6 +30,7 @@ from test_uplink import Platform  # noqa: E402
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 STATION = "14010500000017"
+PW = "s3cr3T"
 
 
 def station_config(tmp_path, broker, platform_port: int | None = None, **overrides) -> dict:
@@ -42,7 +43,7 @@ def station_config(tmp_path, broker, platform_port: int | None = None, **overrid
         "nh3n": {"driver": "simulated", "interval": 1.0,
                  "channels": {"w21003": {"unit": "mg/L", "mean": 1.2, "noise": 0.1, "decimals": 3}}},
     }
-    hj212: dict = {"st": 32, "pw": "123456"}
+    hj212: dict = {"st": 32, "pw": PW}
     if platform_port is not None:
         hj212["uplinks"] = [{"host": "127.0.0.1", "port": platform_port, "timeout": 2, "retries": 1}]
     config["hj212"] = hj212
@@ -102,6 +103,7 @@ def test_uplink_delivers_every_poll_acknowledged_across_a_platform_outage(tmp_pa
         port = platform.port
         platform.close()
         time.sleep(3)  # the outage itself (not a wait for a condition): polls go on meanwhile
+        back = datetime.now(SHANGHAI).strftime("%Y%m%d%H%M%S")
         second = Platform(port=port)
         wait_for(lambda: second.accepted, 20, "the station reconnects")
         target = max(db_polls(db))
@@ -111,9 +113,11 @@ def test_uplink_delivers_every_poll_acknowledged_across_a_platform_outage(tmp_pa
         assert agent.stop() == 0
         if second is not None:
             second.close()
-    received = platform.received("2011") + (second.received("2011") if second else [])
-    assert not platform.errors and not (second and second.errors), "every frame had a valid length and CRC"
-    assert all((p.mn, p.st, p.pw, p.flag) == (STATION, "32", "123456", 5) for p in received)
+    assert second is not None
+    assert [p for p in second.received("2011") if p.get("DataTime") < back], "polls of the outage sent after it"
+    received = platform.received("2011") + second.received("2011")
+    assert not platform.errors and not second.errors, "every frame had a valid length and CRC"
+    assert all((p.mn, p.st, p.pw, p.flag) == (STATION, "32", PW, 5) for p in received)
     meta = json.loads(db_scalar(db, f"SELECT value FROM meta WHERE key='uplink:127.0.0.1:{port}'"))
     acknowledged = db_polls(db, meta["readings"])
     missing = acknowledged - Counter(packet_key(p) for p in received)
@@ -137,24 +141,26 @@ def test_backfill_request_and_refusals_on_the_uplink(tmp_path, broker, platform)
         wait_for(lambda: len(platform.received("2051")) >= 3 and platform.received("2061"), 20, "period packets")
         pushed = [p for p in platform.received("2051") if p.flag == 5]
         assert [p.get("DataTime") for p in pushed] == ["20261129101000", "20261129100000", "20261129102000"]
-        answer = platform.request("2051", [{"BeginTime": "20261129100000", "EndTime": "20261129101000"}])
+        answer = platform.request("2051", [{"BeginTime": "20261129100000", "EndTime": "20261129101000"}], pw=PW)
         assert [p.cn for p in answer] == ["9011", "2051", "2051", "9012"]
         assert (answer[0].get("QnRtn"), answer[-1].get("ExeRtn")) == ("1", "1")
         assert [p.get("DataTime") for p in answer[1:3]] == ["20261129100000", "20261129101000"]
         assert set(period_items(answer[1])) == {"w01018", "w21003"}
         nothing = platform.request("2031", [{"BeginTime": "20200101000000", "EndTime": "20200102000000"}],
-                                   qn="20261129120000002")
+                                   qn="20261129120000002", pw=PW)
         assert [(p.cn, p.get("QnRtn") or p.get("ExeRtn")) for p in nothing] == [("9011", "1"), ("9012", "100")]
-        unknown = platform.request("3020", qn="20261129120000003")
+        unknown = platform.request("3020", qn="20261129120000003", pw=PW)
         assert [(p.cn, p.get("QnRtn")) for p in unknown] == [("9011", "100")]
         wrong_pw = platform.request("2051", [{"BeginTime": "20261129100000", "EndTime": "20261129101000"}],
-                                    pw="000000", qn="20261129120000004")
+                                    pw="WRONG1", qn="20261129120000004")
         assert [(p.cn, p.get("QnRtn")) for p in wrong_pw] == [("9011", "3")]
         assert len(platform.received("2011")) >= 1, "real-time data flows beside the requests"
     finally:
         assert agent.stop() == 0
     assert not platform.errors
-    assert "QnRtn=3" in agent.log() and "000000" not in agent.log() and "123456" not in agent.log()
+    meta = json.loads(db_scalar(db, f"SELECT value FROM meta WHERE key='uplink:127.0.0.1:{platform.port}'"))
+    assert meta["aggregates"] == 5, "every pushed period packet was acknowledged"
+    assert "QnRtn=3" in agent.log() and "WRONG1" not in agent.log() and PW not in agent.log()
 
 
 def test_payload_hj212_on_mqtt_is_one_valid_packet_per_poll(tmp_path, broker):
@@ -170,7 +176,7 @@ def test_payload_hj212_on_mqtt_is_one_valid_packet_per_poll(tmp_path, broker):
         assert agent.stop() == 0
         collector.close()
     data = [decode(payload) for topic, payload, _ in collector.messages if topic.endswith("/data")]
-    assert all((p.cn, p.mn, p.st, p.pw, p.flag) == ("2011", STATION, "32", "123456", 4) for p in data)
+    assert all((p.cn, p.mn, p.st, p.pw, p.flag) == ("2011", STATION, "32", PW, 4) for p in data)
     assert all(len(realtime_items(p)) in (1, 2) for p in data)
     assert {frozenset(realtime_items(p)) for p in data} == {frozenset({"w01018", "w01001"}), frozenset({"w21003"})}
     sent = db_scalar(db, "SELECT sent_upto FROM streams WHERE name='readings'")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from harness import AgentProcess, Broker, Collector, db_last_seq, run_cli, sim_config, wait_for, write_config
@@ -200,3 +201,30 @@ def test_sighup_with_a_broken_config_keeps_running(tmp_path, broker, collector):
         assert agent.alive()
     finally:
         assert agent.stop() == 0
+
+
+def test_failover_to_the_second_broker_url_when_the_first_is_down(tmp_path, broker, collector):
+    dead = Broker(tmp_path / "dead")  # configured first, never started
+    config = sim_config(tmp_path, broker, channels=2, interval=0.2)
+    config["mqtt"].pop("url")
+    config["mqtt"]["urls"] = [dead.url, broker.url]
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) >= 10, 30, "readings through the second broker")
+    finally:
+        assert agent.stop() == 0
+    assert f"127.0.0.1:{dead.port}" in agent.log(), "the first URL was tried (and its failure logged)"
+
+
+def test_check_config_cli_prints_file_line_col_and_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("station:\n  id: ST01\n  type: outfall\nstorage:\n  path: b.db\nmqtt:\n  url: mqtt://h\n"
+                   "devices:\n  sim:\n    driver: simulated\n    intervall: 1\n")
+    result = run_cli("check-config", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}:11:5: devices.sim.intervall:" in result.stderr
+    good = run_cli("check-config", str(Path(__file__).resolve().parents[2] / "config" / "example.yaml"))
+    assert good.returncode == 0, good.stderr
+    schema = run_cli("schema")
+    assert schema.returncode == 0 and json.loads(schema.stdout)["type"] == "object"

@@ -203,7 +203,7 @@ def test_programmatic_config_is_cross_checked_too() -> None:
 def test_json_schema_is_json_and_names_the_sections() -> None:
     schema = json.loads(json.dumps(json_schema()))
     assert set(schema["properties"]) == {"station", "storage", "mqtt", "buses", "devices", "aggregate",
-                                         "hj212", "alarms"}
+                                         "hj212", "alarms", "console"}
     assert set(schema["required"]) >= {"station", "storage", "mqtt", "devices"}
     assert schema["additionalProperties"] is False
 

@@ -63,6 +63,9 @@ class Platform:
                 conn, _ = self.server.accept()
             except OSError:
                 return
+            if self._closed:  # an accept still in flight when the platform closed
+                conn.close()
+                return
             with self._lock:
                 self.conns.append(conn)
                 self.accepted += 1
@@ -125,9 +128,14 @@ class Platform:
             c.close()
 
     def close(self) -> None:
+        """Stop listening and drop every connection (an outage of the platform)."""
         self._closed = True
-        self.cut()
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes the accept() in flight
+        except OSError:
+            pass
         self.server.close()
+        self.cut()
 
 
 class Station:

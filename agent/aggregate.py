@@ -1,0 +1,753 @@
+"""HJ 212 period statistics (SPEC §2 `aggregate`, §4 aggregate message, DOMAIN.md validity rules):
+minute, hour and day avg/min/max/cou per `device.channel` with a count of valid values and a validity
+flag, stored in the buffer's aggregates stream (own seq) and published by the publisher on `P/agg`.
+
+Runs on the recorder thread like the alarm engine: `observe` gets each committed batch, `tick` runs
+about once a second and computes the periods that are due; `reconfigure` (any thread) is applied at
+the next call. Imports `agent.config`, `agent.model` and `agent.logutil` only; the buffer is reached
+through `reader_factory` (a read-only `agent.buffer.Buffer`) to rebuild periods after a restart.
+
+Decisions (the README's aggregate section should repeat them for technicians):
+
+- On/off: periods are computed only when the file has an `aggregate:` section (`aggregate: {}` gives
+  the defaults: 10-minute, hour and day). Kinds: `<n>m` (`aggregate.minute`), `1h` and `1d` when
+  `hour`/`day` are true. Other keys (agent/config.py `Aggregate`): `min_valid` (a share, or one per
+  kind), `min_count` (per kind), `flow`, `flow_weighted`, `grace`.
+- Boundaries are the station's local time (`station.timezone`, zoneinfo): a period is [start, end)
+  with start at a local multiple of n minutes, the local hour or local midnight; the body's `start`
+  is that instant in UTC (Asia/Shanghai: the day starting 2026-11-29 00:00 local is
+  `2026-11-28T16:00:00.000Z`). A day lasts 23 or 25 hours where DST changes.
+- Hour and day statistics are computed from the readings themselves, not from minute averages: a day
+  average is the mean of all the day's valid values, exactly.
+- Valid values: non-null, finite, flag N or T (T, above the measuring range, is still a measurement;
+  leaving it out would bias the mean down exactly when the water is worst). avg, min, max and count use
+  valid values only. A reading with another flag, or with no value, is abnormal (null flagged N or T
+  counts as B).
+- Flag. Expected values = period length / device interval; a period needs
+  ceil(`min_valid` x expected) valid values (default share 0.75, the standard's "at least 75 %";
+  `min_count` gives absolute numbers per kind instead; at least 1).
+  * Water stations (`station.type` outfall or river_section): one abnormal value makes the period
+    abnormal: its flag is the most severe flag among the period's readings, D > B > F > M > C > S > T
+    (fault, no communication, stopped, maintenance, calibration, manual, over range). With no abnormal
+    reading but too few valid values the flag is B (values missing between instrument and gateway).
+    Otherwise N.
+  * Other stations: N when the period has enough valid values; else the most severe abnormal flag of
+    its readings, or B when values are simply missing.
+  A channel with no reading at all in a period gets no row for it (there is nothing to compute).
+- cou (period total) only where a total makes sense, else null:
+  * Flow channels (code w00000, and the channel named by `aggregate.flow`): volume in m3. Each valid
+    value holds until the channel's next valid value, at most 2 x the device interval (a failed read or
+    a missed poll is a gap; a longer gap counts 2 intervals), cut at period boundaries (the last value
+    before a period holds into it). Units: L/s (the default, DOMAIN.md), m3/s, m3/h, m3/min, L/min, L/h,
+    m3/d.
+  * With `aggregate.flow`, concentrations (unit mg/L, ug/L, ng/L or g/L, or the channels listed in
+    `flow_weighted`) of any device get a flow-weighted avg = sum(c_i q_i) / sum(q_i), q_i being the
+    flow's last valid value at most 2 flow-device intervals from c_i; values without such a flow value
+    are left out of the weighting; with none paired, or sum(q_i) = 0, avg is the plain mean. Their cou
+    is the load in kg: avg x the flow channel's volume of the same period x the unit factor
+    (mg/L x m3 = g, / 1000).
+- Emission: a period is computed when the wall clock passes its end + `aggregate.grace` (default 2 s,
+  for the last poll's readings to be committed); readings are placed in periods by their own
+  timestamps. A reading whose period has already been computed (late, or the clock stepped back) is
+  left out of that period (logged, rate-limited); it still counts in the longer periods still open.
+  Readings more than 5 minutes ahead of the wall clock, or before 2020 (clock not set yet), are left out.
+  After a backward clock step open periods simply wait for the clock to pass their end again (a Pi
+  without RTC boots with the time it saved last, and NTP corrects it a minute later); only when an open
+  period starts more than a day after a plausible wall clock (a clock that was far ahead and has been
+  corrected) are the open periods of its kind computed at once.
+- Never twice: per kind the state keeps the ranges of period starts already done (normally one range
+  [first, last], periods without readings in between counting as done; a backward clock step starts
+  another; at most 8 are kept). A period inside a range is never opened again, so never emitted again.
+- Restart: the state (meta `aggregate_state`) holds those ranges, the seq of the first reading of the
+  oldest open period, and the last valid value of each flow channel before it. It is queued in the
+  same recorder transaction as the events of the periods computed (both from the recorder thread). At
+  start the stored readings from that seq on are replayed through the same code: open periods are
+  rebuilt, and periods that ended while the agent was down are computed by the first tick, once. A
+  kind new in the configuration is computed from its current period on (with the replayed readings
+  that fall in it). The replay covers the open day (up to a day of readings): exact day values after
+  a restart need `storage.keep_sent_days` >= 1. Nothing is computed from readings stored while
+  aggregates were off, nor (no saved state) from readings stored before the first start.
+- Reload: a kind that is no longer configured (another minute length, another time zone) drops its
+  open periods (logged); a new kind starts with the current period. Flow settings apply to the channels'
+  next periods.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from datetime import time as dtime
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
+
+from agent.config import Config
+from agent.logutil import RateLimitedLog
+from agent.model import FLAG_COMM, FLAG_NORMAL, FLAG_OVER_RANGE, STREAM_AGGREGATES, Reading, iso_utc_ms, now_ms
+
+__all__ = [
+    "FLAG_SEVERITY",
+    "LOAD_UNITS",
+    "STATE_KEY",
+    "VOLUME_CODES",
+    "VOLUME_UNITS",
+    "Aggregator",
+    "PeriodCalendar",
+    "PeriodKind",
+    "ReadingSource",
+]
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "aggregate_state"  # meta key of the saved state
+STATE_VERSION = 1
+WATER_STATIONS = frozenset({"outfall", "river_section"})  # one abnormal value makes the period abnormal
+VALID_FLAGS = frozenset({FLAG_NORMAL, FLAG_OVER_RANGE})  # values that enter avg/min/max/count
+FLAG_SEVERITY = "DBFMCST"  # most severe first: the flag an abnormal period gets
+FUTURE_TOLERANCE_MS = 300_000  # readings further ahead of the wall clock are left out
+BACK_STEP_MS = 86_400_000  # open periods this far ahead of the wall clock are computed at once
+MIN_PLAUSIBLE_MS = 1_577_836_800_000  # 2020-01-01T00:00:00Z: earlier timestamps mean the clock is not set
+MAX_RANGES = 8  # ranges of done period starts kept per kind (one per backward clock step)
+REPLAY_BATCH = 5000  # readings read at a time when rebuilding periods at start
+UNKNOWN_INTERVAL_S = 60.0  # device interval assumed for a device no longer configured
+
+# Flow codes whose cou is a volume, with the unit assumed when the reading names none (DOMAIN.md).
+VOLUME_CODES: Mapping[str, str] = {"w00000": "L/s"}
+# m3 per (unit x second), keyed by the normalised unit.
+VOLUME_UNITS: Mapping[str, float] = {
+    "l/s": 1e-3, "m3/s": 1.0, "m3/h": 1 / 3600, "m3/min": 1 / 60, "l/min": 1e-3 / 60, "l/h": 1e-3 / 3600,
+    "m3/d": 1 / 86400,
+}
+# Concentrations in water: kg of pollutant per (m3 of water x unit).
+LOAD_UNITS: Mapping[str, float] = {"mg/l": 1e-3, "ug/l": 1e-6, "ng/l": 1e-9, "g/l": 1.0}
+
+_Key = tuple[str, str]  # (device, channel)
+
+
+class ReadingSource(Protocol):
+    """What the aggregator needs of a read-only `agent.buffer.Buffer`."""
+
+    def readings_after(self, after_seq: int, limit: int) -> list[Reading]: ...
+
+    def close(self) -> None: ...
+
+
+def _norm_unit(unit: str | None) -> str:
+    if not unit:
+        return ""
+    return unit.strip().lower().replace("µ", "u").replace("μ", "u").replace("³", "3").replace(" ", "")
+
+
+def _severity(flag: str) -> int:
+    index = FLAG_SEVERITY.find(flag)
+    return index if index >= 0 else len(FLAG_SEVERITY)
+
+
+def _number(x: float | None) -> float | None:
+    """A computed number for the body: 10 significant digits (no float noise such as 10.299999999)."""
+    if x is None or not math.isfinite(x):
+        return None
+    return float(f"{x:.10g}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Periods and their boundaries
+
+
+@dataclass(frozen=True)
+class PeriodKind:
+    """A kind of period: `family` minute/hour/day (the keys of min_valid/min_count) and its nominal
+    length in minutes."""
+
+    family: str
+    minutes: int
+
+    @property
+    def name(self) -> str:
+        """The body's `period`: `10m`, `1h`, `1d`."""
+        return {"hour": "1h", "day": "1d"}.get(self.family, f"{self.minutes}m")
+
+
+class PeriodCalendar:
+    """Boundaries of one kind of period in one time zone; remembers the last period looked up (the
+    next reading nearly always falls in it)."""
+
+    def __init__(self, kind: PeriodKind, tz: ZoneInfo):
+        self.kind = kind
+        self.tz = tz
+        self._start = 0
+        self._end = 0
+
+    def span(self, ts_ms: int) -> tuple[int, int]:
+        """(start, end) in Unix ms of the period holding `ts_ms`."""
+        if self._start <= ts_ms < self._end:
+            return self._start, self._end
+        start = self.floor(ts_ms)
+        end = self.end_of(start)
+        if not start <= ts_ms < end:  # a local midnight that does not exist (DST at 00:00): fixed offset
+            local = datetime.fromtimestamp(ts_ms // 1000, self.tz)
+            offset = int((local.utcoffset() or timedelta()).total_seconds() * 1000)
+            length = self.kind.minutes * 60_000
+            start = (ts_ms + offset) // length * length - offset
+            end = start + length
+        self._start, self._end = start, end
+        return start, end
+
+    def floor(self, ts_ms: int) -> int:
+        """Start of the period holding `ts_ms`: a local multiple of n minutes, hour, or midnight."""
+        local = datetime.fromtimestamp(ts_ms // 1000, self.tz)
+        family = self.kind.family
+        if family == "minute":
+            local = local.replace(minute=local.minute - local.minute % self.kind.minutes, second=0)
+        elif family == "hour":
+            local = local.replace(minute=0, second=0)
+        else:
+            local = local.replace(hour=0, minute=0, second=0)
+        return int(local.timestamp()) * 1000
+
+    def end_of(self, start: int) -> int:
+        """End (exclusive) of the period starting at `start`: the next local midnight for days."""
+        if self.kind.family != "day":
+            return start + self.kind.minutes * 60_000
+        day = datetime.fromtimestamp(start // 1000, self.tz).date() + timedelta(days=1)
+        end = int(datetime.combine(day, dtime(0), tzinfo=self.tz).timestamp()) * 1000
+        return end if end > start else start + 86_400_000
+
+
+@dataclass(frozen=True)
+class _Role:
+    """How a channel's statistics are computed (fixed when its accumulator of a period is created)."""
+
+    volume: float | None  # a flow: cou = volume, m3 per (value unit x second)
+    weighted: bool  # avg weighted by the station's flow
+    load: float | None  # kg per (m3 x value unit): cou = load (weighted channels)
+    cap_ms: int  # longest time a value holds (2 device intervals)
+
+
+class _Acc:
+    """One channel in one period."""
+
+    __slots__ = ("role", "n", "count", "total", "comp", "low", "high", "abnormal", "vol", "last_ts", "last_q",
+                 "cq", "qsum")
+
+    def __init__(self, role: _Role):
+        self.role = role
+        self.n = 0  # readings, any flag
+        self.count = 0  # valid values
+        self.total = 0.0  # their sum (Neumaier-compensated with comp)
+        self.comp = 0.0
+        self.low = math.inf
+        self.high = -math.inf
+        self.abnormal: set[str] = set()
+        self.vol = 0.0  # flow x milliseconds (value unit)
+        self.last_ts: int | None = None  # last valid flow value in this period
+        self.last_q = 0.0
+        self.cq = 0.0  # sum of concentration x flow
+        self.qsum = 0.0  # sum of the paired flow values
+
+    def add_value(self, x: float) -> None:
+        t = self.total + x
+        if abs(self.total) >= abs(x):
+            self.comp += (self.total - t) + x
+        else:
+            self.comp += (x - t) + self.total
+        self.total = t
+        self.count += 1
+        if x < self.low:
+            self.low = x
+        if x > self.high:
+            self.high = x
+
+    def mean(self) -> float:
+        return (self.total + self.comp) / self.count
+
+    def integrate(self, ts: int, q: float, start: int, before: tuple[int, float] | None) -> None:
+        """A valid flow value at `ts`: add the segment the previous value held (`before`: the channel's
+        last valid value when this is the period's first one, held from the period start)."""
+        cap = self.role.cap_ms
+        if self.last_ts is None:
+            if before is not None and before[0] < ts:
+                a, b = max(start, before[0]), min(ts, before[0] + cap)
+                if b > a:
+                    self.vol += before[1] * (b - a)
+        elif ts > self.last_ts:
+            self.vol += self.last_q * (min(ts, self.last_ts + cap) - self.last_ts)
+        else:
+            return  # out of time order: in the statistics, not in the volume
+        self.last_ts, self.last_q = ts, q
+
+    def volume_m3(self, end: int) -> float:
+        """The period's volume, the last value held up to the period end (capped)."""
+        vol = self.vol
+        if self.last_ts is not None:
+            vol += self.last_q * (min(end, self.last_ts + self.role.cap_ms) - self.last_ts)
+        assert self.role.volume is not None
+        return vol / 1000 * self.role.volume
+
+
+class _Period:
+    """An open period of one kind: the accumulators of the channels seen in it."""
+
+    __slots__ = ("kind", "start", "end", "first_seq", "carry", "accs")
+
+    def __init__(self, kind: PeriodKind, start: int, end: int, first_seq: int, carry: dict[_Key, tuple[int, float]]):
+        self.kind = kind
+        self.start = start
+        self.end = end
+        self.first_seq = first_seq  # seq of its first reading: replayed from there after a restart
+        self.carry = carry  # flow channels' last valid values before that reading
+        self.accs: dict[_Key, _Acc] = {}
+
+
+# --------------------------------------------------------------------------------------------------
+# The aggregator
+
+
+class Aggregator:
+    """Computes the configured periods from committed readings (see the module docstring).
+
+    `recorder` needs `submit_event(stream, ts_ms, body)` and `set_meta(key, value)`; `saved_state` is
+    the meta value `aggregate_state` of the previous run (None on a fresh buffer); `reader_factory()`
+    opens a read-only buffer (closed after use) to rebuild the open periods at start. `wall_ms` (Unix
+    ms) is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        recorder: Any,
+        saved_state: str | None,
+        reader_factory: Callable[[], ReadingSource] | None = None,
+        *,
+        wall_ms: Callable[[], int] = now_ms,
+    ):
+        self.recorder = recorder
+        self.reader_factory = reader_factory
+        self.wall_ms = wall_ms
+        self._lock = threading.Lock()
+        self._pending_config: Config | None = None
+        self._calendars: list[PeriodCalendar] = []
+        self._open: dict[str, dict[int, _Period]] = {}
+        self._hold: dict[_Key, tuple[int, float]] = {}  # flow channels: last valid (ts, value)
+        self._roles: dict[_Key, tuple[str | None, _Role]] = {}
+        self._warned: set[str] = set()
+        self._errlog = RateLimitedLog(log, every_s=300)
+        self._last_seq = 0  # highest seq observed (or replayed) in this run
+        self._saved_seq: int | None = None  # replay point in the last state saved
+        self._replay_floor: dict[str, int] = {}
+        state = self._parse_state(saved_state)
+        kinds = state.get("kinds")
+        self._ranges: dict[str, list[list[int]]] = {
+            str(name): [[int(lo), int(hi)] for lo, hi in ranges]
+            for name, ranges in (kinds.items() if isinstance(kinds, dict) else ())
+        }
+        seq = state.get("seq")
+        self._restored_seq: int | None = seq if isinstance(seq, int) and seq > 0 else None
+        self._apply_config(config, initial=True)
+        if not self.enabled:
+            log.info("aggregates: off (no aggregate section in the configuration)")
+            if self._restored_seq is not None:
+                self._restored_seq = None
+                self._save()  # a later start must not replay the readings of this run
+            return
+        log.info("aggregates: %s periods in %s, computed %.3g s after their end",
+                 ", ".join(c.kind.name for c in self._calendars), config.station.timezone, self._grace_ms / 1000)
+        if config.aggregate.day and config.storage.keep_sent_days < 1:
+            log.warning("aggregates: storage.keep_sent_days < 1: after a restart, day periods are rebuilt only "
+                        "from the readings still stored")
+        if self._restored_seq is not None and self.reader_factory is not None:
+            now = self.wall_ms()
+            known = set(self._ranges)
+            self._replay_floor = {c.kind.name: c.span(now)[0] for c in self._calendars if c.kind.name not in known}
+            self._hold = self._parse_carry(state.get("carry"))
+            self._replay(self._restored_seq, now)
+            self._replay_floor = {}
+
+    # ------------------------------------------------------------------ any thread
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config (SIGHUP); applied on the recorder thread at the next call."""
+        with self._lock:
+            self._pending_config = config
+
+    def close(self) -> None:
+        """Nothing to flush: the state is saved with every computed period; open periods are rebuilt
+        from the buffer at the next start."""
+        if self.enabled:
+            n = sum(len(p) for p in self._open.values())
+            log.info("aggregates: %d open periods left to the next start", n)
+
+    # ------------------------------------------------------------------ recorder thread
+
+    def observe(self, readings: Iterable[Reading]) -> None:
+        """A committed batch of readings (recorder thread)."""
+        self._take_config()
+        if not self.enabled:
+            return
+        now = self.wall_ms()
+        for r in readings:
+            if r.seq <= self._last_seq:
+                continue  # replayed at start already
+            self._last_seq = r.seq
+            self._ingest(r, now, replay=False)
+        if self._saved_seq is None and any(self._open.values()):
+            self._save()  # first periods of this run: from now on a restart knows where to replay from
+
+    def tick(self) -> None:
+        """About once a second (recorder thread): compute the periods that are due."""
+        self._take_config()
+        if any(self._open.values()):
+            self._close_due(self.wall_ms())
+
+    # ------------------------------------------------------------------ configuration
+
+    def _take_config(self) -> None:
+        if self._pending_config is None:
+            return
+        with self._lock:
+            config, self._pending_config = self._pending_config, None
+        if config is not None:
+            self._apply_config(config, initial=False)
+            if not self.enabled:  # readings of the time without aggregates are never replayed
+                self._last_seq = 0
+                self._restored_seq = None
+            log.info("aggregates reloaded: %s", ", ".join(c.kind.name for c in self._calendars) or "off")
+            self._save()
+
+    def _apply_config(self, config: Config, *, initial: bool) -> None:
+        agg = config.aggregate
+        self.config = config
+        self.enabled = "aggregate" in config.model_fields_set
+        tz = ZoneInfo(config.station.timezone)
+        kinds: list[PeriodKind] = []
+        if self.enabled:
+            kinds.append(PeriodKind("minute", agg.minute))
+            if agg.hour:
+                kinds.append(PeriodKind("hour", 60))
+            if agg.day:
+                kinds.append(PeriodKind("day", 1440))
+        old = {c.kind.name: c for c in self._calendars}
+        calendars = []
+        for kind in kinds:
+            cal = old.get(kind.name)
+            if cal is None or cal.tz.key != tz.key:
+                cal = PeriodCalendar(kind, tz)
+                dropped = self._open.pop(kind.name, {})
+                if dropped:
+                    log.warning("aggregates: time zone changed: %d open %s periods dropped", len(dropped), kind.name)
+            calendars.append(cal)
+        names = {k.name for k in kinds}
+        for name in [n for n in self._open if n not in names]:
+            dropped = self._open.pop(name)
+            if dropped:
+                log.warning("aggregates: %s periods no longer configured: %d open periods dropped", name, len(dropped))
+        for kind in kinds:
+            self._open.setdefault(kind.name, {})
+        self._calendars = calendars
+        self._water = config.station.type in WATER_STATIONS
+        self._grace_ms = round(agg.grace * 1000)
+        self._min_valid = agg.min_valid.model_dump()
+        self._min_count = agg.min_count.model_dump() if agg.min_count is not None else {}
+        self._intervals = {dev_id: dev.interval for dev_id, dev in config.devices.items()}
+        self._flow_key: _Key | None = None
+        self._flow_cap_ms = 0
+        if agg.flow is not None:
+            device, channel = agg.flow.split(".", 1)
+            self._flow_key = (device, channel)
+            self._flow_cap_ms = self._cap_ms(device)
+            if self.enabled and device not in config.devices:
+                log.warning("aggregate.flow: device %r is not configured; no flow-weighted values", device)
+        self._weighted: frozenset[_Key] | None = None
+        if agg.flow_weighted is not None:
+            self._weighted = frozenset((ref.split(".", 1)[0], ref.split(".", 1)[1]) for ref in agg.flow_weighted)
+            if agg.flow is None and self.enabled:
+                log.warning("aggregate.flow_weighted needs aggregate.flow (the flow channel): ignored")
+        self._roles.clear()
+
+    def _cap_ms(self, device: str) -> int:
+        return round(2 * self._intervals.get(device, UNKNOWN_INTERVAL_S) * 1000)
+
+    def _role(self, key: _Key, unit: str | None) -> _Role:
+        cached = self._roles.get(key)
+        if cached is not None and cached[0] == unit:
+            return cached[1]
+        device, code = key
+        u = _norm_unit(unit)
+        volume = None
+        if code in VOLUME_CODES or key == self._flow_key:
+            volume = VOLUME_UNITS.get(u)
+            if volume is None:
+                assumed = VOLUME_CODES.get(code, "L/s")
+                if u:
+                    self._warn_once(f"unit:{device}.{code}:{u}", "aggregates: %s.%s: %r is not a flow unit this "
+                                    "agent knows; assuming %s", device, code, unit, assumed)
+                volume = VOLUME_UNITS[_norm_unit(assumed)]
+        weighted = False
+        load = None
+        if self._flow_key is not None and volume is None:
+            weighted = key in self._weighted if self._weighted is not None else u in LOAD_UNITS
+            load = LOAD_UNITS.get(u) if weighted else None
+        role = _Role(volume, weighted, load, self._cap_ms(device))
+        self._roles[key] = (unit, role)
+        return role
+
+    # ------------------------------------------------------------------ readings into periods
+
+    def _ingest(self, r: Reading, now: int, *, replay: bool) -> None:
+        ts = r.ts_ms
+        if ts < MIN_PLAUSIBLE_MS:
+            if not replay:
+                self._errlog.warning("aggregates: readings timed before 2020 (clock not set?) are left out, "
+                                     "e.g. %s.%s at %s", r.device, r.channel, iso_utc_ms(max(ts, 0)))
+            return
+        if not replay and ts > now + FUTURE_TOLERANCE_MS:
+            self._errlog.warning("aggregates: readings more than 5 minutes ahead of the clock are left out, "
+                                 "e.g. %s.%s at %s", r.device, r.channel, iso_utc_ms(ts))
+            return
+        key = (r.device, r.channel)
+        role = self._role(key, r.unit)
+        value = r.value
+        valid = value is not None and math.isfinite(value) and r.flag in VALID_FLAGS
+        abnormal = None
+        if not valid:
+            abnormal = FLAG_COMM if r.flag in VALID_FLAGS else r.flag
+        elif r.flag != FLAG_NORMAL:
+            abnormal = r.flag
+        q = None
+        if valid and self._flow_key is not None:
+            held = self._hold.get(self._flow_key)
+            if held is not None and abs(ts - held[0]) <= self._flow_cap_ms:
+                q = held[1]
+        for cal in self._calendars:
+            name = cal.kind.name
+            start, end = cal.span(ts)
+            periods = self._open[name]
+            period = periods.get(start)
+            if period is None:
+                if not self._may_open(name, start, end, now, replay):
+                    if not replay:
+                        self._errlog.warning("aggregates: a reading later than its %s period (already computed) "
+                                             "is left out of it, e.g. %s.%s at %s", name, r.device, r.channel,
+                                             iso_utc_ms(ts))
+                    continue
+                period = periods[start] = _Period(cal.kind, start, end, r.seq, dict(self._hold))
+            acc = period.accs.get(key)
+            if acc is None:
+                acc = period.accs[key] = _Acc(role)
+            acc.n += 1
+            if abnormal is not None:
+                acc.abnormal.add(abnormal)
+            if valid:
+                assert value is not None
+                acc.add_value(value)
+                if acc.role.volume is not None:
+                    acc.integrate(ts, value, start, self._hold.get(key))
+                if q is not None and acc.role.weighted:
+                    acc.cq += value * q
+                    acc.qsum += q
+        if valid and role.volume is not None:
+            assert value is not None
+            held = self._hold.get(key)
+            if held is None or ts >= held[0]:
+                self._hold[key] = (ts, value)
+
+    def _may_open(self, name: str, start: int, end: int, now: int, replay: bool) -> bool:
+        if self._inside(name, start):
+            return False  # done already: never twice
+        if replay:
+            return start >= self._replay_floor.get(name, start)
+        return end + self._grace_ms > now
+
+    def _inside(self, name: str, start: int) -> bool:
+        return any(lo <= start <= hi for lo, hi in self._ranges.get(name, ()))
+
+    def _replay(self, from_seq: int, now: int) -> None:
+        """Rebuild the open periods (and those that ended while the agent was down) from the stored
+        readings with seq >= from_seq."""
+        assert self.reader_factory is not None
+        n = 0
+        try:
+            reader = self.reader_factory()
+            try:
+                after = from_seq - 1
+                while True:
+                    batch = reader.readings_after(after, REPLAY_BATCH)
+                    if not batch:
+                        break
+                    for r in batch:
+                        self._ingest(r, now, replay=True)
+                    n += len(batch)
+                    after = batch[-1].seq
+                    self._last_seq = max(self._last_seq, after)
+            finally:
+                reader.close()
+        except Exception as exc:  # noqa: BLE001 - a start without history is better than no start
+            log.error("aggregates: cannot rebuild the open periods from the buffer (%s); they restart empty", exc)
+            for open_periods in self._open.values():
+                open_periods.clear()
+            return
+        periods = [p for ps in self._open.values() for p in ps.values()]
+        due = sum(p.end + self._grace_ms <= now for p in periods)
+        log.info("aggregates: %d stored readings from seq %d replayed: %d open periods rebuilt, %d of them ended "
+                 "while the agent was down", n, from_seq, len(periods), due)
+
+    # ------------------------------------------------------------------ computing periods
+
+    def _close_due(self, now: int) -> None:
+        due: list[_Period] = []
+        for cal in self._calendars:
+            periods = self._open[cal.kind.name]
+            if not periods:
+                continue
+            stepped = now >= MIN_PLAUSIBLE_MS and max(periods) > now + BACK_STEP_MS
+            if stepped:
+                log.warning("aggregates: the clock went back to %s; computing the %d open %s periods now",
+                            iso_utc_ms(now), len(periods), cal.kind.name)
+            due += [p for p in periods.values() if stepped or p.end + self._grace_ms <= now]
+        if not due:
+            return
+        due.sort(key=lambda p: (p.end, p.kind.minutes))
+        for p in due:
+            name = p.kind.name
+            del self._open[name][p.start]
+            if self._inside(name, p.start):
+                continue  # cannot happen (never opened inside a range); kept as the last guard
+            bodies = self._compute(p)
+            for body in bodies:
+                self.recorder.submit_event(STREAM_AGGREGATES, p.start, body)
+            self._mark_done(name, p.start)
+            log.debug("aggregates: %s period from %s computed: %d channels", name, iso_utc_ms(p.start), len(bodies))
+        self._save()  # same recorder transaction as the events above
+
+    def _compute(self, p: _Period) -> list[dict[str, Any]]:
+        volumes = {key: acc.volume_m3(p.end) for key, acc in p.accs.items() if acc.role.volume is not None}
+        flow_volume = None
+        if self._flow_key is not None:
+            flow_acc = p.accs.get(self._flow_key)
+            if flow_acc is not None and flow_acc.count and self._flow_key in volumes:
+                flow_volume = volumes[self._flow_key]
+        bodies = []
+        for key in sorted(p.accs):
+            acc = p.accs[key]
+            role = acc.role
+            avg: float | None = None
+            low: float | None = None
+            high: float | None = None
+            cou: float | None = None
+            if acc.count:
+                low, high = acc.low, acc.high
+                avg = acc.cq / acc.qsum if role.weighted and acc.qsum > 0 else acc.mean()
+                avg = min(max(avg, low), high)
+                if role.volume is not None:
+                    cou = volumes[key]
+                elif role.load is not None and flow_volume is not None:
+                    cou = avg * flow_volume * role.load
+            bodies.append({
+                "device": key[0], "channel": key[1], "period": p.kind.name, "start": iso_utc_ms(p.start),
+                "avg": _number(avg), "min": low, "max": high, "cou": _number(cou), "count": acc.count,
+                "flag": self._flag(acc, self._needed(p, key[0])),
+            })
+        return bodies
+
+    def _needed(self, p: _Period, device: str) -> int:
+        """Valid values the period needs for flag N."""
+        family = p.kind.family
+        fixed = self._min_count.get(family)
+        if fixed:
+            return int(fixed)
+        interval = self._intervals.get(device)
+        if not interval:
+            return 1
+        expected = (p.end - p.start) / 1000 / interval
+        return max(1, math.ceil(self._min_valid[family] * expected - 1e-9))
+
+    def _flag(self, acc: _Acc, needed: int) -> str:
+        worst = min(acc.abnormal, key=_severity) if acc.abnormal else None
+        if self._water:
+            if worst is not None:
+                return worst
+            return FLAG_NORMAL if acc.count >= needed else FLAG_COMM
+        if acc.count >= needed:
+            return FLAG_NORMAL
+        return worst or FLAG_COMM
+
+    def _mark_done(self, name: str, start: int) -> None:
+        ranges = self._ranges.setdefault(name, [])
+        if ranges and start > ranges[-1][1]:
+            last = ranges[-1]
+            last[1] = start
+            kept = []
+            for r in ranges[:-1]:
+                if last[0] <= r[0] <= last[1]:
+                    last[1] = max(last[1], r[1])  # an older range now covered: merge it
+                else:
+                    kept.append(r)
+            ranges[:] = [*kept, last]
+        else:
+            ranges.append([start, start])  # the first one, or the clock went back: a new range
+        del ranges[:-MAX_RANGES]
+
+    # ------------------------------------------------------------------ state
+
+    def _state(self) -> dict[str, Any]:
+        periods = [p for ps in self._open.values() for p in ps.values()]
+        oldest = min(periods, key=lambda p: p.first_seq, default=None)
+        if not self.enabled:
+            seq = None
+            carry = {}
+        elif oldest is not None:
+            seq, carry = oldest.first_seq, oldest.carry
+        else:
+            seq = self._last_seq + 1 if self._last_seq else self._restored_seq
+            carry = dict(self._hold)
+        kinds = {name: [list(r) for r in ranges] for name, ranges in self._ranges.items()}
+        for cal in self._calendars:
+            kinds.setdefault(cal.kind.name, [])
+        return {"v": STATE_VERSION, "seq": seq, "kinds": kinds,
+                "carry": [[k[0], k[1], ts, q] for k, (ts, q) in sorted(carry.items())]}
+
+    def _save(self) -> None:
+        state = self._state()
+        self.recorder.set_meta(STATE_KEY, json.dumps(state, separators=(",", ":")))
+        self._saved_seq = state["seq"]
+
+    @staticmethod
+    def _parse_state(saved: str | None) -> dict[str, Any]:
+        if not saved:
+            return {}
+        try:
+            state = json.loads(saved)
+            if not isinstance(state, dict) or state.get("v") != STATE_VERSION:
+                raise ValueError("unknown format")
+            kinds = state.get("kinds")
+            if not isinstance(kinds, dict):
+                raise ValueError("no kinds")
+            for ranges in kinds.values():
+                for lo, hi in ranges:
+                    int(lo), int(hi)
+        except (TypeError, ValueError) as exc:
+            log.error("aggregates: saved state unreadable (%s); starting afresh (periods before now are not "
+                      "recomputed)", exc)
+            return {}
+        return state
+
+    @staticmethod
+    def _parse_carry(data: Any) -> dict[_Key, tuple[int, float]]:
+        carry: dict[_Key, tuple[int, float]] = {}
+        if isinstance(data, Sequence):
+            for item in data:
+                try:
+                    device, channel, ts, q = item
+                    carry[(str(device), str(channel))] = (int(ts), float(q))
+                except (TypeError, ValueError):
+                    continue
+        return carry
+
+    def _warn_once(self, key: str, msg: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)

@@ -1,0 +1,75 @@
+"""The wall clock of a gateway without a real-time clock: is it synchronised, and did it step?
+
+A Raspberry Pi boots with the time it had when it stopped (or 1970) until NTP syncs, and then the
+clock jumps. Intervals, delays and schedules in the agent use the monotonic clock, so a step never
+breaks them; readings keep the wall-clock time they were taken at. This module only notices and
+reports: `ClockWatch.check()` compares the wall clock with the monotonic clock and returns a step
+when they disagree, and asks the kernel (adjtimex, read-only) whether NTP considers it synchronised.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import time
+from dataclasses import dataclass
+
+STEP_THRESHOLD_S = 2.0  # a disagreement larger than this between two checks is a step
+TIME_ERROR = 5  # adjtimex(2) return value: the clock is not synchronised
+EARLIEST_PLAUSIBLE = 1_735_689_600  # 2025-01-01: a wall clock before this is certainly wrong
+
+
+@dataclass(frozen=True)
+class ClockStep:
+    """The wall clock moved by `seconds` (negative: backwards) relative to the monotonic clock."""
+
+    seconds: float
+    at_wall: float
+
+
+def kernel_synchronised() -> bool | None:
+    """True/False as the kernel's NTP state says (adjtimex with modes=0 changes nothing);
+    None where it cannot be asked."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        buf = ctypes.create_string_buffer(512)  # struct timex (about 208 bytes), modes = 0: read only
+        state = libc.adjtimex(buf)
+    except (OSError, AttributeError):
+        return None
+    if state < 0:
+        return None
+    return state != TIME_ERROR
+
+
+class ClockWatch:
+    """Call `check()` now and then (every few seconds); it returns a ClockStep when the wall clock
+    jumped since the previous call."""
+
+    def __init__(self, wall=time.time, mono=time.monotonic, synchronised=kernel_synchronised):
+        self._wall = wall
+        self._mono = mono
+        self._synchronised = synchronised
+        self._offset = wall() - mono()
+        self.last_step: ClockStep | None = None
+
+    def check(self) -> ClockStep | None:
+        wall = self._wall()
+        offset = wall - self._mono()
+        drift = offset - self._offset
+        self._offset = offset
+        if abs(drift) >= STEP_THRESHOLD_S:
+            self.last_step = ClockStep(round(drift, 3), wall)
+            return self.last_step
+        return None
+
+    def state(self) -> dict:
+        """For `status`: synchronised (True/False/None), plausible (not before 2025), last step."""
+        wall = self._wall()
+        step = self.last_step
+        return {
+            "synchronized": self._synchronised(),
+            "plausible": wall >= EARLIEST_PLAUSIBLE,
+            "last_step_s": step.seconds if step else None,
+            "last_step_at": step.at_wall if step else None,
+        }

@@ -1,0 +1,1400 @@
+"""The local web console (`console:` section): a read-only HTTP server inside the agent for the technician
+at the station — one page (HTML, inline CSS and JS, charts drawn as inline SVG) and a small JSON API.
+
+Standard library only: `http.server.ThreadingHTTPServer` on a daemon thread. Imports `agent` (version),
+`agent.buffer`, `agent.config`, `agent.model`, `agent.status` and `agent.logutil`; it sees the running station only
+through the attributes of `StationView` and never writes anything: no config, no instrument, no file.
+
+- GET /api/status: the `edge-agent status --json` document, plus a `console` key (station identity,
+  uptimes, clock, drain estimate, buffer cap, per-device poll failures, configured channels).
+- GET /api/history?channel=DEVICE.CHANNEL&hours=N: 1-minute buckets (avg/min/max/count) of the last N
+  hours (0 < N <= 24) from an in-memory history fed by the recorder and prefilled from the buffer.
+- GET /api/alarms[?limit=N]: active alarms and the latest alarm events.
+Errors are JSON `{"error": ..., "status": ...}` with the status code; never a stack trace.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import re
+import socket
+import threading
+import time
+from array import array
+from collections import deque
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, tzinfo
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
+from zoneinfo import ZoneInfo
+
+from agent import __version__
+from agent.buffer import Buffer
+from agent.config import Config, ConfigError
+from agent.config import Console as ConsoleSettings
+from agent.logutil import RateLimitedLog
+from agent.model import STREAM_ALARMS, Reading, iso_utc_ms, now_ms
+from agent.status import collect
+
+__all__ = ["HISTORY_HOURS", "Console", "ConsoleError", "History", "StationView", "start_console"]
+
+log = logging.getLogger(__name__)
+
+HISTORY_HOURS = 24  # the in-memory history covers this many hours ...
+BUCKET_MS = 60_000  # ... in buckets of one minute
+MINUTES = HISTORY_HOURS * 60
+FUTURE_MINUTES = 60  # readings stamped further ahead than this (a wrong instrument clock) are not charted
+MAX_SERIES = 1000  # bound on the channels kept in memory (about 58 KB each; a station has tens)
+MAX_PENDING = 200_000  # readings held while the prefill runs
+STATUS_TTL_S = 1.0  # several tabs polling share one status document per second
+DRAIN_WINDOW_S = 60.0  # rates for the drain estimate are measured over this long
+SAMPLE_EVERY_S = 2.0
+MAX_CLIENTS = 32  # concurrent connections served; more are closed at once (the station is never affected)
+MAX_AUTH_FAILURES = 20  # wrong passwords from one address within AUTH_WINDOW_S before it gets 429
+AUTH_WINDOW_S = 60.0
+RECENT_ALARMS = 50
+CLOCK_SET_AFTER_MS = 1_704_067_200_000  # 2024-01-01: a gateway clock before this was never set
+_CHANNEL_RE = re.compile(r"[a-z0-9_-]{1,64}\.[A-Za-z0-9_]{1,64}")
+_NUMBER_RE = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
+
+
+class ConsoleError(Exception):
+    """The console cannot start (unreadable password file, address in use, ...)."""
+
+
+class _RecorderView(Protocol):
+    @property
+    def last_committed_seq(self) -> int: ...
+
+    def add_stored_listener(self, callback: Callable[[list[Reading]], None]) -> None: ...
+
+
+class _PublisherView(Protocol):
+    @property
+    def state(self) -> str: ...
+
+    def acked_upto(self, stream: str = ...) -> int: ...
+
+
+class StationView(Protocol):
+    """What the console reads of the running station (`agent.runtime.Station`); `config` may be
+    replaced by a reload at any time."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def recorder(self) -> _RecorderView: ...
+
+    @property
+    def publisher(self) -> _PublisherView: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# History: per-channel 1-minute buckets and per-device poll counts, in fixed-size rings
+
+
+class _Ring:
+    """A ring of MINUTES slots, one per minute; a slot is reused when a newer minute maps onto it."""
+
+    __slots__ = ("minute",)
+
+    def __init__(self) -> None:
+        self.minute = array("q", [-1]) * MINUTES
+
+    def _slot(self, minute: int) -> int | None:
+        i = minute % MINUTES
+        held = self.minute[i]
+        if held == minute:
+            return i
+        if held > minute:
+            return None  # older than what the ring holds now
+        self.minute[i] = minute
+        self._reset(i)
+        return i
+
+    def _reset(self, i: int) -> None:
+        raise NotImplementedError
+
+    def slots(self, first: int, last: int) -> Iterable[tuple[int, int]]:
+        """(minute, slot index) of the filled minutes in [first, last], oldest first."""
+        for m in range(max(first, last - MINUTES + 1), last + 1):
+            i = m % MINUTES
+            if self.minute[i] == m:
+                yield m, i
+
+
+class _Series(_Ring):
+    """One channel: sum, min, max and count of valid values, and count of failed readings per minute."""
+
+    __slots__ = ("total", "low", "high", "n", "bad", "unit")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = array("d", [0.0]) * MINUTES
+        self.low = array("d", [math.inf]) * MINUTES
+        self.high = array("d", [-math.inf]) * MINUTES
+        self.n = array("i", [0]) * MINUTES
+        self.bad = array("i", [0]) * MINUTES
+        self.unit: str | None = None
+
+    def _reset(self, i: int) -> None:
+        self.total[i] = 0.0
+        self.low[i] = math.inf
+        self.high[i] = -math.inf
+        self.n[i] = 0
+        self.bad[i] = 0
+
+    def merge(self, minute: int, total: float, low: float, high: float, n: int, bad: int) -> None:
+        i = self._slot(minute)
+        if i is None:
+            return
+        if n:
+            self.total[i] += total
+            self.low[i] = min(self.low[i], low)
+            self.high[i] = max(self.high[i], high)
+            self.n[i] += n
+        self.bad[i] += bad
+
+    def points(self, first: int, last: int) -> list[dict[str, Any]]:
+        out = []
+        for m, i in self.slots(first, last):
+            n = self.n[i]
+            out.append({"t": iso_utc_ms(m * BUCKET_MS), "avg": self.total[i] / n if n else None,
+                        "min": self.low[i] if n else None, "max": self.high[i] if n else None,
+                        "n": n, "bad": self.bad[i]})
+        return out
+
+
+class _Polls(_Ring):
+    """One device: polls, failed polls (every value null) and partial ones (some null) per minute."""
+
+    __slots__ = ("polls", "failed", "partial", "last_failure_ms")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.polls = array("i", [0]) * MINUTES
+        self.failed = array("i", [0]) * MINUTES
+        self.partial = array("i", [0]) * MINUTES
+        self.last_failure_ms: int | None = None
+
+    def _reset(self, i: int) -> None:
+        self.polls[i] = self.failed[i] = self.partial[i] = 0
+
+    def merge(self, minute: int, polls: int, failed: int, partial: int) -> None:
+        i = self._slot(minute)
+        if i is not None:
+            self.polls[i] += polls
+            self.failed[i] += failed
+            self.partial[i] += partial
+
+    def counts(self, first: int, last: int) -> dict[str, int]:
+        polls = failed = partial = 0
+        for _, i in self.slots(first, last):
+            polls += self.polls[i]
+            failed += self.failed[i]
+            partial += self.partial[i]
+        return {"polls": polls, "failed": failed, "partial": partial}
+
+
+class History:
+    """The last 24 h of every channel in 1-minute buckets, and of every device's polls.
+
+    `observe` is a recorder stored-listener (recorder thread, O(readings), no I/O). `prefill` reads
+    the buffer's readings of the last 24 h once at start; readings the listener saw meanwhile are
+    held until then and only those above the prefill's last seq are added, so none counts twice.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, str], _Series] = {}
+        self._polls: dict[str, _Polls] = {}
+        self._boundary: int | None = None  # highest seq covered by the prefill; None while it runs
+        self._pending: deque[Reading] = deque(maxlen=MAX_PENDING)
+        self._warned_full = False
+
+    @property
+    def ready(self) -> bool:
+        return self._boundary is not None
+
+    def observe(self, readings: list[Reading]) -> None:
+        """A committed batch of readings (recorder thread)."""
+        with self._lock:
+            if self._boundary is None:
+                self._pending.extend(readings)
+            else:
+                self._ingest(readings, self._boundary)
+
+    def _series_for(self, device: str, channel: str) -> _Series | None:
+        s = self._series.get((device, channel))
+        if s is None:
+            if len(self._series) >= MAX_SERIES:
+                if not self._warned_full:
+                    self._warned_full = True
+                    log.warning("console: more than %d channels; the others are not charted", MAX_SERIES)
+                return None
+            s = self._series[(device, channel)] = _Series()
+        return s
+
+    def _polls_for(self, device: str) -> _Polls:
+        p = self._polls.get(device)
+        if p is None:
+            p = self._polls[device] = _Polls()
+        return p
+
+    def _ingest(self, readings: Iterable[Reading], above_seq: int) -> None:
+        horizon = now_ms() // BUCKET_MS + FUTURE_MINUTES
+        polls: dict[tuple[str, int], list[int]] = {}  # (device, ts) -> [readings, null values]
+        for r in readings:
+            if r.seq <= above_seq:
+                continue
+            minute = r.ts_ms // BUCKET_MS
+            if minute > horizon:
+                continue
+            s = self._series_for(r.device, r.channel)
+            v = float(r.value) if r.value is not None else math.nan
+            valid = math.isfinite(v)
+            if s is not None:
+                if r.unit:
+                    s.unit = r.unit
+                if valid:
+                    s.merge(minute, v, v, v, 1, 0)
+                else:
+                    s.merge(minute, 0.0, math.inf, -math.inf, 0, 1)
+            counts = polls.setdefault((r.device, r.ts_ms), [0, 0])
+            counts[0] += 1
+            counts[1] += 0 if valid else 1
+        for (device, ts_ms), (n, nulls) in polls.items():
+            p = self._polls_for(device)
+            p.merge(ts_ms // BUCKET_MS, 1, int(nulls == n), int(0 < nulls < n))
+            if nulls and (p.last_failure_ms is None or ts_ms > p.last_failure_ms):
+                p.last_failure_ms = ts_ms
+
+    def prefill(self, reader: Buffer, now: int) -> int:
+        """Fill the rings from the buffer's readings of the last 24 h; returns the readings read.
+        Aggregation runs in SQLite (one pass per query), not in Python."""
+        conn = reader.conn
+        cutoff = (now // BUCKET_MS - MINUTES + 1) * BUCKET_MS
+        top = conn.execute("SELECT max(seq) FROM readings").fetchone()[0] or 0
+        first = _first_seq_at(conn, cutoff - 600_000, top)  # 10 min of slack for out-of-order stamps
+        where = "WHERE seq BETWEEN ? AND ? AND ts_ms >= ?"
+        args = (first, top, cutoff)
+        channel_rows = conn.execute(
+            "SELECT device, channel, ts_ms / 60000, total(value), min(value), max(value), count(value), "
+            f"count(*) - count(value), max(unit) FROM readings {where} GROUP BY device, channel, ts_ms / 60000",
+            args).fetchall()
+        poll_rows = conn.execute(
+            "SELECT device, ts_ms / 60000, count(*), sum(nulls = n), sum(nulls > 0 AND nulls < n), "
+            "max(CASE WHEN nulls > 0 THEN ts_ms END) FROM (SELECT device, ts_ms, count(*) AS n, "
+            f"count(*) - count(value) AS nulls FROM readings {where} GROUP BY device, ts_ms) "
+            "GROUP BY device, ts_ms / 60000", args).fetchall()
+        with self._lock:
+            count = 0
+            for device, channel, minute, total, low, high, n, bad, unit in channel_rows:
+                s = self._series_for(device, channel)
+                if s is not None:
+                    s.merge(int(minute), float(total or 0.0), math.inf if low is None else float(low),
+                            -math.inf if high is None else float(high), int(n), int(bad))
+                    s.unit = unit or s.unit
+                count += int(n) + int(bad)
+            for device, minute, polls, failed, partial, last_failure in poll_rows:
+                p = self._polls_for(device)
+                p.merge(int(minute), int(polls), int(failed or 0), int(partial or 0))
+                if last_failure is not None and (p.last_failure_ms is None or last_failure > p.last_failure_ms):
+                    p.last_failure_ms = int(last_failure)
+            self._finish_prefill(top)
+        return count
+
+    def prefill_failed(self) -> None:
+        """Start empty: every reading the listener saw counts."""
+        with self._lock:
+            self._finish_prefill(0)
+
+    def _finish_prefill(self, boundary: int) -> None:
+        self._boundary = boundary
+        pending = list(self._pending)
+        self._pending.clear()
+        self._ingest(pending, boundary)
+
+    def points(self, device: str, channel: str, first_minute: int, last_minute: int) -> list[dict[str, Any]]:
+        with self._lock:
+            s = self._series.get((device, channel))
+            return s.points(first_minute, last_minute) if s is not None else []
+
+    def unit(self, device: str, channel: str) -> str | None:
+        s = self._series.get((device, channel))
+        return s.unit if s is not None else None
+
+    def known(self, device: str, channel: str) -> bool:
+        return (device, channel) in self._series
+
+    def devices(self) -> list[str]:
+        with self._lock:
+            return list(self._polls)
+
+    def poll_counts(self, device: str, now: int) -> dict[str, Any]:
+        """Polls, failed and partial polls of the last hour and the last 24 h, and the last failure."""
+        last = now // BUCKET_MS
+        with self._lock:
+            p = self._polls.get(device)
+            if p is None:
+                return {"last_hour": None, "last_24h": None, "last_failure": None}
+            return {"last_hour": p.counts(last - 59, last), "last_24h": p.counts(last - MINUTES + 1, last),
+                    "last_failure": iso_utc_ms(p.last_failure_ms) if p.last_failure_ms else None}
+
+
+def _first_seq_at(conn: Any, ts_ms: int, top: int) -> int:
+    """The first seq whose reading is stamped at or after `ts_ms`, by binary search on seq (rows are in
+    time order but for the odd late stamp); `top + 1` when there is none."""
+    low = conn.execute("SELECT min(seq) FROM readings").fetchone()[0]
+    if low is None:
+        return top + 1
+    hi = top + 1
+    while low < hi:
+        mid = (low + hi) // 2
+        row = conn.execute("SELECT ts_ms FROM readings WHERE seq >= ? ORDER BY seq LIMIT 1", (mid,)).fetchone()
+        if row is None or row[0] >= ts_ms:
+            hi = mid
+        else:
+            low = mid + 1
+    return int(low)
+
+
+# --------------------------------------------------------------------------------------------------
+# Drain estimate, clock, uptime
+
+
+class DrainMeter:
+    """Readings committed and acknowledged per second over the last minute, sampled every 2 s."""
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, int, int]] = deque()
+        self._lock = threading.Lock()
+
+    def sample(self, committed: int, acked: int, at: float | None = None) -> None:
+        at = time.monotonic() if at is None else at
+        with self._lock:
+            if acked <= 0 or (self._samples and acked < self._samples[-1][2]):
+                self._samples.clear()  # not started yet, or the watermark was reset
+            self._samples.append((at, committed, acked))
+            while len(self._samples) > 2 and at - self._samples[0][0] > DRAIN_WINDOW_S:
+                self._samples.popleft()
+
+    def estimate(self, committed: int, acked: int, broker_state: str) -> dict[str, Any]:
+        backlog = max(committed - acked, 0)
+        with self._lock:
+            samples = list(self._samples)
+        rate_in = rate_out = None
+        if len(samples) >= 2 and samples[-1][0] - samples[0][0] >= 1.0:
+            (t0, c0, a0), (t1, c1, a1) = samples[0], samples[-1]
+            rate_in = max(c1 - c0, 0) / (t1 - t0)
+            rate_out = max(a1 - a0, 0) / (t1 - t0)
+        eta = None
+        if broker_state != "online":
+            state = "waiting for the broker"
+        elif rate_in is None or rate_out is None:
+            state = "measuring"
+        elif backlog <= max(2 * rate_in, 10):
+            state, eta = "up to date", 0.0
+        elif rate_out > rate_in:
+            state, eta = "draining", backlog / (rate_out - rate_in)
+        else:
+            state = "not shrinking"
+        return {"backlog": backlog, "in_per_s": _round(rate_in), "out_per_s": _round(rate_out),
+                "eta_s": _round(eta), "state": state}
+
+
+def _round(x: float | None, digits: int = 2) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def clock_state(now: int) -> str:
+    """`not set` (before 2024), `synchronized` / `not synchronized` (the kernel's NTP status, as
+    `timedatectl` shows it, read with adjtimex(2) in read-only mode) or `unknown`."""
+    if now < CLOCK_SET_AFTER_MS:
+        return "not set"
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = ctypes.create_string_buffer(512)  # struct timex with modes=0: read only; 512 >= its size
+        state = libc.adjtimex(buf)
+    except (OSError, AttributeError):
+        return "unknown"
+    if state < 0:
+        return "unknown"
+    return "not synchronized" if state == 5 else "synchronized"  # 5: TIME_ERROR (STA_UNSYNC)
+
+
+def system_uptime() -> float | None:
+    """Seconds since the gateway booted (Linux), or None."""
+    try:
+        return float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _local_time(now: int, timezone: str) -> str:
+    tz: tzinfo = UTC
+    try:
+        tz = ZoneInfo(timezone)
+    except Exception:  # noqa: BLE001 - validated by the config; a broken tzdata must not break the page
+        pass
+    return datetime.fromtimestamp(now / 1000, tz).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------------
+# The password file
+
+
+class _Password:
+    """The console password: the file's content without its trailing newline, re-read when the file
+    changes. Unreadable or empty → None (every request is then refused: the console fails closed)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._digest: bytes | None = None
+        self._errlog = RateLimitedLog(log, every_s=300)
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        """Read the file now; raises ConsoleError (never quoting the file) when it is unusable."""
+        if self.digest() is None:
+            raise ConsoleError(f"console.password_file {self.path}: cannot read a password from it")
+
+    def digest(self) -> bytes | None:
+        with self._lock:
+            try:
+                st = self.path.stat()
+                stamp = (st.st_mtime_ns, st.st_size)
+                if stamp != self._stamp:
+                    text = self.path.read_text(encoding="utf-8")
+                    text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+                    self._digest = hashlib.sha256(text.encode("utf-8")).digest() if text else None
+                    self._stamp = stamp
+                    if self._digest is None:
+                        self._errlog.error("console password file %s is empty: every request is refused", self.path)
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+                self._errlog.error("console password file %s cannot be read (%s): every request is refused",
+                                   self.path, reason)
+                self._digest = None
+                self._stamp = None
+            return self._digest
+
+    def matches(self, given: str) -> bool | None:
+        """True/False; None when there is no usable password file."""
+        digest = self.digest()
+        if digest is None:
+            return None
+        return hmac.compare_digest(hashlib.sha256(given.encode("utf-8")).digest(), digest)
+
+
+class _Throttle:
+    """Wrong passwords per client address: more than MAX_AUTH_FAILURES in AUTH_WINDOW_S → 429."""
+
+    def __init__(self) -> None:
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def blocked(self, client: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            q = self._failures.get(client)
+            if q is None:
+                return False
+            while q and now - q[0] > AUTH_WINDOW_S:
+                q.popleft()
+            return len(q) >= MAX_AUTH_FAILURES
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            if len(self._failures) > 10_000:
+                self._failures.clear()
+            self._failures.setdefault(client, deque(maxlen=MAX_AUTH_FAILURES)).append(time.monotonic())
+
+
+# --------------------------------------------------------------------------------------------------
+# The console
+
+
+class ApiError(Exception):
+    """An error answered as JSON with an HTTP status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Console:
+    """The console of one running station. `start()` binds and serves; `stop()` ends it."""
+
+    def __init__(self, station: StationView, settings: ConsoleSettings):
+        self.station = station
+        self.settings = settings
+        self.history = History()
+        self.drain = DrainMeter()
+        self.password = _Password(settings.password_file) if settings.password_file is not None else None
+        self.throttle = _Throttle()
+        self.started_ms = now_ms()
+        self.started_mono = time.monotonic()
+        self._stop = threading.Event()
+        self._server: _Server | None = None
+        self._threads: list[threading.Thread] = []
+        self._status_cache: tuple[float, dict[str, Any]] | None = None
+        self._status_lock = threading.Lock()
+        self._warned_settings = False
+        self.errlog = RateLimitedLog(log, every_s=60)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address()
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+
+    def server_address(self) -> tuple[str, int]:
+        if self._server is not None:
+            addr = self._server.server_address
+            return str(addr[0]), int(addr[1])
+        return self.settings.address()
+
+    def start(self) -> None:
+        """Bind the listen address and start serving; raises ConsoleError (the station runs on)."""
+        if self.password is not None:
+            self.password.load()
+        host, port = self.settings.address()
+        try:
+            self._server = _Server((host, port), self)
+        except OSError as exc:
+            raise ConsoleError(f"console cannot listen on {self.settings.listen}: {exc.strerror or exc}") from None
+        self.station.recorder.add_stored_listener(self.history.observe)
+        for name, target in (("console-http", self._serve), ("console-prefill", self._prefill),
+                             ("console-sampler", self._sample_loop)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        access = "password required" if self.password is not None else "no password: this machine only"
+        log.info("console serving %s (%s)", self.url, access)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            # shutdown() waits for serve_forever(); bounded, so that a console problem never holds the stop
+            stopper = threading.Thread(target=self._server.shutdown, name="console-stop", daemon=True)
+            stopper.start()
+            stopper.join(5)
+            self._server.server_close()
+        for t in self._threads:
+            t.join(5)
+        log.info("console stopped")
+
+    # ------------------------------------------------------------------ background threads
+
+    def _serve(self) -> None:
+        assert self._server is not None
+        self._server.serve_forever(poll_interval=0.5)
+
+    def _prefill(self) -> None:
+        started = time.monotonic()
+        try:
+            reader = Buffer.open_reader(self.station.config.storage.path)
+            try:
+                n = self.history.prefill(reader, now_ms())
+            finally:
+                reader.close()
+        except Exception as exc:  # noqa: BLE001 - the charts then start empty; the console still serves
+            log.warning("console: could not read the last 24 h from the buffer (%s); charts start empty", exc)
+            self.history.prefill_failed()
+            return
+        log.info("console: history prefilled from %d stored readings in %.1f s", n, time.monotonic() - started)
+
+    def _sample_loop(self) -> None:
+        while not self._stop.wait(SAMPLE_EVERY_S):
+            try:
+                self.drain.sample(self.station.recorder.last_committed_seq, self.station.publisher.acked_upto())
+                current = self.station.config.console
+                if current != self.settings and not self._warned_settings:
+                    self._warned_settings = True
+                    log.warning("console settings changed: they take effect at the next restart")
+            except Exception as exc:  # noqa: BLE001 - sampling must never end the console
+                self.errlog.error("console sampler failed: %s", exc)
+
+    # ------------------------------------------------------------------ documents
+
+    def status_document(self) -> dict[str, Any]:
+        """`status --json` plus the `console` key; cached for STATUS_TTL_S."""
+        with self._status_lock:
+            now_mono = time.monotonic()
+            if self._status_cache is not None and now_mono - self._status_cache[0] < STATUS_TTL_S:
+                return self._status_cache[1]
+            doc = self._build_status()
+            self._status_cache = (now_mono, doc)
+            return doc
+
+    def _build_status(self) -> dict[str, Any]:
+        config = self.station.config
+        intervals = {d: dev.interval for d, dev in config.devices.items()}
+        path = config.storage.path
+        reader = Buffer.open_reader(path) if path.exists() else None
+        try:
+            doc = collect(reader, intervals)
+        finally:
+            if reader is not None:
+                reader.close()
+        doc["station"] = config.station.id
+        now = now_ms()
+        committed = self.station.recorder.last_committed_seq
+        acked = self.station.publisher.acked_upto()
+        used = (doc.get("buffer") or {}).get("used_bytes")
+        max_bytes = int(config.storage.max_mb * 1024 * 1024)
+        devices: dict[str, Any] = {}
+        for dev_id in [*config.devices, *[d for d in self.history.devices() if d not in config.devices]]:
+            dev = config.devices.get(dev_id)
+            channels = (dev.known_channels() or []) if dev is not None else []
+            units = {code: ch.unit for code, ch in (dev.channels or {}).items()} if dev is not None else {}
+            devices[dev_id] = {
+                "in_config": dev is not None,
+                "driver": dev.driver if dev is not None else None,
+                "bus": dev.bus if dev is not None else None,
+                "interval": dev.interval if dev is not None else None,
+                "channels": channels,
+                "units": {c: u for c, u in units.items() if u},
+                "polls": self.history.poll_counts(dev_id, now),
+            }
+        doc["console"] = {
+            "station": {"id": config.station.id, "name": config.station.name, "type": config.station.type,
+                        "timezone": config.station.timezone},
+            "agent": {"version": __version__, "pid": os.getpid(), "started": iso_utc_ms(self.started_ms),
+                      "uptime_s": round(time.monotonic() - self.started_mono, 1)},
+            "system": {"uptime_s": system_uptime()},
+            "clock": {"utc": iso_utc_ms(now), "local": _local_time(now, config.station.timezone),
+                      "timezone": config.station.timezone, "state": clock_state(now)},
+            "drain": self.drain.estimate(committed, acked, self.station.publisher.state),
+            "buffer": {"used_bytes": used, "max_bytes": max_bytes,
+                       "percent": round(100 * used / max_bytes, 1) if used is not None and max_bytes else None},
+            "devices": devices,
+            "history": {"ready": self.history.ready, "hours": HISTORY_HOURS, "bucket_s": BUCKET_MS // 1000},
+        }
+        return doc
+
+    def history_document(self, channel: str, hours: float) -> dict[str, Any]:
+        device, code = channel.split(".", 1)
+        config = self.station.config
+        dev = config.devices.get(device)
+        configured = dev is not None and code in (dev.known_channels() or [])
+        if not configured and not self.history.known(device, code):
+            raise ApiError(404, f"unknown channel {channel!r} (not in the config and no readings in memory)")
+        now = now_ms()
+        last = now // BUCKET_MS
+        first = last - math.ceil(hours * 60) + 1
+        unit = self.history.unit(device, code)
+        if unit is None and dev is not None and dev.channels and code in dev.channels:
+            unit = dev.channels[code].unit
+        limits = []
+        for rule in config.alarms:
+            if rule.channel in (channel, f"{device}.*", "*"):
+                for name in ("above", "below"):
+                    value = getattr(rule, name)
+                    if value is not None:
+                        limits.append({"rule": name, "value": value})
+        return {"channel": channel, "device": device, "code": code, "unit": unit, "hours": hours,
+                "bucket_s": BUCKET_MS // 1000, "from": iso_utc_ms(first * BUCKET_MS),
+                "to": iso_utc_ms((last + 1) * BUCKET_MS), "ready": self.history.ready, "limits": limits,
+                "points": self.history.points(device, code, first, last)}
+
+    def alarms_document(self, limit: int) -> dict[str, Any]:
+        path = self.station.config.storage.path
+        if not path.exists():
+            return {"active": [], "recent": []}
+        reader = Buffer.open_reader(path)
+        try:
+            try:
+                active = json.loads(reader.meta_value("active_alarms") or "[]")
+            except ValueError:
+                active = []
+            top, _ = reader.stream_state(STREAM_ALARMS)
+            events = reader.events_after(STREAM_ALARMS, max(top - limit, 0), limit)
+        finally:
+            reader.close()
+        return {"active": active, "recent": [e.body for e in reversed(events)]}
+
+
+def start_console(station: StationView) -> Console | None:
+    """Start the console when the config has a `console:` section; None when it has none or it cannot
+    start (logged: the station itself runs on without it)."""
+    settings = station.config.console
+    if settings is None:
+        return None
+    console = Console(station, settings)
+    try:
+        console.start()
+    except (ConsoleError, ConfigError) as exc:
+        log.error("%s; running without the console", exc)
+        return None
+    return console
+
+
+# --------------------------------------------------------------------------------------------------
+# HTTP
+
+
+def _query(raw: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    """Query parameters, each at most once, only the allowed names."""
+    if not raw:
+        return {}
+    try:
+        parsed = parse_qs(raw, keep_blank_values=True, strict_parsing=True, max_num_fields=10)
+    except ValueError:
+        raise ApiError(400, "malformed query string") from None
+    out = {}
+    for name, values in parsed.items():
+        if name not in allowed:
+            hint = f"; allowed: {', '.join(allowed)}" if allowed else "; this endpoint takes none"
+            raise ApiError(400, f"unknown parameter {name[:40]!r}{hint}")
+        if len(values) != 1:
+            raise ApiError(400, f"parameter {name!r} given {len(values)} times")
+        out[name] = values[0]
+    return out
+
+
+def _number(params: dict[str, str], name: str, default: float, low: float, high: float) -> float:
+    text = params.get(name)
+    if text is None:
+        return float(default)
+    if not _NUMBER_RE.fullmatch(text):
+        raise ApiError(400, f"{name} must be a number from {low:g} to {high:g}")
+    value = float(text)
+    if not low <= value <= high:
+        raise ApiError(400, f"{name} must be a number from {low:g} to {high:g}")
+    return value
+
+
+def _api_status(console: Console, params: dict[str, str]) -> dict[str, Any]:
+    return console.status_document()
+
+
+def _api_history(console: Console, params: dict[str, str]) -> dict[str, Any]:
+    channel = params.get("channel")
+    if not channel:
+        raise ApiError(400, "missing parameter 'channel' (DEVICE.CHANNEL, e.g. cod.w01018)")
+    if not _CHANNEL_RE.fullmatch(channel):
+        raise ApiError(400, "channel must be DEVICE.CHANNEL, e.g. cod.w01018")
+    hours = _number(params, "hours", HISTORY_HOURS, 0, HISTORY_HOURS)
+    if hours <= 0:
+        raise ApiError(400, f"hours must be a number from 0 to {HISTORY_HOURS} (not 0)")
+    return console.history_document(channel, hours)
+
+
+def _api_alarms(console: Console, params: dict[str, str]) -> dict[str, Any]:
+    limit = _number(params, "limit", RECENT_ALARMS, 1, 500)
+    if not limit.is_integer():
+        raise ApiError(400, "limit must be a whole number from 1 to 500")
+    return console.alarms_document(int(limit))
+
+
+def _api_index(console: Console, params: dict[str, str]) -> dict[str, Any]:
+    return {"endpoints": {
+        "/api/status": "the `edge-agent status --json` document plus a `console` key",
+        "/api/history?channel=DEVICE.CHANNEL&hours=N": f"1-minute avg/min/max of the last N hours (<= {HISTORY_HOURS})",
+        "/api/alarms?limit=N": "active alarms and the latest N alarm events (default 50, at most 500)",
+    }}
+
+
+_ROUTES: dict[str, tuple[Callable[[Console, dict[str, str]], dict[str, Any]], tuple[str, ...]]] = {
+    "/api": (_api_index, ()),
+    "/api/status": (_api_status, ()),
+    "/api/history": (_api_history, ("channel", "hours")),
+    "/api/alarms": (_api_alarms, ("limit",)),
+}
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities (not JSON) become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_bytes(doc: Any) -> bytes:
+    try:
+        text = json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        text = json.dumps(_finite(doc), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return text.encode("utf-8")
+
+
+def _is_ip_or_localhost(host_header: str) -> bool:
+    host = host_header.strip()
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    if host.lower() == "localhost":
+        return True
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
+
+
+class _Server(ThreadingHTTPServer):
+    """At most MAX_CLIENTS connections at once (more are closed unanswered); IPv6 when asked."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 32
+
+    def __init__(self, address: tuple[str, int], console: Console):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.console = console
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """GET/HEAD only; everything answered with security headers and, for errors, a JSON body."""
+
+    server: _Server
+    server_version = "edge-agent-console"
+    sys_version = ""
+    protocol_version = "HTTP/1.0"
+    timeout = 10  # seconds a client may take to send its request
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._dispatch()
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._dispatch()
+
+    def _refuse_method(self) -> None:
+        self._send_json(405, {"error": "the console is read-only: use GET", "status": 405},
+                        [("Allow", "GET, HEAD")])
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse_method
+
+    def _dispatch(self) -> None:
+        console = self.server.console
+        try:
+            if not self._authorized(console):
+                return
+            url = urlsplit(self.path)
+            if url.path in ("/", "/index.html"):
+                _query(url.query, ())
+                self._send(200, PAGE_BYTES, "text/html; charset=utf-8", csp=PAGE_CSP)
+                return
+            route = _ROUTES.get(url.path.rstrip("/") or "/")
+            if route is None:
+                raise ApiError(404, "not found; the console serves /, /api/status, /api/history and /api/alarms")
+            handler, allowed = route
+            params = _query(url.query, allowed)
+            self._send(200, _json_bytes(handler(console, params)), "application/json; charset=utf-8")
+        except ApiError as exc:
+            self._send_json(exc.status, {"error": exc.message, "status": exc.status})
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass
+        except Exception as exc:  # noqa: BLE001 - logged here; the client gets a plain 500, never a trace
+            console.errlog.error("console: %s %s failed: %s", self.command, self.path[:200],
+                                 f"{type(exc).__name__}: {exc}")
+            log.debug("console request failure", exc_info=True)
+            self._send_json(500, {"error": "internal error (see the agent's log)", "status": 500})
+
+    def _authorized(self, console: Console) -> bool:
+        if console.password is None:
+            # Loopback only: refuse names other than an IP or localhost, so that a web page the
+            # technician opens cannot reach the console through DNS rebinding.
+            if not _is_ip_or_localhost(self.headers.get("Host", "")):
+                self._send_json(403, {"error": "open the console by address (http://127.0.0.1:PORT/)",
+                                      "status": 403})
+                return False
+            return True
+        client = str(self.client_address[0])
+        if console.throttle.blocked(client):
+            self._send_json(429, {"error": "too many wrong passwords; try again in a minute", "status": 429},
+                            [("Retry-After", str(int(AUTH_WINDOW_S)))])
+            return False
+        header = self.headers.get("Authorization", "")
+        given: str | None = None
+        if header[:6].lower() == "basic ":
+            try:
+                decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                decoded = ""
+            if ":" in decoded:
+                given = decoded.split(":", 1)[1]
+        ok = console.password.matches(given) if given is not None else False
+        if ok is None:
+            self._send_json(503, {"error": "the console password file cannot be read (see the agent's log)",
+                                  "status": 503})
+            return False
+        if ok:
+            return True
+        if header:
+            console.throttle.failed(client)
+            console.errlog.warning("console: wrong password from %s", client)
+        self._send_json(401, {"error": "password required (HTTP basic auth, any user name)", "status": 401},
+                        [("WWW-Authenticate", 'Basic realm="edge-agent console", charset="UTF-8"')])
+        return False
+
+    def _send(self, status: int, body: bytes, ctype: str, extra: Iterable[tuple[str, str]] = (),
+              csp: str = "default-src 'none'; frame-ancestors 'none'") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("X-Frame-Options", "DENY")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("Content-Security-Policy", csp)
+        for name, value in extra:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_json(self, status: int, doc: dict[str, Any], extra: Iterable[tuple[str, str]] = ()) -> None:
+        self._send(status, _json_bytes(doc), "application/json; charset=utf-8", extra)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors found by http.server itself (bad request line, unsupported method): JSON too."""
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        self.close_connection = True
+        try:
+            self._send_json(code, {"error": (message or phrase)[:200], "status": code})
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        log.debug("console %s: " + format, self.address_string(), *args)
+
+
+# --------------------------------------------------------------------------------------------------
+# The page: HTML, CSS and JS in one response; nothing else is fetched but the JSON API
+
+
+_CSS = """
+:root{--ok:#1a7f37;--warn:#9a6700;--bad:#cf222e;--muted:#57606a;--line:#d0d7de;--bg:#f6f8fa;--fg:#1f2328;
+--accent:#0969da}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans","Noto Sans CJK SC",sans-serif;
+color:var(--fg);background:var(--bg)}
+header{display:flex;flex-wrap:wrap;gap:.3em 1.2em;align-items:baseline;padding:.7em 1.2em;background:#24292f;color:#fff}
+header h1{margin:0;font-size:1.3em}
+header .sub{color:#d0d7de}
+#updated{margin-left:auto;color:#d0d7de;font-size:.9em}
+#conn{display:none;width:100%;background:var(--bad);color:#fff;padding:.3em .7em;border-radius:4px}
+#conn.show{display:block}
+main{padding:1em 1.2em;display:grid;gap:1em;grid-template-columns:repeat(auto-fit,minmax(420px,1fr))}
+section{background:#fff;border:1px solid var(--line);border-radius:6px;padding:.5em 1em 1em;min-width:0}
+section.wide{grid-column:1/-1}
+h2{font-size:1.05em;margin:.3em 0 .6em}
+h2 .muted{font-weight:400;font-size:.85em}
+h3{font-size:.95em;margin:1em 0 .4em;color:var(--muted)}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:.35em 1em;margin:0}
+dt{color:var(--muted)}
+dd{margin:0}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:.3em .5em;border-bottom:1px solid var(--line);vertical-align:top}
+th{font-weight:600;color:var(--muted);font-size:.9em}
+.num{text-align:right;font-variant-numeric:tabular-nums}
+.badge{display:inline-block;padding:0 .45em;border-radius:1em;font-size:.85em;font-weight:600;
+border:1px solid currentColor;margin-right:.2em}
+.ok{color:var(--ok)}
+.warn{color:var(--warn)}
+.bad{color:var(--bad)}
+.muted{color:var(--muted)}
+.grid{display:grid;gap:.8em;grid-template-columns:repeat(auto-fill,minmax(260px,1fr))}
+.ch{border:1px solid var(--line);border-radius:6px;padding:.5em .7em}
+.ch.alarm{border-color:var(--bad);box-shadow:0 0 0 1px var(--bad)}
+.ch-head{display:flex;justify-content:space-between;gap:.5em}
+.ch-name{font-weight:600}
+.ch-value .value{font-size:1.7em;font-weight:600;font-variant-numeric:tabular-nums}
+.ch-value .unit{color:var(--muted);margin-left:.3em}
+.ch-time{color:var(--muted);font-size:.85em}
+svg.chart{width:100%;height:auto;display:block;margin-top:.3em}
+svg .band{fill:#0969da2e;stroke:none}
+svg .line{fill:none;stroke:var(--accent);stroke-width:1.2}
+svg .pt{fill:var(--accent)}
+svg .whisker{stroke:#0969da80;stroke-width:1}
+svg .limit{stroke:var(--bad);stroke-width:1;stroke-dasharray:4 3}
+svg .axis{fill:var(--muted);font-size:9px}
+svg .frame{fill:none;stroke:var(--line)}
+meter{width:10em;vertical-align:middle}
+.empty{color:var(--muted);font-style:italic}
+footer{padding:0 1.2em 1em;color:var(--muted);font-size:.85em}
+"""
+
+_JS = r"""
+"use strict";
+const STATUS_EVERY_MS = 3000, CHARTS_EVERY_MS = 15000;
+const SVGNS = "http://www.w3.org/2000/svg";
+const $ = (id) => document.getElementById(id);
+let tz, skewMs = 0, chartsAt = 0, chartsMissing = true, hours = 24;
+
+function h(tag, props, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(props || {})) {
+    if (v === null || v === undefined) continue;
+    if (k === "class") e.className = v;
+    else if (k === "text") e.textContent = v;
+    else e.setAttribute(k, v);
+  }
+  for (const k of kids) if (k !== null && k !== undefined) e.append(k instanceof Node ? k : String(k));
+  return e;
+}
+function sv(tag, attrs, text) {
+  const e = document.createElementNS(SVGNS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, String(v));
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+function badge(text, cls) { return h("span", {class: "badge " + cls, text: text}); }
+function fmtNum(v) {
+  if (v === null || v === undefined) return "\u2014";
+  if (typeof v !== "number") return String(v);
+  if (Math.abs(v) >= 1000) return String(Math.round(v));
+  return String(Number(v.toPrecision(4)));
+}
+function fmtTime(iso, withDate) {
+  if (!iso) return "\u2014";
+  const d = new Date(iso);
+  const o = {hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23"};
+  if (withDate) Object.assign(o, {year: "numeric", month: "2-digit", day: "2-digit"});
+  try { return new Intl.DateTimeFormat("sv-SE", Object.assign(o, {timeZone: tz})).format(d); }
+  catch (e) { return d.toISOString(); }
+}
+function fmtDuration(s) {
+  if (s === null || s === undefined || !isFinite(s)) return "\u2014";
+  s = Math.max(0, Math.round(s));
+  const d = Math.floor(s / 86400), hh = Math.floor(s % 86400 / 3600), m = Math.floor(s % 3600 / 60);
+  if (d) return d + " d " + hh + " h";
+  if (hh) return hh + " h " + String(m).padStart(2, "0") + " min";
+  if (m) return m + " min " + (s % 60) + " s";
+  return s + " s";
+}
+function ago(iso) {
+  if (!iso) return "\u2014";
+  return fmtTime(iso) + " (" + fmtDuration((Date.now() - skewMs - Date.parse(iso)) / 1000) + " ago)";
+}
+function flagClass(f) { return f === "N" ? "ok" : (f === "B" || f === "D") ? "bad" : "warn"; }
+const HEALTH = {ok: "ok", degraded: "warn", failing: "bad", stale: "bad", unknown: "muted"};
+async function getJSON(url) {
+  const r = await fetch(url, {cache: "no-store", headers: {"Accept": "application/json"}});
+  if (!r.ok) {
+    let msg = "HTTP " + r.status;
+    try { msg = (await r.json()).error || msg; } catch (e) { /* not JSON */ }
+    throw new Error(url + ": " + msg);
+  }
+  return r.json();
+}
+function fact(dl, label, ...value) { dl.append(h("dt", {text: label}), h("dd", {}, ...value)); }
+
+function renderStation(st) {
+  const c = st.console, s = c.station;
+  tz = s.timezone;
+  skewMs = Date.now() - Date.parse(c.clock.utc);
+  document.title = s.id + " \u2014 edge-agent console";
+  $("st-id").textContent = s.id;
+  $("st-name").textContent = [s.name, s.type].filter(Boolean).join(" \u00b7 ");
+  const dl = h("dl", {id: "station-facts"});
+  fact(dl, "Agent", "edge-agent " + c.agent.version + ", up " + fmtDuration(c.agent.uptime_s) +
+       " (pid " + c.agent.pid + ")");
+  fact(dl, "Gateway", c.system.uptime_s === null ? "\u2014" : "up " + fmtDuration(c.system.uptime_s));
+  const clock = [fmtTime(c.clock.utc, true) + " " + s.timezone + " ",
+                 badge(c.clock.state, c.clock.state === "synchronized" ? "ok" : "bad")];
+  if (Math.abs(skewMs) > 10000) clock.push(" this computer's clock differs by " + fmtDuration(Math.abs(skewMs) / 1000));
+  fact(dl, "Clock", ...clock);
+  const b = st.broker || {};
+  const broker = [badge(b.state || "unknown", b.state === "online" ? "ok" : "bad")];
+  if (b.url) broker.push(" " + b.url);
+  if (b.since) broker.push(" since " + fmtTime(b.since, true));
+  if (b.error) broker.push(h("div", {class: "bad", text: b.error}));
+  fact(dl, "Broker", ...broker);
+  const dr = c.drain;
+  let drain = dr.state;
+  if (dr.state === "draining") drain += " at " + fmtNum(dr.out_per_s) + "/s, about " + fmtDuration(dr.eta_s) + " left";
+  else if (dr.in_per_s !== null) drain += " (" + fmtNum(dr.in_per_s) + " new readings/s)";
+  fact(dl, "Backlog", h("span", {id: "backlog", text: String(dr.backlog)}), " unsent readings \u00b7 " + drain);
+  if (st.pending_gaps && st.pending_gaps.length) {
+    fact(dl, "Gaps", h("span", {class: "bad", text: st.pending_gaps.map(
+      (g) => g.first_seq + "\u2013" + g.last_seq + " (" + g.reason + ")").join(", ")}));
+  }
+  const bu = c.buffer;
+  if (bu.used_bytes !== null && bu.used_bytes !== undefined) {
+    fact(dl, "Buffer", h("meter", {min: "0", max: "100", low: "70", high: "90", optimum: "0",
+                                   value: String(bu.percent)}),
+         " " + (bu.used_bytes / 1048576).toFixed(1) + " MB of " + (bu.max_bytes / 1048576).toFixed(0) +
+         " MB (" + bu.percent + " %)");
+  } else {
+    fact(dl, "Buffer", "no database yet");
+  }
+  fact(dl, "Last seq", String(st.last_seq));
+  $("station-facts").replaceWith(dl);
+  $("updated").textContent = "updated " + fmtTime(c.clock.utc);
+}
+
+function deviceIds(st) {
+  const ids = Object.keys(st.console.devices);
+  for (const d of Object.keys(st.devices)) if (!ids.includes(d)) ids.push(d);
+  return ids;
+}
+function channelIds(st, d) {
+  const ids = ((st.console.devices[d] || {}).channels || []).slice();
+  for (const c of Object.keys((st.devices[d] || {}).channels || {})) if (!ids.includes(c)) ids.push(c);
+  return ids;
+}
+
+function renderDevices(st) {
+  const body = h("tbody");
+  for (const d of deviceIds(st)) {
+    const dev = st.devices[d] || {}, cfg = st.console.devices[d] || {}, polls = cfg.polls || {};
+    const name = h("td", {}, h("b", {text: d}));
+    if (cfg.in_config === false || !(d in st.console.devices)) {
+      name.append(h("div", {class: "muted", text: "not in the config"}));
+    }
+    const health = dev.health || "unknown";
+    const driver = cfg.driver ? cfg.driver + (cfg.bus ? " on " + cfg.bus : "") +
+      (cfg.interval ? " \u00b7 every " + fmtNum(cfg.interval) + " s" : "") : "\u2014";
+    const flags = h("td", {});
+    for (const f of dev.flags || []) flags.append(badge(f, flagClass(f)));
+    const cnt = (c) => c ? (c.failed + c.partial) + " of " + c.polls : "\u2014";
+    const cls = (c) => "num" + (c && c.failed + c.partial ? " bad" : "");
+    const last = h("td", {text: ago(dev.last_reading)});
+    if (polls.last_failure) {
+      last.append(h("div", {class: "muted", text: "last failure " + fmtTime(polls.last_failure, true)}));
+    }
+    body.append(h("tr", {"data-device": d}, name, h("td", {}, badge(health, HEALTH[health] || "muted")),
+      h("td", {text: driver}), last, h("td", {text: ago(dev.last_valid)}), flags,
+      h("td", {class: cls(polls.last_hour), text: cnt(polls.last_hour)}),
+      h("td", {class: cls(polls.last_24h), text: cnt(polls.last_24h)})));
+  }
+  $("device-table").tBodies[0].replaceWith(body);
+}
+
+const cards = new Map();
+function card(key) {
+  let c = cards.get(key);
+  if (c) return c;
+  const svg = sv("svg", {class: "chart", viewBox: "0 0 320 100", role: "img", "data-points": "0"});
+  svg.append(sv("text", {class: "axis", x: 160, y: 50, "text-anchor": "middle"}, "loading\u2026"));
+  const el = h("div", {class: "ch", "data-channel": key},
+    h("div", {class: "ch-head"}, h("span", {class: "ch-name", text: key}), h("span", {class: "flag"})),
+    h("div", {class: "ch-value"}, h("span", {class: "value", text: "\u2014"}), h("span", {class: "unit"})),
+    h("div", {class: "ch-time"}), svg);
+  c = {el: el, svg: svg, interval: null};
+  cards.set(key, c);
+  return c;
+}
+
+function renderChannels(st, active) {
+  const grid = $("channel-grid"), seen = new Set();
+  for (const d of deviceIds(st)) {
+    const cfg = st.console.devices[d] || {};
+    for (const ch of channelIds(st, d)) {
+      const key = d + "." + ch, r = ((st.devices[d] || {}).channels || {})[ch] || {};
+      const c = card(key);
+      seen.add(key);
+      c.interval = cfg.interval || null;
+      c.el.querySelector(".value").textContent = fmtNum(r.value);
+      c.el.querySelector(".value").className = "value" + (r.value === null && r.flag ? " bad" : "");
+      c.el.querySelector(".unit").textContent = r.unit || (cfg.units || {})[ch] || "";
+      const flag = c.el.querySelector(".flag");
+      flag.replaceChildren();
+      if (r.flag) flag.append(badge(r.flag, flagClass(r.flag)));
+      c.el.querySelector(".ch-time").textContent = r.ts ? ago(r.ts) : "no reading yet";
+      c.el.classList.toggle("alarm", active.has(key));
+      grid.append(c.el);
+    }
+  }
+  for (const [key, c] of cards) if (!seen.has(key)) { c.el.remove(); cards.delete(key); }
+}
+
+function renderAlarms(al) {
+  const body = h("tbody");
+  for (const a of al.active) {
+    body.append(h("tr", {"data-alarm": a.id}, h("td", {}, badge("active", "bad"), h("b", {text: a.id})),
+      h("td", {text: fmtTime(a.since, true)}), h("td", {class: "num", text: fmtNum(a.value)}),
+      h("td", {class: "num", text: fmtNum(a.threshold)})));
+  }
+  if (!al.active.length) body.append(h("tr", {}, h("td", {colspan: "4", class: "empty", text: "no active alarm"})));
+  $("active-alarms").tBodies[0].replaceWith(body);
+  const recent = h("tbody");
+  for (const e of al.recent) {
+    recent.append(h("tr", {"data-event": String(e.seq)}, h("td", {text: fmtTime(e.ts, true)}),
+      h("td", {text: e.id}), h("td", {}, badge(e.state, e.state === "raised" ? "bad" : "ok")),
+      h("td", {class: "num", text: fmtNum(e.value)}), h("td", {class: "num", text: fmtNum(e.threshold)})));
+  }
+  if (!al.recent.length) recent.append(h("tr", {}, h("td", {colspan: "5", class: "empty", text: "no alarm events"})));
+  $("recent-alarms").tBodies[0].replaceWith(recent);
+  return new Set(al.active.map((a) => a.channel));
+}
+
+function drawChart(c, hist) {
+  const W = 320, H = 100, L = 36, R = 6, T = 6, B = 14, svg = c.svg;
+  svg.replaceChildren();
+  const pts = hist.points.filter((p) => p.avg !== null);
+  svg.setAttribute("data-points", String(pts.length));
+  svg.append(sv("rect", {class: "frame", x: L, y: T, width: W - L - R, height: H - T - B}));
+  const t0 = Date.parse(hist.from), t1 = Date.parse(hist.to);
+  svg.append(sv("text", {class: "axis", x: L, y: H - 2}, "\u2212" + fmtNum(hist.hours) + " h"));
+  svg.append(sv("text", {class: "axis", x: W - R, y: H - 2, "text-anchor": "end"}, "now"));
+  if (!pts.length) {
+    svg.append(sv("text", {class: "axis", x: (L + W) / 2, y: H / 2, "text-anchor": "middle"},
+                  hist.ready ? "no readings yet" : "loading history\u2026"));
+    return;
+  }
+  let lo = Math.min(...pts.map((p) => p.min)), hi = Math.max(...pts.map((p) => p.max));
+  for (const l of hist.limits) { lo = Math.min(lo, l.value); hi = Math.max(hi, l.value); }
+  if (hi - lo < 1e-9) { const pad = Math.abs(hi) * 0.05 || 1; lo -= pad; hi += pad; }
+  const margin = (hi - lo) * 0.06;
+  lo -= margin;
+  hi += margin;
+  const x = (t) => (L + (W - L - R) * (t - t0) / (t1 - t0)).toFixed(1);
+  const y = (v) => (T + (H - T - B) * (hi - v) / (hi - lo)).toFixed(1);
+  svg.append(sv("text", {class: "axis", x: L - 3, y: T + 8, "text-anchor": "end"}, fmtNum(hi)));
+  svg.append(sv("text", {class: "axis", x: L - 3, y: H - B, "text-anchor": "end"}, fmtNum(lo)));
+  for (const l of hist.limits) {
+    const line = sv("line", {class: "limit", x1: L, x2: W - R, y1: y(l.value), y2: y(l.value)});
+    line.append(sv("title", {}, l.rule + " " + fmtNum(l.value)));
+    svg.append(line);
+  }
+  const gap = Math.max(180, 2.5 * (c.interval || 0)) * 1000, segs = [];
+  let cur = [];
+  for (const p of pts) {
+    const t = Date.parse(p.t) + hist.bucket_s * 500;
+    if (cur.length && t - cur[cur.length - 1].tt > gap) { segs.push(cur); cur = []; }
+    cur.push(Object.assign({tt: t}, p));
+  }
+  if (cur.length) segs.push(cur);
+  for (const seg of segs) {
+    const band = seg.map((p) => x(p.tt) + "," + y(p.max))
+      .concat(seg.slice().reverse().map((p) => x(p.tt) + "," + y(p.min)));
+    svg.append(sv("polygon", {class: "band", points: band.join(" ")}));
+    svg.append(sv("polyline", {class: "line", points: seg.map((p) => x(p.tt) + "," + y(p.avg)).join(" ")}));
+  }
+  const all = pts.length <= 120, lastT = pts[pts.length - 1].t;
+  for (const seg of segs) {
+    for (const p of seg) {
+      if (!all && p.t !== lastT) continue;
+      if (p.max > p.min) {
+        svg.append(sv("line", {class: "whisker", x1: x(p.tt), x2: x(p.tt), y1: y(p.max), y2: y(p.min)}));
+      }
+      const dot = sv("circle", {class: "pt", cx: x(p.tt), cy: y(p.avg), r: 2});
+      dot.append(sv("title", {}, fmtTime(p.t) + "  avg " + fmtNum(p.avg) + "  min " + fmtNum(p.min) + "  max " +
+        fmtNum(p.max) + "  (" + p.n + " readings" + (p.bad ? ", " + p.bad + " failed" : "") + ")"));
+      svg.append(dot);
+    }
+  }
+}
+
+async function refreshCharts() {
+  let missing = false;
+  await Promise.all([...cards.entries()].map(async ([key, c]) => {
+    const hist = await getJSON("/api/history?channel=" + encodeURIComponent(key) + "&hours=" + hours);
+    drawChart(c, hist);
+    if (!hist.points.some((p) => p.avg !== null)) missing = true;
+  }));
+  chartsMissing = missing;
+}
+
+function setConn(ok, err) {
+  const el = $("conn");
+  el.classList.toggle("show", !ok);
+  el.textContent = ok ? "" : "Cannot reach the agent (" + (err && err.message || err) + "); retrying\u2026";
+}
+
+async function refresh() {
+  try {
+    const [st, al] = await Promise.all([getJSON("/api/status"), getJSON("/api/alarms?limit=20")]);
+    renderStation(st);
+    const active = renderAlarms(al);
+    renderDevices(st);
+    renderChannels(st, active);
+    if (chartsMissing || Date.now() - chartsAt > CHARTS_EVERY_MS) {
+      chartsAt = Date.now();
+      await refreshCharts();
+    }
+    setConn(true);
+  } catch (err) {
+    setConn(false, err);
+  } finally {
+    setTimeout(refresh, STATUS_EVERY_MS);
+  }
+}
+$("hours").addEventListener("change", (ev) => {
+  hours = Number(ev.target.value);
+  chartsAt = 0;
+  refreshCharts().catch((err) => setConn(false, err));
+});
+refresh();
+"""
+
+_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>edge-agent console</title><link rel="icon" href="data:,"><style>@CSS@</style></head>
+<body>
+<header><h1>Station <span id="st-id">&hellip;</span></h1><span class="sub" id="st-name"></span>
+<span id="updated">loading&hellip;</span><div id="conn" role="alert"></div></header>
+<main>
+<section id="station"><h2>Station</h2><dl id="station-facts"></dl></section>
+<section id="alarms"><h2>Alarms</h2>
+<table id="active-alarms"><thead><tr><th>Active alarm</th><th>Since</th><th class="num">Value</th>
+<th class="num">Limit</th></tr></thead><tbody></tbody></table>
+<h3>Recent events</h3>
+<table id="recent-alarms"><thead><tr><th>Time</th><th>Alarm</th><th>Event</th><th class="num">Value</th>
+<th class="num">Limit</th></tr></thead><tbody></tbody></table></section>
+<section id="devices" class="wide"><h2>Devices</h2>
+<table id="device-table"><thead><tr><th>Device</th><th>Health</th><th>Driver</th><th>Last reading</th>
+<th>Last good reading</th><th>Flag</th><th class="num">Failed polls, 1 h</th><th class="num">24 h</th></tr></thead>
+<tbody></tbody></table></section>
+<section id="channels" class="wide"><h2>Channels <span class="muted">trend of the last
+<select id="hours" aria-label="trend period"><option value="1">1 h</option><option value="6">6 h</option>
+<option value="24" selected>24 h</option></select>: 1-minute average, min&ndash;max band, dashed alarm limits</span>
+</h2><div id="channel-grid" class="grid"></div></section>
+</main>
+<footer>Read-only console of edge-agent. JSON API: <a href="/api/status">/api/status</a> &middot;
+<a href="/api/alarms">/api/alarms</a> &middot; /api/history?channel=DEVICE.CHANNEL&amp;hours=24</footer>
+<script>@JS@</script></body></html>
+"""
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+PAGE_BYTES = _HTML.replace("@CSS@", _CSS).replace("@JS@", _JS).encode("utf-8")
+PAGE_CSP = (f"default-src 'none'; script-src {_csp_hash(_JS)}; style-src {_csp_hash(_CSS)}; connect-src 'self'; "
+            "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")

@@ -1,0 +1,567 @@
+"""HJ 212 TCP uplinks: one thread per `hj212.uplinks` entry keeps a connection to a platform.
+
+Each uplink reads the buffer on its own (read-only connection), sends a CN 2011 packet per device poll
+and a 2051/2061/2031 packet per period start with Flag A set (Flag=5), waits for the platform's 9014
+within `timeout`, re-sends `retries` times, then drops the connection and reconnects with backoff.
+Its progress is its own watermark per stream, kept in the buffer's meta table under
+``uplink:<host>:<port>`` (written through the recorder, at most every few seconds): MQTT and every
+uplink advance independently, and what a platform has not acknowledged is sent again on the next
+connection (at-least-once, like MQTT). It also answers the platform's requests on the connection:
+backfill (2051/2061/2031 with BeginTime/EndTime), 1011 get time, 1012 set time (logged, the clock is
+never changed); anything else is refused with 9011. Bad input never ends the thread.
+Imports `agent.buffer`, `agent.hj212`, `agent.model`, `agent.logutil`, `agent.publisher` (the HJ 212
+packet builder shared with `payload: hj212`); never `drivers`.
+
+Decisions:
+
+* A new uplink (no stored progress) starts with the readings stored *from now on* and with every
+  stored aggregate: real-time data is for the live view, so a platform added later is not flooded
+  with days of 2011 packets; history reaches it as period data (pushed, and on request).
+* One packet in flight per uplink (stop-and-wait): HJ 212 platforms acknowledge packet by packet,
+  and a 9014 names only the QN. Pieces of a split packet are each acknowledged.
+* Answers (9011, 9012) use ST=91 and the request's QN (SPEC §4). The records of a backfill and the
+  1011 time report carry data, so they use the station's ST, the request's QN and Flag=4 (no 9014
+  expected: the exchange is closed by the 9012).
+* Request checks, in order: MN (QnRtn 4), PW (3), ST = station's or 91 (5), Flag version 2017 or
+  no Flag (6), QN present (7); then an unsupported CN is answered QnRtn=100 and a backfill or
+  1012 without valid times QnRtn=2 (refused). A frame with a bad CRC cannot be trusted to name the
+  right QN or MN, so it is logged and dropped (the platform's own timeout makes it ask again).
+* 1012 (set time): answered 9011 QnRtn=1, logged with the offset, never applied; 9012 ExeRtn=1 when
+  the clock already agrees within `TIME_TOLERANCE_S`, else ExeRtn=2 (failed), so that a platform is
+  never told a wrong clock was set.
+* Limitation: uplink progress does not hold back the buffer's purge and eviction (they follow the
+  MQTT watermark); an uplink that is down for longer than `keep_sent_days`, or while the buffer is
+  full, skips what was purged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import select
+import socket
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+from agent.buffer import Buffer, BufferError, EventRow, Poll
+from agent.hj212 import (
+    CN_DATA_ACK,
+    CN_DAY,
+    CN_EXECUTION_RESULT,
+    CN_HOUR,
+    CN_MINUTE,
+    CN_REQUEST_ANSWER,
+    FLAG_ANSWER,
+    FLAG_V2017,
+    FrameReader,
+    Hj212Error,
+    Packet,
+    Reassembler,
+    ReassemblyError,
+    encode,
+    format_time,
+    parse_time,
+    reply_9011,
+    reply_9012,
+)
+from agent.logutil import RateLimitedLog
+from agent.model import STREAM_AGGREGATES, STREAM_READINGS, iso_utc_ms, now_ms
+from agent.publisher import Hj212Identity, Hj212Message, Hj212Payload, group_periods
+
+log = logging.getLogger(__name__)
+
+META_PREFIX = "uplink:"
+PERSIST_EVERY_S = 5.0  # progress written at most this often (a crash re-sends at most this much)
+POLL_PAGE = 200  # readings read at once
+EVENT_PAGE = 200  # aggregate rows read at once
+BACKFILL_PAGE = 500
+TIME_TOLERANCE_S = 60.0  # 1012: a clock within this of the platform's counts as set
+CONNECT_TIMEOUT_S = 10.0
+RECV_BYTES = 65536
+
+CN_GET_TIME = "1011"
+CN_SET_TIME = "1012"
+ST_SYSTEM = "91"
+UNIT_BY_CN = {CN_MINUTE: "m", CN_HOUR: "h", CN_DAY: "d"}
+
+QNRTN_OK, QNRTN_REFUSED, QNRTN_PW, QNRTN_MN, QNRTN_ST, QNRTN_FLAG, QNRTN_QN = 1, 2, 3, 4, 5, 6, 7
+QNRTN_UNKNOWN = 100
+EXERTN_OK, EXERTN_FAILED, EXERTN_NO_DATA = 1, 2, 100
+
+
+@dataclass(frozen=True)
+class UplinkTarget:
+    """One `hj212.uplinks` entry."""
+
+    host: str
+    port: int
+    timeout: float = 10.0
+    retries: int = 3
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def meta_key(self) -> str:
+        """Where this uplink's progress is kept in the buffer's meta table."""
+        return f"{META_PREFIX}{self.host}:{self.port}"
+
+
+class ProgressSink(Protocol):
+    """Where an uplink persists its progress (`agent.recorder.Recorder`)."""
+
+    def set_meta(self, key: str, value: str) -> None: ...
+
+
+class LinkDown(Exception):
+    """The connection is unusable (closed, reset, no acknowledgement): reconnect."""
+
+
+class Uplink(threading.Thread):
+    """Keeps one platform connection and delivers the buffer over it (see the module docstring).
+
+    `recorder` (an `agent.recorder.Recorder`) persists the progress (`set_meta`). The starting
+    watermarks are read when the object is built, so build it before polling starts. `marks`
+    carries the progress of the uplink this one replaces (SIGHUP), which may not be committed yet.
+    Thread-safe entry points: wake, stop, marks, state.
+    """
+
+    def __init__(self, target: UplinkTarget, identity: Hj212Identity, db_path: str | Path, recorder: ProgressSink, *,
+                 reconnect_max: float = 30.0, marks: dict[str, int] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        super().__init__(name=f"uplink:{target.name}", daemon=True)
+        self.target = target
+        self.identity = identity
+        self.db_path = str(db_path)
+        self.recorder = recorder
+        self.reconnect_max = reconnect_max
+        self.clock = clock
+        self.payload = Hj212Payload(identity, clock)
+        self.tz = identity.tz
+        self._stop_event = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sock: socket.socket | None = None
+        self._frames = FrameReader()
+        self._reassembler = Reassembler()
+        self._queue: deque[tuple[str, Poll | list[EventRow]]] = deque()
+        self._backoff = 0.5
+        self._errlog = RateLimitedLog(log, every_s=300)
+        self._reader: Buffer | None = Buffer.open_reader(self.db_path)
+        self._marks, stored = self._initial_marks(marks)
+        self._dirty = not stored
+        self._last_persist = 0.0
+        self.state = "connecting"
+        self.last_error: str | None = None
+        self.since = iso_utc_ms(now_ms())
+        self.packets_acked = 0
+        self.last_progress = time.monotonic()
+        if not stored:
+            self._persist(force=True)
+
+    # ------------------------------------------------------------------ any thread
+
+    def wake(self) -> None:
+        """New rows were committed (recorder listener)."""
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def request_stop(self) -> None:
+        """Ask the thread to drop the connection and end (unacknowledged data stays for next time)."""
+        self._stop_event.set()
+        self.wake()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """`request_stop`, then wait for the thread (a send in progress may take up to `timeout`)."""
+        self.request_stop()
+        self.join(timeout)
+
+    @property
+    def marks(self) -> dict[str, int]:
+        """Highest seq per stream the platform acknowledged (with all before it)."""
+        return dict(self._marks)
+
+    # ------------------------------------------------------------------ progress
+
+    def _initial_marks(self, given: dict[str, int] | None) -> tuple[dict[str, int], bool]:
+        assert self._reader is not None
+        if given is not None:
+            return {STREAM_READINGS: given.get(STREAM_READINGS, 0),
+                    STREAM_AGGREGATES: given.get(STREAM_AGGREGATES, 0)}, False
+        text = self._reader.meta_value(self.target.meta_key)
+        if text:
+            try:
+                data = json.loads(text)
+                return {STREAM_READINGS: int(data[STREAM_READINGS]),
+                        STREAM_AGGREGATES: int(data[STREAM_AGGREGATES])}, True
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("uplink %s: stored progress unreadable (%s); starting from now", self.target.name, exc)
+        last_reading, _ = self._reader.stream_state(STREAM_READINGS)
+        log.info("uplink %s: new; sends readings from seq %d on and every stored aggregate",
+                 self.target.name, last_reading + 1)
+        return {STREAM_READINGS: last_reading, STREAM_AGGREGATES: 0}, False
+
+    def _advance(self, stream: str, upto: int) -> None:
+        if upto > self._marks[stream]:
+            self._marks[stream] = upto
+            self._dirty = True
+        self._persist()
+
+    def _persist(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self._dirty and not force:
+            return
+        if not force and now - self._last_persist < PERSIST_EVERY_S:
+            return
+        record = {**self._marks, "state": self.state, "error": self.last_error, "since": self.since}
+        self.recorder.set_meta(self.target.meta_key, json.dumps(record, separators=(",", ":")))
+        self._dirty = False
+        self._last_persist = now
+
+    def _set_state(self, state: str, error: str | None) -> None:
+        if state != self.state or error != self.last_error:
+            self.state, self.last_error, self.since = state, error, iso_utc_ms(now_ms())
+            self._persist(force=True)
+
+    # ------------------------------------------------------------------ thread
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.is_set():
+                self.last_progress = time.monotonic()
+                try:
+                    if self._sock is None:
+                        if not self._connect():
+                            self._pause(self._next_backoff())
+                        continue
+                    self._step()
+                except LinkDown as exc:
+                    self._disconnect(str(exc))
+                    if not self._stop_event.is_set():
+                        self._pause(self._next_backoff())
+                except (sqlite3.Error, BufferError) as exc:
+                    self._disconnect(f"buffer unreadable: {exc}")
+                    self._reopen_reader(exc)
+                except Exception as exc:  # noqa: BLE001 - an uplink must never die
+                    log.exception("uplink %s: unexpected error", self.target.name)
+                    self._disconnect(f"internal error: {type(exc).__name__}")
+                    self._pause(self._next_backoff())
+        finally:
+            self._disconnect("agent stopping")
+            self._set_state("offline", "agent stopped")
+            self._persist(force=True)
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _pause(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self._stop_event.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self._stop_event.wait(min(left, 1.0))
+            self.last_progress = time.monotonic()
+
+    def _next_backoff(self) -> float:
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, self.reconnect_max)
+        return random.uniform(delay / 2, delay)
+
+    def _reopen_reader(self, exc: Exception) -> None:
+        self._errlog.error("uplink %s: reading the buffer failed (%s); reopening it", self.target.name, exc)
+        try:
+            if self._reader is not None:
+                self._reader.close()
+        except sqlite3.Error:
+            pass
+        self._reader = None
+        self._pause(1.0)
+        try:
+            self._reader = Buffer.open_reader(self.db_path)
+        except (sqlite3.Error, BufferError) as exc2:
+            self._errlog.error("uplink %s: cannot reopen the buffer: %s", self.target.name, exc2)
+
+    # ------------------------------------------------------------------ connection
+
+    def _connect(self) -> bool:
+        t = self.target
+        try:
+            sock = socket.create_connection((t.host, t.port), timeout=min(t.timeout, CONNECT_TIMEOUT_S))
+        except OSError as exc:
+            why = f"cannot connect: {exc}"
+            self._set_state("offline", why)
+            self._errlog.error("uplink %s: %s; retrying with backoff", t.name, why)
+            return False
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.settimeout(t.timeout)
+        self._sock = sock
+        self._frames = FrameReader()
+        self._reassembler = Reassembler()
+        self._queue.clear()
+        log.info("uplink %s connected", t.name)
+        self._errlog = RateLimitedLog(log, every_s=300)
+        self._set_state("online", None)
+        return True
+
+    def _disconnect(self, why: str) -> None:
+        sock, self._sock = self._sock, None
+        self._queue.clear()  # what was taken but not acknowledged is read again from the watermark
+        if sock is None:
+            return
+        try:
+            sock.close()
+        except OSError:
+            pass
+        if self._stop_event.is_set():
+            log.info("uplink %s closed", self.target.name)
+        else:
+            log.warning("uplink %s: connection dropped: %s", self.target.name, why)
+            self._set_state("offline", why)
+        self._persist(force=True)
+
+    def _send(self, frame: bytes) -> None:
+        if self._sock is None:
+            raise LinkDown("not connected")
+        try:
+            self._sock.sendall(frame)
+        except OSError as exc:  # includes socket.timeout: the platform stopped reading
+            raise LinkDown(f"send failed: {exc}") from None
+
+    def _send_packet(self, packet: Packet) -> None:
+        for frame in encode(packet):
+            self._send(frame)
+
+    # ------------------------------------------------------------------ delivering the buffer
+
+    def _step(self) -> None:
+        """Answer what the platform asked, then deliver one packet (or wait for work)."""
+        self._receive(0)
+        item = self._next_message()
+        if item is None:
+            self._persist()  # progress made in a burst is written once due, not only at the next packet
+            self._receive(1.0)
+            return
+        stream, message = item
+        for frame in message.frames:
+            self._send_and_wait(frame, message.qn)
+        self.packets_acked += 1
+        self._backoff = 0.5
+        self._advance(stream, message.last_seq)
+
+    def _next_message(self) -> tuple[str, Hj212Message] | None:
+        """The next packet to deliver: aggregates first (few, and what platforms keep), then polls."""
+        while True:
+            if not self._queue:
+                self._fill_queue()
+            if not self._queue:
+                return None
+            stream, rows = self._queue.popleft()
+            flag = FLAG_V2017 | FLAG_ANSWER
+            if isinstance(rows, Poll):
+                message = self.payload.poll_message(rows, flag)
+            else:
+                message = self.payload.period_message(rows, flag)
+            if message.frames:
+                return stream, message
+            self._advance(stream, message.last_seq)  # nothing HJ 212 can say: skip, in order
+
+    def _fill_queue(self) -> None:
+        assert self._reader is not None
+        rows = self._reader.events_after(STREAM_AGGREGATES, self._marks[STREAM_AGGREGATES], EVENT_PAGE)
+        groups = list(group_periods(rows))
+        if len(rows) == EVENT_PAGE and len(groups) > 1:
+            groups.pop()  # its period start may go on beyond this page
+        if groups:
+            self._queue.extend((STREAM_AGGREGATES, g) for g in groups)
+            return
+        polls = self._reader.reading_polls(self._marks[STREAM_READINGS], POLL_PAGE)
+        self._queue.extend((STREAM_READINGS, p) for p in polls)
+
+    def _send_and_wait(self, frame: bytes, qn: str) -> None:
+        t = self.target
+        for attempt in range(t.retries + 1):
+            if attempt:
+                log.warning("uplink %s: no 9014 for QN %s within %ss; sending again (%d/%d)",
+                            t.name, qn, t.timeout, attempt, t.retries)
+            self._send(frame)
+            deadline = time.monotonic() + t.timeout
+            while True:
+                if self._stop_event.is_set():
+                    raise LinkDown("agent stopping")
+                self.last_progress = time.monotonic()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if qn in self._receive(left):
+                    return
+        raise LinkDown(f"no 9014 for QN {qn} after {t.retries + 1} tries")
+
+    # ------------------------------------------------------------------ receiving
+
+    def _receive(self, timeout: float) -> set[str]:
+        """Read what the platform sent (waiting up to `timeout`), answer its requests; returns the QNs
+        acknowledged by 9014 in what was read."""
+        sock = self._sock
+        if sock is None:
+            raise LinkDown("not connected")
+        try:
+            readable, _, _ = select.select([sock, self._wake_r], [], [], max(timeout, 0))
+        except (OSError, ValueError) as exc:
+            raise LinkDown(f"select failed: {exc}") from None
+        if self._wake_r in readable:
+            self._drain_wake()
+        if sock not in readable:
+            return set()
+        try:
+            data = sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            return set()
+        except OSError as exc:
+            raise LinkDown(f"receive failed: {exc}") from None
+        if not data:
+            raise LinkDown("closed by the platform")
+        acked: set[str] = set()
+        for item in self._frames.feed(data):
+            if isinstance(item, Hj212Error):
+                self._errlog.warning("uplink %s: bad frame from the platform dropped: %s", self.target.name, item)
+                continue
+            try:
+                packet = self._reassembler.add(item)
+            except ReassemblyError as exc:
+                self._errlog.warning("uplink %s: split packet dropped: %s", self.target.name, exc)
+                continue
+            if packet is None:
+                continue
+            if packet.cn == CN_DATA_ACK:
+                if packet.qn is not None and packet.mn == self.identity.mn:
+                    acked.add(packet.qn)
+                continue
+            if packet.cn in (CN_REQUEST_ANSWER, CN_EXECUTION_RESULT):
+                continue  # answers to nothing we asked: ignore
+            self._answer(packet)
+        return acked
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ answering requests
+
+    def _check(self, request: Packet) -> int:
+        """QnRtn for a request's header: 1 when it may be executed."""
+        ident = self.identity
+        if request.mn != ident.mn:
+            return QNRTN_MN
+        if request.pw != ident.pw:
+            return QNRTN_PW
+        if request.st not in (ident.st, ST_SYSTEM):
+            return QNRTN_ST
+        if request.flag is not None and request.version != 1:
+            return QNRTN_FLAG
+        if request.qn is None:
+            return QNRTN_QN
+        return QNRTN_OK
+
+    def _answer(self, request: Packet) -> None:
+        name = self.target.name
+        code = self._check(request)
+        if code != QNRTN_OK:
+            log.warning("uplink %s: refused request CN=%s QN=%s: QnRtn=%d", name, request.cn, request.qn, code)
+            self._send_packet(reply_9011(request, code))
+            return
+        self._backoff = 0.5
+        handlers = {CN_MINUTE: self._backfill, CN_HOUR: self._backfill, CN_DAY: self._backfill,
+                    CN_GET_TIME: self._get_time, CN_SET_TIME: self._set_time}
+        handler = handlers.get(request.cn)
+        if handler is None:
+            log.info("uplink %s: request CN=%s is not supported; answered QnRtn=%d", name, request.cn, QNRTN_UNKNOWN)
+            self._send_packet(reply_9011(request, QNRTN_UNKNOWN))
+            return
+        handler(request)
+
+    def _time_item(self, request: Packet, key: str) -> datetime | None:
+        text = request.get(key)
+        if not text:
+            return None
+        try:
+            return parse_time(text, self.tz)
+        except Hj212Error:
+            return None
+
+    def _backfill(self, request: Packet) -> None:
+        """2051/2061/2031 with BeginTime/EndTime (inclusive): 9011, the stored records, 9012."""
+        begin, end = self._time_item(request, "BeginTime"), self._time_item(request, "EndTime")
+        if begin is None or end is None or begin > end:
+            log.warning("uplink %s: backfill CN=%s QN=%s without a valid BeginTime..EndTime; refused",
+                        self.target.name, request.cn, request.qn)
+            self._send_packet(reply_9011(request, QNRTN_REFUSED))
+            return
+        self._send_packet(reply_9011(request, QNRTN_OK))
+        start_ms = int(begin.timestamp() * 1000)
+        end_ms = int(end.timestamp() * 1000) + 999  # DataTime has whole seconds
+        count = 0
+        rows = self._rows_between(start_ms, end_ms, UNIT_BY_CN[request.cn])
+        for group in group_periods(rows):
+            message = self.payload.period_message(group, FLAG_V2017, qn=request.qn)
+            for frame in message.frames:
+                self._send(frame)
+            count += 1 if message.frames else 0
+            self.last_progress = time.monotonic()
+        log.info("uplink %s: backfill CN=%s %s..%s: %d records sent", self.target.name, request.cn,
+                 format_time(begin), format_time(end), count)
+        self._send_packet(reply_9012(request, EXERTN_OK if count else EXERTN_NO_DATA))
+
+    def _rows_between(self, start_ms: int, end_ms: int, unit: str) -> Iterator[EventRow]:
+        assert self._reader is not None
+        after: tuple[int, int] | None = None
+        while True:
+            page = self._reader.aggregates_between(start_ms, end_ms, unit=unit, after=after, limit=BACKFILL_PAGE)
+            yield from page
+            if len(page) < BACKFILL_PAGE:
+                return
+            after = (page[-1].ts_ms, page[-1].seq)
+
+    def _get_time(self, request: Packet) -> None:
+        """1011: 9011, a 1011 packet with SystemTime (station time), 9012."""
+        self._send_packet(reply_9011(request, QNRTN_OK))
+        group: dict[str, str] = {}
+        pol_id = request.get("PolId")
+        if pol_id:
+            group["PolId"] = pol_id
+        group["SystemTime"] = format_time(datetime.fromtimestamp(self.clock(), self.tz))
+        ident = self.identity
+        self._send_packet(Packet(qn=request.qn, st=ident.st, cn=CN_GET_TIME, pw=ident.pw, mn=ident.mn,
+                                 flag=FLAG_V2017, cp=[group]))
+        self._send_packet(reply_9012(request, EXERTN_OK))
+
+    def _set_time(self, request: Packet) -> None:
+        """1012: logged, never applied to the system clock (see the module docstring)."""
+        wanted = self._time_item(request, "SystemTime")
+        if wanted is None:
+            self._send_packet(reply_9011(request, QNRTN_REFUSED))
+            return
+        self._send_packet(reply_9011(request, QNRTN_OK))
+        offset = wanted.timestamp() - self.clock()
+        agrees = abs(offset) <= TIME_TOLERANCE_S
+        log.warning("uplink %s: platform asks to set the clock to %s (%+.0f s from ours); the agent never "
+                    "changes the system clock%s", self.target.name, format_time(wanted), offset,
+                    "" if agrees else " - check NTP (timedatectl)")
+        self._send_packet(reply_9012(request, EXERTN_OK if agrees else EXERTN_FAILED))

@@ -1,0 +1,326 @@
+"""The technician's web console (issue 8) end to end: `edge-agent run` as a real process with simulated
+instruments and a real mosquitto, the console's JSON API over real HTTP, check-config's refusal of an
+unprotected public listener, basic auth, and the page itself in real headless Chromium (Debian's
+`chromium` + `chromium-driver`, driven by Selenium) — no console errors, every device and channel, a
+chart with points, an alarm raised by the test and a value that changes when the instrument does.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+import pytest
+from harness import REPO, AgentProcess, Broker, free_port, run_cli, sim_config, wait_for, write_config
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+ARTIFACTS = REPO / "tests" / "artifacts"
+ALARM_ID = "cod.w01018:above"
+CHANNELS = {"sim0.c00", "sim0.c01", "cod.w01018"}
+PASSWORD = "s3cret-Pass word"
+
+
+def station(tmp_path: Path, broker: Broker, *, cod_mean: float = 60, console: dict | None = None) -> dict:
+    """Two simulated instruments (sim0: c00, c01; cod: w01018, constant) and a COD limit of 50 mg/L,
+    with the console on a free loopback port unless `console` says otherwise."""
+    config = sim_config(tmp_path, broker, channels=2, interval=0.5,
+                        alarms=[{"channel": "cod.w01018", "above": 50, "hysteresis": 2}])
+    config["devices"]["cod"] = {"driver": "simulated", "interval": 0.5, "channels": {
+        "w01018": {"unit": "mg/L", "mean": cod_mean, "amplitude": 0, "noise": 0}}}
+    config["console"] = console if console is not None else {"listen": f"127.0.0.1:{free_port()}"}
+    return config
+
+
+def port_of(config: dict) -> int:
+    return int(config["console"]["listen"].rsplit(":", 1)[1])
+
+
+def request(port: int, path: str, *, method: str = "GET", password: str | None = None, user: str = "technician",
+            headers: dict | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        sent = dict(headers or {})
+        if password is not None:
+            sent["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        conn.request(method, path, headers=sent)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def get_json(port: int, path: str, **kwargs) -> tuple[int, dict]:
+    status, headers, body = request(port, path, **kwargs)
+    assert headers["content-type"] == "application/json; charset=utf-8", (path, headers)
+    return status, json.loads(body)
+
+
+def console_up(port: int, **kwargs) -> bool:
+    try:
+        return request(port, "/api", **kwargs)[0] in (200, 401)
+    except OSError:
+        return False
+
+
+def cod_value(port: int, **kwargs):
+    status, doc = get_json(port, "/api/status", **kwargs)
+    return status == 200 and doc["devices"].get("cod", {}).get("channels", {}).get("w01018", {}).get("value")
+
+
+def history_readings(port: int, channel: str) -> tuple[bool, int]:
+    status, doc = get_json(port, f"/api/history?channel={channel}&hours=24")
+    assert status == 200, doc
+    return doc["ready"], sum(p["n"] for p in doc["points"])
+
+
+def test_check_config_refuses_a_public_console_without_password_file(tmp_path):
+    broker = Broker(tmp_path / "broker")  # only its url is used
+    path = write_config(tmp_path / "station.yaml", station(tmp_path, broker, console={"listen": "0.0.0.0:8080"}))
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.strip().startswith("listen:"))
+    assert f"{path}:{line}:3: console.listen: 0.0.0.0:8080 is reachable from other machines" in result.stderr
+    assert "password_file" in result.stderr
+
+    (tmp_path / "console.pass").write_text(PASSWORD + "\n")
+    write_config(path, station(tmp_path, broker, console={"listen": "0.0.0.0:8080", "password_file": "console.pass"}))
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+
+
+def test_console_api_serves_status_history_and_alarms_and_keeps_history_across_a_restart(tmp_path, broker):
+    config = station(tmp_path, broker)
+    cfg = write_config(tmp_path / "station.yaml", config)
+    port = port_of(config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: console_up(port), 15, "the console listening")
+        wait_for(lambda: cod_value(port) == 60, 15, "the COD reading in /api/status")
+        alarms = wait_for(lambda: (a := get_json(port, "/api/alarms")[1])["active"] and a, 15, "the alarm")
+        assert [a["id"] for a in alarms["active"]] == [ALARM_ID]
+        assert alarms["active"][0]["threshold"] == 50 and alarms["active"][0]["value"] == 60
+        assert alarms["recent"][0]["id"] == ALARM_ID and alarms["recent"][0]["state"] == "raised"
+
+        # /api/status is the `status --json` document, plus the console's own key.
+        status, doc = get_json(port, "/api/status")
+        cli = json.loads(run_cli("status", "-c", str(cfg), "--json").stdout)
+        assert status == 200 and set(cli) <= set(doc) and set(doc) - set(cli) == {"console"}
+        assert doc["station"] == "TEST0001" and set(doc["devices"]) == set(cli["devices"]) == {"sim0", "cod"}
+        assert set(doc["devices"]["sim0"]["channels"]) == {"c00", "c01"}
+        assert [a["id"] for a in doc["alarms"]] == [ALARM_ID]
+        extra = doc["console"]
+        assert extra["station"] == {"id": "TEST0001", "name": "test station", "type": "other",
+                                    "timezone": "Asia/Shanghai"}
+        assert extra["devices"]["cod"]["channels"] == ["w01018"] and extra["devices"]["cod"]["interval"] == 0.5
+        assert extra["devices"]["cod"]["polls"]["last_hour"]["polls"] >= 1
+        assert extra["devices"]["cod"]["polls"]["last_hour"]["failed"] == 0
+        assert extra["buffer"]["max_bytes"] == 256 * 1024 * 1024 and extra["buffer"]["used_bytes"] > 0
+        assert extra["drain"]["state"] in ("measuring", "up to date", "draining")
+        assert extra["agent"]["uptime_s"] >= 0 and extra["clock"]["timezone"] == "Asia/Shanghai"
+
+        status, hist = get_json(port, "/api/history?channel=cod.w01018&hours=0.5")
+        assert status == 200 and hist["unit"] == "mg/L" and hist["bucket_s"] == 60 and hist["hours"] == 0.5
+        assert hist["limits"] == [{"rule": "above", "value": 50}]
+        assert hist["points"] and all(p["avg"] == p["min"] == p["max"] == 60 for p in hist["points"])
+
+        # Read-only and self-protecting: HEAD works, writes are refused, foreign host names too.
+        status, headers, body = request(port, "/", method="HEAD")
+        assert status == 200 and body == b"" and headers["content-type"].startswith("text/html")
+        status, headers, page = request(port, "/")
+        assert status == 200 and b"<script src" not in page and b'rel="stylesheet"' not in page, "self-contained"
+        assert "script-src 'sha256-" in headers["content-security-policy"]
+        for method in ("POST", "PUT", "DELETE"):
+            status, err = get_json(port, "/api/status", method=method)
+            assert status == 405 and err["status"] == 405
+        status, err = get_json(port, "/api/status", headers={"Host": "rebound.example.com"})
+        assert status == 403, "a loopback console without password answers only to an IP or localhost"
+
+        wait_for(lambda: history_readings(port, "cod.w01018")[1] >= 10, 15, "10 COD readings in the history")
+        before = history_readings(port, "cod.w01018")[1]
+    finally:
+        assert agent.stop() == 0
+
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: console_up(port), 15, "the console listening again")
+        ready, after = wait_for(lambda: (r := history_readings(port, "cod.w01018"))[0] and r, 15, "the prefill")
+        assert after >= before, "the chart keeps what was stored before the restart"
+    finally:
+        assert agent.stop() == 0
+
+
+BAD_QUERIES = [
+    "/api/history",
+    "/api/history?channel=cod",
+    "/api/history?channel=cod.w01018&hours=abc",
+    "/api/history?channel=cod.w01018&hours=-1",
+    "/api/history?channel=cod.w01018&hours=0",
+    "/api/history?channel=cod.w01018&hours=25",
+    "/api/history?channel=cod.w01018&hours=nan",
+    "/api/history?channel=cod.w01018&hours=1e3",
+    "/api/history?channel=cod.w01018&hours=1%00",
+    "/api/history?channel=cod.w01018&channel=sim0.c00",
+    "/api/history?channel=cod.w01018&drop=table",
+    "/api/history?channel=%3Cscript%3E.x",
+    "/api/history?channel=cod.w01018&&hours",
+    "/api/alarms?limit=0",
+    "/api/alarms?limit=2.5",
+    "/api/alarms?limit=501",
+    "/api/status?verbose=1",
+    "/?x=1",
+]
+
+
+def test_bad_queries_are_answered_with_json_400_never_a_stack_trace(tmp_path, broker):
+    config = station(tmp_path, broker)
+    port = port_of(config)
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    try:
+        wait_for(lambda: console_up(port), 15, "the console listening")
+        for path in BAD_QUERIES:
+            status, headers, body = request(port, path)
+            assert status == 400, (path, status, body)
+            assert headers["content-type"] == "application/json; charset=utf-8", path
+            doc = json.loads(body)
+            assert doc["status"] == 400 and isinstance(doc["error"], str) and doc["error"], (path, doc)
+            assert b"Traceback" not in body and b"File \"" not in body
+        for path in ("/api/history?channel=cod.nothere", "/api/history?channel=ghost.w01018", "/etc/passwd",
+                     "/api/../api/status"):
+            status, doc = get_json(port, path)
+            assert status == 404 and doc["status"] == 404, (path, doc)
+        assert get_json(port, "/api/history?channel=cod.w01018&hours=24")[0] == 200
+        assert agent.alive()
+    finally:
+        assert agent.stop() == 0
+    assert "Traceback" not in agent.log()
+
+
+def test_console_password_wrong_is_401_right_is_200(tmp_path, broker):
+    (tmp_path / "console.pass").write_text(PASSWORD + "\n")
+    config = station(tmp_path, broker, console={"listen": f"127.0.0.1:{free_port()}", "password_file": "console.pass"})
+    port = port_of(config)
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    try:
+        wait_for(lambda: console_up(port), 15, "the console listening")
+        for path in ("/", "/api/status", "/api/history?channel=cod.w01018", "/api/alarms"):
+            for password in (None, "wrong", PASSWORD + "x", PASSWORD[:-1], ""):
+                status, headers, body = request(port, path, password=password)
+                assert status == 401, (path, password, status)
+                assert headers["www-authenticate"].startswith('Basic realm="edge-agent console"')
+                assert json.loads(body)["status"] == 401
+            status, headers, _ = request(port, path, password=PASSWORD)
+            assert status == 200, path
+        assert request(port, "/api/status", password=PASSWORD, user="anyone")[0] == 200
+        status, _, _ = request(port, "/api/status", headers={"Authorization": "Basic !!notbase64!!"})
+        assert status == 401
+    finally:
+        assert agent.stop() == 0
+    assert PASSWORD not in agent.log()
+    assert "wrong password" in agent.log()
+
+
+# --------------------------------------------------------------------------------------------------
+# The page in real headless Chromium
+
+PAGE_STATE = """
+const q = (s) => [...document.querySelectorAll(s)];
+return {
+  station: document.getElementById("st-id").textContent,
+  marker: window.__testMarker || null,
+  devices: q("#device-table tbody tr[data-device]").map((r) => r.dataset.device),
+  values: Object.fromEntries(q(".ch[data-channel]").map((c) => [c.dataset.channel,
+    c.querySelector(".value").textContent])),
+  points: Object.fromEntries(q(".ch[data-channel]").map((c) => [c.dataset.channel,
+    Number(c.querySelector("svg.chart").getAttribute("data-points"))])),
+  dots: q(".ch[data-channel] svg.chart circle.pt").length,
+  alarms: q("#active-alarms tbody tr[data-alarm]").map((r) => r.dataset.alarm),
+  alarmCards: q(".ch.alarm").map((c) => c.dataset.channel),
+  recent: q("#recent-alarms tbody tr[data-event]").map((r) => r.textContent),
+  connectionLost: document.getElementById("conn").classList.contains("show"),
+  periods: [...new Set(q(".ch svg.chart text.axis").map((t) => t.textContent).filter((t) => t.endsWith(" h")))],
+};
+"""
+
+
+def _chromium():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (the test extra)")
+    from selenium.webdriver.chrome.service import Service
+
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,1400", f"--user-data-dir={tempfile.mkdtemp(prefix='console-chromium-')}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+
+
+def _screenshot(driver, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1280, min(max(int(height) + 120, 800), 4000))
+    driver.save_screenshot(str(ARTIFACTS / name))
+
+
+def test_console_page_in_headless_chromium_shows_devices_charts_alarms_and_live_values(tmp_path, broker):
+    path = tmp_path / "station.yaml"
+    config = station(tmp_path, broker)
+    port = port_of(config)
+    agent = AgentProcess(write_config(path, config))
+    driver = None
+    errors: list[dict] = []
+
+    def state() -> dict:
+        assert driver is not None
+        errors.extend(e for e in driver.get_log("browser") if e["level"] == "SEVERE")
+        return driver.execute_script(PAGE_STATE)
+
+    try:
+        wait_for(lambda: console_up(port), 15, "the console listening")
+        wait_for(lambda: cod_value(port) == 60, 15, "the COD reading")
+        driver = _chromium()
+        driver.get(f"http://127.0.0.1:{port}/")
+        driver.execute_script("window.__testMarker = 'same page';")
+
+        s = wait_for(lambda: (s := state())["values"].get("cod.w01018") == "60" and s["alarms"] and
+                     s["points"].get("cod.w01018") and s, 20, "devices, values, the alarm and a chart on the page")
+        assert s["station"] == "TEST0001"
+        assert s["devices"] == ["sim0", "cod"], "every device of the config, in config order"
+        assert set(s["values"]) == CHANNELS and set(s["points"]) == CHANNELS, "every channel of the config"
+        assert s["alarms"] == [ALARM_ID] and s["alarmCards"] == ["cod.w01018"]
+        assert any(ALARM_ID in row and "raised" in row for row in s["recent"])
+        assert s["dots"] >= 1 and s["points"]["cod.w01018"] >= 1
+        wait_for(lambda: all(v >= 1 for v in state()["points"].values()), 20, "a chart with points on every channel")
+        assert not s["connectionLost"] and s["periods"] == ["\u221224 h"]
+        _screenshot(driver, "console.png")
+
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import Select
+
+        Select(driver.find_element(By.ID, "hours")).select_by_value("1")
+        wait_for(lambda: (s := state())["periods"] == ["\u22121 h"] and all(v >= 1 for v in s["points"].values()), 10,
+                 "the charts redrawn for the last hour")
+
+        # The instrument changes (new mean, SIGHUP): the page follows by itself, without reloading.
+        write_config(path, station(tmp_path, broker, cod_mean=20, console=config["console"]))
+        agent.signal(signal.SIGHUP)
+        s = wait_for(lambda: (s := state())["values"].get("cod.w01018") == "20" and not s["alarms"] and s, 30,
+                     "the new COD value and the alarm cleared on the page")
+        assert s["marker"] == "same page", "refreshed through fetch(), not by reloading the page"
+        assert any(ALARM_ID in row and "cleared" in row for row in s["recent"])
+        _screenshot(driver, "console-after-change.png")
+        state()
+        assert errors == [], f"browser console errors: {errors}"
+    finally:
+        if driver is not None:
+            driver.quit()
+        assert agent.stop() == 0
