@@ -12,14 +12,13 @@ start on the agg topic, built by `Hj212Payload` (also used by the TCP uplinks, `
 packet over 1024 characters is split (PNUM/PNO); each piece is its own message and only the last
 piece's PUBACK (with every earlier one) moves the watermark to the packet's last seq. Alarms, gap
 announcements, status and command replies stay JSON in both modes (HJ 212 has no way to say them).
-Imports `agent.buffer`, `agent.payloads`, `agent.model`, `agent.hj212`, `agent.logutil`; never `drivers`.
+Imports `agent.buffer`, `agent.payloads`, `agent.model`, `agent.hj212_payload`, `agent.logutil`; never `drivers`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import select
 import socket
@@ -27,29 +26,18 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from urllib.parse import urlsplit
-from zoneinfo import ZoneInfo
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from agent import __version__
-from agent.buffer import Buffer, EventRow, Gap, Poll
-from agent.hj212 import (
-    CN_DAY,
-    CN_HOUR,
-    CN_MINUTE,
-    FLAG_V2017,
-    QnSource,
-    encode,
-    period_packet,
-    realtime_packet,
-)
+from agent.buffer import Buffer, Gap
+from agent.hj212_payload import Hj212Identity, Hj212Message, Hj212Payload, group_periods
 from agent.logutil import RateLimitedLog
-from agent.model import FLAGS, STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, iso_utc_ms, now_ms
+from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, iso_utc_ms, now_ms
 from agent.payloads import (
     aggregates_message,
     alarm_message,
@@ -66,135 +54,6 @@ MAX_COMMAND_BYTES = 4096
 MAX_RESEND = 100_000  # readings one resend command may ask for
 EVENT_BATCH = 50  # aggregates per agg message
 HJ212_EVENT_BATCH = 500  # aggregate rows read at once to group into period packets
-
-# HJ 212 period commands by the unit of the aggregate's period name ("10m", "1h", "1d").
-PERIOD_CN = {"m": CN_MINUTE, "h": CN_HOUR, "d": CN_DAY}
-
-
-@dataclass(frozen=True)
-class Hj212Identity:
-    """Who the station is in HJ 212 (`MN`, `ST`, `PW`) and the timezone of its `DataTime` values."""
-
-    mn: str
-    st: str  # 2 digits
-    pw: str = field(repr=False)
-    timezone: str = "Asia/Shanghai"
-
-    @property
-    def tz(self) -> ZoneInfo:
-        return ZoneInfo(self.timezone)
-
-
-@dataclass(frozen=True, slots=True)
-class Hj212Message:
-    """One HJ 212 packet built from stored rows: its frames (one, or the pieces of a split packet),
-    its QN, and the seqs it carries. `frames` is empty when no row could be said in HJ 212 (the rows
-    are then skipped, never retried forever)."""
-
-    frames: list[bytes]
-    qn: str
-    first_seq: int
-    last_seq: int
-    count: int
-
-
-def _number(value: object) -> float | int | None:
-    """A stored value HJ 212 can carry (finite number), else None (sent as a flag without value)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def period_unit(body: dict) -> str | None:
-    """The unit ("m", "h", "d") of an aggregate body's `period`, None when it is not one of those."""
-    period = body.get("period")
-    if isinstance(period, str) and period and period[-1] in PERIOD_CN:
-        return period[-1]
-    return None
-
-
-def group_periods(rows: Iterable[EventRow]) -> Iterator[list[EventRow]]:
-    """Consecutive aggregate rows with the same period and period start, as the rows of one packet.
-
-    A group is cut where a channel code would repeat (two devices measuring the same pollutant), so
-    that no packet carries the same item twice; such a period start then goes out as several packets.
-    """
-    group: list[EventRow] = []
-    key: tuple | None = None
-    channels: set[object] = set()
-    for row in rows:
-        row_key = (row.body.get("period"), row.ts_ms)
-        channel = row.body.get("channel")
-        if group and (row_key != key or channel in channels):
-            yield group
-            group, channels = [], set()
-        group.append(row)
-        key = row_key
-        channels.add(channel)
-    if group:
-        yield group
-
-
-class Hj212Payload:
-    """Builds HJ 212-2017 packets from stored rows (SPEC §4 "With payload: hj212"): a CN 2011 packet
-    per device poll and a 2051/2061/2031 packet per period start, `MN`/`ST`/`PW` from `identity`,
-    `DataTime` in the station timezone, numbers in plain decimal. QNs come from a `QnSource`, so
-    every packet (and every split packet's pieces, which share theirs) has its own."""
-
-    def __init__(self, identity: Hj212Identity, clock: Callable[[], float] = time.time) -> None:
-        self.identity = identity
-        self.tz = identity.tz
-        self.next_qn = QnSource(self.tz, clock)
-        self._errlog = RateLimitedLog(log, every_s=300)
-
-    def poll_message(self, poll: Poll, flag: int = FLAG_V2017) -> Hj212Message:
-        """The CN 2011 packet of one poll: ``DataTime``, then ``<channel>-Rtd`` and ``<channel>-Flag``
-        per reading (a reading without value is sent as its flag alone)."""
-        items: dict[str, tuple[float | int | None, str]] = {}
-        for r in poll.readings:
-            if r.flag in FLAGS:
-                items[r.channel] = (_number(r.value), r.flag)
-        qn = self.next_qn()
-        frames = self._frames(lambda: realtime_packet(
-            self.identity.mn, self.identity.st, self.identity.pw, _utc(poll.ts_ms), items, qn, flag, tz=self.tz))
-        return Hj212Message(frames, qn, poll.first_seq, poll.last_seq, len(poll.readings))
-
-    def period_message(self, rows: Sequence[EventRow], flag: int = FLAG_V2017, *, qn: str | None = None,
-                       st: str | None = None) -> Hj212Message:
-        """The 2051/2061/2031 packet of aggregate rows of one period start (see `group_periods`):
-        ``DataTime`` = period start, then ``-Cou -Min -Avg -Max -Flag`` per channel. `qn` and `st`
-        default to a fresh QN and the station's ST (a backfill answer passes the request's QN)."""
-        first, last = rows[0], rows[-1]
-        unit = period_unit(first.body)
-        qn = qn or self.next_qn()
-        items: dict[str, dict[str, float | int | str | None]] = {}
-        for row in rows:
-            body = row.body
-            stats: dict[str, float | int | str | None] = {
-                name: _number(body.get(name)) for name in ("avg", "min", "max", "cou")}
-            stats["flag"] = body.get("flag") if body.get("flag") in FLAGS else None
-            if isinstance(body.get("channel"), str) and any(v is not None for v in stats.values()):
-                items[body["channel"]] = stats
-        if unit is None or not items:
-            self._errlog.error("aggregate rows seq %d..%d cannot be said in HJ 212 (period %r); skipped",
-                               first.seq, last.seq, first.body.get("period"))
-            return Hj212Message([], qn, first.seq, last.seq, len(rows))
-        frames = self._frames(lambda: period_packet(
-            PERIOD_CN[unit], self.identity.mn, st or self.identity.st, self.identity.pw, _utc(first.ts_ms), items,
-            qn, flag, tz=self.tz))
-        return Hj212Message(frames, qn, first.seq, last.seq, len(rows))
-
-    def _frames(self, build: Callable) -> list[bytes]:
-        try:
-            return encode(build())
-        except ValueError as exc:  # a row HJ 212 cannot carry (bad channel code...): skip it, say why
-            self._errlog.error("cannot encode an HJ 212 packet: %s; rows skipped", exc)
-            return []
-
-
-def _utc(ts_ms: int) -> datetime:
-    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
-
 
 @dataclass
 class BrokerSettings:
@@ -274,6 +133,7 @@ class Publisher(threading.Thread):
         self._gaps_inflight: set[int] = set()
         self._other_inflight = 0
         self._check_gaps = True
+        self._need_fill = True
         self._connack: object = None
         self.last_progress = time.monotonic()
         self.published_readings = 0
@@ -284,6 +144,7 @@ class Publisher(threading.Thread):
 
     def wake(self) -> None:
         """New rows were committed (or something else needs the thread's attention)."""
+        self._need_fill = True
         try:
             self._wake_w.send(b"x")
         except (BlockingIOError, OSError):
@@ -325,8 +186,14 @@ class Publisher(threading.Thread):
                         self._sleep(self._next_backoff())
                     continue
                 busy = self._window_full() or not self.online or self._drain_until is not None
-                if self._service_io(0.5 if busy else 5.0) and self.online:
+                self._service_io(0.5 if busy else 5.0)
+                # Read the buffer only when something new may be there: a commit woke us, or the window
+                # was full and acknowledgements have made room.
+                if self.online and self._need_fill and not self._window_full():
+                    self._need_fill = False
                     self._fill_window()
+                    if self._window_full():
+                        self._need_fill = True
         except Exception:  # noqa: BLE001 - the publisher must never die silently
             log.exception("publisher crashed")
             raise
@@ -450,6 +317,7 @@ class Publisher(threading.Thread):
                                          agent=f"edge-agent {__version__}"), retain=True)
         self._open_reader()
         self._check_gaps = True
+        self._need_fill = True
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # paho callback
         self._connack = True if not reason_code.is_failure else reason_code
@@ -556,6 +424,7 @@ class Publisher(threading.Thread):
 
     def _reset_window(self) -> None:
         """Forget messages in flight; publishing resumes after the last acknowledged seq."""
+        self._need_fill = True
         for stream, q in self._inflight.items():
             q.clear()
             self._cursor[stream] = self._acked.get(stream, 0)
@@ -630,6 +499,8 @@ class Publisher(threading.Thread):
                 self._publish_tracked(STREAM_READINGS, f"{s.base_topic}/data",
                                       data_message(s.station_id, batch.items), batch.last_seq)
                 self.published_readings += batch.count
+                if batch.count < s.max_batch:
+                    break  # that was the newest
             self._publish_events(STREAM_AGGREGATES, f"{s.base_topic}/agg", EVENT_BATCH)
         except Exception as exc:  # noqa: BLE001 - a damaged or replaced file: reopen and go on
             if self.client is None:

@@ -22,9 +22,10 @@ from agent.clock import ClockWatch
 from agent.config import Config, ConfigError, load_config
 from agent.console import Console, start_console
 from agent.hj212 import Packet, encode
+from agent.hj212_payload import Hj212Identity
 from agent.logutil import RateLimitedLog
 from agent.poller import BusPoller
-from agent.publisher import BrokerSettings, Hj212Identity, Publisher
+from agent.publisher import BrokerSettings, Publisher
 from agent.recorder import Recorder
 from agent.sdnotify import Notifier
 from agent.status import collect

@@ -72,9 +72,9 @@ from agent.hj212 import (
     reply_9011,
     reply_9012,
 )
+from agent.hj212_payload import Hj212Identity, Hj212Message, Hj212Payload, group_periods
 from agent.logutil import RateLimitedLog
 from agent.model import STREAM_AGGREGATES, STREAM_READINGS, iso_utc_ms, now_ms
-from agent.publisher import Hj212Identity, Hj212Message, Hj212Payload, group_periods
 
 log = logging.getLogger(__name__)
 

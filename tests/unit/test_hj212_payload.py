@@ -10,8 +10,8 @@ import pytest
 
 from agent.buffer import Buffer, EventRow
 from agent.hj212 import Reassembler, crc16, decode, period_items, realtime_items
+from agent.hj212_payload import Hj212Identity, Hj212Payload, group_periods
 from agent.model import STREAM_AGGREGATES, Reading
-from agent.publisher import Hj212Identity, Hj212Payload, group_periods
 from agent.tail import SeqTracker, format_message
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")

@@ -26,8 +26,8 @@ from agent.hj212 import (
     period_items,
     realtime_items,
 )
+from agent.hj212_payload import Hj212Identity
 from agent.model import STREAM_AGGREGATES, STREAM_READINGS, Reading
-from agent.publisher import Hj212Identity
 from agent.recorder import Recorder
 from agent.uplink import Uplink, UplinkTarget
 
