@@ -205,22 +205,22 @@ class Buffer:
         import sqlite_utils
 
         db = sqlite_utils.Database(self.conn)
-        db["readings"].create(
+        db.table("readings").create(
             {"seq": int, "ts_ms": int, "device": str, "channel": str, "value": float, "unit": str, "flag": str},
             pk="seq", not_null={"ts_ms", "device", "channel", "flag"}, if_not_exists=True,
         )
         for stream in (STREAM_AGGREGATES, STREAM_ALARMS):
-            db[stream].create({"seq": int, "ts_ms": int, "body": str}, pk="seq", if_not_exists=True)
-        db["streams"].create(
+            db.table(stream).create({"seq": int, "ts_ms": int, "body": str}, pk="seq", if_not_exists=True)
+        db.table("streams").create(
             {"name": str, "floor_seq": int, "sent_upto": int}, pk="name", if_not_exists=True
         )
-        db["gaps"].create(
+        db.table("gaps").create(
             {"id": int, "stream": str, "first_seq": int, "last_seq": int, "reason": str,
              "created_ms": int, "announced": int},
             pk="id", if_not_exists=True,
         )
-        db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-        db["channels"].create(
+        db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
+        db.table("channels").create(
             {"device": str, "channel": str, "seq": int, "ts_ms": int, "value": float, "unit": str,
              "flag": str, "last_valid_ms": int, "good": int, "bad": int},
             pk=("device", "channel"), if_not_exists=True,

@@ -12,7 +12,8 @@ start on the agg topic, built by `Hj212Payload` (also used by the TCP uplinks, `
 packet over 1024 characters is split (PNUM/PNO); each piece is its own message and only the last
 piece's PUBACK (with every earlier one) moves the watermark to the packet's last seq. Alarms, gap
 announcements, status and command replies stay JSON in both modes (HJ 212 has no way to say them).
-Imports `agent.buffer`, `agent.payloads`, `agent.model`, `agent.hj212_payload`, `agent.logutil`; never `drivers`.
+Imports `agent.buffer`, `agent.recorder` (its type), `agent.payloads`, `agent.model`, `agent.hj212_payload`,
+`agent.logutil`; never `drivers`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from agent.payloads import (
     reply_message,
     status_message,
 )
+from agent.recorder import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ class Publisher(threading.Thread):
         self,
         settings: BrokerSettings,
         db_path: str,
-        recorder: object,
+        recorder: Recorder,
         status_provider: Callable[[], dict] | None = None,
     ):
         super().__init__(name="publisher", daemon=True)
@@ -646,7 +648,8 @@ class Publisher(threading.Thread):
                 cmd_id = None
                 raise CommandError("missing or invalid 'id' (a string or integer)")
             name = cmd.get("cmd")
-            handler = {"ping": self._cmd_ping, "status": self._cmd_status, "resend": self._cmd_resend}.get(name)
+            handlers = {"ping": self._cmd_ping, "status": self._cmd_status, "resend": self._cmd_resend}
+            handler = handlers.get(name) if isinstance(name, str) else None
             if handler is None:
                 raise CommandError(f"unknown command {name!r} (known: ping, resend, status)")
             reply = handler(cmd)

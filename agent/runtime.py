@@ -119,7 +119,7 @@ def build_pollers(config: Config, sink) -> list[BusPoller]:
     for dev_id, dev in config.devices.items():
         if dev.driver == "simulated":
             channels = [SimChannelSpec(code=code, **ch.model_dump()) for code, ch in (dev.channels or {}).items()]
-            driver = SimulatedDriver(dev_id, dev.interval, channels, dropout=dev.dropout, seed=dev.seed)
+            driver = SimulatedDriver(dev_id, dev.interval, channels, dropout=dev.dropout or 0.0, seed=dev.seed)
             pollers.append(BusPoller(f"sim:{dev_id}", [driver], sink))
         elif dev.bus is not None:
             on_bus.setdefault(dev.bus, {})[dev_id] = dev

@@ -52,7 +52,7 @@ def collect(reader: Buffer | None, device_intervals: dict[str, float]) -> dict[s
         dev["last_reading"] = _iso(last_ts)
         dev["last_valid"] = _iso(last_valid)
         latest = [c for c in chans if c.get("ts_ms") == last_ts]
-        flags = sorted({c.get("flag") for c in latest if c.get("flag")})
+        flags = sorted({str(c["flag"]) for c in latest if c.get("flag")})
         dev["flags"] = flags
         if not chans:
             dev["health"] = "unknown"
