@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The demo station on any Debian / Raspberry Pi OS machine: simulated instruments speaking the real
 # protocols -> edge-agent -> a local mosquitto, with a live view of what arrives. Ctrl-C stops it all.
-#   bash deploy/demo.sh [CONFIG]        (default: config/example.yaml)
+#   bash deploy/demo.sh [CONFIG]        (default: config/examples/demo-station.yaml)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-config=${1:-config/example.yaml}
+config=${1:-config/examples/demo-station.yaml}
 
 sudo_cmd=()
 [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
