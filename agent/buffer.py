@@ -110,6 +110,7 @@ def _connect(path: Path, *, readonly: bool, sync: str) -> sqlite3.Connection:
     else:
         conn = sqlite3.connect(str(path), timeout=10, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=10000")
+    conn.execute("PRAGMA cache_size=-1024")  # 1 MiB of page cache per connection: reads are sequential
     if not readonly:
         conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]

@@ -11,7 +11,7 @@ Standard library only.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import time
 from dataclasses import dataclass
 
@@ -28,15 +28,24 @@ class ClockStep:
     at_wall: float
 
 
+@functools.cache
+def _adjtimex():
+    """libc's adjtimex from the symbols already loaded in this process (no library search, which
+    would run a subprocess), or None."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).adjtimex
+    except (OSError, AttributeError):
+        return None
+
+
 def kernel_synchronised() -> bool | None:
     """True/False as the kernel's NTP state says (adjtimex with modes=0 changes nothing);
     None where it cannot be asked."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        buf = ctypes.create_string_buffer(512)  # struct timex (about 208 bytes), modes = 0: read only
-        state = libc.adjtimex(buf)
-    except (OSError, AttributeError):
+    adjtimex = _adjtimex()
+    if adjtimex is None:
         return None
+    buf = ctypes.create_string_buffer(512)  # struct timex (about 208 bytes), modes = 0: read only
+    state = adjtimex(buf)
     if state < 0:
         return None
     return state != TIME_ERROR

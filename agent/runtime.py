@@ -14,13 +14,13 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.aggregate import Aggregator
 from agent.alarms import AlarmEngine
 from agent.buffer import Buffer
 from agent.clock import ClockWatch
 from agent.config import Config, ConfigError, load_config
-from agent.console import Console, start_console
 from agent.hj212 import Packet, encode
 from agent.hj212_payload import Hj212Identity
 from agent.logutil import RateLimitedLog
@@ -31,6 +31,9 @@ from agent.sdnotify import Notifier
 from agent.status import collect
 from agent.uplink import Uplink, UplinkTarget
 from drivers.simulated import SimChannelSpec, SimulatedDriver
+
+if TYPE_CHECKING:
+    from agent.console import Console
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +140,22 @@ def device_intervals(config: Config) -> dict[str, float]:
     return {dev_id: dev.interval for dev_id, dev in config.devices.items()}
 
 
+class _LazyDeviceWriter:
+    """`drivers.modbus.DeviceWriter`, imported at the first action write (pymodbus is loaded only when
+    needed)."""
+
+    def __init__(self, drivers):
+        self._drivers = drivers
+        self._writer = None
+
+    def __call__(self, device_id: str, kind: str, address: int, value: int | bool) -> None:
+        if self._writer is None:
+            from drivers.modbus import DeviceWriter
+
+            self._writer = DeviceWriter(self._drivers)
+        self._writer(device_id, kind, address, value)
+
+
 class Station:
     """A running station. `run()` blocks until SIGTERM/SIGINT and returns the exit code."""
 
@@ -172,12 +191,10 @@ class Station:
             u.start()
         # Always built: with no rules it still clears alarms left active by rules since removed.
         # Alarm actions write through the bus that owns the device, resolved at each write so that
-        # pollers rebuilt by SIGHUP are used.
-        writer = None
-        if any(rule.action is not None for rule in cfg.alarms):
-            from drivers.modbus import DeviceWriter  # pymodbus is loaded only when needed
-
-            writer = DeviceWriter(lambda: [d for p in self.pollers for d in p.drivers])
+        # pollers rebuilt by SIGHUP are used. The writer is given even when no rule has an action
+        # (yet): an output left "on" by a rule since removed is switched off, and an action added by
+        # SIGHUP is run.
+        writer = _LazyDeviceWriter(lambda: [d for p in self.pollers for d in p.drivers])
         self.alarms = AlarmEngine(cfg, self.recorder, buffer.meta_value("alarm_state"), writer)
         self.recorder.add_stored_listener(self.alarms.observe)
         self.recorder.add_tick_listener(self.alarms.tick)
@@ -186,7 +203,10 @@ class Station:
                                      lambda: Buffer.open_reader(storage.path))
         self.recorder.add_stored_listener(self.aggregator.observe)
         self.recorder.add_tick_listener(self.aggregator.tick)
-        self.console = start_console(self)  # None unless configured; a failure to start is logged
+        if cfg.console is not None:  # imported only when configured: it costs memory
+            from agent.console import start_console
+
+            self.console = start_console(self)  # None if it could not start (logged)
         self.pollers = build_pollers(cfg, self.recorder.submit)
         for p in self.pollers:
             p.start()

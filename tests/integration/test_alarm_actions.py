@@ -1,0 +1,237 @@
+"""Alarm actions end to end (issue 5): an alarm switches an output of a real Modbus TCP slave on raise and
+back on clear, and keeps it on for at least `min_on` seconds.
+
+The slaves are the project's strict Modbus slave (`drivers.sim.slave`) on loopback, run inside the test:
+what is checked is what arrived over the wire (function 05 / 06 requests), each write stamped with the
+test's monotonic clock (the same clock as `wait_for`'s deadlines). The agent is a real process
+(`edge-agent run`) publishing to a real mosquitto; the alarm events are checked on `env/<station>/alarm`.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+from harness import AgentProcess, Collector, sim_config, wait_for, write_config
+
+from drivers.sim.slave import RegisterBank, SlaveCore, TcpServer
+
+STATION = "TEST0001"
+ALARM_ID = "dust.a34002:above"
+LIMIT = 80
+HIGH, LOW = 120, 40  # PM10 in ug/m3: above the limit, back within it
+STARTUP_S = 20  # agent start to the first write, on a loaded CI machine
+MARGIN_S = 1.5  # the output must still be on this long before min_on has elapsed
+
+
+class RelayBoard(RegisterBank):
+    """A strict slave (only the outputs defined exist: a write anywhere else gets exception 02) that logs
+    every accepted write with the test's monotonic time."""
+
+    def __init__(self):
+        super().__init__(strict=True)
+        self.writes: list[tuple[float, str, int, int]] = []  # (monotonic time, table, address, value)
+        self._lock = threading.Lock()
+
+    def write(self, table, address, values):
+        err = super().write(table, address, values)
+        if err is None:
+            with self._lock:
+                self.writes += [(time.monotonic(), table, address + i, v) for i, v in enumerate(values)]
+        return err
+
+    def log(self) -> list[tuple[float, str, int, int]]:
+        with self._lock:
+            return list(self.writes)
+
+    def first_write(self, table: str, address: int, value: int) -> float | None:
+        """Monotonic time of the first write of `value` at `address`, or None."""
+        return next((t for t, tb, a, v in self.log() if (tb, a, v) == (table, address, value)), None)
+
+
+@pytest.fixture
+def collector(broker):
+    c = Collector(broker, "env/#")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def servers():
+    started: list[TcpServer] = []
+
+    def start(units: dict) -> TcpServer:
+        server = TcpServer(SlaveCore(units), "127.0.0.1", 0).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def dust_monitor(value: int) -> RegisterBank:
+    bank = RegisterBank(strict=True)
+    bank.set("holding", 0, [value])  # a34002 (PM10), uint16 ug/m3
+    return bank
+
+
+def station(tmp_path, broker, buses: dict, devices: dict, limit: float, action: dict) -> dict:
+    """A dust station: the monitor `dust` (a34002 at holding 0) plus `devices`, one alarm rule with `action`."""
+    config = sim_config(tmp_path, broker, station_id=STATION, devices=0, buses=buses,
+                        alarms=[{"channel": "dust.a34002", "above": limit, "hysteresis": 2, "action": action}])
+    config["devices"] = {
+        "dust": {"bus": "lan", "slave": 1, "interval": 0.2,
+                 "registers": [{"channel": "a34002", "address": 0, "type": "uint16", "unit": "ug/m3"}]},
+        **devices,
+    }
+    return config
+
+
+def tcp_bus(server: TcpServer) -> dict:
+    return {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.5, "retries": 1}
+
+
+def alarm_events(collector: Collector) -> list[dict]:
+    """The alarm bodies received on env/<station>/alarm, one per seq (at-least-once delivery), in seq order."""
+    topics = {topic for topic, _, _ in list(collector.messages) if topic.endswith("/alarm")}
+    assert topics <= {f"env/{STATION}/alarm"}, topics
+    by_seq = {m["alarm"]["seq"]: m["alarm"] for m in collector.json_messages(f"env/{STATION}/alarm")}
+    return [by_seq[s] for s in sorted(by_seq)]
+
+
+def states(collector: Collector) -> list[tuple[str, str]]:
+    return [(a["id"], a["state"]) for a in alarm_events(collector)]
+
+
+def hold_and_release(board: RelayBoard, table: str, address: int, on: int, off: int, on_at: float,
+                     cleared_at: float, min_on: float) -> float:
+    """After the alarm cleared at `cleared_at`: the output stays `on` until MARGIN_S before `min_on` has
+    elapsed since the on-write, then is written `off` no earlier than `min_on` after it. Returns the
+    monotonic time of the off-write."""
+    hold_until = on_at + min_on - MARGIN_S
+    assert cleared_at <= hold_until - 1.0, (
+        f"the alarm cleared {cleared_at - on_at:.1f} s after the on-write: too late to see min_on {min_on} s hold")
+    while time.monotonic() < hold_until:
+        assert board.get(table, address) == [on], f"{table} {address} switched off before min_on"
+        time.sleep(0.05)
+    assert board.get(table, address) == [on], "still on just before min_on"
+    assert board.first_write(table, address, off) is None
+    off_at = wait_for(lambda: board.first_write(table, address, off), min_on + 10, f"{table} {address} back off")
+    assert board.get(table, address) == [off]
+    held = off_at - on_at
+    # The engine counts min_on from the confirmed on-write and looks at it about once a second.
+    assert min_on <= held <= min_on + 4, f"on for {held:.2f} s with min_on {min_on} s"
+    return off_at
+
+
+def test_fog_cannon_coil_switched_on_at_raise_and_off_after_min_on_from_clear(tmp_path, broker, collector, servers):
+    """Monitor and fog cannon relay on one Modbus TCP link (the write goes between the two devices' polls);
+    the value comes back in range at the slave."""
+    min_on = 6.0
+    dust = dust_monitor(HIGH)  # above the limit from the start
+    fog = RelayBoard()
+    fog.set("coil", 0, [0])
+    server = servers({1: dust, 5: fog})
+    cfg = write_config(tmp_path / "station.yaml", station(
+        tmp_path, broker, {"lan": tcp_bus(server)},
+        {"fog": {"bus": "lan", "slave": 5, "interval": 0.2,
+                 "registers": [{"channel": "fog_on", "address": 0, "table": "coil"}]}},
+        LIMIT, {"device": "fog", "coil": 0, "min_on": min_on}))
+    agent = AgentProcess(cfg)
+    try:
+        on_at = wait_for(lambda: fog.first_write("coil", 0, 1), STARTUP_S, "fog cannon coil 0 switched on")
+        assert fog.get("coil", 0) == [1]
+        wait_for(lambda: states(collector) == [(ALARM_ID, "raised")], 10, "the alarm raised on P/alarm")
+
+        dust.set("holding", 0, [LOW])  # the dust settles
+        wait_for(lambda: states(collector) == [(ALARM_ID, "raised"), (ALARM_ID, "cleared")], 10,
+                 "the alarm cleared on P/alarm")
+        cleared_at = time.monotonic()
+        hold_and_release(fog, "coil", 0, 1, 0, on_at, cleared_at, min_on)
+
+        raised, cleared = alarm_events(collector)
+        assert {k: raised[k] for k in ("channel", "rule", "value", "threshold")} == {
+            "channel": "dust.a34002", "rule": "above", "value": HIGH, "threshold": LIMIT}
+        assert {k: cleared[k] for k in ("channel", "rule", "value", "threshold")} == {
+            "channel": "dust.a34002", "rule": "above", "value": LOW, "threshold": LIMIT}
+        polls = server.core.counters[5].requests
+        wait_for(lambda: server.core.counters[5].requests >= polls + 5, 10, "more polls of the relay after the off")
+        assert "alarm action fog coil 0 on written" in agent.log()
+        assert "alarm action fog coil 0 off written" in agent.log()
+    finally:
+        assert agent.stop() == 0
+    assert [(tb, a, v) for _, tb, a, v in fog.log()] == [("coil", 0, 1), ("coil", 0, 0)], "one on, one off"
+    assert dust.get("holding", 0) == [LOW], "nothing written to the monitor"
+    assert states(collector) == [(ALARM_ID, "raised"), (ALARM_ID, "cleared")]
+
+
+def test_sampler_register_written_on_value_and_off_value_across_a_config_reload(tmp_path, broker, collector,
+                                                                                 servers):
+    """A sampler's start register (on: 1, off: 0) on a second Modbus TCP link; the alarm clears because the
+    limit is raised by a config reload (SIGHUP), which rebuilds the pollers: the off-write goes through the
+    new ones and min_on still counts from the on-write made before the reload."""
+    min_on, register = 12.0, 10  # a reload can take up to 5 s (the main loop looks at SIGHUP that often)
+    dust = dust_monitor(HIGH)
+    sampler = RelayBoard()
+    sampler.set("holding", register, [0])
+    buses = {"lan": tcp_bus(servers({1: dust})), "plant": tcp_bus(servers({3: sampler}))}
+    devices = {"sampler": {"bus": "plant", "slave": 3, "interval": 0.2,
+                           "registers": [{"channel": "sampling", "address": register}]}}
+    action = {"device": "sampler", "register": register, "on": 1, "off": 0, "min_on": min_on}
+    cfg = write_config(tmp_path / "station.yaml", station(tmp_path, broker, buses, devices, LIMIT, action))
+    agent = AgentProcess(cfg)
+    try:
+        on_at = wait_for(lambda: sampler.first_write("holding", register, 1), STARTUP_S, "sampler started")
+        assert sampler.get("holding", register) == [1]
+        wait_for(lambda: states(collector) == [(ALARM_ID, "raised")], 10, "the alarm raised on P/alarm")
+
+        write_config(cfg, station(tmp_path, broker, buses, devices, HIGH + 50, action))  # a higher local limit
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: states(collector) == [(ALARM_ID, "raised"), (ALARM_ID, "cleared")], 10,
+                 "the alarm cleared on P/alarm")
+        cleared_at = time.monotonic()
+        hold_and_release(sampler, "holding", register, 1, 0, on_at, cleared_at, min_on)
+
+        raised, cleared = alarm_events(collector)
+        assert (raised["value"], raised["threshold"]) == (HIGH, LIMIT)
+        assert (cleared["value"], cleared["threshold"]) == (HIGH, HIGH + 50)
+        assert "configuration reloaded" in agent.log()
+    finally:
+        assert agent.stop() == 0
+    assert [(tb, a, v) for _, tb, a, v in sampler.log()] == [("holding", register, 1), ("holding", register, 0)]
+    assert states(collector) == [(ALARM_ID, "raised"), (ALARM_ID, "cleared")]
+
+
+def test_a_coil_left_on_by_a_removed_rule_is_switched_off_at_the_next_start(tmp_path, broker, collector, servers):
+    """The agent stops with the cannon on; the rule is removed from the config while it is down. At the next
+    start the alarm is cleared (value null) and the coil written off, although no rule has an action any more."""
+    dust = dust_monitor(HIGH)
+    fog = RelayBoard()
+    fog.set("coil", 0, [0])
+    server = servers({1: dust, 5: fog})
+    devices = {"fog": {"bus": "lan", "slave": 5, "interval": 0.2,
+                       "registers": [{"channel": "fog_on", "address": 0, "table": "coil"}]}}
+    config = station(tmp_path, broker, {"lan": tcp_bus(server)}, devices, LIMIT, {"device": "fog", "coil": 0})
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: fog.first_write("coil", 0, 1), STARTUP_S, "fog cannon coil 0 switched on")
+        wait_for(lambda: states(collector) == [(ALARM_ID, "raised")], 10, "the alarm raised on P/alarm")
+    finally:
+        assert agent.stop() == 0
+    assert fog.get("coil", 0) == [1], "stopping the agent leaves the output as it is"
+
+    write_config(cfg, {**config, "alarms": []})
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: fog.first_write("coil", 0, 0), STARTUP_S, "fog cannon coil 0 switched off")
+        assert fog.get("coil", 0) == [0]
+        wait_for(lambda: states(collector) == [(ALARM_ID, "raised"), (ALARM_ID, "cleared")], 10,
+                 "the orphaned alarm cleared on P/alarm")
+        assert alarm_events(collector)[1]["value"] is None
+    finally:
+        assert agent.stop() == 0
+    assert [(tb, a, v) for _, tb, a, v in fog.log()] == [("coil", 0, 1), ("coil", 0, 0)]
