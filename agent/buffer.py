@@ -165,7 +165,8 @@ class Buffer:
                     raise sqlite3.DatabaseError(f"database disk image is malformed: quick_check: {result}")
             buf = cls(path, conn, writer=True, seqmark=seqmark)
             buf._create_schema()
-            buf._load_counters()
+            buf._load_counters(fresh_file=fresh)
+            seqmark.ensure_above(buf._last_seq)
         except BaseException:
             conn.close()
             raise
@@ -229,7 +230,9 @@ class Buffer:
         self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
                           (str(SCHEMA_VERSION),))
 
-    def _load_counters(self) -> None:
+    def _load_counters(self, fresh_file: bool = False) -> None:
+        """Read each stream's last seq and watermark. Only a fresh file (first start, or the old one
+        lost or moved aside) is moved above the high-water mark; this writes, the rest only reads."""
         assert self.seqmark is not None
         marks = self.seqmark.read()
         for stream in STREAMS:
@@ -239,9 +242,8 @@ class Buffer:
             top = self.conn.execute(f"SELECT max(seq) FROM {stream}").fetchone()[0] or 0
             last = max(top, floor)
             mark = marks.get(stream, 0)
-            if last < mark and top == 0 and floor == 0:
-                # A fresh file (first start, or the old one was moved aside): continue above every
-                # seq that may ever have been issued.
+            if fresh_file and last < mark:
+                # Continue above every seq that may ever have been issued.
                 log.info("stream %s continues above high-water mark %d", stream, mark)
                 last = mark
                 sent = mark
@@ -250,7 +252,6 @@ class Buffer:
                 )
             self._last_seq[stream] = last
             self._sent_upto[stream] = min(sent, last)
-        self.seqmark.ensure_above(self._last_seq)
 
     # ------------------------------------------------------------------ writer side
 

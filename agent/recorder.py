@@ -212,7 +212,7 @@ class Recorder(threading.Thread):
             if snapshot:
                 self._write_snapshot()
             self.buffer.commit()
-        except sqlite3.Error as exc:
+        except Exception as exc:  # noqa: BLE001 - the one writer must never die: keep the batch, retry
             self.buffer.rollback()
             self._on_write_error(exc, batch, events, gaps, meta)
             return
@@ -243,7 +243,7 @@ class Recorder(threading.Thread):
         except Exception:  # noqa: BLE001 - a listener bug must not stop the recorder
             log.exception("recorder listener %r failed", callback)
 
-    def _on_write_error(self, exc: sqlite3.Error, batch: list[Reading], events: list, gaps: list[int],
+    def _on_write_error(self, exc: Exception, batch: list[Reading], events: list, gaps: list[int],
                         meta: dict[str, str]) -> None:
         """Keep everything in memory and retry next interval; make room or rescue the file first."""
         with self._cond:
@@ -254,17 +254,31 @@ class Recorder(threading.Thread):
         if is_corruption(exc):
             self._rescue_corrupt(exc)
             return
-        self.buffer.reload_counters()
+        try:
+            self.buffer.reload_counters()
+        except sqlite3.Error as exc2:
+            self._errlog.error("re-reading the buffer's counters failed: %s", exc2)
         text = str(exc).lower()
         if "full" in text:
+            # Either the size cap or the disk itself is full (then the cap is out of reach): free a
+            # tenth of what is in use, so that new rows reuse freed pages instead of growing the file.
+            try:
+                target = min(int(self.max_bytes * 0.8), int(self.buffer.used_bytes() * 0.9))
+            except sqlite3.Error:
+                target = int(self.max_bytes * 0.8)
             self._errlog.error("buffer write refused (%s): evicting to make room; %d readings wait in memory",
                                exc, len(batch))
-            self._make_room(int(self.max_bytes * 0.8))
+            self._make_room(target)
+            try:
+                self.buffer.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # give the WAL's space back
+            except sqlite3.Error:
+                pass
+            time.sleep(min(self.commit_interval, 1.0))
         else:
             self._errlog.error("buffer write failed (%s); %d readings kept in memory, retrying", exc, len(batch))
             time.sleep(min(self.commit_interval, 1.0))
 
-    def _rescue_corrupt(self, exc: sqlite3.Error) -> None:
+    def _rescue_corrupt(self, exc: Exception) -> None:
         path = self.buffer.path
         try:
             self.buffer.conn.close()

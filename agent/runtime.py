@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -156,6 +157,18 @@ class _LazyDeviceWriter:
         self._writer(device_id, kind, address, value)
 
 
+def warn_if_disk_smaller_than_cap(path: Path, max_mb: float) -> None:
+    """The size cap only helps if the disk can hold it: say so at start when it cannot."""
+    try:
+        st = os.statvfs(path.parent)
+        room = st.f_bavail * st.f_frsize + (path.stat().st_size if path.exists() else 0)
+    except OSError:
+        return
+    if room < max_mb * 1024 * 1024:
+        log.warning("storage.max_mb is %s MB but the disk has room for %.0f MB: the disk may fill up before "
+                    "the cap (readings then wait in memory until space returns)", max_mb, room / 1048576)
+
+
 class Station:
     """A running station. `run()` blocks until SIGTERM/SIGINT and returns the exit code."""
 
@@ -179,6 +192,7 @@ class Station:
         buffer.ensure_time_index()  # HJ 212 backfill requests ask for aggregates by time
         log.info("buffer %s open: readings last seq %d, acknowledged up to %d", storage.path,
                  buffer.last_seq(), buffer.sent_upto())
+        warn_if_disk_smaller_than_cap(storage.path, storage.max_mb)
         self.recorder = Recorder(buffer, commit_interval_ms=storage.commit_interval_ms,
                                  keep_sent_days=storage.keep_sent_days, max_mb=storage.max_mb, sync=storage.sync)
         self.publisher = Publisher(broker_settings(cfg), str(storage.path), self.recorder, self._status)

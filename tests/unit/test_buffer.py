@@ -179,3 +179,18 @@ def test_reader_sees_committed_rows_while_writer_is_open(tmp_path):
     assert [r.seq for r in reader.readings_after(3, 10)] == [4, 5]
     reader.close()
     buf.close()
+
+
+def test_an_empty_stream_does_not_jump_after_a_restart(tmp_path):
+    """Only a fresh file continues above the high-water mark; an empty stream of a healthy file
+    (no alarms yet) starts at 1 after any number of restarts."""
+    path = tmp_path / "b.db"
+    for _ in range(3):
+        buf = Buffer.open_writer(path)
+        store(buf, readings(2))
+        buf.close()
+    buf = Buffer.open_writer(path)
+    buf.begin()
+    assert buf.insert_event(STREAM_ALARMS, now_ms(), {"id": "a"}) == 1
+    buf.commit()
+    buf.close()

@@ -1,0 +1,59 @@
+"""A disk that fills up under the buffer (other files took the space): clear errors, no crash, the
+readings of the meantime held in memory, and nothing lost once space is freed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from harness import AgentProcess, Broker, Collector, db_last_seq, sim_config, wait_for, write_config
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MiB tmpfs for the buffer."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk, leave_bytes: int):
+    """Take all the space of `disk` but `leave_bytes` with a filler file (like logs gone wild)."""
+    filler = disk / "filler"
+    st = os.statvfs(disk)
+    size = max(st.f_bavail * st.f_frsize - leave_bytes, 0)
+    with open(filler, "wb") as f:
+        f.write(b"\0" * size)
+    return filler
+
+
+def test_full_disk_holds_readings_in_memory_and_loses_nothing_when_space_returns(tmp_path, small_disk):
+    broker = Broker(tmp_path / "broker").start()
+    platform = Collector(broker, "env/#")
+    config = sim_config(tmp_path, broker, channels=50, interval=0.1,
+                        storage={"path": str(small_disk / "buffer.db"), "commit_interval_ms": 100})
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: len(platform.reading_seqs()) >= 500, 20, "readings before the disk fills")
+        filler = fill(small_disk, leave_bytes=64 * 1024)
+        wait_for(lambda: "refused" in agent.log() or "No space left" in agent.log(), 60,
+                 "a clear log line about the full disk")
+        stalled = db_last_seq(small_disk / "buffer.db")
+        assert agent.alive(), "the agent survives a full disk"
+        filler.unlink()  # the operator frees space
+        wait_for(lambda: db_last_seq(small_disk / "buffer.db") > stalled + 500, 30, "recording resumes")
+        target = db_last_seq(small_disk / "buffer.db")
+        wait_for(lambda: set(range(1, target + 1)) <= set(platform.reading_seqs()), 60,
+                 f"every seq 1..{target} delivered")
+    finally:
+        assert agent.stop() == 0
+        platform.close()
+        broker.stop()
+    readings = platform.json_messages("/data")
+    assert not [m for m in readings if "gap" in m], "no reading was dropped: they waited in memory"
