@@ -178,6 +178,7 @@ class Station:
         self.notifier = Notifier()
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._wakeup = threading.Event()  # the main loop acts on a signal at once, not at its next tick
         self.pollers: list[BusPoller] = []
         self.clock = ClockWatch()
         self._clock_synced: bool | None = None
@@ -232,9 +233,17 @@ class Station:
         return 0
 
     def _install_signals(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
-        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self._request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: self._request_reload())
+
+    def _request_stop(self) -> None:
+        self._stop.set()
+        self._wakeup.set()
+
+    def _request_reload(self) -> None:
+        self._reload.set()
+        self._wakeup.set()
 
     def _main_loop(self) -> None:
         interval = self.notifier.watchdog_interval
@@ -243,7 +252,10 @@ class Station:
         was_hung = False
         self._hung_log = RateLimitedLog(log, every_s=60)
         while not self._stop.is_set():
-            self._stop.wait(tick)
+            self._wakeup.wait(tick)
+            self._wakeup.clear()
+            if self._stop.is_set():
+                break
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
