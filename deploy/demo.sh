@@ -8,10 +8,13 @@ config=${1:-config/examples/demo-station.yaml}
 
 sudo_cmd=()
 [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  echo "== installing mosquitto and socat"
+need=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "== installing ${need[*]}"
   "${sudo_cmd[@]}" apt-get update -qq
-  "${sudo_cmd[@]}" apt-get install -y -qq mosquitto socat python3-venv >/dev/null
+  "${sudo_cmd[@]}" apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 if [ ! -x .venv/bin/edge-agent ]; then
   echo "== creating .venv and installing edge-agent"
