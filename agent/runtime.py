@@ -187,6 +187,7 @@ class Station:
         self.console: Console | None = None
 
     def run(self) -> int:
+        self._install_signals()  # first: a signal during start-up is acted on once running, never lost
         cfg = self.config
         storage = cfg.storage
         buffer = Buffer.open_writer(storage.path, sync=storage.sync, max_mb=storage.max_mb)
@@ -225,7 +226,6 @@ class Station:
         self.pollers = build_pollers(cfg, self.recorder.submit)
         for p in self.pollers:
             p.start()
-        self._install_signals()
         self.notifier.notify("READY=1\nSTATUS=running")
         log.info("station %s running: %d devices on %d pollers", cfg.station.id, len(cfg.devices), len(self.pollers))
         self._main_loop()
