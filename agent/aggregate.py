@@ -347,7 +347,7 @@ class Aggregator:
         }
         seq = state.get("seq")
         self._restored_seq: int | None = seq if isinstance(seq, int) and seq > 0 else None
-        self._apply_config(config, initial=True)
+        self._apply_config(config)
         if not self.enabled:
             log.info("aggregates: off (no aggregate section in the configuration)")
             if self._restored_seq is not None:
@@ -411,14 +411,14 @@ class Aggregator:
         with self._lock:
             config, self._pending_config = self._pending_config, None
         if config is not None:
-            self._apply_config(config, initial=False)
+            self._apply_config(config)
             if not self.enabled:  # readings of the time without aggregates are never replayed
                 self._last_seq = 0
                 self._restored_seq = None
             log.info("aggregates reloaded: %s", ", ".join(c.kind.name for c in self._calendars) or "off")
             self._save()
 
-    def _apply_config(self, config: Config, *, initial: bool) -> None:
+    def _apply_config(self, config: Config) -> None:
         agg = config.aggregate
         self.config = config
         self.enabled = "aggregate" in config.model_fields_set

@@ -438,13 +438,6 @@ class Buffer:
             return None
         return JsonBatch(row[0], row[1], row[2], row[3])
 
-    def readings_between(self, from_seq: int, to_seq: int, limit: int) -> list[Reading]:
-        rows = self.conn.execute(
-            "SELECT seq, ts_ms, device, channel, value, unit, flag FROM readings WHERE seq BETWEEN ? AND ? "
-            "ORDER BY seq LIMIT ?", (from_seq, to_seq, limit)
-        ).fetchall()
-        return [Reading(r[2], r[3], r[1], r[4], r[5], r[6], r[0]) for r in rows]
-
     def events_after(self, stream: str, after_seq: int, limit: int) -> list[EventRow]:
         rows = self.conn.execute(
             f"SELECT seq, ts_ms, body FROM {stream} WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
@@ -536,10 +529,6 @@ class Buffer:
         )
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-
-    def latest_readings_since(self, after_seq: int) -> list[Reading]:
-        """Readings newer than a seq (used by status to refresh the periodic channel snapshot)."""
-        return self.readings_after(after_seq, 100_000)
 
 
 def move_aside(path: Path, reason: str) -> Path:

@@ -103,17 +103,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    from agent.runtime import broker_settings
     from agent.tail import tail
 
     config = _load_or_report(args.config)
     if config is None:
         return EXIT_INVALID
-    m = config.mqtt
-    url = args.url or m.broker_urls()[0]
-    tls = {"ca": str(m.tls.ca) if m.tls and m.tls.ca else None,
-           "cert": str(m.tls.cert) if m.tls and m.tls.cert else None,
-           "key": str(m.tls.key) if m.tls and m.tls.key else None}
-    tail(url, f"{m.topic_prefix}/{config.station.id}", username=m.username, password=m.read_password(), tls=tls)
+    s = broker_settings(config)  # the same broker, credentials and TLS files as `run`
+    tail(args.url or s.urls[0], s.base_topic, username=s.username, password=s.password,
+         tls={"ca": s.tls_ca, "cert": s.tls_cert, "key": s.tls_key})
     return EXIT_OK
 
 
@@ -122,11 +120,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return EXIT_INVALID
-    try:
-        from drivers.sim.serve import serve  # type: ignore[import-not-found]
-    except ImportError:
-        print("simulate: no instrument simulators in this version yet", file=sys.stderr)
-        return EXIT_INVALID
+    from drivers.sim.serve import serve
+
     return int(serve(config) or 0)
 
 

@@ -29,11 +29,6 @@ class Substitution:
         return bool(self.used)
 
 
-def has_reference(text: str) -> bool:
-    """True when `text` contains `${` (a reference or the `$${` escape)."""
-    return "${" in text
-
-
 def substitute(text: str, env: Mapping[str, str]) -> Substitution:
     """Replace every `${NAME}` in `text` by `env[NAME]`; `$${` gives a literal `${`.
 

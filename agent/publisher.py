@@ -122,7 +122,6 @@ class Publisher(threading.Thread):
         self.state = "connecting"
         self.url: str | None = None
         self.last_error: str | None = None
-        self.connected_since: float | None = None
         self._url_index = 0
         self._backoff = 0.5
         self._reader: Buffer | None = None
@@ -133,12 +132,10 @@ class Publisher(threading.Thread):
         self._by_mid: dict[int, list] = {}
         self._early_acks: set[int] = set()
         self._gaps_inflight: set[int] = set()
-        self._other_inflight = 0
         self._check_gaps = True
         self._need_fill = True
         self._connack: object = None
         self.last_progress = time.monotonic()
-        self.published_readings = 0
         self._errlog = RateLimitedLog(log, every_s=300)
         self._hj212 = self._payload_strategy(settings)
 
@@ -307,7 +304,6 @@ class Publisher(threading.Thread):
         s = self.settings
         self.online = True
         self.url = url
-        self.connected_since = time.monotonic()
         self._backoff = 0.5
         self._url_index = 0
         self._errlog = RateLimitedLog(log, every_s=300)
@@ -337,7 +333,6 @@ class Publisher(threading.Thread):
     def _drop_connection(self, why: str) -> None:
         client, self.client = self.client, None
         self.online = False
-        self.connected_since = None
         self._reset_window()
         if client is not None:
             try:
@@ -433,7 +428,6 @@ class Publisher(threading.Thread):
         self._by_mid.clear()
         self._early_acks.clear()
         self._gaps_inflight.clear()
-        self._other_inflight = 0
         if self._reader is not None:
             try:
                 for stream in self._inflight:
@@ -500,7 +494,6 @@ class Publisher(threading.Thread):
                     break
                 self._publish_tracked(STREAM_READINGS, f"{s.base_topic}/data",
                                       data_message(s.station_id, batch.items), batch.last_seq)
-                self.published_readings += batch.count
                 if batch.count < s.max_batch:
                     break  # that was the newest
             self._publish_events(STREAM_AGGREGATES, f"{s.base_topic}/agg", EVENT_BATCH)
@@ -518,7 +511,6 @@ class Publisher(threading.Thread):
             self._publish_message(STREAM_READINGS, topic, self._hj212.poll_message(poll))
             if self.client is None:
                 return False
-            self.published_readings += len(poll.readings)
         return bool(polls)
 
     def _publish_periods(self, topic: str) -> None:

@@ -138,10 +138,6 @@ class Recorder(threading.Thread):
             self._cond.notify()
         self.join(timeout)
 
-    def pending_count(self) -> int:
-        with self._cond:
-            return len(self._pending)
-
     # ------------------------------------------------------------------ recorder thread
 
     def run(self) -> None:
