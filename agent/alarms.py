@@ -65,6 +65,7 @@ import yaml
 from agent.config import Alarm, Config
 from agent.logutil import RateLimitedLog
 from agent.model import FLAG_COMM, FLAG_FAULT, FLAG_NORMAL, FLAG_OVER_RANGE, STREAM_ALARMS, Reading, iso_utc_ms, now_ms
+from agent.threadname import name_this_thread
 
 __all__ = [
     "ACTION_RETRY_FIRST_S",
@@ -385,7 +386,7 @@ class _Channel:
     """What the engine knows of one `device.channel`."""
 
     __slots__ = ("key", "device", "code", "unit", "last_valid_mono", "fault_since", "last_value", "windows",
-                 "instances")
+                 "instances", "passive")
 
     def __init__(self, key: str, started: float):
         self.key = key
@@ -396,6 +397,9 @@ class _Channel:
         self.last_value: float | None = None  # last measured value (flag N/T)
         self.windows: dict[float, _Window] = {}
         self.instances: list[_Instance] = []
+        # Neither a rule's background nor a preset's cold-start channel: with no instances and no
+        # windows either, no rule looks at its readings and the engine skips them.
+        self.passive = True
 
 
 class _Instance:
@@ -459,6 +463,7 @@ class AlarmEngine:
         self._targets: dict[str, _Target] = {}
         self._temps: dict[str, tuple[float, float]] = {}  # device -> (temperature, monotonic time)
         self._cold_codes: frozenset[str] = frozenset()
+        self._backgrounds: frozenset[str] = frozenset()
         self._warned: set[str] = set()
         self._windows_dirty = False
         self._windows_saved = self._started
@@ -507,6 +512,8 @@ class AlarmEngine:
     def observe(self, readings: Iterable[Reading]) -> None:
         """A committed batch of readings (recorder thread)."""
         self._take_config()
+        if not self._rules:
+            return  # nothing to evaluate (a rule added by a reload starts from the reload)
         now = self.clock()
         for r in readings:
             key = f"{r.device}.{r.channel}"
@@ -578,6 +585,7 @@ class AlarmEngine:
                                      self._target(alarm, index, targets)))
         self._cold_codes = frozenset(lim.cold.channel for r in self._rules if r.preset
                                      for lim in r.preset.limits.values() if lim.cold)
+        self._backgrounds = frozenset(r.alarm.background for r in self._rules if r.alarm.background)
 
         saved_targets: dict[str, Any] = state.get("actions") or {}
         if not isinstance(saved_targets, dict):
@@ -599,6 +607,7 @@ class AlarmEngine:
         self._targets = targets
 
         # Rebind every channel known (config, saved state, seen so far).
+        ignored = {key for key, ch in self._channels.items() if ch.passive and not ch.instances and not ch.windows}
         old_instances = self._instances
         self._instances = {}
         self._stale = []
@@ -615,9 +624,17 @@ class AlarmEngine:
                         and isinstance(a.get("channel"), str) and "." in a["channel"]]
         keys += [a["channel"] for a in saved_active]
         keys += list(self._channels)
+        for ch in self._channels.values():
+            ch.passive = self._is_passive(ch)
         for key in dict.fromkeys(keys):
             ch = self._channels.get(key) or self._new_channel(key)
             self._bind(ch)
+        reloaded = self.clock()
+        for key in ignored:
+            ch = self._channels[key]
+            if ch.instances or ch.windows or not ch.passive:
+                # Its readings were skipped until now: what a new rule knows of it starts here.
+                ch.last_valid_mono, ch.fault_since, ch.last_value = reloaded, None, None
 
         # Carry over live state (reload) or restore saved state (start).
         for inst in self._instances.values():
@@ -686,8 +703,12 @@ class AlarmEngine:
             target.min_on = max(target.min_on, action.min_on)
         return target
 
+    def _is_passive(self, ch: _Channel) -> bool:
+        return ch.code not in self._cold_codes and ch.key not in self._backgrounds
+
     def _new_channel(self, key: str) -> _Channel:
         ch = _Channel(key, self._started)
+        ch.passive = self._is_passive(ch)
         self._channels[key] = ch
         return ch
 
@@ -741,6 +762,8 @@ class AlarmEngine:
     # ------------------------------------------------------------------ evaluation
 
     def _observe_one(self, ch: _Channel, r: Reading, now: float) -> None:
+        if ch.passive and not ch.instances and not ch.windows:
+            return  # no rule looks at this channel
         if r.unit is not None:
             ch.unit = r.unit
         in_fault = r.flag in FAULT_FLAGS
@@ -1039,6 +1062,7 @@ class _ActionWorker(threading.Thread):
         self._queue.put(None)
 
     def run(self) -> None:
+        name_this_thread()
         while True:
             job = self._queue.get()
             if job is None:

@@ -288,15 +288,13 @@ class Buffer:
     def insert_readings(self, readings: Sequence[Reading]) -> list[Reading]:
         """Append readings (inside the caller's transaction); returns them with their seq."""
         first = self._next_seqs(STREAM_READINGS, len(readings))
-        stored = [
-            Reading(r.device, r.channel, r.ts_ms, r.value, r.unit, r.flag, first + i)
-            for i, r in enumerate(readings)
-        ]
+        # Plain tuples in the column order of a Reading: sqlite3 binds those twice as fast as a
+        # tuple subclass (measured); Reading._make is the cheapest way to make Readings of them.
+        rows = [(d, c, t, v, u, f, seq) for seq, (d, c, t, v, u, f, _) in enumerate(readings, first)]
         self.conn.executemany(
-            "INSERT INTO readings(seq, ts_ms, device, channel, value, unit, flag) VALUES (?,?,?,?,?,?,?)",
-            [(r.seq, r.ts_ms, r.device, r.channel, r.value, r.unit, r.flag) for r in stored],
+            "INSERT INTO readings(device, channel, ts_ms, value, unit, flag, seq) VALUES (?,?,?,?,?,?,?)", rows
         )
-        return stored
+        return list(map(Reading._make, rows))
 
     def insert_event(self, stream: str, ts_ms: int, body: dict) -> int:
         """Append an aggregate or alarm event (its body gets `seq`); returns the seq."""
@@ -511,6 +509,10 @@ class Buffer:
             "SELECT id, stream, first_seq, last_seq, reason FROM gaps WHERE announced=0 ORDER BY id"
         ).fetchall()
         return [Gap(*r) for r in rows]
+
+    def first_seq(self, stream: str = STREAM_READINGS) -> int | None:
+        """The oldest seq still stored (None when the table is empty)."""
+        return self.conn.execute(f"SELECT min(seq) FROM {stream}").fetchone()[0]
 
     def count_after(self, stream: str, after_seq: int) -> int:
         return int(self.conn.execute(f"SELECT count(*) FROM {stream} WHERE seq > ?", (after_seq,)).fetchone()[0])

@@ -6,8 +6,8 @@ This module imports nothing from the project; `drivers` may import it and nothin
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 # HJ 212 data flags (DOMAIN.md): one letter per reading.
 FLAG_NORMAL = "N"  # normal
@@ -27,12 +27,13 @@ STREAM_ALARMS = "alarms"
 STREAMS = (STREAM_READINGS, STREAM_AGGREGATES, STREAM_ALARMS)
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
+class Reading(NamedTuple):
     """One value of one channel of one device at one instant, as a driver produced it.
 
     `ts_ms` is Unix time in milliseconds (UTC). `value` is None when the read failed; the flag then
     says why (B no answer / bad frame, D instrument fault). `seq` is 0 until the buffer stored it.
+    An immutable tuple: tens of them are made every second, and a tuple is made four times faster
+    than a frozen dataclass. The field order is the column order of the buffer's readings table.
     """
 
     device: str

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from agent.logutil import RateLimitedLog
 from agent.model import Reading, now_ms
+from agent.threadname import name_this_thread
 from drivers.base import Driver
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class BusPoller(threading.Thread):
         self._stop_event.set()
 
     def run(self) -> None:
+        name_this_thread()
         start = time.monotonic()
         due = {i: start for i in range(len(self.drivers))}
         try:

@@ -48,6 +48,7 @@ from agent.payloads import (
     status_message,
 )
 from agent.recorder import Recorder
+from agent.threadname import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ MAX_COMMAND_BYTES = 4096
 MAX_RESEND = 100_000  # readings one resend command may ask for
 EVENT_BATCH = 50  # aggregates per agg message
 HJ212_EVENT_BATCH = 500  # aggregate rows read at once to group into period packets
+PREPARED_MAX_BYTES = 16 * 1024 * 1024  # data messages of the backlog encoded ahead while offline
 
 @dataclass
 class BrokerSettings:
@@ -134,6 +136,10 @@ class Publisher(threading.Thread):
         self._gaps_inflight: set[int] = set()
         self._check_gaps = True
         self._need_fill = True
+        # While offline, the backlog's next data messages, encoded ahead: (after_seq, first_seq,
+        # last_seq, payload), consecutive. The drain after reconnection then only sends them.
+        self._prepared: deque[tuple[int, int, int, bytes]] = deque()
+        self._prepared_bytes = 0
         self._connack: object = None
         self.last_progress = time.monotonic()
         self._errlog = RateLimitedLog(log, every_s=300)
@@ -173,6 +179,7 @@ class Publisher(threading.Thread):
     # ------------------------------------------------------------------ thread
 
     def run(self) -> None:
+        name_this_thread()
         try:
             while True:
                 self.last_progress = time.monotonic()
@@ -200,12 +207,14 @@ class Publisher(threading.Thread):
             self._close(clean=True)
 
     def _sleep(self, seconds: float) -> None:
+        """Wait before the next connection attempt; meanwhile prepare the backlog's messages."""
         end = time.monotonic() + seconds
         while not self._stopping():
             left = end - time.monotonic()
             if left <= 0:
                 return
-            readable, _, _ = select.select([self._wake_r], [], [], min(left, 1.0))
+            prepared = self._prepare_backlog()
+            readable, _, _ = select.select([self._wake_r], [], [], 0 if prepared else min(left, 1.0))
             self.last_progress = time.monotonic()
             if readable:
                 self._drain_wake()
@@ -238,6 +247,7 @@ class Publisher(threading.Thread):
             log.info("broker settings changed; reconnecting")
             self._hj212 = self._payload_strategy(new)
             self.settings = new
+            self._clear_prepared()
             self._drop_connection("settings reloaded")
             self._backoff = 0.5
             self._url_index = 0
@@ -439,6 +449,7 @@ class Publisher(threading.Thread):
 
     def _reader_failed(self, exc: Exception) -> None:
         self._errlog.error("reading the buffer failed (%s); reopening it", exc)
+        self._clear_prepared()
         try:
             if self._reader is not None:
                 self._reader.close()
@@ -489,6 +500,10 @@ class Publisher(threading.Thread):
                 if not self._publish_polls(f"{s.base_topic}/data"):
                     break
             while self._hj212 is None and not self._window_full() and self.client is not None:
+                prepared = self._take_prepared(self._cursor[STREAM_READINGS])
+                if prepared is not None:
+                    self._publish_tracked(STREAM_READINGS, f"{s.base_topic}/data", prepared[1], prepared[0])
+                    continue
                 batch = self._reader.readings_json(self._cursor[STREAM_READINGS], s.max_batch)
                 if batch is None:
                     break
@@ -501,6 +516,58 @@ class Publisher(threading.Thread):
             if self.client is None:
                 return
             self._reader_failed(exc)
+
+    def _prepare_backlog(self) -> bool:
+        """Offline (JSON payload): encode the backlog's next full data message ahead of time, up to
+        PREPARED_MAX_BYTES, so that the drain after reconnection costs little more than sending.
+        True when one was prepared (there may be more)."""
+        s = self.settings
+        if self._hj212 is not None or self._prepared_bytes >= PREPARED_MAX_BYTES:
+            return False
+        if self._reader is None:
+            try:
+                self._open_reader()
+            except Exception as exc:  # noqa: BLE001 - not there yet: the live drain will say so
+                log.debug("cannot prepare the backlog: %s", exc)
+                return False
+            if self._reader is None:
+                return False
+        after = self._prepared[-1][2] if self._prepared else self._cursor.get(STREAM_READINGS, 0)
+        if self.recorder.stored_upto(STREAM_READINGS) - after < s.max_batch:
+            return False  # less than a full message: read it live
+        try:
+            batch = self._reader.readings_json(after, s.max_batch)
+        except Exception as exc:  # noqa: BLE001
+            self._reader_failed(exc)
+            return False
+        if batch is None or batch.count < s.max_batch:
+            return False
+        payload = data_message(s.station_id, batch.items)
+        self._prepared.append((after, batch.first_seq, batch.last_seq, payload))
+        self._prepared_bytes += len(payload)
+        return True
+
+    def _take_prepared(self, cursor: int) -> tuple[int, bytes] | None:
+        """The prepared message that follows `cursor`, as (last seq, payload), or None. Messages
+        before the cursor are dropped; any doubt (another chain, rows evicted since) drops them all."""
+        prepared = self._prepared
+        while prepared and prepared[0][0] < cursor:
+            self._prepared_bytes -= len(prepared.popleft()[3])
+        if not prepared:
+            return None
+        after, first, last, payload = prepared[0]
+        assert self._reader is not None
+        oldest = self._reader.first_seq(STREAM_READINGS)
+        if after != cursor or oldest is None or oldest > first:  # the size cap evicted some of its rows
+            self._clear_prepared()
+            return None
+        prepared.popleft()
+        self._prepared_bytes -= len(payload)
+        return last, payload
+
+    def _clear_prepared(self) -> None:
+        self._prepared.clear()
+        self._prepared_bytes = 0
 
     def _publish_polls(self, topic: str) -> bool:
         """`payload: hj212`: one CN 2011 packet per poll; False when nothing is left to publish."""
@@ -545,6 +612,8 @@ class Publisher(threading.Thread):
 
     def _publish_events(self, stream: str, topic: str, batch: int) -> None:
         assert self._reader is not None
+        if self._cursor[stream] >= self.recorder.stored_upto(stream):
+            return  # nothing new (alarms and aggregates are rare: most fills skip these queries)
         if stream == STREAM_AGGREGATES and self._hj212 is not None:
             self._publish_periods(topic)
             return

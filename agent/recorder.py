@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from agent.buffer import Buffer, is_corruption, move_aside
 from agent.logutil import RateLimitedLog
 from agent.model import STREAM_READINGS, Reading, now_ms
+from agent.threadname import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,11 @@ class Recorder(threading.Thread):
         self._stopping = False
         self._flush_requested = 0
         self._flushed = 0
+        # (device, channel) -> [last reading, time of the last valid one, good count, bad count]
         self._channels: dict[tuple[str, str], list] = {
-            (c["device"], c["channel"]): [c["device"], c["channel"], c["seq"], c["ts_ms"], c["value"], c["unit"],
-                                          c["flag"], c["last_valid_ms"], c["good"] or 0, c["bad"] or 0]
+            (c["device"], c["channel"]): [
+                Reading(c["device"], c["channel"], c["ts_ms"], c["value"], c["unit"], c["flag"], c["seq"]),
+                c["last_valid_ms"], c["good"] or 0, c["bad"] or 0]
             for c in buffer.channels()
         }
         self._channels_dirty = False
@@ -123,6 +126,10 @@ class Recorder(threading.Thread):
         """`callback()` runs on the recorder thread about once a second (and after every commit)."""
         self._tick_listeners.append(callback)
 
+    def stored_upto(self, stream: str) -> int:
+        """The last seq of `stream` stored (or being stored now): the publisher reads no further."""
+        return self.buffer.last_seq(stream)
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Commit everything queued so far now; True when done within `timeout`."""
         with self._cond:
@@ -141,6 +148,7 @@ class Recorder(threading.Thread):
     # ------------------------------------------------------------------ recorder thread
 
     def run(self) -> None:
+        name_this_thread()
         while True:
             with self._cond:
                 self._cond.wait_for(self._has_work, timeout=1.0)
@@ -325,21 +333,21 @@ class Recorder(threading.Thread):
     # ------------------------------------------------------------------ channel health
 
     def _track_channels(self, stored: list[Reading]) -> None:
+        channels = self._channels
         for r in stored:
-            key = (r.device, r.channel)
-            row = self._channels.get(key)
+            row = channels.get(r[:2])
             if row is None:
-                row = self._channels[key] = [r.device, r.channel, 0, 0, None, None, "", None, 0, 0]
-            valid = r.value is not None
-            row[2:7] = [r.seq, r.ts_ms, r.value, r.unit, r.flag]
-            if valid:
-                row[7] = r.ts_ms
-                row[8] += 1
+                row = channels[r[:2]] = [r, None, 0, 0]
+            row[0] = r
+            if r.value is None:
+                row[3] += 1
             else:
-                row[9] += 1
+                row[1] = r.ts_ms
+                row[2] += 1
         if stored:
             self._channels_dirty = True
 
     def _write_snapshot(self) -> None:
         if self._channels:
-            self.buffer.upsert_channels(tuple(row) for row in self._channels.values())
+            self.buffer.upsert_channels((r.device, r.channel, r.seq, r.ts_ms, r.value, r.unit, r.flag, last_valid,
+                                         good, bad) for r, last_valid, good, bad in self._channels.values())

@@ -75,6 +75,7 @@ from agent.hj212 import (
 from agent.hj212_payload import Hj212Identity, Hj212Message, Hj212Payload, group_periods
 from agent.logutil import RateLimitedLog
 from agent.model import STREAM_AGGREGATES, STREAM_READINGS, iso_utc_ms, now_ms
+from agent.threadname import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ class Uplink(threading.Thread):
     # ------------------------------------------------------------------ thread
 
     def run(self) -> None:
+        name_this_thread()
         try:
             while not self._stop_event.is_set():
                 self.last_progress = time.monotonic()

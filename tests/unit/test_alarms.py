@@ -260,6 +260,31 @@ def test_a_channel_never_seen_goes_stale_from_the_start():
     assert rig.rec.states() == [("cod.w21003:stale", "raised")]
 
 
+def test_a_stale_rule_added_by_a_reload_counts_from_the_reload():
+    # Readings of channels no rule looks at are skipped: a rule added later knows them from then on.
+    rig = Rig([])
+    rig.feed("cod.w01018", 20, at=0)
+    rig.feed("cod.w01018", None, at=500, flag="B")
+    rig.engine.reconfigure(make_config([{"channel": "cod.w01018", "stale": 60}]))
+    rig.tick(1000)
+    rig.feed("cod.w01018", None, at=1059, flag="B")
+    assert rig.rec.events == []
+    rig.tick(1061)
+    assert rig.rec.states() == [("cod.w01018:stale", "raised")]
+    rig.feed("cod.w01018", 21, at=1070)
+    assert rig.rec.states()[1:] == [("cod.w01018:stale", "cleared")]
+
+
+def test_a_reload_keeps_the_stale_clock_of_a_channel_a_rule_already_watched():
+    rig = Rig([{"channel": "cod.w01018", "stale": 60}, {"channel": "cod.w21003", "above": 5}])
+    rig.feed("cod.w01018", 20, at=0)
+    rig.engine.reconfigure(make_config([{"channel": "cod.w01018", "stale": 60}]))
+    rig.tick(30)
+    assert rig.rec.events == []
+    rig.tick(61)
+    assert rig.rec.states() == [("cod.w01018:stale", "raised")]
+
+
 def test_fault_rule_raises_after_flag_b_or_d_for_s_seconds_and_clears():
     rig = Rig([{"channel": "cod.w01018", "fault": 60}])
     rig.feed("cod.w01018", None, at=0, flag="B")
