@@ -228,18 +228,19 @@ class Recorder(threading.Thread):
         self._after_commit(stored, events)
 
     def _after_commit(self, stored: list[Reading], events: list) -> None:
-        """Tell the listeners (publisher, alarm engine) and do the periodic housekeeping."""
-        if stored or events:
-            if stored:
-                self.last_committed_seq = stored[-1].seq
-            for callback in self._listeners:
-                callback()
+        """Tell the listeners (alarm engine, aggregator, publisher) and do the periodic housekeeping.
+        The publisher is woken last: it then does not wait for the interpreter while this thread
+        finishes (one thread switch per commit instead of several)."""
         if stored:
+            self.last_committed_seq = stored[-1].seq
             for stored_callback in self._stored_listeners:
                 self._safely(stored_callback, stored)
         for tick in self._tick_listeners:
             self._safely(tick)
         self._housekeeping(time.monotonic())
+        if stored or events:
+            for callback in self._listeners:
+                callback()
 
     def _safely(self, callback: Callable, *args: object) -> None:
         try:

@@ -1,6 +1,12 @@
 """Steady state: the agent process polling 40 channels at 1 s into SQLite and a real mosquitto.
 
     .venv/bin/python bench/bench_steady.py [--seconds 300] [--channels 40] [--interval 1] [--sync full]
+                                           [--driver simulated|modbus]
+
+`--driver simulated` computes the readings in the agent (`driver: simulated`); `--driver modbus`
+reads them as float32 holding registers from a Modbus TCP slave (the project's simulator, in its own
+process, so that its work is not counted), one planned request per poll — as ThingsBoard's gateway
+was measured.
 
 Reads the agent's own counters from /proc after a warm-up: CPU seconds (utime+stime) per 1000
 readings, peak RSS (VmHWM), and bytes the process caused to be written to storage (write_bytes of
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +32,35 @@ sys.path.insert(0, str(REPO / "tests"))
 from harness import AgentProcess, Broker, Collector, db_last_seq, sim_config, wait_for, write_config  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
+
+SLAVE = r"""
+import sys, signal, threading
+from drivers.modbus_codec import encode
+from drivers.registers import RegisterSpec
+from drivers.sim.slave import RegisterBank, SlaveCore, TcpServer
+n = int(sys.argv[1])
+bank = RegisterBank()
+for i in range(n):
+    bank.set("holding", 2 * i, encode(10.0 + i / 8, RegisterSpec(f"c{i:02d}", 2 * i, type="float32")))
+server = TcpServer(SlaveCore({1: bank}), "127.0.0.1", 0).start()
+print(server.port, flush=True)
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+stop.wait()
+server.stop()
+"""
+
+
+def modbus_station(channels: int) -> tuple[subprocess.Popen, dict, dict]:
+    """A Modbus TCP slave process with `channels` float32 values; the bus and device sections."""
+    slave = subprocess.Popen([sys.executable, "-c", SLAVE, str(channels)], cwd=REPO, stdout=subprocess.PIPE,
+                             text=True)
+    assert slave.stdout is not None
+    port = int(slave.stdout.readline())
+    buses = {"lan": {"type": "tcp", "host": "127.0.0.1", "port": port, "timeout": 1.0}}
+    device = {"bus": "lan", "slave": 1, "registers": [
+        {"channel": f"c{i:02d}", "address": 2 * i, "type": "float32", "unit": "mg/L"} for i in range(channels)]}
+    return slave, buses, device
 
 
 def proc_sample(pid: int) -> dict:
@@ -60,13 +96,18 @@ def main() -> None:
     parser.add_argument("--commit-ms", type=int, default=200)
     parser.add_argument("--warmup", type=float, default=10)
     parser.add_argument("--outage", type=float, default=120)
+    parser.add_argument("--driver", choices=["simulated", "modbus"], default="simulated")
     args = parser.parse_args()
+    slave = None
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
         tmp = Path(d)
         broker = Broker(tmp / "broker").start()
         config = sim_config(tmp, broker, station_id="STEADY01", channels=args.channels, interval=args.interval,
                             storage={"commit_interval_ms": args.commit_ms, "sync": args.sync},
                             mqtt={"reconnect_max": 30, "shutdown_grace": 5})
+        if args.driver == "modbus":
+            slave, config["buses"], device = modbus_station(args.channels)
+            config["devices"] = {"sim0": {**device, "interval": args.interval}}
         cfg = write_config(tmp / "station.yaml", config)
         collector = Collector(broker, "env/#")
         agent = AgentProcess(cfg)
@@ -94,12 +135,15 @@ def main() -> None:
             agent.stop()
             collector.close()
             broker.stop()
+            if slave is not None:
+                slave.terminate()
+                slave.wait(10)
     readings = n1 - n0
     cpu = s1["cpu"] - s0["cpu"]
     written = s1["write_bytes"] - s0["write_bytes"]
     print(f"bench_steady  {time.strftime('%Y-%m-%d')}  {platform.machine()} {os.cpu_count()} cores  "
           f"python {platform.python_version()}")
-    print(f"  {args.channels} channels every {args.interval} s for {t1 - t0:.0f} s "
+    print(f"  {args.channels} channels ({args.driver}) every {args.interval} s for {t1 - t0:.0f} s "
           f"(after {args.warmup:.0f} s warm-up), "
           f"commit_interval_ms {args.commit_ms}, sync {args.sync}")
     print(f"  readings stored      : {readings}  ({readings / (t1 - t0):.1f}/s)")
