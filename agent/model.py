@@ -33,7 +33,7 @@ class Reading(NamedTuple):
     `ts_ms` is Unix time in milliseconds (UTC). `value` is None when the read failed; the flag then
     says why (B no answer / bad frame, D instrument fault). `seq` is 0 until the buffer stored it.
     An immutable tuple: tens of them are made every second, and a tuple is made four times faster
-    than a frozen dataclass. The field order is the column order of the buffer's readings table.
+    than a frozen dataclass. `Buffer.insert_readings` binds the fields in this order.
     """
 
     device: str

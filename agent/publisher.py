@@ -5,6 +5,9 @@ wake up when the recorder commits). Rows are read from the buffer with a read-on
 published at QoS 1 in batches of up to `max_batch` readings with a window of messages in flight, and
 acknowledged to the recorder only when the broker's PUBACKs arrive, in order. A lost connection
 drops the window: the next connection re-publishes from the last acknowledged seq (at-least-once).
+While offline, between connection attempts, the backlog's next full data messages are encoded ahead
+(up to PREPARED_MAX_BYTES), so that the drain after an outage mostly sends; they are dropped when in
+doubt (another starting point, rows evicted by the size cap since).
 
 Payload strategies (`mqtt.payload`): `json` (SPEC §4 messages, readings batched) or `hj212`: one
 HJ 212-2017 CN 2011 packet per device poll on the data topic and one 2051/2061/2031 packet per period

@@ -38,6 +38,9 @@ def test_readings_arrive_with_the_documented_payload(tmp_path, broker, collector
     agent = AgentProcess(cfg)
     try:
         wait_for(lambda: len(collector.reading_seqs()) >= 10, 20, "10 readings")
+        # The operator's `top -H` sees what each thread is.
+        threads = {(t / "comm").read_text().strip() for t in Path(f"/proc/{agent.proc.pid}/task").iterdir()}
+        assert {"recorder", "publisher", "bus:sim:sim0"} <= threads, threads
     finally:
         assert agent.stop() == 0
     msg = collector.json_messages("/data")[0]
