@@ -21,6 +21,7 @@ Imports `agent.buffer`, `agent.recorder` (its type), `agent.payloads`, `agent.mo
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import random
@@ -54,6 +55,11 @@ from agent.recorder import Recorder
 from agent.threadname import name_this_thread
 
 log = logging.getLogger(__name__)
+
+try:  # glibc: give freed heap pages back to the system (a no-op elsewhere)
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):
+    _malloc_trim = None
 
 WINDOW = 32  # messages in flight (unacknowledged) at once
 MAX_COMMAND_BYTES = 4096
@@ -554,9 +560,12 @@ class Publisher(threading.Thread):
         """The prepared message that follows `cursor`, as (last seq, payload), or None. Messages
         before the cursor are dropped; any doubt (another chain, rows evicted since) drops them all."""
         prepared = self._prepared
+        if not prepared:
+            return None
         while prepared and prepared[0][0] < cursor:
             self._prepared_bytes -= len(prepared.popleft()[3])
         if not prepared:
+            self._clear_prepared()
             return None
         after, first, last, payload = prepared[0]
         assert self._reader is not None
@@ -566,11 +575,16 @@ class Publisher(threading.Thread):
             return None
         prepared.popleft()
         self._prepared_bytes -= len(payload)
+        if not prepared:
+            self._clear_prepared()
         return last, payload
 
     def _clear_prepared(self) -> None:
+        """Forget the prepared messages; the megabytes they may have held go back to the system."""
         self._prepared.clear()
         self._prepared_bytes = 0
+        if _malloc_trim is not None:
+            _malloc_trim(0)
 
     def _publish_polls(self, topic: str) -> bool:
         """`payload: hj212`: one CN 2011 packet per poll; False when nothing is left to publish."""

@@ -144,12 +144,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def peak_rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    return int(status.split(f"{field}:")[1].split()[0]) / 1024
 
 
-def agent_drain_after_outage(tmp: Path, n: int, batch: int) -> tuple[float, int, float]:
+def agent_drain_after_outage(tmp: Path, n: int, batch: int) -> tuple[float, int, float, float]:
     """The agent runs with the broker down and a backlog of n readings; then the broker starts."""
     db = tmp / "buffer.db"
     prefill(db, n)
@@ -169,13 +169,15 @@ def agent_drain_after_outage(tmp: Path, n: int, batch: int) -> tuple[float, int,
             if now - last < 0.02:
                 break
             last = now
-        rss = peak_rss_mb(agent.proc.pid)
+        rss = rss_mb(agent.proc.pid, "VmHWM")
         sub = start_subscriber(broker.port, f"env/{station}/data", -(-n // batch) + 1, broker=broker)
         result = finish_subscriber(sub, timeout=120)
+        time.sleep(2)  # the last acknowledgements
+        rss_after = rss_mb(agent.proc.pid)
     finally:
         agent.stop()
         broker.stop()
-    return result["seconds"], result["messages"], rss
+    return result["seconds"], result["messages"], rss, rss_after
 
 
 def main() -> None:
@@ -189,7 +191,7 @@ def main() -> None:
         tmp = Path(d)
         broker = Broker(tmp / "broker").start()
         try:
-            warm_s, warm_msgs, warm_rss = agent_drain_after_outage(tmp / "warm", args.readings, args.batch)
+            warm_s, warm_msgs, warm_rss, rss_after = agent_drain_after_outage(tmp / "warm", args.readings, args.batch)
             agent_s, agent_msgs, agent_total = agent_drain(broker, tmp / "agent", args.readings, args.batch)
             (tmp / "agent").mkdir(exist_ok=True)
             bare_s, bare_msgs = bare_paho(broker, tmp / "agent" / "buffer.db", "BENCH0001", args.batch, WINDOW)
@@ -203,7 +205,7 @@ def main() -> None:
     print(f"  backlog {args.readings} readings, max_batch {args.batch}, window {WINDOW} messages, QoS 1, "
           f"loopback mosquitto")
     print(f"  edge-agent after an outage : {warm_rate:>10,.0f} readings/s  ({warm_msgs} messages in {warm_s:.2f} s; "
-          f"peak RSS with the backlog prepared {warm_rss:.1f} MB)")
+          f"RSS with the backlog prepared {warm_rss:.1f} MB, after the drain {rss_after:.1f} MB)")
     print(f"  edge-agent cold start      : {agent_rate:>10,.0f} readings/s  ({agent_msgs} messages in {agent_s:.2f} s; "
           f"{agent_total:.2f} s including process start and connect)")
     print(f"  bare paho                  : {bare_rate:>10,.0f} readings/s  ({bare_msgs} messages in {bare_s:.2f} s)")
