@@ -1,7 +1,9 @@
 """Bus pollers: one thread per bus (one transaction at a time on the wire) serving its devices in turn.
 
 Each device is polled at its own interval on a monotonic schedule; a poll that overruns pushes the
-next one back instead of bursting to catch up. Readings go to a sink (the recorder). A driver that
+next one back instead of bursting to catch up. Readings go to a sink (the recorder); `quiet_until`
+tells the recorder when this bus hands over readings next, so that a group commit need not wait
+for readings that will not come within its window. A driver that
 raises is a bug, not a wire error: it is logged (rate-limited), its channels are not stored for that
 poll, and the bus goes on. Imports `agent.model` and the `drivers.base` interface only.
 """
@@ -31,6 +33,9 @@ class BusPoller(threading.Thread):
         self.sink = sink
         self._stop_event = threading.Event()
         self.last_progress = time.monotonic()
+        # Monotonic time before which this bus hands over no readings: 0 while it polls (or is about
+        # to), the next due poll between polls, infinity once stopped. Read by the recorder.
+        self.quiet_until = 0.0
         self.polls = 0
         self._errlog = RateLimitedLog(log, every_s=60)
 
@@ -51,24 +56,28 @@ class BusPoller(threading.Thread):
                     self._stop_event.wait(min(wait, 1.0))
                     continue
                 driver = self.drivers[i]
-                self._poll(driver)
+                self.quiet_until = 0.0
+                readings = self._poll(driver)
                 now = time.monotonic()
                 due[i] += driver.interval
                 if due[i] <= now:  # overran: skip the missed slots rather than burst
                     due[i] = now + driver.interval
+                self.quiet_until = min(due.values())  # before the hand-over, which may trigger a commit
+                if readings:
+                    self.sink(readings)
         finally:
+            self.quiet_until = float("inf")
             for driver in self.drivers:
                 try:
                     driver.close()
                 except Exception:  # noqa: BLE001
                     log.exception("closing device %s", driver.device_id)
 
-    def _poll(self, driver: Driver) -> None:
+    def _poll(self, driver: Driver) -> list[Reading]:
         try:
             readings = driver.poll(now_ms())
         except Exception as exc:  # noqa: BLE001 - a driver bug must not stop the bus
             self._errlog.error("device %s: driver error %s: %s", driver.device_id, type(exc).__name__, exc)
-            return
+            return []
         self.polls += 1
-        if readings:
-            self.sink(readings)
+        return readings

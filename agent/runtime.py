@@ -197,6 +197,7 @@ class Station:
         warn_if_disk_smaller_than_cap(storage.path, storage.max_mb)
         self.recorder = Recorder(buffer, commit_interval_ms=storage.commit_interval_ms,
                                  keep_sent_days=storage.keep_sent_days, max_mb=storage.max_mb, sync=storage.sync)
+        self.recorder.set_quiet_check(self._pollers_quiet_until)
         self.publisher = Publisher(broker_settings(cfg), str(storage.path), self.recorder, self._status)
         self.recorder.add_listener(self.publisher.wake)
         self.recorder.start()
@@ -231,6 +232,10 @@ class Station:
         self._main_loop()
         self._shutdown()
         return 0
+
+    def _pollers_quiet_until(self, deadline: float) -> bool:
+        """True when no poller hands over readings before `deadline` (for the recorder's group commit)."""
+        return all(p.quiet_until >= deadline for p in self.pollers)
 
     def _install_signals(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._request_stop())

@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--warmup", type=float, default=20)
     parser.add_argument("--agent-dir", type=Path, default=REPO)
+    parser.add_argument("--keep", type=Path, help="copy the per-thread callgrind dumps here (for callgrind_annotate)")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("valgrind is not installed (Debian: apt install valgrind)")
@@ -73,6 +74,10 @@ def main() -> None:
         # The first dump after zeroing: one file per thread, `callgrind.out.PID.1-NN`.
         dumps = sorted(tmp.glob(f"callgrind.out.{proc.pid}.1-*"))
         per_thread = {p.name.rsplit("-", 1)[1]: dump_total(p) for p in dumps}
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for p in dumps:
+                shutil.copy(p, args.keep / f"thread-{p.name.rsplit('-', 1)[1]}.callgrind")
     readings = n1 - n0
     total = sum(per_thread.values())
     print(f"bench_instructions  {time.strftime('%Y-%m-%d')}  {platform.machine()}  python {platform.python_version()}")
