@@ -34,8 +34,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from agent.buffer import READING_JSON  # noqa: E402
 from harness import Broker, wait_for  # noqa: E402
+
+from agent.buffer import READING_JSON  # noqa: E402
 
 SCHEMA = """CREATE TABLE readings (seq INTEGER PRIMARY KEY, device TEXT NOT NULL, channel TEXT NOT NULL,
             ts_ms INTEGER NOT NULL, value REAL, unit TEXT, flag TEXT NOT NULL)"""

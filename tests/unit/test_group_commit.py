@@ -6,12 +6,13 @@ from __future__ import annotations
 import threading
 import time
 
+from harness import wait_for
+
 from agent.buffer import Buffer
 from agent.model import Reading
 from agent.poller import BusPoller
 from agent.recorder import Recorder
 from drivers.simulated import SimChannelSpec, SimulatedDriver
-from harness import wait_for
 
 
 class FailingDriver:
