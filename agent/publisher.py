@@ -21,7 +21,6 @@ Imports `agent.buffer`, `agent.recorder` (its type), `agent.payloads`, `agent.mo
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import random
@@ -42,6 +41,7 @@ from agent import __version__
 from agent.buffer import Buffer, Gap
 from agent.hj212_payload import Hj212Identity, Hj212Message, Hj212Payload, group_periods
 from agent.logutil import RateLimitedLog
+from agent.memtrim import release_free_memory
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, iso_utc_ms, now_ms
 from agent.payloads import (
     aggregates_message,
@@ -55,11 +55,6 @@ from agent.recorder import Recorder
 from agent.threadname import name_this_thread
 
 log = logging.getLogger(__name__)
-
-try:  # glibc: give freed heap pages back to the system (a no-op elsewhere)
-    _malloc_trim = ctypes.CDLL(None).malloc_trim
-except (OSError, AttributeError):
-    _malloc_trim = None
 
 WINDOW = 32  # messages in flight (unacknowledged) at once
 MAX_COMMAND_BYTES = 4096
@@ -583,8 +578,7 @@ class Publisher(threading.Thread):
         """Forget the prepared messages; the megabytes they may have held go back to the system."""
         self._prepared.clear()
         self._prepared_bytes = 0
-        if _malloc_trim is not None:
-            _malloc_trim(0)
+        release_free_memory()
 
     def _publish_polls(self, topic: str) -> bool:
         """`payload: hj212`: one CN 2011 packet per poll; False when nothing is left to publish."""

@@ -25,6 +25,7 @@ from agent.config import Config, ConfigError, load_config
 from agent.hj212 import Packet, encode
 from agent.hj212_payload import Hj212Identity
 from agent.logutil import RateLimitedLog
+from agent.memtrim import release_free_memory
 from agent.poller import BusPoller
 from agent.publisher import BrokerSettings, Publisher
 from agent.recorder import Recorder
@@ -225,6 +226,7 @@ class Station:
 
             self.console = start_console(self)  # None if it could not start (logged)
         self.pollers = build_pollers(cfg, self.recorder.submit)
+        release_free_memory(collect=True)  # what start-up built and dropped (YAML nodes, schema drafts)
         for p in self.pollers:
             p.start()
         self.notifier.notify("READY=1\nSTATUS=running")

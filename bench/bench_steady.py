@@ -150,7 +150,8 @@ def main() -> None:
     for name in sorted(th1, key=lambda n: th0.get(n, 0.0) - th1[n]):
         used = th1[name] - th0.get(name, 0.0)
         print(f"    thread {name:<14}: {used / readings * 1e6:5.1f} ms per 1000 readings")
-    print(f"  peak RSS (VmHWM)     : {s1['hwm_kb'] / 1024:.1f} MB  (target <= 45 MB)")
+    print(f"  peak RSS (VmHWM)     : {s1['hwm_kb'] / 1024:.1f} MB  (target <= 45 MB; "
+          f"{s1['rss_kb'] / 1024:.1f} MB at the end)")
     print(f"  written per reading  : {written / readings:.0f} bytes  (target <= 150; {written / 1e6:.2f} MB total)")
     if reconnect is not None:
         print(f"  reconnect after a {args.outage:.0f} s broker outage: {reconnect:.1f} s from broker start to birth "
