@@ -16,7 +16,7 @@ packet over 1024 characters is split (PNUM/PNO); each piece is its own message a
 piece's PUBACK (with every earlier one) moves the watermark to the packet's last seq. Alarms, gap
 announcements, status and command replies stay JSON in both modes (HJ 212 has no way to say them).
 Imports `agent.buffer`, `agent.recorder` (its type), `agent.payloads`, `agent.model`, `agent.hj212_payload`,
-`agent.logutil`; never `drivers`.
+`agent.logutil`, `agent.memtrim`; never `drivers`.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Pollers hand it readings (`submit`), the publisher hands it acknowledgements (`a
 gaps; every `commit_interval_ms` it writes all of that in one transaction, so the SD card sees one
 small write burst per interval and a power cut loses at most that interval. It commits sooner when
 no poller will hand over readings before the interval ends (`set_quiet_check`): waiting would then
-add nothing to the transaction, only a wake-up and a longer exposure to a power cut. It also keeps the size
-cap (eviction), purges old published rows and snapshots per-channel health for `status`.
+add nothing to the transaction, only a wake-up and a longer exposure to a power cut. It also keeps
+the size cap (eviction), purges old published rows and snapshots per-channel health for `status`.
 Imports `agent.buffer` and `agent.model` only.
 """
 
@@ -60,7 +60,7 @@ class Recorder(threading.Thread):
         self._listeners: list[Callable[[], None]] = []
         self._stored_listeners: list[Callable[[list[Reading]], None]] = []
         self._tick_listeners: list[Callable[[], None]] = []
-        self._quiet_until: Callable[[float], bool] = lambda deadline: False
+        self._quiet_check: Callable[[float], bool] = lambda deadline: False
         self._stopping = False
         self._flush_requested = 0
         self._flushed = 0
@@ -129,10 +129,10 @@ class Recorder(threading.Thread):
         """`callback()` runs on the recorder thread about once a second (and after every commit)."""
         self._tick_listeners.append(callback)
 
-    def set_quiet_check(self, quiet_until: Callable[[float], bool]) -> None:
-        """`quiet_until(deadline)` is True when no poller hands over readings before `deadline`
+    def set_quiet_check(self, check: Callable[[float], bool]) -> None:
+        """`check(deadline)` is True when no poller hands over readings before `deadline`
         (monotonic): the group commit then writes at once instead of waiting for its window."""
-        self._quiet_until = quiet_until
+        self._quiet_check = check
 
     def stored_upto(self, stream: str) -> int:
         """The last seq of `stream` stored (or being stored now): the publisher reads no further."""
@@ -166,7 +166,7 @@ class Recorder(threading.Thread):
                     deadline = time.monotonic() + self.commit_interval
                     while not self._stopping and self._flushed >= self._flush_requested:
                         left = deadline - time.monotonic()
-                        if left <= 0 or self._quiet_until(deadline):
+                        if left <= 0 or self._quiet_check(deadline):
                             break
                         self._cond.wait(left)
                 stopping = self._stopping
