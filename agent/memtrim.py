@@ -1,9 +1,9 @@
 """Give freed heap memory back to the operating system (glibc `malloc_trim`; a no-op elsewhere).
 
-Called after start-up, once the configuration, the schemas and the drivers are built and their
-temporary objects are garbage, and after a large backlog has been sent: the gateway's memory is
-small and the agent runs for months, so its resident size should follow what it holds, not what it
-once held.
+Called once the configuration is loaded (parsing and validating it leaves megabytes of garbage:
+YAML nodes, schema drafts), before the station starts, and after a large backlog has been sent: the
+gateway's memory is small and the agent runs for months, so its resident size should follow what it
+holds, not what it once held.
 """
 
 from __future__ import annotations

@@ -189,6 +189,7 @@ class Station:
 
     def run(self) -> int:
         self._install_signals()  # first: a signal during start-up is acted on once running, never lost
+        release_free_memory(collect=True)  # what loading the configuration built and dropped
         cfg = self.config
         storage = cfg.storage
         buffer = Buffer.open_writer(storage.path, sync=storage.sync, max_mb=storage.max_mb)
@@ -226,7 +227,6 @@ class Station:
 
             self.console = start_console(self)  # None if it could not start (logged)
         self.pollers = build_pollers(cfg, self.recorder.submit)
-        release_free_memory(collect=True)  # what start-up built and dropped (YAML nodes, schema drafts)
         for p in self.pollers:
             p.start()
         self.notifier.notify("READY=1\nSTATUS=running")
