@@ -1,7 +1,7 @@
 """Steady state: the agent process polling 40 channels at 1 s into SQLite and a real mosquitto.
 
     .venv/bin/python bench/bench_steady.py [--seconds 300] [--channels 40] [--interval 1] [--sync full]
-                                           [--driver simulated|modbus]
+                                           [--driver simulated|modbus] [--existing-buffer]
 
 `--driver simulated` computes the readings in the agent (`driver: simulated`); `--driver modbus`
 reads them as float32 holding registers from a Modbus TCP slave (the project's simulator, in its own
@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=10)
     parser.add_argument("--outage", type=float, default=120)
     parser.add_argument("--driver", choices=["simulated", "modbus"], default="simulated")
+    parser.add_argument("--existing-buffer", action="store_true",
+                        help="measure a restart: run the agent once first, so that the buffer file exists")
     args = parser.parse_args()
     slave = None
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as d:
@@ -109,10 +111,15 @@ def main() -> None:
             config["devices"] = {"analyzer": {**device, "interval": args.interval}}
         cfg = write_config(tmp / "station.yaml", config)
         collector = Collector(broker, "env/#")
-        agent = AgentProcess(cfg)
         db = tmp / "buffer.db"
+        if args.existing_buffer:  # every start but a station's first finds its buffer file
+            first = AgentProcess(cfg)
+            wait_for(lambda: db.exists() and db_last_seq(db) > 0, 30, "first run's readings")
+            first.stop()
+        agent = AgentProcess(cfg)
         try:
-            wait_for(lambda: db.exists() and db_last_seq(db) > 0, 30, "first readings")
+            seq_before = db_last_seq(db) if db.exists() else 0
+            wait_for(lambda: db.exists() and db_last_seq(db) > seq_before, 30, "first readings")
             time.sleep(args.warmup)
             th0 = thread_cpu(agent.proc.pid)
             s0, n0, t0 = proc_sample(agent.proc.pid), db_last_seq(db), time.monotonic()
@@ -144,7 +151,8 @@ def main() -> None:
           f"python {platform.python_version()}")
     print(f"  {args.channels} channels ({args.driver}) every {args.interval} s for {t1 - t0:.0f} s "
           f"(after {args.warmup:.0f} s warm-up), "
-          f"commit_interval_ms {args.commit_ms}, sync {args.sync}")
+          f"commit_interval_ms {args.commit_ms}, sync {args.sync}, "
+          f"{'existing' if args.existing_buffer else 'fresh'} buffer file")
     print(f"  readings stored      : {readings}  ({readings / (t1 - t0):.1f}/s)")
     print(f"  CPU per 1000 readings: {cpu / readings * 1000 * 1000:.1f} ms  (target <= 20 ms; {cpu:.2f} CPU-s total)")
     for name in sorted(th1, key=lambda n: th0.get(n, 0.0) - th1[n]):
