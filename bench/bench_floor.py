@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
+import sqlite3
 import sys
 import tempfile
 import time
@@ -32,7 +33,6 @@ import paho.mqtt.client as mqtt
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
 
 from harness import Broker, wait_for  # noqa: E402
 
@@ -82,8 +82,6 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--channels", type=int, default=40)
     args = parser.parse_args()
-    import sqlite3
-
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         broker = Broker(tmp / "broker").start()
