@@ -125,10 +125,20 @@ def render_text(status: dict[str, Any]) -> str:
         lines.append(f"  {device:<16} {dev.get('health', 'unknown'):<9} last {dev.get('last_reading') or '-'}"
                      f"  last valid {dev.get('last_valid') or '-'}")
         for channel, c in dev["channels"].items():
-            value = "null" if c["value"] is None else f"{c['value']:.6g}"
+            value = format_value(c["value"])
             lines.append(f"    {channel:<14} {value:>12} {c['unit'] or '':<8} {c['flag'] or '':<2} {c['ts'] or ''}")
     alarms = status.get("alarms") or []
     lines.append(f"alarms   {len(alarms)} active")
     for a in alarms:
         lines.append(f"  {a.get('id')} since {a.get('since')} value {a.get('value')}")
     return "\n".join(lines)
+
+
+def format_value(value: float | None) -> str:
+    """A stored value as the technician compares it with the instrument's display: every digit a
+    double holds (15 significant), whole numbers without a decimal point or exponent."""
+    if value is None:
+        return "null"
+    if float(value).is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return f"{value:.15g}"

@@ -194,3 +194,20 @@ def test_an_empty_stream_does_not_jump_after_a_restart(tmp_path):
     assert buf.insert_event(STREAM_ALARMS, now_ms(), {"id": "a"}) == 1
     buf.commit()
     buf.close()
+
+
+def test_encoded_values_keep_their_digits(tmp_path):
+    """The JSON SQLite builds for the data topic: whole numbers up to 2^53 (64-bit counters) digit for
+    digit, ordinary values in their usual form, null as null."""
+    import json
+
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    values = [8987183256397123.0, -4503599627370497.0, 1e15, 2.0, 23.4, -1234.5625, 3e-7, None]
+    t = now_ms()
+    store(buf, [Reading("d", f"c{i}", t, v, "", "N" if v is not None else "B") for i, v in enumerate(values)])
+    batch = Buffer.open_reader(buf.path).readings_json(0, 100)
+    assert batch is not None
+    text = f"[{batch.items}]"
+    assert [r["value"] for r in json.loads(text)] == values
+    assert '"value":8987183256397123,' in text and '"value":2.0,' in text and '"value":null,' in text
+    buf.close()
