@@ -330,8 +330,10 @@ class Buffer:
             list(rows),
         )
 
-    def mark_gap_announced(self, gap_id: int) -> None:
-        self.conn.execute("UPDATE gaps SET announced=1 WHERE id=?", (gap_id,))
+    def mark_gap_announced(self, gap_id: int, last_seq: int) -> None:
+        """The gap was announced up to `last_seq`; if eviction has extended it since, it stays pending
+        and is announced again with its whole range."""
+        self.conn.execute("UPDATE gaps SET announced=1 WHERE id=? AND last_seq=?", (gap_id, last_seq))
 
     # ------------------------------------------------------------------ size cap and purge
 

@@ -137,7 +137,10 @@ class Publisher(threading.Thread):
                                                                        STREAM_ALARMS)}
         self._by_mid: dict[int, list] = {}
         self._early_acks: set[int] = set()
-        self._gaps_inflight: set[int] = set()
+        # Gaps as (id, last_seq): a gap that eviction extends after it was sent is sent again, whole.
+        self._gaps_inflight: set[tuple[int, int]] = set()
+        self._gaps_done: set[tuple[int, int]] = set()  # acknowledged, maybe not yet marked in the file
+        self._gaps_seen = -1  # the recorder's gaps_recorded when the pending gaps were last read
         self._check_gaps = True
         self._need_fill = True
         # While offline, the backlog's next data messages, encoded ahead: (after_seq, first_seq,
@@ -481,7 +484,7 @@ class Publisher(threading.Thread):
                 for stream in self._inflight:
                     if reader.count_after(stream, self._cursor.get(stream, 0)):
                         return False
-                return not reader.pending_gaps()
+                return not self._unannounced(reader.pending_gaps())
             finally:
                 if reader is not self._reader:
                     reader.close()
@@ -496,9 +499,11 @@ class Publisher(threading.Thread):
         s = self.settings
         try:
             self._publish_events(STREAM_ALARMS, f"{s.base_topic}/alarm", 1)
-            if self._check_gaps:
+            recorded = self.recorder.gaps_recorded
+            if self._check_gaps or recorded != self._gaps_seen:  # connected, or eviction while online
                 self._check_gaps = False
-                for gap in self._reader.pending_gaps():
+                self._gaps_seen = recorded
+                for gap in self._unannounced(self._reader.pending_gaps()):
                     self._publish_gap(gap)
             while self._hj212 is not None and not self._window_full() and self.client is not None:
                 if not self._publish_polls(f"{s.base_topic}/data"):
@@ -639,12 +644,18 @@ class Publisher(threading.Thread):
                 payload = aggregates_message(self.settings.station_id, [r.body for r in rows])
             self._publish_tracked(stream, topic, payload, rows[-1].seq)
 
+    def _unannounced(self, pending: list[Gap]) -> list[Gap]:
+        """The file's pending gaps minus those acknowledged whose mark the recorder has yet to write."""
+        self._gaps_done &= {(g.id, g.last_seq) for g in pending}
+        return [g for g in pending if (g.id, g.last_seq) not in self._gaps_done]
+
     def _publish_gap(self, gap: Gap) -> None:
-        if gap.id in self._gaps_inflight:
+        key = (gap.id, gap.last_seq)
+        if key in self._gaps_inflight:
             return
         payload = gap_message(self.settings.station_id, gap.first_seq, gap.last_seq, gap.reason)
-        if self._publish_raw(f"{self.settings.base_topic}/data", payload, entry=["gap", gap.id, False]):
-            self._gaps_inflight.add(gap.id)
+        if self._publish_raw(f"{self.settings.base_topic}/data", payload, entry=["gap", key, False]):
+            self._gaps_inflight.add(key)
 
     def _publish_tracked(self, stream: str, topic: str, payload: bytes, last_seq: int) -> None:
         entry = [stream, last_seq, False]
@@ -682,9 +693,11 @@ class Publisher(threading.Thread):
         entry = self._by_mid.pop(mid)
         kind = entry[0]
         if kind == "gap":
-            self._gaps_inflight.discard(entry[1])
-            self.recorder.gap_announced(entry[1])
-            log.info("gap announced: %s", entry[1])
+            key = entry[1]
+            self._gaps_inflight.discard(key)
+            self._gaps_done.add(key)
+            self.recorder.gap_announced(*key)
+            log.info("gap %d announced up to seq %d", *key)
             return
         if kind == "other":
             return

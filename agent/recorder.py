@@ -55,7 +55,7 @@ class Recorder(threading.Thread):
         self._pending: deque[Reading] = deque()
         self._events: list[tuple[str, int, dict]] = []
         self._acks: dict[str, int] = {}
-        self._gaps_announced: list[int] = []
+        self._gaps_announced: list[tuple[int, int]] = []
         self._meta: dict[str, str] = {}
         self._listeners: list[Callable[[], None]] = []
         self._stored_listeners: list[Callable[[list[Reading]], None]] = []
@@ -75,6 +75,7 @@ class Recorder(threading.Thread):
         self._last_snapshot = self._last_ack_persist = self._last_size_check = 0.0
         self._last_purge = time.monotonic()
         self.dropped_in_memory = 0
+        self.gaps_recorded = 0  # eviction rounds that recorded (or extended) a gap; the publisher watches it
         self.last_progress = time.monotonic()
         self.last_committed_seq = buffer.last_seq(STREAM_READINGS)
         self._errlog = RateLimitedLog(log, every_s=60)
@@ -107,9 +108,9 @@ class Recorder(threading.Thread):
             if upto_seq > self._acks.get(stream, 0):
                 self._acks[stream] = upto_seq
 
-    def gap_announced(self, gap_id: int) -> None:
+    def gap_announced(self, gap_id: int, last_seq: int) -> None:
         with self._cond:
-            self._gaps_announced.append(gap_id)
+            self._gaps_announced.append((gap_id, last_seq))
             self._cond.notify()
 
     def set_meta(self, key: str, value: str) -> None:
@@ -217,8 +218,8 @@ class Recorder(threading.Thread):
             if persist_acks:
                 for stream, upto in acks.items():
                     self.buffer.set_sent_upto(stream, upto)
-            for gap_id in gaps:
-                self.buffer.mark_gap_announced(gap_id)
+            for gap_id, last_seq in gaps:
+                self.buffer.mark_gap_announced(gap_id, last_seq)
             for key, value in meta.items():
                 self.buffer.set_meta(key, value)
             self._track_channels(stored)
@@ -257,7 +258,7 @@ class Recorder(threading.Thread):
         except Exception:  # noqa: BLE001 - a listener bug must not stop the recorder
             log.exception("recorder listener %r failed", callback)
 
-    def _on_write_error(self, exc: Exception, batch: list[Reading], events: list, gaps: list[int],
+    def _on_write_error(self, exc: Exception, batch: list[Reading], events: list, gaps: list[tuple[int, int]],
                         meta: dict[str, str]) -> None:
         """Keep everything in memory and retry next interval; make room or rescue the file first."""
         with self._cond:
@@ -335,6 +336,7 @@ class Recorder(threading.Thread):
         if purged:
             log.warning("buffer at its size cap: purged %d published rows", purged)
         if dropped and gap:
+            self.gaps_recorded += 1
             log.error("buffer full of unpublished data: dropped %d oldest readings (seq %d..%d), gap recorded",
                       dropped, gap.first_seq, gap.last_seq)
             for callback in self._listeners:

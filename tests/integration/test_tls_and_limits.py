@@ -65,6 +65,41 @@ def test_tls_client_certificate_and_password_wrong_then_fixed_by_sighup(tmp_path
     assert secret(key.splitlines()[1]) not in log, "no key material in any log line"
 
 
+def test_a_gap_recorded_while_connected_is_announced_on_the_same_connection(tmp_path):
+    """The link stays up but carries nothing (a frozen broker): the buffer reaches its cap and drops
+    unpublished readings while the agent still counts itself connected. The gap is announced as soon
+    as the link moves again, not only at the next connection."""
+    broker = Broker(tmp_path / "broker").start()
+    collector = Collector(broker, "env/#")
+    config = sim_config(tmp_path, broker, channels=40, interval=0.1,
+                        storage={"max_mb": 0.2, "commit_interval_ms": 100}, mqtt={"keepalive": 600})
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    assert broker.proc is not None
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) >= 200, 20, "some readings published")
+        broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: "gap recorded" in agent.log(), 60, "eviction of unpublished readings")
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        gaps = lambda: [m for m in collector.json_messages("/data") if "gap" in m]  # noqa: E731
+        wait_for(gaps, 30, "the gap announced on the data topic")
+        assert agent.log().count("connected to") == 1, "announced without a new connection"
+        target = db_last_seq(tmp_path / "buffer.db")
+        wait_for(lambda: max(collector.reading_seqs() or [0]) >= target, 30, "backlog delivered")
+        announced = set()
+        for g in gaps():
+            assert g["reason"] == "buffer_full"
+            announced |= set(range(g["gap"][0], g["gap"][1] + 1))
+        missing = set(range(1, target + 1)) - set(collector.reading_seqs()) - announced
+        assert not missing, f"seqs missing without an announced gap: {sorted(missing)[:10]}"
+    finally:
+        assert agent.stop() == 0
+        collector.close()
+        broker.stop()
+
+
 def test_size_cap_during_outage_purges_published_then_drops_oldest_and_announces_the_gap(tmp_path):
     broker = Broker(tmp_path / "broker", persistence=True).start()
     collector = Collector(broker, "env/#", persistent=True)
