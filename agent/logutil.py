@@ -17,12 +17,20 @@ def setup_logging(level: str = "INFO") -> None:
     fmt = "%(levelname)s %(name)s: %(message)s"
     if sys.stderr.isatty() or "JOURNAL_STREAM" not in __import__("os").environ:
         fmt = "%(asctime)s " + fmt
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(OneLineFormatter(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     for noisy in ("pymodbus", "paho"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class OneLineFormatter(logging.Formatter):
+    """Every record on one line, also a traceback or a message with line breaks (folded with ` | `):
+    journald and `grep` see one event as one entry."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\r", "").replace("\n", " | ")
 
 
 class RateLimitedLog:

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 WINDOW = 32  # messages in flight (unacknowledged) at once
 MAX_COMMAND_BYTES = 4096
 MAX_RESEND = 100_000  # readings one resend command may ask for
+MAX_SEQ = 2**63 - 1  # SQLite's largest integer: a seq is never above it
 EVENT_BATCH = 50  # aggregates per agg message
 HJ212_EVENT_BATCH = 500  # aggregate rows read at once to group into period packets
 PREPARED_MAX_BYTES = 16 * 1024 * 1024  # data messages of the backlog encoded ahead while offline
@@ -726,6 +727,8 @@ class Publisher(threading.Thread):
                 cmd = json.loads(message.payload.decode("utf-8"))
             except (UnicodeDecodeError, ValueError) as exc:
                 raise CommandError(f"not JSON: {exc}") from None
+            except RecursionError:
+                raise CommandError("not JSON: nested too deeply") from None
             if not isinstance(cmd, dict):
                 raise CommandError("a command is a JSON object")
             cmd_id = cmd.get("id")
@@ -733,6 +736,8 @@ class Publisher(threading.Thread):
                 cmd_id = None
                 raise CommandError("missing or invalid 'id' (a string or integer)")
             name = cmd.get("cmd")
+            if name is None:
+                raise CommandError("missing 'cmd' (known: ping, resend, status)")
             handlers = {"ping": self._cmd_ping, "status": self._cmd_status, "resend": self._cmd_resend}
             handler = handlers.get(name) if isinstance(name, str) else None
             if handler is None:
@@ -760,8 +765,8 @@ class Publisher(threading.Thread):
         _only_keys(cmd, {"id", "cmd", "from_seq", "to_seq"})
         first, last = cmd.get("from_seq"), cmd.get("to_seq")
         for name, value in (("from_seq", first), ("to_seq", last)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise CommandError(f"'{name}' must be a non-negative integer")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEQ:
+                raise CommandError(f"'{name}' must be an integer from 0 to {MAX_SEQ}")
         assert isinstance(first, int) and isinstance(last, int)
         if first > last:
             raise CommandError("'from_seq' is greater than 'to_seq'")

@@ -151,17 +151,24 @@ def test_resend_command_republishes_a_stored_range_and_bad_commands_are_refused(
                            qos=1)
         for bad in [b"not json", b"[1,2]", json.dumps({"id": "x", "cmd": "reboot"}).encode(),
                     json.dumps({"id": "y", "cmd": "resend", "from_seq": "a", "to_seq": 2}).encode(),
-                    json.dumps({"cmd": "ping"}).encode()]:
+                    json.dumps({"cmd": "ping"}).encode(),
+                    json.dumps({"id": "big", "cmd": "resend", "from_seq": 10**30, "to_seq": 10**30}).encode(),
+                    json.dumps({"id": "nocmd"}).encode(),
+                    b'{"id": "deep", "x": ' + b"[" * 1500 + b"]" * 1500 + b"}"]:
             pub.client.publish(f"{base}/cmd", bad, qos=1)
         pub.client.publish(f"{base}/cmd", json.dumps({"id": "p1", "cmd": "ping"}), qos=1)
         replies = lambda: collector.json_messages("/cmd/reply")  # noqa: E731
-        wait_for(lambda: len(replies()) >= 7, 20, "7 replies")
+        wait_for(lambda: len(replies()) >= 10, 20, "10 replies")
         by_id = {r["id"]: r for r in replies()}
         assert by_id["r1"]["ok"] is True and by_id["r1"]["count"] == 5
         assert by_id["p1"]["ok"] is True
         assert by_id["x"]["ok"] is False and "unknown command" in by_id["x"]["error"]
         assert by_id["y"]["ok"] is False
-        assert sum(1 for r in replies() if r["ok"] is False) == 5
+        assert by_id["big"]["ok"] is False and "from 0 to" in by_id["big"]["error"]
+        assert by_id["nocmd"]["ok"] is False and "missing 'cmd'" in by_id["nocmd"]["error"]
+        assert sum(1 for r in replies() if r["ok"] is False) == 8
+        assert not [r for r in replies() if "internal error" in r.get("error", "")], "every refusal is explained"
+        assert "Traceback" not in agent.log()
         assert collector.reading_seqs().count(5) >= 2, "seq 5 was published again"
         before = max(collector.reading_seqs())
         wait_for(lambda: max(collector.reading_seqs()) > before + 10, 20, "publishing goes on after bad commands")
