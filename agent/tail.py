@@ -21,35 +21,61 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.hj212 import Hj212Error, Packet, Reassembler, codes, decode
 
+MAX_MISSING_RANGES = 1000  # per stream; the oldest are forgotten beyond this
+
 
 @dataclass
 class SeqTracker:
-    """Highest seq seen per stream; reports gaps (missing ranges) and duplicates."""
+    """Highest seq seen per stream; reports gaps (missing ranges), duplicates, and seqs that arrive
+    late into a range reported missing."""
 
     last: dict[str, int] = field(default_factory=dict)
+    missing: dict[str, list[list[int]]] = field(default_factory=dict)  # [first, last] still missing
     announced_gaps: list[tuple[int, int]] = field(default_factory=list)
     reassembler: Reassembler = field(default_factory=Reassembler)  # split HJ 212 packets
 
-    def see(self, stream: str, seq: int) -> str:
+    def see(self, stream: str, seq: object) -> str:
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            raise ValueError(f"seq {seq!r} is not an integer")
         prev = self.last.get(stream)
         if prev is None or seq == prev + 1:
             self.last[stream] = seq
             return ""
         if seq <= prev:
-            return "DUP"
+            return "LATE (was missing)" if self._fill(stream, seq) else "DUP"
         self.last[stream] = seq
-        missing = (prev + 1, seq - 1)
-        if any(a <= missing[0] and missing[1] <= b for a, b in self.announced_gaps):
-            return f"(announced gap {missing[0]}..{missing[1]})"
-        return f"GAP {missing[0]}..{missing[1]} missing"
+        first, last = prev + 1, seq - 1
+        if any(a <= first and last <= b for a, b in self.announced_gaps):
+            return f"(announced gap {first}..{last})"
+        ranges = self.missing.setdefault(stream, [])
+        ranges.append([first, last])
+        del ranges[:-MAX_MISSING_RANGES]
+        return f"GAP {first}..{last} missing"
+
+    def _fill(self, stream: str, seq: int) -> bool:
+        """Take `seq` out of the missing ranges; False if it was not missing (a duplicate)."""
+        ranges = self.missing.get(stream, [])
+        for i, (a, b) in enumerate(ranges):
+            if a <= seq <= b:
+                ranges[i:i + 1] = [r for r in ([a, seq - 1], [seq + 1, b]) if r[0] <= r[1]]
+                return True
+        return False
 
 
 def format_message(topic: str, payload: bytes, tracker: SeqTracker) -> list[str]:
-    """Lines to print for one message."""
+    """Lines to print for one message; a message that does not have the shape of SPEC §4 is shown as
+    malformed (tail goes on with the next one)."""
     kind = topic.rsplit("/", 1)[-1] if not topic.endswith("/cmd/reply") else "reply"
     try:
+        return _message_lines(kind, payload, tracker)
+    except Exception as exc:  # noqa: BLE001 - whatever a publisher sends, tail keeps printing
+        return [f"{kind:<6} MALFORMED ({type(exc).__name__}: {exc}): {payload[:120]!r}"]
+
+
+def _message_lines(kind: str, payload: bytes, tracker: SeqTracker) -> list[str]:
+    try:
         msg = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         if payload.startswith(b"##"):
             return format_hj212(kind, payload, tracker)
         text = payload.decode("utf-8", "replace").strip()

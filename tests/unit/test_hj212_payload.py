@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
@@ -200,3 +201,23 @@ def test_tail_flags_a_bad_frame_and_joins_split_packets(buf):
     broken = frames[0][:20] + b"X" + frames[0][21:]
     assert "BAD HJ 212 frame" in format_message("env/S/data", broken, SeqTracker())[0]
     assert format_message("env/S/data", b'{"v":1,"station":"S","readings":[]}', SeqTracker()) == []
+
+
+def test_tail_shows_malformed_messages_and_goes_on_and_tells_late_from_duplicate():
+    tracker = SeqTracker()
+
+    def data(*seqs: object) -> bytes:
+        return json.dumps({"v": 1, "station": "S", "readings": [
+            {"seq": s, "device": "d", "channel": "c", "ts": "t", "value": 1, "unit": "", "flag": "N"} for s in seqs]
+        }).encode()
+
+    assert format_message("env/S/data", data(1, 2, 3), tracker)[-1].endswith(" N")
+    for bad in (data("x"), b'{"readings": [1]}', b'{"readings": null}', b'{"gap": "x"}'):
+        lines = format_message("env/S/data", bad, tracker)
+        assert len(lines) == 1 and "MALFORMED" in lines[0], lines
+    assert len(format_message("env/S/data", b"[" * 5000, tracker)) == 1, "nested too deeply: shown as text"
+    assert "GAP 4..5 missing" in format_message("env/S/data", data(6), tracker)[0]
+    assert format_message("env/S/data", data(5), tracker)[0].endswith("LATE (was missing)")
+    assert format_message("env/S/data", data(5), tracker)[0].endswith("DUP")
+    assert format_message("env/S/data", data(4), tracker)[0].endswith("LATE (was missing)")
+    assert format_message("env/S/data", data(7), tracker)[0].endswith(" N"), "numbering goes on from 6"

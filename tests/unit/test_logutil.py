@@ -25,5 +25,6 @@ def test_a_traceback_and_line_breaks_stay_on_one_line():
         logger.removeHandler(handler)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2, lines
-    assert lines[0].startswith("ERROR test.oneline: command failed | Traceback") and "ValueError: bad | value" in lines[0]
+    assert lines[0].startswith("ERROR test.oneline: command failed | Traceback")
+    assert "ValueError: bad | value" in lines[0]
     assert lines[1] == "WARNING test.oneline: two | lines"
