@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import select
 import socket
@@ -381,9 +382,12 @@ class Publisher(threading.Thread):
                 info = self.client.publish(f"{s.base_topic}/status",
                                            status_message(s.station_id, "offline", ts=iso_utc_ms(now_ms())),
                                            qos=1, retain=True)
-                deadline = time.monotonic() + 2
+                # Its acknowledgement is awaited within what is left of the shutdown grace (SPEC §1:
+                # at most that long), at most 2 s, and for one round of socket I/O in any case.
+                deadline = min(time.monotonic() + 2, self._drain_until or math.inf)
+                self._service_io(0)
                 while not info.is_published() and self.client is not None and time.monotonic() < deadline:
-                    self._service_io(0.1)
+                    self._service_io(min(0.1, max(deadline - time.monotonic(), 0)))
             except Exception as exc:  # noqa: BLE001
                 log.warning("could not publish offline status: %s", exc)
         self._drop_connection("stopping")

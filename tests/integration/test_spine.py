@@ -196,6 +196,27 @@ def test_status_command_and_cli_status_report_backlog_and_devices(tmp_path, brok
         assert agent.stop() == 0
 
 
+def test_sigterm_while_the_broker_hangs_exits_within_the_shutdown_grace(tmp_path, broker, collector):
+    """SPEC §1: on SIGTERM the backlog is published for at most `shutdown_grace` seconds, then the agent
+    exits; a broker that accepts nothing (frozen) must not hold it longer, offline status included."""
+    config = sim_config(tmp_path, broker, channels=2, interval=0.2, mqtt={"shutdown_grace": 1, "keepalive": 600})
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    assert broker.proc is not None
+    wait_for(lambda: len(collector.reading_seqs()) >= 5, 20, "readings")
+    broker.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: db_last_seq(tmp_path / "buffer.db") > max(collector.reading_seqs()) + 10, 20,
+                 "a backlog behind the frozen broker")
+        started = time.monotonic()
+        assert agent.stop() == 0
+        took = time.monotonic() - started
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+    # The grace, plus stopping the pollers and the last commit: well under the 2 s more that waiting
+    # for the offline message's acknowledgement used to add.
+    assert took < 1 + 0.9, f"stopped after {took:.2f} s with shutdown_grace 1"
+
+
 def test_sighup_with_a_broken_config_keeps_running(tmp_path, broker, collector):
     path = tmp_path / "station.yaml"
     cfg = write_config(path, sim_config(tmp_path, broker, channels=2, interval=0.2))
