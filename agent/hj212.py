@@ -477,8 +477,10 @@ def encode(packet: Packet, *, max_data_len: int = MAX_DATA_LEN) -> list[bytes]:
     """The frames of `packet`: one if its data segment fits `max_data_len`, else a split packet.
 
     Splitting needs a QN (shared by every piece) and a Flag (the D bit is added); pieces are cut
-    between CP groups, and only a group longer than a whole piece is cut between its items. Raises
-    ValueError for an invalid packet.
+    between CP groups, and only a group longer than a whole piece is cut between its items. A leading
+    ``DataTime=..`` group is repeated at the head of every piece, so that a platform that reads each
+    piece on its own can still date its values (`Reassembler` keeps it once). Raises ValueError for
+    an invalid packet.
     """
     _validate(packet)
     segment = (
@@ -493,22 +495,28 @@ def encode(packet: Packet, *, max_data_len: int = MAX_DATA_LEN) -> list[bytes]:
     if packet.qn is None or packet.flag is None:
         raise ValueError("a packet that must be split needs a QN and a Flag")
     flag = packet.flag | FLAG_SPLIT
+    common = [_group_text(packet.cp[0])] if _is_time_group(packet.cp[:1]) else []
     for digits in range(1, 5):
         widest = 10**digits - 1
-        overhead = len(_head(packet, flag, widest, widest)) + len("&&")
+        overhead = len(_head(packet, flag, widest, widest)) + len("&&") + sum(len(t) + 1 for t in common)
         budget = max_data_len - overhead
         if budget <= 0:
             raise ValueError(f"max_data_len {max_data_len} leaves no room for CP data")
-        pieces = _pack(packet.cp, budget)
+        pieces = _pack(packet.cp[len(common):], budget)
         if len(pieces) <= widest:
             break
     else:
         raise ValueError(f"packet needs more than {PNUM_MAX} pieces")
     total = len(pieces)
     return [
-        _frame(_head(packet, flag, total, number) + ";".join(texts) + "&&")
+        _frame(_head(packet, flag, total, number) + ";".join(common + texts) + "&&")
         for number, texts in enumerate(pieces, start=1)
     ]
+
+
+def _is_time_group(groups: list[dict[str, str]]) -> bool:
+    """The groups start with a ``DataTime=..`` group alone (the time of every value that follows)."""
+    return bool(groups) and list(groups[0]) == ["DataTime"]
 
 
 # --- decoding --------------------------------------------------------------------------------------
@@ -694,7 +702,13 @@ class Reassembler:
         if len(pieces) < packet.pnum:
             return None
         del self._pending[key]
-        groups = [dict(group) for number in range(1, packet.pnum + 1) for group in pieces[number].cp]
+        first = pieces[1].cp
+        repeated = first[:1] if _is_time_group(first) else []  # each piece's copy of the DataTime group
+        groups = [dict(group) for group in first] + [
+            dict(group)
+            for number in range(2, packet.pnum + 1)
+            for group in pieces[number].cp[len(repeated) if pieces[number].cp[: len(repeated)] == repeated else 0 :]
+        ]
         assert packet.flag is not None  # decode guarantees Flag when PNUM is present
         return Packet(
             qn=packet.qn,

@@ -460,8 +460,10 @@ def test_long_packet_is_split_between_groups_and_reassembled() -> None:
         assert len(frame) <= 1036 and int(frame[2:6]) <= 1024
         assert (piece.qn, piece.flag, piece.pnum, piece.pno) == (packet.qn, 4 | 2, len(frames), number)
         assert b";Flag=6;PNUM=%d;PNO=%d;CP=&&" % (len(frames), number) in frame
-    # Groups are never cut: every piece holds whole <code>-Rtd,<code>-Flag groups.
-    assert [g for p in pieces for g in p.cp] == packet.cp
+    # Groups are never cut: every piece holds whole <code>-Rtd,<code>-Flag groups, after the packet's
+    # DataTime, which every piece repeats so that it can be read on its own.
+    assert all(p.cp[0] == packet.cp[0] == {"DataTime": "20261129100000"} for p in pieces)
+    assert [packet.cp[0]] + [g for p in pieces for g in p.cp[1:]] == packet.cp
     reassembler = Reassembler()
     results = [reassembler.add(p) for p in reversed(pieces)]
     assert results[:-1] == [None] * (len(pieces) - 1)
