@@ -641,7 +641,8 @@ class Aggregator:
             if acc.count:
                 low, high = acc.low, acc.high
                 avg = acc.cq / acc.qsum if role.weighted and acc.qsum > 0 else acc.mean()
-                avg = min(max(avg, low), high)
+                rounded = _number(avg)  # rounded first, so that rounding never takes it outside [min, max]
+                avg = None if rounded is None else min(max(rounded, low), high)
                 if role.volume is not None:
                     cou = volumes[key]
                 elif role.load is not None and flow_volume is not None:

@@ -632,6 +632,15 @@ def test_numbers_in_the_body_carry_no_float_noise():
     assert got["avg"] == 0.15 and not math.isnan(got["avg"])
 
 
+def test_the_rounded_average_never_leaves_min_and_max():
+    """A constant series with more digits than the body's average keeps: avg == min == max."""
+    rig = Rig(make_config({"minute": 10, "hour": False, "day": False}), now=t("01:59:00"))
+    rig.feed(every("cod", "w01018", t("02:00:00"), 60, [1.23456789012345] * 10))
+    rig.at(t("02:10:02"))
+    [got] = rig.rec.bodies()
+    assert got["avg"] == got["min"] == got["max"] == 1.23456789012345
+
+
 def test_periods_of_a_time_without_aggregates_are_not_computed_after_they_are_enabled_again():
     rig = Rig(make_config({"minute": 10, "hour": False, "day": False}), now=t("01:59:00"))
     rig.feed(every("cod", "w01018", t("02:00:00"), 60, [10] * 12))
