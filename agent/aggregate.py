@@ -640,16 +640,17 @@ class Aggregator:
             cou: float | None = None
             if acc.count:
                 low, high = acc.low, acc.high
-                avg = acc.cq / acc.qsum if role.weighted and acc.qsum > 0 else acc.mean()
-                rounded = _number(avg)  # rounded first, so that rounding never takes it outside [min, max]
+                mean = acc.cq / acc.qsum if role.weighted and acc.qsum > 0 else acc.mean()
+                mean = min(max(mean, low), high)
+                rounded = _number(mean)  # then kept within [min, max] too: rounding may leave them
                 avg = None if rounded is None else min(max(rounded, low), high)
                 if role.volume is not None:
                     cou = volumes[key]
                 elif role.load is not None and flow_volume is not None:
-                    cou = avg * flow_volume * role.load
+                    cou = mean * flow_volume * role.load
             bodies.append({
                 "device": key[0], "channel": key[1], "period": p.kind.name, "start": iso_utc_ms(p.start),
-                "avg": _number(avg), "min": low, "max": high, "cou": _number(cou), "count": acc.count,
+                "avg": avg, "min": low, "max": high, "cou": _number(cou), "count": acc.count,
                 "flag": self._flag(acc, self._needed(p, key[0])),
             })
         return bodies
