@@ -23,9 +23,10 @@ Decisions:
   1011 time report carry data, so they use the station's ST, the request's QN and Flag=4 (no 9014
   expected: the exchange is closed by the 9012).
 * Request checks, in order: MN (QnRtn 4), PW (3), ST = station's or 91 (5), Flag version 2017 or
-  no Flag (6), QN present (7); then an unsupported CN is answered QnRtn=100 and a backfill or
+  no Flag (6), QN present (7); then an unsupported CN is answered QnRtn=8 (CN error) and a backfill or
   1012 without valid times QnRtn=2 (refused). A frame with a bad CRC cannot be trusted to name the
-  right QN or MN, so it is logged and dropped (the platform's own timeout makes it ask again).
+  right QN or MN, so it is logged and dropped (the platform's own timeout makes it ask again); so is a
+  frame whose QN is not 17 digits (there is no QN to answer with).
 * 1012 (set time): answered 9011 QnRtn=1, logged with the offset, never applied; 9012 ExeRtn=1 when
   the clock already agrees within `TIME_TOLERANCE_S`, else ExeRtn=2 (failed), so that a platform is
   never told a wrong clock was set.
@@ -94,7 +95,7 @@ ST_SYSTEM = "91"
 UNIT_BY_CN = {CN_MINUTE: "m", CN_HOUR: "h", CN_DAY: "d"}
 
 QNRTN_OK, QNRTN_REFUSED, QNRTN_PW, QNRTN_MN, QNRTN_ST, QNRTN_FLAG, QNRTN_QN = 1, 2, 3, 4, 5, 6, 7
-QNRTN_UNKNOWN = 100
+QNRTN_CN = 8
 EXERTN_OK, EXERTN_FAILED, EXERTN_NO_DATA = 1, 2, 100
 
 
@@ -494,8 +495,8 @@ class Uplink(threading.Thread):
                     CN_GET_TIME: self._get_time, CN_SET_TIME: self._set_time}
         handler = handlers.get(request.cn)
         if handler is None:
-            log.info("uplink %s: request CN=%s is not supported; answered QnRtn=%d", name, request.cn, QNRTN_UNKNOWN)
-            self._send_packet(reply_9011(request, QNRTN_UNKNOWN))
+            log.info("uplink %s: request CN=%s is not supported; answered QnRtn=%d", name, request.cn, QNRTN_CN)
+            self._send_packet(reply_9011(request, QNRTN_CN))
             return
         handler(request)
 

@@ -311,7 +311,7 @@ def test_backfill_of_an_empty_range_says_no_data(station, platform):
 
 def test_unknown_command_wrong_password_and_wrong_mn_are_refused(station, platform):
     station.start_uplink()
-    assert [(p.cn, p.get("QnRtn")) for p in platform.request("3020", qn="20261129120000011")] == [("9011", "100")]
+    assert [(p.cn, p.get("QnRtn")) for p in platform.request("3020", qn="20261129120000011")] == [("9011", "8")]
     assert [(p.cn, p.get("QnRtn")) for p in platform.request("1011", pw="999999", qn="20261129120000012")] == [
         ("9011", "3")]
     assert [(p.cn, p.get("QnRtn")) for p in platform.request("1011", mn="OTHER", qn="20261129120000013")] == [
