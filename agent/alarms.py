@@ -36,6 +36,9 @@ Decisions (the README's alarm section repeats them for technicians):
   `alarm_state` in the same transaction as each event; a restored alarm is not raised again and clears
   normally. A pending delay is not saved (it restarts). An active alarm whose rule is gone from the
   config (after a restart or a reload) is cleared with value null.
+- A rule whose channel names a device that is not configured is not applied, and an action on such a
+  device is skipped (both logged once at start and reload; `check-config` warns about them), so a
+  shared list of rules can name instruments a station does not have.
 - Actions: the desired state of a target (device, coil/register, address) is "on" while any alarm of
   a rule naming it is active. Writes run on a worker thread through `action_writer`; a failed write is
   retried after 2 s, doubling up to 60 s; "off" waits until the target has been on for `min_on`
@@ -561,6 +564,11 @@ class AlarmEngine:
         self._rules: list[_Rule] = []
         pattern_kinds: dict[tuple[str, str], int] = {}
         for index, alarm in enumerate(config.alarms):
+            device = alarm.channel.split(".", 1)[0]
+            if alarm.channel != "*" and device not in config.devices:
+                self._warn_once(f"nodev:{index}:{device}", "alarms.%d: no device %s is configured: rule not applied",
+                                index, device)
+                continue
             preset = presets.get(alarm.preset) if alarm.preset else None
             kinds: list[tuple[str, str]] = []
             if alarm.above is not None:
@@ -681,6 +689,10 @@ class AlarmEngine:
         kind = "coil" if action.coil is not None else "register"
         address = action.coil if action.coil is not None else action.register
         assert address is not None
+        if action.device not in self.config.devices:
+            self._warn_once(f"nodevact:{index}:{action.device}", "alarms.%d: action (%s %s %d) skipped: no device %s "
+                            "is configured", index, action.device, kind, address, action.device)
+            return None
         if self.action_writer is None:
             self._warn_once(f"noact:{index}", "alarms.%d: action (%s %s %d) is not executed: this agent has no "
                             "Modbus write support yet", index, action.device, kind, address)

@@ -16,23 +16,31 @@ from agent.logutil import setup_logging
 
 EXIT_OK = 0
 EXIT_INVALID = 2
+EXIT_FAILED = 1  # run could not start (another agent runs with the same buffer)
 
 log = logging.getLogger("edge-agent")
 
 
-def _load_or_report(path: str, check_files: bool = False):
+def _load_or_report(path: str, check_files: bool = False, warnings: bool = False):
+    """The config at `path`, or None after printing its problems (and, with `warnings`, its
+    warnings) to stderr, one `FILE:LINE:COL: path: [warning: ]message` line each, in file order."""
     from agent.config import ConfigError, load_config
 
     try:
-        return load_config(path, check_files=check_files)
+        config = load_config(path, check_files=check_files)
     except ConfigError as exc:
-        for problem in exc.problems:
+        shown = exc.problems + (exc.warnings if warnings else [])
+        for problem in sorted(shown, key=lambda p: (p.line, p.col)):
             print(problem, file=sys.stderr)
         return None
+    if warnings:
+        for warning in config.warnings:
+            print(warning, file=sys.stderr)
+    return config
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load_or_report(args.file, check_files=True)
+    config = _load_or_report(args.file, check_files=True, warnings=True)
     if config is None:
         return EXIT_INVALID
     print(f"{args.file}: OK — station {config.station.id}, {len(config.devices)} devices, "
@@ -49,6 +57,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from agent.config import ConfigError
+    from agent.instance import AlreadyRunning
     from agent.runtime import Station, UnsupportedConfig, check_supported
 
     setup_logging(args.log_level)
@@ -61,12 +71,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return EXIT_INVALID
     try:
-        config.mqtt.read_password()
-    except (OSError, ValueError) as exc:
-        print(f"{args.config}: mqtt.password_file: {exc}", file=sys.stderr)
+        config.read_mqtt_password()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
         return EXIT_INVALID
     log.info("edge-agent %s starting with %s", __version__, args.config)
-    code = Station(args.config, config).run()
+    try:
+        code = Station(args.config, config).run()
+    except AlreadyRunning as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
     # Everything is committed and closed: leave now, so that a second SIGTERM arriving during the
     # interpreter's teardown cannot turn a clean stop into a kill.
     logging.shutdown()
@@ -78,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.buffer import Buffer
     from agent.runtime import device_intervals
-    from agent.status import collect, render_text
+    from agent.status import agent_state, collect, render_text
 
     config = _load_or_report(args.config)
     if config is None:
@@ -91,6 +106,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if reader is not None:
             reader.close()
     status["station"] = config.station.id
+    status["agent"] = agent_state(path)
+    if status["agent"]["running"] is False:  # the broker state in the file is the one it left behind
+        status["broker"] = {**status["broker"], "state": "offline", "error": "edge-agent is not running"}
     if args.json:
         json.dump(status, sys.stdout, indent=2, ensure_ascii=False)
         print()
@@ -103,13 +121,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    from agent.config import ConfigError
     from agent.runtime import broker_settings
     from agent.tail import tail
 
     config = _load_or_report(args.config)
     if config is None:
         return EXIT_INVALID
-    s = broker_settings(config)  # the same broker, credentials and TLS files as `run`
+    try:
+        s = broker_settings(config)  # the same broker, credentials and TLS files as `run`
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_INVALID
     tail(args.url or s.urls[0], s.base_topic, username=s.username, password=s.password,
          tls={"ca": s.tls_ca, "cert": s.tls_cert, "key": s.tls_key})
     return EXIT_OK

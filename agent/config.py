@@ -1,6 +1,9 @@
 """The configuration file (SPEC §2): YAML -> validated, immutable pydantic models, with every problem
 reported as `FILE:LINE:COL: path.to.key: message` (1-based; `path` is dotted, list items by index:
-`devices.cod.interval`, `alarms.2.above`; problems with the file as a whole use the path `(file)`).
+`devices.cod.interval`, `alarms.2.above`; problems with the file as a whole use the path `(file)`),
+on one line (control characters escaped). What makes part of a valid file do nothing (an alarm rule
+or action naming a device that is not configured, a preset without a limit for the channel) is a
+warning, `FILE:LINE:COL: path: warning: message` (`Config.warnings`), not a problem.
 
 Imports `agent.envsubst`, `drivers.registers`, `drivers.profiles` (names, maps) and, lazily,
 `drivers.serial_frames` (the fixed channels of pms5003/sds011); nothing else from the project.
@@ -8,18 +11,23 @@ Entry points: `load_config`, `parse_config`, `check_files`, `json_schema`.
 
 How it works: `yaml.compose` gives a node tree with line/column marks; `_TreeBuilder` turns it into
 plain Python data (detecting duplicate keys, substituting `${NAME}`, remembering where every key and
-value sits); pydantic validates the data; `_cross_check` validates references between sections
-(devices -> buses, alarms -> devices/channels, payload -> hj212) on the plain data, so it runs even
-when a section is invalid. Every error, whatever its source, becomes a `Problem` located through the
-remembered marks. One limit: a rule that combines several keys of one section (url vs urls, cert
-without key, ...) is checked once that section's keys are individually valid, so it may show up only
-after the other problems of that section are fixed.
+value sits); pydantic validates the data (every model refuses yes/no for numbers and anything else
+for true/false, and .inf/.nan); `_cross_check` validates references between sections (devices ->
+buses, alarms -> devices/channels, payload -> hj212) and `_section_rules` the rules that combine
+keys of one section (url vs urls, cert without key, ...) on the plain data, so they run even when
+a section is invalid; with `check_files`, the files named by keys that are valid themselves are
+looked at too. Every error, whatever its source, becomes a `Problem` located through the remembered
+marks. Messages never show the value of a secret key (password, pw), and that value (or a variable
+substituted into it) is replaced by `***` (`${NAME}`) wherever else it appears.
+One limit remains: the checks of a register map (an entry's address range and status word, the map
+as a whole) run only once the entry's (the device's) keys are valid one by one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.resources
 import ipaddress
 import os
@@ -27,7 +35,7 @@ import re
 import types
 import typing
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
@@ -37,11 +45,13 @@ from zoneinfo import ZoneInfo
 import yaml
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -92,18 +102,25 @@ FILE_PATH = "(file)"
 
 
 
-def _preset_names() -> tuple[str, ...]:
-    """The names of the alarm presets in the packaged `agent/data/presets.yaml` (the limits
-    themselves are read by `agent.alarms.load_presets`)."""
+def _preset_codes() -> dict[str, frozenset[str]]:
+    """The alarm presets in the packaged `agent/data/presets.yaml` with the channel codes each has a
+    limit for (the limits themselves are read by `agent.alarms.load_presets`)."""
     text = importlib.resources.files("agent").joinpath("data/presets.yaml").read_text("utf-8")
     document = yaml.safe_load(text)
     if not isinstance(document, dict) or not isinstance(document.get("presets"), dict):
         raise ValueError("agent/data/presets.yaml: top-level 'presets' mapping missing")
-    return tuple(str(name) for name in document["presets"])
+    return {str(name): frozenset(str(code) for code in _limits_of(entry))
+            for name, entry in document["presets"].items()}
 
 
+def _limits_of(entry: Any) -> dict[Any, Any]:
+    limits = entry.get("limits") if isinstance(entry, dict) else None
+    return limits if isinstance(limits, dict) else {}
+
+
+PRESET_CODES: dict[str, frozenset[str]] = _preset_codes()
 #: Alarm presets (DOMAIN.md "Limits for alarm presets"): names of agent/data/presets.yaml.
-PRESETS: tuple[str, ...] = _preset_names()
+PRESETS: tuple[str, ...] = tuple(PRESET_CODES)
 
 DRIVERS: tuple[str, ...] = ("modbus", "pms5003", "sds011", "hj212", "simulated")
 SERIAL_DRIVERS = frozenset({"pms5003", "sds011", "hj212"})
@@ -111,12 +128,18 @@ MODBUS_BUS_TYPES = frozenset({"rtu", "tcp"})
 AGGREGATE_MINUTES: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30)
 
 STATION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,24}")
+# HJ 212-2017 PW: at most 6 printable ASCII characters, no space nor ; , & = (as agent.hj212 encodes it)
+HJ212_PW_RE = re.compile(r"[!-%'-+\--:<>-~]{0,6}")
 DEVICE_ID_RE = re.compile(r"[a-z0-9_-]+")
 BUS_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_]+")
 
 # Keys whose values are never echoed in a message, even when they were written literally.
 _SECRET_KEYS = frozenset({"password", "pw"})
+
+
+def _is_secret_key_path(path: tuple[str | int, ...]) -> bool:
+    return any(str(p) in _SECRET_KEYS for p in path)
 
 # Unit words appended to range messages ("must be at least 0.1 seconds").
 _UNITS: dict[str, str] = {
@@ -132,25 +155,36 @@ _UNITS: dict[str, str] = {
 # Problems
 
 
+def _one_line(text: str) -> str:
+    """`text` with line breaks, control and other unprintable characters escaped (`\\n`, `\\x1b`,
+    `\\u2028`), so that a problem stays on one line whatever the file's keys and values hold."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with a configuration file, located at a 1-based line and column."""
+    """One thing wrong with a configuration file, located at a 1-based line and column. A warning
+    (`warning=True`) does not make the file invalid: `FILE:LINE:COL: path: warning: message`."""
 
     file: str
     line: int
     col: int
     path: str  # dotted key path (`devices.cod.interval`, `alarms.2.above`) or FILE_PATH
     message: str
+    warning: bool = False
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}: {self.path}: {self.message}"
+        kind = "warning: " if self.warning else ""
+        return _one_line(f"{self.file}:{self.line}:{self.col}: {self.path}: {kind}{self.message}")
 
 
 class ConfigError(Exception):
-    """The configuration is invalid; `.problems` lists every problem found, in file order."""
+    """The configuration is invalid; `.problems` lists every problem found, in file order, and
+    `.warnings` what would do nothing even once the problems are fixed (see `Config.warnings`)."""
 
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[Problem], warnings: Iterable[Problem] = ()):
         self.problems = list(problems)
+        self.warnings = list(warnings)
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
@@ -224,7 +258,8 @@ def _known(choices: Iterable[str], what: str) -> str:
     return f"; {what}: " + ", ".join(items)
 
 
-Text = Annotated[str, BeforeValidator(_as_text)]
+# `json_schema_input_type`: what the JSON Schema (for editors) accepts, here what the validator takes.
+Text = Annotated[str, BeforeValidator(_as_text, json_schema_input_type=str | int | float)]
 
 
 def _non_empty_text(value: str) -> str:
@@ -245,18 +280,103 @@ def _check_path_text(value: Any) -> Any:
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     """Relative paths are relative to the config file's directory (context `base_dir`)."""
-    value = value.expanduser()
+    try:
+        value = value.expanduser()
+    except RuntimeError:  # `~name/...` of an unknown user, or no home directory
+        raise _err(f"cannot expand '~' in {str(value)!r}: unknown user or no home directory") from None
     base = (info.context or {}).get("base_dir")
     if base is not None and not value.is_absolute():
         value = Path(base) / value
     return Path(os.path.normpath(value))
 
 
-FilePath = Annotated[Path, BeforeValidator(_check_path_text), AfterValidator(_resolve_path)]
+FilePath = Annotated[Path, BeforeValidator(_check_path_text, json_schema_input_type=str | int | float),
+                     AfterValidator(_resolve_path)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Yes/no values: YAML reads true/false, yes/no and on/off as booleans, and pydantic would take one for
+# a number (true = 1), and 1 or "yes" for a boolean. Every model refuses both (`_Model`), so that
+# `port: true` or `hour: 1` is reported like any other wrong type.
+
+
+class _Refused:
+    """Stands in for a yes/no value given for a number (or another value given for true/false): no
+    type accepts it, so pydantic reports the key with its usual message and `_show` gives `shown`."""
+
+    def __init__(self, shown: str):
+        self._yaml_raw = shown
+
+
+def _is_number_type(tp: Any) -> bool:
+    if tp in (int, float):
+        return True
+    return typing.get_origin(tp) is Literal and all(type(a) in (int, float) for a in typing.get_args(tp))
+
+
+@functools.cache
+def _dataclass_fields(tp: type) -> dict[str, Any]:
+    return typing.get_type_hints(tp)
+
+
+def _refuse_yes_no(annotation: Any, value: Any) -> Any:
+    """`value`, with a yes/no value where `annotation` wants a number, and any other value where it
+    wants true/false, replaced by a `_Refused` (in lists of numbers and in dataclass entries too;
+    pydantic models check their own fields)."""
+    kind, tp = _unwrap(annotation)
+    if kind != "type" or tp is None:
+        return value
+    if tp is bool:
+        return value if value is None or isinstance(value, bool) else _Refused(_show(value))
+    if _is_number_type(tp):
+        return _Refused("a yes/no value") if isinstance(value, bool) else value
+    if typing.get_origin(tp) in (list, tuple) and isinstance(value, list):
+        item = typing.get_args(tp)[0] if typing.get_args(tp) else None
+        return [_refuse_yes_no(item, v) for v in value]
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type) and isinstance(value, dict):
+        fields = _dataclass_fields(tp)
+        return {k: _refuse_yes_no(fields.get(k), v) for k, v in value.items()}
+    return value
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Base of the sections: unknown keys are errors, yes/no is no number, numbers are finite."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_yes_no_for_numbers(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        types = {name: f.annotation for name, f in cls.model_fields.items()}
+        for f in cls.model_fields.values():
+            if isinstance(f.validation_alias, AliasChoices):
+                types.update((str(alias), f.annotation) for alias in f.validation_alias.choices)
+        return {k: _refuse_yes_no(types[k], v) if k in types else v for k, v in data.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Rules that combine keys of one section. Each is a function of the section's values that yields
+# every rule broken; it runs both as the model's validator (which raises the first) and, by
+# `parse_config`, on the file's plain data, so that a file gets them all in one go even when other
+# keys of the section are invalid. On plain data a value may have any type: the functions only
+# look at values of the expected kind.
+
+
+class _Broken(NamedTuple):
+    message: str
+    at: str | None = None  # the key (relative, dotted) the problem is shown at
+    section: bool = False  # shown at the section's own key
+
+
+def _raise_first(broken: Iterable[_Broken]) -> None:
+    for b in broken:
+        raise _err(b.message, at=b.at, section=b.section)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,7 +415,7 @@ class Storage(_Model):
 
     path: FilePath = Field(description="Buffer database file; relative paths are relative to the config file")
     max_mb: float = Field(256, gt=0, description="Hard cap on the database size, MB")
-    keep_sent_days: float = Field(7, ge=0, description="Days published readings are kept for resend requests")
+    keep_sent_days: float = Field(7, ge=0, le=36500, description="Days published readings are kept for resend requests")
     commit_interval_ms: int = Field(200, ge=1, le=60000,
                                     description="Group-commit window = the most a power cut can lose")
     sync: Literal["full", "normal"] = Field("full", description="SQLite synchronous mode (extension)")
@@ -355,19 +475,43 @@ class Tls(_Model):
 
     @model_validator(mode="after")
     def _cert_and_key(self) -> Tls:
-        if self.cert is not None and self.key is None:
-            raise _err("cert needs key too (the client certificate's private key)", at="cert")
-        if self.key is not None and self.cert is None:
-            raise _err("key needs cert too (the client certificate)", at="key")
+        _raise_first(_tls_rules(dict(self)))
         return self
+
+
+def _tls_rules(tls: Mapping[str, Any]) -> Iterable[_Broken]:
+    if tls.get("cert") is not None and tls.get("key") is None:
+        yield _Broken("cert needs key too (the client certificate's private key)", at="cert")
+    if tls.get("key") is not None and tls.get("cert") is None:
+        yield _Broken("key needs cert too (the client certificate)", at="key")
 
 
 def _check_topic_prefix(value: str) -> str:
     if not value or value.startswith("/") or value.endswith("/") or "//" in value:
         raise _err("must be a topic like 'env' or 'prov/env' (no leading, trailing or double '/')")
-    if any(c in value for c in "#+\0"):
+    if any(c in value for c in "#+"):
         raise _err("must not contain the MQTT wildcards '#' or '+'")
+    if not value.isprintable():
+        raise _err("must not contain line breaks, tabs or other control characters")
     return value
+
+
+def _mqtt_rules(mqtt: Mapping[str, Any]) -> Iterable[_Broken]:
+    url, urls = mqtt.get("url"), mqtt.get("urls")
+    if url is not None and urls is not None:
+        yield _Broken("give either url or urls, not both", at="urls")
+    if url is None and urls is None:
+        yield _Broken("missing required key 'url' (or 'urls' for failover)", section=True)
+    password, password_file = mqtt.get("password"), mqtt.get("password_file")
+    if password is not None and password_file is not None:
+        yield _Broken("give either password or password_file, not both", at="password_file")
+    if (password is not None or password_file is not None) and mqtt.get("username") is None:
+        yield _Broken("a password needs a username (MQTT sends no password without a user name)",
+                      at="password" if password is not None else "password_file")
+    given = urls if isinstance(urls, list) else [url]
+    schemes = [u.strip().split("://", 1)[0].lower() for u in given if isinstance(u, str) and "://" in u]
+    if mqtt.get("tls") is not None and "mqtt" in schemes:
+        yield _Broken("tls is set but the broker url is mqtt:// (plain); use mqtts://", at="tls")
 
 
 class Mqtt(_Model):
@@ -387,22 +531,12 @@ class Mqtt(_Model):
     payload: Literal["json", "hj212"] = "json"
     max_batch: int = Field(200, ge=1, le=10000, description="Readings per data message when draining a backlog")
     reconnect_max: float = Field(30, gt=0, description="Reconnect backoff ceiling, seconds")
-    shutdown_grace: float = Field(5, ge=0, description="Seconds to go on publishing after SIGTERM")
+    shutdown_grace: float = Field(5, ge=0, le=3600, description="Seconds to go on publishing after SIGTERM")
     keepalive: int = Field(30, ge=1, le=65535, description="MQTT keepalive, seconds (extension)")
 
     @model_validator(mode="after")
     def _rules(self) -> Mqtt:
-        if self.url is not None and self.urls is not None:
-            raise _err("give either url or urls, not both", at="urls")
-        if self.url is None and self.urls is None:
-            raise _err("missing required key 'url' (or 'urls' for failover)", section=True)
-        if self.password is not None and self.password_file is not None:
-            raise _err("give either password or password_file, not both", at="password_file")
-        if (self.password is not None or self.password_file is not None) and self.username is None:
-            raise _err("a password needs a username (MQTT sends no password without a user name)",
-                       at="password" if self.password is not None else "password_file")
-        if self.tls is not None and any(not b.tls for b in self.brokers()):
-            raise _err("tls is set but the broker url is mqtt:// (plain); use mqtts://", at="tls")
+        _raise_first(_mqtt_rules(dict(self)))
         return self
 
     def broker_urls(self) -> list[str]:
@@ -438,7 +572,8 @@ class Mqtt(_Model):
 # --------------------------------------------------------------------------------------------------
 # buses
 
-Parity = Annotated[Literal["N", "E", "O"], BeforeValidator(_upper)]
+Parity = Annotated[Literal["N", "E", "O"],
+                   BeforeValidator(_upper, json_schema_input_type=Literal["N", "E", "O", "n", "e", "o"])]
 
 
 class RtuBus(_Model):
@@ -545,6 +680,26 @@ class SimChannel(_Model):
     decimals: int | None = Field(None, ge=0, le=10, description="Round values to this many decimals")
 
 
+def _device_rules(device: Mapping[str, Any]) -> Iterable[_Broken]:
+    driver = device.get("driver")
+    if driver is not None and driver not in DRIVERS:
+        return  # reported as a wrong value: which keys belong is unknown
+    if driver == "simulated":
+        for key in ("bus", "slave", "profile", "registers"):
+            if device.get(key) is not None:
+                yield _Broken(f"a simulated device takes no {key} (remove it, or set another driver)", at=key)
+        if device.get("channels") is None:
+            yield _Broken("missing required key 'channels' (a simulated device needs channels)", section=True)
+        return
+    for key in ("channels", "dropout", "seed"):
+        if device.get(key) is not None:
+            yield _Broken(f"{key} is only for driver: simulated", at=key)
+    if driver in SERIAL_DRIVERS:
+        for key in ("slave", "profile", "registers"):
+            if device.get(key) is not None:
+                yield _Broken(f"driver {driver} takes no {key} (it is for Modbus devices)", at=key)
+
+
 class Device(_Model):
     """`devices.ID:` one instrument. `driver` is always set on a Config returned by load_config."""
 
@@ -584,7 +739,9 @@ class Device(_Model):
 
     @field_validator("profile")
     @classmethod
-    def _check_profile(cls, value: str) -> str:
+    def _check_profile(cls, value: str | None) -> str | None:
+        if value is None:  # `profile:` with nothing after it: as if not given
+            return value
         known = profiles.names()
         if value not in known:
             if not known:
@@ -608,22 +765,8 @@ class Device(_Model):
 
     @model_validator(mode="after")
     def _rules(self) -> Device:
-        simulated_only = ("channels", "dropout", "seed")
-        if self.driver == "simulated":
-            for key in ("bus", "slave", "profile", "registers"):
-                if getattr(self, key) is not None:
-                    raise _err(f"a simulated device takes no {key} (remove it, or set another driver)", at=key)
-            if self.channels is None:
-                raise _err("missing required key 'channels' (a simulated device needs channels)", section=True)
-            return self
-        for key in simulated_only:
-            if getattr(self, key) is not None:
-                raise _err(f"{key} is only for driver: simulated", at=key)
-        if self.driver in SERIAL_DRIVERS:
-            for key in ("slave", "profile", "registers"):
-                if getattr(self, key) is not None:
-                    raise _err(f"driver {self.driver} takes no {key} (it is for Modbus devices)", at=key)
-        if self.registers is not None:
+        _raise_first(_device_rules(dict(self)))
+        if self.driver != "simulated" and self.registers is not None:
             try:
                 self.register_map()
             except ValueError as exc:
@@ -691,11 +834,13 @@ class AggregateShare(_Model):
 
 
 class AggregateCount(_Model):
-    """`aggregate.min_count:` per period kind, an absolute number of valid values (replaces min_valid)."""
+    """`aggregate.min_count:` per period kind, an absolute number of valid values (replaces min_valid).
+    `10m`, `1h` and `1d` are other names of minute, hour and day (the README's first spelling); `10m`
+    means the minute period whatever `aggregate.minute` is."""
 
-    minute: int | None = Field(None, ge=1)
-    hour: int | None = Field(None, ge=1)
-    day: int | None = Field(None, ge=1)
+    minute: int | None = Field(None, ge=1, validation_alias=AliasChoices("minute", "10m"))
+    hour: int | None = Field(None, ge=1, validation_alias=AliasChoices("hour", "1h"))
+    day: int | None = Field(None, ge=1, validation_alias=AliasChoices("day", "1d"))
 
 
 def _check_agg_channel(value: str) -> str:
@@ -740,11 +885,22 @@ class Uplink(_Model):
 class Hj212(_Model):
     """`hj212:` HJ 212 identity, for `payload: hj212` and for uplinks."""
 
-    version: Annotated[Literal["2017"], BeforeValidator(_as_text)] = Field(
+    version: Annotated[Literal["2017"],
+                       BeforeValidator(_as_text, json_schema_input_type=Literal["2017", 2017])] = Field(
         "2017", description="Protocol version (only 2017 for now)")
     st: int = Field(ge=0, le=99, description="System code: 21 surface water, 32 water source, 39 dust, ...")
-    pw: Text = Field(repr=False, description="Access password (PW=)")
-    uplinks: Annotated[list[Uplink], BeforeValidator(_none_to_empty_list)] = Field(default_factory=list)
+    pw: Text = Field(repr=False, description="Access password (PW=): at most 6 printable ASCII characters "
+                     "without space or ; , & =", json_schema_extra={"pattern": f"^{HJ212_PW_RE.pattern}$"})
+    uplinks: Annotated[list[Uplink], BeforeValidator(_none_to_empty_list,
+                                                     json_schema_input_type=list[Uplink] | None)] = Field(
+        default_factory=list)
+
+    @field_validator("pw")
+    @classmethod
+    def _check_pw(cls, value: str) -> str:
+        if not HJ212_PW_RE.fullmatch(value):  # never quote it: it is a password
+            raise _err("the HJ 212 password must be at most 6 printable ASCII characters without space or ; , & =")
+        return value
 
 
 _ALARM_CHANNEL_RE = re.compile(r"\*|[a-z0-9_-]+\.(\*|[A-Za-z0-9_]+)")
@@ -760,28 +916,47 @@ with warnings.catch_warnings():  # the YAML key `register` shadows ABCMeta.regis
         device: NonEmptyText
         coil: int | None = Field(None, ge=0, le=65535, description="Coil address (0-based)")
         register: int | None = Field(None, ge=0, le=65535, description="Holding register address (0-based)")
-        on: int | None = Field(None, description="Value written on raise (register: required; coil: 1)")
-        off: int | None = Field(None, description="Value written on clear (register: required; coil: 0)")
+        on: int | bool | None = Field(None, description="Value written on raise (register: required; coil: 1)")
+        off: int | bool | None = Field(None, description="Value written on clear (register: required; coil: 0)")
         min_on: float = Field(0.0, ge=0, description="Keep it on at least this many seconds")
 
         @model_validator(mode="after")
         def _rules(self) -> Action:
-            if self.coil is None and self.register is None:
-                raise _err("missing required key 'coil' (or 'register')", section=True)
-            if self.coil is not None and self.register is not None:
-                raise _err("give either coil or register, not both", at="register")
-            if self.register is not None:
-                for key in ("on", "off"):
-                    value = getattr(self, key)
-                    if value is None:
-                        raise _err(f"missing required key '{key}' (the value to write into the register)", section=True)
-                    if not 0 <= value <= 65535:
-                        raise _err("must be from 0 to 65535", at=key)
-            else:
-                for key in ("on", "off"):
-                    if getattr(self, key) not in (None, 0, 1):
-                        raise _err("a coil is on or off: use true/false (or 1/0)", at=key)
+            _raise_first(_action_rules(dict(self)))
             return self
+
+
+def _action_rules(action: Mapping[str, Any]) -> Iterable[_Broken]:
+    coil, register = action.get("coil"), action.get("register")
+    if coil is None and register is None:
+        yield _Broken("missing required key 'coil' (or 'register')", section=True)
+    if coil is not None and register is not None:
+        yield _Broken("give either coil or register, not both", at="register")
+    for key in ("on", "off"):
+        value = action.get(key)
+        if register is not None:
+            if value is None:
+                yield _Broken(f"missing required key '{key}' (the value to write into the register)", section=True)
+            elif isinstance(value, bool):
+                yield _Broken("a register takes a number from 0 to 65535, not a yes/no value", at=key)
+            elif _is_number(value) and not 0 <= value <= 65535:
+                yield _Broken("must be from 0 to 65535", at=key)
+        elif _is_number(value) and value not in (0, 1):
+            yield _Broken("a coil is on or off: use true/false (or 1/0)", at=key)
+
+
+def _alarm_rules(alarm: Mapping[str, Any]) -> Iterable[_Broken]:
+    if all(alarm.get(k) is None for k in ("above", "below", "preset", "stale", "fault")):
+        yield _Broken("a rule needs at least one of above, below, preset, stale or fault", section=True)
+    if alarm.get("preset") is not None:
+        for key in ("above", "below", "window"):
+            if alarm.get(key) is not None:
+                yield _Broken(f"the preset sets the limit and window: remove {key}", at=key)
+    above: Any = alarm.get("above")
+    below: Any = alarm.get("below")
+    if _is_number(above) and _is_number(below) and above <= below:
+        yield _Broken("above must be greater than below (the rule raises above 'above' or below 'below')",
+                      at="above")
 
 
 class Alarm(_Model):
@@ -794,7 +969,7 @@ class Alarm(_Model):
     delay: float = Field(0.0, ge=0, description="Seconds beyond the limit before raising")
     clear_delay: float | None = Field(None, ge=0, description="Seconds back within before clearing; default: delay")
     window: float | None = Field(None, gt=0, description="Apply the rule to the rolling mean over this many seconds")
-    preset: Text | None = Field(None, json_schema_extra={"enum": list(PRESETS)},
+    preset: Text | None = Field(None, json_schema_extra={"enum": [*PRESETS, None]},
                                 description="Limit and window from a standard")
     stale: float | None = Field(None, gt=0, description="Raise when no valid reading for this many seconds")
     fault: float | None = Field(None, gt=0, description="Raise when the device is in fault this many seconds")
@@ -810,29 +985,25 @@ class Alarm(_Model):
 
     @field_validator("background")
     @classmethod
-    def _check_background(cls, value: str) -> str:
+    def _check_background(cls, value: str | None) -> str | None:
+        if value is None:  # `background:` with nothing after it: as if not given
+            return value
         if not _BACKGROUND_RE.fullmatch(value):
             raise _err(f"background {value!r} must be \"device.channel\"")
         return value
 
     @field_validator("preset")
     @classmethod
-    def _check_preset(cls, value: str) -> str:
+    def _check_preset(cls, value: str | None) -> str | None:
+        if value is None:  # `preset:` with nothing after it: as if not given
+            return value
         if value not in PRESETS:
             raise _err(f"unknown preset {value!r}{_suggest(value, PRESETS)}; presets: {', '.join(PRESETS)}")
         return value
 
     @model_validator(mode="after")
     def _rules(self) -> Alarm:
-        if all(getattr(self, k) is None for k in ("above", "below", "preset", "stale", "fault")):
-            raise _err("a rule needs at least one of above, below, preset, stale or fault", section=True)
-        if self.preset is not None:
-            for key in ("above", "below", "window"):
-                if getattr(self, key) is not None:
-                    raise _err(f"the preset sets the limit and window: remove {key}", at=key)
-        if self.above is not None and self.below is not None and self.above <= self.below:
-            raise _err("above must be greater than below (the rule raises above 'above' or below 'below')",
-                       at="above")
+        _raise_first(_alarm_rules(dict(self)))
         return self
 
     def effective_clear_delay(self) -> float:
@@ -875,6 +1046,18 @@ def _check_listen(value: str) -> str:
     return value.strip()
 
 
+def _console_rules(console: Mapping[str, Any]) -> Iterable[_Broken]:
+    listen = console.get("listen", "127.0.0.1:8080")
+    try:
+        host, _ = _split_listen(listen) if isinstance(listen, str) else ("localhost", 0)
+    except ValueError:
+        return  # reported as a wrong value
+    loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    if console.get("password_file") is None and not loopback:
+        yield _Broken(f"{listen.strip()} is reachable from other machines: set password_file (or listen on "
+                      "127.0.0.1)", at="listen")
+
+
 class Console(_Model):
     """`console:` the local web console for technicians (read-only; off unless this section exists)."""
 
@@ -885,9 +1068,7 @@ class Console(_Model):
 
     @model_validator(mode="after")
     def _rules(self) -> Console:
-        if self.password_file is None and not self.is_loopback():
-            raise _err(f"{self.listen} is reachable from other machines: set password_file (or listen on "
-                       "127.0.0.1)", at="listen")
+        _raise_first(_console_rules(dict(self)))
         return self
 
     def address(self) -> tuple[str, int]:
@@ -912,27 +1093,33 @@ class Config(_Model):
     station: Station
     storage: Storage
     mqtt: Mqtt
-    buses: Annotated[dict[BusName, Bus], BeforeValidator(_none_to_empty_dict)] = Field(
+    buses: Annotated[dict[BusName, Bus], BeforeValidator(_none_to_empty_dict,
+                                                         json_schema_input_type=dict[BusName, Bus] | None)] = Field(
         default_factory=dict, description="One entry per physical link")
     devices: Annotated[dict[DeviceId, Device], Field(min_length=1)] = Field(
         description="One entry per instrument; the key is the device id")
-    aggregate: Annotated[Aggregate, BeforeValidator(_none_to_empty_dict)] = Field(
+    aggregate: Annotated[Aggregate, BeforeValidator(_none_to_empty_dict,
+                                                    json_schema_input_type=Aggregate | None)] = Field(
         default_factory=lambda: Aggregate.model_validate({}))
     hj212: Hj212 | None = None
-    alarms: Annotated[list[Alarm], BeforeValidator(_none_to_empty_list)] = Field(default_factory=list)
+    alarms: Annotated[list[Alarm], BeforeValidator(_none_to_empty_list,
+                                                   json_schema_input_type=list[Alarm] | None)] = Field(
+        default_factory=list)
     console: Annotated[Console | None, BeforeValidator(_none_to_empty_dict)] = Field(
         None, description="Local web console (read-only); off unless this section is present")
 
     _source_path: Path | None = PrivateAttr(default=None)
+    _file: str = PrivateAttr(default="<config>")  # the file name problems show
     _marks: dict[tuple[str | int, ...], tuple[int, int]] = PrivateAttr(default_factory=dict)
+    _warnings: list[Problem] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _finish(self, info: ValidationInfo) -> Config:
         context = info.context or {}
         if not context.get("_cross_checked"):
-            problems = _cross_check(self.model_dump(mode="python"))
+            problems = [c for c in _cross_check(self.model_dump(mode="python")) if not c.warning]
             if problems:
-                raise _err("; ".join(f"{_dotted(p)}: {m}" for p, m, _ in problems))
+                raise _err("; ".join(f"{_dotted(c.path)}: {c.message}" for c in problems))
         # Resolve the default driver: modbus on an rtu/tcp bus.
         for dev_id, dev in list(self.devices.items()):
             if dev.driver is None and dev.bus in self.buses and self.buses[dev.bus].type in MODBUS_BUS_TYPES:
@@ -943,6 +1130,22 @@ class Config(_Model):
     def source_path(self) -> Path | None:
         """The file this configuration was loaded from (None when built from data)."""
         return self._source_path
+
+    @property
+    def warnings(self) -> list[Problem]:
+        """What does not make the file invalid but does nothing (an alarm rule on a device that is not
+        configured, a preset without a limit for the channel), in file order."""
+        return list(self._warnings)
+
+    def read_mqtt_password(self) -> str | None:
+        """`mqtt.read_password()`, with a file that cannot be read reported (ConfigError) at
+        `mqtt.password_file` in this configuration file."""
+        try:
+            return self.mqtt.read_password()
+        except ConfigError as exc:
+            line, col = self._marks.get(("mqtt", "password_file"), (1, 1))
+            raise ConfigError([dataclasses.replace(p, file=self._file, line=line, col=col)
+                               for p in exc.problems]) from None
 
     def client_id(self) -> str:
         """The MQTT client id: `mqtt.client_id`, default `station.id`."""
@@ -961,7 +1164,11 @@ class Config(_Model):
 # --------------------------------------------------------------------------------------------------
 # Checks across sections, on plain data (so that they run even when some section is invalid)
 
-_Cross = tuple[tuple[str | int, ...], str, str]  # (path, message, where: "value" | "key" | "missing")
+class _Cross(NamedTuple):
+    path: tuple[str | int, ...]
+    message: str
+    where: str  # "value" | "key" | "missing"
+    warning: bool = False  # the file is valid, but this part of it does nothing
 
 
 def _text_of(value: Any) -> str | None:
@@ -981,7 +1188,9 @@ def _mapping(value: Any) -> dict[Any, Any]:
 
 def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
     """Problems in references between sections: device -> bus, alarm -> device/channel,
-    payload -> hj212, one bus per port. Tolerates any shape of `data` (invalid parts are skipped)."""
+    payload -> hj212, one bus per port. Tolerates any shape of `data` (invalid parts are skipped).
+    An alarm rule or action on a device that is not configured, and a preset without a limit for the
+    rule's channel, are warnings: the rule (or action) does nothing, as `agent.alarms` runs it."""
     out: list[_Cross] = []
     buses = _mapping(data.get("buses"))
     bus_types: dict[str, str | None] = {}
@@ -993,7 +1202,7 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
         port = _text_of(bus.get("port"))
         if btype in ("rtu", "serial") and port:
             if port in port_owner:
-                out.append((("buses", name, "port"),
+                out.append(_Cross(("buses", name, "port"),
                             f"port {port!r} is already used by bus '{port_owner[port]}' (one bus per port)",
                             "value"))
             else:
@@ -1013,11 +1222,11 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
         elif driver == "simulated":
             eff = "simulated"
         elif dev.get("bus") is None:
-            out.append((base + ("bus",), "missing required key 'bus' (or set driver: simulated)", "missing"))
+            out.append(_Cross(base + ("bus",), "missing required key 'bus' (or set driver: simulated)", "missing"))
         elif bus_name is None:
             pass  # wrong type: reported by the model
         elif bus_name not in bus_types:
-            out.append((base + ("bus",), f"unknown bus {bus_name!r}{_suggest(bus_name, bus_types)}"
+            out.append(_Cross(base + ("bus",), f"unknown bus {bus_name!r}{_suggest(bus_name, bus_types)}"
                         f"{_known(bus_types, 'buses')}", "value"))
         else:
             btype = bus_types[bus_name]
@@ -1025,31 +1234,31 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
                 if btype in MODBUS_BUS_TYPES:
                     eff = "modbus"
                 elif btype == "serial":
-                    out.append((base + ("driver",), f"missing required key 'driver': bus '{bus_name}' is a "
+                    out.append(_Cross(base + ("driver",), f"missing required key 'driver': bus '{bus_name}' is a "
                                 "serial bus; set driver: pms5003, sds011 or hj212", "missing"))
             elif driver == "modbus" and btype == "serial":
-                out.append((base + ("driver",), f"driver modbus needs an rtu or tcp bus; bus '{bus_name}' "
+                out.append(_Cross(base + ("driver",), f"driver modbus needs an rtu or tcp bus; bus '{bus_name}' "
                             "is serial", "value"))
             elif driver in SERIAL_DRIVERS and btype in MODBUS_BUS_TYPES:
-                out.append((base + ("driver",), f"driver {driver} needs a serial bus; bus '{bus_name}' "
+                out.append(_Cross(base + ("driver",), f"driver {driver} needs a serial bus; bus '{bus_name}' "
                             f"is {btype}", "value"))
             else:
                 eff = driver
             if eff == "modbus":
                 if dev.get("slave") is None:
-                    out.append((base + ("slave",), "missing required key 'slave' (the Modbus unit id)",
+                    out.append(_Cross(base + ("slave",), "missing required key 'slave' (the Modbus unit id)",
                                 "missing"))
                 elif btype == "rtu" and dev.get("slave") == 0 and not isinstance(dev.get("slave"), bool):
-                    out.append((base + ("slave",), "slave 0 is the RTU broadcast address and never "
+                    out.append(_Cross(base + ("slave",), "slave 0 is the RTU broadcast address and never "
                                 "answers; use 1..247", "value"))
                 if dev.get("profile") is None and dev.get("registers") is None:
-                    out.append((base + ("profile",), "missing required key 'profile' (or inline "
+                    out.append(_Cross(base + ("profile",), "missing required key 'profile' (or inline "
                                 "'registers'): a Modbus device needs a register map", "missing"))
         effective[str(dev_id)] = eff
 
     mqtt = _mapping(data.get("mqtt"))
     if mqtt.get("payload") == "hj212" and data.get("hj212") is None:
-        out.append((("mqtt", "payload"), "payload: hj212 needs an hj212: section (st, pw)", "value"))
+        out.append(_Cross(("mqtt", "payload"), "payload: hj212 needs an hj212: section (st, pw)", "value"))
 
     def known_channels(dev_id: str) -> list[str] | None:
         dev = _mapping(devices.get(dev_id))
@@ -1076,37 +1285,85 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
                 roles[name] = entry.get("role") or roles.get(name) or "value"
         return [name for name, role in roles.items() if role == "value"]
 
-    def check_ref(ref: str, path: tuple[str | int, ...]) -> None:
+    def unknown_device(dev_id: str, consequence: str = "") -> str:
+        return (f"unknown device {dev_id!r}{_suggest(dev_id, map(str, devices))}{consequence}"
+                f"{_known(map(str, devices), 'devices')}")
+
+    def check_ref(ref: str, path: tuple[str | int, ...], *, rule_does_nothing: bool) -> list[str] | None:
+        """Check `device.channel` (or `device.*`); return the device's channels when known."""
         if ref == "*" or "." not in ref:
-            return
+            return None
         dev_id, channel = ref.split(".", 1)
         if dev_id not in devices:
-            out.append((path, f"unknown device {dev_id!r}{_suggest(dev_id, map(str, devices))}"
-                        f"{_known(map(str, devices), 'devices')}", "value"))
-            return
+            if rule_does_nothing:
+                out.append(_Cross(path, unknown_device(dev_id, ": the rule does nothing"), "value", warning=True))
+            else:
+                out.append(_Cross(path, unknown_device(dev_id), "value"))
+            return None
         channels = known_channels(dev_id)
         if channel != "*" and channels is not None and channel not in channels:
-            out.append((path, f"device '{dev_id}' has no channel {channel!r}{_suggest(channel, channels)}"
+            out.append(_Cross(path, f"device '{dev_id}' has no channel {channel!r}{_suggest(channel, channels)}"
                         f"{_known(channels, 'channels')}", "value"))
+            return None
+        return channels
 
     alarms = data.get("alarms")
     for i, rule in enumerate(alarms if isinstance(alarms, list) else []):
         if not isinstance(rule, dict):
             continue
-        for key in ("channel", "background"):
-            ref = rule.get(key)
-            if isinstance(ref, str):
-                check_ref(ref, ("alarms", i, key))
+        ref = rule.get("channel")
+        channels = check_ref(ref, ("alarms", i, "channel"), rule_does_nothing=True) if isinstance(ref, str) else None
+        preset = rule.get("preset")
+        if channels is not None and isinstance(preset, str) and preset in PRESET_CODES and isinstance(ref, str):
+            codes = PRESET_CODES[preset]
+            channel = ref.split(".", 1)[1]
+            if channel != "*" and channel not in codes or channel == "*" and not codes & set(channels):
+                what = f"channel code {channel!r}" if channel != "*" else "any channel of this device"
+                out.append(_Cross(("alarms", i, "preset"), f"preset {preset!r} has no limit for {what}: the rule "
+                                  f"does nothing{_known(codes, 'it has limits for')}", "value", warning=True))
+        background = rule.get("background")
+        if isinstance(background, str):
+            check_ref(background, ("alarms", i, "background"), rule_does_nothing=False)
         action = _mapping(rule.get("action"))
         target = _text_of(action.get("device"))
         if target is not None:
             path = ("alarms", i, "action", "device")
             if target not in devices:
-                out.append((path, f"unknown device {target!r}{_suggest(target, map(str, devices))}", "value"))
+                out.append(_Cross(path, unknown_device(target, ": the action is skipped"), "value", warning=True))
             elif effective.get(target) not in (None, "modbus"):
-                out.append((path, f"an action writes to a Modbus device; '{target}' is "
+                out.append(_Cross(path, f"an action writes to a Modbus device; '{target}' is "
                             f"{effective[target]}", "value"))
     return out
+
+
+_SECTION_RULES: tuple[tuple[tuple[str, ...], Callable[[Mapping[str, Any]], Iterable[_Broken]]], ...] = (
+    (("mqtt",), _mqtt_rules),
+    (("mqtt", "tls"), _tls_rules),
+    (("devices", "*"), _device_rules),
+    (("alarms", "*"), _alarm_rules),
+    (("alarms", "*", "action"), _action_rules),
+    (("console",), _console_rules),
+)
+
+
+def _section_rules(data: Any) -> Iterable[tuple[_Path, _Broken]]:
+    """Every rule broken in every section of plain `data` (`*`: each device, each alarm)."""
+
+    def sections(value: Any, pattern: tuple[str, ...], path: _Path) -> Iterable[tuple[_Path, dict[str, Any]]]:
+        if not pattern:
+            if isinstance(value, dict):
+                yield path, value
+        elif pattern[0] == "*":
+            items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+            for key, item in items:
+                yield from sections(item, pattern[1:], path + (key,))
+        elif isinstance(value, dict):
+            yield from sections(value.get(pattern[0]), pattern[1:], path + (pattern[0],))
+
+    for pattern, rules in _SECTION_RULES:
+        for path, section in sections(data, pattern, ()):
+            for broken in rules(section):
+                yield path, broken
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1117,6 +1374,8 @@ _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 _MAX_NODES = 200_000
+_TOO_DEEP = "the file is nested too deeply (lists or mappings inside each other hundreds of times)"
+_YAML_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
 
 
 class _TooComplex(Exception):
@@ -1132,6 +1391,7 @@ class _TreeBuilder:
         self.problems: list[tuple[_Path, yaml.Mark, str]] = []
         self.marks: dict[_Path, tuple[yaml.Mark | None, yaml.Mark]] = {}
         self.substituted: dict[_Path, dict[str, str]] = {}
+        self.secret_texts: set[str] = set()  # the text of values under secret keys (password, pw)
         self._constructor = yaml.constructor.SafeConstructor()
         self._resolver = yaml.resolver.Resolver()
         self._active: set[int] = set()
@@ -1150,7 +1410,7 @@ class _TreeBuilder:
                 return self._scalar(node, path)
             if isinstance(node, yaml.SequenceNode):
                 if node.tag != "tag:yaml.org,2002:seq":
-                    self.problems.append((path, node.start_mark, f"unsupported YAML tag {node.tag!r}"))
+                    self._unsupported_tag(node, path)
                 items = []
                 for i, child in enumerate(node.value):
                     self.marks[path + (i,)] = (None, child.start_mark)
@@ -1162,7 +1422,15 @@ class _TreeBuilder:
         finally:
             self._active.discard(id(node))
 
+    def _unsupported_tag(self, node: yaml.Node, path: _Path) -> None:
+        # `password: !xyz` is a tag to YAML: the "tag" may be the password
+        tag = "" if _is_secret_key_path(path) else f" {node.tag.replace('tag:yaml.org,2002:', '!!')!r}"
+        self.problems.append((path, node.start_mark, f"unsupported YAML tag{tag} (put a value that starts with "
+                              "'!' in quotes)"))
+
     def _scalar(self, node: yaml.ScalarNode, path: _Path) -> Any:
+        if _is_secret_key_path(path):
+            self.secret_texts.add(node.value)
         if node.tag == _STR_TAG:
             text = node.value
             if "${" not in text:
@@ -1174,6 +1442,9 @@ class _TreeBuilder:
                 return text
             if result.used:
                 self.substituted[path] = result.used
+            if _is_secret_key_path(path):
+                self.secret_texts.discard(node.value)  # `${NAME}` itself is no secret
+                self.secret_texts.add(result.text)
             if node.style is None:  # plain scalar: `port: ${PORT}` is a number, as if written there
                 tag = self._resolver.resolve(yaml.ScalarNode, result.text, (True, False))
                 if tag in _NUMBER_TAGS:
@@ -1182,17 +1453,21 @@ class _TreeBuilder:
             return result.text
         if node.tag == "tag:yaml.org,2002:timestamp":
             return node.value
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        if node.tag not in self._constructor.yaml_constructors:
+            self._unsupported_tag(node, path)
+            return None
         try:
             value = self._constructor.construct_object(node)
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or str(exc)
-            self.problems.append((path, node.start_mark, problem))
+        except (yaml.YAMLError, ValueError, LookupError, TypeError):  # `!!int abc` (the error quotes the value)
+            self.problems.append((path, node.start_mark, f"the value does not fit its YAML tag {tag} "
+                                  "(remove the tag, or quote the value for text)"))
             return None
         return _with_raw(value, node.value)
 
     def _mapping(self, node: yaml.MappingNode, path: _Path) -> dict[str, Any]:
         if node.tag not in ("tag:yaml.org,2002:map",):
-            self.problems.append((path, node.start_mark, f"unsupported YAML tag {node.tag!r}"))
+            self._unsupported_tag(node, path)
         result: dict[str, Any] = {}
         first: dict[str, yaml.Mark] = {}
         merges: list[yaml.Node] = []
@@ -1369,8 +1644,10 @@ def _message(err: Mapping[str, Any], path: _Path, allowed: list[str] | None, sec
         return msg
     if etype in ("int_type", "int_parsing", "int_from_float"):
         return "expected a whole number" + got
-    if etype in ("float_type", "float_parsing", "finite_number"):
+    if etype in ("float_type", "float_parsing"):
         return "expected a number" + got
+    if etype == "finite_number":
+        return "must be a finite number, not .inf or .nan" + got
     if etype in ("bool_type", "bool_parsing"):
         return "expected true or false" + got
     if etype in ("string_type", "path_type"):
@@ -1410,6 +1687,9 @@ class _Locator:
         self.file = file
         self.builder = builder
         self.root_mark = root_mark
+        # Environment variables substituted into a secret key's value: secrets wherever they are used.
+        self.secret_vars = {name: value for path, used in builder.substituted.items()
+                            if _is_secret_key_path(path) for name, value in used.items()}
 
     def mark(self, path: _Path, where: str) -> yaml.Mark:
         marks = self.builder.marks
@@ -1425,24 +1705,30 @@ class _Locator:
         return self.root_mark
 
     def is_secret(self, path: _Path) -> bool:
-        if any(str(p) in _SECRET_KEYS for p in path):
+        """Messages about `path` do not show its value: a secret key's, or one holding a secret variable."""
+        if _is_secret_key_path(path):
             return True
-        return any(path[: len(p)] == p for p in self.builder.substituted)
+        return any(path[: len(p)] == p and not self.secret_vars.keys().isdisjoint(used)
+                   for p, used in self.builder.substituted.items())
 
-    def problem(self, path: _Path, where: str, message: str) -> Problem:
+    def problem(self, path: _Path, where: str, message: str, *, warning: bool = False) -> Problem:
         m = self.mark(path, where)
-        return Problem(self.file, m.line + 1, m.column + 1, _dotted(path), self._redact(path, message))
+        return Problem(self.file, m.line + 1, m.column + 1, _dotted(path), self._redact(path, message), warning)
 
     def at_mark(self, path: _Path, mark: yaml.Mark, message: str) -> Problem:
         return Problem(self.file, mark.line + 1, mark.column + 1, _dotted(path), self._redact(path, message))
 
     def _redact(self, path: _Path, message: str) -> str:
-        """Never let a substituted value through: replace it by its ${NAME}."""
-        here = any(path[: len(p)] == p for p in self.builder.substituted)
-        for used in self.builder.substituted.values():
-            for name, value in used.items():
-                if value and (len(value) >= 6 or (here and len(value) >= 3)):
-                    message = message.replace(value, "${" + name + "}")
+        """Never let a secret through: the value of a secret key (password, pw) becomes `***`, and a
+        variable substituted into one `${NAME}`, wherever they appear. Short ones (that could be part
+        of any word) only in messages about a secret value itself."""
+        here = self.is_secret(path)
+        for name, value in self.secret_vars.items():
+            if value and (len(value) >= 4 or here):
+                message = message.replace(value, "${" + name + "}")
+        for text in sorted(self.builder.secret_texts, key=len, reverse=True):
+            if text and (len(text) >= 4 or here):
+                message = message.replace(text, "***")
         return message
 
     def from_pydantic(self, err: Mapping[str, Any]) -> Problem:
@@ -1469,18 +1755,23 @@ class _Locator:
             path += ("type",)
             where = "missing"
         elif etype in ("config", "config_section"):
-            at = ctx.get("at")
-            if at:
-                path += tuple(int(p) if p.isdigit() else p for p in str(at).split("."))
-                where = "key" if path in self.builder.marks else "missing"
-            elif etype == "config_section":
-                where = "key"  # a rule about the whole section: point at its key
+            message = _message(err, path, allowed, self.is_secret(path))
+            return self.broken(path, _Broken(message, ctx.get("at"), etype == "config_section"))
         message = _message(err, path, allowed, self.is_secret(path))
-        if etype.startswith("config") and not ctx.get("at") and message.startswith("missing required key '"):
-            # "missing required key 'x'" raised by a model validator: show the missing key's path.
-            missing = message.split("'")[1]
-            return self.problem(path + (missing,), "missing", message)
         return self.problem(path, where, message)
+
+    def broken(self, path: _Path, broken: _Broken) -> Problem:
+        """A rule of the section at `path` (a model validator's error, or `_section_rules`)."""
+        where = "value"
+        if broken.at:
+            path += tuple(int(p) if p.isdigit() else p for p in broken.at.split("."))
+            where = "key" if path in self.builder.marks else "missing"
+        elif broken.message.startswith("missing required key '"):
+            # "missing required key 'x'" raised by a model validator: show the missing key's path.
+            return self.problem(path + (broken.message.split("'")[1],), "missing", broken.message)
+        elif broken.section:
+            where = "key"  # a rule about the whole section: point at its key
+        return self.problem(path, where, broken.message)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1493,16 +1784,26 @@ def parse_config(
     file: str = "<config>",
     env: Mapping[str, str] | None = None,
     base_dir: str | os.PathLike[str] | None = None,
+    check_files: bool = False,
 ) -> Config:
     """Validate configuration `text`; `file` is only used in messages, `base_dir` anchors relative
-    paths (None: they stay relative). Raises ConfigError listing every problem, in file order."""
+    paths (None: they stay relative). Raises ConfigError listing every problem, in file order.
+    With `check_files`, the files it names (password, TLS) must exist too."""
     env = os.environ if env is None else env
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         raise ConfigError([_yaml_problem(file, exc)]) from None
+    except yaml.reader.ReaderError as exc:  # a control character: located by its index in `text`
+        lines = _YAML_LINE_BREAK.split(text[: exc.position])
+        char = exc.character if isinstance(exc.character, int) else 0
+        raise ConfigError([Problem(file, len(lines), len(lines[-1]) + 1, FILE_PATH, f"YAML syntax error: character "
+                                   f"U+{char:04X} is not allowed (no control characters but tab and line breaks; "
+                                   "remove it)")]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([Problem(file, 1, 1, FILE_PATH, f"YAML syntax error: {exc}")]) from None
+    except RecursionError:  # thousands of nested [ or {
+        raise ConfigError([Problem(file, 1, 1, FILE_PATH, _TOO_DEEP)]) from None
     if root is None:
         raise ConfigError([Problem(file, 1, 1, FILE_PATH,
                                    "the file is empty (expected station:, storage:, mqtt:, devices: ...)")])
@@ -1511,6 +1812,8 @@ def parse_config(
         data = builder.build(root, ())
     except _TooComplex:
         raise ConfigError([Problem(file, 1, 1, FILE_PATH, "the file is too large or too deeply aliased")]) from None
+    except RecursionError:
+        raise ConfigError([Problem(file, 1, 1, FILE_PATH, _TOO_DEEP)]) from None
     locator = _Locator(file, builder, root.start_mark)
     if not isinstance(data, dict):
         line, col = root.start_mark.line + 1, root.start_mark.column + 1
@@ -1520,7 +1823,8 @@ def parse_config(
     problems: list[Problem] = [locator.at_mark(p, mark, m) for p, mark, m in builder.problems]
     # A value that failed substitution or parsing is reported once, by the builder.
     claimed = {p for p, _, _ in builder.problems}
-    context = {"base_dir": Path(base_dir) if base_dir is not None else None, "_cross_checked": True}
+    base = Path(base_dir) if base_dir is not None else None
+    context = {"base_dir": base, "_cross_checked": True}
     config: Config | None = None
     try:
         config = Config.model_validate(data, context=context)
@@ -1530,14 +1834,30 @@ def parse_config(
             if prob_path in claimed:
                 continue
             problems.append(locator.from_pydantic(err))
-    for path, message, where in _cross_check(data):
+    # The rules of sections with invalid keys too (a valid section's first rule is already there).
+    reported = {p.path for p in problems}
+    for path, broken in _section_rules(data):
+        problem = locator.broken(path, broken)
+        if problem.path not in reported:
+            problems.append(problem)
+    warnings: list[Problem] = []
+    for path, message, where, warning in _cross_check(data):
         if path not in claimed:
-            problems.append(locator.problem(path, where, message))
+            (warnings if warning else problems).append(locator.problem(path, where, message, warning=warning))
+    if check_files:  # every file key that is valid itself, whatever else is wrong
+        reported = {p.path for p in problems}
+        for key, value in _named_files(data, base):
+            trouble = _file_problem(key, value)
+            if trouble is not None and _dotted(key) not in reported:
+                problems.append(locator.problem(key, "value", trouble))
+    warnings.sort(key=lambda p: (p.line, p.col))
     if problems:
         unique = list(dict.fromkeys(problems))
         unique.sort(key=lambda p: (p.line, p.col))
-        raise ConfigError(unique)
+        raise ConfigError(unique, warnings)
     assert config is not None
+    config._warnings = warnings
+    config._file = file
     config._marks = {p: (v.line + 1, v.column + 1) for p, (_, v) in builder.marks.items()}
     return config
 
@@ -1567,12 +1887,8 @@ def load_config(
         raise ConfigError([Problem(file, line, col, FILE_PATH,
                                    "the file is not UTF-8 text (save it as UTF-8)")]) from None
     base_dir = Path(file).absolute().parent
-    config = parse_config(text, file=file, env=env, base_dir=base_dir)
+    config = parse_config(text, file=file, env=env, base_dir=base_dir, check_files=check_files)
     config._source_path = Path(file).absolute()
-    if check_files:
-        problems = _file_problems(config, file)
-        if problems:
-            raise ConfigError(problems)
     return config
 
 
@@ -1583,44 +1899,119 @@ def check_files(config: Config) -> list[Problem]:
     return _file_problems(config, file)
 
 
-def _file_problems(config: Config, file: str) -> list[Problem]:
-    problems: list[Problem] = []
+#: The keys that name files, checked by `check-config` (`load_config(..., check_files=True)`).
+_FILE_KEYS: tuple[_Path, ...] = (("storage", "path"), ("mqtt", "password_file"), ("mqtt", "tls", "ca"),
+                                 ("mqtt", "tls", "cert"), ("mqtt", "tls", "key"), ("console", "password_file"))
+_FILE_PATH = TypeAdapter(FilePath)
 
-    def at(path: _Path, message: str) -> None:
-        line, col = config._marks.get(path, (1, 1))
-        problems.append(Problem(file, line, col, _dotted(path), message))
 
-    named: list[tuple[_Path, Path | None]] = [(("mqtt", "password_file"), config.mqtt.password_file)]
-    if config.mqtt.tls is not None:
-        tls = config.mqtt.tls
-        named += [(("mqtt", "tls", "ca"), tls.ca), (("mqtt", "tls", "cert"), tls.cert),
-                  (("mqtt", "tls", "key"), tls.key)]
-    if config.console is not None:
-        named.append((("console", "password_file"), config.console.password_file))
-    for path, value in named:
+def _file_problem(key: _Path, value: Path) -> str | None:
+    """What is wrong with the file at `value` named by `key`, or None. The buffer database
+    (`storage.path`) may not exist yet; the other files must exist and be readable."""
+    try:
+        if key == ("storage", "path"):
+            return f"is a directory, expected a database file: {value}" if value.is_dir() else None
+        if not value.exists():
+            return f"file not found: {value}"
+        if not value.is_file():
+            return f"not a file: {value}"
+        if not os.access(value, os.R_OK):
+            return f"file not readable by this user: {value}"
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        return f"cannot use this path: {exc.strerror or exc.__class__.__name__}"
+    return None
+
+
+def _named_files(data: Any, base_dir: Path | None) -> list[tuple[_Path, Path]]:
+    """(key, resolved path) of each file key in `data` whose value is a valid path."""
+    out = []
+    for key in _FILE_KEYS:
+        value: Any = data
+        for part in key:
+            value = value.get(part) if isinstance(value, dict) else None
         if value is None:
             continue
-        if not value.exists():
-            at(path, f"file not found: {value}")
-        elif not value.is_file():
-            at(path, f"not a file: {value}")
-        elif not os.access(value, os.R_OK):
-            at(path, f"file not readable by this user: {value}")
-    if config.storage.path.is_dir():
-        at(("storage", "path"), f"is a directory, expected a database file: {config.storage.path}")
+        try:
+            out.append((key, _FILE_PATH.validate_python(value, context={"base_dir": base_dir})))
+        except ValidationError:
+            continue  # reported by the model
+    return out
+
+
+def _file_problems(config: Config, file: str) -> list[Problem]:
+    problems = []
+    for key, value in _named_files(config.model_dump(mode="python"), None):
+        message = _file_problem(key, value)
+        if message is not None:
+            line, col = config._marks.get(key, (1, 1))
+            problems.append(Problem(file, line, col, _dotted(key), message))
     return problems
 
 
 def json_schema() -> dict[str, Any]:
-    """The JSON Schema of the configuration file (for editors; `edge-agent schema`)."""
+    """The JSON Schema of the configuration file (for editors; `edge-agent schema`). It accepts every
+    file `check-config` accepts (an editor must not flag a valid file): besides what the models
+    say, `${NAME}` where a number or a value of a given form is expected, a quoted number, register
+    entries without `address` that override a profile's entry, and `min_count`'s other names."""
     schema = Config.model_json_schema(mode="validation")
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+    defs = schema["$defs"]
+    defs["RegisterSpec"]["required"] = ["channel"]  # an override of a profile's entry may give only its changes
+    defs["Device"]["allOf"] = [{"if": {"not": {"required": ["profile"]}},
+                                "then": {"properties": {"registers": {"items": {"required": ["address"]}}}}}]
+    counts = defs["AggregateCount"]["properties"]
+    counts.update({"10m": counts["minute"], "1h": counts["hour"], "1d": counts["day"]})
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_allow_substitution(schema)}
+
+
+_SUBSTITUTION = {"type": "string", "pattern": r"\$\{[A-Za-z_][A-Za-z0-9_]*\}"}
+_QUOTED_NUMBER = {"type": "string", "pattern": r"^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"}
+# YAML 1.1 (PyYAML, so the agent) reads these as true/false; an editor speaking YAML 1.2 sees text.
+_YES_NO_WORDS = {"enum": [w for word in ("yes", "no", "on", "off") for w in (word, word.title(), word.upper())]}
+_ANNOTATIONS = ("title", "description", "default")  # kept on the outside when a schema gets alternatives
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "patternProperties")
+_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "propertyNames")
+
+
+def _allow_substitution(node: Any) -> Any:
+    """`node` (a JSON Schema) where every number, enumerated value and patterned text may also be a
+    `${NAME}` to substitute (and a number a quoted number, as pydantic reads one), and true/false
+    may be spelled yes/no or on/off."""
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            if {"type": "string"} in node[key]:  # any text is fine already (Text, which takes numbers too)
+                continue
+            node[key] = [_allow_substitution(n) for n in node[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            node[key] = {name: _allow_substitution(n) for name, n in node[key].items()}
+    for key in _SUBSCHEMAS:
+        if key in node:
+            node[key] = _allow_substitution(node[key])
+    if "pattern" in node:
+        node["pattern"] = f"(?:{node['pattern']})|{_SUBSTITUTION['pattern']}"
+    alternatives: list[dict[str, Any]]
+    if "enum" in node or "const" in node:
+        alternatives = [_SUBSTITUTION]
+    elif node.get("type") in ("integer", "number"):
+        alternatives = [_SUBSTITUTION, _QUOTED_NUMBER]
+    elif node.get("type") == "boolean":
+        alternatives = [_YES_NO_WORDS]
+    else:
+        return node
+    outside = {key: node.pop(key) for key in _ANNOTATIONS if key in node}
+    return {**outside, "anyOf": [node, *alternatives]}
 
 
 def _yaml_problem(file: str, exc: yaml.MarkedYAMLError) -> Problem:
     mark = exc.problem_mark or exc.context_mark
     line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
     message = f"YAML syntax error: {exc.problem or exc.context or 'invalid YAML'}"
+    if exc.problem and exc.problem.startswith("found undefined alias"):  # `password: *xyz`: the name may be a secret
+        message = "YAML syntax error: found undefined alias (put a value that starts with '*' in quotes)"
     if exc.context and exc.problem and exc.context_mark is not None:
         message += f" ({exc.context} at line {exc.context_mark.line + 1})"
     if exc.problem and "'\\t'" in exc.problem:

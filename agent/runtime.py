@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent import instance
 from agent.aggregate import Aggregator
 from agent.alarms import AlarmEngine
 from agent.buffer import Buffer
 from agent.clock import ClockWatch
 from agent.config import Config, ConfigError, load_config
-from agent.hj212 import Packet, encode
 from agent.hj212_payload import Hj212Identity
 from agent.logutil import RateLimitedLog
 from agent.memtrim import release_free_memory
@@ -47,7 +47,8 @@ class UnsupportedConfig(Exception):
 
 
 def broker_settings(config: Config) -> BrokerSettings:
-    """The publisher's settings from the `mqtt` section (reads the password file now)."""
+    """The publisher's settings from the `mqtt` section (reads the password file now: ConfigError at
+    `mqtt.password_file` when it cannot be read)."""
     m = config.mqtt
     tls = m.tls
     return BrokerSettings(
@@ -60,7 +61,7 @@ def broker_settings(config: Config) -> BrokerSettings:
         reconnect_max=m.reconnect_max,
         keepalive=m.keepalive,
         username=m.username,
-        password=m.read_password(),
+        password=config.read_mqtt_password(),
         tls_ca=str(tls.ca) if tls and tls.ca else None,
         tls_cert=str(tls.cert) if tls and tls.cert else None,
         tls_key=str(tls.key) if tls and tls.key else None,
@@ -102,14 +103,9 @@ def _bus_module(bus_type: str):
 
 
 def check_supported(config: Config) -> None:
-    """Refuse, with a clear message, what the config validates but this version does not run yet."""
+    """Refuse, with a clear message, what the config validates but this version does not run yet.
+    (The HJ 212 password's rules are part of the config's validation: `Hj212.pw`.)"""
     problems = []
-    identity = hj212_identity(config)
-    if identity is not None and (config.mqtt.payload == "hj212" or config.hj212 and config.hj212.uplinks):
-        try:  # HJ 212-2017 limits PW to 6 characters without separators; say so now, not on every packet
-            encode(Packet(st=identity.st, cn="2011", pw=identity.pw, mn=identity.mn, cp=[]))
-        except ValueError as exc:
-            problems.append(f"hj212: {exc}")
     for bus_name, bus in config.buses.items():
         if _bus_module(bus.type) is None and any(d.bus == bus_name for d in config.devices.values()):
             problems.append(f"buses.{bus_name}: {bus.type} buses are not yet supported by this version")
@@ -188,10 +184,13 @@ class Station:
         self.console: Console | None = None
 
     def run(self) -> int:
+        """Run until stopped; raises AlreadyRunning (before touching the buffer) when another agent
+        runs with the same buffer."""
         self._install_signals()  # first: a signal during start-up is acted on once running, never lost
-        release_free_memory(collect=True)  # what loading the configuration built and dropped
         cfg = self.config
         storage = cfg.storage
+        self._instance_lock = instance.hold(storage.path)  # held until the process ends
+        release_free_memory(collect=True)  # what loading the configuration built and dropped
         buffer = Buffer.open_writer(storage.path, sync=storage.sync, max_mb=storage.max_mb)
         buffer.ensure_time_index()  # HJ 212 backfill requests ask for aggregates by time
         log.info("buffer %s open: readings last seq %d, acknowledged up to %d", storage.path,

@@ -1,15 +1,18 @@
 """What `edge-agent status` and the `status` command report, read from the buffer database only.
 
-Works while `run` writes (a read-only connection to the WAL database). Imports `agent.buffer`,
-`agent.model`; it takes the loaded config for device intervals.
+Works while `run` writes (a read-only connection to the WAL database); `agent_state` asks the
+buffer's lock whether an agent runs. Imports `agent.buffer`, `agent.instance`, `agent.model`; it
+takes the loaded config for device intervals.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from agent.buffer import Buffer
+from agent.instance import running_pid
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, iso_utc_ms, now_ms
 
 STALE_AFTER_INTERVALS = 3  # a device is "stale" when nothing was stored for this many intervals
@@ -100,6 +103,11 @@ def collect(reader: Buffer | None, device_intervals: dict[str, float]) -> dict[s
 def render_text(status: dict[str, Any]) -> str:
     """The human-readable form of `edge-agent status`."""
     lines = []
+    agent = status.get("agent")
+    if agent:
+        running = {True: f"running (pid {agent.get('pid')})", False: "NOT running",
+                   None: "unknown (the lock file cannot be read by this user)"}
+        lines.append(f"agent    {running[agent['running']]}")
     broker = status.get("broker") or {}
     lines.append(f"broker   {broker.get('state', 'unknown')}"
                  + (f" {broker['url']}" if broker.get("url") else "")
@@ -142,3 +150,13 @@ def format_value(value: float | None) -> str:
     if float(value).is_integer() and abs(value) < 2**53:
         return str(int(value))
     return f"{value:.15g}"
+
+
+def agent_state(buffer_path: Path) -> dict[str, Any]:
+    """Whether an agent runs with this buffer (its lock, `agent.instance`): `running` true/false, or
+    null when this user may not read the lock file; `pid` when known."""
+    try:
+        pid = running_pid(buffer_path)
+    except PermissionError:
+        return {"running": None, "pid": None}
+    return {"running": pid is not None, "pid": pid or None}

@@ -217,6 +217,38 @@ def test_sigterm_while_the_broker_hangs_exits_within_the_shutdown_grace(tmp_path
     assert took < 1 + 0.9, f"stopped after {took:.2f} s with shutdown_grace 1"
 
 
+def test_a_second_agent_on_the_same_buffer_is_refused_and_status_knows_whether_one_runs(tmp_path, broker,
+                                                                                         collector):
+    """A technician starting `run` by hand beside the service: the second one is refused (it would
+    write the same streams and take the broker's client id), the first goes on. Once the agent is
+    gone (even by kill -9), status says so instead of the broker state the agent left behind."""
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=2, interval=0.2))
+    first = AgentProcess(cfg)
+    wait_for(lambda: len(collector.reading_seqs()) >= 5, 20, "readings")
+    second = AgentProcess(cfg)
+    try:
+        assert second.proc.wait(20) == 1
+        assert f"another edge-agent (pid {first.proc.pid}) is running" in second.log()
+        status = json.loads(run_cli("status", "-c", str(cfg), "--json").stdout)
+        assert status["agent"] == {"running": True, "pid": first.proc.pid}
+        assert status["broker"]["state"] == "online"
+        before = max(collector.reading_seqs())
+        wait_for(lambda: max(collector.reading_seqs()) > before + 5, 10, "the first agent goes on publishing")
+    finally:
+        first.proc.kill()
+        first.proc.wait()
+    status = json.loads(run_cli("status", "-c", str(cfg), "--json").stdout)
+    assert status["agent"] == {"running": False, "pid": None}
+    assert status["broker"]["state"] == "offline" and "not running" in status["broker"]["error"]
+    assert "NOT running" in run_cli("status", "-c", str(cfg)).stdout
+    third = AgentProcess(cfg)  # the lock died with the killed process
+    try:
+        wait_for(lambda: json.loads(run_cli("status", "-c", str(cfg), "--json").stdout)["agent"]["running"], 20,
+                 "the restarted agent holds the lock")
+    finally:
+        assert third.stop() == 0
+
+
 def test_sighup_with_a_broken_config_keeps_running(tmp_path, broker, collector):
     path = tmp_path / "station.yaml"
     cfg = write_config(path, sim_config(tmp_path, broker, channels=2, interval=0.2))

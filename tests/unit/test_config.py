@@ -192,11 +192,11 @@ def test_programmatic_config_is_cross_checked_too() -> None:
         "storage": {"path": "/tmp/x.db"},
         "mqtt": {"url": "mqtt://localhost"},
         "devices": {"sim": {"driver": "simulated", "channels": {"c1": {}}}},
-        "alarms": [{"channel": "nope.c1", "above": 1}],
+        "alarms": [{"channel": "sim.c2", "above": 1}],
     }
-    with pytest.raises(ValueError, match=r"alarms\.0\.channel: unknown device 'nope'"):
+    with pytest.raises(ValueError, match=r"alarms\.0\.channel: device 'sim' has no channel 'c2'"):
         Config.model_validate(data)
-    data["alarms"] = [{"channel": "sim.c1", "above": 1}]
+    data["alarms"] = [{"channel": "sim.c1", "above": 1}, {"channel": "nope.c1", "above": 1}]  # a warning only
     assert Config.model_validate(data).devices["sim"].driver == "simulated"
 
 
@@ -290,10 +290,13 @@ def test_url_or_urls_required(tmp_path: Path) -> None:
     assert single_problem(tmp_path, text).startswith("6:1: mqtt.url: missing required key 'url'")
 
 
-def test_alarm_on_unknown_device(tmp_path: Path) -> None:
+def test_alarm_on_unknown_device_is_a_warning(tmp_path: Path) -> None:
     text = GOOD + "alarms:\n  - {channel: cox.w01018, above: 50}\n"
-    assert single_problem(tmp_path, text) == (
-        "21:15: alarms.0.channel: unknown device 'cox' (did you mean 'cod'?); devices: cod, sim")
+    path = write(tmp_path, text)
+    config = load_config(path, env={})
+    assert [str(w) for w in config.warnings] == [
+        f"{path}:21:15: alarms.0.channel: warning: unknown device 'cox' (did you mean 'cod'?): the rule does "
+        "nothing; devices: cod, sim"]
 
 
 def test_alarm_on_a_channel_the_device_does_not_have(tmp_path: Path) -> None:
@@ -405,7 +408,7 @@ def test_simulated_channel_codes_have_no_dash(tmp_path: Path) -> None:
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     text = GOOD.replace("    interval: 1", "    intervall: 1").replace("slave: 1", "slave: 300").replace(
-        "type: other", "type: factory") + "alarms:\n  - {channel: nope.x, above: 1}\n"
+        "type: other", "type: factory") + "alarms:\n  - {channel: sim.x, above: 1}\n"
     found = [p.split(":", 1)[1] for p in problems_of(write(tmp_path, text))]
     assert [f.split(": ")[0] for f in found] == [
         "3:9", "13:5", "18:12", "21:15",
@@ -482,3 +485,305 @@ def test_parse_config_reports_the_given_file_name() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config("station: [", file="inline.yaml")
     assert str(info.value.problems[0]).startswith("inline.yaml:")
+
+
+# --------------------------------------------------------------------------------------------------
+# Audit of check-config / run (no traceback, no secret on stderr, every problem, warnings)
+
+
+def test_empty_optional_keys_are_as_if_not_given(tmp_path: Path) -> None:
+    text = GOOD.replace("    profile: cod-analyzer", "    profile:") + (
+        "alarms:\n  - {channel: sim.a34004, preset: ~, above: 3, background: }\n")
+    assert single_problem(tmp_path, text) == (
+        "16:3: devices.cod.profile: missing required key 'profile' (or inline 'registers'): a Modbus device "
+        "needs a register map")
+    config = load_config(write(tmp_path, GOOD + "alarms:\n  - {channel: sim.a34004, preset: ~, background: ~, "
+                                                 "above: 3}\n"), env={})
+    assert config.alarms[0].preset is None and config.alarms[0].background is None
+
+
+@pytest.mark.parametrize("tag", ["!!int", "!!float", "!!bool", "!!binary"])
+def test_a_value_that_does_not_fit_its_tag_is_a_problem_that_never_quotes_it(tmp_path: Path, tag: str) -> None:
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883",
+                        f"  url: mqtt://127.0.0.1:1883\n  username: u\n  password: {tag} Hunter2Secret")
+    assert single_problem(tmp_path, text) == (
+        f"9:13: mqtt.password: the value does not fit its YAML tag {tag} (remove the tag, or quote the value for "
+        "text)")
+
+
+def test_a_password_that_yaml_reads_as_a_tag_or_an_alias_is_not_quoted(tmp_path: Path) -> None:
+    def with_password(value: str) -> str:
+        return GOOD.replace("  url: mqtt://127.0.0.1:1883", f"  url: mqtt://h\n  username: u\n  password: {value}")
+
+    assert single_problem(tmp_path, with_password("!Hunter2Secret")) == (
+        "9:13: mqtt.password: unsupported YAML tag (put a value that starts with '!' in quotes)")
+    assert single_problem(tmp_path, with_password("*Hunter2Secret")) == (
+        f"9:13: {FILE_PATH}: YAML syntax error: found undefined alias (put a value that starts with '*' in quotes)")
+    assert single_problem(tmp_path, GOOD.replace("type: other", "type: !ab other")) == (
+        "3:9: station.type: unsupported YAML tag '!ab' (put a value that starts with '!' in quotes)")
+
+
+def test_paths_the_system_refuses_are_problems_not_crashes(tmp_path: Path) -> None:
+    long = "x" * 300
+    text = GOOD.replace("path: ./data/buffer.db", f"path: ./{long}.db").replace("  url: mqtt://127.0.0.1:1883", f"""\
+  url: mqtts://127.0.0.1
+  username: u
+  password_file: {long}
+  tls: {{ca: "~no-such-user-here/ca.pem", cert: /{long}/c.pem, key: k.pem}}""")
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={}, check_files=True)
+    tls_line = text.splitlines()[9]
+    cert_col, key_col = tls_line.index(f"/{long}/") + 1, tls_line.index("k.pem") + 1
+    assert [str(p)[len(str(path)) + 1:] for p in info.value.problems] == [
+        "5:9: storage.path: cannot use this path: File name too long",
+        "9:18: mqtt.password_file: cannot use this path: File name too long",
+        "10:13: mqtt.tls.ca: cannot expand '~' in '~no-such-user-here/ca.pem': unknown user or no home directory",
+        f"10:{cert_col}: mqtt.tls.cert: cannot use this path: File name too long",
+        f"10:{key_col}: mqtt.tls.key: file not found: {tmp_path / 'k.pem'}",
+    ]
+
+
+def test_missing_files_are_reported_with_the_other_problems(tmp_path: Path) -> None:
+    text = GOOD.replace("    interval: 1", "    intervall: 1").replace("  url: mqtt://127.0.0.1:1883", """\
+  url: mqtts://127.0.0.1
+  username: u
+  password_file: mqtt.pass
+  tls: {ca: ca.pem}""")
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={}, check_files=True)
+    assert [str(p)[len(str(path)) + 1:] for p in info.value.problems] == [
+        f"9:18: mqtt.password_file: file not found: {tmp_path / 'mqtt.pass'}",
+        f"10:13: mqtt.tls.ca: file not found: {tmp_path / 'ca.pem'}",
+        "16:5: devices.sim.intervall: unknown key 'intervall' (did you mean 'interval'?)",
+    ]
+
+
+def test_yes_no_is_no_number_but_numbers_keep_working(tmp_path: Path) -> None:
+    text = GOOD.replace("id: ST01", "id: 14010500000017").replace("  url: mqtt://127.0.0.1:1883", """\
+  url: mqtt://127.0.0.1:1883
+  max_batch: ${BATCH}
+  reconnect_max: 10
+  keepalive: "${KEEPALIVE}\"""") + "aggregate: {hour: false, day: true}\n"
+    config = load_config(write(tmp_path, text), env={"BATCH": "50", "KEEPALIVE": "60"})
+    assert config.station.id == "14010500000017"
+    assert (config.mqtt.max_batch, config.mqtt.reconnect_max, config.mqtt.keepalive) == (50, 10.0, 60)
+    assert (config.aggregate.hour, config.aggregate.day) == (False, True)
+    assert single_problem(tmp_path, text.replace("hour: false", "hour: 0"), env={"BATCH": "50", "KEEPALIVE": "6"}) \
+        == "23:19: aggregate.hour: expected true or false (got 0)"
+    assert single_problem(tmp_path, text, env={"BATCH": "yes", "KEEPALIVE": "6"}) == (
+        "8:14: mqtt.max_batch: expected a whole number (got 'yes')")
+
+
+def test_hj212_password_rules_are_checked_with_the_config(tmp_path: Path) -> None:
+    text = GOOD + 'hj212: {st: 32, pw: "pw;with;semicolons&&"}\n'
+    found = single_problem(tmp_path, text)
+    assert found == ("20:21: hj212.pw: the HJ 212 password must be at most 6 printable ASCII characters without "
+                     "space or ; , & =")
+    assert "semicolons" not in found
+    assert load_config(write(tmp_path, GOOD + "hj212: {st: 32, pw: 012345}\n"), env={}).hj212.pw == "012345"
+
+
+def test_hj212_password_rule_is_the_one_packets_are_encoded_with() -> None:
+    from agent.config import HJ212_PW_RE
+    from agent.hj212 import Packet, encode
+
+    for pw in [chr(c) * n for c in range(0x20, 0x80) for n in (1, 6, 7)] + ["", "中", "ab\tc"]:
+        try:
+            encode(Packet(st="32", cn="2011", pw=pw, mn="ST01", cp=[]))
+            encodable = True
+        except ValueError:
+            encodable = False
+        assert encodable == bool(HJ212_PW_RE.fullmatch(pw)), repr(pw)
+
+
+def test_the_spec_example_is_valid_with_two_warnings() -> None:
+    path = FIXTURES / "spec-example.yaml"
+    config = load_config(path, env={"MQTT_USER": "u", "HJ212_PW": "123456"})
+    assert len(config.alarms) == 5
+    assert [str(w)[len(str(path)) + 1:] for w in config.warnings] == [
+        "73:15: alarms.4.channel: warning: unknown device 'dust': the rule does nothing; devices: cod, nh3n, pm, sim",
+        "73:69: alarms.4.action.device: warning: unknown device 'fog': the action is skipped; devices: cod, nh3n, "
+        "pm, sim",
+    ]
+
+
+def test_a_preset_without_a_limit_for_the_channel_is_a_warning(tmp_path: Path) -> None:
+    text = GOOD + """\
+alarms:
+  - {channel: sim.a34004, preset: gb3838-iii}
+  - {channel: "sim.*", preset: gb18918-1a}
+  - {channel: "sim.*", preset: gb3095-2012-ii}
+"""
+    path = write(tmp_path, text)
+    assert [str(w)[len(str(path)) + 1:] for w in load_config(path, env={}).warnings] == [
+        "21:35: alarms.0.preset: warning: preset 'gb3838-iii' has no limit for channel code 'a34004': the rule does "
+        "nothing; it has limits for: w01018, w21003",
+        "22:32: alarms.1.preset: warning: preset 'gb18918-1a' has no limit for any channel of this device: the rule "
+        "does nothing; it has limits for: w01018, w21003",
+    ]
+
+
+def test_warnings_come_with_the_problems_and_apart_from_them(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("type: other", "type: factory") + "alarms:\n  - {channel: fog.x, above: 1}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert [p.path for p in info.value.problems] == ["station.type"]
+    assert [(w.path, w.warning) for w in info.value.warnings] == [("alarms.0.channel", True)]
+
+
+def test_check_config_prints_warnings_on_stderr_and_exits_0(tmp_path: Path) -> None:
+    from harness import run_cli
+
+    path = write(tmp_path, GOOD + "alarms:\n  - {channel: sim.a34004, above: 1, action: {device: fog, coil: 0}}\n")
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (f"{path}:21:54: alarms.0.action.device: warning: unknown device 'fog': the action is "
+                             "skipped; devices: cod, sim\n")
+    assert result.stdout.startswith(f"{path}: OK")
+
+
+def test_run_refuses_an_unreadable_password_file_in_one_line(tmp_path: Path) -> None:
+    from harness import run_cli
+
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883",
+                        "  url: mqtt://127.0.0.1:1\n  username: u\n  password_file: nope.pass")
+    path = write(tmp_path, text)
+    result = run_cli("run", "-c", str(path), timeout=30)
+    assert result.returncode == 2
+    assert result.stderr == (f"{path}:9:18: mqtt.password_file: cannot read the password file: No such file or "
+                             "directory\n")
+    assert not (tmp_path / "data").exists()  # refused before anything started
+
+
+def test_alarm_engine_skips_rules_and_actions_on_devices_not_configured() -> None:
+    from agent.alarms import AlarmEngine
+    from agent.model import Reading
+
+    config = parse_config(GOOD + """\
+alarms:
+  - {channel: dust.a34002, stale: 1}
+  - {channel: "dust.*", above: 1}
+  - {channel: sim.a34004, above: 1, action: {device: fog, coil: 0}}
+""")
+    events: list[dict] = []
+    writes: list[tuple] = []
+    clock = [0.0]
+
+    class Recorder:
+        def submit_event(self, stream: str, ts_ms: int, body: dict) -> None:
+            events.append(body)
+
+        def set_meta(self, key: str, value: str) -> None:
+            pass
+
+    engine = AlarmEngine(config, Recorder(), None, lambda *args: writes.append(args), clock=lambda: clock[0],
+                         wall_ms=lambda: 1_790_000_000_000 + int(clock[0] * 1000), inline_actions=True)
+    t0 = 1_790_000_000_000
+    engine.observe([Reading("sim", "a34004", t0, 50.0), Reading("dust", "a34002", t0, 50.0)])
+    clock[0] = 10.0
+    engine.tick()
+    assert [(e["id"], e["state"]) for e in events] == [("sim.a34004:above", "raised")]
+    assert writes == []
+
+
+def test_control_characters_are_located_and_escaped(tmp_path: Path) -> None:
+    text = GOOD.replace("{unit: ug/m3, mean: 45}", '{unit: "ug\x1bm3", mean: 45}')
+    assert single_problem(tmp_path, text) == (
+        f"15:25: {FILE_PATH}: YAML syntax error: character U+001B is not allowed (no control characters but tab and "
+        "line breaks; remove it)")
+    text = GOOD.replace("  sim:\n", '  "sim\\n":\n').replace("  url: mqtt://127.0.0.1:1883",
+                                                             '  url: mqtt://127.0.0.1:1883\n  topic_prefix: "env\\n"')
+    path = write(tmp_path, text)
+    assert [p[len(str(path)) + 1:] for p in problems_of(path)] == [
+        "8:17: mqtt.topic_prefix: must not contain line breaks, tabs or other control characters",
+        "12:3: devices.sim\\n: device id 'sim\\n' may only contain a-z (lower case), 0-9, '_' and '-'",
+    ]
+
+
+@pytest.mark.parametrize("prefix", ["env/#", "env/+/x", "e\tnv"])
+def test_topic_prefix_refuses_wildcards_and_control_characters(tmp_path: Path, prefix: str) -> None:
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883", f'  url: mqtt://127.0.0.1:1883\n  topic_prefix: "{prefix}"')
+    assert single_problem(tmp_path, text).startswith("8:17: mqtt.topic_prefix: must not contain ")
+
+
+def test_only_secret_values_are_redacted(tmp_path: Path) -> None:
+    text = GOOD.replace("type: other", "type: outfal").replace("  url: mqtt://127.0.0.1:1883", """\
+  url: mqtt://127.0.0.1:1883
+  username: "${MQTT_USER}"
+  password: ${MQTT_PASS}
+  client_id: "${MQTT_PASS}-1"
+  qos: "${MQTT_USER}\"""")
+    path = write(tmp_path, text)
+    found = [p[len(str(path)) + 1:] for p in problems_of(path, env={"MQTT_USER": "outfall", "MQTT_PASS": "pw7"})]
+    assert found == [
+        "3:9: station.type: must be 'river_section', 'outfall', 'dust' or 'other' (got 'outfal')",
+        "11:8: mqtt.qos: must be 0 or 1 (got 'outfall')",
+    ]
+    text = text.replace('client_id: "${MQTT_PASS}-1"', 'client_id: ""').replace('qos: "${MQTT_USER}"', "qos: 1")
+    text = text.replace("id: ST01", 'id: "${MQTT_PASS}!"')
+    found = [p[len(str(path)) + 1:] for p in problems_of(write(tmp_path, text), env={"MQTT_USER": "outfall",
+                                                                                     "MQTT_PASS": "pw7"})]
+    assert found == [
+        "2:7: station.id: station id '${MQTT_PASS}!' must be 1 to 24 characters of A-Z, a-z, 0-9, '_' or '-'",
+        "3:9: station.type: must be 'river_section', 'outfall', 'dust' or 'other' (got 'outfal')",
+        "10:14: mqtt.client_id: must not be empty",
+    ]
+
+
+def test_min_count_accepts_the_readme_spelling(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD + "aggregate: {min_count: {10m: 8, 1h: 45, 1d: 20}}\n"), env={})
+    assert config.aggregate.min_count is not None
+    assert (config.aggregate.min_count.minute, config.aggregate.min_count.hour,
+            config.aggregate.min_count.day) == (8, 45, 20)
+    assert single_problem(tmp_path, GOOD + "aggregate: {min_count: {1h: 0}}\n") == (
+        "20:29: aggregate.min_count.1h: must be at least 1 (got 0)")
+
+
+def test_json_schema_accepts_what_check_config_accepts() -> None:
+    import re
+
+    schema = json_schema()
+    defs = schema["$defs"]
+
+    def alternatives(node: dict) -> list[dict]:
+        return [node, *[a for alt in node.get("anyOf", []) for a in alternatives(alt)]]
+
+    def accepts_type(node: dict, kind: str) -> bool:
+        return any(alt.get("type") == kind for alt in alternatives(node))
+
+    def accepts_text(node: dict, text: str) -> bool:
+        """The YAML text `text` passes `node`'s own pattern and one of its string or enum alternatives."""
+        if "pattern" in node and not re.search(node["pattern"], text):
+            return False
+        for alt in alternatives(node):
+            if "enum" in alt:
+                if text in alt["enum"]:
+                    return True
+            elif alt.get("type") == "string" and re.search(alt.get("pattern", ""), text):
+                return True
+        return False
+
+    station_id = defs["Station"]["properties"]["id"]
+    assert accepts_type(station_id, "integer")  # id: 14010500000017
+    assert accepts_text(station_id, "${STATION}") and not accepts_text(station_id, "ST 01")
+    for section in ("buses", "aggregate", "alarms", "console"):
+        assert accepts_type(schema["properties"][section], "null"), section
+    assert accepts_type(defs["Hj212"]["properties"]["uplinks"], "null")
+    assert accepts_text(defs["RtuBus"]["properties"]["parity"], "e")
+    assert accepts_text(defs["TcpBus"]["properties"]["port"], "${PORT}")
+    assert accepts_text(defs["Mqtt"]["properties"]["qos"], "${QOS}")
+    assert accepts_text(defs["Aggregate"]["properties"]["hour"], "yes")  # YAML 1.1 spelling, text in YAML 1.2
+    pw = defs["Hj212"]["properties"]["pw"]
+    assert accepts_text(pw, "${HJ212_PW}") and accepts_text(pw, "123456") and not accepts_text(pw, "1234567")
+    assert defs["RegisterSpec"]["required"] == ["channel"]  # `{channel: w01018, range: [0, 500]}` overrides
+    assert defs["Device"]["allOf"] == [{"if": {"not": {"required": ["profile"]}},
+                                        "then": {"properties": {"registers": {"items": {"required": ["address"]}}}}}]
+    assert {"minute", "hour", "day", "10m", "1h", "1d"} <= set(defs["AggregateCount"]["properties"])
+
+
+def test_a_file_nested_thousands_deep_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    for text in ("station: " + "[" * 5000 + "]" * 5000 + "\n", "station: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n"):
+        assert single_problem(tmp_path, text) == (
+            f"1:1: {FILE_PATH}: the file is nested too deeply (lists or mappings inside each other hundreds of times)")
