@@ -26,7 +26,11 @@ Decisions (the README's alarm section repeats them for technicians):
 - `background: dev.ch` is subtracted: its window mean (same S) or, without a window, its last value.
 - The GB 18918 "<= 12 degC" NH3-N limit applies while the station's water temperature channel (the
   code the preset names, w01010; the same device's first, else the most recent of any device) reads
-  <= 12; with no temperature reading the normal (stricter) limit applies.
+  <= 12; with no temperature reading the normal (stricter) limit applies. A batch's temperatures are
+  taken before any of its values is compared (channel order in a poll does not matter), and the
+  last ones are kept in the saved state (a restart does not fall back to the stricter limit).
+  A cleared event carries the limit in force when it clears (a temperature or a reload may have
+  moved it since the raise: the event then says why the value now counts as within the limit).
 - `stale: S` raises in `tick` when a channel had no non-null reading for S seconds of agent time
   (from start for a channel not yet seen) and clears on its next non-null reading. `fault: S` raises
   when a channel's readings have been flagged B or D for S seconds and clears after `clear_delay` of
@@ -99,6 +103,11 @@ RULE_ABOVE, RULE_BELOW, RULE_STALE, RULE_FAULT = "above", "below", "stale", "fau
 
 # --------------------------------------------------------------------------------------------------
 # Presets (agent/data/presets.yaml)
+
+
+def _measured(r: Reading) -> bool:
+    """A value that counts for limits and windows: present, finite, with a measurement flag."""
+    return r.value is not None and r.flag in MEASURED_FLAGS and math.isfinite(r.value)
 
 
 @dataclass(frozen=True)
@@ -470,6 +479,7 @@ class AlarmEngine:
         self._warned: set[str] = set()
         self._windows_dirty = False
         self._windows_saved = self._started
+        self._save_requested = False
         self._errlog = RateLimitedLog(log, every_s=300)
         self._worker: _ActionWorker | None = None
         state = self._parse_state(saved_state)
@@ -481,6 +491,9 @@ class AlarmEngine:
                         self._saved_windows[(str(key), float(seconds))] = data
                     except ValueError:
                         continue
+        for device, value in (state.get("temperatures") or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                self._temps[str(device)] = (float(value), -math.inf)  # older than any new reading
         self._apply_config(config, state, restoring=True)
         if saved_state and not state:
             self._save()  # replace the unreadable state (and the active list `status` shows)
@@ -518,6 +531,12 @@ class AlarmEngine:
         if not self._rules:
             return  # nothing to evaluate (a rule added by a reload starts from the reload)
         now = self.clock()
+        if self._cold_codes:
+            readings = list(readings)
+            for r in readings:
+                if r.channel in self._cold_codes and _measured(r):
+                    assert r.value is not None
+                    self._temps[r.device] = (r.value, now)
         for r in readings:
             key = f"{r.device}.{r.channel}"
             ch = self._channels.get(key)
@@ -538,10 +557,16 @@ class AlarmEngine:
             if age >= limit:
                 self._raise(inst, round(age, 1), limit, self.wall_ms())
         self._run_actions(now)
-        if self._windows_dirty and now - self._windows_saved >= WINDOW_SAVE_EVERY_S:
+        if self._save_requested or (self._windows_dirty and now - self._windows_saved >= WINDOW_SAVE_EVERY_S):
+            self._save_requested = False
             self._windows_saved = now
             self._windows_dirty = False
             self.recorder.set_meta("alarm_state", self._state_json())
+
+    def save_at_next_tick(self) -> None:
+        """Any thread: save the state (windows included) at the next tick, so that the recorder's last
+        commit holds the windows as they stand at a stop (a restart then misses no stored reading)."""
+        self._save_requested = True
 
     # ------------------------------------------------------------------ configuration
 
@@ -787,15 +812,13 @@ class AlarmEngine:
         valid = r.value is not None
         if valid:
             ch.last_valid_mono = now
-        measured = r.value is not None and r.flag in MEASURED_FLAGS and math.isfinite(r.value)
+        measured = _measured(r)
         if measured:
             assert r.value is not None
             ch.last_value = r.value
             for w in ch.windows.values():
                 w.add(r.ts_ms, r.value)
                 self._windows_dirty = True
-            if ch.code in self._cold_codes:
-                self._temps[ch.device] = (r.value, now)
         for inst in ch.instances:
             name = inst.rule_name
             if name == RULE_STALE:
@@ -953,7 +976,9 @@ class AlarmEngine:
                 if w.buckets:
                     windows.setdefault(ch.key, {})[repr(seconds)] = w.to_json()
         actions = {t.key: t.to_json() for t in self._targets.values() if t.touched}
-        return {"v": STATE_VERSION, "active": active, "windows": windows, "actions": actions}
+        temperatures = {device: value for device, (value, _) in self._temps.items()}
+        return {"v": STATE_VERSION, "active": active, "windows": windows, "actions": actions,
+                "temperatures": temperatures}
 
     def _state_json(self) -> str:
         return json.dumps(self._state(), separators=(",", ":"))

@@ -392,6 +392,7 @@ class Station:
         deadline = time.monotonic() + 10  # a poller stuck on a dead wire must not hold the stop
         for p in self.pollers:
             p.join(max(deadline - time.monotonic(), 0.1))
+        self.alarms.save_at_next_tick()  # the flush's commit ticks it; the recorder's last commit writes it
         self.recorder.flush()
         self.publisher.drain_and_stop(grace)
         self._stop_uplinks()  # before the recorder stops: their last progress is committed with it

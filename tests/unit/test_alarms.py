@@ -407,6 +407,31 @@ def test_gb18918_nh3n_limit_follows_the_water_temperature_channel():
     assert rig.rec.bodies()[1]["state"] == "cleared" and rig.rec.bodies()[1]["threshold"] == 8
 
 
+def test_the_water_temperature_of_the_same_poll_sets_the_nh3n_limit_whatever_the_channel_order():
+    """NH3-N listed before the temperature in a poll (and a first poll after a start, with no earlier
+    temperature): 6.5 mg/L in 10 degC water is within the cold limit 8, so nothing is raised."""
+    rig = Rig([{"channel": "cod.w21003", "preset": "gb18918-1a"}])
+    rig.engine.observe([Reading("cod", "w21003", rig.wall_ms(), 6.5, "mg/L", "N"),
+                        Reading("cod", "w01010", rig.wall_ms(), 10.0, "degC", "N")])
+    rig.engine.tick()
+    assert rig.rec.events == []
+
+
+def test_the_last_water_temperature_survives_a_restart():
+    """The temperature comes from another device, polled after the analyzer: after a restart, the
+    analyzer's first value is judged with the temperature saved before the stop."""
+    rig = Rig([{"channel": "cod.w21003", "preset": "gb18918-1a"}])
+    rig.feed("probe.w01010", 10.0, at=0)
+    rig.engine.save_at_next_tick()
+    rig.tick(1)
+    again = Rig([{"channel": "cod.w21003", "preset": "gb18918-1a"}], saved=rig.saved())
+    again.feed("cod.w21003", 6.5, at=0)
+    assert again.rec.events == [], "judged against the cold limit 8"
+    again.feed("probe.w01010", 14.0, at=1)
+    again.feed("cod.w21003", 6.5, at=2)
+    assert again.rec.bodies()[0]["threshold"] == 5, "warm water now: the normal limit"
+
+
 def test_a_preset_limit_is_converted_to_the_channels_mass_unit():
     rig = Rig([{"channel": "dust.a34002", "preset": "dust-15min"}])
     for t in range(0, 900, 10):
