@@ -414,7 +414,8 @@ class Storage(_Model):
     """`storage:` the SQLite buffer."""
 
     path: FilePath = Field(description="Buffer database file; relative paths are relative to the config file")
-    max_mb: float = Field(256, gt=0, description="Hard cap on the database size, MB")
+    max_mb: float = Field(256, ge=0.1, description="Hard cap on the database size, MB (at least 0.1: the empty "
+                                                   "tables alone take ~20 KB)")
     keep_sent_days: float = Field(7, ge=0, le=36500, description="Days published readings are kept for resend requests")
     commit_interval_ms: int = Field(200, ge=1, le=60000,
                                     description="Group-commit window = the most a power cut can lose")
