@@ -1,16 +1,24 @@
 """Bus pollers: one thread per bus (one transaction at a time on the wire) serving its devices in turn.
 
-Each device is polled at its own interval on a monotonic schedule; a poll that overruns pushes the
-next one back instead of bursting to catch up. Readings go to a sink (the recorder); `quiet_until`
-tells the recorder when this bus hands over readings next, so that a group commit need not wait
-for readings that will not come within its window. A driver that
-raises is a bug, not a wire error: it is logged (rate-limited), its channels are not stored for that
-poll, and the bus goes on. Imports `agent.model` and the `drivers.base` interface only.
+Each device is polled at its own interval on a monotonic schedule (`Schedule`): its slots are start +
+k × interval. The bus serves the devices that are due in the order of how long they have been due (the
+most overdue first; among equally overdue ones, the one served least recently), and never waits while a
+device is due. A poll that comes late by a whole interval or more (the bus is overrun: a silent slave
+costs timeout × tries per poll) skips the slots it missed instead of bursting to catch up, and a device
+whose poll takes longer than its interval is due again as soon as that poll ends (so it alternates with
+the others instead of leaving the bus idle). Missed slots mean fewer readings than intervals: each
+device says so in a WARNING naming the bus, the device and how late the poll came, at most once a minute
+with the count missed in between. Readings go to a sink (the recorder); `quiet_until` tells the recorder
+when this bus hands over readings next, so that a group commit need not wait for readings that will not
+come within its window. A driver that raises is a bug, not a wire error: it is logged (rate-limited),
+its channels are not stored for that poll, and the bus goes on. Imports `agent.model` and the
+`drivers.base` interface only.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +29,74 @@ from agent.threadname import name_this_thread
 from drivers.base import Driver
 
 log = logging.getLogger(__name__)
+
+OVERRUN_LOG_EVERY_S = 60.0
+
+
+class Schedule:
+    """When each device of one bus is due; pure logic on monotonic times (seconds).
+
+    Device i has slots at `start + k * interval[i]`. `slot[i]` is its next slot; `ready[i]` the time it
+    may be polled next: its slot, or the end of its last poll when that poll ran past the slot.
+    """
+
+    def __init__(self, intervals: Sequence[float], start: float):
+        self.intervals = [max(float(iv), 1e-3) for iv in intervals]
+        self.slot = [start] * len(self.intervals)
+        self.ready = [start] * len(self.intervals)
+        self.last_start = [-math.inf] * len(self.intervals)
+
+    def next(self) -> int:
+        """The device to serve next: due the longest (earliest `ready`), then served least recently."""
+        return min(range(len(self.ready)), key=lambda i: (self.ready[i], self.last_start[i]))
+
+    def quiet_until(self) -> float:
+        """The earliest time any device may be polled."""
+        return min(self.ready, default=math.inf)
+
+    def done(self, i: int, started: float, ended: float) -> tuple[float, int]:
+        """Device i was polled from `started` to `ended`: reschedule it. Returns how late the poll started
+        after its slot, and how many of its slots went by without a poll (0 when on time)."""
+        interval = self.intervals[i]
+        late = max(0.0, started - self.slot[i])
+        missed = math.floor(late / interval)
+        self.slot[i] += (missed + 1) * interval  # the first slot after the start: missed ones are skipped
+        self.ready[i] = max(self.slot[i], ended)
+        self.last_start[i] = started
+        return late, missed
+
+
+class _OverrunReport:
+    """A device's missed slots, logged at once and then at most every `every_s` with the count since."""
+
+    def __init__(self, bus_name: str, device_id: str, interval: float, every_s: float = OVERRUN_LOG_EVERY_S):
+        self.bus_name = bus_name
+        self.device_id = device_id
+        self.interval = interval
+        self.every_s = every_s
+        self.missed = 0  # since the last line
+        self.worst = 0.0
+        self._last = -math.inf
+        self.lines = 0
+
+    def note(self, late: float, missed: int, now: float) -> None:
+        self.missed += missed
+        self.worst = max(self.worst, late)
+        if now - self._last < self.every_s:
+            return
+        if self.lines == 0:
+            log.warning("bus %s: device %s polled %.1f s late (interval %g s), %d poll(s) missed: the bus is "
+                        "overrun (its polls take longer than the devices' intervals allow; a silent slave "
+                        "costs timeout x tries per poll)", self.bus_name, self.device_id, late, self.interval,
+                        self.missed)
+        else:
+            log.warning("bus %s: device %s still polled late: %d poll(s) missed in the last %.0f s, up to "
+                        "%.1f s late (interval %g s); the bus is overrun", self.bus_name, self.device_id,
+                        self.missed, now - self._last, self.worst, self.interval)
+        self.lines += 1
+        self._last = now
+        self.missed = 0
+        self.worst = 0.0
 
 
 class BusPoller(threading.Thread):
@@ -37,6 +113,8 @@ class BusPoller(threading.Thread):
         # to), the next due poll between polls, infinity once stopped. Read by the recorder.
         self.quiet_until = 0.0
         self.polls = 0
+        self.missed: dict[str, int] = {d.device_id: 0 for d in self.drivers}  # slots skipped per device
+        self._overrun = {d.device_id: _OverrunReport(bus_name, d.device_id, d.interval) for d in self.drivers}
         self._errlog = RateLimitedLog(log, every_s=60)
 
     def stop(self) -> None:
@@ -44,25 +122,32 @@ class BusPoller(threading.Thread):
 
     def run(self) -> None:
         name_this_thread()
-        start = time.monotonic()
-        due = {i: start for i in range(len(self.drivers))}
+        schedule = Schedule([d.interval for d in self.drivers], time.monotonic())
+        if not self.drivers:
+            self.quiet_until = float("inf")  # nothing to hand over, ever
         try:
             while not self._stop_event.is_set():
-                i = min(due, key=due.__getitem__)
-                wait = due[i] - time.monotonic()
-                self.last_progress = time.monotonic()
+                now = time.monotonic()
+                self.last_progress = now
+                if not self.drivers:
+                    self._stop_event.wait(1.0)
+                    continue
+                i = schedule.next()
+                wait = schedule.ready[i] - now
                 if wait > 0:
                     # Wake at least every second so that the watchdog sees this loop alive.
                     self._stop_event.wait(min(wait, 1.0))
                     continue
                 driver = self.drivers[i]
                 self.quiet_until = 0.0
+                started = time.monotonic()
                 readings = self._poll(driver)
-                now = time.monotonic()
-                due[i] += driver.interval
-                if due[i] <= now:  # overran: skip the missed slots rather than burst
-                    due[i] = now + driver.interval
-                self.quiet_until = min(due.values())  # before the hand-over, which may trigger a commit
+                ended = time.monotonic()
+                late, missed = schedule.done(i, started, ended)
+                if missed:
+                    self.missed[driver.device_id] += missed
+                    self._overrun[driver.device_id].note(late, missed, ended)
+                self.quiet_until = schedule.quiet_until()  # before the hand-over, which may trigger a commit
                 if readings:
                     self.sink(readings)
         finally:

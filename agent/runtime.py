@@ -139,8 +139,8 @@ def device_intervals(config: Config) -> dict[str, float]:
 
 
 class _LazyDeviceWriter:
-    """`drivers.modbus.DeviceWriter`, imported at the first action write (pymodbus is loaded only when
-    needed)."""
+    """`drivers.modbus.DeviceWriter`, imported at the first action write (the Modbus master is loaded
+    only when needed)."""
 
     def __init__(self, drivers):
         self._drivers = drivers

@@ -1,11 +1,12 @@
 """Benchmark of the Modbus driver against a real slave: requests and wire bytes per poll of a 40-point map,
 naive (one request per entry) vs planned, counted by the slave; the RTU wire time those bytes imply at
-9600 baud; and the CPU time of one poll cycle in the polling thread (pymodbus client + decoding + flags).
+9600 baud; and the CPU time of one poll cycle in the polling thread (the bus's Modbus master + decoding +
+flags).
 
 The slave is the project's simulator (`drivers.sim.slave`) on a pseudo-terminal (Modbus RTU) and on
 loopback TCP, in threads of this process; CPU is measured with `time.thread_time()` in the polling thread
 only, so the slave's work is not counted. Wall time per poll on a pty says little about a real line
-(a pty has no baud rate; pymodbus polls the port every 4 character times): the implied wire time is the
+(a pty has no baud rate, so the frame gap and transfer times are a pty's): the implied wire time is the
 figure to quote. Run: `.venv/bin/python bench/bench_modbus.py [--polls N]`. Prints figures and
 parameters; asserts nothing about time. Imports `drivers` and the 40-point map of bench_planner.py.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pymodbus  # noqa: E402
+import serial  # noqa: E402
 from bench_planner import forty_point_map  # noqa: E402
 
 from drivers.modbus import ModbusBus, ModbusDriver  # noqa: E402
@@ -96,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     specs = forty_point_map()
     print("bench_modbus: 40-point map (bench_planner.forty_point_map), slave = drivers.sim.slave")
-    print(f"  python {platform.python_version()}, pymodbus {pymodbus.__version__}, {platform.machine()}, "
+    print(f"  python {platform.python_version()}, pyserial {serial.__version__}, {platform.machine()}, "
           f"{platform.platform()}")
     print(f"  polls per case: {args.polls}; entries: {len(specs)}; planned requests: {len(plan(specs))}; "
           f"wire time at {BAUD} baud 8N1 with 3.5-char silences, slave turnaround excluded")

@@ -2,21 +2,39 @@
 
 `build_bus_drivers(bus_name, bus, devices)` is what `agent.runtime` calls for `type: rtu` and `type: tcp`
 buses. Imports `agent.model`, the pure Modbus modules of `drivers` (registers, codec, planner, profiles)
-and pymodbus's synchronous clients; never `agent.config`: the bus and device models are duck-typed.
+and pyserial; never `agent.config`: the bus and device models are duck-typed.
 
-The link. A bus holds one pymodbus sync client (pyserial underneath for RTU, a socket for TCP) and one
-lock, "the wire": a transaction (request and answer, with its retries) happens only while holding it, so
-an RS-485 line never sees two masters' requests at once. The bus poller thread holds the wire for a
-whole device poll. Retries are ours (pymodbus is given `retries=0`): a request is sent at most
-`retries + 1` times, each waiting at most `timeout` for the answer, so a silent slave costs at most
-`timeout * (retries + 1)` (a garbled answer may add one more `timeout` on RTU: pymodbus waits for the
-rest of a frame that never comes), after which the device is given up for this poll and the poller moves
-on. A serial port is checked (one `stat()` of its path) before every transaction: when the path vanished
+The link. A bus owns its link: the serial port (`_RtuPort`, pyserial) or the TCP connection (`_TcpLink`),
+both speaking the master's side of the protocol here, and one lock, "the wire": a transaction (request
+and answer, with its retries) happens only while holding it, so an RS-485 line never sees two masters'
+requests at once. The bus poller thread holds the wire for a whole device poll. A request is sent at
+most `retries + 1` times, each waiting at most `timeout` for the answer to begin (on RTU an answer that
+has begun is then given its transfer time at the bus's baud rate), so a silent slave costs at most
+`timeout * (retries + 1)`, after which the device is given up for this poll and the poller moves on.
+A serial port is checked (one `stat()` of its path) before every transaction: when the path vanished
 (USB adapter unplugged) or now names another device (replugged) the port is closed, and it is reopened
-when the path is back. A TCP connection that dropped is reopened by the next transaction. Each bus logs
-one line when its link is lost and one when it is back; each device one line when it stops answering
-properly and one when it recovers: never one per poll. pymodbus's own per-request error logging is
-turned down to CRITICAL, since these lines say the same once.
+when the path is back. A TCP connection that dropped is reopened by the next transaction (once within
+it, not counted as a retry), and one that stays mute for 3 tries in a row is reopened too (a peer gone
+without closing it). Each bus logs one line when its link is lost and one when it is back; each device
+one line when it stops answering properly and one when it recovers: never one per poll.
+
+Answers. Every request goes through `_transact` (reads and writes alike) and every answer is checked
+against the request it is taken for (`_Ask.mismatch`): the unit id, the function code (or the same code
++ 0x80 for a Modbus exception), the byte count for the quantity asked (a read of n registers is answered
+by 2n bytes, of n bits by ceil(n/8)), the echo of a single write. An answer that does not fit is a bad
+frame: never decoded as this request's values, the try fails and is retried, then the device reads
+null/B like any other failure (SPEC §2). A slave slower than `timeout` answers a request after the master
+gave up on it, while the master already waits for the next request, and that late answer may look
+exactly like the next one's (same unit, function and byte count, other registers). So each link keeps
+the requests it sent whose answer has not been seen yet, for a late window of `2 * timeout` (what real
+masters such as libmodbus allow for a late answer after a timeout before they flush), and gives each
+frame that arrives to the oldest of them that it answers (a slave answers in order): a frame that goes
+to an earlier request is a late answer and is dropped, one that answers no request sent is a bad frame.
+Before each request, whatever arrived since the last answer is dropped (on RTU also waiting for the line
+to be silent for 3.5 characters, the RTU frame gap). On TCP the transaction id must agree as well. So
+the values of a request come only from an answer to that very request (to an earlier try of it at most).
+An answer later than the late window is no longer recognised as late; it is still refused when it cannot
+answer the request (other unit, function or byte count).
 
 Writes (`ModbusBus.write`, `ModbusDriver.write`) may be requested from any thread (the alarm engine):
 they are queued and return a `concurrent.futures.Future[WriteResult]` at once. Whoever holds the wire
@@ -28,9 +46,11 @@ waits at most one device poll, and runs in request order (an "on" is never overt
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
+import select
+import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -40,8 +60,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pymodbus.client import ModbusSerialClient, ModbusTcpClient
-from pymodbus.exceptions import ConnectionException
+import serial
 
 from agent.model import FLAG_COMM, FLAG_FAULT, Reading
 from drivers import profiles
@@ -58,6 +77,7 @@ __all__ = [
     "LinkDown",
     "ModbusBus",
     "ModbusDriver",
+    "BadAnswer",
     "NoAnswer",
     "WireError",
     "WriteFailed",
@@ -68,16 +88,10 @@ __all__ = [
 EXC_ILLEGAL_ADDRESS = 2
 WriteKind = Literal["coil", "register"]
 
-# pymodbus renamed the unit keyword of its request methods from `slave` to `device_id` in 3.10.
-_UNIT_KEYWORD = (
-    "device_id" if "device_id" in inspect.signature(ModbusTcpClient.read_holding_registers).parameters else "slave"
-)
-_READ_METHODS = {
-    "holding": "read_holding_registers",
-    "input": "read_input_registers",
-    "coil": "read_coils",
-    "discrete": "read_discrete_inputs",
-}
+_READ_FC = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
+FC_WRITE_COIL = 5
+FC_WRITE_REGISTER = 6
+COIL_ON = 0xFF00
 
 
 class WireError(Exception):
@@ -92,6 +106,11 @@ class LinkDown(WireError):
 
 class NoAnswer(WireError):
     """No valid answer after all tries (timeout, bad CRC, garbled or mismatched frame)."""
+
+
+class BadAnswer(NoAnswer):
+    """The last try was answered, but not with an answer to the request (other unit, function code, byte
+    count or echo): refused, like no answer (flag B)."""
 
 
 class ExceptionReply(WireError):
@@ -124,6 +143,453 @@ class BusStats:
     requests: int = 0  # request frames sent, retries included
     no_answer: int = 0  # transactions given up after all tries
     exceptions: int = 0  # Modbus exception replies
+    bad_answers: int = 0  # answers refused: other unit, function code, byte count or echo than asked
+    late_answers: int = 0  # answers to an earlier request (a slave slower than the timeout), dropped
+    discarded_bytes: int = 0  # bytes that arrived between requests (late answers, noise), dropped
+
+
+class _BadFrame(Exception):
+    """A frame that is not an answer to the request it arrived for."""
+
+
+class _OutOfStep(_BadFrame):
+    """A Modbus TCP stream that does not parse as MBAP frames: it cannot be resynchronised."""
+
+
+class _NoFrame(Exception):
+    """No answer within the timeout (nothing, or nothing that makes a valid frame). Not TimeoutError:
+    that one is an OSError, which means a failing port here."""
+
+
+@dataclass(frozen=True)
+class _Ask:
+    """One request as it goes on the wire, and what answers it (`mismatch`).
+
+    `count` is the quantity of a read (registers or bits); `value` the field a single write sends
+    (0xFF00 / 0x0000 for a coil, the register for a holding register)."""
+
+    unit: int
+    fc: int
+    address: int
+    count: int = 1
+    value: int = 0
+
+    @classmethod
+    def read(cls, unit: int, table: str, address: int, count: int) -> _Ask:
+        return cls(int(unit), _READ_FC[table], int(address), int(count))
+
+    @property
+    def is_read(self) -> bool:
+        return self.fc in (1, 2, 3, 4)
+
+    def data_bytes(self) -> int:
+        """Bytes of data in a normal answer to a read: 2 per register, 1 per 8 bits."""
+        return (self.count + 7) // 8 if self.fc in (1, 2) else 2 * self.count
+
+    def pdu(self) -> bytes:
+        return struct.pack(">BHH", self.fc, self.address, self.count if self.is_read else self.value)
+
+    def answer_length(self) -> int:
+        """Length of the RTU frame of a normal answer (unit, function, data, CRC)."""
+        return 5 + self.data_bytes() if self.is_read else 8
+
+    def mismatch(self, unit: int, fc: int, data: bytes) -> str | None:
+        """Why the answer PDU `fc` + `data` from `unit` does not answer this request; None when it does."""
+        if unit != self.unit:
+            return f"an answer from unit {unit} to a request to unit {self.unit}"
+        if fc == self.fc | 0x80:
+            return None if len(data) == 1 and data[0] else f"a malformed exception reply ({data.hex()})"
+        if fc != self.fc:
+            return f"function code {fc} in the answer to a function {self.fc} request"
+        if self.is_read:
+            want = self.data_bytes()
+            if not data or data[0] != want or len(data) != want + 1:
+                got = data[0] if data else "no"
+                what = "bits" if self.fc in (1, 2) else "registers"
+                return f"byte count {got} in the answer to a read of {self.count} {what} ({want} expected)"
+            return None
+        if data != self.pdu()[1:]:
+            return f"the echo {data.hex()} does not match the write {self.pdu()[1:].hex()}"
+        return None
+
+    def values(self, data: bytes) -> list[int]:
+        """The registers, or the bits as 0/1, of a checked answer's data."""
+        if self.fc in (1, 2):
+            return [(data[1 + i // 8] >> (i % 8)) & 1 for i in range(self.count)]
+        return [int.from_bytes(data[i : i + 2], "big") for i in range(1, 1 + 2 * self.count, 2)]
+
+    @property
+    def what(self) -> str:
+        """The request without its unit, as a technician reads it: "holding 0+2", "write coil 3 = 65280"."""
+        name = {1: "coil", 2: "discrete", 3: "holding", 4: "input", 5: "write coil", 6: "write register"}
+        tail = f"+{self.count}" if self.is_read else f" = {self.value}"
+        return f"{name.get(self.fc, f'function {self.fc}')} {self.address}{tail}"
+
+    def __str__(self) -> str:
+        return f"{self.what} of unit {self.unit}"
+
+
+class _LinkFailed(Exception):
+    """The port or connection failed while in use (it has been closed); the transaction may reopen it."""
+
+
+def _crc16_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC_TABLE = _crc16_table()
+
+
+def crc16(data: bytes | bytearray) -> int:
+    """Modbus RTU CRC-16 (init 0xFFFF, reflected polynomial 0xA001); it goes on the wire low byte first."""
+    crc = 0xFFFF
+    for byte in data:
+        crc = (crc >> 8) ^ _CRC_TABLE[(crc ^ byte) & 0xFF]
+    return crc
+
+
+def _rtu_answer_length(buf: bytearray, start: int) -> int | None:
+    """Length of an answer frame starting at `buf[start]` judging by its function code (None: not the start
+    of an answer we know, or its byte count has not arrived yet)."""
+    fc = buf[start + 1]
+    if fc & 0x80:
+        return 5
+    if fc in (1, 2, 3, 4):
+        return 5 + buf[start + 2] if start + 2 < len(buf) else None
+    if fc in (5, 6, 15, 16):
+        return 8
+    return None
+
+
+def _take_rtu_frame(buf: bytearray) -> tuple[int, int, bytes] | None:
+    """The first complete, CRC-valid answer frame in `buf` as (unit, function code, data); it and every
+    byte before it (noise, a broken frame) are removed from `buf`. None while there is none: a frame
+    still arriving, or garbage whose supposed length has not arrived, does not hide a valid frame after it."""
+    for start in range(len(buf) - 3):
+        length = _rtu_answer_length(buf, start)
+        if length is None or start + length > len(buf):
+            continue
+        end = start + length
+        if crc16(buf[start : end - 2]) == int.from_bytes(buf[end - 2 : end], "little"):
+            frame = bytes(buf[start:end])
+            del buf[:end]
+            return frame[0], frame[1], frame[2:-2]
+    return None
+
+
+def _take_mbap_frame(buf: bytearray) -> tuple[int, int, int, bytes] | None:
+    """The first Modbus TCP frame in `buf` as (transaction id, unit, function code, data), removed from
+    `buf`; None while it is incomplete. Raises _OutOfStep when the stream is not Modbus TCP: it cannot be
+    resynchronised, the caller closes the connection."""
+    if len(buf) < 7:
+        return None
+    tid, proto, length, unit = struct.unpack(">HHHB", buf[:7])
+    if proto != 0 or not 2 <= length <= 254:
+        raise _OutOfStep(f"not a Modbus TCP answer ({bytes(buf[:16]).hex()})")
+    if len(buf) < 6 + length:
+        return None
+    pdu = bytes(buf[7 : 6 + length])
+    del buf[: 6 + length]
+    return tid, unit, pdu[0], pdu[1:]
+
+
+@dataclass
+class _Sent:
+    ask: _Ask
+    until: float  # monotonic time after which an answer to it is no longer recognised (the late window)
+
+
+class _Link:
+    """What the RTU and TCP links share: the requests sent whose answer has not been seen yet, kept for the
+    late window (`2 * timeout` after the request), and which of them a frame answers: the oldest one it
+    fits (a slave answers in order). See the module docstring."""
+
+    def __init__(self, timeout: float, stats: BusStats, bus_name: str):
+        self.timeout = timeout
+        self.late_s = 2 * timeout
+        self.stats = stats
+        self.bus_name = bus_name
+        self._sent: deque[_Sent] = deque()
+        self._late_logged: set[int] = set()
+
+    def _remember(self, ask: _Ask, transfer_s: float) -> float:
+        """Note a request just sent (its answer takes `transfer_s` on the wire); returns the time its answer
+        must have begun by (`timeout` from now)."""
+        now = time.monotonic()
+        self._sent.append(_Sent(ask, now + self.late_s + transfer_s))
+        return now + self.timeout
+
+    def _claim(self, unit: int, fc: int, data: bytes) -> _Sent | None:
+        """The oldest request still waiting for its answer that this frame answers (it stops waiting);
+        None when it answers none of them."""
+        now = time.monotonic()
+        for entry in [e for e in self._sent if e.until < now]:
+            self._sent.remove(entry)
+        for entry in self._sent:
+            if entry.ask.mismatch(unit, fc, data) is None:
+                self._sent.remove(entry)
+                return entry
+        return None
+
+    def _late_answer(self, owner: _Ask) -> None:
+        self.stats.late_answers += 1
+        if owner.unit in self._late_logged:
+            log.debug("bus %s: dropped a late answer to %s", self.bus_name, owner)
+            return
+        self._late_logged.add(owner.unit)
+        log.warning("bus %s: unit %d answers later than the timeout (%g s): dropped its late answer to %s; "
+                    "late answers are never taken for another request (raise the bus timeout if this slave "
+                    "is just slow)", self.bus_name, owner.unit, self.timeout, owner.what)
+
+    def _forget(self) -> None:
+        self._sent.clear()
+
+
+class _RtuPort(_Link):
+    """The serial port of an RTU bus and the master's side of Modbus RTU on it (see the module docstring).
+
+    `connected` / `connect()` / `close()`; `exchange(ask)` sends one request and returns (function code,
+    data) of its answer, or raises `_NoFrame` (no answer in time), `_BadFrame` (a frame that answers no
+    request sent) or `_LinkFailed` (the port failed; it is closed)."""
+
+    _MAX_BUFFER = 1024
+
+    def __init__(self, path: str, *, baudrate: int, parity: str, bytesize: int, stopbits: int, timeout: float,
+                 stats: BusStats, bus_name: str):
+        super().__init__(timeout, stats, bus_name)
+        self.path = path
+        self.baudrate, self.parity, self.bytesize, self.stopbits = baudrate, str(parity).upper(), bytesize, stopbits
+        bits = 1 + bytesize + (0 if str(parity).upper() == "N" else 1) + stopbits
+        self.char_s = bits / max(1, baudrate)
+        # The RTU frame gap: 3.5 characters, fixed at 1.75 ms above 19200 baud (Modbus over serial line).
+        self.silence_s = 3.5 * self.char_s if baudrate <= 19200 else 0.00175
+        self._serial: serial.Serial | None = None
+        self._last_rx = 0.0
+
+    @property
+    def connected(self) -> bool:
+        return self._serial is not None
+
+    def connect(self) -> bool:
+        if self._serial is not None:
+            return True
+        ser = serial.Serial()
+        ser.port = self.path
+        ser.baudrate = self.baudrate
+        ser.parity = self.parity
+        ser.bytesize = self.bytesize
+        ser.stopbits = self.stopbits
+        ser.timeout = 0  # reads never block: waiting is done with select()
+        ser.write_timeout = max(self.timeout, 0.1)
+        ser.exclusive = True  # a second master on the same port would interleave its frames with ours
+        try:
+            ser.open()
+        except (OSError, ValueError, serial.SerialException):
+            return False
+        self._serial = ser
+        self._forget()
+        self._last_rx = 0.0
+        return True
+
+    def close(self) -> None:
+        ser, self._serial = self._serial, None
+        self._forget()
+        if ser is not None:
+            try:
+                ser.close()
+            except Exception:  # noqa: BLE001 - the port is gone anyway
+                pass
+
+    def exchange(self, ask: _Ask) -> tuple[int, bytes]:
+        ser = self._serial
+        if ser is None:
+            raise _LinkFailed(f"{self.path} is not open")
+        try:
+            self._quiet_line(ser)
+            body = bytes([ask.unit]) + ask.pdu()
+            ser.write(body + crc16(body).to_bytes(2, "little"))
+            ser.flush()  # returns once the request is on the wire
+            transfer = self.char_s * ask.answer_length()
+            deadline = self._remember(ask, transfer)
+            buf = bytearray()
+            while True:
+                while (frame := _take_rtu_frame(buf)) is not None:
+                    owner = self._claim(*frame)
+                    if owner is None:
+                        raise _BadFrame(ask.mismatch(*frame) or "a frame that answers no request sent")
+                    if owner.ask == ask:  # this request's answer (possibly to an earlier try of it)
+                        return frame[1], frame[2]
+                    self._late_answer(owner.ask)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _NoFrame("garbled answer" if buf else "no answer")
+                ready, _, _ = select.select([ser.fileno()], [], [], remaining)
+                if ready:
+                    if transfer:  # an answer has begun within the timeout: give it the time to arrive
+                        deadline, transfer = deadline + transfer, 0.0
+                    buf += self._read_waiting(ser)
+                    if len(buf) > self._MAX_BUFFER:
+                        del buf[: len(buf) - self._MAX_BUFFER]
+        except (OSError, serial.SerialException) as exc:
+            self.close()
+            raise _LinkFailed(f"{self.path}: {exc}") from None
+
+    def _read_waiting(self, ser: serial.Serial) -> bytes:
+        data = ser.read(max(1, ser.in_waiting))
+        if data:
+            self._last_rx = time.monotonic()
+        return data
+
+    def _quiet_line(self, ser: serial.Serial) -> None:
+        """Before a request: drop whatever arrived since the last answer (late answers, noise; a frame
+        among it still retires the request it answers) and wait until the line has been silent for
+        the frame gap, at most `timeout`."""
+        dropped = bytearray()
+        limit = time.monotonic() + self.timeout
+        while True:
+            if ser.in_waiting:
+                dropped += self._read_waiting(ser)
+                continue
+            now = time.monotonic()
+            gap_left = self._last_rx + self.silence_s - now
+            if gap_left <= 0 or now >= limit:
+                break
+            select.select([ser.fileno()], [], [], min(gap_left, limit - now))
+        if not dropped:
+            return
+        self.stats.discarded_bytes += len(dropped)
+        log.debug("bus %s: dropped %d bytes that arrived between requests: %s", self.bus_name, len(dropped),
+                  dropped[:64].hex())
+        while (frame := _take_rtu_frame(dropped)) is not None:
+            owner = self._claim(*frame)
+            if owner is not None:
+                self._late_answer(owner.ask)
+
+
+class _TcpLink(_Link):
+    """A Modbus TCP connection and the master's side of the protocol on it; same interface as `_RtuPort`.
+
+    Each try gets its own transaction id. An answer is taken for a request only when its transaction id
+    names a try of that request and the oldest request it answers (by content, see `_Link`) is that
+    request too: a gateway that answers late, or labels a late answer with the current transaction id
+    (some TCP-to-RTU gateways and simple servers do), is caught either way."""
+
+    _RECENT_TIDS = 64
+    _MUTE_TRIES = 3  # tries in a row without a byte received: the connection is reopened
+
+    def __init__(self, host: str, port: int, *, timeout: float, stats: BusStats, bus_name: str):
+        super().__init__(timeout, stats, bus_name)
+        self.host = host
+        self.port = port
+        self._sock: socket.socket | None = None
+        self._mute = 0
+        self._tid = 0
+        self._tids: dict[int, _Ask] = {}  # recent transaction ids -> what they asked
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def connect(self) -> bool:
+        if self._sock is not None:
+            return True
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=max(self.timeout, 0.1))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # sendall() keeps that timeout
+        except OSError:
+            return False
+        self._sock = sock
+        self._forget()
+        self._tids.clear()
+        self._mute = 0
+        return True
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        self._forget()
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _next_tid(self) -> int:
+        self._tid = self._tid % 0xFFFF + 1
+        return self._tid
+
+    def exchange(self, ask: _Ask) -> tuple[int, bytes]:
+        sock = self._sock
+        if sock is None:
+            raise _LinkFailed(f"{self.host}:{self.port} is not connected")
+        try:
+            buf = bytearray()
+            self._drop_pending(sock, buf)
+            tid = self._next_tid()
+            pdu = ask.pdu()
+            self._tids[tid] = ask
+            while len(self._tids) > self._RECENT_TIDS:
+                del self._tids[next(iter(self._tids))]
+            sock.sendall(struct.pack(">HHHB", tid, 0, len(pdu) + 1, ask.unit) + pdu)
+            deadline = self._remember(ask, 0.0)
+            received = False
+            while True:
+                while (frame := _take_mbap_frame(buf)) is not None:
+                    got_tid, unit, fc, data = frame
+                    owner = self._claim(unit, fc, data)
+                    if owner is None:
+                        raise _BadFrame(ask.mismatch(unit, fc, data) or "a frame that answers no request sent")
+                    if owner.ask == ask and self._tids.get(got_tid) == ask:
+                        self._mute = 0
+                        return fc, data
+                    self._late_answer(owner.ask)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._mute = 0 if received else self._mute + 1
+                    if self._mute >= self._MUTE_TRIES:
+                        # A peer that vanished without closing (cable, 4G) looks like this: start afresh.
+                        log.debug("bus %s: no byte from %s:%d for %d tries; reopening the connection",
+                                  self.bus_name, self.host, self.port, self._mute)
+                        self.close()
+                    raise _NoFrame("garbled answer" if buf else "no answer")
+                ready, _, _ = select.select([sock], [], [], remaining)
+                if ready:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise _LinkFailed("connection closed by the peer")
+                    buf += chunk
+                    received = True
+        except _OutOfStep:
+            self.close()  # the next try starts on a fresh connection, in step
+            raise
+        except (OSError, _LinkFailed) as exc:
+            self.close()
+            raise _LinkFailed(f"{self.host}:{self.port}: {exc}") from None
+
+    def _drop_pending(self, sock: socket.socket, buf: bytearray) -> None:
+        """Before a request: whatever arrived since the last answer is late (each frame retires the request
+        it answers) and is dropped; a frame still arriving stays in `buf` (its end comes later). A
+        connection the peer closed is noticed here."""
+        while select.select([sock], [], [], 0)[0]:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise _LinkFailed("connection closed by the peer")
+            buf += chunk
+        if not buf:
+            return
+        self.stats.discarded_bytes += len(buf)
+        try:
+            while (frame := _take_mbap_frame(buf)) is not None:
+                owner = self._claim(*frame[1:])
+                if owner is not None:
+                    self._late_answer(owner.ask)
+        except _OutOfStep as exc:
+            raise _LinkFailed(f"stream out of step: {exc}") from None  # reopened, then the request is sent
 
 
 @dataclass
@@ -134,12 +600,6 @@ class _PendingWrite:
     address: int
     value: int
     future: Future[WriteResult] = field(default_factory=Future)
-
-
-def _quiet_pymodbus() -> None:
-    logger = logging.getLogger("pymodbus")
-    if logger.level < logging.CRITICAL:
-        logger.setLevel(logging.CRITICAL)
 
 
 class ModbusBus:
@@ -171,7 +631,6 @@ class ModbusBus:
             raise ValueError(f"bus {name}: an rtu bus needs a port")
         if kind == "tcp" and not host:
             raise ValueError(f"bus {name}: a tcp bus needs a host")
-        _quiet_pymodbus()
         self.name = name
         self.kind = kind
         self.port = port
@@ -185,7 +644,7 @@ class ModbusBus:
                                                  "stopbits": stopbits}
         self._wire = threading.Lock()
         self._writes: deque[_PendingWrite] = deque()
-        self._client: Any = None
+        self._client: _RtuPort | _TcpLink | None = None
         self._opened_id: tuple[int, int, int] | None = None  # identity of the serial device we opened
         self._up: bool | None = None  # None until the first attempt
         self._was_up = False
@@ -223,13 +682,13 @@ class ModbusBus:
         """True when the link was usable at the last attempt, False when lost, None before the first."""
         return self._up
 
-    def _make_client(self) -> Any:
+    def _make_client(self) -> _RtuPort | _TcpLink:
         if self.kind == "rtu":
             s = self._serial_settings
-            return ModbusSerialClient(str(self.port), baudrate=int(s["baudrate"]), parity=str(s["parity"]),
-                                      bytesize=int(s["bytesize"]), stopbits=int(s["stopbits"]),
-                                      timeout=self.timeout, retries=0)
-        return ModbusTcpClient(str(self.host), port=self.tcp_port, timeout=self.timeout, retries=0)
+            return _RtuPort(str(self.port), baudrate=int(s["baudrate"]), parity=str(s["parity"]),
+                            bytesize=int(s["bytesize"]), stopbits=int(s["stopbits"]), timeout=self.timeout,
+                            stats=self.stats, bus_name=self.name)
+        return _TcpLink(str(self.host), self.tcp_port, timeout=self.timeout, stats=self.stats, bus_name=self.name)
 
     # ------------------------------------------------------------------------------------------- link
 
@@ -300,19 +759,22 @@ class ModbusBus:
 
     # ------------------------------------------------------------------------------------ transaction
 
-    def _transact(self, call: Callable[[Any], Any]) -> Any:
-        """Run `call(client)` with our retries; returns the response or raises a WireError."""
+    def _transact(self, ask: _Ask) -> bytes:
+        """Send `ask` with our retries; returns the data of its answer, checked to answer it (see the module
+        docstring), or raises a WireError. Every read and write goes through here."""
         last = "no answer"
+        refused = False  # the last try got a frame that does not answer the request
         tries = 0
         reopened = False
         while tries <= self.retries:
             if not self._ensure_link():
                 raise LinkDown(f"{self.describe()} unavailable")
+            assert self._client is not None  # _ensure_link made it
             self.stats.requests += 1
             try:
-                response = call(self._client)
-            except ConnectionException:
-                # pymodbus closed the port or socket (peer closed, write error). Reopening it once is not
+                fc, data = self._client.exchange(ask)
+            except _LinkFailed:
+                # The port or socket failed and was closed (peer closed, write error). Reopening it once is not
                 # a retry: a TCP server that restarted answers the request on the fresh connection. Logged
                 # at debug only: some gateways close idle connections, which would be a line per poll.
                 self._close_client()
@@ -326,44 +788,34 @@ class ModbusBus:
                     continue
                 tries += 1
                 continue
+            except _BadFrame as exc:
+                # Not an answer to this request: never decoded, the try failed (retried, then B).
+                self.stats.bad_answers += 1
+                last, refused = str(exc), True
+                log.debug("bus %s: answer to %s refused: %s", self.name, ask, exc)
+                tries += 1
+                continue
             except Exception as exc:  # noqa: BLE001 - timeout, garbled frame, anything from the wire
-                last = f"no valid answer ({type(exc).__name__})"
+                last = str(exc) if isinstance(exc, _NoFrame) else f"no valid answer ({type(exc).__name__})"
+                refused = False
                 tries += 1
                 continue
-            if response is None:
-                last = "no answer"
-                tries += 1
-                continue
-            if response.isError():
-                code = getattr(response, "exception_code", None)
-                if not code:
-                    last = "invalid answer"
-                    tries += 1
-                    continue
+            if fc & 0x80:
                 self.stats.exceptions += 1
-                raise ExceptionReply(int(code))
-            return response
+                raise ExceptionReply(data[0])
+            return data
         self.stats.no_answer += 1
         self._after_failure()
         if self._up is False:
             raise LinkDown(f"{self.describe()} lost")
-        raise NoAnswer(f"{last} after {self.retries + 1} tries")
+        raise (BadAnswer if refused else NoAnswer)(f"{last}, after {self.retries + 1} tries")
 
     def read(self, slave: int, table: str, address: int, count: int) -> list[int]:
         """`count` registers (holding/input) or bits as 0/1 (coil/discrete) from `address` of `slave`.
 
         Call while holding the wire (`owned()`). Raises LinkDown, NoAnswer or ExceptionReply."""
-        method = _READ_METHODS[table]
-        kwargs = {"count": count, _UNIT_KEYWORD: slave}
-        response = self._transact(lambda client: getattr(client, method)(address, **kwargs))
-        if table in ("coil", "discrete"):
-            values = [1 if b else 0 for b in response.bits]
-        else:
-            values = list(response.registers)
-        if len(values) < count:
-            self.stats.no_answer += 1
-            raise NoAnswer(f"short answer: {len(values)} of {count} values")
-        return values
+        ask = _Ask.read(slave, table, address, count)
+        return ask.values(self._transact(ask))
 
     @contextmanager
     def owned(self) -> Iterator[ModbusBus]:
@@ -427,15 +879,12 @@ class ModbusBus:
             pending.future.set_result(self._execute_write(pending))
 
     def _execute_write(self, w: _PendingWrite) -> WriteResult:
-        unit = {_UNIT_KEYWORD: w.slave}
         if w.kind == "coil":
-            def call(client: Any) -> Any:
-                return client.write_coil(w.address, bool(w.value), **unit)
+            ask = _Ask(w.slave, FC_WRITE_COIL, w.address, value=COIL_ON if w.value else 0)
         else:
-            def call(client: Any) -> Any:
-                return client.write_register(w.address, w.value, **unit)
+            ask = _Ask(w.slave, FC_WRITE_REGISTER, w.address, value=w.value)
         try:
-            self._transact(call)
+            self._transact(ask)
         except WireError as exc:
             log.warning("device %s: write %s %d = %d failed: %s", w.device_id, w.kind, w.address, w.value, exc)
             return self._write_result(w, str(exc), exc.flag)
@@ -555,7 +1004,8 @@ class ModbusDriver:
                 return dict.fromkeys(self.specs, FLAG_COMM), ("link", str(exc))
             except NoAnswer as exc:
                 # Given up for this poll: every channel B, and the bus moves on (SPEC §2).
-                return dict.fromkeys(self.specs, FLAG_COMM), ("no answer", str(exc))
+                kind = "bad answer" if isinstance(exc, BadAnswer) else "no answer"
+                return dict.fromkeys(self.specs, FLAG_COMM), (kind, str(exc))
             except Exception as exc:  # noqa: BLE001 - whatever else came off the wire: B, never a raise
                 return dict.fromkeys(self.specs, FLAG_COMM), ("bad answer", f"{type(exc).__name__}: {exc}")
             try:

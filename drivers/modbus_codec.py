@@ -13,9 +13,16 @@ register written high byte first:
     BADC      B A   D C                BADC      B A   D C   F E   H G   bytes swapped in each word
     DCBA      D C   B A                DCBA      H G   F E   D C   B A   fully little-endian
 
-So CDAB reverses the word order, BADC swaps the bytes inside every word, DCBA does both. A 16-bit value
-is the register as transmitted (Modbus registers are big-endian on the wire); `order` only concerns
-multi-register values (SPEC §2). `bool` is one coil/discrete bit, or a register that is non-zero.
+    16 bits   r0
+    ABCD      A B      the register as transmitted (Modbus registers are big-endian on the wire)
+    CDAB      A B      one word: nothing to reverse
+    BADC      B A      bytes swapped
+    DCBA      B A      little-endian
+
+So CDAB reverses the word order, BADC swaps the bytes inside every word, DCBA does both; the same rule
+holds for a one-register value, whose bytes BADC and DCBA swap (SPEC §2: "BADC (byte-swapped), DCBA
+(little-endian)"). `bool` is one coil/discrete bit, or a register that is non-zero (byte order is
+irrelevant to "non-zero").
 
 Value = raw × scale + offset, computed in decimal from the shortest representation of each number, so
 that int16 1234 × 0.01 is 12.34 (not 12.340000000000002) and a float32 123.456 is reported as 123.456
@@ -123,10 +130,7 @@ def decode_raw(words: Sequence[int], type_: RegisterType, order: WordOrder = "AB
         if not 0 <= w <= 0xFFFF:
             raise ValueError(f"register value {w!r} is not a 16-bit unsigned integer")
         return w != 0
-    if n == 1:
-        data = _words_to_bytes(words, "ABCD")
-    else:
-        data = _words_to_bytes(words, order)
+    data = _words_to_bytes(words, order)
     (raw,) = struct.unpack(_FORMATS[type_], data)
     if type_ == "float32" and math.isfinite(raw):
         raw = _shortest_float32(raw, data)
@@ -152,7 +156,7 @@ def encode_raw(raw: int | float | bool, type_: RegisterType, order: WordOrder = 
         data = struct.pack(_FORMATS[type_], raw)
     except (OverflowError, struct.error) as exc:
         raise ValueError(f"{raw!r} does not fit a {type_}: {exc}") from None
-    return _bytes_to_words(data, order if len(data) > 2 else "ABCD")
+    return _bytes_to_words(data, order)
 
 
 def _shortest_float32(raw: float, data: bytes) -> float:

@@ -3,8 +3,10 @@
 Strict where real slaves are strict: RTU frames with a bad CRC and frames for other unit ids are
 ignored; a read or write outside what a `DataModel` defines gets exception 02; malformed PDUs get
 exception 03, unknown functions 01. Faults for tests (`Fault`): no answer, an exception to every request,
-an answer with a corrupted CRC. Counts requests and wire bytes per unit (what the slave saw: the
-measure used by the benchmark). Plain threads, no asyncio. Imports nothing from `agent`.
+an answer with a corrupted CRC, an answer that comes `delay` seconds late, and well-formed answers (valid
+CRC) that do not answer the request: another function code, one register (or byte of bits) short,
+another unit id. Counts requests and wire bytes per unit (what the slave saw: the measure used by the
+benchmark). Plain threads, no asyncio. Imports nothing from `agent`.
 
 Functions served: 1 read coils, 2 read discrete inputs, 3 read holding, 4 read input registers,
 5 write single coil, 6 write single register, 15 write coils, 16 write registers.
@@ -59,13 +61,25 @@ class DataModel(Protocol):
     def write(self, table: Table, address: int, values: list[int]) -> int | None: ...
 
 
+FaultKind = Literal["silent", "exception", "badcrc", "late", "wrongfc", "shortcount", "wrongunit"]
+_OTHER_READ_FC = {1: 2, 2: 1, 3: 4, 4: 3}
+
+
 @dataclass(frozen=True)
 class Fault:
     """A unit misbehaving on purpose. `kind`: "silent" (no answer at all), "exception" (every request
-    answered with exception `code`), "badcrc" (RTU answers with a corrupted CRC; on TCP: no answer)."""
+    answered with exception `code`), "badcrc" (RTU answers with a corrupted CRC; on TCP: no answer),
+    "late" (every answer sent `delay` seconds after its request, without holding up the line: a slave
+    slower than the master's timeout), "wrongfc" (a read answered with the other table's function code:
+    3 <-> 4, 1 <-> 2), "shortcount" (a read answered one register, or one byte of bits, short, byte count
+    to match), "wrongunit" (answers carry unit id + 1). `relabel` with "late" on TCP: the late answer
+    carries the transaction id of the latest request on its connection, as a TCP-to-RTU gateway does
+    that forwards a late RTU answer to the request it is serving."""
 
-    kind: Literal["silent", "exception", "badcrc"]
+    kind: FaultKind
     code: int = EXC_DEVICE_FAILURE
+    delay: float = 0.0
+    relabel: bool = False
 
 
 class RegisterBank:
@@ -138,9 +152,25 @@ class SlaveCore:
         if fault is not None and fault.kind == "exception":
             return bytes([fc | 0x80, fault.code])
         try:
-            return _dispatch(model, pdu)
+            response = _dispatch(model, pdu)
         except (struct.error, IndexError, ValueError):
             return bytes([fc | 0x80, EXC_ILLEGAL_VALUE])
+        if fault is not None and response[0] in _OTHER_READ_FC:
+            if fault.kind == "wrongfc":
+                response = bytes([_OTHER_READ_FC[response[0]]]) + response[1:]
+            elif fault.kind == "shortcount" and response[1] > 0:
+                short = 1 if response[0] in (1, 2) else 2
+                response = bytes([response[0], response[1] - short]) + response[2:-short]
+        return response
+
+    def answer_unit(self, unit: int) -> int:
+        """The unit id an answer of `unit` carries (another one with the "wrongunit" fault)."""
+        fault = self.fault_of(unit)
+        return (unit + 1) & 0xFF if fault is not None and fault.kind == "wrongunit" else unit
+
+    def answer_delay(self, unit: int) -> float:
+        fault = self.fault_of(unit)
+        return fault.delay if fault is not None and fault.kind == "late" else 0.0
 
 
 def _exc(fc: int, code: int) -> bytes:
@@ -224,6 +254,8 @@ class RtuPtyServer:
         self._slave: int | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._write_lock = threading.Lock()  # late answers are written from timer threads
+        self._generation = 0  # bumped by stop(): a late answer never goes to a closed (or reused) fd
 
     def start(self) -> RtuPtyServer:
         if self.link.is_symlink():
@@ -246,6 +278,8 @@ class RtuPtyServer:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+        with self._write_lock:
+            self._generation += 1
         for fd in (self._master, self._slave):
             if fd is not None:
                 try:
@@ -300,11 +334,23 @@ class RtuPtyServer:
             response = self.core.handle(unit, frame[1:-2])
             if response is None:
                 return
-            out = rtu_frame(unit, response)
+            out = rtu_frame(self.core.answer_unit(unit), response)
             fault = self.core.fault_of(unit)
             if fault is not None and fault.kind == "badcrc":
                 out = out[:-2] + bytes([out[-2] ^ 0xFF, out[-1]])
             counters.tx_bytes += len(out)
+            delay = self.core.answer_delay(unit)
+        if delay > 0:
+            timer = threading.Timer(delay, self._send, (fd, out, self._generation))
+            timer.daemon = True
+            timer.start()
+        else:
+            self._send(fd, out, self._generation)
+
+    def _send(self, fd: int, out: bytes, generation: int) -> None:
+        with self._write_lock:
+            if generation != self._generation:
+                return
             try:
                 os.write(fd, out)
             except OSError:
@@ -321,6 +367,8 @@ class TcpServer:
         self._sock: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()  # late answers are sent from timer threads
+        self._latest_tid: dict[socket.socket, int] = {}  # per connection, for Fault(relabel=True)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -400,10 +448,12 @@ class TcpServer:
                     if len(buf) < 6 + length:
                         break
                     pdu, buf = buf[7 : 6 + length], buf[6 + length :]
+                    self._latest_tid[conn] = tid
                     self._request(conn, tid, unit, pdu)
         finally:
             with self._lock:
                 self._conns.discard(conn)
+            self._latest_tid.pop(conn, None)
             conn.close()
 
     def _request(self, conn: socket.socket, tid: int, unit: int, pdu: bytes) -> None:
@@ -417,9 +467,22 @@ class TcpServer:
             fault = self.core.fault_of(unit)
             if response is None or (fault is not None and fault.kind == "badcrc"):
                 return
-            out = struct.pack(">HHHB", tid, 0, len(response) + 1, unit) + response
+            out = struct.pack(">HHHB", tid, 0, len(response) + 1, self.core.answer_unit(unit)) + response
             counters.tx_bytes += len(out)
-        try:
-            conn.sendall(out)
-        except OSError:
-            pass
+            delay = self.core.answer_delay(unit)
+            relabel = fault is not None and fault.relabel
+        if delay > 0:
+            timer = threading.Timer(delay, self._send, (conn, out, relabel))
+            timer.daemon = True
+            timer.start()
+        else:
+            self._send(conn, out)
+
+    def _send(self, conn: socket.socket, out: bytes, relabel: bool = False) -> None:
+        with self._send_lock:
+            if relabel:
+                out = self._latest_tid.get(conn, 0).to_bytes(2, "big") + out[2:]
+            try:
+                conn.sendall(out)
+            except OSError:
+                pass

@@ -1,6 +1,8 @@
-"""Modbus RTU and TCP against real slaves: the driver (pymodbus's client underneath) talks to the project's
-simulated slave over Modbus TCP on loopback and over Modbus RTU on a pseudo-terminal pair, and at the end
-`edge-agent simulate` and `edge-agent run` talk to each other as two real processes.
+"""Modbus RTU and TCP against real slaves: the driver (its own RTU and TCP master, pyserial underneath on
+RTU) talks to the project's simulated slave over Modbus TCP on loopback and over Modbus RTU on a
+pseudo-terminal pair, with the slave misbehaving on purpose (silent, late, answers that answer something
+else), the bus poller serves a silent and a healthy slave on one line, and at the end `edge-agent simulate`
+and `edge-agent run` talk to each other as two real processes.
 
 Expected register contents are built here from SPEC §2's byte-order table (and literal vectors for the
 float orders seen in the field), not with the codec under test.
@@ -8,6 +10,7 @@ float orders seen in the field), not with the codec under test.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -102,22 +105,24 @@ FLOAT_VECTORS = {
 }
 
 
-def test_every_type_and_order_decodes_exactly_at_a_real_slave(kind, tmp_path):
-    bank = RegisterBank()
+def every_type_map() -> tuple[list[RegisterSpec], list[tuple[str, int, list[int]]], dict[str, float]]:
+    """Every type and order, 16-bit types with scale and offset, the input table and bits: the specs,
+    the register contents as (table, address, words) and the values they must decode to."""
     specs: list[RegisterSpec] = []
+    cells: list[tuple[str, int, list[int]]] = []
     expected: dict[str, float] = {}
     address = 0
     for type_, fmt in FORMATS.items():
         for order in ("ABCD", "CDAB", "BADC", "DCBA"):
             channel = f"{type_}_{order}"
             spec = RegisterSpec(channel=channel, address=address, type=type_, order=order)
-            bank.set("holding", address, wire_words(fmt, SAMPLES[type_], order))
+            cells.append(("holding", address, wire_words(fmt, SAMPLES[type_], order)))
             specs.append(spec)
             expected[channel] = float(SAMPLES[type_])
             address += spec.count
     for order, words in FLOAT_VECTORS.items():  # literal field vectors
         specs.append(RegisterSpec(channel=f"field_{order}", address=address, type="float32", order=order))
-        bank.set("holding", address, words)
+        cells.append(("holding", address, words))
         expected[f"field_{order}"] = 123.456
         address += 2
     extra = [  # 16-bit types, scale and offset, input table, bits
@@ -130,6 +135,8 @@ def test_every_type_and_order_decodes_exactly_at_a_real_slave(kind, tmp_path):
         (RegisterSpec(channel="f32so", address=206, type="float32", order="DCBA", scale=2, offset=1), "holding",
          wire_words("f", 1.25, "DCBA"), 3.5),
         (RegisterSpec(channel="reg_bool", address=208, type="bool"), "holding", [7], 1.0),
+        *[(RegisterSpec(channel=f"i16_{order}", address=209 + k, type="int16", order=order), "holding",
+           wire_words("h", -123, order), -123.0) for k, order in enumerate(("ABCD", "CDAB", "BADC", "DCBA"))],
         (RegisterSpec(channel="in_f32", address=10, type="float32", table="input", order="CDAB"), "input",
          wire_words("f", -0.5, "CDAB"), -0.5),
         (RegisterSpec(channel="coil3", address=3, table="coil"), "coil", [1], 1.0),
@@ -138,19 +145,95 @@ def test_every_type_and_order_decodes_exactly_at_a_real_slave(kind, tmp_path):
     ]
     for spec, table, words, value in extra:
         specs.append(spec)
-        bank.set(table, spec.address, words)
+        cells.append((table, spec.address, words))
         expected[spec.channel] = value
-    link = Link(kind, {7: bank}, tmp_path)
-    try:
-        readings = link.driver("dev", 7, specs).poll(1_000)
-    finally:
-        link.close()
+    return specs, cells, expected
+
+
+def assert_decoded(readings: list[Reading], expected: dict[str, float]) -> None:
     got = by_channel(readings)
     assert set(got) == set(expected)
     for channel, value in expected.items():
         r = got[channel]
         assert (r.value, r.flag) == (value, "N"), channel
-    assert link.core.counters[7].requests == 5, "holding 0..97, holding 200..208, input, coils, discrete"
+
+
+def test_every_type_and_order_decodes_exactly_at_a_real_slave(kind, tmp_path):
+    specs, cells, expected = every_type_map()
+    bank = RegisterBank()
+    for table, address, words in cells:
+        bank.set(table, address, words)
+    link = Link(kind, {7: bank}, tmp_path)
+    try:
+        readings = link.driver("dev", 7, specs).poll(1_000)
+    finally:
+        link.close()
+    assert_decoded(readings, expected)
+    assert link.core.counters[7].requests == 5, "holding 0..97, holding 200..212, input, coils, discrete"
+
+
+# pymodbus's own server: a Modbus implementation this project did not write, on the other end of the
+# wire (TCP on loopback; RTU on a socat pseudo-terminal pair), serving `cells` as unit UNIT.
+PYMODBUS_PEER = r"""
+import asyncio, json, sys
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+kind, where, unit, cells = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+def data(table, bits):
+    values = {}
+    for name, address, words in cells:
+        if name == table:
+            values.update((address + i, w) for i, w in enumerate(words))
+    column = [values.get(a, 0) for a in range(max(values, default=0) + 1)]
+    if bits:
+        column = [bool(v) for v in column] + [False] * (-len(column) % 16)
+    return [SimData(0, values=column, datatype=DataType.BITS if bits else DataType.REGISTERS)]
+device = SimDevice(id=unit, simdata=(data("coil", True), data("discrete", True), data("holding", False),
+                                     data("input", False)))
+async def main():
+    if kind == "tcp":
+        server = ModbusTcpServer(device, address=("127.0.0.1", int(where)))
+    else:
+        server = ModbusSerialServer(device, port=where, baudrate=9600)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+def test_every_type_and_order_decodes_exactly_at_a_pymodbus_slave(kind, tmp_path):
+    """The same map against pymodbus's server: our framing (CRC, MBAP, byte counts, bit packing) agrees
+    with an implementation we did not write, not only with our own simulator."""
+    specs, cells, expected = every_type_map()
+    procs: list[subprocess.Popen] = []
+    try:
+        if kind == "tcp":
+            port = free_port()
+            where = str(port)
+            bus = ModbusBus("lan", "tcp", host="127.0.0.1", tcp_port=port, timeout=1.0, retries=2)
+        else:
+            ours, theirs = tmp_path / "ttyA", tmp_path / "ttyB"
+            procs.append(subprocess.Popen(["socat", f"pty,raw,echo=0,link={ours}", f"pty,raw,echo=0,link={theirs}"],
+                                          stderr=subprocess.DEVNULL))
+            wait_for(lambda: ours.exists() and theirs.exists(), 10, "the socat pty pair")
+            where = str(theirs)
+            bus = ModbusBus("rs485", "rtu", port=str(ours), baudrate=9600, timeout=1.0, retries=2)
+        procs.append(subprocess.Popen([sys.executable, "-c", PYMODBUS_PEER, kind, where, "7", json.dumps(cells)],
+                                      stderr=subprocess.DEVNULL))
+        driver = ModbusDriver("dev", bus, 7, 1.0, specs)
+        readings: list[Reading] = []
+
+        def polled_all() -> bool:  # the server takes a moment to listen
+            readings[:] = driver.poll(1_000)
+            return all(r.flag == "N" for r in readings)
+
+        wait_for(polled_all, 20, "a poll the pymodbus slave answers", interval=0.2)
+        bus.close()
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(10)
+    assert_decoded(readings, expected)
 
 
 def forty_points() -> list[RegisterSpec]:
@@ -229,6 +312,53 @@ def test_dead_slave_on_shared_rtu_bus_costs_one_timeout_and_recovers(tmp_path):
     assert abs(mean - interval) < 0.05, f"alive slave kept its {interval} s interval on average ({mean:.3f})"
 
 
+def test_a_silent_slave_holds_up_a_healthy_one_no_longer_than_one_silent_poll(tmp_path, caplog):
+    # The audit's bus, scaled down: a silent slave whose poll costs timeout x tries (0.3 s) and a healthy
+    # one, both due every 0.3 s, so the bus cannot keep up. The healthy slave must be polled at least
+    # once per (timeout x tries + its interval). A bus that idles while a device is due (reschedules
+    # both after the silent poll) polls it exactly once per 0.6 s, N times in N x 0.6 s; a bus that
+    # serves the most overdue device and never idles alternates the two, about once per 0.3 s.
+    silent, healthy = RegisterBank(), RegisterBank()
+    healthy.set("holding", 0, [42])
+    silent.fault = Fault("silent")
+    timeout, retries, interval = 0.15, 1, 0.3
+    link = Link("rtu", {9: silent, 4: healthy}, tmp_path, timeout=timeout, retries=retries)
+    spec = [RegisterSpec(channel="x", address=0)]
+    drivers = [link.driver("dead", 9, spec, interval=interval), link.driver("good", 4, spec, interval=interval)]
+    received: list[Reading] = []
+    lock = threading.Lock()
+
+    def sink(readings: list[Reading]) -> None:
+        with lock:
+            received.extend(readings)
+
+    def count(device: str) -> int:
+        with lock:
+            return sum(r.device == device for r in received)
+
+    polls = 8
+    window = polls * (timeout * (retries + 1) + interval)
+    poller = BusPoller("rs485", drivers, sink)
+    with caplog.at_level(logging.WARNING, logger="agent.poller"):
+        poller.start()
+        try:
+            wait_for(lambda: count("good") >= polls + 1, window,
+                     f"more than {polls} polls of the healthy slave within {polls} x (timeout x tries + interval)")
+            wait_for(lambda: any("good" in m and "late" in m for m in caplog.messages), 5, "the overrun logged")
+        finally:
+            poller.stop()
+            poller.join(5)
+            link.close()
+    with lock:
+        assert all((r.value, r.flag) == (42.0, "N") for r in received if r.device == "good")
+        assert all((r.value, r.flag) == (None, "B") for r in received if r.device == "dead")
+    assert abs(count("good") - count("dead")) <= 1, "the two alternate"
+    overrun = [m for m in caplog.messages if m.startswith("bus rs485: device ") and " late " in m]
+    assert overrun and all("s late" in m and "missed" in m for m in overrun), caplog.messages
+    assert len([m for m in overrun if "device good" in m]) == 1, "rate-limited: one line per device"
+    assert poller.missed["good"] > 0
+
+
 def test_bad_crc_reads_as_communication_failure(tmp_path):
     bank = RegisterBank()
     bank.set("holding", 0, [712])
@@ -241,6 +371,73 @@ def test_bad_crc_reads_as_communication_failure(tmp_path):
         assert link.core.counters[4].requests == 2, "tried retries + 1 times"
         bank.fault = None
         assert driver.poll(0)[0].value == 7.12
+    finally:
+        link.close()
+
+
+# Every register of the slave that answers late holds a value no other register holds: a value taken from
+# another request's answer can never pass for the right one.
+LATE_MAP = [
+    (RegisterSpec(channel="h0", address=0, type="int16"), "holding", 111),
+    (RegisterSpec(channel="h1", address=1, type="int16"), "holding", 112),
+    (RegisterSpec(channel="h20", address=20, type="uint16"), "holding", 221),
+    (RegisterSpec(channel="h21", address=21, type="uint16"), "holding", 222),
+    (RegisterSpec(channel="i10", address=10, type="int16", table="input"), "input", 331),
+    (RegisterSpec(channel="i11", address=11, type="int16", table="input"), "input", 332),
+]
+
+
+@pytest.mark.parametrize(("kind", "relabel"), [("rtu", False), ("tcp", False), ("tcp", True)],
+                         ids=["rtu", "tcp", "tcp-gateway-relabels"])
+def test_answers_later_than_the_timeout_are_never_taken_for_the_next_request(kind, relabel, tmp_path):
+    # The slave answers every request 0.22 s after it, the master waits 0.15 s: the answer to one try
+    # arrives while the master waits for the next try or the next request, and answers to holding 0..1
+    # and holding 20..21 look alike (unit 1, function 3, 4 bytes). On RTU nothing tells them apart but
+    # the order; on TCP the transaction id does, unless the gateway stamps the late answer with the id of
+    # the request it is serving (`relabel`).
+    slow, next_one = RegisterBank(), RegisterBank()
+    for spec, table, value in LATE_MAP:
+        slow.set(table, spec.address, [value])
+    next_one.set("holding", 0, [401, 402])
+    slow.fault = Fault("late", delay=0.22, relabel=relabel)
+    link = Link(kind, {1: slow, 4: next_one}, tmp_path, timeout=0.15, retries=1)
+    expected = {spec.channel: float(value) for spec, _, value in LATE_MAP}
+    late = link.driver("late", 1, [spec for spec, _, _ in LATE_MAP])
+    after = link.driver("after", 4, [RegisterSpec(channel="r0", address=0), RegisterSpec(channel="r1", address=1)])
+    assert len(late.requests) == 3, "holding 0..1, holding 20..21, input 10..11"
+    got: list[Reading] = []
+    try:
+        for _ in range(4):
+            got += late.poll(0) + after.poll(0)
+    finally:
+        link.close()
+    expected.update({"r0": 401.0, "r1": 402.0})
+    wrong = [(r.device, r.channel, r.value, r.flag) for r in got
+             if (r.value, r.flag) not in ((expected[r.channel], "N"), (None, "B"))]
+    assert not wrong, f"values from another request's answer: {wrong}"
+    assert link.bus.stats.late_answers > 0, "the slave's late answers did reach the master"
+    assert sum(r.flag == "N" for r in got if r.device == "late") >= len(LATE_MAP), "the late slave is still read"
+    assert all(r.flag == "N" for r in got if r.device == "after")
+
+
+@pytest.mark.parametrize("fault", ["wrongfc", "shortcount", "wrongunit"])
+def test_an_answer_that_does_not_answer_the_request_is_refused(kind, fault, tmp_path):
+    # Well-formed frames (valid CRC) that answer something else: holding registers answered with function
+    # 04 (input registers), one register short, or by another unit. Refused like no answer: retried,
+    # then null/B; once the slave answers properly the values are back.
+    bank = RegisterBank()
+    bank.set("holding", 0, [712, 250])
+    bank.fault = Fault(fault)  # type: ignore[arg-type]
+    link = Link(kind, {4: bank}, tmp_path, timeout=0.2, retries=1)
+    specs = [RegisterSpec(channel="w01001", address=0, type="int16", scale=0.01),
+             RegisterSpec(channel="w01010", address=1, type="int16", scale=0.1)]
+    try:
+        driver = link.driver("ph", 4, specs)
+        assert {(r.value, r.flag) for r in driver.poll(0)} == {(None, "B")}
+        assert link.core.counters[4].requests == 2, "a refused answer is retried like no answer"
+        assert link.bus.stats.bad_answers == 2
+        bank.fault = None
+        assert [(r.value, r.flag) for r in driver.poll(0)] == [(7.12, "N"), (25.0, "N")]
     finally:
         link.close()
 

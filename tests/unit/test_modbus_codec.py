@@ -24,6 +24,7 @@ from drivers.modbus_codec import (
     status_flags_by_channel,
 )
 from drivers.registers import RegisterSpec, check_map
+from drivers.sim.instruments import SimInstrument
 
 ORDERS = ("ABCD", "CDAB", "BADC", "DCBA")
 TYPES = ("int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64", "bool")
@@ -55,10 +56,12 @@ VECTORS = [
                                     "CDAB": [0x0708, 0x0506, 0x0304, 0x0102],
                                     "BADC": [0x0201, 0x0403, 0x0605, 0x0807],
                                     "DCBA": [0x0807, 0x0605, 0x0403, 0x0201]}),
-    # 16-bit values are the register as transmitted, whatever the order
-    ("int16", -2, dict.fromkeys(ORDERS, [0xFFFE])),
-    ("int16", 712, dict.fromkeys(ORDERS, [0x02C8])),
-    ("uint16", 0xABCD, dict.fromkeys(ORDERS, [0xABCD])),
+    # 16-bit values: ABCD and CDAB are the register as transmitted (one word, nothing to reverse); BADC
+    # (byte-swapped) and DCBA (little-endian) swap its two bytes (SPEC §2)
+    ("int16", -2, {"ABCD": [0xFFFE], "CDAB": [0xFFFE], "BADC": [0xFEFF], "DCBA": [0xFEFF]}),
+    ("int16", 712, {"ABCD": [0x02C8], "CDAB": [0x02C8], "BADC": [0xC802], "DCBA": [0xC802]}),
+    ("int16", -123, {"ABCD": [0xFF85], "CDAB": [0xFF85], "BADC": [0x85FF], "DCBA": [0x85FF]}),
+    ("uint16", 0xABCD, {"ABCD": [0xABCD], "CDAB": [0xABCD], "BADC": [0xCDAB], "DCBA": [0xCDAB]}),
 ]
 
 
@@ -71,6 +74,42 @@ def test_every_type_and_order_decodes_hand_computed_registers(type_, raw, by_ord
     spec = RegisterSpec("x", 0, type=type_, order=order)
     assert decode(words, spec) == float(raw)  # readings are floats (64-bit integers above 2**53 round)
     assert encode(raw, spec) == words
+
+
+@pytest.mark.parametrize(("order", "wire", "unsigned"), [
+    ("ABCD", 0xFF85, 0xFF85), ("CDAB", 0xFF85, 0xFF85), ("BADC", 0x85FF, 0xFF85), ("DCBA", 0x85FF, 0xFF85)])
+def test_one_register_values_swap_their_bytes_for_badc_and_dcba(order, wire, unsigned):
+    # int16 -123 is 0xFF85; an instrument sending it byte-swapped (BADC) or little-endian (DCBA) puts 85 FF
+    # on the wire (SPEC §2). Decode and encode stay inverse, with scale, for both signednesses.
+    spec = RegisterSpec("x", 0, type="int16", order=order, scale=0.1)
+    assert decode([wire], spec) == -12.3
+    assert encode(-12.3, spec) == [wire]
+    assert decode_raw([wire], "uint16", order) == unsigned
+    assert encode_raw(unsigned, "uint16", order) == [wire]
+    # pH 7.12 as int16 raw/100 from an instrument that sends little-endian
+    assert decode([0xC802], RegisterSpec("ph", 0, type="int16", order="DCBA", scale=0.01)) == 7.12
+    # a status word's bits count from the value's least significant bit, after the byte order
+    status = RegisterSpec("st", 0, role="status", bits={0: "D", 15: "M"}, order=order)
+    assert flag_from_status(encode_raw(1, "uint16", order), status) == "D"
+    assert flag_from_status(encode_raw(0x8000, "uint16", order), status) == "M"
+    # bool on a register is "non-zero", whichever byte carries it
+    assert decode([0x0100], RegisterSpec("b", 0, type="bool", order=order)) == 1.0
+    assert decode([0x0000], RegisterSpec("b", 0, type="bool", order=order)) == 0.0
+
+
+def test_simulated_instruments_encode_one_register_orders_as_the_agent_decodes_them():
+    specs = [RegisterSpec(f"c_{order}", i, type="int16", order=order, scale=0.01, range=(0, 14))
+             for i, order in enumerate(ORDERS)]
+    inst = SimInstrument("ph", specs, clock=lambda: 1_780_000_000.0)
+    inst.refresh()
+    values = inst.values()
+    for spec in specs:
+        words = inst.bank.get("holding", spec.address, 1)
+        assert decode(words, spec) == pytest.approx(values[spec.channel], abs=0.01), spec.order
+        # by hand: undo the byte swap of BADC/DCBA, read the big-endian int16, scale
+        wire = words[0].to_bytes(2, "big")
+        (raw,) = struct.unpack(">h", wire[::-1] if spec.order in ("BADC", "DCBA") else wire)
+        assert raw * 0.01 == pytest.approx(values[spec.channel], abs=0.01), spec.order
 
 
 def test_register_counts():

@@ -1,6 +1,8 @@
 """The Modbus driver's logic without a wire (a scripted bus), the simulated slave's protocol handling,
-and the simulated instruments: what each failure turns into, which flags status words give, that the
-simulators encode what the profiles say, and that faults can be switched from a control file."""
+and the simulated instruments: what each failure turns into, which flags status words give, which
+answers answer a request and which request a frame goes to (pure logic; on real frames in
+tests/integration/test_modbus.py), that the simulators encode what the profiles say, and that faults
+can be switched from a control file."""
 
 from __future__ import annotations
 
@@ -16,7 +18,20 @@ from pymodbus.framer import FramerRTU
 
 from agent.config import parse_config
 from drivers import profiles
-from drivers.modbus import ExceptionReply, LinkDown, ModbusBus, ModbusDriver, NoAnswer, build_bus_drivers
+from drivers.modbus import (
+    BusStats,
+    ExceptionReply,
+    LinkDown,
+    ModbusBus,
+    ModbusDriver,
+    NoAnswer,
+    _Ask,
+    _Link,
+    _take_mbap_frame,
+    _take_rtu_frame,
+    build_bus_drivers,
+)
+from drivers.modbus import crc16 as driver_crc16
 from drivers.modbus_codec import decode, encode_raw, flag_from_status
 from drivers.planner import plan, slice_response
 from drivers.registers import RegisterSpec
@@ -190,6 +205,86 @@ devices:
     assert {(r.value, r.flag) for r in readings} == {(None, "B")}
     for d in drivers:
         d.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# answers and requests (pure logic; the same on real frames in tests/integration/test_modbus.py)
+
+
+HOLDING_0_2 = _Ask.read(1, "holding", 0, 2)
+
+
+@pytest.mark.parametrize(("unit", "pdu", "problem"), [
+    (1, "0304" "00010002", None),
+    (1, "8302", None),  # a Modbus exception answers any request of its function
+    (2, "0304" "00010002", "from unit 2"),
+    (1, "0404" "00010002", "function code 4"),
+    (1, "0302" "0001", "byte count 2"),
+    (1, "0306" "000100020003", "byte count 6"),
+    (1, "0304" "000100", "byte count 4"),  # the count says 4, 3 bytes follow
+    (1, "8300", "malformed exception"),
+])
+def test_an_answer_must_answer_its_request(unit, pdu, problem):
+    raw = bytes.fromhex(pdu)
+    got = HOLDING_0_2.mismatch(unit, raw[0], raw[1:])
+    assert (got is None) if problem is None else (problem in got)
+
+
+def test_bits_and_write_echoes_are_checked_too():
+    coils = _Ask.read(3, "coil", 0, 9)  # 9 bits: 2 bytes
+    assert coils.mismatch(3, 1, bytes.fromhex("02" "0d01")) is None
+    assert coils.values(bytes.fromhex("02" "0d01")) == [1, 0, 1, 1, 0, 0, 0, 0, 1]
+    assert "byte count 1" in coils.mismatch(3, 1, bytes.fromhex("01" "0d"))
+    assert "function code 2" in coils.mismatch(3, 2, bytes.fromhex("02" "0d01"))
+    write = _Ask(3, 6, 7, value=0x0102)
+    assert write.mismatch(3, 6, bytes.fromhex("00070102")) is None
+    assert "echo" in write.mismatch(3, 6, bytes.fromhex("00080102"))
+
+
+def rtu(unit: int, pdu: str) -> bytes:
+    return rtu_frame(unit, bytes.fromhex(pdu))
+
+
+def test_rtu_frames_are_found_behind_noise_and_never_made_of_broken_ones():
+    good = rtu(1, "0304" "00010002")
+    broken = good[:-1] + bytes([good[-1] ^ 0xFF])
+    buf = bytearray(b"\x55\xaa" + broken + good + good[:3])
+    assert _take_rtu_frame(buf) == (1, 3, bytes.fromhex("04" "00010002"))
+    assert buf == good[:3], "noise and the broken frame dropped, the next frame's start kept"
+    assert _take_rtu_frame(buf) is None
+    # garbage whose "byte count" promises more bytes than will come does not hide a frame after it
+    buf = bytearray(bytes.fromhex("0103fa") + good)
+    assert _take_rtu_frame(buf) == (1, 3, bytes.fromhex("04" "00010002"))
+    assert _take_rtu_frame(bytearray(rtu(5, "8302"))) == (5, 0x83, b"\x02")
+
+
+def test_modbus_tcp_frames_are_split_and_a_foreign_stream_is_refused():
+    frame = bytes.fromhex("0007" "0000" "0007" "01" "0304" "00010002")
+    buf = bytearray(frame + frame[:5])
+    assert _take_mbap_frame(buf) == (7, 1, 3, bytes.fromhex("04" "00010002"))
+    assert _take_mbap_frame(buf) is None and len(buf) == 5
+    with pytest.raises(Exception, match="not a Modbus TCP answer"):
+        _take_mbap_frame(bytearray(b"HTTP/1.1 400"))
+
+
+@given(st.binary(max_size=64))
+def test_the_driver_crc_is_the_modbus_crc(data):
+    assert driver_crc16(data) == crc16(data)
+
+
+def test_a_frame_goes_to_the_oldest_request_it_answers_within_the_late_window():
+    link = _Link(timeout=10.0, stats=BusStats(), bus_name="t")
+    first, second, other = _Ask.read(1, "holding", 0, 2), _Ask.read(1, "holding", 20, 2), _Ask.read(1, "input", 0, 1)
+    for ask in (first, other, second):
+        link._remember(ask, 0.0)
+    answer = (1, 3, bytes.fromhex("04" "00010002"))  # fits `first` and `second` alike
+    assert link._claim(*answer).ask == first, "a slave answers in order: the older request"
+    assert link._claim(*answer).ask == second
+    assert link._claim(*answer) is None, "nobody waits for a third one"
+    assert link._claim(1, 4, bytes.fromhex("02" "0005")).ask == other
+    link._remember(first, 0.0)
+    link._sent[0].until -= 2 * link.late_s  # sent long ago
+    assert link._claim(*answer) is None, "past the late window an answer is no longer recognised"
 
 
 # --------------------------------------------------------------------------------------------------
