@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.runtime import Station, UnsupportedConfig, check_supported
 
     setup_logging(args.log_level)
-    config = _load_or_report(args.config)
+    config = _load_or_report(args.config, check_files=True)  # as check-config: a missing TLS file too
     if config is None:
         return EXIT_INVALID
     try:
@@ -91,6 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import sqlite3
+
     from agent.buffer import Buffer
     from agent.runtime import device_intervals
     from agent.status import agent_state, collect, render_text
@@ -99,9 +101,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_INVALID
     path = config.storage.path
-    reader = Buffer.open_reader(path) if path.exists() else None
+    reader = None
+    unreadable = None
     try:
+        reader = Buffer.open_reader(path) if path.exists() else None
         status = collect(reader, device_intervals(config))
+    except (sqlite3.Error, OSError) as exc:  # a damaged file: `run` moves it aside when it starts
+        unreadable = f"cannot read the buffer {path}: {exc}"
+        status = collect(None, device_intervals(config))
+        status["buffer_error"] = unreadable
     finally:
         if reader is not None:
             reader.close()
@@ -113,7 +121,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         json.dump(status, sys.stdout, indent=2, ensure_ascii=False)
         print()
     else:
-        if reader is None:
+        if unreadable:
+            print(f"{unreadable} (run moves a damaged file aside when it starts)")
+        elif not path.exists():
             print(f"no buffer database at {path} yet (the agent has not run with this config)")
         print(f"station  {config.station.id} ({config.station.name or ''})")
         print(render_text(status))

@@ -1260,6 +1260,12 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
     mqtt = _mapping(data.get("mqtt"))
     if mqtt.get("payload") == "hj212" and data.get("hj212") is None:
         out.append(_Cross(("mqtt", "payload"), "payload: hj212 needs an hj212: section (st, pw)", "value"))
+    urls = mqtt.get("urls") if isinstance(mqtt.get("urls"), list) else [mqtt.get("url")]
+    plain = [u for u in urls if isinstance(u, str) and u.strip().lower().startswith("mqtt://")]
+    for key in ("password", "password_file"):
+        if plain and mqtt.get(key) is not None:
+            out.append(_Cross(("mqtt", key), "the password goes to the broker in clear text over mqtt://; use "
+                              "mqtts:// (TLS) outside a trusted network", "value", warning=True))
 
     def known_channels(dev_id: str) -> list[str] | None:
         dev = _mapping(devices.get(dev_id))

@@ -43,25 +43,22 @@ class RateLimitedLog:
         self._lock = threading.Lock()
         self._seen: dict[str, tuple[float, int]] = {}
 
-    def log(self, level: int, msg: str, *args: object) -> None:
+    def log(self, level: int, msg: str, *args: object, key: str | None = None) -> None:
+        """`key` (default: the template) tells occurrences apart: one per distinct key is logged."""
         now = time.monotonic()
+        key = msg if key is None else f"{msg}\0{key}"
         with self._lock:
-            last, suppressed = self._seen.get(msg, (-1e18, 0))
+            last, suppressed = self._seen.get(key, (-1e18, 0))
             if now - last < self.every_s:
-                self._seen[msg] = (last, suppressed + 1)
+                self._seen[key] = (last, suppressed + 1)
                 return
-            self._seen[msg] = (now, 0)
+            self._seen[key] = (now, 0)
         if suppressed:
             msg = msg + f" (and {suppressed} more like this in the last {self.every_s:.0f} s)"
         self.logger.log(level, msg, *args)
 
-    def error(self, msg: str, *args: object) -> None:
-        self.log(logging.ERROR, msg, *args)
+    def error(self, msg: str, *args: object, key: str | None = None) -> None:
+        self.log(logging.ERROR, msg, *args, key=key)
 
-    def warning(self, msg: str, *args: object) -> None:
-        self.log(logging.WARNING, msg, *args)
-
-    def reset(self, msg: str) -> None:
-        """Forget a template so that its next occurrence is logged at once (e.g. after recovery)."""
-        with self._lock:
-            self._seen.pop(msg, None)
+    def warning(self, msg: str, *args: object, key: str | None = None) -> None:
+        self.log(logging.WARNING, msg, *args, key=key)

@@ -61,6 +61,7 @@ WINDOW = 32  # messages in flight (unacknowledged) at once
 MAX_COMMAND_BYTES = 4096
 MAX_RESEND = 100_000  # readings one resend command may ask for
 MAX_SEQ = 2**63 - 1  # SQLite's largest integer: a seq is never above it
+MAX_RESENDS_QUEUED = 4  # resend commands under way at once; more are refused until one is answered
 EVENT_BATCH = 50  # aggregates per agg message
 HJ212_EVENT_BATCH = 500  # aggregate rows read at once to group into period packets
 PREPARED_MAX_BYTES = 16 * 1024 * 1024  # data messages of the backlog encoded ahead while offline
@@ -152,6 +153,8 @@ class Publisher(threading.Thread):
         self._connack: object = None
         self.last_progress = time.monotonic()
         self._errlog = RateLimitedLog(log, every_s=300)
+        self._cmdlog = RateLimitedLog(log, every_s=60)  # refused commands: anyone may send them
+        self._resends: deque[_Resend] = deque()
         self._hj212 = self._payload_strategy(settings)
 
     # ------------------------------------------------------------------ any thread
@@ -260,6 +263,7 @@ class Publisher(threading.Thread):
             self._drop_connection("settings reloaded")
             self._backoff = 0.5
             self._url_index = 0
+            self._errlog = RateLimitedLog(log, every_s=300)  # the new settings' errors are news
 
     # ------------------------------------------------------------------ connection
 
@@ -282,11 +286,10 @@ class Publisher(threading.Thread):
             client.username_pw_set(s.username, s.password)
         if tls:
             try:
-                client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key,
-                               cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-            except (OSError, ssl.SSLError, ValueError) as exc:
+                client.tls_set_context(tls_context(s))
+            except TlsFilesError as exc:
                 self._set_state("offline", f"TLS files unusable: {exc}")
-                self._errlog.error("cannot use the TLS files of mqtt.tls: %s", exc)
+                self._errlog.error("cannot use the TLS files: %s", exc, key=str(exc))
                 return False
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -315,7 +318,8 @@ class Publisher(threading.Thread):
 
     def _connect_failed(self, url: str, why: str) -> bool:
         self._set_state("offline", why)
-        self._errlog.error("cannot connect to %s: %s; retrying with backoff", _safe_url(url), why)
+        # One line per distinct reason (a new one, after a reload for instance, is logged at once).
+        self._errlog.error("cannot connect to %s: %s; retrying with backoff", _safe_url(url), why, key=why)
         return False
 
     def _on_online(self, url: str) -> None:
@@ -526,6 +530,9 @@ class Publisher(threading.Thread):
                 if batch.count < s.max_batch:
                     break  # that was the newest
             self._publish_events(STREAM_AGGREGATES, f"{s.base_topic}/agg", EVENT_BATCH)
+            self._continue_resends()
+            if self._resends:
+                self._need_fill = True  # go on as acknowledgements make room
         except Exception as exc:  # noqa: BLE001 - a damaged or replaced file: reopen and go on
             if self.client is None:
                 return
@@ -724,6 +731,10 @@ class Publisher(threading.Thread):
     def _on_message(self, client, userdata, message) -> None:  # paho callback
         s = self.settings
         cmd_id: object = None
+        if message.retain:  # SPEC §4: P/cmd is not retained; one left there would run at every connection
+            self._cmdlog.warning("ignored a retained message on %s: commands are never retained (clear it "
+                                 "with an empty retained message)", message.topic)
+            return
         try:
             if len(message.payload) > MAX_COMMAND_BYTES:
                 raise CommandError(f"command larger than {MAX_COMMAND_BYTES} bytes")
@@ -746,26 +757,29 @@ class Publisher(threading.Thread):
             handler = handlers.get(name) if isinstance(name, str) else None
             if handler is None:
                 raise CommandError(f"unknown command {name!r} (known: ping, resend, status)")
-            reply = handler(cmd)
+            reply = handler(cmd_id, cmd)
+            if reply is None:
+                return  # answered once done (resend)
             payload = reply_message(cmd_id, True, **reply)
         except CommandError as exc:
-            log.warning("refused command on %s: %s", message.topic, exc)
+            self._cmdlog.warning("refused command on %s: %s", message.topic, exc)
             payload = reply_message(cmd_id, False, error=str(exc))
         except Exception as exc:  # noqa: BLE001 - a command must never take the agent down
             log.exception("command failed")
             payload = reply_message(cmd_id, False, error=f"internal error: {type(exc).__name__}")
         self._publish_raw(f"{s.base_topic}/cmd/reply", payload)
 
-    def _cmd_ping(self, cmd: dict) -> dict:
+    def _cmd_ping(self, cmd_id: object, cmd: dict) -> dict:
         _only_keys(cmd, {"id", "cmd"})
         return {"cmd": "ping", "pong": True, "ts": iso_utc_ms(now_ms())}
 
-    def _cmd_status(self, cmd: dict) -> dict:
+    def _cmd_status(self, cmd_id: object, cmd: dict) -> dict:
         _only_keys(cmd, {"id", "cmd"})
         status = self.status_provider() if self.status_provider else {}
         return {"cmd": "status", "status": status}
 
-    def _cmd_resend(self, cmd: dict) -> dict:
+    def _cmd_resend(self, cmd_id: object, cmd: dict) -> None:
+        """Queue the range; `_continue_resends` publishes it within the window and then replies."""
         _only_keys(cmd, {"id", "cmd", "from_seq", "to_seq"})
         first, last = cmd.get("from_seq"), cmd.get("to_seq")
         for name, value in (("from_seq", first), ("to_seq", last)):
@@ -778,32 +792,92 @@ class Publisher(threading.Thread):
             raise CommandError(f"at most {MAX_RESEND} readings per resend; split the range")
         if self._reader is None:
             raise CommandError("buffer not available")
+        if len(self._resends) >= MAX_RESENDS_QUEUED:
+            raise CommandError(f"{len(self._resends)} resends are under way; ask again when one has been answered")
+        self._resends.append(_Resend(cmd_id, first, last, after=first - 1))
+        self._need_fill = True
+
+    def _continue_resends(self) -> None:
+        """Publish the oldest queued resend's next batch while the window has room (after the live
+        data: resent messages count in the window like any other, so a flood of resends is bounded
+        in memory and never holds up what is new); reply once its range is done."""
         topic = f"{self.settings.base_topic}/data"
-        after, count, missing = first - 1, 0, []
-        while self._hj212 is not None:  # payload hj212: the stored polls again, as 2011 packets
-            polls = self._reader.reading_polls(after, self.settings.max_batch, upto_seq=last)
-            if not polls:
-                break
-            for poll in polls:
-                if poll.first_seq > after + 1:
-                    missing.append([after + 1, poll.first_seq - 1])
-                for frame in self._hj212.poll_message(poll).frames:
-                    self._publish_raw(topic, frame)
-                after, count = poll.last_seq, count + len(poll.readings)
-        while self._hj212 is None:
-            batch = self._reader.readings_json(after, self.settings.max_batch, upto_seq=last)
-            if batch is None:
-                break
-            if batch.first_seq > after + 1:
-                missing.append([after + 1, batch.first_seq - 1])
-            self._publish_raw(topic, data_message(self.settings.station_id, batch.items))
-            after, count = batch.last_seq, count + batch.count
-        if after < last:
-            missing.append([after + 1, last])
-        reply: dict = {"cmd": "resend", "from_seq": first, "to_seq": last, "count": count}
-        if missing:  # purged (older than keep_sent_days), evicted, or not issued yet
-            reply["missing"] = missing
-        return reply
+        while self._resends and not self._window_full() and self.client is not None:
+            job = self._resends[0]
+            assert self._reader is not None
+            if self._hj212 is not None:  # payload hj212: the stored polls again, as 2011 packets
+                polls = self._reader.reading_polls(job.after, self.settings.max_batch, upto_seq=job.last,
+                                                   max_polls=WINDOW)
+                for poll in polls:
+                    job.skipped(poll.first_seq)
+                    for frame in self._hj212.poll_message(poll).frames:
+                        self._publish_raw(topic, frame)
+                    job.after, job.count = poll.last_seq, job.count + len(poll.readings)
+                done = not polls
+            else:
+                batch = self._reader.readings_json(job.after, self.settings.max_batch, upto_seq=job.last)
+                if batch is not None:
+                    job.skipped(batch.first_seq)
+                    self._publish_raw(topic, data_message(self.settings.station_id, batch.items))
+                    job.after, job.count = batch.last_seq, job.count + batch.count
+                done = batch is None
+            if done:
+                self._resends.popleft()
+                if job.after < job.last:
+                    job.missing.append([job.after + 1, job.last])
+                reply: dict = {"cmd": "resend", "from_seq": job.first, "to_seq": job.last, "count": job.count}
+                if job.missing:  # purged (older than keep_sent_days), evicted, or not issued yet
+                    reply["missing"] = job.missing
+                self._publish_raw(f"{self.settings.base_topic}/cmd/reply", reply_message(job.cmd_id, True, **reply))
+
+
+@dataclass
+class _Resend:
+    """A resend command under way: its range, how far it has got, and what it found missing."""
+
+    cmd_id: object
+    first: int
+    last: int
+    after: int  # the last seq published so far (first - 1 at the start)
+    count: int = 0
+    missing: list[list[int]] = field(default_factory=list)
+
+    def skipped(self, next_seq: int) -> None:
+        if next_seq > self.after + 1:
+            self.missing.append([self.after + 1, next_seq - 1])
+
+
+class TlsFilesError(Exception):
+    """The files of `mqtt.tls` cannot be used; the message names the key and the file."""
+
+
+def tls_context(s: BrokerSettings) -> ssl.SSLContext:
+    """A client TLS context that verifies the broker's certificate and host name, with the station's
+    client certificate. A key protected by a passphrase is refused with that reason: OpenSSL would
+    otherwise ask for the passphrase on the terminal (and hang a technician's `run`)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
+    asked: list[bool] = []
+
+    def no_passphrase() -> bytes:
+        asked.append(True)
+        return b""
+
+    where = f"mqtt.tls.ca ({s.tls_ca})"
+    try:
+        if s.tls_ca:
+            ctx.load_verify_locations(cafile=s.tls_ca)
+        else:
+            ctx.load_default_certs()
+        if s.tls_cert:
+            where = f"mqtt.tls.cert/key ({s.tls_cert}, {s.tls_key})"
+            ctx.load_cert_chain(s.tls_cert, s.tls_key, password=no_passphrase)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        if asked:
+            raise TlsFilesError(f"mqtt.tls.key ({s.tls_key}) is protected by a passphrase; edge-agent needs "
+                                "the key without one (readable by the service user only)") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise TlsFilesError(f"{where}: {reason}") from None
+    return ctx
 
 
 class CommandError(Exception):

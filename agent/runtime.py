@@ -328,7 +328,7 @@ class Station:
         """SIGHUP: load the config again; a bad one is logged and the running one kept."""
         log.info("SIGHUP: reloading %s", self.config_path)
         try:
-            new = load_config(self.config_path)
+            new = load_config(self.config_path, check_files=True)
             check_supported(new)
             settings = broker_settings(new)
         except ConfigError as exc:

@@ -177,6 +177,56 @@ def test_resend_command_republishes_a_stored_range_and_bad_commands_are_refused(
         assert agent.stop() == 0
 
 
+def test_a_flood_of_resends_is_worked_off_within_the_window_and_the_excess_refused(tmp_path, broker, collector):
+    """Each resend is published within the publisher's window, after what is new, and answered when
+    done; at most four are under way, more are refused until one is answered (a flood queued every
+    message at once: ~12 MB per command). Live readings go on meanwhile."""
+    # Small messages: a resend of ~3000 readings is ~300 messages, ten windows' worth.
+    config = sim_config(tmp_path, broker, channels=20, interval=0.1, mqtt={"max_batch": 10})
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) >= 3000, 30, "a few thousand readings")
+        top = max(collector.reading_seqs())
+        pub = Collector(broker, "nothing/#")
+        for i in range(6):
+            pub.client.publish("env/TEST0001/cmd", json.dumps(
+                {"id": f"r{i}", "cmd": "resend", "from_seq": 1, "to_seq": top}), qos=1)
+        replies = lambda: {r["id"]: r for r in collector.json_messages("/cmd/reply")}  # noqa: E731
+        wait_for(lambda: len(replies()) == 6, 60, "an answer to each of the 6 resends")
+        done = [r for r in replies().values() if r["ok"]]
+        refused = [r for r in replies().values() if not r["ok"]]
+        assert len(done) >= 4 and all(r["count"] == top and "missing" not in r for r in done)
+        assert refused and all("under way" in r["error"] for r in refused)
+        assert all(collector.reading_seqs().count(s) >= 1 + len(done) for s in (1, top // 2, top))
+        newest = max(collector.reading_seqs())
+        wait_for(lambda: max(collector.reading_seqs()) > newest + 100, 20, "live readings go on")
+        pub.client.publish("env/TEST0001/cmd", json.dumps({"id": "again", "cmd": "resend", "from_seq": 1,
+                                                           "to_seq": 5}), qos=1)
+        wait_for(lambda: "again" in replies(), 20, "a resend accepted once the others are answered")
+        assert replies()["again"]["ok"] is True and replies()["again"]["count"] == 5
+        pub.close()
+    finally:
+        assert agent.stop() == 0
+
+
+def test_a_retained_command_is_ignored(tmp_path, broker, collector):
+    """SPEC §4: P/cmd is not retained. One left there by mistake would run at every connection."""
+    pub = Collector(broker, "nothing/#")
+    stuck = json.dumps({"id": "stuck", "cmd": "ping"})
+    pub.client.publish("env/TEST0001/cmd", stuck, qos=1, retain=True).wait_for_publish(10)
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=2, interval=0.2))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: "ignored a retained message" in agent.log(), 20, "the retained command seen and ignored")
+        pub.client.publish("env/TEST0001/cmd", json.dumps({"id": "live", "cmd": "ping"}), qos=1)
+        wait_for(lambda: any(r["id"] == "live" for r in collector.json_messages("/cmd/reply")), 20,
+                 "a live ping answered")
+        assert [r["id"] for r in collector.json_messages("/cmd/reply")] == ["live"]
+        pub.close()
+    finally:
+        assert agent.stop() == 0
+
+
 def test_status_command_and_cli_status_report_backlog_and_devices(tmp_path, broker, collector):
     cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=2, interval=0.2))
     agent = AgentProcess(cfg)

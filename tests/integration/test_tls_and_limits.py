@@ -65,6 +65,26 @@ def test_tls_client_certificate_and_password_wrong_then_fixed_by_sighup(tmp_path
     assert secret(key.splitlines()[1]) not in log, "no key material in any log line"
 
 
+def test_a_client_key_protected_by_a_passphrase_is_refused_with_that_reason(tmp_path):
+    """OpenSSL would ask for the passphrase on the terminal (a technician's `run` hung there, deaf to
+    SIGTERM); the agent says what is wrong instead, keeps buffering, and stops cleanly."""
+    pki = make_pki(tmp_path / "pki")
+    locked = tmp_path / "pki" / "client-locked.key"
+    subprocess.run(["openssl", "pkey", "-in", pki["client_key"], "-aes256", "-passout", "pass:hunter2",
+                    "-out", str(locked)], check=True, capture_output=True)
+    broker = Broker(tmp_path / "broker", tls=pki).start()
+    config = sim_config(tmp_path, broker, channels=2, interval=0.2, mqtt={
+        "reconnect_max": 1, "tls": {"ca": pki["ca"], "cert": pki["client_cert"], "key": str(locked)}})
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    try:
+        wait_for(lambda: "is protected by a passphrase" in agent.log(), 20, "the reason in the log")
+        wait_for(lambda: db_last_seq(tmp_path / "buffer.db") >= 10, 20, "readings buffered meanwhile")
+    finally:
+        assert agent.stop() == 0
+        broker.stop()
+    assert "mqtt.tls.key" in agent.log() and "PEM pass phrase" not in agent.log()
+
+
 def test_a_gap_recorded_while_connected_is_announced_on_the_same_connection(tmp_path):
     """The link stays up but carries nothing (a frozen broker): the buffer reaches its cap and drops
     unpublished readings while the agent still counts itself connected. The gap is announced as soon

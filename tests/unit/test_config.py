@@ -652,8 +652,8 @@ def test_run_refuses_an_unreadable_password_file_in_one_line(tmp_path: Path) -> 
     path = write(tmp_path, text)
     result = run_cli("run", "-c", str(path), timeout=30)
     assert result.returncode == 2
-    assert result.stderr == (f"{path}:9:18: mqtt.password_file: cannot read the password file: No such file or "
-                             "directory\n")
+    # The same line as check-config's: run checks the files a config names as check-config does.
+    assert result.stderr == f"{path}:9:18: mqtt.password_file: file not found: {tmp_path / 'nope.pass'}\n"
     assert not (tmp_path / "data").exists()  # refused before anything started
 
 
@@ -787,3 +787,11 @@ def test_a_file_nested_thousands_deep_is_a_problem_not_a_crash(tmp_path: Path) -
     for text in ("station: " + "[" * 5000 + "]" * 5000 + "\n", "station: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n"):
         assert single_problem(tmp_path, text) == (
             f"1:1: {FILE_PATH}: the file is nested too deeply (lists or mappings inside each other hundreds of times)")
+
+
+def test_a_password_over_plain_mqtt_is_a_warning(tmp_path: Path) -> None:
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883",
+                        "  url: mqtt://127.0.0.1:1883\n  username: u\n  password: s3cret-pw")
+    config = load_config(write(tmp_path, text), env={})
+    assert [w.path for w in config.warnings] == ["mqtt.password"]
+    assert "clear text over mqtt://" in str(config.warnings[0])

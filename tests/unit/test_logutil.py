@@ -28,3 +28,14 @@ def test_a_traceback_and_line_breaks_stay_on_one_line():
     assert lines[0].startswith("ERROR test.oneline: command failed | Traceback")
     assert "ValueError: bad | value" in lines[0]
     assert lines[1] == "WARNING test.oneline: two | lines"
+
+
+def test_a_new_reason_is_logged_at_once_a_repeated_one_is_held_back(caplog):
+    from agent.logutil import RateLimitedLog
+
+    limited = RateLimitedLog(logging.getLogger("test.limited"), every_s=300)
+    with caplog.at_level(logging.ERROR, logger="test.limited"):
+        for why in ("Connection refused", "Connection refused", "TLS handshake failed", "Connection refused"):
+            limited.error("cannot connect to %s: %s", "mqtts://broker", why, key=why)
+    assert [r.getMessage() for r in caplog.records] == ["cannot connect to mqtts://broker: Connection refused",
+                                                        "cannot connect to mqtts://broker: TLS handshake failed"]
