@@ -11,8 +11,8 @@ import importlib
 import json
 import logging
 import os
+import select
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -173,9 +173,14 @@ class Station:
         self.config_path = str(config_path)
         self.config = config
         self.notifier = Notifier()
-        self._stop = threading.Event()
-        self._reload = threading.Event()
-        self._wakeup = threading.Event()  # the main loop acts on a signal at once, not at its next tick
+        # Set by the signal handlers, which must take no lock: a handler runs in the main thread between
+        # two bytecodes, possibly while that thread holds the very lock (an Event's) it would wait for.
+        # They set a flag and write a byte to a pipe the main loop waits on (async-signal-safe).
+        self._stop_requested = False
+        self._reload_requested = False
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
         self.pollers: list[BusPoller] = []
         self.clock = ClockWatch()
         self._clock_synced: bool | None = None
@@ -244,12 +249,26 @@ class Station:
         signal.signal(signal.SIGHUP, lambda *_: self._request_reload())
 
     def _request_stop(self) -> None:
-        self._stop.set()
-        self._wakeup.set()
+        self._stop_requested = True
+        self._poke()
 
     def _request_reload(self) -> None:
-        self._reload.set()
-        self._wakeup.set()
+        self._reload_requested = True
+        self._poke()
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # full: the main loop has a wake-up pending anyway
+            pass
+
+    def _wait_for_signal(self, timeout: float) -> None:
+        if select.select([self._wake_r], [], [], timeout)[0]:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
 
     def _main_loop(self) -> None:
         interval = self.notifier.watchdog_interval
@@ -257,13 +276,12 @@ class Station:
         next_status = 0.0
         was_hung = False
         self._hung_log = RateLimitedLog(log, every_s=60)
-        while not self._stop.is_set():
-            self._wakeup.wait(tick)
-            self._wakeup.clear()
-            if self._stop.is_set():
+        while not self._stop_requested:
+            self._wait_for_signal(tick)
+            if self._stop_requested:
                 break
-            if self._reload.is_set():
-                self._reload.clear()
+            if self._reload_requested:
+                self._reload_requested = False
                 self.reload()
             self._watch_clock()
             hung = self.hung_loops()

@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,10 +146,11 @@ def serve(config: Any, *, stop: threading.Event | None = None, control: str | No
         ctl.refresh()
         if control_path:
             log.info("simulate: faults from %s (re-read when it changes)", control_path)
-        _install_signals(stop)
+        signalled = _install_signals()
         if on_ready is not None:
             on_ready(started)
-        while not stop.wait(0.2):
+        while not (stop.is_set() or signalled):
+            time.sleep(0.2)
             ctl.refresh()
     finally:
         stop.set()  # also stops the serial simulators
@@ -162,11 +164,15 @@ def serve(config: Any, *, stop: threading.Event | None = None, control: str | No
     return 0
 
 
-def _install_signals(stop: threading.Event) -> None:
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+def _install_signals() -> list[int]:
+    """SIGINT/SIGTERM noted in the returned list. The handler takes no lock: it runs in the main thread
+    between two bytecodes, possibly while that thread holds an Event's lock (setting the Event there
+    could deadlock); the main loop sets `stop` itself."""
+    signalled: list[int] = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, _frame: signalled.append(signum))
+    return signalled
 
 
 def instruments_by_device(buses: list[SimBus]) -> Mapping[str, SimInstrument]:

@@ -299,6 +299,23 @@ def test_a_second_agent_on_the_same_buffer_is_refused_and_status_knows_whether_o
         assert third.stop() == 0
 
 
+def test_a_burst_of_signals_never_hangs_the_agent(tmp_path, broker, collector):
+    """Signals microseconds apart (a reload burst, Ctrl-C then the demo's SIGTERM): a handler that set
+    an Event could deadlock the main thread on that Event's lock, after which SIGTERM did nothing."""
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=2, interval=0.2))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) >= 5, 20, "readings")
+        for _ in range(400):
+            agent.signal(signal.SIGHUP)
+            agent.signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in agent.log(), 20, "a reload")
+        before = max(collector.reading_seqs())
+        wait_for(lambda: max(collector.reading_seqs()) > before + 5, 20, "publishing after the burst")
+    finally:
+        assert agent.stop(timeout=30) == 0, "SIGTERM stops the agent after the burst"
+
+
 def test_sighup_with_a_broken_config_keeps_running(tmp_path, broker, collector):
     path = tmp_path / "station.yaml"
     cfg = write_config(path, sim_config(tmp_path, broker, channels=2, interval=0.2))
