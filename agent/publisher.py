@@ -61,6 +61,7 @@ WINDOW = 32  # messages in flight (unacknowledged) at once
 MAX_COMMAND_BYTES = 4096
 MAX_RESEND = 100_000  # readings one resend command may ask for
 MAX_SEQ = 2**63 - 1  # SQLite's largest integer: a seq is never above it
+STABLE_CONNECTION_S = 10.0  # a connection lost sooner is retried with backoff, not at once
 MAX_RESENDS_QUEUED = 4  # resend commands under way at once; more are refused until one is answered
 EVENT_BATCH = 50  # aggregates per agg message
 HJ212_EVENT_BATCH = 500  # aggregate rows read at once to group into period packets
@@ -133,6 +134,8 @@ class Publisher(threading.Thread):
         self.last_error: str | None = None
         self._url_index = 0
         self._backoff = 0.5
+        self._online_at = 0.0  # when the current (or last) connection was accepted
+        self._hold_off = False  # wait a backoff before the next connection (the last one was short-lived)
         self._reader: Buffer | None = None
         self._cursor: dict[str, int] = {}
         self._acked: dict[str, int] = {}
@@ -200,7 +203,10 @@ class Publisher(threading.Thread):
                     break
                 self._apply_new_settings()
                 if self.client is None:
-                    if not self._connect_once():
+                    if self._hold_off:
+                        self._hold_off = False
+                        self._sleep(self._next_backoff())
+                    elif not self._connect_once():
                         self._sleep(self._next_backoff())
                     continue
                 busy = self._window_full() or not self.online or self._drain_until is not None
@@ -257,6 +263,7 @@ class Publisher(threading.Thread):
             return
         if new != self.settings:
             log.info("broker settings changed; reconnecting")
+            self._say_offline()  # where the agent was: it may not come back there (other broker or topic)
             self._hj212 = self._payload_strategy(new)
             self.settings = new
             self._clear_prepared()
@@ -327,9 +334,8 @@ class Publisher(threading.Thread):
         s = self.settings
         self.online = True
         self.url = url
-        self._backoff = 0.5
         self._url_index = 0
-        self._errlog = RateLimitedLog(log, every_s=300)
+        self._online_at = time.monotonic()
         log.info("connected to %s as %s", _safe_url(url), s.client_id)
         self._set_state("online", None)
         self.client.subscribe(f"{s.base_topic}/cmd", qos=1)
@@ -349,7 +355,16 @@ class Publisher(threading.Thread):
 
     def _lost(self, why: str) -> None:
         if self.online:
-            log.warning("connection to broker lost: %s", why)
+            lasted = time.monotonic() - self._online_at
+            if lasted >= STABLE_CONNECTION_S:  # a connection that worked: reconnect at once, errors are news
+                log.warning("connection to broker lost: %s", why)
+                self._backoff = 0.5
+                self._errlog = RateLimitedLog(log, every_s=300)
+            else:  # closed soon after it was accepted: reconnecting at once would hammer the broker
+                self._hold_off = True
+                self._errlog.warning("the broker closed the connection %.1f s after accepting it (%s): is another "
+                                     "client connected with client_id %s? reconnecting with backoff", lasted, why,
+                                     self.settings.client_id, key="short-lived")
         self._drop_connection(why)
         self._set_state("offline", why)
 
@@ -380,25 +395,32 @@ class Publisher(threading.Thread):
             self.recorder.set_meta("broker", json.dumps(record))
 
     def _close(self, clean: bool) -> None:
-        if self.client is not None and self.online and clean:
-            s = self.settings
-            try:
-                info = self.client.publish(f"{s.base_topic}/status",
-                                           status_message(s.station_id, "offline", ts=iso_utc_ms(now_ms())),
-                                           qos=1, retain=True)
-                # Its acknowledgement is awaited within what is left of the shutdown grace (SPEC §1:
-                # at most that long), at most 2 s, and for one round of socket I/O in any case.
-                deadline = min(time.monotonic() + 2, self._drain_until or math.inf)
-                self._service_io(0)
-                while not info.is_published() and self.client is not None and time.monotonic() < deadline:
-                    self._service_io(min(0.1, max(deadline - time.monotonic(), 0)))
-            except Exception as exc:  # noqa: BLE001
-                log.warning("could not publish offline status: %s", exc)
+        if clean:
+            self._say_offline()
         self._drop_connection("stopping")
         self._set_state("offline", "agent stopped")
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+    def _say_offline(self) -> None:
+        """Before a deliberate disconnect (a stop, or a reload moving to another broker or topic): the
+        retained status says offline (the Last Will covers only an unexpected loss). Its acknowledgement
+        is awaited within what is left of the shutdown grace (SPEC §1: at most that long), at most 2 s,
+        and for one round of socket I/O in any case."""
+        if self.client is None or not self.online:
+            return
+        s = self.settings
+        try:
+            info = self.client.publish(f"{s.base_topic}/status",
+                                       status_message(s.station_id, "offline", ts=iso_utc_ms(now_ms())),
+                                       qos=1, retain=True)
+            deadline = min(time.monotonic() + 2, self._drain_until or math.inf)
+            self._service_io(0)
+            while not info.is_published() and self.client is not None and time.monotonic() < deadline:
+                self._service_io(min(0.1, max(deadline - time.monotonic(), 0)))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not publish offline status: %s", exc)
 
     # ------------------------------------------------------------------ socket I/O
 

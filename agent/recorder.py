@@ -230,7 +230,7 @@ class Recorder(threading.Thread):
             self.buffer.rollback()
             self._on_write_error(exc, batch, events, gaps, meta)
             return
-        if persist_acks:
+        if persist_acks and acks:  # the first acknowledgement after a start is written at the next commit
             self._last_ack_persist = now
         if snapshot:
             self._last_snapshot = now

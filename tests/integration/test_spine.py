@@ -316,6 +316,45 @@ def test_a_burst_of_signals_never_hangs_the_agent(tmp_path, broker, collector):
         assert agent.stop(timeout=30) == 0, "SIGTERM stops the agent after the burst"
 
 
+def test_two_stations_with_one_client_id_back_off_instead_of_hammering_the_broker(tmp_path, broker):
+    """The broker drops the older of two clients with the same id, at once, each time the other one
+    connects. Reconnecting at once made ~1000 connections a second per agent (and as many log lines)."""
+    agents = []
+    try:
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            config = sim_config(tmp_path / name, broker, channels=1, interval=1)
+            config["mqtt"].update(client_id="SAME0001", reconnect_max=5)
+            agents.append(AgentProcess(write_config(tmp_path / name / "station.yaml", config)))
+        wait_for(lambda: all("another client connected with client_id SAME0001" in a.log() for a in agents), 30,
+                 "both agents name the likely cause")
+        time.sleep(6)  # an observation window: the storm made thousands of connections in it
+        connections = [a.log().count("connected to") for a in agents]
+        assert max(connections) < 20, f"connections per agent in ~10 s: {connections}"
+    finally:
+        for a in agents:
+            assert a.stop() == 0
+
+
+def test_a_reload_that_moves_the_station_leaves_offline_where_it_was(tmp_path, broker, collector):
+    """A SIGHUP that changes topic_prefix (or the broker): the old retained status must not say online
+    for ever."""
+    path = tmp_path / "station.yaml"
+    write_config(path, sim_config(tmp_path, broker, channels=2, interval=0.2))
+    agent = AgentProcess(path)
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) >= 5, 20, "readings")
+        path.write_text(path.read_text().replace("topic_prefix: env", "topic_prefix: env2"))
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: "connected to" in agent.log().split("broker settings changed")[-1], 20, "reconnected")
+        late = Collector(broker, "env/TEST0001/status")  # a fresh subscriber gets the retained status
+        wait_for(lambda: late.json_messages(), 10, "the retained status at the old place")
+        assert late.json_messages()[-1]["state"] == "offline"
+        late.close()
+    finally:
+        assert agent.stop() == 0
+
+
 def test_sighup_with_a_broken_config_keeps_running(tmp_path, broker, collector):
     path = tmp_path / "station.yaml"
     cfg = write_config(path, sim_config(tmp_path, broker, channels=2, interval=0.2))

@@ -169,6 +169,27 @@ def test_recorder_persists_acknowledgements_on_stop(tmp_path):
     reader.close()
 
 
+def test_the_first_acknowledgement_after_a_start_is_written_at_the_next_commit(tmp_path):
+    """Acknowledgements are written at most every 5 s, but not 5 s after a start with nothing to write:
+    an agent that crashes again and again within 5 s of starting re-sent its whole backlog each time."""
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    rec = Recorder(buf, commit_interval_ms=20, keep_sent_days=7, max_mb=10)
+    rec.start()
+    try:
+        rec.submit(readings(100))
+        assert rec.flush(10)
+        rec.ack(STREAM_READINGS, 60)
+        rec.submit(readings(1))
+        assert rec.flush(10)
+        reader = Buffer.open_reader(path)
+        assert reader.stream_state() == (101, 60), "written before any stop"
+        reader.close()
+    finally:
+        rec.stop()
+        buf.close()
+
+
 def test_reader_sees_committed_rows_while_writer_is_open(tmp_path):
     path = tmp_path / "b.db"
     buf = Buffer.open_writer(path)
