@@ -10,7 +10,14 @@ through the attributes of `StationView` and never writes anything: no config, no
 - GET /api/history?channel=DEVICE.CHANNEL&hours=N: 1-minute buckets (avg/min/max/count) of the last N
   hours (0 < N <= 24) from an in-memory history fed by the recorder and prefilled from the buffer.
 - GET /api/alarms[?limit=N]: active alarms and the latest alarm events.
-Errors are JSON `{"error": ..., "status": ...}` with the status code; never a stack trace.
+Errors are JSON `{"error": ..., "status": ...}` with the status code; never a stack trace, never the
+request's own bytes. A malformed request line or header block is answered `400 Bad Request` with a status line
+and headers like any other answer.
+
+One request per connection (HTTP/1.0). Its request line and headers must arrive whole within
+REQUEST_DEADLINE_S, or the connection is closed unanswered. At most MAX_CLIENTS connections are held; when
+they are all taken, a new connection takes the place of the oldest one still sending its request (that one is
+closed), so that clients trickling headers to hold slots (slowloris) cannot lock the technician out.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import base64
 import ctypes
 import hashlib
 import hmac
+import io
 import json
 import logging
 import math
@@ -59,7 +67,9 @@ MAX_PENDING = 200_000  # readings held while the prefill runs
 STATUS_TTL_S = 1.0  # several tabs polling share one status document per second
 DRAIN_WINDOW_S = 60.0  # rates for the drain estimate are measured over this long
 SAMPLE_EVERY_S = 2.0
-MAX_CLIENTS = 32  # concurrent connections served; more are closed at once (the station is never affected)
+MAX_CLIENTS = 32  # connections held at once (the station is never affected); see _Server for who gets one
+REQUEST_DEADLINE_S = 5.0  # a connection's request line and headers must all arrive within this, or it is closed
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers together (a browser sends 1-2 KB)
 MAX_AUTH_FAILURES = 20  # wrong passwords from one address within AUTH_WINDOW_S before it gets 429
 AUTH_WINDOW_S = 60.0
 RECENT_ALARMS = 50
@@ -852,8 +862,21 @@ def _is_ip_or_localhost(host_header: str) -> bool:
     return True
 
 
+def _head_end(data: bytearray, start: int) -> int:
+    """Offset just past the blank line that ends a request head (CRLF or bare LF), or -1."""
+    ends = [i + len(sep) for sep in (b"\n\r\n", b"\n\n") if (i := data.find(sep, start)) >= 0]
+    return min(ends) if ends else -1
+
+
 class _Server(ThreadingHTTPServer):
-    """At most MAX_CLIENTS connections at once (more are closed unanswered); IPv6 when asked."""
+    """At most MAX_CLIENTS connections at once, each in a thread; IPv6 when asked.
+
+    A connection holds a slot from accept to close. When all are taken, a new connection evicts the oldest
+    one still sending its request (shut down under the lock: its handler's read ends and it closes): a
+    client cannot keep the technician out by opening connections and trickling headers, however many it
+    opens, and each slot it holds is lost after REQUEST_DEADLINE_S anyway. Only when every slot is busy
+    answering a complete request is the new connection closed unanswered (those answers take milliseconds).
+    """
 
     daemon_threads = True
     allow_reuse_address = True
@@ -863,24 +886,58 @@ class _Server(ThreadingHTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.console = console
-        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._lock = threading.Lock()
+        self._clients: dict[Any, bool] = {}  # connection -> still sending its request; in accept order
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
+        with self._lock:
+            if len(self._clients) >= MAX_CLIENTS:
+                oldest = next((conn for conn, sending in self._clients.items() if sending), None)
+                if oldest is None:
+                    self.shutdown_request(request)
+                    return
+                del self._clients[oldest]
+                try:
+                    oldest.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._clients[request] = True
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._release(request)
             raise
+
+    def request_arrived(self, request: Any) -> bool:
+        """The handler has the whole request: no longer evictable. False if it was evicted meanwhile."""
+        with self._lock:
+            if request not in self._clients:
+                return False
+            self._clients[request] = False
+            return True
+
+    def _release(self, request: Any) -> None:
+        with self._lock:
+            self._clients.pop(request, None)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 - as socketserver does
+            self.handle_error(request, client_address)
         finally:
-            self._slots.release()
+            self._release(request)  # before the close: eviction never touches a closed socket
+            self.shutdown_request(request)
+
+
+_REQUEST_ERRORS = {
+    400: "malformed request: expected METHOD /path HTTP/1.x and headers",
+    414: "request line too long",
+    431: "request headers too large or too many",
+    501: "method not supported; the console is read-only: use GET",
+    505: "HTTP version not supported; use HTTP/1.0 or HTTP/1.1",
+}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -890,7 +947,63 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "edge-agent-console"
     sys_version = ""
     protocol_version = "HTTP/1.0"
-    timeout = 10  # seconds a client may take to send its request
+    default_request_version = "HTTP/1.0"  # so that errors before the version is parsed have a status line too
+    timeout = 10  # seconds for each write of the answer (the request itself: REQUEST_DEADLINE_S in all)
+
+    def handle(self) -> None:
+        """One request per connection; its head read against one deadline, then parsed by http.server."""
+        self.close_connection = True
+        head = self._read_head()
+        if head is None:
+            return
+        self.rfile.close()
+        self.rfile = io.BytesIO(head)
+        self.connection.settimeout(self.timeout)
+        self.handle_one_request()
+
+    def _read_head(self) -> bytes | None:
+        """The request line and headers, read straight from the socket within REQUEST_DEADLINE_S in all (a
+        timeout per read lets a client that trickles a line now and then hold its slot for ever). None when
+        the client closed, was too slow or was evicted (see _Server), or the head was too large (answered)."""
+        sock = self.connection
+        deadline = time.monotonic() + REQUEST_DEADLINE_S
+        data = bytearray()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.debug("console %s: request not complete within %g s; closed", self.address_string(),
+                          REQUEST_DEADLINE_S)
+                return None
+            try:
+                sock.settimeout(left)
+                chunk = sock.recv(16384)
+            except TimeoutError:
+                continue
+            except OSError:
+                return None
+            if chunk:
+                start = max(0, len(data) - 2)
+                data += chunk
+                end = _head_end(data, start)
+            elif data:
+                end = len(data)  # the client stopped sending: what came is its request (as http.server does)
+            else:
+                return None
+            if end >= 0:
+                return bytes(data[:end]) if self.server.request_arrived(self.request) else None
+            if len(data) > MAX_HEAD_BYTES:
+                self.requestline, self.command, self.request_version = "", None, self.default_request_version
+                self.send_error(431 if b"\n" in data else 414)
+                return None
+
+    def parse_request(self) -> bool:
+        """http.server's, but a request line must be METHOD TARGET HTTP/x.y: an empty one or an HTTP/0.9 one
+        (which http.server answers with no status line or headers at all) is a 400."""
+        if len(str(self.raw_requestline, "iso-8859-1").split()) != 3:
+            self.requestline, self.command, self.request_version = "", None, self.default_request_version
+            self.send_error(400)
+            return False
+        return super().parse_request()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self._dispatch()
@@ -987,14 +1100,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, _json_bytes(doc), "application/json; charset=utf-8", extra)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Errors found by http.server itself (bad request line, unsupported method): JSON too."""
+        """Errors found in the request itself (malformed request line or headers, unsupported method): a
+        status line, the usual headers and JSON, with a fixed text: http.server's `message` quotes the
+        request's bytes, which are never echoed."""
         try:
             phrase = HTTPStatus(code).phrase
         except ValueError:
             phrase = "error"
         self.close_connection = True
         try:
-            self._send_json(code, {"error": (message or phrase)[:200], "status": code})
+            self._send_json(code, {"error": _REQUEST_ERRORS.get(code, phrase.lower()), "status": code},
+                            [("Connection", "close")])
         except OSError:
             pass
 

@@ -10,13 +10,19 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import select
 import shutil
 import signal
+import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from harness import REPO, AgentProcess, Broker, free_port, run_cli, sim_config, wait_for, write_config
+
+from agent.console import MAX_CLIENTS, MAX_HEAD_BYTES, REQUEST_DEADLINE_S
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -223,6 +229,193 @@ def test_console_password_wrong_is_401_right_is_200(tmp_path, broker):
         assert agent.stop() == 0
     assert PASSWORD not in agent.log()
     assert "wrong password" in agent.log()
+
+
+# --------------------------------------------------------------------------------------------------
+# Clients that never finish their request (slowloris) and malformed requests, over raw sockets
+
+REQUEST_START = b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+
+
+def open_trickling(port: int) -> socket.socket:
+    """A connection that has sent a request line and a header, and not the blank line that ends the request."""
+    sock = socket.create_connection(("127.0.0.1", port), 5)
+    sock.sendall(REQUEST_START)
+    return sock
+
+
+def trickle(sock: socket.socket) -> bytes | None:
+    """One more header line, as a slowloris client sends now and then; what the console sent back instead
+    (b"" once it closed the connection), or None while it still waits for the rest of the request."""
+    try:
+        if select.select([sock], [], [], 0)[0]:
+            return sock.recv(65536)
+        sock.sendall(b"X-Trickle: 1\r\n")
+    except OSError:
+        return b""
+    return None
+
+
+class Trickler:
+    """`count` trickling connections, each sending a header line every `every` s; a connection the console
+    closes is opened again at the next round, so that they keep taking every slot they can get."""
+
+    def __init__(self, port: int, count: int, every: float = 1.0):
+        self.port, self.count, self.every = port, count, every
+        self.socks = [open_trickling(port) for _ in range(count)]
+        self.closed = 0  # connections the console closed
+        self.answered = 0  # ... after sending something back (it never should: no request ever ends)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trickler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            live = []
+            for sock in self.socks:
+                got = trickle(sock)
+                if got is None:
+                    live.append(sock)
+                    continue
+                sock.close()
+                self.closed += 1
+                self.answered += bool(got)
+            while len(live) < self.count and not self._stop.is_set():
+                try:
+                    live.append(open_trickling(self.port))
+                except OSError:
+                    break
+            self.socks = live
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for sock in self.socks:
+            sock.close()
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send `data` as is and read everything the console answers until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), 10) as sock:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+        return out
+
+
+def password_station(tmp_path: Path, broker: Broker) -> tuple[dict, int]:
+    (tmp_path / "console.pass").write_text(PASSWORD + "\n")
+    config = station(tmp_path, broker, console={"listen": f"127.0.0.1:{free_port()}", "password_file": "console.pass"})
+    return config, port_of(config)
+
+
+def answered_200(port: int) -> bool:
+    try:
+        return request(port, "/api/status", password=PASSWORD)[0] == 200
+    except (OSError, http.client.HTTPException):
+        return False  # closed unanswered: no slot for it
+
+
+def test_trickling_clients_cannot_lock_the_technician_out(tmp_path, broker):
+    config, port = password_station(tmp_path, broker)
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    trickler = None
+    try:
+        wait_for(lambda: console_up(port), 15, "the console listening")
+        extra = 8
+        trickler = Trickler(port, MAX_CLIENTS + extra)
+        # The console holds at most MAX_CLIENTS connections: once it has closed `extra` of them, every slot
+        # is held by a client that will never finish its request and keeps reconnecting.
+        wait_for(lambda: trickler.closed >= extra, 10, f"the console full ({extra} trickling connections closed)")
+        started = time.monotonic()
+        wait_for(lambda: answered_200(port), REQUEST_DEADLINE_S, "the technician's request answered")
+        assert time.monotonic() - started <= REQUEST_DEADLINE_S
+        # Not once by luck (a slot freed by the deadline just before the trickler takes it again): through a
+        # whole deadline of trickling, every request of the technician is answered at once.
+        until, requests = time.monotonic() + REQUEST_DEADLINE_S + 1, 0
+        while time.monotonic() < until:
+            assert answered_200(port), f"refused after {requests} answered requests"
+            requests += 1
+            time.sleep(0.05)
+        assert trickler.closed > 2 * extra, "the trickler kept reconnecting all along"
+        assert trickler.answered == 0, "an unfinished request is never answered"
+        assert agent.alive()
+    finally:
+        if trickler is not None:
+            trickler.stop()
+        assert agent.stop() == 0
+    assert "Traceback" not in agent.log()
+
+
+def test_a_request_must_arrive_whole_within_the_deadline(tmp_path, broker):
+    config, port = password_station(tmp_path, broker)
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    try:
+        wait_for(lambda: console_up(port), 15, "the console listening")
+        # A request line and headers sent in pieces, all within the deadline, is a request like any other.
+        auth = base64.b64encode(f"technician:{PASSWORD}".encode())
+        with socket.create_connection(("127.0.0.1", port), 10) as sock:
+            for piece in (b"GET /api/status HTTP/1.1\r\n", b"Host: 127.0.0.1\r\nAuthorization: Basic ",
+                          auth + b"\r\n", b"\r\n"):
+                sock.sendall(piece)
+                time.sleep(0.2)
+            assert sock.recv(65536).startswith(b"HTTP/1.0 200 OK\r\n")
+
+        # A header line every 0.5 s resets no timer: the connection is closed once the deadline has passed.
+        sock = open_trickling(port)
+        started = time.monotonic()
+        try:
+            got = wait_for(lambda: (r := trickle(sock)) is not None and [r], REQUEST_DEADLINE_S + 2,
+                           "the trickling connection closed", interval=0.5)[0]
+        finally:
+            sock.close()
+        assert got == b"", f"closed unanswered, not {got[:80]!r}"
+        assert REQUEST_DEADLINE_S - 1 <= time.monotonic() - started <= REQUEST_DEADLINE_S + 2
+        assert answered_200(port)
+    finally:
+        assert agent.stop() == 0
+
+
+MALFORMED = [
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03ECHO-ME\x00\xff\r\n\r\n",  # a TLS ClientHello
+    b"ECHO-ME\r\n\r\n",
+    b"GET /ECHO-ME\r\n\r\n",  # HTTP/0.9
+    b"GET /ECHO-ME HTTP/ECHO-ME\r\n\r\n",
+    b"GET /ECHO-ME HTTP/1.1 ECHO-ME\r\n\r\n",
+    b"\r\n\r\n",
+]
+
+
+def test_a_malformed_request_gets_a_400_with_status_line_and_headers_and_no_echo(tmp_path, broker):
+    config = station(tmp_path, broker)
+    port = port_of(config)
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    try:
+        wait_for(lambda: console_up(port), 15, "the console listening")
+        for raw in MALFORMED:
+            answer = raw_exchange(port, raw)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            status_line, *header_lines = head.decode("latin-1").split("\r\n")
+            assert status_line == "HTTP/1.0 400 Bad Request", (raw, answer[:200])
+            headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
+            assert headers["content-type"] == "application/json; charset=utf-8", (raw, headers)
+            assert int(headers["content-length"]) == len(body) and headers["x-content-type-options"] == "nosniff"
+            assert json.loads(body)["status"] == 400, (raw, body)
+            assert b"ECHO-ME" not in answer, f"the request's bytes echoed: {answer!r}"
+        answer = raw_exchange(port, b"ECHO-ME /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.0 501 ") and b"ECHO-ME" not in answer, answer
+        # More than MAX_HEAD_BYTES without the end of the request: refused without waiting for the rest.
+        for raw, status_line in ((b"GET /ECHO-ME" + b"a" * MAX_HEAD_BYTES, b"HTTP/1.0 414 "),
+                                 (b"GET /ECHO-ME HTTP/1.1\r\nX: " + b"a" * MAX_HEAD_BYTES, b"HTTP/1.0 431 ")):
+            answer = raw_exchange(port, raw)
+            assert answer.startswith(status_line) and b"Content-Type: application/json" in answer, answer[:200]
+            assert b"ECHO-ME" not in answer
+        assert get_json(port, "/api/status")[0] == 200
+        assert agent.alive()
+    finally:
+        assert agent.stop() == 0
+    assert "Traceback" not in agent.log()
 
 
 # --------------------------------------------------------------------------------------------------
