@@ -24,19 +24,28 @@ if [ ! -x .venv/bin/edge-agent ]; then
 fi
 export PATH="$PWD/.venv/bin:$PATH"
 
+# The demo's own broker, on a free loopback port: a broker already on 1883 (someone else's, maybe
+# with a password, or another demo with the same client id) is left alone. The config is run from a
+# copy beside it that points at that port (same directory: its relative paths stay the same).
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+run_config="$(dirname "$config")/.demo-$(basename "$config")"
+mkdir -p demo-data
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$port" > demo-data/mosquitto.conf
+sed "s#mqtt://127.0.0.1:1883#mqtt://127.0.0.1:$port#" "$config" > "$run_config"
+
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  rm -f "$run_config"
 }
 trap cleanup EXIT INT TERM
 
-if ! (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then
-  echo "== starting a local mosquitto on 127.0.0.1:1883"
-  "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -p 1883 >/dev/null 2>&1 &
-  pids+=($!)
-  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null && break; sleep 0.1; done
-fi
+echo "== starting the demo's mosquitto on 127.0.0.1:$port"
+"$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c demo-data/mosquitto.conf >demo-data/mosquitto.log 2>&1 &
+pids+=($!)
+for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+config=$run_config
 
 edge-agent check-config "$config"
 if grep -q "profile:\|driver: *\(pms5003\|sds011\|hj212\)" "$config"; then
