@@ -639,7 +639,9 @@ class Aggregator:
             high: float | None = None
             cou: float | None = None
             if acc.count:
-                low, high = acc.low, acc.high
+                # 15 significant digits, as the readings themselves are published (SQLite's JSON):
+                # a reading shown as 15.177 on the data topic is not 15.177000000000001 here.
+                low, high = float(f"{acc.low:.15g}"), float(f"{acc.high:.15g}")
                 mean = acc.cq / acc.qsum if role.weighted and acc.qsum > 0 else acc.mean()
                 mean = min(max(mean, low), high)
                 rounded = _number(mean)  # then kept within [min, max] too: rounding may leave them

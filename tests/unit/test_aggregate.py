@@ -641,6 +641,14 @@ def test_the_rounded_average_never_leaves_min_and_max():
     assert got["avg"] == got["min"] == got["max"] == 1.23456789012345
 
 
+def test_min_and_max_carry_the_digits_the_readings_are_published_with():
+    rig = Rig(make_config({"minute": 10, "hour": False, "day": False}), now=t("01:59:00"))
+    rig.feed(every("cod", "w01018", t("02:00:00"), 60, [15.177000000000001, 16.2, 15.5]))
+    rig.at(t("02:10:02"))
+    [got] = rig.rec.bodies()
+    assert (got["min"], got["max"]) == (15.177, 16.2)
+
+
 def test_periods_of_a_time_without_aggregates_are_not_computed_after_they_are_enabled_again():
     rig = Rig(make_config({"minute": 10, "hour": False, "day": False}), now=t("01:59:00"))
     rig.feed(every("cod", "w01018", t("02:00:00"), 60, [10] * 12))
