@@ -16,7 +16,18 @@ A serial port is checked (one `stat()` of its path) before every transaction: wh
 when the path is back. A TCP connection that dropped is reopened by the next transaction (once within
 it, not counted as a retry), and one that stays mute for 3 tries in a row is reopened too (a peer gone
 without closing it). Each bus logs one line when its link is lost and one when it is back; each device
-one line when it stops answering properly and one when it recovers: never one per poll.
+one line when it stops answering properly (and at most one more per other kind of failure: no answer,
+bad answer, exception) and one when it recovers: never one per poll, whatever bytes its answers hold.
+
+A hostile or broken peer cannot make the master hold memory or the wire: every read loop is bounded in
+time (it waits at most `timeout`, plus on RTU the transfer time of an answer that has begun) and in bytes
+kept (received bytes are cut into frames as they arrive; a link never holds more than about one largest
+frame: 260 bytes on TCP, 511 on RTU, `BusStats.peak_buffered`). A Modbus TCP peer that sends what does
+not parse as Modbus TCP, or before a request more bytes than the answers still outstanding could be (a
+peer that streams without end), fails the try and has its connection closed; the next try opens a fresh
+one. An RTU line that does not fall silent for the frame gap within `timeout` (noise, a babbling device)
+fails the try before the request is sent. Either way the bytes are counted and dropped, and the device
+reads null/B as for a silent slave (`BusStats.floods`), within `timeout * (retries + 1)`.
 
 Answers. Every request goes through `_transact` (reads and writes alike) and every answer is checked
 against the request it is taken for (`_Ask.mismatch`): the unit id, the function code (or the same code
@@ -31,10 +42,10 @@ masters such as libmodbus allow for a late answer after a timeout before they fl
 frame that arrives to the oldest of them that it answers (a slave answers in order): a frame that goes
 to an earlier request is a late answer and is dropped, one that answers no request sent is a bad frame.
 Before each request, whatever arrived since the last answer is dropped (on RTU also waiting for the line
-to be silent for 3.5 characters, the RTU frame gap). On TCP the transaction id must agree as well. So
-the values of a request come only from an answer to that very request (to an earlier try of it at most).
-An answer later than the late window is no longer recognised as late; it is still refused when it cannot
-answer the request (other unit, function or byte count).
+to be silent for 3.5 characters, the RTU frame gap, at most `timeout`). On TCP the transaction id must
+agree as well. So the values of a request come only from an answer to that very request (to an earlier
+try of it at most). An answer later than the late window is no longer recognised as late; it is still
+refused when it cannot answer the request (other unit, function or byte count).
 
 Writes (`ModbusBus.write`, `ModbusDriver.write`) may be requested from any thread (the alarm engine):
 they are queued and return a `concurrent.futures.Future[WriteResult]` at once. Whoever holds the wire
@@ -146,6 +157,8 @@ class BusStats:
     bad_answers: int = 0  # answers refused: other unit, function code, byte count or echo than asked
     late_answers: int = 0  # answers to an earlier request (a slave slower than the timeout), dropped
     discarded_bytes: int = 0  # bytes that arrived between requests (late answers, noise), dropped
+    floods: int = 0  # tries failed because the peer sent more than any answer could be or the line never fell silent
+    peak_buffered: int = 0  # most received bytes a link held at once (bounded: about one largest frame)
 
 
 class _BadFrame(Exception):
@@ -154,6 +167,11 @@ class _BadFrame(Exception):
 
 class _OutOfStep(_BadFrame):
     """A Modbus TCP stream that does not parse as MBAP frames: it cannot be resynchronised."""
+
+
+class _Flood(_BadFrame):
+    """More bytes than any answer could be (a peer or a line that never stops sending): the try fails
+    without waiting for the answer; a TCP connection is closed (the next try opens a fresh one)."""
 
 
 class _NoFrame(Exception):
@@ -318,9 +336,16 @@ class _Link:
         self._sent: deque[_Sent] = deque()
         self._late_logged: set[int] = set()
 
+    def _prune(self) -> None:
+        """Forget the requests whose late window is over (also when no frame ever comes: a dead slave)."""
+        now = time.monotonic()
+        if any(e.until < now for e in self._sent):
+            self._sent = deque(e for e in self._sent if e.until >= now)
+
     def _remember(self, ask: _Ask, transfer_s: float) -> float:
         """Note a request just sent (its answer takes `transfer_s` on the wire); returns the time its answer
         must have begun by (`timeout` from now)."""
+        self._prune()
         now = time.monotonic()
         self._sent.append(_Sent(ask, now + self.late_s + transfer_s))
         return now + self.timeout
@@ -328,9 +353,7 @@ class _Link:
     def _claim(self, unit: int, fc: int, data: bytes) -> _Sent | None:
         """The oldest request still waiting for its answer that this frame answers (it stops waiting);
         None when it answers none of them."""
-        now = time.monotonic()
-        for entry in [e for e in self._sent if e.until < now]:
-            self._sent.remove(entry)
+        self._prune()
         for entry in self._sent:
             if entry.ask.mismatch(unit, fc, data) is None:
                 self._sent.remove(entry)
@@ -350,6 +373,10 @@ class _Link:
     def _forget(self) -> None:
         self._sent.clear()
 
+    def _note_buffered(self, size: int) -> None:
+        if size > self.stats.peak_buffered:
+            self.stats.peak_buffered = size
+
 
 class _RtuPort(_Link):
     """The serial port of an RTU bus and the master's side of Modbus RTU on it (see the module docstring).
@@ -358,7 +385,7 @@ class _RtuPort(_Link):
     data) of its answer, or raises `_NoFrame` (no answer in time), `_BadFrame` (a frame that answers no
     request sent) or `_LinkFailed` (the port failed; it is closed)."""
 
-    _MAX_BUFFER = 1024
+    _MAX_FRAME = 256  # the largest Modbus RTU frame: unit, a PDU of at most 253 bytes, CRC
 
     def __init__(self, path: str, *, baudrate: int, parity: str, bytesize: int, stopbits: int, timeout: float,
                  stats: BusStats, bus_name: str):
@@ -433,43 +460,59 @@ class _RtuPort(_Link):
                 if ready:
                     if transfer:  # an answer has begun within the timeout: give it the time to arrive
                         deadline, transfer = deadline + transfer, 0.0
-                    buf += self._read_waiting(ser)
-                    if len(buf) > self._MAX_BUFFER:
-                        del buf[: len(buf) - self._MAX_BUFFER]
+                    self._read_into(ser, buf)
         except (OSError, serial.SerialException) as exc:
             self.close()
             raise _LinkFailed(f"{self.path}: {exc}") from None
 
-    def _read_waiting(self, ser: serial.Serial) -> bytes:
-        data = ser.read(max(1, ser.in_waiting))
+    def _read_into(self, ser: serial.Serial, buf: bytearray) -> int:
+        """Read what the port holds, at most one frame's worth, into `buf` (which holds no complete frame:
+        the caller took them out); returns the bytes read. A frame still to complete in `buf` began within
+        its last `_MAX_FRAME - 1` bytes, so the bytes before those are dropped first: `buf` never holds
+        more than two frames' worth, whatever the line sends."""
+        if len(buf) >= self._MAX_FRAME:
+            del buf[: len(buf) - (self._MAX_FRAME - 1)]
+        data = ser.read(min(max(1, ser.in_waiting), self._MAX_FRAME))
         if data:
             self._last_rx = time.monotonic()
-        return data
+            buf += data
+            self._note_buffered(len(buf))
+        return len(data)
 
     def _quiet_line(self, ser: serial.Serial) -> None:
         """Before a request: drop whatever arrived since the last answer (late answers, noise; a frame
         among it still retires the request it answers) and wait until the line has been silent for
-        the frame gap, at most `timeout`."""
-        dropped = bytearray()
+        the frame gap. A line that does not fall silent within `timeout` (noise, a babbling device) fails
+        the try with `_Flood` before the request is sent: no answer could be heard on it."""
+        pending = bytearray()
+        dropped = 0
+        head = bytearray()  # the first bytes dropped, for the debug log
         limit = time.monotonic() + self.timeout
-        while True:
-            if ser.in_waiting:
-                dropped += self._read_waiting(ser)
-                continue
-            now = time.monotonic()
-            gap_left = self._last_rx + self.silence_s - now
-            if gap_left <= 0 or now >= limit:
-                break
-            select.select([ser.fileno()], [], [], min(gap_left, limit - now))
-        if not dropped:
-            return
-        self.stats.discarded_bytes += len(dropped)
-        log.debug("bus %s: dropped %d bytes that arrived between requests: %s", self.bus_name, len(dropped),
-                  dropped[:64].hex())
-        while (frame := _take_rtu_frame(dropped)) is not None:
-            owner = self._claim(*frame)
-            if owner is not None:
-                self._late_answer(owner.ask)
+        try:
+            while True:
+                now = time.monotonic()
+                if ser.in_waiting and now < limit:
+                    got = self._read_into(ser, pending)
+                    dropped += got
+                    if len(head) < 64:
+                        head += pending[len(pending) - got :][: 64 - len(head)]
+                    while (frame := _take_rtu_frame(pending)) is not None:
+                        owner = self._claim(*frame)
+                        if owner is not None:
+                            self._late_answer(owner.ask)
+                    continue
+                gap_left = self._last_rx + self.silence_s - now
+                if gap_left <= 0 and not ser.in_waiting:
+                    return
+                if now >= limit:
+                    raise _Flood(f"noise on the line: it did not fall silent for the frame gap within the "
+                                 f"timeout ({self.timeout:g} s; {dropped} bytes dropped)")
+                select.select([ser.fileno()], [], [], min(max(gap_left, 0.0), limit - now))
+        finally:
+            if dropped:
+                self.stats.discarded_bytes += dropped
+                log.debug("bus %s: dropped %d bytes that arrived between requests: %s", self.bus_name, dropped,
+                          head.hex())
 
 
 class _TcpLink(_Link):
@@ -478,10 +521,16 @@ class _TcpLink(_Link):
     Each try gets its own transaction id. An answer is taken for a request only when its transaction id
     names a try of that request and the oldest request it answers (by content, see `_Link`) is that
     request too: a gateway that answers late, or labels a late answer with the current transaction id
-    (some TCP-to-RTU gateways and simple servers do), is caught either way."""
+    (some TCP-to-RTU gateways and simple servers do), is caught either way.
+
+    Received bytes are cut into frames as they arrive, and never more is read than completes the frame in
+    progress, so the receive buffer (kept across requests: the stream stays in step) holds less than one
+    largest frame. What does not parse as Modbus TCP, or more bytes waiting before a request than the
+    answers still outstanding could be, closes the connection (`_OutOfStep`, `_Flood`)."""
 
     _RECENT_TIDS = 64
     _MUTE_TRIES = 3  # tries in a row without a byte received: the connection is reopened
+    _MAX_FRAME = 260  # the largest Modbus TCP frame: the 6-byte MBAP prefix and a length of at most 254
 
     def __init__(self, host: str, port: int, *, timeout: float, stats: BusStats, bus_name: str):
         super().__init__(timeout, stats, bus_name)
@@ -491,6 +540,7 @@ class _TcpLink(_Link):
         self._mute = 0
         self._tid = 0
         self._tids: dict[int, _Ask] = {}  # recent transaction ids -> what they asked
+        self._buf = bytearray()  # received, not yet a complete frame (less than _MAX_FRAME bytes)
 
     @property
     def connected(self) -> bool:
@@ -507,12 +557,14 @@ class _TcpLink(_Link):
         self._sock = sock
         self._forget()
         self._tids.clear()
+        self._buf = bytearray()
         self._mute = 0
         return True
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
         self._forget()
+        self._buf = bytearray()
         if sock is not None:
             try:
                 sock.close()
@@ -528,8 +580,8 @@ class _TcpLink(_Link):
         if sock is None:
             raise _LinkFailed(f"{self.host}:{self.port} is not connected")
         try:
-            buf = bytearray()
-            self._drop_pending(sock, buf)
+            self._drop_pending(sock)
+            buf = self._buf
             tid = self._next_tid()
             pdu = ask.pdu()
             self._tids[tid] = ask
@@ -559,37 +611,50 @@ class _TcpLink(_Link):
                     raise _NoFrame("garbled answer" if buf else "no answer")
                 ready, _, _ = select.select([sock], [], [], remaining)
                 if ready:
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        raise _LinkFailed("connection closed by the peer")
-                    buf += chunk
+                    self._receive(sock)
                     received = True
-        except _OutOfStep:
+        except (_OutOfStep, _Flood):
             self.close()  # the next try starts on a fresh connection, in step
             raise
         except (OSError, _LinkFailed) as exc:
             self.close()
             raise _LinkFailed(f"{self.host}:{self.port}: {exc}") from None
 
-    def _drop_pending(self, sock: socket.socket, buf: bytearray) -> None:
+    def _receive(self, sock: socket.socket) -> int:
+        """Read at most what completes the frame in progress into `_buf` (the caller has taken every
+        complete frame out of it, so it holds less than `_MAX_FRAME` bytes); returns the bytes read."""
+        chunk = sock.recv(max(1, self._MAX_FRAME - len(self._buf)))
+        if not chunk:
+            raise _LinkFailed("connection closed by the peer")
+        self._buf += chunk
+        self._note_buffered(len(self._buf))
+        return len(chunk)
+
+    def _drop_pending(self, sock: socket.socket) -> None:
         """Before a request: whatever arrived since the last answer is late (each frame retires the request
-        it answers) and is dropped; a frame still arriving stays in `buf` (its end comes later). A
-        connection the peer closed is noticed here."""
-        while select.select([sock], [], [], 0)[0]:
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise _LinkFailed("connection closed by the peer")
-            buf += chunk
-        if not buf:
-            return
-        self.stats.discarded_bytes += len(buf)
+        it answers) and is dropped; a frame still arriving stays in `_buf` (its end comes later). A
+        connection the peer closed is noticed here. The late answers still possible are those of the
+        requests in their late window: more bytes than those could be (with a frame of slack), or bytes
+        that keep coming for `timeout`, are a peer that sends what nobody asked for: `_Flood`."""
+        buf = self._buf
+        self._prune()
+        budget = self._MAX_FRAME * (len(self._sent) + 2)
+        limit = time.monotonic() + self.timeout
+        dropped = 0
         try:
-            while (frame := _take_mbap_frame(buf)) is not None:
-                owner = self._claim(*frame[1:])
-                if owner is not None:
-                    self._late_answer(owner.ask)
-        except _OutOfStep as exc:
-            raise _LinkFailed(f"stream out of step: {exc}") from None  # reopened, then the request is sent
+            while True:
+                while (frame := _take_mbap_frame(buf)) is not None:
+                    owner = self._claim(*frame[1:])
+                    if owner is not None:
+                        self._late_answer(owner.ask)
+                if not select.select([sock], [], [], 0)[0]:
+                    return
+                if dropped >= budget or time.monotonic() >= limit:
+                    raise _Flood(f"the peer sends more than any answer could be ({dropped} bytes nobody asked "
+                                 f"for before the request); connection closed")
+                dropped += self._receive(sock)
+        finally:
+            self.stats.discarded_bytes += dropped
 
 
 @dataclass
@@ -789,8 +854,11 @@ class ModbusBus:
                 tries += 1
                 continue
             except _BadFrame as exc:
-                # Not an answer to this request: never decoded, the try failed (retried, then B).
+                # Not an answer to this request: never decoded, the try failed (retried, then B). So does a
+                # flood (more bytes than any answer, a line never silent): dropped, a TCP connection closed.
                 self.stats.bad_answers += 1
+                if isinstance(exc, _Flood):
+                    self.stats.floods += 1
                 last, refused = str(exc), True
                 log.debug("bus %s: answer to %s refused: %s", self.name, ask, exc)
                 tries += 1
@@ -948,7 +1016,7 @@ class ModbusDriver:
         self._values = [s for s in self.specs if s.role == "value"]
         self._status = [s for s in self.specs if s.role == "status"]
         self._channels = value_channels(self.specs)
-        self._problem: str | None = None
+        self._problems: set[str] = set()  # kinds of problem logged since the device last answered properly
         self.last_poll_s = 0.0
         self.polls = 0
         bus.slaves.setdefault(device_id, self.slave)
@@ -1045,18 +1113,26 @@ class ModbusDriver:
         return readings
 
     def _report(self, problem: tuple[str, str] | None) -> None:
-        """One log line when the device stops answering properly, one when it recovers."""
+        """One log line when the device stops answering properly (with the first problem's text), one when
+        it recovers. While it fails, a poll's problem is logged again only when it is of a kind (no answer,
+        bad answer, exception) not logged yet since it last answered properly: the text of a bad answer
+        (its bytes) or the register of an exception may differ at every poll, which is not news. So a
+        device that never recovers logs at most one line per kind, never one per poll."""
         if problem is not None and problem[0] == "link":
             return  # the bus logs its link once, for all its devices
-        text = None if problem is None else f"{problem[0]}: {problem[1]}"
-        if text == self._problem:
+        if problem is None:
+            if self._problems and self.polls:
+                log.info("device %s (slave %d on %s): answering normally again", self.device_id, self.slave,
+                         self.bus.name)
+            self._problems.clear()
             return
-        if text is not None:
-            log.warning("device %s (slave %d on %s): %s", self.device_id, self.slave, self.bus.name, text)
-        elif self.polls:
-            log.info("device %s (slave %d on %s): answering normally again", self.device_id, self.slave,
-                     self.bus.name)
-        self._problem = text
+        kind, text = problem
+        if kind in self._problems:
+            log.debug("device %s (slave %d on %s): still failing: %s: %s", self.device_id, self.slave,
+                      self.bus.name, kind, text)
+            return
+        self._problems.add(kind)
+        log.warning("device %s (slave %d on %s): %s: %s", self.device_id, self.slave, self.bus.name, kind, text)
 
 
 class WriteFailed(Exception):

@@ -10,9 +10,11 @@ float orders seen in the field), not with the codec under test.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -54,7 +56,8 @@ def wire_words(fmt: str, value: float | int, order: str) -> list[int]:
 class Link:
     """A simulated slave line (TCP on loopback or RTU on a pty) and a ModbusBus connected to it."""
 
-    def __init__(self, kind: str, units: dict, tmp: Path, *, timeout: float = 0.3, retries: int = 1):
+    def __init__(self, kind: str, units: dict, tmp: Path, *, timeout: float = 0.3, retries: int = 1,
+                 baudrate: int = 9600):
         self.kind = kind
         self.core = SlaveCore(units)
         self.path = tmp / "ttySIM0"
@@ -64,7 +67,7 @@ class Link:
                                  retries=retries)
         else:
             self.server = RtuPtyServer(self.core, self.path).start()
-            self.bus = ModbusBus("rs485", "rtu", port=str(self.path), baudrate=9600, timeout=timeout,
+            self.bus = ModbusBus("rs485", "rtu", port=str(self.path), baudrate=baudrate, timeout=timeout,
                                  retries=retries)
 
     def driver(self, device_id: str, slave: int, specs, interval: float = 1.0, **kw) -> ModbusDriver:
@@ -440,6 +443,256 @@ def test_an_answer_that_does_not_answer_the_request_is_refused(kind, fault, tmp_
         assert [(r.value, r.flag) for r in driver.poll(0)] == [(7.12, "N"), (25.0, "N")]
     finally:
         link.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# hostile peers and noisy lines: bounded in time and in bytes kept, null/B, logged once
+
+TCP_MAX_FRAME = 260  # the largest Modbus TCP frame: 6-byte MBAP prefix + a length field of at most 254
+RTU_MAX_FRAME = 256  # the largest Modbus RTU frame: unit + PDU of at most 253 bytes + CRC
+
+
+class GarblingPeer:
+    """A Modbus TCP endpoint on loopback, in this process, that answers every request with bytes that are
+    not Modbus TCP, different each time; once `honest` is set, it answers as the slave `core` would."""
+
+    def __init__(self, core: SlaveCore):
+        self.core = core
+        self.honest = False
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port = self._listener.getsockname()[1]
+        self._threads = [threading.Thread(target=self._accept, name="garbling-peer", daemon=True)]
+        self._threads[0].start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in list(self._threads):
+            t.join(5)
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            t = threading.Thread(target=self._serve, args=(conn,), name="garbling-peer-conn", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(0.05)
+        buf = b""
+        try:
+            while not self._stop.is_set():
+                try:
+                    chunk = conn.recv(4096)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    return
+                buf += chunk
+                while len(buf) >= 7:
+                    tid, _, length, unit = struct.unpack(">HHHB", buf[:7])
+                    if len(buf) < 6 + length:
+                        break
+                    pdu, buf = buf[7 : 6 + length], buf[6 + length :]
+                    if not self.honest:
+                        conn.sendall(struct.pack(">H", tid) + b"\xde\xad" + os.urandom(29))
+                    elif (response := self.core.handle(unit, pdu)) is not None:
+                        conn.sendall(struct.pack(">HHHB", tid, 0, len(response) + 1, unit) + response)
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+
+# A Modbus TCP peer in a process of its own that, on every connection, sends well-formed Modbus TCP frames
+# answering no request (input register answers, to a master reading holding registers) as fast as the
+# master takes them, reading nothing, until the master closes it. Prints its port, then "accepted" and
+# "closed" for each connection. Another process, so that the stream never pauses for this one's threads.
+STREAMING_PEER = r"""
+import socket, struct, sys
+frames = b"".join(struct.pack(">HHHB", 0x8000 + i, 0, 5, 1) + bytes([4, 2, 0, i % 256]) for i in range(4096))
+chunk = frames * 24
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+while True:
+    conn, _ = listener.accept()
+    print("accepted", flush=True)
+    try:
+        while True:
+            conn.sendall(chunk)
+    except OSError:
+        print("closed", flush=True)
+    conn.close()
+"""
+
+
+class StreamingPeer:
+    """`STREAMING_PEER` running; `port`, and `events` (its "accepted" / "closed" lines so far)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", STREAMING_PEER], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+        self.events: list[str] = []
+        self._reader = threading.Thread(target=self._read, name="streaming-peer", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.events.append(line.strip())
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self._reader.join(5)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+class LineNoise:
+    """A thread writing random bytes into the slave end of an RTU pty (through its master `fd`) as fast as
+    the line takes them, until `stop()`: a babbling device or a noisy RS-485 line."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.sent = 0
+        self._flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="line-noise", daemon=True)
+
+    def start(self) -> LineNoise:
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, self._flags | os.O_NONBLOCK)  # never stuck in a write at stop()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, self._flags)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sent += os.write(self.fd, os.urandom(1024))
+            except BlockingIOError:
+                select.select([], [self.fd], [], 0.01)
+            except OSError:
+                return
+
+
+def poll_within(driver: ModbusDriver, seconds: float) -> list[Reading]:
+    """One poll of `driver`, which must be over within `seconds` (it runs on a thread of its own so that a
+    poll that never ends fails the test instead of hanging it)."""
+    got: list[Reading] = []
+    thread = threading.Thread(target=lambda: got.extend(driver.poll(0)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the poll was not over within {seconds} s"
+    return got
+
+
+def test_a_tcp_peer_that_streams_without_end_is_a_bad_link_not_a_memory_sink(tmp_path):
+    # The peer sends Modbus TCP frames nobody asked for, as fast as the master takes them, on every
+    # connection. Each poll must end like a silent slave's (null/B, within timeout x tries: the deadline
+    # here is generous), holding at most one frame of what arrives and reading no more than a few frames
+    # of the stream; the connection is closed and the next transaction opens a fresh one, which a sane
+    # slave on that port then answers.
+    bank = RegisterBank()
+    bank.set("holding", 0, [712])
+    peer = StreamingPeer()
+    server: TcpServer | None = None
+    timeout, retries, polls = 0.2, 1, 3
+    bus = ModbusBus("lan", "tcp", host="127.0.0.1", tcp_port=peer.port, timeout=timeout, retries=retries)
+    driver = ModbusDriver("evil", bus, 1, 1.0, [RegisterSpec(channel="w01001", address=0, scale=0.01)])
+    try:
+        for _ in range(polls):
+            readings = poll_within(driver, 10 * timeout * (retries + 1))
+            assert [(r.value, r.flag) for r in readings] == [(None, "B")]
+        stats = bus.stats
+        # What the master read and dropped: a few frames a try, not the stream (whose every byte an
+        # unbounded reader would hold at once).
+        assert stats.discarded_bytes <= polls * (retries + 1) * 8 * TCP_MAX_FRAME, stats
+        assert 0 < stats.peak_buffered <= TCP_MAX_FRAME, stats
+        assert stats.floods >= polls, "every poll ran into the stream and gave up on it"
+        wait_for(lambda: peer.events.count("closed") >= polls, 5, "each poll's connection closed by the master")
+        assert peer.events.count("accepted") >= polls, "each poll on a fresh connection"
+        peer.stop()
+        server = TcpServer(SlaveCore({1: bank}), "127.0.0.1", peer.port).start()
+        assert [(r.value, r.flag) for r in poll_within(driver, 5)] == [(7.12, "N")]
+    finally:
+        peer.stop()  # first: a poll stuck on the stream gets the end of it and lets go of the wire
+        bus.close()
+        if server is not None:
+            server.stop()
+    assert bus.stats.peak_buffered <= TCP_MAX_FRAME
+
+
+def test_an_rtu_line_that_never_falls_silent_reads_null_b_within_the_timeouts(tmp_path):
+    # Random bytes arrive without a pause (a babbling device, a noisy line): the line is never silent
+    # for the RTU frame gap, so no request can be heard on it. Each poll ends like a silent slave's
+    # (null/B, within timeout x tries: the deadline here is generous), dropping the noise as it comes
+    # instead of keeping it; when the noise stops, the slave is read again. At 1200 baud the frame gap is
+    # 29 ms, far longer than any pause of the writing thread: the noise is really without a gap.
+    bank = RegisterBank()
+    bank.set("holding", 0, [712])
+    timeout, retries, polls = 0.2, 1, 3
+    link = Link("rtu", {4: bank}, tmp_path, timeout=timeout, retries=retries, baudrate=1200)
+    driver = link.driver("ph", 4, [RegisterSpec(channel="w01001", address=0, type="int16", scale=0.01)])
+    assert isinstance(link.server, RtuPtyServer) and link.server._master is not None
+    noise = LineNoise(link.server._master)
+    try:
+        assert [(r.value, r.flag) for r in driver.poll(0)] == [(7.12, "N")]
+        bank.fault = Fault("silent")  # should a request slip through a pause after all: still no values
+        noise.start()
+        try:
+            wait_for(lambda: noise.sent > 4 * RTU_MAX_FRAME, 5, "noise on the line")
+            for _ in range(polls):
+                readings = poll_within(driver, 10 * timeout * (retries + 1))
+                assert [(r.value, r.flag) for r in readings] == [(None, "B")]
+            stats = link.bus.stats
+            assert stats.floods >= polls, "every poll found the line never silent"
+            assert stats.discarded_bytes > 10 * RTU_MAX_FRAME, "the noise was read, and dropped"
+            assert 0 < stats.peak_buffered <= 2 * RTU_MAX_FRAME, stats
+        finally:
+            noise.stop()  # first: a poll stuck on the noise gets silence and lets go of the wire
+            bank.fault = None
+        wait_for(lambda: driver.poll(0)[0].value == 7.12, 5, "the slave read again once the line is quiet")
+    finally:
+        link.close()
+    assert link.bus.stats.peak_buffered <= 2 * RTU_MAX_FRAME
+
+
+def test_a_peer_answering_garbage_at_every_poll_is_logged_once_not_once_per_poll(caplog):
+    # Every answer is other bytes that are not Modbus TCP: a line per poll would each be "new" if the
+    # bytes made the line. One WARNING when the device goes bad (with the first answer's bytes), one
+    # INFO when it answers properly again; every poll in between still reads null/B.
+    bank = RegisterBank()
+    bank.set("holding", 0, [712])
+    peer = GarblingPeer(SlaveCore({1: bank}))
+    bus = ModbusBus("lan", "tcp", host="127.0.0.1", tcp_port=peer.port, timeout=0.2, retries=1)
+    driver = ModbusDriver("evil", bus, 1, 1.0, [RegisterSpec(channel="w01001", address=0, scale=0.01)])
+    polls = 8
+    try:
+        with caplog.at_level(logging.INFO, logger="drivers.modbus"):
+            for _ in range(polls):
+                assert [(r.value, r.flag) for r in driver.poll(0)] == [(None, "B")]
+            assert bus.stats.bad_answers == polls * 2, "every try got garbage"
+            peer.honest = True
+            assert [(r.value, r.flag) for r in driver.poll(0)] == [(7.12, "N")]
+    finally:
+        peer.stop()
+        bus.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("device evil (slave 1 on lan): bad answer: not a Modbus TCP answer (")
+    back = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "device evil" in r.getMessage()]
+    assert back == ["device evil (slave 1 on lan): answering normally again"]
 
 
 def profile_instrument(name: str, device: str) -> SimInstrument:

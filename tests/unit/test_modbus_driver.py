@@ -19,6 +19,7 @@ from pymodbus.framer import FramerRTU
 from agent.config import parse_config
 from drivers import profiles
 from drivers.modbus import (
+    BadAnswer,
     BusStats,
     ExceptionReply,
     LinkDown,
@@ -169,6 +170,36 @@ def test_device_problems_are_logged_once_each_way(caplog):
             driver.poll(0)
     device_lines = [m for m in caplog.messages if m.startswith("device cod")]
     assert len(device_lines) == 2 and "answering normally again" in device_lines[1]
+
+
+def test_a_device_failing_differently_at_every_poll_is_logged_once_per_kind_not_per_poll(caplog):
+    # A peer answering garbage gives another text at every poll (the bytes are in it); a gateway may
+    # alternate garbage and silence, or exceptions at other registers. None of that is news once the
+    # device is known to fail: one line when it goes bad, at most one more for each other kind of failure,
+    # one when it recovers; then a new failure is news again.
+    polls = iter(
+        [BadAnswer(f"not a Modbus TCP answer ({i:032x}), after 2 tries") for i in range(5)]
+        + [NoAnswer("garbled answer, after 2 tries"), BadAnswer("not a Modbus TCP answer (ab), after 2 tries")] * 3
+        + [ExceptionReply(4), ExceptionReply(6), NoAnswer("no answer, after 2 tries")]
+        + [None, None]
+        + [BadAnswer(f"not a Modbus TCP answer ({i:02x}), after 2 tries") for i in range(3)]
+    )
+    state: dict = {}
+    bus = ScriptedBus(lambda t, a, c: state["now"] or [1] * c)
+    driver = ModbusDriver("cod", bus, 2, 1, [RegisterSpec(channel="a", address=0)])
+    with caplog.at_level(logging.INFO, logger="drivers.modbus"):
+        for state["now"] in polls:
+            flags = {r.flag for r in driver.poll(0)}
+            assert flags == ({"N"} if state["now"] is None else {"D"} if isinstance(state["now"], ExceptionReply)
+                             else {"B"})
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("device cod")]
+    assert lines == [
+        ("WARNING", f"device cod (slave 2 on scripted): bad answer: not a Modbus TCP answer ({0:032x}), after 2 tries"),
+        ("WARNING", "device cod (slave 2 on scripted): no answer: garbled answer, after 2 tries"),
+        ("WARNING", "device cod (slave 2 on scripted): exception: exception 04 reading holding 0+1"),
+        ("INFO", "device cod (slave 2 on scripted): answering normally again"),
+        ("WARNING", "device cod (slave 2 on scripted): bad answer: not a Modbus TCP answer (00), after 2 tries"),
+    ]
 
 
 def test_write_checks_its_arguments_at_once_and_fails_cleanly_on_a_closed_bus():
