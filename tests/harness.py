@@ -24,6 +24,11 @@ REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
+def as_published(value: float) -> float:
+    """A stored value as the data topic carries it: 15 significant digits (SQLite's JSON numbers)."""
+    return float(f"{value:.15g}")
+
+
 def wait_for(predicate: Callable[[], object], timeout: float, what: str = "condition", interval: float = 0.05):
     """Poll `predicate` until it returns something truthy; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
