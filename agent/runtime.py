@@ -187,6 +187,7 @@ class Station:
         self._clock_recorded: object = "unset"
         self.uplinks: list[Uplink] = []
         self.console: Console | None = None
+        self._instance_lock: int | None = None  # the buffer's lock (agent.instance), held until the process ends
 
     def run(self) -> int:
         """Run until stopped; raises AlreadyRunning (before touching the buffer) when another agent
