@@ -1,8 +1,8 @@
 """Modbus RTU and TCP: one `ModbusBus` per configured bus (owns the link), one `ModbusDriver` per device.
 
 `build_bus_drivers(bus_name, bus, devices)` is what `agent.runtime` calls for `type: rtu` and `type: tcp`
-buses. Imports `agent.model`, the pure Modbus modules of `drivers` (registers, codec, planner, profiles)
-and pyserial; never `agent.config`: the bus and device models are duck-typed.
+buses. Imports `agent.model`, the pure Modbus modules of `drivers` (registers, codec, planner, profiles),
+`drivers.serial_port` and pyserial; never `agent.config`: the bus and device models are duck-typed.
 
 The link. A bus owns its link: the serial port (`_RtuPort`, pyserial) or the TCP connection (`_TcpLink`),
 both speaking the master's side of the protocol here, and one lock, "the wire": a transaction (request
@@ -78,6 +78,7 @@ from drivers import profiles
 from drivers.modbus_codec import combine_flags, evaluate, flag_from_status, status_flags_by_channel
 from drivers.planner import Request, naive_plan, plan, slice_response
 from drivers.registers import RegisterSpec, value_channels
+from drivers.serial_port import open_exclusive
 
 log = logging.getLogger(__name__)
 
@@ -406,17 +407,9 @@ class _RtuPort(_Link):
     def connect(self) -> bool:
         if self._serial is not None:
             return True
-        ser = serial.Serial()
-        ser.port = self.path
-        ser.baudrate = self.baudrate
-        ser.parity = self.parity
-        ser.bytesize = self.bytesize
-        ser.stopbits = self.stopbits
-        ser.timeout = 0  # reads never block: waiting is done with select()
-        ser.write_timeout = max(self.timeout, 0.1)
-        ser.exclusive = True  # a second master on the same port would interleave its frames with ours
-        try:
-            ser.open()
+        try:  # reads never block (read_timeout 0): waiting is done with select()
+            ser = open_exclusive(self.path, baudrate=self.baudrate, parity=self.parity, bytesize=self.bytesize,
+                                 stopbits=self.stopbits, read_timeout=0, write_timeout=max(self.timeout, 0.1))
         except (OSError, ValueError, serial.SerialException):
             return False
         self._serial = ser

@@ -9,7 +9,7 @@ frame received since its previous poll, or value None with flag B for every chan
 (except at the very first poll, right at start-up, which closes no interval and reports nothing when
 no frame is there yet, so that a restart does not leave a flag-B row behind).
 
-Imports pyserial, `agent.model`, `agent.hj212` and `drivers.serial_frames`; never `agent.config`
+Imports pyserial, `agent.model`, `agent.hj212`, `drivers.serial_frames` and `drivers.serial_port`; never `agent.config`
 (the bus and device objects are duck-typed: `bus.port`, `bus.baudrate`, ..., `device.driver`,
 `device.interval`, optionally `device.channels` for hj212).
 """
@@ -43,6 +43,7 @@ from drivers.serial_frames import (
     LatestInInterval,
     make_reader,
 )
+from drivers.serial_port import open_exclusive
 
 __all__ = [
     "Hj212Driver",
@@ -183,17 +184,8 @@ class SerialLine:
     # ---------------------------------------------------------------- reader thread
 
     def _open_port(self) -> serial.Serial:
-        ser = serial.Serial()
-        ser.port = self.port
-        ser.baudrate = self.baudrate
-        ser.parity = self.parity
-        ser.bytesize = self.bytesize
-        ser.stopbits = self.stopbits
-        ser.timeout = self.read_timeout
-        ser.write_timeout = self.timeout
-        ser.exclusive = True  # a second agent on the same port would interleave its reads with ours
-        ser.open()
-        return ser
+        return open_exclusive(self.port, baudrate=self.baudrate, parity=self.parity, bytesize=self.bytesize,
+                              stopbits=self.stopbits, read_timeout=self.read_timeout, write_timeout=self.timeout)
 
     def _close_port(self) -> None:
         with self._lock:
