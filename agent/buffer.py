@@ -107,6 +107,13 @@ def is_corruption(exc: BaseException) -> bool:
     return "malformed" in text or "not a database" in text or "corrupt" in text
 
 
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
 def _connect(path: Path, *, readonly: bool, sync: str) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
@@ -135,13 +142,18 @@ class Buffer:
         self.seqmark = seqmark
         self._last_seq: dict[str, int] = {}
         self._sent_upto: dict[str, int] = {}
+        self._inode = _inode(path)
+
+    def replaced(self) -> bool:
+        """True when the file at `path` is no longer the one this connection reads: the recorder
+        moved a corrupt file aside and started a fresh one (readers then reopen)."""
+        return _inode(self.path) != self._inode
 
     # ------------------------------------------------------------------ opening
 
     @classmethod
     def open_writer(cls, path: str | Path, *, sync: str = "full", max_mb: float | None = None) -> Buffer:
-        """Open or create the database for writing. A corrupt file is moved aside (never deleted),
-        logged, and a fresh one started whose seqs continue above the old high-water mark."""
+        """Open or create the database for writing. A corrupt file is rescued (`rescue`)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         seqmark = SeqMark(path.with_name(path.name + ".seq"))
@@ -150,9 +162,23 @@ class Buffer:
         except sqlite3.DatabaseError as exc:
             if not is_corruption(exc):
                 raise BufferError(f"cannot open buffer {path}: {exc}") from exc
-            moved = move_aside(path, str(exc))
-            log.error("buffer %s is corrupt (%s); moved aside to %s, starting a fresh one", path, exc, moved)
-            buf = cls._open_checked(path, sync, seqmark)
+            return cls.rescue(path, exc, sync=sync, max_mb=max_mb)
+        if max_mb is not None:
+            buf.set_size_cap(max_mb)
+        return buf
+
+    @classmethod
+    def rescue(cls, path: Path, exc: BaseException, *, sync: str, max_mb: float | None) -> Buffer:
+        """`path` is corrupt (`exc` says how): move it aside (never deleted), start a fresh file whose
+        seqs continue above the old high-water mark, and salvage into it what is still readable of
+        the old one (`agent.salvage`). Everything is logged."""
+        from agent.salvage import salvage_into  # only on this rare path
+
+        moved = move_aside(path, str(exc))
+        log.error("buffer %s is corrupt (%s); moved aside to %s, starting a fresh one", path, exc, moved)
+        buf = cls._open_checked(path, sync, SeqMark(path.with_name(path.name + ".seq")))
+        report = salvage_into(moved, buf, int(time.time() * 1000))
+        log.warning("buffer %s: from %s %s", path, moved.name, report.summary())
         if max_mb is not None:
             buf.set_size_cap(max_mb)
         return buf
@@ -394,11 +420,11 @@ class Buffer:
             upto = min(lo + chunk - 1, row[1])
             n = self._delete_upto(STREAM_READINGS, upto)
             dropped += n
-            gap = self._record_gap(STREAM_READINGS, lo, upto, "buffer_full", now_ms)
+            gap = self.record_gap(STREAM_READINGS, lo, upto, "buffer_full", now_ms)
             self.set_sent_upto(STREAM_READINGS, upto)
         return purged, dropped, gap
 
-    def _record_gap(self, stream: str, first: int, last: int, reason: str, now_ms: int) -> Gap:
+    def record_gap(self, stream: str, first: int, last: int, reason: str, now_ms: int) -> Gap:
         """Record dropped seqs; extends the newest unannounced gap when the ranges touch."""
         row = self.conn.execute(
             "SELECT id, first_seq, last_seq FROM gaps WHERE stream=? AND announced=0 AND reason=? "

@@ -39,7 +39,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from agent import __version__
-from agent.buffer import Buffer, Gap
+from agent.buffer import Buffer, BufferError, Gap
 from agent.hj212_payload import Hj212Identity, Hj212Message, Hj212Payload, group_periods
 from agent.logutil import RateLimitedLog
 from agent.memtrim import release_free_memory
@@ -523,6 +523,8 @@ class Publisher(threading.Thread):
             return False
 
     def _fill_window(self) -> None:
+        if self._reader is not None and self._reader.replaced():
+            self._reader_failed(BufferError("the file was replaced (a corrupt one moved aside)"))
         if self._reader is None:
             self._open_reader()
             if self._reader is None:

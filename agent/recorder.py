@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from agent.buffer import Buffer, is_corruption, move_aside
+from agent.buffer import Buffer, BufferError, is_corruption
 from agent.logutil import RateLimitedLog
 from agent.model import STREAM_READINGS, Reading, now_ms
 from agent.threadname import name_this_thread
@@ -79,6 +79,7 @@ class Recorder(threading.Thread):
         self.last_progress = time.monotonic()
         self.last_committed_seq = buffer.last_seq(STREAM_READINGS)
         self._errlog = RateLimitedLog(log, every_s=60)
+        self._reopen = False  # the writer connection is gone (a rescue failed): open the file again
 
     # ------------------------------------------------------------------ any thread
 
@@ -197,6 +198,16 @@ class Recorder(threading.Thread):
                     or self._flush_requested > self._flushed)
 
     def _commit_once(self, final: bool = False) -> None:
+        if self._reopen:
+            try:
+                self.buffer = Buffer.open_writer(self.buffer.path, sync=self.sync,
+                                                 max_mb=self.max_bytes / (1024 * 1024))
+                self._reopen = False
+            except (sqlite3.Error, OSError, BufferError) as exc:
+                self._errlog.error("cannot open the buffer file: %s; %d readings wait in memory, retrying",
+                                   exc, len(self._pending))
+                time.sleep(min(self.commit_interval, 1.0))
+                return
         with self._cond:
             batch = list(self._pending)
             self._pending.clear()
@@ -294,14 +305,20 @@ class Recorder(threading.Thread):
             time.sleep(min(self.commit_interval, 1.0))
 
     def _rescue_corrupt(self, exc: Exception) -> None:
-        path = self.buffer.path
+        """The file turned out corrupt while running: rescue it (readers notice the new file)."""
         try:
             self.buffer.conn.close()
         except sqlite3.Error:
             pass
-        moved = move_aside(path, str(exc))
-        log.error("buffer %s became corrupt (%s); moved aside to %s, continuing in a fresh file", path, exc, moved)
-        self.buffer = Buffer.open_writer(path, sync=self.sync, max_mb=self.max_bytes / (1024 * 1024))
+        try:
+            self.buffer = Buffer.rescue(self.buffer.path, exc, sync=self.sync,
+                                        max_mb=self.max_bytes / (1024 * 1024))
+        except (sqlite3.Error, OSError, BufferError) as exc2:
+            # The disk refuses even a fresh file: open it again at the next commit (it then starts
+            # empty above the high-water mark, or rescues whatever is at the path by then).
+            self._errlog.error("cannot start a fresh buffer file after corruption: %s; retrying", exc2)
+            self._reopen = True
+            time.sleep(min(self.commit_interval, 1.0))
 
     def _housekeeping(self, now: float) -> None:
         if now - self._last_size_check >= SIZE_CHECK_EVERY_S:

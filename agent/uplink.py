@@ -353,6 +353,8 @@ class Uplink(threading.Thread):
 
     def _step(self) -> None:
         """Answer what the platform asked, then deliver one packet (or wait for work)."""
+        if self._reader is not None and self._reader.replaced():
+            raise BufferError("the file was replaced (a corrupt one moved aside)")
         self._receive(0)
         item = self._next_message()
         if item is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -138,6 +139,41 @@ def test_corrupt_database_is_moved_aside_and_seq_continues(tmp_path, broker, col
     assert "corrupt" in agent.log() and "moved aside" in agent.log()
     new = [s for s in collector.reading_seqs() if s > old_high]
     assert min(new) > old_high
+
+
+def test_unpublished_backlog_of_a_corrupt_file_is_salvaged_and_the_jump_announced(tmp_path):
+    """An outage builds a backlog, then the SD card damages a page of the file: the readings still
+    readable are delivered with their seqs, and the jump to the high-water mark comes announced."""
+    broker = Broker(tmp_path / "broker")  # not started: the backlog builds up
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=5, interval=0.1))
+    db = tmp_path / "buffer.db"
+    agent = AgentProcess(cfg)
+    wait_for(lambda: db.exists() and db_last_seq(db) >= 300, 30, "a backlog of 300 readings")
+    assert agent.stop() == 0
+    backlog = db_last_seq(db)
+    mark = json.loads((tmp_path / "buffer.db.seq").read_text())["readings"]
+    conn = sqlite3.connect(db)
+    meta_page = conn.execute("SELECT pageno FROM dbstat WHERE name='meta' AND pagetype='leaf'").fetchone()[0]
+    conn.close()
+    with open(db, "r+b") as f:  # the page of the agent's state: the readings themselves are intact
+        f.seek((meta_page - 1) * 1024)
+        f.write(b"\xa5" * 1024)
+    broker.start()
+    collector = Collector(broker, "env/#")
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: max(collector.reading_seqs(), default=0) > mark, 30, "new readings above the mark")
+        wait_for(lambda: [m for m in collector.json_messages("/data") if "gap" in m], 10, "the gap message")
+    finally:
+        assert agent.stop() == 0
+        collector.close()
+        broker.stop()
+    assert_complete(collector.reading_seqs(), 1, backlog)
+    gap_messages = [m for m in collector.json_messages("/data") if "gap" in m]
+    assert [(m["gap"], m["reason"]) for m in gap_messages] == [([backlog + 1, mark], "buffer_corrupt")]
+    assert "salvaged unpublished rows: readings" in agent.log()
+    seqs = collector.reading_seqs()
+    assert not [s for s in seqs if backlog < s <= mark], "nothing is numbered inside the announced gap"
 
 
 def test_resend_command_republishes_a_stored_range_and_bad_commands_are_refused(tmp_path, broker, collector):

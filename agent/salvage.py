@@ -1,0 +1,264 @@
+"""Salvage: what can still be read from a buffer file moved aside as corrupt goes into the fresh one.
+
+A failing SD card damages a page or a few, rarely a whole file: the readings the broker has not yet
+acknowledged — maybe days of them after an outage — are often still readable. When a corrupt file
+has been moved aside and a fresh one started (`Buffer.rescue`), `salvage_into` copies into the
+fresh file, with their seqs unchanged:
+
+- every stream's rows above the old file's acknowledged watermark (all rows when the watermark
+  cannot be read: a duplicate is harmless, a loss is not), so that they are still delivered, in
+  order, before the new rows, which continue above the high-water mark (SPEC §3);
+- the old file's gaps not yet announced, and its meta rows (alarm and aggregate state, broker).
+
+A damaged stretch of a table is stepped over: the next readable seq is found by probing forward
+(doubling, then bisecting), so that one bad page costs the rows on it, not the rest of the table.
+
+The readings seqs the fresh file can no longer account for are announced as a gap with reason
+`buffer_corrupt`: each unreadable stretch, and the stretch from the last seq known of the old file
+to the high-water mark, whose seqs were either lost with the damage or never issued. A receiver thus
+sees every jump in seq explained (SPEC §3: "a gap means loss and exists only where ... announced").
+Nothing is announced where the old file told nothing (not a database at all): the first seq not
+known is then unknown. The moved-aside file is only read, never changed.
+
+Imports `agent.model` only; the fresh `Buffer` is passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, STREAMS
+
+if TYPE_CHECKING:
+    from agent.buffer import Buffer
+
+log = logging.getLogger(__name__)
+
+GAP_REASON = "buffer_corrupt"
+COLUMNS = {
+    STREAM_READINGS: "seq, ts_ms, device, channel, value, unit, flag",
+    STREAM_AGGREGATES: "seq, ts_ms, body",
+    STREAM_ALARMS: "seq, ts_ms, body",
+}
+MAX_DAMAGED_STRETCHES = 1000  # per table: beyond that the file is garbage, stop reading it
+CHUNK = 5000  # rows per INSERT batch
+
+
+@dataclass
+class StreamSalvage:
+    """What was recovered of one stream."""
+
+    rows: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    unreadable: list[tuple[int, int | None]] = field(default_factory=list)  # (first, last or None: to the end)
+
+
+@dataclass
+class SalvageReport:
+    streams: dict[str, StreamSalvage] = field(default_factory=dict)
+    gaps_announced: list[tuple[int, int]] = field(default_factory=list)  # readings ranges recorded as gaps
+    error: str | None = None  # why nothing at all could be read
+
+    def summary(self) -> str:
+        parts = [f"{name} {s.rows} (seq {s.first_seq}..{s.last_seq})" if s.rows else f"{name} 0"
+                 for name, s in self.streams.items()]
+        text = "salvaged unpublished rows: " + ", ".join(parts) if parts else "salvaged nothing"
+        if self.gaps_announced:
+            text += "; gap(s) to announce: " + ", ".join(f"{a}..{b}" for a, b in self.gaps_announced)
+        if self.error:
+            text += f"; {self.error}"
+        return text
+
+
+def salvage_into(moved: Path, fresh: Buffer, now_ms: int) -> SalvageReport:
+    """Copy what is readable of `moved` (a corrupt buffer file, with its -wal beside it) into
+    `fresh` (a freshly created writer Buffer, above the high-water mark), in one transaction."""
+    report = SalvageReport()
+    try:
+        old = sqlite3.connect(f"file:{moved}?mode=ro", uri=True, timeout=5, check_same_thread=False)
+    except sqlite3.Error as exc:
+        report.error = f"cannot open it: {exc}"
+        return report
+    try:
+        fresh.begin()
+        try:
+            _salvage(old, fresh, now_ms, report)
+            fresh.commit()
+        except BaseException:
+            fresh.rollback()
+            raise
+        fresh.reload_counters()
+    except sqlite3.Error as exc:
+        report.error = f"salvage stopped: {exc}"
+        report.streams.clear()
+        report.gaps_announced.clear()
+    finally:
+        old.close()
+    return report
+
+
+def _salvage(old: sqlite3.Connection, fresh: Buffer, now_ms: int, report: SalvageReport) -> None:
+    watermarks = _read_watermarks(old)  # stream -> (last seq known, acknowledged watermark), when readable
+    if watermarks is None and not _readable(old, STREAM_READINGS):
+        report.error = "nothing readable in it"
+        return
+    for stream in STREAMS:
+        known = watermarks.get(stream) if watermarks else None
+        sent = known[1] if known else 0
+        got = report.streams[stream] = StreamSalvage()
+        for rows in _rows_after(old, stream, sent, got):
+            placeholders = ",".join("?" * len(rows[0]))
+            fresh.conn.executemany(f"INSERT OR IGNORE INTO {stream}({COLUMNS[stream]}) VALUES ({placeholders})",
+                                   rows)
+            got.rows += len(rows)
+            got.first_seq = rows[0][0] if got.first_seq is None else got.first_seq
+            got.last_seq = rows[-1][0]
+        if got.rows:
+            # Publishing resumes at the first salvaged row; the new ones follow above the mark.
+            fresh.conn.execute("UPDATE streams SET sent_upto=? WHERE name=?", (got.first_seq - 1, stream))
+        if known is not None:
+            # New seqs go above every seq the old file knew of, even without the mark beside it.
+            fresh.conn.execute("UPDATE streams SET floor_seq=max(floor_seq, ?) WHERE name=?", (known[0], stream))
+        if stream == STREAM_READINGS:
+            _record_lost_stretches(fresh, got, known, now_ms, report)
+    _copy_pending_gaps(old, fresh, now_ms)
+    _copy_meta(old, fresh)
+
+
+def _read_watermarks(old: sqlite3.Connection) -> dict[str, tuple[int, int]] | None:
+    try:
+        rows = old.execute("SELECT name, floor_seq, sent_upto FROM streams").fetchall()
+    except sqlite3.Error:
+        return None
+    out = {}
+    for name, floor, sent in rows:
+        top = 0
+        if name in COLUMNS:
+            try:
+                top = old.execute(f"SELECT max(seq) FROM {name}").fetchone()[0] or 0
+            except sqlite3.Error:
+                pass  # the last page is damaged: the watermark and the floor still tell something
+        out[str(name)] = (max(int(floor or 0), int(top), int(sent or 0)), int(sent or 0))
+    return out
+
+
+def _readable(old: sqlite3.Connection, table: str) -> bool:
+    try:
+        old.execute(f"SELECT seq FROM {table} LIMIT 1").fetchall()
+        return True
+    except sqlite3.Error:
+        return False
+
+
+def _rows_after(old: sqlite3.Connection, table: str, after: int, got: StreamSalvage) -> Iterator[list[tuple]]:
+    """Batches of readable rows with seq > after, in seq order; unreadable stretches go to `got`."""
+    cursor = after
+    while len(got.unreadable) < MAX_DAMAGED_STRETCHES:
+        try:
+            rows = old.execute(f"SELECT {COLUMNS[table]} FROM {table} WHERE seq > ? ORDER BY seq LIMIT ?",
+                               (cursor, CHUNK)).fetchall()
+        except sqlite3.Error:
+            rows = _rows_one_by_one(old, table, cursor)  # up to the damage
+            if not rows:
+                nxt = _next_readable(old, table, cursor)
+                got.unreadable.append((cursor + 1, None if nxt is None else nxt - 1))
+                if nxt is None:
+                    return
+                cursor = nxt - 1
+                continue
+        if not rows:
+            return
+        yield rows
+        cursor = rows[-1][0]
+
+
+def _rows_one_by_one(old: sqlite3.Connection, table: str, after: int) -> list[tuple]:
+    """Rows with seq > after up to the first that cannot be read (or CHUNK of them). One query per
+    row: a scan reads one row ahead, so it fails on the last good row before a damaged page."""
+    rows: list[tuple] = []
+    while len(rows) < CHUNK:
+        row = _probe(old, table, after + 1)
+        if row is None or row == UNREADABLE:
+            break
+        rows.append(row)
+        after = row[0]
+    return rows
+
+
+UNREADABLE = ()  # what _probe returns when the page holding the seq asked for cannot be read
+
+
+def _probe(old: sqlite3.Connection, table: str, at: int) -> tuple | None:
+    """The whole row of the first seq >= at; None past the end; UNREADABLE when it cannot be read."""
+    try:
+        return old.execute(f"SELECT {COLUMNS[table]} FROM {table} WHERE seq >= ? ORDER BY seq LIMIT 1",
+                           (at,)).fetchone()
+    except sqlite3.Error:
+        return UNREADABLE
+
+
+def _next_readable(old: sqlite3.Connection, table: str, after: int) -> int | None:
+    """The first seq above `after` whose row can be read past a damaged stretch (probing forward,
+    doubling the step, then bisecting back); None when none can."""
+    bad, step = after, 1
+    while after + step < 2**62:
+        found = _probe(old, table, after + step)
+        if found is None:
+            return None
+        if found != UNREADABLE:
+            lo, hi = bad, after + step  # probing at lo fails, at hi succeeds
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if _probe(old, table, mid) == UNREADABLE:
+                    lo = mid
+                else:
+                    hi = mid
+            first = _probe(old, table, hi)
+            return first[0] if first else found[0]
+        bad = after + step
+        step *= 2
+    return None
+
+
+def _record_lost_stretches(fresh: Buffer, got: StreamSalvage, known: tuple[int, int] | None, now_ms: int,
+                           report: SalvageReport) -> None:
+    """Record the readings seqs the fresh file cannot account for as gaps to announce."""
+    mark = fresh.last_seq(STREAM_READINGS)
+    stretches = list(got.unreadable)
+    if known is not None or got.rows:
+        last_known = max(got.last_seq or 0, known[0] if known else 0)
+        # A trailing unreadable stretch runs to the last seq known; the rest up to the mark may never
+        # have been issued, or were lost with the damage: either way the receiver sees a jump.
+        stretches = [(a, b if b is not None else last_known) for a, b in stretches]
+        stretches.append((last_known + 1, mark))
+    for first, last in stretches:
+        if last is not None and first <= last:
+            fresh.record_gap(STREAM_READINGS, first, last, GAP_REASON, now_ms)
+            report.gaps_announced.append((first, last))
+
+
+def _copy_pending_gaps(old: sqlite3.Connection, fresh: Buffer, now_ms: int) -> None:
+    try:
+        rows = old.execute("SELECT stream, first_seq, last_seq, reason FROM gaps WHERE announced=0 "
+                           "ORDER BY id").fetchall()
+    except sqlite3.Error as exc:
+        log.warning("salvage: the old file's unannounced gaps are unreadable (%s)", exc)
+        return
+    for stream, first, last, reason in rows:
+        fresh.record_gap(str(stream), int(first), int(last), str(reason), now_ms)
+
+
+def _copy_meta(old: sqlite3.Connection, fresh: Buffer) -> None:
+    try:
+        rows = old.execute("SELECT key, value FROM meta WHERE key != 'schema_version'").fetchall()
+    except sqlite3.Error as exc:
+        log.warning("salvage: the old file's state (alarms, aggregates) is unreadable (%s)", exc)
+        return
+    for key, value in rows:
+        fresh.set_meta(str(key), str(value))

@@ -1,0 +1,137 @@
+"""A corrupt buffer file on real SQLite files: what is still readable of it reaches the fresh file
+with its seqs, and every seq the fresh file cannot account for is recorded as a gap to announce."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from agent.buffer import Buffer
+from agent.model import STREAM_AGGREGATES, STREAM_READINGS, Reading, now_ms
+from agent.recorder import Recorder
+from agent.salvage import GAP_REASON
+
+
+def readings(n: int) -> list[Reading]:
+    t = now_ms()
+    return [Reading("d", f"c{i % 10}", t + i, float(i), "mg/L", "N") for i in range(n)]
+
+
+def filled_buffer(path: Path, n: int, *, sent: int) -> None:
+    """A closed buffer file with `n` readings in commits of 40 (the first `sent` acknowledged), one
+    aggregate event and an alarm state in meta."""
+    buf = Buffer.open_writer(path)
+    for k in range(0, n, 40):
+        buf.begin()
+        buf.insert_readings(readings(min(40, n - k)))
+        buf.commit()
+    buf.begin()
+    buf.insert_event(STREAM_AGGREGATES, now_ms(), {"period": "1h", "n": 1})
+    buf.set_sent_upto(STREAM_READINGS, sent)
+    buf.set_meta("alarm_state", '{"active": ["cod.w01018"]}')
+    buf.commit()
+    buf.close()
+
+
+def pages_of(path: Path, table: str, pagetype: str = "leaf") -> list[int]:
+    conn = sqlite3.connect(path)
+    try:
+        return [r[0] for r in conn.execute("SELECT pageno FROM dbstat WHERE name=? AND pagetype=? ORDER BY pageno",
+                                           (table, pagetype))]
+    finally:
+        conn.close()
+
+
+def damage(path: Path, pageno: int, page_size: int = 1024) -> None:
+    with open(path, "r+b") as f:
+        f.seek((pageno - 1) * page_size)
+        f.write(b"\xa5" * page_size)
+
+
+def gaps(buf: Buffer) -> list[tuple[int, int, str]]:
+    return [(g.first_seq, g.last_seq, g.reason) for g in buf.pending_gaps()]
+
+
+def test_unpublished_readings_survive_damage_to_another_table(tmp_path):
+    path = tmp_path / "b.db"
+    filled_buffer(path, 2000, sent=500)
+    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]  # reserved beside the file
+    damage(path, pages_of(path, "meta")[0])
+    buf = Buffer.open_writer(path)
+    try:
+        assert [p for p in tmp_path.iterdir() if ".corrupt-" in p.name], "the damaged file is kept"
+        got = buf.readings_after(0, 10_000)
+        assert [r.seq for r in got] == list(range(501, 2001)), "every unpublished reading, same seq"
+        assert (got[0].channel, got[0].value, got[0].unit) == ("c0", 20.0, "mg/L"), "the 501st reading's value"
+        assert buf.sent_upto(STREAM_READINGS) == 500, "publishing resumes at the first salvaged reading"
+        assert gaps(buf) == [(2001, mark, GAP_REASON)], "the jump to the high-water mark is announced"
+        assert [e.body["period"] for e in buf.events_after(STREAM_AGGREGATES, 0, 10)] == ["1h"]
+        buf.begin()
+        new = buf.insert_readings(readings(1))
+        buf.commit()
+        assert new[0].seq == mark + 1, "new readings continue above the high-water mark"
+    finally:
+        buf.close()
+
+
+@pytest.mark.parametrize("which", ["first", "middle", "last"])
+def test_a_damaged_page_of_readings_costs_only_the_readings_on_it(tmp_path, which):
+    path = tmp_path / "b.db"
+    filled_buffer(path, 3000, sent=0)
+    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
+    leaves = pages_of(path, "readings")
+    damage(path, {"first": leaves[0], "middle": leaves[len(leaves) // 2], "last": leaves[-1]}[which])
+    buf = Buffer.open_writer(path)
+    try:
+        salvaged = {r.seq for r in buf.readings_after(0, 10_000)}
+        announced = gaps(buf)
+        assert {reason for _, _, reason in announced} == {GAP_REASON}
+        lost = {s for a, b, _ in announced for s in range(a, min(b, 3000) + 1)}
+        assert 0 < len(lost) <= 50, "a 1 KiB page holds a few dozen readings: only those are lost"
+        assert salvaged | lost == set(range(1, 3001)), "every other reading, before and after the damage"
+        assert not salvaged & lost
+        assert max(b for _, b, _ in announced) == mark, "the jump to the high-water mark is announced too"
+        buf.begin()
+        assert buf.insert_readings(readings(1))[0].seq == mark + 1
+        buf.commit()
+    finally:
+        buf.close()
+
+
+def test_a_file_with_nothing_readable_starts_fresh_above_the_mark_without_inventing_a_gap(tmp_path):
+    path = tmp_path / "b.db"
+    filled_buffer(path, 100, sent=0)
+    path.write_bytes(b"\x00garbage from a failing SD card" * 3000)
+    buf = Buffer.open_writer(path)
+    try:
+        assert buf.readings_after(0, 10) == []
+        assert gaps(buf) == [], "where the old file tells nothing, nothing is claimed"
+        buf.begin()
+        assert buf.insert_readings(readings(1))[0].seq > 100
+        buf.commit()
+    finally:
+        buf.close()
+
+
+def test_a_file_found_corrupt_while_running_is_replaced_and_readers_notice(tmp_path):
+    """The recorder's rescue while running: same salvage, and a reader of the old file sees that the
+    path now holds another file (the publisher and the HJ 212 uplink then reopen)."""
+    path = tmp_path / "b.db"
+    filled_buffer(path, 400, sent=100)
+    recorder = Recorder(Buffer.open_writer(path), commit_interval_ms=200, keep_sent_days=7, max_mb=64)
+    reader = Buffer.open_reader(path)
+    try:
+        assert not reader.replaced()
+        damage(path, pages_of(path, "meta")[0])
+        recorder._rescue_corrupt(sqlite3.DatabaseError("database disk image is malformed"))
+        assert reader.replaced()
+        fresh = Buffer.open_reader(path)
+        assert [r.seq for r in fresh.readings_after(0, 1000)] == list(range(101, 401))
+        assert not fresh.replaced()
+        fresh.close()
+    finally:
+        reader.close()
+        recorder.buffer.close()
