@@ -130,8 +130,9 @@ class Publisher(threading.Thread):
         self.client: mqtt.Client | None = None
         self.online = False
         self.state = "connecting"
-        self.url: str | None = None
+        self.url: str | None = None  # the broker connected last
         self.last_error: str | None = None
+        self._state_url: str | None = None  # the broker the recorded state is about
         self._url_index = 0
         self._backoff = 0.5
         self._online_at = 0.0  # when the current (or last) connection was accepted
@@ -295,7 +296,7 @@ class Publisher(threading.Thread):
             try:
                 client.tls_set_context(tls_context(s))
             except TlsFilesError as exc:
-                self._set_state("offline", f"TLS files unusable: {exc}")
+                self._set_state("offline", f"TLS files unusable: {exc}", url)
                 self._errlog.error("cannot use the TLS files: %s", exc, key=str(exc))
                 return False
         client.on_connect = self._on_connect
@@ -324,7 +325,7 @@ class Publisher(threading.Thread):
         return True
 
     def _connect_failed(self, url: str, why: str) -> bool:
-        self._set_state("offline", why)
+        self._set_state("offline", why, url)
         # One line per distinct reason (a new one, after a reload for instance, is logged at once).
         self._errlog.error("cannot connect to %s: %s; retrying with backoff", _safe_url(url), why, key=why)
         return False
@@ -385,12 +386,16 @@ class Publisher(threading.Thread):
             except Exception:  # noqa: BLE001
                 pass
 
-    def _set_state(self, state: str, error: str | None) -> None:
-        changed = state != self.state or error != self.last_error
+    def _set_state(self, state: str, error: str | None, url: str | None = None) -> None:
+        """Record the broker state for `status`; `url` is the broker the error is about (default: the
+        one connected last)."""
+        url = url or self.url
+        changed = state != self.state or error != self.last_error or url != self._state_url
         self.state = state
         self.last_error = error
+        self._state_url = url
         if changed:
-            record = {"state": state, "url": _safe_url(self.url) if self.url else None,
+            record = {"state": state, "url": _safe_url(url) if url else None,
                       "since": iso_utc_ms(now_ms()), "error": error}
             self.recorder.set_meta("broker", json.dumps(record))
 

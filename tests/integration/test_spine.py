@@ -422,6 +422,24 @@ def test_failover_to_the_second_broker_url_when_the_first_is_down(tmp_path, brok
     assert f"127.0.0.1:{dead.port}" in agent.log(), "the first URL was tried (and its failure logged)"
 
 
+def test_status_names_the_broker_a_connection_error_is_about(tmp_path):
+    dead = Broker(tmp_path / "dead")  # never started: every attempt is refused
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, dead, channels=1, interval=0.5))
+    agent = AgentProcess(cfg)
+
+    def broker_state() -> dict:
+        result = run_cli("status", "-c", str(cfg), "--json")
+        return json.loads(result.stdout)["broker"] if result.returncode == 0 else {}
+
+    try:
+        wait_for(lambda: broker_state().get("error"), 20, "a connection error in status")
+        state = broker_state()
+    finally:
+        assert agent.stop() == 0
+    assert state["state"] == "offline"
+    assert state["url"] == dead.url, "the error is shown beside the broker it is about"
+
+
 def test_check_config_cli_prints_file_line_col_and_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("station:\n  id: ST01\n  type: outfall\nstorage:\n  path: b.db\nmqtt:\n  url: mqtt://h\n"
