@@ -43,7 +43,7 @@ Usage: install.sh [options]
   --source DIR      project checkout to install (default: the repository holding this script)
   --root DIR        install under DIR instead of / (no useradd/chown/systemctl/apt-get; they are
                     printed as "skip: ...")
-  --python PY       Python (>= 3.11) for the venv (default: python3)
+  --python PY       Python (>= 3.11) for the venv (default: /usr/bin/python3, else python3 on the PATH)
   --wheelhouse DIR  install offline from wheels in DIR (pip --no-index --find-links DIR)
   --skip-venv       do not create or update the venv (files, user and unit only)
   --no-systemctl    do not call systemctl (e.g. in a chroot or container image build)
@@ -178,7 +178,17 @@ check_platform() {
 
 pick_python() {
     if [[ -z "$PYTHON" ]]; then
-        PYTHON=$(command -v python3 || true)
+        # The distribution's interpreter first: the service user must be able to run the venv's
+        # python, and one found first on root's PATH (a pyenv under /root, say) is not readable by it.
+        local candidate
+        for candidate in /usr/bin/python3 "$(command -v python3 || true)"; do
+            if [[ -x "$candidate" ]] && "$candidate" -c \
+                "import sys; sys.exit(0 if sys.version_info >= (3, $MIN_PY_MINOR) else 1)" 2>/dev/null; then
+                PYTHON=$candidate
+                break
+            fi
+        done
+        [[ -n "$PYTHON" ]] || PYTHON=$(command -v python3 || true)
         [[ -n "$PYTHON" ]] || die "python3 not found (apt-get install python3 python3-venv)"
     fi
     "$PYTHON" -c "import sys; sys.exit(0 if sys.version_info >= (3, $MIN_PY_MINOR) else 1)" \
@@ -234,6 +244,9 @@ ensure_venv() {
     have=$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
     if [[ -n "$have" && "$have" != "$want" ]]; then
         say "venv has Python $have, $PYTHON is $want: rebuilding the venv"
+        rm -rf -- "$VENV" "$stamp"
+    elif [[ -n "$have" && "$(readlink -f -- "$VENV/bin/python")" != "$(readlink -f -- "$PYTHON")" ]]; then
+        say "venv was made from $(readlink -f -- "$VENV/bin/python"), not $PYTHON: rebuilding the venv"
         rm -rf -- "$VENV" "$stamp"
     elif [[ -z "$have" && -e "$VENV" ]]; then
         say "venv $VENV is broken: rebuilding it"
@@ -346,7 +359,16 @@ install_unit() {
 check_installed_config() {
     local entry="$VENV/bin/edge-agent"
     [[ -x "$entry" ]] || return 0
-    if "$entry" check-config "$CONF_FILE" >/dev/null; then
+    local -a as_service=()
+    if [[ $SYSTEM_ACTIONS -eq 1 ]] && command -v runuser >/dev/null; then
+        # The check runs as the service will: as $SVC_USER, with its permissions.
+        as_service=(runuser -u "$SVC_USER" --)
+        if ! "${as_service[@]}" "$VENV/bin/python" -c "import agent" 2>/dev/null; then
+            die "$SVC_USER cannot run $VENV/bin/python (made from $(readlink -f -- "$VENV/bin/python")," \
+                "in a directory only root can read?); reinstall with --python /usr/bin/python3"
+        fi
+    fi
+    if "${as_service[@]}" "$entry" check-config "$CONF_FILE" >/dev/null; then
         say "checked $CONF_FILE with the installed program: valid"
     else
         say "warning: $CONF_FILE has problems (above); fix them before starting the service"
