@@ -40,8 +40,15 @@ def _load_or_report(path: str, check_files: bool = False, warnings: bool = False
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.config import check_tls
+
     config = _load_or_report(args.file, check_files=True, warnings=True)
     if config is None:
+        return EXIT_INVALID
+    tls_problems = check_tls(config)
+    for problem in tls_problems:
+        print(problem, file=sys.stderr)
+    if tls_problems:
         return EXIT_INVALID
     print(f"{args.file}: OK — station {config.station.id}, {len(config.devices)} devices, "
           f"{len(config.buses)} buses, {len(config.alarms)} alarm rules")

@@ -7,7 +7,7 @@ warning, `FILE:LINE:COL: path: warning: message` (`Config.warnings`), not a prob
 
 Imports `agent.envsubst`, `drivers.registers`, `drivers.profiles` (names, maps) and, lazily,
 `drivers.serial_frames` (the fixed channels of pms5003/sds011); nothing else from the project.
-Entry points: `load_config`, `parse_config`, `check_files`, `json_schema`.
+Entry points: `load_config`, `parse_config`, `check_files`, `check_tls`, `json_schema`.
 
 How it works: `yaml.compose` gives a node tree with line/column marks; `_TreeBuilder` turns it into
 plain Python data (detecting duplicate keys, substituting `${NAME}`, remembering where every key and
@@ -60,6 +60,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from agent.envsubst import SubstitutionError, substitute
+from agent.tlsfiles import TlsFilesError, tls_context
 from drivers import profiles
 from drivers.registers import RegisterSpec, check_map, value_channels
 
@@ -89,6 +90,7 @@ __all__ = [
     "Tls",
     "Uplink",
     "check_files",
+    "check_tls",
     "json_schema",
     "load_config",
     "parse_config",
@@ -1904,6 +1906,25 @@ def check_files(config: Config) -> list[Problem]:
     path that is a directory). `load_config(..., check_files=True)` raises them."""
     file = str(config.source_path) if config.source_path else "<config>"
     return _file_problems(config, file)
+
+
+def check_tls(config: Config) -> list[Problem]:
+    """Whether the files of `mqtt.tls` (there and readable: `check_files`) make a TLS client together
+    as `run` will use them: PEM that parses, a key that matches its certificate and has no
+    passphrase. Only `check-config` asks: `run` starts anyway, buffers, and says why it cannot
+    connect until a SIGHUP brings usable files."""
+    tls = config.mqtt.tls
+    if tls is None:
+        return []
+    try:
+        tls_context(str(tls.ca) if tls.ca else None, str(tls.cert) if tls.cert else None,
+                    str(tls.key) if tls.key else None)
+    except TlsFilesError as exc:
+        key = ("mqtt", "tls", exc.key)
+        line, col = config._marks.get(key, config._marks.get(("mqtt", "tls"), (1, 1)))
+        file = str(config.source_path) if config.source_path else "<config>"
+        return [Problem(file, line, col, _dotted(key), f"cannot be used for TLS: {exc.reason}")]
+    return []
 
 
 #: The keys that name files, checked by `check-config` (`load_config(..., check_files=True)`).

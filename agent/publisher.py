@@ -54,6 +54,7 @@ from agent.payloads import (
 )
 from agent.recorder import Recorder
 from agent.threadname import name_this_thread
+from agent.tlsfiles import TlsFilesError, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ class Publisher(threading.Thread):
             client.username_pw_set(s.username, s.password)
         if tls:
             try:
-                client.tls_set_context(tls_context(s))
+                client.tls_set_context(tls_context(s.tls_ca, s.tls_cert, s.tls_key))
             except TlsFilesError as exc:
                 self._set_state("offline", f"TLS files unusable: {exc}", url)
                 self._errlog.error("cannot use the TLS files: %s", exc, key=str(exc))
@@ -874,39 +875,6 @@ class _Resend:
     def skipped(self, next_seq: int) -> None:
         if next_seq > self.after + 1:
             self.missing.append([self.after + 1, next_seq - 1])
-
-
-class TlsFilesError(Exception):
-    """The files of `mqtt.tls` cannot be used; the message names the key and the file."""
-
-
-def tls_context(s: BrokerSettings) -> ssl.SSLContext:
-    """A client TLS context that verifies the broker's certificate and host name, with the station's
-    client certificate. A key protected by a passphrase is refused with that reason: OpenSSL would
-    otherwise ask for the passphrase on the terminal (and hang a technician's `run`)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
-    asked: list[bool] = []
-
-    def no_passphrase() -> bytes:
-        asked.append(True)
-        return b""
-
-    where = f"mqtt.tls.ca ({s.tls_ca})"
-    try:
-        if s.tls_ca:
-            ctx.load_verify_locations(cafile=s.tls_ca)
-        else:
-            ctx.load_default_certs()
-        if s.tls_cert:
-            where = f"mqtt.tls.cert/key ({s.tls_cert}, {s.tls_key})"
-            ctx.load_cert_chain(s.tls_cert, s.tls_key, password=no_passphrase)
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        if asked:
-            raise TlsFilesError(f"mqtt.tls.key ({s.tls_key}) is protected by a passphrase; edge-agent needs "
-                                "the key without one (readable by the service user only)") from None
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise TlsFilesError(f"{where}: {reason}") from None
-    return ctx
 
 
 class CommandError(Exception):

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from harness import AgentProcess, Broker, Collector, db_last_seq, secret, sim_config, wait_for, write_config
+from harness import AgentProcess, Broker, Collector, db_last_seq, run_cli, secret, sim_config, wait_for, write_config
 
 
 def make_pki(d: Path) -> dict:
@@ -77,12 +77,47 @@ def test_a_client_key_protected_by_a_passphrase_is_refused_with_that_reason(tmp_
         "reconnect_max": 1, "tls": {"ca": pki["ca"], "cert": pki["client_cert"], "key": str(locked)}})
     agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
     try:
-        wait_for(lambda: "is protected by a passphrase" in agent.log(), 20, "the reason in the log")
+        wait_for(lambda: "protected by a passphrase" in agent.log(), 20, "the reason in the log")
         wait_for(lambda: db_last_seq(tmp_path / "buffer.db") >= 10, 20, "readings buffered meanwhile")
     finally:
         assert agent.stop() == 0
         broker.stop()
     assert "mqtt.tls.key" in agent.log() and "PEM pass phrase" not in agent.log()
+
+
+def test_check_config_finds_tls_files_that_cannot_make_a_connection(tmp_path):
+    """Each file is there and readable, yet `run` could not use them: check-config says which key and
+    why, at its line, before the technician leaves the station."""
+    pki = make_pki(tmp_path / "pki")
+    locked = tmp_path / "pki" / "client-locked.key"
+    subprocess.run(["openssl", "pkey", "-in", pki["client_key"], "-aes256", "-passout", "pass:hunter2",
+                    "-out", str(locked)], check=True, capture_output=True)
+    garbage = tmp_path / "pki" / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    broker = Broker(tmp_path / "broker", tls=pki)  # only its URL: check-config touches no network
+    good = {"ca": pki["ca"], "cert": pki["client_cert"], "key": pki["client_key"]}
+    cases = {
+        "valid": ({}, None),
+        "passphrase": ({"key": str(locked)}, ("mqtt.tls.key", "protected by a passphrase")),
+        "not pem": ({"cert": str(garbage)}, ("mqtt.tls.cert", "cannot be used for TLS")),
+        "key of another certificate": ({"key": pki["server_key"]}, ("mqtt.tls.cert", "cannot be used for TLS")),
+        "ca not pem": ({"ca": str(garbage)}, ("mqtt.tls.ca", "cannot be used for TLS")),
+    }
+    for name, (change, expected) in cases.items():
+        config = sim_config(tmp_path, broker, mqtt={"tls": {**good, **change}})
+        cfg = write_config(tmp_path / f"{name.replace(' ', '-')}.yaml", config)
+        result = run_cli("check-config", str(cfg))
+        if expected is None:
+            assert result.returncode == 0, result.stderr
+            continue
+        assert result.returncode == 2, f"{name}: {result.stderr}"
+        key, words = expected
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and f": {key}: " in lines[0] and words in lines[0], f"{name}: {lines}"
+        line_no = int(lines[0].split(":")[1])
+        assert cfg.read_text().splitlines()[line_no - 1].strip().startswith(key.rsplit(".", 1)[1] + ":"), \
+            f"{name}: the line of {key}"
+        assert "hunter2" not in result.stderr
 
 
 def test_a_gap_recorded_while_connected_is_announced_on_the_same_connection(tmp_path):
