@@ -41,6 +41,10 @@ the requests it sent whose answer has not been seen yet, for a late window of `2
 masters such as libmodbus allow for a late answer after a timeout before they flush), and gives each
 frame that arrives to the oldest of them that it answers (a slave answers in order): a frame that goes
 to an earlier request is a late answer and is dropped, one that answers no request sent is a bad frame.
+Answers may also overtake each other (a caching gateway answers what it holds at once, the rest
+slowly), so a request is not sent while an earlier one whose answer would look alike is still in its
+late window: the master first waits for that answer, or the window's end (`_Link._settle`; only a
+slave that already answers late costs this, and the retries of one request are not held up).
 Before each request, whatever arrived since the last answer is dropped (on RTU also waiting for the line
 to be silent for 3.5 characters, the RTU frame gap, at most `timeout`). On TCP the transaction id must
 agree as well. So the values of a request come only from an answer to that very request (to an earlier
@@ -361,6 +365,23 @@ class _Link:
                 return entry
         return None
 
+    def _settle(self, ask: _Ask, receive: Callable[[float], None]) -> None:
+        """Before sending `ask`: while a request still waits for its answer that an answer to `ask` would
+        also fit (same unit, function and byte count, other registers: a retry's first try was answered
+        late), wait for that answer, at most to the end of its late window. Two look-alike requests
+        outstanding at once could not be told apart if their answers overtook each other (a caching
+        gateway answers what it holds at once and the rest slowly). `receive(seconds)` waits at most
+        that long for bytes and hands every complete frame among them to `_claim`. Only a slave that
+        already answers late costs this wait; retries of one request are not held up."""
+        while True:
+            self._prune()
+            ends = [e.until for e in self._sent if e.ask != ask and e.ask.unit == ask.unit and ask.is_read
+                    and e.ask.fc == ask.fc and e.ask.data_bytes() == ask.data_bytes()]
+            left = max(ends, default=0.0) - time.monotonic()
+            if left <= 0:
+                return
+            receive(left)
+
     def _late_answer(self, owner: _Ask) -> None:
         self.stats.late_answers += 1
         if owner.unit in self._late_logged:
@@ -431,6 +452,7 @@ class _RtuPort(_Link):
         if ser is None:
             raise _LinkFailed(f"{self.path} is not open")
         try:
+            self._settle(ask, lambda seconds: self._receive_late(ser, seconds))
             self._quiet_line(ser)
             body = bytes([ask.unit]) + ask.pdu()
             ser.write(body + crc16(body).to_bytes(2, "little"))
@@ -471,6 +493,23 @@ class _RtuPort(_Link):
             buf += data
             self._note_buffered(len(buf))
         return len(data)
+
+    def _receive_late(self, ser: serial.Serial, seconds: float) -> None:
+        """Wait at most `seconds` for an answer still due (`_settle`), then read until the line falls
+        silent (at most one frame's transfer time); a frame among the bytes retires its request."""
+        if not select.select([ser.fileno()], [], [], seconds)[0]:
+            return
+        frames = bytearray()
+        deadline = time.monotonic() + self.char_s * self._MAX_FRAME + self.silence_s
+        while True:
+            self._read_into(ser, frames)
+            while (frame := _take_rtu_frame(frames)) is not None:
+                owner = self._claim(*frame)
+                if owner is not None:
+                    self._late_answer(owner.ask)
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([ser.fileno()], [], [], min(left, max(self.silence_s, 0.002)))[0]:
+                return
 
     def _quiet_line(self, ser: serial.Serial) -> None:
         """Before a request: drop whatever arrived since the last answer (late answers, noise; a frame
@@ -573,6 +612,7 @@ class _TcpLink(_Link):
         if sock is None:
             raise _LinkFailed(f"{self.host}:{self.port} is not connected")
         try:
+            self._settle(ask, lambda seconds: self._receive_late(sock, seconds))
             self._drop_pending(sock)
             buf = self._buf
             tid = self._next_tid()
@@ -622,6 +662,16 @@ class _TcpLink(_Link):
         self._buf += chunk
         self._note_buffered(len(self._buf))
         return len(chunk)
+
+    def _receive_late(self, sock: socket.socket, seconds: float) -> None:
+        """Wait at most `seconds` for bytes (`_settle`); the frames among them retire the requests they
+        answer, as late answers."""
+        if select.select([sock], [], [], seconds)[0]:
+            self._receive(sock)
+            while (frame := _take_mbap_frame(self._buf)) is not None:
+                owner = self._claim(*frame[1:])
+                if owner is not None:
+                    self._late_answer(owner.ask)
 
     def _drop_pending(self, sock: socket.socket) -> None:
         """Before a request: whatever arrived since the last answer is late (each frame retires the request

@@ -74,12 +74,15 @@ class Fault:
     3 <-> 4, 1 <-> 2), "shortcount" (a read answered one register, or one byte of bits, short, byte count
     to match), "wrongunit" (answers carry unit id + 1). `relabel` with "late" on TCP: the late answer
     carries the transaction id of the latest request on its connection, as a TCP-to-RTU gateway does
-    that forwards a late RTU answer to the request it is serving."""
+    that forwards a late RTU answer to the request it is serving. `delays` with "late": the n-th request
+    to the unit is answered after `delays[n % len(delays)]` seconds instead (answers then overtake each
+    other, as at a caching gateway: cached registers at once, the others slowly)."""
 
     kind: FaultKind
     code: int = EXC_DEVICE_FAILURE
     delay: float = 0.0
     relabel: bool = False
+    delays: tuple[float, ...] = ()
 
 
 class RegisterBank:
@@ -169,8 +172,13 @@ class SlaveCore:
         return (unit + 1) & 0xFF if fault is not None and fault.kind == "wrongunit" else unit
 
     def answer_delay(self, unit: int) -> float:
+        """How late the answer to the request just counted (`counters[unit].requests`) goes out."""
         fault = self.fault_of(unit)
-        return fault.delay if fault is not None and fault.kind == "late" else 0.0
+        if fault is None or fault.kind != "late":
+            return 0.0
+        if fault.delays:
+            return fault.delays[(self.counters[unit].requests - 1) % len(fault.delays)]
+        return fault.delay
 
 
 def _exc(fc: int, code: int) -> bytes:

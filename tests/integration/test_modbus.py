@@ -423,6 +423,31 @@ def test_answers_later_than_the_timeout_are_never_taken_for_the_next_request(kin
     assert all(r.flag == "N" for r in got if r.device == "after")
 
 
+@pytest.mark.parametrize(("kind", "relabel"), [("rtu", False), ("tcp", False), ("tcp", True)],
+                         ids=["rtu", "tcp", "tcp-gateway-relabels"])
+def test_answers_that_overtake_each_other_are_never_confused(kind, relabel, tmp_path):
+    # Holding 0 and holding 100 are read by two requests whose answers look alike (unit 1, function 3,
+    # 2 bytes). The first try of holding 0 is answered after 0.40 s (the master waits 0.30), its retry
+    # after 0.15 s, the read of holding 100 after 0.02 s, as at a caching gateway: the first answer
+    # arrives while the retry is out, and the retry's own answer would come after the next request's.
+    bank = RegisterBank()
+    bank.set("holding", 0, [111])
+    bank.set("holding", 100, [222])
+    bank.fault = Fault("late", delays=(0.40, 0.15, 0.02), relabel=relabel)
+    link = Link(kind, {1: bank}, tmp_path, timeout=0.30, retries=1)
+    device = link.driver("dev", 1, [RegisterSpec(channel="a", address=0), RegisterSpec(channel="b", address=100)])
+    assert len(device.requests) == 2
+    got: list[Reading] = []
+    try:
+        for _ in range(3):
+            got += device.poll(0)
+    finally:
+        link.close()
+    readings = [(r.channel, r.value, r.flag) for r in got]
+    assert readings == [("a", 111.0, "N"), ("b", 222.0, "N")] * 3, \
+        "each value from its own request's answer, and none lost: the next look-alike request waits for it"
+
+
 @pytest.mark.parametrize("fault", ["wrongfc", "shortcount", "wrongunit"])
 def test_an_answer_that_does_not_answer_the_request_is_refused(kind, fault, tmp_path):
     # Well-formed frames (valid CRC) that answer something else: holding registers answered with function
