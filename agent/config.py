@@ -695,12 +695,26 @@ def _device_rules(device: Mapping[str, Any]) -> Iterable[_Broken]:
             yield _Broken("missing required key 'channels' (a simulated device needs channels)", section=True)
         return
     for key in ("channels", "dropout", "seed"):
-        if device.get(key) is not None:
+        if key == "channels" and driver == "hj212":
+            yield from _hj212_channel_rules(device.get(key))
+        elif device.get(key) is not None:
             yield _Broken(f"{key} is only for driver: simulated", at=key)
     if driver in SERIAL_DRIVERS:
         for key in ("slave", "profile", "registers"):
             if device.get(key) is not None:
                 yield _Broken(f"driver {driver} takes no {key} (it is for Modbus devices)", at=key)
+
+
+def _hj212_channel_rules(channels: Any) -> Iterable[_Broken]:
+    """An hj212 analyzer's `channels:` name what it sends (read as null/B until its first packet, and
+    whenever a poll gets none) and may give each a unit: nothing else."""
+    if not isinstance(channels, dict):
+        return
+    for code, spec in channels.items():
+        for key in (spec or {}) if isinstance(spec, dict) else ():
+            if key != "unit":
+                yield _Broken(f"an hj212 channel takes only unit ({key} is for driver: simulated)",
+                              at=f"channels.{code}.{key}")
 
 
 class Device(_Model):
@@ -716,7 +730,8 @@ class Device(_Model):
     driver: Literal["modbus", "pms5003", "sds011", "hj212", "simulated"] | None = Field(
         None, description="Default: modbus on an rtu/tcp bus")
     channels: Annotated[dict[ChannelCode, SimChannel], Field(min_length=1)] | None = Field(
-        None, description="Simulated channels (driver: simulated only)")
+        None, description="Simulated channels (driver: simulated); for driver: hj212 the channels the "
+        "analyzer sends, each with at most a unit (more may appear)")
     dropout: float | None = Field(None, ge=0, le=1,
                                   description="Probability that a whole poll fails (simulated only)")
     seed: int | None = Field(None, description="Random seed (simulated only)")
@@ -789,7 +804,10 @@ class Device(_Model):
 
     def known_channels(self) -> list[str] | None:
         """The channel codes this device produces readings for, when the config tells them
-        (simulated channels, register map, the fixed channels of pms5003/sds011); else None."""
+        (simulated channels, register map, the fixed channels of pms5003/sds011); else None (an
+        hj212 analyzer may send channels beyond those declared)."""
+        if self.driver == "hj212":
+            return None
         if self.channels is not None:
             return list(self.channels)
         if self.driver in ("pms5003", "sds011"):
@@ -1271,6 +1289,8 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
 
     def known_channels(dev_id: str) -> list[str] | None:
         dev = _mapping(devices.get(dev_id))
+        if effective.get(dev_id) == "hj212":
+            return None  # declared channels are the least it sends
         if isinstance(dev.get("channels"), dict):
             return [str(c) for c in dev["channels"]]
         if effective.get(dev_id) in ("pms5003", "sds011"):

@@ -136,6 +136,13 @@ class Recorder(threading.Thread):
         (monotonic): the group commit then writes at once instead of waiting for its window."""
         self._quiet_check = check
 
+    def seen_channels(self) -> dict[str, dict[str, str | None]]:
+        """device -> {channel: unit of its latest reading} of every channel stored so far."""
+        out: dict[str, dict[str, str | None]] = {}
+        for (device, channel), row in list(self._channels.items()):  # one C-level copy: no lock needed
+            out.setdefault(device, {})[channel] = row[0].unit
+        return out
+
     def stored_upto(self, stream: str) -> int:
         """The last seq of `stream` stored (or being stored now): the publisher reads no further."""
         return self.buffer.last_seq(stream)

@@ -113,8 +113,10 @@ def check_supported(config: Config) -> None:
         raise UnsupportedConfig("; ".join(problems))
 
 
-def build_pollers(config: Config, sink) -> list[BusPoller]:
-    """One poller per bus, serving all its devices in turn (and one per bus-less simulated device)."""
+def build_pollers(config: Config, sink, seen: dict[str, dict[str, str | None]] | None = None) -> list[BusPoller]:
+    """One poller per bus, serving all its devices in turn (and one per bus-less simulated device).
+    `seen`: the channels (and units) each device has stored readings for, for drivers that learn their
+    channels from the wire (hj212)."""
     pollers = []
     on_bus: dict[str, dict] = {}
     for dev_id, dev in config.devices.items():
@@ -129,7 +131,7 @@ def build_pollers(config: Config, sink) -> list[BusPoller]:
         module = _bus_module(bus.type)
         if module is None:
             raise UnsupportedConfig(f"buses.{bus_name}: {bus.type} buses are not yet supported by this version")
-        extra = {"timezone": config.station.timezone} if bus.type == "serial" else {}
+        extra = {"timezone": config.station.timezone, "seen": seen or {}} if bus.type == "serial" else {}
         pollers.append(BusPoller(bus_name, module.build_bus_drivers(bus_name, bus, devices, **extra), sink))
     return pollers
 
@@ -231,7 +233,7 @@ class Station:
             from agent.console import start_console
 
             self.console = start_console(self)  # None if it could not start (logged)
-        self.pollers = build_pollers(cfg, self.recorder.submit)
+        self.pollers = build_pollers(cfg, self.recorder.submit, self.recorder.seen_channels())
         for p in self.pollers:
             p.start()
         self.notifier.notify("READY=1\nSTATUS=running")
@@ -370,7 +372,7 @@ class Station:
         self.config = new.model_copy(update={"storage": self.config.storage})
         self.alarms.reconfigure(self.config)
         self.aggregator.reconfigure(self.config)
-        self.pollers = build_pollers(self.config, self.recorder.submit)
+        self.pollers = build_pollers(self.config, self.recorder.submit, self.recorder.seen_channels())
         for p in self.pollers:
             p.start()
         log.info("configuration reloaded: %d devices", len(new.devices))

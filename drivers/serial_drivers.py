@@ -515,8 +515,9 @@ class Hj212Driver:
     A packet that asks for an answer (Flag A bit) gets a CN 9014 acknowledgement.
 
     Channels are not known in advance: at each poll every channel declared in the config
-    (`device.channels`, if any) or seen so far gets the latest item received since the previous poll,
-    or value None with flag B (stamped with the poll time) when none came.
+    (`device.channels`, if any), stored before this start (`seen`) or seen so far gets the latest item
+    received since the previous poll, or value None with flag B (stamped with the poll time) when none
+    came.
     """
 
     _REJECTS: ClassVar[tuple[str, ...]] = ("bad_crc", "bad_length", "malformed", "bad_content")
@@ -684,12 +685,15 @@ def _declared_channels(device: Any) -> dict[str, str | None]:
 
 
 def build_bus_drivers(bus_name: str, bus: Any, devices: Mapping[str, Any], timezone: str = "Asia/Shanghai", *,
+                      seen: Mapping[str, Mapping[str, str | None]] | None = None,
                       reject_log_every: float = REJECT_LOG_EVERY_S,
                       reopen_every: float = REOPEN_EVERY_S) -> list[Driver]:
     """The drivers of the devices on serial bus `bus_name`, sharing one `SerialLine` (started here;
     the port is opened by its thread, so a missing port is no error). `bus` needs `port` and may have
     `baudrate`, `parity`, `bytesize`, `stopbits`, `timeout`; each device needs `driver` (pms5003,
-    sds011 or hj212) and `interval`. `timezone` is the station's, for HJ 212 DataTime.
+    sds011 or hj212) and `interval`. `timezone` is the station's, for HJ 212 DataTime. `seen` gives
+    per device the channels (and units) stored before: an hj212 analyzer's channels are otherwise known
+    only from its packets, and one silent since a restart would read nothing instead of null/B.
     Raises ValueError for a device whose driver cannot run on a serial bus."""
     line = SerialLine(
         bus_name,
@@ -712,7 +716,8 @@ def build_bus_drivers(bus_name: str, bus: Any, devices: Mapping[str, Any], timez
         elif kind == "sds011":
             drivers.append(Sds011Driver(dev_id, interval, line, reject_log_every=reject_log_every))
         elif kind == "hj212":
-            drivers.append(Hj212Driver(dev_id, interval, line, timezone=tz, declared=_declared_channels(dev),
+            known = {**(seen or {}).get(dev_id, {}), **_declared_channels(dev)}
+            drivers.append(Hj212Driver(dev_id, interval, line, timezone=tz, declared=known,
                                        reject_log_every=reject_log_every))
         else:
             for d in drivers:

@@ -171,3 +171,36 @@ def test_hj212_analyzer_end_to_end_readings_take_the_packets_datatime(start, col
     assert {r["flag"] for r in readings(collector, "w21003")} >= {"N", "T"}
     assert all(r["value"] != HJ212_POISON for r in got)
     assert agent.log().count("frame(s) rejected") == 1
+
+
+def test_a_silent_hj212_analyzer_reads_null_b_for_its_known_and_declared_channels(tmp_path, broker, collector):
+    """Its channels are learnt from its packets: after a restart the channels stored before, and from
+    the first start those the config declares, read null/B while it sends nothing (SPEC §2)."""
+    analyzer = Hj212Sim(period=0.2, seed=5)
+    sim = SerialSim([analyzer], tmp_path / "ttySIM", name="sim-hj212")
+    sim.start()
+    config = sim_config(tmp_path, broker, devices=0)
+    config["buses"] = {"uart": {"type": "serial", "port": sim.path, "baudrate": 9600, "timeout": 0.3}}
+    config["devices"] = {"dev": {"bus": "uart", "driver": "hj212", "interval": INTERVAL,
+                                 "channels": {"w00000": {"unit": "L/s"}}}}
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: {r["channel"] for r in readings(collector) if r["value"] is not None}
+                 >= {"w01018", "w21003"}, 20, "readings of both channels the analyzer sends")
+        declared = readings(collector, "w00000")
+        assert declared and all((r["value"], r["flag"], r["unit"]) == (None, "B", "L/s") for r in declared), \
+            "a declared channel the analyzer does not send reads null/B, with its unit"
+        assert agent.stop() == 0
+        analyzer.silent = True
+        before = len(readings(collector))
+        agent = AgentProcess(cfg)
+        wait_for(lambda: len({r["ts"] for r in readings(collector)[before:]}) >= 3, 20,
+                 "three polls of the silent analyzer after the restart")
+    finally:
+        assert agent.stop() == 0
+        sim.close()
+    after = readings(collector)[before:]
+    assert {r["channel"] for r in after} == {"w00000", "w01018", "w21003"}
+    assert all(r["value"] is None and r["flag"] == "B" for r in after)
+    assert {r["unit"] for r in after if r["channel"] != "w00000"} == {"mg/L"}
