@@ -62,3 +62,43 @@ class RateLimitedLog:
 
     def warning(self, msg: str, *args: object, key: str | None = None) -> None:
         self.log(logging.WARNING, msg, *args, key=key)
+
+
+class FlapLimiter:
+    """When to log a state that goes away and comes back (a link, a sensor's frames): each loss at
+    once and its return, but while it flaps at most `burst` "lost" lines per `every_s` seconds; the
+    next one says how many losses went unlogged, and a loss left unlogged that lasts is logged once
+    the period is over. Not thread-safe: one owner (a bus poller). Times are monotonic seconds."""
+
+    def __init__(self, every_s: float = 60.0, burst: int = 3):
+        self.every_s = every_s
+        self.burst = burst
+        self._period_start = -float("inf")
+        self._lines = 0  # "lost" lines in the current period
+        self._unlogged = 0  # losses since the last "lost" line
+        self._down = False
+        self._down_logged = False
+
+    def lost(self, now: float) -> int | None:
+        """The state is lost (call at every failed check; repeated calls while lost change nothing but
+        may make a deferred line due). When a "lost" line is due now: how many other losses went
+        unlogged since the previous one; else None."""
+        if not self._down:
+            self._down, self._down_logged = True, False
+            self._unlogged += 1
+        if self._down_logged:
+            return None
+        if now - self._period_start >= self.every_s:
+            self._period_start, self._lines = now, 0
+        if self._lines >= self.burst:
+            return None
+        self._lines += 1
+        self._down_logged = True
+        unlogged, self._unlogged = self._unlogged - 1, 0
+        return unlogged
+
+    def back(self) -> bool:
+        """The state is back: True when that is worth a line (its loss was logged)."""
+        say = self._down and self._down_logged
+        self._down = False
+        return say

@@ -1,8 +1,8 @@
 """Modbus RTU and TCP: one `ModbusBus` per configured bus (owns the link), one `ModbusDriver` per device.
 
 `build_bus_drivers(bus_name, bus, devices)` is what `agent.runtime` calls for `type: rtu` and `type: tcp`
-buses. Imports `agent.model`, the pure Modbus modules of `drivers` (registers, codec, planner, profiles),
-`drivers.serial_port` and pyserial; never `agent.config`: the bus and device models are duck-typed.
+buses. Imports `agent.model`, `agent.logutil`, the pure Modbus modules of `drivers` (registers, codec,
+planner, profiles), `drivers.serial_port` and pyserial; never `agent.config`: the bus and device models are duck-typed.
 
 The link. A bus owns its link: the serial port (`_RtuPort`, pyserial) or the TCP connection (`_TcpLink`),
 both speaking the master's side of the protocol here, and one lock, "the wire": a transaction (request
@@ -15,7 +15,8 @@ A serial port is checked (one `stat()` of its path) before every transaction: wh
 (USB adapter unplugged) or now names another device (replugged) the port is closed, and it is reopened
 when the path is back. A TCP connection that dropped is reopened by the next transaction (once within
 it, not counted as a retry), and one that stays mute for 3 tries in a row is reopened too (a peer gone
-without closing it). Each bus logs one line when its link is lost and one when it is back; each device
+without closing it). Each bus logs one line when its link is lost and one when it is back (a link that
+flaps: at most one "lost" line a minute, with the count of losses in between); each device
 one line when it stops answering properly (and at most one more per other kind of failure: no answer,
 bad answer, exception) and one when it recovers: never one per poll, whatever bytes its answers hold.
 
@@ -77,6 +78,7 @@ from typing import Any, Literal
 
 import serial
 
+from agent.logutil import FlapLimiter
 from agent.model import FLAG_COMM, FLAG_FAULT, Reading
 from drivers import profiles
 from drivers.modbus_codec import combine_flags, evaluate, flag_from_status, status_flags_by_channel
@@ -756,6 +758,7 @@ class ModbusBus:
         self._opened_id: tuple[int, int, int] | None = None  # identity of the serial device we opened
         self._up: bool | None = None  # None until the first attempt
         self._was_up = False
+        self._link_log = FlapLimiter()  # "lost" lines of a link that flaps: at most one a minute
         self._users = 0
         self._closed = False
 
@@ -817,14 +820,16 @@ class ModbusBus:
 
     def _mark_down(self, reason: str) -> None:
         self._close_client()
-        if self._up is not False:
-            verb = "cannot open" if self._up is None else "lost"
-            log.warning("bus %s: %s %s (%s); its devices read flag B until it returns", self.name, verb,
-                        self.describe(), reason)
+        unlogged = self._link_log.lost(time.monotonic())
+        if unlogged is not None:  # a link that flaps logs at most one line a minute
+            verb = "lost" if self._was_up else "cannot open"
+            more = f"; it was lost {unlogged} more time(s) since the last such line" if unlogged else ""
+            log.warning("bus %s: %s %s (%s); its devices read flag B until it returns%s", self.name, verb,
+                        self.describe(), reason, more)
         self._up = False
 
     def _mark_up(self) -> None:
-        if self._up is not True:
+        if self._up is not True and (self._link_log.back() or not self._was_up):
             log.info("bus %s: %s %s", self.name, self.describe(), "is back" if self._was_up else "open")
         self._up = self._was_up = True
 

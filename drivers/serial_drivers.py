@@ -9,7 +9,8 @@ frame received since its previous poll, or value None with flag B for every chan
 (except at the very first poll, right at start-up, which closes no interval and reports nothing when
 no frame is there yet, so that a restart does not leave a flag-B row behind).
 
-Imports pyserial, `agent.model`, `agent.hj212`, `drivers.serial_frames` and `drivers.serial_port`; never `agent.config`
+Imports pyserial, `agent.model`, `agent.logutil`, `agent.hj212`,
+`drivers.serial_frames` and `drivers.serial_port`; never `agent.config`
 (the bus and device objects are duck-typed: `bus.port`, `bus.baudrate`, ..., `device.driver`,
 `device.interval`, optionally `device.channels` for hj212).
 """
@@ -29,6 +30,7 @@ from zoneinfo import ZoneInfo
 import serial
 
 from agent import hj212
+from agent.logutil import FlapLimiter
 from agent.model import FLAG_COMM, FLAG_NORMAL, FLAGS, Reading
 from drivers.base import Driver
 from drivers.serial_frames import (
@@ -302,25 +304,29 @@ class _RejectReport:
 
 
 class _Silence:
-    """Logs once when a device stops sending valid frames and once when it comes back."""
+    """Logs once when a device stops sending valid frames and once when it comes back; a sensor that
+    flaps (frames a little rarer than the interval) logs at most one such line a minute."""
 
     def __init__(self, device_id: str) -> None:
         self.device_id = device_id
         self.silent_polls = 0
         self.total_silent_polls = 0
+        self._flaps = FlapLimiter()
 
     def update(self, got_frame: bool, port_open: bool) -> None:
         if got_frame:
-            if self.silent_polls:
+            if self.silent_polls and self._flaps.back():
                 log.info("device %s: valid frames again after %d poll(s) without", self.device_id, self.silent_polls)
             self.silent_polls = 0
             return
         self.silent_polls += 1
         self.total_silent_polls += 1
-        if self.silent_polls == 1:
+        unlogged = self._flaps.lost(time.monotonic())
+        if unlogged is not None:
             why = "" if port_open else " (its serial port is not open)"
-            log.warning("device %s: no valid frame in the last interval%s; value null, flag B until it sends again",
-                        self.device_id, why)
+            more = f"; it fell silent {unlogged} more time(s) since the last such line" if unlogged else ""
+            log.warning("device %s: no valid frame in the last interval%s; value null, flag B until it sends "
+                        "again%s", self.device_id, why, more)
 
 
 # --------------------------------------------------------------------------------------------------

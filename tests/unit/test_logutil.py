@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
-from agent.logutil import OneLineFormatter
+from agent.logutil import FlapLimiter, OneLineFormatter
 
 
 def test_a_traceback_and_line_breaks_stay_on_one_line():
@@ -39,3 +39,22 @@ def test_a_new_reason_is_logged_at_once_a_repeated_one_is_held_back(caplog):
             limited.error("cannot connect to %s: %s", "mqtts://broker", why, key=why)
     assert [r.getMessage() for r in caplog.records] == ["cannot connect to mqtts://broker: Connection refused",
                                                         "cannot connect to mqtts://broker: TLS handshake failed"]
+
+
+def test_flap_limiter_logs_a_flapping_state_at_most_a_burst_a_period_and_a_lasting_loss_late():
+    limiter = FlapLimiter(every_s=60, burst=2)
+    assert limiter.lost(0.0) == 0, "the first loss is logged at once"
+    assert limiter.lost(0.5) is None, "still lost: nothing more"
+    assert limiter.back() is True, "its return too"
+    assert limiter.lost(1.0) == 0 and limiter.back() is True, "a second one within the burst as well"
+    for t in (2.0, 4.0, 6.0):  # flapping: neither losses nor returns are logged
+        assert limiter.lost(t) is None
+        assert limiter.back() is False
+    assert limiter.lost(61.0) == 3, "the next line after the period counts the losses in between"
+    assert limiter.back() is True
+    assert limiter.lost(62.0) == 0 and limiter.back() is True
+    assert limiter.lost(63.0) is None, "lost again beyond the burst: deferred"
+    assert limiter.lost(100.0) is None
+    assert limiter.lost(121.0) == 0, "a deferred loss that lasts is logged once the period is over"
+    assert limiter.lost(130.0) is None
+    assert limiter.back() is True
