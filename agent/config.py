@@ -721,7 +721,8 @@ class Device(_Model):
     """`devices.ID:` one instrument. `driver` is always set on a Config returned by load_config."""
 
     bus: Text | None = Field(None, description="Name of a bus under buses: (not for driver: simulated)")
-    slave: int | None = Field(None, ge=0, le=247, description="Modbus unit id")
+    slave: int | None = Field(None, ge=0, le=255, description="Modbus unit id (RTU: 1..247; TCP: 0..255, "
+                              "255 for a device addressed by its IP address)")
     interval: float = Field(60.0, ge=0.1, description="Poll period, seconds (>= 0.1)")
     profile: Text | None = Field(None, description="Built-in register map (drivers/profiles/)")
     registers: Annotated[list[RegisterSpec], Field(min_length=1)] | None = Field(
@@ -1272,6 +1273,9 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
                 elif btype == "rtu" and dev.get("slave") == 0 and not isinstance(dev.get("slave"), bool):
                     out.append(_Cross(base + ("slave",), "slave 0 is the RTU broadcast address and never "
                                 "answers; use 1..247", "value"))
+                elif btype == "rtu" and _is_number(dev.get("slave")) and 247 < dev["slave"] <= 255:
+                    out.append(_Cross(base + ("slave",), f"slave {dev['slave']} is reserved on RTU (addresses "
+                                "248..255); use 1..247", "value"))
                 if dev.get("profile") is None and dev.get("registers") is None:
                     out.append(_Cross(base + ("profile",), "missing required key 'profile' (or inline "
                                 "'registers'): a Modbus device needs a register map", "missing"))

@@ -362,6 +362,17 @@ def test_a_silent_slave_holds_up_a_healthy_one_no_longer_than_one_silent_poll(tm
     assert poller.missed["good"] > 0
 
 
+def test_a_tcp_device_addressed_by_its_ip_answers_as_unit_255(tmp_path):
+    bank = RegisterBank()
+    bank.set("holding", 0, [4321])
+    link = Link("tcp", {255: bank}, tmp_path)
+    try:
+        got = link.driver("native", 255, [RegisterSpec(channel="c", address=0)]).poll(0)
+    finally:
+        link.close()
+    assert [(r.value, r.flag) for r in got] == [(4321.0, "N")]
+
+
 def test_bad_crc_reads_as_communication_failure(tmp_path):
     bank = RegisterBank()
     bank.set("holding", 0, [712])
