@@ -62,7 +62,7 @@ from pydantic_core import PydanticCustomError
 from agent.envsubst import SubstitutionError, substitute
 from agent.tlsfiles import TlsFilesError, tls_context
 from drivers import profiles
-from drivers.registers import RegisterSpec, check_map, value_channels
+from drivers.registers import RegisterSpec, check_map, overlaps, value_channels
 
 __all__ = [
     "AGGREGATE_MINUTES",
@@ -1208,6 +1208,27 @@ def _mapping(value: Any) -> dict[Any, Any]:
     return value if isinstance(value, dict) else {}
 
 
+STANDARD_BAUDRATES = (300, 600, 1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200, 230400, 460800,
+                      921600)
+
+
+def _register_overlaps(config: Config) -> Iterable[tuple[_Path, str]]:
+    """(where, warning) for each pair of entries of a device's register map that read some of the same
+    registers: valid, but almost always a misplaced address or a profile entry moved onto another."""
+    for dev_id, dev in config.devices.items():
+        try:
+            specs = dev.register_map()
+        except ValueError:
+            continue  # reported as an error
+        inline = {spec.channel: i for i, spec in enumerate(dev.registers or [])}
+        for a, b in overlaps(specs or []):
+            at = b if b.channel in inline else a
+            path: _Path = (("devices", dev_id, "registers", inline[at.channel]) if at.channel in inline
+                           else ("devices", dev_id, "profile"))
+            yield path, (f"{a.channel} ({a.type} at {a.table} {a.address}) and {b.channel} ({b.type} at "
+                         f"{b.table} {b.address}) read the same register(s): is an address wrong?")
+
+
 def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
     """Problems in references between sections: device -> bus, alarm -> device/channel,
     payload -> hj212, one bus per port. Tolerates any shape of `data` (invalid parts are skipped).
@@ -1229,6 +1250,11 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
                             "value"))
             else:
                 port_owner[port] = str(name)
+        baud = bus.get("baudrate")
+        if btype in ("rtu", "serial") and _is_number(baud) and baud > 0 and baud not in STANDARD_BAUDRATES:
+            out.append(_Cross(("buses", name, "baudrate"), f"{baud} is not a standard baud rate (instruments "
+                        f"use {', '.join(map(str, STANDARD_BAUDRATES[3:10]))}...): a typo? It is set as a "
+                        "custom rate", "value", warning=True))
 
     devices = _mapping(data.get("devices"))
     effective: dict[str, str | None] = {}
@@ -1883,6 +1909,9 @@ def parse_config(
             trouble = _file_problem(key, value)
             if trouble is not None and _dotted(key) not in reported:
                 problems.append(locator.problem(key, "value", trouble))
+    if config is not None and not problems:
+        warnings += [locator.problem(path, "value", message, warning=True)
+                     for path, message in _register_overlaps(config)]
     warnings.sort(key=lambda p: (p.line, p.col))
     if problems:
         unique = list(dict.fromkeys(problems))

@@ -232,3 +232,20 @@ _DEFAULTS: Mapping[str, object] = {
     "default_flag": "D",
     "applies_to": None,
 }
+
+
+def overlaps(specs: Iterable[RegisterSpec]) -> list[tuple[RegisterSpec, RegisterSpec]]:
+    """Pairs of entries that read some of the same registers (or bits) of one table: a misplaced
+    address, usually (a float32 at 0 and another at 1)."""
+    by_table: dict[str, list[RegisterSpec]] = {}
+    for spec in specs:
+        by_table.setdefault(spec.table, []).append(spec)
+    out = []
+    for items in by_table.values():
+        items.sort(key=lambda s: s.address)
+        for i, a in enumerate(items):
+            for b in items[i + 1:]:
+                if b.address >= a.address + a.count:
+                    break
+                out.append((a, b))
+    return out

@@ -795,3 +795,36 @@ def test_a_password_over_plain_mqtt_is_a_warning(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, text), env={})
     assert [w.path for w in config.warnings] == ["mqtt.password"]
     assert "clear text over mqtt://" in str(config.warnings[0])
+
+
+def test_overlapping_registers_and_an_odd_baud_rate_are_warnings(tmp_path: Path) -> None:
+    path = write(tmp_path, """station: {id: ST01, type: outfall}
+storage: {path: b.db}
+mqtt: {url: "mqtt://127.0.0.1:1883"}
+buses:
+  rs: {type: rtu, port: /dev/ttyUSB0, baudrate: 96000}
+  fast: {type: rtu, port: /dev/ttyUSB1, baudrate: 115200}
+devices:
+  a:
+    bus: rs
+    slave: 1
+    registers:
+      - {channel: x, address: 0, type: float32}
+      - {channel: y, address: 1, type: float32}
+      - {channel: z, address: 2, type: uint16, table: input}
+  cod:
+    bus: rs
+    slave: 2
+    profile: cod-analyzer
+    registers:
+      - {channel: w01018, address: 0x43}
+""")
+    warnings = [str(w)[len(str(path)) + 1:] for w in load_config(path, env={}).warnings]
+    assert warnings == [
+        "5:49: buses.rs.baudrate: warning: 96000 is not a standard baud rate (instruments use 2400, 4800, 9600, "
+        "14400, 19200, 38400, 57600...): a typo? It is set as a custom rate",
+        "13:9: devices.a.registers.1: warning: x (float32 at holding 0) and y (float32 at holding 1) read the same "
+        "register(s): is an address wrong?",
+        "20:9: devices.cod.registers.0: warning: w01018 (float32 at holding 67) and flag (uint16 at holding 68) "
+        "read the same register(s): is an address wrong?",
+    ]
