@@ -772,16 +772,6 @@ class Device(_Model):
             raise _err(f"built-in profile {value!r} cannot be used: {exc}") from None
         return value
 
-    @field_validator("registers")
-    @classmethod
-    def _unique_register_channels(cls, value: list[RegisterSpec] | None) -> list[RegisterSpec] | None:
-        seen: set[str] = set()
-        for i, spec in enumerate(value or ()):
-            if spec.channel in seen:
-                raise _err(f"channel {spec.channel!r} appears twice in this device", at=f"{i}.channel")
-            seen.add(spec.channel)
-        return value
-
     @model_validator(mode="after")
     def _rules(self) -> Device:
         _raise_first(_device_rules(dict(self)))
@@ -1262,6 +1252,14 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
         if not isinstance(dev, dict):
             continue
         base = ("devices", dev_id)
+        seen_channels: set[str] = set()  # checked on the raw list: an invalid entry must not hide it
+        for i, entry in enumerate(dev["registers"] if isinstance(dev.get("registers"), list) else []):
+            channel = _text_of(_mapping(entry).get("channel"))
+            if channel in seen_channels:
+                out.append(_Cross(base + ("registers", i, "channel"),
+                                  f"channel {channel!r} appears twice in this device", "value"))
+            elif channel is not None:
+                seen_channels.add(channel)
         driver = dev.get("driver") if dev.get("driver") in DRIVERS else None
         bus_name = _text_of(dev.get("bus"))
         eff: str | None = None

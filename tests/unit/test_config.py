@@ -828,3 +828,25 @@ devices:
         "20:9: devices.cod.registers.0: warning: w01018 (float32 at holding 67) and flag (uint16 at holding 68) "
         "read the same register(s): is an address wrong?",
     ]
+
+
+def test_a_duplicate_channel_and_an_invalid_entry_of_one_register_list_come_in_one_pass(tmp_path: Path) -> None:
+    path = write(tmp_path, """station: {id: ST01, type: outfall}
+storage: {path: b.db}
+mqtt: {url: "mqtt://127.0.0.1:1883"}
+buses:
+  rs: {type: rtu, port: /dev/ttyUSB0}
+devices:
+  dev:
+    bus: rs
+    slave: 1
+    registers:
+      - {channel: a, address: 0, type: float32}
+      - {channel: a, address: 10, type: uint16}
+      - {channel: c, address: 20, type: int128}
+""")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert [(p.line, p.path) for p in info.value.problems] == [
+        (12, "devices.dev.registers.1.channel"), (13, "devices.dev.registers.2.type")]
+    assert "channel 'a' appears twice in this device" in info.value.problems[0].message
