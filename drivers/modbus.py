@@ -104,6 +104,7 @@ __all__ = [
 ]
 
 EXC_ILLEGAL_ADDRESS = 2
+EXC_ILLEGAL_VALUE = 3  # also "quantity of registers out of range": a read longer than the slave serves
 WriteKind = Literal["coil", "register"]
 
 _READ_FC = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
@@ -1103,12 +1104,12 @@ class ModbusDriver:
             try:
                 words = self.bus.read(self.slave, req.table, req.address, req.count)
             except ExceptionReply as exc:
-                if exc.code == EXC_ILLEGAL_ADDRESS and len(req.members) > 1:
+                if exc.code in (EXC_ILLEGAL_ADDRESS, EXC_ILLEGAL_VALUE) and len(req.members) > 1:
                     split = naive_plan(req.members)
                     self.requests[i : i + 1] = split
-                    log.warning("device %s: slave %d refused the merged read of %s %d..%d (exception 02); "
+                    log.warning("device %s: slave %d refused the merged read of %s %d..%d (exception %02d); "
                                 "reading its %d entries one by one from now on", self.device_id, self.slave,
-                                req.table, req.address, req.end - 1, len(split))
+                                req.table, req.address, req.end - 1, exc.code, len(split))
                     continue
                 for m in req.members:
                     results[m] = FLAG_FAULT

@@ -93,6 +93,7 @@ class RegisterBank:
         self.strict = strict
         self.tables: dict[str, dict[int, int]] = {"holding": {}, "input": {}, "coil": {}, "discrete": {}}
         self.fault: Fault | None = None
+        self.max_read: int | None = None  # longer reads are refused with exception 03 (as small PLCs do)
 
     def set(self, table: Table, address: int, values: Iterable[int]) -> None:
         for i, v in enumerate(values):
@@ -107,6 +108,8 @@ class RegisterBank:
         return all(a in t for a in range(address, address + count))
 
     def read(self, table: Table, address: int, count: int) -> list[int] | int:
+        if self.max_read is not None and count > self.max_read:
+            return EXC_ILLEGAL_VALUE
         if self.strict and not self.defined(table, address, count):
             return EXC_ILLEGAL_ADDRESS
         return self.get(table, address, count)

@@ -770,8 +770,12 @@ def test_status_words_give_m_c_d_and_exceptions_give_d(kind, tmp_path):
         link.close()
 
 
-def test_merged_read_refused_with_exception_02_falls_back_to_single_reads_once(tmp_path, caplog):
-    bank = RegisterBank(strict=True)  # registers 1..2 undefined: a merged read of 0..3 is refused
+@pytest.mark.parametrize("refusal", ["02", "03"])
+def test_merged_read_refused_with_exception_02_or_03_falls_back_to_single_reads_once(refusal, tmp_path, caplog):
+    bank = RegisterBank(strict=True)  # 02: registers 1..2 undefined: a merged read of 0..3 is refused
+    if refusal == "03":
+        bank = RegisterBank()
+        bank.max_read = 2  # 03: "quantity out of range", a slave that serves at most 2 registers a read
     bank.set("holding", 0, [100])
     bank.set("holding", 3, [200])
     specs = [RegisterSpec(channel="a", address=0), RegisterSpec(channel="b", address=3)]
@@ -785,7 +789,7 @@ def test_merged_read_refused_with_exception_02_falls_back_to_single_reads_once(t
     finally:
         link.close()
     assert link.core.counters[1].requests == 1 + 3 * 2, "refused once, then two reads per poll"
-    assert len([m for m in caplog.messages if "one by one" in m]) == 1
+    assert len([m for m in caplog.messages if "one by one" in m and f"exception {refusal}" in m]) == 1
 
 
 # --------------------------------------------------------------------------------------------------
