@@ -19,7 +19,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -375,12 +375,14 @@ class Buffer:
         free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
         return (pages - free) * PAGE_SIZE
 
-    def purge_sent(self, keep_sent_days: float, now_ms: int) -> int:
-        """Delete published readings and events older than `keep_sent_days` (caller's transaction)."""
+    def purge_sent(self, keep_sent_days: float, now_ms: int, held: Mapping[str, int] | None = None) -> int:
+        """Delete published readings and events older than `keep_sent_days` (caller's transaction).
+        `held`: per stream, the seq up to which the other consumers (HJ 212 uplinks) have delivered
+        too; rows above it are kept for them."""
         cutoff = now_ms - int(keep_sent_days * 86_400_000)
         deleted = 0
         for stream in STREAMS:
-            sent = self._sent_upto[stream]
+            sent = min(self._sent_upto[stream], (held or {}).get(stream, self._sent_upto[stream]))
             # Rows are in seq order and (mostly) in time order: delete the sent prefix older than cutoff.
             upto = self.conn.execute(
                 f"SELECT max(seq) FROM {stream} WHERE seq <= ? AND ts_ms < ?", (sent, cutoff)
@@ -396,22 +398,30 @@ class Buffer:
         )
         return cur.rowcount
 
-    def evict(self, target_bytes: int, now_ms: int) -> tuple[int, int, Gap | None]:
+    def evict(self, target_bytes: int, now_ms: int,
+              held: Mapping[str, int] | None = None) -> tuple[int, int, Gap | None, int]:
         """Free space until `used_bytes() <= target_bytes` (caller's transaction): published readings
         first (oldest first), then published events, then the oldest unpublished readings — those
         are recorded as a gap to announce. Unpublished alarms and aggregates are never dropped.
-        Returns (published rows purged, unpublished readings dropped, gap or None)."""
-        purged = dropped = 0
+        `held` (per stream: delivered by the HJ 212 uplinks up to there) makes the rows published
+        but not yet delivered by an uplink go only after every other published row.
+        Returns (published rows purged, unpublished readings dropped, gap or None, published rows
+        purged that an uplink had not delivered yet)."""
+        purged = dropped = undelivered = 0
         gap = None
         chunk = 2000
-        for stream in (STREAM_READINGS, STREAM_AGGREGATES, STREAM_ALARMS):
-            while self.used_bytes() > target_bytes:
-                lo = self.conn.execute(f"SELECT min(seq) FROM {stream}").fetchone()[0]
+        for stage in ("delivered", "published"):
+            for stream in (STREAM_READINGS, STREAM_AGGREGATES, STREAM_ALARMS):
                 sent = self._sent_upto[stream]
-                if lo is None or lo > sent:
-                    break
-                upto = min(sent, lo + chunk - 1)
-                purged += self._delete_upto(stream, upto)
+                limit = min(sent, (held or {}).get(stream, sent)) if stage == "delivered" else sent
+                while self.used_bytes() > target_bytes:
+                    lo = self.conn.execute(f"SELECT min(seq) FROM {stream}").fetchone()[0]
+                    if lo is None or lo > limit:
+                        break
+                    upto = min(limit, lo + chunk - 1)
+                    n = self._delete_upto(stream, upto)
+                    purged += n
+                    undelivered += n if stage == "published" else 0
         while self.used_bytes() > target_bytes:
             row = self.conn.execute("SELECT min(seq), max(seq) FROM readings").fetchone()
             if row[0] is None:
@@ -422,7 +432,7 @@ class Buffer:
             dropped += n
             gap = self.record_gap(STREAM_READINGS, lo, upto, "buffer_full", now_ms)
             self.set_sent_upto(STREAM_READINGS, upto)
-        return purged, dropped, gap
+        return purged, dropped, gap, undelivered
 
     def record_gap(self, stream: str, first: int, last: int, reason: str, now_ms: int) -> Gap:
         """Record dropped seqs; extends the newest unannounced gap when the ranges touch."""

@@ -11,6 +11,7 @@ Imports `agent.buffer` and `agent.model` only.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 from agent.buffer import Buffer, BufferError, is_corruption
 from agent.logutil import RateLimitedLog
-from agent.model import STREAM_READINGS, Reading, now_ms
+from agent.model import STREAM_READINGS, STREAMS, Reading, now_ms
 from agent.threadname import name_this_thread
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class Recorder(threading.Thread):
         self.last_committed_seq = buffer.last_seq(STREAM_READINGS)
         self._errlog = RateLimitedLog(log, every_s=60)
         self._reopen = False  # the writer connection is gone (a rescue failed): open the file again
+        self._holders: tuple[str, ...] = ()  # meta keys of the HJ 212 uplinks' progress (set_holders)
 
     # ------------------------------------------------------------------ any thread
 
@@ -135,6 +137,27 @@ class Recorder(threading.Thread):
         """`check(deadline)` is True when no poller hands over readings before `deadline`
         (monotonic): the group commit then writes at once instead of waiting for its window."""
         self._quiet_check = check
+
+    def set_holders(self, meta_keys: Sequence[str]) -> None:
+        """The meta keys under which the other consumers of the buffer (HJ 212 uplinks) keep their
+        progress: published rows they have not delivered yet are purged only when the size cap
+        leaves no other choice (`Buffer.evict`), never for their age."""
+        self._holders = tuple(meta_keys)
+
+    def _held(self) -> dict[str, int]:
+        """Per stream, the seq up to which every holder has delivered it (recorder thread). A holder's
+        record names the streams it consumes (an uplink writes its record before polling starts)."""
+        held: dict[str, int] = {}
+        for key in self._holders:
+            try:
+                marks = json.loads(self.buffer.meta_value(key) or "{}")
+            except (ValueError, sqlite3.Error):
+                continue
+            for stream in STREAMS:
+                mark = marks.get(stream) if isinstance(marks, dict) else None
+                if isinstance(mark, int) and not isinstance(mark, bool):
+                    held[stream] = min(held.get(stream, mark), mark)
+        return held
 
     def seen_channels(self) -> dict[str, dict[str, str | None]]:
         """device -> {channel: unit of its latest reading} of every channel stored so far."""
@@ -339,7 +362,7 @@ class Recorder(threading.Thread):
             self._last_purge = now
             try:
                 self.buffer.begin()
-                n = self.buffer.purge_sent(self.keep_sent_days, now_ms())
+                n = self.buffer.purge_sent(self.keep_sent_days, now_ms(), self._held())
                 self.buffer.commit()
                 if n:
                     log.info("purged %d published rows older than %s days", n, self.keep_sent_days)
@@ -350,7 +373,7 @@ class Recorder(threading.Thread):
     def _make_room(self, target_bytes: int) -> None:
         try:
             self.buffer.begin()
-            purged, dropped, gap = self.buffer.evict(target_bytes, now_ms())
+            purged, dropped, gap, undelivered = self.buffer.evict(target_bytes, now_ms(), self._held())
             self.buffer.commit()
         except sqlite3.Error as exc:
             self.buffer.rollback()
@@ -359,6 +382,10 @@ class Recorder(threading.Thread):
             return
         if purged:
             log.warning("buffer at its size cap: purged %d published rows", purged)
+        if undelivered:
+            log.error("buffer at its size cap: %d of the purged rows were published on MQTT but not yet delivered "
+                      "by an HJ 212 uplink (its platform has been unreachable for long): that platform will miss "
+                      "them", undelivered)
         if dropped and gap:
             self.gaps_recorded += 1
             log.error("buffer full of unpublished data: dropped %d oldest readings (seq %d..%d), gap recorded",

@@ -79,15 +79,16 @@ def hj212_identity(config: Config) -> Hj212Identity | None:
 
 
 def build_uplinks(config: Config, recorder: Recorder, marks: dict[str, dict[str, int]] | None = None) -> list[Uplink]:
-    """One `Uplink` per `hj212.uplinks` entry (not started). `marks`: progress of the uplinks they replace."""
+    """One `Uplink` per `hj212.uplinks` entry (not started). `marks`: progress of the uplinks they replace.
+    The recorder then keeps what they have not delivered yet (`Recorder.set_holders`)."""
     identity = hj212_identity(config)
-    if identity is None or config.hj212 is None:
-        return []
-    uplinks = []
-    for u in config.hj212.uplinks:
+    uplinks: list[Uplink] = []
+    for u in config.hj212.uplinks if config.hj212 is not None else []:
+        assert identity is not None  # an hj212 section gives an identity
         target = UplinkTarget(host=u.host, port=u.port, timeout=u.timeout, retries=u.retries)
         uplinks.append(Uplink(target, identity, config.storage.path, recorder, reconnect_max=config.mqtt.reconnect_max,
                               marks=(marks or {}).get(target.meta_key)))
+    recorder.set_holders([u.target.meta_key for u in uplinks])
     return uplinks
 
 

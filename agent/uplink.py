@@ -30,9 +30,10 @@ Decisions:
 * 1012 (set time): answered 9011 QnRtn=1, logged with the offset, never applied; 9012 ExeRtn=1 when
   the clock already agrees within `TIME_TOLERANCE_S`, else ExeRtn=2 (failed), so that a platform is
   never told a wrong clock was set.
-* Limitation: uplink progress does not hold back the buffer's purge and eviction (they follow the
-  MQTT watermark); an uplink that is down for longer than `keep_sent_days`, or while the buffer is
-  full, skips what was purged.
+* Uplink progress holds back the buffer's purge (`Recorder.set_holders`): rows published on MQTT but
+  not yet delivered by an uplink are not purged for their age, and at the size cap they go only after
+  every other published row (logged as an error: that platform misses them). A stretch of readings
+  an uplink finds missing when it reads on is logged as an error, never skipped silently.
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ class Uplink(threading.Thread):
         self._errlog = RateLimitedLog(log, every_s=300)
         self._reader: Buffer | None = Buffer.open_reader(self.db_path)
         self._marks, stored = self._initial_marks(marks)
+        self._missing_logged: tuple[int, int] | None = None
         self._dirty = not stored
         self._last_persist = 0.0
         self.state = "connecting"
@@ -395,6 +397,13 @@ class Uplink(threading.Thread):
             self._queue.extend((STREAM_AGGREGATES, g) for g in groups)
             return
         polls = self._reader.reading_polls(self._marks[STREAM_READINGS], POLL_PAGE)
+        if polls and polls[0].first_seq > self._marks[STREAM_READINGS] + 1:
+            missing = (self._marks[STREAM_READINGS] + 1, polls[0].first_seq - 1)
+            if missing != self._missing_logged:
+                self._missing_logged = missing
+                log.error("uplink %s: readings seq %d..%d are no longer in the buffer (purged at its size cap while "
+                          "this platform was unreachable, dropped, or lost with a corrupt file): it will not get "
+                          "them", self.target.name, *missing)
         self._queue.extend((STREAM_READINGS, p) for p in polls)
 
     def _send_and_wait(self, frame: bytes, qn: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from harness import AgentProcess, Collector, sim_config, wait_for, write_config
+from harness import AgentProcess, Collector, free_port, sim_config, wait_for, write_config
 
 from agent.buffer import Buffer
 from agent.hj212 import decode, period_items, realtime_items
@@ -185,3 +185,30 @@ def test_payload_hj212_on_mqtt_is_one_valid_packet_per_poll(tmp_path, broker):
     agg = [decode(payload) for topic, payload, _ in collector.messages if topic.endswith("/agg")]
     assert [(p.cn, p.get("DataTime"), p.flag) for p in agg] == [("2051", "20261129100000", 4)]
     assert set(period_items(agg[0])) == {"w01018", "w21003"}
+
+
+def test_rows_an_unreachable_platform_still_needs_go_last_at_the_size_cap_and_their_loss_is_logged(tmp_path, broker):
+    """MQTT takes everything while the HJ 212 platform is down and the buffer reaches its cap: the rows
+    purged then are ones only MQTT has (the uplink holds back the purge, but the cap wins), and both
+    the purge and the uplink, when its platform is back, say that platform misses them."""
+    port = free_port()
+    config = station_config(tmp_path, broker, port, storage={"max_mb": 0.25, "commit_interval_ms": 100})
+    config["devices"]["cod"]["interval"] = config["devices"]["nh3n"]["interval"] = 0.1
+    config["devices"]["many"] = {"driver": "simulated", "interval": 0.1,
+                                 "channels": {f"c{i:02d}": {"mean": i} for i in range(40)}}
+    collector = Collector(broker, "env/#")
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    platform = None
+    try:
+        wait_for(lambda: "not yet delivered by an HJ 212 uplink" in agent.log(), 60, "a purge at the size cap")
+        platform = Platform(port=port)
+        wait_for(lambda: len(platform.received("2011")) >= 5, 30, "the uplink delivering again")
+        wait_for(lambda: "are no longer in the buffer" in agent.log(), 10, "the uplink saying what it missed")
+    finally:
+        assert agent.stop() == 0
+        collector.close()
+        if platform is not None:
+            platform.close()
+    assert not [m for m in collector.json_messages("/data") if "gap" in m], "MQTT missed nothing"
+    seqs = collector.reading_seqs()
+    assert set(range(1, max(seqs) + 1)) <= set(seqs)

@@ -99,14 +99,14 @@ def test_eviction_purges_published_first_then_oldest_unpublished_with_a_gap(tmp_
     used = buf.used_bytes()
     # First: a target reachable by dropping published rows only.
     buf.begin()
-    purged, dropped, gap = buf.evict(used - 100_000, now_ms())
+    purged, dropped, gap, _ = buf.evict(used - 100_000, now_ms())
     buf.commit()
     assert purged > 0 and dropped == 0 and gap is None
     low = buf.conn.execute("SELECT min(seq) FROM readings").fetchone()[0]
     assert low <= 5_001
     # Then a target that needs unpublished rows to go: all published rows go before any unpublished.
     buf.begin()
-    purged2, dropped2, gap = buf.evict(buf.used_bytes() // 2, now_ms())
+    purged2, dropped2, gap, _ = buf.evict(buf.used_bytes() // 2, now_ms())
     buf.commit()
     assert dropped2 > 0 and gap is not None
     assert gap.first_seq == 5_001, "only unpublished rows are in the gap, starting after the published"
@@ -116,6 +116,34 @@ def test_eviction_purges_published_first_then_oldest_unpublished_with_a_gap(tmp_
     assert [(g.first_seq, g.last_seq) for g in buf.pending_gaps()] == [(gap.first_seq, gap.last_seq)]
     # New readings still get fresh seqs above everything.
     assert store(buf, readings(1))[0].seq == stored[-1].seq + 1
+    buf.close()
+
+
+def test_rows_an_uplink_has_not_delivered_go_last_and_never_for_their_age(tmp_path):
+    """MQTT published everything; an HJ 212 uplink delivered up to seq 2000 (`held`). The size cap
+    purges what both have first, then what only MQTT has (counted: that platform misses them); the
+    age purge never takes what the uplink still needs."""
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    store(buf, readings(10_000, start_ms=0))  # old enough for any age purge
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 10_000)
+    buf.commit()
+    held = {STREAM_READINGS: 2_000}
+    buf.begin()
+    assert buf.purge_sent(keep_sent_days=1, now_ms=now_ms(), held=held) == 2_000
+    buf.commit()
+    assert buf.first_seq() == 2_001, "the age purge stops where the uplink is"
+    used = buf.used_bytes()
+    buf.begin()
+    purged, dropped, gap, undelivered = buf.evict(int(used * 0.9), now_ms(), held={STREAM_READINGS: 5_000})
+    buf.commit()
+    assert 0 < purged <= 3_000 and (dropped, gap, undelivered) == (0, None, 0), "delivered rows were enough"
+    assert buf.first_seq() <= 5_001
+    buf.begin()
+    purged, dropped, gap, undelivered = buf.evict(buf.used_bytes() // 3, now_ms(), held={STREAM_READINGS: 5_000})
+    buf.commit()
+    assert 0 < undelivered < purged and dropped == 0, "every delivered row first, then published ones it lacks"
+    assert buf.first_seq() > 5_001
     buf.close()
 
 
