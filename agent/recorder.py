@@ -382,10 +382,10 @@ class Recorder(threading.Thread):
             return
         if purged:
             log.warning("buffer at its size cap: purged %d published rows", purged)
-        if undelivered:
-            log.error("buffer at its size cap: %d of the purged rows were published on MQTT but not yet delivered "
-                      "by an HJ 212 uplink (its platform has been unreachable for long): that platform will miss "
-                      "them", undelivered)
+        if undelivered:  # each round at the cap while a platform stays away: rate-limited
+            self._errlog.error("buffer at its size cap: %d of the purged rows were published on MQTT but not "
+                               "yet delivered by an HJ 212 uplink (its platform has been unreachable for long): "
+                               "that platform will miss them", undelivered)
         if dropped and gap:
             self.gaps_recorded += 1
             log.error("buffer full of unpublished data: dropped %d oldest readings (seq %d..%d), gap recorded",
