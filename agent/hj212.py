@@ -996,9 +996,9 @@ def period_items(packet: Packet) -> dict[str, dict[str, float | str | None]]:
 
 
 def _reply(request: Packet, cn: str, cp: list[dict[str, str]]) -> Packet:
-    # Answer with the request's version bits; no answer requested, not split.
-    flag = FLAG_V2017 if request.flag is None else request.flag & ~(FLAG_ANSWER | FLAG_SPLIT)
-    return Packet(qn=request.qn, st=ST_SYSTEM, cn=cn, pw=request.pw, mn=request.mn, flag=flag, cp=cp)
+    # Our own version (2017: the only one spoken), whatever the request says (a request of another
+    # version is answered QnRtn=6 in 2017's terms); no answer requested, not split.
+    return Packet(qn=request.qn, st=ST_SYSTEM, cn=cn, pw=request.pw, mn=request.mn, flag=FLAG_V2017, cp=cp)
 
 
 def reply_9011(request: Packet, qn_rtn: int = 1) -> Packet:

@@ -294,8 +294,9 @@ def test_replies_use_st_91_and_the_request_qn_pw_mn() -> None:
         "QN=20261129100500001;ST=91;CN=9012;PW=123456;MN=14010500000017;Flag=4;CP=&&ExeRtn=100&&"
     )
     assert reply_9012(request).get("ExeRtn") == "1"
-    # The answer mirrors the request's version bits (a future version is answered in kind).
-    assert reply_9011(Packet(st="32", cn="2061", pw="1", mn="M", flag=0b1001)).flag == 0b1000
+    # An answer speaks 2017 (Flag=4), the one version spoken, also to a request of another version.
+    for flag in (0b1001, 0b1101, 0b0001):
+        assert reply_9011(Packet(st="32", cn="2061", pw="1", mn="M", flag=flag), 6).flag == 4
     assert ack_9014(Packet(st="32", cn="2011", pw="1", mn="M", flag=None)).flag == 4
 
 
