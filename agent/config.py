@@ -1219,6 +1219,35 @@ def _register_overlaps(config: Config) -> Iterable[tuple[_Path, str]]:
                          f"{b.table} {b.address}) read the same register(s): is an address wrong?")
 
 
+HJ212_MAX_CODE = 64  # a channel code in HJ 212 packets (pollutant codes have 6 characters)
+
+
+def _hj212_device_checks(devices: Mapping[str, Any]) -> list[_Cross]:
+    """What HJ 212 (payload or uplinks) cannot carry: a channel code too long for a packet item (an
+    error: its readings could not be sent), a poll faster than DataTime's one second (a warning:
+    several packets per DataTime, a platform keeps one)."""
+    out = []
+    for dev_id, dev in devices.items():
+        dev = _mapping(dev)
+        codes: list[tuple[_Path, str]] = [(("devices", dev_id, "channels", code), str(code))
+                                          for code in _mapping(dev.get("channels"))]
+        for i, entry in enumerate(dev["registers"] if isinstance(dev.get("registers"), list) else []):
+            channel = _text_of(_mapping(entry).get("channel"))
+            if channel is not None:
+                codes.append((("devices", dev_id, "registers", i, "channel"), channel))
+        for path, code in codes:
+            if len(code) > HJ212_MAX_CODE:
+                out.append(_Cross(path, f"a channel code of {len(code)} characters cannot go into an HJ 212 packet "
+                                  f"(at most {HJ212_MAX_CODE}; pollutant codes have 6)",
+                                  "key" if path[-2] == "channels" else "value"))
+        interval = dev.get("interval")
+        if _is_number(interval) and interval < 1:
+            out.append(_Cross(("devices", dev_id, "interval"), f"polled every {interval:g} s, but HJ 212's "
+                              "DataTime counts whole seconds: several packets per DataTime, of which a platform "
+                              "keeps one", "value", warning=True))
+    return out
+
+
 def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
     """Problems in references between sections: device -> bus, alarm -> device/channel,
     payload -> hj212, one bus per port. Tolerates any shape of `data` (invalid parts are skipped).
@@ -1308,6 +1337,17 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
     mqtt = _mapping(data.get("mqtt"))
     if mqtt.get("payload") == "hj212" and data.get("hj212") is None:
         out.append(_Cross(("mqtt", "payload"), "payload: hj212 needs an hj212: section (st, pw)", "value"))
+    uplinks = _mapping(data.get("hj212")).get("uplinks")
+    uplinks = uplinks if isinstance(uplinks, list) else []
+    if mqtt.get("payload") == "hj212" or uplinks:
+        out += _hj212_device_checks(devices)
+    platforms: dict[tuple[str, object], int] = {}
+    for i, uplink in enumerate(uplinks):
+        where = (_text_of(_mapping(uplink).get("host")), _mapping(uplink).get("port"))
+        if where[0] is not None and where in platforms:
+            out.append(_Cross(("hj212", "uplinks", i), f"the platform {where[0]}:{where[1]} is already uplinks "
+                              f"entry {platforms[where]}: every packet would go to it twice", "value"))
+        platforms.setdefault(where, i)
     urls = mqtt.get("urls") if isinstance(mqtt.get("urls"), list) else [mqtt.get("url")]
     plain = [u for u in urls if isinstance(u, str) and u.strip().lower().startswith("mqtt://")]
     for key in ("password", "password_file"):

@@ -850,3 +850,12 @@ devices:
     assert [(p.line, p.path) for p in info.value.problems] == [
         (12, "devices.dev.registers.1.channel"), (13, "devices.dev.registers.2.type")]
     assert "channel 'a' appears twice in this device" in info.value.problems[0].message
+
+
+def test_polls_faster_than_hj212_datatime_are_a_warning_when_hj212_is_spoken(tmp_path: Path) -> None:
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883", "  url: mqtt://127.0.0.1:1883\n  payload: hj212")
+    text += "hj212: {st: 32, pw: '123456'}\n"
+    text = text.replace("interval: 1", "interval: 0.5")
+    config = load_config(write(tmp_path, text), env={})
+    assert [(w.path, "DataTime counts whole seconds" in w.message) for w in config.warnings] == [
+        ("devices.sim.interval", True)]
