@@ -254,7 +254,9 @@ class Packet:
 
 
 def format_number(x: float | int, decimals: int | None = None) -> str:
-    """`x` in plain decimal, never exponent notation: the shortest repr digits, no trailing zeros.
+    """`x` in plain decimal, never exponent notation: at most 15 significant digits (as the JSON
+    payload and the period statistics have them, so that a period's Min never exceeds the Rtd it
+    came from), no trailing zeros.
 
     ``23.4 -> "23.4"``, ``5.0 -> "5"``, ``1e-7 -> "0.0000001"``, ``-0.0 -> "0"``. `decimals` rounds
     first (useful for float32 values: ``format_number(23.399999618530273, 3) -> "23.4"``). Ints are
@@ -269,7 +271,8 @@ def format_number(x: float | int, decimals: int | None = None) -> str:
         raise ValueError(f"format_number: {value!r} cannot be sent in HJ 212")
     if decimals is not None:
         value = round(value, decimals)
-    text = format(Decimal(repr(value)), "f")
+    rounded = float(f"{value:.15g}")
+    text = format(Decimal(repr(rounded if math.isfinite(rounded) else value)), "f")  # near the float max
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return "0" if text == "-0" else text
