@@ -38,8 +38,8 @@ Decisions (the README's alarm section repeats them for technicians):
   cleared) and their `threshold` is S.
 - State across restarts: the active alarms (and windows, action states) are saved in meta
   `alarm_state` in the same transaction as each event; a restored alarm is not raised again and clears
-  normally. A pending delay is not saved (it restarts). An active alarm whose rule is gone from the
-  config (after a restart or a reload) is cleared with value null.
+  normally. A pending delay is not saved (it restarts). An active alarm whose rule, device or
+  channel is gone from the config (after a restart or a reload) is cleared with value null.
 - A rule whose channel names a device that is not configured is not applied, and an action on such a
   device is skipped (both logged once at start and reload; `check-config` warns about them), so a
   shared list of rules can name instruments a station does not have.
@@ -504,7 +504,7 @@ class AlarmEngine:
 
     def reconfigure(self, config: Config) -> None:
         """Take a reloaded config (SIGHUP); applied on the recorder thread at the next tick. Alarms
-        whose id still exists keep their state; those whose rule is gone are cleared."""
+        whose id still exists keep their state; those whose rule, device or channel is gone are cleared."""
         with self._lock:
             self._pending_config = config
 
@@ -639,7 +639,16 @@ class AlarmEngine:
                     targets[key] = prev
         self._targets = targets
 
-        # Rebind every channel known (config, saved state, seen so far).
+        # Rebind every channel known (config, saved state, seen so far) that is still configured: the
+        # alarms of a removed device or channel are cleared below, and no stale rule watches it.
+        known = {dev_id: dev.known_channels() for dev_id, dev in config.devices.items()}
+
+        def configured(key: str) -> bool:
+            dev_id, _, code = key.partition(".")
+            codes = known.get(dev_id, [])
+            return codes is None or code in codes  # None: channels learnt from the wire (hj212)
+
+        self._channels = {key: ch for key, ch in self._channels.items() if configured(key)}
         ignored = {key for key, ch in self._channels.items() if ch.passive and not ch.instances and not ch.windows}
         old_instances = self._instances
         self._instances = {}
@@ -655,7 +664,7 @@ class AlarmEngine:
                     keys.append(ref)
         saved_active = [a for a in state.get("active") or () if isinstance(a, dict) and isinstance(a.get("id"), str)
                         and isinstance(a.get("channel"), str) and "." in a["channel"]]
-        keys += [a["channel"] for a in saved_active]
+        keys += [a["channel"] for a in saved_active if configured(a["channel"])]
         keys += list(self._channels)
         for ch in self._channels.values():
             ch.passive = self._is_passive(ch)
@@ -952,7 +961,7 @@ class AlarmEngine:
 
     def _clear_orphan(self, saved: Mapping[str, Any]) -> None:
         threshold = saved.get("threshold")
-        log.warning("alarm %s: its rule is no longer configured; clearing it", saved["id"])
+        log.warning("alarm %s: its rule, device or channel is no longer configured; clearing it", saved["id"])
         self._emit(saved["id"], saved["channel"], str(saved.get("rule") or saved["id"].rsplit(":", 1)[-1]),
                    "cleared", None, threshold if isinstance(threshold, int | float) else None, self.wall_ms())
 

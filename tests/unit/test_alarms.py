@@ -34,13 +34,13 @@ DEVICES: dict[str, Any] = {
 }
 
 
-def make_config(alarms: list[dict]) -> Config:
+def make_config(alarms: list[dict], devices: dict[str, Any] | None = None) -> Config:
     data = {
         "station": {"id": "ST01", "type": "other"},
         "storage": {"path": "./buffer.db"},
         "mqtt": {"url": "mqtt://127.0.0.1:1883"},
         "buses": {"lan": {"type": "tcp", "host": "127.0.0.1"}},
-        "devices": DEVICES,
+        "devices": DEVICES if devices is None else devices,
         "alarms": alarms,
     }
     return parse_config(yaml.safe_dump(data, sort_keys=False))
@@ -544,6 +544,36 @@ def test_reconfigure_keeps_alarms_whose_rule_remains_and_clears_the_others():
     assert rig.rec.bodies()[3] | {"ts": None} == {"id": "cod.w01018:above", "channel": "cod.w01018",
                                                   "rule": "above", "state": "cleared", "value": 54,
                                                   "threshold": 55, "ts": None}
+
+
+def test_alarms_of_a_removed_device_or_channel_clear_once_and_no_stale_rule_watches_them():
+    rules = [{"channel": "*", "above": 50}, {"channel": "*", "stale": 30}]
+    rig = Rig(rules)
+    rig.feed("dust.a34002", 60, at=0)
+    rig.feed("cod.w21003", 60, at=0)
+    rig.feed("cod.w01018", 1, at=0)
+    assert rig.rec.states() == [("dust.a34002:above", "raised"), ("cod.w21003:above", "raised")]
+    cod = {**DEVICES["cod"], "channels": {"w01018": {"unit": "mg/L"}}}  # w21003 removed from cod, dust removed
+    rig.engine.reconfigure(make_config(rules, {"cod": cod, "fog": DEVICES["fog"]}))
+    rig.tick(1)
+    assert sorted(rig.rec.states()[2:]) == [("cod.w21003:above", "cleared"), ("dust.a34002:above", "cleared")]
+    rig.feed("cod.w01018", 1, at=20)
+    rig.tick(200)
+    stale = {i for i, state in rig.rec.states()[4:] if state == "raised"}
+    assert stale == {"fog.running:stale", "cod.w01018:stale"}, "only configured channels go stale"
+    assert {a["channel"] for a in rig.engine.active()} == {"fog.running", "cod.w01018"}
+
+
+def test_an_alarm_saved_active_on_a_device_removed_before_a_restart_clears_at_the_start():
+    rules = [{"channel": "*", "above": 50}]
+    rig = Rig(rules)
+    rig.feed("dust.a34002", 60, at=0)
+    saved = rig.saved()
+    restarted = FakeRecorder()
+    engine = AlarmEngine(make_config(rules, {"cod": DEVICES["cod"]}), restarted, saved, None,
+                         clock=lambda: 9000.0, wall_ms=lambda: T0_MS + 5_000, inline_actions=True)
+    assert restarted.states() == [("dust.a34002:above", "cleared")]
+    assert engine.active() == []
 
 
 # --------------------------------------------------------------------------------------------------
