@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from agent.buffer import Buffer, BufferError, is_corruption
 from agent.logutil import RateLimitedLog
@@ -137,6 +138,13 @@ class Recorder(threading.Thread):
         """`check(deadline)` is True when no poller hands over readings before `deadline`
         (monotonic): the group commit then writes at once instead of waiting for its window."""
         self._quiet_check = check
+
+    def keep_seq_marks_for(self, path: str | Path) -> None:
+        """The config now names another buffer file (used from the next start): keep this buffer's seq
+        high-water mark beside it too, so that its seqs continue above every seq issued here."""
+        path = Path(path)
+        assert self.buffer.seqmark is not None
+        self.buffer.seqmark.mirror_to(path.with_name(path.name + ".seq"))
 
     def set_holders(self, meta_keys: Sequence[str]) -> None:
         """The meta keys under which the other consumers of the buffer (HJ 212 uplinks) keep their

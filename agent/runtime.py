@@ -363,6 +363,12 @@ class Station:
             return
         if new.storage != self.config.storage:
             log.warning("storage settings changed: they take effect at the next restart")
+        if new.storage.path != self.config.storage.path:
+            self.recorder.keep_seq_marks_for(new.storage.path)
+            log.warning("storage.path changed to %s: this agent writes %s until it restarts (`status` with the "
+                        "new file reads the new path meanwhile); the buffer started there will number every "
+                        "stream on from this one's high-water mark (kept beside it in %s.seq), never again "
+                        "from 1", new.storage.path, self.config.storage.path, new.storage.path)
         self.publisher.update_settings(settings)
         self._reload_uplinks(new)
         old_pollers = self.pollers

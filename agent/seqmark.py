@@ -27,6 +27,15 @@ class SeqMark:
         self.path = path
         self.block = block
         self._marks: dict[str, int] | None = None
+        self._mirrors: tuple[Path, ...] = ()
+
+    def mirror_to(self, path: Path) -> None:
+        """Keep the reservation in `path` too, now and at every later rewrite, never lowering what that
+        file holds: the config names another buffer file, which a restart will open fresh, and it must
+        continue above every seq this one issued (SPEC §3)."""
+        if path != self.path and path not in self._mirrors:
+            self._mirrors = (*self._mirrors, path)
+            self._write_mirror(path, self.read())
 
     def read(self) -> dict[str, int]:
         if self._marks is None:
@@ -55,14 +64,29 @@ class SeqMark:
             self._marks = marks
 
     def _write(self, marks: dict[str, int]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        self._write_file(self.path, marks)
+        for mirror in self._mirrors:
+            self._write_mirror(mirror, marks)
+
+    def _write_mirror(self, path: Path, marks: dict[str, int]) -> None:
+        try:
+            theirs = SeqMark(path).read()
+            self._write_file(path, {s: max(marks.get(s, 0), theirs.get(s, 0)) for s in {*marks, *theirs}})
+        except OSError as exc:
+            log.error("cannot keep the seq high-water mark in %s (%s): a buffer started there would "
+                      "number from its own", path, exc)
+
+    @staticmethod
+    def _write_file(path: Path, marks: dict[str, int]) -> None:
+        """Atomically (temporary file, fsync, rename, fsync of the directory)."""
+        tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w") as f:
             json.dump(marks, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        os.replace(tmp, path)
         try:
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            dir_fd = os.open(path.parent, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:

@@ -176,6 +176,33 @@ def test_unpublished_backlog_of_a_corrupt_file_is_salvaged_and_the_jump_announce
     assert not [s for s in seqs if backlog < s <= mark], "nothing is numbered inside the announced gap"
 
 
+def test_a_new_storage_path_by_sighup_continues_the_seqs_after_the_restart(tmp_path, broker, collector):
+    """The technician moves the buffer to another disk by editing storage.path and reloading: the
+    running agent keeps its file, and the buffer the next start opens at the new path numbers on
+    from the old one's high-water mark (SPEC §3: never reused), not from 1."""
+    config = sim_config(tmp_path, broker, channels=2, interval=0.1)
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) >= 20, 20, "readings")
+        config["storage"]["path"] = str(tmp_path / "ssd" / "buffer.db")
+        (tmp_path / "ssd").mkdir()
+        write_config(cfg, config)
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: "storage.path changed" in agent.log(), 10, "the reload")
+    finally:
+        assert agent.stop() == 0
+    old_last = db_last_seq(tmp_path / "buffer.db")
+    before = len(collector.reading_seqs())
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) > before + 5, 20, "readings from the new buffer")
+    finally:
+        assert agent.stop() == 0
+    assert min(collector.reading_seqs()[before:]) > old_last, "no seq of the old buffer is issued again"
+    assert (tmp_path / "ssd" / "buffer.db").exists()
+
+
 def test_resend_command_republishes_a_stored_range_and_bad_commands_are_refused(tmp_path, broker, collector):
     cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=2, interval=0.2))
     agent = AgentProcess(cfg)
