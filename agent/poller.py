@@ -21,7 +21,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from agent.logutil import RateLimitedLog
 from agent.model import Reading, now_ms
@@ -102,11 +102,16 @@ class _OverrunReport:
 class BusPoller(threading.Thread):
     """Polls `drivers` (all on one bus) until `stop()`."""
 
-    def __init__(self, bus_name: str, drivers: Sequence[Driver], sink: Callable[[list[Reading]], None]):
+    def __init__(self, bus_name: str, drivers: Sequence[Driver], sink: Callable[[list[Reading]], None],
+                 resume: Mapping[str, float] | None = None):
         super().__init__(name=f"bus:{bus_name}", daemon=True)
         self.bus_name = bus_name
         self.drivers = list(drivers)
         self.sink = sink
+        # device id -> monotonic start of its last poll by the poller this one replaces (a reload): its
+        # next poll keeps to its interval instead of coming at once
+        self.resume = dict(resume or {})
+        self._schedule: Schedule | None = None
         self._stop_event = threading.Event()
         self.last_progress = time.monotonic()
         # Monotonic time before which this bus hands over no readings: 0 while it polls (or is about
@@ -120,9 +125,26 @@ class BusPoller(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
 
+    def last_polls(self) -> dict[str, float]:
+        """Device id -> monotonic start of its last poll (for the poller that replaces this one)."""
+        schedule = self._schedule
+        if schedule is None:
+            return dict(self.resume)
+        out = dict(self.resume)
+        out.update({d.device_id: t for d, t in zip(self.drivers, schedule.last_start, strict=True)
+                    if t != -math.inf})
+        return out
+
     def run(self) -> None:
         name_this_thread()
-        schedule = Schedule([d.interval for d in self.drivers], time.monotonic())
+        start = time.monotonic()
+        schedule = self._schedule = Schedule([d.interval for d in self.drivers], start)
+        for i, driver in enumerate(self.drivers):
+            if driver.device_id in self.resume:
+                due = max(start, self.resume[driver.device_id] + schedule.intervals[i])
+                schedule.slot[i] = schedule.ready[i] = due
+        if self.resume:
+            self.quiet_until = schedule.quiet_until()
         if not self.drivers:
             self.quiet_until = float("inf")  # nothing to hand over, ever
         try:

@@ -114,17 +114,19 @@ def check_supported(config: Config) -> None:
         raise UnsupportedConfig("; ".join(problems))
 
 
-def build_pollers(config: Config, sink, seen: dict[str, dict[str, str | None]] | None = None) -> list[BusPoller]:
+def build_pollers(config: Config, sink, seen: dict[str, dict[str, str | None]] | None = None,
+                  resume: dict[str, float] | None = None) -> list[BusPoller]:
     """One poller per bus, serving all its devices in turn (and one per bus-less simulated device).
     `seen`: the channels (and units) each device has stored readings for, for drivers that learn their
-    channels from the wire (hj212)."""
+    channels from the wire (hj212). `resume`: when each device was last polled by the pollers these
+    replace (a reload), so that it keeps to its interval."""
     pollers = []
     on_bus: dict[str, dict] = {}
     for dev_id, dev in config.devices.items():
         if dev.driver == "simulated":
             channels = [SimChannelSpec(code=code, **ch.model_dump()) for code, ch in (dev.channels or {}).items()]
             driver = SimulatedDriver(dev_id, dev.interval, channels, dropout=dev.dropout or 0.0, seed=dev.seed)
-            pollers.append(BusPoller(f"sim:{dev_id}", [driver], sink))
+            pollers.append(BusPoller(f"sim:{dev_id}", [driver], sink, resume))
         elif dev.bus is not None:
             on_bus.setdefault(dev.bus, {})[dev_id] = dev
     for bus_name, devices in on_bus.items():
@@ -133,7 +135,7 @@ def build_pollers(config: Config, sink, seen: dict[str, dict[str, str | None]] |
         if module is None:
             raise UnsupportedConfig(f"buses.{bus_name}: {bus.type} buses are not yet supported by this version")
         extra = {"timezone": config.station.timezone, "seen": seen or {}} if bus.type == "serial" else {}
-        pollers.append(BusPoller(bus_name, module.build_bus_drivers(bus_name, bus, devices, **extra), sink))
+        pollers.append(BusPoller(bus_name, module.build_bus_drivers(bus_name, bus, devices, **extra), sink, resume))
     return pollers
 
 
@@ -379,7 +381,8 @@ class Station:
         self.config = new.model_copy(update={"storage": self.config.storage})
         self.alarms.reconfigure(self.config)
         self.aggregator.reconfigure(self.config)
-        self.pollers = build_pollers(self.config, self.recorder.submit, self.recorder.seen_channels())
+        resume = {dev: t for p in old_pollers for dev, t in p.last_polls().items()}
+        self.pollers = build_pollers(self.config, self.recorder.submit, self.recorder.seen_channels(), resume)
         for p in self.pollers:
             p.start()
         log.info("configuration reloaded: %d devices", len(new.devices))

@@ -6,10 +6,14 @@ with real slaves on a real line is in tests/integration/test_modbus.py."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
+from harness import wait_for
 
-from agent.poller import Schedule, _OverrunReport
+from agent.model import Reading
+from agent.poller import BusPoller, Schedule, _OverrunReport
+from drivers.simulated import SimChannelSpec, SimulatedDriver
 
 
 def run(devices: dict[str, tuple[float, float]], horizon: float):
@@ -109,3 +113,26 @@ def test_overrun_lines_are_rate_limited_with_the_count_in_between(caplog):
     assert len(caplog.messages) == 2
     assert "bus rs485: device cod polled 2.0 s late (interval 1 s), 2 poll(s) missed" in caplog.messages[0]
     assert "11 poll(s) missed in the last 61 s, up to 1.5 s late" in caplog.messages[1]
+
+
+def test_a_poller_that_replaces_another_keeps_each_devices_interval():
+    """A reload rebuilds the pollers: the new one polls a device when its interval since the last poll
+    is up, not at once (a burst of SIGHUPs polled a 5 s device every 50 ms)."""
+    readings: list[Reading] = []
+    first = BusPoller("b", [SimulatedDriver("d", 5.0, [SimChannelSpec(code="c")])], readings.extend)
+    first.start()
+    wait_for(lambda: readings, 5, "the first poll")
+    first.stop()
+    first.join(5)
+    last = first.last_polls()
+    assert set(last) == {"d"} and last["d"] <= time.monotonic()
+    second = BusPoller("b", [SimulatedDriver("d", 5.0, [SimChannelSpec(code="c")])], readings.extend, resume=last)
+    second.start()
+    try:
+        wait_for(lambda: second.quiet_until > 0, 5, "the second poller scheduled")
+        assert second.quiet_until == pytest.approx(last["d"] + 5.0), "its next poll: 5 s after the last one"
+        assert len(readings) == 1, "not polled again at once"
+        assert second.last_polls() == last, "what it hands on before its own first poll"
+    finally:
+        second.stop()
+        second.join(5)
