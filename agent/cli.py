@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from agent import __version__
@@ -64,6 +65,10 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # A SIGHUP while starting (a reload sent right after `systemctl start`) must not end the process
+    # (the default action): it is remembered and acted on once the station runs.
+    hup_while_starting: list[bool] = []
+    signal.signal(signal.SIGHUP, lambda *_: hup_while_starting.append(True))
     from agent.config import ConfigError
     from agent.instance import AlreadyRunning
     from agent.runtime import Station, UnsupportedConfig, check_supported
@@ -84,8 +89,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         return EXIT_INVALID
     log.info("edge-agent %s starting with %s", __version__, args.config)
+    station = Station(args.config, config)
+    if hup_while_starting:
+        station.request_reload()
     try:
-        code = Station(args.config, config).run()
+        code = station.run()
     except AlreadyRunning as exc:
         log.error("%s", exc)
         return EXIT_FAILED

@@ -252,13 +252,14 @@ class Station:
     def _install_signals(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
         signal.signal(signal.SIGINT, lambda *_: self._request_stop())
-        signal.signal(signal.SIGHUP, lambda *_: self._request_reload())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
 
     def _request_stop(self) -> None:
         self._stop_requested = True
         self._poke()
 
-    def _request_reload(self) -> None:
+    def request_reload(self) -> None:
+        """Reload the config at the next turn of the main loop (SIGHUP; async-signal-safe)."""
         self._reload_requested = True
         self._poke()
 

@@ -7,6 +7,7 @@ what a platform engineer cares about: which seqs arrived, in which order, and th
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import time
@@ -201,6 +202,32 @@ def test_a_new_storage_path_by_sighup_continues_the_seqs_after_the_restart(tmp_p
         assert agent.stop() == 0
     assert min(collector.reading_seqs()[before:]) > old_last, "no seq of the old buffer is issued again"
     assert (tmp_path / "ssd" / "buffer.db").exists()
+
+
+def test_a_sighup_while_the_agent_starts_is_a_reload_not_its_end(tmp_path, broker, collector):
+    """The config file is a named pipe: `run` blocks reading it, mid-start, until the test writes it.
+    A SIGHUP sent then (a reload right after a start) must not end the process, the default action."""
+    text = tmp_path / "written.yaml"
+    write_config(text, sim_config(tmp_path, broker, channels=1, interval=0.2))
+    fifo = tmp_path / "station.yaml"
+    os.mkfifo(fifo)
+    agent = AgentProcess(fifo)
+    try:
+        def catches_sighup() -> bool:  # SigCgt: the signals the process has a handler for (SIGHUP: bit 0)
+            status = Path(f"/proc/{agent.proc.pid}/status").read_text()
+            return bool(int(status.split("SigCgt:")[1].split()[0], 16) & 1)
+
+        # It cannot get past reading the pipe: a handler now is the start's own, not the station's.
+        wait_for(catches_sighup, 20, "the agent catching SIGHUP before its config is read")
+        agent.signal(signal.SIGHUP)
+        with open(fifo, "w") as f:  # unblocks the start
+            f.write(text.read_text())
+        os.replace(text, fifo)  # what the reload reads, a second later
+        wait_for(lambda: "configuration reloaded" in agent.log(), 20, "the SIGHUP acted on as a reload")
+        assert agent.alive()
+        wait_for(lambda: len(collector.reading_seqs()) >= 5, 20, "readings published")
+    finally:
+        assert agent.stop() == 0
 
 
 def test_resend_command_republishes_a_stored_range_and_bad_commands_are_refused(tmp_path, broker, collector):
