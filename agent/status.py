@@ -57,7 +57,9 @@ def collect(reader: Buffer | None, device_intervals: dict[str, float]) -> dict[s
         latest = [c for c in chans if c.get("ts_ms") == last_ts]
         flags = sorted({str(c["flag"]) for c in latest if c.get("flag")})
         dev["flags"] = flags
-        if not chans:
+        if device not in device_intervals:
+            dev["health"] = "removed"  # readings stored before it left the configuration
+        elif not chans:
             dev["health"] = "unknown"
         elif interval is not None and now - last_ts > STALE_AFTER_INTERVALS * interval * 1000 + 5000:
             dev["health"] = "stale"

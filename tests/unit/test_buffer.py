@@ -260,3 +260,19 @@ def test_encoded_values_keep_their_digits(tmp_path):
     assert [r["value"] for r in json.loads(text)] == values
     assert '"value":8987183256397123,' in text and '"value":2.0,' in text and '"value":null,' in text
     buf.close()
+
+
+def test_status_shows_a_device_gone_from_the_configuration_as_removed(tmp_path):
+    from agent.status import collect
+
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    store(buf, readings(3, device="gone") + readings(3, device="here"))
+    reader = Buffer.open_reader(tmp_path / "b.db")
+    try:
+        devices = collect(reader, {"here": 60.0})["devices"]
+    finally:
+        reader.close()
+        buf.close()
+    assert devices["here"]["health"] == "ok"
+    assert devices["gone"]["health"] == "removed", "not 'ok' for ever, with its last readings still shown"
+    assert devices["gone"]["channels"]
