@@ -558,6 +558,11 @@ class Buffer:
     def count_after(self, stream: str, after_seq: int) -> int:
         return int(self.conn.execute(f"SELECT count(*) FROM {stream} WHERE seq > ?", (after_seq,)).fetchone()[0])
 
+    def count_between(self, stream: str, first: int, last: int, at_most: int) -> int:
+        """How many rows have first <= seq <= last, counting no further than `at_most`."""
+        return int(self.conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM {stream} WHERE seq BETWEEN ? AND ? "
+                                     "LIMIT ?)", (first, last, at_most)).fetchone()[0])
+
     def meta_value(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None

@@ -818,10 +818,11 @@ class Publisher(threading.Thread):
         assert isinstance(first, int) and isinstance(last, int)
         if first > last:
             raise CommandError("'from_seq' is greater than 'to_seq'")
-        if last - first + 1 > MAX_RESEND:
-            raise CommandError(f"at most {MAX_RESEND} readings per resend; split the range")
         if self._reader is None:
             raise CommandError("buffer not available")
+        if last - first + 1 > MAX_RESEND and self._reader.count_between(STREAM_READINGS, first, last,
+                                                                         MAX_RESEND + 1) > MAX_RESEND:
+            raise CommandError(f"at most {MAX_RESEND} readings per resend; split the range")
         if len(self._resends) >= MAX_RESENDS_QUEUED:
             raise CommandError(f"{len(self._resends)} resends are under way; ask again when one has been answered")
         self._resends.append(_Resend(cmd_id, first, last, after=first - 1))

@@ -262,6 +262,11 @@ def test_resend_command_republishes_a_stored_range_and_bad_commands_are_refused(
         assert collector.reading_seqs().count(5) >= 2, "seq 5 was published again"
         before = max(collector.reading_seqs())
         wait_for(lambda: max(collector.reading_seqs()) > before + 10, 20, "publishing goes on after bad commands")
+        # A range wider than the limit is fine when the buffer holds fewer readings than the limit in it.
+        pub.client.publish(f"{base}/cmd", json.dumps({"id": "wide", "cmd": "resend", "from_seq": 1,
+                                                      "to_seq": 500_000}), qos=1)
+        wide = wait_for(lambda: [r for r in replies() if r["id"] == "wide"], 20, "the wide resend's reply")[0]
+        assert wide["ok"] is True and wide["count"] > 20, wide
         pub.close()
     finally:
         assert agent.stop() == 0
