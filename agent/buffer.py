@@ -19,7 +19,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,8 +152,10 @@ class Buffer:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open_writer(cls, path: str | Path, *, sync: str = "full", max_mb: float | None = None) -> Buffer:
-        """Open or create the database for writing. A corrupt file is rescued (`rescue`)."""
+    def open_writer(cls, path: str | Path, *, sync: str = "full", max_mb: float | None = None,
+                    progress: Callable[[], None] | None = None) -> Buffer:
+        """Open or create the database for writing. A corrupt file is rescued (`rescue`; `progress`
+        is called while it salvages)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         seqmark = SeqMark(path.with_name(path.name + ".seq"))
@@ -162,22 +164,23 @@ class Buffer:
         except sqlite3.DatabaseError as exc:
             if not is_corruption(exc):
                 raise BufferError(f"cannot open buffer {path}: {exc}") from exc
-            return cls.rescue(path, exc, sync=sync, max_mb=max_mb)
+            return cls.rescue(path, exc, sync=sync, max_mb=max_mb, progress=progress)
         if max_mb is not None:
             buf.set_size_cap(max_mb)
         return buf
 
     @classmethod
-    def rescue(cls, path: Path, exc: BaseException, *, sync: str, max_mb: float | None) -> Buffer:
+    def rescue(cls, path: Path, exc: BaseException, *, sync: str, max_mb: float | None,
+               progress: Callable[[], None] | None = None) -> Buffer:
         """`path` is corrupt (`exc` says how): move it aside (never deleted), start a fresh file whose
         seqs continue above the old high-water mark, and salvage into it what is still readable of
-        the old one (`agent.salvage`). Everything is logged."""
+        the old one (`agent.salvage`; `progress()` after every batch of rows). Everything is logged."""
         from agent.salvage import salvage_into  # only on this rare path
 
         moved = move_aside(path, str(exc))
         log.error("buffer %s is corrupt (%s); moved aside to %s, starting a fresh one", path, exc, moved)
         buf = cls._open_checked(path, sync, SeqMark(path.with_name(path.name + ".seq")))
-        report = salvage_into(moved, buf, int(time.time() * 1000))
+        report = salvage_into(moved, buf, int(time.time() * 1000), progress)
         log.warning("buffer %s: from %s %s", path, moved.name, report.summary())
         if max_mb is not None:
             buf.set_size_cap(max_mb)

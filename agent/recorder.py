@@ -350,13 +350,17 @@ class Recorder(threading.Thread):
             pass
         try:
             self.buffer = Buffer.rescue(self.buffer.path, exc, sync=self.sync,
-                                        max_mb=self.max_bytes / (1024 * 1024))
+                                        max_mb=self.max_bytes / (1024 * 1024), progress=self._progressing)
         except (sqlite3.Error, OSError, BufferError) as exc2:
             # The disk refuses even a fresh file: open it again at the next commit (it then starts
             # empty above the high-water mark, or rescues whatever is at the path by then).
             self._errlog.error("cannot start a fresh buffer file after corruption: %s; retrying", exc2)
             self._reopen = True
             time.sleep(min(self.commit_interval, 1.0))
+
+    def _progressing(self) -> None:
+        """A long step (a salvage) is under way: the watchdog must not take the thread for stuck."""
+        self.last_progress = time.monotonic()
 
     def _housekeeping(self, now: float) -> None:
         if now - self._last_size_check >= SIZE_CHECK_EVERY_S:

@@ -202,7 +202,10 @@ class Station:
         storage = cfg.storage
         self._instance_lock = instance.hold(storage.path)  # held until the process ends
         release_free_memory(collect=True)  # what loading the configuration built and dropped
-        buffer = Buffer.open_writer(storage.path, sync=storage.sync, max_mb=storage.max_mb)
+        # A corrupt file's salvage may take a while on a large buffer: systemd's start timeout is
+        # extended as it goes (EXTEND_TIMEOUT_USEC; without systemd this does nothing).
+        buffer = Buffer.open_writer(storage.path, sync=storage.sync, max_mb=storage.max_mb,
+                                    progress=lambda: self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000"))
         buffer.ensure_time_index()  # HJ 212 backfill requests ask for aggregates by time
         log.info("buffer %s open: readings last seq %d, acknowledged up to %d", storage.path,
                  buffer.last_seq(), buffer.sent_upto())

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,9 +76,13 @@ class SalvageReport:
         return text
 
 
-def salvage_into(moved: Path, fresh: Buffer, now_ms: int) -> SalvageReport:
+def salvage_into(moved: Path, fresh: Buffer, now_ms: int,
+                 progress: Callable[[], None] | None = None) -> SalvageReport:
     """Copy what is readable of `moved` (a corrupt buffer file, with its -wal beside it) into
-    `fresh` (a freshly created writer Buffer, above the high-water mark), in one transaction."""
+    `fresh` (a freshly created writer Buffer, above the high-water mark), in one transaction.
+    `progress()` is called after every batch of rows (a large buffer takes a while: the caller
+    keeps systemd's start timeout or watchdog informed). Never raises: what went wrong is in the
+    report, and the fresh file is then left as it was."""
     report = SalvageReport()
     try:
         old = sqlite3.connect(f"file:{moved}?mode=ro", uri=True, timeout=5, check_same_thread=False)
@@ -88,13 +92,13 @@ def salvage_into(moved: Path, fresh: Buffer, now_ms: int) -> SalvageReport:
     try:
         fresh.begin()
         try:
-            _salvage(old, fresh, now_ms, report)
+            _salvage(old, fresh, now_ms, report, progress or (lambda: None))
             fresh.commit()
         except BaseException:
             fresh.rollback()
             raise
         fresh.reload_counters()
-    except sqlite3.Error as exc:
+    except Exception as exc:  # noqa: BLE001 - an I/O error of a failing card too: the agent must start
         report.error = f"salvage stopped: {exc}"
         report.streams.clear()
         report.gaps_announced.clear()
@@ -103,7 +107,8 @@ def salvage_into(moved: Path, fresh: Buffer, now_ms: int) -> SalvageReport:
     return report
 
 
-def _salvage(old: sqlite3.Connection, fresh: Buffer, now_ms: int, report: SalvageReport) -> None:
+def _salvage(old: sqlite3.Connection, fresh: Buffer, now_ms: int, report: SalvageReport,
+             progress: Callable[[], None]) -> None:
     watermarks = _read_watermarks(old)  # stream -> (last seq known, acknowledged watermark), when readable
     if watermarks is None and not _readable(old, STREAM_READINGS):
         report.error = "nothing readable in it"
@@ -119,6 +124,7 @@ def _salvage(old: sqlite3.Connection, fresh: Buffer, now_ms: int, report: Salvag
             got.rows += len(rows)
             got.first_seq = rows[0][0] if got.first_seq is None else got.first_seq
             got.last_seq = rows[-1][0]
+            progress()
         if got.rows:
             # Publishing resumes at the first salvaged row; the new ones follow above the mark.
             fresh.conn.execute("UPDATE streams SET sent_upto=? WHERE name=?", (got.first_seq - 1, stream))
