@@ -2,7 +2,8 @@
 
 `build_bus_drivers(bus_name, bus, devices)` is what `agent.runtime` calls for `type: rtu` and `type: tcp`
 buses. Imports `agent.model`, `agent.logutil`, the pure Modbus modules of `drivers` (registers, codec,
-planner, profiles), `drivers.serial_port` and pyserial; never `agent.config`: the bus and device models are duck-typed.
+planner, profiles), `drivers.serial_port` and pyserial; never `agent.config`: the bus and device models
+are duck-typed.
 
 The link. A bus owns its link: the serial port (`_RtuPort`, pyserial) or the TCP connection (`_TcpLink`),
 both speaking the master's side of the protocol here, and one lock, "the wire": a transaction (request
@@ -16,7 +17,7 @@ A serial port is checked (one `stat()` of its path) before every transaction: wh
 when the path is back. A TCP connection that dropped is reopened by the next transaction (once within
 it, not counted as a retry), and one that stays mute for 3 tries in a row is reopened too (a peer gone
 without closing it). Each bus logs one line when its link is lost and one when it is back (a link that
-flaps: at most one "lost" line a minute, with the count of losses in between); each device
+flaps: at most three "lost" lines a minute, then one with the count of losses in between); each device
 one line when it stops answering properly (and at most one more per other kind of failure: no answer,
 bad answer, exception) and one when it recovers: never one per poll, whatever bytes its answers hold.
 
@@ -759,7 +760,7 @@ class ModbusBus:
         self._opened_id: tuple[int, int, int] | None = None  # identity of the serial device we opened
         self._up: bool | None = None  # None until the first attempt
         self._was_up = False
-        self._link_log = FlapLimiter()  # "lost" lines of a link that flaps: at most one a minute
+        self._link_log = FlapLimiter()  # "lost" lines of a link that flaps: at most three a minute
         self._users = 0
         self._closed = False
 

@@ -305,7 +305,7 @@ class _RejectReport:
 
 class _Silence:
     """Logs once when a device stops sending valid frames and once when it comes back; a sensor that
-    flaps (frames a little rarer than the interval) logs at most one such line a minute."""
+    flaps (frames a little rarer than the interval) logs at most three such pairs a minute."""
 
     def __init__(self, device_id: str) -> None:
         self.device_id = device_id
