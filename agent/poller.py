@@ -126,13 +126,13 @@ class BusPoller(threading.Thread):
         self._stop_event.set()
 
     def last_polls(self) -> dict[str, float]:
-        """Device id -> monotonic start of its last poll (for the poller that replaces this one)."""
+        """Device id -> monotonic start of its last poll, for this poller's devices only (for the
+        poller that replaces this one): its own poll, or the one it was handed (`resume`)."""
+        out = {d.device_id: self.resume[d.device_id] for d in self.drivers if d.device_id in self.resume}
         schedule = self._schedule
-        if schedule is None:
-            return dict(self.resume)
-        out = dict(self.resume)
-        out.update({d.device_id: t for d, t in zip(self.drivers, schedule.last_start, strict=True)
-                    if t != -math.inf})
+        if schedule is not None:
+            out.update({d.device_id: t for d, t in zip(self.drivers, schedule.last_start, strict=True)
+                        if t != -math.inf})
         return out
 
     def run(self) -> None:

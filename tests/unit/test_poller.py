@@ -136,3 +136,11 @@ def test_a_poller_that_replaces_another_keeps_each_devices_interval():
     finally:
         second.stop()
         second.join(5)
+
+
+def test_a_poller_hands_on_only_its_own_devices_last_polls():
+    """The runtime merges every poller's `last_polls()`: a poller that handed on the others' (stale)
+    times too made a device on another bus poll again at every second reload."""
+    poller = BusPoller("b", [SimulatedDriver("mine", 5.0, [SimChannelSpec(code="c")])], lambda _: None,
+                       resume={"other": 1.0, "mine": 2.0})
+    assert poller.last_polls() == {"mine": 2.0}
