@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sqlite3
+import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -116,6 +117,38 @@ def _inode(path: Path) -> int | None:
         return None
 
 
+WAL_MAGIC = (0x377F0682, 0x377F0683)
+
+
+def _wal_commits_lost(path: Path, conn: sqlite3.Connection) -> int:
+    """How many committed transactions the WAL holds beyond what SQLite recovered from it. SQLite
+    reads the WAL up to its first damaged frame and silently drops the rest: after a damaged frame
+    the file looks sound but has lost its newest rows, and their seqs would be issued again. Frames
+    of the current WAL generation (the header's salts) carrying a commit mark beyond SQLite's last
+    valid frame are such transactions. The last one alone is left out: a power cut during its
+    fsync tears it, and it was never reported committed (SQLite then rightly drops it)."""
+    wal = path.with_name(path.name + "-wal")
+    try:
+        size = wal.stat().st_size
+        valid = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]  # SQLite's valid frames
+        with open(wal, "rb") as f:
+            header = f.read(32)
+            if len(header) < 32 or valid < 0:
+                return 0
+            magic, _, page_size, _, salt1, salt2 = struct.unpack(">6I", header[:24])
+            if magic not in WAL_MAGIC or page_size < 512:
+                return 0
+            frame = 24 + page_size
+            commits = 0
+            for i in range(valid, (size - 32) // frame):
+                f.seek(32 + i * frame)
+                _, db_size, s1, s2 = struct.unpack(">4I", f.read(16))
+                commits += db_size != 0 and (s1, s2) == (salt1, salt2)
+    except (OSError, struct.error):
+        return 0
+    return max(0, commits - 1)
+
+
 def _connect(path: Path, *, readonly: bool, sync: str) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
@@ -197,6 +230,10 @@ class Buffer:
                 result = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
                 if result != "ok":
                     raise sqlite3.DatabaseError(f"database disk image is malformed: quick_check: {result}")
+                lost = _wal_commits_lost(path, conn)
+                if lost:
+                    raise sqlite3.DatabaseError(f"database disk image is malformed: the WAL holds {lost} committed "
+                                                "transactions SQLite had to drop (a damaged frame before them)")
             buf = cls(path, conn, writer=True, seqmark=seqmark)
             buf._create_schema()
             buf._load_counters(fresh_file=fresh)

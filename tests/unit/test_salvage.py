@@ -137,3 +137,60 @@ def test_a_file_found_corrupt_while_running_is_replaced_and_readers_notice(tmp_p
     finally:
         reader.close()
         recorder.buffer.close()
+
+
+def test_a_damaged_wal_frame_is_corruption_not_a_silently_shorter_file(tmp_path):
+    """After a crash the newest commits live in the WAL. A damaged frame there makes SQLite drop
+    every commit after it without a word: the file looks sound, only shorter, and the seqs of the
+    dropped rows (maybe published already) would be issued again. It is treated as corruption."""
+    live = tmp_path / "live"
+    live.mkdir()
+    buf = Buffer.open_writer(live / "b.db")
+    for _ in range(30):
+        buf.begin()
+        issued = buf.insert_readings(readings(40))
+        buf.commit()
+    last = issued[-1].seq
+    crashed = tmp_path / "crashed"  # the files as a power cut leaves them: nothing checkpointed
+    crashed.mkdir()
+    for name in ("b.db", "b.db-wal", "b.db.seq"):
+        (crashed / name).write_bytes((live / name).read_bytes())
+    buf.close()
+    wal = crashed / "b.db-wal"
+    frames = (wal.stat().st_size - 32) // 1048
+    with open(wal, "r+b") as f:  # one frame a third of the way in: bit rot
+        f.seek(32 + frames // 3 * 1048 + 24 + 500)
+        f.write(b"\xde\xad\xbe\xef")
+    again = Buffer.open_writer(crashed / "b.db")
+    try:
+        assert [p for p in crashed.iterdir() if ".corrupt-" in p.name], "treated as corrupt, kept aside"
+        again.begin()
+        assert again.insert_readings(readings(1))[0].seq > last, "no seq issued before is issued again"
+        again.commit()
+        announced = [(g.first_seq, g.last_seq) for g in again.pending_gaps()]
+        assert announced and announced[-1][1] >= last, "the seqs it can no longer account for are announced"
+    finally:
+        again.close()
+
+
+def test_a_crash_leaves_a_wal_that_opens_as_it_is(tmp_path):
+    live = tmp_path / "live"
+    live.mkdir()
+    buf = Buffer.open_writer(live / "b.db")
+    for _ in range(10):
+        buf.begin()
+        issued = buf.insert_readings(readings(40))
+        buf.commit()
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for name in ("b.db", "b.db-wal", "b.db.seq"):
+        (crashed / name).write_bytes((live / name).read_bytes())
+    buf.close()
+    again = Buffer.open_writer(crashed / "b.db")
+    try:
+        assert not [p for p in crashed.iterdir() if ".corrupt-" in p.name]
+        again.begin()
+        assert again.insert_readings(readings(1))[0].seq == issued[-1].seq + 1, "numbering goes right on"
+        again.commit()
+    finally:
+        again.close()
