@@ -323,11 +323,13 @@ class Buffer:
             top = self.conn.execute(f"SELECT max(seq) FROM {stream}").fetchone()[0] or 0
             last = max(top, floor)
             mark = marks.get(stream, 0)
-            if fresh_file and last < mark:
-                # Continue above every seq that may ever have been issued.
+            # A fresh file, or one whose last seq lies a whole reservation block below the mark (it lost
+            # rows, or another buffer at this path issued seqs: the mark is kept beside a new
+            # storage.path): continue above every seq that may ever have been issued.
+            if last < mark and (fresh_file or last < mark - self.seqmark.block):
                 log.info("stream %s continues above high-water mark %d", stream, mark)
                 last = mark
-                sent = mark
+                sent = mark if fresh_file else sent  # rows still unpublished in the file stay so
                 self.conn.execute(
                     "UPDATE streams SET floor_seq=?, sent_upto=? WHERE name=?", (last, sent, stream)
                 )

@@ -70,6 +70,7 @@ class SeqMark:
 
     def _write_mirror(self, path: Path, marks: dict[str, int]) -> None:
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # where the new buffer will be created
             theirs = SeqMark(path).read()
             self._write_file(path, {s: max(marks.get(s, 0), theirs.get(s, 0)) for s in {*marks, *theirs}})
         except OSError as exc:

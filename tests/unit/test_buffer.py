@@ -276,3 +276,20 @@ def test_status_shows_a_device_gone_from_the_configuration_as_removed(tmp_path):
     assert devices["here"]["health"] == "ok"
     assert devices["gone"]["health"] == "removed", "not 'ok' for ever, with its last readings still shown"
     assert devices["gone"]["channels"]
+
+
+def test_a_file_far_below_the_mark_beside_it_continues_above_the_mark(tmp_path):
+    """Back to an older buffer file after another one at this path (a storage.path changed and changed
+    back; its mark was kept up to date): numbering never goes back below what was issued."""
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    store(buf, readings(5))
+    buf.close()
+    (tmp_path / "b.db.seq").write_text('{"readings": 40000, "aggregates": 40000, "alarms": 40000}')
+    buf = Buffer.open_writer(path)
+    try:
+        assert store(buf, readings(1))[0].seq == 40001
+        assert [r.seq for r in buf.readings_after(0, 10)] == [1, 2, 3, 4, 5, 40001], "the old rows stay"
+        assert buf.sent_upto() == 0, "and stay unpublished"
+    finally:
+        buf.close()
