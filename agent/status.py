@@ -115,7 +115,10 @@ def render_text(status: dict[str, Any]) -> str:
                  + (f" {broker['url']}" if broker.get("url") else "")
                  + (f" since {broker['since']}" if broker.get("since") else "")
                  + (f" — {broker['error']}" if broker.get("error") else ""))
-    lines.append(f"backlog  {status['backlog']} unsent readings (last seq {status['last_seq']})")
+    if status["backlog"] is None:  # the buffer could not be read (`buffer_error`)
+        lines.append(f"backlog  unknown: {status.get('buffer_error')}")
+    else:
+        lines.append(f"backlog  {status['backlog']} unsent readings (last seq {status['last_seq']})")
     clock = status.get("clock")
     if clock:
         sync = {True: "synchronised", False: "NOT synchronised (no NTP yet)", None: "sync state unknown"}
@@ -138,7 +141,7 @@ def render_text(status: dict[str, Any]) -> str:
             value = format_value(c["value"])
             lines.append(f"    {channel:<14} {value:>12} {c['unit'] or '':<8} {c['flag'] or '':<2} {c['ts'] or ''}")
     alarms = status.get("alarms") or []
-    lines.append(f"alarms   {len(alarms)} active")
+    lines.append(f"alarms   {len(alarms)} active" if status.get("alarms") is not None else "alarms   unknown")
     for a in alarms:
         lines.append(f"  {a.get('id')} since {a.get('since')} value {a.get('value')}")
     return "\n".join(lines)

@@ -499,6 +499,17 @@ def test_status_names_the_broker_a_connection_error_is_about(tmp_path):
     assert state["url"] == dead.url, "the error is shown beside the broker it is about"
 
 
+def test_status_of_a_buffer_it_cannot_read_says_unknown_not_zero(tmp_path):
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, Broker(tmp_path / "broker")))
+    (tmp_path / "buffer.db").write_bytes(b"\x00garbage from a failing SD card" * 3000)
+    result = run_cli("status", "-c", str(cfg), "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["buffer_error"] and (doc["backlog"], doc["last_seq"], doc["alarms"]) == (None, None, None)
+    text = run_cli("status", "-c", str(cfg)).stdout
+    assert "backlog  unknown" in text and "alarms   unknown" in text
+
+
 def test_check_config_cli_prints_file_line_col_and_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("station:\n  id: ST01\n  type: outfall\nstorage:\n  path: b.db\nmqtt:\n  url: mqtt://h\n"
