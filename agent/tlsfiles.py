@@ -45,5 +45,16 @@ def tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLCon
             raise TlsFilesError("key", str(key), "protected by a passphrase; edge-agent needs the key without "
                                                  "one (readable by the service user only)") from None
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if at == "cert" and cert and _parses_as_certificate(cert):
+            # The certificate is sound: the key is not a PEM key, or not the one of this certificate.
+            raise TlsFilesError("key", str(key), f"not the PEM private key of {cert} ({reason})") from None
         raise TlsFilesError(at, files, reason) from None
     return ctx
+
+
+def _parses_as_certificate(path: str) -> bool:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+        return True
+    except (OSError, ssl.SSLError, ValueError):
+        return False

@@ -94,13 +94,16 @@ def test_check_config_finds_tls_files_that_cannot_make_a_connection(tmp_path):
                     "-out", str(locked)], check=True, capture_output=True)
     garbage = tmp_path / "pki" / "garbage.pem"
     garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    garbage_key = tmp_path / "pki" / "garbage.key"
+    garbage_key.write_text("-----BEGIN PRIVATE KEY-----\nnot base64 at all\n-----END PRIVATE KEY-----\n")
     broker = Broker(tmp_path / "broker", tls=pki)  # only its URL: check-config touches no network
     good = {"ca": pki["ca"], "cert": pki["client_cert"], "key": pki["client_key"]}
     cases = {
         "valid": ({}, None),
         "passphrase": ({"key": str(locked)}, ("mqtt.tls.key", "protected by a passphrase")),
         "not pem": ({"cert": str(garbage)}, ("mqtt.tls.cert", "cannot be used for TLS")),
-        "key of another certificate": ({"key": pki["server_key"]}, ("mqtt.tls.cert", "cannot be used for TLS")),
+        "key of another certificate": ({"key": pki["server_key"]}, ("mqtt.tls.key", "not the PEM private key of")),
+        "key not pem": ({"key": str(garbage_key)}, ("mqtt.tls.key", "not the PEM private key of")),
         "ca not pem": ({"ca": str(garbage)}, ("mqtt.tls.ca", "cannot be used for TLS")),
     }
     for name, (change, expected) in cases.items():
