@@ -1270,7 +1270,8 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
             else:
                 port_owner[port] = str(name)
         baud = bus.get("baudrate")
-        if btype in ("rtu", "serial") and _is_number(baud) and baud > 0 and baud not in STANDARD_BAUDRATES:
+        if (btype in ("rtu", "serial") and _is_number(baud) and baud > 0 and float(baud).is_integer()
+                and baud not in STANDARD_BAUDRATES):  # a fraction is an error of its own
             out.append(_Cross(("buses", name, "baudrate"), f"{baud} is not a standard baud rate (instruments "
                         f"use {', '.join(map(str, STANDARD_BAUDRATES[3:10]))}...): a typo? It is set as a "
                         "custom rate", "value", warning=True))
