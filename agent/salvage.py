@@ -8,7 +8,8 @@ fresh file, with their seqs unchanged:
 - every stream's rows above the old file's acknowledged watermark (all rows when the watermark
   cannot be read: a duplicate is harmless, a loss is not), so that they are still delivered, in
   order, before the new rows, which continue above the high-water mark (SPEC §3);
-- the old file's gaps not yet announced, and its meta rows (alarm and aggregate state, broker).
+- the old file's gaps not yet announced, and its meta rows (alarm and aggregate state, broker);
+  when those are unreadable, the active alarms are rebuilt from the alarm events.
 
 A damaged stretch of a table is stepped over: the next readable seq is found by probing forward
 (doubling, then bisecting), so that one bad page costs the rows on it, not the rest of the table.
@@ -20,11 +21,13 @@ sees every jump in seq explained (SPEC §3: "a gap means loss and exists only wh
 Nothing is announced where the old file told nothing (not a database at all): the first seq not
 known is then unknown. The moved-aside file is only read, never changed.
 
-Imports `agent.model` only; the fresh `Buffer` is passed in.
+Imports `agent.model` (and, to rebuild the alarm state, `agent.alarms`'s state version); the fresh
+`Buffer` is passed in.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -264,7 +267,32 @@ def _copy_meta(old: sqlite3.Connection, fresh: Buffer) -> None:
     try:
         rows = old.execute("SELECT key, value FROM meta WHERE key != 'schema_version'").fetchall()
     except sqlite3.Error as exc:
-        log.warning("salvage: the old file's state (alarms, aggregates) is unreadable (%s)", exc)
+        log.warning("salvage: the old file's state (alarms, aggregates) is unreadable (%s); the active "
+                    "alarms are rebuilt from its alarm events", exc)
+        _rebuild_active_alarms(old, fresh)
         return
     for key, value in rows:
         fresh.set_meta(str(key), str(value))
+
+
+def _rebuild_active_alarms(old: sqlite3.Connection, fresh: Buffer) -> None:
+    """The alarms whose last readable event is `raised`, as the alarm engine's saved state: an alarm
+    raised before the damage is not raised a second time (SPEC §4: raised once, cleared once)."""
+    from agent.alarms import STATE_VERSION  # the engine's state format (this rare path only)
+
+    last: dict[str, tuple[int, dict]] = {}
+    for rows in _rows_after(old, STREAM_ALARMS, 0, StreamSalvage()):
+        for _, ts_ms, text in rows:
+            try:
+                body = json.loads(text)
+            except (TypeError, ValueError):
+                continue
+            if isinstance(body, dict) and isinstance(body.get("id"), str):
+                last[body["id"]] = (int(ts_ms), body)
+    active = [(ts_ms, body) for ts_ms, body in last.values() if body.get("state") == "raised"]
+    state = [{"id": b["id"], "channel": b.get("channel"), "rule": b.get("rule"), "since_ms": ts_ms,
+              "value": b.get("value"), "threshold": b.get("threshold")} for ts_ms, b in active]
+    shown = [{"id": b["id"], "channel": b.get("channel"), "rule": b.get("rule"), "since": b.get("ts"),
+              "value": b.get("value"), "threshold": b.get("threshold")} for _, b in active]
+    fresh.set_meta("alarm_state", json.dumps({"v": STATE_VERSION, "active": state}, separators=(",", ":")))
+    fresh.set_meta("active_alarms", json.dumps(shown, separators=(",", ":")))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.buffer import Buffer
-from agent.model import STREAM_AGGREGATES, STREAM_READINGS, Reading, now_ms
+from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
 from agent.recorder import Recorder
 from agent.salvage import GAP_REASON
 
@@ -194,3 +194,30 @@ def test_a_crash_leaves_a_wal_that_opens_as_it_is(tmp_path):
         again.commit()
     finally:
         again.close()
+
+
+def test_with_the_state_page_damaged_the_active_alarms_are_rebuilt_from_the_alarm_events(tmp_path):
+    """An alarm raised before the damage must not be raised a second time (SPEC §4): its state lived
+    in the damaged meta page, its events in the alarms table."""
+    path = tmp_path / "b.db"
+    filled_buffer(path, 200, sent=0)
+    buf = Buffer.open_writer(path)
+    buf.begin()
+    for ts, body in [(1000, {"id": "sim.a:above", "channel": "sim.a", "rule": "above", "state": "raised",
+                             "value": 90, "threshold": 80, "ts": "2026-11-29T00:00:01.000Z"}),
+                     (2000, {"id": "sim.b:above", "channel": "sim.b", "rule": "above", "state": "raised",
+                             "value": 9, "threshold": 8, "ts": "2026-11-29T00:00:02.000Z"}),
+                     (3000, {"id": "sim.b:above", "channel": "sim.b", "rule": "above", "state": "cleared",
+                             "value": 7, "threshold": 8, "ts": "2026-11-29T00:00:03.000Z"})]:
+        buf.insert_event(STREAM_ALARMS, ts, body)
+    buf.commit()
+    buf.close()
+    damage(path, pages_of(path, "meta")[0])
+    buf = Buffer.open_writer(path)
+    try:
+        state = json.loads(buf.meta_value("alarm_state") or "{}")
+        assert [(a["id"], a["since_ms"], a["threshold"]) for a in state["active"]] == [("sim.a:above", 1000, 80)]
+        shown = json.loads(buf.meta_value("active_alarms") or "[]")
+        assert [(a["id"], a["since"]) for a in shown] == [("sim.a:above", "2026-11-29T00:00:01.000Z")]
+    finally:
+        buf.close()
