@@ -109,7 +109,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import sqlite3
 
     from agent.buffer import Buffer
-    from agent.runtime import device_intervals
+    from agent.runtime import device_channels, device_intervals
     from agent.status import agent_state, collect, render_text
 
     config = _load_or_report(args.config)
@@ -120,7 +120,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     unreadable = None
     try:
         reader = Buffer.open_reader(path) if path.exists() else None
-        status = collect(reader, device_intervals(config))
+        status = collect(reader, device_intervals(config), device_channels(config))
     except (sqlite3.Error, OSError) as exc:  # a damaged file: `run` moves it aside when it starts
         unreadable = f"cannot read the buffer {path}: {exc}"
         status = collect(None, device_intervals(config))

@@ -653,10 +653,11 @@ class Console:
     def _build_status(self) -> dict[str, Any]:
         config = self.station.config
         intervals = {d: dev.interval for d, dev in config.devices.items()}
+        known = {d: dev.known_channels() for d, dev in config.devices.items()}
         path = config.storage.path
         reader = Buffer.open_reader(path) if path.exists() else None
         try:
-            doc = collect(reader, intervals)
+            doc = collect(reader, intervals, known)
         finally:
             if reader is not None:
                 reader.close()

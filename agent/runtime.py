@@ -143,6 +143,11 @@ def device_intervals(config: Config) -> dict[str, float]:
     return {dev_id: dev.interval for dev_id, dev in config.devices.items()}
 
 
+def device_channels(config: Config) -> dict[str, list[str] | None]:
+    """Each device's channels when the config tells them (None: learnt from the wire), for `status`."""
+    return {dev_id: dev.known_channels() for dev_id, dev in config.devices.items()}
+
+
 class _LazyDeviceWriter:
     """`drivers.modbus.DeviceWriter`, imported at the first action write (the Modbus master is loaded
     only when needed)."""
@@ -348,7 +353,7 @@ class Station:
     def _status(self) -> dict:
         reader = Buffer.open_reader(self.config.storage.path)
         try:
-            return collect(reader, device_intervals(self.config))
+            return collect(reader, device_intervals(self.config), device_channels(self.config))
         finally:
             reader.close()
 

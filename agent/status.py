@@ -23,8 +23,11 @@ def _iso(ts_ms: int | None) -> str | None:
     return iso_utc_ms(ts_ms) if ts_ms else None
 
 
-def collect(reader: Buffer | None, device_intervals: dict[str, float]) -> dict[str, Any]:
-    """The status document: backlog, last_seq, devices, alarms, broker, streams (SPEC §1)."""
+def collect(reader: Buffer | None, device_intervals: dict[str, float],
+            device_channels: dict[str, list[str] | None] | None = None) -> dict[str, Any]:
+    """The status document: backlog, last_seq, devices, alarms, broker, streams (SPEC §1).
+    `device_channels`: each configured device's channels when the config tells them (None: learnt
+    from the wire); a channel removed from a device is not listed under it any more."""
     now = now_ms()
     if reader is None:
         return {
@@ -41,6 +44,13 @@ def collect(reader: Buffer | None, device_intervals: dict[str, float]) -> dict[s
         if r.value is not None:
             c["last_valid_ms"] = r.ts_ms
     devices: dict[str, dict[str, Any]] = {d: {"channels": {}} for d in device_intervals}
+    configured = device_channels or {}
+
+    def listed(device: str, channel: str) -> bool:
+        known = configured.get(device)
+        return known is None or channel in known
+
+    channels = {key: c for key, c in channels.items() if listed(*key)}
     for (device, channel), c in sorted(channels.items()):
         dev = devices.setdefault(device, {"channels": {}})
         dev["channels"][channel] = {

@@ -276,6 +276,12 @@ def test_status_shows_a_device_gone_from_the_configuration_as_removed(tmp_path):
     assert devices["here"]["health"] == "ok"
     assert devices["gone"]["health"] == "removed", "not 'ok' for ever, with its last readings still shown"
     assert devices["gone"]["channels"]
+    reader = Buffer.open_reader(tmp_path / "b.db")
+    try:  # a channel removed from a device that stays is no longer listed under it
+        here = collect(reader, {"here": 60.0}, {"here": ["c0", "c2"]})["devices"]["here"]
+    finally:
+        reader.close()
+    assert sorted(here["channels"]) == ["c0", "c2"] and here["health"] == "ok"
 
 
 def test_a_file_far_below_the_mark_beside_it_continues_above_the_mark(tmp_path):
