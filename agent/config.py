@@ -1219,6 +1219,13 @@ def _register_overlaps(config: Config) -> Iterable[tuple[_Path, str]]:
                          f"{b.table} {b.address}) read the same register(s): is an address wrong?")
 
 
+def _inline_channels(dev: Mapping[str, Any]) -> list[tuple[int, str]]:
+    """(index, channel) of each inline register entry of raw device data whose channel is text."""
+    entries = dev["registers"] if isinstance(dev.get("registers"), list) else []
+    return [(i, channel) for i, entry in enumerate(entries)
+            if (channel := _text_of(_mapping(entry).get("channel"))) is not None]
+
+
 HJ212_MAX_CODE = 64  # a channel code in HJ 212 packets (pollutant codes have 6 characters)
 
 
@@ -1231,10 +1238,7 @@ def _hj212_device_checks(devices: Mapping[str, Any]) -> list[_Cross]:
         dev = _mapping(dev)
         codes: list[tuple[_Path, str]] = [(("devices", dev_id, "channels", code), str(code))
                                           for code in _mapping(dev.get("channels"))]
-        for i, entry in enumerate(dev["registers"] if isinstance(dev.get("registers"), list) else []):
-            channel = _text_of(_mapping(entry).get("channel"))
-            if channel is not None:
-                codes.append((("devices", dev_id, "registers", i, "channel"), channel))
+        codes += [(("devices", dev_id, "registers", i, "channel"), channel) for i, channel in _inline_channels(dev)]
         for path, code in codes:
             if len(code) > HJ212_MAX_CODE:
                 out.append(_Cross(path, f"a channel code of {len(code)} characters cannot go into an HJ 212 packet "
@@ -1283,13 +1287,11 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
             continue
         base = ("devices", dev_id)
         seen_channels: set[str] = set()  # checked on the raw list: an invalid entry must not hide it
-        for i, entry in enumerate(dev["registers"] if isinstance(dev.get("registers"), list) else []):
-            channel = _text_of(_mapping(entry).get("channel"))
+        for i, channel in _inline_channels(dev):
             if channel in seen_channels:
                 out.append(_Cross(base + ("registers", i, "channel"),
                                   f"channel {channel!r} appears twice in this device", "value"))
-            elif channel is not None:
-                seen_channels.add(channel)
+            seen_channels.add(channel)
         driver = dev.get("driver") if dev.get("driver") in DRIVERS else None
         bus_name = _text_of(dev.get("bus"))
         eff: str | None = None

@@ -139,23 +139,28 @@ def test_a_file_found_corrupt_while_running_is_replaced_and_readers_notice(tmp_p
         recorder.buffer.close()
 
 
+def crashed_copy(tmp_path: Path, commits: int) -> tuple[Path, int]:
+    """A buffer after `commits` commits of 40 readings, copied as a power cut leaves it (its newest
+    commits in the WAL, nothing checkpointed): the copy's directory and the last seq issued."""
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+    live.mkdir()
+    crashed.mkdir()
+    buf = Buffer.open_writer(live / "b.db")
+    for _ in range(commits):
+        buf.begin()
+        issued = buf.insert_readings(readings(40))
+        buf.commit()
+    for name in ("b.db", "b.db-wal", "b.db.seq"):
+        (crashed / name).write_bytes((live / name).read_bytes())
+    buf.close()
+    return crashed, issued[-1].seq
+
+
 def test_a_damaged_wal_frame_is_corruption_not_a_silently_shorter_file(tmp_path):
     """After a crash the newest commits live in the WAL. A damaged frame there makes SQLite drop
     every commit after it without a word: the file looks sound, only shorter, and the seqs of the
     dropped rows (maybe published already) would be issued again. It is treated as corruption."""
-    live = tmp_path / "live"
-    live.mkdir()
-    buf = Buffer.open_writer(live / "b.db")
-    for _ in range(30):
-        buf.begin()
-        issued = buf.insert_readings(readings(40))
-        buf.commit()
-    last = issued[-1].seq
-    crashed = tmp_path / "crashed"  # the files as a power cut leaves them: nothing checkpointed
-    crashed.mkdir()
-    for name in ("b.db", "b.db-wal", "b.db.seq"):
-        (crashed / name).write_bytes((live / name).read_bytes())
-    buf.close()
+    crashed, last = crashed_copy(tmp_path, commits=30)
     wal = crashed / "b.db-wal"
     frames = (wal.stat().st_size - 32) // 1048
     with open(wal, "r+b") as f:  # one frame a third of the way in: bit rot
@@ -174,23 +179,12 @@ def test_a_damaged_wal_frame_is_corruption_not_a_silently_shorter_file(tmp_path)
 
 
 def test_a_crash_leaves_a_wal_that_opens_as_it_is(tmp_path):
-    live = tmp_path / "live"
-    live.mkdir()
-    buf = Buffer.open_writer(live / "b.db")
-    for _ in range(10):
-        buf.begin()
-        issued = buf.insert_readings(readings(40))
-        buf.commit()
-    crashed = tmp_path / "crashed"
-    crashed.mkdir()
-    for name in ("b.db", "b.db-wal", "b.db.seq"):
-        (crashed / name).write_bytes((live / name).read_bytes())
-    buf.close()
+    crashed, last = crashed_copy(tmp_path, commits=10)
     again = Buffer.open_writer(crashed / "b.db")
     try:
         assert not [p for p in crashed.iterdir() if ".corrupt-" in p.name]
         again.begin()
-        assert again.insert_readings(readings(1))[0].seq == issued[-1].seq + 1, "numbering goes right on"
+        assert again.insert_readings(readings(1))[0].seq == last + 1, "numbering goes right on"
         again.commit()
     finally:
         again.close()
