@@ -149,6 +149,25 @@ def _wal_commits_lost(path: Path, conn: sqlite3.Connection) -> int:
     return max(0, commits - 1)
 
 
+def _kept_wal(path: Path) -> Path:
+    return path.with_name(path.name + "-wal.kept")
+
+
+def _keep_wal(path: Path) -> Path | None:
+    """A hard link to the WAL, made before SQLite opens the file. Closing the last connection
+    checkpoints the WAL and deletes it, with the frames after a damaged one that SQLite could not
+    use; if the file proves corrupt, the link keeps them for the salvage (`move_aside` takes it)."""
+    wal, kept = path.with_name(path.name + "-wal"), _kept_wal(path)
+    try:
+        kept.unlink(missing_ok=True)  # left by a start that died
+        if wal.stat().st_size <= 32:
+            return None
+        os.link(wal, kept)
+        return kept
+    except OSError:
+        return None  # no WAL, or a file system without hard links: the check goes on without a copy
+
+
 def _connect(path: Path, *, readonly: bool, sync: str) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
@@ -224,6 +243,7 @@ class Buffer:
     @classmethod
     def _open_checked(cls, path: Path, sync: str, seqmark: SeqMark) -> Buffer:
         fresh = not path.exists() or path.stat().st_size == 0
+        kept = None if fresh else _keep_wal(path)
         conn = _connect(path, readonly=False, sync=sync)
         try:
             if not fresh:
@@ -239,8 +259,10 @@ class Buffer:
             buf._load_counters(fresh_file=fresh)
             seqmark.ensure_above(buf._last_seq)
         except BaseException:
-            conn.close()
+            conn.close()  # the WAL is gone now (checkpointed and deleted), but `kept` stays for the rescue
             raise
+        if kept is not None:
+            kept.unlink(missing_ok=True)
         return buf
 
     @classmethod
@@ -634,7 +656,8 @@ class Buffer:
 
 
 def move_aside(path: Path, reason: str) -> Path:
-    """Rename a damaged database (and its -wal/-shm) to `NAME.corrupt-TIMESTAMP`; never deletes."""
+    """Rename a damaged database (and its -wal/-shm) to `NAME.corrupt-TIMESTAMP`; never deletes.
+    The WAL is taken from the link `_keep_wal` made when there is one."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
     target = path.with_name(f"{path.name}.corrupt-{stamp}")
     n = 1
@@ -644,7 +667,10 @@ def move_aside(path: Path, reason: str) -> Path:
     os.replace(path, target)
     for suffix in ("-wal", "-shm"):
         side = path.with_name(path.name + suffix)
-        if side.exists():
+        if suffix == "-wal" and _kept_wal(path).exists():  # the whole WAL, as it was before the check
+            os.replace(_kept_wal(path), target.with_name(target.name + suffix))
+            side.unlink(missing_ok=True)  # never left beside the fresh file: SQLite would replay it into it
+        elif side.exists():
             os.replace(side, target.with_name(target.name + suffix))
     note = target.with_name(target.name + ".txt")
     note.write_text(f"moved aside by edge-agent at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {reason}\n")

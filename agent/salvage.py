@@ -13,6 +13,9 @@ fresh file, with their seqs unchanged:
 
 A damaged stretch of a table is stepped over: the next readable seq is found by probing forward
 (doubling, then bisecting), so that one bad page costs the rows on it, not the rest of the table.
+What SQL cannot read — rows under a damaged interior page, or the whole file when page 1 or the
+schema is damaged — is looked for in the raw leaf pages of the file and its WAL (`agent.pagescan`);
+without a readable watermark there, every row found is copied.
 
 The readings seqs the fresh file can no longer account for are announced as a gap with reason
 `buffer_corrupt`: each unreadable stretch, and the stretch from the last seq known of the old file
@@ -21,8 +24,8 @@ sees every jump in seq explained (SPEC §3: "a gap means loss and exists only wh
 Nothing is announced where the old file told nothing (not a database at all): the first seq not
 known is then unknown. The moved-aside file is only read, never changed.
 
-Imports `agent.model` (and, to rebuild the alarm state, `agent.alarms`'s state version); the fresh
-`Buffer` is passed in.
+Imports `agent.model` and `agent.pagescan` (and, to rebuild the alarm state, `agent.alarms`'s state
+version); the fresh `Buffer` is passed in.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, STREAMS
+from agent.pagescan import GAPS_TABLE, STREAMS_TABLE, scan
 
 if TYPE_CHECKING:
     from agent.buffer import Buffer
@@ -95,7 +99,7 @@ def salvage_into(moved: Path, fresh: Buffer, now_ms: int,
     try:
         fresh.begin()
         try:
-            _salvage(old, fresh, now_ms, report, progress or (lambda: None))
+            _salvage(old, moved, fresh, now_ms, report, progress or (lambda: None))
             fresh.commit()
         except BaseException:
             fresh.rollback()
@@ -110,34 +114,121 @@ def salvage_into(moved: Path, fresh: Buffer, now_ms: int,
     return report
 
 
-def _salvage(old: sqlite3.Connection, fresh: Buffer, now_ms: int, report: SalvageReport,
+def _salvage(old: sqlite3.Connection, moved: Path, fresh: Buffer, now_ms: int, report: SalvageReport,
              progress: Callable[[], None]) -> None:
     watermarks = _read_watermarks(old)  # stream -> (last seq known, acknowledged watermark), when readable
-    if watermarks is None and not _readable(old, STREAM_READINGS):
-        report.error = "nothing readable in it"
-        return
+    sql_readable = watermarks is not None or _readable(old, STREAM_READINGS)
+    if not sql_readable:
+        # Page 1 or the schema is damaged: SQLite reads nothing, but the leaf pages may hold it all.
+        watermarks, old_gaps = _state_from_pages(moved, progress)
+    known = {stream: watermarks.get(stream) if watermarks else None for stream in STREAMS}
+    sent = {stream: known[stream][1] if known[stream] else 0 for stream in STREAMS}
     for stream in STREAMS:
-        known = watermarks.get(stream) if watermarks else None
-        sent = known[1] if known else 0
         got = report.streams[stream] = StreamSalvage()
-        for rows in _rows_after(old, stream, sent, got):
-            placeholders = ",".join("?" * len(rows[0]))
-            fresh.conn.executemany(f"INSERT OR IGNORE INTO {stream}({COLUMNS[stream]}) VALUES ({placeholders})",
-                                   rows)
-            got.rows += len(rows)
-            got.first_seq = rows[0][0] if got.first_seq is None else got.first_seq
+        if not sql_readable:
+            got.unreadable = [(sent[stream] + 1, None)]
+            continue
+        for rows in _rows_after(old, stream, sent[stream], got):
+            _insert(fresh, stream, rows)
             got.last_seq = rows[-1][0]
             progress()
+        if not got.unreadable or got.unreadable[-1][1] is not None:
+            # Rows beyond all the file knows of: commits SQLite dropped after a damaged WAL frame.
+            beyond = max(got.last_seq or 0, known[stream][0] if known[stream] else 0, sent[stream])
+            got.unreadable.append((beyond + 1, None))
+    alarm_events: dict[int, tuple] | None = None if sql_readable else {}  # to rebuild the alarm state
+    _fill_from_pages(moved, fresh, report, alarm_events, progress)
+    for stream in STREAMS:
+        got = report.streams[stream]
+        got.rows, got.first_seq, got.last_seq = fresh.conn.execute(f"SELECT count(*), min(seq), max(seq) FROM {stream}"
+                                                                    ).fetchone()
+        if got.unreadable:  # what the page scan did not find either
+            if known[stream] is None and not sql_readable and got.first_seq is not None:
+                got.unreadable = [(got.first_seq, None)]  # no watermark: the rows before may have been published
+            got.unreadable = [run for a, b in got.unreadable for run in _missing(fresh, stream, a, b)]
         if got.rows:
             # Publishing resumes at the first salvaged row; the new ones follow above the mark.
             fresh.conn.execute("UPDATE streams SET sent_upto=? WHERE name=?", (got.first_seq - 1, stream))
-        if known is not None:
+        if known[stream] is not None:
             # New seqs go above every seq the old file knew of, even without the mark beside it.
-            fresh.conn.execute("UPDATE streams SET floor_seq=max(floor_seq, ?) WHERE name=?", (known[0], stream))
+            fresh.conn.execute("UPDATE streams SET floor_seq=max(floor_seq, ?) WHERE name=?",
+                               (known[stream][0], stream))
         if stream == STREAM_READINGS:
-            _record_lost_stretches(fresh, got, known, now_ms, report)
-    _copy_pending_gaps(old, fresh, now_ms)
-    _copy_meta(old, fresh)
+            _record_lost_stretches(fresh, got, known[stream], now_ms, report)
+    if sql_readable:
+        _copy_pending_gaps(old, fresh, now_ms)
+        _copy_meta(old, fresh)
+    else:
+        for _, stream, first, last, reason, announced in old_gaps.values():
+            if not announced:
+                fresh.record_gap(stream, first, last, reason, now_ms)
+        log.warning("salvage: the old file's state (alarms, aggregates) is unreadable; the active alarms are "
+                    "rebuilt from its alarm events")
+        _rebuild_active_alarms((alarm_events[seq] for seq in sorted(alarm_events or {})), fresh)
+
+
+def _insert(fresh: Buffer, stream: str, rows: list[tuple]) -> None:
+    placeholders = ",".join("?" * len(rows[0]))
+    fresh.conn.executemany(f"INSERT OR IGNORE INTO {stream}({COLUMNS[stream]}) VALUES ({placeholders})", rows)
+
+
+def _state_from_pages(moved: Path, progress: Callable[[], None]
+                      ) -> tuple[dict[str, tuple[int, int]] | None, dict[int, tuple]]:
+    """The streams' (last seq known, acknowledged watermark) and the gaps, from the raw pages: of
+    each, the highest copy is the latest (watermarks only move forward, a gap only grows)."""
+    marks: dict[str, tuple[int, int]] = {}
+    gaps: dict[int, tuple] = {}
+    for table, row in scan(moved, (STREAMS_TABLE, GAPS_TABLE), progress=progress):
+        if table == STREAMS_TABLE:
+            name, floor, sent = row
+            top, acked = marks.get(name, (0, 0))
+            marks[name] = (max(top, floor, sent), max(acked, sent))
+        else:
+            seen = gaps.get(row[0])
+            if seen is None or (row[3], row[5]) > (seen[3], seen[5]):  # extended, or announced, since
+                gaps[row[0]] = row
+    return marks or None, gaps
+
+
+def _fill_from_pages(moved: Path, fresh: Buffer, report: SalvageReport, alarm_events: dict[int, tuple] | None,
+                     progress: Callable[[], None]) -> None:
+    """Insert the rows the page scan finds in the stretches SQL could not read; collect every alarm
+    event into `alarm_events` when it is not None."""
+    stretches = {stream: got.unreadable for stream, got in report.streams.items() if got.unreadable}
+
+    def inside(stream: str, seq: int) -> bool:
+        return any(a <= seq and (b is None or seq <= b) for a, b in stretches.get(stream, ()))
+
+    def want(table: str, seq: int) -> bool:
+        return inside(table, seq) or (table == STREAM_ALARMS and alarm_events is not None)
+
+    batches: dict[str, list[tuple]] = {stream: [] for stream in STREAMS}
+    tables = set(stretches) | ({STREAM_ALARMS} if alarm_events is not None else set())
+    for table, row in scan(moved, tables, want, progress):
+        if table == STREAM_ALARMS and alarm_events is not None:
+            alarm_events[row[0]] = row
+        if inside(table, row[0]):
+            batches[table].append(row)
+            if len(batches[table]) >= CHUNK:
+                _insert(fresh, table, batches[table])
+                batches[table] = []
+    for table, rows in batches.items():
+        if rows:
+            _insert(fresh, table, rows)
+
+
+def _missing(fresh: Buffer, stream: str, first: int, last: int | None) -> list[tuple[int, int | None]]:
+    """The runs of seqs in [first, last] (None: open-ended) that the fresh file does not hold."""
+    runs: list[tuple[int, int | None]] = []
+    cursor = first
+    for (seq,) in fresh.conn.execute(f"SELECT seq FROM {stream} WHERE seq >= ? AND seq <= ? ORDER BY seq",
+                                     (first, last if last is not None else 2**63 - 1)):
+        if seq > cursor:
+            runs.append((cursor, seq - 1))
+        cursor = seq + 1
+    if last is None or cursor <= last:
+        runs.append((cursor, last))
+    return runs
 
 
 def _read_watermarks(old: sqlite3.Connection) -> dict[str, tuple[int, int]] | None:
@@ -269,26 +360,27 @@ def _copy_meta(old: sqlite3.Connection, fresh: Buffer) -> None:
     except sqlite3.Error as exc:
         log.warning("salvage: the old file's state (alarms, aggregates) is unreadable (%s); the active "
                     "alarms are rebuilt from its alarm events", exc)
-        _rebuild_active_alarms(old, fresh)
+        _rebuild_active_alarms((row for rows in _rows_after(old, STREAM_ALARMS, 0, StreamSalvage()) for row in rows),
+                               fresh)
         return
     for key, value in rows:
         fresh.set_meta(str(key), str(value))
 
 
-def _rebuild_active_alarms(old: sqlite3.Connection, fresh: Buffer) -> None:
-    """The alarms whose last readable event is `raised`, as the alarm engine's saved state: an alarm
-    raised before the damage is not raised a second time (SPEC §4: raised once, cleared once)."""
+def _rebuild_active_alarms(events: Iterable[tuple], fresh: Buffer) -> None:
+    """The alarms whose last readable event (of `events`: alarm rows in seq order) is `raised`, as the
+    alarm engine's saved state: an alarm raised before the damage is not raised a second time
+    (SPEC §4: raised once, cleared once)."""
     from agent.alarms import STATE_VERSION  # the engine's state format (this rare path only)
 
     last: dict[str, tuple[int, dict]] = {}
-    for rows in _rows_after(old, STREAM_ALARMS, 0, StreamSalvage()):
-        for _, ts_ms, text in rows:
-            try:
-                body = json.loads(text)
-            except (TypeError, ValueError):
-                continue
-            if isinstance(body, dict) and isinstance(body.get("id"), str):
-                last[body["id"]] = (int(ts_ms), body)
+    for _, ts_ms, text in events:
+        try:
+            body = json.loads(text)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(body, dict) and isinstance(body.get("id"), str):
+            last[body["id"]] = (int(ts_ms), body)
     active = [(ts_ms, body) for ts_ms, body in last.values() if body.get("state") == "raised"]
     state = [{"id": b["id"], "channel": b.get("channel"), "rule": b.get("rule"), "since_ms": ts_ms,
               "value": b.get("value"), "threshold": b.get("threshold")} for ts_ms, b in active]

@@ -55,6 +55,45 @@ def gaps(buf: Buffer) -> list[tuple[int, int, str]]:
     return [(g.first_seq, g.last_seq, g.reason) for g in buf.pending_gaps()]
 
 
+def root_page(path: Path, table: str) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT pageno FROM dbstat WHERE name=? AND path='/'", (table,)).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def raise_two_alarms_clear_one(path: Path) -> None:
+    buf = Buffer.open_writer(path)
+    buf.begin()
+    for ts, body in [(1000, {"id": "sim.a:above", "channel": "sim.a", "rule": "above", "state": "raised",
+                             "value": 90, "threshold": 80, "ts": "2026-11-29T00:00:01.000Z"}),
+                     (2000, {"id": "sim.b:above", "channel": "sim.b", "rule": "above", "state": "raised",
+                             "value": 9, "threshold": 8, "ts": "2026-11-29T00:00:02.000Z"}),
+                     (3000, {"id": "sim.b:above", "channel": "sim.b", "rule": "above", "state": "cleared",
+                             "value": 7, "threshold": 8, "ts": "2026-11-29T00:00:03.000Z"})]:
+        buf.insert_event(STREAM_ALARMS, ts, body)
+    buf.commit()
+    buf.close()
+
+
+def assert_next_seq(buf: Buffer, expected: int) -> None:
+    buf.begin()
+    assert buf.insert_readings(readings(1))[0].seq == expected, "new readings continue above the high-water mark"
+    buf.commit()
+
+def assert_one_pages_readings_lost(buf: Buffer, last: int, mark: int, page_rows: int = 50) -> None:
+    """Every reading 1..last is salvaged but for those of one damaged page, which are announced as
+    lost, as is the jump from `last` to the high-water mark."""
+    salvaged = {r.seq for r in buf.readings_after(0, 10_000)}
+    announced = gaps(buf)
+    assert {reason for _, _, reason in announced} == {GAP_REASON}
+    lost = {s for a, b, _ in announced for s in range(a, min(b, last) + 1)}
+    assert len(lost) <= page_rows, "a 1 KiB page holds a few dozen readings: only those are lost"
+    assert salvaged | lost == set(range(1, last + 1)), "every other reading, before and after the damage"
+    assert not salvaged & lost
+    assert max(b for _, b, _ in announced) == mark, "the jump to the high-water mark is announced too"
+
 def test_unpublished_readings_survive_damage_to_another_table(tmp_path):
     path = tmp_path / "b.db"
     filled_buffer(path, 2000, sent=500)
@@ -88,17 +127,9 @@ def test_a_damaged_page_of_readings_costs_only_the_readings_on_it(tmp_path, whic
     damage(path, {"first": leaves[0], "middle": leaves[len(leaves) // 2], "last": leaves[-1]}[which])
     buf = Buffer.open_writer(path)
     try:
-        salvaged = {r.seq for r in buf.readings_after(0, 10_000)}
-        announced = gaps(buf)
-        assert {reason for _, _, reason in announced} == {GAP_REASON}
-        lost = {s for a, b, _ in announced for s in range(a, min(b, 3000) + 1)}
-        assert 0 < len(lost) <= 50, "a 1 KiB page holds a few dozen readings: only those are lost"
-        assert salvaged | lost == set(range(1, 3001)), "every other reading, before and after the damage"
-        assert not salvaged & lost
-        assert max(b for _, b, _ in announced) == mark, "the jump to the high-water mark is announced too"
-        buf.begin()
-        assert buf.insert_readings(readings(1))[0].seq == mark + 1
-        buf.commit()
+        assert_one_pages_readings_lost(buf, 3000, mark)
+        assert len(buf.readings_after(0, 10_000)) < 3000, "the damaged page's readings are gone"
+        assert_next_seq(buf, mark + 1)
     finally:
         buf.close()
 
@@ -183,6 +214,7 @@ def test_a_crash_leaves_a_wal_that_opens_as_it_is(tmp_path):
     again = Buffer.open_writer(crashed / "b.db")
     try:
         assert not [p for p in crashed.iterdir() if ".corrupt-" in p.name]
+        assert not (crashed / "b.db-wal.kept").exists(), "the WAL's safety link goes once the file proves sound"
         again.begin()
         assert again.insert_readings(readings(1))[0].seq == last + 1, "numbering goes right on"
         again.commit()
@@ -195,17 +227,7 @@ def test_with_the_state_page_damaged_the_active_alarms_are_rebuilt_from_the_alar
     in the damaged meta page, its events in the alarms table."""
     path = tmp_path / "b.db"
     filled_buffer(path, 200, sent=0)
-    buf = Buffer.open_writer(path)
-    buf.begin()
-    for ts, body in [(1000, {"id": "sim.a:above", "channel": "sim.a", "rule": "above", "state": "raised",
-                             "value": 90, "threshold": 80, "ts": "2026-11-29T00:00:01.000Z"}),
-                     (2000, {"id": "sim.b:above", "channel": "sim.b", "rule": "above", "state": "raised",
-                             "value": 9, "threshold": 8, "ts": "2026-11-29T00:00:02.000Z"}),
-                     (3000, {"id": "sim.b:above", "channel": "sim.b", "rule": "above", "state": "cleared",
-                             "value": 7, "threshold": 8, "ts": "2026-11-29T00:00:03.000Z"})]:
-        buf.insert_event(STREAM_ALARMS, ts, body)
-    buf.commit()
-    buf.close()
+    raise_two_alarms_clear_one(path)
     damage(path, pages_of(path, "meta")[0])
     buf = Buffer.open_writer(path)
     try:
@@ -213,5 +235,97 @@ def test_with_the_state_page_damaged_the_active_alarms_are_rebuilt_from_the_alar
         assert [(a["id"], a["since_ms"], a["threshold"]) for a in state["active"]] == [("sim.a:above", 1000, 80)]
         shown = json.loads(buf.meta_value("active_alarms") or "[]")
         assert [(a["id"], a["since"]) for a in shown] == [("sim.a:above", "2026-11-29T00:00:01.000Z")]
+    finally:
+        buf.close()
+
+
+@pytest.mark.parametrize("damaged", ["file header (page 1)", "root page of readings"])
+def test_rows_under_a_damaged_header_or_root_page_are_read_from_their_leaf_pages(tmp_path, damaged):
+    """Page 1 and a table's root page are rewritten at nearly every checkpoint: the pages a failing
+    card damages most. SQLite then reaches no row at all, but the leaf pages still hold them."""
+    path = tmp_path / "b.db"
+    filled_buffer(path, 3000, sent=1000)
+    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
+    damage(path, 1 if damaged.startswith("file") else root_page(path, "readings"))
+    buf = Buffer.open_writer(path)
+    try:
+        got = buf.readings_after(0, 10_000)
+        assert [r.seq for r in got] == list(range(1001, 3001)), "every unpublished reading, same seq, none published"
+        assert [(r.channel, r.value, r.unit, r.flag) for r in got] == [
+            (f"c{(s - 1) % 40 % 10}", float((s - 1) % 40), "mg/L", "N") for s in range(1001, 3001)], "their values"
+        assert buf.sent_upto(STREAM_READINGS) == 1000, "publishing resumes at the first salvaged reading"
+        assert gaps(buf) == [(3001, mark, GAP_REASON)], "only the jump to the high-water mark is announced"
+        assert [e.body["period"] for e in buf.events_after(STREAM_AGGREGATES, 0, 10)] == ["1h"]
+        assert_next_seq(buf, mark + 1)
+    finally:
+        buf.close()
+
+
+def test_with_the_root_and_a_leaf_damaged_only_the_leafs_readings_are_lost_and_announced(tmp_path):
+    path = tmp_path / "b.db"
+    filled_buffer(path, 3000, sent=0)
+    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
+    leaves = pages_of(path, "readings")
+    damage(path, root_page(path, "readings"))
+    damage(path, leaves[len(leaves) // 2])
+    buf = Buffer.open_writer(path)
+    try:
+        assert_one_pages_readings_lost(buf, 3000, mark)
+        assert len(buf.readings_after(0, 10_000)) < 3000, "the damaged leaf's readings are gone"
+    finally:
+        buf.close()
+
+
+def test_with_the_file_header_damaged_the_active_alarms_come_back_from_the_alarm_pages(tmp_path):
+    path = tmp_path / "b.db"
+    filled_buffer(path, 200, sent=200)
+    raise_two_alarms_clear_one(path)
+    damage(path, 1)
+    buf = Buffer.open_writer(path)
+    try:
+        state = json.loads(buf.meta_value("alarm_state") or "{}")
+        assert [(a["id"], a["since_ms"]) for a in state["active"]] == [("sim.a:above", 1000)], \
+            "raised before the damage, not raised a second time"
+        assert buf.readings_after(0, 10) == [], "the published readings are not sent again"
+    finally:
+        buf.close()
+
+
+def test_the_commits_after_a_damaged_wal_frame_are_read_from_the_frames_that_follow(tmp_path):
+    """SQLite stops reading a WAL at a damaged frame; the frames after it still hold their rows (and
+    later copies of the damaged page often hold its rows too)."""
+    crashed, last = crashed_copy(tmp_path, commits=30)
+    wal = crashed / "b.db-wal"
+    frames = (wal.stat().st_size - 32) // 1048
+    with open(wal, "r+b") as f:
+        f.seek(32 + frames // 3 * 1048 + 24 + 500)
+        f.write(b"\xde\xad\xbe\xef")
+    mark = json.loads((crashed / "b.db.seq").read_text())[STREAM_READINGS]
+    wal_size = wal.stat().st_size
+    again = Buffer.open_writer(crashed / "b.db")
+    try:
+        kept = [p for p in crashed.iterdir() if p.name.endswith("-wal") and ".corrupt-" in p.name]
+        assert [p.stat().st_size for p in kept] == [wal_size], "the whole WAL is kept beside the damaged file"
+        assert not (crashed / "b.db-wal.kept").exists()
+        assert_one_pages_readings_lost(again, last, mark)
+    finally:
+        again.close()
+
+
+def test_with_the_file_header_damaged_an_unannounced_gap_is_still_announced(tmp_path):
+    path = tmp_path / "b.db"
+    filled_buffer(path, 400, sent=0)
+    buf = Buffer.open_writer(path)
+    buf.begin()
+    announced = buf.record_gap(STREAM_READINGS, 1, 40, "buffer_full", now_ms())
+    buf.mark_gap_announced(announced.id, 40)
+    buf.record_gap(STREAM_READINGS, 101, 140, "buffer_full", now_ms())
+    buf.commit()
+    buf.close()
+    damage(path, 1)
+    buf = Buffer.open_writer(path)
+    try:
+        assert (101, 140, "buffer_full") in gaps(buf)
+        assert (1, 40, "buffer_full") not in gaps(buf), "announced already"
     finally:
         buf.close()
