@@ -1944,11 +1944,10 @@ def parse_config(
     for path, message, where, warning in _cross_check(data):
         if path not in claimed:
             (warnings if warning else problems).append(locator.problem(path, where, message, warning=warning))
-    if check_files:  # every file key that is valid itself, whatever else is wrong
-        reported = {p.path for p in problems}
+    if check_files:  # every file key that is valid itself, whatever else is wrong (also with that key)
         for key, value in _named_files(data, base):
             trouble = _file_problem(key, value)
-            if trouble is not None and _dotted(key) not in reported:
+            if trouble is not None:
                 problems.append(locator.problem(key, "value", trouble))
     if config is not None and not problems:
         warnings += [locator.problem(path, "value", message, warning=True)
@@ -2138,5 +2137,13 @@ def _yaml_problem(file: str, exc: yaml.MarkedYAMLError) -> Problem:
         message += f" ({exc.context} at line {exc.context_mark.line + 1})"
     if exc.problem and "'\\t'" in exc.problem:
         message += "; YAML does not allow tabs for indentation, use spaces"
+    elif exc.problem and exc.problem.startswith(_INDENTATION_PROBLEMS):
+        message += ("; check the indentation of this line: the keys of one section start in the same column "
+                    "(a value that contains ': ' goes in quotes)")
     return Problem(file, line, col, FILE_PATH, message)
+
+
+#: PyYAML's words for what is, in a hand-written config, nearly always a key indented wrongly.
+_INDENTATION_PROBLEMS = ("mapping values are not allowed here", "did not find expected key",
+                         "expected <block end>")
 

@@ -1177,12 +1177,13 @@ class ModbusDriver:
             self._problems.clear()
             return
         kind, text = problem
+        what = text if text.startswith(kind) else f"{kind}: {text}"  # not "no answer: no answer, after 2 tries"
         if kind in self._problems:
-            log.debug("device %s (slave %d on %s): still failing: %s: %s", self.device_id, self.slave,
-                      self.bus.name, kind, text)
+            log.debug("device %s (slave %d on %s): still failing: %s", self.device_id, self.slave,
+                      self.bus.name, what)
             return
         self._problems.add(kind)
-        log.warning("device %s (slave %d on %s): %s: %s", self.device_id, self.slave, self.bus.name, kind, text)
+        log.warning("device %s (slave %d on %s): %s", self.device_id, self.slave, self.bus.name, what)
 
 
 class WriteFailed(Exception):

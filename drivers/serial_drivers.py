@@ -509,6 +509,14 @@ def _ts_ms(dt: datetime) -> int:
     return int(dt.replace(microsecond=0).timestamp()) * 1000 + dt.microsecond // 1000
 
 
+def _ts_ms_of(packet: hj212.Packet, tz: tzinfo) -> int:
+    """A CN 2011 packet's DataTime (station timezone) in ms; ValueError when it has none."""
+    text = packet.get("DataTime")
+    if not text:
+        raise ValueError("CN 2011 packet without DataTime")
+    return _ts_ms(hj212.parse_time(text, tz))
+
+
 class Hj212Driver:
     """An analyzer that sends HJ 212 CN 2011 real-time packets by itself over RS-232/485.
 
@@ -522,8 +530,10 @@ class Hj212Driver:
 
     Channels are not known in advance: at each poll every channel declared in the config
     (`device.channels`, if any), stored before this start (`seen`) or seen so far gets the latest item
-    received since the previous poll, or value None with flag B (stamped with the poll time) when none
-    came.
+    received since the previous poll, or value None with flag B when none came. A B reading is stamped
+    with the poll time on the analyzer's clock (the poll time shifted by the offset between the last
+    packet's DataTime and the time it arrived): an analyzer whose clock lags, or whose DataTime is the
+    measurement's time, would otherwise see its channels' times step back at the next packet.
     """
 
     _REJECTS: ClassVar[tuple[str, ...]] = ("bad_crc", "bad_length", "malformed", "bad_content")
@@ -549,6 +559,7 @@ class Hj212Driver:
         self._rejects = _RejectReport(device_id, reject_log_every)
         self._silence = _Silence(device_id)
         self._got_packet = False
+        self._clock_offset_ms = 0  # the last packet's DataTime minus our wall clock when it arrived
         self._closed = False
         line.acquire()
         line.subscribe(self._on_bytes)
@@ -598,6 +609,7 @@ class Hj212Driver:
             return None
         self.counters["packets"] += 1
         self._got_packet = True
+        self._clock_offset_ms = _ts_ms_of(packet, self.tz) - int(time.time() * 1000)
         for code, (value, flag, ts) in items.items():
             if code not in self.known:
                 self.known[code] = _pollutant_unit(code)
@@ -612,10 +624,7 @@ class Hj212Driver:
 
     def _items(self, packet: hj212.Packet) -> dict[str, tuple[float | None, str, int]]:
         """code -> (value, flag, ts_ms) of a CN 2011 packet; ValueError rejects the whole packet."""
-        text = packet.get("DataTime")
-        if not text:
-            raise ValueError("CN 2011 packet without DataTime")
-        ts = _ts_ms(hj212.parse_time(text, self.tz))
+        ts = _ts_ms_of(packet, self.tz)
         items: dict[str, tuple[float | None, str, int]] = {}
         for code, fields in packet.pollutants().items():
             if "Rtd" not in fields and "Flag" not in fields:
@@ -641,6 +650,7 @@ class Hj212Driver:
         with self._cond:
             latest, self._latest = self._latest, {}
             got_packet, self._got_packet = self._got_packet, False
+            missing_ts = ts_ms + self._clock_offset_ms
             known = list(self.known.items())
             counters = {**self.counters, "garbage_bytes": self.reader.bytes_dropped}
             detail = self._last_error
@@ -656,7 +666,7 @@ class Hj212Driver:
                 out.append(Reading(self.device_id, code, ts, value, unit, flag))
                 fresh = True
             else:
-                out.append(Reading(self.device_id, code, ts_ms, None, unit, FLAG_COMM))
+                out.append(Reading(self.device_id, code, missing_ts, None, unit, FLAG_COMM))
         self._silence.update(fresh or (got_packet and not known), self.line.is_open)
         return out
 

@@ -329,6 +329,14 @@ def test_tab_indentation_is_explained(tmp_path: Path) -> None:
     assert "use spaces" in single_problem(tmp_path, text)
 
 
+@pytest.mark.parametrize("indent", ["      interval: 1", "   interval: 1"])
+def test_a_key_indented_wrongly_is_explained_at_its_line(tmp_path: Path, indent: str) -> None:
+    text = GOOD.replace("    interval: 1", indent)
+    line = text.splitlines().index(indent) + 1
+    problem = single_problem(tmp_path, text)
+    assert problem.startswith(f"{line}:"), problem
+    assert "check the indentation of this line" in problem
+
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
     assert problems_of(path) == [f"{path}:1:1: {FILE_PATH}: cannot read the file: No such file or directory"]
@@ -559,6 +567,19 @@ def test_missing_files_are_reported_with_the_other_problems(tmp_path: Path) -> N
         "16:5: devices.sim.intervall: unknown key 'intervall' (did you mean 'interval'?)",
     ]
 
+
+def test_a_missing_password_file_is_reported_beside_the_missing_username(tmp_path: Path) -> None:
+    """Two problems of one key, both in one pass: the technician fixes both at once."""
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883", """\
+  url: mqtt://127.0.0.1:1883
+  password_file: mqtt.pass""")
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={}, check_files=True)
+    assert [str(p)[len(str(path)) + 1:] for p in info.value.problems] == [
+        "8:3: mqtt.password_file: a password needs a username (MQTT sends no password without a user name)",
+        f"8:18: mqtt.password_file: file not found: {tmp_path / 'mqtt.pass'}",
+    ]
 
 def test_yes_no_is_no_number_but_numbers_keep_working(tmp_path: Path) -> None:
     text = GOOD.replace("id: ST01", "id: 14010500000017").replace("  url: mqtt://127.0.0.1:1883", """\

@@ -15,6 +15,7 @@ import tty
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from types import SimpleNamespace
+from zoneinfo import ZoneInfo
 
 import pytest
 import serial
@@ -257,9 +258,33 @@ def test_hj212_items_become_readings_stamped_with_the_packets_datatime(pty, buil
     assert (readings["w01018"].value, readings["w01018"].flag, readings["w01018"].ts_ms) == (None, "D", stamp)
     assert (readings["w21003"].value, readings["w21003"].flag, readings["w21003"].ts_ms) == (1.5, "N", stamp)
     assert readings["w01018"].unit == "mg/L"
-    # Silent afterwards: every channel seen so far is null with flag B, stamped with the poll time.
-    assert [(r.channel, r.value, r.flag, r.ts_ms) for r in an.poll(99)] == [
-        ("w01018", None, "B", 99), ("w21003", None, "B", 99)]
+    # Silent afterwards: every channel seen so far is null with flag B, stamped with the poll time on
+    # the analyzer's clock (its DataTime lies hours before this machine's time here).
+    silent = an.poll(int(time.time() * 1000))
+    assert [(r.channel, r.value, r.flag) for r in silent] == [("w01018", None, "B"), ("w21003", None, "B")]
+    assert all(stamp <= r.ts_ms <= stamp + 60_000 for r in silent), "just after its last DataTime"
+
+
+def test_hj212_a_channels_times_never_step_back_when_the_analyzers_clock_lags(pty, built):
+    """An analyzer whose DataTime lags two minutes (a slow clock, or the time its measurement was
+    taken): a B reading between two packets lies between them in time, not two minutes ahead."""
+    (an,) = build(built, pty.path, {"an": ("hj212", 3)})
+    wait_open(an)
+    shanghai = ZoneInfo("Asia/Shanghai")
+
+    def lagging(seconds_from_now: float) -> str:
+        return datetime.fromtimestamp(time.time() - 120 + seconds_from_now, shanghai).strftime("%Y%m%d%H%M%S")
+
+    times = []
+    pty.write(packet_frame(lagging(0), {"w01018": (23.4, "N")}))
+    wait_for(lambda: an.stats().get("packets", 0) >= 1, 5, "a packet")
+    times += [(r.flag, r.ts_ms) for r in an.poll(int(time.time() * 1000))]
+    times += [(r.flag, r.ts_ms) for r in an.poll(int(time.time() * 1000) + 3000)]  # nothing came: B
+    pty.write(packet_frame(lagging(6), {"w01018": (23.5, "N")}))
+    wait_for(lambda: an.stats().get("packets", 0) >= 2, 5, "a second packet")
+    times += [(r.flag, r.ts_ms) for r in an.poll(int(time.time() * 1000) + 6000)]
+    assert [flag for flag, _ in times] == ["N", "B", "N"]
+    assert [ts for _, ts in times] == sorted(ts for _, ts in times), times
 
 
 def test_hj212_datatime_is_read_in_the_station_timezone(pty, built):
