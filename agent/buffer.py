@@ -55,6 +55,9 @@ class JsonBatch:
     items: str
 
 
+GAP_BUFFER_MISSING = "buffer_missing"  # the reason of a gap of seqs a fresh buffer file cannot account for
+
+
 class BufferError(Exception):
     """The buffer cannot be opened or written (not a corruption we can rescue)."""
 
@@ -233,7 +236,7 @@ class Buffer:
 
         moved = move_aside(path, str(exc))
         log.error("buffer %s is corrupt (%s); moved aside to %s, starting a fresh one", path, exc, moved)
-        buf = cls._open_checked(path, sync, SeqMark(path.with_name(path.name + ".seq")))
+        buf = cls._open_checked(path, sync, SeqMark(path.with_name(path.name + ".seq")), announce_jump=False)
         report = salvage_into(moved, buf, int(time.time() * 1000), progress)
         log.warning("buffer %s: from %s %s", path, moved.name, report.summary())
         if max_mb is not None:
@@ -241,7 +244,8 @@ class Buffer:
         return buf
 
     @classmethod
-    def _open_checked(cls, path: Path, sync: str, seqmark: SeqMark) -> Buffer:
+    def _open_checked(cls, path: Path, sync: str, seqmark: SeqMark, announce_jump: bool = True) -> Buffer:
+        """Open (or create) and check the file; `announce_jump=False` when the salvage announces it."""
         fresh = not path.exists() or path.stat().st_size == 0
         kept = None if fresh else _keep_wal(path)
         conn = _connect(path, readonly=False, sync=sync)
@@ -256,7 +260,7 @@ class Buffer:
                                                 "transactions SQLite had to drop (a damaged frame before them)")
             buf = cls(path, conn, writer=True, seqmark=seqmark)
             buf._create_schema()
-            buf._load_counters(fresh_file=fresh)
+            buf._load_counters(fresh_file=fresh, announce_jump=announce_jump)
             seqmark.ensure_above(buf._last_seq)
         except BaseException:
             conn.close()  # the WAL is gone now (checkpointed and deleted), but `kept` stays for the rescue
@@ -277,6 +281,8 @@ class Buffer:
 
     def close(self) -> None:
         if self.writer:
+            if self.seqmark is not None:  # a buffer that replaces this one knows what was delivered
+                self.seqmark.note_acked(self._sent_upto)
             try:
                 self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as exc:
@@ -333,7 +339,7 @@ class Buffer:
         self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
                           (str(SCHEMA_VERSION),))
 
-    def _load_counters(self, fresh_file: bool = False) -> None:
+    def _load_counters(self, fresh_file: bool = False, announce_jump: bool = False) -> None:
         """Read each stream's last seq and watermark. Only a fresh file (first start, or the old one
         lost or moved aside) is moved above the high-water mark; this writes, the rest only reads."""
         assert self.seqmark is not None
@@ -350,6 +356,8 @@ class Buffer:
             # storage.path): continue above every seq that may ever have been issued.
             if last < mark and (fresh_file or last < mark - self.seqmark.block):
                 log.info("stream %s continues above high-water mark %d", stream, mark)
+                if stream == STREAM_READINGS and announce_jump:
+                    self._announce_jump(last, mark, fresh_file)
                 last = mark
                 sent = mark if fresh_file else sent  # rows still unpublished in the file stay so
                 self.conn.execute(
@@ -357,6 +365,22 @@ class Buffer:
                 )
             self._last_seq[stream] = last
             self._sent_upto[stream] = min(sent, last)
+
+    def _announce_jump(self, last: int, mark: int, fresh_file: bool) -> None:
+        """Readings seqs up to the mark that this file cannot account for: issued by a buffer that is
+        gone (deleted, lost with its card, left at another `storage.path`) or never issued. Receivers
+        see them skipped; SPEC §3 wants every gap announced, so this one is, as `buffer_missing`,
+        from the acknowledged watermark a buffer here last closed with (rows above it may have been
+        lost with that buffer), else from the block the mark reserved (the seqs below it were issued
+        and, as far as anything here tells, delivered)."""
+        assert self.seqmark is not None
+        acked = self.seqmark.acked().get(STREAM_READINGS)
+        known = acked if acked is not None else (mark - self.seqmark.block if fresh_file else last)
+        first = max(last, known) + 1
+        if first <= mark:
+            self.record_gap(STREAM_READINGS, first, mark, GAP_BUFFER_MISSING, int(time.time() * 1000))
+            log.warning("buffer %s: readings seqs %d..%d are not in this file (it is new, or another buffer "
+                        "issued them): announced as a gap (buffer_missing)", self.path, first, mark)
 
     # ------------------------------------------------------------------ writer side
 

@@ -143,6 +143,10 @@ _SECRET_KEYS = frozenset({"password", "pw"})
 def _is_secret_key_path(path: tuple[str | int, ...]) -> bool:
     return any(str(p) in _SECRET_KEYS for p in path)
 
+
+def _is_credential_path(path: tuple[str | int, ...]) -> bool:
+    return _is_secret_key_path(path) or (bool(path) and path[-1] == "username")
+
 # Unit words appended to range messages ("must be at least 0.1 seconds").
 _UNITS: dict[str, str] = {
     name: " seconds"
@@ -1485,9 +1489,10 @@ class _TooComplex(Exception):
 class _TreeBuilder:
     """Builds plain data from a composed YAML node tree, remembering where each key and value is."""
 
-    def __init__(self, file: str, env: Mapping[str, str]):
+    def __init__(self, file: str, env: Mapping[str, str], credentials_optional: bool = False):
         self.file = file
         self.env = env
+        self.credentials_optional = credentials_optional  # an unset ${VAR} in a credential is no problem
         self.problems: list[tuple[_Path, yaml.Mark, str]] = []
         self.marks: dict[_Path, tuple[yaml.Mark | None, yaml.Mark]] = {}
         self.substituted: dict[_Path, dict[str, str]] = {}
@@ -1538,6 +1543,8 @@ class _TreeBuilder:
             try:
                 result = substitute(text, self.env)
             except SubstitutionError as exc:
+                if self.credentials_optional and _is_credential_path(path):
+                    return text  # `status` needs no credentials: the `${NAME}` text stands in for them
                 self.problems.append((path, node.start_mark, str(exc)))
                 return text
             if result.used:
@@ -1885,10 +1892,13 @@ def parse_config(
     env: Mapping[str, str] | None = None,
     base_dir: str | os.PathLike[str] | None = None,
     check_files: bool = False,
+    credentials_optional: bool = False,
 ) -> Config:
     """Validate configuration `text`; `file` is only used in messages, `base_dir` anchors relative
     paths (None: they stay relative). Raises ConfigError listing every problem, in file order.
-    With `check_files`, the files it names (password, TLS) must exist too."""
+    With `check_files`, the files it names (password, TLS) must exist too. With
+    `credentials_optional`, an unset environment variable in a user name or password is no problem
+    (for commands that never connect: `status`, run by a technician whose shell lacks them)."""
     env = os.environ if env is None else env
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -1907,7 +1917,7 @@ def parse_config(
     if root is None:
         raise ConfigError([Problem(file, 1, 1, FILE_PATH,
                                    "the file is empty (expected station:, storage:, mqtt:, devices: ...)")])
-    builder = _TreeBuilder(file, env)
+    builder = _TreeBuilder(file, env, credentials_optional)
     try:
         data = builder.build(root, ())
     except _TooComplex:
@@ -1969,11 +1979,13 @@ def load_config(
     env: Mapping[str, str] | None = None,
     *,
     check_files: bool = False,
+    credentials_optional: bool = False,
 ) -> Config:
     """Load and validate the configuration file at `path` (env: default os.environ).
 
     Relative paths inside it are resolved against its directory. With `check_files`, the files it
-    names (password_file, TLS files) must exist too (for `check-config`). Raises ConfigError.
+    names (password_file, TLS files) must exist too (for `check-config`); `credentials_optional`:
+    see `parse_config`. Raises ConfigError.
     """
     file = os.fspath(path)
     try:
@@ -1989,7 +2001,8 @@ def load_config(
         raise ConfigError([Problem(file, line, col, FILE_PATH,
                                    "the file is not UTF-8 text (save it as UTF-8)")]) from None
     base_dir = Path(file).absolute().parent
-    config = parse_config(text, file=file, env=env, base_dir=base_dir, check_files=check_files)
+    config = parse_config(text, file=file, env=env, base_dir=base_dir, check_files=check_files,
+                          credentials_optional=credentials_optional)
     config._source_path = Path(file).absolute()
     return config
 

@@ -18,10 +18,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 BLOCK = 10_000
+ACKED = ".acked"  # key suffix of a stream's acknowledged watermark at the last clean close
 
 
 class SeqMark:
-    """The `<buffer>.seq` file: `{"readings": N, "aggregates": N, "alarms": N}` reserved upper bounds."""
+    """The `<buffer>.seq` file: `{"readings": N, "aggregates": N, "alarms": N}` reserved upper bounds,
+    and `{"readings.acked": N, ...}` the acknowledged watermarks of the last clean close."""
 
     def __init__(self, path: Path, block: int = BLOCK):
         self.path = path
@@ -49,6 +51,22 @@ class SeqMark:
                           self.path, exc)
                 self._marks = {}
         return dict(self._marks)
+
+    def acked(self) -> dict[str, int]:
+        """Per stream, the acknowledged watermark a buffer here last closed with (`note_acked`)."""
+        return {key[:-len(ACKED)]: value for key, value in self.read().items() if key.endswith(ACKED)}
+
+    def note_acked(self, sent_upto: dict[str, int]) -> None:
+        """At a clean close: keep each stream's acknowledged watermark beside the reservation (keys
+        `<stream>.acked`, plain numbers that an older reader takes for streams it does not have)."""
+        marks = self.read()
+        wanted = {**marks, **{stream + ACKED: seq for stream, seq in sent_upto.items()}}
+        if wanted != marks:
+            try:
+                self._write(wanted)
+                self._marks = wanted
+            except OSError as exc:
+                log.warning("cannot keep the acknowledged watermark in %s (%s)", self.path, exc)
 
     def ensure_above(self, last_seqs: dict[str, int]) -> None:
         """Make sure every stream's reservation covers `last_seqs`; rewrite the file if not."""

@@ -510,6 +510,19 @@ def test_status_of_a_buffer_it_cannot_read_says_unknown_not_zero(tmp_path):
     assert "backlog  unknown" in text and "alarms   unknown" in text
 
 
+def test_status_needs_no_credentials_from_the_environment(tmp_path):
+    """A technician's `sudo -u edge-agent edge-agent status` has not the service's environment file:
+    status never connects, so the broker's user name and password may be unset there."""
+    config = sim_config(tmp_path, Broker(tmp_path / "broker"))
+    config["mqtt"].update(username="${EDGE_TEST_MQTT_USER}", password="${EDGE_TEST_MQTT_PASS}")
+    cfg = write_config(tmp_path / "station.yaml", config)
+    result = run_cli("status", "-c", str(cfg), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["backlog"] == 0
+    checked = run_cli("check-config", str(cfg))
+    assert checked.returncode == 2 and "EDGE_TEST_MQTT_PASS is not set" in checked.stderr, \
+        "check-config still says what `run` would miss"
+
 def test_check_config_cli_prints_file_line_col_and_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("station:\n  id: ST01\n  type: outfall\nstorage:\n  path: b.db\nmqtt:\n  url: mqtt://h\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 from agent.buffer import Buffer
@@ -86,6 +87,54 @@ def test_lost_database_file_continues_seq_from_the_mark_beside_it(tmp_path):
     buf = Buffer.open_writer(path)
     assert store(buf, readings(1))[0].seq > 7
     buf.close()
+
+
+def gaps(buf: Buffer) -> list[tuple[int, int, str]]:
+    return [(g.first_seq, g.last_seq, g.reason) for g in buf.pending_gaps()]
+
+
+def test_a_deleted_file_s_jump_is_announced_from_what_was_acknowledged(tmp_path):
+    """SPEC §3: a gap exists only where announced. A technician deletes the buffer file; the fresh one
+    continues above the mark, and receivers must not take the skipped seqs for an unexplained loss."""
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    store(buf, readings(30))
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 20)  # 21..30 still unpublished: lost with the file
+    buf.commit()
+    buf.close()
+    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
+    for name in ("b.db", "b.db-wal", "b.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    buf = Buffer.open_writer(path)
+    try:
+        assert gaps(buf) == [(21, mark, "buffer_missing")]
+        assert store(buf, readings(1))[0].seq == mark + 1
+    finally:
+        buf.close()
+
+
+def test_after_a_crash_a_deleted_file_s_jump_is_announced_from_the_reserved_block(tmp_path):
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    store(buf, readings(30))
+    buf.conn.close()  # the process died: no clean close, nothing noted beside the mark
+    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
+    for name in ("b.db", "b.db-wal", "b.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    buf = Buffer.open_writer(path)
+    try:
+        assert gaps(buf) == [(mark - 10_000 + 1, mark, "buffer_missing")], "the seqs the mark may not cover"
+    finally:
+        buf.close()
+
+
+def test_a_first_start_announces_no_gap(tmp_path):
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    try:
+        assert gaps(buf) == []
+    finally:
+        buf.close()
 
 
 def test_eviction_purges_published_first_then_oldest_unpublished_with_a_gap(tmp_path):
@@ -294,6 +343,7 @@ def test_a_file_far_below_the_mark_beside_it_continues_above_the_mark(tmp_path):
     (tmp_path / "b.db.seq").write_text('{"readings": 40000, "aggregates": 40000, "alarms": 40000}')
     buf = Buffer.open_writer(path)
     try:
+        assert gaps(buf) == [(6, 40000, "buffer_missing")], "the seqs another buffer issued, or nobody"
         assert store(buf, readings(1))[0].seq == 40001
         assert [r.seq for r in buf.readings_after(0, 10)] == [1, 2, 3, 4, 5, 40001], "the old rows stay"
         assert buf.sent_upto() == 0, "and stay unpublished"
