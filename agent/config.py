@@ -464,7 +464,8 @@ def _check_mqtt_url(value: str) -> str:
     return value
 
 
-MqttUrl = Annotated[Text, AfterValidator(_check_mqtt_url)]
+MqttUrl = Annotated[Text, AfterValidator(_check_mqtt_url),
+                    Field(json_schema_extra={"pattern": r"^\s*[Mm][Qq][Tt][Tt][Ss]?://[^@/?#]+/?\s*$"})]
 
 
 def _parse_broker(url: str) -> Broker:
@@ -640,9 +641,11 @@ def _check_channel_code(value: str) -> str:
     return value
 
 
-BusName = Annotated[str, AfterValidator(_check_bus_name)]
-DeviceId = Annotated[str, AfterValidator(_check_device_id)]
-ChannelCode = Annotated[str, AfterValidator(_check_channel_code)]
+# The patterns are for the JSON Schema (editors); the validators give check-config's messages.
+BusName = Annotated[str, AfterValidator(_check_bus_name), Field(json_schema_extra={"pattern": r"^[A-Za-z0-9_.-]+$"})]
+DeviceId = Annotated[str, AfterValidator(_check_device_id), Field(json_schema_extra={"pattern": r"^[a-z0-9_-]+$"})]
+ChannelCode = Annotated[str, AfterValidator(_check_channel_code),
+                        Field(json_schema_extra={"pattern": r"^[A-Za-z0-9_]+$"})]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2094,7 +2097,23 @@ def json_schema() -> dict[str, Any]:
                                 "then": {"properties": {"registers": {"items": {"required": ["address"]}}}}}]
     counts = defs["AggregateCount"]["properties"]
     counts.update({"10m": counts["minute"], "1h": counts["hour"], "1d": counts["day"]})
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_allow_substitution(schema)}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_allow_substitution(_names_checked(schema))}
+
+
+def _names_checked(node: Any) -> Any:
+    """`node` where a mapping whose keys follow a pattern (device ids, bus names, channel codes)
+    refuses other keys: pydantic's `patternProperties` alone would let any other name through."""
+    if isinstance(node, list):
+        return [_names_checked(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _names_checked(value) for key, value in node.items()}
+    patterns = node.get("patternProperties")
+    if isinstance(patterns, dict) and len(patterns) == 1 and "properties" not in node:
+        ((pattern, values),) = patterns.items()
+        del node["patternProperties"]
+        node.update(propertyNames={"pattern": pattern}, additionalProperties=values)
+    return node
 
 
 _SUBSTITUTION = {"type": "string", "pattern": r"\$\{[A-Za-z_][A-Za-z0-9_]*\}"}
@@ -2104,7 +2123,7 @@ _YES_NO_WORDS = {"enum": [w for word in ("yes", "no", "on", "off") for w in (wor
 _ANNOTATIONS = ("title", "description", "default")  # kept on the outside when a schema gets alternatives
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_MAPS = ("properties", "$defs", "patternProperties")
-_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "propertyNames")
+_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else")  # not propertyNames: no ${} in keys
 
 
 def _allow_substitution(node: Any) -> Any:

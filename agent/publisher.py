@@ -156,6 +156,8 @@ class Publisher(threading.Thread):
         self._prepared: deque[tuple[int, int, int, bytes]] = deque()
         self._prepared_bytes = 0
         self._connack: object = None
+        self._paho_log = _PahoLog()
+        self._dropped_because = ""  # why the last connection was dropped
         self.last_progress = time.monotonic()
         self._errlog = RateLimitedLog(log, every_s=300)
         self._cmdlog = RateLimitedLog(log, every_s=60)  # refused commands: anyone may send them
@@ -234,7 +236,8 @@ class Publisher(threading.Thread):
             if left <= 0:
                 return
             prepared = self._prepare_backlog()
-            readable, _, _ = select.select([self._wake_r], [], [], 0 if prepared else min(left, 1.0))
+            wait = 0 if prepared else min(left, 1.0, self._grace_left())
+            readable, _, _ = select.select([self._wake_r], [], [], wait)
             self.last_progress = time.monotonic()
             if readable:
                 self._drain_wake()
@@ -243,6 +246,11 @@ class Publisher(threading.Thread):
 
     def _stopping(self) -> bool:
         return self._drain_until is not None and time.monotonic() >= self._drain_until
+
+    def _grace_left(self) -> float:
+        """Seconds left of a stop's grace (at least a little: a connection attempt needs some), or
+        infinity when not stopping."""
+        return math.inf if self._drain_until is None else max(self._drain_until - time.monotonic(), 0.05)
 
     def _next_backoff(self) -> float:
         delay = self._backoff
@@ -286,10 +294,12 @@ class Publisher(threading.Thread):
         port = parts.port or (8883 if tls else 1883)
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True,
                              protocol=mqtt.MQTTv311)
-        client.enable_logger(logging.getLogger("paho"))
+        self._paho_log.error = None
+        client.enable_logger(self._paho_log)  # type: ignore[arg-type]  # paho only calls .log()
         client.max_inflight_messages_set(WINDOW)
         client.max_queued_messages_set(0)
-        client.connect_timeout = s.connect_timeout
+        timeout = min(s.connect_timeout, self._grace_left())  # a stop's grace is not spent waiting here
+        client.connect_timeout = timeout
         client.will_set(f"{s.base_topic}/status", status_message(s.station_id, "offline"), qos=1, retain=True)
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
@@ -312,9 +322,13 @@ class Publisher(threading.Thread):
         except (OSError, ValueError) as exc:
             return self._connect_failed(url, f"{type(exc).__name__}: {exc}")
         self.client = client
-        deadline = time.monotonic() + s.connect_timeout
-        while self._connack is None and self.client is not None and time.monotonic() < deadline:
+        deadline = time.monotonic() + timeout
+        while (self._connack is None and self.client is not None and time.monotonic() < deadline
+               and not self._stopping()):  # a stop during the wait: its grace is not spent here
             self._service_io(0.2)
+        if self.client is None:  # closed by the other end before its CONNACK
+            return self._connect_failed(url, f"the connection was closed before the broker answered CONNECT: "
+                                             f"{self._dropped_because}")
         if self._connack is None:
             self._drop_connection("no CONNACK")
             return self._connect_failed(url, "broker did not answer CONNECT in time")
@@ -353,7 +367,8 @@ class Publisher(threading.Thread):
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # paho callback
         if client is self.client:
-            self._lost(f"disconnected ({reason_code})")
+            cause, self._paho_log.error = self._paho_log.error, None
+            self._lost(f"disconnected ({reason_code}{': ' + cause if cause else ''})")
 
     def _lost(self, why: str) -> None:
         if self.online:
@@ -371,6 +386,7 @@ class Publisher(threading.Thread):
         self._set_state("offline", why)
 
     def _drop_connection(self, why: str) -> None:
+        self._dropped_because = why
         client, self.client = self.client, None
         self.online = False
         self._reset_window()
@@ -863,6 +879,26 @@ class Publisher(threading.Thread):
 
 
 @dataclass
+class _PahoLog(logging.LoggerAdapter):
+    """paho's logger. Its ERROR lines about a socket ("failed to receive on socket: [Errno 104]
+    Connection reset by peer", once per attempt) are not logged on their own: the publisher gives
+    them as the cause in its own line about the connection, which is rate-limited. Exceptions raised
+    in the publisher's callbacks are still logged."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("paho"), {})
+        self.error: str | None = None  # the last socket error, until the publisher takes it
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
+        if level >= logging.ERROR and not str(msg).startswith("Caught exception"):
+            try:
+                self.error = str(msg) % args if args else str(msg)
+            except (TypeError, ValueError):
+                self.error = str(msg)
+            return
+        super().log(level, msg, *args, **kwargs)
+
+
 class _Resend:
     """A resend command under way: its range, how far it has got, and what it found missing."""
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
+import struct
+import threading
 import time
 from pathlib import Path
 
@@ -362,6 +365,36 @@ def test_sigterm_while_the_broker_hangs_exits_within_the_shutdown_grace(tmp_path
     assert took < 1 + 0.9, f"stopped after {took:.2f} s with shutdown_grace 1"
 
 
+def test_sigterm_while_connecting_to_a_broker_that_never_answers_exits_within_the_shutdown_grace(tmp_path):
+    """A broker that accepts TCP and never sends CONNACK: the agent waits up to its connect timeout
+    (5 s) per attempt, but a stop's grace is not spent waiting there."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+
+    def accept_and_say_nothing() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
+    config = sim_config(tmp_path, Broker(tmp_path / "unused"), channels=1, mqtt={"shutdown_grace": 1})
+    config["mqtt"]["url"] = f"mqtt://127.0.0.1:{listener.getsockname()[1]}"
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    try:
+        wait_for(lambda: len(held) >= 1, 20, "the agent connecting")
+        started = time.monotonic()
+        assert agent.stop() == 0
+        took = time.monotonic() - started
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+    assert took < 1 + 0.9, f"stopped after {took:.2f} s with shutdown_grace 1"
+
 def test_a_second_agent_on_the_same_buffer_is_refused_and_status_knows_whether_one_runs(tmp_path, broker,
                                                                                          collector):
     """A technician starting `run` by hand beside the service: the second one is refused (it would
@@ -498,6 +531,41 @@ def test_status_names_the_broker_a_connection_error_is_about(tmp_path):
     assert state["state"] == "offline"
     assert state["url"] == dead.url, "the error is shown beside the broker it is about"
 
+
+def test_an_endpoint_that_resets_every_connection_is_logged_with_its_real_cause_and_rate_limited(tmp_path):
+    """A firewall or a wrong port that accepts TCP and resets it: paho's own socket error does not
+    get a line per attempt; the agent's one line gives it as the cause."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    resets = []
+
+    def reset_everything() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(1024)  # the CONNECT
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # an RST
+            resets.append(1)
+
+    threading.Thread(target=reset_everything, daemon=True).start()
+    config = sim_config(tmp_path, Broker(tmp_path / "unused"), channels=1)
+    config["mqtt"]["url"] = f"mqtt://127.0.0.1:{listener.getsockname()[1]}"
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    try:
+        wait_for(lambda: len(resets) >= 4, 30, "four connection attempts reset")
+    finally:
+        assert agent.stop() == 0
+        listener.close()
+    log = agent.log()
+    causes = [line for line in log.splitlines() if "cannot connect to" in line]
+    assert causes and "closed before the broker answered CONNECT" in causes[0], log
+    assert "Connection reset by peer" in causes[0], "the socket error is the cause given"
+    assert len(causes) == 1, "one line per distinct reason, not one per attempt"
+    assert "paho" not in log, "paho's own socket errors are not logged on their own"
 
 def test_status_of_a_buffer_it_cannot_read_says_unknown_not_zero(tmp_path):
     cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, Broker(tmp_path / "broker")))

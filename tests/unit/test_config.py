@@ -762,6 +762,23 @@ def test_min_count_accepts_the_readme_spelling(tmp_path: Path) -> None:
         "20:29: aggregate.min_count.1h: must be at least 1 (got 0)")
 
 
+def test_an_editor_validating_with_the_schema_accepts_the_shipped_configs_and_flags_the_usual_mistakes() -> None:
+    import jsonschema
+    import yaml
+
+    validator = jsonschema.Draft202012Validator(json_schema())
+    files = [*sorted((REPO / "config").rglob("*.yaml")), Path(__file__).parent / "configs" / "spec-example.yaml"]
+    for file in files:
+        errors = [e.message for e in validator.iter_errors(yaml.safe_load(file.read_text()))]
+        assert errors == [], f"{file.name}: {errors}"
+    good = yaml.safe_load(GOOD)
+    for mistake in ({"devices": {**good["devices"], "COD": good["devices"]["cod"]}},  # upper case device id
+                    {"mqtt": {"url": "http://127.0.0.1:1883"}},
+                    {"mqtt": {"url": "mqtt://127.0.0.1:1883", "usrname": "u"}},
+                    {"devices": {"sim": {"driver": "simulated", "interval": 1, "channels": {"a-b": {"mean": 1}}}}},
+                    {"buses": {"rs 485": {"type": "rtu", "port": "/dev/ttyUSB0"}}}):
+        assert list(validator.iter_errors({**good, **mistake})), f"the schema lets {mistake} through"
+
 def test_json_schema_accepts_what_check_config_accepts() -> None:
     import re
 
