@@ -598,12 +598,7 @@ class Buffer:
         rows = self.conn.execute(sql, (after_seq, upto, max(max_readings, 1))).fetchall()
         if not rows:
             return []
-        groups: list[list[tuple]] = []
-        for row in rows:
-            if groups and groups[-1][-1][2] == row[2] and groups[-1][-1][1] == row[1]:
-                groups[-1].append(row)
-            else:
-                groups.append([row])
+        groups = _poll_groups(rows)
         if max_polls is not None and len(groups) > max_polls:
             groups = groups[:max_polls]
         elif len(rows) >= max_readings:  # the limit may have cut the last poll: read the rest of it
@@ -614,8 +609,21 @@ class Buffer:
                 last.extend(same)
                 if len(same) < 256:
                     break
-        return [Poll(g[0][2], g[0][1], tuple(Reading(r[2], r[3], r[1], r[4], r[5], r[6], r[0]) for r in g))
-                for g in groups]
+        return [_poll(g) for g in groups]
+
+    def polls_between(self, start_ms: int, end_ms: int, *, after_seq: int = 0, limit: int = 1000) -> list[Poll]:
+        """The device polls taken in [start_ms, end_ms] (both inclusive), in seq order, from seq >
+        after_seq: what a platform's 2011 backfill asks for. About `limit` readings per call; page on
+        with `after_seq` = the last poll's `last_seq` (a full page leaves out its last poll, which the
+        limit may have cut, unless it is the only one). A scan by seq: readings have no time index."""
+        rows = self.conn.execute(
+            "SELECT seq, ts_ms, device, channel, value, unit, flag FROM readings WHERE seq > ? "
+            "AND ts_ms BETWEEN ? AND ? ORDER BY seq LIMIT ?", (after_seq, start_ms, end_ms, max(limit, 1))
+        ).fetchall()
+        groups = _poll_groups(rows)
+        if len(rows) >= limit and len(groups) > 1:
+            groups.pop()
+        return [_poll(g) for g in groups]
 
     def aggregates_between(self, start_ms: int, end_ms: int, *, unit: str | None = None,
                            after: tuple[int, int] | None = None, limit: int = 1000) -> list[EventRow]:
@@ -677,6 +685,21 @@ class Buffer:
         )
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def _poll_groups(rows: Sequence[tuple]) -> list[list[tuple]]:
+    """Readings rows (seq, ts_ms, device, ...) in seq order, cut into polls: runs of one device and time."""
+    groups: list[list[tuple]] = []
+    for row in rows:
+        if groups and groups[-1][-1][2] == row[2] and groups[-1][-1][1] == row[1]:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
+def _poll(rows: list[tuple]) -> Poll:
+    return Poll(rows[0][2], rows[0][1], tuple(Reading(r[2], r[3], r[1], r[4], r[5], r[6], r[0]) for r in rows))
 
 
 def move_aside(path: Path, reason: str) -> Path:

@@ -110,14 +110,15 @@ class Hj212Payload:
         self.next_qn = QnSource(self.tz, clock)
         self._errlog = RateLimitedLog(log, every_s=300)
 
-    def poll_message(self, poll: Poll, flag: int = FLAG_V2017) -> Hj212Message:
+    def poll_message(self, poll: Poll, flag: int = FLAG_V2017, *, qn: str | None = None) -> Hj212Message:
         """The CN 2011 packet of one poll: ``DataTime``, then ``<channel>-Rtd`` and ``<channel>-Flag``
-        per reading (a reading without value is sent as its flag alone)."""
+        per reading (a reading without value is sent as its flag alone). `qn` defaults to a fresh QN
+        (a backfill answer passes the request's)."""
         items: dict[str, tuple[float | int | None, str]] = {}
         for r in poll.readings:
             if r.flag in FLAGS:
                 items[r.channel] = (_number(r.value), r.flag)
-        qn = self.next_qn()
+        qn = qn or self.next_qn()
         frames = self._frames(lambda: realtime_packet(
             self.identity.mn, self.identity.st, self.identity.pw, _utc(poll.ts_ms), items, qn, flag, tz=self.tz))
         return Hj212Message(frames, qn, poll.first_seq, poll.last_seq, len(poll.readings))

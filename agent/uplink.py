@@ -7,7 +7,8 @@ Its progress is its own watermark per stream, kept in the buffer's meta table un
 ``uplink:<host>:<port>`` (written through the recorder, at most every few seconds): MQTT and every
 uplink advance independently, and what a platform has not acknowledged is sent again on the next
 connection (at-least-once, like MQTT). It also answers the platform's requests on the connection:
-backfill (2051/2061/2031 with BeginTime/EndTime), 1011 get time, 1012 set time (logged, the clock is
+backfill (2051/2061/2031, and 2011 for the stored real-time data, with BeginTime/EndTime), 2011 without
+times (real-time data, sent anyway: QnRtn=1), 1011 get time, 1012 set time (logged, the clock is
 never changed); anything else is refused with 9011. Bad input never ends the thread.
 Imports `agent.buffer`, `agent.hj212`, `agent.model`, `agent.logutil`, `agent.publisher` (the HJ 212
 packet builder shared with `payload: hj212`); never `drivers`.
@@ -60,6 +61,7 @@ from agent.hj212 import (
     CN_EXECUTION_RESULT,
     CN_HOUR,
     CN_MINUTE,
+    CN_REALTIME,
     CN_REQUEST_ANSWER,
     FLAG_ANSWER,
     FLAG_V2017,
@@ -503,7 +505,7 @@ class Uplink(threading.Thread):
             return
         self._backoff = 0.5
         handlers = {CN_MINUTE: self._backfill, CN_HOUR: self._backfill, CN_DAY: self._backfill,
-                    CN_GET_TIME: self._get_time, CN_SET_TIME: self._set_time}
+                    CN_REALTIME: self._realtime, CN_GET_TIME: self._get_time, CN_SET_TIME: self._set_time}
         handler = handlers.get(request.cn)
         if handler is None:
             log.info("uplink %s: request CN=%s is not supported; answered QnRtn=%d", name, request.cn, QNRTN_CN)
@@ -520,8 +522,16 @@ class Uplink(threading.Thread):
         except Hj212Error:
             return None
 
+    def _realtime(self, request: Packet) -> None:
+        """2011 from the platform: with BeginTime/EndTime, a backfill of real-time data (the stored
+        polls); without, a request for real-time data, which this uplink sends anyway: 9011 QnRtn=1."""
+        if request.get("BeginTime") is None and request.get("EndTime") is None:
+            self._send_packet(reply_9011(request, QNRTN_OK))
+            return
+        self._backfill(request)
+
     def _backfill(self, request: Packet) -> None:
-        """2051/2061/2031 with BeginTime/EndTime (inclusive): 9011, the stored records, 9012."""
+        """2051/2061/2031/2011 with BeginTime/EndTime (inclusive): 9011, the stored records, 9012."""
         begin, end = self._time_item(request, "BeginTime"), self._time_item(request, "EndTime")
         if begin is None or end is None or begin > end:
             log.warning("uplink %s: backfill CN=%s QN=%s without a valid BeginTime..EndTime; refused",
@@ -532,9 +542,8 @@ class Uplink(threading.Thread):
         start_ms = int(begin.timestamp() * 1000)
         end_ms = int(end.timestamp() * 1000) + 999  # DataTime has whole seconds
         count = 0
-        rows = self._rows_between(start_ms, end_ms, UNIT_BY_CN[request.cn])
-        for group in group_periods(rows):
-            message = self.payload.period_message(group, FLAG_V2017, qn=request.qn)
+        records = (self._poll_records if request.cn == CN_REALTIME else self._period_records)(start_ms, end_ms, request)
+        for message in records:
             for frame in message.frames:
                 self._send(frame)
             count += 1 if message.frames else 0
@@ -542,6 +551,18 @@ class Uplink(threading.Thread):
         log.info("uplink %s: backfill CN=%s %s..%s: %d records sent", self.target.name, request.cn,
                  format_time(begin), format_time(end), count)
         self._send_packet(reply_9012(request, EXERTN_OK if count else EXERTN_NO_DATA))
+
+    def _period_records(self, start_ms: int, end_ms: int, request: Packet) -> Iterator[Hj212Message]:
+        for group in group_periods(self._rows_between(start_ms, end_ms, UNIT_BY_CN[request.cn])):
+            yield self.payload.period_message(group, FLAG_V2017, qn=request.qn)
+
+    def _poll_records(self, start_ms: int, end_ms: int, request: Packet) -> Iterator[Hj212Message]:
+        assert self._reader is not None
+        after = 0
+        while polls := self._reader.polls_between(start_ms, end_ms, after_seq=after, limit=BACKFILL_PAGE):
+            for poll in polls:
+                yield self.payload.poll_message(poll, FLAG_V2017, qn=request.qn)
+            after = polls[-1].last_seq
 
     def _rows_between(self, start_ms: int, end_ms: int, unit: str) -> Iterator[EventRow]:
         assert self._reader is not None

@@ -349,3 +349,18 @@ def test_a_file_far_below_the_mark_beside_it_continues_above_the_mark(tmp_path):
         assert buf.sent_upto() == 0, "and stay unpublished"
     finally:
         buf.close()
+
+
+def test_polls_between_pages_by_whole_polls_within_the_time_range(tmp_path):
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    try:
+        for k in range(4):
+            store(buf, [
+                Reading("cod", f"c{i:02d}", 1_000_000 + k * 60_000, float(i), "mg/L", "N") for i in range(40)])
+        pages, after = [], 0
+        while polls := buf.polls_between(1_060_000, 1_180_000, after_seq=after, limit=50):
+            pages.append([(p.ts_ms, len(p.readings)) for p in polls])
+            after = polls[-1].last_seq
+        assert pages == [[(1_060_000, 40)], [(1_120_000, 40)], [(1_180_000, 40)]], "never a poll cut in two"
+    finally:
+        buf.close()

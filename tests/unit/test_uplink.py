@@ -303,6 +303,30 @@ def test_backfill_is_framed_by_9011_and_9012_with_records_in_time_order(station,
     assert [p.cn for p in hours] == ["9011", "2061", "9012"]
 
 
+def test_a_2011_backfill_sends_the_stored_polls_of_the_range_with_their_datatime(station, platform):
+    """A platform that found a hole in its real-time data asks for it again: one 2011 record per device
+    poll taken in BeginTime..EndTime (inclusive), in storage order, framed by 9011 and 9012."""
+    for k, hhmmss in enumerate(("100000", "100100", "100200", "100300")):
+        station.store("cod", local("20261129" + hhmmss), {"w01018": 20.0 + k, "w21003": None if k == 2 else 1.0 + k})
+    station.store("ph", local("20261129100100"), {"w01001": 7.1})
+    station.recorder.flush()
+    station.start_uplink()
+    answer = platform.request("2011", [{"BeginTime": "20261129100100", "EndTime": "20261129100200"}])
+    assert [p.cn for p in answer] == ["9011", "2011", "2011", "2011", "9012"]
+    assert answer[0].get("QnRtn") == "1" and answer[-1].get("ExeRtn") == "1"
+    assert [(p.get("DataTime"), realtime_items(p)) for p in answer[1:-1]] == [
+        ("20261129100100", {"w01018": (21.0, "N"), "w21003": (2.0, "N")}),
+        ("20261129100200", {"w01018": (22.0, "N"), "w21003": (None, "B")}),
+        ("20261129100100", {"w01001": (7.1, "N")})]
+    assert all(p.flag == 4 and p.st == "32" for p in answer[1:-1]), "records close with the 9012, not a 9014"
+    empty = platform.request("2011", [{"BeginTime": "20200101000000", "EndTime": "20200101000000"}],
+                             qn="20261129120000002")
+    assert [(p.cn, p.get("QnRtn") or p.get("ExeRtn")) for p in empty] == [("9011", "1"), ("9012", "100")]
+    for frame in encode(Packet(qn="20261129120000003", st="32", cn="2011", pw="123456", mn=MN, flag=5, cp=[])):
+        platform.send(frame)  # "send me real-time data": it is sent anyway
+    wait_for(lambda: [(p.cn, p.get("QnRtn")) for p in platform.received() if p.qn == "20261129120000003"] == [
+        ("9011", "1")], 10, "the answer to a real-time data request")
+
 def test_backfill_of_an_empty_range_says_no_data(station, platform):
     station.start_uplink()
     answer = platform.request("2031", [{"BeginTime": "20200101000000", "EndTime": "20200131000000"}])
