@@ -1415,10 +1415,19 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
         return channels
 
     alarms = data.get("alarms")
+    first_rule: dict[tuple[str, str], int] = {}  # (channel, rule kind) -> the rule that defines that alarm
     for i, rule in enumerate(alarms if isinstance(alarms, list) else []):
         if not isinstance(rule, dict):
             continue
         ref = rule.get("channel")
+        for key in ("above", "below", "preset", "stale", "fault"):
+            if rule.get(key) is None or not isinstance(ref, str):
+                continue
+            kind = rule[key] if key == "preset" and isinstance(rule[key], str) else key
+            first = first_rule.setdefault((ref, kind), i)
+            if first != i:  # one alarm id (channel:kind) per alarm: `run` applies the first rule only
+                out.append(_Cross(("alarms", i, key), f"same channel and rule ({ref}:{kind}) as alarms.{first}, "
+                                  "which takes precedence: this one is ignored", "key", warning=True))
         channels = check_ref(ref, ("alarms", i, "channel"), rule_does_nothing=True) if isinstance(ref, str) else None
         preset = rule.get("preset")
         if channels is not None and isinstance(preset, str) and preset in PRESET_CODES and isinstance(ref, str):

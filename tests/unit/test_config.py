@@ -630,6 +630,15 @@ def test_the_spec_example_is_valid_with_two_warnings() -> None:
     ]
 
 
+def test_a_second_rule_for_the_same_alarm_is_a_warning(tmp_path: Path) -> None:
+    """`run` applies the first rule of an alarm id (channel:rule) and ignores the others: say so."""
+    path = write(tmp_path, GOOD + "alarms:\n  - {channel: sim.a34004, above: 50}\n"
+                                  "  - {channel: sim.a34004, above: 60, below: 1}\n")
+    config = load_config(path, env={})
+    assert [str(w)[len(str(path)) + 1:] for w in config.warnings] == [
+        "22:27: alarms.1.above: warning: same channel and rule (sim.a34004:above) as alarms.0, which takes "
+        "precedence: this one is ignored"]
+
 def test_a_preset_without_a_limit_for_the_channel_is_a_warning(tmp_path: Path) -> None:
     text = GOOD + """\
 alarms:
