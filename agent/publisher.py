@@ -878,7 +878,6 @@ class Publisher(threading.Thread):
                 self._publish_raw(f"{self.settings.base_topic}/cmd/reply", reply_message(job.cmd_id, True, **reply))
 
 
-@dataclass
 class _PahoLog(logging.LoggerAdapter):
     """paho's logger. Its ERROR lines about a socket ("failed to receive on socket: [Errno 104]
     Connection reset by peer", once per attempt) are not logged on their own: the publisher gives
@@ -899,6 +898,7 @@ class _PahoLog(logging.LoggerAdapter):
         super().log(level, msg, *args, **kwargs)
 
 
+@dataclass
 class _Resend:
     """A resend command under way: its range, how far it has got, and what it found missing."""
 

@@ -253,7 +253,7 @@ def test_resend_command_republishes_a_stored_range_and_bad_commands_are_refused(
         replies = lambda: collector.json_messages("/cmd/reply")  # noqa: E731
         wait_for(lambda: len(replies()) >= 10, 20, "10 replies")
         by_id = {r["id"]: r for r in replies()}
-        assert by_id["r1"]["ok"] is True and by_id["r1"]["count"] == 5
+        assert by_id["r1"]["ok"] is True and by_id["r1"]["count"] == 5, by_id["r1"]
         assert by_id["p1"]["ok"] is True
         assert by_id["x"]["ok"] is False and "unknown command" in by_id["x"]["error"]
         assert by_id["y"]["ok"] is False
