@@ -326,13 +326,13 @@ class Publisher(threading.Thread):
         while (self._connack is None and self.client is not None and time.monotonic() < deadline
                and not self._stopping()):  # a stop during the wait: its grace is not spent here
             self._service_io(0.2)
-        if self.client is None:  # closed by the other end before its CONNACK
-            return self._connect_failed(url, f"the connection was closed before the broker answered CONNECT: "
-                                             f"{self._dropped_because}")
+        if self.client is None and (self._connack is None or self._connack is True):  # the other end closed it
+            when = "before the broker answered CONNECT" if self._connack is None else "as soon as it was accepted"
+            return self._connect_failed(url, f"the connection was closed {when}: {self._dropped_because}")
         if self._connack is None:
             self._drop_connection("no CONNACK")
             return self._connect_failed(url, "broker did not answer CONNECT in time")
-        if self._connack is not True:
+        if self._connack is not True:  # a refusal (the broker closes the connection after it)
             reason = describe_connack(self._connack)
             self._drop_connection("refused")
             return self._connect_failed(url, f"broker refused the connection: {reason}")
