@@ -229,7 +229,7 @@ def _json_number(x: float | None) -> float | int | None:
     """A limit as written in the config: 50 rather than 50.0."""
     if x is None or not math.isfinite(x):
         return None
-    x = round(x, 9)
+    x = round(float(x), 9)  # an int too: a threshold rebuilt from stored events (salvage) may be one
     return int(x) if x.is_integer() else x
 
 

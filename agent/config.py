@@ -145,7 +145,9 @@ def _is_secret_key_path(path: tuple[str | int, ...]) -> bool:
 
 
 def _is_credential_path(path: tuple[str | int, ...]) -> bool:
-    return _is_secret_key_path(path) or (bool(path) and path[-1] == "username")
+    """A user name, password, password file or TLS file: what only a connection needs."""
+    return _is_secret_key_path(path) or (bool(path) and path[-1] in ("username", "password_file")) or \
+        (len(path) == 3 and path[:2] == ("mqtt", "tls"))
 
 # Unit words appended to range messages ("must be at least 0.1 seconds").
 _UNITS: dict[str, str] = {
@@ -222,8 +224,9 @@ def _err(message: str, at: str | None = None, *, section: bool = False) -> Pydan
     """A validation error with a technician-readable message. It points at the value being
     validated; at the key `at` of it (dotted, relative); or, with `section`, at the key of the
     section a model-level rule is about."""
-    # Braces in the message would be taken as format fields by pydantic-core: double them.
-    template = message.replace("{", "{{").replace("}", "}}")
+    # pydantic-core replaces `{at}` in the message by the context's value (it has no escape for
+    # braces: doubling them showed `${{NAME}}`); a message never says `{at}` but a value might.
+    template = message.replace("{at}", "{ at}") if at else message
     return PydanticCustomError("config_section" if section else "config", template, {"at": at} if at else None)
 
 
@@ -1556,7 +1559,8 @@ class _TreeBuilder:
                 result = substitute(text, self.env)
             except SubstitutionError as exc:
                 if self.credentials_optional and _is_credential_path(path):
-                    return text  # `status` needs no credentials: the `${NAME}` text stands in for them
+                    # `status` needs no credentials: a stand-in that passes their checks
+                    return "******" if path[-1] == "pw" else text
                 self.problems.append((path, node.start_mark, str(exc)))
                 return text
             if result.used:
@@ -1799,6 +1803,14 @@ def _message(err: Mapping[str, Any], path: _Path, allowed: list[str] | None, sec
     return msg
 
 
+def _replace_secret(message: str, secret: str, mask: str) -> str:
+    """`message` with `secret` masked. A short one only where it stands alone: replaced inside words
+    ("p" in "password"), it would both garble the message and show what the secret is."""
+    if len(secret) >= 4:
+        return message.replace(secret, mask)
+    return re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", lambda _: mask, message)
+
+
 class _Locator:
     """Turns paths into Problems using the marks the tree builder remembered."""
 
@@ -1844,10 +1856,10 @@ class _Locator:
         here = self.is_secret(path)
         for name, value in self.secret_vars.items():
             if value and (len(value) >= 4 or here):
-                message = message.replace(value, "${" + name + "}")
+                message = _replace_secret(message, value, "${" + name + "}")
         for text in sorted(self.builder.secret_texts, key=len, reverse=True):
             if text and (len(text) >= 4 or here):
-                message = message.replace(text, "***")
+                message = _replace_secret(message, text, "***")
         return message
 
     def from_pydantic(self, err: Mapping[str, Any]) -> Problem:

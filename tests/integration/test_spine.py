@@ -583,6 +583,7 @@ def test_status_needs_no_credentials_from_the_environment(tmp_path):
     status never connects, so the broker's user name and password may be unset there."""
     config = sim_config(tmp_path, Broker(tmp_path / "broker"))
     config["mqtt"].update(username="${EDGE_TEST_MQTT_USER}", password="${EDGE_TEST_MQTT_PASS}")
+    config["hj212"] = {"st": 32, "pw": "${EDGE_TEST_HJ212_PW}"}  # as in SPEC §2's example
     cfg = write_config(tmp_path / "station.yaml", config)
     result = run_cli("status", "-c", str(cfg), "--json")
     assert result.returncode == 0, result.stderr

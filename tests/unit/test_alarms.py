@@ -703,3 +703,11 @@ def test_action_writes_run_on_a_worker_thread():
                  "the write confirmed in the saved state")
     finally:
         engine.close()
+
+
+def test_a_limit_given_as_an_int_is_kept_as_written():
+    """State rebuilt from stored events (a salvage) holds thresholds as JSON ints: no AttributeError on
+    Python 3.11, where int has no is_integer()."""
+    from agent.alarms import _json_number
+
+    assert [_json_number(v) for v in (80, 80.0, 2.5, None, float("nan"))] == [80, 80, 2.5, None, None]

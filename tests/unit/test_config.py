@@ -639,6 +639,22 @@ def test_a_second_rule_for_the_same_alarm_is_a_warning(tmp_path: Path) -> None:
         "22:27: alarms.1.above: warning: same channel and rule (sim.a34004:above) as alarms.0, which takes "
         "precedence: this one is ignored"]
 
+def test_braces_of_a_bad_value_are_shown_as_written(tmp_path: Path) -> None:
+    problem = single_problem(tmp_path, GOOD.replace("  sim:\n", "  ${DV}:\n"))
+    assert "device id '${DV}'" in problem, problem
+
+
+def test_a_one_letter_password_is_not_masked_inside_words(tmp_path: Path) -> None:
+    """Masking "p" in "password" would garble the message and show the password."""
+    path = write(tmp_path, GOOD.replace("  url: mqtt://127.0.0.1:1883", """\
+  url: mqtt://127.0.0.1:1883
+  username: u
+  password: ${ONE_LETTER}"""))
+    config = load_config(path, env={"ONE_LETTER": "p"})
+    texts = [str(w) for w in config.warnings]
+    assert texts and all("${ONE_LETTER}assword" not in t for t in texts), texts
+    assert any("password" in t for t in texts), texts
+
 def test_a_preset_without_a_limit_for_the_channel_is_a_warning(tmp_path: Path) -> None:
     text = GOOD + """\
 alarms:
