@@ -128,8 +128,9 @@ def _wal_commits_lost(path: Path, conn: sqlite3.Connection) -> int:
     reads the WAL up to its first damaged frame and silently drops the rest: after a damaged frame
     the file looks sound but has lost its newest rows, and their seqs would be issued again. Frames
     of the current WAL generation (the header's salts) carrying a commit mark beyond SQLite's last
-    valid frame are such transactions. The last one alone is left out: a power cut during its
-    fsync tears it, and it was never reported committed (SQLite then rightly drops it)."""
+    valid frame are such transactions; so are all those of a WAL whose header is damaged (SQLite
+    then ignores the whole WAL). The last one alone is left out: a power cut during its fsync tears
+    it, and it was never reported committed (SQLite then rightly drops it)."""
     wal = path.with_name(path.name + "-wal")
     try:
         size = wal.stat().st_size
@@ -139,9 +140,15 @@ def _wal_commits_lost(path: Path, conn: sqlite3.Connection) -> int:
             if len(header) < 32 or valid < 0:
                 return 0
             magic, _, page_size, _, salt1, salt2 = struct.unpack(">6I", header[:24])
-            if magic not in WAL_MAGIC or page_size < 512:
-                return 0
+            if page_size < 512 or page_size > 65536 or page_size & (page_size - 1):
+                page_size = PAGE_SIZE  # a damaged header: the buffer's own page size
             frame = 24 + page_size
+            if magic not in WAL_MAGIC or _wal_checksum(header[:24], magic) != struct.unpack(">2I", header[24:32]):
+                # A damaged header makes SQLite ignore the whole WAL: the first frame's salts name the
+                # generation its commits belong to.
+                f.seek(32 + 8)
+                salt1, salt2 = struct.unpack(">2I", f.read(8) or b"\0" * 8)
+                valid = 0
             commits = 0
             for i in range(valid, (size - 32) // frame):
                 f.seek(32 + i * frame)
@@ -150,6 +157,16 @@ def _wal_commits_lost(path: Path, conn: sqlite3.Connection) -> int:
     except (OSError, struct.error):
         return 0
     return max(0, commits - 1)
+
+
+def _wal_checksum(data: bytes, magic: int) -> tuple[int, int]:
+    """SQLite's WAL checksum of `data` (a multiple of 8 bytes), words in the byte order `magic` says."""
+    words = struct.unpack(f"{'>' if magic & 1 else '<'}{len(data) // 4}I", data)
+    s0 = s1 = 0
+    for i in range(0, len(words), 2):
+        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
 
 
 def _kept_wal(path: Path) -> Path:

@@ -209,6 +209,26 @@ def test_a_damaged_wal_frame_is_corruption_not_a_silently_shorter_file(tmp_path)
         again.close()
 
 
+@pytest.mark.parametrize("offset", [16, 28], ids=["salt", "checksum"])
+def test_a_damaged_wal_header_is_corruption_and_its_frames_are_salvaged(tmp_path, offset):
+    """A damaged WAL header makes SQLite ignore the whole WAL without a word: every commit since the
+    last checkpoint would be gone and its seqs issued again."""
+    crashed, last = crashed_copy(tmp_path, commits=30)
+    with open(crashed / "b.db-wal", "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x5A]))
+    mark = json.loads((crashed / "b.db.seq").read_text())[STREAM_READINGS]
+    again = Buffer.open_writer(crashed / "b.db")
+    try:
+        assert [p for p in crashed.iterdir() if ".corrupt-" in p.name], "treated as corrupt, kept aside"
+        assert [r.seq for r in again.readings_after(0, 10_000)] == list(range(1, last + 1)), "read from the frames"
+        assert gaps(again) == [(last + 1, mark, GAP_REASON)]
+        assert_next_seq(again, mark + 1)
+    finally:
+        again.close()
+
 def test_a_crash_leaves_a_wal_that_opens_as_it_is(tmp_path):
     crashed, last = crashed_copy(tmp_path, commits=10)
     again = Buffer.open_writer(crashed / "b.db")
