@@ -2,7 +2,8 @@
 
 `Buffer` opens (or creates, or rescues) the database file and offers the operations of the one
 writer (`agent.recorder` owns a writer `Buffer`) and of readers (the publisher, `edge-agent status`),
-each on its own connection. It imports only `agent.model`, `agent.seqmark` and `agent.memtrim`.
+each on its own connection. It imports only `agent.model`, `agent.seqmark`, `agent.memtrim` and
+`agent.pagescan` (the WAL header check).
 
 Design: rows are append-only, keyed by `seq` (INTEGER PRIMARY KEY, so the table is ordered by seq).
 Publication progress is a watermark per stream (`streams.sent_upto`: every row with seq <= it is
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from agent.memtrim import release_free_memory
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, STREAMS, Reading
+from agent.pagescan import wal_header_valid
 from agent.seqmark import SeqMark
 
 log = logging.getLogger(__name__)
@@ -120,9 +122,6 @@ def _inode(path: Path) -> int | None:
         return None
 
 
-WAL_MAGIC = (0x377F0682, 0x377F0683)
-
-
 def _wal_commits_lost(path: Path, conn: sqlite3.Connection) -> int:
     """How many committed transactions the WAL holds beyond what SQLite recovered from it. SQLite
     reads the WAL up to its first damaged frame and silently drops the rest: after a damaged frame
@@ -139,11 +138,11 @@ def _wal_commits_lost(path: Path, conn: sqlite3.Connection) -> int:
             header = f.read(32)
             if len(header) < 32 or valid < 0:
                 return 0
-            magic, _, page_size, _, salt1, salt2 = struct.unpack(">6I", header[:24])
+            _, _, page_size, _, salt1, salt2 = struct.unpack(">6I", header[:24])
             if page_size < 512 or page_size > 65536 or page_size & (page_size - 1):
                 page_size = PAGE_SIZE  # a damaged header: the buffer's own page size
             frame = 24 + page_size
-            if magic not in WAL_MAGIC or _wal_checksum(header[:24], magic) != struct.unpack(">2I", header[24:32]):
+            if not wal_header_valid(header):
                 # A damaged header makes SQLite ignore the whole WAL: the first frame's salts name the
                 # generation its commits belong to.
                 f.seek(32 + 8)
@@ -158,15 +157,6 @@ def _wal_commits_lost(path: Path, conn: sqlite3.Connection) -> int:
         return 0
     return max(0, commits - 1)
 
-
-def _wal_checksum(data: bytes, magic: int) -> tuple[int, int]:
-    """SQLite's WAL checksum of `data` (a multiple of 8 bytes), words in the byte order `magic` says."""
-    words = struct.unpack(f"{'>' if magic & 1 else '<'}{len(data) // 4}I", data)
-    s0 = s1 = 0
-    for i in range(0, len(words), 2):
-        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
-        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
-    return s0, s1
 
 
 def _kept_wal(path: Path) -> Path:
@@ -278,7 +268,7 @@ class Buffer:
             buf = cls(path, conn, writer=True, seqmark=seqmark)
             buf._create_schema()
             buf._load_counters(fresh_file=fresh, announce_jump=announce_jump)
-            seqmark.ensure_above(buf._last_seq)
+            seqmark.ensure_above(buf._last_seq, acked=buf._sent_upto)
         except BaseException:
             conn.close()  # the WAL is gone now (checkpointed and deleted), but `kept` stays for the rescue
             raise
@@ -387,9 +377,9 @@ class Buffer:
         """Readings seqs up to the mark that this file cannot account for: issued by a buffer that is
         gone (deleted, lost with its card, left at another `storage.path`) or never issued. Receivers
         see them skipped; SPEC §3 wants every gap announced, so this one is, as `buffer_missing`,
-        from the acknowledged watermark a buffer here last closed with (rows above it may have been
-        lost with that buffer), else from the block the mark reserved (the seqs below it were issued
-        and, as far as anything here tells, delivered)."""
+        from the acknowledged watermark a buffer here last noted beside the mark (at its clean close
+        or its last block reservation: rows above it may have been lost with that buffer), else from
+        the block the mark reserved."""
         assert self.seqmark is not None
         acked = self.seqmark.acked().get(STREAM_READINGS)
         known = acked if acked is not None else (mark - self.seqmark.block if fresh_file else last)
@@ -428,7 +418,7 @@ class Buffer:
         first = self._last_seq[stream] + 1
         self._last_seq[stream] += n
         assert self.seqmark is not None
-        self.seqmark.ensure_above({stream: self._last_seq[stream]})
+        self.seqmark.ensure_above({stream: self._last_seq[stream]}, acked=self._sent_upto)
         return first
 
     def insert_readings(self, readings: Sequence[Reading]) -> list[Reading]:

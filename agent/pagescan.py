@@ -27,6 +27,7 @@ from agent.model import FLAGS, STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS
 
 DEFAULT_PAGE_SIZE = 1024  # the buffer's own (agent.buffer.PAGE_SIZE), when no header tells it
 WAL_HEADER = 32
+WAL_MAGIC = (0x377F0682, 0x377F0683)  # checksums of little-endian, big-endian words
 WAL_FRAME_HEADER = 24
 LEAF_TABLE = 0x0D
 TS_RANGE = (946_684_800_000, 4_102_444_800_000)  # 2000 .. 2100, in ms
@@ -36,6 +37,7 @@ CHANNEL = re.compile(r"[A-Za-z0-9_]+")
 
 STREAMS_TABLE = "streams"  # rows (name, floor_seq, sent_upto)
 GAPS_TABLE = "gaps"  # rows (id, stream, first_seq, last_seq, reason, announced)
+META_TABLE = "meta"  # rows (key, value)
 EVENTS = "events"  # an aggregate or alarm event, before its body tells which
 EVENT_STREAMS = {EVENTS: (STREAM_AGGREGATES, STREAM_ALARMS)}
 PROGRESS_EVERY = 4096  # pages
@@ -43,15 +45,17 @@ _INT = frozenset(range(1, 7)) | {8, 9}  # the serial types of an integer
 
 
 def scan(path: Path, tables: Collection[str], want: Callable[[str, int], bool] = lambda table, rowid: True,
-         progress: Callable[[], None] | None = None) -> Iterator[tuple[str, tuple]]:
-    """(table, row) for every row of `tables` found in the pages of `path` and of its WAL
-    (`path`-wal) for which `want(table, rowid)` holds (asked before the row is decoded: a scan that
-    wants little is quick). Tables: the three streams, with rows in the column order of
-    `agent.salvage.COLUMNS`, and `STREAMS_TABLE`, `GAPS_TABLE`. The same row may come more than
-    once (from the file and the WAL). `progress()` is called every few thousand pages."""
+         progress: Callable[[], None] | None = None, *, wal_only: bool = False) -> Iterator[tuple[str, tuple, int]]:
+    """(table, row, age) for every row of `tables` found in the pages of `path` and of its WAL
+    (`path`-wal; only there with `wal_only`) for which `want(table, rowid)` holds (asked before the
+    row is decoded: a scan that wants little is quick). Tables: the three streams, with rows in the
+    column order of `agent.salvage.COLUMNS`, and `STREAMS_TABLE`, `GAPS_TABLE`, `META_TABLE`. The
+    same row may come more than once. `age` orders the copies: 0 from the file, n >= 1 from the
+    n-th frame of the WAL's current generation (the higher, the newer), -1 from an older
+    generation's frame. `progress()` is called every few thousand pages."""
     shapes = {EVENTS if t in EVENT_STREAMS[EVENTS] else t for t in tables}
     page_size = _page_size(path)
-    for count, (pageno, page) in enumerate(_pages(path, page_size), 1):
+    for count, (pageno, page, age) in enumerate(_pages(path, page_size, wal_only), 1):
         if progress and count % PROGRESS_EVERY == 0:
             progress()
         for rowid, types, payload, at in _leaf_cells(page, 100 if pageno == 1 else 0):
@@ -66,7 +70,7 @@ def scan(path: Path, tables: Collection[str], want: Callable[[str, int], bool] =
                 continue
             found = _row(table, rowid, values) if values is not None else None
             if found is not None and found[0] in tables and (table != EVENTS or want(found[0], rowid)):
-                yield found
+                yield found[0], found[1], age
 
 
 def _page_size(path: Path) -> int:
@@ -85,23 +89,48 @@ def _page_size(path: Path) -> int:
     return DEFAULT_PAGE_SIZE
 
 
-def _pages(path: Path, page_size: int) -> Iterator[tuple[int, bytes]]:
-    """(page number, content) of every page of the file, then of every frame of its WAL."""
+def _pages(path: Path, page_size: int, wal_only: bool = False) -> Iterator[tuple[int, bytes, int]]:
+    """(page number, content, age: see `scan`) of every page of the file, then of every frame of its
+    WAL. The WAL's current generation is the one its header's salts name, or, when the header is
+    damaged, the first frame's."""
     try:
         with open(path, "rb") as f:
             pageno = 1
-            while len(page := f.read(page_size)) == page_size:
-                yield pageno, page
+            while not wal_only and len(page := f.read(page_size)) == page_size:
+                yield pageno, page, 0
                 pageno += 1
     except OSError:
         pass
     try:
         with open(path.with_name(path.name + "-wal"), "rb") as f:
-            f.seek(WAL_HEADER)
+            header = f.read(WAL_HEADER)
+            current = header[16:24] if wal_header_valid(header) else None
+            index = 0
             while len(frame := f.read(WAL_FRAME_HEADER + page_size)) == WAL_FRAME_HEADER + page_size:
-                yield int.from_bytes(frame[:4], "big"), frame[WAL_FRAME_HEADER:]
+                salts = frame[8:16]
+                current = current or salts
+                index += 1
+                yield int.from_bytes(frame[:4], "big"), frame[WAL_FRAME_HEADER:], index if salts == current else -1
     except OSError:
         pass
+
+
+def wal_checksum(data: bytes, magic: int) -> tuple[int, int]:
+    """SQLite's WAL checksum of `data` (a multiple of 8 bytes), words in the byte order `magic` says."""
+    words = struct.unpack(f"{'>' if magic & 1 else '<'}{len(data) // 4}I", data)
+    s0 = s1 = 0
+    for i in range(0, len(words), 2):
+        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+def wal_header_valid(header: bytes) -> bool:
+    """Whether a WAL header (its first 32 bytes) is intact: SQLite ignores the whole WAL otherwise."""
+    if len(header) < WAL_HEADER:
+        return False
+    magic = int.from_bytes(header[:4], "big")
+    return magic in WAL_MAGIC and wal_checksum(header[:24], magic) == struct.unpack(">2I", header[24:32])
 
 
 def _varint(buf: bytes, i: int) -> tuple[int, int]:
@@ -180,6 +209,8 @@ def _table_of(types: list[int]) -> str | None:
             return STREAM_READINGS
         if _is_text(types[1]):
             return GAPS_TABLE
+    elif len(types) == 2 and _is_text(types[0]) and _is_text(types[1]):
+        return META_TABLE
     elif len(types) == 3:
         if types[0] == 0 and types[1] in _INT and _is_text(types[2]):
             return EVENTS
@@ -198,6 +229,8 @@ def _row(table: str, rowid: int, v: list) -> tuple[str, tuple] | None:
         return (stream, (rowid, v[1], v[2])) if stream else None
     if table == STREAMS_TABLE:
         return (table, tuple(v)) if v[0] in STREAMS else None
+    if table == META_TABLE:
+        return table, tuple(v)
     if (v[1] in STREAMS and all(isinstance(x, int) for x in (v[2], v[3], v[5])) and isinstance(v[4], str)
             and v[6] in (0, 1)):  # gaps
         return (table, (rowid, v[1], v[2], v[3], v[4], v[6]))

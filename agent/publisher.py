@@ -181,10 +181,14 @@ class Publisher(threading.Thread):
         self.wake()
 
     def drain_and_stop(self, grace: float) -> None:
-        """Go on publishing the backlog for at most `grace` seconds, then say offline and stop."""
+        """Go on publishing the backlog for at most `grace` seconds, then say offline and stop. A thread
+        still blocked then (a TLS handshake with a broker that never answers) is not waited for: it
+        holds nothing the rest of the stop needs, and the process is about to end."""
         self._drain_until = time.monotonic() + grace
         self.wake()
-        self.join(grace + 10)
+        self.join(grace + 0.5)
+        if self.is_alive():
+            log.warning("the publisher is still blocked (connecting?) after the shutdown grace; not waiting for it")
 
     def stop(self) -> None:
         self._drain_until = time.monotonic()

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, STREAMS
-from agent.pagescan import GAPS_TABLE, STREAMS_TABLE, scan
+from agent.pagescan import GAPS_TABLE, META_TABLE, STREAMS_TABLE, scan
 
 if TYPE_CHECKING:
     from agent.buffer import Buffer
@@ -118,9 +118,15 @@ def _salvage(old: sqlite3.Connection, moved: Path, fresh: Buffer, now_ms: int, r
              progress: Callable[[], None]) -> None:
     watermarks = _read_watermarks(old)  # stream -> (last seq known, acknowledged watermark), when readable
     sql_readable = watermarks is not None or _readable(old, STREAM_READINGS)
+    # Page 1 or the schema damaged: SQLite reads nothing, but the leaf pages may hold it all. Else the
+    # WAL's frames may hold newer copies than SQLite read (it stops at a damaged frame).
+    state = _state_from_pages(moved, progress, wal_only=sql_readable)
     if not sql_readable:
-        # Page 1 or the schema is damaged: SQLite reads nothing, but the leaf pages may hold it all.
-        watermarks, old_gaps = _state_from_pages(moved, progress)
+        watermarks = state.marks or None
+    elif watermarks is not None:
+        for stream, (top, acked) in state.marks.items():  # watermarks only move forward
+            old_top, old_acked = watermarks.get(stream, (0, 0))
+            watermarks[stream] = (max(top, old_top), max(acked, old_acked))
     known = {stream: watermarks.get(stream) if watermarks else None for stream in STREAMS}
     sent = {stream: known[stream][1] if known[stream] else 0 for stream in STREAMS}
     for stream in STREAMS:
@@ -159,9 +165,14 @@ def _salvage(old: sqlite3.Connection, moved: Path, fresh: Buffer, now_ms: int, r
         _copy_pending_gaps(old, fresh, now_ms)
         _copy_meta(old, fresh)
     else:
-        for _, stream, first, last, reason, announced in old_gaps.values():
+        for _, stream, first, last, reason, announced in state.gaps.values():
             if not announced:
                 fresh.record_gap(stream, first, last, reason, now_ms)
+    # The state (alarms, aggregates, uplinks) as the newest WAL frames hold it: written in the same
+    # transactions as the events recovered from them, so that no alarm or period comes twice.
+    for key, value in state.meta.items():
+        fresh.set_meta(key, value)
+    if not sql_readable and "alarm_state" not in state.meta:
         log.warning("salvage: the old file's state (alarms, aggregates) is unreadable; the active alarms are "
                     "rebuilt from its alarm events")
         _rebuild_active_alarms((alarm_events[seq] for seq in sorted(alarm_events or {})), fresh)
@@ -172,22 +183,35 @@ def _insert(fresh: Buffer, stream: str, rows: list[tuple]) -> None:
     fresh.conn.executemany(f"INSERT OR IGNORE INTO {stream}({COLUMNS[stream]}) VALUES ({placeholders})", rows)
 
 
-def _state_from_pages(moved: Path, progress: Callable[[], None]
-                      ) -> tuple[dict[str, tuple[int, int]] | None, dict[int, tuple]]:
-    """The streams' (last seq known, acknowledged watermark) and the gaps, from the raw pages: of
-    each, the highest copy is the latest (watermarks only move forward, a gap only grows)."""
-    marks: dict[str, tuple[int, int]] = {}
-    gaps: dict[int, tuple] = {}
-    for table, row in scan(moved, (STREAMS_TABLE, GAPS_TABLE), progress=progress):
+@dataclass
+class _PageState:
+    """What the raw pages say of the old file's state: per stream (last seq known, acknowledged
+    watermark), the gaps by id, and the meta rows of the WAL's newest frames."""
+
+    marks: dict[str, tuple[int, int]] = field(default_factory=dict)
+    gaps: dict[int, tuple] = field(default_factory=dict)
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+def _state_from_pages(moved: Path, progress: Callable[[], None], wal_only: bool) -> _PageState:
+    """Of watermarks and gaps, the highest copy is the latest (a watermark only moves forward, a gap
+    only grows). Of a meta row, only a copy from the WAL's current generation can be dated: the
+    newest frame's wins (a page of the file may be a freed page's stale copy)."""
+    state = _PageState()
+    meta_age: dict[str, int] = {}
+    for table, row, age in scan(moved, (STREAMS_TABLE, GAPS_TABLE, META_TABLE), progress=progress,
+                                wal_only=wal_only):
         if table == STREAMS_TABLE:
             name, floor, sent = row
-            top, acked = marks.get(name, (0, 0))
-            marks[name] = (max(top, floor, sent), max(acked, sent))
-        else:
-            seen = gaps.get(row[0])
+            top, acked = state.marks.get(name, (0, 0))
+            state.marks[name] = (max(top, floor, sent), max(acked, sent))
+        elif table == GAPS_TABLE:
+            seen = state.gaps.get(row[0])
             if seen is None or (row[3], row[5]) > (seen[3], seen[5]):  # extended, or announced, since
-                gaps[row[0]] = row
-    return marks or None, gaps
+                state.gaps[row[0]] = row
+        elif age >= 1 and row[0] != "schema_version" and age >= meta_age.get(row[0], 0):
+            state.meta[row[0]], meta_age[row[0]] = row[1], age
+    return state
 
 
 def _fill_from_pages(moved: Path, fresh: Buffer, report: SalvageReport, alarm_events: dict[int, tuple] | None,
@@ -204,7 +228,7 @@ def _fill_from_pages(moved: Path, fresh: Buffer, report: SalvageReport, alarm_ev
 
     batches: dict[str, list[tuple]] = {stream: [] for stream in STREAMS}
     tables = set(stretches) | ({STREAM_ALARMS} if alarm_events is not None else set())
-    for table, row in scan(moved, tables, want, progress):
+    for table, row, _ in scan(moved, tables, want, progress):
         if table == STREAM_ALARMS and alarm_events is not None:
             alarm_events[row[0]] = row
         if inside(table, row[0]):

@@ -68,8 +68,10 @@ class SeqMark:
             except OSError as exc:
                 log.warning("cannot keep the acknowledged watermark in %s (%s)", self.path, exc)
 
-    def ensure_above(self, last_seqs: dict[str, int]) -> None:
-        """Make sure every stream's reservation covers `last_seqs`; rewrite the file if not."""
+    def ensure_above(self, last_seqs: dict[str, int], acked: dict[str, int] | None = None) -> None:
+        """Make sure every stream's reservation covers `last_seqs`; rewrite the file if not, with the
+        acknowledged watermarks `acked` as they are then (a fresher hint than the last clean close's,
+        should the buffer file be lost after a crash)."""
         marks = self.read()
         assert self._marks is not None
         changed = False
@@ -78,6 +80,7 @@ class SeqMark:
                 marks[stream] = last + self.block
                 changed = True
         if changed:
+            marks.update({stream + ACKED: seq for stream, seq in (acked or {}).items()})
             self._write(marks)
             self._marks = marks
 

@@ -365,9 +365,10 @@ def test_sigterm_while_the_broker_hangs_exits_within_the_shutdown_grace(tmp_path
     assert took < 1 + 0.9, f"stopped after {took:.2f} s with shutdown_grace 1"
 
 
-def test_sigterm_while_connecting_to_a_broker_that_never_answers_exits_within_the_shutdown_grace(tmp_path):
-    """A broker that accepts TCP and never sends CONNACK: the agent waits up to its connect timeout
-    (5 s) per attempt, but a stop's grace is not spent waiting there."""
+@pytest.mark.parametrize("scheme", ["mqtt", "mqtts"])
+def test_sigterm_while_connecting_to_a_broker_that_never_answers_exits_within_the_shutdown_grace(tmp_path, scheme):
+    """A broker that accepts TCP and never answers (no CONNACK; with TLS, no handshake): the agent waits
+    up to its connect timeout (5 s) per attempt, but a stop's grace is not spent waiting there."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -382,7 +383,7 @@ def test_sigterm_while_connecting_to_a_broker_that_never_answers_exits_within_th
 
     threading.Thread(target=accept_and_say_nothing, daemon=True).start()
     config = sim_config(tmp_path, Broker(tmp_path / "unused"), channels=1, mqtt={"shutdown_grace": 1})
-    config["mqtt"]["url"] = f"mqtt://127.0.0.1:{listener.getsockname()[1]}"
+    config["mqtt"]["url"] = f"{scheme}://127.0.0.1:{listener.getsockname()[1]}"
     agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
     try:
         wait_for(lambda: len(held) >= 1, 20, "the agent connecting")

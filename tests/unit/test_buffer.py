@@ -364,3 +364,25 @@ def test_polls_between_pages_by_whole_polls_within_the_time_range(tmp_path):
         assert pages == [[(1_060_000, 40)], [(1_120_000, 40)], [(1_180_000, 40)]], "never a poll cut in two"
     finally:
         buf.close()
+
+
+def test_after_a_crash_past_a_block_a_deleted_file_s_jump_is_announced_from_the_last_reservation(tmp_path):
+    """The broker was away: seqs went past a reserved block, the acknowledged watermark stayed
+    behind. A crash, the file deleted: every seq above that watermark may have been lost with it."""
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    store(buf, readings(3000))
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 2000)
+    buf.commit()
+    for _ in range(9):
+        store(buf, readings(1000))  # past 10 000: a new block is reserved, noting what was acknowledged
+    buf.conn.close()  # the process died
+    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
+    for name in ("b.db", "b.db-wal", "b.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    buf = Buffer.open_writer(path)
+    try:
+        assert gaps(buf) == [(2001, mark, "buffer_missing")]
+    finally:
+        buf.close()

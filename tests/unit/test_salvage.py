@@ -170,16 +170,19 @@ def test_a_file_found_corrupt_while_running_is_replaced_and_readers_notice(tmp_p
         recorder.buffer.close()
 
 
-def crashed_copy(tmp_path: Path, commits: int) -> tuple[Path, int]:
-    """A buffer after `commits` commits of 40 readings, copied as a power cut leaves it (its newest
-    commits in the WAL, nothing checkpointed): the copy's directory and the last seq issued."""
+def crashed_copy(tmp_path: Path, commits: int, also=None) -> tuple[Path, int]:
+    """A buffer after `commits` commits of 40 readings (and what `also(buf, k)` adds to the k-th),
+    copied as a power cut leaves it (its newest commits in the WAL, nothing checkpointed): the copy's
+    directory and the last seq issued."""
     live, crashed = tmp_path / "live", tmp_path / "crashed"
     live.mkdir()
     crashed.mkdir()
     buf = Buffer.open_writer(live / "b.db")
-    for _ in range(commits):
+    for k in range(commits):
         buf.begin()
         issued = buf.insert_readings(readings(40))
+        if also is not None:
+            also(buf, k)
         buf.commit()
     for name in ("b.db", "b.db-wal", "b.db.seq"):
         (crashed / name).write_bytes((live / name).read_bytes())
@@ -226,6 +229,34 @@ def test_a_damaged_wal_header_is_corruption_and_its_frames_are_salvaged(tmp_path
         assert [r.seq for r in again.readings_after(0, 10_000)] == list(range(1, last + 1)), "read from the frames"
         assert gaps(again) == [(last + 1, mark, GAP_REASON)]
         assert_next_seq(again, mark + 1)
+    finally:
+        again.close()
+
+def test_after_a_damaged_wal_frame_state_and_watermark_come_from_the_frames_that_follow(tmp_path):
+    """An alarm raised in a commit after the damaged frame: its event is recovered from the frames
+    that follow, and so must be the state written with it, or the alarm would be raised twice."""
+    def raise_alarm_late(buf: Buffer, k: int) -> None:
+        if k == 25:
+            buf.insert_event(STREAM_ALARMS, 1000, {"id": "d.c1:above", "channel": "d.c1", "rule": "above",
+                                                    "state": "raised", "value": 9, "threshold": 8,
+                                                    "ts": "2026-11-29T00:00:01.000Z"})
+            buf.set_meta("alarm_state", '{"v": 1, "active": [{"id": "d.c1:above"}]}')
+            buf.set_sent_upto(STREAM_READINGS, 1000)
+        if k == 2:
+            buf.set_meta("alarm_state", '{"v": 1, "active": []}')
+
+    crashed, last = crashed_copy(tmp_path, commits=30, also=raise_alarm_late)
+    wal = crashed / "b.db-wal"
+    frames = (wal.stat().st_size - 32) // 1048
+    with open(wal, "r+b") as f:
+        f.seek(32 + frames // 3 * 1048 + 24 + 500)
+        f.write(b"\xde\xad\xbe\xef")
+    again = Buffer.open_writer(crashed / "b.db")
+    try:
+        assert [e.body["id"] for e in again.events_after(STREAM_ALARMS, 0, 10)] == ["d.c1:above"]
+        assert json.loads(again.meta_value("alarm_state") or "{}")["active"] == [{"id": "d.c1:above"}], \
+            "the state that goes with the recovered event"
+        assert again.readings_after(0, 1)[0].seq == 1001, "what was acknowledged (newest copy) is not sent again"
     finally:
         again.close()
 
