@@ -468,7 +468,8 @@ def _check_mqtt_url(value: str) -> str:
 
 
 MqttUrl = Annotated[Text, AfterValidator(_check_mqtt_url),
-                    Field(json_schema_extra={"pattern": r"^\s*[Mm][Qq][Tt][Tt][Ss]?://[^@/?#]+/?\s*$"})]
+                    Field(json_schema_extra={"pattern": r"^\s*[Mm][Qq][Tt][Tt][Ss]?://(\[[0-9A-Fa-f:.]+\]|[^@/?#:\[\]]+)"
+                                                        r"(:0*[1-9][0-9]{0,4})?/?\s*$"})]
 
 
 def _parse_broker(url: str) -> Broker:
@@ -2114,6 +2115,7 @@ def json_schema() -> dict[str, Any]:
     schema = Config.model_json_schema(mode="validation")
     defs = schema["$defs"]
     defs["RegisterSpec"]["required"] = ["channel"]  # an override of a profile's entry may give only its changes
+    defs["RegisterSpec"]["properties"]["channel"]["pattern"] = f"^{CHANNEL_RE.pattern}$"
     defs["Device"]["allOf"] = [{"if": {"not": {"required": ["profile"]}},
                                 "then": {"properties": {"registers": {"items": {"required": ["address"]}}}}}]
     counts = defs["AggregateCount"]["properties"]

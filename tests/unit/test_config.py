@@ -792,6 +792,8 @@ def test_an_editor_validating_with_the_schema_accepts_the_shipped_configs_and_fl
     import yaml
 
     validator = jsonschema.Draft202012Validator(json_schema())
+    for url in ("mqtt://[::1]:1883", "MQTTS://broker.example", "mqtt://h:08883/", "${BROKER}"):
+        assert not list(validator.iter_errors({**yaml.safe_load(GOOD), "mqtt": {"url": url}})), url
     files = [*sorted((REPO / "config").rglob("*.yaml")), Path(__file__).parent / "configs" / "spec-example.yaml"]
     for file in files:
         errors = [e.message for e in validator.iter_errors(yaml.safe_load(file.read_text()))]
@@ -799,6 +801,9 @@ def test_an_editor_validating_with_the_schema_accepts_the_shipped_configs_and_fl
     good = yaml.safe_load(GOOD)
     for mistake in ({"devices": {**good["devices"], "COD": good["devices"]["cod"]}},  # upper case device id
                     {"mqtt": {"url": "http://127.0.0.1:1883"}},
+                    {"mqtt": {"url": "mqtt://127.0.0.1:0"}},
+                    {"mqtt": {"url": "mqtt://127.0.0.1:abc"}},
+                    {"devices": {"cod": {"bus": "rs485-1", "slave": 1, "registers": [{"channel": "w01-018", "address": 0}]}}},
                     {"mqtt": {"url": "mqtt://127.0.0.1:1883", "usrname": "u"}},
                     {"devices": {"sim": {"driver": "simulated", "interval": 1, "channels": {"a-b": {"mean": 1}}}}},
                     {"buses": {"rs 485": {"type": "rtu", "port": "/dev/ttyUSB0"}}}):
