@@ -158,7 +158,6 @@ def _wal_commits_lost(path: Path, conn: sqlite3.Connection) -> int:
     return max(0, commits - 1)
 
 
-
 def _kept_wal(path: Path) -> Path:
     return path.with_name(path.name + "-wal.kept")
 

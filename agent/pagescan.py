@@ -5,13 +5,15 @@ header. Those are the pages written most often (at nearly every checkpoint), so 
 SD card damages most; the damage then makes every row beneath them unreachable, although the leaf
 pages that hold the rows are intact. `scan` reads the file and its WAL page by page, decodes every
 cell of every table-leaf page, and keeps the records that have exactly the shape of a buffer table:
-readings, aggregate and alarm events, stream watermarks, gaps. `agent.salvage` takes from them
-what it could not read through SQL.
+readings, aggregate and alarm events, stream watermarks, gaps, meta rows. `agent.salvage` takes
+from them what it could not read through SQL. It also checks a WAL header as SQLite does
+(`wal_header_valid`: a damaged one makes SQLite ignore the whole WAL).
 
 Only the cells a page still lists are read (rows deleted from a page are not brought back). A page
 freed by a purge keeps old rows: the caller filters them by the acknowledged watermark. A readings
 row never changes once written, so any copy of it is as good as another; of a watermark, the
-highest copy is the latest (it only moves forward). Every field is checked: a damaged page yields
+highest copy is the latest (it only moves forward); of other rows, the copy in the newest frame of
+the WAL's current generation (`age`). Every field is checked: a damaged page yields
 nothing, not something wrong. Imports `agent.model` only.
 """
 
@@ -195,7 +197,6 @@ def _values(types: list[int], payload: bytes, pos: int) -> list | None:
         else:
             return None  # a blob or a reserved type: no buffer table holds one
     return values if pos == len(payload) else None
-
 
 
 def _is_text(t: int) -> bool:

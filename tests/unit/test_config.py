@@ -803,7 +803,8 @@ def test_an_editor_validating_with_the_schema_accepts_the_shipped_configs_and_fl
                     {"mqtt": {"url": "http://127.0.0.1:1883"}},
                     {"mqtt": {"url": "mqtt://127.0.0.1:0"}},
                     {"mqtt": {"url": "mqtt://127.0.0.1:abc"}},
-                    {"devices": {"cod": {"bus": "rs485-1", "slave": 1, "registers": [{"channel": "w01-018", "address": 0}]}}},
+                    {"devices": {"cod": {"bus": "rs485-1", "slave": 1,
+                                         "registers": [{"channel": "w01-018", "address": 0}]}}},
                     {"mqtt": {"url": "mqtt://127.0.0.1:1883", "usrname": "u"}},
                     {"devices": {"sim": {"driver": "simulated", "interval": 1, "channels": {"a-b": {"mean": 1}}}}},
                     {"buses": {"rs 485": {"type": "rtu", "port": "/dev/ttyUSB0"}}}):
