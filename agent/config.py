@@ -467,6 +467,16 @@ def _check_mqtt_url(value: str) -> str:
     return value
 
 
+def _quoted_choice(value: Any) -> Any:
+    """`qos: "1"`: a quoted whole number where one of a few numbers is expected, as any other number
+    key takes one (pydantic does not read text for a Literal)."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?[0-9]+\s*", value):
+        return int(value)
+    return value
+
+
+_QUOTED_CHOICE = BeforeValidator(_quoted_choice)
+
 MqttUrl = Annotated[Text, AfterValidator(_check_mqtt_url),
                     Field(json_schema_extra={"pattern": r"^\s*[Mm][Qq][Tt][Tt][Ss]?://(\[[0-9A-Fa-f:.]+\]|[^@/?#:\[\]]+)"
                                                         r"(:0*[1-9][0-9]{0,4})?/?\s*$"})]
@@ -539,7 +549,7 @@ class Mqtt(_Model):
     tls: Tls | None = None
     topic_prefix: Annotated[Text, AfterValidator(_check_topic_prefix)] = Field(
         "env", description="Topics are {topic_prefix}/{station.id}/...")
-    qos: Literal[0, 1] = Field(1, description="0 or 1; only 1 promises delivery")
+    qos: Annotated[Literal[0, 1], _QUOTED_CHOICE] = Field(1, description="0 or 1; only 1 promises delivery")
     payload: Literal["json", "hj212"] = "json"
     max_batch: int = Field(200, ge=1, le=10000, description="Readings per data message when draining a backlog")
     reconnect_max: float = Field(30, gt=0, description="Reconnect backoff ceiling, seconds")
@@ -595,8 +605,8 @@ class RtuBus(_Model):
     port: NonEmptyText = Field(description="Serial device, e.g. /dev/ttyUSB0")
     baudrate: int = Field(9600, gt=0)
     parity: Parity = "N"
-    bytesize: Literal[7, 8] = 8
-    stopbits: Literal[1, 2] = 1
+    bytesize: Annotated[Literal[7, 8], _QUOTED_CHOICE] = 8
+    stopbits: Annotated[Literal[1, 2], _QUOTED_CHOICE] = 1
     timeout: float = Field(0.5, gt=0, description="Answer timeout, seconds")
     retries: int = Field(1, ge=0, description="Retries before a device is given up for this poll")
 
@@ -618,8 +628,8 @@ class SerialBus(_Model):
     port: NonEmptyText = Field(description="Serial device, e.g. /dev/ttyAMA0")
     baudrate: int = Field(9600, gt=0)
     parity: Parity = "N"
-    bytesize: Literal[7, 8] = 8
-    stopbits: Literal[1, 2] = 1
+    bytesize: Annotated[Literal[7, 8], _QUOTED_CHOICE] = 8
+    stopbits: Annotated[Literal[1, 2], _QUOTED_CHOICE] = 1
     timeout: float = Field(1.0, gt=0, description="Read timeout, seconds")
 
 
@@ -878,7 +888,7 @@ AggChannel = Annotated[Text, AfterValidator(_check_agg_channel)]
 class Aggregate(_Model):
     """`aggregate:` HJ 212 period statistics computed at the edge (see agent/aggregate.py)."""
 
-    minute: Literal[1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30] = Field(
+    minute: Annotated[Literal[1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30], _QUOTED_CHOICE] = Field(
         10, description="Minutes per 'minute' period (divides 60)")
     hour: bool = True
     day: bool = True

@@ -581,6 +581,16 @@ def test_a_missing_password_file_is_reported_beside_the_missing_username(tmp_pat
         f"8:18: mqtt.password_file: file not found: {tmp_path / 'mqtt.pass'}",
     ]
 
+def test_a_quoted_number_is_taken_where_one_of_a_few_numbers_is_expected(tmp_path: Path) -> None:
+    """As by every other number key: `qos: "0"`, `bytesize: "${BITS}"`, `minute: '5'`."""
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883", '  url: mqtt://127.0.0.1:1883\n  qos: "0"').replace(
+        "{type: rtu, port: /dev/ttyUSB0}", '{type: rtu, port: /dev/ttyUSB0, bytesize: "${BITS}", stopbits: "2"}')
+    config = load_config(write(tmp_path, text + "aggregate: {minute: '5'}\n"), env={"BITS": "7"})
+    bus = config.buses["rs485-1"]
+    assert (config.mqtt.qos, bus.bytesize, bus.stopbits, config.aggregate.minute) == (0, 7, 2, 5)
+    assert "must be 0 or 1" in single_problem(tmp_path, GOOD.replace(
+        "  url: mqtt://127.0.0.1:1883", '  url: mqtt://127.0.0.1:1883\n  qos: "2"'))
+
 def test_yes_no_is_no_number_but_numbers_keep_working(tmp_path: Path) -> None:
     text = GOOD.replace("id: ST01", "id: 14010500000017").replace("  url: mqtt://127.0.0.1:1883", """\
   url: mqtt://127.0.0.1:1883
