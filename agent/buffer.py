@@ -242,8 +242,11 @@ class Buffer:
 
         moved = move_aside(path, str(exc))
         log.error("buffer %s is corrupt (%s); moved aside to %s, starting a fresh one", path, exc, moved)
-        buf = cls._open_checked(path, sync, SeqMark(path.with_name(path.name + ".seq")), announce_jump=False)
-        report = salvage_into(moved, buf, int(time.time() * 1000), progress)
+        seqmark = SeqMark(path.with_name(path.name + ".seq"))
+        acked = seqmark.acked()  # read before the fresh file notes its own
+        buf = cls._open_checked(path, sync, seqmark, announce_jump=False)
+        report = salvage_into(moved, buf, int(time.time() * 1000), progress, acked)
+        seqmark.note_acked(buf._sent_upto)  # the salvaged rows wait below the mark
         log.warning("buffer %s: from %s %s", path, moved.name, report.summary())
         if max_mb is not None:
             buf.set_size_cap(max_mb)

@@ -13,8 +13,8 @@ Only the cells a page still lists are read (rows deleted from a page are not bro
 freed by a purge keeps old rows: the caller filters them by the acknowledged watermark. A readings
 row never changes once written, so any copy of it is as good as another; of a watermark, the
 highest copy is the latest (it only moves forward); of other rows, the copy in the newest frame of
-the WAL's current generation (`age`). Every field is checked: a damaged page yields
-nothing, not something wrong. Imports `agent.model` only.
+the WAL's current generation (`age`: the transaction that wrote it). Every field is checked: a
+damaged page yields nothing, not something wrong. Imports `agent.model` only.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def scan(path: Path, tables: Collection[str], want: Callable[[str, int], bool] =
     row is decoded: a scan that wants little is quick). Tables: the three streams, with rows in the
     column order of `agent.salvage.COLUMNS`, and `STREAMS_TABLE`, `GAPS_TABLE`, `META_TABLE`. The
     same row may come more than once. `age` orders the copies: 0 from the file, n >= 1 from the
-    n-th frame of the WAL's current generation (the higher, the newer), -1 from an older
-    generation's frame. `progress()` is called every few thousand pages."""
+    n-th transaction of the WAL's current generation (the higher, the newer; the frames after its
+    last commit count as one more), -1 from an older generation's frame. `progress()` is called
+    every few thousand pages."""
     shapes = {EVENTS if t in EVENT_STREAMS[EVENTS] else t for t in tables}
     page_size = _page_size(path)
     for count, (pageno, page, age) in enumerate(_pages(path, page_size, wal_only), 1):
@@ -107,12 +108,14 @@ def _pages(path: Path, page_size: int, wal_only: bool = False) -> Iterator[tuple
         with open(path.with_name(path.name + "-wal"), "rb") as f:
             header = f.read(WAL_HEADER)
             current = header[16:24] if wal_header_valid(header) else None
-            index = 0
+            transaction = 1
             while len(frame := f.read(WAL_FRAME_HEADER + page_size)) == WAL_FRAME_HEADER + page_size:
                 salts = frame[8:16]
                 current = current or salts
-                index += 1
-                yield int.from_bytes(frame[:4], "big"), frame[WAL_FRAME_HEADER:], index if salts == current else -1
+                ours = salts == current
+                yield int.from_bytes(frame[:4], "big"), frame[WAL_FRAME_HEADER:], transaction if ours else -1
+                if ours and frame[4:8] != b"\0\0\0\0":  # a commit frame (the database size after it)
+                    transaction += 1
     except OSError:
         pass
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,13 +83,14 @@ class SalvageReport:
         return text
 
 
-def salvage_into(moved: Path, fresh: Buffer, now_ms: int,
-                 progress: Callable[[], None] | None = None) -> SalvageReport:
+def salvage_into(moved: Path, fresh: Buffer, now_ms: int, progress: Callable[[], None] | None = None,
+                 acked_hint: Mapping[str, int] | None = None) -> SalvageReport:
     """Copy what is readable of `moved` (a corrupt buffer file, with its -wal beside it) into
     `fresh` (a freshly created writer Buffer, above the high-water mark), in one transaction.
     `progress()` is called after every batch of rows (a large buffer takes a while: the caller
-    keeps systemd's start timeout or watchdog informed). Never raises: what went wrong is in the
-    report, and the fresh file is then left as it was."""
+    keeps systemd's start timeout or watchdog informed). `acked_hint`: the acknowledged watermarks
+    noted beside the high-water mark (`SeqMark.acked`), used for a stream whose own watermark cannot
+    be read. Never raises: what went wrong is in the report, and the fresh file is then left as it was."""
     report = SalvageReport()
     try:
         old = sqlite3.connect(f"file:{moved}?mode=ro", uri=True, timeout=5, check_same_thread=False)
@@ -99,7 +100,7 @@ def salvage_into(moved: Path, fresh: Buffer, now_ms: int,
     try:
         fresh.begin()
         try:
-            _salvage(old, moved, fresh, now_ms, report, progress or (lambda: None))
+            _salvage(old, moved, fresh, now_ms, report, progress or (lambda: None), acked_hint or {})
             fresh.commit()
         except BaseException:
             fresh.rollback()
@@ -115,7 +116,7 @@ def salvage_into(moved: Path, fresh: Buffer, now_ms: int,
 
 
 def _salvage(old: sqlite3.Connection, moved: Path, fresh: Buffer, now_ms: int, report: SalvageReport,
-             progress: Callable[[], None]) -> None:
+             progress: Callable[[], None], acked_hint: Mapping[str, int]) -> None:
     watermarks = _read_watermarks(old)  # stream -> (last seq known, acknowledged watermark), when readable
     sql_readable = watermarks is not None or _readable(old, STREAM_READINGS)
     # Page 1 or the schema damaged: SQLite reads nothing, but the leaf pages may hold it all. Else the
@@ -128,6 +129,13 @@ def _salvage(old: sqlite3.Connection, moved: Path, fresh: Buffer, now_ms: int, r
             old_top, old_acked = watermarks.get(stream, (0, 0))
             watermarks[stream] = (max(top, old_top), max(acked, old_acked))
     known = {stream: watermarks.get(stream) if watermarks else None for stream in STREAMS}
+    for stream, hint in acked_hint.items():
+        # The watermark noted at the last clean stop or block reservation, when the file's own is lost:
+        # rows up to it were delivered. Only if this file holds rows at or above it (one noted by a
+        # buffer at another storage.path would lie above all of them).
+        probe = _probe(old, stream, hint) if sql_readable and stream in known and known[stream] is None else None
+        if probe:
+            known[stream] = (hint, hint)
     sent = {stream: known[stream][1] if known[stream] else 0 for stream in STREAMS}
     for stream in STREAMS:
         got = report.streams[stream] = StreamSalvage()
@@ -142,7 +150,7 @@ def _salvage(old: sqlite3.Connection, moved: Path, fresh: Buffer, now_ms: int, r
             # Rows beyond all the file knows of: commits SQLite dropped after a damaged WAL frame.
             beyond = max(got.last_seq or 0, known[stream][0] if known[stream] else 0, sent[stream])
             got.unreadable.append((beyond + 1, None))
-    alarm_events: dict[int, tuple] | None = None if sql_readable else {}  # to rebuild the alarm state
+    alarm_events: dict[int, tuple[tuple, int]] = {}  # seq -> (row, age): every alarm event the pages hold
     _fill_from_pages(moved, fresh, report, alarm_events, progress)
     for stream in STREAMS:
         got = report.streams[stream]
@@ -172,10 +180,16 @@ def _salvage(old: sqlite3.Connection, moved: Path, fresh: Buffer, now_ms: int, r
     # transactions as the events recovered from them, so that no alarm or period comes twice.
     for key, value in state.meta.items():
         fresh.set_meta(key, value)
-    if not sql_readable and "alarm_state" not in state.meta:
-        log.warning("salvage: the old file's state (alarms, aggregates) is unreadable; the active alarms are "
-                    "rebuilt from its alarm events")
-        _rebuild_active_alarms((alarm_events[seq] for seq in sorted(alarm_events or {})), fresh)
+    # An alarm event newer than the newest readable alarm state (its copy was on a damaged frame):
+    # the events tell which alarms are active, or one would be raised or cleared a second time.
+    newest_event = max((age for _, age in alarm_events.values()), default=0)
+    if newest_event > state.meta_age.get("alarm_state", 0) or (not sql_readable and "alarm_state" not in state.meta):
+        log.warning("salvage: the old file's alarm state is older than its alarm events, or unreadable; the "
+                    "active alarms are rebuilt from the events")
+        events = {row[0]: row for row, _ in alarm_events.values()}
+        if sql_readable:
+            events.update((row[0], row) for rows in _rows_after(old, STREAM_ALARMS, 0, StreamSalvage()) for row in rows)
+        _rebuild_active_alarms((events[seq] for seq in sorted(events)), fresh)
 
 
 def _insert(fresh: Buffer, stream: str, rows: list[tuple]) -> None:
@@ -191,6 +205,7 @@ class _PageState:
     marks: dict[str, tuple[int, int]] = field(default_factory=dict)
     gaps: dict[int, tuple] = field(default_factory=dict)
     meta: dict[str, str] = field(default_factory=dict)
+    meta_age: dict[str, int] = field(default_factory=dict)  # the transaction each meta row comes from
 
 
 def _state_from_pages(moved: Path, progress: Callable[[], None], wal_only: bool) -> _PageState:
@@ -198,7 +213,6 @@ def _state_from_pages(moved: Path, progress: Callable[[], None], wal_only: bool)
     only grows). Of a meta row, only a copy from the WAL's current generation can be dated: the
     newest frame's wins (a page of the file may be a freed page's stale copy)."""
     state = _PageState()
-    meta_age: dict[str, int] = {}
     for table, row, age in scan(moved, (STREAMS_TABLE, GAPS_TABLE, META_TABLE), progress=progress,
                                 wal_only=wal_only):
         if table == STREAMS_TABLE:
@@ -209,28 +223,27 @@ def _state_from_pages(moved: Path, progress: Callable[[], None], wal_only: bool)
             seen = state.gaps.get(row[0])
             if seen is None or (row[3], row[5]) > (seen[3], seen[5]):  # extended, or announced, since
                 state.gaps[row[0]] = row
-        elif age >= 1 and row[0] != "schema_version" and age >= meta_age.get(row[0], 0):
-            state.meta[row[0]], meta_age[row[0]] = row[1], age
+        elif age >= 1 and row[0] != "schema_version" and age >= state.meta_age.get(row[0], 0):
+            state.meta[row[0]], state.meta_age[row[0]] = row[1], age
     return state
 
 
-def _fill_from_pages(moved: Path, fresh: Buffer, report: SalvageReport, alarm_events: dict[int, tuple] | None,
+def _fill_from_pages(moved: Path, fresh: Buffer, report: SalvageReport, alarm_events: dict[int, tuple[tuple, int]],
                      progress: Callable[[], None]) -> None:
     """Insert the rows the page scan finds in the stretches SQL could not read; collect every alarm
-    event into `alarm_events` when it is not None."""
+    event, with the age of its newest copy (`agent.pagescan.scan`), into `alarm_events`."""
     stretches = {stream: got.unreadable for stream, got in report.streams.items() if got.unreadable}
 
     def inside(stream: str, seq: int) -> bool:
         return any(a <= seq and (b is None or seq <= b) for a, b in stretches.get(stream, ()))
 
     def want(table: str, seq: int) -> bool:
-        return inside(table, seq) or (table == STREAM_ALARMS and alarm_events is not None)
+        return inside(table, seq) or table == STREAM_ALARMS
 
     batches: dict[str, list[tuple]] = {stream: [] for stream in STREAMS}
-    tables = set(stretches) | ({STREAM_ALARMS} if alarm_events is not None else set())
-    for table, row, _ in scan(moved, tables, want, progress):
-        if table == STREAM_ALARMS and alarm_events is not None:
-            alarm_events[row[0]] = row
+    for table, row, age in scan(moved, set(stretches) | {STREAM_ALARMS}, want, progress):
+        if table == STREAM_ALARMS and age >= alarm_events.get(row[0], (row, age))[1]:
+            alarm_events[row[0]] = (row, age)
         if inside(table, row[0]):
             batches[table].append(row)
             if len(batches[table]) >= CHUNK:

@@ -118,6 +118,33 @@ def test_unpublished_readings_survive_damage_to_another_table(tmp_path):
         buf.close()
 
 
+def test_with_the_watermark_page_damaged_what_was_acknowledged_is_not_sent_again(tmp_path):
+    """The acknowledged watermark noted beside the mark at the clean stop stands in for the file's
+    own: days of published readings kept for `resend` would otherwise all be published again."""
+    path = tmp_path / "b.db"
+    filled_buffer(path, 2000, sent=500)
+    damage(path, pages_of(path, "streams")[0])
+    buf = Buffer.open_writer(path)
+    try:
+        assert [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+        assert [r.seq for r in buf.readings_after(0, 10_000)] == list(range(501, 2001))
+    finally:
+        buf.close()
+
+
+def test_a_watermark_noted_by_another_buffer_above_all_of_this_one_is_not_taken(tmp_path):
+    """storage.path changed and changed back: the note beside the mark may be another buffer's."""
+    path = tmp_path / "b.db"
+    filled_buffer(path, 2000, sent=500)
+    marks = json.loads((tmp_path / "b.db.seq").read_text())
+    (tmp_path / "b.db.seq").write_text(json.dumps({**marks, "readings.acked": 30_000}))
+    damage(path, pages_of(path, "streams")[0])
+    buf = Buffer.open_writer(path)
+    try:
+        assert [r.seq for r in buf.readings_after(0, 10_000)] == list(range(1, 2001)), "a duplicate, never a loss"
+    finally:
+        buf.close()
+
 @pytest.mark.parametrize("which", ["first", "middle", "last"])
 def test_a_damaged_page_of_readings_costs_only_the_readings_on_it(tmp_path, which):
     path = tmp_path / "b.db"
@@ -257,6 +284,33 @@ def test_after_a_damaged_wal_frame_state_and_watermark_come_from_the_frames_that
         assert json.loads(again.meta_value("alarm_state") or "{}")["active"] == [{"id": "d.c1:above"}], \
             "the state that goes with the recovered event"
         assert again.readings_after(0, 1)[0].seq == 1001, "what was acknowledged (newest copy) is not sent again"
+    finally:
+        again.close()
+
+def test_with_the_newest_copy_of_the_state_damaged_the_alarms_follow_their_events(tmp_path):
+    """The WAL frame holding the newest alarm state is damaged; the event written with it is not.
+    The older state says active: the alarm would be cleared a second time."""
+    def raise_then_clear(buf: Buffer, k: int) -> None:
+        for at, state, active in ((5, "raised", '[{"id": "d.c1:above"}]'), (20, "cleared", "[]")):
+            if k == at:
+                buf.insert_event(STREAM_ALARMS, 1000 + k, {"id": "d.c1:above", "channel": "d.c1", "rule": "above",
+                                                           "state": state, "value": 9, "threshold": 8,
+                                                           "ts": "2026-11-29T00:00:01.000Z"})
+                buf.set_meta("alarm_state", '{"v": 1, "active": ' + active + '}')
+
+    crashed, _ = crashed_copy(tmp_path, commits=30, also=raise_then_clear)
+    meta_page = pages_of(tmp_path / "live" / "b.db", "meta")[0]
+    wal = crashed / "b.db-wal"
+    data = bytearray(wal.read_bytes())
+    frames = [i for i in range((len(data) - 32) // 1048)
+              if int.from_bytes(data[32 + i * 1048:36 + i * 1048], "big") == meta_page]
+    newest = 32 + frames[-1] * 1048 + 24
+    data[newest:newest + 1024] = b"\xa5" * 1024
+    wal.write_bytes(bytes(data))
+    again = Buffer.open_writer(crashed / "b.db")
+    try:
+        assert [e.body["state"] for e in again.events_after(STREAM_ALARMS, 0, 10)] == ["raised", "cleared"]
+        assert json.loads(again.meta_value("alarm_state") or "{}")["active"] == [], "cleared, as its last event says"
     finally:
         again.close()
 
