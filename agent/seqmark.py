@@ -18,12 +18,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 BLOCK = 10_000
-ACKED = ".acked"  # key suffix of a stream's acknowledged watermark at the last clean close
+ACKED = ".acked"  # key suffix of a stream's acknowledged watermark, as last noted
 
 
 class SeqMark:
     """The `<buffer>.seq` file: `{"readings": N, "aggregates": N, "alarms": N}` reserved upper bounds,
-    and `{"readings.acked": N, ...}` the acknowledged watermarks of the last clean close."""
+    and `{"readings.acked": N, ...}` the acknowledged watermarks as last noted (at a clean close, a
+    block reservation, after a salvage): a lower bound of what was delivered, should the buffer file
+    be lost."""
 
     def __init__(self, path: Path, block: int = BLOCK):
         self.path = path
@@ -53,12 +55,13 @@ class SeqMark:
         return dict(self._marks)
 
     def acked(self) -> dict[str, int]:
-        """Per stream, the acknowledged watermark a buffer here last closed with (`note_acked`)."""
+        """Per stream, the acknowledged watermark a buffer here noted last."""
         return {key[:-len(ACKED)]: value for key, value in self.read().items() if key.endswith(ACKED)}
 
     def note_acked(self, sent_upto: dict[str, int]) -> None:
-        """At a clean close: keep each stream's acknowledged watermark beside the reservation (keys
-        `<stream>.acked`, plain numbers that an older reader takes for streams it does not have)."""
+        """Keep each stream's acknowledged watermark beside the reservation (keys `<stream>.acked`,
+        plain numbers that an older reader takes for streams it does not have): at a clean close,
+        and after a salvage."""
         marks = self.read()
         wanted = {**marks, **{stream + ACKED: seq for stream, seq in sent_upto.items()}}
         if wanted != marks:
