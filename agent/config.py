@@ -1932,8 +1932,9 @@ def parse_config(
     """Validate configuration `text`; `file` is only used in messages, `base_dir` anchors relative
     paths (None: they stay relative). Raises ConfigError listing every problem, in file order.
     With `check_files`, the files it names (password, TLS) must exist too. With
-    `credentials_optional`, an unset environment variable in a user name or password is no problem
-    (for commands that never connect: `status`, run by a technician whose shell lacks them)."""
+    `credentials_optional`, an unset environment variable in a credential (user name, password,
+    password file, TLS file, HJ 212 `pw`) is no problem (for commands that never connect: `status`,
+    run by a technician whose shell lacks them)."""
     env = os.environ if env is None else env
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
