@@ -100,6 +100,17 @@ def test_unit_exposure_level_is_at_most_2():
     assert score <= 2.0, out
 
 
+@needs_systemd_analyze
+def test_unit_lets_the_agent_read_the_clock_sync_state_but_not_set_the_clock():
+    """The agent asks the kernel (adjtimex, read-only) whether NTP has synchronised the clock: the
+    syscall filter must let that call through (~@privileged holds @clock), and setting the clock
+    stays impossible (no CAP_SYS_TIME)."""
+    proc = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=true", str(UNIT)], capture_output=True,
+                          text=True, timeout=60)
+    lines = {line.split()[1]: line for line in proc.stdout.splitlines() if line[:1] in ("✓", "✗")}
+    assert "adjtimex is allowed" in lines["SystemCallFilter=~@clock"], lines["SystemCallFilter=~@clock"]
+    assert lines["CapabilityBoundingSet=~CAP_SYS_TIME"].startswith("✓")
+
 def test_unit_runs_the_agent_under_systemd_supervision():
     s = unit_settings()
     assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"]
