@@ -603,13 +603,14 @@ class Hj212Driver:
             self.counters["ignored"] += 1
             return None
         try:
-            items = self._items(packet)
+            ts = _ts_ms_of(packet, self.tz)
+            items = self._items(packet, ts)
         except ValueError as exc:
             self._reject(exc, "bad_content")
             return None
         self.counters["packets"] += 1
         self._got_packet = True
-        self._clock_offset_ms = _ts_ms_of(packet, self.tz) - int(time.time() * 1000)
+        self._clock_offset_ms = ts - int(time.time() * 1000)
         for code, (value, flag, ts) in items.items():
             if code not in self.known:
                 self.known[code] = _pollutant_unit(code)
@@ -622,9 +623,8 @@ class Hj212Driver:
                 return None
         return None
 
-    def _items(self, packet: hj212.Packet) -> dict[str, tuple[float | None, str, int]]:
-        """code -> (value, flag, ts_ms) of a CN 2011 packet; ValueError rejects the whole packet."""
-        ts = _ts_ms_of(packet, self.tz)
+    def _items(self, packet: hj212.Packet, ts: int) -> dict[str, tuple[float | None, str, int]]:
+        """code -> (value, flag, ts_ms) of a CN 2011 packet dated `ts`; ValueError rejects the whole packet."""
         items: dict[str, tuple[float | None, str, int]] = {}
         for code, fields in packet.pollutants().items():
             if "Rtd" not in fields and "Flag" not in fields:

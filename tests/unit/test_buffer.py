@@ -93,6 +93,13 @@ def gaps(buf: Buffer) -> list[tuple[int, int, str]]:
     return [(g.first_seq, g.last_seq, g.reason) for g in buf.pending_gaps()]
 
 
+def reopen_without_the_file(tmp_path) -> tuple[int, Buffer]:
+    """Delete b.db (and its WAL) but keep the mark beside it; open it again: (the mark, the buffer)."""
+    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
+    for name in ("b.db", "b.db-wal", "b.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    return mark, Buffer.open_writer(tmp_path / "b.db")
+
 def test_a_deleted_file_s_jump_is_announced_from_what_was_acknowledged(tmp_path):
     """SPEC §3: a gap exists only where announced. A technician deletes the buffer file; the fresh one
     continues above the mark, and receivers must not take the skipped seqs for an unexplained loss."""
@@ -103,10 +110,7 @@ def test_a_deleted_file_s_jump_is_announced_from_what_was_acknowledged(tmp_path)
     buf.set_sent_upto(STREAM_READINGS, 20)  # 21..30 still unpublished: lost with the file
     buf.commit()
     buf.close()
-    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
-    for name in ("b.db", "b.db-wal", "b.db-shm"):
-        (tmp_path / name).unlink(missing_ok=True)
-    buf = Buffer.open_writer(path)
+    mark, buf = reopen_without_the_file(tmp_path)
     try:
         assert gaps(buf) == [(21, mark, "buffer_missing")]
         assert store(buf, readings(1))[0].seq == mark + 1
@@ -119,10 +123,7 @@ def test_after_a_crash_a_deleted_file_s_jump_is_announced_from_the_reserved_bloc
     buf = Buffer.open_writer(path)
     store(buf, readings(30))
     buf.conn.close()  # the process died: no clean close, nothing noted beside the mark
-    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
-    for name in ("b.db", "b.db-wal", "b.db-shm"):
-        (tmp_path / name).unlink(missing_ok=True)
-    buf = Buffer.open_writer(path)
+    mark, buf = reopen_without_the_file(tmp_path)
     try:
         assert gaps(buf) == [(mark - 10_000 + 1, mark, "buffer_missing")], "the seqs the mark may not cover"
     finally:
@@ -378,10 +379,7 @@ def test_after_a_crash_past_a_block_a_deleted_file_s_jump_is_announced_from_the_
     for _ in range(9):
         store(buf, readings(1000))  # past 10 000: a new block is reserved, noting what was acknowledged
     buf.conn.close()  # the process died
-    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
-    for name in ("b.db", "b.db-wal", "b.db-shm"):
-        (tmp_path / name).unlink(missing_ok=True)
-    buf = Buffer.open_writer(path)
+    mark, buf = reopen_without_the_file(tmp_path)
     try:
         assert gaps(buf) == [(2001, mark, "buffer_missing")]
     finally:
