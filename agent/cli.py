@@ -23,13 +23,13 @@ log = logging.getLogger("edge-agent")
 
 
 def _load_or_report(path: str, check_files: bool = False, warnings: bool = False,
-                    credentials_optional: bool = False):
+                    for_status: bool = False):
     """The config at `path`, or None after printing its problems (and, with `warnings`, its
     warnings) to stderr, one `FILE:LINE:COL: path: [warning: ]message` line each, in file order."""
     from agent.config import ConfigError, load_config
 
     try:
-        config = load_config(path, check_files=check_files, credentials_optional=credentials_optional)
+        config = load_config(path, check_files=check_files, for_status=for_status)
     except ConfigError as exc:
         shown = exc.problems + (exc.warnings if warnings else [])
         for problem in sorted(shown, key=lambda p: (p.line, p.col)):
@@ -113,7 +113,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from agent.runtime import device_channels, device_intervals
     from agent.status import agent_state, collect, render_text
 
-    config = _load_or_report(args.config, credentials_optional=True)  # it never connects
+    config = _load_or_report(args.config, for_status=True)  # it never connects
     if config is None:
         return EXIT_INVALID
     path = config.storage.path

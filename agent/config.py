@@ -149,6 +149,18 @@ def _is_credential_path(path: tuple[str | int, ...]) -> bool:
     return _is_secret_key_path(path) or (bool(path) and path[-1] in ("username", "password_file")) or \
         (len(path) == 3 and path[:2] == ("mqtt", "tls"))
 
+
+def _status_reads(path: tuple[str | int, ...]) -> bool:
+    """Whether `edge-agent status` needs the value at `path`: the buffer's place, the station id and
+    the devices (intervals, channels); not the broker, uplinks, buses, alarms or the console."""
+    return path[:1] in (("storage",), ("devices",)) or path == ("station", "id")
+
+
+# What `status` puts where an unset ${VAR} stands in a value it never reads, when the value's own
+# checks would refuse the text `${VAR}` itself (any other text value keeps its `${VAR}`).
+_STATUS_STAND_INS: dict[str, str] = {"url": "mqtt://unset.invalid", "urls": "mqtt://unset.invalid",
+                                     "host": "unset.invalid"}
+
 # Unit words appended to range messages ("must be at least 0.1 seconds").
 _UNITS: dict[str, str] = {
     name: " seconds"
@@ -1515,11 +1527,13 @@ class _TooComplex(Exception):
 class _TreeBuilder:
     """Builds plain data from a composed YAML node tree, remembering where each key and value is."""
 
-    def __init__(self, file: str, env: Mapping[str, str], credentials_optional: bool = False):
+    def __init__(self, file: str, env: Mapping[str, str], for_status: bool = False):
         self.file = file
         self.env = env
-        self.credentials_optional = credentials_optional  # an unset ${VAR} in a credential is no problem
+        self.for_status = for_status  # an unset ${VAR} is no problem where `status` does not look
         self.problems: list[tuple[_Path, yaml.Mark, str]] = []
+        # for_status: unset ${VAR}s given a stand-in; their problem counts only if the stand-in fails
+        self.deferred: dict[_Path, tuple[yaml.Mark, str]] = {}
         self.marks: dict[_Path, tuple[yaml.Mark | None, yaml.Mark]] = {}
         self.substituted: dict[_Path, dict[str, str]] = {}
         self.secret_texts: set[str] = set()  # the text of values under secret keys (password, pw)
@@ -1569,9 +1583,13 @@ class _TreeBuilder:
             try:
                 result = substitute(text, self.env)
             except SubstitutionError as exc:
-                if self.credentials_optional and _is_credential_path(path):
+                if self.for_status and _is_credential_path(path):
                     # `status` needs no credentials: a stand-in that passes their checks
                     return "******" if path[-1] == "pw" else text
+                if self.for_status and not _status_reads(path):
+                    self.deferred[path] = (node.start_mark, str(exc))
+                    key = path[-2] if isinstance(path[-1], int) else path[-1]
+                    return _STATUS_STAND_INS.get(str(key), text)
                 self.problems.append((path, node.start_mark, str(exc)))
                 return text
             if result.used:
@@ -1927,14 +1945,15 @@ def parse_config(
     env: Mapping[str, str] | None = None,
     base_dir: str | os.PathLike[str] | None = None,
     check_files: bool = False,
-    credentials_optional: bool = False,
+    for_status: bool = False,
 ) -> Config:
     """Validate configuration `text`; `file` is only used in messages, `base_dir` anchors relative
     paths (None: they stay relative). Raises ConfigError listing every problem, in file order.
     With `check_files`, the files it names (password, TLS) must exist too. With
-    `credentials_optional`, an unset environment variable in a credential (user name, password,
-    password file, TLS file, HJ 212 `pw`) is no problem (for commands that never connect: `status`,
-    run by a technician whose shell lacks them)."""
+    `for_status`, an unset environment variable is no problem in a value `status` does not read
+    (credentials, broker URLs, client id, buses, uplinks...: `status` never connects, and a
+    technician's shell may lack the service's environment), unless the stand-in put there fails
+    that value's own checks; the storage section, station id and devices must still be complete."""
     env = os.environ if env is None else env
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -1953,7 +1972,7 @@ def parse_config(
     if root is None:
         raise ConfigError([Problem(file, 1, 1, FILE_PATH,
                                    "the file is empty (expected station:, storage:, mqtt:, devices: ...)")])
-    builder = _TreeBuilder(file, env, credentials_optional)
+    builder = _TreeBuilder(file, env, for_status)
     try:
         data = builder.build(root, ())
     except _TooComplex:
@@ -1969,6 +1988,17 @@ def parse_config(
     problems: list[Problem] = [locator.at_mark(p, mark, m) for p, mark, m in builder.problems]
     # A value that failed substitution or parsing is reported once, by the builder.
     claimed = {p for p, _, _ in builder.problems}
+    deferred_reported: set[_Path] = set()
+
+    def stand_in_failed(path: _Path) -> bool:
+        """A problem at a value given a stand-in for `status` is the unset variable's, said once."""
+        if path not in builder.deferred:
+            return False
+        if path not in deferred_reported:
+            deferred_reported.add(path)
+            mark, message = builder.deferred[path]
+            problems.append(locator.at_mark(path, mark, message))
+        return True
     base = Path(base_dir) if base_dir is not None else None
     context = {"base_dir": base, "_cross_checked": True}
     config: Config | None = None
@@ -1977,7 +2007,7 @@ def parse_config(
     except ValidationError as exc:
         for err in exc.errors():
             prob_path = _walk_loc(tuple(err["loc"])).path
-            if prob_path in claimed:
+            if prob_path in claimed or stand_in_failed(prob_path):
                 continue
             problems.append(locator.from_pydantic(err))
     # The rules of sections with invalid keys too (a valid section's first rule is already there).
@@ -1988,7 +2018,7 @@ def parse_config(
             problems.append(problem)
     warnings: list[Problem] = []
     for path, message, where, warning in _cross_check(data):
-        if path not in claimed:
+        if path not in claimed and not stand_in_failed(path):
             (warnings if warning else problems).append(locator.problem(path, where, message, warning=warning))
     if check_files:  # every file key that is valid itself, whatever else is wrong (also with that key)
         for key, value in _named_files(data, base):
@@ -2015,12 +2045,12 @@ def load_config(
     env: Mapping[str, str] | None = None,
     *,
     check_files: bool = False,
-    credentials_optional: bool = False,
+    for_status: bool = False,
 ) -> Config:
     """Load and validate the configuration file at `path` (env: default os.environ).
 
     Relative paths inside it are resolved against its directory. With `check_files`, the files it
-    names (password_file, TLS files) must exist too (for `check-config`); `credentials_optional`:
+    names (password_file, TLS files) must exist too (for `check-config`); `for_status`:
     see `parse_config`. Raises ConfigError.
     """
     file = os.fspath(path)
@@ -2038,7 +2068,7 @@ def load_config(
                                    "the file is not UTF-8 text (save it as UTF-8)")]) from None
     base_dir = Path(file).absolute().parent
     config = parse_config(text, file=file, env=env, base_dir=base_dir, check_files=check_files,
-                          credentials_optional=credentials_optional)
+                          for_status=for_status)
     config._source_path = Path(file).absolute()
     return config
 

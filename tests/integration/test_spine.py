@@ -593,6 +593,41 @@ def test_status_needs_no_credentials_from_the_environment(tmp_path):
     assert checked.returncode == 2 and "EDGE_TEST_MQTT_PASS is not set" in checked.stderr, \
         "check-config still says what `run` would miss"
 
+
+def test_status_needs_no_connection_settings_from_the_environment(tmp_path):
+    """An operator templates broker URLs, client ids and hosts through the service's environment file;
+    `status` reads only the buffer, so it works without them. What it does read (the buffer's path,
+    the station id, the devices) must be there, and a value whose stand-in fails its own checks is
+    reported as the unset variable it is."""
+    config = sim_config(tmp_path, Broker(tmp_path / "broker"))
+    config["station"]["name"] = "${EDGE_TEST_NAME}"
+    config["mqtt"] = {"urls": ["${EDGE_TEST_BROKER}", "mqtts://${EDGE_TEST_BACKUP}:8883"],
+                      "client_id": "${EDGE_TEST_CID}"}
+    config["buses"] = {"lan": {"type": "tcp", "host": "${EDGE_TEST_PLC}", "port": 502}}
+    config["devices"]["plc"] = {"bus": "lan", "slave": 1, "interval": 5,
+                                "registers": [{"channel": "w01018", "address": 0, "type": "float32"}]}
+    config["hj212"] = {"st": 32, "pw": "123456", "uplinks": [{"host": "${EDGE_TEST_PLATFORM}", "port": 9000}]}
+    cfg = write_config(tmp_path / "station.yaml", config)
+    result = run_cli("status", "-c", str(cfg), "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["backlog"] == 0 and doc["station"] == "TEST0001" and set(doc["devices"]) == {"sim0", "plc"}
+    checked = run_cli("check-config", str(cfg))
+    assert checked.returncode == 2
+    for name in ("EDGE_TEST_NAME", "EDGE_TEST_BROKER", "EDGE_TEST_BACKUP", "EDGE_TEST_CID", "EDGE_TEST_PLC",
+                 "EDGE_TEST_PLATFORM"):
+        assert f"{name} is not set" in checked.stderr, name
+
+    config["mqtt"]["qos"] = "${EDGE_TEST_QOS}"  # `qos: 1` is all a text stand-in could never be
+    config["storage"]["path"] = "${EDGE_TEST_DIR}/buffer.db"  # status reads the buffer there
+    cfg = write_config(tmp_path / "station.yaml", config)
+    result = run_cli("status", "-c", str(cfg), "--json")
+    assert result.returncode == 2
+    problems = result.stderr.strip().splitlines()
+    assert len(problems) == 2, problems
+    assert "storage.path: environment variable EDGE_TEST_DIR is not set" in problems[0]
+    assert "mqtt.qos: environment variable EDGE_TEST_QOS is not set" in problems[1]
+
 def test_check_config_cli_prints_file_line_col_and_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("station:\n  id: ST01\n  type: outfall\nstorage:\n  path: b.db\nmqtt:\n  url: mqtt://h\n"
