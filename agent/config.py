@@ -32,6 +32,7 @@ import importlib.resources
 import ipaddress
 import os
 import re
+import sys
 import types
 import typing
 import warnings
@@ -491,7 +492,8 @@ _QUOTED_CHOICE = BeforeValidator(_quoted_choice)
 
 MqttUrl = Annotated[Text, AfterValidator(_check_mqtt_url),
                     Field(json_schema_extra={"pattern": r"^\s*[Mm][Qq][Tt][Tt][Ss]?://(\[[0-9A-Fa-f:.]+\]|[^@/?#:\[\]]+)"
-                                                        r"(:0*[1-9][0-9]{0,4})?/?\s*$"})]
+                                                        r"(:0*([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}"
+                                                        r"|655[0-2][0-9]|6553[0-5]))?/?\s*$"})]
 
 
 def _parse_broker(url: str) -> Broker:
@@ -2214,6 +2216,11 @@ def _allow_substitution(node: Any) -> Any:
     if "enum" in node or "const" in node:
         alternatives = [_SUBSTITUTION]
     elif node.get("type") in ("integer", "number"):
+        if node["type"] == "number":  # YAML's .inf is a number to a validator; check-config refuses it
+            if "maximum" not in node and "exclusiveMaximum" not in node:
+                node["maximum"] = sys.float_info.max
+            if "minimum" not in node and "exclusiveMinimum" not in node:
+                node["minimum"] = -sys.float_info.max
         alternatives = [_SUBSTITUTION, _QUOTED_NUMBER]
     elif node.get("type") == "boolean":
         alternatives = [_YES_NO_WORDS]

@@ -802,7 +802,8 @@ def test_an_editor_validating_with_the_schema_accepts_the_shipped_configs_and_fl
     import yaml
 
     validator = jsonschema.Draft202012Validator(json_schema())
-    for url in ("mqtt://[::1]:1883", "MQTTS://broker.example", "mqtt://h:08883/", "${BROKER}"):
+    for url in ("mqtt://[::1]:1883", "MQTTS://broker.example", "mqtt://h:08883/", "mqtt://h:65535", "mqtt://h:1",
+                "mqtt://h:59999", "mqtt://h:9", "${BROKER}"):
         assert not list(validator.iter_errors({**yaml.safe_load(GOOD), "mqtt": {"url": url}})), url
     files = [*sorted((REPO / "config").rglob("*.yaml")), Path(__file__).parent / "configs" / "spec-example.yaml"]
     for file in files:
@@ -812,6 +813,10 @@ def test_an_editor_validating_with_the_schema_accepts_the_shipped_configs_and_fl
     for mistake in ({"devices": {**good["devices"], "COD": good["devices"]["cod"]}},  # upper case device id
                     {"mqtt": {"url": "http://127.0.0.1:1883"}},
                     {"mqtt": {"url": "mqtt://127.0.0.1:0"}},
+                    {"mqtt": {"url": "mqtt://127.0.0.1:65536"}},
+                    {"mqtt": {"url": "mqtt://127.0.0.1:99999"}},
+                    {"storage": {**good["storage"], "max_mb": float("inf")}},  # `max_mb: .inf`
+                    {"alarms": [{"channel": "cod.w01018", "above": float("-inf")}]},
                     {"mqtt": {"url": "mqtt://127.0.0.1:abc"}},
                     {"devices": {"cod": {"bus": "rs485-1", "slave": 1,
                                          "registers": [{"channel": "w01-018", "address": 0}]}}},
