@@ -66,7 +66,9 @@ Decisions (the README's aggregate section should repeat them for technicians):
   kind new in the configuration is computed from its current period on (with the replayed readings
   that fall in it). The replay covers the open day (up to a day of readings): exact day values after
   a restart need `storage.keep_sent_days` >= 1. Nothing is computed from readings stored while
-  aggregates were off, nor (no saved state) from readings stored before the first start.
+  aggregates were off, nor (no saved state) from readings stored before the first start. Before the
+  replay, the newest period of each kind that the buffer holds counts as done, with those before it,
+  even where the state says otherwise (a salvaged file may hold rows newer than its state).
 - Reload: a kind that is no longer configured (another minute length, another time zone) drops its
   open periods (logged); a new kind starts with the current period. Flow settings apply to the channels'
   next periods.
@@ -132,6 +134,8 @@ class ReadingSource(Protocol):
     """What the aggregator needs of a read-only `agent.buffer.Buffer`."""
 
     def readings_after(self, after_seq: int, limit: int) -> list[Reading]: ...
+
+    def newest_period_starts(self) -> dict[str, int]: ...
 
     def close(self) -> None: ...
 
@@ -573,6 +577,7 @@ class Aggregator:
         try:
             reader = self.reader_factory()
             try:
+                self._done_as_stored(reader.newest_period_starts())
                 after = from_seq - 1
                 while True:
                     batch = reader.readings_after(after, REPLAY_BATCH)
@@ -594,6 +599,20 @@ class Aggregator:
         due = sum(p.end + self._grace_ms <= now for p in periods)
         log.info("aggregates: %d stored readings from seq %d replayed: %d open periods rebuilt, %d of them ended "
                  "while the agent was down", n, from_seq, len(periods), due)
+
+    def _done_as_stored(self, newest: Mapping[str, int]) -> None:
+        """Periods whose rows the buffer holds are done, whatever the saved state says. The two are
+        written together, but a salvaged file may hold rows newer than its state: without this, the
+        periods between would be computed and published a second time."""
+        for name, start in newest.items():
+            if self._inside(name, start):
+                continue
+            log.warning("aggregates: the buffer holds the %s period of %s that the saved state does not count as "
+                        "done; the periods up to it are not computed again", name, iso_utc_ms(start))
+            if self._ranges.get(name):
+                self._mark_done(name, start)  # the last range now reaches it (periods are done in order)
+            else:
+                self._ranges[name] = [[0, start]]
 
     # ------------------------------------------------------------------ computing periods
 

@@ -634,6 +634,15 @@ class Buffer:
             groups.pop()
         return [_poll(g) for g in groups]
 
+    def newest_period_starts(self, within: int = 10_000) -> dict[str, int]:
+        """The newest period start (`ts_ms`) of each period name ("10m", "1h", "1d") among the last
+        `within` aggregate events: periods up to there are computed already."""
+        rows = self.conn.execute(
+            f"SELECT json_extract(body, '$.period'), max(ts_ms) FROM {STREAM_AGGREGATES} "
+            f"WHERE seq > (SELECT coalesce(max(seq), 0) FROM {STREAM_AGGREGATES}) - ? GROUP BY 1", (within,)
+        ).fetchall()
+        return {str(name): int(start) for name, start in rows if name is not None}
+
     def aggregates_between(self, start_ms: int, end_ms: int, *, unit: str | None = None,
                            after: tuple[int, int] | None = None, limit: int = 1000) -> list[EventRow]:
         """Aggregate events whose period start (`ts_ms`) lies in [start_ms, end_ms], both inclusive,

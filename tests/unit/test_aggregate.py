@@ -99,6 +99,7 @@ class FakeBuffer:
         self.rows: list[Reading] = []
         self.opened = 0
         self.closed = 0
+        self.recorder: FakeRecorder | None = None  # where the aggregate rows are (set by the Rig)
 
     def store(self, readings: list[Reading]) -> list[Reading]:
         first = len(self.rows) + 1
@@ -114,6 +115,12 @@ class FakeBuffer:
     def readings_after(self, after_seq: int, limit: int) -> list[Reading]:
         return [r for r in self.rows if r.seq > after_seq][:limit]
 
+    def newest_period_starts(self) -> dict[str, int]:
+        newest: dict[str, int] = {}
+        for _, start, body in self.recorder.events if self.recorder else ():
+            newest[body["period"]] = max(start, newest.get(body["period"], start))
+        return newest
+
     def close(self) -> None:
         self.closed += 1
 
@@ -127,6 +134,7 @@ class Rig:
         self.now = now
         self.rec = rec or FakeRecorder()
         self.buf = buf or FakeBuffer()
+        self.buf.recorder = self.rec
         self.agg = Aggregator(config, self.rec, self.rec.meta.get(STATE_KEY), self.buf.reader,
                               wall_ms=lambda: self.now)
 
@@ -547,6 +555,31 @@ def test_a_restart_never_emits_a_period_twice():
     bodies = run(config, readings, {i: polls[i - 1] + 100 for i in range(1, len(polls), 7)})
     keys = [(b["device"], b["channel"], b["period"], b["start"]) for b in bodies]
     assert len(keys) == len(set(keys)) == 3 * (7 + 2 + 2)
+
+
+def test_a_saved_state_older_than_the_stored_periods_never_emits_them_again(caplog):
+    """A salvaged buffer may hold aggregate rows newer than its saved state (the state's copy was on a
+    damaged page): the periods it holds are done, and only the open one is rebuilt."""
+    rig = Rig(make_config({"minute": 10, "hour": False, "day": False}), now=t("01:59:00"))
+    rig.feed(every("cod", "w01018", t("02:00:00"), 60, [10] * 10))
+    rig.at(t("02:10:02"))
+    state_after_the_first = rig.rec.meta[STATE_KEY]
+    rig.feed(every("cod", "w01018", t("02:10:00"), 60, [12] * 15))  # 02:10 .. 02:24; 02:10 computed at 02:20:02
+    assert [b["start"] for b in rig.rec.bodies()] == [z("02:00:00"), z("02:10:00")]
+    rig.rec.meta[STATE_KEY] = state_after_the_first
+    rig = rig.restart(now=t("02:24:30"))
+    assert "not computed again" in caplog.text
+    rig.feed(every("cod", "w01018", t("02:25:00"), 60, [14] * 5))
+    rig.at(t("02:30:02"))
+    assert [(b["start"], b["count"], b["avg"]) for b in rig.rec.bodies()] == [
+        (z("02:00:00"), 10, 10.0), (z("02:10:00"), 10, 12.0), (z("02:20:00"), 10, 13.0)]
+
+    fresh = FakeRecorder()  # a state that counts nothing done yet (its first save), rows stored since
+    fresh.meta[STATE_KEY] = json.dumps({"v": 1, "seq": 1, "kinds": {"10m": []}, "carry": []})
+    fresh.events = list(rig.rec.events)
+    rig = Rig(rig.config, now=t("02:31:00"), rec=fresh, buf=rig.buf)
+    rig.at(t("02:40:02"))
+    assert len(fresh.bodies()) == 3, "the periods before the newest stored one count as done"
 
 
 def test_an_unreadable_state_starts_afresh(caplog):

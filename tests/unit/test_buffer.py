@@ -6,7 +6,7 @@ import json
 import sqlite3
 
 from agent.buffer import Buffer
-from agent.model import STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
+from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
 from agent.recorder import Recorder
 
 
@@ -292,6 +292,19 @@ def test_an_empty_stream_does_not_jump_after_a_restart(tmp_path):
     buf.begin()
     assert buf.insert_event(STREAM_ALARMS, now_ms(), {"id": "a"}) == 1
     buf.commit()
+    buf.close()
+
+
+def test_newest_period_starts_reads_the_latest_aggregate_rows(tmp_path):
+    """What the aggregator counts as done at start, whatever its saved state says."""
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    assert buf.newest_period_starts() == {}
+    buf.begin()
+    for period, start in (("10m", 600_000), ("1h", 0), ("10m", 1_200_000), ("10m", 1_800_000), ("1d", 0)):
+        buf.insert_event(STREAM_AGGREGATES, start, {"device": "cod", "channel": "w01018", "period": period})
+    buf.commit()
+    assert buf.newest_period_starts() == {"10m": 1_800_000, "1h": 0, "1d": 0}
+    assert buf.newest_period_starts(within=2) == {"10m": 1_800_000, "1d": 0}, "the last rows only"
     buf.close()
 
 
