@@ -256,6 +256,7 @@ class Buffer:
     def _open_checked(cls, path: Path, sync: str, seqmark: SeqMark, announce_jump: bool = True) -> Buffer:
         """Open (or create) and check the file; `announce_jump=False` when the salvage announces it."""
         fresh = not path.exists() or path.stat().st_size == 0
+        wal_missing = not fresh and not path.with_name(path.name + "-wal").exists()
         kept = None if fresh else _keep_wal(path)
         conn = _connect(path, readonly=False, sync=sync)
         try:
@@ -269,8 +270,12 @@ class Buffer:
                                                 "transactions SQLite had to drop (a damaged frame before them)")
             buf = cls(path, conn, writer=True, seqmark=seqmark)
             buf._create_schema()
-            buf._load_counters(fresh_file=fresh, announce_jump=announce_jump)
+            buf._load_counters(fresh_file=fresh, announce_jump=announce_jump, opening=True, wal_missing=wal_missing)
             seqmark.ensure_above(buf._last_seq, acked=buf._sent_upto)
+            # A first commit makes the WAL durable (SQLite syncs its directory entry then); from now on
+            # a start that finds no WAL after a crash knows that it was deleted (`SeqMark.lost_rows`).
+            conn.execute("UPDATE streams SET sent_upto=sent_upto WHERE name=?", (STREAM_READINGS,))
+            seqmark.note_running()
         except BaseException:
             conn.close()  # the WAL is gone now (checkpointed and deleted), but `kept` stays for the rescue
             raise
@@ -290,12 +295,15 @@ class Buffer:
 
     def close(self) -> None:
         if self.writer:
-            if self.seqmark is not None:  # a buffer that replaces this one knows what was delivered
-                self.seqmark.note_acked(self._sent_upto)
+            complete = False
             try:
-                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                busy, frames, copied = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                complete = busy == 0 and frames == copied
             except sqlite3.Error as exc:
                 log.warning("checkpoint at close failed: %s", exc)
+            if self.seqmark is not None:  # a buffer that replaces this one knows what was issued and delivered
+                if not (complete and self.seqmark.note_closed(self._last_seq, self._sent_upto)):
+                    self.seqmark.note_acked(self._sent_upto)  # rows still in the WAL: `running` stays 1
         self.conn.close()
 
     TABLES = ("readings", STREAM_AGGREGATES, STREAM_ALARMS, "streams", "gaps", "meta", "channels")
@@ -348,9 +356,11 @@ class Buffer:
         self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
                           (str(SCHEMA_VERSION),))
 
-    def _load_counters(self, fresh_file: bool = False, announce_jump: bool = False) -> None:
-        """Read each stream's last seq and watermark. Only a fresh file (first start, or the old one
-        lost or moved aside) is moved above the high-water mark; this writes, the rest only reads."""
+    def _load_counters(self, fresh_file: bool = False, announce_jump: bool = False, opening: bool = False,
+                       wal_missing: bool = False) -> None:
+        """Read each stream's last seq and watermark. Only a file that may lack seqs issued before
+        (fresh: first start, or the old one lost or moved aside; `opening`, one that `SeqMark.lost_rows`
+        says lost rows) is moved above the high-water mark; this writes, the rest only reads."""
         assert self.seqmark is not None
         marks = self.seqmark.read()
         for stream in STREAMS:
@@ -360,10 +370,17 @@ class Buffer:
             top = self.conn.execute(f"SELECT max(seq) FROM {stream}").fetchone()[0] or 0
             last = max(top, floor)
             mark = marks.get(stream, 0)
-            # A fresh file, or one whose last seq lies a whole reservation block below the mark (it lost
+            # A fresh file, one whose last seq lies a whole reservation block below the mark (it lost
             # rows, or another buffer at this path issued seqs: the mark is kept beside a new
-            # storage.path): continue above every seq that may ever have been issued.
-            if last < mark and (fresh_file or last < mark - self.seqmark.block):
+            # storage.path), or one that lost rows by the mark's notes (an older copy put back, its WAL
+            # deleted after a crash): continue above every seq that may ever have been issued.
+            lost = fresh_file or last < mark - self.seqmark.block or (
+                opening and self.seqmark.lost_rows(stream, last, wal_missing))
+            if last < mark and lost:
+                if not fresh_file:
+                    log.warning("buffer %s: stream %s ends at seq %d, but seqs up to %d may have been issued "
+                                "(an older copy of the file, or its WAL deleted after a crash)", self.path, stream,
+                                last, mark)
                 log.info("stream %s continues above high-water mark %d", stream, mark)
                 if stream == STREAM_READINGS and announce_jump:
                     self._announce_jump(last, mark, fresh_file)

@@ -19,13 +19,18 @@ log = logging.getLogger(__name__)
 
 BLOCK = 10_000
 ACKED = ".acked"  # key suffix of a stream's acknowledged watermark, as last noted
+ISSUED = ".issued"  # key suffix of a stream's last seq at the last clean close
+RUNNING = "running"  # 1 from a writer's start (its WAL written) to its clean close, else 0
 
 
 class SeqMark:
     """The `<buffer>.seq` file: `{"readings": N, "aggregates": N, "alarms": N}` reserved upper bounds,
     and `{"readings.acked": N, ...}` the acknowledged watermarks as last noted (at a clean close, a
     block reservation, after a salvage): a lower bound of what was delivered, should the buffer file
-    be lost."""
+    be lost. What tells a buffer file that lost rows from one that never had them (`lost_rows`):
+    `{"readings.issued": N, ...}`, each stream's last seq at the last clean close, and `running`, 1
+    while a writer has the file open (a start with `running` 1 and no WAL: the WAL, and with it the
+    rows committed since the last checkpoint, was deleted after a crash)."""
 
     def __init__(self, path: Path, block: int = BLOCK):
         self.path = path
@@ -58,18 +63,42 @@ class SeqMark:
         """Per stream, the acknowledged watermark a buffer here noted last."""
         return {key[:-len(ACKED)]: value for key, value in self.read().items() if key.endswith(ACKED)}
 
+    def lost_rows(self, stream: str, last: int, wal_missing: bool) -> bool:
+        """Whether a buffer file whose stream ends at `last` lacks seqs a writer here issued: a clean
+        close noted more (an older copy of the file was put back), more were acknowledged, or the
+        last writer did not close cleanly and its WAL is gone (`wal_missing`)."""
+        marks = self.read()
+        if wal_missing and marks.get(RUNNING):
+            return True
+        return max(marks.get(stream + ISSUED, 0), marks.get(stream + ACKED, 0)) > last
+
+    def note_running(self) -> None:
+        """A writer has the file open and has written its WAL (see `lost_rows`)."""
+        self._note({RUNNING: 1})
+
+    def note_closed(self, last_seqs: dict[str, int], sent_upto: dict[str, int]) -> bool:
+        """A writer closed the file cleanly, every row in the file itself: each stream's last seq and
+        acknowledged watermark. Returns False when the file could not be written."""
+        return self._note({RUNNING: 0, **{stream + ISSUED: seq for stream, seq in last_seqs.items()},
+                           **{stream + ACKED: seq for stream, seq in sent_upto.items()}})
+
     def note_acked(self, sent_upto: dict[str, int]) -> None:
         """Keep each stream's acknowledged watermark beside the reservation (keys `<stream>.acked`,
-        plain numbers that an older reader takes for streams it does not have): at a clean close,
-        and after a salvage."""
+        plain numbers that an older reader takes for streams it does not have): after a salvage, and
+        at a close whose checkpoint failed (`note_closed` otherwise)."""
+        self._note({stream + ACKED: seq for stream, seq in sent_upto.items()})
+
+    def _note(self, values: dict[str, int]) -> bool:
         marks = self.read()
-        wanted = {**marks, **{stream + ACKED: seq for stream, seq in sent_upto.items()}}
+        wanted = {**marks, **values}
         if wanted != marks:
             try:
                 self._write(wanted)
                 self._marks = wanted
             except OSError as exc:
-                log.warning("cannot keep the acknowledged watermark in %s (%s)", self.path, exc)
+                log.warning("cannot keep %s in %s (%s)", ", ".join(sorted(values)), self.path, exc)
+                return False
+        return True
 
     def ensure_above(self, last_seqs: dict[str, int], acked: dict[str, int] | None = None) -> None:
         """Make sure every stream's reservation covers `last_seqs`; rewrite the file if not, with the
@@ -96,7 +125,8 @@ class SeqMark:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)  # where the new buffer will be created
             theirs = SeqMark(path).read()
-            self._write_file(path, {s: max(marks.get(s, 0), theirs.get(s, 0)) for s in {*marks, *theirs}})
+            merged = {s: max(marks.get(s, 0), theirs.get(s, 0)) for s in {*marks, *theirs} - {RUNNING}}
+            self._write_file(path, {**merged, RUNNING: theirs.get(RUNNING, 0)})  # whether *that* file's writer runs
         except OSError as exc:
             log.error("cannot keep the seq high-water mark in %s (%s): a buffer started there would "
                       "number from its own", path, exc)

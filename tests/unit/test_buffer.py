@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 from agent.buffer import Buffer
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
@@ -126,6 +131,73 @@ def test_after_a_crash_a_deleted_file_s_jump_is_announced_from_the_reserved_bloc
     mark, buf = reopen_without_the_file(tmp_path)
     try:
         assert gaps(buf) == [(mark - 10_000 + 1, mark, "buffer_missing")], "the seqs the mark may not cover"
+    finally:
+        buf.close()
+
+
+def killed_while_writing(path, rows: int, acked: int = 0) -> None:
+    """A writer process stores `rows` readings (acknowledging `acked` of them) and is killed (-9)."""
+    code = ("import os, signal, sys; sys.path[:0] = [sys.argv[2]]; from agent.buffer import Buffer; "
+            "from agent.model import STREAM_READINGS, Reading; b = Buffer.open_writer(sys.argv[1]); "
+            "n, acked = int(sys.argv[3]), int(sys.argv[4]); b.begin(); "
+            "b.insert_readings([Reading('d', 'c', 1_764_000_000_000 + i, float(i), None, 'N') for i in range(n)]); "
+            "b.set_sent_upto(STREAM_READINGS, acked); b.commit(); os.kill(os.getpid(), signal.SIGKILL)")
+    repo = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, "-c", code, str(path), repo, str(rows), str(acked)], timeout=60)
+    assert done.returncode == -signal.SIGKILL
+
+
+def test_a_wal_deleted_after_a_crash_never_lets_seqs_be_issued_twice(tmp_path):
+    """SPEC §3: seqs are never reused. A technician deletes buffer.db-wal (and -shm) after a crash:
+    the rows committed since the last checkpoint are gone with it, and their seqs must not be handed
+    out again to other readings (a receiver deduplicating on seq would drop those)."""
+    path = tmp_path / "b.db"
+    killed_while_writing(path, 56, acked=20)
+    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
+    for name in ("b.db-wal", "b.db-shm"):
+        (tmp_path / name).unlink()
+    buf = Buffer.open_writer(path)
+    try:
+        assert buf.last_seq() == mark and store(buf, readings(1))[0].seq == mark + 1
+        assert gaps(buf) == [(1, mark, "buffer_missing")], "all the file lost, none acknowledged as far as it knows"
+    finally:
+        buf.close()
+
+
+def test_a_crash_with_its_wal_in_place_continues_without_a_jump(tmp_path):
+    path = tmp_path / "b.db"
+    killed_while_writing(path, 56)
+    buf = Buffer.open_writer(path)
+    try:
+        assert store(buf, readings(1))[0].seq == 57 and gaps(buf) == []
+    finally:
+        buf.close()
+    buf = Buffer.open_writer(path)  # and after that clean close, with no WAL left, neither
+    try:
+        assert store(buf, readings(1))[0].seq == 58 and gaps(buf) == []
+    finally:
+        buf.close()
+
+
+def test_an_older_copy_of_the_file_put_back_never_lets_seqs_be_issued_twice(tmp_path):
+    """An operator restores a backup of buffer.db: the seqs issued since must not come again."""
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    store(buf, readings(35))
+    buf.close()
+    shutil.copy(path, tmp_path / "backup.db")
+    buf = Buffer.open_writer(path)
+    store(buf, readings(35))
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 50)
+    buf.commit()
+    buf.close()
+    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
+    shutil.copy(tmp_path / "backup.db", path)
+    buf = Buffer.open_writer(path)
+    try:
+        assert store(buf, readings(1))[0].seq == mark + 1
+        assert gaps(buf) == [(51, mark, "buffer_missing")], "from what the platform acknowledged"
     finally:
         buf.close()
 
