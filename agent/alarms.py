@@ -517,6 +517,12 @@ class AlarmEngine:
             for i in sorted((i for i in self._instances.values() if i.active), key=lambda i: (i.since_ms or 0, i.id))
         ]
 
+    def finish_actions(self, timeout: float) -> None:
+        """Any thread, at a stop: wait up to `timeout` for the action writes under way (an alarm that
+        the last readings cleared switches its output off before the buses close)."""
+        if self._worker is not None:
+            self._worker.wait_idle(timeout)
+
     def close(self) -> None:
         """Stop the action worker (pending writes are dropped; they are retried at the next start)."""
         if self._worker is not None:
@@ -1094,9 +1100,18 @@ class _ActionWorker(threading.Thread):
         self.writer = writer
         self._queue: queue.Queue[tuple | None] = queue.Queue()
         self._results: deque[tuple[str, bool, BaseException | None]] = deque()
+        self._idle = threading.Condition()
+        self._unfinished = 0  # jobs submitted and not yet written (or failed)
 
     def submit(self, key: str, on: bool, device: str, kind: str, address: int, value: int | bool) -> None:
+        with self._idle:
+            self._unfinished += 1
         self._queue.put((key, on, device, kind, address, value))
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` for every submitted write to finish; True when they did."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
 
     def results(self) -> list[tuple[str, bool, BaseException | None]]:
         out = []
@@ -1120,3 +1135,6 @@ class _ActionWorker(threading.Thread):
                 self._results.append((key, on, exc))
             else:
                 self._results.append((key, on, None))
+            with self._idle:
+                self._unfinished -= 1
+                self._idle.notify_all()

@@ -113,6 +113,8 @@ class BusPoller(threading.Thread):
         self.resume = dict(resume or {})
         self._schedule: Schedule | None = None
         self._stop_event = threading.Event()
+        self._close_at_end = True
+        self._drivers_closed = False
         self.last_progress = time.monotonic()
         # Monotonic time before which this bus hands over no readings: 0 while it polls (or is about
         # to), the next due poll between polls, infinity once stopped. Read by the recorder.
@@ -122,8 +124,22 @@ class BusPoller(threading.Thread):
         self._overrun = {d.device_id: _OverrunReport(bus_name, d.device_id, d.interval) for d in self.drivers}
         self._errlog = RateLimitedLog(log, every_s=60)
 
-    def stop(self) -> None:
+    def stop(self, close_drivers: bool = True) -> None:
+        """End the polling loop. With `close_drivers` false the drivers stay open after it, so that
+        their buses still carry alarm action writes, until `close_drivers()`."""
+        self._close_at_end = close_drivers
         self._stop_event.set()
+
+    def close_drivers(self) -> None:
+        """Close every driver, once (the polling loop has ended)."""
+        if self._drivers_closed:
+            return
+        self._drivers_closed = True
+        for driver in self.drivers:
+            try:
+                driver.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing device %s", driver.device_id)
 
     def last_polls(self) -> dict[str, float]:
         """Device id -> monotonic start of its last poll, for this poller's devices only (for the
@@ -174,11 +190,8 @@ class BusPoller(threading.Thread):
                     self.sink(readings)
         finally:
             self.quiet_until = float("inf")
-            for driver in self.drivers:
-                try:
-                    driver.close()
-                except Exception:  # noqa: BLE001
-                    log.exception("closing device %s", driver.device_id)
+            if self._close_at_end:
+                self.close_drivers()
 
     def _poll(self, driver: Driver) -> list[Reading]:
         try:

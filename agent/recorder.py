@@ -186,6 +186,16 @@ class Recorder(threading.Thread):
             self._cond.notify()
             return self._cond.wait_for(lambda: self._flushed >= target or not self.is_alive(), timeout)
 
+    def flush_settled(self, rounds: int = 4, timeout: float = 10.0) -> None:
+        """Flush until a commit leaves nothing queued: what the listeners queue in reply to a commit
+        (an alarm event, a period, their state) is committed too. For a stop, once polling ended."""
+        for _ in range(rounds):
+            if not self.flush(timeout):
+                return
+            with self._cond:
+                if not (self._pending or self._events or self._meta):
+                    return
+
     def stop(self, timeout: float = 10.0) -> None:
         """Commit what is queued, persist acknowledgements, and end the thread."""
         with self._cond:

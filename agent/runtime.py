@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROGRESS_DEADLINE_S = 60.0  # a loop silent for longer than this (or 2 watchdog periods) is hung
+ACTION_STOP_WAIT_S = 10.0  # at a stop, how long alarm action writes under way may take
 
 
 class UnsupportedConfig(Exception):
@@ -428,16 +429,24 @@ class Station:
         if self.console is not None:
             self.console.stop()
         for p in self.pollers:
-            p.stop()
+            p.stop(close_drivers=False)  # their buses still carry the alarm actions of the last readings
         deadline = time.monotonic() + 10  # a poller stuck on a dead wire must not hold the stop
         for p in self.pollers:
             p.join(max(deadline - time.monotonic(), 0.1))
         self.alarms.save_at_next_tick()  # the flush's commit ticks it; the recorder's last commit writes it
-        self.recorder.flush()
+        # The last readings, then what the alarm engine and the aggregator make of them (events, state),
+        # all committed before the publisher's last drain; an output that an alarm's clear switches
+        # off is written before the buses close, and its new state committed.
+        self.recorder.flush_settled()
+        self.alarms.finish_actions(ACTION_STOP_WAIT_S)
+        self.recorder.flush_settled()
         self.publisher.drain_and_stop(grace)
         self._stop_uplinks()  # before the recorder stops: their last progress is committed with it
         self.recorder.stop()
         self.alarms.close()
         self.aggregator.close()
+        for p in self.pollers:
+            if not p.is_alive():  # one stuck on a dead wire holds its bus: left to the process's end
+                p.close_drivers()
         self.recorder.buffer.close()
         log.info("stopped cleanly")

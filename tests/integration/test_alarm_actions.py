@@ -235,3 +235,61 @@ def test_a_coil_left_on_by_a_removed_rule_is_switched_off_at_the_next_start(tmp_
     finally:
         assert agent.stop() == 0
     assert [(tb, a, v) for _, tb, a, v in fog.log()] == [("coil", 0, 1), ("coil", 0, 0)]
+
+
+class SettlingMonitor(RegisterBank):
+    """A dust monitor whose value settles on demand; `on_settled_read` runs (on the slave's thread) at the
+    first read that returns the settled value, before the answer goes out."""
+
+    def __init__(self, value: int):
+        super().__init__(strict=True)
+        self.set("holding", 0, [value])
+        self.on_settled_read = None
+
+    def settle(self, value: int, on_read) -> None:
+        self.on_settled_read = on_read
+        self.set("holding", 0, [value])
+
+    def read(self, table, address, count):
+        answer = super().read(table, address, count)
+        if self.on_settled_read is not None and table == "holding" and address == 0:
+            callback, self.on_settled_read = self.on_settled_read, None
+            callback()
+        return answer
+
+
+def test_a_stop_right_after_the_poll_that_clears_an_alarm_switches_its_output_off_first(
+        tmp_path, broker, collector, servers):
+    """SIGTERM lands while the poll that brings the value back is under way: the stop commits that
+    reading (SPEC §1), the alarm clears, its output is written off before the buses close, and the
+    `cleared` event reaches the broker before the agent exits."""
+    dust = SettlingMonitor(HIGH)
+    fog = RelayBoard()
+    fog.set("coil", 0, [0])
+    server = servers({1: dust, 5: fog})
+    cfg = write_config(tmp_path / "station.yaml", station(
+        tmp_path, broker, {"lan": tcp_bus(server)},
+        {"fog": {"bus": "lan", "slave": 5, "interval": 0.2,
+                 "registers": [{"channel": "fog_on", "address": 0, "table": "coil"}]}},
+        LIMIT, {"device": "fog", "coil": 0}))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: fog.first_write("coil", 0, 1), STARTUP_S, "fog cannon coil 0 switched on")
+        wait_for(lambda: states(collector) == [(ALARM_ID, "raised")], 10, "the alarm raised on P/alarm")
+        dust.settle(LOW, lambda: agent.signal(signal.SIGTERM))
+        assert agent.proc.wait(30) == 0
+    finally:
+        agent.stop()
+    assert [(tb, a, v) for _, tb, a, v in fog.log()] == [("coil", 0, 1), ("coil", 0, 0)], agent.log()
+    assert fog.get("coil", 0) == [0], "the fog cannon is off while the agent is stopped"
+    assert "bus closed" not in agent.log()
+    wait_for(lambda: states(collector) == [(ALARM_ID, "raised"), (ALARM_ID, "cleared")], 5,
+             "the cleared event, published before the exit")
+    restarted = AgentProcess(cfg)  # the state saved at the stop says the output is off: no write at start
+    try:
+        wait_for(lambda: "station TEST0001 running" in restarted.log(), STARTUP_S, "the agent running again")
+        polls = server.core.counters[5].requests
+        wait_for(lambda: server.core.counters[5].requests >= polls + 5, 10, "polls of the relay after the start")
+    finally:
+        assert restarted.stop() == 0
+    assert len(fog.log()) == 2, "nothing written again after the restart"
