@@ -36,8 +36,11 @@ def hold(buffer_path: Path) -> int:
         os.close(fd)
         raise AlreadyRunning(f"another edge-agent{f' (pid {pid})' if pid else ''} is running with the buffer "
                              f"{buffer_path}; stop it first (systemctl stop edge-agent)") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:  # a full disk: the lock holds all the same, only its pid is not told
+        pass
     return fd
 
 

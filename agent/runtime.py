@@ -13,6 +13,7 @@ import logging
 import os
 import select
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 from agent import instance
 from agent.aggregate import Aggregator
 from agent.alarms import AlarmEngine
-from agent.buffer import Buffer
+from agent.buffer import Buffer, BufferError
 from agent.clock import ClockWatch
 from agent.config import Config, ConfigError, load_config
 from agent.hj212_payload import Hj212Identity
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 PROGRESS_DEADLINE_S = 60.0  # a loop silent for longer than this (or 2 watchdog periods) is hung
 ACTION_STOP_WAIT_S = 10.0  # at a stop, how long alarm action writes under way may take
+BUFFER_RETRY_S = 10.0  # a buffer that cannot be opened at start is tried again this often
+BUFFER_RETRY_LOG_S = 300.0  # and its error logged again this often
 
 
 class UnsupportedConfig(Exception):
@@ -206,12 +209,11 @@ class Station:
         self._install_signals()  # first: a signal during start-up is acted on once running, never lost
         cfg = self.config
         storage = cfg.storage
-        self._instance_lock = instance.hold(storage.path)  # held until the process ends
         release_free_memory(collect=True)  # what loading the configuration built and dropped
-        # A corrupt file's salvage may take a while on a large buffer: systemd's start timeout is
-        # extended as it goes (EXTEND_TIMEOUT_USEC; without systemd this does nothing).
-        buffer = Buffer.open_writer(storage.path, sync=storage.sync, max_mb=storage.max_mb,
-                                    progress=lambda: self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000"))
+        buffer = self._open_buffer()
+        if buffer is None:  # stopped while waiting for it
+            log.info("stopped cleanly")
+            return 0
         buffer.ensure_time_index()  # HJ 212 backfill requests ask for aggregates by time
         log.info("buffer %s open: readings last seq %d, acknowledged up to %d", storage.path,
                  buffer.last_seq(), buffer.sent_upto())
@@ -253,6 +255,36 @@ class Station:
         self._main_loop()
         self._shutdown()
         return 0
+
+    def _open_buffer(self) -> Buffer | None:
+        """The writer buffer. A failure that time or a technician may cure (a full disk, a file or
+        directory the agent may not write, an I/O error) is logged and retried every BUFFER_RETRY_S,
+        the service reported running (systemd's STATUS= says why nothing is polled) instead of ending
+        in a restart loop that systemd gives up on; None when a stop is asked meanwhile."""
+        storage = self.config.storage
+        failures = 0
+        while True:
+            try:
+                if self._instance_lock is None:  # held until the process ends; raises AlreadyRunning
+                    self._instance_lock = instance.hold(storage.path)
+                # A corrupt file's salvage may take a while on a large buffer: systemd's start timeout is
+                # extended as it goes (EXTEND_TIMEOUT_USEC; without systemd this does nothing).
+                return Buffer.open_writer(storage.path, sync=storage.sync, max_mb=storage.max_mb,
+                                          progress=lambda: self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000"))
+            except (BufferError, sqlite3.Error, OSError) as exc:
+                cause = exc.__cause__ if isinstance(exc, BufferError) and exc.__cause__ else exc
+                reason = f"cannot open the buffer {storage.path}: {cause}"
+            if failures % max(1, round(BUFFER_RETRY_LOG_S / BUFFER_RETRY_S)) == 0:
+                log.error("%s; nothing is polled until it opens (check free space and the permissions of "
+                          "its directory); retrying every %g s", reason, BUFFER_RETRY_S)
+            failures += 1
+            self.notifier.notify(f"READY=1\nSTATUS={reason}; retrying")
+            deadline = time.monotonic() + BUFFER_RETRY_S
+            while not self._stop_requested and (left := deadline - time.monotonic()) > 0:
+                self.notifier.notify("WATCHDOG=1")
+                self._wait_for_signal(min(left, 5.0))
+            if self._stop_requested:
+                return None
 
     def _pollers_quiet_until(self, deadline: float) -> bool:
         """True when no poller hands over readings before `deadline` (for the recorder's group commit)."""

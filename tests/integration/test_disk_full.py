@@ -57,3 +57,25 @@ def test_full_disk_holds_readings_in_memory_and_loses_nothing_when_space_returns
         broker.stop()
     readings = platform.json_messages("/data")
     assert not [m for m in readings if "gap" in m], "no reading was dropped: they waited in memory"
+
+
+def test_a_disk_full_at_start_is_waited_out_without_a_restart_loop(tmp_path, small_disk):
+    """The gateway boots with its disk full: no traceback and no exit (systemd would give up after its
+    start limit), one clear line, and the station starts by itself once space is freed."""
+    broker = Broker(tmp_path / "broker").start()
+    platform = Collector(broker, "env/#")
+    config = sim_config(tmp_path, broker, storage={"path": str(small_disk / "buffer.db")})
+    cfg = write_config(tmp_path / "station.yaml", config)
+    filler = fill(small_disk, leave_bytes=0)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: "cannot open the buffer" in agent.log(), 30, "a clear line about the buffer")
+        assert agent.alive() and "Traceback" not in agent.log()
+        assert agent.log().count("cannot open the buffer") == 1, "logged once, not at every retry"
+        filler.unlink()
+        wait_for(lambda: len(platform.reading_seqs()) >= 10, 40, "readings once space is freed")
+    finally:
+        assert agent.stop() == 0
+        platform.close()
+        broker.stop()
+    assert set(platform.reading_seqs()) >= set(range(1, 11))
