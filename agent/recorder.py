@@ -231,7 +231,18 @@ class Recorder(threading.Thread):
                     self._flushed = max(self._flushed, flush_target)
                 self._cond.notify_all()
             if stopping:
+                if self._pending or self._events:
+                    self._commit_once(final=True)  # once more: the failed commit made room if it could
+                self._report_unwritten()
                 return
+
+    def _report_unwritten(self) -> None:
+        """At a stop: what the last commit could not write (a full disk) is lost with the process; say so."""
+        with self._cond:
+            readings, events = len(self._pending), len(self._events)
+        if readings or events:
+            log.error("stopping with %d readings and %d events that could not be written to the buffer (see the "
+                      "errors above); they are lost", readings, events)
 
     def _nothing_to_write(self, stopping: bool) -> bool:
         """Idle wake-up: no rows, no metadata, no acknowledgement due — skip the transaction."""

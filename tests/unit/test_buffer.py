@@ -319,6 +319,23 @@ def test_recorder_persists_acknowledgements_on_stop(tmp_path):
     reader.close()
 
 
+def test_a_stop_that_cannot_write_its_last_readings_says_how_many_are_lost(tmp_path, caplog):
+    """The disk is full at a stop (SQLite refuses to grow the file: max_page_count, as a full disk
+    would): the readings held in memory die with the process, and the log says so."""
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    rec = Recorder(buf, commit_interval_ms=20, keep_sent_days=7, max_mb=10)
+    rec.start()
+    rec.submit(readings(10))
+    assert rec.flush(10)
+    pages = buf.conn.execute("PRAGMA page_count").fetchone()[0]
+    buf.conn.execute(f"PRAGMA max_page_count={pages}")
+    rec.submit(readings(5000))
+    rec.stop()
+    buf.close()
+    assert "stopping with 5000 readings and 0 events that could not be written" in caplog.text
+
+
 def test_the_first_acknowledgement_after_a_start_is_written_at_the_next_commit(tmp_path):
     """Acknowledgements are written at most every 5 s, but not 5 s after a start with nothing to write:
     an agent that crashes again and again within 5 s of starting re-sent its whole backlog each time."""
