@@ -21,8 +21,9 @@ The readings seqs the fresh file can no longer account for are announced as a ga
 `buffer_corrupt`: each unreadable stretch, and the stretch from the last seq known of the old file
 to the high-water mark, whose seqs were either lost with the damage or never issued. A receiver thus
 sees every jump in seq explained (SPEC §3: "a gap means loss and exists only where ... announced").
-Nothing is announced where the old file told nothing (not a database at all): the first seq not
-known is then unknown. The moved-aside file is only read, never changed.
+Where the old file tells nothing (not a database any more), the stretch runs from the acknowledged
+watermark noted beside the mark, else from the block the mark reserved. The moved-aside file is
+only read, never changed.
 
 Imports `agent.model` and `agent.pagescan` (and, to rebuild the alarm state, `agent.alarms`'s state
 version); the fresh `Buffer` is passed in.
@@ -168,7 +169,7 @@ def _salvage(old: sqlite3.Connection, moved: Path, fresh: Buffer, now_ms: int, r
             fresh.conn.execute("UPDATE streams SET floor_seq=max(floor_seq, ?) WHERE name=?",
                                (known[stream][0], stream))
         if stream == STREAM_READINGS:
-            _record_lost_stretches(fresh, got, known[stream], now_ms, report)
+            _record_lost_stretches(fresh, got, known[stream], now_ms, report, acked_hint.get(stream))
     if sql_readable:
         _copy_pending_gaps(old, fresh, now_ms)
         _copy_meta(old, fresh)
@@ -364,11 +365,17 @@ def _next_readable(old: sqlite3.Connection, table: str, after: int) -> int | Non
 
 
 def _record_lost_stretches(fresh: Buffer, got: StreamSalvage, known: tuple[int, int] | None, now_ms: int,
-                           report: SalvageReport) -> None:
+                           report: SalvageReport, acked_hint: int | None) -> None:
     """Record the readings seqs the fresh file cannot account for as gaps to announce."""
     mark = fresh.last_seq(STREAM_READINGS)
     stretches = list(got.unreadable)
-    if known is not None or got.rows:
+    if known is None and not got.rows:
+        # Nothing of the old file tells where its seqs stood (not a database any more): from the
+        # watermark noted beside the mark (rows up to it were delivered), else from the block the
+        # mark reserved, as for a deleted file (`Buffer._announce_jump`).
+        block = fresh.seqmark.block if fresh.seqmark is not None else mark
+        stretches = [(acked_hint + 1 if acked_hint is not None else max(1, mark - block + 1), mark)]
+    elif known is not None or got.rows:
         last_known = max(got.last_seq or 0, known[0] if known else 0)
         # A trailing unreadable stretch runs to the last seq known; the rest up to the mark may never
         # have been issued, or were lost with the damage: either way the receiver sees a jump.

@@ -83,6 +83,26 @@ def test_not_a_database_file_is_moved_aside(tmp_path):
     buf.close()
 
 
+def test_a_file_overwritten_entirely_announces_its_lost_seqs_from_what_was_acknowledged(tmp_path):
+    """Nothing of the old file is readable (random bytes over all of it): the seqs above what the last
+    clean stop noted as acknowledged went with it, and receivers are told (SPEC §3)."""
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    store(buf, readings(60))
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 47)
+    buf.commit()
+    buf.close()
+    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
+    path.write_bytes(bytes(range(256)) * (path.stat().st_size // 256))
+    buf = Buffer.open_writer(path)
+    try:
+        assert gaps(buf) == [(48, mark, "buffer_corrupt")]
+        assert store(buf, readings(1))[0].seq == mark + 1
+    finally:
+        buf.close()
+
+
 def test_lost_database_file_continues_seq_from_the_mark_beside_it(tmp_path):
     path = tmp_path / "b.db"
     buf = Buffer.open_writer(path)

@@ -161,14 +161,16 @@ def test_a_damaged_page_of_readings_costs_only_the_readings_on_it(tmp_path, whic
         buf.close()
 
 
-def test_a_file_with_nothing_readable_starts_fresh_above_the_mark_without_inventing_a_gap(tmp_path):
+def test_a_file_with_nothing_readable_starts_fresh_above_the_mark_and_announces_the_jump(tmp_path):
     path = tmp_path / "b.db"
     filled_buffer(path, 100, sent=0)
+    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
     path.write_bytes(b"\x00garbage from a failing SD card" * 3000)
     buf = Buffer.open_writer(path)
     try:
         assert buf.readings_after(0, 10) == []
-        assert gaps(buf) == [], "where the old file tells nothing, nothing is claimed"
+        assert gaps(buf) == [(1, mark, "buffer_corrupt")], \
+            "where the old file tells nothing, the mark beside it tells what was acknowledged (nothing)"
         buf.begin()
         assert buf.insert_readings(readings(1))[0].seq > 100
         buf.commit()
