@@ -124,6 +124,11 @@ class LinkDown(WireError):
     """The serial port or the TCP connection is not available (nothing was sent)."""
 
 
+# Exception codes with which a gateway reports that the device behind it gave no answer.
+GATEWAY_NO_ANSWER = {0x0A: "exception 10 (gateway path unavailable)",
+                     0x0B: "exception 11 (gateway target device failed to respond)"}
+
+
 class NoAnswer(WireError):
     """No valid answer after all tries (timeout, bad CRC, garbled or mismatched frame)."""
 
@@ -919,6 +924,12 @@ class ModbusBus:
                 tries += 1
                 continue
             if fc & 0x80:
+                if data[0] in GATEWAY_NO_ANSWER:
+                    # A Modbus TCP-to-RTU gateway says the instrument behind it did not answer: no answer
+                    # (retried, then flag B), not a fault the instrument reports (flag D).
+                    last, refused = f"the gateway answered {GATEWAY_NO_ANSWER[data[0]]}", False
+                    tries += 1
+                    continue
                 self.stats.exceptions += 1
                 raise ExceptionReply(data[0])
             return data

@@ -764,6 +764,12 @@ def test_status_words_give_m_c_d_and_exceptions_give_d(kind, tmp_path):
         dust.fault = Fault("exception", 4)
         readings = drivers["dust"].poll(0)
         assert {(r.value, r.flag) for r in readings} == {(None, "D")}
+        for gateway_code in (10, 11):  # a TCP-to-RTU gateway: the instrument behind it gave no answer
+            dust.fault = Fault("exception", gateway_code)
+            sent = drivers["dust"].bus.stats.requests
+            readings = drivers["dust"].poll(0)
+            assert {(r.value, r.flag) for r in readings} == {(None, "B")}, gateway_code
+            assert drivers["dust"].bus.stats.requests - sent == 2, "tried again, as for no answer (retries 1)"
         dust.fault = None
         assert {r.flag for r in drivers["dust"].poll(0)} == {"N"}
     finally:
