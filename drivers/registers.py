@@ -29,9 +29,9 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import ConfigDict
+from pydantic import AfterValidator, ConfigDict, Field
 
 from agent.model import FLAGS
 
@@ -56,6 +56,24 @@ REGISTER_COUNTS: dict[str, int] = {
 BIT_TABLES = frozenset({"coil", "discrete"})
 INTEGER_TYPES = frozenset({"int16", "uint16", "int32", "uint32", "int64", "uint64", "bool"})
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_]+")
+
+
+def _check_channel(channel: str) -> str:
+    if not CHANNEL_RE.fullmatch(channel):
+        raise ValueError(f"{channel!r} must be letters, digits and _ only")
+    return channel
+
+
+def _check_address(address: int) -> int:
+    if not 0 <= address <= 0xFFFF:
+        raise ValueError(f"{address} is outside 0..65535 (0-based protocol address)")
+    return address
+
+
+# Checked field by field when pydantic validates an entry (every problem of an entry reported at once),
+# and again by __post_init__ for an entry built directly.
+ChannelName = Annotated[str, AfterValidator(_check_channel)]
+Address = Annotated[int, AfterValidator(_check_address), Field(json_schema_extra={"minimum": 0, "maximum": 0xFFFF})]
 _FLAG_LETTERS = "".join(sorted(FLAGS))
 
 
@@ -76,8 +94,8 @@ class RegisterSpec:
 
     __pydantic_config__ = ConfigDict(extra="forbid")
 
-    channel: str
-    address: int
+    channel: ChannelName
+    address: Address
     type: RegisterType = "uint16"
     order: WordOrder = "ABCD"
     table: Table = "holding"

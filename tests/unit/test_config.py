@@ -409,6 +409,17 @@ def test_bad_register_entry_points_at_the_key(tmp_path: Path) -> None:
     assert found[1] == "21:39: devices.cod.registers.1.typ: unknown key 'typ' (did you mean 'type'?)"
 
 
+def test_every_problem_of_one_register_entry_is_reported_at_once(tmp_path: Path) -> None:
+    text = GOOD.replace("    profile: cod-analyzer", """\
+    registers:
+      - {channel: w01018-avg, address: -5, type: int8}
+      - {channel: ok2, address: 70000, order: XYZ}""")
+    found = [p.split(":", 1)[1] for p in problems_of(write(tmp_path, text))]
+    assert [f.split(": ")[1] for f in found] == [
+        "devices.cod.registers.0.channel", "devices.cod.registers.0.address", "devices.cod.registers.0.type",
+        "devices.cod.registers.1.address", "devices.cod.registers.1.order"], found
+
+
 def test_simulated_channel_codes_have_no_dash(tmp_path: Path) -> None:
     text = GOOD.replace("      a34004:", "      a34004-Rtd:")
     assert single_problem(tmp_path, text).startswith("15:7: devices.sim.channels.a34004-Rtd: channel code")
