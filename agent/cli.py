@@ -111,19 +111,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from agent.buffer import Buffer
     from agent.runtime import device_channels, device_intervals
-    from agent.status import agent_state, collect, render_text
+    from agent.status import agent_state, collect, render_text, unreadable_buffer
 
     config = _load_or_report(args.config, for_status=True)  # it never connects
     if config is None:
         return EXIT_INVALID
     path = config.storage.path
     reader = None
-    unreadable = None
+    unreadable = hint = None
     try:
         reader = Buffer.open_reader(path) if path.exists() else None
         status = collect(reader, device_intervals(config), device_channels(config))
-    except (sqlite3.Error, OSError) as exc:  # a damaged file: `run` moves it aside when it starts
-        unreadable = f"cannot read the buffer {path}: {exc}"
+    except (sqlite3.Error, OSError) as exc:  # a damaged file, or one this user may not read
+        unreadable, hint = unreadable_buffer(path, exc, args.config)
         status = collect(None, device_intervals(config))
         status["buffer_error"] = unreadable
         # Unknown, not zero: a script must not read "nothing waits" off a file it could not read.
@@ -140,7 +140,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print()
     else:
         if unreadable:
-            print(f"{unreadable} (run moves a damaged file aside when it starts)")
+            print(f"{unreadable} ({hint})")
         elif not path.exists():
             print(f"no buffer database at {path} yet (the agent has not run with this config)")
         print(f"station  {config.station.id} ({config.station.name or ''})")

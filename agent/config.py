@@ -18,7 +18,10 @@ keys of one section (url vs urls, cert without key, ...) on the plain data, so t
 a section is invalid; with `check_files`, the files named by keys that are valid themselves are
 looked at too. Every error, whatever its source, becomes a `Problem` located through the remembered
 marks. Messages never show the value of a secret key (password, pw), and that value (or a variable
-substituted into it) is replaced by `***` (`${NAME}`) wherever else it appears.
+substituted into it) is replaced by `***` (`${NAME}`) wherever else it appears. Nor do they show a
+file key's value that may be the secret itself (`_may_show_path`): a file's content pasted there
+(several lines, PEM text), or a `password_file` or `tls.key` with neither '/' nor '.' (a password
+typed where its file's path belongs); `Config.shown_file` tells `run`'s messages the same.
 One limit remains: the checks of a register map (an entry's address range and status word, the map
 as a whole) run only once the entry's (the device's) keys are valid one by one.
 """
@@ -95,6 +98,7 @@ __all__ = [
     "json_schema",
     "load_config",
     "parse_config",
+    "read_password_file",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -139,6 +143,35 @@ CHANNEL_RE = re.compile(r"[A-Za-z0-9_]+")
 
 # Keys whose values are never echoed in a message, even when they were written literally.
 _SECRET_KEYS = frozenset({"password", "pw"})
+
+
+# Keys that name a file holding a secret: what is written there may be the secret itself, typed where
+# the file's path belongs (`password_file: Hunter2`), so a message shows it only when it is plausibly a
+# path (`_may_show_path`).
+_SECRET_FILE_KEYS = frozenset({"password_file", "key"})
+# What a file key's value is when it holds a file's content instead of its path (`_looks_pasted`).
+_PASTED_CONTENT = {"password_file": "password", "key": "key", "cert": "certificate", "ca": "certificate"}
+_NOT_SHOWN = "(the value is not shown: it may be the secret itself; give the path of the file)"
+
+
+def _looks_pasted(written: str) -> bool:
+    """Whether a file key's value as written is a file's content rather than a path: several lines,
+    or PEM text (`-----BEGIN PRIVATE KEY-----...`)."""
+    return "\n" in written or "\r" in written or "-----BEGIN" in written
+
+
+def _pasted_message(key: str) -> str:
+    return (f"this is not a file path: it looks like the {_PASTED_CONTENT[key]} itself (put it in a file and "
+            "give the file's path)")
+
+
+def _may_show_path(key: str, written: str) -> bool:
+    """Whether a message may show the path given as `written` for the file key `key` (its last part:
+    `password_file`, `key`, `cert`, ...): never a file's content, and for the file of a secret
+    (`password_file`, `tls.key`) only a value with a '/' or a '.' (else it may be the secret itself)."""
+    if key in _PASTED_CONTENT and _looks_pasted(written):
+        return False
+    return key not in _SECRET_FILE_KEYS or "/" in written or "." in written
 
 
 def _is_secret_key_path(path: tuple[str | int, ...]) -> bool:
@@ -305,7 +338,8 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     try:
         value = value.expanduser()
     except RuntimeError:  # `~name/...` of an unknown user, or no home directory
-        raise _err(f"cannot expand '~' in {str(value)!r}: unknown user or no home directory") from None
+        shown = f" in {str(value)!r}" if _may_show_path(info.field_name or "", str(value)) else ""
+        raise _err(f"cannot expand '~'{shown}: unknown user or no home directory") from None
     base = (info.context or {}).get("base_dir")
     if base is not None and not value.is_absolute():
         value = Path(base) / value
@@ -593,16 +627,26 @@ class Mqtt(_Model):
         if self.password_file is None:
             return None
         try:
-            text = self.password_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
-            raise ConfigError([Problem(str(self.password_file), 1, 1, "mqtt.password_file",
-                                       f"cannot read the password file: {reason}")]) from None
-        if text.endswith("\r\n"):
-            text = text[:-2]
-        elif text.endswith("\n"):
-            text = text[:-1]
-        return text
+            return read_password_file(self.password_file)
+        except ValueError as exc:
+            raise ConfigError([Problem("<config>", 1, 1, "mqtt.password_file",
+                                       f"cannot read the password file: {exc}")]) from None
+
+
+def read_password_file(path: Path) -> str:
+    """The password held in the file at `path` (`mqtt.password_file`, `console.password_file`): its
+    text without its trailing newline. The one reader of password files, for `run`, `check-config`
+    and the console. Raises ValueError whose message is the reason ("Permission denied", "not UTF-8
+    text"), never quoting the file nor its path, when it cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:  # str(exc) would quote the path
+        raise ValueError(exc.strerror or exc.__class__.__name__) from None
+    except UnicodeDecodeError:  # its message would quote the bytes
+        raise ValueError("not UTF-8 text") from None
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1159,6 +1203,7 @@ class Config(_Model):
     _file: str = PrivateAttr(default="<config>")  # the file name problems show
     _marks: dict[tuple[str | int, ...], tuple[int, int]] = PrivateAttr(default_factory=dict)
     _warnings: list[Problem] = PrivateAttr(default_factory=list)
+    _written_files: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)  # file keys as written
 
     @model_validator(mode="after")
     def _finish(self, info: ValidationInfo) -> Config:
@@ -1193,6 +1238,23 @@ class Config(_Model):
             line, col = self._marks.get(("mqtt", "password_file"), (1, 1))
             raise ConfigError([dataclasses.replace(p, file=self._file, line=line, col=col)
                                for p in exc.problems]) from None
+
+    def shown_file(self, key: tuple[str, ...]) -> str | None:
+        """How a message may name the file of `key` (`("mqtt", "tls", "key")`, one of the keys that
+        name files): its path, or None where the value as written may be the secret itself or a
+        file's content (see `_may_show_path`), or when the key is not set."""
+        value: Any = self
+        for part in key:
+            value = getattr(value, part, None)
+        if value is None:
+            return None
+        written = self._written_files.get(key, str(value))
+        return str(value) if _may_show_path(key[-1], written) else None
+
+    def tls_file_names(self) -> dict[str, str | None]:
+        """How messages about `mqtt.tls` name its files (`agent.tlsfiles.tls_context`'s `names`):
+        "ca", "cert", "key" -> the file's path, or None where it is not to be shown (`shown_file`)."""
+        return {part: self.shown_file(("mqtt", "tls", part)) for part in ("ca", "cert", "key")}
 
     def client_id(self) -> str:
         """The MQTT client id: `mqtt.client_id`, default `station.id`."""
@@ -1570,8 +1632,9 @@ class _TreeBuilder:
             self._active.discard(id(node))
 
     def _unsupported_tag(self, node: yaml.Node, path: _Path) -> None:
-        # `password: !xyz` is a tag to YAML: the "tag" may be the password
-        tag = "" if _is_secret_key_path(path) else f" {node.tag.replace('tag:yaml.org,2002:', '!!')!r}"
+        # `password: !xyz` is a tag to YAML: the "tag" may be the password (typed as `password_file` too)
+        secret = _is_secret_key_path(path) or (bool(path) and path[-1] in _SECRET_FILE_KEYS)
+        tag = "" if secret else f" {node.tag.replace('tag:yaml.org,2002:', '!!')!r}"
         self.problems.append((path, node.start_mark, f"unsupported YAML tag{tag} (put a value that starts with "
                               "'!' in quotes)"))
 
@@ -2022,9 +2085,10 @@ def parse_config(
     for path, message, where, warning in _cross_check(data):
         if path not in claimed and not stand_in_failed(path):
             (warnings if warning else problems).append(locator.problem(path, where, message, warning=warning))
+    named = _named_files(data, base)
     if check_files:  # every file key that is valid itself, whatever else is wrong (also with that key)
-        for key, value in _named_files(data, base):
-            trouble = _file_problem(key, value)
+        for key, value, written in named:
+            trouble = _file_problem(key, value, written)
             if trouble is not None:
                 problems.append(locator.problem(key, "value", trouble))
     if config is not None and not problems:
@@ -2038,6 +2102,7 @@ def parse_config(
     assert config is not None
     config._warnings = warnings
     config._file = file
+    config._written_files = {key: written for key, _, written in named}
     config._marks = {p: (v.line + 1, v.column + 1) for p, (_, v) in builder.marks.items()}
     return config
 
@@ -2076,10 +2141,16 @@ def load_config(
 
 
 def check_files(config: Config) -> list[Problem]:
-    """Problems with the files a valid config names (missing password file, TLS files, storage
-    path that is a directory). `load_config(..., check_files=True)` raises them."""
-    file = str(config.source_path) if config.source_path else "<config>"
-    return _file_problems(config, file)
+    """Problems with the files a valid config names (missing or unreadable password file, TLS files,
+    storage path that is a directory), shown with the file name the config was loaded with.
+    `load_config(..., check_files=True)` raises them."""
+    problems = []
+    for key, value, written in _named_files(config.model_dump(mode="python"), None):
+        message = _file_problem(key, value, config._written_files.get(key, written))
+        if message is not None:
+            line, col = config._marks.get(key, (1, 1))
+            problems.append(Problem(config._file, line, col, _dotted(key), message))
+    return problems
 
 
 def check_tls(config: Config) -> list[Problem]:
@@ -2092,12 +2163,11 @@ def check_tls(config: Config) -> list[Problem]:
         return []
     try:
         tls_context(str(tls.ca) if tls.ca else None, str(tls.cert) if tls.cert else None,
-                    str(tls.key) if tls.key else None)
+                    str(tls.key) if tls.key else None, names=config.tls_file_names())
     except TlsFilesError as exc:
         key = ("mqtt", "tls", exc.key)
         line, col = config._marks.get(key, config._marks.get(("mqtt", "tls"), (1, 1)))
-        file = str(config.source_path) if config.source_path else "<config>"
-        return [Problem(file, line, col, _dotted(key), f"cannot be used for TLS: {exc.reason}")]
+        return [Problem(config._file, line, col, _dotted(key), f"cannot be used for TLS: {exc.reason}")]
     return []
 
 
@@ -2107,25 +2177,38 @@ _FILE_KEYS: tuple[_Path, ...] = (("storage", "path"), ("mqtt", "password_file"),
 _FILE_PATH = TypeAdapter(FilePath)
 
 
-def _file_problem(key: _Path, value: Path) -> str | None:
-    """What is wrong with the file at `value` named by `key`, or None. The buffer database
-    (`storage.path`) may not exist yet; the other files must exist and be readable."""
-    try:
-        if key == ("storage", "path"):
+def _file_problem(key: _Path, value: Path, written: str) -> str | None:
+    """What is wrong with the file at `value` (given as `written`) named by `key`, or None. The buffer
+    database (`storage.path`) may not exist yet; the other files must exist and be readable, and the
+    MQTT password file must be read as `run` reads it. The path is shown only where `_may_show_path`."""
+    name = str(key[-1])
+    if key == ("storage", "path"):
+        try:
             return f"is a directory, expected a database file: {value}" if value.is_dir() else None
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            return f"cannot use this path: {exc.strerror or exc.__class__.__name__}"
+    if name in _PASTED_CONTENT and _looks_pasted(written):
+        return _pasted_message(name)
+    shown = f": {value}" if _may_show_path(name, written) else f" {_NOT_SHOWN}"
+    try:
         if not value.exists():
-            return f"file not found: {value}"
+            return f"file not found{shown}"
         if not value.is_file():
-            return f"not a file: {value}"
+            return f"not a file{shown}"
         if not os.access(value, os.R_OK):
-            return f"file not readable by this user: {value}"
+            return f"file not readable by this user{shown}"
     except OSError as exc:  # e.g. a name longer than the file system allows
         return f"cannot use this path: {exc.strerror or exc.__class__.__name__}"
+    if name == "password_file":  # as `run` (and the console) will read it
+        try:
+            read_password_file(value)
+        except ValueError as exc:
+            return f"cannot read the password file: {exc}"
     return None
 
 
-def _named_files(data: Any, base_dir: Path | None) -> list[tuple[_Path, Path]]:
-    """(key, resolved path) of each file key in `data` whose value is a valid path."""
+def _named_files(data: Any, base_dir: Path | None) -> list[tuple[_Path, Path, str]]:
+    """(key, resolved path, value as written) of each file key in `data` whose value is a valid path."""
     out = []
     for key in _FILE_KEYS:
         value: Any = data
@@ -2134,20 +2217,11 @@ def _named_files(data: Any, base_dir: Path | None) -> list[tuple[_Path, Path]]:
         if value is None:
             continue
         try:
-            out.append((key, _FILE_PATH.validate_python(value, context={"base_dir": base_dir})))
+            path = _FILE_PATH.validate_python(value, context={"base_dir": base_dir})
         except ValidationError:
             continue  # reported by the model
+        out.append((key, path, _text_of(value) or str(value)))
     return out
-
-
-def _file_problems(config: Config, file: str) -> list[Problem]:
-    problems = []
-    for key, value in _named_files(config.model_dump(mode="python"), None):
-        message = _file_problem(key, value)
-        if message is not None:
-            line, col = config._marks.get(key, (1, 1))
-            problems.append(Problem(file, line, col, _dotted(key), message))
-    return problems
 
 
 def json_schema() -> dict[str, Any]:
@@ -2192,6 +2266,16 @@ _SUBSCHEMA_MAPS = ("properties", "$defs", "patternProperties")
 _SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else")  # not propertyNames: no ${} in keys
 
 
+def _quoted_choices(choices: list[int]) -> dict[str, Any]:
+    """The texts `_quoted_choice` reads as one of the whole numbers `choices`: spaces around, an
+    optional sign (`-` only for 0 and negative numbers), leading zeros."""
+    forms = []
+    for c in choices:
+        digits = "0*" + str(abs(c)) if c else "0+"
+        forms.append(f"[-+]?{digits}" if c == 0 else f"\\+?{digits}" if c > 0 else f"-{digits}")
+    return {"type": "string", "pattern": rf"^\s*(?:{'|'.join(forms)})\s*$"}
+
+
 def _allow_substitution(node: Any) -> Any:
     """`node` (a JSON Schema) where every number, enumerated value and patterned text may also be a
     `${NAME}` to substitute (and a number a quoted number, as pydantic reads one), and true/false
@@ -2215,6 +2299,9 @@ def _allow_substitution(node: Any) -> Any:
     alternatives: list[dict[str, Any]]
     if "enum" in node or "const" in node:
         alternatives = [_SUBSTITUTION]
+        choices = node["enum"] if "enum" in node else [node["const"]]
+        if choices and all(type(c) is int for c in choices):  # `qos: "1"`, as `_quoted_choice` reads it
+            alternatives.append(_quoted_choices(choices))
     elif node.get("type") in ("integer", "number"):
         if node["type"] == "number":  # YAML's .inf is a number to a validator; check-config refuses it
             if "maximum" not in node and "exclusiveMaximum" not in node:

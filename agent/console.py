@@ -48,7 +48,7 @@ from zoneinfo import ZoneInfo
 
 from agent import __version__
 from agent.buffer import Buffer
-from agent.config import Config, ConfigError
+from agent.config import Config, ConfigError, read_password_file
 from agent.config import Console as ConsoleSettings
 from agent.logutil import RateLimitedLog
 from agent.model import STREAM_ALARMS, Reading, iso_utc_ms, now_ms
@@ -466,11 +466,14 @@ def _local_time(now: int, timezone: str) -> str:
 
 
 class _Password:
-    """The console password: the file's content without its trailing newline, re-read when the file
-    changes. Unreadable or empty → None (every request is then refused: the console fails closed)."""
+    """The console password: the file's content without its trailing newline (read as the MQTT
+    password file is, `read_password_file`), re-read when the file changes. Unreadable or empty →
+    None (every request is then refused: the console fails closed). `shown`: the file's path as
+    messages may show it, None where it may be the secret itself (`Config.shown_file`)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, shown: str | None):
         self.path = path
+        self.name = f"console.password_file {shown}" if shown else "console.password_file"
         self._stamp: tuple[int, int] | None = None
         self._digest: bytes | None = None
         self._errlog = RateLimitedLog(log, every_s=300)
@@ -479,7 +482,7 @@ class _Password:
     def load(self) -> None:
         """Read the file now; raises ConsoleError (never quoting the file) when it is unusable."""
         if self.digest() is None:
-            raise ConsoleError(f"console.password_file {self.path}: cannot read a password from it")
+            raise ConsoleError(f"{self.name}: cannot read a password from it")
 
     def digest(self) -> bytes | None:
         with self._lock:
@@ -487,16 +490,14 @@ class _Password:
                 st = self.path.stat()
                 stamp = (st.st_mtime_ns, st.st_size)
                 if stamp != self._stamp:
-                    text = self.path.read_text(encoding="utf-8")
-                    text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+                    text = read_password_file(self.path)
                     self._digest = hashlib.sha256(text.encode("utf-8")).digest() if text else None
                     self._stamp = stamp
                     if self._digest is None:
-                        self._errlog.error("console password file %s is empty: every request is refused", self.path)
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
-                self._errlog.error("console password file %s cannot be read (%s): every request is refused",
-                                   self.path, reason)
+                        self._errlog.error("%s is empty: every request is refused", self.name)
+            except (OSError, ValueError) as exc:  # str(OSError) would quote the path
+                reason = str(exc) if isinstance(exc, ValueError) else exc.strerror or exc.__class__.__name__
+                self._errlog.error("%s cannot be read (%s): every request is refused", self.name, reason)
                 self._digest = None
                 self._stamp = None
             return self._digest
@@ -554,7 +555,8 @@ class Console:
         self.settings = settings
         self.history = History()
         self.drain = DrainMeter()
-        self.password = _Password(settings.password_file) if settings.password_file is not None else None
+        self.password = (_Password(settings.password_file, station.config.shown_file(("console", "password_file")))
+                         if settings.password_file is not None else None)
         self.throttle = _Throttle()
         self.started_ms = now_ms()
         self.started_mono = time.monotonic()

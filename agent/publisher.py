@@ -85,6 +85,7 @@ class BrokerSettings:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_names: dict[str, str | None] | None = None  # how log lines name the TLS files (`tls_context`)
     connect_timeout: float = 5.0
     payload: str = "json"  # json | hj212
     hj212: Hj212Identity | None = None  # required with payload hj212
@@ -309,7 +310,7 @@ class Publisher(threading.Thread):
             client.username_pw_set(s.username, s.password)
         if tls:
             try:
-                client.tls_set_context(tls_context(s.tls_ca, s.tls_cert, s.tls_key))
+                client.tls_set_context(tls_context(s.tls_ca, s.tls_cert, s.tls_key, names=s.tls_names))
             except TlsFilesError as exc:
                 self._set_state("offline", f"TLS files unusable: {exc}", url)
                 self._errlog.error("cannot use the TLS files: %s", exc, key=str(exc))

@@ -69,6 +69,7 @@ def broker_settings(config: Config) -> BrokerSettings:
         tls_ca=str(tls.ca) if tls and tls.ca else None,
         tls_cert=str(tls.cert) if tls and tls.cert else None,
         tls_key=str(tls.key) if tls and tls.key else None,
+        tls_names=config.tls_file_names(),
         payload=m.payload,
         hj212=hj212_identity(config),
     )

@@ -8,6 +8,7 @@ takes the loaded config for device intervals.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +176,29 @@ def agent_state(buffer_path: Path) -> dict[str, Any]:
     except PermissionError:
         return {"running": None, "pid": None}
     return {"running": pid is not None, "pid": pid or None}
+
+
+def unreadable_buffer(path: Path, error: Exception, config_file: str) -> tuple[str, str]:
+    """(what, hint) for a buffer database `status` could not open or read: permission denied, with
+    the command to run as the agent's user, when this user lacks an access reading it takes
+    (`reader_access_denied`; the error SQLite gives then is "unable to open database file"); else
+    the error, and that `run` moves a damaged file aside."""
+    if reader_access_denied(path):
+        return (f"cannot read the buffer {path}: permission denied",
+                f"run status as the agent's user: sudo -u edge-agent edge-agent status -c {config_file}")
+    return f"cannot read the buffer {path}: {error}", "run moves a damaged file aside when it starts"
+
+
+def reader_access_denied(path: Path) -> bool:
+    """Whether this user lacks an access that reading the WAL database at `path` takes (os.access):
+    search on its directory; read on the file, and on its -wal and -shm files where they are; write
+    on the directory where the -shm file is not (the reader creates it)."""
+    directory = path.parent
+    if not os.access(directory, os.X_OK):
+        return True
+    shm = path.with_name(path.name + "-shm")
+    wal = path.with_name(path.name + "-wal")
+    needed = [(path, os.R_OK)] + [(f, os.R_OK) for f in (wal, shm) if os.path.lexists(f)]
+    if not os.path.lexists(shm):
+        needed.append((directory, os.W_OK))
+    return not all(os.access(f, mode) for f, mode in needed)

@@ -7,23 +7,29 @@ nothing from the project.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
 
 
 class TlsFilesError(Exception):
     """The files cannot be used: `key` is the config key at fault (ca, cert or key), `reason` what is
-    wrong; the message names the key, the file and the reason."""
+    wrong; the message names the key, the files (those that may be shown) and the reason."""
 
-    def __init__(self, key: str, files: str, reason: str):
-        super().__init__(f"mqtt.tls.{key} ({files}): {reason}")
+    def __init__(self, key: str, files: list[str | None], reason: str):
+        shown = ", ".join(f for f in files if f)
+        super().__init__(f"mqtt.tls.{key} ({shown}): {reason}" if shown else f"mqtt.tls.{key}: {reason}")
         self.key = key
         self.reason = reason
 
 
-def tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext:
+def tls_context(ca: str | None, cert: str | None, key: str | None,
+                names: Mapping[str, str | None] | None = None) -> ssl.SSLContext:
     """A client TLS context that verifies the broker's certificate and host name (against `ca`, or
     the system's CAs), with the station's client certificate when `cert` and `key` are given. A key
     protected by a passphrase is refused with that reason: OpenSSL would otherwise ask for the
-    passphrase on the terminal (and hang a technician's `run`)."""
+    passphrase on the terminal (and hang a technician's `run`). `names`: how errors name each file
+    ("ca", "cert", "key"): by default its path; None for a file not to be named at all (a value that
+    may be the secret itself: `agent.config.Config.tls_file_names`)."""
+    shown = {"ca": ca, "cert": cert, "key": key} if names is None else names
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
     asked: list[bool] = []
 
@@ -31,23 +37,24 @@ def tls_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLCon
         asked.append(True)
         return b""
 
-    at, files = "ca", str(ca)
+    at, files = "ca", [shown.get("ca")]
     try:
         if ca:
             ctx.load_verify_locations(cafile=ca)
         else:
             ctx.load_default_certs()
         if cert:
-            at, files = "cert", f"{cert}, {key}"
+            at, files = "cert", [shown.get("cert"), shown.get("key")]
             ctx.load_cert_chain(cert, key, password=no_passphrase)
     except (OSError, ssl.SSLError, ValueError) as exc:
         if asked:
-            raise TlsFilesError("key", str(key), "protected by a passphrase; edge-agent needs the key without "
-                                                 "one (readable by the service user only)") from None
+            raise TlsFilesError("key", [shown.get("key")], "protected by a passphrase; edge-agent needs the key "
+                                "without one (readable by the service user only)") from None
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         if at == "cert" and cert and _parses_as_certificate(cert):
             # The certificate is sound: the key is not a PEM key, or not the one of this certificate.
-            raise TlsFilesError("key", str(key), f"not the PEM private key of {cert} ({reason})") from None
+            of = shown.get("cert") or "the certificate (mqtt.tls.cert)"
+            raise TlsFilesError("key", [shown.get("key")], f"not the PEM private key of {of} ({reason})") from None
         raise TlsFilesError(at, files, reason) from None
     return ctx
 

@@ -288,6 +288,9 @@ class AgentProcess:
         return self.proc.poll() is None
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, timeout: float = 60,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`edge-agent ARGS` as a process (in the repository, or in `cwd`: relative paths as a technician
+    types them), its output captured."""
     return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=REPO, timeout=timeout)
+                          env={**os.environ, **(env or {})}, cwd=cwd or REPO, timeout=timeout)

@@ -577,6 +577,9 @@ def test_status_of_a_buffer_it_cannot_read_says_unknown_not_zero(tmp_path):
     assert doc["buffer_error"] and (doc["backlog"], doc["last_seq"], doc["alarms"]) == (None, None, None)
     text = run_cli("status", "-c", str(cfg)).stdout
     assert "backlog  unknown" in text and "alarms   unknown" in text
+    # A damaged file (this user may read it): the hint is what `run` does about it, not permissions.
+    assert text.splitlines()[0] == (f"cannot read the buffer {tmp_path / 'buffer.db'}: file is not a database "
+                                    "(run moves a damaged file aside when it starts)")
 
 
 def test_status_needs_no_credentials_from_the_environment(tmp_path):

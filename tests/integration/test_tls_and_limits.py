@@ -123,6 +123,30 @@ def test_check_config_finds_tls_files_that_cannot_make_a_connection(tmp_path):
         assert "hunter2" not in result.stderr
 
 
+def test_tls_problems_name_the_config_file_as_given_on_the_command_line(tmp_path):
+    """`check-config station.yaml` in the config's directory: a TLS file that cannot make a connection
+    is reported as `station.yaml:LINE:COL: ...`, as every other problem is, not by an absolute path."""
+    pki = make_pki(tmp_path / "pki")
+    locked = tmp_path / "pki" / "client-locked.key"
+    subprocess.run(["openssl", "pkey", "-in", pki["client_key"], "-aes256", "-passout", "pass:hunter2",
+                    "-out", str(locked)], check=True, capture_output=True)
+    broker = Broker(tmp_path / "broker", tls=pki)  # only its URL: check-config touches no network
+    cases = {  # the tls section -> the key at fault, the start of its message
+        "ca": ({"ca": pki["client_key"]}, "cannot be used for TLS: "),  # a private key where the CA belongs
+        "key": ({"ca": pki["ca"], "cert": pki["client_cert"], "key": str(locked)},
+                "cannot be used for TLS: protected by a passphrase"),
+    }
+    for key, (tls, words) in cases.items():
+        cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, mqtt={"tls": tls}))
+        result = run_cli("check-config", "station.yaml", cwd=tmp_path)
+        lines = cfg.read_text().splitlines()
+        line_no = next(i for i, line in enumerate(lines, 1) if line.strip().startswith(f"{key}: "))
+        col = lines[line_no - 1].index(tls[key]) + 1
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"station.yaml:{line_no}:{col}: mqtt.tls.{key}: {words}"), result.stderr
+        assert len(result.stderr.splitlines()) == 1 and "hunter2" not in result.stderr
+
+
 def test_a_gap_recorded_while_connected_is_announced_on_the_same_connection(tmp_path):
     """The link stays up but carries nothing (a frozen broker): the buffer reaches its cap and drops
     unpublished readings while the agent still counts itself connected. The gap is announced as soon

@@ -475,6 +475,102 @@ def test_a_literal_password_is_never_echoed(tmp_path: Path) -> None:
     assert found.startswith("9:13: mqtt.password: expected text") and "pa55word" not in found
 
 
+PASTED_KEY = """\
+      -----BEGIN PRIVATE KEY-----
+      MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgSekritKeyMaterial
+      -----END PRIVATE KEY-----"""
+
+
+def test_a_secret_given_where_its_file_belongs_is_never_echoed(tmp_path: Path) -> None:
+    """A key pasted into `tls.key`, a password typed as `password_file`: check-config and run say
+    what is wrong without showing them; a value that is plausibly a path is still shown."""
+    from harness import run_cli
+
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883", f"""\
+  url: mqtts://127.0.0.1
+  username: u
+  password_file: Hunter2Sekrit
+  tls:
+    ca: ca.pem
+    cert: "-----BEGIN CERTIFICATE----- MIIBszCCAVmgAwIBAgIUPastedCertText"
+    key: |
+{PASTED_KEY}""") + 'console: {password_file: "~Sekrit9x"}\n'
+    path = write(tmp_path, text)
+    pasted = "this is not a file path: it looks like the {} itself (put it in a file and give the file's path)"
+    expected = [
+        "9:18: mqtt.password_file: file not found (the value is not shown: it may be the secret itself; give the "
+        "path of the file)",
+        f"11:9: mqtt.tls.ca: file not found: {tmp_path / 'ca.pem'}",
+        "12:11: mqtt.tls.cert: " + pasted.format("certificate"),
+        "13:10: mqtt.tls.key: " + pasted.format("key"),
+        "29:26: console.password_file: cannot expand '~': unknown user or no home directory",
+    ]
+    with pytest.raises(ConfigError) as loaded:
+        load_config(path, env={}, check_files=True)
+    with pytest.raises(ConfigError) as parsed:
+        parse_config(path.read_text(), file="station.yaml", env={}, base_dir=tmp_path, check_files=True)
+    checked = run_cli("check-config", str(path))
+    ran = run_cli("run", "-c", str(path), timeout=30)
+    assert [str(p)[len(str(path)) + 1:] for p in loaded.value.problems] == expected
+    assert [str(p) for p in parsed.value.problems] == [f"station.yaml:{line}" for line in expected]
+    assert (checked.returncode, checked.stderr) == (2, "".join(f"{path}:{line}\n" for line in expected))
+    assert (ran.returncode, ran.stderr) == (2, checked.stderr)
+    every = "\n".join([*map(str, loaded.value.problems + parsed.value.problems), checked.stderr, ran.stderr])
+    for secret in ("Hunter2Sekrit", "SekritKeyMaterial", "PastedCertText", "Sekrit9x", "BEGIN"):
+        assert secret not in every, secret
+
+
+def test_tls_errors_at_run_name_no_file_that_may_be_the_secret(tmp_path: Path) -> None:
+    """The publisher's `cannot use the TLS files: ...` names a file only where check-config would: a
+    key file named like a password (no '/' nor '.') stays unnamed even once the file is there."""
+    from agent.runtime import broker_settings
+    from agent.tlsfiles import TlsFilesError, tls_context
+
+    (tmp_path / "client.pem").write_text("not a certificate\n")
+    (tmp_path / "Hunter2Sekrit").write_text("not a key either\n")
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883",
+                        "  url: mqtts://127.0.0.1\n  tls: {cert: client.pem, key: Hunter2Sekrit}")
+    config = load_config(write(tmp_path, text), env={}, check_files=True)  # every file is there
+    assert config.tls_file_names() == {"ca": None, "cert": str(tmp_path / "client.pem"), "key": None}
+    settings = broker_settings(config)
+    with pytest.raises(TlsFilesError) as info:
+        tls_context(settings.tls_ca, settings.tls_cert, settings.tls_key, names=settings.tls_names)  # as it connects
+    assert str(info.value).startswith(f"mqtt.tls.cert ({tmp_path / 'client.pem'}): ")
+    assert "Hunter2Sekrit" not in str(info.value)
+    (tmp_path / "client.key").write_text("not a key either\n")
+    shown = load_config(write(tmp_path, text.replace("key: Hunter2Sekrit", "key: client.key")), env={})
+    assert shown.tls_file_names()["key"] == str(tmp_path / "client.key")
+
+
+def test_check_config_reads_the_password_file_as_run_does(tmp_path: Path) -> None:
+    """A password file that is not UTF-8: check-config says so where run does, in the same words."""
+    from harness import run_cli
+
+    (tmp_path / "mqtt.pass").write_bytes(b"p\xe4ssword\n")  # Latin-1
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883",
+                        "  url: mqtts://127.0.0.1:1\n  username: u\n  password_file: mqtt.pass")
+    path = write(tmp_path, text)
+    expected = f"{path}:9:18: mqtt.password_file: cannot read the password file: not UTF-8 text\n"
+    checked = run_cli("check-config", str(path))
+    ran = run_cli("run", "-c", str(path), timeout=30)
+    assert (checked.returncode, checked.stderr) == (2, expected)
+    assert (ran.returncode, ran.stderr) == (2, expected)
+    (tmp_path / "mqtt.pass").write_text("pässword\n")
+    console = write(tmp_path, text + "console: {password_file: mqtt.pass}\n", "console.yaml")
+    assert load_config(console, env={}, check_files=True).read_mqtt_password() == "pässword"
+    (tmp_path / "mqtt.pass").write_bytes(b"p\xe4ssword\n")
+    assert problems_of_files(console) == [  # the console reads its password file as run reads the broker's
+        f"{console}:9:18: mqtt.password_file: cannot read the password file: not UTF-8 text",
+        f"{console}:22:26: console.password_file: cannot read the password file: not UTF-8 text",
+    ]
+
+
+def problems_of_files(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={}, check_files=True)
+    return [str(p) for p in info.value.problems]
+
+
 def test_substitute_errors_name_the_variable_not_the_text() -> None:
     assert substitute("a${X}b${Y}", {"X": "1", "Y": "2"}).text == "a1b2"
     assert substitute("$${X}", {}).text == "${X}"
@@ -536,6 +632,8 @@ def test_a_password_that_yaml_reads_as_a_tag_or_an_alias_is_not_quoted(tmp_path:
 
     assert single_problem(tmp_path, with_password("!Hunter2Secret")) == (
         "9:13: mqtt.password: unsupported YAML tag (put a value that starts with '!' in quotes)")
+    assert single_problem(tmp_path, with_password("!Hunter2Secret").replace("password:", "password_file:")) == (
+        "9:18: mqtt.password_file: unsupported YAML tag (put a value that starts with '!' in quotes)")
     assert single_problem(tmp_path, with_password("*Hunter2Secret")) == (
         f"9:13: {FILE_PATH}: YAML syntax error: found undefined alias (put a value that starts with '*' in quotes)")
     assert single_problem(tmp_path, GOOD.replace("type: other", "type: !ab other")) == (
@@ -835,6 +933,27 @@ def test_an_editor_validating_with_the_schema_accepts_the_shipped_configs_and_fl
                     {"devices": {"sim": {"driver": "simulated", "interval": 1, "channels": {"a-b": {"mean": 1}}}}},
                     {"buses": {"rs 485": {"type": "rtu", "port": "/dev/ttyUSB0"}}}):
         assert list(validator.iter_errors({**good, **mistake})), f"the schema lets {mistake} through"
+
+def test_quoted_choices_check_config_takes_are_valid_to_the_schema_too(tmp_path: Path) -> None:
+    """`qos: "1"`, `bytesize: " 8"`, `stopbits: "+1"`, `minute: "010"`: check-config reads each as the
+    number, so an editor validating with the schema must not flag them; `qos: "2"` both refuse."""
+    import jsonschema
+    import yaml
+    from harness import run_cli
+
+    validator = jsonschema.Draft202012Validator(json_schema())
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883", '  url: mqtt://127.0.0.1:1883\n  qos: "1"').replace(
+        "{type: rtu, port: /dev/ttyUSB0}", '{type: rtu, port: /dev/ttyUSB0, bytesize: " 8", stopbits: "+1"}'
+    ) + 'aggregate: {minute: "010"}\n'
+    path = write(tmp_path, text)
+    assert [e.message for e in validator.iter_errors(yaml.safe_load(text))] == []
+    checked = run_cli("check-config", str(path))
+    assert checked.returncode == 0 and checked.stderr == "", checked.stderr
+    wrong = write(tmp_path, text.replace('qos: "1"', 'qos: "2"'), "wrong.yaml")
+    assert [e.json_path for e in validator.iter_errors(yaml.safe_load(wrong.read_text()))] == ["$.mqtt.qos"]
+    checked = run_cli("check-config", str(wrong))
+    assert (checked.returncode, checked.stderr) == (2, f"{wrong}:8:8: mqtt.qos: must be 0 or 1 (got 2)\n")
+
 
 def test_json_schema_accepts_what_check_config_accepts() -> None:
     import re

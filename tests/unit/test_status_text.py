@@ -1,10 +1,19 @@
-"""`edge-agent status` (text form) shows values as the instrument's display does: every digit."""
+"""`edge-agent status` (text form) shows values as the instrument's display does: every digit; and
+says why it could not read a buffer: a file this user may not read, or a damaged one."""
 
 from __future__ import annotations
 
+import os
+import sqlite3
+from pathlib import Path
+
 import pytest
 
-from agent.status import format_value
+from agent import status
+from agent.buffer import Buffer
+from agent.status import format_value, unreadable_buffer
+
+AS_THE_AGENT = "run status as the agent's user: sudo -u edge-agent edge-agent status -c /etc/edge-agent/edge-agent.yaml"
 
 
 @pytest.mark.parametrize(("value", "shown"), [
@@ -20,3 +29,44 @@ from agent.status import format_value
 ])
 def test_values_keep_their_digits(value, shown):
     assert format_value(value) == shown
+
+
+def test_what_status_says_of_a_buffer_it_could_not_read_follows_what_this_user_may_do(tmp_path, monkeypatch):
+    """Pure logic, os.access stubbed (root may do anything, so a real refusal cannot be made here):
+    permission denied with the command to run as the agent's user when an access reading takes is
+    missing; SQLite's error and the damaged-file hint otherwise."""
+    path = tmp_path / "buffer.db"
+    path.write_bytes(b"")
+    opening = sqlite3.OperationalError("unable to open database file")
+    denied = f"cannot read the buffer {path}: permission denied"
+    cases = [  # (what os.access refuses, what status says)
+        (lambda p, mode: Path(p) == path, (denied, AS_THE_AGENT)),  # the file (mode 600, another owner)
+        (lambda p, mode: Path(p) == tmp_path and mode & os.X_OK, (denied, AS_THE_AGENT)),  # its directory
+        (lambda p, mode: Path(p) == tmp_path and mode & os.W_OK, (denied, AS_THE_AGENT)),  # no -shm to create
+        (lambda p, mode: False, (f"cannot read the buffer {path}: unable to open database file",
+                                 "run moves a damaged file aside when it starts")),
+    ]
+    for refused, said in cases:
+        monkeypatch.setattr(status.os, "access", lambda p, mode, refused=refused: not refused(p, mode))
+        assert unreadable_buffer(path, opening, "/etc/edge-agent/edge-agent.yaml") == said
+    (tmp_path / "buffer.db-shm").write_bytes(b"")  # an agent runs: the reader needs no directory write
+    monkeypatch.setattr(status.os, "access", lambda p, mode: not (Path(p) == tmp_path and mode & os.W_OK))
+    damaged = sqlite3.DatabaseError("file is not a database")
+    assert unreadable_buffer(path, damaged, "station.yaml") == (
+        f"cannot read the buffer {path}: file is not a database", "run moves a damaged file aside when it starts")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may read any file: there is no refusal to see")
+def test_a_buffer_in_a_directory_this_user_may_not_enter_is_permission_denied(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    path = state / "buffer.db"
+    sqlite3.connect(path).close()
+    state.chmod(0)
+    try:
+        with pytest.raises((sqlite3.Error, OSError)) as info:
+            Buffer.open_reader(path)
+        assert unreadable_buffer(path, info.value, "/etc/edge-agent/edge-agent.yaml") == (
+            f"cannot read the buffer {path}: permission denied", AS_THE_AGENT)
+    finally:
+        state.chmod(0o700)
