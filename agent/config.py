@@ -22,8 +22,9 @@ substituted into it) is replaced by `***` (`${NAME}`) wherever else it appears. 
 file key's value that may be the secret itself (`_may_show_path`): a file's content pasted there
 (several lines, PEM text), or a `password_file` or `tls.key` with neither '/' nor '.' (a password
 typed where its file's path belongs); `Config.shown_file` tells `run`'s messages the same.
-One limit remains: the checks of a register map (an entry's address range and status word, the map
-as a whole) run only once the entry's (the device's) keys are valid one by one.
+One limit remains: the checks of a register map that combine keys (an entry's status word, a value
+running past register 65535, the map as a whole) run only once the entry's (the device's) keys are
+valid one by one.
 """
 
 from __future__ import annotations
