@@ -193,12 +193,15 @@ def reader_access_denied(path: Path) -> bool:
     """Whether this user lacks an access that reading the WAL database at `path` takes (os.access):
     search on its directory; read on the file, and on its -wal and -shm files where they are; write
     on the directory where the -shm file is not (the reader creates it)."""
+    def allowed(file: Path, mode: int) -> bool:  # with the ids that open files (sudo -u sets both)
+        return os.access(file, mode, effective_ids=os.access in os.supports_effective_ids)
+
     directory = path.parent
-    if not os.access(directory, os.X_OK):
+    if not allowed(directory, os.X_OK):
         return True
     shm = path.with_name(path.name + "-shm")
     wal = path.with_name(path.name + "-wal")
     needed = [(path, os.R_OK)] + [(f, os.R_OK) for f in (wal, shm) if os.path.lexists(f)]
     if not os.path.lexists(shm):
         needed.append((directory, os.W_OK))
-    return not all(os.access(f, mode) for f, mode in needed)
+    return not all(allowed(f, mode) for f, mode in needed)

@@ -4,7 +4,10 @@ says why it could not read a buffer: a file this user may not read, or a damaged
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -47,26 +50,44 @@ def test_what_status_says_of_a_buffer_it_could_not_read_follows_what_this_user_m
                                  "run moves a damaged file aside when it starts")),
     ]
     for refused, said in cases:
-        monkeypatch.setattr(status.os, "access", lambda p, mode, refused=refused: not refused(p, mode))
+        monkeypatch.setattr(status.os, "access", lambda p, mode, refused=refused, **_: not refused(p, mode))
         assert unreadable_buffer(path, opening, "/etc/edge-agent/edge-agent.yaml") == said
     (tmp_path / "buffer.db-shm").write_bytes(b"")  # an agent runs: the reader needs no directory write
-    monkeypatch.setattr(status.os, "access", lambda p, mode: not (Path(p) == tmp_path and mode & os.W_OK))
+    monkeypatch.setattr(status.os, "access", lambda p, mode, **_: not (Path(p) == tmp_path and mode & os.W_OK))
     damaged = sqlite3.DatabaseError("file is not a database")
     assert unreadable_buffer(path, damaged, "station.yaml") == (
         f"cannot read the buffer {path}: file is not a database", "run moves a damaged file aside when it starts")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may read any file: there is no refusal to see")
-def test_a_buffer_in_a_directory_this_user_may_not_enter_is_permission_denied(tmp_path):
-    state = tmp_path / "state"
-    state.mkdir()
-    path = state / "buffer.db"
-    sqlite3.connect(path).close()
-    state.chmod(0)
+@contextmanager
+def as_another_user():
+    """Root may read any file: as root, act as `nobody` (effective ids) meanwhile; else as oneself."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
     try:
-        with pytest.raises((sqlite3.Error, OSError)) as info:
-            Buffer.open_reader(path)
-        assert unreadable_buffer(path, info.value, "/etc/edge-agent/edge-agent.yaml") == (
-            f"cannot read the buffer {path}: permission denied", AS_THE_AGENT)
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def test_a_buffer_in_a_directory_this_user_may_not_enter_is_permission_denied():
+    top = Path(tempfile.mkdtemp(prefix="edge-agent-status-"))  # in /tmp: every user may reach it
+    state = top / "state"
+    try:
+        top.chmod(0o755)
+        state.mkdir()
+        path = state / "buffer.db"
+        sqlite3.connect(path).close()
+        state.chmod(0)
+        with as_another_user():
+            with pytest.raises((sqlite3.Error, OSError)) as info:
+                Buffer.open_reader(path)
+            said = unreadable_buffer(path, info.value, "/etc/edge-agent/edge-agent.yaml")
+        assert said == (f"cannot read the buffer {path}: permission denied", AS_THE_AGENT)
     finally:
         state.chmod(0o700)
+        shutil.rmtree(top)
