@@ -37,7 +37,7 @@ from agent.model import Reading  # noqa: E402
 from agent.payloads import data_message  # noqa: E402
 
 SUBSCRIBER = r"""
-import json, sys, time
+import json, os, sys, time
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 import socket
@@ -57,7 +57,7 @@ def on_message(c, u, m):
     state["last"] = now
     if state["n"] >= expected:
         c.disconnect()
-c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-sub", clean_session=True)
+c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{os.getpid()}", clean_session=True)
 c.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
 c.on_subscribe = lambda *a: print("ready", flush=True)
 c.on_message = on_message
@@ -81,7 +81,13 @@ def start_subscriber(port: int, topic: str, expected: int, broker: Broker | None
 
 
 def finish_subscriber(proc: subprocess.Popen, timeout: float = 600) -> dict:
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # never left behind, waiting for a broker that a later run may start on its port
+        proc.wait()
+        sys.exit(f"bench_drain: the subscriber did not get every message within {timeout:.0f} s (after an outage, "
+                 "the agent may have reconnected before the subscriber subscribed: run again)")
     return json.loads(out.strip().splitlines()[-1])
 
 
