@@ -24,8 +24,10 @@ Decisions (the README's aggregate section should repeat them for technicians):
   valid values only. A reading with another flag, or with no value, is abnormal (null flagged N or T
   counts as B).
 - Flag. Expected values = period length / device interval; a period needs
-  ceil(`min_valid` x expected) valid values (default share 0.75, the standard's "at least 75 %";
-  `min_count` gives absolute numbers per kind instead; at least 1).
+  ceil(`min_valid` x expected) valid values, never more than the polls that fit in it (default share
+  0.75, the standard's "at least 75 %"; at water stations the minute period's default is every
+  expected value, DOMAIN.md's "120 valid 5-second samples" of a water 10-minute value; `min_count`
+  gives absolute numbers per kind instead; at least 1).
   * Water stations (`station.type` outfall or river_section): one abnormal value makes the period
     abnormal: its flag is the most severe flag among the period's readings, D > B > F > M > C > S > T
     (fault, no communication, stopped, maintenance, calibration, manual, over range). With no abnormal
@@ -108,6 +110,8 @@ log = logging.getLogger(__name__)
 STATE_KEY = "aggregate_state"  # meta key of the saved state
 STATE_VERSION = 1
 WATER_STATIONS = frozenset({"outfall", "river_section"})  # one abnormal value makes the period abnormal
+# DOMAIN.md: "a water 10-minute value needs at least 120 valid 5-second samples": all of them.
+WATER_MINUTE_SHARE = 1.0
 VALID_FLAGS = frozenset({FLAG_NORMAL, FLAG_OVER_RANGE})  # values that enter avg/min/max/count
 FLAG_SEVERITY = "DBFMCST"  # most severe first: the flag an abnormal period gets
 FUTURE_TOLERANCE_MS = 300_000  # readings further ahead of the wall clock are left out
@@ -455,6 +459,8 @@ class Aggregator:
         self._water = config.station.type in WATER_STATIONS
         self._grace_ms = round(agg.grace * 1000)
         self._min_valid = agg.min_valid.model_dump()
+        if self._water and "min_valid" not in agg.model_fields_set:
+            self._min_valid["minute"] = WATER_MINUTE_SHARE
         self._min_count = agg.min_count.model_dump() if agg.min_count is not None else {}
         self._intervals = {dev_id: dev.interval for dev_id, dev in config.devices.items()}
         self._flow_key: _Key | None = None
@@ -686,7 +692,8 @@ class Aggregator:
         if not interval:
             return 1
         expected = (p.end - p.start) / 1000 / interval
-        return max(1, math.ceil(self._min_valid[family] * expected - 1e-9))
+        # Never more than the polls that fit in the period (an interval that does not divide it).
+        return max(1, min(math.ceil(self._min_valid[family] * expected - 1e-9), math.floor(expected + 1e-9)))
 
     def _flag(self, acc: _Acc, needed: int) -> str:
         worst = min(acc.abnormal, key=_severity) if acc.abnormal else None

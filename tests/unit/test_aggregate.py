@@ -582,6 +582,31 @@ def test_a_saved_state_older_than_the_stored_periods_never_emits_them_again(capl
     assert len(fresh.bodies()) == 3, "the periods before the newest stored one count as done"
 
 
+@pytest.mark.parametrize("station_type, min_valid, valid, flag", [
+    ("outfall", None, 120, "N"),  # DOMAIN.md: a water 10-minute value needs 120 valid 5-second samples
+    ("outfall", None, 119, "B"),
+    ("river_section", None, 119, "B"),
+    ("outfall", 0.75, 90, "N"),  # the technician's own share rules
+    ("dust", None, 90, "N"),  # other stations: 75 %
+    ("dust", None, 89, "B"),
+])
+def test_a_water_ten_minute_value_needs_every_five_second_sample(station_type, min_valid, valid, flag):
+    devices = {"cod": {"driver": "simulated", "interval": 5, "channels": {"w01018": {"unit": "mg/L"}}}}
+    section = {"minute": 10, "hour": False, "day": False} | ({"min_valid": min_valid} if min_valid else {})
+    rig = Rig(make_config(section, station_type=station_type, devices=devices), now=t("01:59:00"))
+    rig.feed(every("cod", "w01018", t("02:00:00"), 5, [10.0] * valid))  # the others: polls lost, no reading
+    rig.at(t("02:10:02"))
+    assert [(b["count"], b["flag"]) for b in rig.rec.bodies()] == [(valid, flag)]
+
+
+def test_an_interval_that_does_not_divide_the_period_needs_no_more_polls_than_fit():
+    devices = {"cod": {"driver": "simulated", "interval": 7, "channels": {"w01018": {"unit": "mg/L"}}}}
+    rig = Rig(make_config({"minute": 10, "hour": False, "day": False}, devices=devices), now=t("01:59:00"))
+    rig.feed(every("cod", "w01018", t("02:00:00"), 7, [10.0] * 85))  # 600 / 7 = 85.7: 85 or 86 polls fit
+    rig.at(t("02:10:02"))
+    assert [(b["count"], b["flag"]) for b in rig.rec.bodies()] == [(85, "N")]
+
+
 def test_an_unreadable_state_starts_afresh(caplog):
     rec = FakeRecorder()
     rec.meta[STATE_KEY] = "{not json"
