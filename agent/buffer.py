@@ -376,15 +376,18 @@ class Buffer:
             # deleted after a crash): continue above every seq that may ever have been issued.
             lost = fresh_file or last < mark - self.seqmark.block or (
                 opening and self.seqmark.lost_rows(stream, last, wal_missing))
-            if last < mark and lost:
+            # After a clean close the last seq issued is known exactly: no need to skip to the mark.
+            issued = self.seqmark.issued_at_clean_close(stream)
+            top = mark if issued is None or last < mark - self.seqmark.block else min(max(issued, last), mark)
+            if last < top and lost:
                 if not fresh_file:
                     log.warning("buffer %s: stream %s ends at seq %d, but seqs up to %d may have been issued "
                                 "(an older copy of the file, or its WAL deleted after a crash)", self.path, stream,
-                                last, mark)
-                log.info("stream %s continues above high-water mark %d", stream, mark)
+                                last, top)
+                log.info("stream %s continues above seq %d", stream, top)
                 if stream == STREAM_READINGS and announce_jump:
-                    self._announce_jump(last, mark, fresh_file)
-                last = mark
+                    self._announce_jump(last, top, fresh_file)
+                last = mark = top
                 sent = mark if fresh_file else sent  # rows still unpublished in the file stay so
                 self.conn.execute(
                     "UPDATE streams SET floor_seq=?, sent_upto=? WHERE name=?", (last, sent, stream)
@@ -393,7 +396,8 @@ class Buffer:
             self._sent_upto[stream] = min(sent, last)
 
     def _announce_jump(self, last: int, mark: int, fresh_file: bool) -> None:
-        """Readings seqs up to the mark that this file cannot account for: issued by a buffer that is
+        """Readings seqs up to `mark` (the high-water mark, or the last seq issued before a clean
+        close) that this file cannot account for: issued by a buffer that is
         gone (deleted, lost with its card, left at another `storage.path`) or never issued. Receivers
         see them skipped; SPEC §3 wants every gap announced, so this one is, as `buffer_missing`,
         from the acknowledged watermark a buffer here last noted beside the mark (at its clean close

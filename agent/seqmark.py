@@ -4,7 +4,9 @@ If the buffer file is lost or moved aside as corrupt, the fresh file must contin
 seq above the highest ever issued. Writing that number on every commit would double the writes to
 the SD card, so seqs are reserved in blocks: the file holds, per stream, a number at or above every
 seq issued so far, and is rewritten (atomically, fsynced) only when a stream crosses it. A fresh
-database then starts above the reservation; the skipped seqs were never issued to anyone.
+database then starts above the reservation; the skipped seqs were never issued to anyone. After a
+clean close the file also notes each stream's last seq, exact then: a fresh database continues right
+after it instead (no jump for receivers to make sense of).
 Imports nothing from the project.
 """
 
@@ -72,6 +74,14 @@ class SeqMark:
             return True
         return max(marks.get(stream + ISSUED, 0), marks.get(stream + ACKED, 0)) > last
 
+    def issued_at_clean_close(self, stream: str) -> int | None:
+        """The last seq of `stream` issued here when the last writer closed cleanly (every seq up to it
+        may have been issued, none above: a fresh file continues right after it); None when a writer
+        runs or did not close cleanly (then only the reservation bounds what was issued)."""
+        marks = self.read()
+        issued = marks.get(stream + ISSUED)
+        return issued if issued is not None and marks.get(RUNNING) == 0 else None
+
     def note_running(self) -> None:
         """A writer has the file open and has written its WAL (see `lost_rows`)."""
         self._note({RUNNING: 1})
@@ -126,7 +136,8 @@ class SeqMark:
             path.parent.mkdir(parents=True, exist_ok=True)  # where the new buffer will be created
             theirs = SeqMark(path).read()
             merged = {s: max(marks.get(s, 0), theirs.get(s, 0)) for s in {*marks, *theirs} - {RUNNING}}
-            self._write_file(path, {**merged, RUNNING: theirs.get(RUNNING, 0)})  # whether *that* file's writer runs
+            # Whether the writer that issues seqs for that path too runs (its `issued` is then not final).
+            self._write_file(path, {**merged, RUNNING: marks.get(RUNNING, 0)})
         except OSError as exc:
             log.error("cannot keep the seq high-water mark in %s (%s): a buffer started there would "
                       "number from its own", path, exc)

@@ -93,12 +93,11 @@ def test_a_file_overwritten_entirely_announces_its_lost_seqs_from_what_was_ackno
     buf.set_sent_upto(STREAM_READINGS, 47)
     buf.commit()
     buf.close()
-    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
     path.write_bytes(bytes(range(256)) * (path.stat().st_size // 256))
     buf = Buffer.open_writer(path)
     try:
-        assert gaps(buf) == [(48, mark, "buffer_corrupt")]
-        assert store(buf, readings(1))[0].seq == mark + 1
+        assert gaps(buf) == [(48, 60, "buffer_corrupt")], "up to the last seq the clean close noted"
+        assert store(buf, readings(1))[0].seq == 61
     finally:
         buf.close()
 
@@ -135,10 +134,30 @@ def test_a_deleted_file_s_jump_is_announced_from_what_was_acknowledged(tmp_path)
     buf.set_sent_upto(STREAM_READINGS, 20)  # 21..30 still unpublished: lost with the file
     buf.commit()
     buf.close()
-    mark, buf = reopen_without_the_file(tmp_path)
+    _, buf = reopen_without_the_file(tmp_path)
     try:
-        assert gaps(buf) == [(21, mark, "buffer_missing")]
-        assert store(buf, readings(1))[0].seq == mark + 1
+        # The clean close noted seq 30 as the last issued: none above it ever was.
+        assert gaps(buf) == [(21, 30, "buffer_missing")]
+        assert store(buf, readings(1))[0].seq == 31
+    finally:
+        buf.close()
+
+
+def test_after_a_clean_close_a_deleted_file_s_alarm_seqs_continue_without_a_jump(tmp_path):
+    """Alarm and aggregate seqs have no gap announcement: after a clean close, whose last seqs the
+    mark noted, a fresh file continues them right after those (a platform sees no hole)."""
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    buf.begin()
+    for _ in range(3):
+        buf.insert_event(STREAM_ALARMS, now_ms(), {"id": "x:above", "state": "raised"})
+    buf.commit()
+    buf.close()
+    _, buf = reopen_without_the_file(tmp_path)
+    try:
+        buf.begin()
+        assert buf.insert_event(STREAM_ALARMS, now_ms(), {"id": "x:above", "state": "cleared"}) == 4
+        buf.commit()
     finally:
         buf.close()
 
@@ -212,12 +231,11 @@ def test_an_older_copy_of_the_file_put_back_never_lets_seqs_be_issued_twice(tmp_
     buf.set_sent_upto(STREAM_READINGS, 50)
     buf.commit()
     buf.close()
-    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
     shutil.copy(tmp_path / "backup.db", path)
     buf = Buffer.open_writer(path)
     try:
-        assert store(buf, readings(1))[0].seq == mark + 1
-        assert gaps(buf) == [(51, mark, "buffer_missing")], "from what the platform acknowledged"
+        assert store(buf, readings(1))[0].seq == 71, "after the last seq the clean close noted"
+        assert gaps(buf) == [(51, 70, "buffer_missing")], "from what the platform acknowledged"
     finally:
         buf.close()
 

@@ -20,9 +20,11 @@ def readings(n: int) -> list[Reading]:
     return [Reading("d", f"c{i % 10}", t + i, float(i), "mg/L", "N") for i in range(n)]
 
 
-def filled_buffer(path: Path, n: int, *, sent: int) -> None:
+def filled_buffer(path: Path, n: int, *, sent: int, clean: bool = False) -> None:
     """A closed buffer file with `n` readings in commits of 40 (the first `sent` acknowledged), one
-    aggregate event and an alarm state in meta."""
+    aggregate event and an alarm state in meta. Its writer ends as after a power cut (the mark beside
+    it does not know its last seq: new ones go above the mark), or with `clean`, by a clean close
+    (the mark notes its last seq and watermark)."""
     buf = Buffer.open_writer(path)
     for k in range(0, n, 40):
         buf.begin()
@@ -33,7 +35,10 @@ def filled_buffer(path: Path, n: int, *, sent: int) -> None:
     buf.set_sent_upto(STREAM_READINGS, sent)
     buf.set_meta("alarm_state", '{"active": ["cod.w01018"]}')
     buf.commit()
-    buf.close()
+    if clean:
+        buf.close()
+    else:
+        buf.conn.close()
 
 
 def pages_of(path: Path, table: str, pagetype: str = "leaf") -> list[int]:
@@ -122,7 +127,7 @@ def test_with_the_watermark_page_damaged_what_was_acknowledged_is_not_sent_again
     """The acknowledged watermark noted beside the mark at the clean stop stands in for the file's
     own: days of published readings kept for `resend` would otherwise all be published again."""
     path = tmp_path / "b.db"
-    filled_buffer(path, 2000, sent=500)
+    filled_buffer(path, 2000, sent=500, clean=True)
     damage(path, pages_of(path, "streams")[0])
     buf = Buffer.open_writer(path)
     try:
@@ -135,7 +140,7 @@ def test_with_the_watermark_page_damaged_what_was_acknowledged_is_not_sent_again
 def test_a_watermark_noted_by_another_buffer_above_all_of_this_one_is_not_taken(tmp_path):
     """storage.path changed and changed back: the note beside the mark may be another buffer's."""
     path = tmp_path / "b.db"
-    filled_buffer(path, 2000, sent=500)
+    filled_buffer(path, 2000, sent=500, clean=True)
     marks = json.loads((tmp_path / "b.db.seq").read_text())
     (tmp_path / "b.db.seq").write_text(json.dumps({**marks, "readings.acked": 30_000}))
     damage(path, pages_of(path, "streams")[0])
@@ -157,6 +162,24 @@ def test_a_damaged_page_of_readings_costs_only_the_readings_on_it(tmp_path, whic
         assert_one_pages_readings_lost(buf, 3000, mark)
         assert len(buf.readings_after(0, 10_000)) < 3000, "the damaged page's readings are gone"
         assert_next_seq(buf, mark + 1)
+    finally:
+        buf.close()
+
+
+def test_after_a_clean_close_a_damaged_file_s_seqs_continue_right_after_its_last_one(tmp_path):
+    """The mark noted the last seq issued at the clean close: no seq above it was ever issued, so the
+    fresh file continues right after it, and only the damaged page's readings are announced lost."""
+    path = tmp_path / "b.db"
+    filled_buffer(path, 3000, sent=0, clean=True)
+    leaves = pages_of(path, "readings")
+    damage(path, leaves[len(leaves) // 2])
+    buf = Buffer.open_writer(path)
+    try:
+        salvaged = {r.seq for r in buf.readings_after(0, 10_000)}
+        [(first, last, reason)] = gaps(buf)
+        assert reason == GAP_REASON and 0 < last - first < 50, "one page's readings, no jump beyond seq 3000"
+        assert salvaged == set(range(1, 3001)) - set(range(first, last + 1))
+        assert_next_seq(buf, 3001)
     finally:
         buf.close()
 
