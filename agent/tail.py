@@ -10,6 +10,7 @@ Imports `agent.hj212` only (and paho).
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -116,13 +117,18 @@ def _command_name(cn: str) -> str:
         return ""
 
 
+_PW_FIELD = re.compile(rb"PW=[^;&]*")
+
+
 def format_hj212(kind: str, payload: bytes, tracker: SeqTracker) -> list[str]:
     """Lines for an HJ 212 frame: ``CN name DataTime=… QN=…`` then one line per pollutant."""
     try:
         piece = decode(payload.strip() + b"\r\n")
         packet = tracker.reassembler.add(piece)
     except Hj212Error as exc:
-        return [f"{kind:<6} BAD HJ 212 frame ({type(exc).__name__}: {exc}): {payload[:80]!r}"]
+        shown = _PW_FIELD.sub(b"PW=***", payload[:120])[:80]  # never the access password, even here
+        reason = _PW_FIELD.sub(b"PW=***", str(exc).encode()).decode()
+        return [f"{kind:<6} BAD HJ 212 frame ({type(exc).__name__}: {reason}): {shown!r}"]
     if packet is None:
         return [f"{kind:<6} HJ 212 CN={piece.cn} QN={piece.qn} piece {piece.pno}/{piece.pnum} (waiting for the rest)"]
     return _packet_lines(kind, packet)

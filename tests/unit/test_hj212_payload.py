@@ -199,7 +199,9 @@ def test_tail_flags_a_bad_frame_and_joins_split_packets(buf):
     assert sum("CN=2011" in line for line in lines) == 1 + len(frames) - 2
     assert sum(line.strip().startswith("w") for line in lines) == 120
     broken = frames[0][:20] + b"X" + frames[0][21:]
-    assert "BAD HJ 212 frame" in format_message("env/S/data", broken, SeqTracker())[0]
+    [bad] = format_message("env/S/data", broken, SeqTracker())
+    assert "BAD HJ 212 frame" in bad and "PW=***" in bad
+    assert "123456" not in bad, "never the password, not even of a frame it cannot decode"
     assert format_message("env/S/data", b'{"v":1,"station":"S","readings":[]}', SeqTracker()) == []
 
 
