@@ -72,7 +72,9 @@ Decisions (the README's aggregate section should repeat them for technicians):
   replay, the newest period of each kind that the buffer holds counts as done, with those before it,
   even where the state says otherwise (a salvaged file may hold rows newer than its state).
 - Reload: a kind that is no longer configured (another minute length, another time zone) drops its
-  open periods (logged); a new kind starts with the current period. Flow settings apply to the channels'
+  open periods (logged); a new kind starts with the current period, filled with the readings stored
+  since its start that this run has seen (found through the first seq of each minute of the last
+  day; at most 200 000 of them, else it starts empty, logged). Flow settings apply to the channels'
   next periods.
 """
 
@@ -119,6 +121,8 @@ BACK_STEP_MS = 86_400_000  # open periods this far ahead of the wall clock are c
 MIN_PLAUSIBLE_MS = 1_577_836_800_000  # 2020-01-01T00:00:00Z: earlier timestamps mean the clock is not set
 MAX_RANGES = 8  # ranges of done period starts kept per kind (one per backward clock step)
 REPLAY_BATCH = 5000  # readings read at a time when rebuilding periods at start
+SEQ_INDEX_MINUTES = 1500  # minutes (a day and more) whose first seq is kept for a reload's new kinds
+RELOAD_REPLAY_MAX = 200_000  # readings a reload may replay into its new kinds (about a second of work)
 UNKNOWN_INTERVAL_S = 60.0  # device interval assumed for a device no longer configured
 
 # Flow codes whose cou is a volume, with the unit assumed when the reading names none (DOMAIN.md).
@@ -347,6 +351,9 @@ class Aggregator:
         self._last_seq = 0  # highest seq observed (or replayed) in this run
         self._saved_seq: int | None = None  # replay point in the last state saved
         self._replay_floor: dict[str, int] = {}
+        # UTC minute -> first seq ingested in it (the last day or so): where a kind added by a reload
+        # finds the stored readings of its current period
+        self._seq_at_minute: dict[int, int] = {}
         state = self._parse_state(saved_state)
         kinds = state.get("kinds")
         self._ranges: dict[str, list[list[int]]] = {
@@ -419,10 +426,14 @@ class Aggregator:
         with self._lock:
             config, self._pending_config = self._pending_config, None
         if config is not None:
+            before = {c.kind.name: c.tz.key for c in self._calendars}
             self._apply_config(config)
             if not self.enabled:  # readings of the time without aggregates are never replayed
                 self._last_seq = 0
                 self._restored_seq = None
+            added = [c for c in self._calendars if before.get(c.kind.name) != c.tz.key]
+            if added and self.reader_factory is not None:
+                self._replay_added(added, self.wall_ms())
             log.info("aggregates reloaded: %s", ", ".join(c.kind.name for c in self._calendars) or "off")
             self._save()
 
@@ -507,7 +518,7 @@ class Aggregator:
 
     # ------------------------------------------------------------------ readings into periods
 
-    def _ingest(self, r: Reading, now: int, *, replay: bool) -> None:
+    def _ingest(self, r: Reading, now: int, *, replay: bool, only: set[str] | None = None) -> None:
         ts = r.ts_ms
         if ts < MIN_PLAUSIBLE_MS:
             if not replay:
@@ -518,6 +529,11 @@ class Aggregator:
             self._errlog.warning("aggregates: readings more than 5 minutes ahead of the clock are left out, "
                                  "e.g. %s.%s at %s", r.device, r.channel, iso_utc_ms(ts))
             return
+        minute = ts - ts % 60_000
+        if minute not in self._seq_at_minute:
+            self._seq_at_minute[minute] = r.seq
+            if len(self._seq_at_minute) > SEQ_INDEX_MINUTES:
+                del self._seq_at_minute[min(self._seq_at_minute)]
         key = (r.device, r.channel)
         role = self._role(key, r.unit)
         value = r.value
@@ -534,6 +550,8 @@ class Aggregator:
                 q = held[1]
         for cal in self._calendars:
             name = cal.kind.name
+            if only is not None and name not in only:
+                continue
             start, end = cal.span(ts)
             periods = self._open[name]
             period = periods.get(start)
@@ -605,6 +623,44 @@ class Aggregator:
         due = sum(p.end + self._grace_ms <= now for p in periods)
         log.info("aggregates: %d stored readings from seq %d replayed: %d open periods rebuilt, %d of them ended "
                  "while the agent was down", n, from_seq, len(periods), due)
+
+    def _replay_added(self, added: list[PeriodCalendar], now: int) -> None:
+        """Kinds added by a reload (another `minute`, hour or day switched on, another time zone): their
+        current period is filled with the readings stored since its start (as far as this run has
+        seen them), so that it is not computed from the part after the reload alone."""
+        assert self.reader_factory is not None
+        floors = {cal.kind.name: cal.span(now)[0] for cal in added}
+        earliest = min(floors.values())
+        seqs = [seq for minute, seq in self._seq_at_minute.items() if minute >= earliest]
+        if not seqs or not self._last_seq:
+            return
+        upto, n = self._last_seq, 0
+        if upto - min(seqs) > RELOAD_REPLAY_MAX:  # the recorder thread must not stall for long
+            log.warning("aggregates: the %s periods the reload added start empty (%d stored readings since their "
+                        "start: too many to replay while running)", ", ".join(sorted(floors)), upto - min(seqs))
+            return
+        self._replay_floor = floors
+        try:
+            reader = self.reader_factory()
+            try:
+                after = min(seqs) - 1
+                while after < upto and (batch := reader.readings_after(after, REPLAY_BATCH)):
+                    for r in batch:
+                        if r.seq > upto:
+                            break
+                        self._ingest(r, now, replay=True, only=set(floors))
+                        n += 1
+                    after = batch[-1].seq
+            finally:
+                reader.close()
+        except Exception as exc:  # noqa: BLE001 - the new kind then starts from the reload, as before
+            log.error("aggregates: cannot fill the new periods from the buffer (%s); they start empty", exc)
+            for name in floors:
+                self._open[name].clear()
+        finally:
+            self._replay_floor = {}
+        log.info("aggregates: %d stored readings replayed into the %s periods the reload added", n,
+                 ", ".join(sorted(floors)))
 
     def _done_as_stored(self, newest: Mapping[str, int]) -> None:
         """Periods whose rows the buffer holds are done, whatever the saved state says. The two are

@@ -648,8 +648,10 @@ def test_reconfigure_changes_the_minute_period_at_the_next_call():
     rig.agg.reconfigure(make_config({"minute": 5, "hour": False, "day": False}))
     rig.feed(every("cod", "w01018", t("02:12:00"), 60, [20] * 8))  # the open 10m period is dropped
     rig.at(t("02:20:02"))
+    # The new 5m period from 02:10 has the readings of 02:10 and 02:11, stored before the reload, too.
     assert [(b["period"], b["start"], b["count"]) for b in rig.rec.bodies()] == [
-        ("10m", z("02:00:00"), 10), ("5m", z("02:10:00"), 3), ("5m", z("02:15:00"), 5)]
+        ("10m", z("02:00:00"), 10), ("5m", z("02:10:00"), 5), ("5m", z("02:15:00"), 5)]
+    assert [b["avg"] for b in rig.rec.bodies("5m")] == [16.0, 20.0], "02:10 and 02:11 at 10, then 20"
 
 
 def test_reconfigure_to_no_section_stops_and_forgets_the_replay_point():
