@@ -94,6 +94,15 @@ def tcp_bus(server: TcpServer) -> dict:
     return {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.5, "retries": 1}
 
 
+def fog_cannon_station(tmp_path, broker, server: TcpServer, action: dict):
+    """The dust monitor and a fog cannon relay (unit 5, its coil 0 polled too) on one Modbus TCP link."""
+    return write_config(tmp_path / "station.yaml", station(
+        tmp_path, broker, {"lan": tcp_bus(server)},
+        {"fog": {"bus": "lan", "slave": 5, "interval": 0.2,
+                 "registers": [{"channel": "fog_on", "address": 0, "table": "coil"}]}},
+        LIMIT, action))
+
+
 def alarm_events(collector: Collector) -> list[dict]:
     """The alarm bodies received on env/<station>/alarm, one per seq (at-least-once delivery), in seq order."""
     topics = {topic for topic, _, _ in list(collector.messages) if topic.endswith("/alarm")}
@@ -135,11 +144,7 @@ def test_fog_cannon_coil_switched_on_at_raise_and_off_after_min_on_from_clear(tm
     fog = RelayBoard()
     fog.set("coil", 0, [0])
     server = servers({1: dust, 5: fog})
-    cfg = write_config(tmp_path / "station.yaml", station(
-        tmp_path, broker, {"lan": tcp_bus(server)},
-        {"fog": {"bus": "lan", "slave": 5, "interval": 0.2,
-                 "registers": [{"channel": "fog_on", "address": 0, "table": "coil"}]}},
-        LIMIT, {"device": "fog", "coil": 0, "min_on": min_on}))
+    cfg = fog_cannon_station(tmp_path, broker, server, {"device": "fog", "coil": 0, "min_on": min_on})
     agent = AgentProcess(cfg)
     try:
         on_at = wait_for(lambda: fog.first_write("coil", 0, 1), STARTUP_S, "fog cannon coil 0 switched on")
@@ -267,11 +272,7 @@ def test_a_stop_right_after_the_poll_that_clears_an_alarm_switches_its_output_of
     fog = RelayBoard()
     fog.set("coil", 0, [0])
     server = servers({1: dust, 5: fog})
-    cfg = write_config(tmp_path / "station.yaml", station(
-        tmp_path, broker, {"lan": tcp_bus(server)},
-        {"fog": {"bus": "lan", "slave": 5, "interval": 0.2,
-                 "registers": [{"channel": "fog_on", "address": 0, "table": "coil"}]}},
-        LIMIT, {"device": "fog", "coil": 0}))
+    cfg = fog_cannon_station(tmp_path, broker, server, {"device": "fog", "coil": 0})
     agent = AgentProcess(cfg)
     try:
         wait_for(lambda: fog.first_write("coil", 0, 1), STARTUP_S, "fog cannon coil 0 switched on")
