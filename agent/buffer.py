@@ -387,8 +387,8 @@ class Buffer:
                 log.info("stream %s continues above seq %d", stream, top)
                 if stream == STREAM_READINGS and announce_jump:
                     self._announce_jump(last, top, fresh_file)
-                last = mark = top
-                sent = mark if fresh_file else sent  # rows still unpublished in the file stay so
+                last = top
+                sent = top if fresh_file else sent  # rows still unpublished in the file stay so
                 self.conn.execute(
                     "UPDATE streams SET floor_seq=?, sent_upto=? WHERE name=?", (last, sent, stream)
                 )

@@ -117,10 +117,11 @@ class RegisterSpec:
             if self.type != "uint16":
                 raise ValueError(f"type: {self.table} entries are bits; use type bool, not {self.type}")
             object.__setattr__(self, "type", "bool")
-        if not CHANNEL_RE.fullmatch(self.channel):
-            raise ValueError(f"channel: {self.channel!r} must be letters, digits and _ only")
-        if not 0 <= self.address <= 0xFFFF:
-            raise ValueError(f"address: {self.address} is outside 0..65535 (0-based protocol address)")
+        for key, check in (("channel", _check_channel), ("address", _check_address)):  # built directly
+            try:
+                check(getattr(self, key))
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
         if self.address + self.count > 0x10000:
             raise ValueError(f"address: a {self.type} at {self.address} runs past register 65535")
         if not math.isfinite(self.scale) or self.scale == 0:
