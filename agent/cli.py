@@ -58,7 +58,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from agent.config import json_schema
+    from agent.configschema import json_schema
 
     json.dump(json_schema(), sys.stdout, indent=2, ensure_ascii=False)
     print()

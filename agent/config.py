@@ -5,12 +5,13 @@ on one line (control characters escaped). What makes part of a valid file do not
 or action naming a device that is not configured, a preset without a limit for the channel) is a
 warning, `FILE:LINE:COL: path: warning: message` (`Config.warnings`), not a problem.
 
-Imports `agent.envsubst`, `drivers.registers`, `drivers.profiles` (names, maps) and, lazily,
-`drivers.serial_frames` (the fixed channels of pms5003/sds011); nothing else from the project.
-Entry points: `load_config`, `parse_config`, `check_files`, `check_tls`, `json_schema`.
+Imports `agent.configyaml` (the YAML side), `agent.tlsfiles`, `drivers.registers`, `drivers.profiles`
+(names, maps) and, lazily, `drivers.serial_frames` (the fixed channels of pms5003/sds011); nothing else
+from the project. Entry points: `load_config`, `parse_config`, `check_files`, `check_tls`
+(`agent.configschema.json_schema` makes the JSON Schema from these models).
 
-How it works: `yaml.compose` gives a node tree with line/column marks; `_TreeBuilder` turns it into
-plain Python data (detecting duplicate keys, substituting `${NAME}`, remembering where every key and
+How it works: `yaml.compose` gives a node tree with line/column marks; `agent.configyaml.TreeBuilder`
+turns it into plain Python data (detecting duplicate keys, substituting `${NAME}`, remembering where every key and
 value sits); pydantic validates the data (every model refuses yes/no for numbers and anything else
 for true/false, and .inf/.nan); `_cross_check` validates references between sections (devices ->
 buses, alarms -> devices/channels, payload -> hj212) and `_section_rules` the rules that combine
@@ -36,7 +37,6 @@ import importlib.resources
 import ipaddress
 import os
 import re
-import sys
 import types
 import typing
 import warnings
@@ -64,7 +64,15 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from agent.envsubst import SubstitutionError, substitute
+from agent.configyaml import (
+    SECRET_FILE_KEYS,
+    TOO_DEEP,
+    YAML_LINE_BREAK,
+    KeyPath,
+    TooComplex,
+    TreeBuilder,
+    is_secret_key_path,
+)
 from agent.tlsfiles import TlsFilesError, tls_context
 from drivers import profiles
 from drivers.registers import RegisterSpec, check_map, overlaps, value_channels
@@ -96,7 +104,6 @@ __all__ = [
     "Uplink",
     "check_files",
     "check_tls",
-    "json_schema",
     "load_config",
     "parse_config",
     "read_password_file",
@@ -142,14 +149,6 @@ DEVICE_ID_RE = re.compile(r"[a-z0-9_-]+")
 BUS_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_]+")
 
-# Keys whose values are never echoed in a message, even when they were written literally.
-_SECRET_KEYS = frozenset({"password", "pw"})
-
-
-# Keys that name a file holding a secret: what is written there may be the secret itself, typed where
-# the file's path belongs (`password_file: Hunter2`), so a message shows it only when it is plausibly a
-# path (`_may_show_path`).
-_SECRET_FILE_KEYS = frozenset({"password_file", "key"})
 # What a file key's value is when it holds a file's content instead of its path (`_looks_pasted`).
 _PASTED_CONTENT = {"password_file": "password", "key": "key", "cert": "certificate", "ca": "certificate"}
 _NOT_SHOWN = "(the value is not shown: it may be the secret itself; give the path of the file)"
@@ -172,29 +171,8 @@ def _may_show_path(key: str, written: str) -> bool:
     (`password_file`, `tls.key`) only a value with a '/' or a '.' (else it may be the secret itself)."""
     if key in _PASTED_CONTENT and _looks_pasted(written):
         return False
-    return key not in _SECRET_FILE_KEYS or "/" in written or "." in written
+    return key not in SECRET_FILE_KEYS or "/" in written or "." in written
 
-
-def _is_secret_key_path(path: tuple[str | int, ...]) -> bool:
-    return any(str(p) in _SECRET_KEYS for p in path)
-
-
-def _is_credential_path(path: tuple[str | int, ...]) -> bool:
-    """A user name, password, password file or TLS file: what only a connection needs."""
-    return _is_secret_key_path(path) or (bool(path) and path[-1] in ("username", "password_file")) or \
-        (len(path) == 3 and path[:2] == ("mqtt", "tls"))
-
-
-def _status_reads(path: tuple[str | int, ...]) -> bool:
-    """Whether `edge-agent status` needs the value at `path`: the buffer's place, the station id and
-    the devices (intervals, channels); not the broker, uplinks, buses, alarms or the console."""
-    return path[:1] in (("storage",), ("devices",)) or path == ("station", "id")
-
-
-# What `status` puts where an unset ${VAR} stands in a value it never reads, when the value's own
-# checks would refuse the text `${VAR}` itself (any other text value keeps its `${VAR}`).
-_STATUS_STAND_INS: dict[str, str] = {"url": "mqtt://unset.invalid", "urls": "mqtt://unset.invalid",
-                                     "host": "unset.invalid"}
 
 # Unit words appended to range messages ("must be at least 0.1 seconds").
 _UNITS: dict[str, str] = {
@@ -241,30 +219,6 @@ class ConfigError(Exception):
         self.problems = list(problems)
         self.warnings = list(warnings)
         super().__init__("\n".join(str(p) for p in self.problems))
-
-
-# --------------------------------------------------------------------------------------------------
-# Scalars as written: a number written where text is expected keeps its spelling ("0012" stays
-# "0012", not 10), because `_as_text` takes the raw YAML text of the number.
-
-
-class _RawInt(int):
-    _yaml_raw: str
-
-
-class _RawFloat(float):
-    _yaml_raw: str
-
-
-def _with_raw(value: Any, raw: str) -> Any:
-    if type(value) is int:
-        wrapped: Any = _RawInt(value)
-    elif type(value) is float:
-        wrapped = _RawFloat(value)
-    else:
-        return value
-    wrapped._yaml_raw = raw
-    return wrapped
 
 
 def _err(message: str, at: str | None = None, *, section: bool = False) -> PydanticCustomError:
@@ -1300,7 +1254,7 @@ STANDARD_BAUDRATES = (300, 600, 1200, 2400, 4800, 9600, 14400, 19200, 38400, 576
                       921600)
 
 
-def _register_overlaps(config: Config) -> Iterable[tuple[_Path, str]]:
+def _register_overlaps(config: Config) -> Iterable[tuple[KeyPath, str]]:
     """(where, warning) for each pair of entries of a device's register map that read some of the same
     registers: valid, but almost always a misplaced address or a profile entry moved onto another."""
     for dev_id, dev in config.devices.items():
@@ -1311,7 +1265,7 @@ def _register_overlaps(config: Config) -> Iterable[tuple[_Path, str]]:
         inline = {spec.channel: i for i, spec in enumerate(dev.registers or [])}
         for a, b in overlaps(specs or []):
             at = b if b.channel in inline else a
-            path: _Path = (("devices", dev_id, "registers", inline[at.channel]) if at.channel in inline
+            path: KeyPath = (("devices", dev_id, "registers", inline[at.channel]) if at.channel in inline
                            else ("devices", dev_id, "profile"))
             yield path, (f"{a.channel} ({a.type} at {a.table} {a.address}) and {b.channel} ({b.type} at "
                          f"{b.table} {b.address}) read the same register(s): is an address wrong?")
@@ -1334,7 +1288,7 @@ def _hj212_device_checks(devices: Mapping[str, Any]) -> list[_Cross]:
     out = []
     for dev_id, dev in devices.items():
         dev = _mapping(dev)
-        codes: list[tuple[_Path, str]] = [(("devices", dev_id, "channels", code), str(code))
+        codes: list[tuple[KeyPath, str]] = [(("devices", dev_id, "channels", code), str(code))
                                           for code in _mapping(dev.get("channels"))]
         codes += [(("devices", dev_id, "registers", i, "channel"), channel) for i, channel in _inline_channels(dev)]
         for path, code in codes:
@@ -1553,10 +1507,10 @@ _SECTION_RULES: tuple[tuple[tuple[str, ...], Callable[[Mapping[str, Any]], Itera
 )
 
 
-def _section_rules(data: Any) -> Iterable[tuple[_Path, _Broken]]:
+def _section_rules(data: Any) -> Iterable[tuple[KeyPath, _Broken]]:
     """Every rule broken in every section of plain `data` (`*`: each device, each alarm)."""
 
-    def sections(value: Any, pattern: tuple[str, ...], path: _Path) -> Iterable[tuple[_Path, dict[str, Any]]]:
+    def sections(value: Any, pattern: tuple[str, ...], path: KeyPath) -> Iterable[tuple[KeyPath, dict[str, Any]]]:
         if not pattern:
             if isinstance(value, dict):
                 yield path, value
@@ -1575,163 +1529,6 @@ def _section_rules(data: Any) -> Iterable[tuple[_Path, _Broken]]:
 
 # --------------------------------------------------------------------------------------------------
 # YAML -> data, with marks
-
-_Path = tuple[str | int, ...]
-_STR_TAG = "tag:yaml.org,2002:str"
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
-_MAX_NODES = 200_000
-_TOO_DEEP = "the file is nested too deeply (lists or mappings inside each other hundreds of times)"
-_YAML_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
-
-
-class _TooComplex(Exception):
-    pass
-
-
-class _TreeBuilder:
-    """Builds plain data from a composed YAML node tree, remembering where each key and value is."""
-
-    def __init__(self, file: str, env: Mapping[str, str], for_status: bool = False):
-        self.file = file
-        self.env = env
-        self.for_status = for_status  # an unset ${VAR} is no problem where `status` does not look
-        self.problems: list[tuple[_Path, yaml.Mark, str]] = []
-        # for_status: unset ${VAR}s given a stand-in; their problem counts only if the stand-in fails
-        self.deferred: dict[_Path, tuple[yaml.Mark, str]] = {}
-        self.marks: dict[_Path, tuple[yaml.Mark | None, yaml.Mark]] = {}
-        self.substituted: dict[_Path, dict[str, str]] = {}
-        self.secret_texts: set[str] = set()  # the text of values under secret keys (password, pw)
-        self._constructor = yaml.constructor.SafeConstructor()
-        self._resolver = yaml.resolver.Resolver()
-        self._active: set[int] = set()
-        self._count = 0
-
-    def build(self, node: yaml.Node, path: _Path) -> Any:
-        self._count += 1
-        if self._count > _MAX_NODES:
-            raise _TooComplex
-        if id(node) in self._active:
-            self.problems.append((path, node.start_mark, "a YAML alias refers to itself"))
-            return None
-        self._active.add(id(node))
-        try:
-            if isinstance(node, yaml.ScalarNode):
-                return self._scalar(node, path)
-            if isinstance(node, yaml.SequenceNode):
-                if node.tag != "tag:yaml.org,2002:seq":
-                    self._unsupported_tag(node, path)
-                items = []
-                for i, child in enumerate(node.value):
-                    self.marks[path + (i,)] = (None, child.start_mark)
-                    items.append(self.build(child, path + (i,)))
-                return items
-            if isinstance(node, yaml.MappingNode):
-                return self._mapping(node, path)
-            return None
-        finally:
-            self._active.discard(id(node))
-
-    def _unsupported_tag(self, node: yaml.Node, path: _Path) -> None:
-        # `password: !xyz` is a tag to YAML: the "tag" may be the password (typed as `password_file` too)
-        secret = _is_secret_key_path(path) or (bool(path) and path[-1] in _SECRET_FILE_KEYS)
-        tag = "" if secret else f" {node.tag.replace('tag:yaml.org,2002:', '!!')!r}"
-        self.problems.append((path, node.start_mark, f"unsupported YAML tag{tag} (put a value that starts with "
-                              "'!' in quotes)"))
-
-    def _scalar(self, node: yaml.ScalarNode, path: _Path) -> Any:
-        if _is_secret_key_path(path):
-            self.secret_texts.add(node.value)
-        if node.tag == _STR_TAG:
-            text = node.value
-            if "${" not in text:
-                return text
-            try:
-                result = substitute(text, self.env)
-            except SubstitutionError as exc:
-                if self.for_status and _is_credential_path(path):
-                    # `status` needs no credentials: a stand-in that passes their checks
-                    return "******" if path[-1] == "pw" else text
-                if self.for_status and not _status_reads(path):
-                    self.deferred[path] = (node.start_mark, str(exc))
-                    key = path[-2] if isinstance(path[-1], int) else path[-1]
-                    return _STATUS_STAND_INS.get(str(key), text)
-                self.problems.append((path, node.start_mark, str(exc)))
-                return text
-            if result.used:
-                self.substituted[path] = result.used
-            if _is_secret_key_path(path):
-                self.secret_texts.discard(node.value)  # `${NAME}` itself is no secret
-                self.secret_texts.add(result.text)
-            if node.style is None:  # plain scalar: `port: ${PORT}` is a number, as if written there
-                tag = self._resolver.resolve(yaml.ScalarNode, result.text, (True, False))
-                if tag in _NUMBER_TAGS:
-                    value = self._constructor.construct_object(yaml.ScalarNode(tag, result.text))
-                    return _with_raw(value, result.text)
-            return result.text
-        if node.tag == "tag:yaml.org,2002:timestamp":
-            return node.value
-        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
-        if node.tag not in self._constructor.yaml_constructors:
-            self._unsupported_tag(node, path)
-            return None
-        try:
-            value = self._constructor.construct_object(node)
-        except (yaml.YAMLError, ValueError, LookupError, TypeError):  # `!!int abc` (the error quotes the value)
-            self.problems.append((path, node.start_mark, f"the value does not fit its YAML tag {tag} "
-                                  "(remove the tag, or quote the value for text)"))
-            return None
-        return _with_raw(value, node.value)
-
-    def _mapping(self, node: yaml.MappingNode, path: _Path) -> dict[str, Any]:
-        if node.tag not in ("tag:yaml.org,2002:map",):
-            self._unsupported_tag(node, path)
-        result: dict[str, Any] = {}
-        first: dict[str, yaml.Mark] = {}
-        merges: list[yaml.Node] = []
-        for key_node, value_node in node.value:
-            if key_node.tag == _MERGE_TAG:
-                merges.append(value_node)
-                continue
-            if not isinstance(key_node, yaml.ScalarNode):
-                self.problems.append((path, key_node.start_mark, "a key must be a plain name, not a list or "
-                                      "mapping"))
-                continue
-            key = key_node.value
-            if key in first:
-                self.problems.append((path + (key,), key_node.start_mark,
-                                      f"duplicate key '{key}' (first defined at line {first[key].line + 1})"))
-                continue
-            first[key] = key_node.start_mark
-            self.marks[path + (key,)] = (key_node.start_mark, value_node.start_mark)
-            result[key] = self.build(value_node, path + (key,))
-        for key_node, value_node in self._merged_pairs(merges, path):
-            key = key_node.value
-            if key not in result:
-                self.marks[path + (key,)] = (key_node.start_mark, value_node.start_mark)
-                result[key] = self.build(value_node, path + (key,))
-        return result
-
-    def _merged_pairs(self, sources: list[yaml.Node], path: _Path, depth: int = 0) -> list[tuple[Any, Any]]:
-        """`<<: *anchor` pairs, earlier sources first (so that they win, as YAML says)."""
-        pairs: list[tuple[Any, Any]] = []
-        if depth > 20:
-            return pairs
-        flat: list[yaml.Node] = []
-        for src in sources:
-            if isinstance(src, yaml.SequenceNode):
-                flat.extend(src.value)
-            else:
-                flat.append(src)
-        for src in flat:
-            if not isinstance(src, yaml.MappingNode):
-                self.problems.append((path, src.start_mark, "'<<' must merge a mapping (or a list of them)"))
-                continue
-            nested = [v for k, v in src.value if k.tag == _MERGE_TAG]
-            pairs.extend((k, v) for k, v in src.value if k.tag != _MERGE_TAG and isinstance(k, yaml.ScalarNode))
-            pairs.extend(self._merged_pairs(nested, path, depth + 1))
-        return pairs
-
 
 # --------------------------------------------------------------------------------------------------
 # pydantic errors -> problems
@@ -1773,7 +1570,7 @@ def _field_types(tp: Any) -> dict[str, Any] | None:
 
 
 class _Walk(NamedTuple):
-    path: _Path
+    path: KeyPath
     is_key: bool  # the error is about a mapping key, not its value
     allowed: list[str] | None  # field names where the last element sits (for "did you mean")
     here: list[str] | None  # field names of the object the path leads to
@@ -1818,7 +1615,7 @@ def _walk_loc(loc: tuple[str | int, ...]) -> _Walk:
     return _Walk(tuple(path), is_key, allowed, here)
 
 
-def _dotted(path: _Path) -> str:
+def _dotted(path: KeyPath) -> str:
     return ".".join(str(p) for p in path) if path else FILE_PATH
 
 
@@ -1845,7 +1642,7 @@ def _num(value: Any) -> str:
     return str(value)
 
 
-def _message(err: Mapping[str, Any], path: _Path, allowed: list[str] | None, secret: bool) -> str:
+def _message(err: Mapping[str, Any], path: KeyPath, allowed: list[str] | None, secret: bool) -> str:
     etype = err["type"]
     ctx = err.get("ctx") or {}
     value = err.get("input")
@@ -1909,15 +1706,15 @@ def _replace_secret(message: str, secret: str, mask: str) -> str:
 class _Locator:
     """Turns paths into Problems using the marks the tree builder remembered."""
 
-    def __init__(self, file: str, builder: _TreeBuilder, root_mark: yaml.Mark):
+    def __init__(self, file: str, builder: TreeBuilder, root_mark: yaml.Mark):
         self.file = file
         self.builder = builder
         self.root_mark = root_mark
         # Environment variables substituted into a secret key's value: secrets wherever they are used.
         self.secret_vars = {name: value for path, used in builder.substituted.items()
-                            if _is_secret_key_path(path) for name, value in used.items()}
+                            if is_secret_key_path(path) for name, value in used.items()}
 
-    def mark(self, path: _Path, where: str) -> yaml.Mark:
+    def mark(self, path: KeyPath, where: str) -> yaml.Mark:
         marks = self.builder.marks
         if where in ("key", "value") and path in marks:
             key_mark, value_mark = marks[path]
@@ -1930,21 +1727,21 @@ class _Locator:
             probe = probe[:-1]
         return self.root_mark
 
-    def is_secret(self, path: _Path) -> bool:
+    def is_secret(self, path: KeyPath) -> bool:
         """Messages about `path` do not show its value: a secret key's, or one holding a secret variable."""
-        if _is_secret_key_path(path):
+        if is_secret_key_path(path):
             return True
         return any(path[: len(p)] == p and not self.secret_vars.keys().isdisjoint(used)
                    for p, used in self.builder.substituted.items())
 
-    def problem(self, path: _Path, where: str, message: str, *, warning: bool = False) -> Problem:
+    def problem(self, path: KeyPath, where: str, message: str, *, warning: bool = False) -> Problem:
         m = self.mark(path, where)
         return Problem(self.file, m.line + 1, m.column + 1, _dotted(path), self._redact(path, message), warning)
 
-    def at_mark(self, path: _Path, mark: yaml.Mark, message: str) -> Problem:
+    def at_mark(self, path: KeyPath, mark: yaml.Mark, message: str) -> Problem:
         return Problem(self.file, mark.line + 1, mark.column + 1, _dotted(path), self._redact(path, message))
 
-    def _redact(self, path: _Path, message: str) -> str:
+    def _redact(self, path: KeyPath, message: str) -> str:
         """Never let a secret through: the value of a secret key (password, pw) becomes `***`, and a
         variable substituted into one `${NAME}`, wherever they appear. Short ones (that could be part
         of any word) only in messages about a secret value itself."""
@@ -1986,7 +1783,7 @@ class _Locator:
         message = _message(err, path, allowed, self.is_secret(path))
         return self.problem(path, where, message)
 
-    def broken(self, path: _Path, broken: _Broken) -> Problem:
+    def broken(self, path: KeyPath, broken: _Broken) -> Problem:
         """A rule of the section at `path` (a model validator's error, or `_section_rules`)."""
         where = "value"
         if broken.at:
@@ -2026,7 +1823,7 @@ def parse_config(
     except yaml.MarkedYAMLError as exc:
         raise ConfigError([_yaml_problem(file, exc)]) from None
     except yaml.reader.ReaderError as exc:  # a control character: located by its index in `text`
-        lines = _YAML_LINE_BREAK.split(text[: exc.position])
+        lines = YAML_LINE_BREAK.split(text[: exc.position])
         char = exc.character if isinstance(exc.character, int) else 0
         raise ConfigError([Problem(file, len(lines), len(lines[-1]) + 1, FILE_PATH, f"YAML syntax error: character "
                                    f"U+{char:04X} is not allowed (no control characters but tab and line breaks; "
@@ -2034,17 +1831,17 @@ def parse_config(
     except yaml.YAMLError as exc:
         raise ConfigError([Problem(file, 1, 1, FILE_PATH, f"YAML syntax error: {exc}")]) from None
     except RecursionError:  # thousands of nested [ or {
-        raise ConfigError([Problem(file, 1, 1, FILE_PATH, _TOO_DEEP)]) from None
+        raise ConfigError([Problem(file, 1, 1, FILE_PATH, TOO_DEEP)]) from None
     if root is None:
         raise ConfigError([Problem(file, 1, 1, FILE_PATH,
                                    "the file is empty (expected station:, storage:, mqtt:, devices: ...)")])
-    builder = _TreeBuilder(file, env, for_status)
+    builder = TreeBuilder(file, env, for_status)
     try:
         data = builder.build(root, ())
-    except _TooComplex:
+    except TooComplex:
         raise ConfigError([Problem(file, 1, 1, FILE_PATH, "the file is too large or too deeply aliased")]) from None
     except RecursionError:
-        raise ConfigError([Problem(file, 1, 1, FILE_PATH, _TOO_DEEP)]) from None
+        raise ConfigError([Problem(file, 1, 1, FILE_PATH, TOO_DEEP)]) from None
     locator = _Locator(file, builder, root.start_mark)
     if not isinstance(data, dict):
         line, col = root.start_mark.line + 1, root.start_mark.column + 1
@@ -2054,9 +1851,9 @@ def parse_config(
     problems: list[Problem] = [locator.at_mark(p, mark, m) for p, mark, m in builder.problems]
     # A value that failed substitution or parsing is reported once, by the builder.
     claimed = {p for p, _, _ in builder.problems}
-    deferred_reported: set[_Path] = set()
+    deferred_reported: set[KeyPath] = set()
 
-    def stand_in_failed(path: _Path) -> bool:
+    def stand_in_failed(path: KeyPath) -> bool:
         """A problem at a value given a stand-in for `status` is the unset variable's, said once."""
         if path not in builder.deferred:
             return False
@@ -2173,12 +1970,12 @@ def check_tls(config: Config) -> list[Problem]:
 
 
 #: The keys that name files, checked by `check-config` (`load_config(..., check_files=True)`).
-_FILE_KEYS: tuple[_Path, ...] = (("storage", "path"), ("mqtt", "password_file"), ("mqtt", "tls", "ca"),
+_FILE_KEYS: tuple[KeyPath, ...] = (("storage", "path"), ("mqtt", "password_file"), ("mqtt", "tls", "ca"),
                                  ("mqtt", "tls", "cert"), ("mqtt", "tls", "key"), ("console", "password_file"))
 _FILE_PATH = TypeAdapter(FilePath)
 
 
-def _file_problem(key: _Path, value: Path, written: str) -> str | None:
+def _file_problem(key: KeyPath, value: Path, written: str) -> str | None:
     """What is wrong with the file at `value` (given as `written`) named by `key`, or None. The buffer
     database (`storage.path`) may not exist yet; the other files must exist and be readable, and the
     MQTT password file must be read as `run` reads it. The path is shown only where `_may_show_path`."""
@@ -2208,7 +2005,7 @@ def _file_problem(key: _Path, value: Path, written: str) -> str | None:
     return None
 
 
-def _named_files(data: Any, base_dir: Path | None) -> list[tuple[_Path, Path, str]]:
+def _named_files(data: Any, base_dir: Path | None) -> list[tuple[KeyPath, Path, str]]:
     """(key, resolved path, value as written) of each file key in `data` whose value is a valid path."""
     out = []
     for key in _FILE_KEYS:
@@ -2223,99 +2020,6 @@ def _named_files(data: Any, base_dir: Path | None) -> list[tuple[_Path, Path, st
             continue  # reported by the model
         out.append((key, path, _text_of(value) or str(value)))
     return out
-
-
-def json_schema() -> dict[str, Any]:
-    """The JSON Schema of the configuration file (for editors; `edge-agent schema`). It accepts every
-    file `check-config` accepts (an editor must not flag a valid file): besides what the models
-    say, `${NAME}` where a number or a value of a given form is expected, a quoted number, register
-    entries without `address` that override a profile's entry, and `min_count`'s other names."""
-    schema = Config.model_json_schema(mode="validation")
-    defs = schema["$defs"]
-    defs["RegisterSpec"]["required"] = ["channel"]  # an override of a profile's entry may give only its changes
-    defs["RegisterSpec"]["properties"]["channel"]["pattern"] = f"^{CHANNEL_RE.pattern}$"
-    defs["Device"]["allOf"] = [{"if": {"not": {"required": ["profile"]}},
-                                "then": {"properties": {"registers": {"items": {"required": ["address"]}}}}}]
-    counts = defs["AggregateCount"]["properties"]
-    counts.update({"10m": counts["minute"], "1h": counts["hour"], "1d": counts["day"]})
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_allow_substitution(_names_checked(schema))}
-
-
-def _names_checked(node: Any) -> Any:
-    """`node` where a mapping whose keys follow a pattern (device ids, bus names, channel codes)
-    refuses other keys: pydantic's `patternProperties` alone would let any other name through."""
-    if isinstance(node, list):
-        return [_names_checked(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    node = {key: _names_checked(value) for key, value in node.items()}
-    patterns = node.get("patternProperties")
-    if isinstance(patterns, dict) and len(patterns) == 1 and "properties" not in node:
-        ((pattern, values),) = patterns.items()
-        del node["patternProperties"]
-        node.update(propertyNames={"pattern": pattern}, additionalProperties=values)
-    return node
-
-
-_SUBSTITUTION = {"type": "string", "pattern": r"\$\{[A-Za-z_][A-Za-z0-9_]*\}"}
-_QUOTED_NUMBER = {"type": "string", "pattern": r"^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"}
-# YAML 1.1 (PyYAML, so the agent) reads these as true/false; an editor speaking YAML 1.2 sees text.
-_YES_NO_WORDS = {"enum": [w for word in ("yes", "no", "on", "off") for w in (word, word.title(), word.upper())]}
-_ANNOTATIONS = ("title", "description", "default")  # kept on the outside when a schema gets alternatives
-_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SUBSCHEMA_MAPS = ("properties", "$defs", "patternProperties")
-_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else")  # not propertyNames: no ${} in keys
-
-
-def _quoted_choices(choices: list[int]) -> dict[str, Any]:
-    """The texts `_quoted_choice` reads as one of the whole numbers `choices`: spaces around, an
-    optional sign (`-` only for 0 and negative numbers), leading zeros."""
-    forms = []
-    for c in choices:
-        digits = "0*" + str(abs(c)) if c else "0+"
-        forms.append(f"[-+]?{digits}" if c == 0 else f"\\+?{digits}" if c > 0 else f"-{digits}")
-    return {"type": "string", "pattern": rf"^\s*(?:{'|'.join(forms)})\s*$"}
-
-
-def _allow_substitution(node: Any) -> Any:
-    """`node` (a JSON Schema) where every number, enumerated value and patterned text may also be a
-    `${NAME}` to substitute (and a number a quoted number, as pydantic reads one), and true/false
-    may be spelled yes/no or on/off."""
-    if not isinstance(node, dict):
-        return node
-    node = dict(node)
-    for key in _SUBSCHEMA_LISTS:
-        if isinstance(node.get(key), list):
-            if {"type": "string"} in node[key]:  # any text is fine already (Text, which takes numbers too)
-                continue
-            node[key] = [_allow_substitution(n) for n in node[key]]
-    for key in _SUBSCHEMA_MAPS:
-        if isinstance(node.get(key), dict):
-            node[key] = {name: _allow_substitution(n) for name, n in node[key].items()}
-    for key in _SUBSCHEMAS:
-        if key in node:
-            node[key] = _allow_substitution(node[key])
-    if "pattern" in node:
-        node["pattern"] = f"(?:{node['pattern']})|{_SUBSTITUTION['pattern']}"
-    alternatives: list[dict[str, Any]]
-    if "enum" in node or "const" in node:
-        alternatives = [_SUBSTITUTION]
-        choices = node["enum"] if "enum" in node else [node["const"]]
-        if choices and all(type(c) is int for c in choices):  # `qos: "1"`, as `_quoted_choice` reads it
-            alternatives.append(_quoted_choices(choices))
-    elif node.get("type") in ("integer", "number"):
-        if node["type"] == "number":  # YAML's .inf is a number to a validator; check-config refuses it
-            if "maximum" not in node and "exclusiveMaximum" not in node:
-                node["maximum"] = sys.float_info.max
-            if "minimum" not in node and "exclusiveMinimum" not in node:
-                node["minimum"] = -sys.float_info.max
-        alternatives = [_SUBSTITUTION, _QUOTED_NUMBER]
-    elif node.get("type") == "boolean":
-        alternatives = [_YES_NO_WORDS]
-    else:
-        return node
-    outside = {key: node.pop(key) for key in _ANNOTATIONS if key in node}
-    return {**outside, "anyOf": [node, *alternatives]}
 
 
 def _yaml_problem(file: str, exc: yaml.MarkedYAMLError) -> Problem:

@@ -15,10 +15,10 @@ from agent.config import (
     ConfigError,
     Problem,
     check_files,
-    json_schema,
     load_config,
     parse_config,
 )
+from agent.configschema import json_schema
 from agent.envsubst import SubstitutionError, substitute
 
 REPO = Path(__file__).resolve().parents[2]
