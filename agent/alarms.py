@@ -38,7 +38,9 @@ Decisions (the README's alarm section repeats them for technicians):
   cleared) and their `threshold` is S.
 - State across restarts: the active alarms (and windows, action states) are saved in meta
   `alarm_state` in the same transaction as each event; a restored alarm is not raised again and clears
-  normally. A pending delay is not saved (it restarts). An active alarm whose rule, device or
+  normally. That state is also kept beside the buffer file (`buffer.db.alarm_state`, after each
+  event's commit), for a fresh file to start from when the old one was lost (deleted, or corrupt
+  beyond salvage). A pending delay is not saved (it restarts). An active alarm whose rule, device or
   channel is gone from the config (after a restart or a reload) is cleared with value null.
 - A rule whose channel names a device that is not configured is not applied, and an action on such a
   device is skipped (both logged once at start and reload; `check-config` warns about them), so a
@@ -443,8 +445,9 @@ class _Instance:
 class AlarmEngine:
     """Evaluates the config's alarm rules on committed readings (see the module docstring).
 
-    `recorder` needs `submit_event(stream, ts_ms, body)` and `set_meta(key, value)`; `saved_state` is
-    the meta value `alarm_state` of the previous run (None on a fresh buffer). `action_writer` runs
+    `recorder` needs `submit_event(stream, ts_ms, body)` and `set_meta(key, value, keep_beside=...)`;
+    `saved_state` is the meta value `alarm_state` of the previous run (None on a fresh buffer), or the
+    copy kept beside a buffer file since lost (`resave`: it is saved into the new file at once). `action_writer` runs
     action writes (None: actions are logged as not executed). `clock` (monotonic seconds) and
     `wall_ms` (Unix ms) are injectable for tests; `inline_actions` runs writes synchronously inside
     `tick` instead of on the worker thread (tests).
@@ -460,6 +463,7 @@ class AlarmEngine:
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = now_ms,
         inline_actions: bool = False,
+        resave: bool = False,
     ):
         self.recorder = recorder
         self.action_writer = action_writer
@@ -495,8 +499,8 @@ class AlarmEngine:
             if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
                 self._temps[str(device)] = (float(value), -math.inf)  # older than any new reading
         self._apply_config(config, state, restoring=True)
-        if saved_state and not state:
-            self._save()  # replace the unreadable state (and the active list `status` shows)
+        if (saved_state and not state) or resave:
+            self._save()  # replace the unreadable state, or fill a fresh file (and the active list `status` shows)
         log.info("alarm engine: %d rules, %d alarms on %d channels, %d active", len(self._rules),
                  len(self._instances), len(self._channels), sum(i.active for i in self._instances.values()))
 
@@ -1000,8 +1004,9 @@ class AlarmEngine:
 
     def _save(self) -> None:
         """Alarm state and the active list for `status`; the recorder commits them with the events
-        submitted before them, in one transaction."""
-        self.recorder.set_meta("alarm_state", self._state_json())
+        submitted before them, in one transaction, and keeps the state beside the buffer file too (a
+        fresh file, should this one be lost, does not raise the active alarms again)."""
+        self.recorder.set_meta("alarm_state", self._state_json(), keep_beside=True)
         self.recorder.set_meta("active_alarms", json.dumps(self.active(), separators=(",", ":")))
         self._windows_dirty = False
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from agent.memtrim import release_free_memory
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, STREAMS, Reading
 from agent.pagescan import wal_header_valid
-from agent.seqmark import SeqMark
+from agent.seqmark import SeqMark, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -716,6 +716,24 @@ class Buffer:
 
     def meta(self) -> dict[str, str]:
         return dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+
+    def beside_path(self, key: str) -> Path:
+        return self.path.with_name(f"{self.path.name}.{key}")
+
+    def keep_beside(self, key: str, value: str) -> None:
+        """Keep a meta value in the file `<buffer>.<key>` too (atomically; raises OSError), for a fresh
+        buffer file to start from should this one be lost (`beside_value`)."""
+        write_atomically(self.beside_path(key), value)
+
+    def beside_value(self, key: str) -> str | None:
+        """The value `keep_beside` last kept for `key`; None when there is none or it cannot be read."""
+        try:
+            return self.beside_path(key).read_text("utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            log.error("cannot read %s (%s); going without it", self.beside_path(key), exc)
+            return None
 
     def channels(self) -> list[dict]:
         cur = self.conn.execute(

@@ -59,6 +59,7 @@ class Recorder(threading.Thread):
         self._acks: dict[str, int] = {}
         self._gaps_announced: list[tuple[int, int]] = []
         self._meta: dict[str, str] = {}
+        self._beside_due: set[str] = set()  # meta keys to keep beside the file once committed (set_meta)
         self._listeners: list[Callable[[], None]] = []
         self._stored_listeners: list[Callable[[list[Reading]], None]] = []
         self._tick_listeners: list[Callable[[], None]] = []
@@ -117,9 +118,13 @@ class Recorder(threading.Thread):
             self._gaps_announced.append((gap_id, last_seq))
             self._cond.notify()
 
-    def set_meta(self, key: str, value: str) -> None:
+    def set_meta(self, key: str, value: str, *, keep_beside: bool = False) -> None:
+        """Write a meta value at the next commit; with `keep_beside`, into `<buffer>.<key>` too once
+        committed (`Buffer.keep_beside`: what a fresh file starts from should this one be lost)."""
         with self._cond:
             self._meta[key] = value
+            if keep_beside:
+                self._beside_due.add(key)
             self._cond.notify()
 
     def add_listener(self, callback: Callable[[], None]) -> None:
@@ -305,7 +310,22 @@ class Recorder(threading.Thread):
         if snapshot:
             self._last_snapshot = now
             self._channels_dirty = False
+        if self._beside_due:
+            self._keep_beside(meta)
         self._after_commit(stored, events)
+
+    def _keep_beside(self, committed: dict[str, str]) -> None:
+        """Copy the meta values just committed that are to be kept beside the file (a newer value
+        already queued is kept at its own commit)."""
+        with self._cond:
+            due = {k: committed[k] for k in self._beside_due if k in committed and k not in self._meta}
+            self._beside_due -= due.keys()
+        for key, value in due.items():
+            try:
+                self.buffer.keep_beside(key, value)
+            except OSError as exc:
+                self._errlog.error("cannot keep %s beside the buffer file (%s): should the file be lost, a fresh "
+                                   "one would start without it", key, exc)
 
     def _after_commit(self, stored: list[Reading], events: list) -> None:
         """Tell the listeners (alarm engine, aggregator, publisher) and do the periodic housekeeping.

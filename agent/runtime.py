@@ -181,6 +181,19 @@ def warn_if_disk_smaller_than_cap(path: Path, max_mb: float) -> None:
                     "the cap (readings then wait in memory until space returns)", max_mb, room / 1048576)
 
 
+def _saved_alarm_state(buffer: Buffer) -> tuple[str | None, bool]:
+    """The alarm state of the previous run, and whether it comes from beside the file: a buffer file
+    that holds none (fresh: the old one was deleted or lost to corruption) starts from the copy kept
+    beside it, so that an alarm active then is not raised a second time (SPEC §4)."""
+    saved = buffer.meta_value("alarm_state")
+    if saved is not None:
+        return saved, False
+    beside = buffer.beside_value("alarm_state")
+    if beside is not None:
+        log.info("alarm state taken from %s: the buffer file holds none", buffer.beside_path("alarm_state"))
+    return beside, beside is not None
+
+
 class Station:
     """A running station. `run()` blocks until SIGTERM/SIGINT and returns the exit code."""
 
@@ -236,7 +249,8 @@ class Station:
         # (yet): an output left "on" by a rule since removed is switched off, and an action added by
         # SIGHUP is run.
         writer = _LazyDeviceWriter(lambda: [d for p in self.pollers for d in p.drivers])
-        self.alarms = AlarmEngine(cfg, self.recorder, buffer.meta_value("alarm_state"), writer)
+        saved_alarms, from_beside = _saved_alarm_state(buffer)
+        self.alarms = AlarmEngine(cfg, self.recorder, saved_alarms, writer, resave=from_beside)
         self.recorder.add_stored_listener(self.alarms.observe)
         self.recorder.add_tick_listener(self.alarms.tick)
         # Rebuilds its open periods from the stored readings before polling starts.

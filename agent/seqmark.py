@@ -144,18 +144,23 @@ class SeqMark:
 
     @staticmethod
     def _write_file(path: Path, marks: dict[str, int]) -> None:
-        """Atomically (temporary file, fsync, rename, fsync of the directory)."""
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(marks, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(marks))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` by `text` so that a crash or power cut leaves the old or the new content, never
+    a mix: a temporary file, fsync, rename, fsync of the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass

@@ -13,7 +13,7 @@ import signal
 import sqlite3
 
 import pytest
-from harness import AgentProcess, Collector, run_cli, sim_config, wait_for, write_config
+from harness import AgentProcess, Collector, db_last_seq, run_cli, sim_config, wait_for, write_config
 
 ALARM_ID = "cod.w01018:above"
 ISO_MS_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -58,6 +58,21 @@ def status_alarms(cfg) -> list[dict]:
     result = run_cli("status", "-c", str(cfg), "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)["alarms"]
+
+
+def raise_the_alarm(tmp_path, broker, collector, *, crash: bool = False):
+    """Run the COD station (value 60, limit 50) until the alarm is raised on P/alarm, then stop the
+    agent (SIGTERM, or kill -9 with `crash`); returns the config file."""
+    cfg = write_config(tmp_path / "station.yaml", station(tmp_path, broker, cod_mean=60))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: states(collector) == ["raised"], 20, "the alarm raised on P/alarm")
+    finally:
+        if crash:
+            agent.kill9()
+        else:
+            assert agent.stop() == 0
+    return cfg
 
 
 def test_alarm_is_raised_once_across_a_restart_and_cleared_once(tmp_path, broker, collector):
@@ -107,13 +122,7 @@ def test_alarm_is_raised_once_across_a_restart_and_cleared_once(tmp_path, broker
 
 def test_an_alarm_that_ended_while_the_agent_was_down_is_cleared_at_start(tmp_path, broker, collector):
     db = tmp_path / "buffer.db"
-    cfg = write_config(tmp_path / "station.yaml", station(tmp_path, broker, cod_mean=60))
-    agent = AgentProcess(cfg)
-    try:
-        wait_for(lambda: states(collector) == ["raised"], 20, "the alarm raised")
-    finally:
-        assert agent.stop() == 0
-
+    cfg = raise_the_alarm(tmp_path, broker, collector)
     write_config(cfg, station(tmp_path, broker, cod_mean=10))  # fixed while the gateway was off
     agent = AgentProcess(cfg)
     try:
@@ -122,5 +131,35 @@ def test_an_alarm_that_ended_while_the_agent_was_down_is_cleared_at_start(tmp_pa
         wait_for(lambda: stored_readings(db) >= before + 20, 20, "more readings")
         assert stored_alarms(db) == 2 and states(collector) == ["raised", "cleared"]
         assert status_alarms(cfg) == []
+    finally:
+        assert agent.stop() == 0
+
+
+def test_an_alarm_active_when_the_buffer_file_is_lost_is_not_raised_again(tmp_path, broker, collector):
+    """The gateway crashes with the alarm active and its buffer file is then lost (deleted here; a file
+    corrupt beyond salvage is the same): the fresh file starts from the alarm state kept beside it, so
+    the platform sees the alarm raised once and, when the value drops, cleared once (SPEC §4)."""
+    db = tmp_path / "buffer.db"
+    cfg = raise_the_alarm(tmp_path, broker, collector, crash=True)
+    for lost in (db, db.with_name("buffer.db-wal"), db.with_name("buffer.db-shm")):
+        lost.unlink(missing_ok=True)
+
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: db_last_seq(db) > 0, 20, "a fresh buffer file")
+        before = stored_readings(db)
+        wait_for(lambda: stored_readings(db) >= before + 25, 20, "readings in the fresh file")
+        wait_for(lambda: max(collector.reading_seqs() or [0]) >= before + 20, 20, "readings published")
+        assert states(collector) == ["raised"], "the alarm was raised a second time by the fresh file"
+        assert [a["id"] for a in status_alarms(cfg)] == [ALARM_ID]
+        assert "alarm state taken from" in agent.log()
+
+        write_config(cfg, station(tmp_path, broker, cod_mean=10))
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: states(collector) == ["raised", "cleared"], 30, "the alarm cleared on P/alarm")
+        cleared = alarm_events(collector)[1]["alarm"]
+        assert (cleared["id"], cleared["value"], cleared["threshold"]) == (ALARM_ID, 10, 50)
+        assert cleared["seq"] > alarm_events(collector)[0]["alarm"]["seq"]
+        assert wait_for(lambda: status_alarms(cfg) == [], 10, "status lists no active alarm")
     finally:
         assert agent.stop() == 0

@@ -52,12 +52,15 @@ class FakeRecorder:
     def __init__(self) -> None:
         self.events: list[tuple[str, int, dict]] = []
         self.meta: dict[str, str] = {}
+        self.beside: dict[str, str] = {}  # what the recorder would keep beside the buffer file
 
     def submit_event(self, stream: str, ts_ms: int, body: dict) -> None:
         self.events.append((stream, ts_ms, json.loads(json.dumps(body))))
 
-    def set_meta(self, key: str, value: str) -> None:
+    def set_meta(self, key: str, value: str, *, keep_beside: bool = False) -> None:
         self.meta[key] = value
+        if keep_beside:
+            self.beside[key] = value
 
     def bodies(self) -> list[dict]:
         return [body for _, _, body in self.events]

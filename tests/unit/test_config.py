@@ -840,7 +840,7 @@ alarms:
         def submit_event(self, stream: str, ts_ms: int, body: dict) -> None:
             events.append(body)
 
-        def set_meta(self, key: str, value: str) -> None:
+        def set_meta(self, key: str, value: str, *, keep_beside: bool = False) -> None:
             pass
 
     engine = AlarmEngine(config, Recorder(), None, lambda *args: writes.append(args), clock=lambda: clock[0],
