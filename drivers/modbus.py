@@ -11,7 +11,9 @@ and answer, with its retries) happens only while holding it, so an RS-485 line n
 requests at once. The bus poller thread holds the wire for a whole device poll. A request is sent at
 most `retries + 1` times, each waiting at most `timeout` for the answer to begin (on RTU an answer that
 has begun is then given its transfer time at the bus's baud rate), so a silent slave costs at most
-`timeout * (retries + 1)`, after which the device is given up for this poll and the poller moves on.
+`timeout * (retries + 1)`, after which the device is given up for this poll and the poller moves on; a
+device given up SILENT_AFTER_POLLS polls in a row gets one try per poll until it answers (a dead slave
+costs the bus one timeout per poll).
 A serial port is checked (one `stat()` of its path) before every transaction: when the path vanished
 (USB adapter unplugged) or now names another device (replugged) the port is closed, and it is reopened
 when the path is back. A TCP connection that dropped is reopened by the next transaction (once within
@@ -19,7 +21,8 @@ it, not counted as a retry), and one that stays mute for 3 tries in a row is reo
 without closing it). Each bus logs one line when its link is lost and one when it is back (a link that
 flaps: at most three "lost" lines a minute, then one with the count of losses in between); each device
 one line when it stops answering properly (and at most one more per other kind of failure: no answer,
-bad answer, exception) and one when it recovers: never one per poll, whatever bytes its answers hold.
+bad answer, exception), a reminder with the count every STILL_FAILING_EVERY_S while it keeps failing,
+and one when it recovers: never one per poll, whatever bytes its answers hold.
 
 A hostile or broken peer cannot make the master hold memory or the wire: every read loop is bounded in
 time (it waits at most `timeout`, plus on RTU the transfer time of an answer that has begun) and in bytes
@@ -879,14 +882,16 @@ class ModbusBus:
 
     # ------------------------------------------------------------------------------------ transaction
 
-    def _transact(self, ask: _Ask) -> bytes:
-        """Send `ask` with our retries; returns the data of its answer, checked to answer it (see the module
-        docstring), or raises a WireError. Every read and write goes through here."""
+    def _transact(self, ask: _Ask, max_tries: int | None = None) -> bytes:
+        """Send `ask` with our retries (at most `max_tries` tries when given); returns the data of its answer,
+        checked to answer it (see the module docstring), or raises a WireError. Every read and write goes
+        through here."""
         last = "no answer"
         refused = False  # the last try got a frame that does not answer the request
+        allowed = self.retries + 1 if max_tries is None else max(1, min(max_tries, self.retries + 1))
         tries = 0
         reopened = False
-        while tries <= self.retries:
+        while tries < allowed:
             if not self._ensure_link():
                 raise LinkDown(f"{self.describe()} unavailable")
             assert self._client is not None  # _ensure_link made it
@@ -937,14 +942,15 @@ class ModbusBus:
         self._after_failure()
         if self._up is False:
             raise LinkDown(f"{self.describe()} lost")
-        raise (BadAnswer if refused else NoAnswer)(f"{last}, after {self.retries + 1} tries")
+        raise (BadAnswer if refused else NoAnswer)(f"{last}, after {allowed} tr{'y' if allowed == 1 else 'ies'}")
 
-    def read(self, slave: int, table: str, address: int, count: int) -> list[int]:
-        """`count` registers (holding/input) or bits as 0/1 (coil/discrete) from `address` of `slave`.
+    def read(self, slave: int, table: str, address: int, count: int, *, max_tries: int | None = None) -> list[int]:
+        """`count` registers (holding/input) or bits as 0/1 (coil/discrete) from `address` of `slave`, tried
+        `retries + 1` times (or at most `max_tries`).
 
         Call while holding the wire (`owned()`). Raises LinkDown, NoAnswer or ExceptionReply."""
         ask = _Ask.read(slave, table, address, count)
-        return ask.values(self._transact(ask))
+        return ask.values(self._transact(ask, max_tries))
 
     @contextmanager
     def owned(self) -> Iterator[ModbusBus]:
@@ -1049,6 +1055,15 @@ class ModbusBus:
                     w.future.set_result(self._write_result(w, "bus closed", FLAG_COMM))
 
 
+#: Polls in a row a device was given up (no answer, or a garbled one, after all its tries) after which
+#: each of its polls makes one try only, until it answers: a dead slave then costs the bus one timeout
+#: per poll, not timeout x (retries + 1), and the devices after it keep their interval (DOMAIN.md,
+#: DESIGN.md).
+SILENT_AFTER_POLLS = 2
+#: A device that keeps failing is reminded of in the log this often (the first line comes at once).
+STILL_FAILING_EVERY_S = 900.0
+
+
 class ModbusDriver:
     """One Modbus device on a `ModbusBus`: plans its map once, reads it each `poll`.
 
@@ -1078,6 +1093,9 @@ class ModbusDriver:
         self._status = [s for s in self.specs if s.role == "status"]
         self._channels = value_channels(self.specs)
         self._problems: set[str] = set()  # kinds of problem logged since the device last answered properly
+        self._given_up = 0  # polls in a row given up for no (valid) answer: see SILENT_AFTER_POLLS
+        self._failed_polls = 0  # polls in a row with a problem, and when the last line about them was logged
+        self._failing_logged_at = 0.0
         self.last_poll_s = 0.0
         self.polls = 0
         bus.slaves.setdefault(device_id, self.slave)
@@ -1111,10 +1129,11 @@ class ModbusDriver:
         results: dict[RegisterSpec, list[int] | str] = {}
         problem: tuple[str, str] | None = None
         i = 0
+        max_tries = 1 if self._given_up >= SILENT_AFTER_POLLS else None
         while i < len(self.requests):
             req = self.requests[i]
             try:
-                words = self.bus.read(self.slave, req.table, req.address, req.count)
+                words = self.bus.read(self.slave, req.table, req.address, req.count, max_tries=max_tries)
             except ExceptionReply as exc:
                 if exc.code in (EXC_ILLEGAL_ADDRESS, EXC_ILLEGAL_VALUE) and len(req.members) > 1:
                     split = naive_plan(req.members)
@@ -1134,6 +1153,9 @@ class ModbusDriver:
             except NoAnswer as exc:
                 # Given up for this poll: every channel B, and the bus moves on (SPEC §2).
                 kind = "bad answer" if isinstance(exc, BadAnswer) else "no answer"
+                # Silent (or garbled) counts towards one try per poll; frames that answer something else
+                # mean a peer that talks (a flood is found, and its connection closed, on a second try).
+                self._given_up = 0 if isinstance(exc, BadAnswer) else self._given_up + 1
                 return dict.fromkeys(self.specs, FLAG_COMM), (kind, str(exc))
             except Exception as exc:  # noqa: BLE001 - whatever else came off the wire: B, never a raise
                 return dict.fromkeys(self.specs, FLAG_COMM), ("bad answer", f"{type(exc).__name__}: {exc}")
@@ -1145,6 +1167,7 @@ class ModbusDriver:
                     results[m] = FLAG_COMM
                 problem = problem or ("bad answer", str(exc))
             i += 1
+        self._given_up = 0  # it answered (values or an exception): its retries are worth their time again
         return results, problem
 
     def _readings(self, ts_ms: int, results: Mapping[RegisterSpec, list[int] | str]) -> list[Reading]:
@@ -1178,7 +1201,8 @@ class ModbusDriver:
         it recovers. While it fails, a poll's problem is logged again only when it is of a kind (no answer,
         bad answer, exception) not logged yet since it last answered properly: the text of a bad answer
         (its bytes) or the register of an exception may differ at every poll, which is not news. So a
-        device that never recovers logs at most one line per kind, never one per poll."""
+        device that never recovers logs one line per kind, never one per poll, and a reminder with the
+        count of failed polls every STILL_FAILING_EVERY_S."""
         if problem is not None and problem[0] == "link":
             return  # the bus logs its link once, for all its devices
         if problem is None:
@@ -1186,14 +1210,23 @@ class ModbusDriver:
                 log.info("device %s (slave %d on %s): answering normally again", self.device_id, self.slave,
                          self.bus.name)
             self._problems.clear()
+            self._failed_polls = 0
             return
         kind, text = problem
         what = text if text.startswith(kind) else f"{kind}: {text}"  # not "no answer: no answer, after 2 tries"
+        self._failed_polls += 1
+        now = time.monotonic()
         if kind in self._problems:
-            log.debug("device %s (slave %d on %s): still failing: %s", self.device_id, self.slave,
-                      self.bus.name, what)
+            if now - self._failing_logged_at >= STILL_FAILING_EVERY_S:  # a reminder: the journal's last hour shows it
+                self._failing_logged_at = now
+                log.warning("device %s (slave %d on %s): still failing, %d polls in a row: %s", self.device_id,
+                            self.slave, self.bus.name, self._failed_polls, what)
+            else:
+                log.debug("device %s (slave %d on %s): still failing: %s", self.device_id, self.slave,
+                          self.bus.name, what)
             return
         self._problems.add(kind)
+        self._failing_logged_at = now
         log.warning("device %s (slave %d on %s): %s", self.device_id, self.slave, self.bus.name, what)
 
 

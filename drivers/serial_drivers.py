@@ -62,6 +62,7 @@ SERIAL_DRIVERS = ("pms5003", "sds011", "hj212")
 REOPEN_EVERY_S = 1.0  # a missing port is tried again this often
 READ_TIMEOUT_S = 0.2  # the reader thread's longest blocking read (bounds how fast close() returns)
 REJECT_LOG_EVERY_S = 60.0  # rejected frames are logged at most this often per device, with counts
+STILL_SILENT_EVERY_S = 900.0  # a sensor that stays silent is reminded of in the log this often
 GARBAGE_LOG_MIN = 32  # garbage alone (no rejected candidate) is worth a log line from this many bytes
 WINDOW_FACTOR = 1.5  # a frame older than 1.5 intervals is never reported (a late poll still gets its frame)
 
@@ -121,7 +122,8 @@ class SerialLine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"serial:{bus_name}", daemon=True)
         self._cb_errors = 0
-        self._failing_logged = False
+        self._failing_logged = False  # "cannot open" logged (before the port was ever open)
+        self._port_log = FlapLimiter()  # "lost"/"is back" lines of a port that was open
 
     # ---------------------------------------------------------------- any thread
 
@@ -214,7 +216,9 @@ class SerialLine:
             try:
                 ser = self._open_port()
             except (OSError, ValueError, serial.SerialException) as exc:
-                if not self._failing_logged:
+                if self.opens:
+                    self._log_loss(None)  # still gone: a loss left unlogged (flapping) is logged once due
+                elif not self._failing_logged:
                     self._failing_logged = True
                     log.warning("bus %s: cannot open serial port %s: %s; trying again every %g s",
                                 self.bus_name, self.port, _short(exc), self.reopen_every)
@@ -226,7 +230,7 @@ class SerialLine:
             self._failing_logged = False
             if self.opens == 1:
                 log.info("bus %s: serial port %s open", self.bus_name, self.describe())
-            else:
+            elif self._port_log.back():
                 log.info("bus %s: serial port %s is back", self.bus_name, self.port)
             for listener in list(self._open_listeners):
                 self._call(listener)
@@ -242,9 +246,7 @@ class SerialLine:
             if self._stop.is_set():
                 return
             self.losses += 1
-            self._failing_logged = True  # the loss line says it all; no "cannot open" line after it
-            log.warning("bus %s: serial port %s lost (%s); reopening it when it comes back",
-                        self.bus_name, self.port, _short(exc))
+            self._log_loss(exc)
             self._close_port()
             self._stop.wait(min(self.reopen_every, 0.2))
             return
@@ -253,6 +255,17 @@ class SerialLine:
             self.bytes_read += len(data)
             for subscriber in list(self._subscribers):
                 self._call(subscriber, data, t)
+
+    def _log_loss(self, exc: BaseException | None) -> None:
+        """The open port failed (`exc`), or is still gone (None): one line per loss, but a port that
+        flaps (a loose USB connector) logs at most three a minute, the next with the count in between."""
+        unlogged = self._port_log.lost(time.monotonic())
+        if unlogged is None:
+            return
+        why = f" ({_short(exc)})" if exc is not None else ""
+        more = f"; it was lost {unlogged} more time(s) since the last such line" if unlogged else ""
+        log.warning("bus %s: serial port %s lost%s; reopening it when it comes back%s", self.bus_name, self.port,
+                    why, more)
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
         try:
@@ -312,6 +325,7 @@ class _Silence:
         self.silent_polls = 0
         self.total_silent_polls = 0
         self._flaps = FlapLimiter()
+        self._logged_at = 0.0  # monotonic time of the last line about its silence
 
     def update(self, got_frame: bool, port_open: bool) -> None:
         if got_frame:
@@ -321,12 +335,18 @@ class _Silence:
             return
         self.silent_polls += 1
         self.total_silent_polls += 1
-        unlogged = self._flaps.lost(time.monotonic())
+        now = time.monotonic()
+        unlogged = self._flaps.lost(now)
+        why = "" if port_open else " (its serial port is not open)"
         if unlogged is not None:
-            why = "" if port_open else " (its serial port is not open)"
+            self._logged_at = now
             more = f"; it fell silent {unlogged} more time(s) since the last such line" if unlogged else ""
             log.warning("device %s: no valid frame in the last interval%s; value null, flag B until it sends "
                         "again%s", self.device_id, why, more)
+        elif now - self._logged_at >= STILL_SILENT_EVERY_S:
+            self._logged_at = now
+            log.warning("device %s: still no valid frame, %d polls in a row%s", self.device_id, self.silent_polls,
+                        why)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -273,7 +273,7 @@ def test_dead_slave_on_shared_rtu_bus_costs_one_timeout_and_recovers(tmp_path):
     for bank in (alive_bank, dead_bank):
         bank.set("holding", 0, wire_words("f", 12.5, "ABCD"))
     dead_bank.fault = Fault("silent")
-    timeout, retries, interval = 0.1, 1, 0.25
+    timeout, retries, interval = 0.1, 2, 0.25
     link = Link("rtu", {1: alive_bank, 2: dead_bank}, tmp_path, timeout=timeout, retries=retries)
     spec = [RegisterSpec(channel="w01018", address=0, type="float32", unit="mg/L")]
     alive = link.driver("alive", 1, spec, interval=interval)
@@ -292,6 +292,8 @@ def test_dead_slave_on_shared_rtu_bus_costs_one_timeout_and_recovers(tmp_path):
     poller = BusPoller("rs485", [alive, dead], sink)
     poller.start()
     try:
+        wait_for(lambda: len(of("dead")) >= 1, 10, "the first poll of the dead slave")
+        first_cost = dead.last_poll_s
         wait_for(lambda: len(of("dead")) >= 8, 10, "8 polls of the dead slave")
         dead_cost = dead.last_poll_s
         dead_bank.fault = None
@@ -306,7 +308,8 @@ def test_dead_slave_on_shared_rtu_bus_costs_one_timeout_and_recovers(tmp_path):
     assert all(r.value is None and r.flag == "B" for r in dead_readings[:first_ok])
     assert dead_readings[-1].value == 12.5
     budget = timeout * (retries + 1)
-    assert budget * 0.9 <= dead_cost <= budget + 0.1, f"a silent slave costs timeout x tries, took {dead_cost:.3f}"
+    assert budget * 0.9 <= first_cost <= budget + 0.1, f"a slave gone silent gets its tries, took {first_cost:.3f}"
+    assert timeout * 0.9 <= dead_cost <= timeout + 0.08, f"a dead slave costs one timeout, took {dead_cost:.3f}"
     alive_ts = [r.ts_ms / 1000 for r in of("alive")]
     gaps = [b - a for a, b in zip(alive_ts, alive_ts[1:], strict=False)]
     assert all(r.flag == "N" for r in of("alive"))
@@ -316,15 +319,15 @@ def test_dead_slave_on_shared_rtu_bus_costs_one_timeout_and_recovers(tmp_path):
 
 
 def test_a_silent_slave_holds_up_a_healthy_one_no_longer_than_one_silent_poll(tmp_path, caplog):
-    # The audit's bus, scaled down: a silent slave whose poll costs timeout x tries (0.3 s) and a healthy
-    # one, both due every 0.3 s, so the bus cannot keep up. The healthy slave must be polled at least
-    # once per (timeout x tries + its interval). A bus that idles while a device is due (reschedules
-    # both after the silent poll) polls it exactly once per 0.6 s, N times in N x 0.6 s; a bus that
-    # serves the most overdue device and never idles alternates the two, about once per 0.3 s.
+    # The audit's bus, scaled down: a silent slave whose poll costs more than the interval even with one
+    # try (0.35 s) and a healthy one, both due every 0.3 s, so the bus cannot keep up. The healthy slave
+    # must be polled at least once per (timeout x tries + its interval). A bus that idles while a device
+    # is due (reschedules both after the silent poll) polls it once per 0.65 s at best; a bus that serves
+    # the most overdue device and never idles alternates the two.
     silent, healthy = RegisterBank(), RegisterBank()
     healthy.set("holding", 0, [42])
     silent.fault = Fault("silent")
-    timeout, retries, interval = 0.15, 1, 0.3
+    timeout, retries, interval = 0.35, 1, 0.3  # once given up, one try of 0.35 s: still more than the interval
     link = Link("rtu", {9: silent, 4: healthy}, tmp_path, timeout=timeout, retries=retries)
     spec = [RegisterSpec(channel="x", address=0)]
     drivers = [link.driver("dead", 9, spec, interval=interval), link.driver("good", 4, spec, interval=interval)]
@@ -655,7 +658,7 @@ def test_a_tcp_peer_that_streams_without_end_is_a_bad_link_not_a_memory_sink(tmp
         # unbounded reader would hold at once).
         assert stats.discarded_bytes <= polls * (retries + 1) * 8 * TCP_MAX_FRAME, stats
         assert 0 < stats.peak_buffered <= TCP_MAX_FRAME, stats
-        assert stats.floods >= polls, "every poll ran into the stream and gave up on it"
+        assert stats.floods >= polls, f"every poll ran into the stream and gave up on it: {stats}"
         wait_for(lambda: peer.events.count("closed") >= polls, 5, "each poll's connection closed by the master")
         assert peer.events.count("accepted") >= polls, "each poll on a fresh connection"
         peer.stop()
@@ -718,7 +721,7 @@ def test_a_peer_answering_garbage_at_every_poll_is_logged_once_not_once_per_poll
         with caplog.at_level(logging.INFO, logger="drivers.modbus"):
             for _ in range(polls):
                 assert [(r.value, r.flag) for r in driver.poll(0)] == [(None, "B")]
-            assert bus.stats.bad_answers == polls * 2, "every try got garbage"
+            assert bus.stats.bad_answers == bus.stats.requests >= polls, "every try got garbage"
             peer.honest = True
             assert [(r.value, r.flag) for r in driver.poll(0)] == [(7.12, "N")]
     finally:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from pymodbus.framer import FramerRTU
 
 from agent.config import parse_config
-from drivers import profiles
+from drivers import modbus, profiles
 from drivers.modbus import (
     BadAnswer,
     BusStats,
@@ -50,13 +50,15 @@ class ScriptedBus(ModbusBus):
         super().__init__("scripted", "tcp", host="nowhere.invalid")
         self.answer = answer
         self.reads: list[tuple[str, int, int]] = []
+        self.max_tries: list[int | None] = []
 
     @contextmanager
     def owned(self):
         yield self
 
-    def read(self, slave, table, address, count):
+    def read(self, slave, table, address, count, *, max_tries=None):
         self.reads.append((table, address, count))
+        self.max_tries.append(max_tries)
         got = self.answer(table, address, count)
         if isinstance(got, Exception):
             raise got
@@ -200,6 +202,40 @@ def test_a_device_failing_differently_at_every_poll_is_logged_once_per_kind_not_
         ("INFO", "device cod (slave 2 on scripted): answering normally again"),
         ("WARNING", "device cod (slave 2 on scripted): bad answer: not a Modbus TCP answer (00), after 2 tries"),
     ]
+
+
+def test_a_device_given_up_twice_in_a_row_is_tried_once_per_poll_until_it_answers():
+    # A dead slave costs the bus timeout x tries at every poll, and the devices after it lose their
+    # interval; after two polls given up it gets one try per poll (one timeout), full tries again once
+    # it answered (values, or an exception: it is alive) or sent frames that answer something else (a
+    # peer that talks: its flood is found on a second try).
+    silent, refused = NoAnswer("no answer, after 3 tries"), BadAnswer("function code 4 in the answer, after 3 tries")
+    script = iter([silent] * 3 + [None] + [silent] * 2 + [refused] + [None] + [silent] * 2 + [ExceptionReply(2), None])
+    state: dict = {}
+    bus = ScriptedBus(lambda *a: state["now"] or [1])
+    driver = ModbusDriver("ghost", bus, 9, 1, [RegisterSpec(channel="a", address=0)])
+    for state["now"] in script:
+        driver.poll(0)
+    assert bus.max_tries == [None, None, 1, 1, None, None, 1, None, None, None, 1, None]
+
+
+def test_a_device_that_keeps_failing_is_reminded_of_with_the_count(caplog, monkeypatch):
+    monkeypatch.setattr(modbus, "STILL_FAILING_EVERY_S", 0.0)
+    bus = ScriptedBus(lambda *a: NoAnswer("no answer, after 2 tries"))
+    driver = ModbusDriver("ghost", bus, 9, 1, [RegisterSpec(channel="a", address=0)])
+    with caplog.at_level(logging.INFO, logger="drivers.modbus"):
+        for _ in range(3):
+            driver.poll(0)
+    assert [m for m in caplog.messages if m.startswith("device ghost")] == [
+        "device ghost (slave 9 on scripted): no answer, after 2 tries",
+        "device ghost (slave 9 on scripted): still failing, 2 polls in a row: no answer, after 2 tries",
+        "device ghost (slave 9 on scripted): still failing, 3 polls in a row: no answer, after 2 tries",
+    ]
+    monkeypatch.setattr(modbus, "STILL_FAILING_EVERY_S", 900.0)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="drivers.modbus"):
+        driver.poll(0)
+    assert not [m for m in caplog.messages if m.startswith("device ghost")], "within the period: no line"
 
 
 def test_write_checks_its_arguments_at_once_and_fails_cleanly_on_a_closed_bus():

@@ -23,6 +23,7 @@ from harness import wait_for
 
 from agent import hj212
 from agent.config import parse_config
+from drivers import serial_drivers
 from drivers.serial_drivers import Hj212Driver, Pms5003Driver, Sds011Driver, StreamDriver, build_bus_drivers
 from drivers.serial_frames import (
     PMS5003_CHANNELS,
@@ -140,6 +141,21 @@ def test_a_silent_sensor_gives_null_flag_b_each_interval_and_recovers(pty, built
     assert [(r.value, r.flag) for r in pm.poll(2000)] == [(12.3, "N"), (45.6, "N")]
     # The frame is reported once: a silent sensor never looks alive through a repeated old value.
     assert [(r.value, r.flag) for r in pm.poll(3000)] == [(None, "B"), (None, "B")]
+
+
+def test_a_sensor_that_stays_silent_is_logged_once_then_reminded_of_with_the_count(pty, built, caplog,
+                                                                                   monkeypatch):
+    caplog.set_level(logging.INFO, LOGGER)
+    (pm,) = build(built, pty.path, {"pm": ("sds011", 10)})
+    wait_open(pm)
+    pm.poll(0)  # start-up
+    for ts in range(1, 4):
+        pm.poll(ts)
+    monkeypatch.setattr(serial_drivers, "STILL_SILENT_EVERY_S", 0.0)
+    pm.poll(4)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("device pm")]
+    assert lines == ["device pm: no valid frame in the last interval; value null, flag B until it sends again",
+                     "device pm: still no valid frame, 4 polls in a row"]
 
 
 def test_noise_splits_and_bad_checksums_never_produce_a_corrupted_value(pty, built):
@@ -386,6 +402,28 @@ def test_a_port_that_vanishes_is_reopened_when_it_comes_back(tmp_path, built, ca
     assert sum("lost" in m for m in messages) == 1, messages
     assert sum("is back" in m for m in messages) == 1, messages
     assert not any("cannot open" in m for m in messages), "one log line each way"
+
+
+def test_a_port_that_flaps_logs_at_most_three_losses_a_minute(tmp_path, built, caplog):
+    """A loose USB connector: the port comes and goes six times within seconds. The log gets three
+    "lost" lines and their "is back" lines, not one pair per flap (the README's rule for links)."""
+    caplog.set_level(logging.INFO, LOGGER)
+    sim = SerialSim([Sds011Sim(period=0.05)], tmp_path / "ttySDS")
+    sim.start()
+    try:
+        (pm,) = build(built, sim.path, {"pm": ("sds011", 10)}, reopen_every=0.05)
+        wait_for(lambda: pm.line.is_open, 5, "the port open")
+        for _ in range(6):
+            sim.unplug()
+            wait_for(lambda: not pm.line.is_open, 5, "the loss noticed")
+            sim.plug()
+            wait_for(lambda: pm.line.is_open, 5, "the port reopened")
+        assert pm.line.losses == 6
+        messages = [r.getMessage() for r in caplog.records]
+    finally:
+        sim.close()
+    assert sum(" lost" in m for m in messages) == 3, messages
+    assert sum("is back" in m for m in messages) == 3, messages
 
 
 def test_a_port_missing_at_start_is_opened_when_it_appears(tmp_path, built, caplog):
