@@ -235,6 +235,14 @@ def _json_number(x: float | None) -> float | int | None:
     return int(x) if x.is_integer() else x
 
 
+def _as_published(x: float | None) -> float | None:
+    """A value as the readings are published (15 significant digits: SQLite's JSON), so that an alarm
+    event says 12.475 where `raw x scale` holds 12.475000000000001 and the reading itself says 12.475."""
+    if x is None or not math.isfinite(x):
+        return None
+    return float(f"{x:.15g}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Rolling window
 
@@ -941,6 +949,7 @@ class AlarmEngine:
     # ------------------------------------------------------------------ events and state
 
     def _raise(self, inst: _Instance, value: float, threshold: float, ts_ms: int) -> None:
+        value = _as_published(value)
         inst.active = True
         inst.since_ms = ts_ms
         inst.value = value
@@ -960,7 +969,7 @@ class AlarmEngine:
         inst.pending = inst.clearing = None
         if inst.rule.target is not None:
             inst.rule.target.active_ids.discard(inst.id)
-        self._emit(inst.id, inst.channel.key, inst.rule_name, "cleared", value, threshold, ts_ms)
+        self._emit(inst.id, inst.channel.key, inst.rule_name, "cleared", _as_published(value), threshold, ts_ms)
 
     def _rule_threshold(self, inst: _Instance) -> float | None:
         if inst.rule_name == RULE_STALE:

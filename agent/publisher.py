@@ -63,6 +63,7 @@ MAX_COMMAND_BYTES = 4096
 MAX_RESEND = 100_000  # readings one resend command may ask for
 MAX_SEQ = 2**63 - 1  # SQLite's largest integer: a seq is never above it
 STABLE_CONNECTION_S = 10.0  # a connection lost sooner is retried with backoff, not at once
+SHORT_LIVED_HINT_AFTER = 3  # such connections in a row before the log suspects a duplicate client_id
 MAX_RESENDS_QUEUED = 4  # resend commands under way at once; more are refused until one is answered
 EVENT_BATCH = 50  # aggregates per agg message
 HJ212_EVENT_BATCH = 500  # aggregate rows read at once to group into period packets
@@ -139,6 +140,7 @@ class Publisher(threading.Thread):
         self._backoff = 0.5
         self._online_at = 0.0  # when the current (or last) connection was accepted
         self._hold_off = False  # wait a backoff before the next connection (the last one was short-lived)
+        self._short_lived = 0  # connections in a row closed soon after they were accepted
         self._reader: Buffer | None = None
         self._cursor: dict[str, int] = {}
         self._acked: dict[str, int] = {}
@@ -381,12 +383,18 @@ class Publisher(threading.Thread):
             if lasted >= STABLE_CONNECTION_S:  # a connection that worked: reconnect at once, errors are news
                 log.warning("connection to broker lost: %s", why)
                 self._backoff = 0.5
+                self._short_lived = 0
                 self._errlog = RateLimitedLog(log, every_s=300)
             else:  # closed soon after it was accepted: reconnecting at once would hammer the broker
                 self._hold_off = True
-                self._errlog.warning("the broker closed the connection %.1f s after accepting it (%s): is another "
-                                     "client connected with client_id %s? reconnecting with backoff", lasted, why,
-                                     self.settings.client_id, key="short-lived")
+                self._short_lived += 1
+                # Once is a link or broker that went down; again and again is the mark of another client
+                # with this client_id taking the session over (the broker drops the older connection).
+                hint = (f": is another client connected with client_id {self.settings.client_id}?"
+                        if self._short_lived >= SHORT_LIVED_HINT_AFTER else "")
+                self._errlog.warning("the broker closed the connection %.1f s after accepting it (%s)%s; "
+                                     "reconnecting with backoff", lasted, why, hint,
+                                     key="short-lived-hint" if hint else "short-lived")
         self._drop_connection(why)
         self._set_state("offline", why)
 

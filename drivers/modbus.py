@@ -559,6 +559,16 @@ class _RtuPort(_Link):
                           head.hex())
 
 
+def _connect_error(exc: OSError) -> str:
+    """Why a TCP connection could not be opened, as a technician reads it: refused (nothing listens
+    on that port), timed out (wrong address, the gateway off), the name not resolved, no route."""
+    if isinstance(exc, socket.gaierror):
+        return "host name not resolved"
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out"
+    return exc.strerror or type(exc).__name__
+
+
 class _TcpLink(_Link):
     """A Modbus TCP connection and the master's side of the protocol on it; same interface as `_RtuPort`.
 
@@ -581,6 +591,7 @@ class _TcpLink(_Link):
         self.host = host
         self.port = port
         self._sock: socket.socket | None = None
+        self.open_error = ""  # why the last connect() failed
         self._mute = 0
         self._tid = 0
         self._tids: dict[int, _Ask] = {}  # recent transaction ids -> what they asked
@@ -596,8 +607,10 @@ class _TcpLink(_Link):
         try:
             sock = socket.create_connection((self.host, self.port), timeout=max(self.timeout, 0.1))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # sendall() keeps that timeout
-        except OSError:
+        except OSError as exc:
+            self.open_error = _connect_error(exc)
             return False
+        self.open_error = ""
         self._sock = sock
         self._forget()
         self._tids.clear()
@@ -844,8 +857,8 @@ class ModbusBus:
         self._up = self._was_up = True
 
     def _open_failure_reason(self) -> str:
-        if self.kind == "tcp":
-            return "connection failed"
+        if isinstance(self._client, _TcpLink):
+            return self._client.open_error or "connection failed"
         try:
             fd = os.open(str(self.port), os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         except OSError as exc:

@@ -463,6 +463,20 @@ def test_two_stations_with_one_client_id_back_off_instead_of_hammering_the_broke
             assert a.stop() == 0
 
 
+def test_a_broker_that_goes_down_soon_after_accepting_is_not_blamed_on_a_duplicate_client_id(tmp_path, broker):
+    """A 4G link that drops, or a broker restarted, a few seconds after the agent connected is one
+    short-lived connection: the log must not send the technician hunting for another client."""
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=1,
+                                                                            interval=1)))
+    try:
+        wait_for(lambda: "connected to" in agent.log(), 20, "the agent connected")
+        broker.stop()
+        wait_for(lambda: "closed the connection" in agent.log(), 20, "the drop logged")
+        assert "another client" not in agent.log()
+    finally:
+        assert agent.stop() == 0
+
+
 def test_a_reload_that_moves_the_station_leaves_offline_where_it_was(tmp_path, broker, collector):
     """A SIGHUP that changes topic_prefix (or the broker): the old retained status must not say online
     for ever."""

@@ -135,6 +135,17 @@ def test_crossing_inside_the_hysteresis_band_raises_once_and_clears_once():
     assert all(stream == "alarms" for stream, _, _ in rig.rec.events)
 
 
+def test_event_values_are_said_as_the_readings_are_published_without_float_noise():
+    # Values computed by scaling carry float noise (0.1 * 3 = 0.30000000000000004) that the data
+    # message (15 significant digits) does not show; the alarm events and `status` say the same value.
+    rig = Rig([{"channel": "cod.w01018", "above": 0.25, "hysteresis": 0.1}])
+    rig.feed("cod.w01018", 0.1 * 3, at=0)
+    assert [a["value"] for a in rig.engine.active()] == [0.3]
+    rig.feed("cod.w01018", 0.1 * 3 - 0.2, at=10)
+    raised, cleared = rig.rec.bodies()
+    assert (json.dumps(raised["value"]), json.dumps(cleared["value"])) == ("0.3", "0.1")
+
+
 def test_below_mirrors_above_and_a_rule_with_both_gives_two_alarms():
     rig = Rig([{"channel": "cod.w01018", "above": 9, "below": 6, "hysteresis": 0.5}])
     for i, v in enumerate([7, 5.9, 6.2, 6.6, 9.1, 8.6, 8.4]):

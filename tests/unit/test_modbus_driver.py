@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import struct
 from contextlib import contextmanager
 
@@ -236,6 +237,21 @@ def test_a_device_that_keeps_failing_is_reminded_of_with_the_count(caplog, monke
     with caplog.at_level(logging.INFO, logger="drivers.modbus"):
         driver.poll(0)
     assert not [m for m in caplog.messages if m.startswith("device ghost")], "within the period: no line"
+
+
+def test_a_tcp_bus_that_cannot_connect_says_why(caplog):
+    # Nothing listens on the port: the technician reads "Connection refused" (wrong port, service off),
+    # not a bare "connection failed" that looks the same as a wrong address or a typo in the name.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bus = ModbusBus("lan", "tcp", host="127.0.0.1", tcp_port=port, timeout=0.2)
+    driver = ModbusDriver("flow", bus, 1, 1, [RegisterSpec(channel="a", address=0)])
+    with caplog.at_level(logging.WARNING, logger="drivers.modbus"):
+        assert [(r.value, r.flag) for r in driver.poll(0)] == [(None, "B")]
+    driver.close()
+    assert [m for m in caplog.messages if m.startswith("bus lan")] == [
+        f"bus lan: cannot open 127.0.0.1:{port} (Connection refused); its devices read flag B until it returns"]
 
 
 def test_write_checks_its_arguments_at_once_and_fails_cleanly_on_a_closed_bus():
