@@ -1923,6 +1923,8 @@ def load_config(
         raw = Path(file).read_bytes()
     except OSError as exc:
         reason = exc.strerror or exc.__class__.__name__
+        if isinstance(exc, PermissionError):  # an installed gateway's config is readable by the service's user
+            reason += " (run the command as a user who may read it; on a gateway: sudo -u edge-agent edge-agent ...)"
         raise ConfigError([Problem(file, 1, 1, FILE_PATH, f"cannot read the file: {reason}")]) from None
     try:
         text = raw.decode("utf-8-sig")

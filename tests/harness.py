@@ -13,7 +13,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -294,3 +295,18 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 60,
     types them), its output captured."""
     return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=cwd or REPO, timeout=timeout)
+
+
+@contextmanager
+def as_another_user() -> Iterator[None]:
+    """Root may read any file: as root, act as `nobody` (effective ids) meanwhile; else as oneself."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)

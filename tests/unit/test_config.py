@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from harness import as_another_user
 
 from agent.config import (
     FILE_PATH,
@@ -340,6 +341,17 @@ def test_a_key_indented_wrongly_is_explained_at_its_line(tmp_path: Path, indent:
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
     assert problems_of(path) == [f"{path}:1:1: {FILE_PATH}: cannot read the file: No such file or directory"]
+
+
+def test_a_config_file_this_user_may_not_read_says_how_to_run_the_command(tmp_path):
+    # An installed gateway's config is root:edge-agent 0640: a technician's own user gets a hint.
+    path = tmp_path / "station.yaml"
+    path.write_text("station: {id: ST01}\n")
+    path.chmod(0)  # unreadable to its owner too (unless root: then the test acts as nobody)
+    with as_another_user():
+        said = problems_of(path)
+    assert said == [f"{path}:1:1: {FILE_PATH}: cannot read the file: Permission denied (run the command as a user who "
+                    "may read it; on a gateway: sudo -u edge-agent edge-agent ...)"]
 
 
 def test_empty_file(tmp_path: Path) -> None:

@@ -7,10 +7,10 @@ import os
 import shutil
 import sqlite3
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from harness import as_another_user
 
 from agent import status
 from agent.buffer import Buffer
@@ -57,21 +57,6 @@ def test_what_status_says_of_a_buffer_it_could_not_read_follows_what_this_user_m
     damaged = sqlite3.DatabaseError("file is not a database")
     assert unreadable_buffer(path, damaged, "station.yaml") == (
         f"cannot read the buffer {path}: file is not a database", "run moves a damaged file aside when it starts")
-
-
-@contextmanager
-def as_another_user():
-    """Root may read any file: as root, act as `nobody` (effective ids) meanwhile; else as oneself."""
-    if os.geteuid() != 0:
-        yield
-        return
-    os.setegid(65534)
-    os.seteuid(65534)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
 
 
 def test_a_buffer_in_a_directory_this_user_may_not_enter_is_permission_denied():
