@@ -134,7 +134,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     status["station"] = config.station.id
     status["agent"] = agent_state(path)
     if status["agent"]["running"] is False:  # the broker state in the file is the one it left behind
-        status["broker"] = {**status["broker"], "state": "offline", "error": "edge-agent is not running"}
+        left = status["broker"]
+        if left.get("state") == "offline":  # a clean stop: offline since it stopped
+            status["broker"] = {**left, "error": "edge-agent is not running"}
+        else:  # it stopped without saying so (crash, power cut): "since" was when it connected
+            since = ""
+            if left.get("since"):
+                since = f" (it last recorded {left.get('state', 'unknown')} since {left['since']})"
+            status["broker"] = {**{k: v for k, v in left.items() if k != "since"}, "state": "offline",
+                                "error": f"edge-agent is not running{since}"}
     if args.json:
         json.dump(status, sys.stdout, indent=2, ensure_ascii=False)
         print()

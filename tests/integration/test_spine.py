@@ -417,6 +417,8 @@ def test_a_second_agent_on_the_same_buffer_is_refused_and_status_knows_whether_o
     status = json.loads(run_cli("status", "-c", str(cfg), "--json").stdout)
     assert status["agent"] == {"running": False, "pid": None}
     assert status["broker"]["state"] == "offline" and "not running" in status["broker"]["error"]
+    # The file says "online since <when it connected>": not shown as the time it went offline.
+    assert "since" not in status["broker"] and "(it last recorded online since " in status["broker"]["error"]
     assert "NOT running" in run_cli("status", "-c", str(cfg)).stdout
     third = AgentProcess(cfg)  # the lock died with the killed process
     try:
