@@ -88,7 +88,7 @@ from drivers import profiles
 from drivers.modbus_codec import combine_flags, evaluate, flag_from_status, status_flags_by_channel
 from drivers.planner import Request, naive_plan, plan, slice_response
 from drivers.registers import RegisterSpec, value_channels
-from drivers.serial_port import open_exclusive
+from drivers.serial_port import open_error, open_exclusive
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,17 @@ __all__ = [
 
 EXC_ILLEGAL_ADDRESS = 2
 EXC_ILLEGAL_VALUE = 3  # also "quantity of registers out of range": a read longer than the slave serves
+#: What a Modbus exception code means, and what to check, as the log says it.
+EXCEPTION_MEANING = {
+    1: "illegal function: the slave does not serve this table (check `table`)",
+    2: "illegal data address: no such register (check the register map's addresses)",
+    3: "illegal data value: a read longer than the slave serves (check the map's entries)",
+    4: "slave device failure",
+    5: "acknowledge: busy with a long command",
+    6: "slave device busy",
+}
+#: Bytes arrived on an RTU line but no valid frame: the usual causes, for the technician.
+GARBLED_RTU = "garbled answer (bytes but no valid frame: check baudrate, parity and the A/B wiring)"
 WriteKind = Literal["coil", "register"]
 
 _READ_FC = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
@@ -482,7 +493,7 @@ class _RtuPort(_Link):
                     self._late_answer(owner.ask)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise _NoFrame("garbled answer" if buf else "no answer")
+                    raise _NoFrame(GARBLED_RTU if buf else "no answer")
                 ready, _, _ = select.select([ser.fileno()], [], [], remaining)
                 if ready:
                     if transfer:  # an answer has begun within the timeout: give it the time to arrive
@@ -862,7 +873,7 @@ class ModbusBus:
         try:
             fd = os.open(str(self.port), os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         except OSError as exc:
-            return exc.strerror or "cannot open"
+            return open_error(exc)
         os.close(fd)
         return "open failed: busy, locked by another program, or not a serial port"
 
@@ -1157,15 +1168,17 @@ class ModbusDriver:
                     continue
                 for m in req.members:
                     results[m] = FLAG_FAULT
+                meaning = EXCEPTION_MEANING.get(exc.code)
                 problem = problem or ("exception", f"exception {exc.code:02d} reading {req.table} "
-                                                   f"{req.address}+{req.count}")
+                                                   f"{req.address}+{req.count}" + (f" ({meaning})" if meaning else ""))
                 i += 1
                 continue
             except LinkDown as exc:
                 return dict.fromkeys(self.specs, FLAG_COMM), ("link", str(exc))
             except NoAnswer as exc:
                 # Given up for this poll: every channel B, and the bus moves on (SPEC §2).
-                kind = "bad answer" if isinstance(exc, BadAnswer) else "no answer"
+                kind = "bad answer" if isinstance(exc, BadAnswer) else "garbled answer" if str(exc).startswith(
+                    "garbled") else "no answer"
                 # Silent (or garbled) counts towards one try per poll; frames that answer something else
                 # mean a peer that talks (a flood is found, and its connection closed, on a second try).
                 self._given_up = 0 if isinstance(exc, BadAnswer) else self._given_up + 1

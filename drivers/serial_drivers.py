@@ -45,7 +45,7 @@ from drivers.serial_frames import (
     LatestInInterval,
     make_reader,
 )
-from drivers.serial_port import open_exclusive
+from drivers.serial_port import open_error, open_exclusive
 
 __all__ = [
     "Hj212Driver",
@@ -221,7 +221,7 @@ class SerialLine:
                 elif not self._failing_logged:
                     self._failing_logged = True
                     log.warning("bus %s: cannot open serial port %s: %s; trying again every %g s",
-                                self.bus_name, self.port, _short(exc), self.reopen_every)
+                                self.bus_name, self.port, open_error(exc), self.reopen_every)
                 self._stop.wait(self.reopen_every)
                 return
             with self._lock:

@@ -198,8 +198,9 @@ def test_a_device_failing_differently_at_every_poll_is_logged_once_per_kind_not_
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("device cod")]
     assert lines == [
         ("WARNING", f"device cod (slave 2 on scripted): bad answer: not a Modbus TCP answer ({0:032x}), after 2 tries"),
-        ("WARNING", "device cod (slave 2 on scripted): no answer: garbled answer, after 2 tries"),
-        ("WARNING", "device cod (slave 2 on scripted): exception 04 reading holding 0+1"),
+        ("WARNING", "device cod (slave 2 on scripted): garbled answer, after 2 tries"),
+        ("WARNING", "device cod (slave 2 on scripted): exception 04 reading holding 0+1 (slave device failure)"),
+        ("WARNING", "device cod (slave 2 on scripted): no answer, after 2 tries"),
         ("INFO", "device cod (slave 2 on scripted): answering normally again"),
         ("WARNING", "device cod (slave 2 on scripted): bad answer: not a Modbus TCP answer (00), after 2 tries"),
     ]

@@ -19,12 +19,19 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import serial
-from harness import wait_for
+from harness import as_another_user, wait_for
 
 from agent import hj212
 from agent.config import parse_config
 from drivers import serial_drivers
-from drivers.serial_drivers import Hj212Driver, Pms5003Driver, Sds011Driver, StreamDriver, build_bus_drivers
+from drivers.serial_drivers import (
+    Hj212Driver,
+    Pms5003Driver,
+    Sds011Driver,
+    SerialLine,
+    StreamDriver,
+    build_bus_drivers,
+)
 from drivers.serial_frames import (
     PMS5003_CHANNELS,
     PMS5003_CMD_READ,
@@ -424,6 +431,28 @@ def test_a_port_that_flaps_logs_at_most_three_losses_a_minute(tmp_path, built, c
         sim.close()
     assert sum(" lost" in m for m in messages) == 3, messages
     assert sum("is back" in m for m in messages) == 3, messages
+
+
+def test_a_port_this_user_may_not_open_says_so_once_with_what_to_check(built, caplog):
+    # pyserial's own text says the errno and the path twice; the log says why once, and what to check.
+    master, slave = os.openpty()
+    try:
+        path = os.ttyname(slave)
+        os.chmod(path, 0o600)  # not this user's (the test acts as nobody when run as root)
+        caplog.set_level(logging.INFO, LOGGER)
+        with as_another_user():
+            line = SerialLine("pm-uart", path, baudrate=9600, reopen_every=0.05)
+            line.start()
+            try:
+                wait_for(lambda: any("cannot open" in m for m in caplog.messages), 5, "the failure logged")
+            finally:
+                line.close()
+    finally:
+        os.close(slave)
+        os.close(master)
+    (said,) = [m for m in caplog.messages if "cannot open" in m]
+    assert said == (f"bus pm-uart: cannot open serial port {path}: Permission denied (the user running edge-agent "
+                    "must be in the dialout group, as the service's user is); trying again every 0.05 s")
 
 
 def test_a_port_missing_at_start_is_opened_when_it_appears(tmp_path, built, caplog):
