@@ -103,11 +103,13 @@ class BusPoller(threading.Thread):
     """Polls `drivers` (all on one bus) until `stop()`."""
 
     def __init__(self, bus_name: str, drivers: Sequence[Driver], sink: Callable[[list[Reading]], None],
-                 resume: Mapping[str, float] | None = None):
+                 resume: Mapping[str, float] | None = None,
+                 on_problem: Callable[[str, str | None], None] | None = None):
         super().__init__(name=f"bus:{bus_name}", daemon=True)
         self.bus_name = bus_name
         self.drivers = list(drivers)
         self.sink = sink
+        self.on_problem = on_problem  # (device id, why its last poll failed or None): after every poll
         # device id -> monotonic start of its last poll by the poller this one replaces (a reload): its
         # next poll keeps to its interval instead of coming at once
         self.resume = dict(resume or {})
@@ -198,6 +200,12 @@ class BusPoller(threading.Thread):
             readings = driver.poll(now_ms())
         except Exception as exc:  # noqa: BLE001 - a driver bug must not stop the bus
             self._errlog.error("device %s: driver error %s: %s", driver.device_id, type(exc).__name__, exc)
+            self._note_problem(driver.device_id, f"driver error {type(exc).__name__}")
             return []
         self.polls += 1
+        self._note_problem(driver.device_id, getattr(driver, "problem", None))
         return readings
+
+    def _note_problem(self, device_id: str, problem: str | None) -> None:
+        if self.on_problem is not None:
+            self.on_problem(device_id, problem)

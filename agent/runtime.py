@@ -14,7 +14,9 @@ import os
 import select
 import signal
 import sqlite3
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -120,7 +122,8 @@ def check_supported(config: Config) -> None:
 
 
 def build_pollers(config: Config, sink, seen: dict[str, dict[str, str | None]] | None = None,
-                  resume: dict[str, float] | None = None) -> list[BusPoller]:
+                  resume: dict[str, float] | None = None,
+                  on_problem: Callable[[str, str | None], None] | None = None) -> list[BusPoller]:
     """One poller per bus, serving all its devices in turn (and one per bus-less simulated device).
     `seen`: the channels (and units) each device has stored readings for, for drivers that learn their
     channels from the wire (hj212). `resume`: when each device was last polled by the pollers these
@@ -131,7 +134,7 @@ def build_pollers(config: Config, sink, seen: dict[str, dict[str, str | None]] |
         if dev.driver == "simulated":
             channels = [SimChannelSpec(code=code, **ch.model_dump()) for code, ch in (dev.channels or {}).items()]
             driver = SimulatedDriver(dev_id, dev.interval, channels, dropout=dev.dropout or 0.0, seed=dev.seed)
-            pollers.append(BusPoller(f"sim:{dev_id}", [driver], sink, resume))
+            pollers.append(BusPoller(f"sim:{dev_id}", [driver], sink, resume, on_problem))
         elif dev.bus is not None:
             on_bus.setdefault(dev.bus, {})[dev_id] = dev
     for bus_name, devices in on_bus.items():
@@ -140,7 +143,8 @@ def build_pollers(config: Config, sink, seen: dict[str, dict[str, str | None]] |
         if module is None:
             raise UnsupportedConfig(f"buses.{bus_name}: {bus.type} buses are not yet supported by this version")
         extra = {"timezone": config.station.timezone, "seen": seen or {}} if bus.type == "serial" else {}
-        pollers.append(BusPoller(bus_name, module.build_bus_drivers(bus_name, bus, devices, **extra), sink, resume))
+        pollers.append(BusPoller(bus_name, module.build_bus_drivers(bus_name, bus, devices, **extra), sink, resume,
+                                 on_problem))
     return pollers
 
 
@@ -179,6 +183,30 @@ def warn_if_disk_smaller_than_cap(path: Path, max_mb: float) -> None:
     if room < max_mb * 1024 * 1024:
         log.warning("storage.max_mb is %s MB but the disk has room for %.0f MB: the disk may fill up before "
                     "the cap (readings then wait in memory until space returns)", max_mb, room / 1048576)
+
+
+class DeviceProblems:
+    """Why each device's polls fail (the drivers' `problem`), kept in the buffer's meta `device_problems`
+    for `status` (another process) whenever it changes: a device that keeps failing the same way writes
+    nothing more."""
+
+    def __init__(self, set_meta: Callable[[str, str], None]):
+        self._set_meta = set_meta
+        self._lock = threading.Lock()
+        self._problems: dict[str, str] = {}
+        set_meta("device_problems", "{}")  # what the previous run left is not news of this one
+
+    def note(self, device_id: str, problem: str | None) -> None:
+        """After every poll (any bus poller thread)."""
+        with self._lock:
+            if self._problems.get(device_id) == problem:
+                return
+            if problem is None:
+                del self._problems[device_id]
+            else:
+                self._problems[device_id] = problem
+            text = json.dumps(self._problems, separators=(",", ":"), sort_keys=True)
+        self._set_meta("device_problems", text)
 
 
 def _saved_alarm_state(buffer: Buffer) -> tuple[str | None, bool]:
@@ -262,7 +290,9 @@ class Station:
             from agent.console import start_console
 
             self.console = start_console(self)  # None if it could not start (logged)
-        self.pollers = build_pollers(cfg, self.recorder.submit, self.recorder.seen_channels())
+        self.device_problems = DeviceProblems(self.recorder.set_meta)
+        self.pollers = build_pollers(cfg, self.recorder.submit, self.recorder.seen_channels(),
+                                     on_problem=self.device_problems.note)
         for p in self.pollers:
             p.start()
         self.notifier.notify("READY=1\nSTATUS=running")
@@ -439,7 +469,8 @@ class Station:
         self.alarms.reconfigure(self.config)
         self.aggregator.reconfigure(self.config)
         resume = {dev: t for p in old_pollers for dev, t in p.last_polls().items()}
-        self.pollers = build_pollers(self.config, self.recorder.submit, self.recorder.seen_channels(), resume)
+        self.pollers = build_pollers(self.config, self.recorder.submit, self.recorder.seen_channels(), resume,
+                                     self.device_problems.note)
         for p in self.pollers:
             p.start()
         log.info("configuration reloaded: %d devices", len(new.devices))

@@ -82,6 +82,13 @@ def collect(reader: Buffer | None, device_intervals: dict[str, float],
             dev["health"] = "ok"
     meta = reader.meta()
     try:
+        problems = json.loads(meta.get("device_problems") or "{}")
+    except ValueError:
+        problems = {}
+    for device, dev in devices.items():  # why its last poll failed, as the running agent noted it
+        problem = problems.get(device) if isinstance(problems, dict) else None
+        dev["problem"] = problem if isinstance(problem, str) and dev["health"] in ("failing", "degraded") else None
+    try:
         broker = json.loads(meta.get("broker", "")) if meta.get("broker") else {"state": "unknown"}
     except ValueError:
         broker = {"state": "unknown"}
@@ -148,6 +155,8 @@ def render_text(status: dict[str, Any]) -> str:
     for device, dev in status["devices"].items():
         lines.append(f"  {device:<16} {dev.get('health', 'unknown'):<9} last {dev.get('last_reading') or '-'}"
                      f"  last valid {dev.get('last_valid') or '-'}")
+        if dev.get("problem"):
+            lines.append(f"    why: {dev['problem']}")
         for channel, c in dev["channels"].items():
             value = format_value(c["value"])
             lines.append(f"    {channel:<14} {value:>12} {c['unit'] or '':<8} {c['flag'] or '':<2} {c['ts'] or ''}")

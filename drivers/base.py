@@ -14,7 +14,9 @@ from agent.model import Reading
 
 class Driver(Protocol):
     """One device. `poll(ts_ms)` returns one reading per channel, stamped `ts_ms` unless the
-    instrument supplies its own time (an HJ 212 instrument's DataTime)."""
+    instrument supplies its own time (an HJ 212 instrument's DataTime). A driver that can tell why a
+    poll failed has a `problem` attribute (a short text, None after a good poll): the poller hands its
+    changes on, and `status` shows it beside the device's health."""
 
     device_id: str
     interval: float

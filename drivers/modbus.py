@@ -793,6 +793,7 @@ class ModbusBus:
         self._up: bool | None = None  # None until the first attempt
         self._was_up = False
         self._link_log = FlapLimiter()  # "lost" lines of a link that flaps: at most three a minute
+        self.down_reason = ""  # why the link was last found unusable
         self._users = 0
         self._closed = False
 
@@ -853,6 +854,7 @@ class ModbusBus:
         self._opened_id = None
 
     def _mark_down(self, reason: str) -> None:
+        self.down_reason = reason
         self._close_client()
         unlogged = self._link_log.lost(time.monotonic())
         if unlogged is not None:  # a link that flaps logs at most one line a minute
@@ -1118,6 +1120,7 @@ class ModbusDriver:
         self._channels = value_channels(self.specs)
         self._problems: set[str] = set()  # kinds of problem logged since the device last answered properly
         self._given_up = 0  # polls in a row given up for no (valid) answer: see SILENT_AFTER_POLLS
+        self.problem: str | None = None  # why the last poll failed, as first logged for its kind (for `status`)
         self._failed_polls = 0  # polls in a row with a problem, and when the last line about them was logged
         self._failing_logged_at = 0.0
         self.last_poll_s = 0.0
@@ -1230,8 +1233,11 @@ class ModbusDriver:
         device that never recovers logs one line per kind, never one per poll, and a reminder with the
         count of failed polls every STILL_FAILING_EVERY_S."""
         if problem is not None and problem[0] == "link":
+            reason = f": {self.bus.down_reason}" if self.bus.down_reason else ""
+            self.problem = f"bus {self.bus.name}: {problem[1]}{reason}"
             return  # the bus logs its link once, for all its devices
         if problem is None:
+            self.problem = None
             if self._problems and self.polls:
                 log.info("device %s (slave %d on %s): answering normally again", self.device_id, self.slave,
                          self.bus.name)
@@ -1243,6 +1249,8 @@ class ModbusDriver:
         self._failed_polls += 1
         now = time.monotonic()
         if kind in self._problems:
+            if not (self.problem or "").startswith(kind):  # another kind than the last poll's: say it
+                self.problem = what
             if now - self._failing_logged_at >= STILL_FAILING_EVERY_S:  # a reminder: the journal's last hour shows it
                 self._failing_logged_at = now
                 log.warning("device %s (slave %d on %s): still failing, %d polls in a row: %s", self.device_id,
@@ -1253,6 +1261,7 @@ class ModbusDriver:
             return
         self._problems.add(kind)
         self._failing_logged_at = now
+        self.problem = what
         log.warning("device %s (slave %d on %s): %s", self.device_id, self.slave, self.bus.name, what)
 
 

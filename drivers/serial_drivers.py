@@ -123,6 +123,7 @@ class SerialLine:
         self._thread = threading.Thread(target=self._run, name=f"serial:{bus_name}", daemon=True)
         self._cb_errors = 0
         self._failing_logged = False  # "cannot open" logged (before the port was ever open)
+        self.open_error = ""  # why the port is not open ("" while it is, or before the first attempt)
         self._port_log = FlapLimiter()  # "lost"/"is back" lines of a port that was open
 
     # ---------------------------------------------------------------- any thread
@@ -216,16 +217,18 @@ class SerialLine:
             try:
                 ser = self._open_port()
             except (OSError, ValueError, serial.SerialException) as exc:
+                self.open_error = open_error(exc)
                 if self.opens:
                     self._log_loss(None)  # still gone: a loss left unlogged (flapping) is logged once due
                 elif not self._failing_logged:
                     self._failing_logged = True
                     log.warning("bus %s: cannot open serial port %s: %s; trying again every %g s",
-                                self.bus_name, self.port, open_error(exc), self.reopen_every)
+                                self.bus_name, self.port, self.open_error, self.reopen_every)
                 self._stop.wait(self.reopen_every)
                 return
             with self._lock:
                 self._serial = ser
+            self.open_error = ""
             self.opens += 1
             self._failing_logged = False
             if self.opens == 1:
@@ -246,6 +249,7 @@ class SerialLine:
             if self._stop.is_set():
                 return
             self.losses += 1
+            self.open_error = f"lost: {_short(exc)}"
             self._log_loss(exc)
             self._close_port()
             self._stop.wait(min(self.reopen_every, 0.2))
@@ -326,18 +330,23 @@ class _Silence:
         self.total_silent_polls = 0
         self._flaps = FlapLimiter()
         self._logged_at = 0.0  # monotonic time of the last line about its silence
+        self.problem: str | None = None  # why the last poll had no values, for `status`
 
-    def update(self, got_frame: bool, port_open: bool) -> None:
+    def update(self, got_frame: bool, line: SerialLine) -> None:
         if got_frame:
             if self.silent_polls and self._flaps.back():
                 log.info("device %s: valid frames again after %d poll(s) without", self.device_id, self.silent_polls)
             self.silent_polls = 0
+            self.problem = None
             return
         self.silent_polls += 1
         self.total_silent_polls += 1
         now = time.monotonic()
         unlogged = self._flaps.lost(now)
+        port_open = line.is_open
         why = "" if port_open else " (its serial port is not open)"
+        self.problem = "no valid frame in the last interval" + (
+            "" if port_open else f" (serial port {line.port} not open: {line.open_error or 'opening it'})")
         if unlogged is not None:
             self._logged_at = now
             more = f"; it fell silent {unlogged} more time(s) since the last such line" if unlogged else ""
@@ -410,13 +419,18 @@ class StreamDriver:
         self._rejects.update(counters, self._REJECTS, "garbage_bytes")
         if values is None and self.polls == 1:
             return []  # the poll at start-up closes no interval: nothing was missed yet
-        self._silence.update(values is not None, self.line.is_open)
+        self._silence.update(values is not None, self.line)
         return self._readings(ts_ms, values)
 
     def _readings(self, ts_ms: int, values: Frame | None) -> list[Reading]:
         if values is None:
             return [Reading(self.device_id, ch, ts_ms, None, self.units.get(ch), FLAG_COMM) for ch in self.channels]
         return [Reading(self.device_id, ch, ts_ms, values[ch], self.units.get(ch), FLAG_NORMAL) for ch in self.channels]
+
+    @property
+    def problem(self) -> str | None:
+        """Why the last poll had no values (None when it had them), for `status`."""
+        return self._silence.problem
 
     def stats(self) -> dict[str, int]:
         """Counters for tests and health reports."""
@@ -687,8 +701,13 @@ class Hj212Driver:
                 fresh = True
             else:
                 out.append(Reading(self.device_id, code, missing_ts, None, unit, FLAG_COMM))
-        self._silence.update(fresh or (got_packet and not known), self.line.is_open)
+        self._silence.update(fresh or (got_packet and not known), self.line)
         return out
+
+    @property
+    def problem(self) -> str | None:
+        """Why the last poll had no values (None when it had them), for `status`."""
+        return self._silence.problem
 
     def stats(self) -> dict[str, int]:
         with self._cond:

@@ -1000,3 +1000,42 @@ def test_simulate_and_run_deliver_normal_readings_for_every_channel(tmp_path, br
         sim_log.close()
     assert not os.path.lexists(link), "simulate removes its pty link on exit"
     assert "serving" in (tmp_path / "simulate.log").read_text()
+
+
+def status_json(cfg: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "agent.cli", "status", "-c", str(cfg), "--json"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_status_says_why_a_device_fails_and_forgets_it_once_it_answers(tmp_path, broker):
+    """The operator sees `failing` for a missing port, a silent slave, a wrong baud rate alike; the
+    device's `problem` says which (here: nothing listens on the gateway's port), until it answers."""
+    port = free_port()
+    config = {
+        "station": {"id": "WHY00001", "type": "other", "timezone": "Asia/Shanghai"},
+        "storage": {"path": str(tmp_path / "buffer.db"), "commit_interval_ms": 100},
+        "mqtt": {"url": broker.url, "reconnect_max": 1},
+        "buses": {"lan": {"type": "tcp", "host": "127.0.0.1", "port": port, "timeout": 0.2}},
+        "devices": {"flow": {"bus": "lan", "slave": 1, "interval": 0.3,
+                             "registers": [{"channel": "w00000", "address": 0, "unit": "L/s", "scale": 0.1}]}},
+    }
+    cfg = write_config(tmp_path / "station.yaml", config)
+    bank = RegisterBank()
+    bank.set("holding", 0, [125])
+    server = None
+    agent = AgentProcess(cfg)
+    try:
+        def flow() -> dict:
+            return status_json(cfg)["devices"]["flow"]
+
+        failing = wait_for(lambda: (d := flow())["health"] == "failing" and d["problem"] and d, 20, "failing, with why")
+        assert failing["problem"] == f"bus lan: 127.0.0.1:{port} unavailable: Connection refused"
+        server = TcpServer(SlaveCore({1: bank}), "127.0.0.1", port).start()
+        answering = wait_for(lambda: (d := flow())["health"] == "ok" and d, 20, "answering")
+        assert answering["problem"] is None and answering["channels"]["w00000"]["value"] == 12.5
+    finally:
+        assert agent.stop() == 0
+        if server is not None:
+            server.stop()

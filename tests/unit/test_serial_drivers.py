@@ -143,9 +143,11 @@ def test_a_silent_sensor_gives_null_flag_b_each_interval_and_recovers(pty, built
     for _ in range(2):
         readings = pm.poll(1000)
         assert [(r.channel, r.value, r.flag) for r in readings] == [("a34004", None, "B"), ("a34002", None, "B")]
+    assert pm.problem == "no valid frame in the last interval", "what status shows beside `failing`"
     pty.write(encode_sds011(12.3, 45.6))
     wait_for(lambda: pm.frames >= 1, 5, "a frame")
     assert [(r.value, r.flag) for r in pm.poll(2000)] == [(12.3, "N"), (45.6, "N")]
+    assert pm.problem is None
     # The frame is reported once: a silent sensor never looks alive through a repeated old value.
     assert [(r.value, r.flag) for r in pm.poll(3000)] == [(None, "B"), (None, "B")]
 
@@ -462,6 +464,9 @@ def test_a_port_missing_at_start_is_opened_when_it_appears(tmp_path, built, capl
     pm.poll(0)
     assert [(r.value, r.flag) for r in pm.poll(0)] == [(None, "B"), (None, "B")]
     wait_for(lambda: any("cannot open" in r.getMessage() for r in caplog.records), 5, "the failure logged")
+    pm.poll(0)
+    assert pm.problem == (f"no valid frame in the last interval (serial port {link} not open: No such file or "
+                          "directory (unplugged, or another name: ls -l /dev/serial/by-id/))")
     sim = SerialSim([Sds011Sim(period=0.05)], link)
     sim.start()
     try:
