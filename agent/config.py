@@ -2,13 +2,16 @@
 reported as `FILE:LINE:COL: path.to.key: message` (1-based; `path` is dotted, list items by index:
 `devices.cod.interval`, `alarms.2.above`; problems with the file as a whole use the path `(file)`),
 on one line (control characters escaped). What makes part of a valid file do nothing (an alarm rule
-or action naming a device that is not configured, a preset without a limit for the channel) is a
-warning, `FILE:LINE:COL: path: warning: message` (`Config.warnings`), not a problem.
+or action naming a device that is not configured, a preset without a limit for the channel), and what
+is valid but most likely a technician's mistake (two Modbus devices at one slave of a bus, an interval
+the bus certainly cannot keep, a register number of a manual given as `address`, a serial port not on
+this machine), is a warning, `FILE:LINE:COL: path: warning: message` (`Config.warnings`), not a problem.
 
 Imports `agent.configyaml` (the YAML side), `agent.tlsfiles`, `drivers.registers`, `drivers.profiles`
-(names, maps) and, lazily, `drivers.serial_frames` (the fixed channels of pms5003/sds011); nothing else
-from the project. Entry points: `load_config`, `parse_config`, `check_files`, `check_tls`
-(`agent.configschema.json_schema` makes the JSON Schema from these models).
+(names, maps), `drivers.planner` (the reads of a poll and their RTU wire time) and, lazily,
+`drivers.serial_frames` (the fixed channels of pms5003/sds011); nothing else from the project. Entry
+points: `load_config`, `parse_config`, `check_files`, `check_tls` (`agent.configschema.json_schema`
+makes the JSON Schema from these models).
 
 How it works: `yaml.compose` gives a node tree with line/column marks; `agent.configyaml.TreeBuilder`
 turns it into plain Python data (detecting duplicate keys, substituting `${NAME}`, remembering where every key and
@@ -17,12 +20,14 @@ for true/false, and .inf/.nan); `_cross_check` validates references between sect
 buses, alarms -> devices/channels, payload -> hj212) and `_section_rules` the rules that combine
 keys of one section (url vs urls, cert without key, ...) on the plain data, so they run even when
 a section is invalid; with `check_files`, the files named by keys that are valid themselves are
-looked at too. Every error, whatever its source, becomes a `Problem` located through the remembered
-marks. Messages never show the value of a secret key (password, pw), and that value (or a variable
-substituted into it) is replaced by `***` (`${NAME}`) wherever else it appears. Nor do they show a
-file key's value that may be the secret itself (`_may_show_path`): a file's content pasted there
-(several lines, PEM text), or a `password_file` or `tls.key` with neither '/' nor '.' (a password
-typed where its file's path belongs); `Config.shown_file` tells `run`'s messages the same.
+looked at too, and whether the serial ports exist (a warning when not: never opened). Once the file is
+valid, `_register_overlaps` and `_bus_overruns` look at the register maps and the buses' timing.
+Every error, whatever its source, becomes a `Problem` located through the remembered marks. Messages
+never show the value of a secret key (password, pw), and that value (or a variable substituted into it)
+is replaced by `***` (`${NAME}`) wherever else it appears. Nor do they show a file key's value that
+may be the secret itself (`_may_show_path`): a file's content pasted there (several lines, PEM text),
+or a `password_file` or `tls.key` with neither '/' nor '.' (a password typed where its file's path
+belongs); `Config.shown_file` tells `run`'s messages the same.
 One limit remains: the checks of a register map that combine keys (an entry's status word, a value
 running past register 65535, the map as a whole) run only once the entry's (the device's) keys are
 valid one by one.
@@ -75,7 +80,8 @@ from agent.configyaml import (
 )
 from agent.tlsfiles import TlsFilesError, tls_context
 from drivers import profiles
-from drivers.registers import RegisterSpec, check_map, overlaps, value_channels
+from drivers.planner import Request, plan, rtu_char_bits, rtu_wire_s
+from drivers.registers import RegisterSpec, check_map, overlaps, register_reference, value_channels
 
 __all__ = [
     "AGGREGATE_MINUTES",
@@ -611,17 +617,44 @@ Parity = Annotated[Literal["N", "E", "O"],
                    BeforeValidator(_upper, json_schema_input_type=Literal["N", "E", "O", "n", "e", "o"])]
 
 
+# `port: 502` or `port: 192.168.1.50:502` on an rtu bus: a Modbus TCP gateway taken for a serial line.
+_TCP_LOOKALIKE_RE = re.compile(r"[0-9.:]+|[A-Za-z0-9.-]+:[0-9]+")
+
+
+def _check_port_path(value: str, *, rtu: bool) -> str:
+    """A serial port is an absolute device path: a relative one would be looked for in the working
+    directory of whoever runs the agent (`/` for the service), where no device node is."""
+    if value.startswith("/"):
+        return value
+    if rtu and _TCP_LOOKALIKE_RE.fullmatch(value.strip()):
+        raise _err(f"{value!r} is not a serial device: a Modbus TCP gateway is a bus of type: tcp with host: and "
+                   "port: (e.g. type: tcp, host: 192.168.1.50, port: 502)")
+    hint = f" (did you mean /dev/{value}?)" if value.startswith("tty") else ""
+    raise _err(f"{value!r} is not an absolute path: a serial port is a device such as /dev/ttyUSB0 or "
+               f"/dev/serial/by-id/...{hint}")
+
+
+# A serial device path (never a number; its pattern is for the JSON Schema, the validators give the messages).
+PortPath = Annotated[str, BeforeValidator(_as_text, json_schema_input_type=str), AfterValidator(_non_empty_text),
+                     Field(json_schema_extra={"pattern": "^/"})]
+
+
 class RtuBus(_Model):
     """A Modbus RTU line (RS-485 / RS-232)."""
 
     type: Literal["rtu"]
-    port: NonEmptyText = Field(description="Serial device, e.g. /dev/ttyUSB0")
+    port: PortPath = Field(description="Serial device (absolute path), e.g. /dev/ttyUSB0")
     baudrate: int = Field(9600, gt=0)
     parity: Parity = "N"
     bytesize: Annotated[Literal[7, 8], _QUOTED_CHOICE] = 8
     stopbits: Annotated[Literal[1, 2], _QUOTED_CHOICE] = 1
     timeout: float = Field(0.5, gt=0, description="Answer timeout, seconds")
     retries: int = Field(1, ge=0, description="Retries before a device is given up for this poll")
+
+    @field_validator("port")
+    @classmethod
+    def _check_port(cls, value: str) -> str:
+        return _check_port_path(value, rtu=True)
 
 
 class TcpBus(_Model):
@@ -638,12 +671,17 @@ class SerialBus(_Model):
     """A serial port for instruments that stream frames (PMS5003, SDS011, HJ 212 over RS-232)."""
 
     type: Literal["serial"]
-    port: NonEmptyText = Field(description="Serial device, e.g. /dev/ttyAMA0")
+    port: PortPath = Field(description="Serial device (absolute path), e.g. /dev/ttyAMA0")
     baudrate: int = Field(9600, gt=0)
     parity: Parity = "N"
     bytesize: Annotated[Literal[7, 8], _QUOTED_CHOICE] = 8
     stopbits: Annotated[Literal[1, 2], _QUOTED_CHOICE] = 1
     timeout: float = Field(1.0, gt=0, description="Read timeout, seconds")
+
+    @field_validator("port")
+    @classmethod
+    def _check_port(cls, value: str) -> str:
+        return _check_port_path(value, rtu=False)
 
 
 Bus = Annotated[RtuBus | TcpBus | SerialBus, Field(discriminator="type")]
@@ -826,6 +864,15 @@ class Device(_Model):
             check_map(self.registers)
             return list(self.registers)
         return None
+
+    def read_plan(self) -> list[Request] | None:
+        """The reads of one poll of the register map, planned as the Modbus driver plans them (with the
+        profile's max_gap/max_block); None for a device without a map. Raises ValueError for a map
+        that cannot be read."""
+        specs = self.register_map()
+        if specs is None:
+            return None
+        return plan(specs, **(profiles.plan_args(profiles.load(self.profile)) if self.profile is not None else {}))
 
     def known_channels(self) -> list[str] | None:
         """The channel codes this device produces readings for, when the config tells them
@@ -1181,7 +1228,8 @@ class Config(_Model):
     @property
     def warnings(self) -> list[Problem]:
         """What does not make the file invalid but does nothing (an alarm rule on a device that is not
-        configured, a preset without a limit for the channel), in file order."""
+        configured, a preset without a limit for the channel) or is most likely a mistake (see the
+        module docstring), in file order."""
         return list(self._warnings)
 
     def read_mqtt_password(self) -> str | None:
@@ -1271,11 +1319,90 @@ def _register_overlaps(config: Config) -> Iterable[tuple[KeyPath, str]]:
                          f"{b.table} {b.address}) read the same register(s): is an address wrong?")
 
 
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.3g} s"
+
+
+def _bus_overruns(config: Config) -> Iterable[tuple[KeyPath, str]]:
+    """(where, warning) for each Modbus device whose interval its bus certainly cannot keep: when a
+    device on the bus is silent (its poll holds the bus timeout × (retries + 1), what the driver waits),
+    and, on RTU, when the polls of all the bus's devices at their intervals need more wire time than
+    there is (`drivers.planner.rtu_wire_s`: frames and gaps only, a lower bound), said once, at the
+    device that takes the largest share."""
+    for bus_name, bus in config.buses.items():
+        if isinstance(bus, SerialBus):
+            continue
+        devices = {dev_id: dev for dev_id, dev in config.devices.items()
+                   if dev.bus == bus_name and dev.driver == "modbus"}
+        silent = bus.timeout * (bus.retries + 1)
+        for dev_id, dev in devices.items():
+            if silent > dev.interval:
+                yield ("devices", dev_id, "interval"), (
+                    f"a device that does not answer holds bus '{bus_name}' for timeout × (retries + 1) = "
+                    f"{bus.timeout:g} s × {bus.retries + 1} = {silent:g} s, longer than this interval: polls "
+                    "are missed whenever a device of the bus is silent (lower timeout or retries, or lengthen "
+                    "the interval)")
+        if not isinstance(bus, RtuBus):
+            continue
+        share: dict[str, float] = {}  # seconds of wire time per second
+        for dev_id, dev in devices.items():
+            try:
+                requests = dev.read_plan() or []
+            except ValueError:
+                continue  # reported as an error
+            share[dev_id] = rtu_wire_s(requests, bus.baudrate, bus.bytesize, bus.parity, bus.stopbits) / dev.interval
+        if sum(share.values()) <= 1:
+            continue
+        worst = max(share, key=lambda dev_id: share[dev_id])
+        interval = devices[worst].interval
+        bits = rtu_char_bits(bus.bytesize, bus.parity, bus.stopbits)
+        polled, advice = (("this device alone", "this interval (lengthen it") if len(share) == 1 else
+                          (f"the {len(share)} devices of the bus at their intervals",
+                           "these intervals (lengthen this one, the largest share"))
+        yield ("devices", worst, "interval"), (
+            f"the polls on bus '{bus_name}' need ~{_seconds(sum(share.values()) * interval)} of wire time per "
+            f"{_seconds(interval)} (each read: (8 + 5 + 2 × registers) bytes × {bits:g} bits / {bus.baudrate} baud "
+            f"+ 2 × 3.5 characters of silence; {polled}): the bus cannot keep {advice}, or raise the baud rate)")
+
+
+def _missing_ports(data: Mapping[str, Any]) -> Iterable[tuple[KeyPath, str]]:
+    """(where, warning) for each serial port (rtu, serial bus) that is not on this machine: a config is
+    often checked on a laptop, so it is no error. The port is not opened."""
+    for name, bus in _mapping(data.get("buses")).items():
+        bus = _mapping(bus)
+        port = _text_of(bus.get("port"))
+        if bus.get("type") in ("rtu", "serial") and port and port.startswith("/") and not os.path.exists(port):
+            yield ("buses", name, "port"), (f"{port} does not exist on this machine (fine if you are not on the "
+                                            "gateway; on it, is the adapter plugged in? see ls /dev/serial/by-id/)")
+
+
 def _inline_channels(dev: Mapping[str, Any]) -> list[tuple[int, str]]:
     """(index, channel) of each inline register entry of raw device data whose channel is text."""
     entries = dev["registers"] if isinstance(dev.get("registers"), list) else []
     return [(i, channel) for i, entry in enumerate(entries)
             if (channel := _text_of(_mapping(entry).get("channel"))) is not None]
+
+
+def _register_number_hints(dev: Mapping[str, Any]) -> list[tuple[int, str]]:
+    """(index, warning) for each inline register entry of raw device data whose address, written in
+    decimal, is a register number of a manual (30001..39999 input, 40001..49999 holding) rather than
+    the 0-based protocol address SPEC asks for. Larger numbers (400001) are errors of their own."""
+    entries = dev["registers"] if isinstance(dev.get("registers"), list) else []
+    out = []
+    for i, entry in enumerate(entries):
+        entry = _mapping(entry)
+        address, table = entry.get("address"), _text_of(entry.get("table")) or "holding"
+        if not isinstance(address, int) or isinstance(address, bool) or not (_text_of(address) or "").isdigit():
+            continue  # hexadecimal (0x9C41) is a protocol address
+        reference = register_reference(address)
+        if reference is None or address > 0xFFFF or table not in ("holding", "input"):
+            continue
+        ref_table, ref_address = reference
+        change = f"address: {ref_address}" + (f", table: {ref_table}" if ref_table != table else "")
+        out.append((i, f"{address} looks like a register number as manuals count them (from 1): address is the "
+                       f"0-based protocol address, and register {address} is address {ref_address} of {ref_table} "
+                       f"({change})"))
+    return out
 
 
 HJ212_MAX_CODE = 64  # a channel code in HJ 212 packets (pollutant codes have 6 characters)
@@ -1334,6 +1461,7 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
 
     devices = _mapping(data.get("devices"))
     effective: dict[str, str | None] = {}
+    slave_owner: dict[tuple[str, int], str] = {}  # (bus, slave) -> the first Modbus device with it
     for dev_id, dev in devices.items():
         if not isinstance(dev, dict):
             continue
@@ -1344,6 +1472,8 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
                 out.append(_Cross(base + ("registers", i, "channel"),
                                   f"channel {channel!r} appears twice in this device", "value"))
             seen_channels.add(channel)
+        for i, hint in _register_number_hints(dev):
+            out.append(_Cross(base + ("registers", i, "address"), hint, "value", warning=True))
         driver = dev.get("driver") if dev.get("driver") in DRIVERS else None
         bus_name = _text_of(dev.get("bus"))
         eff: str | None = None
@@ -1384,6 +1514,13 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
                 elif btype == "rtu" and _is_number(dev.get("slave")) and 247 < dev["slave"] <= 255:
                     out.append(_Cross(base + ("slave",), f"slave {dev['slave']} is reserved on RTU (addresses "
                                 "248..255); use 1..247", "value"))
+                elif isinstance(dev.get("slave"), int) and not isinstance(dev.get("slave"), bool):
+                    other = slave_owner.setdefault((bus_name, dev["slave"]), str(dev_id))
+                    if other != dev_id:  # one instrument may be split into two devices: not an error
+                        out.append(_Cross(base + ("slave",), f"slave {dev['slave']} on bus '{bus_name}' is also "
+                                          f"device '{other}': right only if both read one instrument (two "
+                                          "instruments cannot share an address on one bus)",
+                                          "value", warning=True))
                 if dev.get("profile") is None and dev.get("registers") is None:
                     out.append(_Cross(base + ("profile",), "missing required key 'profile' (or inline "
                                 "'registers'): a Modbus device needs a register map", "missing"))
@@ -1889,9 +2026,11 @@ def parse_config(
             trouble = _file_problem(key, value, written)
             if trouble is not None:
                 problems.append(locator.problem(key, "value", trouble))
+        warnings += [locator.problem(path, "value", message, warning=True)
+                     for path, message in _missing_ports(data) if path not in claimed]
     if config is not None and not problems:
         warnings += [locator.problem(path, "value", message, warning=True)
-                     for path, message in _register_overlaps(config)]
+                     for path, message in (*_register_overlaps(config), *_bus_overruns(config))]
     warnings.sort(key=lambda p: (p.line, p.col))
     if problems:
         unique = list(dict.fromkeys(problems))

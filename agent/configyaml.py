@@ -48,7 +48,7 @@ def status_reads(path: KeyPath) -> bool:
 # What `status` puts where an unset ${VAR} stands in a value it never reads, when the value's own
 # checks would refuse the text `${VAR}` itself (any other text value keeps its `${VAR}`).
 STATUS_STAND_INS: dict[str, str] = {"url": "mqtt://unset.invalid", "urls": "mqtt://unset.invalid",
-                                     "host": "unset.invalid"}
+                                     "host": "unset.invalid", "port": "/unset.invalid"}  # port: a serial bus's
 
 # Scalars as written: a number written where text is expected keeps its spelling ("0012" stays
 # "0012", not 10), because `agent.config` takes the raw YAML text of the number.

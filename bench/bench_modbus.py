@@ -29,13 +29,12 @@ from bench_planner import forty_point_map  # noqa: E402
 
 from drivers.modbus import ModbusBus, ModbusDriver  # noqa: E402
 from drivers.modbus_codec import encode  # noqa: E402
-from drivers.planner import naive_plan, plan  # noqa: E402
+from drivers.planner import naive_plan, plan, rtu_char_bits, rtu_gap_s  # noqa: E402
 from drivers.registers import RegisterSpec  # noqa: E402
 from drivers.sim.slave import RegisterBank, RtuPtyServer, SlaveCore, TcpServer  # noqa: E402
 
 BAUD = 9600
-BITS_PER_CHAR = 10  # 8N1: start + 8 data + stop
-SILENCE_CHARS = 3.5  # Modbus RTU: a frame ends after 3.5 characters of silence
+CHAR_S = rtu_char_bits() / BAUD  # 8N1: start + 8 data + stop
 
 
 def filled_bank(specs: list[RegisterSpec]) -> RegisterBank:
@@ -52,9 +51,9 @@ def filled_bank(specs: list[RegisterSpec]) -> RegisterBank:
 
 def wire_ms(total_bytes: float, requests: float) -> float:
     """RTU wire time of a poll: every character, plus 3.5 characters of silence after each frame
-    (request and answer), without the slave's own turnaround."""
-    char_ms = 1000.0 * BITS_PER_CHAR / BAUD
-    return total_bytes * char_ms + requests * 2 * SILENCE_CHARS * char_ms
+    (request and answer), without the slave's own turnaround (as `drivers.planner.rtu_wire_s`, from the
+    bytes the slave counted)."""
+    return 1000.0 * (total_bytes * CHAR_S + requests * 2 * rtu_gap_s(BAUD, CHAR_S))
 
 
 def run(kind: str, mode: str, polls: int, tmp: Path) -> dict[str, float]:

@@ -21,14 +21,16 @@ from drivers.planner import (  # noqa: E402
     Request,
     naive_plan,
     plan,
+    rtu_char_bits,
     rtu_frame_bytes,
+    rtu_wire_s,
     slice_response,
 )
 from drivers.registers import RegisterSpec  # noqa: E402
 
 BAUD = 9600
-BITS_PER_CHAR = 10  # 8N1: start + 8 data + stop
-SILENCE_CHARS = 3.5  # Modbus RTU inter-frame gap, after every frame
+BITS_PER_CHAR = rtu_char_bits()  # 8N1: start + 8 data + stop
+SILENCE_CHARS = 3.5  # Modbus RTU inter-frame gap, after every frame (drivers.planner.rtu_gap_s)
 
 
 def forty_point_map() -> list[RegisterSpec]:
@@ -47,10 +49,9 @@ def forty_point_map() -> list[RegisterSpec]:
 
 def wire(requests: list[Request], turnaround_ms: float) -> tuple[int, float]:
     """(bytes, milliseconds) on the wire for one poll: every frame's characters plus 3.5 characters of
-    silence after each frame, plus the slave's turnaround per request."""
-    char_ms = 1000.0 * BITS_PER_CHAR / BAUD
+    silence after each frame (`drivers.planner.rtu_wire_s`), plus the slave's turnaround per request."""
     total_bytes = sum(sum(rtu_frame_bytes(r)) for r in requests)
-    ms = total_bytes * char_ms + len(requests) * (2 * SILENCE_CHARS * char_ms + turnaround_ms)
+    ms = 1000.0 * rtu_wire_s(requests, BAUD) + len(requests) * turnaround_ms
     return total_bytes, ms
 
 
@@ -100,7 +101,7 @@ def main() -> None:
     print("bench_planner: 40-point Modbus map, naive vs planned")
     print(f"  date {time.strftime('%Y-%m-%d %H:%M:%S %z')}, {platform.node()}, {platform.machine()}, "
           f"{platform.processor() or 'cpu ?'}, Python {platform.python_version()}")
-    print(f"  RTU {BAUD} baud 8N1 ({BITS_PER_CHAR} bits/char = {char_ms:.3f} ms/char), "
+    print(f"  RTU {BAUD} baud 8N1 ({BITS_PER_CHAR:g} bits/char = {char_ms:.3f} ms/char), "
           f"{SILENCE_CHARS} chars of silence after every frame; request frame 8 bytes, "
           "response 5 + 2N bytes (coils 5 + ceil(N/8))")
     print(f"  map: {len(specs)} entries (24 float32, 1 float64, 8 int16 input, 5 status words, 2 coils) "

@@ -86,7 +86,7 @@ from agent.logutil import FlapLimiter
 from agent.model import FLAG_COMM, FLAG_FAULT, Reading
 from drivers import profiles
 from drivers.modbus_codec import combine_flags, evaluate, flag_from_status, status_flags_by_channel
-from drivers.planner import Request, naive_plan, plan, slice_response
+from drivers.planner import Request, naive_plan, plan, rtu_char_bits, rtu_gap_s, slice_response
 from drivers.registers import RegisterSpec, value_channels
 from drivers.serial_port import open_error, open_exclusive
 
@@ -437,10 +437,8 @@ class _RtuPort(_Link):
         super().__init__(timeout, stats, bus_name)
         self.path = path
         self.baudrate, self.parity, self.bytesize, self.stopbits = baudrate, str(parity).upper(), bytesize, stopbits
-        bits = 1 + bytesize + (0 if str(parity).upper() == "N" else 1) + stopbits
-        self.char_s = bits / max(1, baudrate)
-        # The RTU frame gap: 3.5 characters, fixed at 1.75 ms above 19200 baud (Modbus over serial line).
-        self.silence_s = 3.5 * self.char_s if baudrate <= 19200 else 0.00175
+        self.char_s = rtu_char_bits(bytesize, parity, stopbits) / max(1, baudrate)
+        self.silence_s = rtu_gap_s(baudrate, self.char_s)
         self._serial: serial.Serial | None = None
         self._last_rx = 0.0
 

@@ -64,9 +64,27 @@ def _check_channel(channel: str) -> str:
     return channel
 
 
+# Register numbers of manuals: (table, first 5-digit number, first 6-digit number), counted from 1.
+_REFERENCE_BLOCKS: tuple[tuple[Table, int, int], ...] = (("input", 30001, 300001), ("holding", 40001, 400001))
+
+
+def register_reference(number: int) -> tuple[Table, int] | None:
+    """(table, 0-based protocol address) of a register written in the "Modicon" numbering of manuals,
+    when `number` is one: 30001..39999 and 300001..365536 are input registers, 40001..49999 and
+    400001..465536 holding registers, counted from 1 (register 40001 is address 0 of holding)."""
+    for table, five, six in _REFERENCE_BLOCKS:
+        if five <= number <= five + 9998:
+            return table, number - five
+        if six <= number <= six + 0xFFFF:
+            return table, number - six
+    return None
+
+
 def _check_address(address: int) -> int:
     if not 0 <= address <= 0xFFFF:
-        raise ValueError(f"{address} is outside 0..65535 (0-based protocol address)")
+        reference = register_reference(address)
+        hint = f": register {address} is address {reference[1]} of {reference[0]}" if reference else ""
+        raise ValueError(f"{address} is outside 0..65535 (0-based protocol address{hint})")
     return address
 
 

@@ -57,6 +57,13 @@ def write(tmp_path: Path, text: str, name: str = "station.yaml") -> Path:
     return path
 
 
+def port_here(tmp_path: Path, text: str) -> str:
+    """`text` with GOOD's serial port replaced by a file that exists, so that check-config has nothing to
+    say about the port, whether or not this machine has a /dev/ttyUSB0."""
+    (tmp_path / "ttyUSB0").touch()
+    return text.replace("port: /dev/ttyUSB0", f"port: {tmp_path / 'ttyUSB0'}")
+
+
 def problems_of(path: Path, env: dict[str, str] | None = None) -> list[str]:
     with pytest.raises(ConfigError) as info:
         load_config(path, env=env or {})
@@ -125,7 +132,7 @@ def test_relative_paths_resolve_against_the_config_directory(tmp_path: Path, mon
   username: station
   password_file: secrets/mqtt.pass
   tls: {ca: ca.pem, cert: /abs/client.pem, key: ../keys/client.key}""").replace(
-        "  rs485-1: {type: rtu, port: /dev/ttyUSB0}", "  rs485-1: {type: rtu, port: ttyUSB0}")
+        "  rs485-1: {type: rtu, port: /dev/ttyUSB0}", "  rs485-1: {type: rtu, port: /dev/serial/../ttyUSB0}")
     path = write(conf_dir, text)
     monkeypatch.chdir(tmp_path)  # the working directory must not matter
     config = load_config(Path("etc") / "station.yaml", env={})
@@ -135,7 +142,7 @@ def test_relative_paths_resolve_against_the_config_directory(tmp_path: Path, mon
     assert config.mqtt.tls.ca == conf_dir / "ca.pem"
     assert config.mqtt.tls.cert == Path("/abs/client.pem")
     assert config.mqtt.tls.key == tmp_path / "keys" / "client.key"
-    assert config.buses["rs485-1"].port == "ttyUSB0"  # a port is not a file path: left alone
+    assert config.buses["rs485-1"].port == "/dev/serial/../ttyUSB0"  # a port is not a file path: left alone
     assert config.source_path == path
     assert config.mqtt.brokers()[0].port == 8883
 
@@ -507,7 +514,7 @@ def test_a_secret_given_where_its_file_belongs_is_never_echoed(tmp_path: Path) -
     cert: "-----BEGIN CERTIFICATE----- MIIBszCCAVmgAwIBAgIUPastedCertText"
     key: |
 {PASTED_KEY}""") + 'console: {password_file: "~Sekrit9x"}\n'
-    path = write(tmp_path, text)
+    path = write(tmp_path, port_here(tmp_path, text))
     pasted = "this is not a file path: it looks like the {} itself (put it in a file and give the file's path)"
     expected = [
         "9:18: mqtt.password_file: file not found (the value is not shown: it may be the secret itself; give the "
@@ -561,7 +568,7 @@ def test_check_config_reads_the_password_file_as_run_does(tmp_path: Path) -> Non
     (tmp_path / "mqtt.pass").write_bytes(b"p\xe4ssword\n")  # Latin-1
     text = GOOD.replace("  url: mqtt://127.0.0.1:1883",
                         "  url: mqtts://127.0.0.1:1\n  username: u\n  password_file: mqtt.pass")
-    path = write(tmp_path, text)
+    path = write(tmp_path, port_here(tmp_path, text))
     expected = f"{path}:9:18: mqtt.password_file: cannot read the password file: not UTF-8 text\n"
     checked = run_cli("check-config", str(path))
     ran = run_cli("run", "-c", str(path), timeout=30)
@@ -813,7 +820,8 @@ def test_warnings_come_with_the_problems_and_apart_from_them(tmp_path: Path) -> 
 def test_check_config_prints_warnings_on_stderr_and_exits_0(tmp_path: Path) -> None:
     from harness import run_cli
 
-    path = write(tmp_path, GOOD + "alarms:\n  - {channel: sim.a34004, above: 1, action: {device: fog, coil: 0}}\n")
+    path = write(tmp_path, port_here(tmp_path, GOOD) + "alarms:\n  - {channel: sim.a34004, above: 1, action: "
+                                                       "{device: fog, coil: 0}}\n")
     result = run_cli("check-config", str(path))
     assert result.returncode == 0, result.stderr
     assert result.stderr == (f"{path}:21:54: alarms.0.action.device: warning: unknown device 'fog': the action is "
@@ -957,6 +965,7 @@ def test_quoted_choices_check_config_takes_are_valid_to_the_schema_too(tmp_path:
     text = GOOD.replace("  url: mqtt://127.0.0.1:1883", '  url: mqtt://127.0.0.1:1883\n  qos: "1"').replace(
         "{type: rtu, port: /dev/ttyUSB0}", '{type: rtu, port: /dev/ttyUSB0, bytesize: " 8", stopbits: "+1"}'
     ) + 'aggregate: {minute: "010"}\n'
+    text = port_here(tmp_path, text)
     path = write(tmp_path, text)
     assert [e.message for e in validator.iter_errors(yaml.safe_load(text))] == []
     checked = run_cli("check-config", str(path))
@@ -1085,3 +1094,166 @@ def test_polls_faster_than_hj212_datatime_are_a_warning_when_hj212_is_spoken(tmp
     config = load_config(write(tmp_path, text), env={})
     assert [(w.path, "DataTime counts whole seconds" in w.message) for w in config.warnings] == [
         ("devices.sim.interval", True)]
+
+
+# --------------------------------------------------------------------------------------------------
+# What a field technician gets wrong on the wire: warned (or refused) by check-config
+
+
+def test_two_modbus_devices_at_one_slave_on_one_bus_are_a_warning(tmp_path: Path) -> None:
+    """One instrument may be split into two devices (its values, its status word): a warning naming the
+    other device, on RTU and TCP alike; the same slave on another bus is no clash."""
+    path = write(tmp_path, """station: {id: ST01, type: outfall}
+storage: {path: b.db}
+mqtt: {url: "mqtt://127.0.0.1:1883"}
+buses:
+  rs: {type: rtu, port: /dev/ttyUSB0}
+  rs2: {type: rtu, port: /dev/ttyUSB1}
+  lan: {type: tcp, host: 192.168.1.50}
+devices:
+  cod: {bus: rs, slave: 1, profile: cod-analyzer}
+  cod-status: {bus: rs, slave: 1, registers: [{channel: state, address: 100}]}
+  nh3n: {bus: rs2, slave: 1, profile: nh3n-analyzer}
+  ph: {bus: rs, slave: 2, profile: ph-meter}
+  flow: {bus: lan, slave: 1, profile: flow-meter}
+  flow2: {bus: lan, slave: 1, registers: [{channel: total, address: 10, type: float64}]}
+  third: {bus: rs, slave: 1, registers: [{channel: x, address: 200}]}
+""")
+    also = "right only if both read one instrument (two instruments cannot share an address on one bus)"
+    assert [str(w)[len(str(path)) + 1:] for w in load_config(path, env={}).warnings] == [
+        f"10:32: devices.cod-status.slave: warning: slave 1 on bus 'rs' is also device 'cod': {also}",
+        f"14:28: devices.flow2.slave: warning: slave 1 on bus 'lan' is also device 'flow': {also}",
+        f"15:27: devices.third.slave: warning: slave 1 on bus 'rs' is also device 'cod': {also}",
+    ]
+
+
+def test_intervals_a_bus_certainly_cannot_keep_are_warnings(tmp_path: Path) -> None:
+    """A silent device holds its bus timeout × (retries + 1); on RTU the polls of all devices need their
+    wire time (frames of 8 and 5 + 2 × registers bytes at the line's character time, a 3.5-character gap
+    after each): warned only where the interval is certainly missed. At 9600 8N1 one read of 2 registers
+    is 25 ms; bus rs needs 2 × 25 + 27 + 25 ms per 100 ms, bus fast (19200 baud) half of that."""
+    path = write(tmp_path, """station: {id: ST01, type: outfall}
+storage: {path: b.db}
+mqtt: {url: "mqtt://127.0.0.1:1883"}
+buses:
+  rs: {type: rtu, port: /dev/ttyUSB0, timeout: 0.04, retries: 0}
+  fast: {type: rtu, port: /dev/ttyUSB1, baudrate: 19200, timeout: 0.04, retries: 0}
+  slow: {type: rtu, port: /dev/ttyS1, baudrate: 1200, parity: E, timeout: 0.1, retries: 0}
+  lan: {type: tcp, host: 192.168.1.50, timeout: 1, retries: 2}
+devices:
+  a: {bus: rs, slave: 1, interval: 0.1, registers: TWO_READS}
+  b: {bus: rs, slave: 2, interval: 0.1, registers: ONE_READ_3}
+  c: {bus: rs, slave: 3, interval: 0.1, registers: ONE_READ_2}
+  a2: {bus: fast, slave: 1, interval: 0.1, registers: TWO_READS}
+  b2: {bus: fast, slave: 2, interval: 0.1, registers: ONE_READ_3}
+  c2: {bus: fast, slave: 3, interval: 0.1, registers: ONE_READ_2}
+  ph: {bus: slow, slave: 1, interval: 0.2, registers: ONE_READ_2}
+  flow: {bus: lan, slave: 1, interval: 3, profile: flow-meter}
+  dust: {bus: lan, slave: 2, interval: 2.5, profile: flow-meter}
+""".replace("TWO_READS", "[{channel: v, address: 0, type: float32}, {channel: w, address: 38, type: float32}]")
+                           .replace("ONE_READ_3", "[{channel: v, address: 0, type: float32}, {channel: s, address: 2}]")
+                           .replace("ONE_READ_2", "[{channel: v, address: 0, type: float32}]"))
+    read = "(8 + 5 + 2 × registers) bytes × {} bits / {} baud + 2 × 3.5 characters of silence"
+    assert [str(w)[len(str(path)) + 1:] for w in load_config(path, env={}).warnings] == [
+        f"10:36: devices.a.interval: warning: the polls on bus 'rs' need ~102 ms of wire time per 100 ms (each "
+        f"read: {read.format(10, 9600)}; the 3 devices of the bus at their intervals): the bus cannot keep these "
+        "intervals (lengthen this one, the largest share, or raise the baud rate)",
+        f"16:39: devices.ph.interval: warning: the polls on bus 'slow' need ~220 ms of wire time per 200 ms (each "
+        f"read: {read.format(11, 1200)}; this device alone): the bus cannot keep this interval (lengthen it, or "
+        "raise the baud rate)",
+        "18:40: devices.dust.interval: warning: a device that does not answer holds bus 'lan' for timeout × "
+        "(retries + 1) = 1 s × 3 = 3 s, longer than this interval: polls are missed whenever a device of the bus "
+        "is silent (lower timeout or retries, or lengthen the interval)",
+    ]
+    # As long as the interval exactly: not certainly missed. Half a second more per try: missed.
+    calm = path.read_text().replace("interval: 2.5", "interval: 3")
+    assert load_config(write(tmp_path, calm), env={}).warnings[2:] == []
+    config = load_config(write(tmp_path, calm.replace("timeout: 1,", "timeout: 1.5,")), env={})
+    assert [w.path for w in config.warnings[2:]] == ["devices.flow.interval", "devices.dust.interval"]
+
+
+def test_a_serial_port_must_be_an_absolute_device_path(tmp_path: Path) -> None:
+    """`port: 502` on an rtu bus is a Modbus TCP gateway taken for a serial line; a relative path would be
+    looked for in the service's working directory. Both are refused, by the schema too."""
+    import jsonschema
+    import yaml
+
+    validator = jsonschema.Draft202012Validator(json_schema())
+    tcp_hint = ("'{}' is not a serial device: a Modbus TCP gateway is a bus of type: tcp with host: and port: "
+                "(e.g. type: tcp, host: 192.168.1.50, port: 502)")
+    for port, message in (
+        ("502", tcp_hint.format("502")),
+        ("192.168.1.50:502", tcp_hint.format("192.168.1.50:502")),
+        ("ttyUSB0", "'ttyUSB0' is not an absolute path: a serial port is a device such as /dev/ttyUSB0 or "
+                    "/dev/serial/by-id/... (did you mean /dev/ttyUSB0?)"),
+        ("serial/ttyS0", "'serial/ttyS0' is not an absolute path: a serial port is a device such as /dev/ttyUSB0 "
+                         "or /dev/serial/by-id/..."),
+    ):
+        text = GOOD.replace("port: /dev/ttyUSB0", f"port: {port}")
+        assert single_problem(tmp_path, text) == f"9:30: buses.rs485-1.port: {message}"
+        assert list(validator.iter_errors(yaml.safe_load(text))), f"the schema lets port: {port} through"
+    text = GOOD.replace("{type: rtu, port: /dev/ttyUSB0}", "{type: serial, port: '502'}").replace(
+        "    slave: 1\n    profile: cod-analyzer\n", "    driver: pms5003\n")
+    assert single_problem(tmp_path, text) == ("9:33: buses.rs485-1.port: '502' is not an absolute path: a serial "
+                                              "port is a device such as /dev/ttyUSB0 or /dev/serial/by-id/...")
+    # `status` reads no bus: an unset variable there is no problem to it (check-config says it is unset).
+    text = GOOD.replace("port: /dev/ttyUSB0", 'port: "${SERIAL_PORT}"')
+    assert parse_config(text, env={}, for_status=True).buses["rs485-1"].port
+    assert single_problem(tmp_path, text) == "9:30: buses.rs485-1.port: environment variable SERIAL_PORT is not set"
+
+
+def test_a_serial_port_missing_on_this_machine_is_a_warning_of_check_config_only(tmp_path: Path) -> None:
+    """check-config may run on a laptop: a port that is not there is a warning (the port is not opened),
+    and only where files are checked (`run` finds out when it opens the port)."""
+    from harness import run_cli
+
+    text = port_here(tmp_path, GOOD).replace("  sim:\n", "  pm:\n    bus: uart\n    driver: pms5003\n  sim:\n")
+    text = text.replace("buses:\n", f"buses:\n  uart: {{type: serial, port: {tmp_path / 'ttyAMA9'}}}\n")
+    path = write(tmp_path, text)
+    warning = (f"{path}:9:30: buses.uart.port: warning: {tmp_path / 'ttyAMA9'} does not exist on this machine (fine "
+               "if you are not on the gateway; on it, is the adapter plugged in? see ls /dev/serial/by-id/)")
+    assert [str(w) for w in load_config(path, env={}, check_files=True).warnings] == [warning]
+    assert load_config(path, env={}).warnings == []
+    result = run_cli("check-config", str(path))
+    assert (result.returncode, result.stderr) == (0, warning + "\n")
+    (tmp_path / "ttyAMA9").touch()
+    assert load_config(path, env={}, check_files=True).warnings == []
+
+
+def test_a_register_number_of_a_manual_given_as_address_is_a_warning(tmp_path: Path) -> None:
+    """SPEC's address is the 0-based protocol address: register 40001 is address 0 of holding. A decimal
+    address in 30001..39999 or 40001..49999 of a register table is warned about, with the address and
+    table it likely means; 400001 and above are errors, which say the same."""
+    path = write(tmp_path, GOOD.replace("    profile: cod-analyzer\n", """\
+    registers:
+      - {channel: a, address: 40001, type: float32}
+      - {channel: b, address: 30005, type: float32}
+      - {channel: c, address: 30101, table: input}
+      - {channel: d, address: 49999, table: input}
+      - {channel: e, address: 0x9C51}
+      - {channel: f, address: 40010, table: coil}
+      - {channel: g, address: 40000}
+"""))
+    means = "looks like a register number as manuals count them (from 1): address is the 0-based protocol address"
+    assert [str(w)[len(str(path)) + 1:] for w in load_config(path, env={}).warnings] == [
+        f"20:31: devices.cod.registers.0.address: warning: 40001 {means}, and register 40001 is address 0 of "
+        "holding (address: 0)",
+        f"21:31: devices.cod.registers.1.address: warning: 30005 {means}, and register 30005 is address 4 of "
+        "input (address: 4, table: input)",
+        f"22:31: devices.cod.registers.2.address: warning: 30101 {means}, and register 30101 is address 100 of "
+        "input (address: 100)",
+        f"23:31: devices.cod.registers.3.address: warning: 49999 {means}, and register 49999 is address 9998 of "
+        "holding (address: 9998, table: holding)",
+    ]
+    text = GOOD.replace("    profile: cod-analyzer\n", "    registers: [{channel: a, address: 400101}]\n")
+    assert single_problem(tmp_path, text) == ("19:39: devices.cod.registers.0.address: 400101 is outside 0..65535 "
+                                              "(0-based protocol address: register 400101 is address 100 of holding)")
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_the_examples_get_no_wire_warnings(path: Path) -> None:
+    """The shipped examples keep their intervals, slaves, addresses and ports right (a port missing on the
+    machine that checks them is the machine's matter: see the test above)."""
+    warned = [w for w in load_config(path, env=EXAMPLE_ENV).warnings
+              if w.path.endswith((".slave", ".interval", ".address", ".port"))]
+    assert warned == []

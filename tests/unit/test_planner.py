@@ -16,7 +16,9 @@ from drivers.planner import (
     Request,
     naive_plan,
     plan,
+    rtu_char_bits,
     rtu_frame_bytes,
+    rtu_wire_s,
     slice_response,
     table_limit,
 )
@@ -112,6 +114,19 @@ def test_rtu_frame_sizes():
     assert rtu_frame_bytes(Request("holding", 0, 2, ())) == (8, 9)
     assert rtu_frame_bytes(Request("input", 0, 125, ())) == (8, 255)
     assert rtu_frame_bytes(Request("coil", 0, 9, ())) == (8, 7)
+
+
+def test_rtu_wire_time_matches_domain_figures_and_the_line_settings():
+    """DOMAIN.md: at 9600 baud 2 registers cost ~25 ms of wire time, 40 contiguous ones ~100 ms (8N1:
+    10 bits a character; frames plus a 3.5-character gap after each)."""
+    two, forty = Request("holding", 0, 2, ()), Request("holding", 0, 40, ())
+    assert rtu_wire_s([two], 9600) == pytest.approx((17 + 7) * 10 / 9600)
+    assert rtu_wire_s([forty], 9600) == pytest.approx((93 + 7) * 10 / 9600)  # 104 ms
+    assert rtu_wire_s([two, forty], 9600) == pytest.approx(rtu_wire_s([two], 9600) + rtu_wire_s([forty], 9600))
+    assert rtu_wire_s([forty], 9600, parity="E") == pytest.approx((93 + 7) * 11 / 9600)  # 8E1: 11 bits
+    assert rtu_char_bits(8, "N", 2) == rtu_char_bits(8, "e", 1) == 11 and rtu_char_bits(7, "N", 1) == 9
+    assert rtu_wire_s([forty], 115200) == pytest.approx(93 * 10 / 115200 + 2 * 0.00175)  # fixed gap above 19200
+    assert rtu_wire_s([], 9600) == 0
 
 
 def forty_point_map() -> list[RegisterSpec]:
