@@ -1338,10 +1338,10 @@ def _bus_overruns(config: Config) -> Iterable[tuple[KeyPath, str]]:
         for dev_id, dev in devices.items():
             if silent > dev.interval:
                 yield ("devices", dev_id, "interval"), (
-                    f"a device that does not answer holds bus '{bus_name}' for timeout × (retries + 1) = "
-                    f"{bus.timeout:g} s × {bus.retries + 1} = {silent:g} s, longer than this interval: polls "
-                    "are missed whenever a device of the bus is silent (lower timeout or retries, or lengthen "
-                    "the interval)")
+                    f"a device that stops answering holds bus '{bus_name}' for timeout × (retries + 1) = "
+                    f"{bus.timeout:g} s × {bus.retries + 1} = {silent:g} s at its first polls (then one try), "
+                    "longer than this interval: polls are missed whenever a device of the bus falls silent "
+                    "(lower timeout or retries, or lengthen the interval)")
         if not isinstance(bus, RtuBus):
             continue
         share: dict[str, float] = {}  # seconds of wire time per second

@@ -1161,9 +1161,9 @@ devices:
         f"16:39: devices.ph.interval: warning: the polls on bus 'slow' need ~220 ms of wire time per 200 ms (each "
         f"read: {read.format(11, 1200)}; this device alone): the bus cannot keep this interval (lengthen it, or "
         "raise the baud rate)",
-        "18:40: devices.dust.interval: warning: a device that does not answer holds bus 'lan' for timeout × "
-        "(retries + 1) = 1 s × 3 = 3 s, longer than this interval: polls are missed whenever a device of the bus "
-        "is silent (lower timeout or retries, or lengthen the interval)",
+        "18:40: devices.dust.interval: warning: a device that stops answering holds bus 'lan' for timeout × "
+        "(retries + 1) = 1 s × 3 = 3 s at its first polls (then one try), longer than this interval: polls are "
+        "missed whenever a device of the bus falls silent (lower timeout or retries, or lengthen the interval)",
     ]
     # As long as the interval exactly: not certainly missed. Half a second more per try: missed.
     calm = path.read_text().replace("interval: 2.5", "interval: 3")
