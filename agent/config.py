@@ -685,6 +685,12 @@ class SerialBus(_Model):
 
 
 Bus = Annotated[RtuBus | TcpBus | SerialBus, Field(discriminator="type")]
+# Each key of a bus -> the types of bus that have it (for the message about a key of another type).
+_BUS_MODELS = {"rtu": RtuBus, "tcp": TcpBus, "serial": SerialBus}
+_BUS_KEYS: dict[str, tuple[str, ...]] = {
+    key: tuple(kind for kind, other in _BUS_MODELS.items() if key in other.model_fields)
+    for model in _BUS_MODELS.values() for key in model.model_fields
+}
 
 
 def _check_bus_name(value: str) -> str:
@@ -1790,6 +1796,12 @@ def _message(err: Mapping[str, Any], path: KeyPath, allowed: list[str] | None, s
         return f"missing required key '{key}'"
     if etype in ("extra_forbidden", "unexpected_keyword_argument"):
         msg = f"unknown key '{key}'"
+        elsewhere = _BUS_KEYS.get(key, ())
+        if path[:1] == ("buses",) and elsewhere and allowed and key not in allowed:
+            # `parity` on a tcp bus is no typo of `port`: it belongs to another type of bus
+            this = next((f"a {kind} bus" for kind, m in _BUS_MODELS.items() if set(m.model_fields) == set(allowed)),
+                        "this type of bus")
+            return msg + f": a key of {' and '.join(elsewhere)} buses, not of {this}"
         if allowed:
             hint = _suggest(key, allowed)
             msg += hint if hint else f"; allowed here: {', '.join(allowed)}"

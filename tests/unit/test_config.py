@@ -231,6 +231,14 @@ def test_typo_key_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
         "13:5: devices.sim.intervall: unknown key 'intervall' (did you mean 'interval'?)")
 
 
+def test_a_key_of_another_type_of_bus_says_so_rather_than_suggest_a_lookalike(tmp_path: Path) -> None:
+    # `parity` on a tcp bus is not a typo of `port`: the technician left serial settings on a gateway
+    text = GOOD.replace("  rs485-1: {type: rtu, port: /dev/ttyUSB0}",
+                        "  rs485-1: {type: tcp, host: 10.0.0.5, parity: E}")
+    assert single_problem(tmp_path, text) == (
+        "9:40: buses.rs485-1.parity: unknown key 'parity': a key of rtu and serial buses, not of a tcp bus")
+
+
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     assert single_problem(tmp_path, GOOD + "log_level: debug\n").startswith("20:1: log_level: unknown key")
 
