@@ -520,6 +520,10 @@ class AlarmEngine:
         with self._lock:
             self._pending_config = config
 
+    def active_ids(self) -> list[str]:
+        """The ids of the active alarms, sorted (any thread: a copy of the instances is taken first)."""
+        return sorted(i.id for i in list(self._instances.values()) if i.active)
+
     def active(self) -> list[dict[str, Any]]:
         """The active alarms as `status` lists them (id, channel, rule, since, value, threshold)."""
         return [

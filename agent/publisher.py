@@ -63,6 +63,8 @@ MAX_COMMAND_BYTES = 4096
 MAX_RESEND = 100_000  # readings one resend command may ask for
 MAX_SEQ = 2**63 - 1  # SQLite's largest integer: a seq is never above it
 STABLE_CONNECTION_S = 10.0  # a connection lost sooner is retried with backoff, not at once
+SUMMARY_EVERY_S = 5.0  # the retained status's summary (failing devices, active alarms) is checked this often
+SUMMARY_MIN_GAP_S = 30.0  # a change is published once it held for two checks, and at most once in this long
 SHORT_LIVED_HINT_AFTER = 3  # such connections in a row before the log suspects a duplicate client_id
 MAX_RESENDS_QUEUED = 4  # resend commands under way at once; more are refused until one is answered
 EVENT_BATCH = 50  # aggregates per agg message
@@ -109,7 +111,9 @@ def describe_connack(reason: object) -> str:
 
 class Publisher(threading.Thread):
     """Delivers the buffer to the broker. `status_provider()` supplies the answer to the `status`
-    command; `recorder` (an `agent.recorder.Recorder`) receives acknowledgements and broker state."""
+    command; `recorder` (an `agent.recorder.Recorder`) receives acknowledgements and broker state.
+    `summary_provider()` gives what the retained status says of the station beside `online` (failing
+    devices, active alarms): it is published again when that changes (checked every SUMMARY_EVERY_S)."""
 
     def __init__(
         self,
@@ -117,12 +121,18 @@ class Publisher(threading.Thread):
         db_path: str,
         recorder: Recorder,
         status_provider: Callable[[], dict] | None = None,
+        summary_provider: Callable[[], dict] | None = None,
     ):
         super().__init__(name="publisher", daemon=True)
         self.settings = settings
         self.db_path = db_path
         self.recorder = recorder
         self.status_provider = status_provider
+        self.summary_provider = summary_provider
+        self._summary_said: dict | None = None  # what the retained online status last said
+        self._summary_seen: dict | None = None  # the summary at the last check
+        self._summary_checked = 0.0
+        self._summary_sent = -math.inf  # when a change of the summary was last published
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -222,6 +232,7 @@ class Publisher(threading.Thread):
                     continue
                 busy = self._window_full() or not self.online or self._drain_until is not None
                 self._service_io(0.5 if busy else 5.0)
+                self._refresh_summary()
                 # Read the buffer only when something new may be there: a commit woke us, or the window
                 # was full and acknowledgements have made room.
                 if self.online and self._need_fill and not self._window_full():
@@ -280,7 +291,7 @@ class Publisher(threading.Thread):
             return
         if new != self.settings:
             log.info("broker settings changed; reconnecting")
-            self._say_offline()  # where the agent was: it may not come back there (other broker or topic)
+            self._say_offline("reconfigured")  # where the agent was: it may not come back there (other broker, topic)
             self._hj212 = self._payload_strategy(new)
             self.settings = new
             self._clear_prepared()
@@ -307,7 +318,9 @@ class Publisher(threading.Thread):
         client.max_queued_messages_set(0)
         timeout = min(s.connect_timeout, self._grace_left())  # a stop's grace is not spent waiting here
         client.connect_timeout = timeout
-        client.will_set(f"{s.base_topic}/status", status_message(s.station_id, "offline"), qos=1, retain=True)
+        # Sent by the broker when the connection ends without a goodbye: a crash, a power cut, a lost link.
+        client.will_set(f"{s.base_topic}/status", status_message(s.station_id, "offline", reason="connection lost"),
+                        qos=1, retain=True)
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         if tls:
@@ -362,9 +375,7 @@ class Publisher(threading.Thread):
         log.info("connected to %s as %s", _safe_url(url), s.client_id)
         self._set_state("online", None)
         self.client.subscribe(f"{s.base_topic}/cmd", qos=1)
-        self._publish_raw(f"{s.base_topic}/status",
-                          status_message(s.station_id, "online", ts=iso_utc_ms(now_ms()),
-                                         agent=f"edge-agent {__version__}"), retain=True)
+        self._say_online()
         self._open_reader()
         self._check_gaps = True
         self._need_fill = True
@@ -438,7 +449,40 @@ class Publisher(threading.Thread):
             self._reader.close()
             self._reader = None
 
-    def _say_offline(self) -> None:
+    def _summary(self) -> dict:
+        if self.summary_provider is None:
+            return {}
+        try:
+            return self.summary_provider()
+        except Exception:  # noqa: BLE001 - the retained status goes out without it rather than not at all
+            log.exception("the status summary failed")
+            return {}
+
+    def _say_online(self, summary: dict | None = None) -> None:
+        """The retained status: online, since when, and the summary of the station (SPEC §4 `P/status`)."""
+        s = self.settings
+        summary = self._summary() if summary is None else summary
+        self._summary_said = self._summary_seen = summary
+        self._summary_checked = time.monotonic()
+        self._publish_raw(f"{s.base_topic}/status",
+                          status_message(s.station_id, "online", ts=iso_utc_ms(now_ms()),
+                                         agent=f"edge-agent {__version__}", **summary), retain=True)
+
+    def _refresh_summary(self) -> None:
+        """Publish the retained status again when its summary changed (an operator watching many
+        stations sees a device fail or an alarm rise without asking each gateway); a change is said once
+        it held for two checks, and at most once every SUMMARY_MIN_GAP_S, so that a device failing every
+        other poll costs the link little."""
+        now = time.monotonic()
+        if not self.online or self.summary_provider is None or now - self._summary_checked < SUMMARY_EVERY_S:
+            return
+        summary, previous = self._summary(), self._summary_seen
+        self._summary_checked, self._summary_seen = now, summary
+        if summary != self._summary_said and summary == previous and now - self._summary_sent >= SUMMARY_MIN_GAP_S:
+            self._summary_sent = now
+            self._say_online(summary)
+
+    def _say_offline(self, reason: str = "stopped") -> None:
         """Before a deliberate disconnect (a stop, or a reload moving to another broker or topic): the
         retained status says offline (the Last Will covers only an unexpected loss). Its acknowledgement
         is awaited within what is left of the shutdown grace (SPEC §1: at most that long), at most 2 s,
@@ -448,7 +492,8 @@ class Publisher(threading.Thread):
         s = self.settings
         try:
             info = self.client.publish(f"{s.base_topic}/status",
-                                       status_message(s.station_id, "offline", ts=iso_utc_ms(now_ms())),
+                                       status_message(s.station_id, "offline", ts=iso_utc_ms(now_ms()),
+                                                      reason=reason),
                                        qos=1, retain=True)
             deadline = min(time.monotonic() + 2, self._drain_until or math.inf)
             self._service_io(0)

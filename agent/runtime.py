@@ -196,6 +196,11 @@ class DeviceProblems:
         self._problems: dict[str, str] = {}
         set_meta("device_problems", "{}")  # what the previous run left is not news of this one
 
+    def failing(self) -> list[str]:
+        """The devices whose last poll failed (any thread)."""
+        with self._lock:
+            return sorted(self._problems)
+
     def note(self, device_id: str, problem: str | None) -> None:
         """After every poll (any bus poller thread)."""
         with self._lock:
@@ -263,7 +268,8 @@ class Station:
         self.recorder = Recorder(buffer, commit_interval_ms=storage.commit_interval_ms,
                                  keep_sent_days=storage.keep_sent_days, max_mb=storage.max_mb, sync=storage.sync)
         self.recorder.set_quiet_check(self._pollers_quiet_until)
-        self.publisher = Publisher(broker_settings(cfg), str(storage.path), self.recorder, self._status)
+        self.publisher = Publisher(broker_settings(cfg), str(storage.path), self.recorder, self._status,
+                                   self._summary)
         self.recorder.add_listener(self.publisher.wake)
         self.recorder.start()
         self.publisher.start()
@@ -427,6 +433,13 @@ class Station:
             alarms = 0
         return (f"backlog {backlog}, broker {p.state}, {alarms} active alarms, "
                 f"last seq {self.recorder.last_committed_seq}")
+
+    def _summary(self) -> dict:
+        """What the retained `P/status` says of the station beside `online` (publisher thread)."""
+        problems = getattr(self, "device_problems", None)
+        alarms = getattr(self, "alarms", None)  # both set up after the publisher starts
+        return {"failing_devices": problems.failing() if problems is not None else [],
+                "active_alarms": alarms.active_ids() if alarms is not None else []}
 
     def _status(self) -> dict:
         reader = Buffer.open_reader(self.config.storage.path)

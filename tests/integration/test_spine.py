@@ -17,7 +17,17 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import AgentProcess, Broker, Collector, db_last_seq, run_cli, sim_config, wait_for, write_config
+from harness import (
+    AgentProcess,
+    Broker,
+    Collector,
+    db_last_seq,
+    free_port,
+    run_cli,
+    sim_config,
+    wait_for,
+    write_config,
+)
 
 
 def assert_complete(seqs: list[int], first: int, last: int) -> None:
@@ -656,3 +666,35 @@ def test_check_config_cli_prints_file_line_col_and_exits_2(tmp_path):
     assert good.returncode == 0, good.stderr
     schema = run_cli("schema")
     assert schema.returncode == 0 and json.loads(schema.stdout)["type"] == "object"
+
+
+def test_the_retained_status_summarises_the_station_and_says_why_it_went_offline(tmp_path, broker, collector):
+    """An operator of hundreds of gateways reads the retained P/status of each: which devices fail,
+    which alarms are active, and whether an offline station stopped or lost its connection."""
+    config = sim_config(tmp_path, broker, channels=1, interval=0.5,
+                        alarms=[{"channel": "sim0.c00", "above": 5}])  # the channel's mean is 10
+    config["buses"] = {"lan": {"type": "tcp", "host": "127.0.0.1", "port": free_port(), "timeout": 0.2}}
+    config["devices"]["flow"] = {"bus": "lan", "slave": 1, "interval": 0.5,
+                                 "registers": [{"channel": "w00000", "address": 0}]}
+    cfg = write_config(tmp_path / "station.yaml", config)
+
+    def statuses() -> list[dict]:
+        return [json.loads(p) for t, p, _ in collector.messages if t.endswith("/status")]
+
+    agent = AgentProcess(cfg)
+    try:
+        said = wait_for(lambda: next((s for s in statuses() if s.get("failing_devices") == ["flow"]
+                                      and s.get("active_alarms") == ["sim0.c00:above"]), None), 40,
+                        "a retained online status naming the failing device and the active alarm")
+        assert said["state"] == "online" and said["agent"].startswith("edge-agent ")
+    finally:
+        agent.kill9()
+    wait_for(lambda: statuses()[-1]["state"] == "offline", 20, "the Last Will")
+    assert statuses()[-1] == {"v": 1, "station": "TEST0001", "state": "offline", "reason": "connection lost"}
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: statuses()[-1]["state"] == "online", 20, "online again")
+    finally:
+        assert agent.stop() == 0
+    last = statuses()[-1]
+    assert (last["state"], last["reason"]) == ("offline", "stopped") and last["ts"].endswith("Z")
