@@ -357,10 +357,11 @@ class Buffer:
                           (str(SCHEMA_VERSION),))
 
     def _load_counters(self, fresh_file: bool = False, announce_jump: bool = False, opening: bool = False,
-                       wal_missing: bool = False) -> None:
+                       wal_missing: bool = False, rereading: bool = False) -> None:
         """Read each stream's last seq and watermark. Only a file that may lack seqs issued before
         (fresh: first start, or the old one lost or moved aside; `opening`, one that `SeqMark.lost_rows`
-        says lost rows) is moved above the high-water mark; this writes, the rest only reads."""
+        says lost rows) is moved above the high-water mark; this writes, the rest only reads. `rereading`:
+        this writer's own file after a rollback (`reload_counters`), which lost nothing."""
         assert self.seqmark is not None
         marks = self.seqmark.read()
         for stream in STREAMS:
@@ -374,8 +375,8 @@ class Buffer:
             # rows, or another buffer at this path issued seqs: the mark is kept beside a new
             # storage.path), or one that lost rows by the mark's notes (an older copy put back, its WAL
             # deleted after a crash): continue above every seq that may ever have been issued.
-            lost = fresh_file or last < mark - self.seqmark.block or (
-                opening and self.seqmark.lost_rows(stream, last, wal_missing))
+            lost = not rereading and (fresh_file or last < mark - self.seqmark.block or (
+                opening and self.seqmark.lost_rows(stream, last, wal_missing)))
             # After a clean close the last seq issued is known exactly: no need to skip to the mark.
             issued = self.seqmark.issued_at_clean_close(stream)
             top = mark if issued is None or last < mark - self.seqmark.block else min(max(issued, last), mark)
@@ -433,8 +434,11 @@ class Buffer:
             pass
 
     def reload_counters(self) -> None:
-        """After a rollback: drop the in-memory counters advanced by the failed transaction."""
-        self._load_counters()
+        """After a rollback: drop the in-memory counters advanced by the failed transaction. The file is
+        the truth then: the rolled-back seqs were never committed nor offered to anyone, so they are
+        issued again, even where the failed batch had raised the reservation beside the file a block
+        above what the file holds (that is no loss, and no reason to jump)."""
+        self._load_counters(rereading=True)
 
     def _next_seqs(self, stream: str, n: int) -> int:
         """Reserve n seqs; returns the first. Grows the external high-water mark when needed."""

@@ -39,6 +39,27 @@ def test_seq_strictly_increasing_and_continues_after_restart(tmp_path):
     buf.close()
 
 
+def test_a_failed_commit_whose_batch_crossed_the_reservation_issues_its_seqs_again_without_a_jump(tmp_path):
+    # The batch raised the reservation beside the file (to its end + a block) before its commit failed
+    # (SQLITE_FULL at the cap, a full disk): the rolled-back seqs were never committed nor published, so
+    # the retry gets them again. Taking the file for one that lost rows made seqs jump 10 000, unannounced.
+    buf = Buffer.open_writer(tmp_path / "buffer.db")
+    batch = [Reading("sim0", f"c{i % 50}", 1_796_000_000_000 + i, 1.0, "mg/L", "N") for i in range(500)]
+    buf.begin()
+    buf.insert_readings(batch * 19 + batch[:300])  # seqs 1..9800, the reservation at 10 000
+    buf.commit()
+    buf.begin()
+    buf.insert_readings(batch)  # 9801..10300 cross the reservation
+    buf.rollback()
+    buf.reload_counters()
+    buf.begin()
+    stored = buf.insert_readings(batch)
+    buf.commit()
+    assert (stored[0].seq, stored[-1].seq) == (9801, 10300)
+    assert buf.conn.execute("SELECT count(*) FROM gaps").fetchone()[0] == 0
+    buf.close()
+
+
 def test_seq_never_reused_after_everything_is_purged(tmp_path):
     path = tmp_path / "b.db"
     buf = Buffer.open_writer(path)
