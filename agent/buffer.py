@@ -491,9 +491,11 @@ class Buffer:
         )
 
     def mark_gap_announced(self, gap_id: int, last_seq: int) -> None:
-        """The gap was announced up to `last_seq`; if eviction has extended it since, it stays pending
-        and is announced again with its whole range."""
-        self.conn.execute("UPDATE gaps SET announced=1 WHERE id=? AND last_seq=?", (gap_id, last_seq))
+        """The gap was announced up to `last_seq`; if eviction has extended it since, only the part
+        above stays pending (each dropped seq is announced once)."""
+        self.conn.execute("UPDATE gaps SET announced=1 WHERE id=? AND last_seq<=?", (gap_id, last_seq))
+        self.conn.execute("UPDATE gaps SET first_seq=max(first_seq, ?) WHERE id=? AND announced=0",
+                          (last_seq + 1, gap_id))
 
     # ------------------------------------------------------------------ size cap and purge
 
@@ -532,13 +534,15 @@ class Buffer:
         )
         return cur.rowcount
 
-    def evict(self, target_bytes: int, now_ms: int,
-              held: Mapping[str, int] | None = None) -> tuple[int, int, Gap | None, int]:
+    def evict(self, target_bytes: int, now_ms: int, held: Mapping[str, int] | None = None,
+              in_flight_upto: int = 0) -> tuple[int, int, Gap | None, int]:
         """Free space until `used_bytes() <= target_bytes` (caller's transaction): published readings
         first (oldest first), then published events, then the oldest unpublished readings — those
         are recorded as a gap to announce. Unpublished alarms and aggregates are never dropped.
         `held` (per stream: delivered by the HJ 212 uplinks up to there) makes the rows published
-        but not yet delivered by an uplink go only after every other published row.
+        but not yet delivered by an uplink go only after every other published row. Readings up to
+        `in_flight_upto` (offered to the broker, not yet acknowledged) are kept: they may well arrive,
+        and a gap must hold only seqs that never reached it.
         Returns (published rows purged, unpublished readings dropped, gap or None, published rows
         purged that an uplink had not delivered yet)."""
         purged = dropped = undelivered = 0
@@ -556,16 +560,20 @@ class Buffer:
                     n = self._delete_upto(stream, upto)
                     purged += n
                     undelivered += n if stage == "published" else 0
+        keep = max(self._sent_upto[STREAM_READINGS], in_flight_upto)
         while self.used_bytes() > target_bytes:
-            row = self.conn.execute("SELECT min(seq), max(seq) FROM readings").fetchone()
+            row = self.conn.execute("SELECT min(seq), max(seq) FROM readings WHERE seq > ?", (keep,)).fetchone()
             if row[0] is None:
                 break
             lo = row[0]
             upto = min(lo + chunk - 1, row[1])
-            n = self._delete_upto(STREAM_READINGS, upto)
+            n = self.conn.execute("DELETE FROM readings WHERE seq BETWEEN ? AND ?", (lo, upto)).rowcount
+            self.conn.execute("UPDATE streams SET floor_seq = max(floor_seq, ?) WHERE name=?", (upto, STREAM_READINGS))
             dropped += n
             gap = self.record_gap(STREAM_READINGS, lo, upto, "buffer_full", now_ms)
-            self.set_sent_upto(STREAM_READINGS, upto)
+            if keep == self._sent_upto[STREAM_READINGS]:  # nothing in flight below: the watermark passes the gap
+                self.set_sent_upto(STREAM_READINGS, upto)
+            keep = upto
         return purged, dropped, gap, undelivered
 
     def record_gap(self, stream: str, first: int, last: int, reason: str, now_ms: int) -> Gap:

@@ -21,6 +21,7 @@ Imports `agent.buffer`, `agent.recorder` (its type), `agent.payloads`, `agent.mo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -160,7 +161,7 @@ class Publisher(threading.Thread):
         self._early_acks: set[int] = set()
         # Gaps as (id, last_seq): a gap that eviction extends after it was sent is sent again, whole.
         self._gaps_inflight: set[tuple[int, int]] = set()
-        self._gaps_done: set[tuple[int, int]] = set()  # acknowledged, maybe not yet marked in the file
+        self._gaps_done: dict[int, int] = {}  # gap id -> last seq acknowledged, maybe not yet marked in the file
         self._gaps_seen = -1  # the recorder's gaps_recorded when the pending gaps were last read
         self._check_gaps = True
         self._need_fill = True
@@ -618,21 +619,8 @@ class Publisher(threading.Thread):
                 self._gaps_seen = recorded
                 for gap in self._unannounced(self._reader.pending_gaps()):
                     self._publish_gap(gap)
-            while self._hj212 is not None and not self._window_full() and self.client is not None:
-                if not self._publish_polls(f"{s.base_topic}/data"):
-                    break
-            while self._hj212 is None and not self._window_full() and self.client is not None:
-                prepared = self._take_prepared(self._cursor[STREAM_READINGS])
-                if prepared is not None:
-                    self._publish_tracked(STREAM_READINGS, f"{s.base_topic}/data", prepared[1], prepared[0])
-                    continue
-                batch = self._reader.readings_json(self._cursor[STREAM_READINGS], s.max_batch)
-                if batch is None:
-                    break
-                self._publish_tracked(STREAM_READINGS, f"{s.base_topic}/data",
-                                      data_message(s.station_id, batch.items), batch.last_seq)
-                if batch.count < s.max_batch:
-                    break  # that was the newest
+            with self.recorder.evict_lock:  # what is taken here is in flight before an eviction can drop it
+                self._publish_readings(f"{s.base_topic}/data")
             self._publish_events(STREAM_AGGREGATES, f"{s.base_topic}/agg", EVENT_BATCH)
             self._continue_resends()
             if self._resends:
@@ -641,6 +629,32 @@ class Publisher(threading.Thread):
             if self.client is None:
                 return
             self._reader_failed(exc)
+
+    def _publish_readings(self, topic: str) -> None:
+        """Fill the window with the readings after the cursor (prepared messages first)."""
+        s = self.settings
+        assert self._reader is not None
+        while self._hj212 is not None and not self._window_full() and self.client is not None:
+            if not self._publish_polls(topic):
+                return
+        while self._hj212 is None and not self._window_full() and self.client is not None:
+            prepared = self._take_prepared(self._cursor[STREAM_READINGS])
+            if prepared is not None:
+                self._publish_tracked(STREAM_READINGS, topic, prepared[1], prepared[0])
+                continue
+            batch = self._reader.readings_json(self._cursor[STREAM_READINGS], s.max_batch)
+            if batch is None:
+                return
+            self._publish_tracked(STREAM_READINGS, topic, data_message(s.station_id, batch.items), batch.last_seq)
+            if batch.count < s.max_batch:
+                return  # that was the newest
+
+    def in_flight_upto(self) -> int:
+        """The highest readings seq offered to the broker (and not yet known acknowledged), for the
+        recorder's eviction, which calls it holding `evict_lock`: rows up to it may arrive, so they are
+        never dropped as lost. After a lost connection it stays until the next one starts over from the
+        watermark (the messages in flight then may have arrived too)."""
+        return self._cursor.get(STREAM_READINGS, 0)
 
     def _prepare_backlog(self) -> bool:
         """Offline (JSON payload): encode the backlog's next full data message ahead of time, up to
@@ -762,8 +776,13 @@ class Publisher(threading.Thread):
 
     def _unannounced(self, pending: list[Gap]) -> list[Gap]:
         """The file's pending gaps minus those acknowledged whose mark the recorder has yet to write."""
-        self._gaps_done &= {(g.id, g.last_seq) for g in pending}
-        return [g for g in pending if (g.id, g.last_seq) not in self._gaps_done]
+        self._gaps_done = {g.id: self._gaps_done[g.id] for g in pending if g.id in self._gaps_done}
+        out = []
+        for g in pending:  # a gap extended since its announcement: only what was not said yet
+            said = self._gaps_done.get(g.id, 0)
+            if said < g.last_seq:
+                out.append(dataclasses.replace(g, first_seq=max(g.first_seq, said + 1)) if said else g)
+        return out
 
     def _publish_gap(self, gap: Gap) -> None:
         key = (gap.id, gap.last_seq)
@@ -811,7 +830,7 @@ class Publisher(threading.Thread):
         if kind == "gap":
             key = entry[1]
             self._gaps_inflight.discard(key)
-            self._gaps_done.add(key)
+            self._gaps_done[key[0]] = max(self._gaps_done.get(key[0], 0), key[1])
             self.recorder.gap_announced(*key)
             log.info("gap %d announced up to seq %d", *key)
             return

@@ -64,6 +64,8 @@ class Recorder(threading.Thread):
         self._stored_listeners: list[Callable[[list[Reading]], None]] = []
         self._tick_listeners: list[Callable[[], None]] = []
         self._quiet_check: Callable[[float], bool] = lambda deadline: False
+        self._in_flight: Callable[[], int] = lambda: 0
+        self.evict_lock = threading.Lock()  # eviction against the publisher taking rows (set_in_flight_check)
         self._stopping = False
         self._flush_requested = 0
         self._flushed = 0
@@ -138,6 +140,12 @@ class Recorder(threading.Thread):
     def add_tick_listener(self, callback: Callable[[], None]) -> None:
         """`callback()` runs on the recorder thread about once a second (and after every commit)."""
         self._tick_listeners.append(callback)
+
+    def set_in_flight_check(self, check: Callable[[], int]) -> None:
+        """`check()` is the highest readings seq the publisher has offered to the broker and not yet
+        seen acknowledged (0 when nothing is in flight); called with `evict_lock` held, which the
+        publisher holds while it takes rows from the buffer and offers them."""
+        self._in_flight = check
 
     def set_quiet_check(self, check: Callable[[float], bool]) -> None:
         """`check(deadline)` is True when no poller hands over readings before `deadline`
@@ -424,10 +432,18 @@ class Recorder(threading.Thread):
                 self._errlog.error("purge failed: %s", exc)
 
     def _make_room(self, target_bytes: int) -> None:
+        """Evict (`Buffer.evict`) with the publisher held off (`evict_lock`): what it has acknowledged is
+        written first, so that delivered rows count as published, and what it has in flight is kept."""
         try:
-            self.buffer.begin()
-            purged, dropped, gap, undelivered = self.buffer.evict(target_bytes, now_ms(), self._held())
-            self.buffer.commit()
+            with self.evict_lock:
+                with self._cond:
+                    acks = dict(self._acks)
+                self.buffer.begin()
+                for stream, upto in acks.items():
+                    self.buffer.set_sent_upto(stream, upto)
+                purged, dropped, gap, undelivered = self.buffer.evict(target_bytes, now_ms(), self._held(),
+                                                                      self._in_flight())
+                self.buffer.commit()
         except sqlite3.Error as exc:
             self.buffer.rollback()
             self.buffer.reload_counters()

@@ -271,6 +271,7 @@ class Station:
         self.publisher = Publisher(broker_settings(cfg), str(storage.path), self.recorder, self._status,
                                    self._summary)
         self.recorder.add_listener(self.publisher.wake)
+        self.recorder.set_in_flight_check(self.publisher.in_flight_upto)
         self.recorder.start()
         self.publisher.start()
         self.uplinks = build_uplinks(cfg, self.recorder)  # before polling: a new uplink starts "from now"

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from harness import wait_for
+
 from agent.buffer import Buffer
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
 from agent.recorder import Recorder
@@ -300,6 +302,39 @@ def test_eviction_purges_published_first_then_oldest_unpublished_with_a_gap(tmp_
     buf.close()
 
 
+def test_eviction_keeps_the_readings_in_flight_and_announces_each_dropped_seq_once(tmp_path):
+    """Connected over a link slower than the station: the cap drops unpublished readings while the
+    publisher has some in flight. Those may arrive, so they stay (a gap holds only seqs that never
+    reached the broker); and a gap extended after its announcement is announced for its new part only."""
+    buf = Buffer.open_writer(tmp_path / "b.db", max_mb=1)
+    store(buf, readings(20_000))
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 1_000)
+    buf.commit()
+    buf.begin()
+    _, dropped, gap, _ = buf.evict(buf.used_bytes() // 2, now_ms(), in_flight_upto=3_000)
+    buf.commit()
+    assert dropped > 0 and gap is not None and gap.first_seq == 3_001, "the gap starts above what is in flight"
+    in_flight = buf.conn.execute("SELECT count(*) FROM readings WHERE seq BETWEEN 1001 AND 3000").fetchone()[0]
+    assert in_flight == 2_000, "the readings in flight are kept"
+    assert buf.sent_upto() == 1_000, "the watermark waits for their acknowledgement"
+    # More dropped while the announcement of the first round was on its way: the same gap grows.
+    first_round = gap.last_seq
+    buf.begin()
+    _, _, grown, _ = buf.evict(buf.used_bytes() // 2, now_ms(), in_flight_upto=3_000)
+    buf.commit()
+    assert grown is not None and (grown.id, grown.first_seq) == (gap.id, 3_001) and grown.last_seq > first_round
+    buf.begin()
+    buf.mark_gap_announced(gap.id, first_round)  # the first round's announcement acknowledged
+    buf.commit()
+    assert [(g.first_seq, g.last_seq) for g in buf.pending_gaps()] == [(first_round + 1, grown.last_seq)]
+    buf.begin()
+    buf.mark_gap_announced(gap.id, grown.last_seq)
+    buf.commit()
+    assert buf.pending_gaps() == []
+    buf.close()
+
+
 def test_rows_an_uplink_has_not_delivered_go_last_and_never_for_their_age(tmp_path):
     """MQTT published everything; an HJ 212 uplink delivered up to seq 2000 (`held`). The size cap
     purges what both have first, then what only MQTT has (counted: that platform misses them); the
@@ -359,6 +394,31 @@ def test_recorder_group_commits_and_keeps_the_cap(tmp_path):
     assert gaps and gaps[0].first_seq == 1
     low = reader.conn.execute("SELECT min(seq) FROM readings").fetchone()[0]
     assert low == gaps[-1].last_seq + 1, "the only missing seqs are the announced gap"
+    reader.close()
+    buf.close()
+
+
+def test_the_cap_counts_what_the_broker_acknowledged_and_what_is_in_flight_as_no_loss(tmp_path):
+    """The acknowledged watermark is written at most every 5 s: rows the broker acknowledged since
+    were evicted as unpublished and announced lost although delivered. Eviction now writes the
+    acknowledgements first and keeps what the publisher has in flight."""
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path, max_mb=1)
+    store(buf, readings(20_000))
+    rec = Recorder(buf, commit_interval_ms=50, keep_sent_days=7, max_mb=1)
+    rec.set_in_flight_check(lambda: 9_000)
+    rec.start()
+    try:
+        rec.ack(STREAM_READINGS, 8_000)  # acknowledged, not yet written (ACK_PERSIST_EVERY_S)
+        rec.submit(readings(20_000))  # over the cap: the next size check evicts
+        assert rec.flush(30)
+        wait_for(lambda: Buffer.open_reader(path).pending_gaps(), 30, "an eviction")
+    finally:
+        rec.stop()
+    reader = Buffer.open_reader(path)
+    (gap,) = reader.pending_gaps()
+    assert gap.first_seq == 9_001, "neither acknowledged (..8000) nor in-flight (..9000) readings are in the gap"
+    assert reader.conn.execute("SELECT min(seq) FROM readings").fetchone()[0] == 8_001
     reader.close()
     buf.close()
 
