@@ -135,7 +135,10 @@ class BadLength(Hj212Error):
 
 
 class BadCrc(Hj212Error):
-    """The CRC written in the frame differs from the CRC of its data segment."""
+    """The CRC written in the frame differs from the CRC of its data segment. `packet`: what the data
+    segment says when it parses (untrusted: only to answer a request with QnRtn 9), else None."""
+
+    packet: Packet | None = None
 
 
 class ReassemblyError(Hj212Error):
@@ -561,9 +564,12 @@ def decode(
         raise Malformed("CRC field is not 4 hexadecimal digits")
     expected = crc16(data)
     if int(crc_text, 16) != expected:
-        raise BadCrc(
-            f"CRC {crc_text.decode('ascii')} in frame, {expected:04X} computed over the data segment"
-        )
+        error = BadCrc(f"CRC {crc_text.decode('ascii')} in frame, {expected:04X} computed over the data segment")
+        try:  # what the frame would say, for an answer naming its QN (QnRtn 9): never to be acted on
+            error.packet = _parse_segment(data.decode("ascii"))
+        except (Hj212Error, UnicodeDecodeError):
+            pass
+        raise error
     bad = _NON_PRINTABLE.search(data)
     if bad:
         raise Malformed(f"byte 0x{data[bad.start()]:02X} at data offset {bad.start()} is not printable ASCII")

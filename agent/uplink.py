@@ -24,10 +24,14 @@ Decisions:
   1011 time report carry data, so they use the station's ST, the request's QN and Flag=4 (no 9014
   expected: the exchange is closed by the 9012).
 * Request checks, in order: MN (QnRtn 4), PW (3), ST = station's or 91 (5), Flag version 2017 or
-  no Flag (6), QN present (7); then an unsupported CN is answered QnRtn=8 (CN error) and a backfill or
-  1012 without valid times QnRtn=2 (refused). A frame with a bad CRC cannot be trusted to name the
-  right QN or MN, so it is logged and dropped (the platform's own timeout makes it ask again); so is a
-  frame whose QN is not 17 digits (there is no QN to answer with).
+  no Flag (6), QN present (7: the answer gets a QN of its own, as every packet has one); then an
+  unsupported CN is answered QnRtn=8 (CN error) and a backfill or 1012 without valid times QnRtn=2
+  (refused). A request whose only fault is its CRC, whose data segment names this station's MN and a
+  QN, is answered QnRtn=9 (CRC error) and never executed: the platform knows to send it again. Any
+  other frame that does not decode is logged (rate-limited) and dropped, as is a frame whose QN is
+  not 17 digits (there is no QN to answer with).
+* A platform that never acknowledges, or drops every connection, logs its first "no 9014" and
+  "connection dropped" lines at once, then one a minute with the count.
 * 1012 (set time): answered 9011 QnRtn=1, logged with the offset, never applied; 9012 ExeRtn=1 when
   the clock already agrees within `TIME_TOLERANCE_S`, else ExeRtn=2 (failed), so that a platform is
   never told a wrong clock was set.
@@ -39,6 +43,7 @@ Decisions:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -65,6 +70,7 @@ from agent.hj212 import (
     CN_REQUEST_ANSWER,
     FLAG_ANSWER,
     FLAG_V2017,
+    BadCrc,
     FrameReader,
     Hj212Error,
     Packet,
@@ -99,6 +105,7 @@ UNIT_BY_CN = {CN_MINUTE: "m", CN_HOUR: "h", CN_DAY: "d"}
 
 QNRTN_OK, QNRTN_REFUSED, QNRTN_PW, QNRTN_MN, QNRTN_ST, QNRTN_FLAG, QNRTN_QN = 1, 2, 3, 4, 5, 6, 7
 QNRTN_CN = 8
+QNRTN_CRC = 9
 EXERTN_OK, EXERTN_FAILED, EXERTN_NO_DATA = 1, 2, 100
 
 
@@ -162,6 +169,9 @@ class Uplink(threading.Thread):
         self._queue: deque[tuple[str, Poll | list[EventRow]]] = deque()
         self._backoff = 0.5
         self._errlog = RateLimitedLog(log, every_s=300)
+        # Lines a platform that misbehaves for days would repeat at every packet or connection: the first
+        # at once, then one a minute with the count (never reset by a new connection).
+        self._linklog = RateLimitedLog(log, every_s=60)
         self._reader: Buffer | None = Buffer.open_reader(self.db_path)
         self._marks, stored = self._initial_marks(marks)
         self._missing_logged: tuple[int, int] | None = None
@@ -337,7 +347,7 @@ class Uplink(threading.Thread):
         if self._stop_event.is_set():
             log.info("uplink %s closed", self.target.name)
         else:
-            log.warning("uplink %s: connection dropped: %s", self.target.name, why)
+            self._linklog.warning("uplink %s: connection dropped: %s", self.target.name, why)
             self._set_state("offline", why)
         self._persist(force=True)
 
@@ -411,9 +421,9 @@ class Uplink(threading.Thread):
     def _send_and_wait(self, frame: bytes, qn: str) -> None:
         t = self.target
         for attempt in range(t.retries + 1):
-            if attempt:
-                log.warning("uplink %s: no 9014 for QN %s within %ss; sending again (%d/%d)",
-                            t.name, qn, t.timeout, attempt, t.retries)
+            if attempt:  # a platform that never acknowledges: not a line per packet (rate-limited)
+                self._linklog.warning("uplink %s: no 9014 for QN %s within %ss; sending again (%d/%d)",
+                                      t.name, qn, t.timeout, attempt, t.retries)
             self._send(frame)
             deadline = time.monotonic() + t.timeout
             while True:
@@ -454,7 +464,7 @@ class Uplink(threading.Thread):
         acked: set[str] = set()
         for item in self._frames.feed(data):
             if isinstance(item, Hj212Error):
-                self._errlog.warning("uplink %s: bad frame from the platform dropped: %s", self.target.name, item)
+                self._bad_frame(item)
                 continue
             try:
                 packet = self._reassembler.add(item)
@@ -471,6 +481,19 @@ class Uplink(threading.Thread):
                 continue  # answers to nothing we asked: ignore
             self._answer(packet)
         return acked
+
+    def _bad_frame(self, error: Hj212Error) -> None:
+        """A frame that does not decode is dropped; a request whose only fault is its CRC, addressed to
+        this station with a QN, is answered QnRtn 9 (CRC error) so the platform knows to send it again."""
+        request = error.packet if isinstance(error, BadCrc) else None
+        if (request is not None and request.qn is not None and request.mn == self.identity.mn
+                and request.cn not in (CN_DATA_ACK, CN_REQUEST_ANSWER, CN_EXECUTION_RESULT)):
+            self._errlog.warning("uplink %s: request CN=%s QN=%s with a bad CRC (%s): answered QnRtn=%d",
+                                 self.target.name, request.cn, request.qn, error, QNRTN_CRC, key="bad-crc")
+            self._send_packet(reply_9011(request, QNRTN_CRC))
+            return
+        self._errlog.warning("uplink %s: bad frame from the platform dropped: %s", self.target.name, error,
+                             key=f"bad-frame:{type(error).__name__}")
 
     def _drain_wake(self) -> None:
         try:
@@ -501,6 +524,8 @@ class Uplink(threading.Thread):
         code = self._check(request)
         if code != QNRTN_OK:
             log.warning("uplink %s: refused request CN=%s QN=%s: QnRtn=%d", name, request.cn, request.qn, code)
+            if request.qn is None:  # every packet starts with a QN: the answer gets one of its own
+                request = dataclasses.replace(request, qn=self.payload.next_qn())
             self._send_packet(reply_9011(request, code))
             return
         self._backoff = 0.5

@@ -5,6 +5,7 @@ the platform's requests (backfill, time, refusals), with garbage on the wire."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -229,15 +230,19 @@ def test_period_packets_are_pushed_with_flag_a_and_acknowledged(station, platfor
     assert set(period_items(packets[0])) == {"w01018", "w01001"}
 
 
-def test_unacknowledged_packet_is_retried_then_the_connection_renewed_and_nothing_lost(tmp_path):
+def test_unacknowledged_packet_is_retried_then_the_connection_renewed_and_nothing_lost(tmp_path, caplog):
     platform = Platform(ack=False)
     station = Station(tmp_path, platform, timeout=0.3, retries=2)
     try:
         uplink = station.start_uplink()
         station.store("cod", T0, {"w01018": 1.0})
-        wait_for(lambda: platform.accepted >= 2, 10, "a new connection after the retries")
+        with caplog.at_level(logging.WARNING, logger="agent.uplink"):
+            wait_for(lambda: platform.accepted >= 4, 10, "new connections after the retries")
         first_qn = platform.received("2011")[0].qn
         assert sum(p.qn == first_qn for p in platform.received("2011")) == 3, "sent once and retried twice"
+        # A platform that never acknowledges: its lines are not repeated at every packet and connection.
+        assert sum("sending again" in m for m in caplog.messages) == 1, caplog.messages
+        assert sum("connection dropped" in m for m in caplog.messages) == 1, caplog.messages
         assert uplink.marks[STREAM_READINGS] == 0
         platform.ack = True
         wait_for(lambda: uplink.marks[STREAM_READINGS] == 1, 10, "delivered once acknowledged")
@@ -344,6 +349,12 @@ def test_unknown_command_wrong_password_and_wrong_mn_are_refused(station, platfo
         ("9011", "5")]
     refused = platform.request("2051", [{"BeginTime": "yesterday"}], qn="20261129120000015")
     assert [(p.cn, p.get("QnRtn")) for p in refused] == [("9011", "2")]
+    # No QN: refused QnRtn 7, and the answer has a QN of its own (every packet starts with one).
+    for frame in encode(Packet(qn=None, st="32", cn="1011", pw="123456", mn=MN, flag=5, cp=[])):
+        platform.send(frame)
+    answer = wait_for(lambda: [p for p in platform.received() if p.cn == "9011" and p.get("QnRtn") == "7"], 10,
+                      "the QnRtn=7 answer")
+    assert answer[0].qn is not None and len(answer[0].qn) == 17
 
 
 def test_time_requests_report_the_clock_and_never_set_it(station, platform):
@@ -367,7 +378,8 @@ def test_garbage_and_bad_crc_never_kill_the_uplink(station, platform):
     platform.send(b"\x00\xff garbage ##12 ##9999" + bad_crc + b"##0010QN=1;ST=\r\n" + bytes(range(256)))
     answer = platform.request("1011", qn="20261129120000032")
     assert [p.cn for p in answer] == ["9011", "1011", "9012"]
-    assert not [p for p in platform.received() if p.qn == "20261129120000031"], "a bad-CRC request is not answered"
+    # The bad-CRC request is answered QnRtn 9 (CRC error) with its QN, and never executed.
+    assert [(p.cn, p.get("QnRtn")) for p in platform.received() if p.qn == "20261129120000031"] == [("9011", "9")]
     station.store("cod", T0, {"w01018": 5.0})
     wait_for(lambda: uplink.marks[STREAM_READINGS] == 1, 10, "delivery goes on")
     assert uplink.is_alive()
