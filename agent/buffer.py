@@ -2,8 +2,8 @@
 
 `Buffer` opens (or creates, or rescues) the database file and offers the operations of the one
 writer (`agent.recorder` owns a writer `Buffer`) and of readers (the publisher, `edge-agent status`),
-each on its own connection. It imports only `agent.model`, `agent.seqmark`, `agent.memtrim` and
-`agent.pagescan` (the WAL header check).
+each on its own connection. It imports only `agent.model`, `agent.seqmark`, `agent.memtrim`,
+`agent.pagescan` (the WAL header check) and `agent.clock` (one constant).
 
 Design: rows are append-only, keyed by `seq` (INTEGER PRIMARY KEY, so the table is ordered by seq).
 Publication progress is a watermark per stream (`streams.sent_upto`: every row with seq <= it is
@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.clock import EARLIEST_PLAUSIBLE
 from agent.memtrim import release_free_memory
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, STREAMS, Reading
 from agent.pagescan import wal_header_valid
@@ -34,6 +35,7 @@ from agent.seqmark import SeqMark, write_atomically
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+PURGE_MAX_ROWS = 100_000  # per stream and pass (every 10 min): 14 M a day; one pass ~0.1 s on a VM
 PAGE_SIZE = 1024  # small pages: a commit of a few dozen readings rewrites ~3 KB, not ~12 KB (SD wear)
 
 
@@ -306,7 +308,7 @@ class Buffer:
                     self.seqmark.note_acked(self._sent_upto)  # rows still in the WAL: `running` stays 1
         self.conn.close()
 
-    TABLES = ("readings", STREAM_AGGREGATES, STREAM_ALARMS, "streams", "gaps", "meta", "channels")
+    TABLES = ("readings", STREAM_AGGREGATES, STREAM_ALARMS, "streams", "stored_upto", "gaps", "meta", "channels")
 
     def _create_schema(self) -> None:
         present = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -341,6 +343,9 @@ class Buffer:
             db.table(stream).create({"seq": int, "ts_ms": int, "body": str}, pk="seq", if_not_exists=True)
         db.table("streams").create(
             {"name": str, "floor_seq": int, "sent_upto": int}, pk="name", if_not_exists=True
+        )
+        db.table("stored_upto").create(  # `purge_sent`: rows of `stream` up to `seq` were stored by `stored_ms`
+            {"stream": str, "seq": int, "stored_ms": int}, pk=("stream", "seq"), if_not_exists=True
         )
         db.table("gaps").create(
             {"id": int, "stream": str, "first_seq": int, "last_seq": int, "reason": str,
@@ -512,19 +517,34 @@ class Buffer:
         return (pages - free) * PAGE_SIZE
 
     def purge_sent(self, keep_sent_days: float, now_ms: int, held: Mapping[str, int] | None = None) -> int:
-        """Delete published readings and events older than `keep_sent_days` (caller's transaction).
-        `held`: per stream, the seq up to which the other consumers (HJ 212 uplinks) have delivered
-        too; rows above it are kept for them."""
+        """Delete published readings and events stored more than `keep_sent_days` ago (caller's
+        transaction). `held`: per stream, the seq up to which the other consumers (HJ 212 uplinks)
+        have delivered too; rows above it are kept for them.
+
+        A row's age is the time it was stored, not its `ts_ms` (an instrument's clock, SPEC §2, may
+        be days off either way). Seqs are issued in storage order, so each pass notes the stream's last
+        seq with the time (`stored_upto`: every row up to that seq was stored by then) and deletes up
+        to the newest note older than the cutoff: a seq range, its cost in proportion to what goes (at
+        most PURGE_MAX_ROWS a stream, the rest at the next pass: a file from before the notes, noted
+        as a whole at its first pass, must not stall the recorder's commits when it ages).
+        Notes are not written while the wall clock is implausible (not set yet after a boot), and
+        a note in the future (the clock stepped back) counts as written now."""
         cutoff = now_ms - int(keep_sent_days * 86_400_000)
         deleted = 0
         for stream in STREAMS:
+            self.conn.execute("UPDATE stored_upto SET stored_ms=? WHERE stream=? AND stored_ms>?",
+                              (now_ms, stream, now_ms))
+            if now_ms >= EARLIEST_PLAUSIBLE * 1000:
+                self.conn.execute("INSERT OR IGNORE INTO stored_upto(stream, seq, stored_ms) VALUES (?,?,?)",
+                                  (stream, self._last_seq[stream], now_ms))
             sent = min(self._sent_upto[stream], (held or {}).get(stream, self._sent_upto[stream]))
-            # Rows are in seq order and (mostly) in time order: delete the sent prefix older than cutoff.
-            upto = self.conn.execute(
-                f"SELECT max(seq) FROM {stream} WHERE seq <= ? AND ts_ms < ?", (sent, cutoff)
-            ).fetchone()[0]
+            stored = self.conn.execute("SELECT max(seq) FROM stored_upto WHERE stream=? AND stored_ms<=?",
+                                       (stream, cutoff)).fetchone()[0]
+            first = self.conn.execute(f"SELECT min(seq) FROM {stream}").fetchone()[0] or 0
+            upto = min(sent, stored or 0, first + PURGE_MAX_ROWS - 1)
             if upto:
                 deleted += self._delete_upto(stream, upto)
+                self.conn.execute("DELETE FROM stored_upto WHERE stream=? AND seq<=?", (stream, upto))
         return deleted
 
     def _delete_upto(self, stream: str, upto: int) -> int:

@@ -426,7 +426,7 @@ class Recorder(threading.Thread):
                 n = self.buffer.purge_sent(self.keep_sent_days, now_ms(), self._held())
                 self.buffer.commit()
                 if n:
-                    log.info("purged %d published rows older than %s days", n, self.keep_sent_days)
+                    log.info("purged %d published rows stored more than %s days ago", n, self.keep_sent_days)
             except sqlite3.Error as exc:
                 self.buffer.rollback()
                 self._errlog.error("purge failed: %s", exc)

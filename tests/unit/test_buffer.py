@@ -12,6 +12,7 @@ from pathlib import Path
 
 from harness import wait_for
 
+import agent.buffer as buffer_module
 from agent.buffer import Buffer
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
 from agent.recorder import Recorder
@@ -27,6 +28,17 @@ def store(buf: Buffer, rows: list[Reading]) -> list[Reading]:
     out = buf.insert_readings(rows)
     buf.commit()
     return out
+
+
+DAY_MS = 86_400_000
+
+
+def purge(buf: Buffer, keep_sent_days: float, at_ms: int, held: dict[str, int] | None = None) -> int:
+    """One pass of the recorder's age purge at wall-clock time `at_ms`."""
+    buf.begin()
+    n = buf.purge_sent(keep_sent_days, at_ms, held)
+    buf.commit()
+    return n
 
 
 def test_seq_strictly_increasing_and_continues_after_restart(tmp_path):
@@ -68,8 +80,10 @@ def test_seq_never_reused_after_everything_is_purged(tmp_path):
     store(buf, readings(10, start_ms=0))
     buf.begin()
     buf.set_sent_upto(STREAM_READINGS, 10)
-    assert buf.purge_sent(keep_sent_days=1, now_ms=now_ms()) == 10
     buf.commit()
+    t = now_ms()
+    assert purge(buf, 1, t) == 0, "stored just now: kept"
+    assert purge(buf, 1, t + DAY_MS) == 10
     buf.close()
     buf = Buffer.open_writer(path)
     assert buf.conn.execute("SELECT count(*) FROM readings").fetchone()[0] == 0
@@ -345,9 +359,9 @@ def test_rows_an_uplink_has_not_delivered_go_last_and_never_for_their_age(tmp_pa
     buf.set_sent_upto(STREAM_READINGS, 10_000)
     buf.commit()
     held = {STREAM_READINGS: 2_000}
-    buf.begin()
-    assert buf.purge_sent(keep_sent_days=1, now_ms=now_ms(), held=held) == 2_000
-    buf.commit()
+    t = now_ms()
+    assert purge(buf, 1, t, held) == 0
+    assert purge(buf, 1, t + DAY_MS, held) == 2_000
     assert buf.first_seq() == 2_001, "the age purge stops where the uplink is"
     used = buf.used_bytes()
     buf.begin()
@@ -360,6 +374,99 @@ def test_rows_an_uplink_has_not_delivered_go_last_and_never_for_their_age(tmp_pa
     buf.commit()
     assert 0 < undelivered < purged and dropped == 0, "every delivered row first, then published ones it lacks"
     assert buf.first_seq() > 5_001
+    buf.close()
+
+
+def test_the_age_purge_goes_by_the_time_rows_were_stored_not_the_instruments_clock(tmp_path):
+    """An hj212 instrument whose clock is 8 days behind, polled with a device on the gateway's clock,
+    everything published: the purge takes what was stored over `keep_sent_days` ago (whatever its
+    stamp: behind, or ahead like the last row of the old batch) and leaves every row stored since,
+    the lagging device's too, to resend requests."""
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    t = now_ms()
+
+    def batch(stored_ms: int, n: int) -> list[Reading]:
+        rows = []
+        for i in range(n):
+            rows += [Reading("hj", "w01018", stored_ms - 8 * DAY_MS + i, 1.0, "mg/L", "N"),
+                     Reading("cod", "w01018", stored_ms + i, 2.0, "mg/L", "N")]
+        return rows
+
+    old = store(buf, batch(t - 8 * DAY_MS, 500) + [Reading("ahead", "c", t + 30 * DAY_MS, 3.0, "", "N")])
+    assert purge(buf, 7, t - 8 * DAY_MS) == 0  # the recorder's pass 8 days ago: notes what is stored
+    current = store(buf, batch(t, 500))
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, current[-1].seq)
+    buf.commit()
+    assert purge(buf, 7, t) == len(old)
+    assert buf.first_seq() == current[0].seq
+    assert [r.seq for r in buf.readings_after(0, 10_000)] == [r.seq for r in current], "all resendable"
+    assert purge(buf, 7, t + 7 * DAY_MS - 1) == 0, "not stored 7 days ago yet"
+    buf.close()
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    assert store(buf, readings(1))[0].seq == current[-1].seq + 1
+    buf.close()
+
+
+def test_the_age_purge_survives_wall_clock_steps(tmp_path):
+    """Rows stored while the clock was unset (1970 after a boot without a real-time clock) or ahead
+    are kept `keep_sent_days` from when the clock is right: they are not purged at once, nor held
+    until the wrong time comes round."""
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    t = now_ms()
+    store(buf, readings(100, start_ms=60_000))
+    assert purge(buf, 7, 60_000) == 0  # clock unset: nothing noted
+    store(buf, readings(100, start_ms=t + 365 * DAY_MS))
+    assert purge(buf, 7, t + 365 * DAY_MS) == 0  # clock a year ahead
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 200)
+    buf.commit()
+    assert purge(buf, 7, t) == 0  # stepped back: what was noted counts as stored now
+    assert purge(buf, 7, t + 7 * DAY_MS - 1) == 0
+    assert purge(buf, 7, t + 7 * DAY_MS) == 200
+    buf.close()
+
+
+def test_the_age_purge_costs_what_it_deletes_not_the_table_size(tmp_path):
+    """Every row published, none old: a pass does the same small work on a big table as on a small one
+    (SQLite VM steps counted), so it never stalls the recorder's commits."""
+    steps = {}
+    for n in (10_000, 200_000):
+        buf = Buffer.open_writer(tmp_path / f"{n}.db")
+        store(buf, readings(n))
+        buf.begin()
+        buf.set_sent_upto(STREAM_READINGS, n)
+        buf.commit()
+        t = now_ms()
+        purge(buf, 7, t)
+        count = [0]
+
+        def step(count=count) -> int:
+            count[0] += 1
+            return 0
+
+        buf.conn.set_progress_handler(step, 10)
+        assert purge(buf, 7, t + 3_600_000) == 0
+        buf.conn.set_progress_handler(None, 0)
+        steps[n] = count[0] * 10
+        buf.close()
+    assert steps[200_000] <= steps[10_000] + 100 and steps[200_000] < 2_000, steps
+
+
+def test_a_large_aged_backlog_is_purged_a_bounded_slice_per_pass(tmp_path, monkeypatch):
+    """A file from before the age purge noted storage times is noted as a whole at its first pass;
+    when that ages, each pass takes a bounded slice, so the recorder's commits never wait long."""
+    monkeypatch.setattr(buffer_module, "PURGE_MAX_ROWS", 1_000)
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    store(buf, readings(2_500))
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 2_500)
+    buf.commit()
+    t = now_ms()
+    assert purge(buf, 7, t) == 0
+    assert [purge(buf, 7, t + 7 * DAY_MS + i) for i in range(4)] == [1_000, 1_000, 500, 0]
+    assert buf.first_seq() is None
+    assert store(buf, readings(1))[0].seq == 2_501
     buf.close()
 
 
