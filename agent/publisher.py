@@ -557,6 +557,8 @@ class Publisher(threading.Thread):
         self._by_mid.clear()
         self._early_acks.clear()
         self._gaps_inflight.clear()
+        for job in self._resends:
+            job.rewind()
         if self._reader is not None:
             try:
                 for stream in self._inflight:
@@ -837,6 +839,10 @@ class Publisher(threading.Thread):
         if kind == "other":
             return
         entry[2] = True
+        if kind == "resend":
+            entry[1].settle()
+            self._need_fill = True  # the next batch, or the reply once every batch is acknowledged
+            return
         self._settle(kind)
 
     def _settle(self, kind: str) -> None:
@@ -918,41 +924,74 @@ class Publisher(threading.Thread):
             raise CommandError(f"at most {MAX_RESEND} readings per resend; split the range")
         if len(self._resends) >= MAX_RESENDS_QUEUED:
             raise CommandError(f"{len(self._resends)} resends are under way; ask again when one has been answered")
-        self._resends.append(_Resend(cmd_id, first, last, after=first - 1))
+        self._resends.append(_Resend(cmd_id, first, last, after=first - 1, acked=first - 1))
         self._need_fill = True
 
     def _continue_resends(self) -> None:
         """Publish the oldest queued resend's next batch while the window has room (after the live
         data: resent messages count in the window like any other, so a flood of resends is bounded
-        in memory and never holds up what is new); reply once its range is done."""
+        in memory and never holds up what is new); reply once the broker has acknowledged its whole
+        range. A lost connection drops the batches in flight: the job goes on from the first batch
+        not acknowledged (`_reset_window`), so the reply counts only what the broker took."""
         topic = f"{self.settings.base_topic}/data"
         while self._resends and not self._window_full() and self.client is not None:
             job = self._resends[0]
             assert self._reader is not None
+            if job.read_all:
+                if job.inflight:
+                    return  # the rest of its batches to be acknowledged before the reply
+                self._resends.popleft()
+                self._answer_resend(job)
+                continue
             if self._hj212 is not None:  # payload hj212: the stored polls again, as 2011 packets
                 polls = self._reader.reading_polls(job.after, self.settings.max_batch, upto_seq=job.last,
                                                    max_polls=WINDOW)
                 for poll in polls:
-                    job.skipped(poll.first_seq)
-                    for frame in self._hj212.poll_message(poll).frames:
-                        self._publish_raw(topic, frame)
-                    job.after, job.count = poll.last_seq, job.count + len(poll.readings)
-                done = not polls
+                    frames = self._hj212.poll_message(poll).frames
+                    if not self._publish_resend(job, topic, frames, poll.first_seq, poll.last_seq,
+                                                len(poll.readings)):
+                        return
+                job.read_all = not polls
             else:
                 batch = self._reader.readings_json(job.after, self.settings.max_batch, upto_seq=job.last)
                 if batch is not None:
-                    job.skipped(batch.first_seq)
-                    self._publish_raw(topic, data_message(self.settings.station_id, batch.items))
-                    job.after, job.count = batch.last_seq, job.count + batch.count
-                done = batch is None
-            if done:
-                self._resends.popleft()
-                if job.after < job.last:
-                    job.missing.append([job.after + 1, job.last])
-                reply: dict = {"cmd": "resend", "from_seq": job.first, "to_seq": job.last, "count": job.count}
-                if job.missing:  # purged (older than keep_sent_days), evicted, or not issued yet
-                    reply["missing"] = job.missing
-                self._publish_raw(f"{self.settings.base_topic}/cmd/reply", reply_message(job.cmd_id, True, **reply))
+                    payload = data_message(self.settings.station_id, batch.items)
+                    if not self._publish_resend(job, topic, [payload], batch.first_seq, batch.last_seq,
+                                                batch.count):
+                        return
+                job.read_all = batch is None
+
+    def _publish_resend(self, job: _Resend, topic: str, frames: list[bytes], first_seq: int, last_seq: int,
+                        count: int) -> bool:
+        """One batch of a resend (an HJ 212 packet's frames, or one data message), tracked by mid: it
+        counts (and moves the job's acknowledged point) when the last of its messages is acknowledged,
+        with every earlier one. False when the connection was lost meanwhile."""
+        skipped = [job.after + 1, first_seq - 1] if first_seq > job.after + 1 else None
+        if not frames:  # unsayable rows (HJ 212): nothing to send, counted in order as before
+            job.inflight.append(["resend", job, True, last_seq, count, skipped])
+            job.after = last_seq
+            job.settle()
+            return True
+        for number, frame in enumerate(frames, start=1):
+            final = number == len(frames)
+            entry = ["resend", job, False, last_seq if final else job.after, count if final else 0,
+                     skipped if final else None]
+            job.inflight.append(entry)
+            if not self._publish_raw(topic, frame, entry=entry):
+                if job.inflight and job.inflight[-1] is entry:
+                    job.inflight.pop()
+                return False
+        job.after = last_seq
+        return True
+
+    def _answer_resend(self, job: _Resend) -> None:
+        """The reply, once the broker has acknowledged every batch of the range."""
+        if job.acked < job.last:
+            job.missing.append([job.acked + 1, job.last])
+        reply: dict = {"cmd": "resend", "from_seq": job.first, "to_seq": job.last, "count": job.count}
+        if job.missing:  # purged (older than keep_sent_days), evicted, or not issued yet
+            reply["missing"] = job.missing
+        self._publish_raw(f"{self.settings.base_topic}/cmd/reply", reply_message(job.cmd_id, True, **reply))
 
 
 class _PahoLog(logging.LoggerAdapter):
@@ -977,18 +1016,36 @@ class _PahoLog(logging.LoggerAdapter):
 
 @dataclass
 class _Resend:
-    """A resend command under way: its range, how far it has got, and what it found missing."""
+    """A resend command under way: its range, how far it has got, and what it found missing. Its
+    batches in flight are entries `["resend", job, acknowledged, last_seq, count, skipped range or
+    None]`; `count` and `missing` take in a batch only once it (and every batch before it) is
+    acknowledged, so a lost connection rewinds the job to `acked` and nothing is counted twice."""
 
     cmd_id: object
     first: int
     last: int
     after: int  # the last seq published so far (first - 1 at the start)
-    count: int = 0
-    missing: list[list[int]] = field(default_factory=list)
+    acked: int  # the last seq of the batches acknowledged so far, in order (first - 1 at the start)
+    count: int = 0  # readings in the acknowledged batches
+    missing: list[list[int]] = field(default_factory=list)  # found missing before `acked`
+    read_all: bool = False  # the range is read to its end; the reply waits for the batches in flight
+    inflight: deque[list] = field(default_factory=deque)  # bounded by the publisher's window (they hold mids)
 
-    def skipped(self, next_seq: int) -> None:
-        if next_seq > self.after + 1:
-            self.missing.append([self.after + 1, next_seq - 1])
+    def settle(self) -> None:
+        """Take in the acknowledged batches at the head of the job's window, in order."""
+        q = self.inflight
+        while q and q[0][2]:
+            _, _, _, upto, count, skipped = q.popleft()
+            if skipped is not None:
+                self.missing.append(skipped)
+            self.acked = upto
+            self.count += count
+
+    def rewind(self) -> None:
+        """The connection was lost: what was in flight is forgotten, publishing resumes after `acked`."""
+        self.inflight.clear()
+        self.after = self.acked
+        self.read_all = False
 
 
 class CommandError(Exception):

@@ -288,7 +288,7 @@ def test_a_flood_of_resends_is_worked_off_within_the_window_and_the_excess_refus
     done; at most four are under way, more are refused until one is answered (a flood queued every
     message at once: ~12 MB per command). Live readings go on meanwhile."""
     # Small messages: a resend of ~3000 readings is ~300 messages, ten windows' worth.
-    config = sim_config(tmp_path, broker, channels=20, interval=0.1, mqtt={"max_batch": 10})
+    config = sim_config(tmp_path, broker, channels=20, interval=0.1, mqtt={"max_batch": 1})
     agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
     try:
         wait_for(lambda: len(collector.reading_seqs()) >= 3000, 30, "a few thousand readings")
@@ -313,6 +313,57 @@ def test_a_flood_of_resends_is_worked_off_within_the_window_and_the_excess_refus
         pub.close()
     finally:
         assert agent.stop() == 0
+
+
+def test_a_resend_cut_off_by_a_broker_restart_still_delivers_its_whole_range(tmp_path):
+    """The broker goes down in the middle of a large resend: the messages in flight then are lost with
+    the connection, so after the reconnect the resend goes on from its first batch the broker had not
+    acknowledged, and its reply (after the range) counts only what the broker took. A persistent
+    platform session on a persistent broker receives every seq of the range across the restart."""
+    broker = Broker(tmp_path / "broker", persistence=True).start()
+    platform = Collector(broker, "env/#", persistent=True)
+    # One reading per message: the resend is 15 000 messages (over a second on loopback), so the restart
+    # lands mid-way.
+    config = sim_config(tmp_path, broker, channels=50, devices=3, interval=0.1, mqtt={"max_batch": 1})
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    pub = None
+    try:
+        wait_for(lambda: len(set(platform.reading_seqs())) >= 15_000, 60, "15 000 readings delivered", interval=0.5)
+        last = 15_000
+        assert_complete(platform.reading_seqs(), 1, last)
+        before = len(platform.messages)
+
+        def resent(upto: int | None = None) -> list[int]:
+            """Seqs of the range received since the command (before message `upto`)."""
+            msgs = list(platform.messages)[before:upto]
+            return [r["seq"] for t, p, _ in msgs if t.endswith("/data")
+                    for r in json.loads(p).get("readings", []) if r["seq"] <= last]
+
+        replies = lambda: [r for r in platform.json_messages("/cmd/reply") if r["id"] == "cut"]  # noqa: E731
+        pub = Collector(broker, "nothing/#")
+        pub.client.publish("env/TEST0001/cmd", json.dumps({"id": "cut", "cmd": "resend", "from_seq": 1,
+                                                           "to_seq": last}), qos=1).wait_for_publish(10)
+        wait_for(lambda: len(resent()) >= 200, 20, "the resend under way")
+        pub.close()
+        pub = None
+        broker.stop()
+        assert not replies(), "the restart must land before the resend is done (make the range larger)"
+        assert len(set(resent())) < last, "the restart must land mid-way (make the range larger)"
+        broker.start()
+        reply = wait_for(replies, 60, "the resend's reply")[0]
+        assert reply["ok"] is True and reply["count"] == last and "missing" not in reply, reply
+        # The reply comes after the range: every seq of it had arrived before the reply did.
+        at = next(i for i, (t, p, _) in enumerate(list(platform.messages))
+                  if t.endswith("/cmd/reply") and json.loads(p)["id"] == "cut")
+        assert_complete(resent(at), 1, last)
+        assert "connection to broker lost" in agent.log() or "closed the connection" in agent.log()
+    finally:
+        if pub is not None:
+            pub.close()
+        assert agent.stop() == 0
+        platform.close()
+        broker.stop()
+    assert_ordered_per_message(platform)
 
 
 def test_a_retained_command_is_ignored(tmp_path, broker, collector):
