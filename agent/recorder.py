@@ -142,8 +142,8 @@ class Recorder(threading.Thread):
         self._tick_listeners.append(callback)
 
     def set_in_flight_check(self, check: Callable[[], int]) -> None:
-        """`check()` is the highest readings seq the publisher has offered to the broker and not yet
-        seen acknowledged (0 when nothing is in flight); called with `evict_lock` held, which the
+        """`check()` is the highest readings seq the publisher has offered to the broker (at or below the
+        acknowledged watermark when nothing is in flight); called with `evict_lock` held, which the
         publisher holds while it takes rows from the buffer and offers them."""
         self._in_flight = check
 

@@ -201,6 +201,14 @@ class DeviceProblems:
         with self._lock:
             return sorted(self._problems)
 
+    def keep_only(self, device_ids: set[str]) -> None:
+        """A reload removed devices: what was noted of them is no longer news."""
+        with self._lock:
+            for device_id in set(self._problems) - device_ids:
+                del self._problems[device_id]
+            text = json.dumps(self._problems, separators=(",", ":"), sort_keys=True)
+        self._set_meta("device_problems", text)
+
     def note(self, device_id: str, problem: str | None) -> None:
         """After every poll (any bus poller thread)."""
         with self._lock:
@@ -483,6 +491,7 @@ class Station:
         self.alarms.reconfigure(self.config)
         self.aggregator.reconfigure(self.config)
         resume = {dev: t for p in old_pollers for dev, t in p.last_polls().items()}
+        self.device_problems.keep_only(set(self.config.devices))
         self.pollers = build_pollers(self.config, self.recorder.submit, self.recorder.seen_channels(), resume,
                                      self.device_problems.note)
         for p in self.pollers:

@@ -13,6 +13,7 @@ from harness import wait_for
 
 from agent.model import Reading
 from agent.poller import BusPoller, Schedule, _OverrunReport
+from agent.runtime import DeviceProblems
 from drivers.simulated import SimChannelSpec, SimulatedDriver
 
 
@@ -144,3 +145,22 @@ def test_a_poller_hands_on_only_its_own_devices_last_polls():
     poller = BusPoller("b", [SimulatedDriver("mine", 5.0, [SimChannelSpec(code="c")])], lambda _: None,
                        resume={"other": 1.0, "mine": 2.0})
     assert poller.last_polls() == {"mine": 2.0}
+
+
+def test_device_problems_are_written_only_when_they_change_and_forgotten_with_the_device():
+    """`status` reads why each device fails from the buffer's meta: one write per change, not per poll."""
+    written: list[tuple[str, str]] = []
+    problems = DeviceProblems(lambda key, value: written.append((key, value)))
+    assert written == [("device_problems", "{}")], "what a previous run left is cleared at start"
+    problems.note("cod", None)
+    problems.note("cod", "no answer, after 2 tries")
+    problems.note("cod", "no answer, after 2 tries")
+    problems.note("pm", "no valid frame in the last interval")
+    assert problems.failing() == ["cod", "pm"]
+    problems.note("cod", None)
+    problems.keep_only({"cod"})
+    assert [value for _, value in written] == [
+        "{}", '{"cod":"no answer, after 2 tries"}',
+        '{"cod":"no answer, after 2 tries","pm":"no valid frame in the last interval"}',
+        '{"pm":"no valid frame in the last interval"}', "{}"]
+    assert problems.failing() == []
