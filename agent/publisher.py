@@ -159,7 +159,7 @@ class Publisher(threading.Thread):
                                                                        STREAM_ALARMS)}
         self._by_mid: dict[int, list] = {}
         self._early_acks: set[int] = set()
-        # Gaps as (id, last_seq): a gap that eviction extends after it was sent is sent again, whole.
+        # Gaps as (id, last_seq): a gap that eviction extends after it was sent is sent again for its new part.
         self._gaps_inflight: set[tuple[int, int]] = set()
         self._gaps_done: dict[int, int] = {}  # gap id -> last seq acknowledged, maybe not yet marked in the file
         self._gaps_seen = -1  # the recorder's gaps_recorded when the pending gaps were last read

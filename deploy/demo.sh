@@ -47,13 +47,13 @@ pids+=($!)
 for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 config=$run_config
 
-edge-agent check-config "$config"
 if grep -q "profile:\|driver: *\(pms5003\|sds011\|hj212\)" "$config"; then
   echo "== starting the simulated instruments (edge-agent simulate)"
   edge-agent simulate -c "$config" &
   pids+=($!)
   sleep 2
 fi
+edge-agent check-config "$config"  # once the simulated serial ports exist
 echo "== starting the agent (log: demo-agent.log); live view below, Ctrl-C to stop"
 edge-agent run -c "$config" 2>demo-agent.log &
 pids+=($!)
