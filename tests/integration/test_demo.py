@@ -1,0 +1,67 @@
+"""The README's first command, `bash deploy/demo.sh`, as a newcomer runs it: simulated instruments over
+Modbus RTU (pseudo-terminal), Modbus TCP, PMS5003 and HJ 212 serial frames -> the agent -> the demo's
+own mosquitto, with the live view printing what arrives; Ctrl-C stops everything and leaves nothing
+behind. It runs in a copy of the repository whose `.venv` is this test's interpreter environment (the
+package installed from the repository, as `bash .ci/run` makes it), so it installs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness import LIVE_PROCESSES, REPO
+
+DEMO_LINKS = [Path("/tmp/edge-agent-demo") / name for name in ("ttySIM0", "ttyPMS0", "ttyHJ0")]
+DATA_LINE = re.compile(r"^data\s+#\d+ (\w+)\.(\w+) ")
+
+
+def repository_copy(dest: Path) -> Path:
+    """The tracked files of the repository (as a clone has them), with `.venv` this interpreter's."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        source, target = REPO / name, dest / name
+        if source.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+    (dest / ".venv").symlink_to(sys.prefix)
+    return dest
+
+
+def test_the_demo_shows_readings_of_every_protocol_and_stops_cleanly_on_ctrl_c(tmp_path):
+    copy = repository_copy(tmp_path / "edge-agent")
+    demo = subprocess.Popen(["bash", "deploy/demo.sh"], cwd=copy, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    LIVE_PROCESSES.append(demo)
+    assert demo.stdout is not None
+    seen: set[str] = set()
+    wanted = {"cod", "flow", "pm", "wq"}  # Modbus RTU, Modbus TCP, PMS5003 frames, HJ 212 packets
+    output: list[str] = []
+    selector = selectors.DefaultSelector()
+    selector.register(demo.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + 60
+    try:
+        while not wanted <= seen and time.monotonic() < deadline and demo.poll() is None:
+            if not selector.select(timeout=1):
+                continue
+            line = demo.stdout.readline().decode(errors="replace")
+            output.append(line)
+            match = DATA_LINE.match(line)
+            if match and not line.rstrip().endswith(" B"):
+                seen.add(match.group(1))
+        assert wanted <= seen, f"the live view showed readings of {sorted(seen)}:\n{''.join(output[-40:])}"
+    finally:
+        os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
+        try:
+            demo.wait(30)
+        finally:
+            selector.close()
+    assert not any(os.path.lexists(link) for link in DEMO_LINKS), "the simulated ports are removed"
+    assert "stopped cleanly" in (copy / "demo-agent.log").read_text()
+    assert not list(copy.glob("config/examples/.demo-*.yaml")), "the demo's copy of the config is removed"
