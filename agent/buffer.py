@@ -505,10 +505,12 @@ class Buffer:
     # ------------------------------------------------------------------ size cap and purge
 
     def set_size_cap(self, max_mb: float) -> None:
-        """Hard cap: SQLite refuses to grow the file beyond it (SQLITE_FULL), eviction keeps below."""
+        """Hard cap: SQLite refuses to grow the file beyond it (SQLITE_FULL), eviction keeps below. The
+        WAL comes on top: after a checkpoint it is cut back to an eighth of the cap (1 to 8 MiB)."""
         self.max_bytes = int(max_mb * 1024 * 1024)
         pages = max(self.max_bytes // PAGE_SIZE, 64)
         self.conn.execute(f"PRAGMA max_page_count={pages}")
+        self.conn.execute(f"PRAGMA journal_size_limit={min(8 << 20, max(1 << 20, self.max_bytes // 8))}")
 
     def used_bytes(self) -> int:
         """Bytes of the file in use (pages not on the free list)."""

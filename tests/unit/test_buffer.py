@@ -349,6 +349,18 @@ def test_eviction_keeps_the_readings_in_flight_and_announces_each_dropped_seq_on
     buf.close()
 
 
+def test_the_wal_is_cut_back_in_proportion_to_a_small_cap(tmp_path):
+    # max_mb bounds buffer.db; the WAL on top is cut back after a checkpoint to an eighth of the cap
+    # (at least 1 MiB, at most 8 MiB): a 3 MB cap on a small card must not carry an 8 MiB WAL.
+    buf = Buffer.open_writer(tmp_path / "b.db", max_mb=3)
+    assert buf.conn.execute("PRAGMA journal_size_limit").fetchone()[0] == 1 << 20
+    buf.set_size_cap(32)
+    assert buf.conn.execute("PRAGMA journal_size_limit").fetchone()[0] == 4 << 20
+    buf.set_size_cap(256)
+    assert buf.conn.execute("PRAGMA journal_size_limit").fetchone()[0] == 8 << 20
+    buf.close()
+
+
 def test_rows_an_uplink_has_not_delivered_go_last_and_never_for_their_age(tmp_path):
     """MQTT published everything; an HJ 212 uplink delivered up to seq 2000 (`held`). The size cap
     purges what both have first, then what only MQTT has (counted: that platform misses them); the
