@@ -843,6 +843,11 @@ class Publisher(threading.Thread):
             entry[1].settle()
             self._need_fill = True  # the next batch, or the reply once every batch is acknowledged
             return
+        if kind == "resend-reply":
+            if self._resends and self._resends[0] is entry[1]:
+                self._resends.popleft()  # answered: the next queued resend may start
+            self._need_fill = True
+            return
         self._settle(kind)
 
     def _settle(self, kind: str) -> None:
@@ -938,11 +943,10 @@ class Publisher(threading.Thread):
             job = self._resends[0]
             assert self._reader is not None
             if job.read_all:
-                if job.inflight:
-                    return  # the rest of its batches to be acknowledged before the reply
-                self._resends.popleft()
+                if job.inflight or job.replied:
+                    return  # the rest of its batches, or its reply, to be acknowledged first
                 self._answer_resend(job)
-                continue
+                return
             if self._hj212 is not None:  # payload hj212: the stored polls again, as 2011 packets
                 polls = self._reader.reading_polls(job.after, self.settings.max_batch, upto_seq=job.last,
                                                    max_polls=WINDOW)
@@ -985,13 +989,15 @@ class Publisher(threading.Thread):
         return True
 
     def _answer_resend(self, job: _Resend) -> None:
-        """The reply, once the broker has acknowledged every batch of the range."""
-        if job.acked < job.last:
-            job.missing.append([job.acked + 1, job.last])
+        """The reply, once the broker has acknowledged every batch of the range; the job stays queued
+        until the reply is acknowledged too (a lost connection then makes it reply again)."""
+        missing = job.missing + ([[job.acked + 1, job.last]] if job.acked < job.last else [])
         reply: dict = {"cmd": "resend", "from_seq": job.first, "to_seq": job.last, "count": job.count}
-        if job.missing:  # purged (older than keep_sent_days), evicted, or not issued yet
-            reply["missing"] = job.missing
-        self._publish_raw(f"{self.settings.base_topic}/cmd/reply", reply_message(job.cmd_id, True, **reply))
+        if missing:  # purged (older than keep_sent_days), evicted, or not issued yet
+            reply["missing"] = missing
+        job.replied = True
+        self._publish_raw(f"{self.settings.base_topic}/cmd/reply", reply_message(job.cmd_id, True, **reply),
+                          entry=["resend-reply", job, False])
 
 
 class _PahoLog(logging.LoggerAdapter):
@@ -1029,6 +1035,7 @@ class _Resend:
     count: int = 0  # readings in the acknowledged batches
     missing: list[list[int]] = field(default_factory=list)  # found missing before `acked`
     read_all: bool = False  # the range is read to its end; the reply waits for the batches in flight
+    replied: bool = False  # the reply is published, not yet acknowledged (the job stays queued until it is)
     inflight: deque[list] = field(default_factory=deque)  # bounded by the publisher's window (they hold mids)
 
     def settle(self) -> None:
@@ -1045,7 +1052,7 @@ class _Resend:
         """The connection was lost: what was in flight is forgotten, publishing resumes after `acked`."""
         self.inflight.clear()
         self.after = self.acked
-        self.read_all = False
+        self.read_all = self.replied = False
 
 
 class CommandError(Exception):

@@ -10,7 +10,7 @@ import json
 from agent.buffer import Buffer
 from agent.model import STREAM_READINGS, Reading, now_ms
 from agent.payloads import data_message
-from agent.publisher import BrokerSettings, Publisher
+from agent.publisher import BrokerSettings, Publisher, _Resend
 from agent.recorder import Recorder
 
 BATCH = 200
@@ -78,3 +78,18 @@ def test_rows_evicted_after_preparing_are_never_published(tmp_path):
 def test_nothing_is_prepared_for_less_than_a_full_message(tmp_path):
     pub, _ = offline_publisher(tmp_path, BATCH - 1)
     assert prepare_all(pub) == 0
+
+
+def test_a_resend_whose_reply_was_lost_with_the_connection_replies_again():
+    """Pure logic of a resend job: its reply is published once every batch is acknowledged, and the job
+    stays queued until the reply is acknowledged too; a lost connection rewinds it to what the broker
+    acknowledged, so it replies again (with the same count) instead of leaving the platform waiting."""
+    job = _Resend("r1", 1, 400, after=0, acked=0)
+    for upto in (200, 400):
+        job.inflight.append(["resend", job, True, upto, 200, None])
+    job.after, job.read_all = 400, True
+    job.settle()
+    assert (job.acked, job.count, list(job.inflight)) == (400, 400, [])
+    job.replied = True  # published, its PUBACK lost with the connection
+    job.rewind()
+    assert (job.after, job.read_all, job.replied, job.count) == (400, False, False, 400)
