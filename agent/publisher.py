@@ -114,7 +114,8 @@ class Publisher(threading.Thread):
     """Delivers the buffer to the broker. `status_provider()` supplies the answer to the `status`
     command; `recorder` (an `agent.recorder.Recorder`) receives acknowledgements and broker state.
     `summary_provider()` gives what the retained status says of the station beside `online` (failing
-    devices, active alarms): it is published again when that changes (checked every SUMMARY_EVERY_S)."""
+    devices, active alarms), None while the station is not set up yet: it is published again when that
+    changes (checked every SUMMARY_EVERY_S), and as soon as it is known when the birth went without it."""
 
     def __init__(
         self,
@@ -122,7 +123,7 @@ class Publisher(threading.Thread):
         db_path: str,
         recorder: Recorder,
         status_provider: Callable[[], dict] | None = None,
-        summary_provider: Callable[[], dict] | None = None,
+        summary_provider: Callable[[], dict | None] | None = None,
     ):
         super().__init__(name="publisher", daemon=True)
         self.settings = settings
@@ -451,10 +452,11 @@ class Publisher(threading.Thread):
             self._reader = None
 
     def _summary(self) -> dict:
+        """The summary, or {} when there is none (yet)."""
         if self.summary_provider is None:
             return {}
         try:
-            return self.summary_provider()
+            return self.summary_provider() or {}
         except Exception:  # noqa: BLE001 - the retained status goes out without it rather than not at all
             log.exception("the status summary failed")
             return {}
@@ -475,7 +477,14 @@ class Publisher(threading.Thread):
         it held for two checks, and at most once every SUMMARY_MIN_GAP_S, so that a device failing every
         other poll costs the link little."""
         now = time.monotonic()
-        if not self.online or self.summary_provider is None or now - self._summary_checked < SUMMARY_EVERY_S:
+        if not self.online or self.summary_provider is None:
+            return
+        if not self._summary_said:  # the birth went out before the station was set up: say it once known
+            summary = self._summary()
+            if summary:
+                self._say_online(summary)
+            return
+        if now - self._summary_checked < SUMMARY_EVERY_S:
             return
         summary, previous = self._summary(), self._summary_seen
         self._summary_checked, self._summary_seen = now, summary

@@ -443,12 +443,15 @@ class Station:
         return (f"backlog {backlog}, broker {p.state}, {alarms} active alarms, "
                 f"last seq {self.recorder.last_committed_seq}")
 
-    def _summary(self) -> dict:
-        """What the retained `P/status` says of the station beside `online` (publisher thread)."""
+    def _summary(self) -> dict | None:
+        """What the retained `P/status` says of the station beside `online` (publisher thread); None
+        until the alarm engine and the pollers are set up (after the publisher starts: it connects
+        meanwhile), rather than a summary that says no alarm is active when one was restored."""
         problems = getattr(self, "device_problems", None)
-        alarms = getattr(self, "alarms", None)  # both set up after the publisher starts
-        return {"failing_devices": problems.failing() if problems is not None else [],
-                "active_alarms": alarms.active_ids() if alarms is not None else []}
+        alarms = getattr(self, "alarms", None)
+        if problems is None or alarms is None:
+            return None
+        return {"failing_devices": problems.failing(), "active_alarms": alarms.active_ids()}
 
     def _status(self) -> dict:
         reader = Buffer.open_reader(self.config.storage.path)

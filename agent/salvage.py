@@ -425,6 +425,8 @@ def _rebuild_active_alarms(events: Iterable[tuple], fresh: Buffer) -> None:
             continue
         if isinstance(body, dict) and isinstance(body.get("id"), str):
             last[body["id"]] = (int(ts_ms), body)
+    if not last:  # nothing readable: no state, so that the copy kept beside the file is taken (`runtime`)
+        return
     active = [(ts_ms, body) for ts_ms, body in last.values() if body.get("state") == "raised"]
     state = [{"id": b["id"], "channel": b.get("channel"), "rule": b.get("rule"), "since_ms": ts_ms,
               "value": b.get("value"), "threshold": b.get("threshold")} for ts_ms, b in active]

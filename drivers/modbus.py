@@ -1118,7 +1118,7 @@ class ModbusDriver:
         self._channels = value_channels(self.specs)
         self._problems: set[str] = set()  # kinds of problem logged since the device last answered properly
         self._given_up = 0  # polls in a row given up for no (valid) answer: see SILENT_AFTER_POLLS
-        self.problem: str | None = None  # why the last poll failed, as first logged for its kind (for `status`)
+        self.problem: str | None = None  # why the last poll failed (for `status`)
         self._failed_polls = 0  # polls in a row with a problem, and when the last line about them was logged
         self._failing_logged_at = 0.0
         self.last_poll_s = 0.0
@@ -1247,7 +1247,9 @@ class ModbusDriver:
         self._failed_polls += 1
         now = time.monotonic()
         if kind in self._problems:
-            if not (self.problem or "").startswith(kind):  # another kind than the last poll's: say it
+            # The last poll's text ("after 1 try" once tried once per poll), but a bad answer's only when
+            # its kind changes: its text holds the bytes received, other at every poll (a write each).
+            if kind != "bad answer" or not (self.problem or "").startswith(kind):
                 self.problem = what
             if now - self._failing_logged_at >= STILL_FAILING_EVERY_S:  # a reminder: the journal's last hour shows it
                 self._failing_logged_at = now

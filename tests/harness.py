@@ -49,12 +49,12 @@ def free_port() -> int:
 
 
 def db_last_seq(path) -> int:
-    """Highest readings seq stored in the agent's buffer (0 while the file is still being created)."""
+    """Highest readings seq stored in the agent's buffer (0 while the file is being created or rescued)."""
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
             top = conn.execute("SELECT max(seq) FROM readings").fetchone()[0] or 0
             row = conn.execute("SELECT floor_seq FROM streams WHERE name='readings'").fetchone()
-    except sqlite3.OperationalError:
+    except sqlite3.DatabaseError:  # still being created, or (corrupt) about to be moved aside
         return 0
     return max(top, row[0] if row else 0)
 

@@ -8,6 +8,7 @@ active alarms in `edge-agent status --json`, and "raised once, cleared once" acr
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sqlite3
@@ -135,14 +136,19 @@ def test_an_alarm_that_ended_while_the_agent_was_down_is_cleared_at_start(tmp_pa
         assert agent.stop() == 0
 
 
-def test_an_alarm_active_when_the_buffer_file_is_lost_is_not_raised_again(tmp_path, broker, collector):
-    """The gateway crashes with the alarm active and its buffer file is then lost (deleted here; a file
-    corrupt beyond salvage is the same): the fresh file starts from the alarm state kept beside it, so
-    the platform sees the alarm raised once and, when the value drops, cleared once (SPEC §4)."""
+@pytest.mark.parametrize("how", ["deleted", "overwritten"])
+def test_an_alarm_active_when_the_buffer_file_is_lost_is_not_raised_again(tmp_path, broker, collector, how):
+    """The gateway crashes with the alarm active and its buffer file is then lost (deleted, or
+    overwritten with random bytes: corrupt beyond salvage): the fresh file starts from the alarm state
+    kept beside it, so the platform sees the alarm raised once and, when the value drops, cleared once
+    (SPEC §4)."""
     db = tmp_path / "buffer.db"
     cfg = raise_the_alarm(tmp_path, broker, collector, crash=True)
     for lost in (db, db.with_name("buffer.db-wal"), db.with_name("buffer.db-shm")):
-        lost.unlink(missing_ok=True)
+        if how == "deleted":
+            lost.unlink(missing_ok=True)
+        elif lost.exists():
+            lost.write_bytes(os.urandom(lost.stat().st_size or 4096))
 
     agent = AgentProcess(cfg)
     try:

@@ -742,9 +742,14 @@ def test_the_retained_status_summarises_the_station_and_says_why_it_went_offline
         agent.kill9()
     wait_for(lambda: statuses()[-1]["state"] == "offline", 20, "the Last Will")
     assert statuses()[-1] == {"v": 1, "station": "TEST0001", "state": "offline", "reason": "connection lost"}
+    before = len(statuses())
     agent = AgentProcess(cfg)
     try:
         wait_for(lambda: statuses()[-1]["state"] == "online", 20, "online again")
+        # The alarm restored at start is never said to be inactive: the birth either waits for the
+        # alarm engine or goes out without the summary, which follows as soon as it is known.
+        said = wait_for(lambda: [s for s in statuses()[before:] if "active_alarms" in s], 20, "the summary")
+        assert all(s["active_alarms"] == ["sim0.c00:above"] for s in said), said
     finally:
         assert agent.stop() == 0
     last = statuses()[-1]

@@ -221,6 +221,20 @@ def test_a_device_given_up_twice_in_a_row_is_tried_once_per_poll_until_it_answer
     assert bus.max_tries == [None, None, 1, 1, None, None, 1, None, None, None, 1, None]
 
 
+def test_the_problem_status_shows_is_the_last_poll_s_but_a_bad_answer_s_bytes_do_not_rewrite_it():
+    script = iter([NoAnswer("no answer, after 3 tries")] * 2 + [NoAnswer("no answer, after 1 try")]
+                  + [BadAnswer(f"not a Modbus TCP answer ({i:02x}), after 1 try") for i in range(3)] + [None])
+    state: dict = {}
+    driver = ModbusDriver("ghost", ScriptedBus(lambda *a: state["now"] or [1]), 9, 1,
+                          [RegisterSpec(channel="a", address=0)])
+    said = []
+    for state["now"] in script:
+        driver.poll(0)
+        said.append(driver.problem)
+    assert said == ["no answer, after 3 tries"] * 2 + ["no answer, after 1 try"] + [
+        "bad answer: not a Modbus TCP answer (00), after 1 try"] * 3 + [None]
+
+
 def test_a_device_that_keeps_failing_is_reminded_of_with_the_count(caplog, monkeypatch):
     monkeypatch.setattr(modbus, "STILL_FAILING_EVERY_S", 0.0)
     bus = ScriptedBus(lambda *a: NoAnswer("no answer, after 2 tries"))
