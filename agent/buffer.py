@@ -549,8 +549,9 @@ class Buffer:
                 self.conn.execute("DELETE FROM stored_upto WHERE stream=? AND seq<=?", (stream, upto))
         return deleted
 
-    def _delete_upto(self, stream: str, upto: int) -> int:
-        cur = self.conn.execute(f"DELETE FROM {stream} WHERE seq <= ?", (upto,))
+    def _delete_upto(self, stream: str, upto: int, first: int = 0) -> int:
+        """Delete the rows of `stream` with `first` <= seq <= `upto`; their seqs are never issued again."""
+        cur = self.conn.execute(f"DELETE FROM {stream} WHERE seq BETWEEN ? AND ?", (first, upto))
         self.conn.execute(
             "UPDATE streams SET floor_seq = max(floor_seq, ?) WHERE name=?", (upto, stream)
         )
@@ -589,9 +590,7 @@ class Buffer:
                 break
             lo = row[0]
             upto = min(lo + chunk - 1, row[1])
-            n = self.conn.execute("DELETE FROM readings WHERE seq BETWEEN ? AND ?", (lo, upto)).rowcount
-            self.conn.execute("UPDATE streams SET floor_seq = max(floor_seq, ?) WHERE name=?", (upto, STREAM_READINGS))
-            dropped += n
+            dropped += self._delete_upto(STREAM_READINGS, upto, first=lo)
             gap = self.record_gap(STREAM_READINGS, lo, upto, "buffer_full", now_ms)
             if keep == self._sent_upto[STREAM_READINGS]:  # nothing in flight below: the watermark passes the gap
                 self.set_sent_upto(STREAM_READINGS, upto)

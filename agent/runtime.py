@@ -206,8 +206,7 @@ class DeviceProblems:
         with self._lock:
             for device_id in set(self._problems) - device_ids:
                 del self._problems[device_id]
-            text = json.dumps(self._problems, separators=(",", ":"), sort_keys=True)
-        self._set_meta("device_problems", text)
+            self._write()
 
     def note(self, device_id: str, problem: str | None) -> None:
         """After every poll (any bus poller thread)."""
@@ -218,8 +217,10 @@ class DeviceProblems:
                 del self._problems[device_id]
             else:
                 self._problems[device_id] = problem
-            text = json.dumps(self._problems, separators=(",", ":"), sort_keys=True)
-        self._set_meta("device_problems", text)
+            self._write()
+
+    def _write(self) -> None:  # with the lock held: the recorder writes the last value given
+        self._set_meta("device_problems", json.dumps(self._problems, separators=(",", ":"), sort_keys=True))
 
 
 def _saved_alarm_state(buffer: Buffer) -> tuple[str | None, bool]:

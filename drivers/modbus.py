@@ -100,6 +100,7 @@ __all__ = [
     "ModbusBus",
     "ModbusDriver",
     "BadAnswer",
+    "Garbled",
     "NoAnswer",
     "WireError",
     "WriteFailed",
@@ -150,6 +151,11 @@ class NoAnswer(WireError):
 class BadAnswer(NoAnswer):
     """The last try was answered, but not with an answer to the request (other unit, function code, byte
     count or echo): refused, like no answer (flag B)."""
+
+
+class Garbled(NoAnswer):
+    """The last try got bytes that make no valid frame (a wrong baud rate or parity, noise): like no
+    answer (flag B)."""
 
 
 class ExceptionReply(WireError):
@@ -203,8 +209,12 @@ class _Flood(_BadFrame):
 
 
 class _NoFrame(Exception):
-    """No answer within the timeout (nothing, or nothing that makes a valid frame). Not TimeoutError:
-    that one is an OSError, which means a failing port here."""
+    """No answer within the timeout (nothing, or, `garbled`, nothing that makes a valid frame). Not
+    TimeoutError: that one is an OSError, which means a failing port here."""
+
+    def __init__(self, text: str, garbled: bool = False):
+        super().__init__(text)
+        self.garbled = garbled
 
 
 @dataclass(frozen=True)
@@ -491,7 +501,7 @@ class _RtuPort(_Link):
                     self._late_answer(owner.ask)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise _NoFrame(GARBLED_RTU if buf else "no answer")
+                    raise _NoFrame(GARBLED_RTU, garbled=True) if buf else _NoFrame("no answer")
                 ready, _, _ = select.select([ser.fileno()], [], [], remaining)
                 if ready:
                     if transfer:  # an answer has begun within the timeout: give it the time to arrive
@@ -675,7 +685,7 @@ class _TcpLink(_Link):
                         log.debug("bus %s: no byte from %s:%d for %d tries; reopening the connection",
                                   self.bus_name, self.host, self.port, self._mute)
                         self.close()
-                    raise _NoFrame("garbled answer" if buf else "no answer")
+                    raise _NoFrame("garbled answer", garbled=True) if buf else _NoFrame("no answer")
                 ready, _, _ = select.select([sock], [], [], remaining)
                 if ready:
                     self._receive(sock)
@@ -911,7 +921,7 @@ class ModbusBus:
         checked to answer it (see the module docstring), or raises a WireError. Every read and write goes
         through here."""
         last = "no answer"
-        refused = False  # the last try got a frame that does not answer the request
+        failure: type[NoAnswer] = NoAnswer  # what the last try got: nothing, garbage, or another answer
         allowed = self.retries + 1 if max_tries is None else max(1, min(max_tries, self.retries + 1))
         tries = 0
         reopened = False
@@ -927,7 +937,7 @@ class ModbusBus:
                 # a retry: a TCP server that restarted answers the request on the fresh connection. Logged
                 # at debug only: some gateways close idle connections, which would be a line per poll.
                 self._close_client()
-                last = "connection lost"
+                last, failure = "connection lost", NoAnswer
                 self._after_failure()
                 if self._up is False:
                     raise LinkDown(f"{self.describe()} lost") from None
@@ -943,20 +953,20 @@ class ModbusBus:
                 self.stats.bad_answers += 1
                 if isinstance(exc, _Flood):
                     self.stats.floods += 1
-                last, refused = str(exc), True
+                last, failure = str(exc), BadAnswer
                 log.debug("bus %s: answer to %s refused: %s", self.name, ask, exc)
                 tries += 1
                 continue
             except Exception as exc:  # noqa: BLE001 - timeout, garbled frame, anything from the wire
                 last = str(exc) if isinstance(exc, _NoFrame) else f"no valid answer ({type(exc).__name__})"
-                refused = False
+                failure = Garbled if isinstance(exc, _NoFrame) and exc.garbled else NoAnswer
                 tries += 1
                 continue
             if fc & 0x80:
                 if data[0] in GATEWAY_NO_ANSWER:
                     # A Modbus TCP-to-RTU gateway says the instrument behind it did not answer: no answer
                     # (retried, then flag B), not a fault the instrument reports (flag D).
-                    last, refused = f"the gateway answered {GATEWAY_NO_ANSWER[data[0]]}", False
+                    last, failure = f"the gateway answered {GATEWAY_NO_ANSWER[data[0]]}", NoAnswer
                     tries += 1
                     continue
                 self.stats.exceptions += 1
@@ -966,7 +976,7 @@ class ModbusBus:
         self._after_failure()
         if self._up is False:
             raise LinkDown(f"{self.describe()} lost")
-        raise (BadAnswer if refused else NoAnswer)(f"{last}, after {allowed} tr{'y' if allowed == 1 else 'ies'}")
+        raise failure(f"{last}, after {allowed} tr{'y' if allowed == 1 else 'ies'}")
 
     def read(self, slave: int, table: str, address: int, count: int, *, max_tries: int | None = None) -> list[int]:
         """`count` registers (holding/input) or bits as 0/1 (coil/discrete) from `address` of `slave`, tried
@@ -1178,8 +1188,7 @@ class ModbusDriver:
                 return dict.fromkeys(self.specs, FLAG_COMM), ("link", str(exc))
             except NoAnswer as exc:
                 # Given up for this poll: every channel B, and the bus moves on (SPEC §2).
-                kind = "bad answer" if isinstance(exc, BadAnswer) else "garbled answer" if str(exc).startswith(
-                    "garbled") else "no answer"
+                kind = {BadAnswer: "bad answer", Garbled: "garbled answer"}.get(type(exc), "no answer")
                 # Silent (or garbled) counts towards one try per poll; frames that answer something else
                 # mean a peer that talks (a flood is found, and its connection closed, on a second try).
                 self._given_up = 0 if isinstance(exc, BadAnswer) else self._given_up + 1

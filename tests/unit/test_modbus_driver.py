@@ -23,6 +23,7 @@ from drivers.modbus import (
     BadAnswer,
     BusStats,
     ExceptionReply,
+    Garbled,
     LinkDown,
     ModbusBus,
     ModbusDriver,
@@ -182,7 +183,7 @@ def test_a_device_failing_differently_at_every_poll_is_logged_once_per_kind_not_
     # one when it recovers; then a new failure is news again.
     polls = iter(
         [BadAnswer(f"not a Modbus TCP answer ({i:032x}), after 2 tries") for i in range(5)]
-        + [NoAnswer("garbled answer, after 2 tries"), BadAnswer("not a Modbus TCP answer (ab), after 2 tries")] * 3
+        + [Garbled("garbled answer, after 2 tries"), BadAnswer("not a Modbus TCP answer (ab), after 2 tries")] * 3
         + [ExceptionReply(4), ExceptionReply(6), NoAnswer("no answer, after 2 tries")]
         + [None, None]
         + [BadAnswer(f"not a Modbus TCP answer ({i:02x}), after 2 tries") for i in range(3)]
