@@ -48,6 +48,7 @@ from agent.model import FLAGS
 __all__ = [
     "BadCrc",
     "BadLength",
+    "BadQn",
     "CodeTable",
     "FLAG_ANSWER",
     "FLAG_SPLIT",
@@ -137,6 +138,13 @@ class BadLength(Hj212Error):
 class BadCrc(Hj212Error):
     """The CRC written in the frame differs from the CRC of its data segment. `packet`: what the data
     segment says when it parses (untrusted: only to answer a request with QnRtn 9), else None."""
+
+    packet: Packet | None = None
+
+
+class BadQn(Malformed):
+    """The QN is not 17 digits. `packet`: what the rest of the data segment says, without a QN, when it
+    parses (only to answer a request with QnRtn 7), else None."""
 
     packet: Packet | None = None
 
@@ -609,7 +617,10 @@ def _parse_segment(text: str) -> Packet:
             raise Malformed(f"{key}{shown} is not {rule}")
         return value
 
-    qn = field_value("QN", _QN_RE, "17 digits")
+    bad_qn = fields.get("QN")
+    if bad_qn is not None and _QN_RE.fullmatch(bad_qn):
+        bad_qn = None
+    qn = None if bad_qn is not None else fields.get("QN")
     st = field_value("ST", _ST_RE, "2 digits")
     cn = field_value("CN", _CN_RE, "4 digits")
     pw = field_value("PW", _PW_RE, f"at most {PW_MAX} characters without space or ; , & =", secret=True)
@@ -649,7 +660,12 @@ def _parse_segment(text: str) -> Packet:
                 group[key] = value
             groups.append(group)
     assert st is not None and cn is not None and pw is not None and mn is not None
-    return Packet(qn=qn, st=st, cn=cn, pw=pw, mn=mn, flag=flag, pnum=pnum, pno=pno, cp=groups)
+    packet = Packet(qn=qn, st=st, cn=cn, pw=pw, mn=mn, flag=flag, pnum=pnum, pno=pno, cp=groups)
+    if bad_qn is not None:
+        error = BadQn(f"QN {bad_qn[:30]!r} is not 17 digits")
+        error.packet = packet
+        raise error
+    return packet
 
 
 # --- split packets ---------------------------------------------------------------------------------

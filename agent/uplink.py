@@ -28,8 +28,8 @@ Decisions:
   unsupported CN is answered QnRtn=8 (CN error) and a backfill or 1012 without valid times QnRtn=2
   (refused). A request whose only fault is its CRC, whose data segment names this station's MN and a
   QN, is answered QnRtn=9 (CRC error) and never executed: the platform knows to send it again. Any
-  other frame that does not decode is logged (rate-limited) and dropped, as is a frame whose QN is
-  not 17 digits (there is no QN to answer with).
+  other frame that does not decode is logged (rate-limited) and dropped. A request whose QN is not 17
+  digits is checked and answered like one without QN (its QN cannot be echoed: a QN is 17 digits).
 * A platform that never acknowledges, or drops every connection, logs its first "no 9014" and
   "connection dropped" lines at once, then one a minute with the count.
 * 1012 (set time): answered 9011 QnRtn=1, logged with the offset, never applied; 9012 ExeRtn=1 when
@@ -71,6 +71,7 @@ from agent.hj212 import (
     FLAG_ANSWER,
     FLAG_V2017,
     BadCrc,
+    BadQn,
     FrameReader,
     Hj212Error,
     Packet,
@@ -484,7 +485,14 @@ class Uplink(threading.Thread):
 
     def _bad_frame(self, error: Hj212Error) -> None:
         """A frame that does not decode is dropped; a request whose only fault is its CRC, addressed to
-        this station with a QN, is answered QnRtn 9 (CRC error) so the platform knows to send it again."""
+        this station with a QN, is answered QnRtn 9 (CRC error) so the platform knows to send it again;
+        one whose only fault is its QN is answered as a request without QN (QnRtn 7)."""
+        if isinstance(error, BadQn) and error.packet is not None and error.packet.pnum is None \
+                and error.packet.cn not in (CN_DATA_ACK, CN_REQUEST_ANSWER, CN_EXECUTION_RESULT):
+            self._errlog.warning("uplink %s: request CN=%s with a malformed QN (%s)", self.target.name,
+                                 error.packet.cn, error, key="bad-qn")
+            self._answer(error.packet)
+            return
         request = error.packet if isinstance(error, BadCrc) else None
         if (request is not None and request.qn is not None and request.mn == self.identity.mn
                 and request.cn not in (CN_DATA_ACK, CN_REQUEST_ANSWER, CN_EXECUTION_RESULT)):

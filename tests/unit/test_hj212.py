@@ -20,6 +20,7 @@ from agent import hj212
 from agent.hj212 import (
     BadCrc,
     BadLength,
+    BadQn,
     FrameReader,
     Hj212Error,
     Malformed,
@@ -325,7 +326,7 @@ GOOD_SEGMENT = "QN=20160801085857223;ST=32;CN=2011;PW=123456;MN=MN01;Flag=4;CP=&
         (frame_of(GOOD_SEGMENT.replace("ST=32;", "ST;")), Malformed, "has no '='"),
         (frame_of(GOOD_SEGMENT.replace("ST=32", "ST=320")), Malformed, "ST '320' is not 2 digits"),
         (frame_of(GOOD_SEGMENT.replace("CN=2011", "CN=211")), Malformed, "CN '211' is not 4 digits"),
-        (frame_of(GOOD_SEGMENT.replace("QN=20160801085857223", "QN=2016")), Malformed, "QN '2016'"),
+        (frame_of(GOOD_SEGMENT.replace("QN=20160801085857223", "QN=2016")), BadQn, "QN '2016' is not 17 digits"),
         (frame_of(GOOD_SEGMENT.replace("MN=MN01", "MN=" + "M" * 25)), Malformed, "MN"),
         (frame_of(GOOD_SEGMENT.replace("Flag=4", "Flag=04")), Malformed, "Flag '04'"),
         (frame_of(GOOD_SEGMENT.replace("Flag=4", "Flag=256")), Malformed, "Flag 256 exceeds 255"),
@@ -488,6 +489,17 @@ def test_group_longer_than_a_packet_is_cut_between_items() -> None:
     assert len(whole.cp) > 2
     with pytest.raises(ValueError, match="longer than a whole packet"):
         encode(base_packet(cp=[{"k": "v" * 2000}]))
+
+
+def test_a_bad_qn_says_what_the_rest_of_the_packet_is_but_only_when_the_rest_is_good() -> None:
+    """A request whose only fault is its QN can be answered QnRtn 7; one with another fault cannot."""
+    with pytest.raises(BadQn) as caught:
+        decode(frame_of(GOOD_SEGMENT.replace("QN=20160801085857223", "QN=2016-08-01")))
+    assert caught.value.packet is not None
+    assert (caught.value.packet.qn, caught.value.packet.cn, caught.value.packet.mn) == (None, "2011", "MN01")
+    with pytest.raises(Malformed) as caught:
+        decode(frame_of(GOOD_SEGMENT.replace("QN=20160801085857223", "QN=2016").replace("ST=32", "ST=320")))
+    assert not isinstance(caught.value, BadQn)
 
 
 def test_split_needs_qn_and_flag() -> None:

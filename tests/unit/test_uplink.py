@@ -21,6 +21,7 @@ from agent.hj212 import (
     Hj212Error,
     Packet,
     ack_9014,
+    crc16,
     encode,
     encode_one,
     parse_time,
@@ -355,6 +356,16 @@ def test_unknown_command_wrong_password_and_wrong_mn_are_refused(station, platfo
     answer = wait_for(lambda: [p for p in platform.received() if p.cn == "9011" and p.get("QnRtn") == "7"], 10,
                       "the QnRtn=7 answer")
     assert answer[0].qn is not None and len(answer[0].qn) == 17
+    # A QN that is not 17 digits is a QN error too (a QN cannot be echoed that is not one); the rest of
+    # the header is checked first, as for any request.
+    for qn, pw, expected in (("2026-11-29 12:00", "123456", "7"), ("1", "999999", "3")):
+        seen = {p.qn for p in platform.received()}
+        body = f"QN={qn};ST=32;CN=1011;PW={pw};MN={MN};Flag=5;CP=&&&&"
+        platform.send(f"##{len(body):04d}{body}{crc16(body.encode()):04X}\r\n".encode())
+        answer = wait_for(lambda seen=seen: [p for p in platform.received() if p.qn not in seen], 10,
+                          f"the answer to QN {qn!r}")
+        assert [(p.cn, p.get("QnRtn")) for p in answer] == [("9011", expected)]
+        assert answer[0].qn is not None and len(answer[0].qn) == 17
 
 
 def test_time_requests_report_the_clock_and_never_set_it(station, platform):
