@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 PURGE_MAX_ROWS = 100_000  # per stream and pass (every 10 min): 14 M a day; one pass ~0.1 s on a VM
+WAL_HELD_BYTES = 16 << 20  # a WAL this large that a checkpoint cannot empty: someone holds a reader open
 PAGE_SIZE = 1024  # small pages: a commit of a few dozen readings rewrites ~3 KB, not ~12 KB (SD wear)
 
 
@@ -511,6 +512,18 @@ class Buffer:
         pages = max(self.max_bytes // PAGE_SIZE, 64)
         self.conn.execute(f"PRAGMA max_page_count={pages}")
         self.conn.execute(f"PRAGMA journal_size_limit={min(8 << 20, max(1 << 20, self.max_bytes // 8))}")
+
+    def wal_held_back(self) -> int:
+        """Bytes of the WAL when it has grown past `WAL_HELD_BYTES` because a checkpoint cannot copy all
+        of it back (another connection keeps an old read transaction open), else 0."""
+        try:
+            size = self.path.with_name(self.path.name + "-wal").stat().st_size
+        except OSError:
+            return 0
+        if size < WAL_HELD_BYTES:
+            return 0
+        _busy, frames, copied = self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return size if copied < frames else 0
 
     def used_bytes(self) -> int:
         """Bytes of the file in use (pages not on the free list)."""

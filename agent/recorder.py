@@ -78,6 +78,7 @@ class Recorder(threading.Thread):
         }
         self._channels_dirty = False
         self._last_snapshot = self._last_ack_persist = self._last_size_check = 0.0
+        self._wal_held = False
         self._last_purge = time.monotonic()
         self.dropped_in_memory = 0
         self.gaps_recorded = 0  # eviction rounds that recorded (or extended) a gap; the publisher watches it
@@ -417,6 +418,7 @@ class Recorder(threading.Thread):
             try:
                 if self.buffer.used_bytes() > self.max_bytes * 0.95:
                     self._make_room(int(self.max_bytes * 0.85))
+                self._check_wal()
             except sqlite3.Error as exc:
                 self._errlog.error("size check failed: %s", exc)
         if now - self._last_purge >= PURGE_EVERY_S:
@@ -430,6 +432,21 @@ class Recorder(threading.Thread):
             except sqlite3.Error as exc:
                 self.buffer.rollback()
                 self._errlog.error("purge failed: %s", exc)
+
+    def _check_wal(self) -> None:
+        """The WAL is outside `max_mb` and bounded only by checkpoints, which another process can hold
+        back by keeping a read transaction open (an `sqlite3` shell left at a prompt after a query):
+        say so while it lasts (rate-limited), and when it is over."""
+        held = self.buffer.wal_held_back()
+        if held:
+            self._wal_held = True
+            self._errlog.warning("%s-wal has grown to %.0f MB and cannot be checkpointed: another process keeps "
+                                 "a read transaction open on the buffer (an sqlite3 shell or a backup tool?); "
+                                 "close it, or the WAL grows until the disk is full", self.buffer.path,
+                                 held / (1 << 20), key="wal-held")
+        elif self._wal_held:
+            self._wal_held = False
+            log.info("%s-wal is checkpointed again", self.buffer.path)
 
     def _make_room(self, target_bytes: int) -> None:
         """Evict (`Buffer.evict`) with the publisher held off (`evict_lock`): what it has acknowledged is
