@@ -176,6 +176,13 @@ check_platform() {
     fi
 }
 
+apt_install() {
+    say "installing $* (needed to create the venv)"
+    # A fresh image may have no package lists yet: read them once.
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
 pick_python() {
     if [[ -z "$PYTHON" ]]; then
         # The distribution's interpreter first: the service user must be able to run the venv's
@@ -189,14 +196,17 @@ pick_python() {
             fi
         done
         [[ -n "$PYTHON" ]] || PYTHON=$(command -v python3 || true)
+        if [[ -z "$PYTHON" ]] && [[ $SYSTEM_ACTIONS -eq 1 ]] && command -v apt-get >/dev/null; then
+            apt_install python3 python3-venv  # a minimal Debian has no Python at all
+            PYTHON=/usr/bin/python3
+        fi
         [[ -n "$PYTHON" ]] || die "python3 not found (apt-get install python3 python3-venv)"
     fi
     "$PYTHON" -c "import sys; sys.exit(0 if sys.version_info >= (3, $MIN_PY_MINOR) else 1)" \
         || die "$PYTHON is older than 3.$MIN_PY_MINOR (Debian 12 / Raspberry Pi OS bookworm or newer needed)"
     if ! "$PYTHON" -c "import ensurepip, venv" 2>/dev/null; then
         if [[ $SYSTEM_ACTIONS -eq 1 ]] && command -v apt-get >/dev/null; then
-            say "installing python3-venv (needed to create the venv)"
-            DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv
+            apt_install python3-venv
         else
             die "$PYTHON cannot create venvs (apt-get install python3-venv)"
         fi
