@@ -34,7 +34,14 @@ printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$port
 sed "s#mqtt://127.0.0.1:1883#mqtt://127.0.0.1:$port#" "$config" > "$run_config"
 
 pids=()
+agent_pid=""
 cleanup() {
+  # The agent first, and the broker only once it is gone: it says "offline, stopped" and disconnects,
+  # where a broker going down under it would publish its Last Will ("connection lost") instead.
+  if [ -n "$agent_pid" ]; then
+    kill "$agent_pid" 2>/dev/null || true
+    wait "$agent_pid" 2>/dev/null || true
+  fi
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -f "$run_config"
@@ -42,7 +49,9 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 echo "== starting the demo's mosquitto on 127.0.0.1:$port"
-"$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c demo-data/mosquitto.conf >demo-data/mosquitto.log 2>&1 &
+# In a session of its own: Ctrl-C reaches the agent and the others at once, and the broker is stopped
+# by `cleanup` after the agent.
+setsid "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c demo-data/mosquitto.conf >demo-data/mosquitto.log 2>&1 &
 pids+=($!)
 for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 config=$run_config
@@ -56,5 +65,5 @@ fi
 edge-agent check-config "$config"  # once the simulated serial ports exist
 echo "== starting the agent (log: demo-agent.log); live view below, Ctrl-C to stop"
 edge-agent run -c "$config" 2>demo-agent.log &
-pids+=($!)
+agent_pid=$!
 edge-agent tail -c "$config"

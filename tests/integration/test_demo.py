@@ -11,6 +11,7 @@ import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,6 +63,12 @@ def test_the_demo_shows_readings_of_every_protocol_and_stops_cleanly_on_ctrl_c(t
             demo.wait(30)
         finally:
             selector.close()
+    output.append(demo.stdout.read().decode(errors="replace"))
+    # The agent stops before its broker: a clean "offline", never its Last Will ("connection lost").
+    assert "connection lost" not in "".join(output), "".join(output[-20:])
+    port = int(re.search(r"listener (\d+)", (copy / "demo-data" / "mosquitto.conf").read_text()).group(1))
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, "the demo's broker is stopped"
     assert not any(os.path.lexists(link) for link in DEMO_LINKS), "the simulated ports are removed"
     assert "stopped cleanly" in (copy / "demo-agent.log").read_text()
     assert not list(copy.glob("config/examples/.demo-*.yaml")), "the demo's copy of the config is removed"
