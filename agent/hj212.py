@@ -617,10 +617,10 @@ def _parse_segment(text: str) -> Packet:
             raise Malformed(f"{key}{shown} is not {rule}")
         return value
 
-    bad_qn = fields.get("QN")
-    if bad_qn is not None and _QN_RE.fullmatch(bad_qn):
-        bad_qn = None
-    qn = None if bad_qn is not None else fields.get("QN")
+    qn = fields.get("QN")
+    bad_qn = None  # a QN that is not one: the rest is still parsed, for an answer QnRtn 7 (BadQn)
+    if qn is not None and not _QN_RE.fullmatch(qn):
+        bad_qn, qn = qn, None
     st = field_value("ST", _ST_RE, "2 digits")
     cn = field_value("CN", _CN_RE, "4 digits")
     pw = field_value("PW", _PW_RE, f"at most {PW_MAX} characters without space or ; , & =", secret=True)
