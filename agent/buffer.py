@@ -278,7 +278,7 @@ class Buffer:
             # A first commit makes the WAL durable (SQLite syncs its directory entry then); from now on
             # a start that finds no WAL after a crash knows that it was deleted (`SeqMark.lost_rows`).
             conn.execute("UPDATE streams SET sent_upto=sent_upto WHERE name=?", (STREAM_READINGS,))
-            seqmark.note_running()
+            seqmark.note_running(volatile=sync != "full")
         except BaseException:
             conn.close()  # the WAL is gone now (checkpointed and deleted), but `kept` stays for the rescue
             raise
@@ -389,7 +389,8 @@ class Buffer:
             if last < top and lost:
                 if not fresh_file:
                     log.warning("buffer %s: stream %s ends at seq %d, but seqs up to %d may have been issued "
-                                "(an older copy of the file, or its WAL deleted after a crash)", self.path, stream,
+                                "(an older copy of the file, its WAL deleted after a crash, or a power cut "
+                                "with sync: normal)", self.path, stream,
                                 last, top)
                 log.info("stream %s continues above seq %d", stream, top)
                 if stream == STREAM_READINGS and announce_jump:

@@ -23,6 +23,8 @@ BLOCK = 10_000
 ACKED = ".acked"  # key suffix of a stream's acknowledged watermark, as last noted
 ISSUED = ".issued"  # key suffix of a stream's last seq at the last clean close
 RUNNING = "running"  # 1 from a writer's start (its WAL written) to its clean close, else 0
+VOLATILE_BOOT = "volatile_boot"  # the boot a writer that does not fsync each commit runs in, else 0
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")  # new at every boot of the kernel
 
 
 class SeqMark:
@@ -32,7 +34,9 @@ class SeqMark:
     be lost. What tells a buffer file that lost rows from one that never had them (`lost_rows`):
     `{"readings.issued": N, ...}`, each stream's last seq at the last clean close, and `running`, 1
     while a writer has the file open (a start with `running` 1 and no WAL: the WAL, and with it the
-    rows committed since the last checkpoint, was deleted after a crash)."""
+    rows committed since the last checkpoint, was deleted after a crash), and `volatile_boot`, the boot
+    (`boot_id`) in which a writer with `sync: normal` runs (a start in another boot with `running` 1:
+    a power cut or a reset may have taken its last commits, published or not)."""
 
     def __init__(self, path: Path, block: int = BLOCK):
         self.path = path
@@ -68,9 +72,10 @@ class SeqMark:
     def lost_rows(self, stream: str, last: int, wal_missing: bool) -> bool:
         """Whether a buffer file whose stream ends at `last` lacks seqs a writer here issued: a clean
         close noted more (an older copy of the file was put back), more were acknowledged, or the
-        last writer did not close cleanly and its WAL is gone (`wal_missing`)."""
+        last writer did not close cleanly and its WAL is gone (`wal_missing`), or it did not fsync each
+        commit and the machine has rebooted since."""
         marks = self.read()
-        if wal_missing and marks.get(RUNNING):
+        if marks.get(RUNNING) and (wal_missing or marks.get(VOLATILE_BOOT, 0) not in (0, boot_id())):
             return True
         return max(marks.get(stream + ISSUED, 0), marks.get(stream + ACKED, 0)) > last
 
@@ -82,9 +87,11 @@ class SeqMark:
         issued = marks.get(stream + ISSUED)
         return issued if issued is not None and marks.get(RUNNING) == 0 else None
 
-    def note_running(self) -> None:
-        """A writer has the file open and has written its WAL (see `lost_rows`)."""
-        self._note({RUNNING: 1})
+    def note_running(self, volatile: bool = False) -> None:
+        """A writer has the file open and has written its WAL (see `lost_rows`); `volatile`: it does not
+        fsync each commit (`sync: normal`), so that only its process ending, not the machine, keeps the
+        latest commits."""
+        self._note({RUNNING: 1, VOLATILE_BOOT: (boot_id() or 0) if volatile else 0})
 
     def note_closed(self, last_seqs: dict[str, int], sent_upto: dict[str, int]) -> bool:
         """A writer closed the file cleanly, every row in the file itself: each stream's last seq and
@@ -135,7 +142,7 @@ class SeqMark:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)  # where the new buffer will be created
             theirs = SeqMark(path).read()
-            merged = {s: max(marks.get(s, 0), theirs.get(s, 0)) for s in {*marks, *theirs} - {RUNNING}}
+            merged = {s: max(marks.get(s, 0), theirs.get(s, 0)) for s in {*marks, *theirs} - {RUNNING, VOLATILE_BOOT}}
             # Whether the writer that issues seqs for that path too runs (its `issued` is then not final).
             self._write_file(path, {**merged, RUNNING: marks.get(RUNNING, 0)})
         except OSError as exc:
@@ -145,6 +152,14 @@ class SeqMark:
     @staticmethod
     def _write_file(path: Path, marks: dict[str, int]) -> None:
         write_atomically(path, json.dumps(marks))
+
+
+def boot_id() -> int | None:
+    """This boot of the kernel, as a number; None where the kernel does not say."""
+    try:
+        return int(BOOT_ID.read_text().strip().replace("-", ""), 16)
+    except (OSError, ValueError):
+        return None
 
 
 def write_atomically(path: Path, text: str) -> None:
