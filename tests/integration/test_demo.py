@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,13 +25,11 @@ DATA_LINE = re.compile(r"^data\s+#\d+ (\w+)\.(\w+) ")
 
 
 def repository_copy(dest: Path) -> Path:
-    """The tracked files of the repository (as a clone has them), with `.venv` this interpreter's."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
-    for name in filter(None, files.decode().split("\0")):
-        source, target = REPO / name, dest / name
-        if source.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(source.read_bytes())
+    """The repository as a clone or an unpacked archive has it (without `.git`, which an archive lacks
+    and the demo does not need), with `.venv` this interpreter's."""
+    shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", "build", "demo-data",
+        "demo-agent.log", ".demo-*"))
     (dest / ".venv").symlink_to(sys.prefix)
     return dest
 
