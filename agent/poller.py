@@ -11,8 +11,10 @@ device says so in a WARNING naming the bus, the device and how late the poll cam
 with the count missed in between. Readings go to a sink (the recorder); `quiet_until` tells the recorder
 when this bus hands over readings next, so that a group commit need not wait for readings that will not
 come within its window. A driver that raises is a bug, not a wire error: it is logged (rate-limited),
-its channels are not stored for that poll, and the bus goes on. Imports `agent.model` and the
-`drivers.base` interface only.
+its channels are not stored for that poll, and the bus goes on. A poller that replaces others (a
+reload changed its bus or devices) first waits for them to end, so that one transaction at a time is on
+the wire, and then polls each device an interval after its last poll by them. Imports `agent.model`
+and the `drivers.base` interface only.
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ class BusPoller(threading.Thread):
 
     def __init__(self, bus_name: str, drivers: Sequence[Driver], sink: Callable[[list[Reading]], None],
                  resume: Mapping[str, float] | None = None,
-                 on_problem: Callable[[str, str | None], None] | None = None):
+                 on_problem: Callable[[str, str | None], None] | None = None,
+                 predecessors: Sequence[BusPoller] = ()):
         super().__init__(name=f"bus:{bus_name}", daemon=True)
         self.bus_name = bus_name
         self.drivers = list(drivers)
@@ -113,6 +116,9 @@ class BusPoller(threading.Thread):
         # device id -> monotonic start of its last poll by the poller this one replaces (a reload): its
         # next poll keeps to its interval instead of coming at once
         self.resume = dict(resume or {})
+        # pollers this one replaces (stopped, maybe still in a poll): it opens no link before they end,
+        # then takes their devices' last polls as `resume`
+        self.predecessors = list(predecessors)
         self._schedule: Schedule | None = None
         self._stop_event = threading.Event()
         self._close_at_end = True
@@ -145,22 +151,53 @@ class BusPoller(threading.Thread):
 
     def last_polls(self) -> dict[str, float]:
         """Device id -> monotonic start of its last poll, for this poller's devices only (for the
-        poller that replaces this one): its own poll, or the one it was handed (`resume`)."""
-        out = {d.device_id: self.resume[d.device_id] for d in self.drivers if d.device_id in self.resume}
+        poller that replaces this one): its own poll, or the one it was handed (`resume`, or its
+        predecessors' when it was stopped before they ended)."""
+        mine = {d.device_id for d in self.drivers}
+        inherited = {dev: t for pred in self.predecessors for dev, t in pred.last_polls().items() if dev in mine}
+        out = inherited | {d.device_id: self.resume[d.device_id] for d in self.drivers if d.device_id in self.resume}
         schedule = self._schedule
         if schedule is not None:
             out.update({d.device_id: t for d, t in zip(self.drivers, schedule.last_start, strict=True)
                         if t != -math.inf})
         return out
 
+    def _wait_for_predecessors(self) -> bool:
+        """Wait until the pollers this one replaces have ended (their poll under way may hold the
+        wire for timeout x tries), then take their devices' last polls; False when stopped meanwhile.
+        While waiting, this loop's progress is theirs: one stuck on a dead wire shows as hung."""
+        for pred in self.predecessors:
+            while pred.is_alive():
+                self.last_progress = min(time.monotonic(), pred.last_progress)
+                if self._stop_event.wait(0.05):
+                    return False
+                pred.join(0.5)
+        mine = {d.device_id for d in self.drivers}
+        for pred in self.predecessors:
+            self.resume.update({dev: t for dev, t in pred.last_polls().items() if dev in mine})
+        self.predecessors = []  # not kept alive by this one
+        self.last_progress = time.monotonic()
+        return True
+
     def run(self) -> None:
         name_this_thread()
+        if not self._wait_for_predecessors():  # replaced or stopped before it polled at all
+            self.quiet_until = float("inf")
+            if self._close_at_end:
+                self.close_drivers()
+            return
+        for driver in self.drivers:  # a driver that opens its link by itself (a serial line) opens it now
+            start_link = getattr(driver, "start", None)
+            if start_link is not None:
+                start_link()
         start = time.monotonic()
         schedule = self._schedule = Schedule([d.interval for d in self.drivers], start)
         for i, driver in enumerate(self.drivers):
             if driver.device_id in self.resume:
                 due = max(start, self.resume[driver.device_id] + schedule.intervals[i])
                 schedule.slot[i] = schedule.ready[i] = due
+                # served before a device of the bus that no poller has polled yet, when both are due
+                schedule.last_start[i] = self.resume[driver.device_id]
         if self.resume:
             self.quiet_until = schedule.quiet_until()
         if not self.drivers:

@@ -16,7 +16,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,7 @@ from agent.hj212_payload import Hj212Identity
 from agent.logutil import RateLimitedLog
 from agent.memtrim import release_free_memory
 from agent.poller import BusPoller
+from agent.pollerset import SIM_PREFIX, PollerSpec, plan_reload, poller_specs
 from agent.publisher import BrokerSettings, Publisher
 from agent.recorder import Recorder
 from agent.sdnotify import Notifier
@@ -73,7 +74,8 @@ def broker_settings(config: Config) -> BrokerSettings:
         tls_key=str(tls.key) if tls and tls.key else None,
         tls_names=config.tls_file_names(),
         payload=m.payload,
-        hj212=hj212_identity(config),
+        # only `payload: hj212` packets carry it: an edit of the hj212 section must not reconnect otherwise
+        hj212=hj212_identity(config) if m.payload == "hj212" else None,
     )
 
 
@@ -123,28 +125,32 @@ def check_supported(config: Config) -> None:
 
 def build_pollers(config: Config, sink, seen: dict[str, dict[str, str | None]] | None = None,
                   resume: dict[str, float] | None = None,
-                  on_problem: Callable[[str, str | None], None] | None = None) -> list[BusPoller]:
+                  on_problem: Callable[[str, str | None], None] | None = None,
+                  only: Collection[str] | None = None,
+                  predecessors: Callable[[PollerSpec], list[BusPoller]] | None = None) -> list[BusPoller]:
     """One poller per bus, serving all its devices in turn (and one per bus-less simulated device).
     `seen`: the channels (and units) each device has stored readings for, for drivers that learn their
     channels from the wire (hj212). `resume`: when each device was last polled by the pollers these
-    replace (a reload), so that it keeps to its interval."""
+    replace, so that it keeps to its interval. `only`: the names of the pollers to build (a reload);
+    `predecessors`: the stopped pollers each must wait for (`BusPoller.predecessors`)."""
     pollers = []
-    on_bus: dict[str, dict] = {}
-    for dev_id, dev in config.devices.items():
-        if dev.driver == "simulated":
+    for name, spec in poller_specs(config).items():
+        if only is not None and name not in only:
+            continue
+        before = predecessors(spec) if predecessors is not None else []
+        if spec.simulated:
+            (dev_id, dev), = spec.devices.items()
             channels = [SimChannelSpec(code=code, **ch.model_dump()) for code, ch in (dev.channels or {}).items()]
             driver = SimulatedDriver(dev_id, dev.interval, channels, dropout=dev.dropout or 0.0, seed=dev.seed)
-            pollers.append(BusPoller(f"sim:{dev_id}", [driver], sink, resume, on_problem))
-        elif dev.bus is not None:
-            on_bus.setdefault(dev.bus, {})[dev_id] = dev
-    for bus_name, devices in on_bus.items():
-        bus = config.buses[bus_name]
-        module = _bus_module(bus.type)
+            pollers.append(BusPoller(name, [driver], sink, resume, on_problem, before))
+            continue
+        module = _bus_module(spec.bus.type)
         if module is None:
-            raise UnsupportedConfig(f"buses.{bus_name}: {bus.type} buses are not yet supported by this version")
-        extra = {"timezone": config.station.timezone, "seen": seen or {}} if bus.type == "serial" else {}
-        pollers.append(BusPoller(bus_name, module.build_bus_drivers(bus_name, bus, devices, **extra), sink, resume,
-                                 on_problem))
+            raise UnsupportedConfig(f"buses.{name}: {spec.bus.type} buses are not yet supported by this version")
+        # a serial line is started by its poller, once the poller it replaces has closed the port
+        extra = {"timezone": spec.timezone, "seen": seen or {}, "start": False} if spec.bus.type == "serial" else {}
+        pollers.append(BusPoller(name, module.build_bus_drivers(name, spec.bus, spec.devices, **extra), sink,
+                                 resume, on_problem, before))
     return pollers
 
 
@@ -155,6 +161,18 @@ def device_intervals(config: Config) -> dict[str, float]:
 def device_channels(config: Config) -> dict[str, list[str] | None]:
     """Each device's channels when the config tells them (None: learnt from the wire), for `status`."""
     return {dev_id: dev.known_channels() for dev_id, dev in config.devices.items()}
+
+
+def storage_changes(running, edited) -> list[str]:
+    """One line per `storage` key the edited file gives another value than the one in force (the
+    storage settings are read at start only; `storage.path` has its own message)."""
+    def show(value) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    return [f"storage.{key} is {show(getattr(edited, key))} in the file but {show(getattr(running, key))} in "
+            "force: storage settings take effect at the next restart (systemctl restart edge-agent)"
+            for key in type(running).model_fields
+            if key != "path" and getattr(running, key) != getattr(edited, key)]
 
 
 class _LazyDeviceWriter:
@@ -194,6 +212,7 @@ class DeviceProblems:
         self._set_meta = set_meta
         self._lock = threading.Lock()
         self._problems: dict[str, str] = {}
+        self._known: set[str] | None = None  # the configured devices, once a reload has said which
         set_meta("device_problems", "{}")  # what the previous run left is not news of this one
 
     def failing(self) -> list[str]:
@@ -202,8 +221,10 @@ class DeviceProblems:
             return sorted(self._problems)
 
     def keep_only(self, device_ids: set[str]) -> None:
-        """A reload removed devices: what was noted of them is no longer news."""
+        """A reload removed devices: what was noted of them is no longer news, nor what a poller the
+        reload stopped notes of them as it ends its last poll."""
         with self._lock:
+            self._known = set(device_ids)
             for device_id in set(self._problems) - device_ids:
                 del self._problems[device_id]
             self._write()
@@ -211,7 +232,7 @@ class DeviceProblems:
     def note(self, device_id: str, problem: str | None) -> None:
         """After every poll (any bus poller thread)."""
         with self._lock:
-            if self._problems.get(device_id) == problem:
+            if self._problems.get(device_id) == problem or (self._known is not None and device_id not in self._known):
                 return
             if problem is None:
                 del self._problems[device_id]
@@ -252,6 +273,7 @@ class Station:
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
         self.pollers: list[BusPoller] = []
+        self._retired: list[BusPoller] = []  # stopped by a reload, maybe still ending their poll
         self.clock = ClockWatch()
         self._clock_synced: bool | None = None
         self._clock_recorded: object = "unset"
@@ -349,7 +371,7 @@ class Station:
 
     def _pollers_quiet_until(self, deadline: float) -> bool:
         """True when no poller hands over readings before `deadline` (for the recorder's group commit)."""
-        return all(p.quiet_until >= deadline for p in self.pollers)
+        return all(p.quiet_until >= deadline for p in [*self.pollers, *self._retired])
 
     def _install_signals(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
@@ -476,8 +498,27 @@ class Station:
         except (UnsupportedConfig, OSError, ValueError) as exc:
             log.error("reload refused: %s; keeping the running configuration", exc)
             return
-        if new.storage != self.config.storage:
-            log.warning("storage settings changed: they take effect at the next restart")
+        plan = plan_reload(poller_specs(self.config), poller_specs(new))
+        running = {p.bus_name: p for p in self.pollers}
+        retired = [p for p in self._retired if p.is_alive()] + [running[n] for n in plan.restarted + plan.stopped]
+
+        def predecessors(spec: PollerSpec) -> list[BusPoller]:
+            """A simulated device's poller waits for its own predecessor; a bus poller for every bus
+            poller still ending (the same wire may have another name now)."""
+            if spec.simulated:
+                return [p for p in retired if p.bus_name == spec.name]
+            return [p for p in retired if not p.bus_name.startswith(SIM_PREFIX)]
+
+        try:  # built before anything is applied: nothing is opened until they start
+            fresh = build_pollers(new, self.recorder.submit, self.recorder.seen_channels(), None,
+                                  self.device_problems.note, only=set(plan.restarted + plan.started),
+                                  predecessors=predecessors)
+        except Exception as exc:  # noqa: BLE001 - a driver that cannot be built must not end the agent
+            log.error("reload refused: cannot set up the devices (%s: %s); keeping the running configuration",
+                      type(exc).__name__, exc)
+            return
+        for line in storage_changes(self.config.storage, new.storage):
+            log.warning("%s", line)
         if new.storage.path != self.config.storage.path:
             self.recorder.keep_seq_marks_for(new.storage.path)
             log.warning("storage.path changed to %s: this agent writes %s until it restarts (`status` with the "
@@ -486,21 +527,18 @@ class Station:
                         "from 1", new.storage.path, self.config.storage.path, new.storage.path)
         self.publisher.update_settings(settings)
         self._reload_uplinks(new)
-        old_pollers = self.pollers
-        for p in old_pollers:
-            p.stop()
-        for p in old_pollers:
-            p.join(30)
+        for name in plan.restarted + plan.stopped:
+            running[name].stop()  # not waited for: its successor waits, the other buses poll on
+        self._retired = retired
         self.config = new.model_copy(update={"storage": self.config.storage})
         self.alarms.reconfigure(self.config)
         self.aggregator.reconfigure(self.config)
-        resume = {dev: t for p in old_pollers for dev, t in p.last_polls().items()}
         self.device_problems.keep_only(set(self.config.devices))
-        self.pollers = build_pollers(self.config, self.recorder.submit, self.recorder.seen_channels(), resume,
-                                     self.device_problems.note)
-        for p in self.pollers:
+        by_name = {p.bus_name: p for p in fresh} | {n: running[n] for n in plan.kept}
+        self.pollers = [by_name[name] for name in poller_specs(self.config) if name in by_name]
+        for p in fresh:
             p.start()
-        log.info("configuration reloaded: %d devices", len(new.devices))
+        log.info("configuration reloaded: %d devices (%s)", len(new.devices), plan.summary())
 
     def _wake_uplinks(self) -> None:
         for u in self.uplinks:
@@ -536,7 +574,7 @@ class Station:
         for p in self.pollers:
             p.stop(close_drivers=False)  # their buses still carry the alarm actions of the last readings
         deadline = time.monotonic() + 10  # a poller stuck on a dead wire must not hold the stop
-        for p in self.pollers:
+        for p in [*self._retired, *self.pollers]:  # a reload's stopped pollers may still end a poll
             p.join(max(deadline - time.monotonic(), 0.1))
         self.alarms.save_at_next_tick()  # the flush's commit ticks it; the recorder's last commit writes it
         # The last readings, then what the alarm engine and the aggregator make of them (events, state),

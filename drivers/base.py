@@ -16,7 +16,9 @@ class Driver(Protocol):
     """One device. `poll(ts_ms)` returns one reading per channel, stamped `ts_ms` unless the
     instrument supplies its own time (an HJ 212 instrument's DataTime). A driver that can tell why a
     poll failed has a `problem` attribute (a short text, None after a good poll): the poller hands its
-    changes on, and `status` shows it beside the device's health."""
+    changes on, and `status` shows it beside the device's health. A driver that opens its link by
+    itself (a serial line read by its own thread) may have a `start()` method: the poller calls it when
+    it begins, after the poller it replaces (a reload) has closed that link."""
 
     device_id: str
     interval: float

@@ -438,6 +438,12 @@ class StreamDriver:
             return {**self.reader.counters(), "polls": self.polls, "silent_polls": self._silence.total_silent_polls,
                     "reject_log_lines": self._rejects.lines}
 
+    def start(self) -> None:
+        """Start the shared line (its thread opens the port); idempotent. The bus poller calls it when it
+        begins, after the poller it replaces has closed the port."""
+        if not self._closed:
+            self.line.start()
+
     def close(self) -> None:
         if self._closed:
             return
@@ -714,6 +720,12 @@ class Hj212Driver:
             return {**self.counters, "garbage_bytes": self.reader.bytes_dropped, "polls": self.polls,
                     "silent_polls": self._silence.total_silent_polls, "reject_log_lines": self._rejects.lines}
 
+    def start(self) -> None:
+        """Start the shared line (its thread opens the port); idempotent. The bus poller calls it when it
+        begins, after the poller it replaces has closed the port."""
+        if not self._closed:
+            self.line.start()
+
     def close(self) -> None:
         if self._closed:
             return
@@ -742,9 +754,10 @@ def _declared_channels(device: Any) -> dict[str, str | None]:
 def build_bus_drivers(bus_name: str, bus: Any, devices: Mapping[str, Any], timezone: str = "Asia/Shanghai", *,
                       seen: Mapping[str, Mapping[str, str | None]] | None = None,
                       reject_log_every: float = REJECT_LOG_EVERY_S,
-                      reopen_every: float = REOPEN_EVERY_S) -> list[Driver]:
-    """The drivers of the devices on serial bus `bus_name`, sharing one `SerialLine` (started here;
-    the port is opened by its thread, so a missing port is no error). `bus` needs `port` and may have
+                      reopen_every: float = REOPEN_EVERY_S, start: bool = True) -> list[Driver]:
+    """The drivers of the devices on serial bus `bus_name`, sharing one `SerialLine` (started here, or
+    with `start=False` by the first driver's `start()`; the port is opened by the line's thread, so a
+    missing port is no error). `bus` needs `port` and may have
     `baudrate`, `parity`, `bytesize`, `stopbits`, `timeout`; each device needs `driver` (pms5003,
     sds011 or hj212) and `interval`. `timezone` is the station's, for HJ 212 DataTime. `seen` gives
     per device the channels (and units) stored before: an hj212 analyzer's channels are otherwise known
@@ -784,6 +797,6 @@ def build_bus_drivers(bus_name: str, bus: Any, devices: Mapping[str, Any], timez
         if count > 1:
             log.warning("bus %s: %d %s devices share one serial line; each sees every frame on it "
                         "(the frames do not say which device sent them)", bus_name, count, kind)
-    if drivers:
+    if drivers and start:
         line.start()
     return drivers

@@ -6,6 +6,7 @@ with real slaves on a real line is in tests/integration/test_modbus.py."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import pytest
@@ -164,3 +165,75 @@ def test_device_problems_are_written_only_when_they_change_and_forgotten_with_th
         '{"cod":"no answer, after 2 tries","pm":"no valid frame in the last interval"}',
         '{"pm":"no valid frame in the last interval"}', "{}"]
     assert problems.failing() == []
+
+
+class _SlowDriver:
+    """A device whose poll holds the bus until the test releases it (a silent slave's timeout)."""
+
+    def __init__(self, device_id: str):
+        self.device_id, self.interval = device_id, 1.0
+        self.polling, self.release = threading.Event(), threading.Event()
+        self.closed_at: float | None = None
+
+    def poll(self, ts_ms: int) -> list[Reading]:
+        self.polling.set()
+        self.release.wait(10)
+        return []
+
+    def close(self) -> None:
+        self.closed_at = time.monotonic()
+
+
+class _LinkDriver(_SlowDriver):
+    """A device that opens its link by itself when its poller begins (`start()`), as a serial line does."""
+
+    def __init__(self, device_id: str):
+        super().__init__(device_id)
+        self.release.set()
+        self.started_at: float | None = None
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+
+
+def test_a_poller_that_replaces_another_opens_the_link_only_once_the_other_has_ended_its_poll():
+    """A reload that changes a bus: the old poller may be in a poll that holds the wire; the new one
+    waits for it to end (and close its link) before opening the link, then serves the device the old
+    one never reached before the one it last polled."""
+    slow = _SlowDriver("silent")
+    old = BusPoller("b", [slow, _SlowDriver("healthy")], lambda _: None)
+    old.start()
+    wait_for(slow.polling.is_set, 5, "the old poller in its slow poll")
+    old.stop()
+    silent, healthy = _LinkDriver("silent"), _LinkDriver("healthy")
+    served: list[str] = []
+    silent.poll = lambda ts: served.append("silent") or []  # type: ignore[method-assign]
+    healthy.poll = lambda ts: served.append("healthy") or []  # type: ignore[method-assign]
+    new = BusPoller("b", [silent, healthy], lambda _: None, predecessors=[old])
+    new.start()
+    try:
+        time.sleep(0.3)  # the new poller waiting (nothing to wait on: it must not act)
+        assert silent.started_at is None and not served, "nothing opened nor polled while the old poll runs"
+        assert new.last_progress <= old.last_progress + 0.5, "its progress is the old poller's meanwhile"
+        slow.release.set()
+        wait_for(lambda: served, 5, "the new poller's first poll")
+        assert slow.closed_at is not None and silent.started_at is not None and slow.closed_at <= silent.started_at
+        assert served[0] == "healthy", "the device the old poller never polled goes first"
+    finally:
+        new.stop()
+        new.join(5)
+    assert not old.is_alive()
+
+
+def test_a_poller_stopped_before_it_began_hands_on_its_predecessors_last_polls():
+    """Two reloads in a row: the poller of the first is stopped while it waits; the third waits for both
+    and keeps each device to its interval since the first poller's last poll."""
+    first = BusPoller("b", [SimulatedDriver("d", 5.0, [SimChannelSpec(code="c")])], lambda _: None)
+    first.start()
+    wait_for(lambda: first.last_polls(), 5, "the first poll")
+    first.stop()
+    first.join(5)
+    second = BusPoller("b", [SimulatedDriver("d", 5.0, [SimChannelSpec(code="c")])], lambda _: None,
+                       predecessors=[first])
+    assert second.last_polls() == first.last_polls()
+

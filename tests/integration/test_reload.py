@@ -1,0 +1,166 @@
+"""SIGHUP while readings flow: `edge-agent run` as a real process, `edge-agent simulate` serving real
+Modbus RTU and SDS011 frames on pseudo-terminals, a real mosquitto.
+
+What the technician relies on when running `systemctl reload edge-agent`: the instruments of the
+buses the edit left alone go on being polled at their interval (their port is not closed and opened
+again, what their drivers learnt is kept), a bus whose settings changed is taken over by its new
+poller only once the old one has ended its poll (one transaction at a time on the wire), and the
+reload itself never waits for a slow poll while the other buses stand still.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness import REPO, AgentProcess, Collector, sim_config, wait_for, write_config
+
+
+def start_simulator(cfg: Path, tmp_path: Path, faults: str = "") -> subprocess.Popen:
+    """`edge-agent simulate -c cfg`, with `faults` (a YAML mapping device -> fault) in force."""
+    control = tmp_path / "faults.yaml"
+    control.write_text(faults or "{}\n")
+    return subprocess.Popen([sys.executable, "-m", "agent.cli", "simulate", "-c", str(cfg)], cwd=REPO,
+                            stdout=open(tmp_path / "simulate.log", "wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "EDGE_AGENT_SIM_CONTROL": str(control)})
+
+
+def stop_simulator(sim: subprocess.Popen) -> None:
+    sim.send_signal(signal.SIGTERM)
+    try:
+        sim.wait(10)
+    except subprocess.TimeoutExpired:
+        sim.kill()
+        sim.wait()
+
+
+def readings_of(collector: Collector, device: str) -> list[dict]:
+    return [r for m in collector.json_messages("/data") for r in m.get("readings", []) if r["device"] == device]
+
+
+def poll_times(collector: Collector, device: str) -> list[float]:
+    """Start times (epoch seconds) of the device's polls, as its readings' `ts` say."""
+    from datetime import datetime
+
+    stamps = sorted({r["ts"] for r in readings_of(collector, device)})
+    return [datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() for t in stamps]
+
+
+def station(tmp_path, broker, *, rtu_timeout: float, rtu_retries: int = 1) -> dict:
+    """A simulated device every 0.3 s, an RTU line with two analyzers, an SDS011 streaming on its own port."""
+    config = sim_config(tmp_path, broker, devices=1, channels=1, interval=0.3)
+    config["buses"] = {
+        "rs485": {"type": "rtu", "port": str(tmp_path / "ttyRTU"), "timeout": rtu_timeout, "retries": rtu_retries},
+        "uart": {"type": "serial", "port": str(tmp_path / "ttySDS")},
+    }
+    config["devices"].update({
+        "cod": {"bus": "rs485", "slave": 2, "interval": 1, "profile": "cod-analyzer"},
+        "nh3n": {"bus": "rs485", "slave": 3, "interval": 1, "profile": "nh3n-analyzer"},
+        "sds": {"bus": "uart", "driver": "sds011", "interval": 1},
+    })
+    return config
+
+
+def test_a_reload_leaves_the_buses_it_does_not_change_polling_with_their_ports_open(tmp_path, broker):
+    """Ten reloads of an edited file that changes one simulated device: the RTU line and the serial
+    port are opened once, the silent analyzer's failure is logged once, and the streaming sensor gives
+    a reading every interval throughout (a reload used to close and reopen every port, and the sensor
+    gave nothing for the interval after each)."""
+    config = station(tmp_path, broker, rtu_timeout=0.2)
+    cfg = write_config(tmp_path / "station.yaml", config)
+    sim = start_simulator(cfg, tmp_path, faults="cod: silent\n")
+    collector = Collector(broker, "env/#")
+    agent = None
+    try:
+        wait_for(lambda: (tmp_path / "ttyRTU").exists() and (tmp_path / "ttySDS").exists(), 15, "simulated ports")
+        agent = AgentProcess(cfg)
+        wait_for(lambda: len(readings_of(collector, "sds")) >= 2 and readings_of(collector, "nh3n"), 20,
+                 "readings of the serial sensor and the answering analyzer")
+        before = len(poll_times(collector, "sds"))
+        started = time.time()
+        for i in range(10):
+            config["devices"]["sim0"]["interval"] = 0.3 if i % 2 else 0.4
+            write_config(cfg, config)
+            agent.signal(signal.SIGHUP)
+            wait_for(lambda n=i + 1: agent.log().count("configuration reloaded") >= n, 10, f"reload {i + 1}")
+            time.sleep(0.4)  # the technician's pace, compressed: reloads while readings flow
+        wait_for(lambda: len(poll_times(collector, "sds")) >= before + int(time.time() - started) - 1, 10,
+                 "a reading of the streaming sensor for every interval of the reloads")
+    finally:
+        if agent is not None:
+            assert agent.stop() == 0
+        collector.close()
+        stop_simulator(sim)
+    log = agent.log()
+    assert log.count("bus rs485:") and log.count(f"bus rs485: {tmp_path / 'ttyRTU'} open") == 1, log
+    assert log.count("bus uart: serial port") == 1, "the serial port is not closed and opened again"
+    assert log.count("device cod (slave 2 on rs485): no answer") == 1, "the failure is not news after a reload"
+    assert "restarted: sim:sim0; unchanged, kept polling: rs485, uart" in log
+    assert not [r for r in readings_of(collector, "sds") if r["flag"] != "N"]
+
+
+def test_a_reload_that_changes_a_bus_in_a_slow_poll_neither_stalls_the_others_nor_shares_the_wire(tmp_path, broker):
+    """The RTU line's silent analyzer holds it 3 s per poll (timeout 1.5 s, 2 tries). A reload that
+    changes the line's timeout while that poll is under way: it is done at once, the simulated device
+    on its own poller keeps its 0.3 s interval meanwhile (the reload used to stop every poller and wait
+    for the slowest), the line's new poller starts when the old one has ended its poll, and it serves
+    the analyzer the old poller never reached before polling the silent one again (it used to poll the
+    first device of the line first, so that reloads every few seconds starved the second)."""
+    config = station(tmp_path, broker, rtu_timeout=1.5)
+    del config["buses"]["uart"], config["devices"]["sds"]
+    cfg = write_config(tmp_path / "station.yaml", config)
+    sim = start_simulator(cfg, tmp_path, faults="cod: silent\n")
+    collector = Collector(broker, "env/#")
+    agent = None
+    try:
+        wait_for(lambda: (tmp_path / "ttyRTU").exists(), 15, "simulated port")
+        agent = AgentProcess(cfg)
+        wait_for(lambda: "running" in agent.log() and len(readings_of(collector, "sim0")) >= 2, 20, "first polls")
+        assert not readings_of(collector, "cod"), "the silent analyzer's first poll (3 s) is under way"
+        config["buses"]["rs485"]["timeout"] = 1.4
+        write_config(cfg, config)
+        sent = time.monotonic()
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in agent.log(), 10, "the reload")
+        took = time.monotonic() - sent
+        wait_for(lambda: readings_of(collector, "nh3n"), 15, "the answering analyzer polled")
+        time.sleep(1.0)  # a few more polls of the simulated device after the old poller ended
+    finally:
+        if agent is not None:
+            assert agent.stop() == 0
+        collector.close()
+        stop_simulator(sim)
+    assert took < 1.0, f"the reload took {took:.1f} s: it waited for the slow poll"
+    sim_polls = poll_times(collector, "sim0")
+    worst = max(b - a for a, b in zip(sim_polls, sim_polls[1:], strict=False))
+    assert worst < 0.9, f"the simulated device went {worst:.1f} s without a poll during the reload"
+    (cod_first, *_), (nh3n_first, *_) = poll_times(collector, "cod"), poll_times(collector, "nh3n")
+    assert nh3n_first - cod_first < 3.0 + 1.0, "the analyzer the old poller never reached is served first"
+    assert "Resource temporarily unavailable" not in agent.log(), "the port was never opened twice at once"
+    assert "restarted: rs485; unchanged, kept polling: sim:sim0" in agent.log()
+
+
+def test_a_reload_names_each_storage_setting_it_does_not_apply(tmp_path, broker):
+    """Storage settings are read at start only: the reload says which edited key waits for the restart,
+    with both values (it used to say "storage settings changed" whatever changed, and the same again
+    at every later reload, naming none)."""
+    config = sim_config(tmp_path, broker, interval=0.5)
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: "running" in agent.log(), 20, "the agent running")
+        config["storage"].update(max_mb=64, keep_sent_days=2)
+        write_config(cfg, config)
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in agent.log(), 10, "the reload")
+    finally:
+        assert agent.stop() == 0
+    log = agent.log()
+    assert "storage.max_mb is 64 in the file but 256 in force: storage settings take effect at the next " \
+           "restart (systemctl restart edge-agent)" in log
+    assert "storage.keep_sent_days is 2 in the file but 7 in force" in log
+    assert "storage.commit_interval_ms" not in log
