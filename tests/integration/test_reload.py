@@ -134,10 +134,12 @@ def test_a_reload_that_changes_a_bus_in_a_slow_poll_neither_stalls_the_others_no
             assert agent.stop() == 0
         collector.close()
         stop_simulator(sim)
-    assert took < 1.0, f"the reload took {took:.1f} s: it waited for the slow poll"
+    # Waiting for the slow poll would take the rest of its 3 s (more than 2 s here); the margins are for
+    # a loaded machine, not a measurement.
+    assert took < 1.5, f"the reload took {took:.1f} s: it waited for the slow poll"
     sim_polls = poll_times(collector, "sim0")
     worst = max(b - a for a, b in zip(sim_polls, sim_polls[1:], strict=False))
-    assert worst < 0.9, f"the simulated device went {worst:.1f} s without a poll during the reload"
+    assert worst < 1.5, f"the simulated device went {worst:.1f} s without a poll during the reload"
     (cod_first, *_), (nh3n_first, *_) = poll_times(collector, "cod"), poll_times(collector, "nh3n")
     assert nh3n_first - cod_first < 3.0 + 1.0, "the analyzer the old poller never reached is served first"
     assert "Resource temporarily unavailable" not in agent.log(), "the port was never opened twice at once"
