@@ -866,40 +866,47 @@ def test_tcp_connection_dropped_or_server_restarted_is_reopened(tmp_path, caplog
 
 
 def test_a_gateway_that_resets_every_connection_logs_a_few_lines_a_minute_not_one_per_poll(caplog):
-    """It accepts each connection and resets it, now at once (the link cannot be opened), now at the
-    first request: the link is lost and back at every other poll. The journal of a gateway on an SD
-    card gets at most a few lost/back lines a minute, not two per poll."""
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
+    """A gateway that refuses connections at every other poll and, in between, accepts them and resets
+    each at the first request: the link is lost and back at every other poll. The journal of a gateway
+    on an SD card gets at most a few lost/back lines a minute, not two per poll. (The test turns the
+    gateway's listener off and on between polls: whether a reset lands before or after the connection
+    is set up must not decide what is tested.)"""
+    port = free_port()
     resets = 0
 
-    def serve() -> None:
+    def serve(listener: socket.socket) -> None:
         nonlocal resets
         while True:
             try:
-                conn, _ = server.accept()
+                conn, _ = listener.accept()
             except OSError:
                 return
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
-            if resets % 2:
-                conn.settimeout(2)
-                try:
-                    conn.recv(260)
-                except OSError:
-                    pass
+            conn.settimeout(2)
+            try:
+                conn.recv(260)
+            except OSError:
+                pass
             conn.close()
             resets += 1
 
-    threading.Thread(target=serve, name="resetting-gateway", daemon=True).start()
     bus = ModbusBus("lan", "tcp", host="127.0.0.1", tcp_port=port, timeout=0.2, retries=0)
     driver = ModbusDriver("dev", bus, 1, 1.0, [RegisterSpec(channel="c", address=0)])
+    listener = None
     try:
         with caplog.at_level(logging.INFO, logger="drivers.modbus"):
-            for _ in range(30):
+            for poll in range(30):
+                if poll % 2:
+                    listener = socket.create_server(("127.0.0.1", port))
+                    threading.Thread(target=serve, args=(listener,), name="resetting-gateway", daemon=True).start()
+                elif listener is not None:
+                    listener.close()
+                    listener = None
                 assert [(r.value, r.flag) for r in driver.poll(0)] == [(None, "B")]
     finally:
         bus.close()
-        server.close()
+        if listener is not None:
+            listener.close()
     assert resets >= 15, "the link was lost and reopened again and again"
     link_lines = [m for m in caplog.messages if m.startswith("bus lan: ") and (" lost " in m or m.endswith(" is back")
                                                                              or " open" in m)]
