@@ -115,6 +115,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     config = _load_or_report(args.config, for_status=True)  # it never connects
     if config is None:
+        print(f"edge-agent status: {args.config} has the problems above, so the buffer it names is not read; "
+              "a running agent keeps the configuration it last loaded (a reload of this file is refused)",
+              file=sys.stderr)
         return EXIT_INVALID
     path = config.storage.path
     reader = None

@@ -547,6 +547,20 @@ def test_a_secret_given_where_its_file_belongs_is_never_echoed(tmp_path: Path) -
         assert secret not in every, secret
 
 
+def test_status_on_a_file_with_problems_says_what_a_running_agent_does(tmp_path: Path) -> None:
+    """The technician's edit has a typo and the reload was refused: `status -c` names the problem and
+    says that the agent runs on with the configuration it had (it said only the problem)."""
+    from harness import run_cli
+
+    path = write(tmp_path, GOOD.replace("  url: mqtt://", "  ulr: mqtt://"))
+    shown = run_cli("status", "-c", str(path))
+    assert shown.returncode == 2
+    *problems, last = shown.stderr.splitlines()
+    assert f"{path}:7:3: mqtt.ulr: unknown key 'ulr' (did you mean 'url'?)" in problems
+    assert last == (f"edge-agent status: {path} has the problems above, so the buffer it names is not read; "
+                      "a running agent keeps the configuration it last loaded (a reload of this file is refused)")
+
+
 def test_tls_errors_at_run_name_no_file_that_may_be_the_secret(tmp_path: Path) -> None:
     """The publisher's `cannot use the TLS files: ...` names a file only where check-config would: a
     key file named like a password (no '/' nor '.') stays unnamed even once the file is there."""
