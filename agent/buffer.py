@@ -643,6 +643,22 @@ class Buffer:
         ).fetchall()
         return [Reading(r[2], r[3], r[1], r[4], r[5], r[6], r[0]) for r in rows]
 
+    def latest_per_channel(self, after_seq: int, limit: int) -> list[tuple]:
+        """Of the first `limit` readings with seq > after_seq: each channel's last one, as (device, channel,
+        seq, ts_ms, value, unit, flag, last_valid_ms), last_valid_ms being the time of its last reading with
+        a value (None when it has none there). One row per channel, whatever the number of readings: SQLite
+        folds them (a max() picks the row its bare columns come from), so `status` does not build a Python
+        object per reading (at 2000 readings/s that was 50 000 of them, ~25 MB, for each `status`)."""
+        recent = ("SELECT seq, ts_ms, device, channel, value, unit, flag FROM readings WHERE seq > ? "
+                  "ORDER BY seq LIMIT ?")
+        last = {(r[0], r[1]): r for r in self.conn.execute(
+            f"SELECT device, channel, max(seq), ts_ms, value, unit, flag FROM ({recent}) GROUP BY device, channel",
+            (after_seq, limit))}
+        valid = {(r[0], r[1]): r[3] for r in self.conn.execute(
+            f"SELECT device, channel, max(seq), ts_ms FROM ({recent}) WHERE value IS NOT NULL "
+            "GROUP BY device, channel", (after_seq, limit))}
+        return [(*row, valid.get(key)) for key, row in last.items()]
+
     def readings_json(self, after_seq: int, limit: int, upto_seq: int | None = None) -> JsonBatch | None:
         """Up to `limit` readings with seq > after_seq (and <= upto_seq), encoded, in seq order."""
         row = self.conn.execute(

@@ -39,11 +39,12 @@ def collect(reader: Buffer | None, device_intervals: dict[str, float],
     last_seq, sent = reader.stream_state(STREAM_READINGS)
     channels = {(c["device"], c["channel"]): c for c in reader.channels()}
     snapshot_top = max((c["seq"] or 0 for c in channels.values()), default=0)
-    for r in reader.readings_after(max(snapshot_top, last_seq - RECENT_SCAN), RECENT_SCAN):
-        c = channels.setdefault((r.device, r.channel), {"good": 0, "bad": 0, "last_valid_ms": None})
-        c.update(seq=r.seq, ts_ms=r.ts_ms, value=r.value, unit=r.unit, flag=r.flag)
-        if r.value is not None:
-            c["last_valid_ms"] = r.ts_ms
+    for device, channel, seq, ts_ms, value, unit, flag, valid_ms in reader.latest_per_channel(
+            max(snapshot_top, last_seq - RECENT_SCAN), RECENT_SCAN):
+        c = channels.setdefault((device, channel), {"good": 0, "bad": 0, "last_valid_ms": None})
+        c.update(seq=seq, ts_ms=ts_ms, value=value, unit=unit, flag=flag)
+        if valid_ms is not None:
+            c["last_valid_ms"] = valid_ms
     devices: dict[str, dict[str, Any]] = {d: {"channels": {}} for d in device_intervals}
     configured = device_channels or {}
 

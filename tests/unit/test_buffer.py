@@ -14,7 +14,7 @@ from harness import wait_for
 
 import agent.buffer as buffer_module
 from agent.buffer import Buffer
-from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
+from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, Reading, iso_utc_ms, now_ms
 from agent.recorder import Recorder
 
 
@@ -724,3 +724,37 @@ def test_after_a_crash_past_a_block_a_deleted_file_s_jump_is_announced_from_the_
         assert gaps(buf) == [(2001, mark, "buffer_missing")]
     finally:
         buf.close()
+
+
+def test_status_folds_the_readings_since_the_snapshot_per_channel_without_an_object_per_reading(tmp_path):
+    """`status` (the P/cmd command, the console, the CLI) shows each channel's last reading and last valid
+    time from the readings stored since the recorder's channel snapshot — up to 50 000 of them at a high
+    rate. Its memory must follow the number of channels, not of readings: it once built a Python object
+    per reading (~25 MB at 2000 readings/s, every second with a platform polling `status`)."""
+    import tracemalloc
+
+    from agent.status import RECENT_SCAN, collect
+
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    t0 = now_ms() - 60_000
+    store(buf, readings(RECENT_SCAN, device="dev", start_ms=t0))  # 10 channels, 5000 readings each
+    last = [Reading("dev", "c3", t0 + RECENT_SCAN + 1, 7.5, "mg/L", "N"),
+            Reading("dev", "c3", t0 + RECENT_SCAN + 2, None, "mg/L", "B")]
+    store(buf, last)
+    reader = Buffer.open_reader(tmp_path / "b.db")
+    try:
+        tracemalloc.start()
+        try:
+            doc = collect(reader, {"dev": 1.0})
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    finally:
+        reader.close()
+        buf.close()
+    c3 = doc["devices"]["dev"]["channels"]["c3"]
+    assert c3["value"] is None and c3["flag"] == "B" and c3["seq"] == RECENT_SCAN + 2
+    assert c3["last_valid"] == iso_utc_ms(t0 + RECENT_SCAN + 1), "the last valid reading, not the last one"
+    c4 = doc["devices"]["dev"]["channels"]["c4"]
+    assert c4["value"] == float(RECENT_SCAN - 6) and c4["seq"] == RECENT_SCAN - 5
+    assert peak < 2_000_000, f"status over {RECENT_SCAN} readings allocated {peak / 1e6:.1f} MB at its peak"
