@@ -16,7 +16,7 @@ packet over 1024 characters is split (PNUM/PNO); each piece is its own message a
 piece's PUBACK (with every earlier one) moves the watermark to the packet's last seq. Alarms, gap
 announcements, status and command replies stay JSON in both modes (HJ 212 has no way to say them).
 Imports `agent.buffer`, `agent.recorder` (its type), `agent.payloads`, `agent.model`, `agent.hj212_payload`,
-`agent.logutil`, `agent.memtrim`; never `drivers`.
+`agent.logutil`, `agent.memtrim`, `agent.mqttclient`; never `drivers`.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from agent.hj212_payload import Hj212Identity, Hj212Message, Hj212Payload, group
 from agent.logutil import RateLimitedLog
 from agent.memtrim import release_free_memory
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, iso_utc_ms, now_ms
+from agent.mqttclient import Client
 from agent.payloads import (
     aggregates_message,
     alarm_message,
@@ -312,8 +313,8 @@ class Publisher(threading.Thread):
         tls = parts.scheme == "mqtts"
         host = parts.hostname or "localhost"
         port = parts.port or (8883 if tls else 1883)
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True,
-                             protocol=mqtt.MQTTv311)
+        client = Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True,
+                        protocol=mqtt.MQTTv311, keep_payload=MAX_COMMAND_BYTES + 1)  # a longer command: refused
         self._paho_log.error = None
         client.enable_logger(self._paho_log)  # type: ignore[arg-type]  # paho only calls .log()
         client.max_inflight_messages_set(WINDOW)

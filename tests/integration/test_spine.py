@@ -384,6 +384,37 @@ def test_a_retained_command_is_ignored(tmp_path, broker, collector):
         assert agent.stop() == 0
 
 
+def test_an_oversized_command_is_refused_and_publishing_goes_on(tmp_path, broker):
+    """SPEC §4: anything but a command on P/cmd is answered ok:false and ignored; a 20 MB one too, read
+    without being held whole (agent.mqttclient), refused without being decoded, logged once."""
+    collector = Collector(broker, "env/TEST0001/+")  # the data and the replies, not the big command
+    replies = Collector(broker, "env/TEST0001/cmd/reply")
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=2, interval=0.2))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) >= 5, 20, "readings")
+        pub = Collector(broker, "nothing/#")
+        big = b'{"id": "huge", "cmd": "ping", "pad": "' + b"x" * 20_000_000 + b'"}'
+        pub.client.publish("env/TEST0001/cmd", big, qos=1).wait_for_publish(60)
+        del big
+        pub.client.publish("env/TEST0001/cmd", json.dumps({"id": "after", "cmd": "ping"}), qos=1)
+        answers = lambda: replies.json_messages()  # noqa: E731
+        wait_for(lambda: len(answers()) >= 2, 60, "both commands answered")
+        refused, pong = answers()[:2]
+        assert refused["ok"] is False and refused["id"] is None, "its id is never looked for"
+        assert "larger than 4096 bytes" in refused["error"]
+        assert pong["id"] == "after" and pong["ok"] is True
+        before = max(collector.reading_seqs())
+        wait_for(lambda: max(collector.reading_seqs()) > before + 10, 20, "publishing goes on")
+        assert agent.log().count("command larger than") == 1
+        assert "Traceback" not in agent.log()
+        pub.close()
+    finally:
+        assert agent.stop() == 0
+        collector.close()
+        replies.close()
+
+
 def test_status_command_and_cli_status_report_backlog_and_devices(tmp_path, broker, collector):
     cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=2, interval=0.2))
     agent = AgentProcess(cfg)
