@@ -537,6 +537,42 @@ def test_windows_are_restored_after_a_restart():
     assert second.rec.bodies()[0]["value"] in (pytest.approx(480 / 9), pytest.approx(440 / 8))
 
 
+def test_windows_of_many_channels_take_little_memory_and_are_saved_whole():
+    """A window keeps at most ~WINDOW_BUCKETS buckets whatever the rate; each must be small: 200
+    channels with a 300 s window at 10 readings/s (a busy station) held 4.9 MB in lists of Python
+    numbers, and each save of the state (every event, every minute) built ~6 MB more of them."""
+    import tracemalloc
+
+    devices = {f"d{d}": {"driver": "simulated", "interval": 0.1,
+                         "channels": {f"c{c}": {"unit": "mg/L"} for c in range(10)}} for d in range(20)}
+    rules = [{"channel": "*", "above": 1000, "window": 300}]
+    t = [0.0]
+    rec = FakeRecorder()
+    tracemalloc.start()
+    try:
+        engine = AlarmEngine(make_config(rules, devices), rec, None, clock=lambda: t[0],
+                             wall_ms=lambda: T0_MS + int(t[0] * 1000))
+        before = tracemalloc.get_traced_memory()[0]
+        for step in range(250):  # 312 s, two readings per bucket (2.5 s): every window full
+            t[0] = step * 1.25
+            engine.observe([Reading(f"d{d}", f"c{c}", T0_MS + step * 1250, 10.0 + c + step % 7, "mg/L", "N")
+                            for d in range(20) for c in range(10)])
+        held = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.reset_peak()
+        saved = engine._state_json()
+        peak = tracemalloc.get_traced_memory()[1] - before - held
+    finally:
+        tracemalloc.stop()
+    assert held < 2_000_000, f"200 windows hold {held / 1e6:.1f} MB"
+    assert peak < 4 * len(saved), f"saving a {len(saved) / 1e6:.1f} MB state took {peak / 1e6:.1f} MB"
+    state = json.loads(saved)
+    assert state == json.loads(json.dumps(engine._state()))
+    assert len(state["windows"]) == 200 and len(state["windows"]["d3.c4"]["300.0"]["b"]) <= 121
+    restored = AlarmEngine(make_config(rules, devices), FakeRecorder(), saved, clock=lambda: t[0],
+                           wall_ms=lambda: T0_MS + int(t[0] * 1000))
+    assert json.loads(restored._state_json())["windows"] == state["windows"]
+
+
 def test_an_unreadable_saved_state_starts_clean(caplog):
     with caplog.at_level(logging.ERROR, logger="agent.alarms"):
         rig = Rig([{"channel": "cod.w01018", "above": 50}], saved="{not json")
