@@ -11,8 +11,8 @@ cleared every minute). `--status-every S` sends the `status` command on P/cmd ev
 and counts the replies. `--big-command-mb N` publishes one N MB message on P/cmd after the first sample
 and prints the peak RSS while it is read, whether it was answered ok:false, and whether readings kept
 flowing. `--arena-max N` runs the agent with MALLOC_ARENA_MAX=N. `--tracemalloc DIR` starts the agent
-under tracemalloc and dumps a snapshot into DIR at each sample (SIGUSR2); read them with
-`python -c "import tracemalloc; s=tracemalloc.Snapshot.load(F); ..."`.
+under tracemalloc and dumps into DIR at each sample (SIGUSR2) a snapshot (read it with
+`tracemalloc.Snapshot.load`), gc counts and `sys._debugmallocstats()` (pymalloc's arenas and pools).
 """
 
 from __future__ import annotations
@@ -43,6 +43,18 @@ n = [0]
 def dump(*_):
     n[0] += 1
     tracemalloc.take_snapshot().dump(os.path.join(os.environ["BENCH_TRACE_DIR"], f"snap{n[0]:03d}.bin"))
+    import gc, io, contextlib
+    err = io.StringIO()
+    with open(os.path.join(os.environ["BENCH_TRACE_DIR"], f"stats{n[0]:03d}.txt"), "w") as f:
+        f.write(f"gc counts {gc.get_count()} objects {len(gc.get_objects())} "
+                f"traced {tracemalloc.get_traced_memory()}\\n")
+        fd = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(fd, 2)
+            os.close(fd)
 signal.signal(signal.SIGUSR2, dump)
 from agent.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -150,7 +162,8 @@ def main() -> None:
 
         try:
             wait_for(lambda: not agent.alive() or any(m.get("state") == "online"
-                                                      for m in collector.json_messages("/status")), 60,
+                                                      for m in collector.json_messages("/status")),
+                     300 if args.tracemalloc else 60,
                      "the agent's birth message")
             assert agent.alive(), "the agent stopped"
             if args.status_every > 0:
