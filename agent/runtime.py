@@ -124,15 +124,14 @@ def check_supported(config: Config) -> None:
 
 
 def build_pollers(config: Config, sink, seen: dict[str, dict[str, str | None]] | None = None,
-                  resume: dict[str, float] | None = None,
                   on_problem: Callable[[str, str | None], None] | None = None,
                   only: Collection[str] | None = None,
                   predecessors: Callable[[PollerSpec], list[BusPoller]] | None = None) -> list[BusPoller]:
     """One poller per bus, serving all its devices in turn (and one per bus-less simulated device).
     `seen`: the channels (and units) each device has stored readings for, for drivers that learn their
-    channels from the wire (hj212). `resume`: when each device was last polled by the pollers these
-    replace, so that it keeps to its interval. `only`: the names of the pollers to build (a reload);
-    `predecessors`: the stopped pollers each must wait for (`BusPoller.predecessors`)."""
+    channels from the wire (hj212). `only`: the names of the pollers to build (a reload);
+    `predecessors`: the stopped pollers each must wait for (`BusPoller.predecessors`), from whose last
+    polls each device keeps to its interval."""
     pollers = []
     for name, spec in poller_specs(config).items():
         if only is not None and name not in only:
@@ -142,7 +141,7 @@ def build_pollers(config: Config, sink, seen: dict[str, dict[str, str | None]] |
             (dev_id, dev), = spec.devices.items()
             channels = [SimChannelSpec(code=code, **ch.model_dump()) for code, ch in (dev.channels or {}).items()]
             driver = SimulatedDriver(dev_id, dev.interval, channels, dropout=dev.dropout or 0.0, seed=dev.seed)
-            pollers.append(BusPoller(name, [driver], sink, resume, on_problem, before))
+            pollers.append(BusPoller(name, [driver], sink, on_problem=on_problem, predecessors=before))
             continue
         module = _bus_module(spec.bus.type)
         if module is None:
@@ -150,7 +149,7 @@ def build_pollers(config: Config, sink, seen: dict[str, dict[str, str | None]] |
         # a serial line is started by its poller, once the poller it replaces has closed the port
         extra = {"timezone": spec.timezone, "seen": seen or {}, "start": False} if spec.bus.type == "serial" else {}
         pollers.append(BusPoller(name, module.build_bus_drivers(name, spec.bus, spec.devices, **extra), sink,
-                                 resume, on_problem, before))
+                                 on_problem=on_problem, predecessors=before))
     return pollers
 
 
@@ -510,7 +509,7 @@ class Station:
             return [p for p in retired if not p.bus_name.startswith(SIM_PREFIX)]
 
         try:  # built before anything is applied: nothing is opened until they start
-            fresh = build_pollers(new, self.recorder.submit, self.recorder.seen_channels(), None,
+            fresh = build_pollers(new, self.recorder.submit, self.recorder.seen_channels(),
                                   self.device_problems.note, only=set(plan.restarted + plan.started),
                                   predecessors=predecessors)
         except Exception as exc:  # noqa: BLE001 - a driver that cannot be built must not end the agent

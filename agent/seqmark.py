@@ -89,8 +89,7 @@ class SeqMark:
 
     def note_running(self, volatile: bool = False) -> None:
         """A writer has the file open and has written its WAL (see `lost_rows`); `volatile`: it does not
-        fsync each commit (`sync: normal`), so that only its process ending, not the machine, keeps the
-        latest commits."""
+        fsync each commit (`sync: normal`): its latest commits outlive its process, not the machine."""
         self._note({RUNNING: 1, VOLATILE_BOOT: (boot_id() or 0) if volatile else 0})
 
     def note_closed(self, last_seqs: dict[str, int], sent_upto: dict[str, int]) -> bool:
