@@ -62,7 +62,9 @@ for _ in $(seq 100); do
   fi
   sleep 0.3
 done
-inside() { nsenter -t "$leader" -a bash -lc "$1"; }
+# A clean environment: the host's variables (PIP_CERT, PATH of a pyenv...) name files of the host.
+clean_env=(env -i HOME=/root TERM=dumb LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin)
+inside() { nsenter -t "$leader" -a "${clean_env[@]}" bash -lc "$1"; }
 failures=0
 check() {  # check NAME COMMAND: COMMAND's success is the outcome
   if inside "$2" >/dev/null 2>&1; then echo "PASS  $1"; else echo "FAIL  $1"; failures=$((failures + 1)); fi
