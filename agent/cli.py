@@ -72,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, lambda *_: hup_while_starting.append(True))
     from agent.config import ConfigError
     from agent.instance import AlreadyRunning
-    from agent.runtime import Station, UnsupportedConfig, check_supported
+    from agent.runtime import Station, UnsupportedConfig, check_supported, log_config_warnings
 
     setup_logging(args.log_level)
     config = _load_or_report(args.config, check_files=True)  # as check-config: a missing TLS file too
@@ -90,6 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         return EXIT_INVALID
     log.info("edge-agent %s starting with %s", __version__, args.config)
+    log_config_warnings(config)
     station = Station(args.config, config)
     if hup_while_starting:
         station.request_reload()

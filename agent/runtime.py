@@ -162,6 +162,15 @@ def device_channels(config: Config) -> dict[str, list[str] | None]:
     return {dev_id: dev.known_channels() for dev_id, dev in config.devices.items()}
 
 
+def log_config_warnings(config: Config) -> None:
+    """check-config's warnings in the journal too, at start and at each reload (a technician may reload
+    an edit without checking it first). Those of alarm rules are left to the alarm engine, which says
+    them as it applies the rules ("rule not applied", "action skipped")."""
+    for warning in config.warnings:
+        if not warning.path.startswith("alarms"):
+            log.warning("%s", warning)
+
+
 def storage_changes(running, edited) -> list[str]:
     """One line per `storage` key the edited file gives another value than the one in force (the
     storage settings are read at start only; `storage.path` has its own message)."""
@@ -538,6 +547,7 @@ class Station:
         for p in fresh:
             p.start()
         log.info("configuration reloaded: %d devices (%s)", len(new.devices), plan.summary())
+        log_config_warnings(new)
 
     def _wake_uplinks(self) -> None:
         for u in self.uplinks:

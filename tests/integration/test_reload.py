@@ -166,3 +166,28 @@ def test_a_reload_names_each_storage_setting_it_does_not_apply(tmp_path, broker)
            "restart (systemctl restart edge-agent)" in log
     assert "storage.keep_sent_days is 2 in the file but 7 in force" in log
     assert "storage.commit_interval_ms" not in log
+
+
+def test_check_configs_warnings_reach_the_journal_at_start_and_at_each_reload(tmp_path, broker):
+    """A technician may start or reload an edit without running check-config: what it would warn of (a
+    serial port missing on this machine, here) is logged too, once per start or reload. An alarm rule's
+    warning is the alarm engine's to say (as "rule not applied"), not said twice."""
+    config = sim_config(tmp_path, broker, interval=0.5)
+    config["buses"] = {"rs485": {"type": "rtu", "port": "/dev/ttyUSB97"}}
+    config["devices"]["cod"] = {"bus": "rs485", "slave": 1, "interval": 5, "profile": "cod-analyzer"}
+    config["alarms"] = [{"channel": "dust.a34002", "above": 80}]
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: "running" in agent.log(), 20, "the agent running")
+        config["buses"]["rs485"]["port"] = "/dev/ttyUSB98"
+        write_config(cfg, config)
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: "/dev/ttyUSB98 does not exist" in agent.log(), 10, "the reload's warning")
+    finally:
+        assert agent.stop() == 0
+    log = agent.log()
+    assert log.count(f"{cfg}:") == 2, log  # one warning at start, one at the reload: the port's
+    assert log.count("buses.rs485.port: warning: /dev/ttyUSB97 does not exist on this machine") == 1
+    assert log.count("buses.rs485.port: warning: /dev/ttyUSB98 does not exist on this machine") == 1
+    assert "alarms.0.channel: warning" not in log and "rule not applied" in log
