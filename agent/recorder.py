@@ -66,6 +66,7 @@ class Recorder(threading.Thread):
         self._quiet_check: Callable[[float], bool] = lambda deadline: False
         self._in_flight: Callable[[], int] = lambda: 0
         self.evict_lock = threading.Lock()  # eviction against the publisher taking rows (set_in_flight_check)
+        self._new_limits: tuple[float, float, int] | None = None  # set_limits, applied by the recorder thread
         self._stopping = False
         self._flush_requested = 0
         self._flushed = 0
@@ -159,6 +160,27 @@ class Recorder(threading.Thread):
         path = Path(path)
         assert self.buffer.seqmark is not None
         self.buffer.seqmark.mirror_to(path.with_name(path.name + ".seq"))
+
+    def set_limits(self, *, max_mb: float, keep_sent_days: float, commit_interval_ms: int) -> None:
+        """New storage limits (a reload), applied by the recorder thread at its next pass: the size cap
+        (a smaller one evicts at once, as SPEC §3 says), the age purge and the group-commit window."""
+        with self._cond:
+            self._new_limits = (max_mb, keep_sent_days, commit_interval_ms)
+            self._cond.notify()
+
+    def _apply_limits(self) -> None:
+        with self._cond:
+            limits, self._new_limits = self._new_limits, None
+        if limits is None:
+            return
+        max_mb, self.keep_sent_days, commit_interval_ms = limits
+        self.commit_interval = commit_interval_ms / 1000
+        self.max_bytes = int(max_mb * 1024 * 1024)
+        try:
+            self.buffer.set_size_cap(max_mb)
+        except sqlite3.Error as exc:
+            self._errlog.error("cannot set the buffer's size cap to %s MB: %s", max_mb, exc)
+        self._last_size_check = 0.0  # checked against the new cap at once
 
     def set_holders(self, meta_keys: Sequence[str]) -> None:
         """The meta keys under which the other consumers of the buffer (HJ 212 uplinks) keep their
@@ -413,6 +435,7 @@ class Recorder(threading.Thread):
         self.last_progress = time.monotonic()
 
     def _housekeeping(self, now: float) -> None:
+        self._apply_limits()
         if now - self._last_size_check >= SIZE_CHECK_EVERY_S:
             self._last_size_check = now
             try:

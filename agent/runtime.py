@@ -171,16 +171,24 @@ def log_config_warnings(config: Config) -> None:
             log.warning("%s", warning)
 
 
-def storage_changes(running, edited) -> list[str]:
-    """One line per `storage` key the edited file gives another value than the one in force (the
-    storage settings are read at start only; `storage.path` has its own message)."""
+LIVE_STORAGE_KEYS = ("max_mb", "keep_sent_days", "commit_interval_ms")  # a reload applies these at once
+
+
+def storage_changes(running, edited) -> tuple[list[str], list[str]]:
+    """The `storage` keys the edited file gives another value than the one in force: lines saying those
+    a reload applies at once (`LIVE_STORAGE_KEYS`), and lines saying those read at start only (`sync`;
+    `storage.path` has its own message)."""
     def show(value) -> str:
         return f"{value:g}" if isinstance(value, float) else str(value)
 
-    return [f"storage.{key} is {show(getattr(edited, key))} in the file but {show(getattr(running, key))} in "
-            "force: storage settings take effect at the next restart (systemctl restart edge-agent)"
-            for key in type(running).model_fields
-            if key != "path" and getattr(running, key) != getattr(edited, key)]
+    changed = [key for key in type(running).model_fields
+               if key != "path" and getattr(running, key) != getattr(edited, key)]
+    applied = [f"storage.{key}: {show(getattr(edited, key))} (was {show(getattr(running, key))})"
+               for key in changed if key in LIVE_STORAGE_KEYS]
+    waiting = [f"storage.{key} is {show(getattr(edited, key))} in the file but {show(getattr(running, key))} in "
+               "force: it takes effect at the next restart (systemctl restart edge-agent)"
+               for key in changed if key not in LIVE_STORAGE_KEYS]
+    return applied, waiting
 
 
 class _LazyDeviceWriter:
@@ -200,7 +208,8 @@ class _LazyDeviceWriter:
 
 
 def warn_if_disk_smaller_than_cap(path: Path, max_mb: float) -> None:
-    """The size cap only helps if the disk can hold it: say so at start when it cannot."""
+    """The size cap only helps if the disk can hold it: say so (at start, and when a reload changes
+    the cap) when it cannot."""
     try:
         st = os.statvfs(path.parent)
         room = st.f_bavail * st.f_frsize + (path.stat().st_size if path.exists() else 0)
@@ -525,8 +534,14 @@ class Station:
             log.error("reload refused: cannot set up the devices (%s: %s); keeping the running configuration",
                       type(exc).__name__, exc)
             return
-        for line in storage_changes(self.config.storage, new.storage):
+        applied, waiting = storage_changes(self.config.storage, new.storage)
+        for line in waiting:
             log.warning("%s", line)
+        if applied:
+            log.info("storage limits applied: %s", "; ".join(applied))
+            self.recorder.set_limits(**{key: getattr(new.storage, key) for key in LIVE_STORAGE_KEYS})
+            if new.storage.max_mb != self.config.storage.max_mb:
+                warn_if_disk_smaller_than_cap(self.config.storage.path, new.storage.max_mb)
         if new.storage.path != self.config.storage.path:
             self.recorder.keep_seq_marks_for(new.storage.path)
             log.warning("storage.path changed to %s: this agent writes %s until it restarts (`status` with the "
@@ -538,7 +553,8 @@ class Station:
         for name in plan.restarted + plan.stopped:
             running[name].stop()  # not waited for: its successor waits, the other buses poll on
         self._retired = retired
-        self.config = new.model_copy(update={"storage": self.config.storage})
+        live = {key: getattr(new.storage, key) for key in LIVE_STORAGE_KEYS}
+        self.config = new.model_copy(update={"storage": self.config.storage.model_copy(update=live)})
         self.alarms.reconfigure(self.config)
         self.aggregator.reconfigure(self.config)
         self.device_problems.keep_only(set(self.config.devices))

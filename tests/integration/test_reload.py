@@ -146,26 +146,30 @@ def test_a_reload_that_changes_a_bus_in_a_slow_poll_neither_stalls_the_others_no
     assert "restarted: rs485; unchanged, kept polling: sim:sim0" in agent.log()
 
 
-def test_a_reload_names_each_storage_setting_it_does_not_apply(tmp_path, broker):
-    """Storage settings are read at start only: the reload says which edited key waits for the restart,
-    with both values (it used to say "storage settings changed" whatever changed, and the same again
-    at every later reload, naming none)."""
-    config = sim_config(tmp_path, broker, interval=0.5)
+def test_a_reload_applies_the_storage_limits_at_once_and_names_what_waits_for_a_restart(tmp_path, broker):
+    """`max_mb`, `keep_sent_days` and `commit_interval_ms` apply at the reload (a smaller cap evicts
+    published rows at once, SPEC §3); `sync` waits for the restart and the reload says so, with both
+    values. (Every storage edit used to wait for the restart, logged as "storage settings changed",
+    naming none.)"""
+    config = sim_config(tmp_path, broker, devices=2, channels=40, interval=0.1)
     cfg = write_config(tmp_path / "station.yaml", config)
+    collector = Collector(broker, "env/TEST0001/data")
     agent = AgentProcess(cfg)
     try:
-        wait_for(lambda: "running" in agent.log(), 20, "the agent running")
-        config["storage"].update(max_mb=64, keep_sent_days=2)
+        wait_for(lambda: len(collector.reading_seqs()) >= 15_000, 60, "a buffer of published readings")
+        config["storage"].update(max_mb=0.3, keep_sent_days=2, sync="normal")
         write_config(cfg, config)
         agent.signal(signal.SIGHUP)
         wait_for(lambda: "configuration reloaded" in agent.log(), 10, "the reload")
+        wait_for(lambda: "buffer at its size cap: purged" in agent.log(), 15, "eviction down to the new cap")
     finally:
         assert agent.stop() == 0
+        collector.close()
     log = agent.log()
-    assert "storage.max_mb is 64 in the file but 256 in force: storage settings take effect at the next " \
-           "restart (systemctl restart edge-agent)" in log
-    assert "storage.keep_sent_days is 2 in the file but 7 in force" in log
-    assert "storage.commit_interval_ms" not in log
+    assert "storage limits applied: storage.max_mb: 0.3 (was 256); storage.keep_sent_days: 2 (was 7)" in log
+    assert "storage.sync is normal in the file but full in force: it takes effect at the next restart " \
+           "(systemctl restart edge-agent)" in log
+    assert not [m for m in collector.json_messages("/data") if "gap" in m], "only published rows went"
 
 
 def test_check_configs_warnings_reach_the_journal_at_start_and_at_each_reload(tmp_path, broker):

@@ -58,12 +58,12 @@ def test_an_hj212_edit_does_not_reconnect_a_station_that_publishes_json(tmp_path
 
 
 def test_storage_edits_are_named_with_both_values(tmp_path):
-    """Storage settings are read at start: each edited one is named, with its value in the file and in force."""
+    """Each edited storage setting is named with both values: the limits a reload applies at once, and
+    the others (`sync`), read at start only, with the value in the file and the one in force."""
     running = load(tmp_path, STATION.replace("storage: {path: buffer.db}", "storage: {path: buffer.db, max_mb: 256}"))
     edited = load(tmp_path, STATION.replace("storage: {path: buffer.db}",
                                             "storage: {path: other.db, max_mb: 512.5, sync: normal}"))
-    assert storage_changes(running.storage, edited.storage) == [
-        "storage.max_mb is 512.5 in the file but 256 in force: storage settings take effect at the next restart "
-        "(systemctl restart edge-agent)",
-        "storage.sync is normal in the file but full in force: storage settings take effect at the next restart "
-        "(systemctl restart edge-agent)"]
+    assert storage_changes(running.storage, edited.storage) == (
+        ["storage.max_mb: 512.5 (was 256)"],
+        ["storage.sync is normal in the file but full in force: it takes effect at the next restart "
+         "(systemctl restart edge-agent)"])
