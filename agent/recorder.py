@@ -169,6 +169,8 @@ class Recorder(threading.Thread):
             self._cond.notify()
 
     def _apply_limits(self) -> None:
+        if self._new_limits is None:  # every commit passes here: no lock unless a reload set limits
+            return
         with self._cond:
             limits, self._new_limits = self._new_limits, None
         if limits is None:

@@ -42,6 +42,21 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str = "condi
         time.sleep(interval)
 
 
+def build_preload_shim(source: str, name: str, build: Path, what: str) -> Path:
+    """`source` (C) compiled with gcc into `build/name.so`, for LD_PRELOAD; the test is skipped where
+    there is no gcc (.ci/run installs it), and fails where it does not compile."""
+    import pytest
+
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip(f"gcc is needed to build the LD_PRELOAD {what} shim (.ci/run installs it)")
+    (build / f"{name}.c").write_text(source)
+    cc = subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-o", f"{name}.so", f"{name}.c", "-ldl", "-lpthread"],
+                        cwd=build, capture_output=True, text=True, timeout=60)
+    assert cc.returncode == 0, f"cannot build the {what} shim (libc6-dev missing?):\n{cc.stderr}"
+    return build / f"{name}.so"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

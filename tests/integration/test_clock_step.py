@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -38,7 +37,17 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import AgentProcess, Collector, as_published, db_last_seq, run_cli, sim_config, wait_for, write_config
+from harness import (
+    AgentProcess,
+    Collector,
+    as_published,
+    build_preload_shim,
+    db_last_seq,
+    run_cli,
+    sim_config,
+    wait_for,
+    write_config,
+)
 
 from agent.model import parse_iso_utc_ms
 
@@ -199,15 +208,8 @@ class ShiftedClock:
 @pytest.fixture(scope="module")
 def clockshift(tmp_path_factory) -> Path:
     """The shim, compiled now, after checking that it does what the test relies on."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is needed to build the LD_PRELOAD wall-clock shim (.ci/run installs it)")
     build = tmp_path_factory.mktemp("clockshift")
-    (build / "clockshift.c").write_text(CLOCKSHIFT_C)
-    cc = subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-o", "clockshift.so", "clockshift.c", "-ldl"], cwd=build,
-                        capture_output=True, text=True, timeout=60)
-    assert cc.returncode == 0, f"cannot build the wall-clock shim (libc6-dev missing?):\n{cc.stderr}"
-    so = build / "clockshift.so"
+    so = build_preload_shim(CLOCKSHIFT_C, "clockshift", build, "wall-clock")
     offset = build / "probe-offset"
     offset.write_text("0\n")
     probe = subprocess.run([sys.executable, "-c", SHIM_PROBE, str(offset), str(time.time())], capture_output=True,

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import AgentProcess, Broker, Collector, sim_config, wait_for, write_config
+from harness import AgentProcess, Broker, Collector, build_preload_shim, sim_config, wait_for, write_config
 
 SYNCSHADOW_C = r"""
 #define _GNU_SOURCE
@@ -155,15 +155,8 @@ os._exit(0)
 @pytest.fixture(scope="module")
 def syncshadow(tmp_path_factory) -> Path:
     """The shim, compiled now, after checking that it does what the test relies on."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is needed to build the LD_PRELOAD power-cut shim (.ci/run installs it)")
     build = tmp_path_factory.mktemp("syncshadow")
-    (build / "syncshadow.c").write_text(SYNCSHADOW_C)
-    cc = subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-o", "syncshadow.so", "syncshadow.c", "-ldl", "-lpthread"],
-                        cwd=build, capture_output=True, text=True, timeout=60)
-    assert cc.returncode == 0, f"cannot build the power-cut shim (libc6-dev missing?):\n{cc.stderr}"
-    so = build / "syncshadow.so"
+    so = build_preload_shim(SYNCSHADOW_C, "syncshadow", build, "power-cut")
     data, disk = build / "data", build / "disk"
     data.mkdir()
     disk.mkdir()

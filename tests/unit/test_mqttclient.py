@@ -26,14 +26,19 @@ def _receiver(broker, topic: str) -> tuple[Client, list[bytes], threading.Event]
     return client, got, subscribed
 
 
+def _sender(broker) -> mqtt.Client:
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="sender")
+    sender.connect("127.0.0.1", broker.port)
+    sender.loop_start()
+    return sender
+
+
 def test_an_oversized_publish_is_received_cut_and_acknowledged_without_holding_its_size(broker):
     """A 8 MB message arrives as a payload still longer than the limit (so it is refused as such) but
     cut to well under 200 kB, and reading it never holds it in memory (paho alone: ~3 copies of it);
     the connection stays in step: the broker does not send it again, and the next message is whole."""
     client, got, subscribed = _receiver(broker, "cmd")
-    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="sender")
-    sender.connect("127.0.0.1", broker.port)
-    sender.loop_start()
+    sender = _sender(broker)
     try:
         wait_for(lambda: client.loop(0.05) == mqtt.MQTT_ERR_SUCCESS and subscribed.is_set(), 10, "subscribed")
         big = b"{" + b"x" * BIG + b"}"
@@ -62,9 +67,7 @@ def test_an_oversized_publish_is_received_cut_and_acknowledged_without_holding_i
 
 def test_messages_up_to_the_limit_are_untouched(broker):
     client, got, subscribed = _receiver(broker, "cmd")
-    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="sender")
-    sender.connect("127.0.0.1", broker.port)
-    sender.loop_start()
+    sender = _sender(broker)
     try:
         wait_for(lambda: client.loop(0.05) == mqtt.MQTT_ERR_SUCCESS and subscribed.is_set(), 10, "subscribed")
         sizes = [0, 1, KEEP, 60_000]  # the last one is over the limit but under `keep` (topic room included)
