@@ -36,12 +36,16 @@ Decisions (the README's alarm section repeats them for technicians):
   when a channel's readings have been flagged B or D for S seconds and clears after `clear_delay` of
   readings with other flags. Their `value` is the number of seconds the condition has lasted (0 when
   cleared) and their `threshold` is S.
-- State across restarts: the active alarms (and windows, action states) are saved in meta
+- State across restarts: the active alarms (with action states and temperatures) are saved in meta
   `alarm_state` in the same transaction as each event; a restored alarm is not raised again and clears
   normally. That state is also kept beside the buffer file (`buffer.db.alarm_state`, after each
   event's commit), for a fresh file to start from when the old one was lost (deleted, or corrupt
-  beyond salvage). A pending delay is not saved (it restarts). An active alarm whose rule, device or
-  channel is gone from the config (after a restart or a reload) is cleared with value null.
+  beyond salvage). The windows, up to ~120 buckets each, are saved apart in meta `alarm_windows`, at
+  most once a minute and at a stop (with the state: its temperatures), never with an event: an event
+  writes a few hundred bytes, not every window (~0.8 MB for 200 full windows). A state saved before
+  that split holds its windows and is read as it is. A pending delay is not saved (it restarts). An
+  active alarm whose rule, device or channel is gone from the config (after a restart or a reload)
+  is cleared with value null.
 - A rule whose channel names a device that is not configured is not applied, and an action on such a
   device is skipped (both logged once at start and reload; `check-config` warns about them), so a
   shared list of rules can name instruments a station does not have.
@@ -478,7 +482,9 @@ class AlarmEngine:
 
     `recorder` needs `submit_event(stream, ts_ms, body)` and `set_meta(key, value, keep_beside=...)`;
     `saved_state` is the meta value `alarm_state` of the previous run (None on a fresh buffer), or the
-    copy kept beside a buffer file since lost (`resave`: it is saved into the new file at once). `action_writer` runs
+    copy kept beside a buffer file since lost (`resave`: it is saved into the new file at once);
+    `saved_windows` is the meta value `alarm_windows` (None: the windows saved in `saved_state`, as
+    before the two were split, if any). `action_writer` runs
     action writes (None: actions are logged as not executed). `clock` (monotonic seconds) and
     `wall_ms` (Unix ms) are injectable for tests; `inline_actions` runs writes synchronously inside
     `tick` instead of on the worker thread (tests).
@@ -491,6 +497,7 @@ class AlarmEngine:
         saved_state: str | None,
         action_writer: ActionWriter | None = None,
         *,
+        saved_windows: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = now_ms,
         inline_actions: bool = False,
@@ -518,8 +525,9 @@ class AlarmEngine:
         self._errlog = RateLimitedLog(log, every_s=300)
         self._worker: _ActionWorker | None = None
         state = self._parse_state(saved_state)
+        windows = self._parse_state(saved_windows, "windows").get("windows") if saved_windows else state.get("windows")
         self._saved_windows: dict[tuple[str, float], Any] = {}
-        for key, per_channel in (state.get("windows") or {}).items():
+        for key, per_channel in (windows if isinstance(windows, dict) else {}).items():
             if isinstance(per_channel, dict):
                 for seconds, data in per_channel.items():
                     try:
@@ -606,7 +614,8 @@ class AlarmEngine:
             self._save_requested = False
             self._windows_saved = now
             self._windows_dirty = False
-            self.recorder.set_meta("alarm_state", self._state_json())
+            self.recorder.set_meta("alarm_state", _dumps(self._state()))  # the temperatures, with the windows
+            self.recorder.set_meta("alarm_windows", self._windows_json())
 
     def save_at_next_tick(self) -> None:
         """Any thread: save the state (windows included) at the next tick, so that the recorder's last
@@ -1021,53 +1030,46 @@ class AlarmEngine:
                 id_, state, value, body["threshold"])
         self._run_actions(self.clock())
 
-    def _state(self, *, windows: bool = True) -> dict[str, Any]:
+    def _state(self) -> dict[str, Any]:
+        """What meta `alarm_state` holds: active alarms, action states, last temperatures."""
         active = [{"id": i.id, "channel": i.channel.key, "rule": i.rule_name, "since_ms": i.since_ms,
                    "value": i.value, "threshold": i.threshold}
                   for i in self._instances.values() if i.active]
         actions = {t.key: t.to_json() for t in self._targets.values() if t.touched}
         temperatures = {device: value for device, (value, _) in self._temps.items()}
-        state: dict[str, Any] = {"v": STATE_VERSION, "active": active, "actions": actions,
-                                 "temperatures": temperatures}
-        if windows:
-            state["windows"] = {}
-            for ch in self._channels.values():
-                for seconds, w in ch.windows.items():
-                    if len(w):
-                        state["windows"].setdefault(ch.key, {})[repr(seconds)] = w.to_json()
-        return state
+        return {"v": STATE_VERSION, "active": active, "actions": actions, "temperatures": temperatures}
 
-    def _state_json(self) -> str:
-        """`_state()` as JSON, its windows written one at a time: the lists of a window's buckets exist
-        only while that window is written (all of them at once were ~8 MB for 200 windows of 300 s, at
-        each event and each minute)."""
+    def _windows_json(self) -> str:
+        """What meta `alarm_windows` holds, written one window at a time: the lists of a window's
+        buckets exist only while that window is written (all of them at once were ~8 MB for 200
+        windows of 300 s)."""
         per_channel = []
         for ch in self._channels.values():
             written = [f"{_dumps(repr(seconds))}:{_dumps(w.to_json())}" for seconds, w in ch.windows.items() if len(w)]
             if written:
                 per_channel.append(f"{_dumps(ch.key)}:{{{','.join(written)}}}")
-        head = _dumps(self._state(windows=False))
-        return f'{head[:-1]},"windows":{{{",".join(per_channel)}}}}}'
+        return f'{{"v":{STATE_VERSION},"windows":{{{",".join(per_channel)}}}}}'
 
     def _save(self) -> None:
         """Alarm state and the active list for `status`; the recorder commits them with the events
         submitted before them, in one transaction, and keeps the state beside the buffer file too (a
-        fresh file, should this one be lost, does not raise the active alarms again)."""
-        self.recorder.set_meta("alarm_state", self._state_json(), keep_beside=True)
+        fresh file, should this one be lost, does not raise the active alarms again). The windows are
+        not part of it: `tick` saves them."""
+        self.recorder.set_meta("alarm_state", _dumps(self._state()), keep_beside=True)
         self.recorder.set_meta("active_alarms", json.dumps(self.active(), separators=(",", ":")))
-        self._windows_dirty = False
 
     @staticmethod
-    def _parse_state(saved: str | None) -> dict[str, Any]:
+    def _parse_state(saved: str | None, what: str = "state") -> dict[str, Any]:
         if not saved:
             return {}
+        starting = "starting with no active alarms" if what == "state" else "windows start empty"
         try:
             state = json.loads(saved)
         except ValueError:
-            log.error("saved alarm state is not valid JSON; starting with no active alarms")
+            log.error("saved alarm %s is not valid JSON; %s", what, starting)
             return {}
         if not isinstance(state, dict) or state.get("v") != STATE_VERSION:
-            log.error("saved alarm state has an unknown format; starting with no active alarms")
+            log.error("saved alarm %s has an unknown format; %s", what, starting)
             return {}
         return state
 

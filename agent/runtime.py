@@ -333,7 +333,8 @@ class Station:
         # SIGHUP is run.
         writer = _LazyDeviceWriter(lambda: [d for p in self.pollers for d in p.drivers])
         saved_alarms, from_beside = _saved_alarm_state(buffer)
-        self.alarms = AlarmEngine(cfg, self.recorder, saved_alarms, writer, resave=from_beside)
+        self.alarms = AlarmEngine(cfg, self.recorder, saved_alarms, writer, resave=from_beside,
+                                  saved_windows=buffer.meta_value("alarm_windows"))
         self.recorder.add_stored_listener(self.alarms.observe)
         self.recorder.add_tick_listener(self.alarms.tick)
         # Rebuilds its open periods from the stored readings before polling starts.
