@@ -402,6 +402,7 @@ class Aggregator:
         """A committed batch of readings (recorder thread)."""
         self._take_config()
         if not self.enabled:
+            self._note_batch(readings)
             return
         now = self.wall_ms()
         for r in readings:
@@ -427,6 +428,7 @@ class Aggregator:
             config, self._pending_config = self._pending_config, None
         if config is not None:
             before = {c.kind.name: c.tz.key for c in self._calendars}
+            section_before = self.config.aggregate if self.enabled else None
             self._apply_config(config)
             if not self.enabled:  # readings of the time without aggregates are never replayed
                 self._last_seq = 0
@@ -434,7 +436,8 @@ class Aggregator:
             added = [c for c in self._calendars if before.get(c.kind.name) != c.tz.key]
             if added and self.reader_factory is not None:
                 self._replay_added(added, self.wall_ms())
-            log.info("aggregates reloaded: %s", ", ".join(c.kind.name for c in self._calendars) or "off")
+            if (config.aggregate if self.enabled else None) != section_before:
+                log.info("aggregates reloaded: %s", ", ".join(c.kind.name for c in self._calendars) or "off")
             self._save()
 
     def _apply_config(self, config: Config) -> None:
@@ -518,6 +521,21 @@ class Aggregator:
 
     # ------------------------------------------------------------------ readings into periods
 
+    def _note_minute(self, ts_ms: int, seq: int) -> None:
+        minute = ts_ms - ts_ms % 60_000
+        if minute not in self._seq_at_minute:
+            self._seq_at_minute[minute] = seq
+            if len(self._seq_at_minute) > SEQ_INDEX_MINUTES:
+                del self._seq_at_minute[min(self._seq_at_minute)]
+
+    def _note_batch(self, readings: Iterable[Reading]) -> None:
+        """Aggregates off: note only where the batch's minute starts and the highest seq, all that a
+        reload adding the section needs to fill its current periods from the buffer (README)."""
+        batch = readings if isinstance(readings, list) else list(readings)
+        if batch:
+            self._note_minute(min(r.ts_ms for r in batch), batch[0].seq)
+            self._last_seq = max(self._last_seq, batch[-1].seq)
+
     def _ingest(self, r: Reading, now: int, *, replay: bool, only: set[str] | None = None) -> None:
         ts = r.ts_ms
         if ts < MIN_PLAUSIBLE_MS:
@@ -529,11 +547,7 @@ class Aggregator:
             self._errlog.warning("aggregates: readings more than 5 minutes ahead of the clock are left out, "
                                  "e.g. %s.%s at %s", r.device, r.channel, iso_utc_ms(ts))
             return
-        minute = ts - ts % 60_000
-        if minute not in self._seq_at_minute:
-            self._seq_at_minute[minute] = r.seq
-            if len(self._seq_at_minute) > SEQ_INDEX_MINUTES:
-                del self._seq_at_minute[min(self._seq_at_minute)]
+        self._note_minute(ts, r.seq)
         key = (r.device, r.channel)
         role = self._role(key, r.unit)
         value = r.value

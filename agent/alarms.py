@@ -630,7 +630,8 @@ class AlarmEngine:
         with self._lock:
             config, self._pending_config = self._pending_config, None
         if config is not None:
-            log.info("alarm rules reloaded (%d rules)", len(config.alarms))
+            if config.alarms != self.config.alarms:
+                log.info("alarm rules reloaded (%d rules)", len(config.alarms))
             self._apply_config(config, self._state(), restoring=False)
 
     def _apply_config(self, config: Config, state: Mapping[str, Any], *, restoring: bool) -> None:

@@ -6,6 +6,7 @@ computed by hand in the comments. No threads, no database, no broker."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from typing import Any
@@ -720,4 +721,40 @@ def test_periods_of_a_time_without_aggregates_are_not_computed_after_they_are_en
     rig = rig.restart()
     rig.feed(every("cod", "w01018", t("03:15:00"), 60, [20] * 5))
     rig.at(t("03:20:02"))
-    assert [(b["start"], b["count"]) for b in rig.rec.bodies()] == [(z("02:00:00"), 10), (z("03:10:00"), 9)]
+    # 03:10 holds the reading stored at 03:10:00 before the reload too (the fill of a re-added section)
+    assert [(b["start"], b["count"]) for b in rig.rec.bodies()] == [(z("02:00:00"), 10), (z("03:10:00"), 10)]
+
+
+@pytest.mark.parametrize("first", ["removed", "absent"])
+def test_a_section_added_by_a_reload_fills_its_current_period_with_the_stored_readings(first):
+    """As a period kind switched on does (README): the period is not computed from the part after the
+    reload alone, whether the section was removed by an earlier reload or absent from the start."""
+    if first == "removed":
+        rig = Rig(make_config({"minute": 10, "hour": False, "day": False}), now=t("02:49:00"))
+        rig.feed(every("cod", "w01018", t("02:50:00"), 60, [10] * 10))
+        rig.at(t("03:00:02"))
+        rig.agg.reconfigure(make_config(section=False))
+    else:
+        rig = Rig(make_config(section=False), now=t("02:59:00"))
+    rig.feed(every("cod", "w01018", t("03:00:00"), 60, [10] * 5))
+    rig.agg.reconfigure(make_config({"minute": 10, "hour": False, "day": False}))
+    rig.feed(every("cod", "w01018", t("03:05:00"), 60, [20] * 5))
+    rig.at(t("03:10:02"))
+    assert [(b["start"], b["count"], b["avg"]) for b in rig.rec.bodies() if b["start"] == z("03:00:00")] == [
+        (z("03:00:00"), 10, 15.0)]
+
+
+def test_a_reload_says_the_aggregates_were_reloaded_only_when_their_section_changed(caplog):
+    section = {"minute": 10, "hour": False, "day": False}
+    rig = Rig(make_config(section), now=t("01:59:00"))
+    with caplog.at_level(logging.INFO, logger="agent.aggregate"):
+        rig.agg.reconfigure(make_config(section))
+        rig.at(t("02:00:00"))
+        assert "aggregates reloaded" not in caplog.text
+        rig.agg.reconfigure(make_config({**section, "hour": True}))
+        rig.at(t("02:00:01"))
+        assert "aggregates reloaded: 10m, 1h" in caplog.text
+        caplog.clear()
+        rig.agg.reconfigure(make_config(section=False))
+        rig.at(t("02:00:02"))
+    assert "aggregates reloaded: off" in caplog.text

@@ -797,3 +797,17 @@ def test_a_limit_given_as_an_int_is_kept_as_written():
     from agent.alarms import _json_number
 
     assert [_json_number(v) for v in (80, 80.0, 2.5, None, float("nan"))] == [80, 80, 2.5, None, None]
+
+
+def test_a_reload_says_the_rules_were_reloaded_only_when_they_changed(caplog):
+    """A reload that changed a device's interval only must not log that the rules were reloaded: the
+    operator reads that line as "the rules were edited"."""
+    rules = [{"channel": "cod.w01018", "above": 50}]
+    rig = Rig(rules)
+    with caplog.at_level(logging.INFO, logger="agent.alarms"):
+        rig.engine.reconfigure(make_config(rules, {**DEVICES, "cod": {**DEVICES["cod"], "interval": 7}}))
+        rig.tick(1)
+        assert "alarm rules reloaded" not in caplog.text
+        rig.engine.reconfigure(make_config([*rules, {"channel": "cod.w01018", "below": 1}]))
+        rig.tick(2)
+    assert "alarm rules reloaded (2 rules)" in caplog.text
