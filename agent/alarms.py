@@ -17,7 +17,10 @@ Decisions (the README's alarm section repeats them for technicians):
 - Only values flagged N or T are compared with limits and enter windows; null values and values
   flagged M, C, F, S, D or B are treated like null: they neither advance nor reset a delay.
 - `delay`/`clear_delay` run on the monotonic clock from the first value beyond (back within) the
-  limit; the raise (clear) happens on the first such value once the delay has passed.
+  limit; the raise (clear) happens on the first such value once the delay has passed. Each value counts
+  from when it was taken (the engine's clock less the reading's age, at most READING_AGE_MAX_S), not
+  from when its batch was committed, and a delay is up POLL_JITTER_S early (a poll may start a few
+  milliseconds after its turn): a delay of two poll intervals raises on the third value, always.
 - `window: S` compares the mean of the readings of the last S seconds (reading timestamps, kept in
   WINDOW_BUCKETS buckets of S/120) and is evaluated only once the readings cover MIN_WINDOW_COVERAGE
   of the window (span of the readings plus one poll interval), so a restart does not alarm on a
@@ -102,6 +105,8 @@ MEASURED_FLAGS = frozenset({FLAG_NORMAL, FLAG_OVER_RANGE})  # values compared wi
 MIN_WINDOW_COVERAGE = 0.75  # a window mean needs readings over this share of the window
 WINDOW_BUCKETS = 120  # a window keeps at most about this many (sum, count) buckets
 WINDOW_SAVE_EVERY_S = 60.0  # windows are saved with the alarm state at most this often
+READING_AGE_MAX_S = 5.0  # a reading reaches the engine this long after it was taken at most (see _taken_at)
+POLL_JITTER_S = 0.1  # polls start this much late at most, by the scheduler's whims (see _lasted)
 ACTION_RETRY_FIRST_S = 2.0  # a failed action write is retried after this, doubling ...
 ACTION_RETRY_MAX_S = 60.0  # ... up to this
 
@@ -234,6 +239,22 @@ def _unit_factor(from_unit: str | None, to_unit: str | None) -> float | None:
     if ma is None or mb is None or ma.group(2) != mb.group(2):
         return None
     return _MASS[ma.group(1)] / _MASS[mb.group(1)]
+
+
+def _taken_at(now: float, wall_ms: int, ts_ms: int) -> float:
+    """When a reading was taken, on the monotonic clock: `now` less its age by the wall clock. A batch
+    reaches the engine after the bus transaction and the group commit, whose length varies by a few
+    milliseconds from poll to poll: timed from its arrival, a `delay` of two polls would often take
+    three. The age is kept within 0..READING_AGE_MAX_S, so that a timestamp from an analyzer's own clock
+    or a wall-clock step moves a delay by that much at most."""
+    return now - min(max((wall_ms - ts_ms) / 1000, 0.0), READING_AGE_MAX_S)
+
+
+def _lasted(since: float, now: float, delay: float) -> bool:
+    """Whether a condition that began at `since` has lasted `delay` seconds at `now`, give or take
+    POLL_JITTER_S: a poll is stamped when its thread runs, a few milliseconds after its turn, so the
+    values of a delay of two poll intervals are often 1.995 intervals apart."""
+    return now - since >= delay - POLL_JITTER_S
 
 
 def _json_number(x: float | None) -> float | int | None:
@@ -584,6 +605,7 @@ class AlarmEngine:
         if not self._rules:
             return  # nothing to evaluate (a rule added by a reload starts from the reload)
         now = self.clock()
+        wall = self.wall_ms()
         if self._cold_codes:
             readings = list(readings)
             for r in readings:
@@ -595,7 +617,7 @@ class AlarmEngine:
             ch = self._channels.get(key)
             if ch is None:
                 ch = self._channel(key)
-            self._observe_one(ch, r, now)
+            self._observe_one(ch, r, _taken_at(now, wall, r.ts_ms))
 
     def tick(self) -> None:
         """About once a second (recorder thread): stale rules, action writes, saving windows."""
@@ -953,7 +975,7 @@ class AlarmEngine:
             if (x > limit) if above else (x < limit):
                 if inst.pending is None:
                     inst.pending = now
-                if now - inst.pending >= alarm.delay:
+                if _lasted(inst.pending, now, alarm.delay):
                     self._raise(inst, x, limit, ts_ms)
             else:
                 inst.pending = None
@@ -962,7 +984,7 @@ class AlarmEngine:
         if (x < limit - h) if above else (x > limit + h):
             if inst.clearing is None:
                 inst.clearing = now
-            if now - inst.clearing >= alarm.effective_clear_delay():
+            if _lasted(inst.clearing, now, alarm.effective_clear_delay()):
                 self._clear(inst, x, ts_ms, limit)
         else:
             inst.clearing = None
@@ -972,7 +994,7 @@ class AlarmEngine:
         assert limit is not None
         ch = inst.channel
         if not inst.active:
-            if in_fault and ch.fault_since is not None and now - ch.fault_since >= limit:
+            if in_fault and ch.fault_since is not None and _lasted(ch.fault_since, now, limit):
                 self._raise(inst, round(now - ch.fault_since, 1), limit, ts_ms)
             return
         if in_fault:
@@ -980,7 +1002,7 @@ class AlarmEngine:
             return
         if inst.clearing is None:
             inst.clearing = now
-        if now - inst.clearing >= inst.rule.alarm.effective_clear_delay():
+        if _lasted(inst.clearing, now, inst.rule.alarm.effective_clear_delay()):
             self._clear(inst, 0, ts_ms, limit)
 
     # ------------------------------------------------------------------ events and state

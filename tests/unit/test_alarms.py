@@ -189,6 +189,43 @@ def test_clear_delay_defaults_to_delay_and_can_be_set():
     assert rig.rec.states()[3:] == [("cod.w01018:above", "cleared")]
 
 
+def test_the_delay_counts_from_when_the_values_were_taken_not_from_when_they_were_committed():
+    # Values polled every 60 s reach the engine after the bus and the group commit, some sooner than
+    # others, and a poll starts a few milliseconds after its turn: the third value of a 120 s delay raises,
+    # even when the first one was taken 8 ms late and committed later after its poll than the third.
+    rig = Rig([{"channel": "cod.w01018", "above": 50, "delay": 120, "hysteresis": 2}])
+
+    def feed(value: float, taken: float, committed: float) -> None:
+        rig.t = committed
+        rig.engine.observe([Reading("cod", "w01018", T0_MS + int(taken * 1000), value, "mg/L", "N")])
+
+    feed(55, taken=0.008, committed=0.150)  # this poll started 8 ms after its turn, and its commit was slow
+    feed(55, taken=60, committed=60.020)
+    feed(55, taken=120, committed=120.020)
+    assert rig.rec.states() == [("cod.w01018:above", "raised")]
+    assert rig.rec.bodies()[0]["ts"] == ts(120)
+    feed(40, taken=180.008, committed=180.150)
+    feed(40, taken=240, committed=240.020)
+    feed(40, taken=300, committed=300.020)
+    assert rig.rec.states()[1:] == [("cod.w01018:above", "cleared")]
+    assert rig.rec.bodies()[1]["ts"] == ts(300)
+
+
+def test_a_reading_dated_far_from_the_agents_clock_moves_a_delay_by_a_few_seconds_at_most():
+    # An hj212 analyzer dates its values by its own clock (here 10 minutes slow, then set right): the
+    # delay is still counted on the agent's monotonic clock, not on the analyzer's timestamps.
+    rig = Rig([{"channel": "cod.w01018", "above": 50, "delay": 120}])
+    for t in (0, 60):
+        rig.t = t
+        rig.engine.observe([Reading("cod", "w01018", T0_MS + int((t - 600) * 1000), 55, "mg/L", "N")])
+    rig.t = 100
+    rig.engine.observe([Reading("cod", "w01018", T0_MS + 100_000, 55, "mg/L", "N")])  # its clock set right
+    assert rig.rec.events == [], "100 s beyond the limit, whatever the analyzer's clock says"
+    rig.t = 120
+    rig.engine.observe([Reading("cod", "w01018", T0_MS + int((120 - 600) * 1000), 55, "mg/L", "N")])
+    assert rig.rec.states() == [("cod.w01018:above", "raised")]
+
+
 def test_null_readings_neither_advance_nor_reset_the_delay():
     rig = Rig([{"channel": "cod.w01018", "above": 50, "delay": 60}])
     rig.feed("cod.w01018", 55, at=0)
