@@ -257,6 +257,14 @@ def _lasted(since: float, now: float, delay: float) -> bool:
     return now - since >= delay - POLL_JITTER_S
 
 
+def _band_edge(limit: float, hysteresis: float, above: bool) -> float:
+    """X − hysteresis (`above`) or X + hysteresis, to 15 significant digits as the numbers are written:
+    0.8 − 0.1 is 0.7, where binary floats make it 0.7000000000000001 (and a value of 0.7, not below
+    the band, would clear)."""
+    edge = limit - hysteresis if above else limit + hysteresis
+    return float(f"{edge:.15g}")
+
+
 def _json_number(x: float | None) -> float | int | None:
     """A limit as written in the config: 50 rather than 50.0."""
     if x is None or not math.isfinite(x):
@@ -980,8 +988,8 @@ class AlarmEngine:
             else:
                 inst.pending = None
             return
-        h = alarm.hysteresis
-        if (x < limit - h) if above else (x > limit + h):
+        edge = _band_edge(limit, alarm.hysteresis, above)
+        if (x < edge) if above else (x > edge):
             if inst.clearing is None:
                 inst.clearing = now
             if _lasted(inst.clearing, now, alarm.effective_clear_delay()):

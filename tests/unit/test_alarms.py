@@ -150,6 +150,21 @@ def test_event_values_are_said_as_the_readings_are_published_without_float_noise
     assert (json.dumps(raised["value"]), json.dumps(cleared["value"])) == ("0.3", "0.1")
 
 
+@pytest.mark.parametrize(("rule", "beyond", "edge", "past"), [
+    ({"above": 0.8, "hysteresis": 0.1}, 0.9, 0.7, 0.69),  # 0.8 - 0.1 = 0.7000000000000001 in binary floats
+    ({"below": 0.7, "hysteresis": 0.1}, 0.6, 0.8, 0.81),  # 0.7 + 0.1 = 0.7999999999999999
+])
+def test_a_value_exactly_at_the_edge_of_the_hysteresis_band_does_not_clear(rule, beyond, edge, past):
+    # SPEC §2: an above alarm clears when the value stays *below* X - hysteresis; a value of exactly
+    # X - hysteresis, as the technician wrote both numbers, is not below it.
+    rig = Rig([{"channel": "cod.w21003", **rule}])
+    rig.feed("cod.w21003", beyond, at=0)
+    rig.feed("cod.w21003", edge, at=10)
+    assert [state for _, state in rig.rec.states()] == ["raised"]
+    rig.feed("cod.w21003", past, at=20)
+    assert [state for _, state in rig.rec.states()] == ["raised", "cleared"]
+
+
 def test_below_mirrors_above_and_a_rule_with_both_gives_two_alarms():
     rig = Rig([{"channel": "cod.w01018", "above": 9, "below": 6, "hysteresis": 0.5}])
     for i, v in enumerate([7, 5.9, 6.2, 6.6, 9.1, 8.6, 8.4]):
