@@ -593,6 +593,25 @@ class AlarmEngine:
             for i in sorted((i for i in self._instances.values() if i.active), key=lambda i: (i.since_ms or 0, i.id))
         ]
 
+    def limits(self, channel: str) -> list[dict[str, Any]]:
+        """Any thread: the limits of the above/below alarms of `channel` ("device.channel") in force now,
+        as the console draws them: the rule that applies to each alarm (the most specific), a preset's
+        limit in the channel's unit and with the water temperature's variant."""
+        ch = self._channels.get(channel)
+        if ch is None:
+            return []
+        out = []
+        for inst in list(ch.instances):
+            if inst.rule_name not in (RULE_ABOVE, RULE_BELOW):
+                continue
+            if inst.limit is None:
+                limit = inst.rule.alarm.above if inst.rule_name == RULE_ABOVE else inst.rule.alarm.below
+            else:
+                temperature = self._temperature(ch.device) if inst.limit.cold is not None else None
+                limit = _limit_for(inst.limit, temperature) * (_unit_factor(inst.limit.unit, ch.unit) or 1.0)
+            out.append({"rule": inst.rule_name, "value": _json_number(limit)})
+        return out
+
     def finish_actions(self, timeout: float) -> None:
         """Any thread, at a stop: wait up to `timeout` for the action writes under way (an alarm that
         the last readings cleared switches its output off before the buses close)."""

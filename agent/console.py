@@ -97,6 +97,10 @@ class _PublisherView(Protocol):
     def acked_upto(self, stream: str = ...) -> int: ...
 
 
+class _AlarmsView(Protocol):
+    def limits(self, channel: str) -> list[dict[str, Any]]: ...
+
+
 class StationView(Protocol):
     """What the console reads of the running station (`agent.runtime.Station`); `config` may be
     replaced by a reload at any time."""
@@ -109,6 +113,9 @@ class StationView(Protocol):
 
     @property
     def publisher(self) -> _PublisherView: ...
+
+    @property
+    def alarms(self) -> _AlarmsView: ...
 
 
 # --------------------------------------------------------------------------------------------------
@@ -714,13 +721,7 @@ class Console:
         unit = self.history.unit(device, code)
         if unit is None and dev is not None and dev.channels and code in dev.channels:
             unit = dev.channels[code].unit
-        limits = []
-        for rule in config.alarms:
-            if rule.channel in (channel, f"{device}.*", "*"):
-                for name in ("above", "below"):
-                    value = getattr(rule, name)
-                    if value is not None:
-                        limits.append({"rule": name, "value": value})
+        limits = self.station.alarms.limits(channel)  # those in force: presets too, not a shadowed wildcard
         return {"channel": channel, "device": device, "code": code, "unit": unit, "hours": hours,
                 "bucket_s": BUCKET_MS // 1000, "from": iso_utc_ms(first * BUCKET_MS),
                 "to": iso_utc_ms((last + 1) * BUCKET_MS), "ready": self.history.ready, "limits": limits,

@@ -183,6 +183,25 @@ BAD_QUERIES = [
 ]
 
 
+def test_the_charts_limits_are_those_of_the_alarms_in_force(tmp_path, broker):
+    """The dashed limits of a chart: a preset's limit is drawn, and a wildcard rule that a rule naming the
+    channel overrides is not (the technician compares the curve with the limits the alarms use)."""
+    config = station(tmp_path, broker)
+    config["alarms"] = [{"channel": "*", "above": 1000}, {"channel": "cod.w01018", "above": 50, "hysteresis": 2},
+                        {"channel": "cod.w01018", "preset": "gb3838-iii"}]
+    cfg = write_config(tmp_path / "station.yaml", config)
+    port = port_of(config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: console_up(port), 15, "the console listening")
+        status, hist = get_json(port, "/api/history?channel=cod.w01018&hours=1")
+        assert status == 200 and hist["limits"] == [{"rule": "above", "value": 50}, {"rule": "above", "value": 20}]
+        status, hist = get_json(port, "/api/history?channel=sim0.c00&hours=1")
+        assert status == 200 and hist["limits"] == [{"rule": "above", "value": 1000}]
+    finally:
+        assert agent.stop() == 0
+
+
 def test_bad_queries_are_answered_with_json_400_never_a_stack_trace(tmp_path, broker):
     config = station(tmp_path, broker)
     port = port_of(config)

@@ -511,6 +511,21 @@ def test_a_preset_limit_is_converted_to_the_channels_mass_unit():
     assert rig.rec.bodies()[0]["threshold"] == 0.08
 
 
+def test_the_limits_in_force_on_a_channel_are_those_of_its_alarms():
+    # What the console draws as the dashed limits of a chart: a preset's limit (in the channel's unit,
+    # with the cold-water variant), and for each alarm id the rule that applies, not a shadowed wildcard.
+    rig = Rig([{"channel": "*", "above": 1000}, {"channel": "cod.w01018", "above": 50, "below": 5},
+               {"channel": "cod.w21003", "preset": "gb18918-1a"}, {"channel": "dust.a34002", "preset": "dust-15min"}])
+    assert rig.engine.limits("cod.w01018") == [{"rule": "above", "value": 50}, {"rule": "below", "value": 5}]
+    assert rig.engine.limits("cod.w21003") == [{"rule": "above", "value": 1000}, {"rule": "above", "value": 5}]
+    rig.feed("cod.w01010", 10, at=0)  # water at 10 degC: the NH3-N limit is 8
+    assert rig.engine.limits("cod.w21003")[1] == {"rule": "above", "value": 8}
+    rig.feed("dust.a34002", 0.05, at=0, unit="mg/m3")
+    assert rig.engine.limits("dust.a34002") == [{"rule": "above", "value": 1000}, {"rule": "above", "value": 0.08}]
+    assert rig.engine.limits("fog.running") == [{"rule": "above", "value": 1000}]
+    assert rig.engine.limits("nodev.x") == []
+
+
 def test_a_preset_without_a_limit_for_the_channel_is_not_applied(caplog):
     with caplog.at_level(logging.WARNING, logger="agent.alarms"):
         rig = Rig([{"channel": "dust.a34001", "preset": "dust-15min"}])
