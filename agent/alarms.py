@@ -35,10 +35,10 @@ Decisions (the README's alarm section repeats them for technicians):
   A cleared event carries the limit in force when it clears (a temperature or a reload may have
   moved it since the raise: the event then says why the value now counts as within the limit).
 - `stale: S` raises in `tick` when a channel had no non-null reading for S seconds of agent time
-  (from start for a channel not yet seen) and clears on its next non-null reading. `fault: S` raises
-  when a channel's readings have been flagged B or D for S seconds and clears after `clear_delay` of
-  readings with other flags. Their `value` is the number of seconds the condition has lasted (0 when
-  cleared) and their `threshold` is S.
+  (from start, or from the reload that added its device or register, for a channel not yet seen) and
+  clears on its next non-null reading. `fault: S` raises when a channel's readings have been flagged
+  B or D for S seconds and clears after `clear_delay` of readings with other flags. Their `value` is
+  the number of seconds the condition has lasted (0 when cleared) and their `threshold` is S.
 - State across restarts: the active alarms (with action states and temperatures) are saved in meta
   `alarm_state` in the same transaction as each event; a restored alarm is not raised again and clears
   normally. That state is also kept beside the buffer file (`buffer.db.alarm_state`, after each
@@ -753,6 +753,7 @@ class AlarmEngine:
             return codes is None or code in codes  # None: channels learnt from the wire (hj212)
 
         self._channels = {key: ch for key, ch in self._channels.items() if configured(key)}
+        existing = set(self._channels)
         ignored = {key for key, ch in self._channels.items() if ch.passive and not ch.instances and not ch.windows}
         old_instances = self._instances
         self._instances = {}
@@ -781,6 +782,10 @@ class AlarmEngine:
             if ch.instances or ch.windows or not ch.passive:
                 # Its readings were skipped until now: what a new rule knows of it starts here.
                 ch.last_valid_mono, ch.fault_since, ch.last_value = reloaded, None, None
+        if not restoring:
+            for key in self._channels.keys() - existing:
+                # New to the config (a device or register added): not polled yet, it goes stale from now.
+                self._channels[key].last_valid_mono = reloaded
 
         # Carry over live state (reload) or restore saved state (start).
         for inst in self._instances.values():

@@ -91,13 +91,13 @@ class Rig:
     """An engine with a hand-driven clock: `t` is seconds since the engine started (both clocks)."""
 
     def __init__(self, alarms: list[dict], saved: str | None = None, writer: Any = None, start: float = 0.0,
-                 saved_windows: str | None = None):
+                 saved_windows: str | None = None, devices: dict[str, Any] | None = None):
         self.t = start
         self.rec = FakeRecorder()
         self.writer = writer
         if isinstance(writer, FakeWriter):
             writer.rig = self
-        self.engine = AlarmEngine(make_config(alarms), self.rec, saved, writer, clock=lambda: 5000.0 + self.t,
+        self.engine = AlarmEngine(make_config(alarms, devices), self.rec, saved, writer, clock=lambda: 5000.0 + self.t,
                                   wall_ms=self.wall_ms, inline_actions=True, saved_windows=saved_windows)
 
     def wall_ms(self) -> int:
@@ -353,6 +353,25 @@ def test_a_reload_keeps_the_stale_clock_of_a_channel_a_rule_already_watched():
     assert rig.rec.events == []
     rig.tick(61)
     assert rig.rec.states() == [("cod.w01018:stale", "raised")]
+
+
+def test_a_device_added_by_a_reload_goes_stale_from_the_reload_not_from_the_start():
+    # A technician adds an analyzer (SIGHUP) to a station running for days: it has not been polled yet,
+    # and must not be reported stale at once (a raised and a cleared event for nothing).
+    rules = [{"channel": "*", "stale": 60}]
+    rig = Rig(rules, devices={"cod": DEVICES["cod"]})
+
+    def poll_cod(until: int) -> None:
+        for t in range(int(rig.t) + 1, until + 1):
+            for code in ("w01018", "w21003", "w01010"):
+                rig.feed(f"cod.{code}", 20, at=t)
+
+    poll_cod(1000)
+    rig.engine.reconfigure(make_config(rules, {"cod": DEVICES["cod"], "bg": DEVICES["bg"]}))
+    poll_cod(1059)
+    assert rig.rec.events == []
+    poll_cod(1061)  # still nothing from it, 60 s after the reload
+    assert rig.rec.states() == [("bg.a34002:stale", "raised")]
 
 
 def test_fault_rule_raises_after_flag_b_or_d_for_s_seconds_and_clears():
