@@ -1628,6 +1628,13 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
         background = rule.get("background")
         if isinstance(background, str):
             check_ref(background, ("alarms", i, "background"), rule_does_nothing=False)
+        stale = rule.get("stale")
+        if isinstance(ref, str) and isinstance(stale, int | float) and not isinstance(stale, bool) and stale > 0:
+            slow = _polled_every(devices, ref, stale)
+            if slow:
+                out.append(_Cross(("alarms", i, "stale"), f"stale {stale:g} s is not longer than the poll interval "
+                                  f"of {slow}: the alarm would be raised before each poll and cleared at it; "
+                                  "give a few intervals", "value", warning=True))
         action = _mapping(rule.get("action"))
         target = _text_of(action.get("device"))
         if target is not None:
@@ -1638,6 +1645,19 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
                 out.append(_Cross(path, f"an action writes to a Modbus device; '{target}' is "
                             f"{effective[target]}", "value"))
     return out
+
+
+def _polled_every(devices: Mapping[str, Any], ref: str, seconds: float) -> str:
+    """The devices of an alarm rule's `channel` polled every `seconds` or more slowly, as
+    "cod (interval 600 s), ..." ("" when none is)."""
+    dev_ids = list(devices) if ref == "*" else [ref.split(".", 1)[0]]
+    default = Device.model_fields["interval"].default
+    slow = []
+    for dev_id in dev_ids:
+        interval = _mapping(devices.get(dev_id)).get("interval", default)
+        if _is_number(interval) and interval >= seconds:
+            slow.append(f"{dev_id} (interval {interval:g} s)")
+    return ", ".join(slow)
 
 
 _SECTION_RULES: tuple[tuple[tuple[str, ...], Callable[[Mapping[str, Any]], Iterable[_Broken]]], ...] = (

@@ -165,9 +165,10 @@ def device_channels(config: Config) -> dict[str, list[str] | None]:
 def log_config_warnings(config: Config) -> None:
     """check-config's warnings in the journal too, at start and at each reload (a technician may reload
     an edit without checking it first). Those of alarm rules are left to the alarm engine, which says
-    them as it applies the rules ("rule not applied", "action skipped")."""
+    them as it applies the rules ("rule not applied", "action skipped"), but for a stale rule shorter
+    than a poll interval, which the engine does not judge."""
     for warning in config.warnings:
-        if not warning.path.startswith("alarms"):
+        if not warning.path.startswith("alarms") or warning.path.endswith(".stale"):
             log.warning("%s", warning)
 
 

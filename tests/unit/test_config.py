@@ -831,6 +831,34 @@ alarms:
     ]
 
 
+def test_a_stale_rule_not_longer_than_a_poll_interval_is_a_warning(tmp_path: Path) -> None:
+    # Its alarm would be raised before each poll and cleared at it (cod is polled every 60 s by default).
+    text = GOOD + """\
+alarms:
+  - {channel: "*", stale: 60}
+  - {channel: sim.a34004, stale: 1}
+  - {channel: "cod.*", stale: 180}
+"""
+    path = write(tmp_path, text)
+    assert [str(w)[len(str(path)) + 1:] for w in load_config(path, env={}).warnings] == [
+        "21:27: alarms.0.stale: warning: stale 60 s is not longer than the poll interval of cod (interval 60 s): "
+        "the alarm would be raised before each poll and cleared at it; give a few intervals",
+        "22:34: alarms.1.stale: warning: stale 1 s is not longer than the poll interval of sim (interval 1 s): "
+        "the alarm would be raised before each poll and cleared at it; give a few intervals",
+    ]
+
+
+def test_run_logs_the_stale_rule_warning_which_the_alarm_engine_does_not_say(tmp_path: Path, caplog) -> None:
+    from agent.runtime import log_config_warnings
+
+    path = write(tmp_path, GOOD + "alarms:\n  - {channel: \"*\", stale: 30}\n  - {channel: fog.x, above: 1}\n")
+    with caplog.at_level("WARNING", logger="agent.runtime"):
+        log_config_warnings(load_config(path, env={}))
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+        "alarms.0.stale: warning: stale 30 s is not longer than the poll interval of cod (interval 60 s): the alarm "
+        "would be raised before each poll and cleared at it; give a few intervals"]
+
+
 def test_warnings_come_with_the_problems_and_apart_from_them(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD.replace("type: other", "type: factory") + "alarms:\n  - {channel: fog.x, above: 1}\n")
     with pytest.raises(ConfigError) as info:
