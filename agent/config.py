@@ -1654,6 +1654,8 @@ def _polled_every(devices: Mapping[str, Any], ref: str, seconds: float) -> str:
     default = Device.model_fields["interval"].default
     slow = []
     for dev_id in dev_ids:
+        if dev_id not in devices:
+            continue  # an unknown device has its own warning
         interval = _mapping(devices.get(dev_id)).get("interval", default)
         if _is_number(interval) and interval >= seconds:
             slow.append(f"{dev_id} (interval {interval:g} s)")

@@ -838,6 +838,7 @@ alarms:
   - {channel: "*", stale: 60}
   - {channel: sim.a34004, stale: 1}
   - {channel: "cod.*", stale: 180}
+  - {channel: dust.a34002, stale: 30}
 """
     path = write(tmp_path, text)
     assert [str(w)[len(str(path)) + 1:] for w in load_config(path, env={}).warnings] == [
@@ -845,6 +846,7 @@ alarms:
         "the alarm would be raised before each poll and cleared at it; give a few intervals",
         "22:34: alarms.1.stale: warning: stale 1 s is not longer than the poll interval of sim (interval 1 s): "
         "the alarm would be raised before each poll and cleared at it; give a few intervals",
+        "24:15: alarms.3.channel: warning: unknown device 'dust': the rule does nothing; devices: cod, sim",
     ]
 
 
