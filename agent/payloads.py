@@ -38,4 +38,9 @@ def reply_message(cmd_id: object, ok: bool, **extra: object) -> bytes:
 
 
 def _dumps(obj: object) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate, which JSON may carry ("\ud800" in a command id) and UTF-8
+        # cannot: escaped the way it came, so that the platform gets back the very string it sent
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode()

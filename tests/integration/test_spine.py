@@ -384,6 +384,33 @@ def test_a_retained_command_is_ignored(tmp_path, broker, collector):
         assert agent.stop() == 0
 
 
+def test_a_command_id_that_utf8_cannot_carry_is_echoed_and_publishing_goes_on(tmp_path, broker, collector):
+    """JSON may carry a lone surrogate ("\\ud800"), UTF-8 cannot: the reply echoes the id escaped as it
+    came, the way the platform sent it (it took the publisher thread down: nothing was published
+    any more, and the retained status said offline while the agent ran on)."""
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=2, interval=0.2))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) >= 5, 20, "readings")
+        pub = Collector(broker, "nothing/#")
+        for raw in [b'{"id": "a\\ud800", "cmd": "ping"}', b'{"id": "\\udfff", "cmd": "resend", "from_seq": 1}']:
+            pub.client.publish("env/TEST0001/cmd", raw, qos=1)
+        pub.client.publish("env/TEST0001/cmd", json.dumps({"id": "after", "cmd": "ping"}), qos=1)
+        replies = lambda: collector.json_messages("/cmd/reply")  # noqa: E731
+        wait_for(lambda: len(replies()) >= 3, 20, "three replies")
+        by_id = {r["id"]: r for r in replies()}
+        assert by_id["a\ud800"]["ok"] is True and by_id["a\ud800"]["pong"] is True
+        assert by_id["\udfff"]["ok"] is False and "'to_seq'" in by_id["\udfff"]["error"]
+        assert by_id["after"]["ok"] is True
+        before = max(collector.reading_seqs())
+        wait_for(lambda: max(collector.reading_seqs()) > before + 10, 20, "publishing goes on")
+        assert "Traceback" not in agent.log()
+        pub.close()
+    finally:
+        assert agent.stop() == 0
+    assert collector.json_messages("/status")[-1]["reason"] == "stopped"
+
+
 def test_an_oversized_command_is_refused_and_publishing_goes_on(tmp_path, broker):
     """SPEC §4: anything but a command on P/cmd is answered ok:false and ignored; a 20 MB one too, read
     without being held whole (agent.mqttclient), refused without being decoded, logged once."""
