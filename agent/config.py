@@ -522,6 +522,9 @@ def _check_topic_prefix(value: str) -> str:
         raise _err("must be a topic like 'env' or 'prov/env' (no leading, trailing or double '/')")
     if any(c in value for c in "#+"):
         raise _err("must not contain the MQTT wildcards '#' or '+'")
+    if value.startswith("$"):  # MQTT 3.1.1 §4.7.2: the broker's own ($SYS: acknowledged, then dropped)
+        raise _err("must not begin with '$': such topics belong to the broker ($SYS/...), which may take "
+                   "the messages and deliver them to nobody")
     if not value.isprintable():
         raise _err("must not contain line breaks, tabs or other control characters")
     return value

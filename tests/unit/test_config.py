@@ -152,7 +152,7 @@ def test_env_substitution_anywhere_in_strings_with_escape(tmp_path: Path) -> Non
   url: "mqtt://${BROKER_HOST}:${BROKER_PORT}"
   username: "${SITE}-${USER_SUFFIX}"
   password: ${MQTT_PASS}
-  topic_prefix: "$${literal}"
+  topic_prefix: "env$${literal}"
   max_batch: ${BATCH}""")
     env = {"BROKER_HOST": "10.0.0.7", "BROKER_PORT": "1884", "SITE": "fenhe", "USER_SUFFIX": "17",
            "MQTT_PASS": "Pa55-w0rd", "BATCH": "50"}
@@ -160,7 +160,7 @@ def test_env_substitution_anywhere_in_strings_with_escape(tmp_path: Path) -> Non
     assert config.mqtt.url == "mqtt://10.0.0.7:1884"
     assert config.mqtt.username == "fenhe-17"
     assert config.mqtt.read_password() == "Pa55-w0rd"
-    assert config.mqtt.topic_prefix == "${literal}"
+    assert config.mqtt.topic_prefix == "env${literal}"
     assert config.mqtt.max_batch == 50  # a plain ${VAR} that holds a number is a number
     assert "Pa55-w0rd" not in repr(config)  # a config may be logged: the password is not in its repr
 
@@ -943,6 +943,14 @@ def test_control_characters_are_located_and_escaped(tmp_path: Path) -> None:
 def test_topic_prefix_refuses_wildcards_and_control_characters(tmp_path: Path, prefix: str) -> None:
     text = GOOD.replace("  url: mqtt://127.0.0.1:1883", f'  url: mqtt://127.0.0.1:1883\n  topic_prefix: "{prefix}"')
     assert single_problem(tmp_path, text).startswith("8:17: mqtt.topic_prefix: must not contain ")
+
+
+@pytest.mark.parametrize("prefix", ["$SYS/env", "$share/g/env", "$env"])
+def test_topic_prefix_refuses_the_brokers_own_dollar_topics(tmp_path: Path, prefix: str) -> None:
+    """MQTT reserves topics beginning with '$' for the broker: mosquitto acknowledges a PUBLISH to
+    $SYS/... and delivers it to nobody, so every reading would count as sent and be lost."""
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883", f'  url: mqtt://127.0.0.1:1883\n  topic_prefix: "{prefix}"')
+    assert single_problem(tmp_path, text).startswith("8:17: mqtt.topic_prefix: must not begin with '$'")
 
 
 def test_only_secret_values_are_redacted(tmp_path: Path) -> None:
