@@ -88,6 +88,17 @@ class TooComplex(Exception):
     pass
 
 
+def _not_text(text: str) -> str | None:
+    """The first character of `text` that UTF-8 cannot carry, or None: a lone surrogate, written as a
+    `"\\ud800"` escape in YAML or left by an environment variable whose bytes are not UTF-8. Stored in
+    a reading's unit it made every write of the buffer fail."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        return text[exc.start]
+    return None
+
+
 class TreeBuilder:
     """Builds plain data from a composed YAML node tree, remembering where each key and value is."""
 
@@ -116,7 +127,12 @@ class TreeBuilder:
         self._active.add(id(node))
         try:
             if isinstance(node, yaml.ScalarNode):
-                return self._scalar(node, path)
+                value = self._scalar(node, path)
+                if isinstance(value, str) and (bad := _not_text(value)) is not None:
+                    shown = "" if is_secret_key_path(path) else f" ({bad!r})"
+                    self.problems.append((path, node.start_mark, f"contains a lone surrogate{shown}, which is no "
+                                          "character and cannot be stored or sent: write the character itself"))
+                return value
             if isinstance(node, yaml.SequenceNode):
                 if node.tag != "tag:yaml.org,2002:seq":
                     self._unsupported_tag(node, path)

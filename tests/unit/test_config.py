@@ -253,6 +253,20 @@ def test_missing_env_var_points_at_the_value(tmp_path: Path) -> None:
     assert single_problem(tmp_path, text) == "7:8: mqtt.url: environment variable BROKER is not set"
 
 
+def test_a_lone_surrogate_is_refused_where_it_is_written_or_substituted(tmp_path: Path) -> None:
+    """JSON-style escapes in YAML can write half a UTF-16 pair, and an environment variable whose bytes
+    are not UTF-8 comes to Python as such halves: in a unit, every write of the buffer failed."""
+    text = GOOD.replace("{unit: ug/m3, mean: 45}", '{unit: "ug\\ud800", mean: 45}')
+    assert single_problem(tmp_path, text) == (
+        "15:22: devices.sim.channels.a34004.unit: contains a lone surrogate ('\\ud800'), which is no character "
+        "and cannot be stored or sent: write the character itself")
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883",
+                        "  url: mqtt://127.0.0.1:1883\n  username: u\n  password: ${PASS}")
+    assert single_problem(tmp_path, text, env={"PASS": "se\udcffcret"}) == (
+        "9:13: mqtt.password: contains a lone surrogate, which is no character and cannot be stored or sent: "
+        "write the character itself")
+
+
 def test_bad_url_scheme(tmp_path: Path) -> None:
     text = GOOD.replace("mqtt://127.0.0.1:1883", "http://127.0.0.1:1883")
     assert single_problem(tmp_path, text) == "7:8: mqtt.url: unsupported scheme 'http://': use mqtt:// or mqtts://"
