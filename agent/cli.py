@@ -17,7 +17,7 @@ from agent.logutil import setup_logging
 
 EXIT_OK = 0
 EXIT_INVALID = 2
-EXIT_FAILED = 1  # run could not start (another agent runs with the same buffer)
+EXIT_FAILED = 1  # run could not start (another agent runs with the same buffer), or one of its loops died
 
 log = logging.getLogger("edge-agent")
 

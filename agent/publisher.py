@@ -245,9 +245,9 @@ class Publisher(threading.Thread):
                         self._need_fill = True
         except Exception:  # noqa: BLE001 - the publisher must never die silently
             log.exception("publisher crashed")
+            self._close(clean=True, reason="crashed")  # not "stopped": the agent stops because of it
             raise
-        finally:
-            self._close(clean=True)
+        self._close(clean=True)
 
     def _sleep(self, seconds: float) -> None:
         """Wait before the next connection attempt; meanwhile prepare the backlog's messages."""
@@ -443,9 +443,9 @@ class Publisher(threading.Thread):
                       "since": iso_utc_ms(now_ms()), "error": error}
             self.recorder.set_meta("broker", json.dumps(record))
 
-    def _close(self, clean: bool) -> None:
+    def _close(self, clean: bool, reason: str = "stopped") -> None:
         if clean:
-            self._say_offline()
+            self._say_offline(reason)
         self._drop_connection("stopping")
         self._set_state("offline", "agent stopped")
         if self._reader is not None:

@@ -286,6 +286,7 @@ class Station:
         # two bytecodes, possibly while that thread holds the very lock (an Event's) it would wait for.
         # They set a flag and write a byte to a pipe the main loop waits on (async-signal-safe).
         self._stop_requested = False
+        self._failed: list[str] = []  # threads that ended by themselves (a bug): the run then ends with 1
         self._reload_requested = False
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -356,7 +357,7 @@ class Station:
         log.info("station %s running: %d devices on %d pollers", cfg.station.id, len(cfg.devices), len(self.pollers))
         self._main_loop()
         self._shutdown()
-        return 0
+        return 1 if self._failed else 0
 
     def _open_buffer(self) -> Buffer | None:
         """The writer buffer. A failure that time or a technician may cure (a full disk, a file or
@@ -434,6 +435,12 @@ class Station:
                 self._reload_requested = False
                 self.reload()
             self._watch_clock()
+            self._failed = self.ended_loops()
+            if self._failed:
+                log.critical("%s ended unexpectedly (its error is logged above); stopping, so that the agent "
+                             "starts afresh (systemd restarts it) rather than run on without it",
+                             ", ".join(self._failed))
+                break
             hung = self.hung_loops()
             if hung:
                 self._hung_log.error("no progress in %s; withholding the watchdog ping", ", ".join(hung))
@@ -465,6 +472,13 @@ class Station:
         if step is not None or synced != self._clock_recorded:
             self._clock_recorded = synced
             self.recorder.set_meta("clock", json.dumps(self.clock.state()))
+
+    def ended_loops(self) -> list[str]:
+        """Names of the loops that ended though no stop was asked: an exception no loop expected. Left
+        alone, a dead publisher kept the process polling into the buffer and publishing nothing, with a
+        retained `offline` status, until the watchdog (if any) ended it."""
+        loops: list = [*self.pollers, self.recorder, self.publisher, *self.uplinks]
+        return [t.name for t in loops if not t.is_alive()]
 
     def hung_loops(self) -> list[str]:
         """Names of the loops (pollers, recorder, publisher) that made no progress recently."""
@@ -619,4 +633,7 @@ class Station:
             if not p.is_alive():  # one stuck on a dead wire holds its bus: left to the process's end
                 p.close_drivers()
         self.recorder.buffer.close()
-        log.info("stopped cleanly")
+        if self._failed:
+            log.error("stopped after %s ended unexpectedly; exit status 1", ", ".join(self._failed))
+        else:
+            log.info("stopped cleanly")
