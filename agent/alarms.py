@@ -34,9 +34,10 @@ Decisions (the README's alarm section repeats them for technicians):
   last ones are kept in the saved state (a restart does not fall back to the stricter limit).
   A cleared event carries the limit in force when it clears (a temperature or a reload may have
   moved it since the raise: the event then says why the value now counts as within the limit).
-- `stale: S` raises in `tick` when a channel had no non-null reading for S seconds of agent time
+- `stale: S` raises in `tick` when a channel had no valid reading (a value flagged N or T, as for
+  limits and the aggregates; a value flagged M, C, D, F or S is none) for S seconds of agent time
   (from start, or from the reload that added its device or register, for a channel not yet seen) and
-  clears on its next non-null reading. `fault: S` raises when a channel's readings have been flagged
+  clears on its next valid reading. `fault: S` raises when a channel's readings have been flagged
   B or D for S seconds and clears after `clear_delay` of readings with other flags. Their `value` is
   the number of seconds the condition has lasted (0 when cleared) and their `threshold` is S.
 - State across restarts: the active alarms (with action states and temperatures) are saved in meta
@@ -927,10 +928,9 @@ class AlarmEngine:
                 ch.fault_since = now
         else:
             ch.fault_since = None
-        valid = r.value is not None
+        measured = valid = _measured(r)  # SPEC: stale is "no valid reading"; M, C, D… values are not valid
         if valid:
             ch.last_valid_mono = now
-        measured = _measured(r)
         if measured:
             assert r.value is not None
             ch.last_value = r.value

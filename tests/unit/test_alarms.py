@@ -311,6 +311,19 @@ def test_stale_rule_raises_after_s_seconds_without_a_valid_reading_and_clears_on
     assert rig.rec.bodies()[1]["value"] == 0
 
 
+@pytest.mark.parametrize("flag", ["C", "M", "D", "F", "S"])
+def test_values_flagged_other_than_n_or_t_are_no_valid_reading_for_stale(flag):
+    """An analyzer calibrating for longer than S sends numbers, but no valid reading (SPEC: stale is
+    "no valid reading for S seconds"; the limits and the aggregates count only N and T too)."""
+    rig = Rig([{"channel": "cod.w01018", "stale": 30}])
+    rig.feed("cod.w01018", 20, at=0)
+    for t in range(5, 40, 5):
+        rig.feed("cod.w01018", 20, at=t, flag=flag)
+    assert rig.rec.states() == [("cod.w01018:stale", "raised")]
+    rig.feed("cod.w01018", 20, at=45, flag="T")
+    assert rig.rec.states() == [("cod.w01018:stale", "raised"), ("cod.w01018:stale", "cleared")]
+
+
 def test_stale_uses_the_agents_monotonic_clock_not_reading_times():
     rig = Rig([{"channel": "cod.w01018", "stale": 30}])
     rig.feed("cod.w01018", 20, at=0)
