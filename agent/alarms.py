@@ -353,7 +353,10 @@ class _Window:
             self._recount()  # no drift of the running sum
 
     def _recount(self) -> None:
-        self.total = math.fsum(self.sums)
+        try:
+            self.total = math.fsum(self.sums)
+        except OverflowError:  # values near the double max (a float64 register reads 1e308): no mean
+            self.total = math.nan
         self.count = sum(self.counts)
 
     def clear(self) -> None:
@@ -364,7 +367,9 @@ class _Window:
         self.newest = None
 
     def mean(self) -> float | None:
-        return self.total / self.count if self.count else None
+        """None without readings, or while values near the double max overflow the sum (until they leave)."""
+        mean = self.total / self.count if self.count else math.nan
+        return mean if math.isfinite(mean) else None
 
     def covered_ms(self) -> int:
         """Milliseconds between the oldest and the newest reading in the window."""

@@ -273,6 +273,25 @@ def test_window_uses_the_rolling_mean_not_single_values():
     assert raised[0]["ts"] == ts(140)
 
 
+def test_values_near_the_double_max_in_a_window_break_neither_the_batch_nor_the_window():
+    """A float64 register (or an HJ 212 `-Rtd`) may hold 1e308, a finite number: two of them in a window
+    overflow its sum. That window has no mean while they are in it; the other readings of the batch are
+    still evaluated, and the window works again once they have left it (audit Q)."""
+    rig = Rig([{"channel": "dust.a34002", "above": 80, "window": 95}, {"channel": "cod.w01018", "above": 50}])
+    for t in range(0, 100, 10):
+        rig.t = t
+        rig.engine.observe([Reading("dust", "a34002", rig.wall_ms(), 1e308, None, "N"),
+                            Reading("cod", "w01018", rig.wall_ms(), 60 if t == 90 else 20, None, "N")])
+    assert rig.rec.states() == [("cod.w01018:above", "raised")], "the batch's other reading was evaluated"
+    for t in range(100, 200, 10):
+        rig.feed("dust.a34002", 100, at=t)  # the huge values leave the window one by one
+    assert rig.rec.states()[-1] == ("dust.a34002:above", "raised")
+    for t in range(200, 400, 10):
+        rig.feed("dust.a34002", 20, at=t)
+    assert rig.rec.states()[-1] == ("dust.a34002:above", "cleared")
+    assert rig.rec.bodies()[-1]["value"] < 80, "the mean of ordinary values again"
+
+
 def test_background_channel_is_subtracted():
     rig = Rig([{"channel": "dust.a34002", "preset": "dust-15min", "background": "bg.a34002"}])
     for t in range(0, 700, 10):
