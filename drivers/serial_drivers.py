@@ -65,6 +65,11 @@ REJECT_LOG_EVERY_S = 60.0  # rejected frames are logged at most this often per d
 STILL_SILENT_EVERY_S = 900.0  # a sensor that stays silent is reminded of in the log this often
 GARBAGE_LOG_MIN = 32  # garbage alone (no rejected candidate) is worth a log line from this many bytes
 WINDOW_FACTOR = 1.5  # a frame older than 1.5 intervals is never reported (a late poll still gets its frame)
+MAX_LEARNT_CHANNELS = 100  # channels an hj212 analyzer may name beyond its declared ones (see Hj212Driver)
+MAX_CODE = 64  # the longest channel code an HJ 212 packet can carry (check-config's limit)
+# DataTimes an hj212 reading may take (UTC): 1970-01-01 up to 9999-01-01, which every part of the agent
+# can date (an ISO time, a period in the station timezone, an HJ 212 DataTime again)
+DATA_TIME_MIN_MS, DATA_TIME_MAX_MS = 0, 253_370_764_800_000
 
 ByteListener = Callable[[bytes, float], None]
 
@@ -554,7 +559,10 @@ def _ts_ms_of(packet: hj212.Packet, tz: tzinfo) -> int:
     text = packet.get("DataTime")
     if not text:
         raise ValueError("CN 2011 packet without DataTime")
-    return _ts_ms(hj212.parse_time(text, tz))
+    ts = _ts_ms(hj212.parse_time(text, tz))
+    if not DATA_TIME_MIN_MS <= ts < DATA_TIME_MAX_MS:
+        raise ValueError(f"DataTime {text} lies outside the years 1970..9998 (UTC)")
+    return ts
 
 
 class Hj212Driver:
@@ -574,12 +582,19 @@ class Hj212Driver:
     with the poll time on the analyzer's clock (the poll time shifted by the offset between the last
     packet's DataTime and the time it arrived): an analyzer whose clock lags, or whose DataTime is the
     measurement's time, would otherwise see its channels' times step back at the next packet.
+
+    An analyzer names at most MAX_LEARNT_CHANNELS channels beyond the declared ones, each code at most
+    MAX_CODE characters: the items of any other code are dropped (counted, logged once). A packet of
+    thousands of items, or codes that change from packet to packet, would otherwise add a channel each,
+    read null/B at every poll from then on (and after every restart), each with its own stale alarm.
+    Likewise a DataTime outside 1970..9998 (year 1, year 9999 in the station timezone) rejects the packet.
     """
 
     _REJECTS: ClassVar[tuple[str, ...]] = ("bad_crc", "bad_length", "malformed", "bad_content")
 
     def __init__(self, device_id: str, interval: float, line: SerialLine, *, timezone: str | tzinfo = "Asia/Shanghai",
                  declared: Mapping[str, str | None] | None = None,
+                 seen: Mapping[str, str | None] | None = None,
                  reject_log_every: float = REJECT_LOG_EVERY_S) -> None:
         self.device_id = device_id
         self.interval = float(interval)
@@ -591,6 +606,13 @@ class Hj212Driver:
         self._window = self.interval * WINDOW_FACTOR
         # channel -> unit, in first-seen order (declared channels first)
         self.known: dict[str, str | None] = {ch: (unit or _pollutant_unit(ch)) for ch, unit in (declared or {}).items()}
+        # channels stored before this start (`seen`): learnt then, so they count towards the limit
+        learnt = [(ch, unit) for ch, unit in (seen or {}).items() if ch not in self.known and len(ch) <= MAX_CODE]
+        self._learnt = 0
+        for ch, unit in learnt[:MAX_LEARNT_CHANNELS]:
+            self.known[ch] = unit or _pollutant_unit(ch)
+            self._learnt += 1
+        self._refused_logged = False
         # channel -> (value, flag, ts_ms, receive time) of the latest item since the previous poll
         self._latest: dict[str, tuple[float | None, str, int, float]] = {}
         self.counters: Counter[str] = Counter()
@@ -652,16 +674,31 @@ class Hj212Driver:
         self._got_packet = True
         self._clock_offset_ms = ts - int(time.time() * 1000)
         for code, (value, flag, ts) in items.items():
-            if code not in self.known:
-                self.known[code] = _pollutant_unit(code)
-                log.info("device %s: channel %s seen for the first time", self.device_id, code)
-            self._latest[code] = (value, flag, ts, t)
+            if code in self.known or self._learn(code):
+                self._latest[code] = (value, flag, ts, t)
         if packet.answer_requested:
             try:
                 return hj212.encode_one(hj212.ack_9014(packet))
             except ValueError:
                 return None
         return None
+
+    def _learn(self, code: str) -> bool:
+        """A channel named for the first time: known from now on, unless its code is too long or the
+        analyzer has named MAX_LEARNT_CHANNELS undeclared ones already (then False: its items are dropped)."""
+        if len(code) > MAX_CODE or self._learnt >= MAX_LEARNT_CHANNELS:
+            self.counters["channels_refused"] += 1
+            if not self._refused_logged:
+                self._refused_logged = True
+                why = (f"its code is longer than {MAX_CODE} characters" if len(code) > MAX_CODE else
+                       f"the analyzer already named {MAX_LEARNT_CHANNELS} channels that are not declared")
+                log.warning("device %s: channel %.70s dropped: %s (declare the channels it measures under "
+                            "`channels:`; no more such lines)", self.device_id, code, why)
+            return False
+        self.known[code] = _pollutant_unit(code)
+        self._learnt += 1
+        log.info("device %s: channel %s seen for the first time", self.device_id, code)
+        return True
 
     def _items(self, packet: hj212.Packet, ts: int) -> dict[str, tuple[float | None, str, int]]:
         """code -> (value, flag, ts_ms) of a CN 2011 packet dated `ts`; ValueError rejects the whole packet."""
@@ -784,9 +821,8 @@ def build_bus_drivers(bus_name: str, bus: Any, devices: Mapping[str, Any], timez
         elif kind == "sds011":
             drivers.append(Sds011Driver(dev_id, interval, line, reject_log_every=reject_log_every))
         elif kind == "hj212":
-            known = {**(seen or {}).get(dev_id, {}), **_declared_channels(dev)}
-            drivers.append(Hj212Driver(dev_id, interval, line, timezone=tz, declared=known,
-                                       reject_log_every=reject_log_every))
+            drivers.append(Hj212Driver(dev_id, interval, line, timezone=tz, declared=_declared_channels(dev),
+                                       seen=(seen or {}).get(dev_id), reject_log_every=reject_log_every))
         else:
             for d in drivers:
                 d.close()

@@ -351,6 +351,45 @@ def test_hj212_packets_with_a_bad_crc_length_or_content_are_rejected_whole(pty, 
     assert all(r.value is None and r.flag == "B" for r in an.poll(1)), "nothing of the bad packets is stored"
 
 
+def test_hj212_datatime_that_no_part_of_the_agent_can_date_rejects_the_packet(pty, built):
+    """Year 1 in Shanghai is year 0 in UTC, which no ISO time can say (the alarm engine raised on it,
+    its alarm cleared without an event); year 9999 leaves no room for a period's end (audit Q)."""
+    (an,) = build(built, pty.path, {"an": ("hj212", 10)})
+    wait_open(an)
+    for data_time in ("00010101000000", "19691231235959", "99991231235959"):
+        pty.write(hj212.encode_one(hj212.Packet(st="32", cn="2011", pw="123456", mn="A1", cp=[
+            {"DataTime": data_time}, {"w01018-Rtd": str(HJ212_POISON)}])))
+    pty.write(packet_frame("19700101080000", {"w01018": (5.0, "N")}))  # the Unix epoch: still dated
+    wait_for(lambda: an.stats().get("bad_content", 0) >= 3 and an.stats().get("packets", 0) >= 1, 5,
+             "every packet examined")
+    assert [(r.value, r.ts_ms) for r in an.poll(1)] == [(5.0, 0)]
+
+
+def test_hj212_analyzer_cannot_add_channels_without_end(pty, built, caplog):
+    """A packet of a thousand items, or codes that change at every packet, would add a channel each,
+    read null/B at every poll from then on: at most MAX_LEARNT_CHANNELS beyond the declared ones, each
+    code at most 64 characters; one log line for the rest (audit Q)."""
+    bus = SimpleNamespace(port=pty.path)
+    dev = SimpleNamespace(driver="hj212", interval=10, channels={"w01018": {"unit": "mg/L"}})
+    (an,) = build_bus_drivers("line", bus, {"an": dev}, seen={"an": {"w21003": "mg/L"}})
+    built.append(an)
+    wait_open(an)
+    limit = serial_drivers.MAX_LEARNT_CHANNELS
+    codes = [f"x{k:04d}" for k in range(limit + 50)]
+    for start in range(0, len(codes), 30):
+        items = {code: (1.0, "N") for code in codes[start : start + 30]}
+        pty.write(packet_frame(f"20261129100{start // 30:03d}", items))
+    pty.write(packet_frame("20261129101000", {"w01018": (7.0, "N"), "c" + "x" * 64: (1.0, "N")}))
+    wait_for(lambda: an.stats().get("packets", 0) >= 6, 5, "every packet")
+    readings = by_channel(an.poll(1))
+    assert list(readings)[:2] == ["w01018", "w21003"], "declared, then stored before"
+    assert len(readings) == 2 + limit - 1, "the channel stored before counts towards the limit"
+    assert readings["w01018"].value == 7.0, "a declared channel is always read"
+    assert an.stats()["channels_refused"] == 51 + 1
+    refused = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(refused) == 1 and "not declared" in refused[0].getMessage()
+
+
 def test_hj212_declared_channels_are_reported_before_any_packet(pty, built):
     bus = SimpleNamespace(port=pty.path)
     dev = SimpleNamespace(driver="hj212", interval=10, channels={"w01018": {"unit": "mg/L"}, "w00000": None})
