@@ -163,7 +163,8 @@ def _number(x: float | None) -> float | None:
     """A computed number for the body: 10 significant digits (no float noise such as 10.299999999)."""
     if x is None or not math.isfinite(x):
         return None
-    return float(f"{x:.10g}")
+    rounded = float(f"{x:.10g}")
+    return rounded if math.isfinite(rounded) else x  # the double max rounds up to inf: JSON cannot say it
 
 
 # --------------------------------------------------------------------------------------------------

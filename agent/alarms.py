@@ -279,7 +279,8 @@ def _as_published(x: float | None) -> float | None:
     event says 12.475 where `raw x scale` holds 12.475000000000001 and the reading itself says 12.475."""
     if x is None or not math.isfinite(x):
         return None
-    return float(f"{x:.15g}")
+    rounded = float(f"{x:.15g}")
+    return rounded if math.isfinite(rounded) else x  # the double max rounds up to inf: JSON cannot say it
 
 
 # --------------------------------------------------------------------------------------------------

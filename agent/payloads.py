@@ -7,6 +7,7 @@ hot path in C. Imports nothing from the project.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 
 PAYLOAD_VERSION = 1
@@ -37,8 +38,24 @@ def reply_message(cmd_id: object, ok: bool, **extra: object) -> bytes:
     return _dumps({"v": PAYLOAD_VERSION, "id": cmd_id, "ok": ok, **extra})
 
 
+def _finite(value: object) -> object:
+    """NaN and infinities (not JSON) become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _dumps(obj: object) -> bytes:
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # an event stored with inf or NaN (by an older version): its number is lost, not the
+        # event, and never the messages after it (the publisher retried it forever, publishing nothing else)
+        obj = _finite(obj)
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     try:
         return text.encode()
     except UnicodeEncodeError:  # a lone surrogate, which JSON may carry ("\ud800" in a command id) and UTF-8
