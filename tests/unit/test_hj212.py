@@ -548,6 +548,20 @@ def test_reassembler_memory_is_bounded() -> None:
     assert reassembler.pending == 3 and reassembler.dropped == 7
 
 
+def test_reassembler_holds_a_bounded_number_of_pieces() -> None:
+    """PNUM 9999 at 16 packets held 1.4 GB of pieces that a platform sent in seconds (audit Q): at most
+    `max_pieces` pieces in all, the oldest packet dropped first; a PNUM above it is refused at once."""
+    reassembler = Reassembler(max_pending=16, max_pieces=10)
+    with pytest.raises(ReassemblyError, match="PNUM 9999"):
+        reassembler.add(base_packet(qn="1" * 17, flag=6, pnum=9999, pno=1))
+    for i in range(4):
+        for pno in range(1, 5):
+            assert reassembler.add(base_packet(qn=f"{i:017d}", flag=6, pnum=5, pno=pno)) is None
+    assert reassembler.pending == 2 and reassembler.dropped == 2, "16 pieces arrived: the two oldest packets went"
+    assert reassembler.add(base_packet(qn=f"{3:017d}", flag=6, pnum=5, pno=5)) is not None, "the newest completes"
+    assert reassembler.pending == 1
+
+
 # --- numbers and times -----------------------------------------------------------------------------
 
 
