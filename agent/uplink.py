@@ -531,7 +531,8 @@ class Uplink(threading.Thread):
         name = self.target.name
         code = self._check(request)
         if code != QNRTN_OK:
-            log.warning("uplink %s: refused request CN=%s QN=%s: QnRtn=%d", name, request.cn, request.qn, code)
+            self._errlog.warning("uplink %s: refused request CN=%s QN=%s: QnRtn=%d", name, request.cn, request.qn,
+                                 code, key=f"refused:{code}")
             if request.qn is None:  # every packet starts with a QN: the answer gets one of its own
                 request = dataclasses.replace(request, qn=self.payload.next_qn())
             self._send_packet(reply_9011(request, code))
@@ -541,7 +542,8 @@ class Uplink(threading.Thread):
                     CN_REALTIME: self._realtime, CN_GET_TIME: self._get_time, CN_SET_TIME: self._set_time}
         handler = handlers.get(request.cn)
         if handler is None:
-            log.info("uplink %s: request CN=%s is not supported; answered QnRtn=%d", name, request.cn, QNRTN_CN)
+            self._errlog.log(logging.INFO, "uplink %s: request CN=%s is not supported; answered QnRtn=%d", name,
+                             request.cn, QNRTN_CN, key=f"unsupported:{request.cn}")
             self._send_packet(reply_9011(request, QNRTN_CN))
             return
         handler(request)
@@ -567,8 +569,8 @@ class Uplink(threading.Thread):
         """2051/2061/2031/2011 with BeginTime/EndTime (inclusive): 9011, the stored records, 9012."""
         begin, end = self._time_item(request, "BeginTime"), self._time_item(request, "EndTime")
         if begin is None or end is None or begin > end:
-            log.warning("uplink %s: backfill CN=%s QN=%s without a valid BeginTime..EndTime; refused",
-                        self.target.name, request.cn, request.qn)
+            self._errlog.warning("uplink %s: backfill CN=%s QN=%s without a valid BeginTime..EndTime; refused",
+                                 self.target.name, request.cn, request.qn, key="bad-range")
             self._send_packet(reply_9011(request, QNRTN_REFUSED))
             return
         self._send_packet(reply_9011(request, QNRTN_OK))
@@ -629,7 +631,7 @@ class Uplink(threading.Thread):
         self._send_packet(reply_9011(request, QNRTN_OK))
         offset = wanted.timestamp() - self.clock()
         agrees = abs(offset) <= TIME_TOLERANCE_S
-        log.warning("uplink %s: platform asks to set the clock to %s (%+.0f s from ours); the agent never "
-                    "changes the system clock%s", self.target.name, format_time(wanted), offset,
-                    "" if agrees else " - check NTP (timedatectl)")
+        self._errlog.warning("uplink %s: platform asks to set the clock to %s (%+.0f s from ours); the agent never "
+                             "changes the system clock%s", self.target.name, format_time(wanted), offset,
+                             "" if agrees else " - check NTP (timedatectl)", key="set-time")
         self._send_packet(reply_9012(request, EXERTN_OK if agrees else EXERTN_FAILED))

@@ -394,3 +394,21 @@ def test_garbage_and_bad_crc_never_kill_the_uplink(station, platform):
     station.store("cod", T0, {"w01018": 5.0})
     wait_for(lambda: uplink.marks[STREAM_READINGS] == 1, 10, "delivery goes on")
     assert uplink.is_alive()
+
+
+def test_a_platform_repeating_requests_it_is_refused_logs_a_line_per_kind_not_one_each(station, platform, caplog):
+    """Each refused request, unsupported CN, backfill without valid times or 1012 logged a line: a
+    platform that repeats them (a hundred a minute in audit Q's fuzzing) filled the journal. Each is still
+    answered; the log says each kind once, then with a count."""
+    station.start_uplink()
+    caplog.set_level(logging.INFO, logger="agent.uplink")
+    for k in range(5):
+        assert [p.get("QnRtn") for p in platform.request("1011", pw="999999", qn=f"2026112912000010{k}")] == ["3"]
+        assert [p.get("QnRtn") for p in platform.request("3020", qn=f"2026112912000011{k}")] == ["8"]
+        assert [p.get("QnRtn") for p in platform.request("2051", [{"BeginTime": "x"}], qn=f"2026112912000012{k}")] == [
+            "2"]
+        answer = platform.request("1012", [{"SystemTime": "20200101000000"}], qn=f"2026112912000013{k}")
+        assert [p.get("QnRtn") or p.get("ExeRtn") for p in answer] == ["1", "2"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "agent.uplink"]
+    for what in ("refused request", "is not supported", "without a valid BeginTime", "set the clock"):
+        assert len([line for line in lines if what in line]) == 1, (what, lines)
