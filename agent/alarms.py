@@ -651,7 +651,11 @@ class AlarmEngine:
             ch = self._channels.get(key)
             if ch is None:
                 ch = self._channel(key)
-            self._observe_one(ch, r, _taken_at(now, wall, r.ts_ms))
+            try:
+                self._observe_one(ch, r, _taken_at(now, wall, r.ts_ms))
+            except Exception:  # noqa: BLE001 - a bug met by one reading must not skip the rest of the batch
+                self._errlog.error("alarm evaluation failed on a reading of %s (%s, flag %s); the other readings "
+                                   "are evaluated", key, r.value, r.flag, key=key, exc_info=True)
 
     def tick(self) -> None:
         """About once a second (recorder thread): stale rules, action writes, saving windows."""

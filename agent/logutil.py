@@ -43,8 +43,9 @@ class RateLimitedLog:
         self._lock = threading.Lock()
         self._seen: dict[str, tuple[float, int]] = {}
 
-    def log(self, level: int, msg: str, *args: object, key: str | None = None) -> None:
-        """`key` (default: the template) tells occurrences apart: one per distinct key is logged."""
+    def log(self, level: int, msg: str, *args: object, key: str | None = None, exc_info: bool = False) -> None:
+        """`key` (default: the template) tells occurrences apart: one per distinct key is logged;
+        `exc_info`: with the traceback of the exception being handled."""
         now = time.monotonic()
         key = msg if key is None else f"{msg}\0{key}"
         with self._lock:
@@ -55,10 +56,10 @@ class RateLimitedLog:
             self._seen[key] = (now, 0)
         if suppressed:
             msg = msg + f" (and {suppressed} more like this in the last {self.every_s:.0f} s)"
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
 
-    def error(self, msg: str, *args: object, key: str | None = None) -> None:
-        self.log(logging.ERROR, msg, *args, key=key)
+    def error(self, msg: str, *args: object, key: str | None = None, exc_info: bool = False) -> None:
+        self.log(logging.ERROR, msg, *args, key=key, exc_info=exc_info)
 
     def warning(self, msg: str, *args: object, key: str | None = None) -> None:
         self.log(logging.WARNING, msg, *args, key=key)

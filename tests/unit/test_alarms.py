@@ -929,3 +929,25 @@ def test_a_reload_says_the_rules_were_reloaded_only_when_they_changed(caplog):
         rig.engine.reconfigure(make_config([*rules, {"channel": "cod.w01018", "below": 1}]))
         rig.tick(2)
     assert "alarm rules reloaded (2 rules)" in caplog.text
+
+
+def test_a_reading_that_the_engine_fails_on_skips_only_itself(caplog, monkeypatch):
+    """An unforeseen error on one reading (as the 1e308 window sum was) skipped the alarm evaluation of
+    every reading after it in the batch, other devices included."""
+    rig = Rig([{"channel": "*", "above": 50}])
+    evaluate = rig.engine._observe_one
+
+    def failing_on_cod(ch, r, now):
+        if r.device == "cod":
+            raise OverflowError("a bug met by this reading")
+        evaluate(ch, r, now)
+
+    monkeypatch.setattr(rig.engine, "_observe_one", failing_on_cod)
+    with caplog.at_level(logging.ERROR, logger="agent.alarms"):
+        for t in range(3):
+            rig.t = t
+            rig.engine.observe([Reading("cod", "w01018", rig.wall_ms(), 60.0, "mg/L"),
+                                Reading("nh3n", "w21003", rig.wall_ms(), 60.0, "mg/L")])
+    assert rig.rec.states() == [("nh3n.w21003:above", "raised")]
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "cod.w01018" in errors[0].getMessage() and errors[0].exc_info is not None
