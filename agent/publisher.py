@@ -72,6 +72,7 @@ MAX_RESENDS_QUEUED = 4  # resend commands under way at once; more are refused un
 EVENT_BATCH = 50  # aggregates per agg message
 HJ212_EVENT_BATCH = 500  # aggregate rows read at once to group into period packets
 PREPARED_MAX_BYTES = 16 * 1024 * 1024  # data messages of the backlog encoded ahead while offline
+PACKET_TOO_LARGE = 0x95  # MQTT 5 PUBACK reason code of a message over the broker's size limit
 
 @dataclass
 class BrokerSettings:
@@ -150,6 +151,10 @@ class Publisher(threading.Thread):
         self.last_error: str | None = None
         self._state_url: str | None = None  # the broker the recorded state is about
         self._url_index = 0
+        self._v311_urls: set[str] = set()  # brokers that do not speak MQTT 5
+        self._v311_next: set[str] = set()  # brokers to try in MQTT 3.1.1 next: they closed an MQTT 5 CONNECT
+        self._batch = settings.max_batch  # readings per data message: halved by a broker that finds it too large
+        self._refusal: str | None = None  # a message the broker refused in this round of I/O
         self._backoff = 0.5
         self._online_at = 0.0  # when the current (or last) connection was accepted
         self._hold_off = False  # wait a backoff before the next connection (the last one was short-lived)
@@ -297,6 +302,9 @@ class Publisher(threading.Thread):
             self._say_offline("reconfigured")  # where the agent was: it may not come back there (other broker, topic)
             self._hj212 = self._payload_strategy(new)
             self.settings = new
+            self._batch = new.max_batch
+            self._v311_urls.clear()
+            self._v311_next.clear()
             self._clear_prepared()
             self._drop_connection("settings reloaded")
             self._backoff = 0.5
@@ -313,8 +321,17 @@ class Publisher(threading.Thread):
         tls = parts.scheme == "mqtts"
         host = parts.hostname or "localhost"
         port = parts.port or (8883 if tls else 1883)
-        client = Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True,
-                        protocol=mqtt.MQTTv311, keep_payload=MAX_COMMAND_BYTES + 1)  # a longer command: refused
+        # MQTT 5 first: its PUBACK says when the broker refused a message (too large, not authorised),
+        # where an MQTT 3.1.1 broker acknowledges it as taken and drops it. A broker that answers
+        # "unsupported protocol version" is spoken to in 3.1.1 from then on; one that closes an MQTT 5
+        # CONNECT without a CONNACK is tried in 3.1.1 at its next attempt (some 3.1.1 brokers say nothing
+        # to a protocol level they do not know), and in MQTT 5 again after that connection.
+        v311 = url in self._v311_urls or url in self._v311_next
+        self._v311_next.discard(url)
+        protocol = mqtt.MQTTv311 if v311 else mqtt.MQTTv5
+        client = Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=protocol,
+                        **({"clean_session": True} if v311 else {}),
+                        keep_payload=MAX_COMMAND_BYTES + 1)  # a longer command: refused
         self._paho_log.error = None
         client.enable_logger(self._paho_log)  # type: ignore[arg-type]  # paho only calls .log()
         client.max_inflight_messages_set(WINDOW)
@@ -339,7 +356,10 @@ class Publisher(threading.Thread):
         client.on_message = self._on_message
         self._connack = None
         try:
-            client.connect(host, port, keepalive=s.keepalive)
+            if v311:
+                client.connect(host, port, keepalive=s.keepalive)
+            else:
+                client.connect(host, port, keepalive=s.keepalive, clean_start=True)
         except ssl.SSLError as exc:
             return self._connect_failed(url, f"TLS handshake failed: {exc}")
         except (OSError, ValueError) as exc:
@@ -350,6 +370,8 @@ class Publisher(threading.Thread):
                and not self._stopping()):  # a stop during the wait: its grace is not spent here
             self._service_io(0.2)
         if self.client is None and (self._connack is None or self._connack is True):  # the other end closed it
+            if self._connack is None and not v311:  # closed without a word in MQTT 5: the next attempt in 3.1.1
+                self._v311_next.add(url)
             when = "before the broker answered CONNECT" if self._connack is None else "as soon as it was accepted"
             return self._connect_failed(url, f"the connection was closed {when}: {self._dropped_because}")
         if self._connack is None:
@@ -358,7 +380,18 @@ class Publisher(threading.Thread):
         if self._connack is not True:  # a refusal (the broker closes the connection after it)
             reason = describe_connack(self._connack)
             self._drop_connection("refused")
+            if not v311 and str(self._connack) == "Unsupported protocol version":
+                self._v311_urls.add(url)
+                self._url_index -= 1  # the same broker again, in 3.1.1
+                log.info("%s does not speak MQTT 5: using MQTT 3.1.1 (a message it drops, too large or not "
+                         "authorised, is then acknowledged all the same)", _safe_url(url))
+                return False
             return self._connect_failed(url, f"broker refused the connection: {reason}")
+        if v311 and url not in self._v311_urls:
+            self._errlog.warning("%s closed an MQTT 5 CONNECT without a CONNACK, then took MQTT 3.1.1: this "
+                                 "connection speaks 3.1.1 (a message the broker drops, too large or not authorised, "
+                                 "is then acknowledged all the same); MQTT 5 is tried again at the next one",
+                                 _safe_url(url), key=f"v311 {url}")
         self._on_online(url)
         return True
 
@@ -385,6 +418,9 @@ class Publisher(threading.Thread):
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # paho callback
         self._connack = True if not reason_code.is_failure else reason_code
+        receive_maximum = getattr(properties, "ReceiveMaximum", None)
+        if receive_maximum:  # MQTT 5: the broker takes at most that many in flight
+            client.heed_receive_maximum(receive_maximum)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # paho callback
         if client is self.client:
@@ -542,6 +578,12 @@ class Publisher(threading.Thread):
             rc = client.loop_misc()
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and self.client is client:
             self._lost(mqtt.error_string(rc))
+        if self._refusal is not None:  # a message the broker refused: the next connection starts over
+            why, self._refusal = self._refusal, None
+            if self.client is client:
+                self._hold_off = True
+                self._drop_connection(why)
+                self._set_state("offline", why)
         return bool(readable or writable or pending)
 
     def _drain_wake(self) -> None:
@@ -633,7 +675,7 @@ class Publisher(threading.Thread):
                     self._publish_gap(gap)
             with self.recorder.evict_lock:  # what is taken here is in flight before an eviction can drop it
                 self._publish_readings(f"{s.base_topic}/data")
-            self._publish_events(STREAM_AGGREGATES, f"{s.base_topic}/agg", EVENT_BATCH)
+            self._publish_events(STREAM_AGGREGATES, f"{s.base_topic}/agg", min(EVENT_BATCH, self._batch))
             self._continue_resends()
             if self._resends:
                 self._need_fill = True  # go on as acknowledgements make room
@@ -654,11 +696,11 @@ class Publisher(threading.Thread):
             if prepared is not None:
                 self._publish_tracked(STREAM_READINGS, topic, prepared[1], prepared[0])
                 continue
-            batch = self._reader.readings_json(self._cursor[STREAM_READINGS], s.max_batch)
+            batch = self._reader.readings_json(self._cursor[STREAM_READINGS], self._batch)
             if batch is None:
                 return
             self._publish_tracked(STREAM_READINGS, topic, data_message(s.station_id, batch.items), batch.last_seq)
-            if batch.count < s.max_batch:
+            if batch.count < self._batch:
                 return  # that was the newest
 
     def in_flight_upto(self) -> int:
@@ -684,14 +726,14 @@ class Publisher(threading.Thread):
             if self._reader is None:
                 return False
         after = self._prepared[-1][2] if self._prepared else self._cursor.get(STREAM_READINGS, 0)
-        if self.recorder.stored_upto(STREAM_READINGS) - after < s.max_batch:
+        if self.recorder.stored_upto(STREAM_READINGS) - after < self._batch:
             return False  # less than a full message: read it live
         try:
-            batch = self._reader.readings_json(after, s.max_batch)
+            batch = self._reader.readings_json(after, self._batch)
         except Exception as exc:  # noqa: BLE001
             self._reader_failed(exc)
             return False
-        if batch is None or batch.count < s.max_batch:
+        if batch is None or batch.count < self._batch:
             return False
         payload = data_message(s.station_id, batch.items)
         self._prepared.append((after, batch.first_seq, batch.last_seq, payload))
@@ -829,12 +871,51 @@ class Publisher(threading.Thread):
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # paho callback
         if client is not self.client:
             return
+        if reason_code.is_failure and mid in self._by_mid:  # MQTT 5: the broker did not take it
+            self._refused(self._by_mid.pop(mid), reason_code)
+            return
         if mid not in self._by_mid:
             self._early_acks.add(mid)
             if len(self._early_acks) > 10_000:
                 self._early_acks.clear()
             return
         self._acknowledge(mid)
+
+    def _refused(self, entry: list, reason: object) -> None:
+        """The broker refused a message (a PUBACK with a failure reason code): it is not delivered, so
+        nothing is marked sent. A data message too large for the broker halves the readings per message
+        (down to one); the connection is dropped (after this round of I/O: paho is in its callback) and
+        made again after a backoff, and publishing resumes from the watermark (the messages in flight
+        after the refused one may arrive twice)."""
+        kind = entry[0]
+        why = f"the broker refused a {kind} message: {reason}"
+        if kind == "other":  # the retained status or a command reply: said again at the next connection
+            self._errlog.warning("%s", why, key=why)
+            return
+        rows = self._rows_in(entry)
+        if getattr(reason, "value", None) == PACKET_TOO_LARGE and rows > 1:
+            self._batch = max(1, min(self._batch, rows) // 2)
+            self._clear_prepared()
+            log.warning("%s; data messages carry at most %d readings from now on (mqtt.max_batch %d is more "
+                        "than the broker takes: its message size limit)", why, self._batch, self.settings.max_batch)
+        else:
+            self._errlog.error("%s; nothing is marked sent, retrying with backoff", why, key=why)
+        self._refusal = why
+
+    def _rows_in(self, entry: list) -> int:
+        """How many rows a message in flight carries: a resend batch its count; a readings or aggregates
+        message the seqs it spans (from the one before it in the window); others (an alarm, a gap) 0."""
+        kind = entry[0]
+        if kind == "resend":
+            return entry[4]
+        if kind not in (STREAM_READINGS, STREAM_AGGREGATES):
+            return 0
+        before = self._acked.get(kind, 0)
+        for other in self._inflight[kind]:
+            if other is entry:
+                return entry[1] - before
+            before = other[1]
+        return 0
 
     def _acknowledge(self, mid: int) -> None:
         entry = self._by_mid.pop(mid)
@@ -967,7 +1048,7 @@ class Publisher(threading.Thread):
                         return
                 job.read_all = not polls
             else:
-                batch = self._reader.readings_json(job.after, self.settings.max_batch, upto_seq=job.last)
+                batch = self._reader.readings_json(job.after, self._batch, upto_seq=job.last)
                 if batch is not None:
                     payload = data_message(self.settings.station_id, batch.items)
                     if not self._publish_resend(job, topic, [payload], batch.first_seq, batch.last_seq,
