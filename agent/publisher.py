@@ -354,6 +354,7 @@ class Publisher(threading.Thread):
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         self._connack = None
         try:
             if v311:
@@ -421,6 +422,14 @@ class Publisher(threading.Thread):
         receive_maximum = getattr(properties, "ReceiveMaximum", None)
         if receive_maximum:  # MQTT 5: the broker takes at most that many in flight
             client.heed_receive_maximum(receive_maximum)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # paho callback
+        refused = [rc for rc in reason_codes if rc.is_failure]
+        if client is self.client and refused:  # SUBACK 0x80 (3.1.1) or a reason code (5), e.g. an ACL
+            why = str(refused[0])
+            self._errlog.error("the broker refused the subscription to %s/cmd (%s): the platform's commands "
+                               "(ping, status, resend) cannot reach the agent; check the broker's ACL",
+                               self.settings.base_topic, why, key=f"suback {why}")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # paho callback
         if client is self.client:

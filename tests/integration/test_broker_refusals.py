@@ -57,9 +57,11 @@ class Mqtt311OnlyBroker:
     """A broker that speaks only MQTT 3.1.1: a CONNECT of protocol level 5 is answered with return
     code 1 (unacceptable protocol version) and closed, as MQTT 3.1.1 §3.1.2.2 says; at level 4 it
     acknowledges every QoS 1 PUBLISH and keeps its topic (`silent`: a CONNECT of level 5 is closed
-    without a word, as some brokers do)."""
+    without a word, as some brokers do); a SUBSCRIBE is answered `suback` (1: QoS 1 granted, 0x80:
+    failure)."""
 
-    def __init__(self, silent: bool = False) -> None:
+    def __init__(self, silent: bool = False, suback: int = 1) -> None:
+        self.suback = suback
         self.silent = silent  # a CONNECT of level 5 is closed without a CONNACK, as some brokers do
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
@@ -110,8 +112,8 @@ class Mqtt311OnlyBroker:
                         topic_len = int.from_bytes(body[:2], "big")
                         self.topics.append(body[2:2 + topic_len].decode())
                         conn.sendall(b"\x40\x02" + body[2 + topic_len:4 + topic_len])
-                    elif kind & 0xF0 == 0x80:  # SUBSCRIBE: granted QoS 1
-                        conn.sendall(b"\x90\x03" + body[:2] + b"\x01")
+                    elif kind & 0xF0 == 0x80:  # SUBSCRIBE
+                        conn.sendall(b"\x90\x03" + body[:2] + bytes([self.suback]))
                     elif kind & 0xF0 == 0xC0:  # PINGREQ
                         conn.sendall(b"\xd0\x00")
                     elif kind & 0xF0 == 0xE0:  # DISCONNECT
@@ -196,3 +198,18 @@ def test_a_resend_too_large_for_the_broker_is_sent_in_smaller_messages(tmp_path)
         broker.stop()
     assert replies()[0]["ok"] is True and replies()[0]["count"] == 60, replies()
     assert platform.reading_seqs().count(1) == 2, "seq 1 live, then resent"
+
+
+def test_a_refused_subscription_to_the_command_topic_is_logged(tmp_path):
+    """A broker whose ACL lets the station publish but not read P/cmd answers SUBACK 0x80: the
+    technician learns from the log why the platform's resend requests go unanswered."""
+    fake = Mqtt311OnlyBroker(suback=0x80)
+    config = sim_config(tmp_path, Broker(tmp_path / "unused"), channels=2, interval=0.2)
+    config["mqtt"]["url"] = f"mqtt://127.0.0.1:{fake.port}"
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    try:
+        wait_for(lambda: "refused the subscription to env/TEST0001/cmd" in agent.log(), 20, "the refusal logged")
+        wait_for(lambda: fake.topics.count("env/TEST0001/data") >= 5, 20, "data published all the same")
+    finally:
+        assert agent.stop() == 0
+        fake.close()
