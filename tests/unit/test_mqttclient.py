@@ -79,3 +79,20 @@ def test_messages_up_to_the_limit_are_untouched(broker):
         sender.disconnect()
         client.disconnect()
     assert [len(p) for p in got] == sizes and client.cut_packets == 0
+
+
+def test_the_paho_internals_the_client_reaches_into_are_there():
+    """`Client` overrides paho's PUBACK handler and calls its `_do_on_publish` to hand a refusal (0x95)
+    to `on_publish`, and lowers `_max_inflight_messages` to the broker's Receive Maximum: a paho release
+    that renames or reshapes them must fail here, not in the field (a TypeError there would stop the
+    publisher, hence the agent, at each refusal)."""
+    import inspect
+
+    client = Client(CallbackAPIVersion.VERSION2, client_id="probe", protocol=mqtt.MQTTv5, keep_payload=KEEP)
+    assert list(inspect.signature(mqtt.Client._handle_pubackcomp).parameters) == ["self", "cmd"]
+    assert list(inspect.signature(mqtt.Client._do_on_publish).parameters) == [
+        "self", "mid", "reason_code", "properties"]
+    for name in ("_out_messages", "_out_message_mutex", "_max_inflight_messages", "_protocol", "_in_packet"):
+        assert hasattr(client, name), name
+    client.heed_receive_maximum(1)
+    assert client._max_inflight_messages == 1
