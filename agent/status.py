@@ -31,10 +31,11 @@ def collect(reader: Buffer | None, device_intervals: dict[str, float],
     from the wire); a channel removed from a device is not listed under it any more."""
     now = now_ms()
     if reader is None:
-        return {
-            "backlog": 0, "last_seq": 0, "alarms": [], "broker": {"state": "unknown"},
-            "devices": {d: {"health": "unknown", "channels": {}} for d in device_intervals},
-            "streams": {}, "buffer": None,
+        return {  # the keys of a status read from a buffer, so that a script can run before the first start
+            "backlog": 0, "last_seq": 0, "sent_upto": 0, "alarms": [], "broker": {"state": "unknown"},
+            "devices": {d: {"channels": {}, "last_reading": None, "last_valid": None, "flags": [],
+                            "health": "unknown", "problem": None} for d in device_intervals},
+            "streams": {}, "pending_gaps": [], "clock": None, "buffer": None, "ts": iso_utc_ms(now),
         }
     last_seq, sent = reader.stream_state(STREAM_READINGS)
     channels = {(c["device"], c["channel"]): c for c in reader.channels()}

@@ -461,6 +461,26 @@ def test_status_command_and_cli_status_report_backlog_and_devices(tmp_path, brok
         assert agent.stop() == 0
 
 
+def test_status_json_before_the_first_start_has_the_keys_of_a_running_station(tmp_path, broker, collector):
+    """README: `status --json` with no buffer file yet reports backlog 0, last_seq 0 and every device
+    `unknown`, so that a technician (or a script) can run it before the first start: with the keys
+    it has once the agent ran (`sent_upto`, `pending_gaps`, `ts`, each device's `problem`)."""
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=2, interval=0.2))
+    result = run_cli("status", "-c", str(cfg), "--json")
+    assert result.returncode == 0, result.stderr
+    before = json.loads(result.stdout)
+    assert before["backlog"] == 0 and before["last_seq"] == 0 and before["sent_upto"] == 0
+    assert before["devices"]["sim0"]["health"] == "unknown" and before["devices"]["sim0"]["problem"] is None
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) >= 5, 20, "readings")
+    finally:
+        assert agent.stop() == 0
+    after = json.loads(run_cli("status", "-c", str(cfg), "--json").stdout)
+    assert set(before) == set(after), set(before) ^ set(after)
+    assert set(before["devices"]["sim0"]) == set(after["devices"]["sim0"])
+
+
 def test_sigterm_while_the_broker_hangs_exits_within_the_shutdown_grace(tmp_path, broker, collector):
     """SPEC §1: on SIGTERM the backlog is published for at most `shutdown_grace` seconds, then the agent
     exits; a broker that accepts nothing (frozen) must not hold it longer, offline status included."""
