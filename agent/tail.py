@@ -10,6 +10,7 @@ Imports `agent.hj212` only (and paho).
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import threading
@@ -170,9 +171,16 @@ def tail(url: str, base_topic: str, out: TextIO = sys.stdout, username: str | No
         c.subscribe(f"{base_topic}/#", qos=1)
         print(f"# subscribed to {base_topic}/# on {parts.hostname}:{parts.port or ''}", file=out, flush=True)
 
+    done = stop or threading.Event()
+    reader_gone = threading.Event()
+
     def on_message(c, userdata, message):
-        for line in format_message(message.topic, message.payload, tracker):
-            print(line, file=out, flush=True)
+        try:
+            for line in format_message(message.topic, message.payload, tracker):
+                print(line, file=out, flush=True)
+        except BrokenPipeError:  # `edge-agent tail ... | head`: whoever read the lines is gone, so we go too
+            reader_gone.set()
+            done.set()
 
     client.on_connect = on_connect
     client.on_message = on_message
@@ -180,9 +188,11 @@ def tail(url: str, base_topic: str, out: TextIO = sys.stdout, username: str | No
     client.connect_async(parts.hostname or "localhost", parts.port or (8883 if tls_on else 1883))
     client.loop_start()
     try:
-        (stop or threading.Event()).wait()
+        done.wait()
     except KeyboardInterrupt:
         pass
     finally:
         client.loop_stop()
         client.disconnect()
+        if reader_gone.is_set() and out is sys.stdout:  # else Python's flush at exit raises it again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

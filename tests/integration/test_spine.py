@@ -12,12 +12,15 @@ import signal
 import socket
 import sqlite3
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from harness import (
+    REPO,
     AgentProcess,
     Broker,
     Collector,
@@ -479,6 +482,27 @@ def test_status_json_before_the_first_start_has_the_keys_of_a_running_station(tm
     after = json.loads(run_cli("status", "-c", str(cfg), "--json").stdout)
     assert set(before) == set(after), set(before) ^ set(after)
     assert set(before["devices"]["sim0"]) == set(after["devices"]["sim0"])
+
+
+def test_tail_piped_into_head_ends_when_head_has_read_its_lines(tmp_path, broker, collector):
+    """`edge-agent tail -c FILE | head`: once the reader is gone, tail ends (exit 0) at its next
+    message, without a traceback; it used to print a BrokenPipeError and then wait for ever."""
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker))
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "tail", "-c", str(cfg)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("# subscribed to env/TEST0001/#")
+        proc.stdout.close()  # what `head -1` does once it has its line
+
+        def published_and_ended() -> bool:
+            collector.client.publish("env/TEST0001/status", '{"v":1,"station":"TEST0001","state":"online"}', qos=1)
+            return proc.poll() is not None
+        wait_for(published_and_ended, 20, "tail ends once its reader is gone")
+        assert proc.wait() == 0
+        assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_sigterm_while_the_broker_hangs_exits_within_the_shutdown_grace(tmp_path, broker, collector):
