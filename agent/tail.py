@@ -182,7 +182,13 @@ def tail(url: str, base_topic: str, out: TextIO = sys.stdout, username: str | No
             reader_gone.set()
             done.set()
 
+    def on_connect_fail(c, userdata):  # called by paho within its `except OSError`: the error is at hand
+        error = sys.exc_info()[1]
+        why = f" ({error.strerror or error})" if isinstance(error, OSError) else ""
+        print(f"# cannot connect to {parts.hostname}:{parts.port or ''}{why}; retrying", file=out, flush=True)
+
     client.on_connect = on_connect
+    client.on_connect_fail = on_connect_fail
     client.on_message = on_message
     tls_on = parts.scheme == "mqtts"
     client.connect_async(parts.hostname or "localhost", parts.port or (8883 if tls_on else 1883))

@@ -505,6 +505,23 @@ def test_tail_piped_into_head_ends_when_head_has_read_its_lines(tmp_path, broker
         proc.wait()
 
 
+def test_tail_says_when_it_cannot_reach_the_broker(tmp_path, broker):
+    """`edge-agent tail` with the broker down (or a wrong --url) says so and why, instead of waiting
+    in silence as if nothing were published."""
+    port = free_port()
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker))
+    out = tmp_path / "tail.out"
+    with out.open("w") as stdout:
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "tail", "-c", str(cfg), "--url",
+                                 f"mqtt://127.0.0.1:{port}"], cwd=REPO, stdout=stdout)
+    try:
+        wait_for(lambda: out.read_text(), 10, "a line from tail")
+        assert out.read_text().splitlines()[0] == f"# cannot connect to 127.0.0.1:{port} (Connection refused); retrying"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_sigterm_while_the_broker_hangs_exits_within_the_shutdown_grace(tmp_path, broker, collector):
     """SPEC §1: on SIGTERM the backlog is published for at most `shutdown_grace` seconds, then the agent
     exits; a broker that accepts nothing (frozen) must not hold it longer, offline status included."""
