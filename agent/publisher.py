@@ -903,7 +903,12 @@ class Publisher(threading.Thread):
             return
         rows = self._rows_in(entry)
         if getattr(reason, "value", None) == PACKET_TOO_LARGE and rows > 1:
-            self._batch = max(1, min(self._batch, rows) // 2)
+            # Half of what was refused: a message in flight built before the last halving, and refused
+            # after it, says nothing new (halving again would go below what the broker takes).
+            if rows // 2 >= self._batch:
+                self._refusal = why
+                return
+            self._batch = max(1, rows // 2)
             self._clear_prepared()
             log.warning("%s; data messages carry at most %d readings from now on (mqtt.max_batch %d is more "
                         "than the broker takes: its message size limit)", why, self._batch, self.settings.max_batch)

@@ -33,6 +33,25 @@ def test_a_broker_message_size_limit_below_a_batch_loses_nothing(tmp_path):
     assert status["backlog"] == 0
 
 
+def test_messages_refused_as_too_large_halve_the_batch_once_per_size(tmp_path):
+    """Under a `message_size_limit` of 1000 bytes, 20 readings (~2.5 kB) are refused, then 10 (~1.3 kB),
+    and 5 pass. The backlog after a refusal goes out as several messages at once, all refused: each
+    may halve what was refused, not the limit already lowered (10 -> 5 -> 2 -> 1 reading a message)."""
+    broker = Broker(tmp_path / "broker", persistence=True, extra="message_size_limit 1000").start()
+    platform = Collector(broker, "env/#", persistent=True)
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=20, interval=0.2))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: "carry at most 5 readings" in agent.log(), 30, "the batch halved to 5")
+        wait_for(lambda: len(set(platform.reading_seqs())) >= 200, 30, "200 readings delivered")
+    finally:
+        assert agent.stop() == 0
+        platform.close()
+        broker.stop()
+    assert "carry at most 2 readings" not in agent.log(), agent.log()
+    assert max(len(p) for t, p, _ in platform.messages if t.endswith("/data")) <= 1000
+
+
 def test_readings_the_acl_refuses_are_not_marked_sent(tmp_path):
     """mosquitto refuses a PUBLISH its ACL does not allow with an MQTT 5 PUBACK 0x87: the readings stay
     unsent (backlog, state offline with the reason) and are retried with backoff, not lost."""
