@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p = add("status", cmd_status, "Show backlog, devices, alarms and broker state from the buffer.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = add("simulate", cmd_simulate, "Serve simulated instruments for the devices of FILE that name a profile.")
+    p = add("simulate", cmd_simulate, "Serve simulated instruments for the devices of FILE that use a built-in "
+            "profile or a serial driver (pms5003, sds011, hj212).")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p = add("tail", cmd_tail, "Print the station's MQTT messages as they arrive, flagging gaps and duplicates.")
     p.add_argument("--url", help="broker URL (default: the config's first)")
