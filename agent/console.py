@@ -53,6 +53,7 @@ from agent.config import Config, ConfigError, read_password_file
 from agent.config import Console as ConsoleSettings
 from agent.logutil import RateLimitedLog
 from agent.model import STREAM_ALARMS, Reading, iso_utc_ms, now_ms
+from agent.payloads import finite
 from agent.status import collect
 
 __all__ = ["HISTORY_HOURS", "Console", "ConsoleError", "History", "StationView", "start_console"]
@@ -833,22 +834,11 @@ _ROUTES: dict[str, tuple[Callable[[Console, dict[str, str]], dict[str, Any]], tu
 }
 
 
-def _finite(value: Any) -> Any:
-    """NaN and infinities (not JSON) become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _json_bytes(doc: Any) -> bytes:
     try:
         text = json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except ValueError:
-        text = json.dumps(_finite(doc), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text = json.dumps(finite(doc), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     return text.encode("utf-8")
 
 

@@ -38,14 +38,15 @@ def reply_message(cmd_id: object, ok: bool, **extra: object) -> bytes:
     return _dumps({"v": PAYLOAD_VERSION, "id": cmd_id, "ok": ok, **extra})
 
 
-def _finite(value: object) -> object:
-    """NaN and infinities (not JSON) become null."""
+def finite(value: object) -> object:
+    """`value` with its NaN and infinities (not JSON) made null, in dicts, lists and tuples too (the
+    console's documents use it as well)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
 
 
@@ -54,7 +55,7 @@ def _dumps(obj: object) -> bytes:
         text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except ValueError:  # an event stored with inf or NaN (by an older version): its number is lost, not the
         # event, and never the messages after it (the publisher retried it forever, publishing nothing else)
-        obj = _finite(obj)
+        obj = finite(obj)
         text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     try:
         return text.encode()
