@@ -43,10 +43,14 @@ PAGE_SIZE = 1024  # small pages: a commit of a few dozen readings rewrites ~3 KB
 # One reading as the JSON object of SPEC §4, built by SQLite itself: the drain's hot path stays in C.
 # `ts` is exact to the millisecond. SQLite writes a REAL with 15 significant digits, so whole numbers
 # from 1e15 up (64-bit counters, totalizers) are passed as INTEGER, which it writes exactly; smaller
-# values keep their REAL form (2.0 stays 2.0).
+# values keep their REAL form (2.0 stays 2.0). The 15 digits round the few doubles above
+# 1.79769313486231e308 up to a number no JSON reader can hold (it reads infinity): those are written as
+# that largest 15-digit number.
+FLOAT_MAX_15 = "1.79769313486231e308"
 READING_JSON = ("json_object('seq',seq,'device',device,'channel',channel,"
                 "'ts',strftime('%Y-%m-%dT%H:%M:%fZ',ts_ms/1000.0,'unixepoch'),"
-                "'value',CASE WHEN abs(value)>=1e15 AND value=CAST(value AS INTEGER) "
+                f"'value',CASE WHEN abs(value)>{FLOAT_MAX_15} THEN {FLOAT_MAX_15}*(CASE WHEN value<0 THEN -1 ELSE 1 END) "
+                "WHEN abs(value)>=1e15 AND value=CAST(value AS INTEGER) "
                 "THEN CAST(value AS INTEGER) ELSE value END,'unit',unit,'flag',flag)")
 
 

@@ -652,6 +652,27 @@ def test_encoded_values_keep_their_digits(tmp_path):
     buf.close()
 
 
+def test_the_largest_doubles_stay_finite_numbers_in_json(tmp_path):
+    """A float64 register may read the double max: SQLite's 15 digits would round it up to
+    1.79769313486232e+308, which JSON readers take for infinity. The data message carries the largest
+    15-digit number instead, with its sign; the stored value itself is untouched."""
+    import json
+    import math
+    import sys
+
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    top = sys.float_info.max
+    values = [top, -top, 1.79769313486231e308, 1.7976931348623e308]
+    store(buf, [Reading("d", f"c{i}", now_ms(), v, "", "N") for i, v in enumerate(values)])
+    batch = Buffer.open_reader(buf.path).readings_json(0, 100)
+    assert batch is not None
+    sent = [r["value"] for r in json.loads(f"[{batch.items}]")]
+    assert all(math.isfinite(v) for v in sent), sent
+    assert sent == [1.79769313486231e308, -1.79769313486231e308, 1.79769313486231e308, 1.7976931348623e308]
+    assert [r.value for r in buf.readings_after(0, 10)] == values
+    buf.close()
+
+
 def test_status_shows_a_device_gone_from_the_configuration_as_removed(tmp_path):
     from agent.status import collect
 
