@@ -765,7 +765,9 @@ def start_console(station: StationView) -> Console | None:
 
 
 def _query(raw: str, allowed: tuple[str, ...]) -> dict[str, str]:
-    """Query parameters, each at most once, only the allowed names."""
+    """Query parameters, each at most once, only the allowed names. Empty fields (`a=1&`, `&&`) are
+    nothing, as browsers and scripts that build queries leave them."""
+    raw = "&".join(field for field in raw.split("&") if field)
     if not raw:
         return {}
     try:

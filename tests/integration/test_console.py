@@ -220,6 +220,9 @@ def test_bad_queries_are_answered_with_json_400_never_a_stack_trace(tmp_path, br
             status, doc = get_json(port, path)
             assert status == 404 and doc["status"] == 404, (path, doc)
         assert get_json(port, "/api/history?channel=cod.w01018&hours=24")[0] == 200
+        for path in ("/api/history?channel=cod.w01018&hours=24&", "/api/history?&channel=cod.w01018&&hours=1",
+                     "/api/status?", "/api/status?&"):  # empty fields, as scripts that build queries leave them
+            assert get_json(port, path)[0] == 200, path
         assert agent.alive()
     finally:
         assert agent.stop() == 0
