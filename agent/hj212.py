@@ -68,7 +68,9 @@ __all__ = [
     "encode",
     "encode_one",
     "format_number",
+    "first_instant_ms",
     "format_time",
+    "last_instant_ms",
     "make_qn",
     "parse_number",
     "parse_time",
@@ -337,6 +339,44 @@ def parse_time(text: str, tz: tzinfo) -> datetime:
         return datetime(year, month, day, hour, minute, second, millis * 1000, tzinfo=tz)
     except ValueError as exc:
         raise Malformed(f"time {text!r} is not a valid date: {exc}") from None
+
+
+def first_instant_ms(local: datetime) -> int:
+    """The earliest instant (Unix ms) at which the station clock shows `local`'s wall-clock fields or a
+    later time: a backfill's `BeginTime` (aware, in the station timezone, as `parse_time` gives it).
+
+    Where the clock is set back (the repeated hour of autumn) that is the first of the two times it
+    shows them; where it skips them (the spring-forward gap), the instant it skipped to. `timestamp()`
+    alone takes neither: it resolves a time in the gap with the offset before the change, an hour late.
+    """
+    first, second = local.replace(fold=0).timestamp(), local.replace(fold=1).timestamp()
+    if first <= second:  # one instant, or the first of two
+        return round(first * 1000)
+    return _transition_ms(local, second, first)
+
+
+def last_instant_ms(local: datetime) -> int:
+    """The latest instant (Unix ms) at which the station clock shows `local`'s wall-clock fields or an
+    earlier time: a backfill's `EndTime`. In the repeated hour, the second of the two times it shows them;
+    in the spring-forward gap, the last millisecond before the clock skipped."""
+    first, second = local.replace(fold=0).timestamp(), local.replace(fold=1).timestamp()
+    if first <= second:
+        return round(second * 1000)
+    return _transition_ms(local, second, first) - 1
+
+
+def _transition_ms(local: datetime, low: float, high: float) -> int:
+    """The instant in (low, high] (Unix seconds) at which the clock skipped over `local`'s wall time."""
+    tz = local.tzinfo
+    after = datetime.fromtimestamp(high, tz).utcoffset()
+    lo, hi = int(low), int(high)
+    while hi - lo > 1:  # zone transitions fall on whole seconds
+        mid = (lo + hi) // 2
+        if datetime.fromtimestamp(mid, tz).utcoffset() == after:
+            hi = mid
+        else:
+            lo = mid
+    return hi * 1000
 
 
 class QnSource:

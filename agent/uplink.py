@@ -78,7 +78,9 @@ from agent.hj212 import (
     Reassembler,
     ReassemblyError,
     encode,
+    first_instant_ms,
     format_time,
+    last_instant_ms,
     parse_time,
     reply_9011,
     reply_9012,
@@ -574,10 +576,21 @@ class Uplink(threading.Thread):
             self._send_packet(reply_9011(request, QNRTN_REFUSED))
             return
         self._send_packet(reply_9011(request, QNRTN_OK))
-        start_ms = int(begin.timestamp() * 1000)
-        end_ms = int(end.timestamp() * 1000) + 999  # DataTime has whole seconds
+        # Both inclusive, in station time: the records whose DataTime lies between them, also those of
+        # the repeated autumn hour's second pass, and from a BeginTime in the spring gap on. The instants
+        # from the first time the clock showed BeginTime to the last time it showed EndTime hold them all,
+        # and in a range that ends or starts inside the repeated hour also some whose DataTime does not
+        # lie in it: `shown` leaves those out.
+        start_ms = first_instant_ms(begin)
+        end_ms = last_instant_ms(end.replace(microsecond=999_000))  # DataTime has whole seconds
+        first, last = format_time(begin), format_time(end)
+
+        def shown(ts_ms: int) -> bool:
+            return first <= format_time(datetime.fromtimestamp(ts_ms // 1000, self.tz)) <= last
+
         count = 0
-        records = (self._poll_records if request.cn == CN_REALTIME else self._period_records)(start_ms, end_ms, request)
+        records = (self._poll_records if request.cn == CN_REALTIME else self._period_records)(
+            start_ms, end_ms, request, shown)
         for message in records:
             for frame in message.frames:
                 self._send(frame)
@@ -587,16 +600,20 @@ class Uplink(threading.Thread):
                  format_time(begin), format_time(end), count)
         self._send_packet(reply_9012(request, EXERTN_OK if count else EXERTN_NO_DATA))
 
-    def _period_records(self, start_ms: int, end_ms: int, request: Packet) -> Iterator[Hj212Message]:
-        for group in group_periods(self._rows_between(start_ms, end_ms, UNIT_BY_CN[request.cn])):
+    def _period_records(self, start_ms: int, end_ms: int, request: Packet,
+                        shown: Callable[[int], bool]) -> Iterator[Hj212Message]:
+        rows = (row for row in self._rows_between(start_ms, end_ms, UNIT_BY_CN[request.cn]) if shown(row.ts_ms))
+        for group in group_periods(rows):
             yield self.payload.period_message(group, FLAG_V2017, qn=request.qn)
 
-    def _poll_records(self, start_ms: int, end_ms: int, request: Packet) -> Iterator[Hj212Message]:
+    def _poll_records(self, start_ms: int, end_ms: int, request: Packet,
+                      shown: Callable[[int], bool]) -> Iterator[Hj212Message]:
         assert self._reader is not None
         after = 0
         while polls := self._reader.polls_between(start_ms, end_ms, after_seq=after, limit=BACKFILL_PAGE):
             for poll in polls:
-                yield self.payload.poll_message(poll, FLAG_V2017, qn=request.qn)
+                if shown(poll.ts_ms):
+                    yield self.payload.poll_message(poll, FLAG_V2017, qn=request.qn)
             after = polls[-1].last_seq
 
     def _rows_between(self, start_ms: int, end_ms: int, unit: str) -> Iterator[EventRow]:

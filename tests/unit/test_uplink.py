@@ -152,8 +152,8 @@ class Station:
         self.target = UplinkTarget("127.0.0.1", platform.port, timeout=timeout, retries=retries)
         self.uplink: Uplink | None = None
 
-    def start_uplink(self) -> Uplink:
-        self.uplink = Uplink(self.target, IDENTITY, self.path, self.recorder, reconnect_max=0.5)
+    def start_uplink(self, identity: Hj212Identity = IDENTITY) -> Uplink:
+        self.uplink = Uplink(self.target, identity, self.path, self.recorder, reconnect_max=0.5)
         self.recorder.add_listener(self.uplink.wake)
         self.uplink.start()
         return self.uplink
@@ -332,6 +332,43 @@ def test_a_2011_backfill_sends_the_stored_polls_of_the_range_with_their_datatime
         platform.send(frame)  # "send me real-time data": it is sent anyway
     wait_for(lambda: [(p.cn, p.get("QnRtn")) for p in platform.received() if p.qn == "20261129120000003"] == [
         ("9011", "1")], 10, "the answer to a real-time data request")
+
+def test_a_backfill_over_a_dst_change_takes_every_record_whose_datatime_is_in_the_range(station, platform):
+    """BeginTime..EndTime are station times, both inclusive. In Berlin's repeated autumn hour (02:00-02:59
+    twice on 2026-10-25) a range names both passes; a BeginTime in the spring gap (02:00-02:59 do not exist
+    on 2026-03-29) starts where the clock skipped to, and an EndTime there ends where it skipped. They were
+    read with the offset of the hour's first pass: the second pass was never sent (ExeRtn=100), a range from
+    02:30 in spring started at 03:30, and one ending at 02:30 took the records of 03:00-03:29."""
+    berlin = Hj212Identity(mn=MN, st="32", pw="123456", timezone="Europe/Berlin")
+
+    def utc(text: str) -> int:
+        return int(datetime.fromisoformat(text + "+00:00").timestamp() * 1000)
+
+    autumn = {"00:30": "20261025023000", "01:00": "20261025020000", "01:30": "20261025023000"}  # UTC -> DataTime
+    for hhmm in autumn:
+        station.store("cod", utc(f"2026-10-25T{hhmm}:00"), {"w01018": 1.0})
+        station.store_aggregate("w01018", "1m", utc(f"2026-10-25T{hhmm}:00"), 2.0)
+    spring = {"00:59": "20260329015900", "01:00": "20260329030000", "01:29": "20260329032900",
+              "01:30": "20260329033000"}
+    for hhmm in spring:
+        station.store("cod", utc(f"2026-03-29T{hhmm}:00"), {"w01018": 1.0})
+        station.store_aggregate("w01018", "1m", utc(f"2026-03-29T{hhmm}:00"), 2.0)
+    station.recorder.flush()
+    station.start_uplink(berlin)
+    qns = iter(range(1, 100))
+
+    def asked(cn: str, begin: str, end: str) -> list[str]:
+        answer = platform.request(cn, [{"BeginTime": begin, "EndTime": end}], qn=f"2026112912000{next(qns):04d}")
+        assert answer[0].get("QnRtn") == "1", answer
+        return [p.get("DataTime") for p in answer[1:-1]]
+
+    for cn in ("2011", "2051"):
+        assert asked(cn, "20261025020000", "20261025023000") == list(autumn.values()), cn
+        assert asked(cn, "20261025020000", "20261025020000") == ["20261025020000"], cn
+        assert asked(cn, "20260329023000", "20260329033000") == ["20260329030000", "20260329032900",
+                                                                 "20260329033000"], cn
+        assert asked(cn, "20260329015900", "20260329023000") == ["20260329015900"], cn
+
 
 def test_backfill_of_an_empty_range_says_no_data(station, platform):
     station.start_uplink()
