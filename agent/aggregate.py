@@ -218,8 +218,8 @@ class PeriodCalendar:
             local = local.replace(minute=local.minute - local.minute % self.kind.minutes, second=0)
         elif family == "hour":
             local = local.replace(minute=0, second=0)
-        else:
-            local = local.replace(hour=0, minute=0, second=0)
+        else:  # the first midnight where the clock shows it twice (Atlantic/Azores, America/Havana in autumn)
+            local = local.replace(hour=0, minute=0, second=0, fold=0)
         return int(local.timestamp()) * 1000
 
     def end_of(self, start: int) -> int:

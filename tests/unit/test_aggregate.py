@@ -307,6 +307,19 @@ def test_local_boundaries_in_a_zone_with_a_half_hour_offset_and_dst():
     assert iso_utc_ms(minutes.span(t("02:16:00"))[0]) == f"{DAY}T02:15:00.000Z"  # :00 local is :15 UTC (+5:45)
 
 
+def test_a_day_whose_midnight_comes_twice_starts_at_the_first_one():
+    """Atlantic/Azores sets its clock back from 01:00 to 00:00 (America/Havana likewise): on 2026-10-25
+    midnight comes at 00:00Z and again at 01:00Z. A reading of the second pass, looked up first (the
+    agent started then, a reading timed on an analyzer's clock), opened a second day period of that date
+    starting an hour late, beside the 25-hour one its other readings fell in."""
+    azores = __import__("zoneinfo").ZoneInfo("Atlantic/Azores")
+    for ts in (t("01:30:00", "2026-10-25"), t("00:30:00", "2026-10-25"), t("23:59:00", "2026-10-25")):
+        start, end = PeriodCalendar(PeriodKind("day", 1440), azores).span(ts)
+        assert (iso_utc_ms(start), end - start) == ("2026-10-25T00:00:00.000Z", 25 * 3_600_000), iso_utc_ms(ts)
+    hours = PeriodCalendar(PeriodKind("hour", 60), azores)
+    assert iso_utc_ms(hours.span(t("01:30:00", "2026-10-25"))[0]) == "2026-10-25T01:00:00.000Z"  # second 00:00
+
+
 # --------------------------------------------------------------------------------------------------
 # flow: volumes, loads, flow-weighted concentrations
 
