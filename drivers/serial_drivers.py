@@ -554,12 +554,17 @@ def _ts_ms(dt: datetime) -> int:
     return int(dt.replace(microsecond=0).timestamp()) * 1000 + dt.microsecond // 1000
 
 
-def _ts_ms_of(packet: hj212.Packet, tz: tzinfo) -> int:
-    """A CN 2011 packet's DataTime (station timezone) in ms; ValueError when it has none."""
+def _ts_ms_of(packet: hj212.Packet, tz: tzinfo, now_ms: int) -> int:
+    """A CN 2011 packet's DataTime (station timezone) in ms; ValueError when it has none.
+
+    A DataTime of the hour that the clock shows twice where DST ends is the pass nearer `now_ms` (this
+    machine's clock): the analyzer's clock says it now, and read as the first pass, every packet of the
+    second one was dated an hour back."""
     text = packet.get("DataTime")
     if not text:
         raise ValueError("CN 2011 packet without DataTime")
-    ts = _ts_ms(hj212.parse_time(text, tz))
+    local = hj212.parse_time(text, tz)
+    ts = min((_ts_ms(local.replace(fold=fold)) for fold in (0, 1)), key=lambda ms: abs(ms - now_ms))
     if not DATA_TIME_MIN_MS <= ts < DATA_TIME_MAX_MS:
         raise ValueError(f"DataTime {text} lies outside the years 1970..9998 (UTC)")
     return ts
@@ -665,7 +670,7 @@ class Hj212Driver:
             self.counters["ignored"] += 1
             return None
         try:
-            ts = _ts_ms_of(packet, self.tz)
+            ts = _ts_ms_of(packet, self.tz, int(time.time() * 1000))
             items = self._items(packet, ts)
         except ValueError as exc:
             self._reject(exc, "bad_content")

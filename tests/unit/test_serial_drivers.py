@@ -323,6 +323,22 @@ def test_hj212_datatime_is_read_in_the_station_timezone(pty, built):
     assert reading.ts_ms == int(datetime(2026, 7, 1, 10, 0, 0, tzinfo=UTC).timestamp() * 1000)  # CEST = UTC+2
 
 
+def test_hj212_datatime_of_the_repeated_autumn_hour_is_the_pass_of_now():
+    """Berlin shows 02:00-02:59 twice on 2026-10-25 (00:00Z-00:59Z, then 01:00Z-01:59Z). An analyzer's
+    DataTime of that hour is the pass this machine is in; it was always the first, so that the packets
+    of the second were dated an hour back (and left out of the periods already computed)."""
+    berlin = ZoneInfo("Europe/Berlin")
+    packet = hj212.decode(packet_frame("20261025023000", {"w01018": (5.0, "N")}))
+
+    def utc(hhmm: str) -> int:
+        return int(datetime.fromisoformat(f"2026-10-25T{hhmm}:00+00:00").timestamp() * 1000)
+
+    assert serial_drivers._ts_ms_of(packet, berlin, utc("00:30")) == utc("00:30")
+    assert serial_drivers._ts_ms_of(packet, berlin, utc("01:31")) == utc("01:30")
+    assert serial_drivers._ts_ms_of(packet, berlin, utc("03:00")) == utc("01:30")
+    assert serial_drivers._ts_ms_of(packet, berlin, 0) == utc("00:30")
+
+
 def test_hj212_packets_with_a_bad_crc_length_or_content_are_rejected_whole(pty, built):
     (an,) = build(built, pty.path, {"an": ("hj212", 10)})
     wait_open(an)
