@@ -56,7 +56,8 @@ Decisions (the README's aggregate section should repeat them for technicians):
   After a backward clock step open periods simply wait for the clock to pass their end again (a Pi
   without RTC boots with the time it saved last, and NTP corrects it a minute later); only when an open
   period starts more than a day after a plausible wall clock (a clock that was far ahead and has been
-  corrected) are the open periods of its kind computed at once.
+  corrected) are the open periods of its kind that lie ahead of the clock computed at once (the current one
+  waits for its end: a reading taken since the correction may be in it already).
 - Never twice: per kind the state keeps the ranges of period starts already done (normally one range
   [first, last], periods without readings in between counting as done; a backward clock step starts
   another; at most 8 are kept). A period inside a range is never opened again, so never emitted again.
@@ -700,10 +701,13 @@ class Aggregator:
             if not periods:
                 continue
             stepped = now >= MIN_PLAUSIBLE_MS and max(periods) > now + BACK_STEP_MS
-            if stepped:
-                log.warning("aggregates: the clock went back to %s; computing the %d open %s periods now",
-                            iso_utc_ms(now), len(periods), cal.kind.name)
-            due += [p for p in periods.values() if stepped or p.end + self._grace_ms <= now]
+            # Only the periods left ahead of the corrected clock (no reading can reach them any more): the
+            # current one may hold a reading taken since the step, and waits for its end like any other.
+            ahead = [p for p in periods.values() if stepped and p.start > now + FUTURE_TOLERANCE_MS]
+            if ahead:
+                log.warning("aggregates: the clock went back to %s; computing the %d open %s periods ahead of it now",
+                            iso_utc_ms(now), len(ahead), cal.kind.name)
+            due += ahead + [p for p in periods.values() if p not in ahead and p.end + self._grace_ms <= now]
         if not due:
             return
         due.sort(key=lambda p: (p.end, p.kind.minutes))

@@ -433,6 +433,25 @@ def test_a_clock_that_was_ahead_by_a_year_is_corrected_without_losing_the_real_p
     assert state["kinds"]["10m"] == [[t("02:00:00", ahead), t("02:10:00", ahead)], [t("02:30:00"), t("02:30:00")]]
 
 
+def test_a_clock_corrected_from_days_ahead_computes_only_the_periods_left_ahead():
+    """The first reading after the correction may be ingested before the next tick opens the current
+    period: "computing the open periods now" took that one too (a 1s device did so in a real agent), so
+    the current minute, hour and day were published with the one reading they had, and every later
+    reading of the day was left out of them as late."""
+    ahead = "2026-09-25"  # three days
+    rig = Rig(make_config({"minute": 10, "hour": True, "day": True}), now=t("01:59:00", ahead))
+    rig.feed(every("cod", "w01018", t("02:00:00", ahead), 60, [10] * 5))
+    rig.now = t("02:30:00")  # corrected; the poll of 02:30:00 is committed before the next tick
+    rig.feed(every("cod", "w01018", t("02:30:00"), 60, [20] * 10))
+    rig.at(t("02:40:02"))
+    assert [(b["period"], b["start"], b["count"]) for b in rig.rec.bodies()] == [
+        ("10m", z("02:00:00", ahead), 5), ("1h", z("02:00:00", ahead), 5), ("1d", z("16:00:00", "2026-09-24"), 5),
+        ("10m", z("02:30:00"), 10)]
+    rig.at(t("16:00:02"))
+    assert [(b["period"], b["start"], b["count"]) for b in rig.rec.bodies()][-2:] == [
+        ("1h", z("02:00:00"), 10), ("1d", z("16:00:00", "2026-09-20"), 10)]
+
+
 @pytest.mark.parametrize("boot_clock", [t("01:20:00"), 30_000])  # fake-hwclock 40 min behind; 1970
 def test_a_restart_with_a_clock_behind_keeps_the_open_period_until_ntp_corrects_it(boot_clock):
     rig = Rig(make_config({"minute": 10, "hour": False, "day": False}), now=t("01:59:00"))
