@@ -49,7 +49,8 @@ PAGE_SIZE = 1024  # small pages: a commit of a few dozen readings rewrites ~3 KB
 FLOAT_MAX_15 = "1.79769313486231e308"
 READING_JSON = ("json_object('seq',seq,'device',device,'channel',channel,"
                 "'ts',strftime('%Y-%m-%dT%H:%M:%fZ',ts_ms/1000.0,'unixepoch'),"
-                f"'value',CASE WHEN abs(value)>{FLOAT_MAX_15} THEN {FLOAT_MAX_15}*(CASE WHEN value<0 THEN -1 ELSE 1 END) "
+                f"'value',CASE WHEN value>{FLOAT_MAX_15} THEN {FLOAT_MAX_15} "
+                f"WHEN value<-{FLOAT_MAX_15} THEN -{FLOAT_MAX_15} "
                 "WHEN abs(value)>=1e15 AND value=CAST(value AS INTEGER) "
                 "THEN CAST(value AS INTEGER) ELSE value END,'unit',unit,'flag',flag)")
 
