@@ -333,6 +333,7 @@ def test_a_2011_backfill_sends_the_stored_polls_of_the_range_with_their_datatime
     wait_for(lambda: [(p.cn, p.get("QnRtn")) for p in platform.received() if p.qn == "20261129120000003"] == [
         ("9011", "1")], 10, "the answer to a real-time data request")
 
+
 def test_a_backfill_over_a_dst_change_takes_every_record_whose_datatime_is_in_the_range(station, platform):
     """BeginTime..EndTime are station times, both inclusive. In Berlin's repeated autumn hour (02:00-02:59
     twice on 2026-10-25) a range names both passes; a BeginTime in the spring gap (02:00-02:59 do not exist
