@@ -5,6 +5,7 @@ clock jumps. Intervals, delays and schedules in the agent use the monotonic cloc
 breaks them; readings keep the wall-clock time they were taken at. This module only notices and
 reports: `ClockWatch.check()` compares the wall clock with the monotonic clock and returns a step
 when they disagree, and asks the kernel (adjtimex, read-only) whether NTP considers it synchronised.
+`AgeClock` is the wall clock that ages stored rows: it never runs ahead of the monotonic clock.
 Standard library only.
 """
 
@@ -82,3 +83,27 @@ class ClockWatch:
             "last_step_s": step.seconds if step else None,
             "last_step_at": step.at_wall if step else None,
         }
+
+
+class AgeClock:
+    """Wall-clock time (Unix ms) for ageing stored rows (`storage.keep_sent_days`): the wall clock, but
+    never ahead of the monotonic time elapsed since the previous call. A clock set days ahead by mistake
+    (and corrected later) must not make the readings of the last hours look days old and purge them
+    before the platform could ask for them again; a clock that steps back is followed at once (rows then
+    look younger: kept longer). The first plausible wall-clock time is taken as it is (a gateway that
+    boots in 1970 and is set by NTP). A correct forward step leaves this clock behind until the agent
+    restarts: rows are then kept that much longer, never shorter, and `max_mb` still bounds them."""
+
+    def __init__(self, wall_ms=None, mono=time.monotonic):
+        self._wall_ms = wall_ms or (lambda: int(time.time() * 1000))
+        self._mono = mono
+        self._last: tuple[int, float] | None = None  # (value returned, monotonic time then)
+
+    def now_ms(self) -> int:
+        wall, mono = self._wall_ms(), self._mono()
+        if self._last is None or self._last[0] < EARLIEST_PLAUSIBLE * 1000:
+            value = wall
+        else:
+            value = min(wall, self._last[0] + int((mono - self._last[1]) * 1000))
+        self._last = (value, mono)
+        return value

@@ -6,7 +6,8 @@ small write burst per interval and a power cut loses at most that interval. It c
 no poller will hand over readings before the interval ends (`set_quiet_check`): waiting would then
 add nothing to the transaction, only a wake-up and a longer exposure to a power cut. It also keeps
 the size cap (eviction), purges old published rows and snapshots per-channel health for `status`.
-Imports `agent.buffer` and `agent.model` only.
+Imports `agent.buffer`, `agent.clock` (`AgeClock`, for the purge) and `agent.model`, with the small
+helpers `agent.logutil` and `agent.threadname`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agent.buffer import Buffer, BufferError, is_corruption
+from agent.clock import AgeClock
 from agent.logutil import RateLimitedLog
 from agent.model import STREAM_READINGS, STREAMS, Reading, now_ms
 from agent.threadname import name_this_thread
@@ -81,6 +83,8 @@ class Recorder(threading.Thread):
         self._last_snapshot = self._last_ack_persist = self._last_size_check = 0.0
         self._wal_held = False
         self._last_purge = time.monotonic()
+        self.age_clock = AgeClock()  # the purge's "now": a clock set days ahead by mistake purges nothing early
+        self.age_clock.now_ms()  # from the start: a step before the first purge pass is not followed either
         self.dropped_in_memory = 0
         self.gaps_recorded = 0  # eviction rounds that recorded (or extended) a gap; the publisher watches it
         self.last_progress = time.monotonic()
@@ -450,7 +454,7 @@ class Recorder(threading.Thread):
             self._last_purge = now
             try:
                 self.buffer.begin()
-                n = self.buffer.purge_sent(self.keep_sent_days, now_ms(), self._held())
+                n = self.buffer.purge_sent(self.keep_sent_days, self.age_clock.now_ms(), self._held())
                 self.buffer.commit()
                 if n:
                     log.info("purged %d published rows stored more than %s days ago", n, self.keep_sent_days)

@@ -41,6 +41,34 @@ def purge(buf: Buffer, keep_sent_days: float, at_ms: int, held: dict[str, int] |
     return n
 
 
+def test_a_clock_set_days_ahead_for_a_while_purges_nothing_kept_for_resend(tmp_path):
+    """`keep_sent_days` against a wall clock set 3 days ahead by mistake between two purge passes (audit
+    U): with the recorder's age clock the published readings of the last minutes stay for `resend`; they
+    go once they are truly a day old."""
+    from agent.clock import AgeClock
+
+    clock = {"wall": now_ms(), "mono": 1000.0}
+    age = AgeClock(wall_ms=lambda: clock["wall"], mono=lambda: clock["mono"])
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    store(buf, readings(100))
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 100)
+    buf.commit()
+    assert purge(buf, 1, age.now_ms()) == 0
+
+    def later(seconds: float, step_ms: int = 0) -> int:
+        clock["mono"] += seconds
+        clock["wall"] += int(seconds * 1000) + step_ms
+        return age.now_ms()
+
+    assert purge(buf, 1, later(600, step_ms=3 * DAY_MS)) == 0, "stored 10 minutes ago"
+    assert purge(buf, 1, later(600)) == 0
+    assert purge(buf, 1, later(600, step_ms=-3 * DAY_MS)) == 0, "the clock corrected"
+    assert buf.first_seq() == 1
+    assert purge(buf, 1, later(DAY_MS / 1000)) == 100, "a day later they go"
+    buf.close()
+
+
 def test_seq_strictly_increasing_and_continues_after_restart(tmp_path):
     path = tmp_path / "b.db"
     buf = Buffer.open_writer(path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.clock import ClockWatch, kernel_synchronised
+from agent.clock import EARLIEST_PLAUSIBLE, AgeClock, ClockWatch, kernel_synchronised
 
 
 class FakeClocks:
@@ -58,3 +58,39 @@ def test_implausible_wall_clock_is_flagged():
 
 def test_kernel_synchronisation_state_can_be_read():
     assert kernel_synchronised() in (True, False, None)
+
+
+def make_age_clock(clocks: FakeClocks) -> AgeClock:
+    return AgeClock(wall_ms=lambda: int(clocks.wall * 1000), mono=lambda: clocks.mono)
+
+
+def test_the_age_clock_does_not_follow_a_forward_step_and_follows_a_backward_one():
+    clocks = FakeClocks()
+    age = make_age_clock(clocks)
+    assert age.now_ms() == clocks.wall * 1000
+    clocks.advance(600)
+    assert age.now_ms() == clocks.wall * 1000, "a steady clock is the wall clock"
+    start = clocks.wall
+    clocks.wall += 3 * 86_400  # set three days ahead by mistake
+    clocks.advance(600)
+    assert age.now_ms() == (start + 600) * 1000, "only the 600 s that passed"
+    clocks.advance(600)
+    assert age.now_ms() == (start + 1200) * 1000
+    clocks.wall = start + 1800 - 3600  # corrected, and an hour too far back
+    clocks.mono += 600
+    assert age.now_ms() == (start - 1800) * 1000, "a step back is followed at once"
+    clocks.advance(600)
+    assert age.now_ms() == (start - 1200) * 1000
+
+
+def test_the_age_clock_takes_the_first_plausible_time_as_it_is():
+    clocks = FakeClocks()
+    clocks.wall = 30.0  # a Pi without RTC, before NTP
+    age = make_age_clock(clocks)
+    assert age.now_ms() == 30_000
+    clocks.advance(60)
+    clocks.wall = EARLIEST_PLAUSIBLE + 86_400 * 700  # NTP sets it
+    assert age.now_ms() == clocks.wall * 1000
+    clocks.advance(60)
+    clocks.wall += 86_400  # a day ahead from now on: not followed
+    assert age.now_ms() == (clocks.wall - 86_400) * 1000
