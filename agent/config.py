@@ -420,11 +420,25 @@ class Station(_Model):
     @field_validator("timezone")
     @classmethod
     def _check_timezone(cls, value: str) -> str:
+        if value in MACHINE_ZONES:
+            raise _err(f"{value!r} {MACHINE_ZONES[value]}: name the station's zone (an IANA name such as "
+                       "Asia/Shanghai)")
         try:
             ZoneInfo(value)
         except (ValueError, KeyError, OSError):
             raise _err(f"unknown time zone {value!r} (use an IANA name such as Asia/Shanghai)") from None
+        if value.startswith(("posix/", "right/")):  # copies of the zones; right/ counts leap seconds
+            raise _err(f"{value!r} is a copy of a zone in the system's files: write {value.split('/', 1)[1]!r}")
         return value
+
+
+# Files of the system's zone database that ZoneInfo opens but that name no station's zone.
+MACHINE_ZONES = {
+    "localtime": "is whatever zone this machine is set to (a laptop's differs from the gateway's, and it "
+                 "changes silently)",
+    "posixrules": "is the system's default rule file (New York's rules), not a zone",
+    "Factory": "is the placeholder zone of an unconfigured system (offset '-00')",
+}
 
 
 class Storage(_Model):

@@ -79,6 +79,31 @@ def single_problem(tmp_path: Path, text: str, env: dict[str, str] | None = None)
     return found[0][len(prefix):]
 
 
+def with_zone(tmp_path: Path, zone: str) -> str:
+    return port_here(tmp_path, GOOD.replace("  type: other\n", f"  type: other\n  timezone: {zone}\n"))
+
+
+@pytest.mark.parametrize("zone, says", [
+    ("localtime", "'localtime' is whatever zone this machine is set to"),
+    ("posixrules", "'posixrules' is the system's default rule file"),
+    ("Factory", "'Factory' is the placeholder zone"),
+    ("posix/Asia/Shanghai", "write 'Asia/Shanghai'"),
+    ("right/Asia/Shanghai", "write 'Asia/Shanghai'"),
+    ("Asia/Beijing", "unknown time zone 'Asia/Beijing'"),
+])
+def test_a_station_timezone_must_name_a_zone(tmp_path, zone, says):
+    """Zone files that ZoneInfo opens but that name no station's zone (audit U): `localtime` follows the
+    machine (a technician's laptop and the gateway differ), `right/` zones count leap seconds."""
+    problem = single_problem(tmp_path, with_zone(tmp_path, zone))
+    assert problem.startswith("4:13: station.timezone: ") and says in problem, problem
+
+
+def test_backward_zone_names_stay_valid(tmp_path):
+    for zone in ("PRC", "Etc/GMT-8", "UTC", "Asia/Kathmandu"):
+        path = write(tmp_path, with_zone(tmp_path, zone))
+        assert load_config(path, env={}).station.timezone == zone
+
+
 # --------------------------------------------------------------------------------------------------
 # Good files
 
