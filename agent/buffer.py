@@ -317,13 +317,26 @@ class Buffer:
     TABLES = ("readings", STREAM_AGGREGATES, STREAM_ALARMS, "streams", "stored_upto", "gaps", "meta", "channels")
 
     def _create_schema(self) -> None:
-        present = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not set(self.TABLES) <= present:
-            self._create_tables()
-        for stream in STREAMS:
-            self.conn.execute(
-                "INSERT OR IGNORE INTO streams(name, floor_seq, sent_upto) VALUES (?, 0, 0)", (stream,)
-            )
+        """Tables and stream rows in one transaction: a reader (`edge-agent status` while a first start
+        creates the file) sees either no tables at all or every table with its stream rows."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            present = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not set(self.TABLES) <= present:
+                self._create_tables()
+            for stream in STREAMS:
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO streams(name, floor_seq, sent_upto) VALUES (?, 0, 0)", (stream,)
+                )
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def has_schema(self) -> bool:
+        """False while the file is still being created by a first start (no tables committed yet)."""
+        return self.conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='streams'").fetchone() is not None
 
     def _create_tables(self) -> None:
         """Create what is missing (a new file, or one from an older version). sqlite-utils is imported

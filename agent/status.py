@@ -30,6 +30,8 @@ def collect(reader: Buffer | None, device_intervals: dict[str, float],
     `device_channels`: each configured device's channels when the config tells them (None: learnt
     from the wire); a channel removed from a device is not listed under it any more."""
     now = now_ms()
+    if reader is not None and not reader.has_schema():
+        reader = None  # a first start is creating the file: nothing is stored yet
     if reader is None:
         return {  # the keys of a status read from a buffer, so that a script can run before the first start
             "backlog": 0, "last_seq": 0, "sent_upto": 0, "alarms": [], "broker": {"state": "unknown"},

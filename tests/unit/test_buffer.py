@@ -807,3 +807,35 @@ def test_status_folds_the_readings_since_the_snapshot_per_channel_without_an_obj
     c4 = doc["devices"]["dev"]["channels"]["c4"]
     assert c4["value"] == float(RECENT_SCAN - 6) and c4["seq"] == RECENT_SCAN - 5
     assert peak < 2_000_000, f"status over {RECENT_SCAN} readings allocated {peak / 1e6:.1f} MB at its peak"
+
+
+def test_status_while_a_first_start_creates_the_file_reads_an_empty_buffer(tmp_path, monkeypatch):
+    """`edge-agent status` run during the first seconds of a first start (audit T's soak) found the
+    tables committed one by one and the `streams` rows not yet there: it died with a TypeError and a
+    traceback. The file is now created in one transaction; a reader sees nothing or everything."""
+    from agent.status import collect
+
+    path = tmp_path / "b.db"
+    seen: list[dict] = []
+    create = Buffer._create_tables_with_sqlite_utils
+
+    def create_then_look(self):  # a status in another process, right after the CREATE TABLEs
+        create(self)
+        reader = Buffer.open_reader(path)
+        try:
+            seen.append(collect(reader, {"dev": 1.0}))
+        finally:
+            reader.close()
+
+    monkeypatch.setattr(Buffer, "_create_tables_with_sqlite_utils", create_then_look)
+    buf = Buffer.open_writer(path)
+    try:
+        assert seen and seen[0]["last_seq"] == 0 and seen[0]["backlog"] == 0
+        store(buf, readings(2, device="dev"))
+        reader = Buffer.open_reader(path)
+        try:
+            assert collect(reader, {"dev": 1.0})["last_seq"] == 2
+        finally:
+            reader.close()
+    finally:
+        buf.close()
