@@ -838,11 +838,17 @@ class Publisher(threading.Thread):
             self._publish_tracked(stream, topic, payload, rows[-1].seq)
 
     def _unannounced(self, pending: list[Gap]) -> list[Gap]:
-        """The file's pending gaps minus those acknowledged whose mark the recorder has yet to write."""
+        """The file's pending gaps minus what was said of them: acknowledged (the recorder has yet to
+        write the mark) or on its way on this connection (a gap the cap extends while its announcement
+        waits for its PUBACK behind a slow link is announced again for its new part only; a lost
+        connection forgets what was on its way, and it is said again)."""
         self._gaps_done = {g.id: self._gaps_done[g.id] for g in pending if g.id in self._gaps_done}
+        sent = dict(self._gaps_done)
+        for gap_id, last_seq in self._gaps_inflight:
+            sent[gap_id] = max(sent.get(gap_id, 0), last_seq)
         out = []
         for g in pending:  # a gap extended since its announcement: only what was not said yet
-            said = self._gaps_done.get(g.id, 0)
+            said = sent.get(g.id, 0)
             if said < g.last_seq:
                 out.append(dataclasses.replace(g, first_seq=max(g.first_seq, said + 1)) if said else g)
         return out
