@@ -238,6 +238,7 @@ class Buffer:
             return cls.rescue(path, exc, sync=sync, max_mb=max_mb, progress=progress)
         if max_mb is not None:
             buf.set_size_cap(max_mb)
+            buf.compact_over_cap()
         return buf
 
     @classmethod
@@ -531,6 +532,28 @@ class Buffer:
         pages = max(self.max_bytes // PAGE_SIZE, 64)
         self.conn.execute(f"PRAGMA max_page_count={pages}")
         self.conn.execute(f"PRAGMA journal_size_limit={min(8 << 20, max(1 << 20, self.max_bytes // 8))}")
+
+    def compact_over_cap(self) -> None:
+        """At start: a file larger than the cap (the cap was lowered: eviction keeps the pages in use below
+        it, but SQLite never gives free pages back to the disk) is rewritten without its free pages
+        (VACUUM), before polling starts, so that lowering `max_mb` frees the card. Rows and seqs stay as
+        they are. When it cannot (the disk too full for the copy), the file stays as it is: logged."""
+        pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
+        free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
+        if pages * PAGE_SIZE <= self.max_bytes or not free:
+            return
+        started = time.monotonic()
+        try:
+            self.conn.execute("VACUUM")
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("buffer %s is %.1f MB, above max_mb %.1f, and could not be compacted: %s",
+                        self.path, pages * PAGE_SIZE / 2**20, self.max_bytes / 2**20, exc)
+            return
+        after = self.conn.execute("PRAGMA page_count").fetchone()[0]
+        log.info("buffer %s was %.1f MB, above max_mb %.1f: compacted to %.1f MB in %.1f s", self.path,
+                 pages * PAGE_SIZE / 2**20, self.max_bytes / 2**20, after * PAGE_SIZE / 2**20,
+                 time.monotonic() - started)
 
     def wal_held_back(self) -> int:
         """Bytes of the WAL when it has grown past `WAL_HELD_BYTES` because a checkpoint cannot copy all

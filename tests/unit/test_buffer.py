@@ -69,6 +69,35 @@ def test_a_clock_set_days_ahead_for_a_while_purges_nothing_kept_for_resend(tmp_p
     buf.close()
 
 
+def test_a_lowered_cap_gives_the_free_pages_back_at_the_next_start(tmp_path, caplog):
+    """Lowering `max_mb` evicts down to the new cap, but SQLite keeps the freed pages in the file: a
+    technician who lowered the cap to free the card got nothing back (audit T). The next start
+    rewrites the file without them; the rows kept, their seqs and the numbering stay."""
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path, max_mb=2)
+    for _ in range(12):
+        store(buf, readings(1000))
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 11_000)
+    buf.commit()
+    buf.set_size_cap(0.3)  # a reload with the lower cap: published rows go first
+    buf.begin()
+    buf.evict(int(0.3 * 2**20 * 0.85), now_ms())
+    buf.commit()
+    kept = [(r.seq, r.value) for r in buf.readings_after(0, 20_000)]
+    buf.close()
+    before = path.stat().st_size
+    assert before > 0.3 * 2**20, "eviction alone leaves the file as large as it was"
+
+    with caplog.at_level("INFO", logger="agent.buffer"):
+        buf = Buffer.open_writer(path, max_mb=0.3)
+    assert path.stat().st_size <= 0.3 * 2**20 < before
+    assert "above max_mb 0.3: compacted to" in caplog.text
+    assert [(r.seq, r.value) for r in buf.readings_after(0, 20_000)] == kept
+    assert store(buf, readings(1))[0].seq == 12_001
+    buf.close()
+
+
 def test_seq_strictly_increasing_and_continues_after_restart(tmp_path):
     path = tmp_path / "b.db"
     buf = Buffer.open_writer(path)
