@@ -42,14 +42,18 @@ frame: never decoded as this request's values, the try fails and is retried, the
 null/B like any other failure (SPEC §2). A slave slower than `timeout` answers a request after the master
 gave up on it, while the master already waits for the next request, and that late answer may look
 exactly like the next one's (same unit, function and byte count, other registers). So each link keeps
-the requests it sent whose answer has not been seen yet, for a late window of `2 * timeout` (what real
-masters such as libmodbus allow for a late answer after a timeout before they flush), and gives each
-frame that arrives to the oldest of them that it answers (a slave answers in order): a frame that goes
-to an earlier request is a late answer and is dropped, one that answers no request sent is a bad frame.
-Answers may also overtake each other (a caching gateway answers what it holds at once, the rest
-slowly), so a request is not sent while an earlier one whose answer would look alike is still in its
-late window: the master first waits for that answer, or the window's end (`_Link._settle`; only a
-slave that already answers late costs this, and the retries of one request are not held up).
+the requests it sent whose answer has not been seen yet, for a late window of 20 timeouts (at least
+10 s: libmodbus's `2 * timeout` let the answers of a slave 2.5 timeouts slow be taken for the next
+look-alike request, audit V), and gives each frame that arrives to the oldest of them that it answers
+(a slave answers in order): a frame that goes to an earlier request is a late answer and is dropped,
+one that answers no request sent is a bad frame. A request a slave never answered (it was silent, or
+the request was garbled) is owed until its window ends: an answer meanwhile retires it instead of the
+request it answers, whose try then fails (B, never a wrong value; a slave recovering from a silence
+reads B for at most the window). Answers may also overtake each other (a caching gateway answers what
+it holds at once, the rest slowly), so a request is not sent while an earlier one whose answer would
+look alike is still within `2 * timeout`: the master first waits for that answer, or that time's end
+(`_Link._settle`; only a slave that already answers late costs this, and the retries of one request
+are not held up).
 Before each request, whatever arrived since the last answer is dropped (on RTU also waiting for the line
 to be silent for 3.5 characters, the RTU frame gap, at most `timeout`). On TCP the transaction id must
 agree as well. So the values of a request come only from an answer to that very request (to an earlier
@@ -359,16 +363,22 @@ def _take_mbap_frame(buf: bytearray) -> tuple[int, int, int, bytes] | None:
 class _Sent:
     ask: _Ask
     until: float  # monotonic time after which an answer to it is no longer recognised (the late window)
+    settle_until: float  # a look-alike request waits for its answer at most until then (`_Link._settle`)
+
+
+LATE_WINDOW_TIMEOUTS = 20  # a late answer is recognised as late this many timeouts after its request...
+LATE_WINDOW_MIN_S = 10.0  # ...and at least this long
 
 
 class _Link:
     """What the RTU and TCP links share: the requests sent whose answer has not been seen yet, kept for the
-    late window (`2 * timeout` after the request), and which of them a frame answers: the oldest one it
-    fits (a slave answers in order). See the module docstring."""
+    late window (`late_s` after the request), and which of them a frame answers: the oldest one it fits
+    (a slave answers in order). See the module docstring."""
 
     def __init__(self, timeout: float, stats: BusStats, bus_name: str):
         self.timeout = timeout
-        self.late_s = 2 * timeout
+        self.late_s = max(LATE_WINDOW_TIMEOUTS * timeout, LATE_WINDOW_MIN_S)
+        self.settle_s = 2 * timeout
         self.stats = stats
         self.bus_name = bus_name
         self._sent: deque[_Sent] = deque()
@@ -385,7 +395,7 @@ class _Link:
         must have begun by (`timeout` from now)."""
         self._prune()
         now = time.monotonic()
-        self._sent.append(_Sent(ask, now + self.late_s + transfer_s))
+        self._sent.append(_Sent(ask, now + self.late_s + transfer_s, now + self.settle_s + transfer_s))
         return now + self.timeout
 
     def _claim(self, unit: int, fc: int, data: bytes) -> _Sent | None:
@@ -401,14 +411,14 @@ class _Link:
     def _settle(self, ask: _Ask, receive: Callable[[float], None]) -> None:
         """Before sending `ask`: while a request still waits for its answer that an answer to `ask` would
         also fit (same unit, function and byte count, other registers: a retry's first try was answered
-        late), wait for that answer, at most to the end of its late window. Two look-alike requests
+        late), wait for that answer, at most `2 * timeout` after that request. Two look-alike requests
         outstanding at once could not be told apart if their answers overtook each other (a caching
         gateway answers what it holds at once and the rest slowly). `receive(seconds)` waits at most
         that long for bytes and hands every complete frame among them to `_claim`. Only a slave that
         already answers late costs this wait; retries of one request are not held up."""
         while True:
             self._prune()
-            ends = [e.until for e in self._sent if e.ask != ask and e.ask.unit == ask.unit and ask.is_read
+            ends = [e.settle_until for e in self._sent if e.ask != ask and e.ask.unit == ask.unit and ask.is_read
                     and e.ask.fc == ask.fc and e.ask.data_bytes() == ask.data_bytes()]
             left = max(ends, default=0.0) - time.monotonic()
             if left <= 0:
