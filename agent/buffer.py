@@ -546,6 +546,8 @@ class Buffer:
         try:
             self.conn.execute("VACUUM")
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            # A commit again, as at every open: the WAL is durable from now on (`_open_checked`).
+            self.conn.execute("UPDATE streams SET sent_upto=sent_upto WHERE name=?", (STREAM_READINGS,))
         except sqlite3.Error as exc:
             log.warning("buffer %s is %.1f MB, above max_mb %.1f, and could not be compacted: %s",
                         self.path, pages * PAGE_SIZE / 2**20, self.max_bytes / 2**20, exc)
