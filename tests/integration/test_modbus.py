@@ -493,6 +493,50 @@ def test_a_slave_back_from_a_silence_reads_its_own_values_again(kind, tmp_path):
     assert not wrong, f"values from another request's answer: {wrong}"
 
 
+class DropsRequests(RegisterBank):
+    """A healthy slave on a noisy line: the next `drop` requests addressed to it never reach it."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = 0
+
+    @property
+    def fault(self) -> Fault | None:  # asked once per request, first thing (`SlaveCore.handle`)
+        if self.drop > 0:
+            self.drop -= 1
+            return Fault("silent")
+        return None
+
+    @fault.setter
+    def fault(self, value) -> None:
+        pass
+
+
+@pytest.mark.xfail(strict=True, reason="audit W, CRITICAL, not fixed: a request the slave never received stays "
+                   "owed for the whole late window, and each answer retires the previous look-alike request")
+@pytest.mark.parametrize("kind", ["rtu", "tcp"])
+def test_a_healthy_slave_that_missed_one_request_reads_its_values_again(kind, tmp_path):
+    """A request lost on the line (noise on RS-485, a request the slave could not parse) is owed for the
+    late window: the next look-alike request's answer retires it instead, that request fails, and so on,
+    one request behind at every poll. With retries 0 the device read null/B at every poll for good,
+    though the slave answered every request it received at once."""
+    bank = DropsRequests()
+    bank.set("holding", 0, [111])
+    bank.set("holding", 100, [222])
+    link = Link(kind, {1: bank}, tmp_path, timeout=0.1, retries=0)
+    device = link.driver("dev", 1, [RegisterSpec(channel="a", address=0), RegisterSpec(channel="b", address=100)])
+    try:
+        assert [(r.value, r.flag) for r in device.poll(0)] == [(111.0, "N"), (222.0, "N")]
+        bank.drop = 1
+        assert [r.flag for r in device.poll(0)] == ["B", "B"], "the lost request"
+        started = time.monotonic()
+        wait_for(lambda: [(r.value, r.flag) for r in device.poll(0)] == [(111.0, "N"), (222.0, "N")], 5,
+                 "both registers' own values again")
+        assert time.monotonic() - started < 2, "one lost request costs a poll or so, not the late window"
+    finally:
+        link.close()
+
+
 @pytest.mark.parametrize(("kind", "relabel"), [("rtu", False), ("tcp", False), ("tcp", True)],
                          ids=["rtu", "tcp", "tcp-gateway-relabels"])
 def test_answers_that_overtake_each_other_are_never_confused(kind, relabel, tmp_path):
