@@ -42,18 +42,19 @@ frame: never decoded as this request's values, the try fails and is retried, the
 null/B like any other failure (SPEC §2). A slave slower than `timeout` answers a request after the master
 gave up on it, while the master already waits for the next request, and that late answer may look
 exactly like the next one's (same unit, function and byte count, other registers). So each link keeps
-the requests it sent whose answer has not been seen yet, for a late window of 20 timeouts (at least
-10 s: libmodbus's `2 * timeout` let the answers of a slave 2.5 timeouts slow be taken for the next
-look-alike request, audit V), and gives each frame that arrives to the oldest of them that it answers
-(a slave answers in order): a frame that goes to an earlier request is a late answer and is dropped,
-one that answers no request sent is a bad frame. A request a slave never answered (it was silent, or
-the request was garbled) is owed until its window ends: an answer meanwhile retires it instead of the
-request it answers, whose try then fails (B, never a wrong value; a slave recovering from a silence
-reads B for at most the window). Answers may also overtake each other (a caching gateway answers what
-it holds at once, the rest slowly), so a request is not sent while an earlier one whose answer would
-look alike is still within `2 * timeout`: the master first waits for that answer, or that time's end
-(`_Link._settle`; only a slave that already answers late costs this, and the retries of one request
-are not held up).
+the requests it sent whose answer has not been seen yet, for a late window of `2 * timeout` (what real
+masters such as libmodbus allow for a late answer after a timeout before they flush), and gives each
+frame that arrives to the oldest of them that it answers (a slave answers in order): a frame that goes
+to an earlier request is a late answer and is dropped, one that answers no request sent is a bad frame.
+A slave whose answer came within that window after a request it was not for is proven late: for the
+next 20 timeouts (at least 10 s) after each such answer, its requests' late window is that long too
+(audit V: the answers of a slave 2.5 timeouts slow were taken for the next look-alike request's values,
+flag N; it now reads B). Only a definitely late answer renews the proof: a request lost on the line
+(noise) must not keep a healthy slave one answer behind (audit W), and is forgotten after `2 * timeout`.
+Answers may also overtake each other (a caching gateway answers what it holds at once, the rest
+slowly), so a request is not sent while an earlier one whose answer would look alike is still in its
+late window: the master first waits for that answer, or the window's end (`_Link._settle`; only a
+slave that already answers late costs this, and the retries of one request are not held up).
 Before each request, whatever arrived since the last answer is dropped (on RTU also waiting for the line
 to be silent for 3.5 characters, the RTU frame gap, at most `timeout`). On TCP the transaction id must
 agree as well. So the values of a request come only from an answer to that very request (to an earlier
@@ -362,30 +363,38 @@ def _take_mbap_frame(buf: bytearray) -> tuple[int, int, int, bytes] | None:
 @dataclass
 class _Sent:
     ask: _Ask
-    until: float  # monotonic time after which an answer to it is no longer recognised (the late window)
-    settle_until: float  # a look-alike request waits for its answer at most until then (`_Link._settle`)
+    short_until: float  # its late window for any slave: `2 * timeout` after the request (+ transfer)
+    until: float  # its late window for a slave proven late (`_Link._proven_late`)
 
 
-LATE_WINDOW_TIMEOUTS = 20  # a late answer is recognised as late this many timeouts after its request...
-LATE_WINDOW_MIN_S = 10.0  # ...and at least this long
+LATE_WINDOW_TIMEOUTS = 20  # a slave proven late: its late answers are recognised this many timeouts...
+LATE_WINDOW_MIN_S = 10.0  # ...and at least this long after their request
 
 
 class _Link:
     """What the RTU and TCP links share: the requests sent whose answer has not been seen yet, kept for the
-    late window (`late_s` after the request), and which of them a frame answers: the oldest one it fits
-    (a slave answers in order). See the module docstring."""
+    late window, and which of them a frame answers: the oldest one it fits (a slave answers in order).
+    The window is `2 * timeout`, and `late_s` for a slave proven late: one whose answer came within
+    `2 * timeout` after a request it was not for, no longer than `late_s` ago. See the module docstring."""
 
     def __init__(self, timeout: float, stats: BusStats, bus_name: str):
         self.timeout = timeout
         self.late_s = max(LATE_WINDOW_TIMEOUTS * timeout, LATE_WINDOW_MIN_S)
-        self.settle_s = 2 * timeout
+        self.short_s = 2 * timeout
         self.stats = stats
         self.bus_name = bus_name
         self._sent: deque[_Sent] = deque()
         self._late_logged: set[int] = set()
+        self._late_until: dict[int, float] = {}  # unit -> end of its proof of lateness
+
+    def _proven_late(self, unit: int, now: float) -> bool:
+        return self._late_until.get(unit, 0.0) > now
+
+    def _window_end(self, entry: _Sent, now: float) -> float:
+        return entry.until if self._proven_late(entry.ask.unit, now) else entry.short_until
 
     def _prune(self) -> None:
-        """Forget the requests whose late window is over (also when no frame ever comes: a dead slave)."""
+        """Forget the requests whose longest late window is over (also when no frame ever comes)."""
         now = time.monotonic()
         if any(e.until < now for e in self._sent):
             self._sent = deque(e for e in self._sent if e.until >= now)
@@ -395,15 +404,16 @@ class _Link:
         must have begun by (`timeout` from now)."""
         self._prune()
         now = time.monotonic()
-        self._sent.append(_Sent(ask, now + self.late_s + transfer_s, now + self.settle_s + transfer_s))
+        self._sent.append(_Sent(ask, now + self.short_s + transfer_s, now + self.late_s + transfer_s))
         return now + self.timeout
 
     def _claim(self, unit: int, fc: int, data: bytes) -> _Sent | None:
-        """The oldest request still waiting for its answer that this frame answers (it stops waiting);
-        None when it answers none of them."""
+        """The oldest request still in its late window that this frame answers (it stops waiting); None
+        when it answers none of them."""
         self._prune()
+        now = time.monotonic()
         for entry in self._sent:
-            if entry.ask.mismatch(unit, fc, data) is None:
+            if now <= self._window_end(entry, now) and entry.ask.mismatch(unit, fc, data) is None:
                 self._sent.remove(entry)
                 return entry
         return None
@@ -418,14 +428,25 @@ class _Link:
         already answers late costs this wait; retries of one request are not held up."""
         while True:
             self._prune()
-            ends = [e.settle_until for e in self._sent if e.ask != ask and e.ask.unit == ask.unit and ask.is_read
-                    and e.ask.fc == ask.fc and e.ask.data_bytes() == ask.data_bytes()]
-            left = max(ends, default=0.0) - time.monotonic()
+            now = time.monotonic()
+            ends = [self._window_end(e, now) for e in self._sent if e.ask != ask and e.ask.unit == ask.unit
+                    and ask.is_read and e.ask.fc == ask.fc and e.ask.data_bytes() == ask.data_bytes()]
+            left = max(ends, default=0.0) - now
             if left <= 0:
                 return
             receive(left)
 
-    def _late_answer(self, owner: _Ask) -> None:
+    def _late_answer(self, owner: _Sent) -> None:
+        """A frame answered `owner`, not the request waiting now. Within `2 * timeout` of `owner` that
+        proves the slave late (its answers to look-alike requests are told apart for `late_s` from now);
+        an answer matched to an older request only because the slave is already proven late does not
+        renew the proof (a request lost on the line would otherwise keep it one answer behind)."""
+        now = time.monotonic()
+        if now <= owner.short_until:
+            self._late_until[owner.ask.unit] = now + self.late_s
+        self._late_answer_logged(owner.ask)
+
+    def _late_answer_logged(self, owner: _Ask) -> None:
         self.stats.late_answers += 1
         if owner.unit in self._late_logged:
             log.debug("bus %s: dropped a late answer to %s", self.bus_name, owner)
@@ -508,7 +529,7 @@ class _RtuPort(_Link):
                         raise _BadFrame(ask.mismatch(*frame) or "a frame that answers no request sent")
                     if owner.ask == ask:  # this request's answer (possibly to an earlier try of it)
                         return frame[1], frame[2]
-                    self._late_answer(owner.ask)
+                    self._late_answer(owner)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise _NoFrame(GARBLED_RTU, garbled=True) if buf else _NoFrame("no answer")
@@ -547,7 +568,7 @@ class _RtuPort(_Link):
             while (frame := _take_rtu_frame(frames)) is not None:
                 owner = self._claim(*frame)
                 if owner is not None:
-                    self._late_answer(owner.ask)
+                    self._late_answer(owner)
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([ser.fileno()], [], [], min(left, max(self.silence_s, 0.002)))[0]:
                 return
@@ -572,7 +593,7 @@ class _RtuPort(_Link):
                     while (frame := _take_rtu_frame(pending)) is not None:
                         owner = self._claim(*frame)
                         if owner is not None:
-                            self._late_answer(owner.ask)
+                            self._late_answer(owner)
                     continue
                 gap_left = self._last_rx + self.silence_s - now
                 if gap_left <= 0 and not ser.in_waiting:
@@ -686,7 +707,7 @@ class _TcpLink(_Link):
                     if owner.ask == ask and self._tids.get(got_tid) == ask:
                         self._mute = 0
                         return fc, data
-                    self._late_answer(owner.ask)
+                    self._late_answer(owner)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._mute = 0 if received else self._mute + 1
@@ -725,7 +746,7 @@ class _TcpLink(_Link):
             while (frame := _take_mbap_frame(self._buf)) is not None:
                 owner = self._claim(*frame[1:])
                 if owner is not None:
-                    self._late_answer(owner.ask)
+                    self._late_answer(owner)
 
     def _drop_pending(self, sock: socket.socket) -> None:
         """Before a request: whatever arrived since the last answer is late (each frame retires the request
@@ -743,7 +764,7 @@ class _TcpLink(_Link):
                 while (frame := _take_mbap_frame(buf)) is not None:
                     owner = self._claim(*frame[1:])
                     if owner is not None:
-                        self._late_answer(owner.ask)
+                        self._late_answer(owner)
                 if not select.select([sock], [], [], 0)[0]:
                     return
                 if dropped >= budget or time.monotonic() >= limit:

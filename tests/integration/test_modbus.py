@@ -512,8 +512,6 @@ class DropsRequests(RegisterBank):
         pass
 
 
-@pytest.mark.xfail(strict=True, reason="audit W, CRITICAL, not fixed: a request the slave never received stays "
-                   "owed for the whole late window, and each answer retires the previous look-alike request")
 @pytest.mark.parametrize("kind", ["rtu", "tcp"])
 def test_a_healthy_slave_that_missed_one_request_reads_its_values_again(kind, tmp_path):
     """A request lost on the line (noise on RS-485, a request the slave could not parse) is owed for the
