@@ -462,6 +462,31 @@ def test_answers_later_than_twice_the_timeout_are_never_taken_for_a_look_alike_r
     assert link.bus.stats.late_answers > 0, "the slave's late answers did reach the master"
 
 
+@pytest.mark.parametrize(("kind", "relabel"), [("rtu", False), ("tcp", True)], ids=["rtu", "tcp-gateway-relabels"])
+def test_without_retries_a_slave_far_slower_than_its_timeout_is_told_apart_once_proven_late(
+        kind, relabel, tmp_path):
+    """Without retries nothing proves a slave 2.5 timeouts slow late before its first answer arrives
+    during the next look-alike request: that first answer cannot be told from the awaited one (RTU has no
+    transaction id) and may be taken (the README says so). Its next late answer, seen within 2 timeouts
+    of a request it does not answer, proves it late, and from then on its late answers are told apart:
+    the device reads B, never another register's value."""
+    bank = RegisterBank()
+    bank.set("holding", 0, [111])
+    bank.set("holding", 100, [222])
+    bank.fault = Fault("late", delay=0.5, relabel=relabel)
+    link = Link(kind, {1: bank}, tmp_path, timeout=0.2, retries=0)
+    device = link.driver("dev", 1, [RegisterSpec(channel="a", address=0), RegisterSpec(channel="b", address=100)])
+    polls: list[list[Reading]] = []
+    try:
+        for _ in range(6):
+            polls.append(device.poll(0))
+    finally:
+        link.close()
+    wrong = [(r.channel, r.value, r.flag) for poll in polls[2:] for r in poll
+             if (r.value, r.flag) not in (({"a": 111.0, "b": 222.0}[r.channel], "N"), (None, "B"))]
+    assert not wrong, f"values from another request's answer once the slave is known late: {wrong}"
+
+
 @pytest.mark.parametrize("kind", ["rtu", "tcp"])
 def test_a_slave_back_from_a_silence_reads_its_own_values_again(kind, tmp_path):
     """The requests a silent slave never answered stay owed for the late window: an answer meanwhile
