@@ -421,7 +421,8 @@ class _Link:
     def _settle(self, ask: _Ask, receive: Callable[[float], None]) -> None:
         """Before sending `ask`: while a request still waits for its answer that an answer to `ask` would
         also fit (same unit, function and byte count, other registers: a retry's first try was answered
-        late), wait for that answer, at most `2 * timeout` after that request. Two look-alike requests
+        late), wait for that answer, at most to the end of its late window (`2 * timeout`; longer for a
+        slave proven late, whose proof lapses `late_s` after its last late answer). Two look-alike requests
         outstanding at once could not be told apart if their answers overtook each other (a caching
         gateway answers what it holds at once and the rest slowly). `receive(seconds)` waits at most
         that long for bytes and hands every complete frame among them to `_claim`. Only a slave that
