@@ -281,9 +281,7 @@ class Buffer:
             buf._create_schema()
             buf._load_counters(fresh_file=fresh, announce_jump=announce_jump, opening=True, wal_missing=wal_missing)
             seqmark.ensure_above(buf._last_seq, acked=buf._sent_upto)
-            # A first commit makes the WAL durable (SQLite syncs its directory entry then); from now on
-            # a start that finds no WAL after a crash knows that it was deleted (`SeqMark.lost_rows`).
-            conn.execute("UPDATE streams SET sent_upto=sent_upto WHERE name=?", (STREAM_READINGS,))
+            buf._write_first_frame()
             seqmark.note_running(volatile=sync != "full")
         except BaseException:
             conn.close()  # the WAL is gone now (checkpointed and deleted), but `kept` stays for the rescue
@@ -333,6 +331,14 @@ class Buffer:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
+
+    def _write_first_frame(self) -> None:
+        """A first commit that writes a WAL frame makes the WAL durable (with `sync: full` SQLite syncs it
+        and its directory entry then); from now on a start that finds no WAL after a crash knows that it
+        was deleted (`SeqMark.lost_rows`). It must change a row: SQLite writes nothing for an update
+        that leaves a row as it was (audit W)."""
+        self.conn.execute("INSERT INTO meta(key, value) VALUES ('opened_ms', ?) "
+                          "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(time.time_ns() // 1_000_000),))
 
     def has_schema(self) -> bool:
         """False while the file is still being created by a first start (no tables committed yet)."""
@@ -546,8 +552,7 @@ class Buffer:
         try:
             self.conn.execute("VACUUM")
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            # A commit again, as at every open: the WAL is durable from now on (`_open_checked`).
-            self.conn.execute("UPDATE streams SET sent_upto=sent_upto WHERE name=?", (STREAM_READINGS,))
+            self._write_first_frame()  # as at every open
         except sqlite3.Error as exc:
             log.warning("buffer %s is %.1f MB, above max_mb %.1f, and could not be compacted: %s",
                         self.path, pages * PAGE_SIZE / 2**20, self.max_bytes / 2**20, exc)

@@ -92,10 +92,26 @@ def test_a_lowered_cap_gives_the_free_pages_back_at_the_next_start(tmp_path, cap
     with caplog.at_level("INFO", logger="agent.buffer"):
         buf = Buffer.open_writer(path, max_mb=0.3)
     assert path.stat().st_size <= 0.3 * 2**20 < before
+    assert path.with_name(path.name + "-wal").stat().st_size > 32, "a frame after the compaction, as at every open"
     assert "above max_mb 0.3: compacted to" in caplog.text
     assert [(r.seq, r.value) for r in buf.readings_after(0, 20_000)] == kept
     assert store(buf, readings(1))[0].seq == 12_001
     buf.close()
+
+
+def test_every_open_writes_a_wal_frame_so_that_a_missing_wal_means_a_deleted_one(tmp_path):
+    """`SeqMark.lost_rows` takes a WAL missing after a crash for one deleted with its rows; that holds only
+    once the writer has committed a frame (SQLite then syncs the WAL and its directory entry). The open
+    used an update that changed nothing, for which SQLite writes no frame (audit W): the WAL stayed
+    empty until the first readings."""
+    path = tmp_path / "b.db"
+    Buffer.open_writer(path).close()  # closing checkpoints the WAL and deletes it
+    buf = Buffer.open_writer(path)
+    try:
+        wal = path.with_name(path.name + "-wal")
+        assert wal.exists() and wal.stat().st_size > 32, "a frame after the WAL header"
+    finally:
+        buf.close()
 
 
 def test_seq_strictly_increasing_and_continues_after_restart(tmp_path):
