@@ -556,6 +556,11 @@ class Buffer:
         except sqlite3.Error as exc:
             log.warning("buffer %s is %.1f MB, above max_mb %.1f, and could not be compacted: %s",
                         self.path, pages * PAGE_SIZE / 2**20, self.max_bytes / 2**20, exc)
+            try:  # what the failed copy wrote into the WAL is given back to the disk
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._write_first_frame()
+            except sqlite3.Error:
+                pass  # the recorder's commits report a disk that stays full
             return
         after = self.conn.execute("PRAGMA page_count").fetchone()[0]
         log.info("buffer %s was %.1f MB, above max_mb %.1f: compacted to %.1f MB in %.1f s", self.path,
