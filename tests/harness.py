@@ -198,6 +198,10 @@ class Collector:
         """Every reading seq received on the data topic, in arrival order."""
         return [r["seq"] for m in self.json_messages("/data") for r in m.get("readings", [])]
 
+    def has_readings_upto(self, last: int) -> bool:
+        """Every reading seq from 1 to `last` has been received (duplicates and later seqs allowed)."""
+        return set(range(1, last + 1)) <= set(self.reading_seqs())
+
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()

@@ -437,6 +437,24 @@ def test_answers_later_than_the_timeout_are_never_taken_for_the_next_request(kin
     assert all(r.flag == "N" for r in got if r.device == "after")
 
 
+OWN_VALUES = {"a": 111.0, "b": 222.0}
+
+
+def look_alike_device(kind: str, tmp_path, bank: RegisterBank, *, timeout: float, retries: int):
+    """Unit 1's holding 0 (111) and holding 100 (222) in `bank`, read by device "dev" as channels a and b
+    with two requests whose answers look alike (unit 1, function 3, 2 bytes); returns (link, device)."""
+    bank.set("holding", 0, [111])
+    bank.set("holding", 100, [222])
+    link = Link(kind, {1: bank}, tmp_path, timeout=timeout, retries=retries)
+    return link, link.driver("dev", 1, [RegisterSpec(channel="a", address=0), RegisterSpec(channel="b", address=100)])
+
+
+def not_their_own(readings: list[Reading]) -> list[tuple]:
+    """The readings of `look_alike_device` that are neither their own register's value (N) nor null (B)."""
+    return [(r.channel, r.value, r.flag) for r in readings
+            if (r.value, r.flag) not in ((OWN_VALUES[r.channel], "N"), (None, "B"))]
+
+
 @pytest.mark.parametrize(("kind", "relabel"), [("rtu", False), ("tcp", True)], ids=["rtu", "tcp-gateway-relabels"])
 def test_answers_later_than_twice_the_timeout_are_never_taken_for_a_look_alike_request(kind, relabel, tmp_path):
     # An analyzer that takes 0.5 s behind a bus timeout of 0.2 s: each answer comes after the late window
@@ -444,11 +462,8 @@ def test_answers_later_than_twice_the_timeout_are_never_taken_for_a_look_alike_r
     # (unit 1, function 3, 2 bytes). Holding 0 and holding 100 were stored swapped, with flag N, at every
     # poll. Too slow for its timeout, the device may read null/B; never another register's value.
     bank = RegisterBank()
-    bank.set("holding", 0, [111])
-    bank.set("holding", 100, [222])
     bank.fault = Fault("late", delay=0.5, relabel=relabel)
-    link = Link(kind, {1: bank}, tmp_path, timeout=0.2, retries=1)
-    device = link.driver("dev", 1, [RegisterSpec(channel="a", address=0), RegisterSpec(channel="b", address=100)])
+    link, device = look_alike_device(kind, tmp_path, bank, timeout=0.2, retries=1)
     assert len(device.requests) == 2
     got: list[Reading] = []
     try:
@@ -456,8 +471,7 @@ def test_answers_later_than_twice_the_timeout_are_never_taken_for_a_look_alike_r
             got += device.poll(0)
     finally:
         link.close()
-    wrong = [(r.channel, r.value, r.flag) for r in got
-             if (r.value, r.flag) not in (({"a": 111.0, "b": 222.0}[r.channel], "N"), (None, "B"))]
+    wrong = not_their_own(got)
     assert not wrong, f"values from another request's answer: {wrong}"
     assert link.bus.stats.late_answers > 0, "the slave's late answers did reach the master"
 
@@ -471,33 +485,26 @@ def test_without_retries_a_slave_far_slower_than_its_timeout_is_told_apart_once_
     of a request it does not answer, proves it late, and from then on its late answers are told apart:
     the device reads B, never another register's value."""
     bank = RegisterBank()
-    bank.set("holding", 0, [111])
-    bank.set("holding", 100, [222])
     bank.fault = Fault("late", delay=0.5, relabel=relabel)
-    link = Link(kind, {1: bank}, tmp_path, timeout=0.2, retries=0)
-    device = link.driver("dev", 1, [RegisterSpec(channel="a", address=0), RegisterSpec(channel="b", address=100)])
+    link, device = look_alike_device(kind, tmp_path, bank, timeout=0.2, retries=0)
     polls: list[list[Reading]] = []
     try:
         for _ in range(6):
             polls.append(device.poll(0))
     finally:
         link.close()
-    wrong = [(r.channel, r.value, r.flag) for poll in polls[2:] for r in poll
-             if (r.value, r.flag) not in (({"a": 111.0, "b": 222.0}[r.channel], "N"), (None, "B"))]
+    wrong = not_their_own([r for poll in polls[2:] for r in poll])
     assert not wrong, f"values from another request's answer once the slave is known late: {wrong}"
 
 
 @pytest.mark.parametrize("kind", ["rtu", "tcp"])
 def test_a_slave_back_from_a_silence_reads_its_own_values_again(kind, tmp_path):
-    """The requests a silent slave never answered stay owed for the late window: an answer meanwhile
-    retires the oldest look-alike one. Once the slave answers again, its device may read B while they
-    expire, never another register's value, and reads N with its own values again."""
+    """A silent slave is never proven late: the requests it did not answer are forgotten after 2 timeouts.
+    Once it answers again, its device may read B for a poll, never another register's value, and reads N
+    with its own values again."""
     bank = RegisterBank()
-    bank.set("holding", 0, [111])
-    bank.set("holding", 100, [222])
     bank.fault = Fault("silent")
-    link = Link(kind, {1: bank}, tmp_path, timeout=0.1, retries=1)
-    device = link.driver("dev", 1, [RegisterSpec(channel="a", address=0), RegisterSpec(channel="b", address=100)])
+    link, device = look_alike_device(kind, tmp_path, bank, timeout=0.1, retries=1)
     got: list[Reading] = []
 
     def poll() -> list[Reading]:
@@ -513,8 +520,7 @@ def test_a_slave_back_from_a_silence_reads_its_own_values_again(kind, tmp_path):
                  "both registers' own values again")
     finally:
         link.close()
-    wrong = [(r.channel, r.value, r.flag) for r in got
-             if (r.value, r.flag) not in (({"a": 111.0, "b": 222.0}[r.channel], "N"), (None, "B"))]
+    wrong = not_their_own(got)
     assert not wrong, f"values from another request's answer: {wrong}"
 
 
@@ -539,15 +545,12 @@ class DropsRequests(RegisterBank):
 
 @pytest.mark.parametrize("kind", ["rtu", "tcp"])
 def test_a_healthy_slave_that_missed_one_request_reads_its_values_again(kind, tmp_path):
-    """A request lost on the line (noise on RS-485, a request the slave could not parse) is owed for the
-    late window: the next look-alike request's answer retires it instead, that request fails, and so on,
-    one request behind at every poll. With retries 0 the device read null/B at every poll for good,
-    though the slave answered every request it received at once."""
+    """A request lost on the line (noise on RS-485, a request the slave could not parse) was owed for a late
+    window of 20 timeouts (05074b6): the next look-alike request's answer retired it instead, that request
+    failed, and so on, one request behind at every poll. With retries 0 the device read null/B at every
+    poll for good, though the slave answered every request it received at once (audit W)."""
     bank = DropsRequests()
-    bank.set("holding", 0, [111])
-    bank.set("holding", 100, [222])
-    link = Link(kind, {1: bank}, tmp_path, timeout=0.1, retries=0)
-    device = link.driver("dev", 1, [RegisterSpec(channel="a", address=0), RegisterSpec(channel="b", address=100)])
+    link, device = look_alike_device(kind, tmp_path, bank, timeout=0.1, retries=0)
     try:
         assert [(r.value, r.flag) for r in device.poll(0)] == [(111.0, "N"), (222.0, "N")]
         bank.drop = 1
@@ -568,11 +571,8 @@ def test_answers_that_overtake_each_other_are_never_confused(kind, relabel, tmp_
     # after 0.15 s, the read of holding 100 after 0.02 s, as at a caching gateway: the first answer
     # arrives while the retry is out, and the retry's own answer would come after the next request's.
     bank = RegisterBank()
-    bank.set("holding", 0, [111])
-    bank.set("holding", 100, [222])
     bank.fault = Fault("late", delays=(0.40, 0.15, 0.02), relabel=relabel)
-    link = Link(kind, {1: bank}, tmp_path, timeout=0.30, retries=1)
-    device = link.driver("dev", 1, [RegisterSpec(channel="a", address=0), RegisterSpec(channel="b", address=100)])
+    link, device = look_alike_device(kind, tmp_path, bank, timeout=0.30, retries=1)
     assert len(device.requests) == 2
     got: list[Reading] = []
     try:

@@ -46,7 +46,7 @@ def test_a_publisher_that_dies_stops_the_agent_with_status_1_and_nothing_is_lost
 
     again = AgentProcess(cfg)  # the restart systemd makes
     try:
-        wait_for(lambda: set(range(1, stored + 1)) <= set(collector.reading_seqs()), 30,
+        wait_for(lambda: collector.has_readings_upto(stored), 30,
                  "every reading stored before the failure")
     finally:
         assert again.stop() == 0

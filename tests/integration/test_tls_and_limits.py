@@ -54,7 +54,7 @@ def test_tls_client_certificate_and_password_wrong_then_fixed_by_sighup(tmp_path
         wait_for(lambda: collector.reading_seqs() and min(collector.reading_seqs()) == 1, 30,
                  "delivery from seq 1 once the password is fixed")
         target = db_last_seq(tmp_path / "buffer.db")
-        wait_for(lambda: set(range(1, target + 1)) <= set(collector.reading_seqs()), 30, "the whole backlog")
+        wait_for(lambda: collector.has_readings_upto(target), 30, "the whole backlog")
     finally:
         assert agent.stop() == 0
         collector.close()
