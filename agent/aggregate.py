@@ -11,7 +11,7 @@ Decisions (the README's aggregate section should repeat them for technicians):
 
 - On/off: periods are computed only when the file has an `aggregate:` section (`aggregate: {}` gives
   the defaults: 10-minute, hour and day). Kinds: `<n>m` (`aggregate.minute`), `1h` and `1d` when
-  `hour`/`day` are true. Other keys (agent/config.py `Aggregate`): `min_valid` (a share, or one per
+  `hour`/`day` are true. Other keys (agent/configsections.py `Aggregate`): `min_valid` (a share, or one per
   kind), `min_count` (per kind), `flow`, `flow_weighted`, `grace`.
 - Boundaries are the station's local time (`station.timezone`, zoneinfo): a period is [start, end)
   with start at a local multiple of n minutes, the local hour or local midnight; the body's `start`

@@ -25,7 +25,7 @@ SECRET_KEYS = frozenset({"password", "pw"})
 
 # Keys that name a file holding a secret: what is written there may be the secret itself, typed where
 # the file's path belongs (`password_file: Hunter2`), so a message shows it only when it is plausibly a
-# path (`agent.config` decides).
+# path (`agent.configfields._may_show_path` decides).
 SECRET_FILE_KEYS = frozenset({"password_file", "key"})
 
 
