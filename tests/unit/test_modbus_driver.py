@@ -28,14 +28,12 @@ from drivers.modbus import (
     ModbusBus,
     ModbusDriver,
     NoAnswer,
-    _Ask,
-    _Link,
-    _take_mbap_frame,
-    _take_rtu_frame,
     build_bus_drivers,
 )
 from drivers.modbus import crc16 as driver_crc16
 from drivers.modbus_codec import decode, encode_raw, flag_from_status
+from drivers.modbus_frames import _Ask, _take_mbap_frame, _take_rtu_frame
+from drivers.modbus_link import _Link
 from drivers.planner import plan, slice_response
 from drivers.registers import RegisterSpec
 from drivers.sim.instruments import STATE_FLAGS, SimControl, SimInstrument, _status_raw, parse_fault
