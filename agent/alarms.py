@@ -3,9 +3,21 @@
 `status` and for restarts) and drives alarm actions (a coil or register written on raise, back on clear).
 
 Runs on the recorder thread: `observe` gets each committed batch, `tick` runs about once a second;
-both are O(readings) / O(rules) and never do I/O (action writes run on a worker thread). Imports
-`agent.config`, `agent.model` and `agent.logutil` only; the limits of `preset:` come from
-`agent/data/presets.yaml`.
+both are O(readings) / O(rules) and never do I/O (action writes run on a worker thread). This module
+holds the engine, `AlarmEngine` (rules and alarms from the configuration, evaluation, events, the saved
+state, when actions are written), how its events and state write numbers (`_json_number`,
+`_as_published`) and the state's format (STATE_VERSION); it re-exports the names other modules import
+from it, so that `from agent.alarms import X` is the way in. Its parts, from the bottom up (each module
+imports only modules above it in this list):
+- `agent.alarmpresets`: the presets (`load_presets`, `resolve_preset`; the limits of `preset:` come
+  from `agent/data/presets.yaml`), a limit in the channel's unit.
+- `agent.alarmwindow`: `_Window`, the rolling mean of `window: S`.
+- `agent.alarmactions`: `ActionWriter`, `_Target` (a coil or register that actions write) and
+  `_ActionWorker` (the thread of the writes).
+- `agent.alarmrules`: `_Rule`, `_Channel`, `_Instance` and the arithmetic of an evaluation (which
+  values count, when a delay is up, the hysteresis band).
+- `agent.alarms`: this module.
+Imports those modules, `agent.config`, `agent.model` and `agent.logutil`; nothing else from the project.
 
 Decisions (the README's alarm section repeats them for technicians):
 
@@ -62,28 +74,34 @@ Decisions (the README's alarm section repeats them for technicians):
 
 from __future__ import annotations
 
-import functools
-import importlib.resources
 import json
 import logging
 import math
-import queue
-import re
 import threading
 import time
-from array import array
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import yaml
-
+from agent.alarmactions import ACTION_RETRY_FIRST_S, ACTION_RETRY_MAX_S, ActionWriter, _ActionWorker, _Target
+from agent.alarmpresets import ColdLimit, Preset, PresetLimit, _limit_for, _unit_factor, load_presets, resolve_preset
+from agent.alarmrules import (
+    FAULT_FLAGS,
+    RULE_ABOVE,
+    RULE_BELOW,
+    RULE_FAULT,
+    RULE_STALE,
+    _band_edge,
+    _Channel,
+    _Instance,
+    _lasted,
+    _measured,
+    _Rule,
+    _taken_at,
+)
+from agent.alarmwindow import MIN_WINDOW_COVERAGE, _Window
 from agent.config import Alarm, Config
 from agent.logutil import RateLimitedLog
-from agent.model import FLAG_COMM, FLAG_FAULT, FLAG_NORMAL, FLAG_OVER_RANGE, STREAM_ALARMS, Reading, iso_utc_ms, now_ms
-from agent.threadname import name_this_thread
+from agent.model import STREAM_ALARMS, Reading, iso_utc_ms, now_ms
 
 __all__ = [
     "ACTION_RETRY_FIRST_S",
@@ -101,169 +119,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-FAULT_FLAGS = frozenset({FLAG_COMM, FLAG_FAULT})  # the device fault rule: no answer, or the device says fault
-MEASURED_FLAGS = frozenset({FLAG_NORMAL, FLAG_OVER_RANGE})  # values compared with limits
-MIN_WINDOW_COVERAGE = 0.75  # a window mean needs readings over this share of the window
-WINDOW_BUCKETS = 120  # a window keeps at most about this many (sum, count) buckets
 WINDOW_SAVE_EVERY_S = 60.0  # windows are saved with the alarm state at most this often
-READING_AGE_MAX_S = 5.0  # a reading reaches the engine this long after it was taken at most (see _taken_at)
-POLL_JITTER_S = 0.1  # polls start this much late at most, by the scheduler's whims (see _lasted)
-ACTION_RETRY_FIRST_S = 2.0  # a failed action write is retried after this, doubling ...
-ACTION_RETRY_MAX_S = 60.0  # ... up to this
-
-RULE_ABOVE, RULE_BELOW, RULE_STALE, RULE_FAULT = "above", "below", "stale", "fault"
-
-
-# --------------------------------------------------------------------------------------------------
-# Presets (agent/data/presets.yaml)
 
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
-
-
-def _measured(r: Reading) -> bool:
-    """A value that counts for limits and windows: present, finite, with a measurement flag."""
-    return r.value is not None and r.flag in MEASURED_FLAGS and math.isfinite(r.value)
-
-
-@dataclass(frozen=True)
-class ColdLimit:
-    """A second limit that applies while a temperature channel reads <= `at_or_below`."""
-
-    above: float
-    channel: str  # channel code of the temperature (w01010 water temperature)
-    at_or_below: float
-
-
-@dataclass(frozen=True)
-class PresetLimit:
-    """The limit of one pollutant in a preset, in the standard's unit."""
-
-    above: float
-    unit: str | None
-    cold: ColdLimit | None = None
-
-
-@dataclass(frozen=True)
-class Preset:
-    """One entry of presets.yaml: limits per channel code and the averaging window they apply to."""
-
-    name: str
-    standard: str
-    year: int
-    title: str
-    window: float | None
-    limits: Mapping[str, PresetLimit]
-    note: str | None = None
-
-
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{where}: expected a number, got {value!r}")
-    return float(value)
-
-
-@functools.cache
-def load_presets(path: str | Path | None = None) -> Mapping[str, Preset]:
-    """The alarm presets, read once from the packaged `agent/data/presets.yaml` (or `path`).
-    Raises ValueError naming the entry when the file is malformed."""
-    if path is None:
-        text = importlib.resources.files("agent").joinpath("data/presets.yaml").read_text("utf-8")
-    else:
-        text = Path(path).read_text("utf-8")
-    document = yaml.safe_load(text)
-    if not isinstance(document, dict) or not isinstance(document.get("presets"), dict):
-        raise ValueError("presets: top-level 'presets' mapping missing")
-    presets: dict[str, Preset] = {}
-    for name, entry in document["presets"].items():
-        where = f"presets.{name}"
-        if not isinstance(entry, dict) or not {"standard", "year", "limits"} <= set(entry):
-            raise ValueError(f"{where}: needs standard, year and limits")
-        window = entry.get("window")
-        limits: dict[str, PresetLimit] = {}
-        for code, lim in (entry["limits"] or {}).items():
-            lw = f"{where}.limits.{code}"
-            if not isinstance(lim, dict) or "above" not in lim:
-                raise ValueError(f"{lw}: needs above")
-            cold = lim.get("cold")
-            cold_limit = None
-            if cold is not None:
-                if not isinstance(cold, dict) or not {"above", "channel", "at_or_below"} <= set(cold):
-                    raise ValueError(f"{lw}.cold: needs above, channel and at_or_below")
-                cold_limit = ColdLimit(_number(cold["above"], f"{lw}.cold.above"), str(cold["channel"]),
-                                       _number(cold["at_or_below"], f"{lw}.cold.at_or_below"))
-            limits[str(code)] = PresetLimit(_number(lim["above"], f"{lw}.above"),
-                                            str(lim["unit"]) if lim.get("unit") else None, cold_limit)
-        presets[str(name)] = Preset(
-            name=str(name), standard=str(entry["standard"]), year=int(entry["year"]),
-            title=str(entry.get("title") or ""),
-            window=None if window is None else _number(window, f"{where}.window"),
-            limits=limits, note=entry.get("note"),
-        )
-    return presets
-
-
-def resolve_preset(name: str, code: str, temperature: float | None = None) -> tuple[float, float | None]:
-    """(limit in the standard's unit, window seconds or None) of preset `name` for channel code
-    `code`, given the temperature the preset's cold variant looks at. KeyError when the preset has no
-    limit for that code."""
-    preset = load_presets()[name]
-    lim = preset.limits[code]
-    return _limit_for(lim, temperature), preset.window
-
-
-def _limit_for(lim: PresetLimit, temperature: float | None) -> float:
-    if lim.cold is not None and temperature is not None and temperature <= lim.cold.at_or_below:
-        return lim.cold.above
-    return lim.above
-
-
-# Mass-per-volume units: a preset in ug/m3 applies to a TSP channel reported in mg/m3.
-_MASS = {"ng": 1e-3, "ug": 1.0, "mg": 1e3, "g": 1e6}
-_UNIT_RE = re.compile(r"(ng|ug|mg|g)/(m3|l)")
-
-
-def _unit_factor(from_unit: str | None, to_unit: str | None) -> float | None:
-    """Factor turning a number in `from_unit` into `to_unit`; 1 when either is unknown; None when
-    they are different kinds of unit."""
-    if not from_unit or not to_unit:
-        return 1.0
-
-    def norm(u: str) -> str:
-        return (u.strip().lower().replace("µ", "u").replace("μ", "u").replace("³", "3").replace(" ", ""))
-
-    a, b = norm(from_unit), norm(to_unit)
-    if a == b:
-        return 1.0
-    ma, mb = _UNIT_RE.fullmatch(a), _UNIT_RE.fullmatch(b)
-    if ma is None or mb is None or ma.group(2) != mb.group(2):
-        return None
-    return _MASS[ma.group(1)] / _MASS[mb.group(1)]
-
-
-def _taken_at(now: float, wall_ms: int, ts_ms: int) -> float:
-    """When a reading was taken, on the monotonic clock: `now` less its age by the wall clock. A batch
-    reaches the engine after the bus transaction and the group commit, whose length varies by a few
-    milliseconds from poll to poll: timed from its arrival, a `delay` of two polls would often take
-    three. The age is kept within 0..READING_AGE_MAX_S, so that a timestamp from an analyzer's own clock
-    or a wall-clock step moves a delay by that much at most."""
-    return now - min(max((wall_ms - ts_ms) / 1000, 0.0), READING_AGE_MAX_S)
-
-
-def _lasted(since: float, now: float, delay: float) -> bool:
-    """Whether a condition that began at `since` has lasted `delay` seconds at `now`, give or take
-    POLL_JITTER_S: a poll is stamped when its thread runs, a few milliseconds after its turn, so the
-    values of a delay of two poll intervals are often 1.995 intervals apart."""
-    return now - since >= delay - POLL_JITTER_S
-
-
-def _band_edge(limit: float, hysteresis: float, above: bool) -> float:
-    """X − hysteresis (`above`) or X + hysteresis, to 15 significant digits as the numbers are written:
-    0.8 − 0.1 is 0.7, where binary floats make it 0.7000000000000001 (and a value of 0.7, not below
-    the band, would clear)."""
-    edge = limit - hysteresis if above else limit + hysteresis
-    return float(f"{edge:.15g}")
 
 
 def _json_number(x: float | None) -> float | int | None:
@@ -281,236 +141,6 @@ def _as_published(x: float | None) -> float | None:
         return None
     rounded = float(f"{x:.15g}")
     return rounded if math.isfinite(rounded) else x  # the double max rounds up to inf: JSON cannot say it
-
-
-# --------------------------------------------------------------------------------------------------
-# Rolling window
-
-
-class _Window:
-    """Mean of the readings of the last `seconds` (reading timestamps), in (sum, count) buckets of
-    `seconds / WINDOW_BUCKETS`: O(1) per reading, bounded memory even for 24-hour windows. A bucket is
-    four machine numbers in four arrays (its index, sum, count and oldest reading time): 32 bytes, where
-    a list of four Python numbers took ~200 (200 channels with a 300 s window: 0.8 MB instead of 4.9)."""
-
-    __slots__ = ("seconds", "span_ms", "bucket_ms", "index", "sums", "counts", "oldest", "total", "count", "newest")
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.span_ms = int(seconds * 1000)
-        self.bucket_ms = max(1, self.span_ms // WINDOW_BUCKETS)
-        self.index = array("q")  # the buckets, oldest first: ts_ms // bucket_ms
-        self.sums = array("d")
-        self.counts = array("q")
-        self.oldest = array("q")  # the oldest reading time in the bucket
-        self.total = 0.0
-        self.count = 0
-        self.newest: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def add(self, ts_ms: int, value: float) -> None:
-        if self.newest is not None and ts_ms <= self.newest - self.span_ms:
-            self.clear()  # the clock stepped back by more than the window (or a very late reading)
-        index = ts_ms // self.bucket_ms
-        if not self.index or index > self.index[-1]:
-            self._insert(len(self.index), index, value, 1, ts_ms)
-        else:
-            self._add_old(index, ts_ms, value)
-        self.total += value
-        self.count += 1
-        if self.newest is None or ts_ms > self.newest:
-            self.newest = ts_ms
-            self._expire()
-
-    def _insert(self, pos: int, index: int, total: float, count: int, oldest: int) -> None:
-        self.index.insert(pos, index)
-        self.sums.insert(pos, total)
-        self.counts.insert(pos, count)
-        self.oldest.insert(pos, oldest)
-
-    def _add_old(self, index: int, ts_ms: int, value: float) -> None:
-        for pos in range(len(self.index) - 1, -1, -1):  # rare: a reading older than the newest bucket
-            if self.index[pos] == index:
-                self.sums[pos] += value
-                self.counts[pos] += 1
-                self.oldest[pos] = min(self.oldest[pos], ts_ms)
-                return
-            if self.index[pos] < index:
-                self._insert(pos + 1, index, value, 1, ts_ms)
-                return
-        self._insert(0, index, value, 1, ts_ms)
-
-    def _expire(self) -> None:
-        assert self.newest is not None
-        horizon = self.newest - self.span_ms
-        n = 0
-        while n < len(self.index) and (self.index[n] + 1) * self.bucket_ms <= horizon:
-            n += 1
-        if n:
-            for column in (self.index, self.sums, self.counts, self.oldest):
-                del column[:n]
-            self._recount()  # no drift of the running sum
-
-    def _recount(self) -> None:
-        try:
-            self.total = math.fsum(self.sums)
-        except OverflowError:  # values near the double max (a float64 register reads 1e308): no mean
-            self.total = math.nan
-        self.count = sum(self.counts)
-
-    def clear(self) -> None:
-        for column in (self.index, self.sums, self.counts, self.oldest):
-            del column[:]
-        self.total = 0.0
-        self.count = 0
-        self.newest = None
-
-    def mean(self) -> float | None:
-        """None without readings, or while values near the double max overflow the sum (until they leave)."""
-        mean = self.total / self.count if self.count else math.nan
-        return mean if math.isfinite(mean) else None
-
-    def covered_ms(self) -> int:
-        """Milliseconds between the oldest and the newest reading in the window."""
-        if not self.index or self.newest is None:
-            return 0
-        return int(self.newest - self.oldest[0])
-
-    def to_json(self) -> dict[str, Any]:
-        return {"s": self.seconds, "w": self.bucket_ms, "n": self.newest,
-                "b": [list(b) for b in zip(self.index, self.sums, self.counts, self.oldest, strict=True)]}
-
-    @classmethod
-    def from_json(cls, seconds: float, data: Any) -> _Window:
-        w = cls(seconds)
-        try:
-            if data.get("s") != seconds or data.get("w") != w.bucket_ms:
-                return w
-            for index, total, count, oldest in data["b"]:
-                w._insert(len(w), int(index), float(total), int(count), int(oldest))
-            w.newest = int(data["n"]) if data.get("n") is not None else None
-            w._recount()
-        except (AttributeError, KeyError, TypeError, ValueError, OverflowError):
-            return cls(seconds)
-        return w
-
-
-# --------------------------------------------------------------------------------------------------
-# Rules, channels, alarm instances
-
-
-class ActionWriter(Protocol):
-    """Writes a Modbus coil or holding register of a configured device; raises on failure."""
-
-    def __call__(self, device_id: str, kind: str, address: int, value: int | bool) -> None: ...
-
-
-@dataclass
-class _Target:
-    """One thing an action writes (device, coil/register, address) and its state machine."""
-
-    key: str
-    device: str
-    kind: str  # "coil" | "register"
-    address: int
-    on_value: int | bool
-    off_value: int | bool
-    min_on: float
-    active_ids: set[str] = field(default_factory=set)
-    written: bool | None = None  # last state confirmed written (None: unknown)
-    touched: bool = False  # a write was attempted: an unknown state may be "on"
-    orphan: bool = False  # no rule names it any more: switch it off, then forget it
-    inflight: bool | None = None  # state being written right now
-    on_since: float | None = None  # monotonic time "on" was confirmed
-    retry_at: float = 0.0
-    failures: int = 0
-
-    @property
-    def desired(self) -> bool:
-        return bool(self.active_ids)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"device": self.device, "kind": self.kind, "address": self.address, "on": self.on_value,
-                "off": self.off_value, "min_on": self.min_on, "written": self.written}
-
-    @classmethod
-    def from_json(cls, key: str, data: Mapping[str, Any]) -> _Target | None:
-        try:
-            target = cls(key, str(data["device"]), str(data["kind"]), int(data["address"]), data["on"],
-                         data["off"], float(data["min_on"]))
-        except (KeyError, TypeError, ValueError):
-            return None
-        written = data.get("written")
-        target.written = written if isinstance(written, bool) else None
-        target.touched = target.written is not None
-        return target
-
-
-@dataclass
-class _Rule:
-    index: int
-    alarm: Alarm
-    specificity: int  # 2 "dev.ch", 1 "dev.*", 0 "*"
-    kinds: list[tuple[str, str]]  # (rule name in events, id suffix)
-    preset: Preset | None
-    window: float | None
-    target: _Target | None
-
-    def matches(self, key: str) -> bool:
-        pattern = self.alarm.channel
-        if pattern == "*":
-            return True
-        if pattern.endswith(".*"):
-            return key.split(".", 1)[0] == pattern[:-2]
-        return key == pattern
-
-
-class _Channel:
-    """What the engine knows of one `device.channel`."""
-
-    __slots__ = ("key", "device", "code", "unit", "last_valid_mono", "fault_since", "last_value", "windows",
-                 "instances", "passive")
-
-    def __init__(self, key: str, started: float):
-        self.key = key
-        self.device, self.code = key.split(".", 1)
-        self.unit: str | None = None
-        self.last_valid_mono = started  # not seen yet: the stale clock runs from the engine's start
-        self.fault_since: float | None = None
-        self.last_value: float | None = None  # last measured value (flag N/T)
-        self.windows: dict[float, _Window] = {}
-        self.instances: list[_Instance] = []
-        # Neither a rule's background nor a preset's cold-start channel: with no instances and no
-        # windows either, no rule looks at its readings and the engine skips them.
-        self.passive = True
-
-
-class _Instance:
-    """One alarm: a rule applied to a channel."""
-
-    __slots__ = ("id", "rule_name", "rule", "channel", "limit", "active", "since_ms", "value", "threshold",
-                 "pending", "clearing", "_unit_seen", "_factor")
-
-    def __init__(self, id_: str, rule_name: str, rule: _Rule, channel: _Channel, limit: PresetLimit | None):
-        self.id = id_
-        self.rule_name = rule_name
-        self.rule = rule
-        self.channel = channel
-        self.limit = limit  # the preset's limit for this channel code
-        self.active = False
-        self.since_ms: int | None = None
-        self.value: float | None = None
-        self.threshold: float | None = None
-        self.pending: float | None = None  # monotonic start of "beyond the limit"
-        self.clearing: float | None = None  # monotonic start of "back within"
-        self._unit_seen: str | None = None
-        self._factor = 1.0
-
-
-# --------------------------------------------------------------------------------------------------
-# The engine
 
 
 class AlarmEngine:
@@ -1208,52 +838,3 @@ class AlarmEngine:
         target.written = on
         target.on_since = now if on else None
         return True
-
-
-class _ActionWorker(threading.Thread):
-    """Runs action writes one at a time, off the recorder thread (a Modbus write may wait for a
-    timeout); results are collected by the engine's next tick."""
-
-    def __init__(self, writer: ActionWriter):
-        super().__init__(name="alarm-actions", daemon=True)
-        self.writer = writer
-        self._queue: queue.Queue[tuple | None] = queue.Queue()
-        self._results: deque[tuple[str, bool, BaseException | None]] = deque()
-        self._idle = threading.Condition()
-        self._unfinished = 0  # jobs submitted and not yet written (or failed)
-
-    def submit(self, key: str, on: bool, device: str, kind: str, address: int, value: int | bool) -> None:
-        with self._idle:
-            self._unfinished += 1
-        self._queue.put((key, on, device, kind, address, value))
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait up to `timeout` for every submitted write to finish; True when they did."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
-
-    def results(self) -> list[tuple[str, bool, BaseException | None]]:
-        out = []
-        while self._results:
-            out.append(self._results.popleft())
-        return out
-
-    def stop(self) -> None:
-        self._queue.put(None)
-
-    def run(self) -> None:
-        name_this_thread()
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            key, on, device, kind, address, value = job
-            try:
-                self.writer(device, kind, address, value)
-            except Exception as exc:  # noqa: BLE001 - reported to the engine, which retries
-                self._results.append((key, on, exc))
-            else:
-                self._results.append((key, on, None))
-            with self._idle:
-                self._unfinished -= 1
-                self._idle.notify_all()

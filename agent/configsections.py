@@ -51,7 +51,7 @@ from agent.configproblem import ConfigError, Problem
 
 def _preset_codes() -> dict[str, frozenset[str]]:
     """The alarm presets in the packaged `agent/data/presets.yaml` with the channel codes each has a
-    limit for (the limits themselves are read by `agent.alarms.load_presets`)."""
+    limit for (the limits themselves are read by `agent.alarmpresets.load_presets`)."""
     text = importlib.resources.files("agent").joinpath("data/presets.yaml").read_text("utf-8")
     document = yaml.safe_load(text)
     if not isinstance(document, dict) or not isinstance(document.get("presets"), dict):

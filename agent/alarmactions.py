@@ -1,0 +1,120 @@
+"""What an alarm action writes (an alarm rule's `action:`, SPEC §2 "alarms"): `ActionWriter`, the
+writer the engine is given (a Modbus coil or holding register of a configured device); `_Target`, one
+coil or register that actions write, with what the engine knows of it (the alarms that want it on, the
+state last written, the write in flight, failures and the next retry, `min_on`) and how it is saved
+in the alarm state; `_ActionWorker`, the thread that runs the writes one at a time, off the recorder
+thread; ACTION_RETRY_FIRST_S and ACTION_RETRY_MAX_S, when a failed write is tried again. When to
+write, and what a write's result changes, is the engine's (`agent.alarms`, `AlarmEngine._run_actions`).
+
+Imports `agent.threadname` only.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agent.threadname import name_this_thread
+
+ACTION_RETRY_FIRST_S = 2.0  # a failed action write is retried after this, doubling ...
+ACTION_RETRY_MAX_S = 60.0  # ... up to this
+
+
+class ActionWriter(Protocol):
+    """Writes a Modbus coil or holding register of a configured device; raises on failure."""
+
+    def __call__(self, device_id: str, kind: str, address: int, value: int | bool) -> None: ...
+
+
+@dataclass
+class _Target:
+    """One thing an action writes (device, coil/register, address) and its state machine."""
+
+    key: str
+    device: str
+    kind: str  # "coil" | "register"
+    address: int
+    on_value: int | bool
+    off_value: int | bool
+    min_on: float
+    active_ids: set[str] = field(default_factory=set)
+    written: bool | None = None  # last state confirmed written (None: unknown)
+    touched: bool = False  # a write was attempted: an unknown state may be "on"
+    orphan: bool = False  # no rule names it any more: switch it off, then forget it
+    inflight: bool | None = None  # state being written right now
+    on_since: float | None = None  # monotonic time "on" was confirmed
+    retry_at: float = 0.0
+    failures: int = 0
+
+    @property
+    def desired(self) -> bool:
+        return bool(self.active_ids)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device": self.device, "kind": self.kind, "address": self.address, "on": self.on_value,
+                "off": self.off_value, "min_on": self.min_on, "written": self.written}
+
+    @classmethod
+    def from_json(cls, key: str, data: Mapping[str, Any]) -> _Target | None:
+        try:
+            target = cls(key, str(data["device"]), str(data["kind"]), int(data["address"]), data["on"],
+                         data["off"], float(data["min_on"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+        written = data.get("written")
+        target.written = written if isinstance(written, bool) else None
+        target.touched = target.written is not None
+        return target
+
+
+class _ActionWorker(threading.Thread):
+    """Runs action writes one at a time, off the recorder thread (a Modbus write may wait for a
+    timeout); results are collected by the engine's next tick."""
+
+    def __init__(self, writer: ActionWriter):
+        super().__init__(name="alarm-actions", daemon=True)
+        self.writer = writer
+        self._queue: queue.Queue[tuple | None] = queue.Queue()
+        self._results: deque[tuple[str, bool, BaseException | None]] = deque()
+        self._idle = threading.Condition()
+        self._unfinished = 0  # jobs submitted and not yet written (or failed)
+
+    def submit(self, key: str, on: bool, device: str, kind: str, address: int, value: int | bool) -> None:
+        with self._idle:
+            self._unfinished += 1
+        self._queue.put((key, on, device, kind, address, value))
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` for every submitted write to finish; True when they did."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
+
+    def results(self) -> list[tuple[str, bool, BaseException | None]]:
+        out = []
+        while self._results:
+            out.append(self._results.popleft())
+        return out
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def run(self) -> None:
+        name_this_thread()
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            key, on, device, kind, address, value = job
+            try:
+                self.writer(device, kind, address, value)
+            except Exception as exc:  # noqa: BLE001 - reported to the engine, which retries
+                self._results.append((key, on, exc))
+            else:
+                self._results.append((key, on, None))
+            with self._idle:
+                self._unfinished -= 1
+                self._idle.notify_all()
