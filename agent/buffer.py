@@ -408,9 +408,12 @@ class Buffer:
             # deleted after a crash): continue above every seq that may ever have been issued.
             lost = not rereading and (fresh_file or last < mark - self.seqmark.block or (
                 opening and self.seqmark.lost_rows(stream, last, wal_missing)))
-            # After a clean close the last seq issued is known exactly: no need to skip to the mark.
+            # After a clean close the last seq issued is known exactly: no need to skip to the mark. A file
+            # a whole block below the mark may be another buffer's (that one issued above it); a fresh file
+            # always lies that far below once a block is used up, and the clean close's note stands for it.
             issued = self.seqmark.issued_at_clean_close(stream)
-            top = mark if issued is None or last < mark - self.seqmark.block else min(max(issued, last), mark)
+            foreign = not fresh_file and last < mark - self.seqmark.block
+            top = mark if issued is None or foreign else min(max(issued, last), mark)
             if last < top and lost:
                 if not fresh_file:
                     log.warning("buffer %s: stream %s ends at seq %d, but seqs up to %d may have been issued "

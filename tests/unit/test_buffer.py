@@ -884,3 +884,43 @@ def test_status_while_a_first_start_creates_the_file_reads_an_empty_buffer(tmp_p
             reader.close()
     finally:
         buf.close()
+
+
+def test_after_a_clean_close_past_the_first_block_a_deleted_file_continues_right_after_its_last_seq(tmp_path):
+    """README "No jump after a clean stop" on a station that issued more than one reservation block
+    (10 000 readings: four minutes of 40 channels a second): the fresh file continues right after the
+    last seq the clean close noted, and only what was not acknowledged is announced lost, not the
+    whole rest of the reservation (a false `buffer_missing` gap of thousands of seqs never issued)."""
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    store(buf, readings(10_050))
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 10_040)
+    buf.commit()
+    buf.close()
+    mark, buf = reopen_without_the_file(tmp_path)
+    try:
+        assert mark == 20_050, "the reservation lies a block above the last seq"
+        assert gaps(buf) == [(10_041, 10_050, "buffer_missing")]
+        assert store(buf, readings(1))[0].seq == 10_051
+    finally:
+        buf.close()
+
+
+def test_after_a_clean_close_past_the_first_block_a_corrupt_file_s_seqs_continue_right_after_it(tmp_path):
+    """The same for a file found corrupt at the next start: every row was delivered before the clean
+    stop, so nothing is announced lost and the seqs go on right after the last one."""
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    store(buf, readings(10_050))
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 10_050)
+    buf.commit()
+    buf.close()
+    path.write_bytes(bytes(range(256)) * (path.stat().st_size // 256))
+    buf = Buffer.open_writer(path)
+    try:
+        assert gaps(buf) == []
+        assert store(buf, readings(1))[0].seq == 10_051
+    finally:
+        buf.close()
