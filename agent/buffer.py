@@ -166,6 +166,21 @@ def _wal_commits_lost(path: Path, conn: sqlite3.Connection) -> int:
     return max(0, commits - 1)
 
 
+def _wal_has_no_frame(path: Path) -> bool:
+    """True when the file's WAL is gone or holds no frame. Every writer's first commit writes a frame
+    (`_write_first_frame`), and later checkpoints keep the WAL's length, so after a crash an empty WAL
+    is one that was deleted while the writer ran (it went on in the deleted file) and made again,
+    empty, by the next connection to open the file (`edge-agent status`, the publisher): the rows
+    since the last checkpoint went with the deleted one (`SeqMark.lost_rows`). The one other way, a
+    crash right after the TRUNCATE checkpoint of a full disk, costs a needless jump, never a seq."""
+    try:
+        return path.with_name(path.name + "-wal").stat().st_size <= 32  # the header alone, or nothing
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
 def _kept_wal(path: Path) -> Path:
     return path.with_name(path.name + "-wal.kept")
 
@@ -265,7 +280,7 @@ class Buffer:
     def _open_checked(cls, path: Path, sync: str, seqmark: SeqMark, announce_jump: bool = True) -> Buffer:
         """Open (or create) and check the file; `announce_jump=False` when the salvage announces it."""
         fresh = not path.exists() or path.stat().st_size == 0
-        wal_missing = not fresh and not path.with_name(path.name + "-wal").exists()
+        wal_missing = not fresh and _wal_has_no_frame(path)
         kept = None if fresh else _keep_wal(path)
         conn = _connect(path, readonly=False, sync=sync)
         try:

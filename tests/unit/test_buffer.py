@@ -924,3 +924,30 @@ def test_after_a_clean_close_past_the_first_block_a_corrupt_file_s_seqs_continue
         assert store(buf, readings(1))[0].seq == 10_051
     finally:
         buf.close()
+
+
+def test_a_wal_deleted_while_the_writer_runs_then_recreated_empty_never_lets_seqs_be_issued_twice(tmp_path):
+    """Someone deletes buffer.db-wal while the agent runs (its writer goes on in the deleted file), then
+    `edge-agent status` or the publisher opens the file: SQLite creates an empty -wal at the path. The
+    writer is then killed (crash, watchdog, power cut): the rows since the last checkpoint went with the
+    deleted WAL, and the empty one in its place must not pass for a WAL that kept them (SPEC §3: seqs
+    never reused; a receiver deduplicating on seq would drop the new readings given the old seqs)."""
+    path = tmp_path / "b.db"
+    code = ("import os, signal, sys; sys.path[:0] = [sys.argv[2]]; from agent.buffer import Buffer; "
+            "from agent.model import Reading; b = Buffer.open_writer(sys.argv[1]); b.begin(); "
+            "b.insert_readings([Reading('d', 'c', 1_764_000_000_000 + i, float(i), None, 'N') for i in range(56)]); "
+            "b.commit(); os.unlink(sys.argv[1] + '-wal')\n"
+            "try:\n    Buffer.open_reader(sys.argv[1]).stream_state()\nexcept Exception:\n    pass\n"
+            "b.begin(); b.insert_readings([Reading('d', 'c', 1_764_000_100_000, 1.0, None, 'N')]); b.commit()\n"
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    repo = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, "-c", code, str(path), repo], timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    assert (tmp_path / "b.db-wal").stat().st_size == 0, "the reader made an empty WAL at the path"
+    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
+    buf = Buffer.open_writer(path)
+    try:
+        assert store(buf, readings(1))[0].seq == mark + 1, "57 seqs were issued: none of them again"
+        assert gaps(buf) == [(1, mark, "buffer_missing")]
+    finally:
+        buf.close()
