@@ -90,6 +90,8 @@ class Recorder(threading.Thread):
         self.last_progress = time.monotonic()
         self.last_committed_seq = buffer.last_seq(STREAM_READINGS)
         self._errlog = RateLimitedLog(log, every_s=60)
+        self.write_error: str | None = None  # why the buffer refuses writes (None while they work): P/status says it
+        self._write_error_since = 0.0
         self._reopen = False  # the writer connection is gone (a rescue failed): open the file again
         self._holders: tuple[str, ...] = ()  # meta keys of the HJ 212 uplinks' progress (set_holders)
 
@@ -305,6 +307,9 @@ class Recorder(threading.Thread):
                                                  max_mb=self.max_bytes / (1024 * 1024))
                 self._reopen = False
             except (sqlite3.Error, OSError, BufferError) as exc:
+                if self.write_error is None:
+                    self._write_error_since = time.monotonic()
+                self.write_error = f"cannot open the buffer file: {exc}"
                 self._errlog.error("cannot open the buffer file: %s; %d readings wait in memory, retrying",
                                    exc, len(self._pending))
                 time.sleep(min(self.commit_interval, 1.0))
@@ -342,6 +347,10 @@ class Recorder(threading.Thread):
             self.buffer.rollback()
             self._on_write_error(exc, batch, events, gaps, meta)
             return
+        if self.write_error is not None:
+            log.warning("buffer writes work again after %.0f s: %d readings held in memory meanwhile are stored",
+                        time.monotonic() - self._write_error_since, len(batch))
+            self.write_error = None
         if persist_acks and acks:  # the first acknowledgement after a start is written at the next commit
             self._last_ack_persist = now
         if snapshot:
@@ -388,6 +397,9 @@ class Recorder(threading.Thread):
     def _on_write_error(self, exc: Exception, batch: list[Reading], events: list, gaps: list[tuple[int, int]],
                         meta: dict[str, str]) -> None:
         """Keep everything in memory and retry next interval; make room or rescue the file first."""
+        if self.write_error is None:
+            self._write_error_since = time.monotonic()
+        self.write_error = str(exc) or type(exc).__name__
         with self._cond:
             self._pending.extendleft(reversed(batch))
             self._events[:0] = events

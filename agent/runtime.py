@@ -496,7 +496,9 @@ class Station:
             alarms = len(self.alarms.active())
         except RuntimeError:  # the engine changed its state meanwhile (it runs on the recorder thread)
             alarms = 0
-        return (f"backlog {backlog}, broker {p.state}, {alarms} active alarms, "
+        refused = self.recorder.write_error
+        return ((f"buffer refuses writes ({refused}), readings wait in memory; " if refused else "")
+                + f"backlog {backlog}, broker {p.state}, {alarms} active alarms, "
                 f"last seq {self.recorder.last_committed_seq}")
 
     def _summary(self) -> dict | None:
@@ -507,7 +509,8 @@ class Station:
         alarms = getattr(self, "alarms", None)
         if problems is None or alarms is None:
             return None
-        return {"failing_devices": problems.failing(), "active_alarms": alarms.active_ids()}
+        return {"failing_devices": problems.failing(), "active_alarms": alarms.active_ids(),
+                "buffer_error": self.recorder.write_error}
 
     def _status(self) -> dict:
         reader = Buffer.open_reader(self.config.storage.path)

@@ -3,12 +3,22 @@ readings of the meantime held in memory, and nothing lost once space is freed.""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 
 import pytest
-from harness import AgentProcess, Broker, Collector, db_last_seq, sim_config, wait_for, write_config
+from harness import (
+    AgentProcess,
+    Broker,
+    Collector,
+    build_preload_shim,
+    db_last_seq,
+    sim_config,
+    wait_for,
+    write_config,
+)
 
 from agent.buffer import Buffer
 from agent.model import STREAM_READINGS, Reading, now_ms
@@ -117,3 +127,91 @@ def test_a_compaction_the_disk_has_no_room_for_keeps_every_row_and_gives_its_wal
         assert path.with_name(path.name + "-wal").stat().st_size <= 8 * 1024, "the failed copy's WAL given back"
     finally:
         buf.close()
+
+
+# Writes to the files whose path starts with $FAILWRITE_PREFIX fail with EIO while $FAILWRITE_TRIGGER exists:
+# an SD card returning I/O errors for a while (the shim is checked by the test through the agent's log).
+FAILWRITE_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static ssize_t (*real_pwrite64)(int, const void *, size_t, off_t);
+static ssize_t (*real_write)(int, const void *, size_t);
+
+__attribute__((constructor)) static void init(void) {
+    real_pwrite64 = dlsym(RTLD_NEXT, "pwrite64");
+    real_write = dlsym(RTLD_NEXT, "write");
+}
+
+static int failing(int fd) {
+    const char *prefix = getenv("FAILWRITE_PREFIX"), *trigger = getenv("FAILWRITE_TRIGGER");
+    char link[64], path[PATH_MAX];
+    if (fd <= 2 || !prefix || !trigger || access(trigger, F_OK) != 0) return 0;
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    if (n <= 0) return 0;
+    path[n] = 0;
+    return strncmp(path, prefix, strlen(prefix)) == 0;
+}
+
+ssize_t pwrite64(int fd, const void *buf, size_t n, off_t off) {
+    if (failing(fd)) { errno = EIO; return -1; }
+    return real_pwrite64(fd, buf, n, off);
+}
+
+ssize_t pwrite(int fd, const void *buf, size_t n, off_t off) { return pwrite64(fd, buf, n, off); }
+
+ssize_t write(int fd, const void *buf, size_t n) {
+    if (failing(fd)) { errno = EIO; return -1; }
+    return real_write(fd, buf, n);
+}
+"""
+
+
+def test_a_buffer_refusing_writes_is_said_on_the_retained_status_and_its_end_logged(tmp_path):
+    """The card returns I/O errors for a while: the readings wait in memory (nothing lost), and an
+    operator who reads only the retained P/status learns why the station's readings stopped coming
+    (before, its devices merely went stale in `status`, P/status said nothing); once writes work
+    again, the status says so and the log says how long it lasted."""
+    build = tmp_path / "shim"
+    build.mkdir()
+    so = build_preload_shim(FAILWRITE_C, "failwrite", build, "write-error")
+    trigger = tmp_path / "failing"
+    broker = Broker(tmp_path / "broker").start()
+    platform = Collector(broker, "env/#")
+    data = tmp_path / "data"
+    config = sim_config(tmp_path, broker, interval=0.2, storage={"path": str(data / "buffer.db")})
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg, env={"LD_PRELOAD": str(so), "FAILWRITE_PREFIX": str(data / "buffer.db"),
+                                   "FAILWRITE_TRIGGER": str(trigger)})
+
+    def statuses() -> list[dict]:
+        return [json.loads(p) for t, p, _ in platform.messages if t.endswith("/status")]
+
+    try:
+        wait_for(lambda: len(platform.reading_seqs()) >= 30, 20, "readings before the card fails")
+        wait_for(lambda: any("buffer_error" in s for s in statuses()), 20, "the summary in the retained status")
+        assert statuses()[-1]["buffer_error"] is None
+        trigger.touch()
+        said = wait_for(lambda: next((s for s in statuses() if s.get("buffer_error")), None), 60,
+                        "a retained status saying the buffer refuses writes")
+        assert "disk I/O error" in said["buffer_error"] and said["state"] == "online"
+        stalled = db_last_seq(data / "buffer.db")
+        trigger.unlink()
+        wait_for(lambda: "buffer writes work again" in agent.log(), 20, "the end of the trouble logged")
+        wait_for(lambda: statuses()[-1].get("buffer_error", "") is None, 60, "the status cleared")
+        target = db_last_seq(data / "buffer.db")
+        assert target > stalled
+        wait_for(lambda: platform.has_readings_upto(target), 30, f"every seq 1..{target} delivered")
+    finally:
+        assert agent.stop() == 0
+        platform.close()
+        broker.stop()
+    assert agent.log().count("buffer write failed") == 1, "the error logged once, not at every retry"
+    assert not [m for m in platform.json_messages("/data") if "gap" in m], "nothing dropped: held in memory"
