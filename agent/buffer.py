@@ -670,11 +670,12 @@ class Buffer:
                     undelivered += n if stage == "published" else 0
         keep = max(self._sent_upto[STREAM_READINGS], in_flight_upto)
         while self.used_bytes() > target_bytes:
-            row = self.conn.execute("SELECT min(seq), max(seq) FROM readings WHERE seq > ?", (keep,)).fetchone()
-            if row[0] is None:
+            # Two queries, each answered from one end of the primary key: `min(seq), max(seq) ... WHERE seq > ?`
+            # in one query walks every row above `keep` (12 s for 30 M readings), once per chunk.
+            lo = self.conn.execute("SELECT min(seq) FROM readings WHERE seq > ?", (keep,)).fetchone()[0]
+            if lo is None:
                 break
-            lo = row[0]
-            upto = min(lo + chunk - 1, row[1])
+            upto = min(lo + chunk - 1, self.conn.execute("SELECT max(seq) FROM readings").fetchone()[0])
             dropped += self._delete_upto(STREAM_READINGS, upto, first=lo)
             gap = self.record_gap(STREAM_READINGS, lo, upto, "buffer_full", now_ms)
             if keep == self._sent_upto[STREAM_READINGS]:  # nothing in flight below: the watermark passes the gap
