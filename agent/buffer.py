@@ -643,7 +643,7 @@ class Buffer:
         return cur.rowcount
 
     def evict(self, target_bytes: int, now_ms: int, held: Mapping[str, int] | None = None,
-              in_flight_upto: int = 0) -> tuple[int, int, Gap | None, int]:
+              in_flight_upto: int = 0, max_rows: int | None = None) -> tuple[int, int, Gap | None, int]:
         """Free space until `used_bytes() <= target_bytes` (caller's transaction): published readings
         first (oldest first), then published events, then the oldest unpublished readings — those
         are recorded as a gap to announce. Unpublished alarms and aggregates are never dropped.
@@ -651,16 +651,24 @@ class Buffer:
         but not yet delivered by an uplink go only after every other published row. Readings up to
         `in_flight_upto` (offered to the broker, not yet acknowledged) are kept: they may well arrive,
         and a gap must hold only seqs that never reached it.
+        `max_rows`: stop once about that many rows are gone (the caller commits and calls again: every
+        page a transaction frees is written to the WAL, so one transaction for the whole of it needs
+        disk beside the file for as much as it deletes).
         Returns (published rows purged, unpublished readings dropped, gap or None, published rows
         purged that an uplink had not delivered yet)."""
         purged = dropped = undelivered = 0
         gap = None
         chunk = 2000
+        budget = max_rows if max_rows is not None else 2**63
+
+        def more() -> bool:
+            return purged + dropped < budget and self.used_bytes() > target_bytes
+
         for stage in ("delivered", "published"):
             for stream in (STREAM_READINGS, STREAM_AGGREGATES, STREAM_ALARMS):
                 sent = self._sent_upto[stream]
                 limit = min(sent, (held or {}).get(stream, sent)) if stage == "delivered" else sent
-                while self.used_bytes() > target_bytes:
+                while more():
                     lo = self.conn.execute(f"SELECT min(seq) FROM {stream}").fetchone()[0]
                     if lo is None or lo > limit:
                         break
@@ -669,7 +677,7 @@ class Buffer:
                     purged += n
                     undelivered += n if stage == "published" else 0
         keep = max(self._sent_upto[STREAM_READINGS], in_flight_upto)
-        while self.used_bytes() > target_bytes:
+        while more():
             # Two queries, each answered from one end of the primary key: `min(seq), max(seq) ... WHERE seq > ?`
             # in one query walks every row above `keep` (12 s for 30 M readings), once per chunk.
             lo = self.conn.execute("SELECT min(seq) FROM readings WHERE seq > ?", (keep,)).fetchone()[0]

@@ -34,6 +34,11 @@ ACK_PERSIST_EVERY_S = 5.0  # acknowledged watermark written at most this often (
 SIZE_CHECK_EVERY_S = 5.0
 PURGE_EVERY_S = 600.0
 MAX_PENDING = 500_000  # readings held in memory while the disk refuses writes
+# Rows an eviction deletes per transaction. Every page a transaction frees goes through the WAL, so one
+# transaction for all of it needed disk beside the file for as much as it deleted (37 MiB at the default
+# 256 MB cap; a disk with the README's max_mb + 8 MiB free was then full for good): ~1 MB a round, which
+# the checkpoint after each commit gives back before the next (audit Y).
+EVICT_ROUND_ROWS = 20_000
 
 
 class Recorder(threading.Thread):
@@ -492,21 +497,28 @@ class Recorder(threading.Thread):
     def _make_room(self, target_bytes: int) -> None:
         """Evict (`Buffer.evict`) with the publisher held off (`evict_lock`): what it has acknowledged is
         written first, so that delivered rows count as published, and what it has in flight is kept."""
+        purged = dropped = undelivered = 0
+        gap = None
         try:
             with self.evict_lock:
                 with self._cond:
                     acks = dict(self._acks)
-                self.buffer.begin()
-                for stream, upto in acks.items():
-                    self.buffer.set_sent_upto(stream, upto)
-                purged, dropped, gap, undelivered = self.buffer.evict(target_bytes, now_ms(), self._held(),
-                                                                      self._in_flight())
-                self.buffer.commit()
-        except sqlite3.Error as exc:
+                in_flight = self._in_flight()
+                while True:  # in rounds of EVICT_ROUND_ROWS, each committed (and checkpointed) on its own
+                    self.buffer.begin()
+                    for stream, upto in acks.items():
+                        self.buffer.set_sent_upto(stream, upto)
+                    p, d, g, u = self.buffer.evict(target_bytes, now_ms(), self._held(), in_flight,
+                                                   max_rows=EVICT_ROUND_ROWS)
+                    self.buffer.commit()
+                    purged, dropped, undelivered, gap = purged + p, dropped + d, undelivered + u, g or gap
+                    self.last_progress = time.monotonic()
+                    if not (p or d) or self.buffer.used_bytes() <= target_bytes:
+                        break
+        except sqlite3.Error as exc:  # the rounds committed before stay done, and are reported below
             self.buffer.rollback()
             self.buffer.reload_counters()
             self._errlog.error("eviction failed: %s", exc)
-            return
         if purged:
             log.warning("buffer at its size cap: purged %d published rows", purged)
         if undelivered:  # each round at the cap while a platform stays away: rate-limited

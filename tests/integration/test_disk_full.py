@@ -20,8 +20,10 @@ from harness import (
     write_config,
 )
 
+import agent.recorder as recorder_module
 from agent.buffer import Buffer
 from agent.model import STREAM_READINGS, Reading, now_ms
+from agent.recorder import Recorder
 
 
 @pytest.fixture
@@ -215,3 +217,41 @@ def test_a_buffer_refusing_writes_is_said_on_the_retained_status_and_its_end_log
         broker.stop()
     assert agent.log().count("buffer write failed") == 1, "the error logged once, not at every retry"
     assert not [m for m in platform.json_messages("/data") if "gap" in m], "nothing dropped: held in memory"
+
+
+def test_an_eviction_needs_no_more_disk_beside_the_file_than_a_round_of_it(small_disk, monkeypatch, caplog):
+    """Every page an eviction frees goes through the WAL: in one transaction, dropping 4 MB of readings
+    needed 4 MB of disk beside the file, and on a disk without it the eviction failed at every try while
+    nothing more could be stored (audit Y: at the default 256 MB cap, 37 MiB, where the README asks for
+    max_mb + 8 MiB). In rounds, each committed and checkpointed, the WAL is reused from round to round."""
+    monkeypatch.setattr(recorder_module, "EVICT_ROUND_ROWS", 5_000)
+    path = small_disk / "buffer.db"
+    buf = Buffer.open_writer(path, max_mb=6)
+    t = now_ms()
+    while buf.used_bytes() < 5.5 * 2**20:  # a long outage: nothing published
+        buf.begin()
+        buf.insert_readings([Reading("d", f"c{i % 10}", t + i, float(i), "mg/L", "N") for i in range(5_000)])
+        buf.commit()
+    buf.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    assert free < 3 * 2**20, "less room beside the file than the eviction below deletes"
+    rec = Recorder(buf, commit_interval_ms=50, keep_sent_days=7, max_mb=6)
+    rec.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="agent.recorder"):
+            rec.set_limits(max_mb=2, keep_sent_days=7, commit_interval_ms=50)  # a reload lowers the cap
+            rec.submit([Reading("d", "c0", now_ms(), 1.0, "mg/L", "N")])
+            assert rec.flush(30)
+            wait_for(lambda: rec.gaps_recorded, 30, "the eviction down to the lowered cap")
+        assert "eviction failed" not in caplog.text
+        reader = Buffer.open_reader(path)
+        try:
+            assert reader.used_bytes() <= 0.85 * 2 * 2**20
+            gaps = reader.pending_gaps()
+            assert [(g.first_seq, g.reason) for g in gaps] == [(1, "buffer_full")]
+            assert reader.first_seq() == gaps[0].last_seq + 1, "the only missing seqs are the announced gap"
+        finally:
+            reader.close()
+    finally:
+        rec.stop()
+        buf.close()
