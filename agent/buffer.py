@@ -21,10 +21,12 @@ import os
 import sqlite3
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from agent.clock import EARLIEST_PLAUSIBLE
 from agent.memtrim import release_free_memory
@@ -33,6 +35,7 @@ from agent.pagescan import wal_header_valid
 from agent.seqmark import SeqMark, write_atomically
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 PURGE_MAX_ROWS = 100_000  # per stream and pass (every 10 min): 14 M a day; one pass ~0.1 s on a VM
@@ -240,20 +243,22 @@ class Buffer:
     @classmethod
     def open_writer(cls, path: str | Path, *, sync: str = "full", max_mb: float | None = None,
                     progress: Callable[[], None] | None = None) -> Buffer:
-        """Open or create the database for writing. A corrupt file is rescued (`rescue`; `progress`
-        is called while it salvages)."""
+        """Open or create the database for writing. A corrupt file is rescued (`rescue`). `progress` is
+        called now and then while a step that reads or copies the whole file runs: the integrity check,
+        the compaction, a salvage (2 minutes for a 1.4 GB buffer not in the page cache on the test VM:
+        systemd's start timeout is extended as it goes)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         seqmark = SeqMark(path.with_name(path.name + ".seq"))
         try:
-            buf = cls._open_checked(path, sync, seqmark)
+            buf = cls._open_checked(path, sync, seqmark, progress=progress)
         except sqlite3.DatabaseError as exc:
             if not is_corruption(exc):
                 raise BufferError(f"cannot open buffer {path}: {exc}") from exc
             return cls.rescue(path, exc, sync=sync, max_mb=max_mb, progress=progress)
         if max_mb is not None:
             buf.set_size_cap(max_mb)
-            buf.compact_over_cap()
+            _reporting(buf.compact_over_cap, progress)
         return buf
 
     @classmethod
@@ -277,7 +282,8 @@ class Buffer:
         return buf
 
     @classmethod
-    def _open_checked(cls, path: Path, sync: str, seqmark: SeqMark, announce_jump: bool = True) -> Buffer:
+    def _open_checked(cls, path: Path, sync: str, seqmark: SeqMark, announce_jump: bool = True,
+                      progress: Callable[[], None] | None = None) -> Buffer:
         """Open (or create) and check the file; `announce_jump=False` when the salvage announces it."""
         fresh = not path.exists() or path.stat().st_size == 0
         wal_missing = not fresh and _wal_has_no_frame(path)
@@ -285,7 +291,7 @@ class Buffer:
         conn = _connect(path, readonly=False, sync=sync)
         try:
             if not fresh:
-                result = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+                result = _reporting(lambda: conn.execute("PRAGMA quick_check(1)").fetchone()[0], progress)
                 if result != "ok":
                     raise sqlite3.DatabaseError(f"database disk image is malformed: quick_check: {result}")
                 lost = _wal_commits_lost(path, conn)
@@ -885,6 +891,36 @@ class Buffer:
         )
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+PROGRESS_EVERY_S = 5.0  # a long step of the open calls `progress()` this often (systemd: EXTEND_TIMEOUT 30 s)
+
+
+def _reporting(step: Callable[[], T], progress: Callable[[], None] | None) -> T:
+    """`step()`, calling `progress()` every PROGRESS_EVERY_S while it runs. SQLite runs an integrity check
+    as one VM instruction (its progress handler is never called during it), so the step runs in a thread
+    of its own (sqlite3 lets the GIL go while SQLite works) and this one reports."""
+    if progress is None:
+        return step()
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, step()))
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            outcome.append((False, exc))
+
+    worker = threading.Thread(target=run, name="buffer-check", daemon=True)
+    worker.start()
+    while True:
+        worker.join(PROGRESS_EVERY_S)
+        if not worker.is_alive():
+            break
+        progress()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _poll_groups(rows: Sequence[tuple]) -> list[list[tuple]]:

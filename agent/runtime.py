@@ -370,7 +370,8 @@ class Station:
             try:
                 if self._instance_lock is None:  # held until the process ends; raises AlreadyRunning
                     self._instance_lock = instance.hold(storage.path)
-                # A corrupt file's salvage may take a while on a large buffer: systemd's start timeout is
+                # The integrity check, a compaction or a corrupt file's salvage may take minutes on a large buffer
+                # not in the page cache (a start after a power cut): systemd's start timeout is
                 # extended as it goes (EXTEND_TIMEOUT_USEC; without systemd this does nothing).
                 return Buffer.open_writer(storage.path, sync=storage.sync, max_mb=storage.max_mb,
                                           progress=lambda: self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000"))
