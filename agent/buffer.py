@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
+BACKLOG_COUNTED = 1_000_000  # rows `backlog` counts one by one; past that it works the figure out
 PURGE_MAX_ROWS = 100_000  # per stream and pass (every 10 min): 14 M a day; one pass ~0.1 s on a VM
 WAL_HELD_BYTES = 16 << 20  # a WAL this large that a checkpoint cannot empty: someone holds a reader open
 PAGE_SIZE = 1024  # small pages: a commit of a few dozen readings rewrites ~3 KB, not ~12 KB (SD wear)
@@ -851,8 +852,25 @@ class Buffer:
         """The oldest seq still stored (None when the table is empty)."""
         return self.conn.execute(f"SELECT min(seq) FROM {stream}").fetchone()[0]
 
-    def count_after(self, stream: str, after_seq: int) -> int:
-        return int(self.conn.execute(f"SELECT count(*) FROM {stream} WHERE seq > ?", (after_seq,)).fetchone()[0])
+    def has_after(self, stream: str, after_seq: int) -> bool:
+        """Whether a row has seq > after_seq (one step down the primary key, whatever the backlog)."""
+        return self.conn.execute(f"SELECT 1 FROM {stream} WHERE seq > ? LIMIT 1", (after_seq,)).fetchone() is not None
+
+    def backlog(self, stream: str, after_seq: int) -> tuple[int, bool]:
+        """How many rows have seq > after_seq, and whether that figure is exact. Up to BACKLOG_COUNTED rows
+        are counted (~0.1 s); past that the figure is worked out from the seqs: the span from the first
+        such seq to the last, less the recorded gaps inside it (rows dropped, seqs skipped by a fresh
+        file). A count walks every row: 3 s for a 30 M readings backlog, at every `status`, every
+        console refresh (3 s) and every MQTT `status` command (audit Y)."""
+        counted = self.count_between(stream, after_seq + 1, 2**63 - 1, BACKLOG_COUNTED + 1)
+        if counted <= BACKLOG_COUNTED:
+            return counted, True
+        first = self.conn.execute(f"SELECT min(seq) FROM {stream} WHERE seq > ?", (after_seq,)).fetchone()[0]
+        last = self.conn.execute(f"SELECT max(seq) FROM {stream}").fetchone()[0]
+        holes = self.conn.execute(
+            "SELECT coalesce(sum(min(last_seq, ?) - max(first_seq, ?) + 1), 0) FROM gaps "
+            "WHERE stream=? AND last_seq >= ? AND first_seq <= ?", (last, first, stream, first, last)).fetchone()[0]
+        return max(counted, last - first + 1 - holes), False
 
     def count_between(self, stream: str, first: int, last: int, at_most: int) -> int:
         """How many rows have first <= seq <= last, counting no further than `at_most`."""

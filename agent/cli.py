@@ -131,7 +131,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         status = collect(None, device_intervals(config))
         status["buffer_error"] = unreadable
         # Unknown, not zero: a script must not read "nothing waits" off a file it could not read.
-        status.update(backlog=None, last_seq=None, sent_upto=None, alarms=None)
+        status.update(backlog=None, backlog_exact=None, last_seq=None, sent_upto=None, alarms=None)
     finally:
         if reader is not None:
             reader.close()

@@ -657,7 +657,7 @@ class Publisher(threading.Thread):
             reader = self._reader or Buffer.open_reader(self.db_path)
             try:
                 for stream in self._inflight:
-                    if reader.count_after(stream, self._cursor.get(stream, 0)):
+                    if reader.has_after(stream, self._cursor.get(stream, 0)):
                         return False
                 return not self._unannounced(reader.pending_gaps())
             finally:

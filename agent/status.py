@@ -34,7 +34,8 @@ def collect(reader: Buffer | None, device_intervals: dict[str, float],
         reader = None  # a first start is creating the file: nothing is stored yet
     if reader is None:
         return {  # the keys of a status read from a buffer, so that a script can run before the first start
-            "backlog": 0, "last_seq": 0, "sent_upto": 0, "alarms": [], "broker": {"state": "unknown"},
+            "backlog": 0, "backlog_exact": True, "last_seq": 0, "sent_upto": 0, "alarms": [],
+            "broker": {"state": "unknown"},
             "devices": {d: {"channels": {}, "last_reading": None, "last_valid": None, "flags": [],
                             "health": "unknown", "problem": None} for d in device_intervals},
             "streams": {}, "pending_gaps": [], "clock": None, "buffer": None, "ts": iso_utc_ms(now),
@@ -107,10 +108,12 @@ def collect(reader: Buffer | None, device_intervals: dict[str, float],
     streams = {}
     for stream in (STREAM_READINGS, STREAM_AGGREGATES, STREAM_ALARMS):
         top, acked = reader.stream_state(stream)
-        streams[stream] = {"last_seq": top, "sent_upto": acked, "backlog": reader.count_after(stream, acked)}
+        backlog, exact = reader.backlog(stream, acked)
+        streams[stream] = {"last_seq": top, "sent_upto": acked, "backlog": backlog, "backlog_exact": exact}
     gaps = [{"first_seq": g.first_seq, "last_seq": g.last_seq, "reason": g.reason} for g in reader.pending_gaps()]
     return {
         "backlog": streams[STREAM_READINGS]["backlog"],
+        "backlog_exact": streams[STREAM_READINGS]["backlog_exact"],  # past a million, worked out from the seqs
         "last_seq": last_seq,
         "sent_upto": sent,
         "devices": devices,
@@ -140,7 +143,8 @@ def render_text(status: dict[str, Any]) -> str:
     if status["backlog"] is None:  # the buffer could not be read (`buffer_error`)
         lines.append(f"backlog  unknown: {status.get('buffer_error')}")
     else:
-        lines.append(f"backlog  {status['backlog']} unsent readings (last seq {status['last_seq']})")
+        about = "" if status.get("backlog_exact", True) else "about "  # past a million, worked out from the seqs
+        lines.append(f"backlog  {about}{status['backlog']} unsent readings (last seq {status['last_seq']})")
     clock = status.get("clock")
     if clock:
         sync = {True: "synchronised", False: "NOT synchronised (no NTP yet)", None: "sync state unknown"}

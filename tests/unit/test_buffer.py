@@ -996,3 +996,53 @@ def test_a_wal_deleted_while_the_writer_runs_then_recreated_empty_never_lets_seq
         assert gaps(buf) == [(1, mark, "buffer_missing")]
     finally:
         buf.close()
+
+
+def test_status_backlog_past_the_count_limit_is_worked_out_from_the_seqs_less_the_gaps(tmp_path, monkeypatch):
+    """`status` counts a backlog row by row up to BACKLOG_COUNTED; past that it works the figure out from
+    the seqs, and the rows an eviction dropped inside the span (a recorded gap) are not counted as waiting."""
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    try:
+        store(buf, readings(1000))
+        buf.begin()
+        buf.set_sent_upto(STREAM_READINGS, 100)
+        buf.conn.execute("DELETE FROM readings WHERE seq BETWEEN 500 AND 599")  # as an eviction with seqs in flight
+        buf.record_gap(STREAM_READINGS, 500, 599, "buffer_full", now_ms())
+        buf.commit()
+        assert buf.backlog(STREAM_READINGS, 100) == (800, True), "counted"
+        monkeypatch.setattr(buffer_module, "BACKLOG_COUNTED", 50)
+        assert buf.backlog(STREAM_READINGS, 100) == (800, False), "worked out: 101..1000 less the gap 500..599"
+        assert buf.backlog(STREAM_READINGS, 550) == (401, False), "a span starting inside a gap: 600..1000"
+        assert buf.backlog(STREAM_READINGS, 1000) == (0, True)
+        assert buf.has_after(STREAM_READINGS, 999) and not buf.has_after(STREAM_READINGS, 1000)
+    finally:
+        buf.close()
+
+
+def test_status_costs_the_same_on_a_big_backlog_as_on_one_at_the_count_limit(tmp_path, monkeypatch):
+    """Past BACKLOG_COUNTED rows, `status` (the CLI, every console refresh, the MQTT `status` command on the
+    publisher's thread) does not walk the backlog (SQLite VM steps counted): a count of 30 M readings took
+    3 s, and an open console tab cost 40 % of a core (audit Y)."""
+    from agent.status import collect, render_text
+
+    monkeypatch.setattr(buffer_module, "BACKLOG_COUNTED", 5_000)
+    steps = {}
+    for n in (60_000, 300_000):  # both past the RECENT_SCAN of the devices' last readings, too
+        buf = Buffer.open_writer(tmp_path / f"{n}.db")
+        store(buf, readings(n))
+        buf.close()
+        reader = Buffer.open_reader(tmp_path / f"{n}.db")
+        count = [0]
+
+        def step(count=count) -> int:
+            count[0] += 1
+            return 0
+
+        reader.conn.set_progress_handler(step, 10)
+        status = collect(reader, {"d": 1.0})
+        reader.conn.set_progress_handler(None, 0)
+        reader.close()
+        assert status["backlog"] == n and status["backlog_exact"] is False
+        assert f"backlog  about {n} unsent readings" in render_text(status)
+        steps[n] = count[0]
+    assert steps[300_000] < 1.2 * steps[60_000], steps
