@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from agent.buffer import Buffer, BufferError, is_corruption
+from agent.buffer import PURGE_MAX_ROWS, Buffer, BufferError, is_corruption
 from agent.clock import AgeClock
 from agent.logutil import RateLimitedLog
 from agent.model import STREAM_READINGS, STREAMS, Reading, now_ms
@@ -33,6 +33,7 @@ SNAPSHOT_EVERY_S = 60.0  # channel health table refresh (status also folds in th
 ACK_PERSIST_EVERY_S = 5.0  # acknowledged watermark written at most this often (a crash re-sends at most this much)
 SIZE_CHECK_EVERY_S = 5.0
 PURGE_EVERY_S = 600.0
+PURGE_CATCHUP_S = 5.0  # the next pass, while a pass found more than it may delete at once (PURGE_MAX_ROWS)
 MAX_PENDING = 500_000  # readings held in memory while the disk refuses writes
 # Rows an eviction deletes per transaction. Every page a transaction frees goes through the WAL, so one
 # transaction for all of it needed disk beside the file for as much as it deleted (37 MiB at the default
@@ -87,7 +88,7 @@ class Recorder(threading.Thread):
         self._channels_dirty = False
         self._last_snapshot = self._last_ack_persist = self._last_size_check = 0.0
         self._wal_held = False
-        self._last_purge = time.monotonic()
+        self._next_purge = time.monotonic() + PURGE_EVERY_S
         self.age_clock = AgeClock()  # the purge's "now": a clock set days ahead by mistake purges nothing early
         self.age_clock.now_ms()  # from the start: a step before the first purge pass is not followed either
         self.dropped_in_memory = 0
@@ -467,12 +468,14 @@ class Recorder(threading.Thread):
                 self._check_wal()
             except sqlite3.Error as exc:
                 self._errlog.error("size check failed: %s", exc)
-        if now - self._last_purge >= PURGE_EVERY_S:
-            self._last_purge = now
+        if now >= self._next_purge:
+            self._next_purge = now + PURGE_EVERY_S
             try:
                 self.buffer.begin()
                 n = self.buffer.purge_sent(self.keep_sent_days, self.age_clock.now_ms(), self._held())
                 self.buffer.commit()
+                if n >= PURGE_MAX_ROWS:  # a station storing more than PURGE_MAX_ROWS in 10 minutes (audit Y)
+                    self._next_purge = now + PURGE_CATCHUP_S
                 if n:
                     log.info("purged %d published rows stored more than %s days ago", n, self.keep_sent_days)
             except sqlite3.Error as exc:

@@ -208,17 +208,21 @@ class _LazyDeviceWriter:
         self._writer(device_id, kind, address, value)
 
 
+WAL_ROOM_MB = 16  # disk beside `max_mb` for the WAL (up to 8 MiB kept, an eviction round on top: README)
+
+
 def warn_if_disk_smaller_than_cap(path: Path, max_mb: float) -> None:
-    """The size cap only helps if the disk can hold it: say so (at start, and when a reload changes
-    the cap) when it cannot."""
+    """The size cap only helps if the disk can hold it and the WAL beside it: say so (at start, and when a
+    reload changes the cap) when it cannot."""
     try:
         st = os.statvfs(path.parent)
         room = st.f_bavail * st.f_frsize + (path.stat().st_size if path.exists() else 0)
     except OSError:
         return
-    if room < max_mb * 1024 * 1024:
-        log.warning("storage.max_mb is %s MB but the disk has room for %.0f MB: the disk may fill up before "
-                    "the cap (readings then wait in memory until space returns)", max_mb, room / 1048576)
+    if room < (max_mb + WAL_ROOM_MB) * 1024 * 1024:
+        log.warning("storage.max_mb is %s MB but the disk has room for %.0f MB, less than max_mb + %d MB for its "
+                    "WAL: the disk may fill up before the cap (readings then wait in memory until space returns)",
+                    max_mb, room / 1048576, WAL_ROOM_MB)
 
 
 class DeviceProblems:

@@ -255,3 +255,13 @@ def test_an_eviction_needs_no_more_disk_beside_the_file_than_a_round_of_it(small
     finally:
         rec.stop()
         buf.close()
+
+
+def test_a_disk_without_room_for_the_cap_and_its_wal_is_warned_of(small_disk, caplog):
+    """`max_mb` the disk can hold, but not with the WAL beside it (an eviction round's WAL peaked at 14 MiB
+    at the default cap, audit Y): the start warns, as it does for a cap larger than the disk."""
+    from agent.runtime import warn_if_disk_smaller_than_cap
+
+    with caplog.at_level(logging.WARNING, logger="agent.runtime"):
+        warn_if_disk_smaller_than_cap(small_disk / "buffer.db", 1)  # 1 MB on a disk of 8
+    assert "has room for 8 MB, less than max_mb + 16 MB for its WAL" in caplog.text

@@ -1046,3 +1046,40 @@ def test_status_costs_the_same_on_a_big_backlog_as_on_one_at_the_count_limit(tmp
         assert f"backlog  about {n} unsent readings" in render_text(status)
         steps[n] = count[0]
     assert steps[300_000] < 1.2 * steps[60_000], steps
+
+
+def test_an_age_purge_with_more_to_delete_than_one_pass_takes_comes_back_soon(tmp_path, monkeypatch):
+    """A pass deletes at most PURGE_MAX_ROWS a stream (100 000: the recorder's commits must not stall);
+    one pass every 10 minutes kept up with 167 readings a second at most, and a bigger station's file
+    filled to `max_mb` and stayed there (audit Y). A pass that hit the limit is followed by another soon."""
+    import agent.recorder as recorder_module
+
+    monkeypatch.setattr(buffer_module, "PURGE_MAX_ROWS", 100)
+    monkeypatch.setattr(recorder_module, "PURGE_MAX_ROWS", 100)
+    monkeypatch.setattr(recorder_module, "PURGE_CATCHUP_S", 0.05)
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    store(buf, readings(400))
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 400)
+    buf.conn.execute("INSERT INTO stored_upto(stream, seq, stored_ms) VALUES (?,?,?)",
+                     (STREAM_READINGS, 400, now_ms() - 10 * DAY_MS))  # stored ten days ago, all published
+    buf.commit()
+    monkeypatch.setattr(recorder_module, "PURGE_EVERY_S", 0)  # the first pass at once
+    rec = Recorder(buf, commit_interval_ms=50, keep_sent_days=7, max_mb=64)
+    monkeypatch.setattr(recorder_module, "PURGE_EVERY_S", 3600)  # the next one an hour later, unless caught up
+    rec.start()
+
+    def oldest() -> int | None:
+        reader = Buffer.open_reader(path)
+        try:
+            return reader.first_seq()
+        finally:
+            reader.close()
+
+    try:
+        wait_for(lambda: oldest() is None, 20, "every row older than 7 days purged")
+    finally:
+        rec.stop()
+        buf.close()
+
