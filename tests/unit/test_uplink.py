@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from harness import wait_for
 
+import agent.uplink as uplink_module
 from agent.buffer import Buffer
 from agent.hj212 import (
     FrameReader,
@@ -375,6 +376,24 @@ def test_backfill_of_an_empty_range_says_no_data(station, platform):
     station.start_uplink()
     answer = platform.request("2031", [{"BeginTime": "20200101000000", "EndTime": "20200131000000"}])
     assert [(p.cn, p.get("QnRtn") or p.get("ExeRtn")) for p in answer] == [("9011", "1"), ("9012", "100")]
+
+
+def test_a_backfill_reading_a_big_buffer_notes_progress_while_sqlite_reads_it(station, platform, monkeypatch):
+    """Readings have no time index: a 2011 backfill reads the whole table by seq, whatever its range (2
+    minutes for a 1.4 GB buffer not in the page cache, audit Y), and the uplink, noting no progress, had
+    the watchdog withheld and the agent killed. It now notes progress while SQLite reads."""
+    monkeypatch.setattr(uplink_module, "SCAN_PROGRESS_STEPS", 1000)
+    t0 = local("20261129100000")
+    for i in range(0, 20_000, 1000):
+        station.recorder.submit([Reading("cod", f"c{j}", t0 + (i + j) * 1000, 1.0, "mg/L", "N") for j in range(1000)])
+    assert station.recorder.flush(30)
+    uplink = station.start_uplink()
+    notes: list[float] = []
+    noted = uplink._reading_the_buffer
+    monkeypatch.setattr(uplink, "_reading_the_buffer", lambda: notes.append(time.monotonic()) or noted())
+    answer = platform.request("2011", [{"BeginTime": "20200101000000", "EndTime": "20200101000000"}])
+    assert [(p.cn, p.get("QnRtn") or p.get("ExeRtn")) for p in answer] == [("9011", "1"), ("9012", "100")]
+    assert len(notes) >= 20, "progress noted while 20 000 readings were read"
 
 
 def test_unknown_command_wrong_password_and_wrong_mn_are_refused(station, platform):
