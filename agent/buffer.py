@@ -176,7 +176,8 @@ def _wal_has_no_frame(path: Path) -> bool:
     is one that was deleted while the writer ran (it went on in the deleted file) and made again,
     empty, by the next connection to open the file (`edge-agent status`, the publisher): the rows
     since the last checkpoint went with the deleted one (`SeqMark.lost_rows`). The one other way, a
-    crash right after the TRUNCATE checkpoint of a full disk, costs a needless jump, never a seq."""
+    crash right after the TRUNCATE checkpoint of a full disk, before the frame written right after it
+    (`give_wal_back`), or with no room left even for that, costs a needless jump, never a seq."""
     try:
         return path.with_name(path.name + "-wal").stat().st_size <= 32  # the header alone, or nothing
     except FileNotFoundError:
@@ -591,6 +592,15 @@ class Buffer:
         log.info("buffer %s was %.1f MB, above max_mb %.1f: compacted to %.1f MB in %.1f s", self.path,
                  pages * PAGE_SIZE / 2**20, self.max_bytes / 2**20, after * PAGE_SIZE / 2**20,
                  time.monotonic() - started)
+
+    def give_wal_back(self) -> None:
+        """Checkpoint the WAL and cut it to nothing (its space back to a full disk), then write a frame into it
+        again (`_write_first_frame`), which fits in the space just given back: left empty until the next
+        commit (for as long as the disk stays full), a crash meanwhile had the next start take it for a
+        deleted one (`_wal_has_no_frame`), jump to the mark and announce up to a block of seqs never issued
+        as buffer_missing (audit Z)."""
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._write_first_frame()
 
     def wal_held_back(self) -> int:
         """Bytes of the WAL when it has grown past `WAL_HELD_BYTES` because a checkpoint cannot copy all

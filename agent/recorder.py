@@ -430,7 +430,7 @@ class Recorder(threading.Thread):
                                exc, len(batch))
             self._make_room(target)
             try:
-                self.buffer.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # give the WAL's space back
+                self.buffer.give_wal_back()  # the WAL's space back to the disk, a frame in it again
             except sqlite3.Error:
                 pass
             time.sleep(min(self.commit_interval, 1.0))
