@@ -709,14 +709,24 @@ class Buffer:
         return purged, dropped, gap, undelivered
 
     def record_gap(self, stream: str, first: int, last: int, reason: str, now_ms: int) -> Gap:
-        """Record dropped seqs; extends the newest unannounced gap when the ranges touch."""
+        """Record dropped seqs; extends the newest unannounced gap when the ranges touch. A range that begins
+        below that gap (an eviction after a reconnection: the publisher's cursor, and with it what is kept as
+        in flight, fell back to the watermark) has its part below recorded as a gap of its own: merged, the
+        gap kept its first seq, and the seqs between were deleted and never announced (audit Z)."""
         row = self.conn.execute(
             "SELECT id, first_seq, last_seq FROM gaps WHERE stream=? AND announced=0 AND reason=? "
             "ORDER BY id DESC LIMIT 1", (stream, reason)
         ).fetchone()
         if row and row[2] + 1 >= first:
+            if first < row[1]:
+                below = self._insert_gap(stream, first, min(last, row[1] - 1), reason, now_ms)
+                if last < row[1]:
+                    return below
             self.conn.execute("UPDATE gaps SET last_seq=? WHERE id=?", (max(last, row[2]), row[0]))
             return Gap(row[0], stream, row[1], max(last, row[2]), reason)
+        return self._insert_gap(stream, first, last, reason, now_ms)
+
+    def _insert_gap(self, stream: str, first: int, last: int, reason: str, now_ms: int) -> Gap:
         cur = self.conn.execute(
             "INSERT INTO gaps(stream, first_seq, last_seq, reason, created_ms, announced) VALUES (?,?,?,?,?,0)",
             (stream, first, last, reason, now_ms),

@@ -495,6 +495,31 @@ def test_eviction_keeps_the_readings_in_flight_and_announces_each_dropped_seq_on
     buf.close()
 
 
+def test_an_eviction_below_a_pending_gap_after_a_reconnection_announces_every_seq_it_drops(tmp_path):
+    """After a reconnection the publisher starts over from the watermark: what it has in flight, which the cap
+    keeps, falls back below a gap an earlier eviction left pending. The next eviction drops from just above
+    it; merged into that gap, which kept its first seq, the seqs between were deleted and in no gap, never
+    announced (audit Z; SPEC: every gap is announced)."""
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    store(buf, readings(60))
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 20)
+    buf.commit()
+    buf.begin()
+    buf.evict(0, now_ms(), in_flight_upto=49)  # connected: 21..49 in flight, 50..60 dropped
+    buf.commit()
+    assert gaps(buf) == [(50, 60, "buffer_full")]
+    store(buf, readings(40))  # 61..100
+    buf.begin()
+    buf.evict(0, now_ms(), in_flight_upto=30)  # reconnected: 21..30 in flight again
+    buf.commit()
+    kept = {r.seq for r in buf.readings_after(0, 1_000)}
+    announced = {seq for first, last, _ in gaps(buf) for seq in range(first, last + 1)}
+    assert kept == set(range(21, 31))
+    assert set(range(21, 101)) - kept - announced == set(), "every dropped seq in a gap to announce"
+    buf.close()
+
+
 def test_the_wal_is_cut_back_in_proportion_to_a_small_cap(tmp_path):
     # max_mb bounds buffer.db; the WAL on top is cut back after a checkpoint to an eighth of the cap
     # (at least 1 MiB, at most 8 MiB): a 3 MB cap on a small card must not carry an 8 MiB WAL.
