@@ -887,9 +887,15 @@ class Buffer:
             return counted, True
         first = self.conn.execute(f"SELECT min(seq) FROM {stream} WHERE seq > ?", (after_seq,)).fetchone()[0]
         last = self.conn.execute(f"SELECT max(seq) FROM {stream}").fetchone()[0]
-        holes = self.conn.execute(
-            "SELECT coalesce(sum(min(last_seq, ?) - max(first_seq, ?) + 1), 0) FROM gaps "
-            "WHERE stream=? AND last_seq >= ? AND first_seq <= ?", (last, first, stream, first, last)).fetchone()[0]
+        holes, upto = 0, first - 1
+        for lo, hi in self.conn.execute(
+                "SELECT max(first_seq, ?), min(last_seq, ?) FROM gaps WHERE stream=? AND last_seq >= ? "
+                "AND first_seq <= ? ORDER BY first_seq", (first, last, stream, first, last)):
+            # Gap records may overlap (one announced, then a wider one dropped across it): each seq counts once.
+            lo = max(lo, upto + 1)
+            if hi >= lo:
+                holes += hi - lo + 1
+            upto = max(upto, hi)
         return max(counted, last - first + 1 - holes), False
 
     def count_between(self, stream: str, first: int, last: int, at_most: int) -> int:

@@ -1072,6 +1072,34 @@ def test_status_backlog_past_the_count_limit_is_worked_out_from_the_seqs_less_th
         buf.close()
 
 
+def test_a_worked_out_backlog_counts_once_the_seqs_of_overlapping_gaps(tmp_path, monkeypatch):
+    """A gap announced, then a reconnection (what is in flight falls back to the watermark) and an eviction
+    whose range spans it: two gap records cover its seqs. Subtracted twice, the worked-out backlog came out
+    smaller than the rows waiting (29 for 40 here; audit Z)."""
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    try:
+        store(buf, readings(60))
+        buf.begin()
+        buf.set_sent_upto(STREAM_READINGS, 20)
+        buf.evict(0, now_ms(), in_flight_upto=49)  # 50..60 dropped
+        buf.commit()
+        gap_id = buf.pending_gaps()[0].id
+        buf.begin()
+        buf.mark_gap_announced(gap_id, 60)
+        buf.commit()
+        store(buf, readings(40))  # 61..100
+        buf.begin()
+        buf.evict(0, now_ms(), in_flight_upto=30)  # reconnected: 31..100 dropped, across the announced gap
+        buf.commit()
+        store(buf, readings(30))  # 101..130
+        spans = buf.conn.execute("SELECT id, first_seq, last_seq FROM gaps ORDER BY first_seq").fetchall()
+        assert (gap_id, 50, 60) in spans and any(f <= 50 and last >= 60 for i, f, last in spans if i != gap_id)
+        monkeypatch.setattr(buffer_module, "BACKLOG_COUNTED", 5)
+        assert buf.backlog(STREAM_READINGS, 20) == (40, False), "21..30 and 101..130"
+    finally:
+        buf.close()
+
+
 def test_status_costs_the_same_on_a_big_backlog_as_on_one_at_the_count_limit(tmp_path, monkeypatch):
     """Past BACKLOG_COUNTED rows, `status` (the CLI, every console refresh, the MQTT `status` command on the
     publisher's thread) does not walk the backlog (SQLite VM steps counted): a count of 30 M readings took
