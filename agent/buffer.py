@@ -234,6 +234,7 @@ class Buffer:
         self._last_seq: dict[str, int] = {}
         self._sent_upto: dict[str, int] = {}
         self._inode = _inode(path)
+        self.purge_cut_short = False  # the last `purge_sent` left aged rows of a stream for the next pass
 
     def replaced(self) -> bool:
         """True when the file at `path` is no longer the one this connection reads: the recorder
@@ -635,6 +636,7 @@ class Buffer:
         a note in the future (the clock stepped back) counts as written now."""
         cutoff = now_ms - int(keep_sent_days * 86_400_000)
         deleted = 0
+        self.purge_cut_short = False
         for stream in STREAMS:
             self.conn.execute("UPDATE stored_upto SET stored_ms=? WHERE stream=? AND stored_ms>?",
                               (now_ms, stream, now_ms))
@@ -644,8 +646,12 @@ class Buffer:
             sent = min(self._sent_upto[stream], (held or {}).get(stream, self._sent_upto[stream]))
             stored = self.conn.execute("SELECT max(seq) FROM stored_upto WHERE stream=? AND stored_ms<=?",
                                        (stream, cutoff)).fetchone()[0]
-            first = self.conn.execute(f"SELECT min(seq) FROM {stream}").fetchone()[0] or 0
+            oldest = self.conn.execute(f"SELECT min(seq) FROM {stream}").fetchone()[0]
+            first = oldest or 0
             upto = min(sent, stored or 0, first + PURGE_MAX_ROWS - 1)
+            # Cut short by the limit, which counts seqs: fewer rows than it go when the range has holes (the
+            # seqs of a gap or of a jump), so the row count alone missed that more waits (audit Z).
+            self.purge_cut_short |= oldest is not None and upto < min(sent, stored or 0)
             if upto:
                 deleted += self._delete_upto(stream, upto)
                 self.conn.execute("DELETE FROM stored_upto WHERE stream=? AND seq<=?", (stream, upto))

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from agent.buffer import PURGE_MAX_ROWS, Buffer, BufferError, is_corruption
+from agent.buffer import Buffer, BufferError, is_corruption
 from agent.clock import AgeClock
 from agent.logutil import RateLimitedLog
 from agent.model import STREAM_READINGS, STREAMS, Reading, now_ms
@@ -474,7 +474,7 @@ class Recorder(threading.Thread):
                 self.buffer.begin()
                 n = self.buffer.purge_sent(self.keep_sent_days, self.age_clock.now_ms(), self._held())
                 self.buffer.commit()
-                if n >= PURGE_MAX_ROWS:  # a station storing more than PURGE_MAX_ROWS in 10 minutes (audit Y)
+                if self.buffer.purge_cut_short:  # a station storing more than PURGE_MAX_ROWS in 10 minutes (audit Y)
                     self._next_purge = now + PURGE_CATCHUP_S
                 if n:
                     log.info("purged %d published rows stored more than %s days ago", n, self.keep_sent_days)
