@@ -127,11 +127,21 @@ def is_corruption(exc: BaseException) -> bool:
     return "malformed" in text or "not a database" in text or "corrupt" in text
 
 
-def _inode(path: Path) -> int | None:
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file `path` names now, as (st_dev, st_ino); None when there is none."""
     try:
-        return os.stat(path).st_ino
+        st = os.stat(path)
     except OSError:
         return None
+    return st.st_dev, st.st_ino
+
+
+def _fsync_path(path: Path, *, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _wal_commits_lost(path: Path, conn: sqlite3.Connection) -> int:
@@ -233,13 +243,26 @@ class Buffer:
         self.seqmark = seqmark
         self._last_seq: dict[str, int] = {}
         self._sent_upto: dict[str, int] = {}
-        self._inode = _inode(path)
+        self.identity = _identity(path)  # the file this connection reads: (st_dev, st_ino)
+        self._sides: dict[str, tuple[int, int] | None] = {}  # its -wal and -shm as last seen at the path
         self.purge_cut_short = False  # the last `purge_sent` left aged rows of a stream for the next pass
 
     def replaced(self) -> bool:
-        """True when the file at `path` is no longer the one this connection reads: the recorder
-        moved a corrupt file aside and started a fresh one (readers then reopen)."""
-        return _inode(self.path) != self._inode
+        """True when the file at `path` is no longer the one this connection reads (moved aside as
+        corrupt, deleted, renamed, or another file put in its place)."""
+        return _identity(self.path) != self.identity
+
+    def path_state(self) -> str | None:
+        """Writer: None while `path` names this connection's file (its -wal and -shm are noted then,
+        for `write_back`); else what happened to it, in words for the log."""
+        now = _identity(self.path)
+        if now == self.identity:
+            self._sides = {suffix: _identity(self._side(suffix)) for suffix in ("-wal", "-shm")}
+            return None
+        return "deleted or renamed" if now is None else "replaced by another file"
+
+    def _side(self, suffix: str) -> Path:
+        return self.path.with_name(self.path.name + suffix)
 
     # ------------------------------------------------------------------ opening
 
@@ -286,14 +309,15 @@ class Buffer:
 
     @classmethod
     def _open_checked(cls, path: Path, sync: str, seqmark: SeqMark, announce_jump: bool = True,
-                      progress: Callable[[], None] | None = None) -> Buffer:
-        """Open (or create) and check the file; `announce_jump=False` when the salvage announces it."""
+                      progress: Callable[[], None] | None = None, restored: bool = False) -> Buffer:
+        """Open (or create) and check the file; `announce_jump=False` when the salvage announces it;
+        `restored`: the copy `write_back` just made of the running writer's file, which lost nothing."""
         fresh = not path.exists() or path.stat().st_size == 0
         wal_missing = not fresh and _wal_has_no_frame(path)
-        kept = None if fresh else _keep_wal(path)
+        kept = None if fresh or restored else _keep_wal(path)
         conn = _connect(path, readonly=False, sync=sync)
         try:
-            if not fresh:
+            if not fresh and not restored:
                 result = _reporting(lambda: conn.execute("PRAGMA quick_check(1)").fetchone()[0], progress)
                 if result != "ok":
                     raise sqlite3.DatabaseError(f"database disk image is malformed: quick_check: {result}")
@@ -303,7 +327,8 @@ class Buffer:
                                                 "transactions SQLite had to drop (a damaged frame before them)")
             buf = cls(path, conn, writer=True, seqmark=seqmark)
             buf._create_schema()
-            buf._load_counters(fresh_file=fresh, announce_jump=announce_jump, opening=True, wal_missing=wal_missing)
+            buf._load_counters(fresh_file=fresh, announce_jump=announce_jump, opening=True, wal_missing=wal_missing,
+                               rereading=restored)
             seqmark.ensure_above(buf._last_seq, acked=buf._sent_upto)
             buf._write_first_frame()
             seqmark.note_running(volatile=sync != "full")
@@ -312,17 +337,88 @@ class Buffer:
             raise
         if kept is not None:
             kept.unlink(missing_ok=True)
+        buf.path_state()  # notes its -wal and -shm
         return buf
 
     @classmethod
-    def open_reader(cls, path: str | Path) -> Buffer:
-        """Open an existing database read-only (works while the agent writes to it)."""
+    def open_reader(cls, path: str | Path, expect: tuple[int, int] | None = None) -> Buffer:
+        """Open an existing database read-only (works while the agent writes to it). `expect`: the
+        identity of the writer's file (`Buffer.identity`); another file found at `path` (the writer has
+        not put its own back yet, `write_back`) is refused with BufferError instead of read."""
         path = Path(path)
         if not path.exists():
             raise BufferError(f"no buffer database at {path} (has the agent run yet?)")
+        if expect is not None and _identity(path) != expect:
+            raise BufferError(f"{path} is not the file the recorder writes (deleted, renamed or replaced while "
+                              "the agent runs); waiting for the recorder to put its own back")
         conn = _connect(path, readonly=True, sync="normal")
         buf = cls(path, conn, writer=False, seqmark=None)
+        if expect is not None and buf.identity != expect:  # replaced while it was being opened
+            conn.close()
+            raise BufferError(f"{path} was replaced while it was being opened")
         return buf
+
+    def write_back(self, *, sync: str, max_mb: float | None,
+                   progress: Callable[[], None] | None = None) -> tuple[Buffer, Path | None]:
+        """Writer, between transactions, when `path` no longer names this connection's file (`path_state`):
+        put this database back at `path`, every row and seq as committed, and return a writer on it with
+        where what stood at `path` was moved (never deleted; None when nothing stood there). The steps:
+        a copy beside the path (VACUUM INTO: a consistent snapshot, WAL included; rows keep their seqs,
+        INTEGER PRIMARY KEYs), fsynced; whatever is at the path moved aside as `NAME.foreign-STAMP` with
+        its -wal and -shm (this file's own -wal/-shm, left at their names when the file alone was moved,
+        are removed: they hold nothing the copy lacks); the copy renamed into place. This connection is
+        closed only then: SQLite then sees its file moved and neither checkpoints it nor deletes the
+        `-wal` named after the path (the new file's). Raises (sqlite3.Error, OSError, BufferError) with
+        this connection still open and writable, the copy removed: a disk without room for it, say.
+        `progress()` is called now and then while the copy is made (a large file takes a while)."""
+        assert self.writer and self.seqmark is not None
+        tmp = self.path.with_name(self.path.name + ".restore-tmp")
+        tmp.unlink(missing_ok=True)  # an earlier attempt's partial copy
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # a renamed file keeps every row itself too
+        except sqlite3.Error as exc:
+            log.warning("checkpoint before putting the buffer back failed: %s", exc)
+        if progress is not None:
+            def tick() -> int:
+                progress()
+                return 0  # go on
+
+            self.conn.set_progress_handler(tick, 1_000_000)
+        try:
+            self.conn.execute("VACUUM INTO ?", (str(tmp),))
+            _fsync_path(tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            self.conn.set_progress_handler(None, 0)
+        copy = _identity(tmp)
+        for suffix, ident in self._sides.items():
+            side = self._side(suffix)
+            if ident is not None and _identity(side) == ident:
+                side.unlink()  # this file's own: the copy has all it held, and this connection keeps it open
+        moved = None
+        if _identity(self.path) is not None or any(self._side(s).exists() for s in ("-wal", "-shm")):
+            moved = move_aside(self.path, "put in place of the running agent's buffer file, which the agent "
+                               "then put back", kind="foreign")
+        os.replace(tmp, self.path)
+        try:
+            _fsync_path(self.path.parent, directory=True)
+        except OSError:
+            pass
+        try:
+            buf = self._open_checked(self.path, sync, self.seqmark, restored=True)
+            if max_mb is not None:
+                buf.set_size_cap(max_mb)
+        except BaseException:
+            if _identity(self.path) == copy:
+                os.replace(self.path, tmp)  # not left at the path as if it were another file
+            raise
+        if buf._last_seq != self._last_seq:
+            log.error("buffer %s put back with last seqs %s, not %s as written", self.path, buf._last_seq,
+                      self._last_seq)
+        self.conn.close()
+        return buf, moved
 
     def close(self) -> None:
         if self.writer:
@@ -988,16 +1084,18 @@ def _poll(rows: list[tuple]) -> Poll:
     return Poll(rows[0][2], rows[0][1], tuple(Reading(r[2], r[3], r[1], r[4], r[5], r[6], r[0]) for r in rows))
 
 
-def move_aside(path: Path, reason: str) -> Path:
-    """Rename a damaged database (and its -wal/-shm) to `NAME.corrupt-TIMESTAMP`; never deletes.
-    The WAL is taken from the link `_keep_wal` made when there is one."""
+def move_aside(path: Path, reason: str, kind: str = "corrupt") -> Path:
+    """Rename a damaged database (and its -wal/-shm) to `NAME.corrupt-TIMESTAMP` (`kind`: another word
+    for it, `foreign` for a file that is not the agent's); never deletes. The WAL is taken from the
+    link `_keep_wal` made when there is one."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    target = path.with_name(f"{path.name}.{kind}-{stamp}")
     n = 1
     while target.exists():
         n += 1
-        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
-    os.replace(path, target)
+        target = path.with_name(f"{path.name}.{kind}-{stamp}-{n}")
+    if path.exists():  # `write_back` may find a -wal or -shm alone
+        os.replace(path, target)
     for suffix in ("-wal", "-shm"):
         side = path.with_name(path.name + suffix)
         if suffix == "-wal" and _kept_wal(path).exists():  # the whole WAL, as it was before the check

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 SNAPSHOT_EVERY_S = 60.0  # channel health table refresh (status also folds in the readings stored since)
 ACK_PERSIST_EVERY_S = 5.0  # acknowledged watermark written at most this often (a crash re-sends at most this much)
 SIZE_CHECK_EVERY_S = 5.0
+PATH_CHECK_EVERY_S = 5.0  # that the buffer's path still names the file written (one stat)
 PURGE_EVERY_S = 600.0
 PURGE_CATCHUP_S = 5.0  # the next pass, while a pass found more than it may delete at once (PURGE_MAX_ROWS)
 MAX_PENDING = 500_000  # readings held in memory while the disk refuses writes
@@ -86,7 +87,7 @@ class Recorder(threading.Thread):
             for c in buffer.channels()
         }
         self._channels_dirty = False
-        self._last_snapshot = self._last_ack_persist = self._last_size_check = 0.0
+        self._last_snapshot = self._last_ack_persist = self._last_size_check = self._last_path_check = 0.0
         self._wal_held = False
         self._next_purge = time.monotonic() + PURGE_EVERY_S
         self.age_clock = AgeClock()  # the purge's "now": a clock set days ahead by mistake purges nothing early
@@ -100,6 +101,7 @@ class Recorder(threading.Thread):
         self._write_error_since = 0.0
         self._reopen = False  # the writer connection is gone (a rescue failed): open the file again
         self._holders: tuple[str, ...] = ()  # meta keys of the HJ 212 uplinks' progress (set_holders)
+        self.detached: str | None = None  # what became of the file at the path while it is not put back yet
 
     # ------------------------------------------------------------------ any thread
 
@@ -224,6 +226,22 @@ class Recorder(threading.Thread):
             out.setdefault(device, {})[channel] = row[0].unit
         return out
 
+    def file_identity(self) -> tuple[int, int] | None:
+        """The file the recorder writes now (`Buffer.identity`): readers follow a new file at the path
+        only once it is this one."""
+        return self.buffer.identity
+
+    def open_reader(self) -> Buffer:
+        """A read-only connection to the file the recorder writes now; BufferError while another file
+        (or none) stands at the path, until the recorder has put its own back (`_check_path`)."""
+        return Buffer.open_reader(self.buffer.path, expect=self.file_identity())
+
+    def detached_text(self) -> str | None:
+        """While the file written is not at its path and not put back yet (`_check_path`), in words for
+        P/status and systemd's STATUS=; else None."""
+        what = self.detached
+        return f"buffer file {what} while the agent runs, not put back yet (see the log)" if what else None
+
     def stored_upto(self, stream: str) -> int:
         """The last seq of `stream` stored (or being stored now): the publisher reads no further."""
         return self.buffer.last_seq(stream)
@@ -284,6 +302,8 @@ class Recorder(threading.Thread):
                 if self._pending or self._events:
                     self._commit_once(final=True)  # once more: the failed commit made room if it could
                 self._report_unwritten()
+                if not self._reopen:  # (a writer that lost its connection has no file of its own to put back)
+                    self._check_path(stopping=True)
                 return
 
     def _report_unwritten(self) -> None:
@@ -418,6 +438,10 @@ class Recorder(threading.Thread):
             self.buffer.reload_counters()
         except sqlite3.Error as exc2:
             self._errlog.error("re-reading the buffer's counters failed: %s", exc2)
+        now = time.monotonic()
+        if now - self._last_path_check >= PATH_CHECK_EVERY_S:  # no housekeeping while writes fail: checked here
+            self._last_path_check = now
+            self._check_path()
         text = str(exc).lower()
         if "full" in text:
             # Either the size cap or the disk itself is full (then the cap is out of reach): free a
@@ -460,6 +484,9 @@ class Recorder(threading.Thread):
 
     def _housekeeping(self, now: float) -> None:
         self._apply_limits()
+        if now - self._last_path_check >= PATH_CHECK_EVERY_S and not self._reopen:
+            self._last_path_check = now
+            self._check_path()
         if now - self._last_size_check >= SIZE_CHECK_EVERY_S:
             self._last_size_check = now
             try:
@@ -481,6 +508,48 @@ class Recorder(threading.Thread):
             except sqlite3.Error as exc:
                 self.buffer.rollback()
                 self._errlog.error("purge failed: %s", exc)
+
+    def _check_path(self, stopping: bool = False) -> None:
+        """The path must name the file written: one deleted, renamed or replaced while the agent runs
+        (`rm buffer.db*`, `mv`, another station's file or an old backup put in its place) would leave
+        this thread committing into a file no later start finds, and readers following the path to
+        another file. The file is put back (`Buffer.write_back`), what stood at the path moved aside;
+        meanwhile the readers go on reading the file written (`open_reader`). Readings polled
+        meanwhile wait in memory as for any write. A disk without room for the copy: retried here."""
+        buf = self.buffer
+        what = buf.path_state()
+        if what is None:
+            return
+        with self._cond:
+            acked = max(self._acks.get(STREAM_READINGS, 0), buf.sent_upto(STREAM_READINGS))
+        last = buf.last_seq(STREAM_READINGS)
+        if self.detached is None:
+            self.detached = what
+            log.error("buffer %s was %s while the agent runs: putting the file the agent writes back at that path "
+                      "(every row it holds, readings up to seq %d), whatever stands there now moved aside",
+                      buf.path, what, last)
+        started = time.monotonic()
+        try:
+            self.buffer, moved = buf.write_back(sync=self.sync, max_mb=self.max_bytes / (1024 * 1024),
+                                                progress=self._progressing)
+        except (sqlite3.Error, OSError, BufferError) as exc:
+            if stopping:
+                lost = (f"readings seq {acked + 1}..{last}, not yet published, are lost with this process unless "
+                        "the file was only renamed (they are in it then); the next start continues the seqs and "
+                        "announces them as a gap" if last > acked else "every reading in it was published")
+                log.error("stopping while %s is not the buffer file the agent wrote (%s) and it cannot be put back "
+                          "(%s): %s", buf.path, self.detached, exc, lost)
+            else:
+                self._errlog.error("cannot put the buffer file back at %s (%s): the agent goes on with the file it "
+                                   "holds open, which no later start would find; retrying every %.0f s (free some "
+                                   "space?)", buf.path, exc, PATH_CHECK_EVERY_S, key="write-back")
+            self._progressing()
+            return
+        self._progressing()
+        log.warning("buffer %s put back in %.1f s: readings up to seq %d, %d of them unpublished, kept with their "
+                    "seqs%s", buf.path, time.monotonic() - started, last, max(last - acked, 0),
+                    f"; the file that stood there is kept as {moved.name}" if moved is not None else "")
+        self.detached = None
 
     def _check_wal(self) -> None:
         """The WAL is outside `max_mb` and bounded only by checkpoints, which another process can hold

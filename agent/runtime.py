@@ -503,6 +503,7 @@ class Station:
             alarms = 0
         refused = self.recorder.write_error
         return ((f"buffer refuses writes ({refused}), readings wait in memory; " if refused else "")
+                + (f"{self.recorder.detached_text()}; " if self.recorder.detached else "")
                 + f"backlog {backlog}, broker {p.state}, {alarms} active alarms, "
                 f"last seq {self.recorder.last_committed_seq}")
 
@@ -515,7 +516,7 @@ class Station:
         if problems is None or alarms is None:
             return None
         return {"failing_devices": problems.failing(), "active_alarms": alarms.active_ids(),
-                "buffer_error": self.recorder.write_error}
+                "buffer_error": self.recorder.write_error or self.recorder.detached_text()}
 
     def _status(self) -> dict:
         reader = Buffer.open_reader(self.config.storage.path)
