@@ -28,6 +28,7 @@ import math
 import random
 import select
 import socket
+import sqlite3
 import ssl
 import threading
 import time
@@ -605,8 +606,14 @@ class Publisher(threading.Thread):
     # ------------------------------------------------------------------ draining the buffer
 
     def _open_reader(self) -> None:
+        """Open the file the recorder writes (never another one found at the path: `Recorder.open_reader`);
+        while there is none to open, the reader stays None and the next fill tries again."""
         if self._reader is None:
-            self._reader = Buffer.open_reader(self.db_path)
+            try:
+                self._reader = self.recorder.open_reader()
+            except (BufferError, sqlite3.Error, OSError) as exc:
+                self._errlog.error("cannot open the buffer to publish it (%s); waiting for the recorder", exc,
+                                   key="open")
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -640,9 +647,23 @@ class Publisher(threading.Thread):
         self._reader = None
         time.sleep(0.5)
         try:
-            self._reader = Buffer.open_reader(self.db_path)
+            self._reader = self.recorder.open_reader()
         except Exception as exc2:  # noqa: BLE001
             self._errlog.error("cannot reopen the buffer: %s", exc2)
+
+    def _follow_recorder(self) -> None:
+        """The recorder writes another file now (a corrupt one rescued, or its own put back at the path
+        after it was deleted, renamed or replaced): read that one. Until then the reader stays on the
+        file the recorder writes, whatever the path names meanwhile."""
+        log.info("the recorder writes a new buffer file at %s: publishing from it", self.db_path)
+        self._clear_prepared()
+        try:
+            if self._reader is not None:
+                self._reader.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self._reader = None
+        self._open_reader()
 
     def _inflight_count(self) -> int:
         return len(self._by_mid)
@@ -654,7 +675,7 @@ class Publisher(threading.Thread):
         if self._inflight_count():
             return False
         try:
-            reader = self._reader or Buffer.open_reader(self.db_path)
+            reader = self._reader or self.recorder.open_reader()
             try:
                 for stream in self._inflight:
                     if reader.has_after(stream, self._cursor.get(stream, 0)):
@@ -667,8 +688,8 @@ class Publisher(threading.Thread):
             return False
 
     def _fill_window(self) -> None:
-        if self._reader is not None and self._reader.replaced():
-            self._reader_failed(BufferError("the file was replaced (a corrupt one moved aside)"))
+        if self._reader is not None and self._reader.identity != self.recorder.file_identity():
+            self._follow_recorder()
         if self._reader is None:
             self._open_reader()
             if self._reader is None:

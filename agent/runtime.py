@@ -345,7 +345,7 @@ class Station:
         self.recorder.add_tick_listener(self.alarms.tick)
         # Rebuilds its open periods from the stored readings before polling starts.
         self.aggregator = Aggregator(cfg, self.recorder, buffer.meta_value("aggregate_state"),
-                                     lambda: Buffer.open_reader(storage.path))
+                                     self.recorder.open_reader)
         self.recorder.add_stored_listener(self.aggregator.observe)
         self.recorder.add_tick_listener(self.aggregator.tick)
         if cfg.console is not None:  # imported only when configured: it costs memory
@@ -519,7 +519,7 @@ class Station:
                 "buffer_error": self.recorder.write_error or self.recorder.detached_text()}
 
     def _status(self) -> dict:
-        reader = Buffer.open_reader(self.config.storage.path)
+        reader = self.recorder.open_reader()
         try:
             return collect(reader, device_intervals(self.config), device_channels(self.config))
         finally:

@@ -133,9 +133,13 @@ class UplinkTarget:
 
 
 class ProgressSink(Protocol):
-    """Where an uplink persists its progress (`agent.recorder.Recorder`)."""
+    """Where an uplink persists its progress and which buffer file it reads (`agent.recorder.Recorder`)."""
 
     def set_meta(self, key: str, value: str) -> None: ...
+
+    def open_reader(self) -> Buffer: ...
+
+    def file_identity(self) -> tuple[int, int] | None: ...
 
 
 class LinkDown(Exception):
@@ -176,7 +180,7 @@ class Uplink(threading.Thread):
         # Lines a platform that misbehaves for days would repeat at every packet or connection: the first
         # at once, then one a minute with the count (never reset by a new connection).
         self._linklog = RateLimitedLog(log, every_s=60)
-        self._reader: Buffer | None = Buffer.open_reader(self.db_path)
+        self._reader: Buffer | None = recorder.open_reader()
         self._marks, stored = self._initial_marks(marks)
         self._missing_logged: tuple[int, int] | None = None
         self._dirty = not stored
@@ -313,8 +317,8 @@ class Uplink(threading.Thread):
         self._reader = None
         self._pause(1.0)
         try:
-            self._reader = Buffer.open_reader(self.db_path)
-        except (sqlite3.Error, BufferError) as exc2:
+            self._reader = self.recorder.open_reader()
+        except (sqlite3.Error, BufferError, OSError) as exc2:
             self._errlog.error("uplink %s: cannot reopen the buffer: %s", self.target.name, exc2)
 
     # ------------------------------------------------------------------ connection
@@ -371,8 +375,10 @@ class Uplink(threading.Thread):
 
     def _step(self) -> None:
         """Answer what the platform asked, then deliver one packet (or wait for work)."""
-        if self._reader is not None and self._reader.replaced():
-            raise BufferError("the file was replaced (a corrupt one moved aside)")
+        if self._reader is None:  # a reopen failed: tried again (`run`)
+            raise BufferError("the buffer file is not open")
+        if self._reader.identity != self.recorder.file_identity():
+            raise BufferError("the recorder writes a new file (a corrupt one rescued, or its own put back)")
         self._receive(0)
         item = self._next_message()
         if item is None:

@@ -1,0 +1,169 @@
+"""The buffer file deleted, renamed or replaced while the agent runs (storage audit X, H1 and H2): the agent
+keeps running, says so in an ERROR line, puts its own file back at the path with every row and seq (the
+process still holds it open), never publishes another file found there, and keeps that file beside.
+Real agent processes, a real mosquitto restarted on its port, real SQLite files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from harness import AgentProcess, Broker, Collector, db_last_seq, sim_config, wait_for, write_config
+
+
+def start_station(tmp_path: Path, broker: Broker) -> tuple[Path, Path, AgentProcess]:
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "buffer.db"
+    config = sim_config(tmp_path, broker, channels=3, interval=0.2,
+                        storage={"path": str(path), "commit_interval_ms": 100})
+    cfg = write_config(tmp_path / "station.yaml", config)
+    return path, cfg, AgentProcess(cfg)
+
+
+def contiguous_from_one(seqs: list[int]) -> bool:
+    return bool(seqs) and set(seqs) == set(range(1, max(seqs) + 1))
+
+
+def restart_continues(cfg: Path, path: Path, platform: Collector) -> None:
+    """A clean restart after the stop: the numbering goes on right after the last seq, no gap announced."""
+    issued = db_last_seq(path)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: max(platform.reading_seqs()) > issued + 10, 30, "readings of the restarted agent")
+    finally:
+        assert agent.stop() == 0
+    assert "Traceback" not in agent.log()
+    assert min(s for s in platform.reading_seqs() if s > issued) == issued + 1, "numbering continues"
+
+
+@pytest.mark.parametrize("how", ["rm", "mv"])
+def test_a_buffer_deleted_or_renamed_during_a_broker_outage_loses_nothing(tmp_path, how):
+    broker = Broker(tmp_path / "broker", persistence=True).start()
+    platform = Collector(broker, "env/#", persistent=True)
+    path, cfg, agent = start_station(tmp_path, broker)
+    data = path.parent
+    try:
+        wait_for(lambda: len(platform.reading_seqs()) >= 30, 20, "readings before the outage")
+        broker.stop()
+        delivered = max(platform.reading_seqs())
+        wait_for(lambda: db_last_seq(path) > delivered + 30, 20, "a backlog while the broker is away")
+        if how == "rm":
+            for suffix in ("", "-wal", "-shm"):
+                data.joinpath("buffer.db" + suffix).unlink(missing_ok=True)
+        else:
+            os.rename(path, data / "buffer.db.bak")
+        wait_for(lambda: "put back" in agent.log(), 20, "the recorder puts its file back at the path")
+        assert "buffer " + str(path) + " was deleted or renamed while the agent runs" in agent.log()
+        put_back = db_last_seq(path)
+        wait_for(lambda: db_last_seq(path) > put_back + 15, 20, "recording goes on in the file put back")
+        broker.start()
+        last = db_last_seq(path)
+        wait_for(lambda: platform.has_readings_upto(last), 30, f"every seq 1..{last} delivered")
+        assert agent.alive(), "the agent keeps running"
+        assert "Traceback" not in agent.log()
+    finally:
+        assert agent.stop() == 0
+    if how == "mv":
+        assert (data / "buffer.db.bak").exists(), "the renamed file is left where it was put"
+        assert db_last_seq(data / "buffer.db.bak") >= delivered + 30
+    assert not list(data.glob("buffer.db.foreign-*")), "nothing stood at the path: nothing moved aside"
+    restart_continues(cfg, path, platform)
+    platform.close()
+    broker.stop()
+    assert not [m for m in platform.json_messages("/data") if "gap" in m], "no gap announced"
+    assert contiguous_from_one(platform.reading_seqs())
+
+
+def test_another_stations_buffer_put_in_place_is_never_published_and_is_kept(tmp_path):
+    broker = Broker(tmp_path / "broker").start()
+    platform = Collector(broker, "env/#")
+    # Another station's buffer, with more readings than this station will have published by the swap.
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other = sim_config(other_dir, broker, station_id="OTHER0001", channels=10, interval=0.1)
+    other["devices"] = {"other0": other["devices"]["sim0"]}
+    other["mqtt"]["url"] = "mqtt://127.0.0.1:1"  # it publishes nothing
+    other_agent = AgentProcess(write_config(other_dir / "station.yaml", other))
+    try:
+        wait_for(lambda: db_last_seq(other_dir / "buffer.db") >= 400, 30, "the other station's readings")
+    finally:
+        assert other_agent.stop() == 0
+    other_last = db_last_seq(other_dir / "buffer.db")
+
+    path, cfg, agent = start_station(tmp_path, broker)
+    data = path.parent
+    try:
+        wait_for(lambda: len(platform.reading_seqs()) >= 30, 20, "readings before the swap")
+        for suffix in ("-wal", "-shm"):  # a restored backup, a file copied from another gateway
+            data.joinpath("buffer.db" + suffix).unlink(missing_ok=True)
+        shutil.copy(other_dir / "buffer.db", data / "buffer.db.tmp")
+        os.rename(data / "buffer.db.tmp", path)
+        wait_for(lambda: "put back" in agent.log(), 20, "the recorder puts its own file back")
+        assert "was replaced by another file while the agent runs" in agent.log()
+        put_back = db_last_seq(path)
+        wait_for(lambda: db_last_seq(path) > put_back + 15, 20, "recording goes on in the file put back")
+        last = db_last_seq(path)
+        wait_for(lambda: platform.has_readings_upto(last), 30, f"every seq 1..{last} delivered")
+        assert agent.alive() and "Traceback" not in agent.log()
+    finally:
+        assert agent.stop() == 0
+    devices = {r["device"] for m in platform.json_messages("/data") for r in m.get("readings", [])}
+    assert devices == {"sim0"}, "none of the other station's readings is published as this station's"
+    kept = [p for p in data.glob("buffer.db.foreign-*") if not p.name.endswith((".txt", "-wal", "-shm"))]
+    assert len(kept) == 1, "the other file is kept beside, under a name that says what it is"
+    assert db_last_seq(kept[0]) == other_last
+    restart_continues(cfg, path, platform)
+    platform.close()
+    broker.stop()
+    assert not [m for m in platform.json_messages("/data") if "gap" in m], "no gap announced"
+    assert contiguous_from_one(platform.reading_seqs())
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MiB tmpfs for the buffer (mounting needs root: the tests run as root, like CI)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_no_room_to_put_a_deleted_buffer_back_keeps_the_agent_running_until_there_is(tmp_path, small_disk):
+    """The copy does not fit on the disk: logged, the agent (its publisher too) keeps running on the file
+    it holds open, and puts it back once space is freed; nothing is lost."""
+    broker = Broker(tmp_path / "broker").start()
+    platform = Collector(broker, "env/#")
+    path = small_disk / "buffer.db"
+    config = sim_config(tmp_path, broker, channels=3, interval=0.2,
+                        storage={"path": str(path), "commit_interval_ms": 100})
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    try:
+        wait_for(lambda: len(platform.reading_seqs()) >= 30, 20, "readings before the deletion")
+        for suffix in ("", "-wal", "-shm"):
+            small_disk.joinpath("buffer.db" + suffix).unlink(missing_ok=True)
+        filler = small_disk / "filler"  # other files took the space
+        st = os.statvfs(small_disk)
+        filler.write_bytes(b"\0" * max(st.f_bavail * st.f_frsize - 16 * 1024, 0))
+        wait_for(lambda: "cannot put the buffer file back" in agent.log(), 20, "a clear line about the copy")
+        held = len(platform.reading_seqs())
+        wait_for(lambda: len(platform.reading_seqs()) > held or "refused" in agent.log(), 20,
+                 "publishing from the open file, or its writes refused too")
+        assert agent.alive() and "Traceback" not in agent.log(), "the publisher waits, it does not die"
+        filler.unlink()  # the operator frees space
+        wait_for(lambda: "put back" in agent.log(), 20, "the file put back once there is room")
+        put_back = db_last_seq(path)
+        wait_for(lambda: db_last_seq(path) > put_back + 15, 20, "recording goes on in the file put back")
+        last = db_last_seq(path)
+        wait_for(lambda: platform.has_readings_upto(last), 30, f"every seq 1..{last} delivered")
+        assert agent.alive() and "Traceback" not in agent.log()
+    finally:
+        assert agent.stop() == 0
+        platform.close()
+        broker.stop()
+    assert not [m for m in platform.json_messages("/data") if "gap" in m], "no gap announced"
+    assert contiguous_from_one(platform.reading_seqs())
