@@ -112,7 +112,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from agent.buffer import Buffer
     from agent.runtime import device_channels, device_intervals
-    from agent.status import agent_state, collect, render_text, unreadable_buffer
+    from agent.status import agent_state, collect, render_text, unreadable, unreadable_buffer
 
     config = _load_or_report(args.config, for_status=True)  # it never connects
     if config is None:
@@ -122,16 +122,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     path = config.storage.path
     reader = None
-    unreadable = hint = None
+    why = hint = None
     try:
         reader = Buffer.open_reader(path) if path.exists() else None
         status = collect(reader, device_intervals(config), device_channels(config))
     except (sqlite3.Error, OSError) as exc:  # a damaged file, or one this user may not read
-        unreadable, hint = unreadable_buffer(path, exc, args.config)
-        status = collect(None, device_intervals(config))
-        status["buffer_error"] = unreadable
-        # Unknown, not zero: a script must not read "nothing waits" off a file it could not read.
-        status.update(backlog=None, backlog_exact=None, last_seq=None, sent_upto=None, alarms=None)
+        why, hint = unreadable_buffer(path, exc, args.config)
+        status = unreadable(device_intervals(config), why)
     finally:
         if reader is not None:
             reader.close()
@@ -151,8 +148,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         json.dump(status, sys.stdout, indent=2, ensure_ascii=False)
         print()
     else:
-        if unreadable:
-            print(f"{unreadable} ({hint})")
+        if why:
+            print(f"{why} ({hint})")
         elif not path.exists():
             print(f"no buffer database at {path} yet (the agent has not run with this config)")
         print(f"station  {config.station.id} ({config.station.name or ''})")

@@ -34,7 +34,7 @@ from agent.pollerset import SIM_PREFIX, PollerSpec, plan_reload, poller_specs
 from agent.publisher import BrokerSettings, Publisher
 from agent.recorder import Recorder
 from agent.sdnotify import Notifier
-from agent.status import collect
+from agent.status import collect, unreadable
 from agent.uplink import Uplink, UplinkTarget
 from drivers.simulated import SimChannelSpec, SimulatedDriver
 
@@ -519,7 +519,10 @@ class Station:
                 "buffer_error": self.recorder.write_error or self.recorder.detached_text()}
 
     def _status(self) -> dict:
-        reader = self.recorder.open_reader()
+        try:
+            reader = self.recorder.open_reader()
+        except BufferError as exc:  # the file at the path is not the one written, until it is put back
+            return unreadable(device_intervals(self.config), str(exc))
         try:
             return collect(reader, device_intervals(self.config), device_channels(self.config))
         finally:

@@ -127,6 +127,14 @@ def collect(reader: Buffer | None, device_intervals: dict[str, float],
     }
 
 
+def unreadable(device_intervals: dict[str, float], error: str) -> dict[str, Any]:
+    """The status document when the buffer cannot be read: `buffer_error` says why, and the figures read
+    from it are unknown (null), not zero: a script must not read "nothing waits" off a file it could not read."""
+    status = collect(None, device_intervals)
+    status.update(backlog=None, backlog_exact=None, last_seq=None, sent_upto=None, alarms=None, buffer_error=error)
+    return status
+
+
 def render_text(status: dict[str, Any]) -> str:
     """The human-readable form of `edge-agent status`."""
     lines = []
