@@ -674,14 +674,12 @@ class Buffer:
         started = time.monotonic()
         try:
             self.conn.execute("VACUUM")
-            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._write_first_frame()  # as at every open
+            self.give_wal_back()  # and a first frame again, as at every open
         except sqlite3.Error as exc:
             log.warning("buffer %s is %.1f MB, above max_mb %.1f, and could not be compacted: %s",
                         self.path, pages * PAGE_SIZE / 2**20, self.max_bytes / 2**20, exc)
             try:  # what the failed copy wrote into the WAL is given back to the disk
-                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                self._write_first_frame()
+                self.give_wal_back()
             except sqlite3.Error:
                 pass  # the recorder's commits report a disk that stays full
             return

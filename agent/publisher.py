@@ -636,8 +636,8 @@ class Publisher(threading.Thread):
             except Exception as exc:  # noqa: BLE001
                 self._reader_failed(exc)
 
-    def _reader_failed(self, exc: Exception) -> None:
-        self._errlog.error("reading the buffer failed (%s); reopening it", exc)
+    def _drop_reader(self) -> None:
+        """Close the reader and forget the messages prepared from it."""
         self._clear_prepared()
         try:
             if self._reader is not None:
@@ -645,6 +645,10 @@ class Publisher(threading.Thread):
         except Exception:  # noqa: BLE001
             pass
         self._reader = None
+
+    def _reader_failed(self, exc: Exception) -> None:
+        self._errlog.error("reading the buffer failed (%s); reopening it", exc)
+        self._drop_reader()
         time.sleep(0.5)
         try:
             self._reader = self.recorder.open_reader()
@@ -656,13 +660,7 @@ class Publisher(threading.Thread):
         after it was deleted, renamed or replaced): read that one. Until then the reader stays on the
         file the recorder writes, whatever the path names meanwhile."""
         log.info("the recorder writes a new buffer file at %s: publishing from it", self.db_path)
-        self._clear_prepared()
-        try:
-            if self._reader is not None:
-                self._reader.close()
-        except Exception:  # noqa: BLE001
-            pass
-        self._reader = None
+        self._drop_reader()
         self._open_reader()
 
     def _inflight_count(self) -> int:

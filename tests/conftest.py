@@ -1,7 +1,9 @@
-"""Shared fixtures: a real mosquitto per test on a free loopback port."""
+"""Shared fixtures: a real mosquitto per test on a free loopback port; a small tmpfs for a full disk."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +19,18 @@ def broker(tmp_path):
     b = Broker(tmp_path / "broker").start()
     yield b
     b.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MiB tmpfs for the buffer (`harness.fill_disk` fills it)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.fixture(autouse=True)

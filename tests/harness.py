@@ -57,6 +57,14 @@ def build_preload_shim(source: str, name: str, build: Path, what: str) -> Path:
     return build / f"{name}.so"
 
 
+def fill_disk(disk: Path, leave_bytes: int) -> Path:
+    """Take all the space of `disk` but `leave_bytes` with a filler file (like logs gone wild); returns it."""
+    filler = disk / "filler"
+    st = os.statvfs(disk)
+    filler.write_bytes(b"\0" * max(st.f_bavail * st.f_frsize - leave_bytes, 0))
+    return filler
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-from harness import AgentProcess, Broker, Collector, db_last_seq, sim_config, wait_for, write_config
+from harness import AgentProcess, Broker, Collector, db_last_seq, fill_disk, sim_config, wait_for, write_config
 
 
 def start_station(tmp_path: Path, broker: Broker) -> tuple[Path, Path, AgentProcess]:
@@ -26,6 +25,13 @@ def start_station(tmp_path: Path, broker: Broker) -> tuple[Path, Path, AgentProc
 
 def contiguous_from_one(seqs: list[int]) -> bool:
     return bool(seqs) and set(seqs) == set(range(1, max(seqs) + 1))
+
+
+def goes_on_in_the_file_put_back(agent: AgentProcess, path: Path) -> None:
+    """The recorder puts its own file back at the path, and recording goes on in it."""
+    wait_for(lambda: "put back" in agent.log(), 20, "the recorder puts its own file back at the path")
+    put_back = db_last_seq(path)
+    wait_for(lambda: db_last_seq(path) > put_back + 15, 20, "recording goes on in the file put back")
 
 
 def restart_continues(cfg: Path, path: Path, platform: Collector) -> None:
@@ -56,10 +62,8 @@ def test_a_buffer_deleted_or_renamed_during_a_broker_outage_loses_nothing(tmp_pa
                 data.joinpath("buffer.db" + suffix).unlink(missing_ok=True)
         else:
             os.rename(path, data / "buffer.db.bak")
-        wait_for(lambda: "put back" in agent.log(), 20, "the recorder puts its file back at the path")
+        goes_on_in_the_file_put_back(agent, path)
         assert "buffer " + str(path) + " was deleted or renamed while the agent runs" in agent.log()
-        put_back = db_last_seq(path)
-        wait_for(lambda: db_last_seq(path) > put_back + 15, 20, "recording goes on in the file put back")
         broker.start()
         last = db_last_seq(path)
         wait_for(lambda: platform.has_readings_upto(last), 30, f"every seq 1..{last} delivered")
@@ -102,10 +106,8 @@ def test_another_stations_buffer_put_in_place_is_never_published_and_is_kept(tmp
             data.joinpath("buffer.db" + suffix).unlink(missing_ok=True)
         shutil.copy(other_dir / "buffer.db", data / "buffer.db.tmp")
         os.rename(data / "buffer.db.tmp", path)
-        wait_for(lambda: "put back" in agent.log(), 20, "the recorder puts its own file back")
+        goes_on_in_the_file_put_back(agent, path)
         assert "was replaced by another file while the agent runs" in agent.log()
-        put_back = db_last_seq(path)
-        wait_for(lambda: db_last_seq(path) > put_back + 15, 20, "recording goes on in the file put back")
         last = db_last_seq(path)
         wait_for(lambda: platform.has_readings_upto(last), 30, f"every seq 1..{last} delivered")
         assert agent.alive() and "Traceback" not in agent.log()
@@ -123,16 +125,6 @@ def test_another_stations_buffer_put_in_place_is_never_published_and_is_kept(tmp
     assert contiguous_from_one(platform.reading_seqs())
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """An 8 MiB tmpfs for the buffer (mounting needs root: the tests run as root, like CI)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_no_room_to_put_a_deleted_buffer_back_keeps_the_agent_running_until_there_is(tmp_path, small_disk):
     """The copy does not fit on the disk: logged, the agent (its publisher too) keeps running on the file
     it holds open, and puts it back once space is freed; nothing is lost."""
@@ -146,18 +138,14 @@ def test_no_room_to_put_a_deleted_buffer_back_keeps_the_agent_running_until_ther
         wait_for(lambda: len(platform.reading_seqs()) >= 30, 20, "readings before the deletion")
         for suffix in ("", "-wal", "-shm"):
             small_disk.joinpath("buffer.db" + suffix).unlink(missing_ok=True)
-        filler = small_disk / "filler"  # other files took the space
-        st = os.statvfs(small_disk)
-        filler.write_bytes(b"\0" * max(st.f_bavail * st.f_frsize - 16 * 1024, 0))
+        filler = fill_disk(small_disk, leave_bytes=16 * 1024)  # other files took the space
         wait_for(lambda: "cannot put the buffer file back" in agent.log(), 20, "a clear line about the copy")
         held = len(platform.reading_seqs())
         wait_for(lambda: len(platform.reading_seqs()) > held or "refused" in agent.log(), 20,
                  "publishing from the open file, or its writes refused too")
         assert agent.alive() and "Traceback" not in agent.log(), "the publisher waits, it does not die"
         filler.unlink()  # the operator frees space
-        wait_for(lambda: "put back" in agent.log(), 20, "the file put back once there is room")
-        put_back = db_last_seq(path)
-        wait_for(lambda: db_last_seq(path) > put_back + 15, 20, "recording goes on in the file put back")
+        goes_on_in_the_file_put_back(agent, path)  # once there is room
         last = db_last_seq(path)
         wait_for(lambda: platform.has_readings_upto(last), 30, f"every seq 1..{last} delivered")
         assert agent.alive() and "Traceback" not in agent.log()

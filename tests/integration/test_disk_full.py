@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 
-import pytest
 from harness import (
     AgentProcess,
     Broker,
     Collector,
     build_preload_shim,
     db_last_seq,
+    fill_disk,
     sim_config,
     wait_for,
     write_config,
@@ -26,28 +25,6 @@ from agent.model import STREAM_READINGS, Reading, now_ms
 from agent.recorder import Recorder
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """An 8 MiB tmpfs for the buffer."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(disk, leave_bytes: int):
-    """Take all the space of `disk` but `leave_bytes` with a filler file (like logs gone wild)."""
-    filler = disk / "filler"
-    st = os.statvfs(disk)
-    size = max(st.f_bavail * st.f_frsize - leave_bytes, 0)
-    with open(filler, "wb") as f:
-        f.write(b"\0" * size)
-    return filler
-
-
 def test_full_disk_holds_readings_in_memory_and_loses_nothing_when_space_returns(tmp_path, small_disk):
     broker = Broker(tmp_path / "broker").start()
     platform = Collector(broker, "env/#")
@@ -57,7 +34,7 @@ def test_full_disk_holds_readings_in_memory_and_loses_nothing_when_space_returns
     agent = AgentProcess(cfg)
     try:
         wait_for(lambda: len(platform.reading_seqs()) >= 500, 20, "readings before the disk fills")
-        filler = fill(small_disk, leave_bytes=64 * 1024)
+        filler = fill_disk(small_disk, leave_bytes=64 * 1024)
         wait_for(lambda: "refused" in agent.log() or "No space left" in agent.log(), 60,
                  "a clear log line about the full disk")
         stalled = db_last_seq(small_disk / "buffer.db")
@@ -82,7 +59,7 @@ def test_a_disk_full_at_start_is_waited_out_without_a_restart_loop(tmp_path, sma
     platform = Collector(broker, "env/#")
     config = sim_config(tmp_path, broker, storage={"path": str(small_disk / "buffer.db")})
     cfg = write_config(tmp_path / "station.yaml", config)
-    filler = fill(small_disk, leave_bytes=0)
+    filler = fill_disk(small_disk, leave_bytes=0)
     agent = AgentProcess(cfg)
     try:
         wait_for(lambda: "cannot open the buffer" in agent.log(), 30, "a clear line about the buffer")
@@ -119,7 +96,7 @@ def test_a_compaction_the_disk_has_no_room_for_keeps_every_row_and_gives_its_wal
     kept = [(r.seq, r.value) for r in buf.readings_after(0, 50_000)]
     buf.close()
     assert path.stat().st_size > 2**20 and len(kept) > 5_000
-    fill(small_disk, leave_bytes=64 * 1024)  # less than the rows kept: no room for the copy
+    fill_disk(small_disk, leave_bytes=64 * 1024)  # less than the rows kept: no room for the copy
 
     with caplog.at_level(logging.INFO, logger="agent.buffer"):
         buf = Buffer.open_writer(path, max_mb=1)

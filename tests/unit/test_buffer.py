@@ -33,6 +33,22 @@ def store(buf: Buffer, rows: list[Reading]) -> list[Reading]:
 DAY_MS = 86_400_000
 
 
+def vm_steps(conn: sqlite3.Connection, action, *args):
+    """`action(*args)`'s result and the SQLite VM steps it took on `conn` (counted ten at a time): work
+    that does not depend on the machine's speed."""
+    count = [0]
+
+    def step() -> int:
+        count[0] += 1
+        return 0
+
+    conn.set_progress_handler(step, 10)
+    try:
+        return action(*args), count[0] * 10
+    finally:
+        conn.set_progress_handler(None, 0)
+
+
 def purge(buf: Buffer, keep_sent_days: float, at_ms: int, held: dict[str, int] | None = None) -> int:
     """One pass of the recorder's age purge at wall-clock time `at_ms`."""
     buf.begin()
@@ -445,19 +461,11 @@ def test_dropping_unpublished_readings_costs_what_it_drops_not_the_backlog(tmp_p
     for n in (20_000, 300_000):
         buf = Buffer.open_writer(tmp_path / f"{n}.db")
         store(buf, readings(n))
-        count = [0]
-
-        def step(count=count) -> int:
-            count[0] += 1
-            return 0
-
-        buf.conn.set_progress_handler(step, 10)
         buf.begin()
-        _, dropped, gap, _ = buf.evict(buf.used_bytes() - 200_000, now_ms())
+        (_, dropped, gap, _), taken = vm_steps(buf.conn, buf.evict, buf.used_bytes() - 200_000, now_ms())
         buf.commit()
-        buf.conn.set_progress_handler(None, 0)
         assert dropped > 2_000 and gap is not None and gap.first_seq == 1
-        steps[n] = count[0] * 10 / dropped
+        steps[n] = taken / dropped
         buf.close()
     assert steps[300_000] < 2 * steps[20_000], steps
 
@@ -622,16 +630,8 @@ def test_the_age_purge_costs_what_it_deletes_not_the_table_size(tmp_path):
         buf.commit()
         t = now_ms()
         purge(buf, 7, t)
-        count = [0]
-
-        def step(count=count) -> int:
-            count[0] += 1
-            return 0
-
-        buf.conn.set_progress_handler(step, 10)
-        assert purge(buf, 7, t + 3_600_000) == 0
-        buf.conn.set_progress_handler(None, 0)
-        steps[n] = count[0] * 10
+        purged, steps[n] = vm_steps(buf.conn, purge, buf, 7, t + 3_600_000)
+        assert purged == 0
         buf.close()
     assert steps[200_000] <= steps[10_000] + 100 and steps[200_000] < 2_000, steps
 
@@ -1113,19 +1113,10 @@ def test_status_costs_the_same_on_a_big_backlog_as_on_one_at_the_count_limit(tmp
         store(buf, readings(n))
         buf.close()
         reader = Buffer.open_reader(tmp_path / f"{n}.db")
-        count = [0]
-
-        def step(count=count) -> int:
-            count[0] += 1
-            return 0
-
-        reader.conn.set_progress_handler(step, 10)
-        status = collect(reader, {"d": 1.0})
-        reader.conn.set_progress_handler(None, 0)
+        status, steps[n] = vm_steps(reader.conn, collect, reader, {"d": 1.0})
         reader.close()
         assert status["backlog"] == n and status["backlog_exact"] is False
         assert f"backlog  about {n} unsent readings" in render_text(status)
-        steps[n] = count[0]
     assert steps[300_000] < 1.2 * steps[60_000], steps
 
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from harness import fill_disk
 
 from agent.buffer import Buffer, BufferError
 from agent.model import STREAM_READINGS, Reading, now_ms
@@ -125,16 +125,6 @@ def test_another_file_put_in_place_is_never_read_and_is_kept_beside(tmp_path):
         recorder.buffer.close()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MiB tmpfs (root only: tests run as root, like CI)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_no_room_for_the_copy_keeps_writing_the_open_file_and_retries(small_disk, caplog):
     """A disk without room for the copy: logged, nothing lost, the recorder goes on in the file it holds
     open and puts it back once there is room."""
@@ -142,9 +132,7 @@ def test_no_room_for_the_copy_keeps_writing_the_open_file_and_retries(small_disk
     recorder = recorder_with(path, 5000)
     try:
         path.unlink()
-        filler = small_disk / "filler"
-        st = os.statvfs(small_disk)
-        filler.write_bytes(b"\0" * max(st.f_bavail * st.f_frsize - 32 * 1024, 0))
+        filler = fill_disk(small_disk, leave_bytes=32 * 1024)
         recorder._check_path()
         assert recorder.detached == "deleted or renamed"
         assert "cannot put the buffer file back" in caplog.text
@@ -163,8 +151,7 @@ def test_a_stop_before_the_file_could_be_put_back_says_what_is_lost(small_disk, 
     path = small_disk / "buffer.db"
     recorder = recorder_with(path, 5000, sent=4000)
     path.unlink()
-    filler = small_disk / "filler"
-    filler.write_bytes(b"\0" * max(os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize - 32 * 1024, 0))
+    fill_disk(small_disk, leave_bytes=32 * 1024)
     recorder.start()
     try:
         recorder.stop()
