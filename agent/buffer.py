@@ -358,6 +358,22 @@ class Buffer:
             raise BufferError(f"{path} was replaced while it was being opened")
         return buf
 
+    def damage_found(self, progress: Callable[[], None] | None = None) -> str | None:
+        """What SQLite's `PRAGMA quick_check` finds wrong with this file as it is on disk now, None when
+        nothing. Read through a connection of its own: a page this one still holds good in its cache
+        would hide the damaged copy every other reader gets. `progress()` as for `open_writer`. Raises
+        BufferError when the path names another file by now, sqlite3.Error when it cannot be read."""
+        reader = Buffer.open_reader(self.path, expect=self.identity)
+        try:
+            result = _reporting(lambda: reader.conn.execute("PRAGMA quick_check(1)").fetchone()[0], progress)
+        except sqlite3.DatabaseError as exc:
+            if not is_corruption(exc):
+                raise
+            return str(exc)
+        finally:
+            reader.close()
+        return None if result == "ok" else result
+
     def write_back(self, *, sync: str, max_mb: float | None,
                    progress: Callable[[], None] | None = None) -> tuple[Buffer, Path | None]:
         """Writer, between transactions, when `path` no longer names this connection's file (`path_state`):
@@ -876,6 +892,18 @@ class Buffer:
         if not row[2]:
             return None
         return JsonBatch(row[0], row[1], row[2], row[3])
+
+    def missing_between(self, stream: str, first: int, last: int) -> list[list[int]]:
+        """The runs of `stream` seqs from `first` to `last` that are not stored, as [from, to] pairs."""
+        runs, expected = [], first
+        for (seq,) in self.conn.execute(f"SELECT seq FROM {stream} WHERE seq BETWEEN ? AND ? ORDER BY seq",
+                                        (first, last)):
+            if seq > expected:
+                runs.append([expected, seq - 1])
+            expected = seq + 1
+        if expected <= last:
+            runs.append([expected, last])
+        return runs
 
     def events_after(self, stream: str, after_seq: int, limit: int) -> list[EventRow]:
         rows = self.conn.execute(

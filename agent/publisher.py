@@ -41,7 +41,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from agent import __version__
-from agent.buffer import Buffer, BufferError, Gap
+from agent.buffer import Buffer, BufferError, Gap, is_corruption
 from agent.hj212_payload import Hj212Identity, Hj212Message, Hj212Payload, group_periods
 from agent.logutil import RateLimitedLog
 from agent.memtrim import release_free_memory
@@ -69,6 +69,9 @@ STABLE_CONNECTION_S = 10.0  # a connection lost sooner is retried with backoff, 
 SUMMARY_EVERY_S = 5.0  # the retained status's summary (failing devices, active alarms) is checked this often
 SUMMARY_MIN_GAP_S = 30.0  # a change is published once it held for two checks, and at most once in this long
 SHORT_LIVED_HINT_AFTER = 3  # such connections in a row before the log suspects a duplicate client_id
+# Reads of a resend's rows that may fail before it is answered ok:false (a damaged page: the recorder
+# rescues the file meanwhile, and the platform may ask again) instead of holding up the resends after it.
+RESEND_READ_TRIES = 10
 MAX_RESENDS_QUEUED = 4  # resend commands under way at once; more are refused until one is answered
 EVENT_BATCH = 50  # aggregates per agg message
 HJ212_EVENT_BATCH = 500  # aggregate rows read at once to group into period packets
@@ -648,20 +651,31 @@ class Publisher(threading.Thread):
 
     def _reader_failed(self, exc: Exception) -> None:
         self._errlog.error("reading the buffer failed (%s); reopening it", exc)
+        if is_corruption(exc):
+            self.recorder.suspect_corruption("publisher", exc)
+        before = self._reader.identity if self._reader is not None else None
         self._drop_reader()
         time.sleep(0.5)
         try:
             self._reader = self.recorder.open_reader()
         except Exception as exc2:  # noqa: BLE001
             self._errlog.error("cannot reopen the buffer: %s", exc2)
+            return
+        if before is not None and self._reader.identity != before:  # the recorder rescued the file meanwhile
+            self._reset_window()
+            self._reading_a_new_file()
 
     def _follow_recorder(self) -> None:
         """The recorder writes another file now (a corrupt one rescued, or its own put back at the path
         after it was deleted, renamed or replaced): read that one. Until then the reader stays on the
         file the recorder writes, whatever the path names meanwhile."""
-        log.info("the recorder writes a new buffer file at %s: publishing from it", self.db_path)
         self._drop_reader()
         self._open_reader()
+        self._reading_a_new_file()
+
+    def _reading_a_new_file(self) -> None:
+        log.info("the recorder writes a new buffer file at %s: publishing from it", self.db_path)
+        self._check_gaps = True  # a rescued file's salvage records the seqs the damage cost
 
     def _inflight_count(self) -> int:
         return len(self._by_mid)
@@ -704,7 +718,7 @@ class Publisher(threading.Thread):
             with self.recorder.evict_lock:  # what is taken here is in flight before an eviction can drop it
                 self._publish_readings(f"{s.base_topic}/data")
             self._publish_events(STREAM_AGGREGATES, f"{s.base_topic}/agg", min(EVENT_BATCH, self._batch))
-            self._continue_resends()
+            self._continue_resends_or_refuse()
             if self._resends:
                 self._need_fill = True  # go on as acknowledgements make room
         except Exception as exc:  # noqa: BLE001 - a damaged or replaced file: reopen and go on
@@ -1095,12 +1109,31 @@ class Publisher(threading.Thread):
                         return
                 job.read_all = batch is None
 
+    def _continue_resends_or_refuse(self) -> None:
+        """`_continue_resends`; the resend whose rows fail to be read RESEND_READ_TRIES times is answered
+        ok:false with the reason and dropped, so that a damaged page never holds up the queue for good."""
+        try:
+            self._continue_resends()
+        except sqlite3.DatabaseError as exc:
+            job = self._resends[0] if self._resends else None
+            if job is not None:
+                job.read_failures += 1
+                if job.read_failures >= RESEND_READ_TRIES:
+                    self._resends.popleft()
+                    error = f"cannot read the stored readings after seq {job.after}: {exc}; ask again later"
+                    self._publish_raw(f"{self.settings.base_topic}/cmd/reply", reply_message(job.cmd_id, False,
+                                                                                          error=error))
+            raise
+
     def _publish_resend(self, job: _Resend, topic: str, frames: list[bytes], first_seq: int, last_seq: int,
                         count: int) -> bool:
         """One batch of a resend (an HJ 212 packet's frames, or one data message), tracked by mid: it
         counts (and moves the job's acknowledged point) when the last of its messages is acknowledged,
         with every earlier one. False when the connection was lost meanwhile."""
-        skipped = [job.after + 1, first_seq - 1] if first_seq > job.after + 1 else None
+        skipped = [[job.after + 1, first_seq - 1]] if first_seq > job.after + 1 else []
+        if last_seq - first_seq + 1 > count:  # seqs missing inside the batch (evicted, or lost with a damaged page)
+            assert self._reader is not None
+            skipped += self._reader.missing_between(STREAM_READINGS, first_seq, last_seq)
         if not frames:  # unsayable rows (HJ 212): nothing to send, counted in order as before
             job.inflight.append(["resend", job, True, last_seq, count, skipped])
             job.after = last_seq
@@ -1109,7 +1142,7 @@ class Publisher(threading.Thread):
         for number, frame in enumerate(frames, start=1):
             final = number == len(frames)
             entry = ["resend", job, False, last_seq if final else job.after, count if final else 0,
-                     skipped if final else None]
+                     skipped if final else []]
             job.inflight.append(entry)
             if not self._publish_raw(topic, frame, entry=entry):
                 if job.inflight and job.inflight[-1] is entry:
@@ -1153,8 +1186,8 @@ class _PahoLog(logging.LoggerAdapter):
 @dataclass
 class _Resend:
     """A resend command under way: its range, how far it has got, and what it found missing. Its
-    batches in flight are entries `["resend", job, acknowledged, last_seq, count, skipped range or
-    None]`; `count` and `missing` take in a batch only once it (and every batch before it) is
+    batches in flight are entries `["resend", job, acknowledged, last_seq, count, [seq ranges
+    skipped]]`; `count` and `missing` take in a batch only once it (and every batch before it) is
     acknowledged, so a lost connection rewinds the job to `acked` and nothing is counted twice."""
 
     cmd_id: object
@@ -1166,6 +1199,7 @@ class _Resend:
     missing: list[list[int]] = field(default_factory=list)  # found missing before `acked`
     read_all: bool = False  # the range is read to its end; the reply waits for the batches in flight
     replied: bool = False  # the reply is published, not yet acknowledged (the job stays queued until it is)
+    read_failures: int = 0  # reads of its rows that failed (RESEND_READ_TRIES)
     inflight: deque[list] = field(default_factory=deque)  # bounded by the publisher's window (they hold mids)
 
     def settle(self) -> None:
@@ -1173,8 +1207,7 @@ class _Resend:
         q = self.inflight
         while q and q[0][2]:
             _, _, _, upto, count, skipped = q.popleft()
-            if skipped is not None:
-                self.missing.append(skipped)
+            self.missing += skipped
             self.acked = upto
             self.count += count
 

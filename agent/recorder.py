@@ -41,6 +41,9 @@ MAX_PENDING = 500_000  # readings held in memory while the disk refuses writes
 # 256 MB cap; a disk with the README's max_mb + 8 MiB free was then full for good): ~1 MB a round, which
 # the checkpoint after each commit gives back before the next (audit Y).
 EVICT_ROUND_ROWS = 20_000
+# A reader's report of a damaged page (`suspect_corruption`) makes the recorder read the whole file
+# (quick_check) at most this often: a report the check does not confirm is not worth a re-read sooner.
+VERIFY_EVERY_S = 600.0
 
 
 class Recorder(threading.Thread):
@@ -102,6 +105,8 @@ class Recorder(threading.Thread):
         self._reopen = False  # the writer connection is gone (a rescue failed): open the file again
         self._holders: tuple[str, ...] = ()  # meta keys of the HJ 212 uplinks' progress (set_holders)
         self.detached: str | None = None  # what became of the file at the path while it is not put back yet
+        self._suspected: str | None = None  # a reader met a damaged page: what it said (suspect_corruption)
+        self._last_verify = -VERIFY_EVERY_S
 
     # ------------------------------------------------------------------ any thread
 
@@ -135,6 +140,17 @@ class Recorder(threading.Thread):
         with self._cond:
             self._gaps_announced.append((gap_id, last_seq))
             self._cond.notify()
+
+    def suspect_corruption(self, reader: str, exc: BaseException) -> None:
+        """A reader of the file (`reader`: who) met `exc`, which says a page is damaged (`is_corruption`).
+        A page damaged on the card while the agent runs is met only by whoever reads it (the drain of a
+        long backlog, a resend, an uplink catching up), and would stop that reader there for good. The
+        recorder thread checks the file at its next turn and, when the check confirms the damage,
+        rescues it as a start does (`Buffer.rescue`: moved aside, a fresh file, what is readable
+        salvaged, the seqs lost announced); the readers follow the new file."""
+        with self._cond:
+            if self._suspected is None:
+                self._suspected = f"{reader}: {exc}"
 
     def set_meta(self, key: str, value: str, *, keep_beside: bool = False) -> None:
         """Write a meta value at the next commit; with `keep_beside`, into `<buffer>.<key>` too once
@@ -478,12 +494,37 @@ class Recorder(threading.Thread):
             self._reopen = True
             time.sleep(min(self.commit_interval, 1.0))
 
+    def _verify_suspected(self) -> None:
+        """Check the file a reader found damaged (`suspect_corruption`); rescue it when the check agrees."""
+        with self._cond:
+            said, self._suspected = self._suspected, None
+        self._last_verify = time.monotonic()
+        started = time.monotonic()
+        try:
+            damage = self.buffer.damage_found(progress=self._progressing)
+        except (sqlite3.Error, OSError, BufferError) as exc:
+            self._errlog.error("cannot check the buffer file a reader found damaged (%s): %s", said, exc)
+            return
+        finally:
+            self._progressing()
+        if damage is None:
+            log.warning("a reader of the buffer met an error that says a page is damaged (%s), but the integrity "
+                        "check finds the file sound (%.1f s)", said, time.monotonic() - started)
+            return
+        log.error("buffer %s is damaged while the agent runs (%s; integrity check: %s): rescuing it",
+                  self.buffer.path, said, damage)
+        self._rescue_corrupt(sqlite3.DatabaseError(f"database disk image is malformed: {damage}"))
+        with self._cond:
+            self._suspected = None  # what readers met before the rescue was in the file moved aside
+
     def _progressing(self) -> None:
         """A long step (a salvage) is under way: the watchdog must not take the thread for stuck."""
         self.last_progress = time.monotonic()
 
     def _housekeeping(self, now: float) -> None:
         self._apply_limits()
+        if self._suspected is not None and now - self._last_verify >= VERIFY_EVERY_S and not self._reopen:
+            self._verify_suspected()
         if now - self._last_path_check >= PATH_CHECK_EVERY_S and not self._reopen:
             self._last_path_check = now
             self._check_path()

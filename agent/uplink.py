@@ -59,7 +59,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from agent.buffer import Buffer, BufferError, EventRow, Poll
+from agent.buffer import Buffer, BufferError, EventRow, Poll, is_corruption
 from agent.hj212 import (
     CN_DATA_ACK,
     CN_DAY,
@@ -140,6 +140,8 @@ class ProgressSink(Protocol):
     def open_reader(self) -> Buffer: ...
 
     def file_identity(self) -> tuple[int, int] | None: ...
+
+    def suspect_corruption(self, reader: str, exc: BaseException) -> None: ...
 
 
 class LinkDown(Exception):
@@ -309,6 +311,8 @@ class Uplink(threading.Thread):
 
     def _reopen_reader(self, exc: Exception) -> None:
         self._errlog.error("uplink %s: reading the buffer failed (%s); reopening it", self.target.name, exc)
+        if is_corruption(exc):
+            self.recorder.suspect_corruption(f"uplink {self.target.name}", exc)
         try:
             if self._reader is not None:
                 self._reader.close()

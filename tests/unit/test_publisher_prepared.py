@@ -86,7 +86,7 @@ def test_a_resend_whose_reply_was_lost_with_the_connection_replies_again():
     acknowledged, so it replies again (with the same count) instead of leaving the platform waiting."""
     job = _Resend("r1", 1, 400, after=0, acked=0)
     for upto in (200, 400):
-        job.inflight.append(["resend", job, True, upto, 200, None])
+        job.inflight.append(["resend", job, True, upto, 200, []])
     job.after, job.read_all = 400, True
     job.settle()
     assert (job.acked, job.count, list(job.inflight)) == (400, 400, [])

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 from agent.buffer import Buffer
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
-from agent.recorder import Recorder
+from agent.recorder import VERIFY_EVERY_S, Recorder
 from agent.salvage import GAP_REASON
 
 
@@ -219,6 +220,35 @@ def test_a_file_found_corrupt_while_running_is_replaced_and_readers_notice(tmp_p
         fresh.close()
     finally:
         reader.close()
+        recorder.buffer.close()
+
+
+def test_a_reader_s_report_of_a_damaged_page_is_checked_before_the_file_is_rescued(tmp_path):
+    """`suspect_corruption`: the recorder reads the whole file before it rescues it (a report the check
+    does not confirm leaves the file as it is), and not again within VERIFY_EVERY_S."""
+    path = tmp_path / "b.db"
+    filled_buffer(path, 400, sent=100)
+    recorder = Recorder(Buffer.open_writer(path), commit_interval_ms=200, keep_sent_days=7, max_mb=64)
+    malformed = sqlite3.DatabaseError("database disk image is malformed")
+    moved_aside = lambda: list(tmp_path.glob("b.db.corrupt-*"))  # noqa: E731
+    try:
+        recorder.suspect_corruption("publisher", malformed)
+        recorder._housekeeping(time.monotonic())
+        assert not moved_aside(), "a file the check finds sound is kept"
+        damaged = pages_of(path, "readings")[5]
+        damage(path, damaged)
+        recorder.suspect_corruption("publisher", malformed)
+        recorder._housekeeping(time.monotonic())
+        assert not moved_aside(), "checked again only VERIFY_EVERY_S after the last check"
+        recorder._housekeeping(time.monotonic() + VERIFY_EVERY_S)
+        assert moved_aside(), "the damage confirmed: the file rescued"
+        fresh = Buffer.open_reader(path)
+        kept = [r.seq for r in fresh.readings_after(0, 1000)]
+        lost = sorted(set(range(101, 401)) - set(kept))
+        assert lost and gaps(fresh)[0] == (lost[0], lost[-1], GAP_REASON), "the damaged page's readings announced"
+        assert kept[0] == 101 and kept[-1] == 400
+        fresh.close()
+    finally:
         recorder.buffer.close()
 
 
