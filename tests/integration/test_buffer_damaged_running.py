@@ -41,13 +41,19 @@ def leaves(path: Path) -> list[tuple[int, int, int]]:
 def damage_a_leaf(path: Path, above: int) -> tuple[int, int]:
     """Overwrite, in the file on disk, a leaf page of readings whose seqs are all above `above` (not one
     of the last pages, which new rows still change); returns its seqs (first, last). The page is first
-    checkpointed into the file and the WAL started over by a later commit, so that no copy of it in
-    the WAL hides the damage."""
-    with sqlite3.connect(str(path)) as conn:
-        busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-    assert busy == 0 and frames == copied, "the WAL checkpointed into the file"
-    written = db_last_seq(path)
-    wait_for(lambda: db_last_seq(path) > written + 20, 10, "a commit after the checkpoint")
+    checkpointed into the file and the WAL started over by a later commit (its header's checkpoint
+    sequence number changes then), so that no copy of it in the WAL hides the damage."""
+    def restarts() -> int:
+        with open(f"{path}-wal", "rb") as f:
+            return int.from_bytes(f.read(16)[12:16], "big")
+
+    def checkpointed() -> bool:  # (a reader in the middle of a read holds it back)
+        with sqlite3.connect(str(path)) as conn:
+            busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return busy == 0 and frames == copied
+
+    before = restarts()
+    wait_for(lambda: checkpointed() and restarts() != before, 20, "the WAL checkpointed and started over")
     candidates = [leaf for leaf in leaves(path)[:-3] if leaf[1] > above]
     assert len(candidates) >= 3, f"enough pages of readings above seq {above}: {leaves(path)}"
     pageno, first, last = candidates[len(candidates) // 2]
