@@ -3,7 +3,7 @@
 `Buffer` opens (or creates, or rescues) the database file and offers the operations of the one
 writer (`agent.recorder` owns a writer `Buffer`) and of readers (the publisher, `edge-agent status`),
 each on its own connection. It imports only `agent.model`, `agent.seqmark`, `agent.memtrim`,
-`agent.pagescan` (the WAL header check) and `agent.clock` (one constant).
+`agent.pagescan` (the WAL header check), `agent.bufferschema` (the layout version) and `agent.clock`.
 
 Design: rows are append-only, keyed by `seq` (INTEGER PRIMARY KEY, so the table is ordered by seq).
 Publication progress is a watermark per stream (`streams.sent_upto`: every row with seq <= it is
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from agent.bufferschema import SCHEMA_VERSION, refuse_newer
 from agent.clock import EARLIEST_PLAUSIBLE
 from agent.memtrim import release_free_memory
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, STREAMS, Reading
@@ -37,7 +38,6 @@ from agent.seqmark import SeqMark, write_atomically
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
 BACKLOG_COUNTED = 1_000_000  # rows `backlog` counts one by one; past that it works the figure out
 PURGE_MAX_ROWS = 100_000  # per stream and pass (every 10 min): 14 M a day; one pass ~0.1 s on a VM
 WAL_HELD_BYTES = 16 << 20  # a WAL this large that a checkpoint cannot empty: someone holds a reader open
@@ -275,6 +275,7 @@ class Buffer:
         systemd's start timeout is extended as it goes)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_newer(path)  # a downgrade: never taken for corruption, never written (NewerBuffer)
         seqmark = SeqMark(path.with_name(path.name + ".seq"))
         try:
             buf = cls._open_checked(path, sync, seqmark, progress=progress)
@@ -459,6 +460,12 @@ class Buffer:
             present = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if not set(self.TABLES) <= present:
                 self._create_tables()
+            # The layout version in the header too (`agent.bufferschema`), where a later agent reads it
+            # even if its SQLite cannot parse this file's schema; files from before it was kept there get it.
+            if self.conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                self.conn.execute("UPDATE meta SET value=? WHERE key='schema_version' AND CAST(value AS INTEGER) < ?",
+                                  (str(SCHEMA_VERSION), SCHEMA_VERSION))
             for stream in STREAMS:
                 self.conn.execute(
                     "INSERT OR IGNORE INTO streams(name, floor_seq, sent_upto) VALUES (?, 0, 0)", (stream,)

@@ -18,6 +18,7 @@ from agent.logutil import setup_logging
 EXIT_OK = 0
 EXIT_INVALID = 2
 EXIT_FAILED = 1  # run could not start (another agent runs with the same buffer), or one of its loops died
+EXIT_NEWER_BUFFER = 3  # run refused a buffer written by a newer edge-agent (a downgrade); the unit does not restart
 
 log = logging.getLogger("edge-agent")
 
@@ -70,6 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # (the default action): it is remembered and acted on once the station runs.
     hup_while_starting: list[bool] = []
     signal.signal(signal.SIGHUP, lambda *_: hup_while_starting.append(True))
+    from agent.bufferschema import NewerBuffer
     from agent.config import ConfigError
     from agent.instance import AlreadyRunning
     from agent.runtime import Station, UnsupportedConfig, check_supported, log_config_warnings
@@ -99,6 +101,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except AlreadyRunning as exc:
         log.error("%s", exc)
         return EXIT_FAILED
+    except NewerBuffer as exc:
+        log.critical("%s", exc)
+        station.notifier.notify(f"STATUS={exc}")
+        return EXIT_NEWER_BUFFER
     # Everything is committed and closed: leave now, so that a second SIGTERM arriving during the
     # interpreter's teardown cannot turn a clean stop into a kill.
     logging.shutdown()

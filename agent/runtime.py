@@ -24,6 +24,7 @@ from agent import instance
 from agent.aggregate import Aggregator
 from agent.alarms import AlarmEngine
 from agent.buffer import Buffer, BufferError
+from agent.bufferschema import NewerBuffer
 from agent.clock import ClockWatch
 from agent.config import Config, ConfigError, load_config
 from agent.hj212_payload import Hj212Identity
@@ -379,6 +380,8 @@ class Station:
                 # extended as it goes (EXTEND_TIMEOUT_USEC; without systemd this does nothing).
                 return Buffer.open_writer(storage.path, sync=storage.sync, max_mb=storage.max_mb,
                                           progress=lambda: self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000"))
+            except NewerBuffer:
+                raise  # a downgrade: waiting cures nothing, and the file must stay as it is
             except (BufferError, sqlite3.Error, OSError) as exc:
                 cause = exc.__cause__ if isinstance(exc, BufferError) and exc.__cause__ else exc
                 reason = f"cannot open the buffer {storage.path}: {cause}"

@@ -116,6 +116,7 @@ def test_unit_runs_the_agent_under_systemd_supervision():
     assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"]
     assert int(s["WatchdogSec"][0]) >= 10
     assert s["Restart"] == ["always"] and int(s["RestartSec"][0]) >= 1
+    assert s["RestartPreventExitStatus"] == ["3"], "a downgrade's refusal (exit 3) must not loop"
     # a tight failure loop (a broken config exits at once) gives up; a crash after a while does not
     burst, interval = int(s["StartLimitBurst"][0]), int(s["StartLimitIntervalSec"][0])
     assert interval / burst < int(s["RestartSec"][0]) + 10, "a crash loop of long runs would hit the start limit"
