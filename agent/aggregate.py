@@ -59,8 +59,9 @@ Decisions (the README's aggregate section should repeat them for technicians):
   corrected) are the open periods of its kind that lie ahead of the clock computed at once (the current one
   waits for its end: a reading taken since the correction may be in it already).
 - Never twice: per kind the state keeps the ranges of period starts already done (normally one range
-  [first, last], periods without readings in between counting as done; a backward clock step starts
-  another; at most 8 are kept). A period inside a range is never opened again, so never emitted again.
+  [first, last], periods without readings in between counting as done; a backward clock step, or a
+  period more than two period lengths after the last one done (the agent was down, or the clock jumped
+  ahead), starts another; at most 8 are kept). A period inside a range is never opened again, so never emitted again.
 - Restart: the state (meta `aggregate_state`) holds those ranges, the seq of the first reading of the
   oldest open period, and the last valid value of each flow channel before it. It is queued in the
   same recorder transaction as the events of the periods computed (both from the recorder thread). At
@@ -617,7 +618,7 @@ class Aggregator:
         try:
             reader = self.reader_factory()
             try:
-                self._done_as_stored(reader.newest_period_starts())
+                self._done_as_stored(reader.newest_period_starts(), now)
                 after = from_seq - 1
                 while True:
                     batch = reader.readings_after(after, REPLAY_BATCH)
@@ -678,12 +679,21 @@ class Aggregator:
         log.info("aggregates: %d stored readings replayed into the %s periods the reload added", n,
                  ", ".join(sorted(floors)))
 
-    def _done_as_stored(self, newest: Mapping[str, int]) -> None:
+    def _done_as_stored(self, newest: Mapping[str, int], now: int) -> None:
         """Periods whose rows the buffer holds are done, whatever the saved state says. The two are
         written together, but a salvaged file may hold rows newer than its state: without this, the
-        periods between would be computed and published a second time."""
+        periods between would be computed and published a second time. A period ahead of a plausible
+        clock was computed while the clock was ahead (since corrected): it counts alone, not every period
+        up to it (that would be every period until then, years maybe)."""
         for name, start in newest.items():
             if self._inside(name, start):
+                continue
+            if now >= MIN_PLAUSIBLE_MS and start > now + FUTURE_TOLERANCE_MS:
+                log.warning("aggregates: the buffer holds the %s period of %s, ahead of the clock (%s): computed while "
+                            "the clock was ahead; the periods before it are computed as they come", name,
+                            iso_utc_ms(start), iso_utc_ms(now))
+                self._ranges.setdefault(name, []).append([start, start])
+                del self._ranges[name][:-MAX_RANGES]
                 continue
             log.warning("aggregates: the buffer holds the %s period of %s that the saved state does not count as "
                         "done; the periods up to it are not computed again", name, iso_utc_ms(start))
@@ -719,7 +729,7 @@ class Aggregator:
             bodies = self._compute(p)
             for body in bodies:
                 self.recorder.submit_event(STREAM_AGGREGATES, p.start, body)
-            self._mark_done(name, p.start)
+            self._mark_done(name, p.start, 2 * p.kind.minutes * 60_000)  # the next period, DST days too
             log.debug("aggregates: %s period from %s computed: %d channels", name, iso_utc_ms(p.start), len(bodies))
         self._save()  # same recorder transaction as the events above
 
@@ -780,9 +790,13 @@ class Aggregator:
             return FLAG_NORMAL
         return worst or FLAG_COMM
 
-    def _mark_done(self, name: str, start: int) -> None:
+    def _mark_done(self, name: str, start: int, within_ms: int | None = None) -> None:
+        """`start` is done. The last range reaches it (the periods between, without readings, count as done)
+        unless it lies more than `within_ms` after that range's end: then it starts a range of its own. A
+        clock stepped years ahead and corrected must not leave every period until then counted as done
+        (no aggregate for years, audit audu); an agent down for a while costs a range, at most MAX_RANGES."""
         ranges = self._ranges.setdefault(name, [])
-        if ranges and start > ranges[-1][1]:
+        if ranges and start > ranges[-1][1] and (within_ms is None or start - ranges[-1][1] <= within_ms):
             last = ranges[-1]
             last[1] = start
             kept = []

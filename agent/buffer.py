@@ -961,13 +961,15 @@ class Buffer:
         return [_poll(g) for g in groups]
 
     def newest_period_starts(self, within: int = 10_000) -> dict[str, int]:
-        """The newest period start (`ts_ms`) of each period name ("10m", "1h", "1d") among the last
-        `within` aggregate events: periods up to there are computed already."""
+        """The period start (`ts_ms`) of the last computed period (highest seq) of each period name ("10m",
+        "1h", "1d") among the last `within` aggregate events: periods up to there are computed already. The
+        last computed, not the latest start: periods computed while the clock was years ahead, before it was
+        corrected, must not count every period until then as done (SQLite takes `ts_ms` from the max(seq) row)."""
         rows = self.conn.execute(
-            f"SELECT json_extract(body, '$.period'), max(ts_ms) FROM {STREAM_AGGREGATES} "
+            f"SELECT json_extract(body, '$.period'), ts_ms, max(seq) FROM {STREAM_AGGREGATES} "
             f"WHERE seq > (SELECT coalesce(max(seq), 0) FROM {STREAM_AGGREGATES}) - ? GROUP BY 1", (within,)
         ).fetchall()
-        return {str(name): int(start) for name, start in rows if name is not None}
+        return {str(name): int(start) for name, start, _ in rows if name is not None}
 
     def aggregates_between(self, start_ms: int, end_ms: int, *, unit: str | None = None,
                            after: tuple[int, int] | None = None, limit: int = 1000) -> list[EventRow]:

@@ -117,9 +117,9 @@ class FakeBuffer:
         return [r for r in self.rows if r.seq > after_seq][:limit]
 
     def newest_period_starts(self) -> dict[str, int]:
-        newest: dict[str, int] = {}
+        newest: dict[str, int] = {}  # the last computed (stored) period of each name, as Buffer's
         for _, start, body in self.recorder.events if self.recorder else ():
-            newest[body["period"]] = max(start, newest.get(body["period"], start))
+            newest[body["period"]] = start
         return newest
 
     def close(self) -> None:
@@ -450,6 +450,39 @@ def test_a_clock_corrected_from_days_ahead_computes_only_the_periods_left_ahead(
     rig.at(t("16:00:02"))
     assert [(b["period"], b["start"], b["count"]) for b in rig.rec.bodies()][-2:] == [
         ("1h", z("02:00:00"), 10), ("1d", z("16:00:00", "2026-09-20"), 10)]
+
+
+@pytest.mark.parametrize("lost_range", [False, True], ids=["state-kept", "ahead-range-dropped-from-state"])
+def test_a_clock_stepped_years_ahead_then_corrected_goes_on_computing_periods(lost_range):
+    """Real periods, then the clock 74 years ahead (a wrong RTC, a GPS week rollover), then corrected: the
+    periods of the real time go on being computed, also after a restart. The range of done periods was
+    stretched from before the step to 2100, so every period until then counted as done (none computed).
+    `lost_range`: the state no longer holds the range of 2100 (MAX_RANGES keeps the last 8), and the
+    periods the buffer holds are the guide at start."""
+    ahead = "2100-09-21"
+    rig = Rig(make_config({"minute": 10, "hour": True, "day": False}), now=t("01:39:00"))
+    rig.feed(every("cod", "w01018", t("01:40:00"), 60, [10] * 11))
+    rig.at(t("01:50:02"))
+    rig.now = t("01:59:00", ahead)
+    rig.feed(every("cod", "w01018", t("02:00:00", ahead), 60, [10] * 12))
+    rig.at(t("02:10:02", ahead))
+    rig.now = t("02:30:00")  # NTP corrects it
+    rig.feed(every("cod", "w01018", t("02:30:00"), 60, [20] * 20))
+    rig.at(t("02:50:02"))
+    assert [(b["period"], b["start"]) for b in rig.rec.bodies()][-2:] == [("10m", z("02:30:00")),
+                                                                           ("10m", z("02:40:00"))]
+    if lost_range:
+        state = json.loads(rig.rec.meta[STATE_KEY])
+        state["kinds"] = {name: [r for r in ranges if r[0] < t("00:00:00", ahead)]
+                          for name, ranges in state["kinds"].items()}
+        rig.rec.meta[STATE_KEY] = json.dumps(state)
+    rig = rig.restart()
+    rig.feed(every("cod", "w01018", t("02:50:00"), 60, [20] * 20))
+    rig.at(t("03:10:02"))
+    assert [(b["period"], b["start"]) for b in rig.rec.bodies() if b["start"] >= z("02:00:00")] == [
+        ("10m", z("02:00:00", ahead)), ("10m", z("02:10:00", ahead)), ("1h", z("02:00:00", ahead)),
+        ("10m", z("02:30:00")), ("10m", z("02:40:00")), ("10m", z("02:50:00")), ("1h", z("02:00:00")),
+        ("10m", z("03:00:00"))]
 
 
 @pytest.mark.parametrize("boot_clock", [t("01:20:00"), 30_000])  # fake-hwclock 40 min behind; 1970

@@ -806,6 +806,18 @@ def test_newest_period_starts_reads_the_latest_aggregate_rows(tmp_path):
     buf.close()
 
 
+def test_newest_period_starts_is_the_last_computed_period_not_the_latest_start(tmp_path):
+    """Periods computed while the clock was 74 years ahead, then the real ones after its correction: the
+    last computed is the one to count as done up to, or every period until 2100 would be skipped."""
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    buf.begin()
+    for start in (1_790_000_000_000, 4_125_175_200_000, 1_790_000_600_000):  # 2026, 2100, 2026 again
+        buf.insert_event(STREAM_AGGREGATES, start, {"device": "cod", "channel": "w01018", "period": "10m"})
+    buf.commit()
+    assert buf.newest_period_starts() == {"10m": 1_790_000_600_000}
+    buf.close()
+
+
 def test_encoded_values_keep_their_digits(tmp_path):
     """The JSON SQLite builds for the data topic: whole numbers up to 2^53 (64-bit counters) digit for
     digit, ordinary values in their usual form, null as null."""
