@@ -764,6 +764,8 @@ class Buffer:
             stored = self.conn.execute("SELECT max(seq) FROM stored_upto WHERE stream=? AND stored_ms<=?",
                                        (stream, cutoff)).fetchone()[0]
             oldest = self.conn.execute(f"SELECT min(seq) FROM {stream}").fetchone()[0]
+            if oldest is not None:  # notes of rows gone otherwise (evicted at the cap) say nothing any more
+                self.conn.execute("DELETE FROM stored_upto WHERE stream=? AND seq<?", (stream, oldest))
             first = oldest or 0
             upto = min(sent, stored or 0, first + PURGE_MAX_ROWS - 1)
             # Cut short by the limit, which counts seqs: fewer rows than it go when the range has holes (the

@@ -599,6 +599,25 @@ def test_the_age_purge_goes_by_the_time_rows_were_stored_not_the_instruments_clo
     buf.close()
 
 
+def test_age_purge_notes_of_rows_evicted_at_the_cap_do_not_pile_up_for_years(tmp_path):
+    """An HJ 212 uplink that never delivers holds every row back from the age purge, so the size cap
+    evicts them; each pass (every 10 minutes) still notes the stream's last seq. Those notes of rows that
+    are gone were never deleted: 52 000 rows a stream and year, for as long as the uplink is dead."""
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    t0 = 1_800_000_000_000
+    for i in range(144 * 20):  # 20 days, a pass every 10 minutes, the cap evicting all but the last day
+        now = t0 + i * 600_000
+        buf.begin()
+        store_rows = buf.insert_readings(readings(10, start_ms=now))
+        buf.set_sent_upto(STREAM_READINGS, store_rows[-1].seq)
+        buf.purge_sent(7, now, held={STREAM_READINGS: 0})
+        buf._delete_upto(STREAM_READINGS, store_rows[-1].seq - 1440)  # what eviction leaves: the last 144 passes
+        buf.commit()
+    notes = buf.conn.execute("SELECT count(*) FROM stored_upto WHERE stream=?", (STREAM_READINGS,)).fetchone()[0]
+    assert notes <= 145, notes
+    buf.close()
+
+
 def test_the_age_purge_survives_wall_clock_steps(tmp_path):
     """Rows stored while the clock was unset (1970 after a boot without a real-time clock) or ahead
     are kept `keep_sent_days` from when the clock is right: they are not purged at once, nor held
