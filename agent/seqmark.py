@@ -82,10 +82,16 @@ class SeqMark:
     def issued_at_clean_close(self, stream: str) -> int | None:
         """The last seq of `stream` issued here when the last writer closed cleanly (every seq up to it
         may have been issued, none above: a fresh file continues right after it); None when a writer
-        runs or did not close cleanly (then only the reservation bounds what was issued)."""
+        runs or did not close cleanly (then only the reservation bounds what was issued), and when a
+        writer that keeps no such note (an older edge-agent, after a downgrade) has opened the file since:
+        a clean close lowers the reservation to the seq issued (`note_closed`), which every writer's first
+        `ensure_above` raises again; a note left by an older clean close beside a higher reservation
+        counts as stale too (a jump to the reservation, never a seq issued twice)."""
         marks = self.read()
         issued = marks.get(stream + ISSUED)
-        return issued if issued is not None and marks.get(RUNNING) == 0 else None
+        if issued is None or marks.get(RUNNING) != 0 or marks.get(stream, 0) != issued:
+            return None
+        return issued
 
     def note_running(self, volatile: bool = False) -> None:
         """A writer has the file open and has written its WAL (see `lost_rows`); `volatile`: it does not
@@ -95,7 +101,11 @@ class SeqMark:
     def note_closed(self, last_seqs: dict[str, int], sent_upto: dict[str, int]) -> bool:
         """A writer closed the file cleanly, every row in the file itself: each stream's last seq and
         acknowledged watermark. Returns False when the file could not be written."""
-        return self._note({RUNNING: 0, **{stream + ISSUED: seq for stream, seq in last_seqs.items()},
+        # The reservation comes down to the last seq issued: any writer's next start raises it (`ensure_above`),
+        # so a note left beside a reservation that differs from it is known stale (`issued_at_clean_close`).
+        marks = self.read()
+        lowered = {stream: seq for stream, seq in last_seqs.items() if seq <= marks.get(stream, 0)}
+        return self._note({RUNNING: 0, **lowered, **{stream + ISSUED: seq for stream, seq in last_seqs.items()},
                            **{stream + ACKED: seq for stream, seq in sent_upto.items()}})
 
     def note_acked(self, sent_upto: dict[str, int]) -> None:

@@ -16,6 +16,7 @@ import agent.buffer as buffer_module
 from agent.buffer import Buffer
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, Reading, iso_utc_ms, now_ms
 from agent.recorder import Recorder
+from agent.seqmark import SeqMark
 
 
 def readings(n: int, device: str = "d", start_ms: int | None = None) -> list[Reading]:
@@ -1029,9 +1030,30 @@ def test_after_a_clean_close_past_the_first_block_a_deleted_file_continues_right
     buf.close()
     mark, buf = reopen_without_the_file(tmp_path)
     try:
-        assert mark == 20_050, "the reservation lies a block above the last seq"
+        assert mark == 10_050, "a clean close lowers the reservation to the last seq issued (seqmark.note_closed)"
         assert gaps(buf) == [(10_041, 10_050, "buffer_missing")]
         assert store(buf, readings(1))[0].seq == 10_051
+    finally:
+        buf.close()
+
+
+def test_an_older_agent_after_a_clean_close_then_a_lost_file_never_issues_a_seq_twice(tmp_path):
+    """A downgrade: this agent stops cleanly at seq 30 (noted beside the mark), an older edge-agent (one
+    that notes no last seq at its close: up to d078fed) runs on the file and issues 31..50, the file is
+    lost. The fresh file must not continue at 31: receivers hold 31..50 already and would drop the new
+    readings as duplicates. Every edge-agent raises the reservation at its start (ensure_above), which
+    tells this one that the note of its own clean close is stale."""
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    store(buf, readings(30))
+    buf.close()
+    older = SeqMark(tmp_path / "b.db.seq")
+    older.ensure_above({STREAM_READINGS: 30})  # what every version does at open, before issuing 31..50
+    mark, buf = reopen_without_the_file(tmp_path)
+    try:
+        assert mark == 10_030
+        assert store(buf, readings(1))[0].seq == 10_031, "continues above the older agent's reservation"
+        assert gaps(buf) == [(1, 10_030, "buffer_missing")]
     finally:
         buf.close()
 
