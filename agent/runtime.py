@@ -226,6 +226,22 @@ def warn_if_disk_smaller_than_cap(path: Path, max_mb: float) -> None:
                     max_mb, room / 1048576, WAL_ROOM_MB)
 
 
+def warn_of_moved_aside(path: Path) -> None:
+    """Files moved aside beside the buffer (`NAME.corrupt-…`, `NAME.foreign-…`, with their -wal, -shm and
+    .txt note) are never deleted (SPEC §3) and lie outside `max_mb`: on a card that keeps failing they add
+    up to a full disk over the years. Said at every start while there are any."""
+    try:
+        found = [p for p in path.parent.iterdir()
+                 if p.name.startswith((f"{path.name}.corrupt-", f"{path.name}.foreign-"))]
+        size = sum(p.stat().st_size for p in found)
+    except OSError:
+        return
+    if found:
+        log.warning("%d files moved aside beside the buffer (%s…) take %.1f MB outside storage.max_mb; the agent "
+                    "never deletes them: copy them off the gateway if they are wanted, then delete them",
+                    len(found), min(found).name, size / 1048576)
+
+
 class DeviceProblems:
     """Why each device's polls fail (the drivers' `problem`), kept in the buffer's meta `device_problems`
     for `status` (another process) whenever it changes: a device that keeps failing the same way writes
@@ -320,6 +336,7 @@ class Station:
         log.info("buffer %s open: readings last seq %d, acknowledged up to %d", storage.path,
                  buffer.last_seq(), buffer.sent_upto())
         warn_if_disk_smaller_than_cap(storage.path, storage.max_mb)
+        warn_of_moved_aside(Path(storage.path))
         self.recorder = Recorder(buffer, commit_interval_ms=storage.commit_interval_ms,
                                  keep_sent_days=storage.keep_sent_days, max_mb=storage.max_mb, sync=storage.sync)
         self.recorder.set_quiet_check(self._pollers_quiet_until)
