@@ -6,6 +6,9 @@ The rule, for every future change of the buffer file: `SCHEMA_VERSION` is raised
 knows only the older number could lose or damage data by writing the file (a column it would leave
 empty, a table it would not keep in step with the rows, a value whose meaning changed). A change an
 older agent can ignore safely (a new table or meta key it never touches) keeps the number. The
+state kept in meta counts too: an older agent discards an `alarm_state` or `aggregate_state` whose `v`
+it does not know (it would raise active alarms again and publish periods twice), so a new `v` there
+raises SCHEMA_VERSION (`STATE_VERSIONS` below; tests/unit/test_buffer_schema.py holds them together). The
 number is kept twice: in `meta.schema_version` and in the file header's `user_version` (4 bytes at
 offset 60, readable even where this SQLite cannot parse the newer file's schema). An agent opens a
 file whose number is at most its own (and brings an older one up to its own), and refuses one whose
@@ -19,6 +22,7 @@ import struct
 from pathlib import Path
 
 SCHEMA_VERSION = 1  # the buffer layout this agent writes and knows
+STATE_VERSIONS = {"alarms": 1, "aggregates": 1}  # the meta state formats SCHEMA_VERSION 1 holds
 HEADER = b"SQLite format 3\x00"
 MAX_READ_FORMAT = 2  # header byte 18: 1 rollback journal, 2 WAL; higher: a SQLite file format this one lacks
 

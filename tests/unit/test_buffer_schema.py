@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from agent import aggregate, alarms
 from agent.buffer import Buffer
-from agent.bufferschema import SCHEMA_VERSION, NewerBuffer, header_versions
+from agent.bufferschema import SCHEMA_VERSION, STATE_VERSIONS, NewerBuffer, header_versions
 from agent.model import Reading, now_ms
 
 
@@ -80,3 +81,11 @@ def test_a_buffer_in_a_newer_sqlite_file_format_is_refused_not_moved_aside(tmp_p
     with pytest.raises(NewerBuffer, match="SQLite file format 3"):
         Buffer.open_writer(path)
     assert snapshot(tmp_path) == before
+
+
+def test_a_new_state_format_in_meta_comes_with_a_new_schema_version():
+    """An agent discards an alarm or aggregate state whose `v` it does not know (raising active alarms
+    again, publishing periods twice): a downgrade must be refused before that, so a new state format
+    raises SCHEMA_VERSION too (agent/bufferschema.py); update STATE_VERSIONS with both."""
+    assert {"alarms": alarms.STATE_VERSION, "aggregates": aggregate.STATE_VERSION} == STATE_VERSIONS, \
+        "a state format changed: raise bufferschema.SCHEMA_VERSION (older agents must refuse the file)"
