@@ -7,8 +7,8 @@ the rules that combine keys of one section, run on every section of the file; an
 the serial ports that are not on this machine (a warning, for `check_files`).
 
 Imports `agent.configfields`, `agent.configsections` and `agent.configdevices` (constants, rules, the
-channels of a profile or a serial driver) and `drivers.registers` (`register_reference`); nothing
-else from the project.
+channels of a profile or a serial driver), `agent.hj212` (its code tables) and `drivers.registers`
+(`register_reference`); nothing else from the project.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from agent.configsections import (
     _tls_rules,
 )
 from agent.configyaml import KeyPath
+from agent.hj212 import codes as hj212_codes
 from drivers.registers import register_reference
 
 # --------------------------------------------------------------------------------------------------
@@ -95,11 +96,52 @@ def _register_number_hints(dev: Mapping[str, Any]) -> list[tuple[int, str]]:
 
 HJ212_MAX_CODE = 64  # a channel code in HJ 212 packets (pollutant codes have 6 characters)
 
+# Units an instrument may report a pollutant in, by what they measure: (kind, size in the kind's base unit).
+# HJ 212 packets carry no unit: a platform reads every value of a code in the code table's unit.
+UNIT_SIZES: dict[str, tuple[str, float]] = {
+    "ng/m3": ("air", 1e-3), "ug/m3": ("air", 1.0), "mg/m3": ("air", 1e3), "g/m3": ("air", 1e6),
+    "ng/l": ("water", 1e-6), "ug/l": ("water", 1e-3), "mg/l": ("water", 1.0), "g/l": ("water", 1e3),
+    "l/s": ("flow", 1.0), "l/min": ("flow", 1 / 60), "l/h": ("flow", 1 / 3600), "m3/s": ("flow", 1e3),
+    "m3/min": ("flow", 1e3 / 60), "m3/h": ("flow", 1e3 / 3600), "m3/d": ("flow", 1e3 / 86400),
+    "pa": ("pressure", 1e-3), "hpa": ("pressure", 0.1), "mbar": ("pressure", 0.1), "kpa": ("pressure", 1.0),
+    "mpa": ("pressure", 1e3), "bar": ("pressure", 100.0),
+    "m/s": ("speed", 1.0), "km/h": ("speed", 1 / 3.6),
+    "°c": ("temperature", 1.0), "k": ("temperature", 1.0), "°f": ("temperature", 1.0),
+}
+
+
+def _unit_key(unit: str) -> str:
+    return (unit.strip().lower().replace("µ", "u").replace("μ", "u").replace("³", "3").replace("℃", "°c")
+            .replace(" ", ""))
+
+
+def _hj212_unit_warning(code: str, unit: object) -> str | None:
+    """A warning when `unit` measures what the HJ 212 code table's unit of pollutant `code` measures, but
+    in another unit (mg/m3 for PM2.5 in ug/m3): the platform would read every value wrongly scaled."""
+    if not isinstance(unit, str) or not unit.strip():
+        return None
+    try:
+        entry = hj212_codes()["pollutants"].codes.get(code)
+    except (OSError, ValueError, KeyError):  # the packaged table: never a reason to fail a check
+        return None
+    standard = entry.get("unit", "") if entry is not None else ""
+    accepted = [standard, *(u for u in (entry or {}).get("also", "").split(",") if u.strip())]
+    given, wanted = UNIT_SIZES.get(_unit_key(unit)), UNIT_SIZES.get(_unit_key(standard))
+    if given is None or wanted is None or given[0] != wanted[0] or _unit_key(unit) in map(_unit_key, accepted):
+        return None
+    ratio = given[1] / wanted[1]
+    off = (f", {ratio:.6g} times too small" if ratio > 1 else f", {1 / ratio:.6g} times too large") \
+        if given[0] != "temperature" else ""
+    return (f"{code} is in {unit}, but the {hj212_codes()['pollutants'].standard} code table gives {code} in "
+            f"{' or '.join(accepted)} and packets carry no unit: a platform would read these values as {standard}"
+            f"{off}; convert them (a register's scale) or use another channel code")
+
 
 def _hj212_device_checks(devices: Mapping[str, Any]) -> list[_Cross]:
     """What HJ 212 (payload or uplinks) cannot carry: a channel code too long for a packet item (an
     error: its readings could not be sent), a poll faster than DataTime's one second (a warning:
-    several packets per DataTime, a platform keeps one)."""
+    several packets per DataTime, a platform keeps one), a pollutant in another unit than the code
+    table's (a warning: packets carry no unit, a platform would read the values wrongly scaled)."""
     out = []
     for dev_id, dev in devices.items():
         dev = _mapping(dev)
@@ -111,6 +153,15 @@ def _hj212_device_checks(devices: Mapping[str, Any]) -> list[_Cross]:
                 out.append(_Cross(path, f"a channel code of {len(code)} characters cannot go into an HJ 212 packet "
                                   f"(at most {HJ212_MAX_CODE}; pollutant codes have 6)",
                                   "key" if path[-2] == "channels" else "value"))
+        units = [(("devices", dev_id, "channels", code, "unit"), str(code), _mapping(entry).get("unit"))
+                 for code, entry in _mapping(dev.get("channels")).items()]
+        registers = dev["registers"] if isinstance(dev.get("registers"), list) else []
+        units += [(("devices", dev_id, "registers", i, "unit"), channel, _mapping(registers[i]).get("unit"))
+                  for i, channel in _inline_channels(dev)]
+        for path, code, unit in units:
+            warning = _hj212_unit_warning(code, unit)
+            if warning is not None:
+                out.append(_Cross(path, warning, "value", warning=True))
         interval = dev.get("interval")
         if _is_number(interval) and interval < 1:
             out.append(_Cross(("devices", dev_id, "interval"), f"polled every {interval:g} s, but HJ 212's "
@@ -261,6 +312,17 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
             if name is not None:
                 roles[name] = entry.get("role") or roles.get(name) or "value"
         return [name for name, role in roles.items() if role == "value"]
+
+    if mqtt.get("payload") == "hj212" or uplinks:  # a packet names a pollutant by its code alone, never the device
+        measured_by: dict[str, str] = {}
+        for dev_id in map(str, devices):
+            for channel in known_channels(dev_id) or []:
+                other = measured_by.setdefault(channel, dev_id)
+                if other != dev_id:
+                    out.append(_Cross(("devices", dev_id), f"channel {channel} is also measured by device '{other}': "
+                                      "HJ 212 packets name a pollutant by its code alone (MN is the station), so a "
+                                      f"platform cannot tell the two {channel} apart (it merges or overwrites them); "
+                                      "give one of them another channel code", "key", warning=True))
 
     def unknown_device(dev_id: str, consequence: str = "") -> str:
         return (f"unknown device {dev_id!r}{_suggest(dev_id, map(str, devices))}{consequence}"

@@ -818,11 +818,16 @@ def test_hj212_password_rule_is_the_one_packets_are_encoded_with() -> None:
         assert encodable == bool(HJ212_PW_RE.fullmatch(pw)), repr(pw)
 
 
-def test_the_spec_example_is_valid_with_two_warnings() -> None:
+def test_the_spec_example_is_valid_with_three_warnings() -> None:
+    """Two rules name devices it lacks; `pm` and `sim` both measure a34004, which its HJ 212 uplink cannot
+    tell apart."""
     path = FIXTURES / "spec-example.yaml"
     config = load_config(path, env={"MQTT_USER": "u", "HJ212_PW": "123456"})
     assert len(config.alarms) == 5
     assert [str(w)[len(str(path)) + 1:] for w in config.warnings] == [
+        "50:3: devices.sim: warning: channel a34004 is also measured by device 'pm': HJ 212 packets name a "
+        "pollutant by its code alone (MN is the station), so a platform cannot tell the two a34004 apart (it "
+        "merges or overwrites them); give one of them another channel code",
         "73:15: alarms.4.channel: warning: unknown device 'dust': the rule does nothing; devices: cod, nh3n, pm, sim",
         "73:69: alarms.4.action.device: warning: unknown device 'fog': the action is skipped; devices: cod, nh3n, "
         "pm, sim",
@@ -1356,3 +1361,63 @@ def test_the_examples_get_no_wire_warnings(path: Path) -> None:
     warned = [w for w in load_config(path, env=EXAMPLE_ENV).warnings
               if w.path.endswith((".slave", ".interval", ".address", ".port"))]
     assert warned == []
+
+
+HJ212_STATION = """station: {id: ST01, type: dust}
+storage: {path: b.db}
+mqtt: {url: "mqtt://127.0.0.1:1883"}
+buses:
+  lan: {type: tcp, host: 127.0.0.1}
+hj212: {st: 39, pw: "123456", uplinks: [{host: 127.0.0.1, port: 9000}]}
+devices:
+"""
+
+
+def test_a_pollutant_in_another_unit_than_the_hj212_code_tables_is_a_warning_when_hj212_is_spoken(
+        tmp_path: Path) -> None:
+    """HJ 212 packets carry no unit: a platform reads a34004 as ug/m3, w00000 as L/s, w01018 as mg/L.
+    A dust monitor reporting mg/m3 would be read 1000 times too small. Units the table allows (TSP in
+    mg/m3), spellings of the same unit (µg/m³, ℃) and units of no known kind (%RH) are no warning."""
+    text = HJ212_STATION + """  dust:
+    driver: simulated
+    channels:
+      a34004: {unit: mg/m3, mean: 0.04}
+      a34002: {unit: "µg/m³", mean: 70}
+      a34001: {unit: mg/m3, mean: 0.1}
+      a01001: {unit: "℃"}
+      a01002: {unit: "%RH"}
+  flow:
+    bus: lan
+    slave: 1
+    registers:
+      - {channel: w00000, address: 0, type: float32, unit: m3/h}
+      - {channel: w01018, address: 2, type: float32, unit: ug/L}
+      - {channel: other, address: 4, type: float32, unit: mg/m3}
+"""
+    path = write(tmp_path, text)
+    warnings = [(w.path, w.message) for w in load_config(path, env={}).warnings]
+    assert [(p, m.split(":")[1].strip()) for p, m in warnings] == [
+        ("devices.dust.channels.a34004.unit", "a platform would read these values as ug/m3, 1000 times too small; "
+                                              "convert them (a register's scale) or use another channel code"),
+        ("devices.flow.registers.0.unit", "a platform would read these values as L/s, 3.6 times too large; "
+                                          "convert them (a register's scale) or use another channel code"),
+        ("devices.flow.registers.1.unit", "a platform would read these values as mg/L, 1000 times too large; "
+                                          "convert them (a register's scale) or use another channel code"),
+    ]
+    without_hj212 = text.replace('hj212: {st: 39, pw: "123456", uplinks: [{host: 127.0.0.1, port: 9000}]}\n', "")
+    assert load_config(write(tmp_path, without_hj212), env={}).warnings == []
+
+
+def test_one_pollutant_code_on_two_devices_is_a_warning_when_hj212_is_spoken(tmp_path: Path) -> None:
+    """An inlet and an outlet COD analyzer both read w01018: in HJ 212 (MN = the station) a platform
+    cannot tell them apart; JSON names the device, so without HJ 212 it is no warning."""
+    text = HJ212_STATION + """  inlet: {bus: lan, slave: 1, profile: cod-analyzer}
+  outlet: {bus: lan, slave: 2, profile: cod-analyzer}
+  sim: {driver: simulated, channels: {c1: {}, c2: {}}}
+"""
+    path = write(tmp_path, text)
+    warnings = [(w.path, w.message) for w in load_config(path, env={}).warnings]
+    assert [p for p, _ in warnings] == ["devices.outlet"]
+    assert "channel w01018 is also measured by device 'inlet'" in warnings[0][1]
+    without_hj212 = text.replace('hj212: {st: 39, pw: "123456", uplinks: [{host: 127.0.0.1, port: 9000}]}\n', "")
+    assert load_config(write(tmp_path, without_hj212), env={}).warnings == []
