@@ -19,7 +19,11 @@ Decisions:
   stored aggregate: real-time data is for the live view, so a platform added later is not flooded
   with days of 2011 packets; history reaches it as period data (pushed, and on request).
 * One packet in flight per uplink (stop-and-wait): HJ 212 platforms acknowledge packet by packet,
-  and a 9014 names only the QN. Pieces of a split packet are each acknowledged.
+  and a 9014 names only the QN. Pieces of a split packet each carry Flag A and are each awaited, except
+  on a platform that answered a split packet only after its last piece (some acknowledge a packet once
+  it is whole): a piece not answered within `timeout` is then not sent again, the next one follows,
+  and from then on the pieces go one after the other, only the last waiting for the 9014 (else the
+  uplink resent the first piece of its first split packet for ever).
 * Answers (9011, 9012) use ST=91 and the request's QN (SPEC §4). The records of a backfill and the
   1011 time report carry data, so they use the station's ST, the request's QN and Flag=4 (no 9014
   expected: the exchange is closed by the 9012).
@@ -185,6 +189,8 @@ class Uplink(threading.Thread):
         self._reader: Buffer | None = recorder.open_reader()
         self._marks, stored = self._initial_marks(marks)
         self._missing_logged: tuple[int, int] | None = None
+        # A platform seen acknowledging a split packet once, after its last piece (not each piece)
+        self._acks_whole_packets = False
         self._dirty = not stored
         self._last_persist = 0.0
         self.state = "connecting"
@@ -390,8 +396,18 @@ class Uplink(threading.Thread):
             self._receive(1.0)
             return
         stream, message = item
-        for frame in message.frames:
-            self._send_and_wait(frame, message.qn)
+        *pieces, last = message.frames
+        unanswered = 0
+        for frame in pieces:  # of a split packet
+            if self._acks_whole_packets:
+                self._send(frame)
+            elif not self._send_and_wait(frame, message.qn, tries=1, must=False):
+                unanswered += 1
+        self._send_and_wait(last, message.qn)
+        if unanswered and not self._acks_whole_packets:
+            self._acks_whole_packets = True
+            log.info("uplink %s: the platform acknowledges a split packet once, after its last piece; pieces now "
+                     "go one after the other, the last one waiting for the 9014", self.target.name)
         self.packets_acked += 1
         self._backoff = 0.5
         self._advance(stream, message.last_seq)
@@ -432,9 +448,11 @@ class Uplink(threading.Thread):
                           "them", self.target.name, *missing)
         self._queue.extend((STREAM_READINGS, p) for p in polls)
 
-    def _send_and_wait(self, frame: bytes, qn: str) -> None:
+    def _send_and_wait(self, frame: bytes, qn: str, *, tries: int | None = None, must: bool = True) -> bool:
+        """Send `frame` until a 9014 names `qn` (True), at most `tries` times (1 + retries); then LinkDown, or
+        False when not `must`."""
         t = self.target
-        for attempt in range(t.retries + 1):
+        for attempt in range(t.retries + 1 if tries is None else tries):
             if attempt:  # a platform that never acknowledges: not a line per packet (rate-limited)
                 self._linklog.warning("uplink %s: no 9014 for QN %s within %ss; sending again (%d/%d)",
                                       t.name, qn, t.timeout, attempt, t.retries)
@@ -448,7 +466,9 @@ class Uplink(threading.Thread):
                 if left <= 0:
                     break
                 if qn in self._receive(left):
-                    return
+                    return True
+        if not must:
+            return False
         raise LinkDown(f"no 9014 for QN {qn} after {t.retries + 1} tries")
 
     # ------------------------------------------------------------------ receiving

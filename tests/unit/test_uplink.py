@@ -45,8 +45,9 @@ class Platform:
     arrival order (and every bad frame), acknowledges data packets that ask for it with 9014 while
     `ack` is true, and sends requests on the newest connection."""
 
-    def __init__(self, *, ack: bool = True, port: int = 0) -> None:
+    def __init__(self, *, ack: bool = True, port: int = 0, ack_each_piece: bool = True) -> None:
         self.ack = ack
+        self.ack_each_piece = ack_each_piece  # False: a split packet is acknowledged once, after its last piece
         self.server = socket.socket()
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.server.bind(("127.0.0.1", port))
@@ -86,7 +87,9 @@ class Platform:
             for item in reader.feed(data):
                 with self._lock:
                     (self.errors if isinstance(item, Hj212Error) else self.packets).append(item)
-                if isinstance(item, Packet) and item.answer_requested and self.ack:
+                last_piece = item.pno == item.pnum if isinstance(item, Packet) else True
+                if isinstance(item, Packet) and item.answer_requested and self.ack and (
+                        self.ack_each_piece or last_piece):
                     try:
                         conn.sendall(encode_one(ack_9014(item)))
                     except OSError:
@@ -249,6 +252,31 @@ def test_unacknowledged_packet_is_retried_then_the_connection_renewed_and_nothin
         platform.ack = True
         wait_for(lambda: uplink.marks[STREAM_READINGS] == 1, 10, "delivered once acknowledged")
         assert uplink.is_alive()
+    finally:
+        station.close()
+        platform.close()
+
+
+@pytest.mark.parametrize("ack_each_piece", [True, False])
+def test_split_packets_are_delivered_to_platforms_acknowledging_each_piece_or_the_whole(tmp_path, caplog,
+                                                                                      ack_each_piece):
+    """A poll of 40 channels is a packet of 2 pieces (PNUM/PNO, Flag=7). A platform that answers each piece
+    gets each piece once; one that answers a packet once it is whole (after its last piece) used to get
+    only the first piece, sent again and again, and the connection renewed for ever: nothing delivered."""
+    platform = Platform(ack_each_piece=ack_each_piece)
+    station = Station(tmp_path, platform, timeout=0.5, retries=1)
+    try:
+        uplink = station.start_uplink()
+        with caplog.at_level(logging.INFO, logger="agent.uplink"):
+            for i in range(3):
+                station.store("cod", T0 + i * 1000, {f"c{c:02d}": 1234.5678 + c for c in range(40)})
+            wait_for(lambda: uplink.marks[STREAM_READINGS] == 120, 15, "3 split polls acknowledged")
+        pieces = platform.received("2011")
+        assert [(p.get("DataTime"), p.pno, p.pnum, p.flag) for p in pieces] == [
+            (f"2026112910000{i}", pno, 2, 7) for i in range(3) for pno in (1, 2)]
+        assert platform.accepted == 1, "no connection renewed"
+        whole = [m for m in caplog.messages if "acknowledges a split packet once" in m]
+        assert len(whole) == (0 if ack_each_piece else 1), caplog.messages
     finally:
         station.close()
         platform.close()
