@@ -463,7 +463,9 @@ class Uplink(threading.Thread):
                     raise LinkDown("agent stopping")
                 self.last_progress = time.monotonic()
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0:  # the 9014 may be waiting, read after a long answer to a request (a backfill)
+                    if qn in self._receive(0):
+                        return True
                     break
                 if qn in self._receive(left):
                     return True

@@ -282,6 +282,38 @@ def test_split_packets_are_delivered_to_platforms_acknowledging_each_piece_or_th
         platform.close()
 
 
+def test_an_acknowledgement_that_came_while_a_request_was_answered_is_not_missed(tmp_path, monkeypatch, caplog):
+    """The platform asks for something (a long backfill) just before it acknowledges the packet in flight:
+    the 9014 waits in the socket while the answer is sent. Past `timeout` by then, the uplink sent the
+    packet again without reading it (a duplicate), and at its last try dropped the connection."""
+    platform = Platform(ack=False)
+    station = Station(tmp_path, platform, timeout=0.5, retries=0)
+    answering = threading.Event()
+    slow_answer = uplink_module.Uplink._get_time
+
+    def get_time(self, request):
+        answering.set()
+        time.sleep(1.0)  # a backfill of many records takes longer than the timeout
+        slow_answer(self, request)
+
+    monkeypatch.setattr(uplink_module.Uplink, "_get_time", get_time)
+    try:
+        uplink = station.start_uplink()
+        station.store("cod", T0, {"w01018": 1.0})
+        data = wait_for(lambda: platform.received("2011"), 10, "the poll")[0]
+        platform.send(encode_one(Packet(qn="20261129120000002", st="32", cn="1011", pw="123456", mn=MN, flag=5,
+                                        cp=[])))
+        wait_for(answering.is_set, 5, "the request being answered")
+        platform.send(encode_one(ack_9014(data)))
+        with caplog.at_level(logging.WARNING, logger="agent.uplink"):
+            wait_for(lambda: uplink.marks[STREAM_READINGS] == 1, 10, "the poll acknowledged")
+        assert [p.qn for p in platform.received("2011")] == [data.qn], "sent once"
+        assert platform.accepted == 1 and not caplog.messages, caplog.messages
+    finally:
+        station.close()
+        platform.close()
+
+
 def test_a_cut_connection_loses_no_poll(station, platform):
     uplink = station.start_uplink()
     for i in range(30):
