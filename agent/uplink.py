@@ -370,12 +370,28 @@ class Uplink(threading.Thread):
         self._persist(force=True)
 
     def _send(self, frame: bytes) -> None:
-        if self._sock is None:
+        """All of `frame` within `timeout`, noting progress and heeding a stop while the platform does not
+        read (a sendall blocked for a long `timeout` withheld the watchdog, and held a stop or reload)."""
+        sock = self._sock
+        if sock is None:
             raise LinkDown("not connected")
-        try:
-            self._sock.sendall(frame)
-        except OSError as exc:  # includes socket.timeout: the platform stopped reading
-            raise LinkDown(f"send failed: {exc}") from None
+        deadline = time.monotonic() + self.target.timeout
+        view = memoryview(frame)
+        while view:
+            if self._stop_event.is_set():
+                raise LinkDown("agent stopping")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LinkDown("send failed: timed out (the platform does not read)")
+            try:
+                _, writable, _ = select.select([], [sock], [], min(left, 1.0))
+                self.last_progress = time.monotonic()
+                if writable:
+                    view = view[sock.send(view):]
+            except (BlockingIOError, InterruptedError):
+                continue
+            except (OSError, ValueError) as exc:  # includes socket.timeout
+                raise LinkDown(f"send failed: {exc}") from None
 
     def _send_packet(self, packet: Packet) -> None:
         for frame in encode(packet):

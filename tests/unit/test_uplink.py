@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -312,6 +313,39 @@ def test_an_acknowledgement_that_came_while_a_request_was_answered_is_not_missed
     finally:
         station.close()
         platform.close()
+
+
+def test_a_platform_that_stops_reading_a_backfill_never_blocks_the_uplink_for_its_timeout(tmp_path):
+    """A platform asks for a big backfill and does not read the answer (TCP back-pressure). With a long
+    `timeout` (slow links), one blocked send made no progress for that long: above 60 s the watchdog was
+    withheld and the agent killed, and a stop or reload waited for it. Sending now notes progress and
+    heeds a stop."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by the accepted connection
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    station = Station(tmp_path, SimpleNamespace(port=server.getsockname()[1]), timeout=30, retries=0)
+    conn = None
+    try:
+        for i in range(1500):  # stored before the uplink starts: it sends no real-time data, only the backfill
+            station.store("cod", T0 + i * 1000, {f"c{c:02d}": 1234.5678 + c for c in range(40)})
+        station.recorder.flush()
+        uplink = station.start_uplink()
+        server.settimeout(10)
+        conn, _ = server.accept()
+        conn.sendall(encode_one(Packet(qn="20261129120000003", st="32", cn="2011", pw="123456", mn=MN, flag=5,
+                                       cp=[{"BeginTime": "20261129000000", "EndTime": "20261130000000"}])))
+        time.sleep(5)  # never read: the backfill's sends block
+        assert time.monotonic() - uplink.last_progress < 2.5, "a blocked send notes progress"
+        started = time.monotonic()
+        uplink.request_stop()
+        uplink.join(5)
+        assert not uplink.is_alive() and time.monotonic() - started < 3, "a stop is heeded while a send blocks"
+    finally:
+        station.close()
+        if conn is not None:
+            conn.close()
+        server.close()
 
 
 def test_a_cut_connection_loses_no_poll(station, platform):
