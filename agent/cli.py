@@ -118,7 +118,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from agent.buffer import Buffer
     from agent.runtime import device_channels, device_intervals
-    from agent.status import agent_state, collect, render_text, unreadable, unreadable_buffer
+    from agent.status import agent_state, collect, render_text, unreadable, unreadable_buffer, uplink_names
 
     config = _load_or_report(args.config, for_status=True)  # it never connects
     if config is None:
@@ -131,7 +131,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     why = hint = None
     try:
         reader = Buffer.open_reader(path) if path.exists() else None
-        status = collect(reader, device_intervals(config), device_channels(config))
+        status = collect(reader, device_intervals(config), device_channels(config), uplink_names(config))
     except (sqlite3.Error, OSError) as exc:  # a damaged file, or one this user may not read
         why, hint = unreadable_buffer(path, exc, args.config)
         status = unreadable(device_intervals(config), why)

@@ -55,7 +55,7 @@ from agent.consolehttp import MAX_CLIENTS, MAX_HEAD_BYTES, REQUEST_DEADLINE_S, _
 from agent.consolemeters import DrainMeter, _local_time, clock_state, system_uptime
 from agent.logutil import RateLimitedLog
 from agent.model import STREAM_ALARMS, Reading, iso_utc_ms, now_ms
-from agent.status import collect
+from agent.status import collect, uplink_names
 
 __all__ = [
     "HISTORY_HOURS",
@@ -222,7 +222,7 @@ class Console:
         path = config.storage.path
         reader = Buffer.open_reader(path) if path.exists() else None
         try:
-            doc = collect(reader, intervals, known)
+            doc = collect(reader, intervals, known, uplink_names(config))
         finally:
             if reader is not None:
                 reader.close()

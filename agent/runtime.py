@@ -35,7 +35,7 @@ from agent.pollerset import SIM_PREFIX, PollerSpec, plan_reload, poller_specs
 from agent.publisher import BrokerSettings, Publisher
 from agent.recorder import Recorder
 from agent.sdnotify import Notifier
-from agent.status import collect, unreadable
+from agent.status import collect, unreadable, uplink_names
 from agent.uplink import Uplink, UplinkTarget
 from drivers.simulated import SimChannelSpec, SimulatedDriver
 
@@ -544,7 +544,8 @@ class Station:
         except BufferError as exc:  # the file at the path is not the one written, until it is put back
             return unreadable(device_intervals(self.config), str(exc))
         try:
-            return collect(reader, device_intervals(self.config), device_channels(self.config))
+            return collect(reader, device_intervals(self.config), device_channels(self.config),
+                           uplink_names(self.config))
         finally:
             reader.close()
 

@@ -24,11 +24,22 @@ def _iso(ts_ms: int | None) -> str | None:
     return iso_utc_ms(ts_ms) if ts_ms else None
 
 
+UPLINK_META_PREFIX = "uplink:"  # agent.uplink keeps each platform's progress and state under this meta key
+
+
+def uplink_names(config: Any) -> list[str]:
+    """`host:port` of each HJ 212 uplink of a loaded config."""
+    return [f"{u.host}:{u.port}" for u in config.hj212.uplinks] if config.hj212 is not None else []
+
+
 def collect(reader: Buffer | None, device_intervals: dict[str, float],
-            device_channels: dict[str, list[str] | None] | None = None) -> dict[str, Any]:
-    """The status document: backlog, last_seq, devices, alarms, broker, streams (SPEC §1).
+            device_channels: dict[str, list[str] | None] | None = None,
+            uplinks: list[str] | None = None) -> dict[str, Any]:
+    """The status document: backlog, last_seq, devices, alarms, broker, streams (SPEC §1), and each HJ 212
+    uplink's state and what its platform has not acknowledged yet.
     `device_channels`: each configured device's channels when the config tells them (None: learnt
-    from the wire); a channel removed from a device is not listed under it any more."""
+    from the wire); a channel removed from a device is not listed under it any more. `uplinks`: the
+    configured uplinks (`host:port`; None: every one with stored progress)."""
     now = now_ms()
     if reader is not None and not reader.has_schema():
         reader = None  # a first start is creating the file: nothing is stored yet
@@ -39,6 +50,7 @@ def collect(reader: Buffer | None, device_intervals: dict[str, float],
             "devices": {d: {"channels": {}, "last_reading": None, "last_valid": None, "flags": [],
                             "health": "unknown", "problem": None} for d in device_intervals},
             "streams": {}, "pending_gaps": [], "clock": None, "buffer": None, "ts": iso_utc_ms(now),
+            "uplinks": {name: {"state": "unknown"} for name in uplinks or []},
         }
     last_seq, sent = reader.stream_state(STREAM_READINGS)
     channels = {(c["device"], c["channel"]): c for c in reader.channels()}
@@ -112,6 +124,7 @@ def collect(reader: Buffer | None, device_intervals: dict[str, float],
         streams[stream] = {"last_seq": top, "sent_upto": acked, "backlog": backlog, "backlog_exact": exact}
     gaps = [{"first_seq": g.first_seq, "last_seq": g.last_seq, "reason": g.reason} for g in reader.pending_gaps()]
     return {
+        "uplinks": _uplinks(reader, meta, uplinks),
         "backlog": streams[STREAM_READINGS]["backlog"],
         "backlog_exact": streams[STREAM_READINGS]["backlog_exact"],  # past a million, worked out from the seqs
         "last_seq": last_seq,
@@ -125,6 +138,28 @@ def collect(reader: Buffer | None, device_intervals: dict[str, float],
         "buffer": {"path": str(reader.path), "used_bytes": reader.used_bytes()},
         "ts": iso_utc_ms(now),
     }
+
+
+def _uplinks(reader: Buffer, meta: dict[str, str], names: list[str] | None) -> dict[str, dict[str, Any]]:
+    """Each HJ 212 uplink: its state as the running agent noted it (online, offline with the error) and the
+    readings and aggregates its platform has not acknowledged (a station may deliver only over HJ 212:
+    MQTT's backlog says nothing of it)."""
+    if names is None:
+        names = sorted(k[len(UPLINK_META_PREFIX):] for k in meta if k.startswith(UPLINK_META_PREFIX))
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        try:
+            stored = json.loads(meta.get(UPLINK_META_PREFIX + name) or "{}")
+        except ValueError:
+            stored = {}
+        stored = stored if isinstance(stored, dict) else {}
+        entry: dict[str, Any] = {"state": stored.get("state", "unknown"), "error": stored.get("error"),
+                                 "since": stored.get("since")}
+        for stream in (STREAM_READINGS, STREAM_AGGREGATES):
+            mark = stored.get(stream)
+            entry[f"{stream}_backlog"] = reader.backlog(stream, mark)[0] if isinstance(mark, int) else None
+        out[name] = entry
+    return out
 
 
 def unreadable(device_intervals: dict[str, float], error: str) -> dict[str, Any]:
@@ -153,6 +188,13 @@ def render_text(status: dict[str, Any]) -> str:
     else:
         about = "" if status.get("backlog_exact", True) else "about "  # past a million, worked out from the seqs
         lines.append(f"backlog  {about}{status['backlog']} unsent readings (last seq {status['last_seq']})")
+    for name, u in (status.get("uplinks") or {}).items():
+        waiting = [f"{u[f'{stream}_backlog']} {stream}" for stream in (STREAM_READINGS, STREAM_AGGREGATES)
+                   if u.get(f"{stream}_backlog") is not None]
+        lines.append(f"uplink   {name} {u.get('state', 'unknown')}"
+                     + (f" since {u['since']}" if u.get("since") else "")
+                     + (f" — {u['error']}" if u.get("error") else "")
+                     + (f"; not yet acknowledged: {', '.join(waiting)}" if waiting else ""))
     clock = status.get("clock")
     if clock:
         sync = {True: "synchronised", False: "NOT synchronised (no NTP yet)", None: "sync state unknown"}

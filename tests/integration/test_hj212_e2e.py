@@ -212,3 +212,30 @@ def test_rows_an_unreachable_platform_still_needs_go_last_at_the_size_cap_and_th
     assert not [m for m in collector.json_messages("/data") if "gap" in m], "MQTT missed nothing"
     seqs = collector.reading_seqs()
     assert set(range(1, max(seqs) + 1)) <= set(seqs)
+
+
+def test_status_shows_what_each_platform_has_not_acknowledged(tmp_path, broker, platform):
+    """A station may deliver only over HJ 212: with MQTT caught up, `status` said "backlog 0" while a
+    platform that never acknowledges had received nothing. It lists each uplink, its state and backlog."""
+    from harness import run_cli
+
+    silent = Platform(ack=False)
+    try:
+        config = station_config(tmp_path, broker, platform.port)
+        config["hj212"]["uplinks"].append({"host": "127.0.0.1", "port": silent.port, "timeout": 1, "retries": 0})
+        path = write_config(tmp_path / "station.yaml", config)
+        agent = AgentProcess(path, env={})
+        wait_for(lambda: len(platform.received("2011")) >= 6, 30, "polls at the answering platform")
+        agent.stop()
+        result = run_cli("status", "-c", str(path), "--json")
+        assert result.returncode == 0, result.stderr
+        status = json.loads(result.stdout)
+        answering, silent_one = (status["uplinks"][f"127.0.0.1:{p.port}"] for p in (platform, silent))
+        assert status["backlog"] == 0
+        assert silent_one["readings_backlog"] >= 6, silent_one
+        assert answering["readings_backlog"] < silent_one["readings_backlog"], answering
+        assert (answering["state"], answering["error"]) == ("offline", "agent stopped")
+        text = run_cli("status", "-c", str(path)).stdout
+        assert f"uplink   127.0.0.1:{silent.port} offline" in text and "not yet acknowledged: " in text, text
+    finally:
+        silent.close()
