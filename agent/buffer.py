@@ -23,7 +23,8 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -482,6 +483,20 @@ class Buffer:
         that leaves a row as it was (audit W)."""
         self.conn.execute("INSERT INTO meta(key, value) VALUES ('opened_ms', ?) "
                           "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(time.time_ns() // 1_000_000),))
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reader: one read transaction around several queries, so that they all see the file as one
+        commit left it (`status`: a backlog and a last seq of the same moment, while the recorder commits
+        between them). Held for those few queries only: a read transaction holds checkpoints back."""
+        if self.writer or self.conn.in_transaction:
+            yield
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.conn.execute("COMMIT")
 
     def has_schema(self) -> bool:
         """False while the file is still being created by a first start (no tables committed yet)."""

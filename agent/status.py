@@ -39,7 +39,17 @@ def collect(reader: Buffer | None, device_intervals: dict[str, float],
     uplink's state and what its platform has not acknowledged yet.
     `device_channels`: each configured device's channels when the config tells them (None: learnt
     from the wire); a channel removed from a device is not listed under it any more. `uplinks`: the
-    configured uplinks (`host:port`; None: every one with stored progress)."""
+    configured uplinks (`host:port`; None: every one with stored progress). Every figure is read in one
+    transaction (`Buffer.snapshot`): the recorder commits meanwhile, and a backlog counted some commits
+    after the last seq was read was larger than the seqs allowed."""
+    if reader is None:
+        return _collect(None, device_intervals, device_channels, uplinks)
+    with reader.snapshot():
+        return _collect(reader, device_intervals, device_channels, uplinks)
+
+
+def _collect(reader: Buffer | None, device_intervals: dict[str, float],
+             device_channels: dict[str, list[str] | None] | None, uplinks: list[str] | None) -> dict[str, Any]:
     now = now_ms()
     if reader is not None and not reader.has_schema():
         reader = None  # a first start is creating the file: nothing is stored yet

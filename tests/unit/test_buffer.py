@@ -1214,3 +1214,31 @@ def test_an_age_purge_with_more_to_delete_than_one_pass_takes_comes_back_soon(tm
     finally:
         buf.close()
 
+
+
+def test_status_figures_come_from_one_state_of_the_file_while_the_recorder_commits(tmp_path, monkeypatch):
+    """`backlog` and `last_seq` of one status describe the same moment: the recorder commits between
+    the queries of `collect` (as it does many times a second on a busy station), and a backlog counted
+    after such a commit was larger than last_seq - sent_upto (acceptance audit auds)."""
+    from agent.status import collect
+
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    try:
+        store(buf, readings(100, device="dev"))
+        reader = Buffer.open_reader(path)
+        meta = Buffer.meta
+
+        def meta_while_the_recorder_commits(self):  # read between last_seq and the backlog count
+            if self is reader:
+                store(buf, readings(50, device="dev"))
+            return meta(self)
+
+        monkeypatch.setattr(Buffer, "meta", meta_while_the_recorder_commits)
+        try:
+            status = collect(reader, {"dev": 1.0})
+        finally:
+            reader.close()
+        assert (status["last_seq"], status["backlog"], status["streams"]["readings"]["last_seq"]) == (100, 100, 100)
+    finally:
+        buf.close()
