@@ -7,8 +7,27 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import struct
+import subprocess
+import sys
+import threading
 
-from harness import AgentProcess, Broker, run_cli, sim_config, wait_for, write_config
+import paho.mqtt.client as mqtt
+import pytest
+from harness import (
+    AgentProcess,
+    Broker,
+    Collector,
+    as_published,
+    free_port,
+    run_cli,
+    sim_config,
+    wait_for,
+    write_config,
+)
+from paho.mqtt.enums import CallbackAPIVersion
+from test_modbus import PYMODBUS_PEER
 
 ISO_MS_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -29,7 +48,7 @@ def test_status_json_figures_are_taken_from_one_state_of_the_buffer(tmp_path):
     agent = AgentProcess(cfg)
     try:
         wait_for(lambda: status_json(cfg)["last_seq"] > 2000, 30, "a backlog of a few thousand readings")
-        for _ in range(10):
+        for _ in range(4):
             s = status_json(cfg)
             assert isinstance(s["backlog"], int) and isinstance(s["last_seq"], int), s
             assert s["backlog"] == s["last_seq"] - s["sent_upto"], (s["backlog"], s["last_seq"], s["sent_upto"])
@@ -37,3 +56,209 @@ def test_status_json_figures_are_taken_from_one_state_of_the_buffer(tmp_path):
             assert s["streams"]["readings"]["backlog"] == s["backlog"], s["streams"]
     finally:
         assert agent.stop() == 0
+
+
+class Subscriber:
+    """A platform-like QoS 1 subscriber that keeps topic, payload, retain flag and QoS of each message."""
+
+    def __init__(self, broker: Broker, topic: str):
+        self.messages: list[tuple[str, bytes, bool, int]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"acceptance-{id(self)}")
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", broker.port)
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "could not subscribe"
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos))
+
+    def on(self, suffix: str) -> list[tuple[dict, bool, int]]:
+        with self._lock:
+            return [(json.loads(p), r, q) for t, p, r, q in self.messages if t.endswith(suffix)]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_only_the_status_topic_is_retained_everything_goes_at_qos_1_and_sigint_stops_cleanly(tmp_path):
+    """SPEC §4's table: P/status retained ("offline" also when the agent stops), P/data, P/alarm and
+    P/cmd/reply not; QoS 1 by default (§2). §1: SIGINT stops the agent like SIGTERM, exit 0. A
+    subscriber that arrives later gets the retained status and nothing else."""
+    broker = Broker(tmp_path / "broker").start()
+    live = Subscriber(broker, "env/#")
+    config = sim_config(tmp_path, broker, channels=1, interval=0.2)
+    config["devices"]["sim0"]["channels"]["c00"].update(mean=60, amplitude=0, noise=0)
+    config["alarms"] = [{"channel": "sim0.c00", "above": 50}]
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    try:
+        wait_for(lambda: live.on("/alarm") and len(live.on("/data")) >= 3, 20, "readings and the alarm")
+        late = Subscriber(broker, "env/#")
+        wait_for(lambda: late.on("/status"), 10, "the retained status for a late subscriber")
+        live.client.publish("env/TEST0001/cmd", json.dumps({"id": "p", "cmd": "ping"}), qos=1)
+        wait_for(lambda: live.on("/cmd/reply"), 10, "the ping's reply")
+        late_topics = {t for t, _, retained, _ in late.messages if retained}
+        assert late_topics == {"env/TEST0001/status"}, late_topics
+        assert late.on("/status")[0][0]["state"] == "online"
+        late.close()
+        agent.signal(signal.SIGINT)
+        agent.proc.wait(20)
+        assert agent.proc.returncode == 0, agent.log()[-2000:]
+    finally:
+        agent.stop()
+    for suffix in ("/data", "/alarm", "/cmd/reply"):
+        got = live.on(suffix)
+        assert got and all(q == 1 for _, _, q in got), (suffix, [q for _, _, q in got])
+    wait_for(lambda: [m for m, _, _ in live.on("/status") if m["state"] == "offline"], 10, "offline on P/status")
+    after = Subscriber(broker, "env/#")
+    try:
+        wait_for(lambda: after.messages, 10, "the retained status after the stop")
+        assert [(t, r) for t, _, r, _ in after.messages] == [("env/TEST0001/status", True)]
+        status = after.on("/status")[0][0]
+        assert status["v"] == 1 and status["station"] == "TEST0001" and status["state"] == "offline"
+    finally:
+        after.close()
+        live.close()
+        broker.stop()
+
+
+def test_a_backlog_drains_in_messages_of_at_most_200_readings_by_default(tmp_path):
+    """SPEC §2: `max_batch: 200` readings per data message when draining a backlog (the default). A
+    backlog built while the broker is down arrives whole, in messages of at most 200 readings, the
+    full ones holding 200."""
+    broker = Broker(tmp_path / "broker", persistence=True).start()
+    platform = Collector(broker, "env/#", persistent=True)
+    broker.stop()
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=50, interval=0.2))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: status_json(cfg)["last_seq"] >= 700, 30, "a backlog of more than three batches")
+        broker.start()
+        wait_for(lambda: platform.has_readings_upto(700), 30, "the backlog delivered")
+    finally:
+        assert agent.stop() == 0
+        platform.close()
+        broker.stop()
+    sizes = [len(m["readings"]) for m in platform.json_messages("/data") if "readings" in m]
+    assert max(sizes) == 200, sizes[:20]
+
+
+def test_a_gap_is_announced_once_and_resends_name_the_seqs_they_cannot_send(tmp_path):
+    """SPEC §3: readings dropped at `max_mb` are announced once as {"gap": [first, last], "reason":
+    "buffer_full"} on the data topic, also across a restart; seqs never reused. SPEC §4's resend of a
+    range that was evicted or never issued answers ok with what it sent (README: `missing` ranges)."""
+    broker = Broker(tmp_path / "broker")
+    config = sim_config(tmp_path, broker, channels=40, interval=0.1, storage={"max_mb": 0.2})
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: "gap recorded" in agent.log(), 60, "unpublished readings dropped at the cap")
+    finally:
+        assert agent.stop() == 0
+    broker.start()
+    platform = Subscriber(broker, "env/#")
+    agent = AgentProcess(cfg)
+    try:
+        gaps = lambda: [m for m, _, _ in platform.on("/data") if "gap" in m]  # noqa: E731
+        wait_for(gaps, 20, "the gap announced")
+        gap = gaps()[0]
+        assert set(gap) == {"v", "station", "gap", "reason"} and gap["reason"] == "buffer_full", gap
+        first, last = gap["gap"]
+        assert isinstance(first, int) and isinstance(last, int) and 1 <= first <= last
+        top = status_json(cfg)["last_seq"]
+        wait_for(lambda: max(r["seq"] for m, _, _ in platform.on("/data") for r in m.get("readings", []))
+                 >= top, 20, "the backlog delivered")
+        for cid, lo, hi in (("evicted", first, last), ("future", top + 10**6, top + 10**6 + 5)):
+            platform.client.publish("env/TEST0001/cmd", json.dumps(
+                {"id": cid, "cmd": "resend", "from_seq": lo, "to_seq": hi}), qos=1)
+        replies = lambda: {m["id"]: m for m, _, _ in platform.on("/cmd/reply")}  # noqa: E731
+        wait_for(lambda: len(replies()) == 2, 20, "both resends answered")
+        for cid, lo, hi in (("evicted", first, last), ("future", top + 10**6, top + 10**6 + 5)):
+            reply = replies()[cid]
+            assert reply["ok"] is True and reply["count"] == 0 and reply["missing"] == [[lo, hi]], reply
+    finally:
+        assert agent.stop() == 0
+    agent = AgentProcess(cfg)  # a third start: the gap, announced, is not announced again
+    try:
+        seen = len(platform.on("/data"))
+        wait_for(lambda: len(platform.on("/data")) > seen + 5, 20, "readings after the restart")
+        assert len(gaps()) == 1, gaps()
+        new = [r["seq"] for m, _, _ in platform.on("/data")[seen:] for r in m.get("readings", [])]
+        assert min(new) > top, "seqs go on above those issued before the restarts"
+    finally:
+        assert agent.stop() == 0
+        platform.close()
+        broker.stop()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "rtu"])
+def test_a_yaml_register_map_reads_pymodbus_slave_values_and_a_dead_slave_reads_null_b(kind, tmp_path):
+    """SPEC §2 from the configuration file to the data topic, against pymodbus's own slave: `address`
+    is the 0-based protocol address, `order` per register, `table: input | coil`, value = raw × scale +
+    offset, `unit` carried (null without one); a device that gives no answer reads value null, flag B
+    (§4), and the bus moves on."""
+    words = struct.unpack(">HH", struct.pack(">f", 23.5))
+    cells = [["holding", 0, [words[1], words[0]]],  # float32 CDAB
+             ["holding", 20, list(words)],  # float32 ABCD at "40021"
+             ["input", 4, [1234]], ["holding", 10, [65436]], ["coil", 3, [1]]]
+    procs: list[subprocess.Popen] = []
+    broker = Broker(tmp_path / "broker").start()
+    platform = Subscriber(broker, "env/#")
+    try:
+        if kind == "tcp":
+            port = free_port()
+            where = str(port)
+            buses = {"field": {"type": "tcp", "host": "127.0.0.1", "port": port, "timeout": 0.5},
+                     "gone": {"type": "tcp", "host": "127.0.0.1", "port": free_port(), "timeout": 0.3}}
+        else:
+            links = [tmp_path / n for n in ("ttyA", "ttyB", "ttyC", "ttyD")]
+            for ours, theirs in (links[:2], links[2:]):
+                procs.append(subprocess.Popen(["socat", f"pty,raw,echo=0,link={ours}",
+                                               f"pty,raw,echo=0,link={theirs}"], stderr=subprocess.DEVNULL))
+            wait_for(lambda: all(p.exists() for p in links), 10, "the socat pty pairs")
+            where = str(links[1])
+            buses = {"field": {"type": "rtu", "port": str(links[0]), "timeout": 0.3},
+                     "gone": {"type": "rtu", "port": str(links[2]), "timeout": 0.2}}  # nobody at ttyD
+        procs.append(subprocess.Popen([sys.executable, "-c", PYMODBUS_PEER, kind, where, "7", json.dumps(cells)],
+                                      stderr=subprocess.DEVNULL))
+        config = sim_config(tmp_path, broker)
+        config["buses"] = buses
+        config["devices"] = {
+            "ana": {"bus": "field", "slave": 7, "interval": 0.5, "registers": [
+                {"channel": "w01018", "address": 0, "type": "float32", "order": "CDAB", "unit": "mg/L"},
+                {"channel": "w21003", "address": 20, "type": "float32", "unit": "mg/L"},
+                {"channel": "raw", "address": 4, "type": "uint16", "table": "input", "scale": 0.01, "offset": 1},
+                {"channel": "neg", "address": 10, "type": "int16", "scale": 0.5, "offset": -0.5},
+                {"channel": "pump", "address": 3, "type": "bool", "table": "coil"}]},
+            "dead": {"bus": "gone", "slave": 2, "interval": 0.5, "registers": [
+                {"channel": "w01018", "address": 0, "type": "float32", "unit": "mg/L"}]},
+        }
+        cfg = write_config(tmp_path / "station.yaml", config)
+        assert run_cli("check-config", str(cfg)).returncode == 0
+        agent = AgentProcess(cfg)
+        try:
+            def latest() -> dict:
+                return {(r["device"], r["channel"]): r for m, _, _ in platform.on("/data")
+                        for r in m.get("readings", [])}
+
+            wait_for(lambda: latest().get(("ana", "pump"), {}).get("flag") == "N"
+                     and ("dead", "w01018") in latest(), 30, "readings of both devices")
+        finally:
+            assert agent.stop() == 0
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(10)
+        platform.close()
+        broker.stop()
+    got = {key: (r["value"], r["unit"], r["flag"]) for key, r in latest().items()}
+    assert got == {
+        ("ana", "w01018"): (23.5, "mg/L", "N"), ("ana", "w21003"): (23.5, "mg/L", "N"),
+        ("ana", "raw"): (as_published(1234 * 0.01 + 1), None, "N"),
+        ("ana", "neg"): (as_published(-100 * 0.5 - 0.5), None, "N"), ("ana", "pump"): (1, None, "N"),
+        ("dead", "w01018"): (None, "mg/L", "B")}, got
