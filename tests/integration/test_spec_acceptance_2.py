@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -153,7 +154,7 @@ def test_a_gap_is_announced_once_and_resends_name_the_seqs_they_cannot_send(tmp_
     "buffer_full"} on the data topic, also across a restart; seqs never reused. SPEC §4's resend of a
     range that was evicted or never issued answers ok with what it sent (README: `missing` ranges)."""
     broker = Broker(tmp_path / "broker")
-    config = sim_config(tmp_path, broker, channels=40, interval=0.1, storage={"max_mb": 0.2})
+    config = sim_config(tmp_path, broker, channels=40, interval=0.1, storage={"max_mb": 0.1})
     cfg = write_config(tmp_path / "station.yaml", config)
     agent = AgentProcess(cfg)
     try:
@@ -262,3 +263,38 @@ def test_a_yaml_register_map_reads_pymodbus_slave_values_and_a_dead_slave_reads_
         ("ana", "raw"): (as_published(1234 * 0.01 + 1), None, "N"),
         ("ana", "neg"): (as_published(-100 * 0.5 - 0.5), None, "N"), ("ana", "pump"): (1, None, "N"),
         ("dead", "w01018"): (None, "mg/L", "B")}, got
+
+
+def test_sigterm_while_a_backlog_drains_stops_within_the_grace_says_offline_and_the_rest_follows(tmp_path):
+    """SPEC §1: on SIGTERM the agent stops polling, commits, goes on publishing the backlog for at most
+    `shutdown_grace` seconds, then exits 0 (the retained status saying offline); §3: what it had no
+    time to publish is published after the next start, nothing missing."""
+    broker = Broker(tmp_path / "broker", persistence=True).start()
+    platform = Collector(broker, "env/#", persistent=True)
+    broker.stop()
+    config = sim_config(tmp_path, broker, channels=200, interval=0.1,
+                        mqtt={"max_batch": 1, "shutdown_grace": 0.5})
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: status_json(cfg)["last_seq"] >= 8_000, 60, "a backlog of 8000 readings")
+        broker.start()
+        wait_for(lambda: platform.reading_seqs(), 20, "the drain under way")
+        began = time.monotonic()
+        agent.signal(signal.SIGTERM)
+        agent.proc.wait(20)
+        took = time.monotonic() - began
+        assert agent.proc.returncode == 0, agent.log()[-2000:]
+    finally:
+        agent.stop()
+    assert took < 0.5 + 5, f"stopped {took:.1f} s after SIGTERM with shutdown_grace 0.5"
+    stored = status_json(cfg)["last_seq"]
+    assert len(set(platform.reading_seqs())) < stored, "the stop came before the end of the drain"
+    wait_for(lambda: [m for m in platform.json_messages("/status") if m["state"] == "offline"], 10, "offline")
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: platform.has_readings_upto(stored), 60, "every reading stored before the stop")
+    finally:
+        assert agent.stop() == 0
+        platform.close()
+        broker.stop()
