@@ -177,7 +177,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_INVALID
-    tail(args.url or s.urls[0], s.base_topic, username=s.username, password=s.password,
+    tail(args.url or s.urls, s.base_topic, username=s.username, password=s.password,
          tls={"ca": s.tls_ca, "cert": s.tls_cert, "key": s.tls_key})
     return EXIT_OK
 

@@ -14,9 +14,10 @@ import os
 import re
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -152,10 +153,20 @@ def _packet_lines(kind: str, packet: Packet) -> list[str]:
     return lines
 
 
-def tail(url: str, base_topic: str, out: TextIO = sys.stdout, username: str | None = None,
+def address(parts: SplitResult) -> tuple[str, int]:
+    """Host and port of a broker url (default ports 1883, 8883 for mqtts)."""
+    return parts.hostname or "localhost", parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+
+def tail(url: str | Sequence[str], base_topic: str, out: TextIO = sys.stdout, username: str | None = None,
          password: str | None = None, tls: dict | None = None, stop: threading.Event | None = None) -> None:
-    """Print every message under `base_topic/#` until interrupted (or `stop` is set)."""
-    parts = urlsplit(url)
+    """Print every message under `base_topic/#` until interrupted (or `stop` is set). `url`: the broker,
+    or the station's `urls` in failover order: an attempt that fails goes on with the next one, as the
+    agent does, so that tail finds the station's messages on the broker it publishes to."""
+    urls = [url] if isinstance(url, str) else list(url)
+    targets = [urlsplit(u) for u in urls]
+    at = [0]  # the url of the current attempt
+    parts = targets[0]
     tracker = SeqTracker()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
     if username is not None:
@@ -169,7 +180,8 @@ def tail(url: str, base_topic: str, out: TextIO = sys.stdout, username: str | No
             print(f"# broker refused: {reason_code}", file=out, flush=True)
             return
         c.subscribe(f"{base_topic}/#", qos=1)
-        print(f"# subscribed to {base_topic}/# on {parts.hostname}:{parts.port or ''}", file=out, flush=True)
+        now = targets[at[0]]
+        print(f"# subscribed to {base_topic}/# on {now.hostname}:{now.port or ''}", file=out, flush=True)
 
     done = stop or threading.Event()
     reader_gone = threading.Event()
@@ -185,13 +197,16 @@ def tail(url: str, base_topic: str, out: TextIO = sys.stdout, username: str | No
     def on_connect_fail(c, userdata):  # called by paho within its `except OSError`: the error is at hand
         error = sys.exc_info()[1]
         why = f" ({error.strerror or error})" if isinstance(error, OSError) else ""
-        print(f"# cannot connect to {parts.hostname}:{parts.port or ''}{why}; retrying", file=out, flush=True)
+        now = targets[at[0]]
+        print(f"# cannot connect to {now.hostname}:{now.port or ''}{why}; retrying", file=out, flush=True)
+        if len(targets) > 1:  # the next attempt goes to the next broker (connect_async only sets where)
+            at[0] = (at[0] + 1) % len(targets)
+            c.connect_async(*address(targets[at[0]]))
 
     client.on_connect = on_connect
     client.on_connect_fail = on_connect_fail
     client.on_message = on_message
-    tls_on = parts.scheme == "mqtts"
-    client.connect_async(parts.hostname or "localhost", parts.port or (8883 if tls_on else 1883))
+    client.connect_async(*address(parts))
     client.loop_start()
     try:
         done.wait()

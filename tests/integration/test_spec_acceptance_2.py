@@ -17,6 +17,7 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 from harness import (
+    REPO,
     AgentProcess,
     Broker,
     Collector,
@@ -297,4 +298,28 @@ def test_sigterm_while_a_backlog_drains_stops_within_the_grace_says_offline_and_
     finally:
         assert agent.stop() == 0
         platform.close()
+        broker.stop()
+
+
+def test_tail_follows_the_station_to_the_broker_it_fails_over_to(tmp_path):
+    """SPEC §1: `tail -c FILE` subscribes to the station's topics; §2: `urls` are tried in order. With
+    the first broker down the agent publishes to the second: tail must find the readings there, not
+    retry the first for ever."""
+    broker = Broker(tmp_path / "broker").start()
+    config = sim_config(tmp_path, broker, interval=0.2)
+    del config["mqtt"]["url"]
+    config["mqtt"]["urls"] = [f"mqtt://127.0.0.1:{free_port()}", broker.url]
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    out = tmp_path / "tail.out"
+    with out.open("w") as stdout:
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "tail", "-c", str(cfg)], cwd=REPO,
+                                stdout=stdout, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "\ndata   #" in out.read_text(), 20, "readings shown by tail")
+        assert f"# subscribed to env/TEST0001/# on 127.0.0.1:{broker.port}" in out.read_text()
+    finally:
+        proc.kill()
+        proc.wait()
+        assert agent.stop() == 0
         broker.stop()
