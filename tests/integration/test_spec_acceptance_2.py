@@ -323,3 +323,47 @@ def test_tail_follows_the_station_to_the_broker_it_fails_over_to(tmp_path):
         proc.wait()
         assert agent.stop() == 0
         broker.stop()
+
+
+def test_commands_of_every_wrong_shape_are_answered_ok_false_and_status_json_keeps_its_types(tmp_path):
+    """SPEC §4: anything on P/cmd that is not one of the three commands is answered with ok:false (and
+    ignored); every reply is {"v":1,"id":…,"ok":…}. A resend over a huge range answers what it sent.
+    SPEC §1: `status --json` has backlog and last_seq (integers), devices, alarms (a list), broker,
+    while the agent runs and once it stopped."""
+    broker = Broker(tmp_path / "broker").start()
+    platform = Subscriber(broker, "env/TEST0001/cmd/reply")
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=1, interval=0.2))
+    agent = AgentProcess(cfg)
+    refused = [b"", b"null", b"42", b'"ping"', b"{}", b'{"id": "e", "cmd": "ping", "extra": 1}',
+               b'{"id": 1.5, "cmd": "ping"}', b'{"id": "t", "cmd": "resend", "from_seq": 3, "to_seq": 1}',
+               b'{"id": "n", "cmd": "resend", "from_seq": -1, "to_seq": 1}',
+               b'{"id": "b", "cmd": "resend", "from_seq": true, "to_seq": 1}',
+               b'{"id": "f", "cmd": "resend", "from_seq": 1.0, "to_seq": 2}',
+               b'{"id": "o", "cmd": "resend", "from_seq": 1}', b'{"id": "u", "cmd": "Ping"}']
+    try:
+        wait_for(lambda: status_json(cfg)["last_seq"] >= 5, 20, "a few readings")
+        running = status_json(cfg)
+        for payload in refused:
+            platform.client.publish("env/TEST0001/cmd", payload, qos=1)
+        platform.client.publish("env/TEST0001/cmd", json.dumps(
+            {"id": "huge", "cmd": "resend", "from_seq": 1, "to_seq": 2**63 - 1}), qos=1)
+        wait_for(lambda: len(platform.on("/reply")) == len(refused) + 1, 20, "an answer to each command")
+    finally:
+        assert agent.stop() == 0
+        platform.close()
+        broker.stop()
+    replies = [m for m, retained, _ in platform.on("/reply")]
+    assert all(list(m)[:3] == ["v", "id", "ok"] and m["v"] == 1 for m in replies), replies
+    huge = [m for m in replies if m["id"] == "huge"]
+    assert len(huge) == 1 and huge[0]["ok"] is True and huge[0]["count"] >= 5, huge
+    assert huge[0]["missing"][-1][1] == 2**63 - 1, huge
+    others = [m for m in replies if m["id"] != "huge"]
+    assert [m["ok"] for m in others] == [False] * len(refused), others
+    assert all(isinstance(m["error"], str) and m["error"] for m in others), others
+    stopped = status_json(cfg)
+    for status in (running, stopped):
+        assert type(status["backlog"]) is int and type(status["last_seq"]) is int, status
+        assert isinstance(status["devices"], dict) and isinstance(status["alarms"], list), status
+        assert isinstance(status["broker"], dict) and isinstance(status["broker"]["state"], str), status
+    assert running["broker"]["state"] == "online" and stopped["broker"]["state"] == "offline"
+    assert stopped["last_seq"] >= running["last_seq"] >= 5
