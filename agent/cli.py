@@ -158,7 +158,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{why} ({hint})")
         elif not path.exists():
             print(f"no buffer database at {path} yet (the agent has not run with this config)")
-        print(f"station  {config.station.id} ({config.station.name or ''})")
+        print(f"station  {config.station.id}" + (f" ({config.station.name})" if config.station.name else ""))
         print(render_text(status))
     return EXIT_OK
 

@@ -600,6 +600,15 @@ def test_status_on_a_file_with_problems_says_what_a_running_agent_does(tmp_path:
                       "a running agent keeps the configuration it last loaded (a reload of this file is refused)")
 
 
+def test_status_of_a_station_without_a_name_shows_its_id_alone(tmp_path: Path) -> None:
+    """`station.name` is optional: the status line is the id, not `ST01 ()`."""
+    from harness import run_cli
+
+    shown = run_cli("status", "-c", str(write(tmp_path, GOOD)))
+    assert shown.returncode == 0, shown.stderr
+    assert "station  ST01" in shown.stdout.splitlines(), shown.stdout
+
+
 def test_tls_errors_at_run_name_no_file_that_may_be_the_secret(tmp_path: Path) -> None:
     """The publisher's `cannot use the TLS files: ...` names a file only where check-config would: a
     key file named like a password (no '/' nor '.') stays unnamed even once the file is there."""
