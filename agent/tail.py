@@ -33,6 +33,7 @@ class SeqTracker:
     late into a range reported missing."""
 
     last: dict[str, int] = field(default_factory=dict)
+    first: dict[str, int] = field(default_factory=dict)  # the first seq seen: tail saw none before it
     missing: dict[str, list[list[int]]] = field(default_factory=dict)  # [first, last] still missing
     announced_gaps: list[tuple[int, int]] = field(default_factory=list)
     reassembler: Reassembler = field(default_factory=Reassembler)  # split HJ 212 packets
@@ -43,7 +44,10 @@ class SeqTracker:
         prev = self.last.get(stream)
         if prev is None or seq == prev + 1:
             self.last[stream] = seq
+            self.first.setdefault(stream, seq)
             return ""
+        if seq < self.first[stream]:  # a resend of what was published before tail started: never seen here
+            return "EARLIER (before tail started)"
         if seq <= prev:
             return "LATE (was missing)" if self._fill(stream, seq) else "DUP"
         self.last[stream] = seq

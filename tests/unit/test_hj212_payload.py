@@ -223,3 +223,10 @@ def test_tail_shows_malformed_messages_and_goes_on_and_tells_late_from_duplicate
     assert format_message("env/S/data", data(5), tracker)[0].endswith("DUP")
     assert format_message("env/S/data", data(4), tracker)[0].endswith("LATE (was missing)")
     assert format_message("env/S/data", data(7), tracker)[0].endswith(" N"), "numbering goes on from 6"
+
+
+def test_tail_started_mid_stream_does_not_call_a_resend_of_what_it_never_saw_a_duplicate():
+    tracker = SeqTracker()
+    assert tracker.see("readings", 40) == "" and tracker.see("readings", 41) == ""
+    assert tracker.see("readings", 3) == "EARLIER (before tail started)"
+    assert tracker.see("readings", 40) == "DUP"
