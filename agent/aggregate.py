@@ -61,7 +61,8 @@ Decisions (the README's aggregate section should repeat them for technicians):
 - Never twice: per kind the state keeps the ranges of period starts already done (normally one range
   [first, last], periods without readings in between counting as done; a backward clock step, or a
   period more than two period lengths after the last one done (the agent was down, or the clock jumped
-  ahead), starts another; at most 8 are kept). A period inside a range is never opened again, so never emitted again.
+  ahead), starts another; at most 8 are kept, the two closest in time merging beyond that). A period inside a
+  range is never opened again, so never emitted again.
 - Restart: the state (meta `aggregate_state`) holds those ranges, the seq of the first reading of the
   oldest open period, and the last valid value of each flow channel before it. It is queued in the
   same recorder transaction as the events of the periods computed (both from the recorder thread). At
@@ -121,7 +122,7 @@ FLAG_SEVERITY = "DBFMCST"  # most severe first: the flag an abnormal period gets
 FUTURE_TOLERANCE_MS = 300_000  # readings further ahead of the wall clock are left out
 BACK_STEP_MS = 86_400_000  # open periods this far ahead of the wall clock are computed at once
 MIN_PLAUSIBLE_MS = 1_577_836_800_000  # 2020-01-01T00:00:00Z: earlier timestamps mean the clock is not set
-MAX_RANGES = 8  # ranges of done period starts kept per kind (one per backward clock step)
+MAX_RANGES = 8  # ranges of done period starts kept per kind (a backward clock step, a gap): the closest merge
 REPLAY_BATCH = 5000  # readings read at a time when rebuilding periods at start
 SEQ_INDEX_MINUTES = 1500  # minutes (a day and more) whose first seq is kept for a reload's new kinds
 RELOAD_REPLAY_MAX = 200_000  # readings a reload may replay into its new kinds (about a second of work)
@@ -693,7 +694,7 @@ class Aggregator:
                             "the clock was ahead; the periods before it are computed as they come", name,
                             iso_utc_ms(start), iso_utc_ms(now))
                 self._ranges.setdefault(name, []).append([start, start])
-                del self._ranges[name][:-MAX_RANGES]
+                _trim(self._ranges[name])
                 continue
             log.warning("aggregates: the buffer holds the %s period of %s that the saved state does not count as "
                         "done; the periods up to it are not computed again", name, iso_utc_ms(start))
@@ -808,7 +809,7 @@ class Aggregator:
             ranges[:] = [*kept, last]
         else:
             ranges.append([start, start])  # the first one, or the clock went back: a new range
-        del ranges[:-MAX_RANGES]
+        _trim(ranges)
 
     # ------------------------------------------------------------------ state
 
@@ -870,3 +871,20 @@ class Aggregator:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(msg, *args)
+
+
+def _trim(ranges: list[list[int]]) -> None:
+    """At most MAX_RANGES ranges of done period starts: beyond that the two ranges closest in time merge
+    (the periods between, which got no reading, count as done). Dropping the oldest range instead let a
+    restart's replay (from the first reading of the open day) open its periods again and publish them
+    twice: an analyser read once an hour makes a range of every 10-minute period it falls in. The range
+    last in the list (the one that grows) stays last. Ranges ahead of it (done while the clock was ahead,
+    before a backward step) merge only when nothing else can: the periods between are still to come."""
+    while len(ranges) > MAX_RANGES:
+        ordered = sorted(ranges)
+        behind = [k for k in range(len(ordered) - 1) if ordered[k + 1][1] <= ranges[-1][1]]
+        i = min(behind or range(len(ordered) - 1), key=lambda k: ordered[k + 1][0] - ordered[k][1])
+        early, late = ordered[i], ordered[i + 1]
+        keep, drop = (late, early) if late is ranges[-1] else (early, late)
+        keep[0], keep[1] = early[0], max(early[1], late[1])
+        del ranges[next(k for k, r in enumerate(ranges) if r is drop)]

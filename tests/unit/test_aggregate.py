@@ -823,3 +823,18 @@ def test_a_reload_says_the_aggregates_were_reloaded_only_when_their_section_chan
         rig.agg.reconfigure(make_config(section=False))
         rig.at(t("02:00:02"))
     assert "aggregates reloaded: off" in caplog.text
+
+
+def test_an_analyser_read_once_an_hour_never_gets_a_period_published_twice_after_a_restart():
+    """Every 10-minute period of an hourly reading lies more than two periods after the last one done: a
+    range of its own. Beyond MAX_RANGES the oldest range was dropped, and the restart's replay (from the
+    first reading of the open day) opened its periods again: 01:00..04:00 published a second time."""
+    rig = Rig(make_config({"minute": 10, "hour": True, "day": True}), now=t("00:59:00"))
+    for hour in range(1, 13):
+        rig.feed(every("cod", "w01018", t(f"{hour:02d}:00:00"), 60, [10]))
+        rig.at(t(f"{hour:02d}:10:02"))
+    rig = rig.restart()
+    rig.at(t("12:20:00"))
+    starts = [(b["period"], b["start"]) for b in rig.rec.bodies()]
+    assert sorted(starts) == sorted(set(starts)), "a period published twice"
+    assert len(starts) == 12 + 11  # twelve 10m periods, 01:00..11:00 hours (12:00 is open)
