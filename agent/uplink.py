@@ -23,7 +23,9 @@ Decisions:
   on a platform that answered a split packet only after its last piece (some acknowledge a packet once
   it is whole): a piece not answered within `timeout` is then not sent again, the next one follows,
   and from then on the pieces go one after the other, only the last waiting for the 9014 (else the
-  uplink resent the first piece of its first split packet for ever).
+  uplink resent the first piece of its first split packet for ever). A second 9014 naming one split packet
+  undoes that (the platform answers each piece; one 9014 was only slow): else a platform gone after
+  reading a first piece had its 9014 count for the whole packet.
 * Answers (9011, 9012) use ST=91 and the request's QN (SPEC §4). The records of a backfill and the
   1011 time report carry data, so they use the station's ST, the request's QN and Flag=4 (no 9014
   expected: the exchange is closed by the 9012).
@@ -191,6 +193,10 @@ class Uplink(threading.Thread):
         self._missing_logged: tuple[int, int] | None = None
         # A platform seen acknowledging a split packet once, after its last piece (not each piece)
         self._acks_whole_packets = False
+        # The QN of the last split packet sent, and the 9014s naming it: more than one says the platform
+        # acknowledges each piece after all (a 9014 that was merely slow made it look otherwise)
+        self._split_qn: str | None = None
+        self._split_acks = 0
         self._dirty = not stored
         self._last_persist = 0.0
         self.state = "connecting"
@@ -414,13 +420,15 @@ class Uplink(threading.Thread):
         stream, message = item
         *pieces, last = message.frames
         unanswered = 0
+        if pieces:
+            self._split_qn, self._split_acks = message.qn, 0
         for frame in pieces:  # of a split packet
             if self._acks_whole_packets:
                 self._send(frame)
             elif not self._send_and_wait(frame, message.qn, tries=1, must=False):
                 unanswered += 1
         self._send_and_wait(last, message.qn)
-        if unanswered and not self._acks_whole_packets:
+        if unanswered and not self._acks_whole_packets and self._split_acks <= 1:
             self._acks_whole_packets = True
             log.info("uplink %s: the platform acknowledges a split packet once, after its last piece; pieces now "
                      "go one after the other, the last one waiting for the 9014", self.target.name)
@@ -528,11 +536,24 @@ class Uplink(threading.Thread):
             if packet.cn == CN_DATA_ACK:
                 if packet.qn is not None and packet.mn == self.identity.mn:
                     acked.add(packet.qn)
+                    self._count_split_ack(packet.qn)
                 continue
             if packet.cn in (CN_REQUEST_ANSWER, CN_EXECUTION_RESULT):
                 continue  # answers to nothing we asked: ignore
             self._answer(packet)
         return acked
+
+    def _count_split_ack(self, qn: str) -> None:
+        """A 9014 for `qn`. A second one for the same split packet: the platform acknowledges each piece,
+        whatever a slow 9014 made it look like. Taken for one that answers whole packets, it had any 9014
+        (the first piece's) count for the packet: a platform gone after the first piece lost the rest."""
+        if qn != self._split_qn:
+            return
+        self._split_acks += 1
+        if self._split_acks > 1 and self._acks_whole_packets:
+            self._acks_whole_packets = False
+            log.info("uplink %s: the platform acknowledges each piece of a split packet after all; each piece now "
+                     "waits for its 9014", self.target.name)
 
     def _bad_frame(self, error: Hj212Error) -> None:
         """A frame that does not decode is dropped; a request whose only fault is its CRC, addressed to

@@ -49,6 +49,8 @@ class Platform:
     def __init__(self, *, ack: bool = True, port: int = 0, ack_each_piece: bool = True) -> None:
         self.ack = ack
         self.ack_each_piece = ack_each_piece  # False: a split packet is acknowledged once, after its last piece
+        self.slow_first_ack = 0.0  # seconds the very first 9014 waits (a platform busy once)
+        self.crash_after_first_piece = False  # once: acknowledge a first piece, then drop the connection unread
         self.server = socket.socket()
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.server.bind(("127.0.0.1", port))
@@ -91,9 +93,15 @@ class Platform:
                 last_piece = item.pno == item.pnum if isinstance(item, Packet) else True
                 if isinstance(item, Packet) and item.answer_requested and self.ack and (
                         self.ack_each_piece or last_piece):
+                    time.sleep(self.slow_first_ack)
+                    self.slow_first_ack = 0.0
                     try:
                         conn.sendall(encode_one(ack_9014(item)))
                     except OSError:
+                        return
+                    if self.crash_after_first_piece and isinstance(item, Packet) and item.pno == 1 < item.pnum:
+                        self.crash_after_first_piece = False
+                        conn.close()  # what else came on it is never read
                         return
 
     def received(self, cn: str | None = None) -> list[Packet]:
@@ -278,6 +286,30 @@ def test_split_packets_are_delivered_to_platforms_acknowledging_each_piece_or_th
         assert platform.accepted == 1, "no connection renewed"
         whole = [m for m in caplog.messages if "acknowledges a split packet once" in m]
         assert len(whole) == (0 if ack_each_piece else 1), caplog.messages
+    finally:
+        station.close()
+        platform.close()
+
+
+def test_one_slow_acknowledgement_never_makes_a_piece_count_as_delivered_unread(tmp_path, caplog):
+    """A platform that acknowledges each piece, slow once (the first piece's 9014 after `timeout`): that
+    9014 then came while the last piece was awaited, and the uplink took the platform for one that answers
+    whole packets, for good. A 9014 (of the first piece, same QN) then counted for the whole packet: a
+    platform that went down after reading the first piece of a poll never got its second piece."""
+    platform = Platform()
+    platform.slow_first_ack = 1.0
+    station = Station(tmp_path, platform, timeout=0.5, retries=1)
+    try:
+        uplink = station.start_uplink()
+        with caplog.at_level(logging.INFO, logger="agent.uplink"):
+            for i in range(3):
+                station.store("cod", T0 + i * 1000, {f"c{c:02d}": 1234.5678 + c for c in range(40)})
+            wait_for(lambda: uplink.marks[STREAM_READINGS] == 120, 15, "3 split polls acknowledged")
+            platform.crash_after_first_piece = True
+            station.store("cod", T0 + 3000, {f"c{c:02d}": 1234.5678 + c for c in range(40)})
+            wait_for(lambda: uplink.marks[STREAM_READINGS] == 160, 15, "the 4th split poll acknowledged")
+        got = {(p.get("DataTime"), p.pno) for p in platform.received("2011")}
+        assert {(f"2026112910000{i}", pno) for i in range(4) for pno in (1, 2)} <= got
     finally:
         station.close()
         platform.close()
