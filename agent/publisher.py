@@ -175,6 +175,7 @@ class Publisher(threading.Thread):
         self._gaps_done: dict[int, int] = {}  # gap id -> last seq acknowledged, maybe not yet marked in the file
         self._gaps_seen = -1  # the recorder's gaps_recorded when the pending gaps were last read
         self._check_gaps = True
+        self._read_identity: tuple[int, int] | None = None  # the file the last reader opened was on
         self._need_fill = True
         # While offline, the backlog's next data messages, encoded ahead: (after_seq, first_seq,
         # last_seq, payload), consecutive. The drain after reconnection then only sends them.
@@ -617,7 +618,17 @@ class Publisher(threading.Thread):
             except (BufferError, sqlite3.Error, OSError) as exc:
                 self._errlog.error("cannot open the buffer to publish it (%s); waiting for the recorder", exc,
                                    key="open")
+            else:
+                self._opened()
         self._reset_window()
+
+    def _opened(self) -> None:
+        """A reader was just opened: on another file than the last one (a rescue, a put-back), that file's
+        pending gaps are read (`_reading_a_new_file`), however many tries the opening took."""
+        assert self._reader is not None
+        if self._read_identity is not None and self._reader.identity != self._read_identity:
+            self._reading_a_new_file()
+        self._read_identity = self._reader.identity
 
     def _reset_window(self) -> None:
         """Forget messages in flight; publishing resumes after the last acknowledged seq."""
@@ -653,29 +664,29 @@ class Publisher(threading.Thread):
         self._errlog.error("reading the buffer failed (%s); reopening it", exc)
         if is_corruption(exc):
             self.recorder.suspect_corruption("publisher", exc)
-        before = self._reader.identity if self._reader is not None else None
         self._drop_reader()
         time.sleep(0.5)
         try:
             self._reader = self.recorder.open_reader()
-        except Exception as exc2:  # noqa: BLE001
+        except Exception as exc2:  # noqa: BLE001 - the recorder may be rescuing the file: the next fill tries again
             self._errlog.error("cannot reopen the buffer: %s", exc2)
             return
-        if before is not None and self._reader.identity != before:  # the recorder rescued the file meanwhile
+        before = self._read_identity
+        self._opened()
+        if self._reader.identity != before:  # the recorder rescued the file meanwhile
             self._reset_window()
-            self._reading_a_new_file()
 
     def _follow_recorder(self) -> None:
         """The recorder writes another file now (a corrupt one rescued, or its own put back at the path
         after it was deleted, renamed or replaced): read that one. Until then the reader stays on the
         file the recorder writes, whatever the path names meanwhile."""
         self._drop_reader()
-        self._open_reader()
-        self._reading_a_new_file()
+        self._open_reader()  # `_opened` notes the new file (now, or at the fill that manages to open it)
 
     def _reading_a_new_file(self) -> None:
         log.info("the recorder writes a new buffer file at %s: publishing from it", self.db_path)
         self._check_gaps = True  # a rescued file's salvage records the seqs the damage cost
+        self._gaps_done.clear()  # gap ids are the old file's: the new one numbers its own from 1
 
     def _inflight_count(self) -> int:
         return len(self._by_mid)

@@ -4,8 +4,10 @@ involved: the announcement in flight is the state `_publish_gap` leaves behind."
 
 from __future__ import annotations
 
-from agent.buffer import Buffer
-from agent.model import STREAM_READINGS, now_ms
+import sqlite3
+
+from agent.buffer import Buffer, BufferError
+from agent.model import STREAM_READINGS, Reading, now_ms
 from agent.publisher import BrokerSettings, Publisher
 from agent.recorder import Recorder
 
@@ -41,3 +43,39 @@ def test_a_gap_extended_while_its_announcement_is_unacknowledged_is_announced_fo
     finally:
         reader.close()
         writer.close()
+
+
+def test_a_rescued_file_the_publisher_opens_only_at_a_later_fill_has_its_gaps_read(tmp_path, monkeypatch):
+    """The publisher that met a damaged page tries to reopen 0.5 s later; a rescue that takes longer (a
+    backlog to salvage, a loaded machine) refuses that try, and the rescued file was then opened by a
+    later fill without its pending gaps being read: the seqs the damage cost were announced only at the
+    next reconnection (tests/integration/test_buffer_damaged_running.py under load: 'gaps []')."""
+    path = tmp_path / "buffer.db"
+    writer = Buffer.open_writer(path)
+    writer.begin()
+    writer.insert_readings([Reading("d", "c", now_ms() + i, float(i), "mg/L", "N") for i in range(100)])
+    writer.commit()
+    recorder = Recorder(writer, commit_interval_ms=200, keep_sent_days=7, max_mb=64)
+    pub = Publisher(BrokerSettings(urls=["mqtt://127.0.0.1:9"], client_id="t", station_id="ST1"), str(path), recorder)
+    pub._open_reader()
+    pub._check_gaps = False  # connected: the pending gaps were read
+    opened_by_recorder = recorder.open_reader
+
+    def rescue_under_way() -> Buffer:
+        raise BufferError(f"{path} is not the file the recorder writes (deleted, renamed or replaced while the "
+                          "agent runs); waiting for the recorder to put its own back")
+
+    monkeypatch.setattr(recorder, "open_reader", rescue_under_way)
+    damage = sqlite3.DatabaseError("database disk image is malformed")
+    pub._reader_failed(damage)
+    assert pub._reader is None
+    writer.conn.close()  # the recorder's rescue (`Recorder._rescue_corrupt`) completes
+    recorder.buffer = Buffer.rescue(path, damage, sync="full", max_mb=None)
+    monkeypatch.setattr(recorder, "open_reader", opened_by_recorder)
+    try:
+        pub._open_reader()  # the next fill
+        assert pub._unannounced(pub._reader.pending_gaps()), "the rescue recorded the seqs it jumped over"
+        assert pub._check_gaps, "the next fill reads and announces the new file's pending gaps"
+    finally:
+        pub._drop_reader()
+        recorder.buffer.close()
