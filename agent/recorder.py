@@ -105,6 +105,7 @@ class Recorder(threading.Thread):
         self._reopen = False  # the writer connection is gone (a rescue failed): open the file again
         self._holders: tuple[str, ...] = ()  # meta keys of the HJ 212 uplinks' progress (set_holders)
         self.detached: str | None = None  # what became of the file at the path while it is not put back yet
+        self._seq_mirrors: list[Path] = []  # the seq marks kept beside other storage paths (keep_seq_marks_for)
         self._suspected: str | None = None  # a reader met a damaged page: what it said (suspect_corruption)
         self._last_verify = -VERIFY_EVERY_S
 
@@ -189,7 +190,17 @@ class Recorder(threading.Thread):
         high-water mark beside it too, so that its seqs continue above every seq issued here."""
         path = Path(path)
         assert self.buffer.seqmark is not None
-        self.buffer.seqmark.mirror_to(path.with_name(path.name + ".seq"))
+        self._seq_mirrors.append(path.with_name(path.name + ".seq"))
+        self.buffer.seqmark.mirror_to(self._seq_mirrors[-1])
+
+    def _new_writer(self, buffer: Buffer) -> Buffer:
+        """`buffer` replaces the writer (a rescue, a reopen): its seq mark, a new one, is kept beside the
+        paths SIGHUPs named too (`keep_seq_marks_for`) before it issues a seq. Without that, the seqs the
+        rescued file issued were issued again by the buffer the next start opened at the new path."""
+        assert buffer.seqmark is not None
+        for mirror in self._seq_mirrors:
+            buffer.seqmark.mirror_to(mirror)
+        return buffer
 
     def set_limits(self, *, max_mb: float, keep_sent_days: float, commit_interval_ms: int) -> None:
         """New storage limits (a reload), applied by the recorder thread at its next pass: the size cap
@@ -345,8 +356,8 @@ class Recorder(threading.Thread):
     def _commit_once(self, final: bool = False) -> None:
         if self._reopen:
             try:
-                self.buffer = Buffer.open_writer(self.buffer.path, sync=self.sync,
-                                                 max_mb=self.max_bytes / (1024 * 1024))
+                self.buffer = self._new_writer(Buffer.open_writer(self.buffer.path, sync=self.sync,
+                                                                  max_mb=self.max_bytes / (1024 * 1024)))
                 self._reopen = False
             except (sqlite3.Error, OSError, BufferError) as exc:
                 if self.write_error is None:
@@ -485,8 +496,9 @@ class Recorder(threading.Thread):
         except sqlite3.Error:
             pass
         try:
-            self.buffer = Buffer.rescue(self.buffer.path, exc, sync=self.sync,
-                                        max_mb=self.max_bytes / (1024 * 1024), progress=self._progressing)
+            self.buffer = self._new_writer(Buffer.rescue(self.buffer.path, exc, sync=self.sync,
+                                                         max_mb=self.max_bytes / (1024 * 1024),
+                                                         progress=self._progressing))
         except (sqlite3.Error, OSError, BufferError) as exc2:
             # The disk refuses even a fresh file: open it again at the next commit (it then starts
             # empty above the high-water mark, or rescues whatever is at the path by then).
