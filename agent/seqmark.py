@@ -43,12 +43,18 @@ class SeqMark:
         self.block = block
         self._marks: dict[str, int] | None = None
         self._mirrors: tuple[Path, ...] = ()
+        self._mirror_floors: dict[Path, dict[str, int]] = {}  # what each mirror held before it mirrored this one
 
     def mirror_to(self, path: Path) -> None:
         """Keep the reservation in `path` too, now and at every later rewrite, never lowering what that
         file holds: the config names another buffer file, which a restart will open fresh, and it must
         continue above every seq this one issued (SPEC §3)."""
         if path != self.path and path not in self._mirrors:
+            # What buffers of that path issued themselves: the mirror never goes below it. Above it, it follows
+            # this file down too (a clean close lowers the reservation to the last seq, `note_closed`): kept at
+            # the higher reservation beside the lowered note, the note counted as stale and the next start
+            # there jumped a block, announcing seqs never issued as missing.
+            self._mirror_floors[path] = SeqMark(path).read()
             self._mirrors = (*self._mirrors, path)
             self._write_mirror(path, self.read())
 
@@ -150,7 +156,7 @@ class SeqMark:
     def _write_mirror(self, path: Path, marks: dict[str, int]) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)  # where the new buffer will be created
-            theirs = SeqMark(path).read()
+            theirs = self._mirror_floors[path] if path in self._mirror_floors else SeqMark(path).read()
             merged = {s: max(marks.get(s, 0), theirs.get(s, 0)) for s in {*marks, *theirs} - {RUNNING, VOLATILE_BOOT}}
             # Whether the writer that issues seqs for that path too runs (its `issued` is then not final).
             self._write_file(path, {**merged, RUNNING: marks.get(RUNNING, 0)})
