@@ -463,7 +463,7 @@ class Buffer:
                 self._create_tables()
             # The layout version in the header too (`agent.bufferschema`), where a later agent reads it
             # even if its SQLite cannot parse this file's schema; files from before it was kept there get it.
-            if self.conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            if self.conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:  # older, or damaged
                 self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self.conn.execute("UPDATE meta SET value=? WHERE key='schema_version' AND CAST(value AS INTEGER) < ?",
                                   (str(SCHEMA_VERSION), SCHEMA_VERSION))

@@ -68,7 +68,11 @@ def refuse_newer(path: Path) -> None:
     if not path.exists() or path.stat().st_size == 0:
         return
     header = header_versions(path)
-    found = max(header[1] if header else 0, meta_schema_version(path) or 0)
+    meta = meta_schema_version(path)
+    # Both numbers are written in one transaction: a readable meta number is the file's, and a header that
+    # disagrees with it is damaged (a flipped bit is not a downgrade; `Buffer._create_schema` puts it right).
+    # The header alone counts only where meta cannot be read (a schema this SQLite cannot parse).
+    found = meta if meta is not None else (header[1] if header else 0)
     if found > SCHEMA_VERSION:
         raise NewerBuffer(
             f"buffer {path} has schema version {found}, written by a newer edge-agent; this one knows "

@@ -89,3 +89,21 @@ def test_a_new_state_format_in_meta_comes_with_a_new_schema_version():
     raises SCHEMA_VERSION too (agent/bufferschema.py); update STATE_VERSIONS with both."""
     assert {"alarms": alarms.STATE_VERSION, "aggregates": aggregate.STATE_VERSION} == STATE_VERSIONS, \
         "a state format changed: raise bufferschema.SCHEMA_VERSION (older agents must refuse the file)"
+
+
+def test_a_damaged_header_version_beside_a_readable_older_one_in_meta_is_not_a_downgrade(tmp_path):
+    """A newer agent writes both numbers in one transaction; a user_version that disagrees with a readable
+    meta.schema_version is damage (a bit flipped on the card, bytes 60..63), not a newer agent. Taken for
+    one, the start ended with exit 3, which systemd does not restart: the station stopped for good over a
+    sound file. The file is used (meta's number counts) and its header put right."""
+    path = tmp_path / "buffer.db"
+    make_buffer(path)
+    data = bytearray(path.read_bytes())
+    data[60] ^= 0x80  # user_version 1 -> 0x80000001
+    path.write_bytes(bytes(data))
+    buf = Buffer.open_writer(path)
+    try:
+        assert buf.last_seq() == 5, "the same file, every row"
+    finally:
+        buf.close()
+    assert header_versions(path) == (2, SCHEMA_VERSION)
