@@ -134,6 +134,7 @@ class Broker:
     def start(self) -> Broker:
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
+        LIVE_PROCESSES.append(self.proc)  # a test that fails before its stop() must not leave it running
         wait_for(self._accepts, 10, f"mosquitto on port {self.port}")
         return self
 
