@@ -22,6 +22,7 @@ Imports `agent.buffer`, `agent.recorder` (its type), `agent.payloads`, `agent.mo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -1108,15 +1109,18 @@ class Publisher(threading.Thread):
                 for poll in polls:
                     frames = self._hj212.poll_message(poll).frames
                     if not self._publish_resend(job, topic, frames, poll.first_seq, poll.last_seq,
-                                                len(poll.readings)):
+                                                len(poll.readings), _holes([r.seq for r in poll.readings])):
                         return
                 job.read_all = not polls
             else:
-                batch = self._reader.readings_json(job.after, self._batch, upto_seq=job.last)
+                with self._reader.snapshot():  # the holes as the batch saw the file: an eviction may commit between
+                    batch = self._reader.readings_json(job.after, self._batch, upto_seq=job.last)
+                    holes = (self._reader.missing_between(STREAM_READINGS, batch.first_seq, batch.last_seq)
+                             if batch is not None and batch.last_seq - batch.first_seq + 1 > batch.count else [])
                 if batch is not None:
                     payload = data_message(self.settings.station_id, batch.items)
                     if not self._publish_resend(job, topic, [payload], batch.first_seq, batch.last_seq,
-                                                batch.count):
+                                                batch.count, holes):
                         return
                 job.read_all = batch is None
 
@@ -1137,14 +1141,13 @@ class Publisher(threading.Thread):
             raise
 
     def _publish_resend(self, job: _Resend, topic: str, frames: list[bytes], first_seq: int, last_seq: int,
-                        count: int) -> bool:
+                        count: int, holes: list[list[int]]) -> bool:
         """One batch of a resend (an HJ 212 packet's frames, or one data message), tracked by mid: it
         counts (and moves the job's acknowledged point) when the last of its messages is acknowledged,
-        with every earlier one. False when the connection was lost meanwhile."""
+        with every earlier one. `holes`: the seq ranges missing inside the batch (evicted, or lost with a
+        damaged page). False when the connection was lost meanwhile."""
         skipped = [[job.after + 1, first_seq - 1]] if first_seq > job.after + 1 else []
-        if last_seq - first_seq + 1 > count:  # seqs missing inside the batch (evicted, or lost with a damaged page)
-            assert self._reader is not None
-            skipped += self._reader.missing_between(STREAM_READINGS, first_seq, last_seq)
+        skipped += holes
         if not frames:  # unsayable rows (HJ 212): nothing to send, counted in order as before
             job.inflight.append(["resend", job, True, last_seq, count, skipped])
             job.after = last_seq
@@ -1192,6 +1195,11 @@ class _PahoLog(logging.LoggerAdapter):
                 self.error = str(msg)
             return
         super().log(level, msg, *args, **kwargs)
+
+
+def _holes(seqs: list[int]) -> list[list[int]]:
+    """The seq ranges missing between the first and the last of `seqs` (ascending), as [from, to] pairs."""
+    return [[a + 1, b - 1] for a, b in itertools.pairwise(seqs) if b > a + 1]
 
 
 @dataclass

@@ -10,7 +10,7 @@ import json
 from agent.buffer import Buffer
 from agent.model import STREAM_READINGS, Reading, now_ms
 from agent.payloads import data_message
-from agent.publisher import BrokerSettings, Publisher, _Resend
+from agent.publisher import BrokerSettings, Publisher, _holes, _Resend
 from agent.recorder import Recorder
 
 BATCH = 200
@@ -93,3 +93,11 @@ def test_a_resend_whose_reply_was_lost_with_the_connection_replies_again():
     job.replied = True  # published, its PUBACK lost with the connection
     job.rewind()
     assert (job.after, job.read_all, job.replied, job.count) == (400, False, False, 400)
+
+
+def test_the_seqs_missing_inside_a_resent_batch_are_the_holes_between_its_own_seqs():
+    """Pure logic: a resend's `missing` takes in the holes inside one batch (a poll of an HJ 212 resend that
+    spans a damaged page, say), computed from the batch's own seqs, not from a later read of the file."""
+    assert _holes([5, 6, 7]) == []
+    assert _holes([5, 9, 10, 14]) == [[6, 8], [11, 13]]
+    assert _holes([5]) == []
