@@ -266,6 +266,11 @@ def test_unacknowledged_packet_is_retried_then_the_connection_renewed_and_nothin
         platform.close()
 
 
+def store_split_poll(station, i: int) -> None:
+    """A poll of 40 channels at T0 + i s: its 2011 packet goes in 2 pieces (PNUM/PNO)."""
+    station.store("cod", T0 + i * 1000, {f"c{c:02d}": 1234.5678 + c for c in range(40)})
+
+
 @pytest.mark.parametrize("ack_each_piece", [True, False])
 def test_split_packets_are_delivered_to_platforms_acknowledging_each_piece_or_the_whole(tmp_path, caplog,
                                                                                       ack_each_piece):
@@ -278,7 +283,7 @@ def test_split_packets_are_delivered_to_platforms_acknowledging_each_piece_or_th
         uplink = station.start_uplink()
         with caplog.at_level(logging.INFO, logger="agent.uplink"):
             for i in range(3):
-                station.store("cod", T0 + i * 1000, {f"c{c:02d}": 1234.5678 + c for c in range(40)})
+                store_split_poll(station, i)
             wait_for(lambda: uplink.marks[STREAM_READINGS] == 120, 15, "3 split polls acknowledged")
         pieces = platform.received("2011")
         assert [(p.get("DataTime"), p.pno, p.pnum, p.flag) for p in pieces] == [
@@ -303,10 +308,10 @@ def test_one_slow_acknowledgement_never_makes_a_piece_count_as_delivered_unread(
         uplink = station.start_uplink()
         with caplog.at_level(logging.INFO, logger="agent.uplink"):
             for i in range(3):
-                station.store("cod", T0 + i * 1000, {f"c{c:02d}": 1234.5678 + c for c in range(40)})
+                store_split_poll(station, i)
             wait_for(lambda: uplink.marks[STREAM_READINGS] == 120, 15, "3 split polls acknowledged")
             platform.crash_after_first_piece = True
-            station.store("cod", T0 + 3000, {f"c{c:02d}": 1234.5678 + c for c in range(40)})
+            store_split_poll(station, 3)
             wait_for(lambda: uplink.marks[STREAM_READINGS] == 160, 15, "the 4th split poll acknowledged")
         got = {(p.get("DataTime"), p.pno) for p in platform.received("2011")}
         assert {(f"2026112910000{i}", pno) for i in range(4) for pno in (1, 2)} <= got
@@ -360,7 +365,7 @@ def test_a_platform_that_stops_reading_a_backfill_never_blocks_the_uplink_for_it
     conn = None
     try:
         for i in range(1500):  # stored before the uplink starts: it sends no real-time data, only the backfill
-            station.store("cod", T0 + i * 1000, {f"c{c:02d}": 1234.5678 + c for c in range(40)})
+            store_split_poll(station, i)
         station.recorder.flush()
         uplink = station.start_uplink()
         server.settimeout(10)
