@@ -373,7 +373,9 @@ class _TcpLink(_Link):
     Received bytes are cut into frames as they arrive, and never more is read than completes the frame in
     progress, so the receive buffer (kept across requests: the stream stays in step) holds less than one
     largest frame. What does not parse as Modbus TCP, or more bytes waiting before a request than the
-    answers still outstanding could be, closes the connection (`_OutOfStep`, `_Flood`)."""
+    answers still outstanding could be, closes the connection (`_OutOfStep`, `_Flood`); so does a frame
+    still unfinished when a try's timeout ends (a peer that sends fewer bytes than its MBAP length says:
+    the bytes that would finish it are the next answer's)."""
 
     _RECENT_TIDS = 64
     _MUTE_TRIES = 3  # tries in a row without a byte received: the connection is reopened
@@ -453,6 +455,15 @@ class _TcpLink(_Link):
                     self._late_answer(owner)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    if buf:
+                        # Part of a frame whose end did not come within the timeout: a peer that sends
+                        # fewer bytes than its MBAP length says (a gateway off by one) would have the
+                        # next answer's first bytes taken for this frame's end, another request's bytes
+                        # read as this request's values. The stream is out of step: start afresh.
+                        log.debug("bus %s: %d bytes of an unfinished frame from %s:%d at the timeout; "
+                                  "reopening the connection", self.bus_name, len(buf), self.host, self.port)
+                        self.close()
+                        raise _NoFrame("garbled answer", garbled=True)
                     self._mute = 0 if received else self._mute + 1
                     if self._mute >= self._MUTE_TRIES:
                         # A peer that vanished without closing (cable, 4G) looks like this: start afresh.

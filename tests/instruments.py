@@ -1,0 +1,405 @@
+"""Independent instruments for acceptance tests, written from SPEC.md §2 and DOMAIN.md alone.
+
+Nothing here imports the project (`agent`, `drivers`) or pymodbus: the frames, CRCs, checksums and
+the register encodings of every `type` and `order` are this file's own code, from the protocol
+documents, so that a bug shared by the agent and its own simulators cannot hide here.
+
+- `ModbusTcpServer`: a Modbus TCP server (MBAP, functions 01 02 03 04 05 06 15 16) on a loopback port.
+- `ModbusRtuSlave`: one or more Modbus RTU slaves on one pseudo-terminal (several units on one bus),
+  CRC-16/Modbus computed here.
+- `Unit`: one instrument's four tables and its misbehaviour (`mode`): `normal`, `silent`,
+  `exception` (code `exception_code`), `badcrc`, `short`, `other_unit`, `trailing`, and `delay`
+  seconds before each answer. Every request is logged with its time (`Unit.requests`).
+- `put_value`: writes a value of any SPEC §2 type in any order into a table.
+- `pms5003_frame`, `sds011_frame`, `hj212_packet`: serial frames with their own checksums, and
+  `SerialStreamer`, which writes bytes into a pty in pieces chosen by the test.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import threading
+import time
+import tty
+from dataclasses import dataclass, field
+
+# ------------------------------------------------------------------------------------------------
+# Checksums
+# ------------------------------------------------------------------------------------------------
+
+
+def crc16_modbus(data: bytes) -> int:
+    """CRC-16/Modbus: init 0xFFFF, reflected polynomial 0xA001, `crc ^= byte` then 8 shifts."""
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return crc
+
+
+def with_crc(frame: bytes) -> bytes:
+    """An RTU frame with its CRC appended, low byte first."""
+    crc = crc16_modbus(frame)
+    return frame + bytes([crc & 0xFF, crc >> 8])
+
+
+def crc_hj212(data: bytes) -> int:
+    """DOMAIN.md's HJ 212 CRC: init 0xFFFF; `crc = (crc >> 8) ^ byte`, then 8 shifts with 0xA001."""
+    crc = 0xFFFF
+    for byte in data:
+        crc = (crc >> 8) ^ byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return crc
+
+
+# ------------------------------------------------------------------------------------------------
+# Register encodings (SPEC §2)
+# ------------------------------------------------------------------------------------------------
+
+_PACK = {"int16": ">h", "uint16": ">H", "int32": ">i", "uint32": ">I", "int64": ">q", "uint64": ">Q",
+         "float32": ">f", "float64": ">d"}
+
+
+def registers_for(value, type_: str, order: str = "ABCD") -> list[int]:
+    """The 16-bit registers (lowest address first) that carry `value` as SPEC §2 describes:
+    ABCD big-endian; CDAB words reversed; BADC bytes swapped inside each word; DCBA fully
+    little-endian (words reversed and bytes swapped)."""
+    big = struct.pack(_PACK[type_], value)  # bytes A B C D (E F G H), most significant first
+    words = [big[i:i + 2] for i in range(0, len(big), 2)]
+    if order in ("CDAB", "DCBA"):
+        words = words[::-1]
+    if order in ("BADC", "DCBA"):
+        words = [w[::-1] for w in words]
+    return [int.from_bytes(w, "big") for w in words]
+
+
+@dataclass
+class Unit:
+    """One Modbus instrument: its tables and how it misbehaves."""
+
+    unit_id: int
+    holding: dict[int, int] = field(default_factory=dict)
+    input: dict[int, int] = field(default_factory=dict)
+    coil: dict[int, bool] = field(default_factory=dict)
+    discrete: dict[int, bool] = field(default_factory=dict)
+    mode: str = "normal"
+    exception_code: int = 4
+    delay: float = 0.0
+    requests: list[tuple[float, int, int, int]] = field(default_factory=list)  # (t, function, address, count)
+    writes: list[tuple[int, int, object]] = field(default_factory=list)  # (function, address, value)
+
+    def put(self, table: str, address: int, value, type_: str = "uint16", order: str = "ABCD") -> None:
+        """Store `value` of `type_` at `address` of `table` (bool: one coil/discrete bit)."""
+        target = getattr(self, table)
+        if table in ("coil", "discrete"):
+            target[address] = bool(value)
+            return
+        for i, word in enumerate(registers_for(value, type_, order)):
+            target[address + i] = word
+
+    def answer(self, pdu: bytes) -> bytes | None:
+        """The response PDU for request `pdu` (None: not answered at all)."""
+        function = pdu[0]
+        address, count = struct.unpack(">HH", pdu[1:5]) if len(pdu) >= 5 else (0, 0)
+        self.requests.append((time.monotonic(), function, address, count))
+        if self.mode == "silent":
+            return None
+        if self.mode == "exception":
+            return bytes([function | 0x80, self.exception_code])
+        if function in (1, 2):
+            bits = self.coil if function == 1 else self.discrete
+            if not 1 <= count <= 2000 or any(a not in bits for a in range(address, address + count)):
+                return bytes([function | 0x80, 2])
+            packed = bytearray((count + 7) // 8)
+            for i in range(count):
+                if bits[address + i]:
+                    packed[i // 8] |= 1 << (i % 8)
+            return bytes([function, len(packed)]) + bytes(packed)
+        if function in (3, 4):
+            regs = self.holding if function == 3 else self.input
+            if not 1 <= count <= 125 or any(a not in regs for a in range(address, address + count)):
+                return bytes([function | 0x80, 2])
+            body = b"".join(regs[a].to_bytes(2, "big") for a in range(address, address + count))
+            return bytes([function, len(body)]) + body
+        if function == 5:
+            self.coil[address] = count == 0xFF00
+            self.writes.append((5, address, count == 0xFF00))
+            return pdu[:5]
+        if function == 6:
+            self.holding[address] = count
+            self.writes.append((6, address, count))
+            return pdu[:5]
+        if function == 16:
+            values = [int.from_bytes(pdu[6 + 2 * i:8 + 2 * i], "big") for i in range(count)]
+            for i, v in enumerate(values):
+                self.holding[address + i] = v
+            self.writes.append((16, address, values))
+            return pdu[:5]
+        if function == 15:
+            for i in range(count):
+                self.coil[address + i] = bool(pdu[6 + i // 8] >> (i % 8) & 1)
+            self.writes.append((15, address, [self.coil[address + i] for i in range(count)]))
+            return pdu[:5]
+        return bytes([function | 0x80, 1])
+
+    def reads(self) -> list[float]:
+        """Times of the read requests this unit received."""
+        return [t for t, f, _, _ in self.requests if f in (1, 2, 3, 4)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Modbus TCP
+# ------------------------------------------------------------------------------------------------
+
+
+class ModbusTcpServer:
+    """A Modbus TCP server on 127.0.0.1: MBAP header (transaction, protocol 0, length, unit) + PDU."""
+
+    def __init__(self, units: list[Unit]):
+        self.units = {u.unit_id: u for u in units}
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> ModbusTcpServer:
+        t = threading.Thread(target=self._accept, daemon=True, name="indep-tcp")
+        t.start()
+        self._threads.append(t)
+        return self
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    @staticmethod
+    def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(0.2)
+            while not self._stop.is_set():
+                try:
+                    head = self._recv_exact(conn, 7)
+                    if head is None:
+                        return
+                    tid, proto, length, unit_id = struct.unpack(">HHHB", head)
+                    pdu = self._recv_exact(conn, length - 1)
+                    if pdu is None:
+                        return
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                unit = self.units.get(unit_id)
+                if unit is None:
+                    continue  # nobody there: no answer
+                response = unit.answer(pdu)
+                if response is None:
+                    continue
+                if unit.delay:
+                    time.sleep(unit.delay)
+                reply_unit = unit_id
+                if unit.mode == "other_unit":
+                    reply_unit = (unit_id % 247) + 1
+                body = bytes([reply_unit]) + response
+                frame = struct.pack(">HHH", tid, proto, len(body)) + body
+                if unit.mode == "short":
+                    frame = frame[:-1]
+                elif unit.mode == "trailing":
+                    frame += b"\x00\x17"
+                try:
+                    conn.sendall(frame)
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        for t in self._threads:
+            t.join(2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Modbus RTU on a pseudo-terminal
+# ------------------------------------------------------------------------------------------------
+
+
+def _rtu_request_length(buf: bytes) -> int | None:
+    """Length of the request frame at the start of `buf` (None: not enough bytes to know)."""
+    if len(buf) < 2:
+        return None
+    function = buf[1]
+    if function in (15, 16):
+        return 9 + buf[6] if len(buf) >= 7 else None
+    return 8
+
+
+class ModbusRtuSlave:
+    """Several Modbus RTU units on one pseudo-terminal; `path` (a symlink to the pty's slave end) is
+    the bus `port` of the agent's configuration. Answers frames whose CRC is right and whose unit is
+    served; other bytes are skipped one at a time (resynchronisation)."""
+
+    def __init__(self, units: list[Unit], link: os.PathLike | str):
+        self.units = {u.unit_id: u for u in units}
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        self.path = str(link)
+        if os.path.lexists(self.path):
+            os.unlink(self.path)
+        os.symlink(os.ttyname(self.slave), self.path)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="indep-rtu")
+        self.crc_errors = 0
+
+    def start(self) -> ModbusRtuSlave:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        buf = b""
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self.master], [], [], 0.05)
+            if not ready:
+                continue
+            try:
+                buf += os.read(self.master, 512)
+            except OSError:
+                time.sleep(0.02)  # the agent closed the port; the slave end stays open here
+                continue
+            while True:
+                n = _rtu_request_length(buf)
+                if n is None or len(buf) < n:
+                    break
+                frame = buf[:n]
+                if crc16_modbus(frame[:-2]) != int.from_bytes(frame[-2:], "little"):
+                    self.crc_errors += 1
+                    buf = buf[1:]
+                    continue
+                buf = buf[n:]
+                self._answer(frame[0], frame[1:-2])
+
+    def _answer(self, unit_id: int, pdu: bytes) -> None:
+        unit = self.units.get(unit_id)
+        if unit is None:
+            return
+        response = unit.answer(pdu)
+        if response is None:
+            return
+        if unit.delay:
+            time.sleep(unit.delay)
+        reply_unit = (unit_id % 247) + 1 if unit.mode == "other_unit" else unit_id
+        frame = with_crc(bytes([reply_unit]) + response)
+        if unit.mode == "badcrc":
+            frame = frame[:-1] + bytes([frame[-1] ^ 0x5A])
+        elif unit.mode == "short":
+            frame = frame[:-3] + with_crc(frame[:-3])[-2:]  # one data byte less, CRC made to match
+        elif unit.mode == "trailing":
+            frame += b"\x00\x17\x42"
+        os.write(self.master, frame)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        for fd in (self.master, self.slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if os.path.islink(self.path):
+            os.unlink(self.path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Serial streaming sensors
+# ------------------------------------------------------------------------------------------------
+
+
+def pms5003_frame(words: list[int], *, corrupt: bool = False) -> bytes:
+    """PMS5003: 42 4D, length 0x001C, 13 big-endian u16, checksum = u16 sum of bytes 0..29."""
+    assert len(words) == 13
+    body = b"\x42\x4d" + (28).to_bytes(2, "big") + b"".join(w.to_bytes(2, "big") for w in words)
+    check = sum(body) & 0xFFFF
+    if corrupt:
+        check ^= 0x0101
+    return body + check.to_bytes(2, "big")
+
+
+def sds011_frame(pm25_tenths: int, pm10_tenths: int, device_id: int = 0xA1B2, *, corrupt: bool = False) -> bytes:
+    """SDS011: AA C0 p25L p25H p10L p10H id1 id2 cs AB; cs = sum of bytes 2..7 mod 256."""
+    data = pm25_tenths.to_bytes(2, "little") + pm10_tenths.to_bytes(2, "little") + device_id.to_bytes(2, "big")
+    cs = sum(data) & 0xFF
+    if corrupt:
+        cs ^= 0x01
+    return b"\xaa\xc0" + data + bytes([cs]) + b"\xab"
+
+
+def hj212_packet(segment: str, *, corrupt: bool = False) -> bytes:
+    """`##` + 4-digit length + data segment + 4 hex CRC + CRLF (DOMAIN.md)."""
+    data = segment.encode("ascii")
+    crc = crc_hj212(data) ^ (0x0001 if corrupt else 0)
+    return b"##" + f"{len(data):04d}".encode() + data + f"{crc:04X}".encode() + b"\r\n"
+
+
+class SerialStreamer:
+    """A pty whose slave end is linked at `link`; the test writes bytes into it (`send`), and what the
+    agent writes to the sensor is kept in `received`."""
+
+    def __init__(self, link: os.PathLike | str):
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        self.path = str(link)
+        if os.path.lexists(self.path):
+            os.unlink(self.path)
+        os.symlink(os.ttyname(self.slave), self.path)
+        self.received = b""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, daemon=True, name="indep-serial")
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self.master], [], [], 0.05)
+            if ready:
+                try:
+                    self.received += os.read(self.master, 512)
+                except OSError:
+                    time.sleep(0.02)
+
+    def send(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        for fd in (self.master, self.slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if os.path.islink(self.path):
+            os.unlink(self.path)

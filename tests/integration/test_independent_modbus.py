@@ -1,0 +1,367 @@
+"""Acceptance from the outside: the real agent (configured by YAML only, as a technician would) polls
+instruments written in `tests/instruments.py` from SPEC §2 and DOMAIN.md alone (raw sockets, raw
+bytes, this project's code not imported there), publishes to a real mosquitto, and what arrives on
+the data topic is checked: exact values at the extremes of every type and order, scale and offset,
+the four tables, flags D (exception, status word, NaN) and B (silence, bad CRC, short frame, another
+unit's answer), units, and the rhythm of the healthy devices on a bus with a dead one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+
+import pytest
+from harness import AgentProcess, Collector, sim_config, wait_for, write_config
+from instruments import ModbusRtuSlave, ModbusTcpServer, Unit
+
+INTERVAL = 0.5
+
+
+@pytest.fixture
+def collector(broker):
+    c = Collector(broker, "env/#")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def run_station(tmp_path, broker):
+    """run_station(buses, devices) -> AgentProcess configured with those YAML sections; stopped after."""
+    agents: list[AgentProcess] = []
+
+    def _run(buses: dict, devices: dict) -> AgentProcess:
+        config = sim_config(tmp_path, broker, devices=0)
+        config["buses"] = buses
+        config["devices"] = devices
+        agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+        agents.append(agent)
+        return agent
+
+    yield _run
+    for agent in agents:
+        assert agent.stop() == 0, agent.log()[-3000:]
+
+
+def readings(collector: Collector, device: str) -> list[dict]:
+    return [r for m in collector.json_messages("/data") for r in m.get("readings", []) if r["device"] == device]
+
+
+def polls(collector: Collector, device: str) -> list[dict[str, dict]]:
+    """The device's readings grouped by poll (same ts), in time order: [{channel: reading}]."""
+    by_ts: dict[str, dict[str, dict]] = defaultdict(dict)
+    for r in readings(collector, device):
+        by_ts[r["ts"]][r["channel"]] = r
+    return [by_ts[ts] for ts in sorted(by_ts)]
+
+
+def complete_poll(collector: Collector, device: str, channels: set[str]) -> dict[str, dict] | None:
+    for poll in polls(collector, device):
+        if set(poll) >= channels:
+            return poll
+    return None
+
+
+# name, type, order, raw value, extra entry keys, value expected on MQTT
+EXTREMES = [
+    ("i16_min", "int16", "ABCD", -32768, {}, -32768),
+    ("i16_max_badc", "int16", "BADC", 32767, {}, 32767),
+    ("i16_m1_dcba", "int16", "DCBA", -1, {}, -1),
+    ("u16_max_cdab", "uint16", "CDAB", 65535, {}, 65535),
+    ("u16_dcba", "uint16", "DCBA", 0x1234, {}, 0x1234),
+    ("i32_min_abcd", "int32", "ABCD", -2**31, {}, -2**31),
+    ("i32_min_cdab", "int32", "CDAB", -2**31, {}, -2**31),
+    ("i32_neg_badc", "int32", "BADC", -123456789, {}, -123456789),
+    ("i32_neg_dcba", "int32", "DCBA", -123456789, {}, -123456789),
+    ("u32_max_abcd", "uint32", "ABCD", 2**32 - 1, {}, 2**32 - 1),
+    ("u32_cdab", "uint32", "CDAB", 0x01020304, {}, 0x01020304),
+    ("u32_badc", "uint32", "BADC", 0x01020304, {}, 0x01020304),
+    ("u32_dcba", "uint32", "DCBA", 0x01020304, {}, 0x01020304),
+    ("i64_abcd", "int64", "ABCD", -(2**53), {}, -(2**53)),
+    ("i64_cdab", "int64", "CDAB", -(2**53) + 1, {}, -(2**53) + 1),
+    ("u64_2p53_abcd", "uint64", "ABCD", 2**53, {}, 2**53),
+    ("u64_cdab", "uint64", "CDAB", 2**53 - 1, {}, 2**53 - 1),
+    ("u64_badc", "uint64", "BADC", 0x0001020304050607, {}, 0x0001020304050607),
+    ("u64_dcba", "uint64", "DCBA", 0x0001020304050607, {}, 0x0001020304050607),
+    ("f32_abcd", "float32", "ABCD", 123.456, {}, 123.456),
+    ("f32_cdab", "float32", "CDAB", -0.001, {}, -0.001),
+    ("f32_badc", "float32", "BADC", 3.4028234663852886e38, {}, 3.4028235e38),
+    ("f32_dcba", "float32", "DCBA", 23.4, {}, 23.4),
+    ("f64_abcd", "float64", "ABCD", -0.1, {}, -0.1),
+    ("f64_cdab", "float64", "CDAB", 1e300, {}, 1e300),
+    ("f64_badc", "float64", "BADC", 2.5e-10, {}, 2.5e-10),
+    ("f64_dcba", "float64", "DCBA", 123456.789, {}, 123456.789),
+    ("ph_scaled", "int16", "ABCD", 712, {"scale": 0.01}, 7.12),
+    ("i16_scaled_off", "int16", "ABCD", -32768, {"scale": 0.01, "offset": 5}, -322.68),
+    ("u32_scaled", "uint32", "CDAB", 2**32 - 1, {"scale": 0.001}, 4294967.295),
+    ("temp_off", "int16", "DCBA", -125, {"scale": 0.1, "offset": -40}, -52.5),
+]
+
+
+def extreme_map(unit: Unit) -> list[dict]:
+    """Lay the EXTREMES out contiguously in holding registers from address 0; the inline registers."""
+    from instruments import registers_for
+
+    entries, address = [], 0
+    for name, type_, order, raw, extra, _ in EXTREMES:
+        unit.put("holding", address, raw, type_, order)
+        entries.append({"channel": name, "address": address, "type": type_, "order": order, "unit": "x", **extra})
+        address += len(registers_for(raw, type_, order))
+    return entries
+
+
+@pytest.mark.parametrize("kind", ["tcp", "rtu"])
+def test_every_type_and_order_at_its_extremes_arrives_exact(kind, tmp_path, run_station, collector):
+    unit = Unit(7)
+    registers = extreme_map(unit)
+    if kind == "tcp":
+        server = ModbusTcpServer([unit]).start()
+        bus = {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.5}
+    else:
+        server = ModbusRtuSlave([unit], tmp_path / "ttyBUS").start()
+        bus = {"type": "rtu", "port": server.path, "baudrate": 9600, "timeout": 0.5}
+    try:
+        run_station({"line": bus}, {"ext": {"bus": "line", "slave": 7, "interval": INTERVAL, "registers": registers}})
+        names = {e[0] for e in EXTREMES}
+        poll = wait_for(lambda: complete_poll(collector, "ext", names), 20, "a complete poll of ext")
+        wrong = {}
+        for name, _, _, _, _, expected in EXTREMES:
+            r = poll[name]
+            if r["value"] != expected or r["flag"] != "N" or r["unit"] != "x":
+                wrong[name] = (r["value"], r["flag"], r["unit"], "expected", expected)
+        assert not wrong, wrong
+    finally:
+        server.close()
+
+
+def test_register_40001_is_address_0_of_holding_and_tables_are_kept_apart(tmp_path, run_station, collector):
+    """Address 0 of holding, input, coil and discrete are four different things; the wire carries
+    address 0 (not 1) for register 40001, function 03/04/01/02 for the four tables."""
+    unit = Unit(1)
+    unit.put("holding", 0, 401, "uint16")  # register 40001
+    unit.put("holding", 1, 402, "uint16")  # register 40002
+    unit.put("input", 0, 301, "uint16")  # register 30001
+    unit.put("input", 1, 302, "uint16")
+    unit.put("coil", 0, True)
+    unit.put("coil", 1, False)
+    unit.put("discrete", 0, False)
+    unit.put("discrete", 1, True)
+    server = ModbusTcpServer([unit]).start()
+    try:
+        run_station({"lan": {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.5}},
+                    {"dev": {"bus": "lan", "slave": 1, "interval": INTERVAL, "registers": [
+                        {"channel": "h0", "address": 0, "type": "uint16"},
+                        {"channel": "i0", "address": 0, "type": "uint16", "table": "input"},
+                        {"channel": "i1", "address": 1, "type": "uint16", "table": "input"},
+                        {"channel": "c0", "address": 0, "type": "bool", "table": "coil"},
+                        {"channel": "c1", "address": 1, "type": "bool", "table": "coil"},
+                        {"channel": "d0", "address": 0, "type": "bool", "table": "discrete"},
+                        {"channel": "d1", "address": 1, "type": "bool", "table": "discrete"},
+                    ]}})
+        poll = wait_for(lambda: complete_poll(collector, "dev", {"h0", "i0", "i1", "c0", "c1", "d0", "d1"}), 20,
+                        "a complete poll")
+        assert {ch: (r["value"], r["flag"]) for ch, r in poll.items()} == {
+            "h0": (401, "N"), "i0": (301, "N"), "i1": (302, "N"),
+            "c0": (1, "N"), "c1": (0, "N"), "d0": (0, "N"), "d1": (1, "N")}
+        first = {(f, a) for _, f, a, _ in unit.requests}
+        assert (3, 0) in first and (4, 0) in first and (1, 0) in first and (2, 0) in first, unit.requests
+    finally:
+        server.close()
+
+
+def test_non_finite_floats_read_null_with_flag_d_and_leave_the_others_normal(tmp_path, run_station, collector):
+    unit = Unit(2)
+    unit.put("holding", 0, math.nan, "float32", "CDAB")
+    unit.put("holding", 2, math.inf, "float32", "ABCD")
+    unit.put("holding", 4, -math.inf, "float64", "DCBA")
+    unit.put("holding", 8, 5.25, "float32", "ABCD")
+    server = ModbusTcpServer([unit]).start()
+    try:
+        run_station({"lan": {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.5}},
+                    {"nh3n": {"bus": "lan", "slave": 2, "interval": INTERVAL, "registers": [
+                        {"channel": "nan", "address": 0, "type": "float32", "order": "CDAB"},
+                        {"channel": "inf", "address": 2, "type": "float32"},
+                        {"channel": "minf", "address": 4, "type": "float64", "order": "DCBA"},
+                        {"channel": "w21003", "address": 8, "type": "float32", "unit": "mg/L"},
+                    ]}})
+        poll = wait_for(lambda: complete_poll(collector, "nh3n", {"nan", "inf", "minf", "w21003"}), 20, "a poll")
+        assert {ch: (r["value"], r["flag"]) for ch, r in poll.items()} == {
+            "nan": (None, "D"), "inf": (None, "D"), "minf": (None, "D"), "w21003": (5.25, "N")}
+        assert poll["w21003"]["unit"] == "mg/L"
+    finally:
+        server.close()
+
+
+# mode of the misbehaving unit -> (value, flag) its channel must read
+MISBEHAVIOUR = {
+    "exception": (None, "D"),
+    "silent": (None, "B"),
+    "badcrc": (None, "B"),
+    "short": (None, "B"),
+    "other_unit": (None, "B"),
+}
+
+
+def _two_units(mode: str) -> tuple[Unit, Unit]:
+    good, bad = Unit(1), Unit(2, mode=mode)
+    good.put("holding", 0, 23.4, "float32", "DCBA")
+    bad.put("holding", 0, 0x1234, "uint16")
+    return good, bad
+
+
+def _devices(bus: str) -> dict:
+    return {"cod": {"bus": bus, "slave": 1, "interval": INTERVAL, "registers": [
+                {"channel": "w01018", "address": 0, "type": "float32", "order": "DCBA", "unit": "mg/L"}]},
+            "bad": {"bus": bus, "slave": 2, "interval": INTERVAL, "registers": [
+                {"channel": "w21003", "address": 0, "type": "uint16", "unit": "mg/L"}]}}
+
+
+@pytest.mark.parametrize("kind", ["tcp", "rtu"])
+@pytest.mark.parametrize("mode", sorted(MISBEHAVIOUR))
+def test_a_misbehaving_unit_reads_null_with_its_flag_and_its_neighbour_stays_normal(
+        kind, mode, tmp_path, run_station, collector):
+    if kind == "tcp" and mode == "badcrc":
+        pytest.skip("Modbus TCP carries no CRC")
+    good, bad = _two_units(mode)
+    if kind == "tcp":
+        server = ModbusTcpServer([good, bad]).start()
+        bus = {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.3, "retries": 1}
+    else:
+        server = ModbusRtuSlave([good, bad], tmp_path / "ttyBUS").start()
+        bus = {"type": "rtu", "port": server.path, "baudrate": 9600, "timeout": 0.3, "retries": 1}
+    try:
+        run_station({"line": bus}, _devices("line"))
+        wait_for(lambda: len(readings(collector, "bad")) >= 3 and len(readings(collector, "cod")) >= 3, 30,
+                 "three polls of each device")
+        assert {(r["value"], r["flag"]) for r in readings(collector, "bad")} == {MISBEHAVIOUR[mode]}
+        assert {(r["value"], r["flag"], r["unit"]) for r in readings(collector, "cod")} == {(23.4, "N", "mg/L")}
+        if mode != "exception":  # no answer: tried once more (retries: 1) before it is given up
+            assert sum(1 for _, f, _, _ in bad.requests if f == 3) >= 2
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "rtu"])
+def test_trailing_garbage_after_an_answer_never_gives_a_wrong_value(kind, tmp_path, run_station, collector):
+    """Bytes after a complete answer: the value is never taken from them, and the next polls read the
+    instrument again (the garbage does not poison the following transactions for good)."""
+    good, bad = _two_units("trailing")
+    if kind == "tcp":
+        server = ModbusTcpServer([good, bad]).start()
+        bus = {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.3}
+    else:
+        server = ModbusRtuSlave([good, bad], tmp_path / "ttyBUS").start()
+        bus = {"type": "rtu", "port": server.path, "baudrate": 9600, "timeout": 0.3}
+    try:
+        run_station({"line": bus}, _devices("line"))
+        wait_for(lambda: len(readings(collector, "bad")) >= 6 and len(readings(collector, "cod")) >= 6, 30,
+                 "six polls of each device")
+        bad_values = {(r["value"], r["flag"]) for r in readings(collector, "bad")}
+        cod_values = {(r["value"], r["flag"]) for r in readings(collector, "cod")}
+        assert bad_values <= {(0x1234, "N"), (None, "B")}, bad_values
+        assert cod_values <= {(23.4, "N"), (None, "B")}, cod_values
+    finally:
+        server.close()
+
+
+STATUS_WORDS = [
+    ({"role": "status", "flags": {0: "N", 1: "M", 2: "D"}}, 2, "D"),
+    ({"role": "status", "flags": {0: "N", 1: "M", 2: "D"}}, 1, "M"),
+    ({"role": "status", "flags": {0: "N", 1: "M", 2: "D"}}, 0, "N"),
+    ({"role": "status", "ascii": "low"}, ord("D"), "D"),
+    ({"role": "status", "ascii": "high"}, ord("C") << 8, "C"),
+    ({"role": "status", "bits": {0: "D", 3: "M"}}, 0b1000, "M"),
+    ({"role": "status", "bits": {0: "D", 3: "M"}}, 0b1001, "D"),
+]
+
+
+@pytest.mark.parametrize("entry,word,flag", STATUS_WORDS)
+def test_a_status_word_sets_the_flag_of_the_values(entry, word, flag, tmp_path, run_station, collector):
+    unit = Unit(4)
+    unit.put("holding", 0x42, 31.5, "float32", "DCBA")
+    unit.put("holding", 0x44, word, "uint16")
+    server = ModbusTcpServer([unit]).start()
+    try:
+        run_station({"lan": {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.5}},
+                    {"cod": {"bus": "lan", "slave": 4, "interval": INTERVAL, "registers": [
+                        {"channel": "w01018", "address": 0x42, "type": "float32", "order": "DCBA", "unit": "mg/L"},
+                        {"channel": "st", "address": 0x44, "type": "uint16", **entry}]}})
+        wait_for(lambda: len(readings(collector, "cod")) >= 2, 20, "two polls")
+        got = readings(collector, "cod")
+        assert {r["channel"] for r in got} == {"w01018"}, "a status word is no reading of its own"
+        assert {r["flag"] for r in got} == {flag}, got
+    finally:
+        server.close()
+
+
+def _ts(r: dict) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(r["ts"].replace("Z", "+00:00")).timestamp()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "rtu"])
+def test_an_answer_just_inside_the_timeout_is_taken_and_one_outside_is_not(kind, tmp_path, run_station, collector):
+    """timeout 0.4 s: a slave answering after 0.25 s reads its values (N); one answering after 0.6 s,
+    with no retry (`retries: 0`), reads null/B and its late answers are never taken for its neighbour's
+    request, nor for its own next look-alike request."""
+    quick, slow = Unit(1, delay=0.25), Unit(2, delay=0.6)
+    quick.put("holding", 0, 111, "uint16")
+    slow.put("holding", 0, 222, "uint16")
+    slow.put("holding", 40, 333, "uint16")
+    if kind == "tcp":
+        server = ModbusTcpServer([quick, slow]).start()
+        bus = {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.4, "retries": 0}
+    else:
+        server = ModbusRtuSlave([quick, slow], tmp_path / "ttyBUS").start()
+        bus = {"type": "rtu", "port": server.path, "baudrate": 9600, "timeout": 0.4, "retries": 0}
+    try:
+        run_station({"line": bus}, {
+            "quick": {"bus": "line", "slave": 1, "interval": 1.0, "registers": [
+                {"channel": "a", "address": 0, "type": "uint16"}]},
+            "slow": {"bus": "line", "slave": 2, "interval": 1.0, "registers": [
+                {"channel": "b", "address": 0, "type": "uint16"},
+                {"channel": "c", "address": 40, "type": "uint16"}]}})
+        wait_for(lambda: len(polls(collector, "quick")) >= 4 and len(polls(collector, "slow")) >= 4, 30,
+                 "four polls of each device")
+        assert {(r["value"], r["flag"]) for r in readings(collector, "quick")} == {(111, "N")}
+        slow_values = {(r["channel"], r["value"], r["flag"]) for r in readings(collector, "slow")}
+        assert slow_values == {("b", None, "B"), ("c", None, "B")}, slow_values
+    finally:
+        server.close()
+
+
+def test_a_dead_slave_on_an_rtu_bus_does_not_break_the_rhythm_of_the_others(tmp_path, run_station, collector):
+    """Three analyzers on one RS-485 line, the middle one dead: the two others keep their 1 s interval
+    (a dead slave costs the bus at most its timeout × tries, then one timeout per poll), and the dead
+    one reads null/B at each of its intervals."""
+    cod, dead, nh3n = Unit(1), Unit(2, mode="silent"), Unit(3)
+    cod.put("holding", 0x42, 23.4, "float32", "DCBA")
+    dead.put("holding", 0, 1.0, "float32", "ABCD")
+    nh3n.put("holding", 0, 1.25, "float32", "CDAB")
+    server = ModbusRtuSlave([cod, dead, nh3n], tmp_path / "ttyBUS").start()
+    try:
+        run_station({"rs485": {"type": "rtu", "port": server.path, "baudrate": 9600, "timeout": 0.3, "retries": 1}},
+                    {"cod": {"bus": "rs485", "slave": 1, "interval": 1.0, "registers": [
+                        {"channel": "w01018", "address": 0x42, "type": "float32", "order": "DCBA", "unit": "mg/L"}]},
+                     "ph": {"bus": "rs485", "slave": 2, "interval": 1.0, "registers": [
+                        {"channel": "w01001", "address": 0, "type": "float32"}]},
+                     "nh3n": {"bus": "rs485", "slave": 3, "interval": 1.0, "registers": [
+                        {"channel": "w21003", "address": 0, "type": "float32", "order": "CDAB", "unit": "mg/L"}]}})
+        wait_for(lambda: len(readings(collector, "cod")) >= 12 and len(readings(collector, "nh3n")) >= 12, 40,
+                 "twelve polls of the healthy analyzers")
+        assert {(r["value"], r["flag"]) for r in readings(collector, "cod")} == {(23.4, "N")}
+        assert {(r["value"], r["flag"]) for r in readings(collector, "nh3n")} == {(1.25, "N")}
+        dead_readings = readings(collector, "ph")
+        assert dead_readings and {(r["value"], r["flag"]) for r in dead_readings} == {(None, "B")}
+        for device in ("cod", "nh3n"):
+            times = sorted(_ts(r) for r in readings(collector, device))
+            gaps = [b - a for a, b in zip(times[2:], times[3:])]  # after the dead slave's first give-ups
+            assert max(gaps) <= 1.0 + 0.3 + 0.15, (device, gaps)
+            assert abs(sum(gaps) / len(gaps) - 1.0) < 0.1, (device, gaps)
+        times = sorted(_ts(r) for r in dead_readings)
+        assert len(times) >= 9, times
+        assert max(b - a for a, b in zip(times[2:], times[3:])) <= 1.0 + 0.6 + 0.15, times
+    finally:
+        server.close()
