@@ -8,7 +8,8 @@ documents, so that a bug shared by the agent and its own simulators cannot hide 
 - `ModbusRtuSlave`: one or more Modbus RTU slaves on one pseudo-terminal (several units on one bus),
   CRC-16/Modbus computed here.
 - `Unit`: one instrument's four tables and its misbehaviour (`mode`): `normal`, `silent`,
-  `exception` (code `exception_code`), `badcrc`, `short`, `other_unit`, `trailing`, and `delay`
+  `exception` (code `exception_code`), `badcrc`, `short`, `other_unit`, `trailing`, `dribble` (the
+  answer in pieces), `close_after` (TCP: the connection closed after each answer), and `delay`
   seconds before each answer. Every request is logged with its time (`Unit.requests`).
 - `put_value`: writes a value of any SPEC §2 type in any order into a table.
 - `pms5003_frame`, `sds011_frame`, `hj212_packet`: serial frames with their own checksums, and
@@ -233,8 +234,15 @@ class ModbusTcpServer:
                 elif unit.mode == "trailing":
                     frame += b"\x00\x17"
                 try:
-                    conn.sendall(frame)
+                    if unit.mode == "dribble":  # the MBAP header and the PDU in two segments
+                        conn.sendall(frame[:7])
+                        time.sleep(0.05)
+                        conn.sendall(frame[7:])
+                    else:
+                        conn.sendall(frame)
                 except OSError:
+                    return
+                if unit.mode == "close_after":  # a gateway that closes the connection after each answer
                     return
 
     def close(self) -> None:
@@ -320,6 +328,11 @@ class ModbusRtuSlave:
             frame = frame[:-3] + with_crc(frame[:-3])[-2:]  # one data byte less, CRC made to match
         elif unit.mode == "trailing":
             frame += b"\x00\x17\x42"
+        if unit.mode == "dribble":  # byte by byte, a few ms apart (a USB adapter's chunks)
+            for b in frame:
+                os.write(self.master, bytes([b]))
+                time.sleep(0.003)
+            return
         os.write(self.master, frame)
 
     def close(self) -> None:

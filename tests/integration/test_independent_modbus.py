@@ -31,8 +31,8 @@ def run_station(tmp_path, broker):
     """run_station(buses, devices) -> AgentProcess configured with those YAML sections; stopped after."""
     agents: list[AgentProcess] = []
 
-    def _run(buses: dict, devices: dict) -> AgentProcess:
-        config = sim_config(tmp_path, broker, devices=0)
+    def _run(buses: dict, devices: dict, **sections) -> AgentProcess:
+        config = sim_config(tmp_path, broker, devices=0, **sections)
         config["buses"] = buses
         config["devices"] = devices
         agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
@@ -363,5 +363,187 @@ def test_a_dead_slave_on_an_rtu_bus_does_not_break_the_rhythm_of_the_others(tmp_
         times = sorted(_ts(r) for r in dead_readings)
         assert len(times) >= 9, times
         assert max(b - a for a, b in zip(times[2:], times[3:])) <= 1.0 + 0.6 + 0.15, times
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("kind,mode", [("tcp", "dribble"), ("rtu", "dribble"), ("tcp", "close_after")])
+def test_answers_in_pieces_or_a_gateway_closing_each_connection_still_read_normal(
+        kind, mode, tmp_path, run_station, collector):
+    good, odd = _two_units(mode)
+    if kind == "tcp":
+        server = ModbusTcpServer([good, odd]).start()
+        bus = {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.3}
+    else:
+        server = ModbusRtuSlave([good, odd], tmp_path / "ttyBUS").start()
+        bus = {"type": "rtu", "port": server.path, "baudrate": 9600, "timeout": 0.3}
+    try:
+        run_station({"line": bus}, _devices("line"))
+        wait_for(lambda: len(readings(collector, "bad")) >= 4 and len(readings(collector, "cod")) >= 4, 30,
+                 "four polls of each device")
+        assert {(r["value"], r["flag"]) for r in readings(collector, "bad")} == {(0x1234, "N")}
+        assert {(r["value"], r["flag"]) for r in readings(collector, "cod")} == {(23.4, "N")}
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("code,flag", [(1, "D"), (2, "D"), (4, "D"), (6, "D"), (10, "B"), (11, "B")])
+def test_exception_codes_give_d_and_gateway_exceptions_give_b(code, flag, tmp_path, run_station, collector):
+    """Exceptions 10/11 are a TCP-to-RTU gateway saying the instrument behind it did not answer (B);
+    any other exception is the instrument answering that it cannot (D)."""
+    good, bad = _two_units("exception")
+    bad.exception_code = code
+    server = ModbusTcpServer([good, bad]).start()
+    try:
+        run_station({"lan": {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.3}},
+                    _devices("lan"))
+        wait_for(lambda: len(readings(collector, "bad")) >= 2 and len(readings(collector, "cod")) >= 2, 30,
+                 "two polls of each device")
+        assert {(r["value"], r["flag"]) for r in readings(collector, "bad")} == {(None, flag)}
+        assert {(r["value"], r["flag"]) for r in readings(collector, "cod")} == {(23.4, "N")}
+    finally:
+        server.close()
+
+
+def test_coils_and_discrete_inputs_across_byte_boundaries(tmp_path, run_station, collector):
+    """Bits are packed least significant first, 8 to a byte: bit 9 of a read is bit 1 of its second byte."""
+    unit = Unit(5)
+    coils = [1, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1]
+    discretes = [0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1]
+    for a, bit in enumerate(coils):
+        unit.put("coil", 100 + a, bit)
+    for a, bit in enumerate(discretes):
+        unit.put("discrete", a, bit)
+    server = ModbusTcpServer([unit]).start()
+    try:
+        registers = [{"channel": f"c{a}", "address": 100 + a, "type": "bool", "table": "coil"} for a in range(len(coils))]
+        registers += [{"channel": f"d{a}", "address": a, "type": "bool", "table": "discrete"}
+                      for a in range(len(discretes))]
+        run_station({"lan": {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.5}},
+                    {"io": {"bus": "lan", "slave": 5, "interval": INTERVAL, "registers": registers}})
+        names = {e["channel"] for e in registers}
+        poll = wait_for(lambda: complete_poll(collector, "io", names), 20, "a complete poll")
+        assert [poll[f"c{a}"]["value"] for a in range(len(coils))] == coils
+        assert [poll[f"d{a}"]["value"] for a in range(len(discretes))] == discretes
+        assert {r["flag"] for r in poll.values()} == {"N"}
+    finally:
+        server.close()
+
+
+def test_an_alarm_action_switches_a_fog_cannon_coil_on_and_off(tmp_path, run_station, collector):
+    """A dust monitor's PM10 above 80 ug/m3: the fog cannon's coil 0 is written on (function 05, FF00)
+    and, once PM10 is back below, off (0000); the alarm is raised and cleared once, threshold 80."""
+    dust, fog = Unit(1), Unit(9)
+    dust.put("holding", 0, 120.0, "float32")  # TSP
+    dust.put("holding", 2, 95.5, "float32")  # PM10, above the limit
+    fog.put("coil", 0, False)
+    server = ModbusTcpServer([dust, fog]).start()
+    try:
+        run_station({"lan": {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.5}},
+                    {"dust": {"bus": "lan", "slave": 1, "interval": INTERVAL, "registers": [
+                        {"channel": "a34001", "address": 0, "type": "float32", "unit": "ug/m3"},
+                        {"channel": "a34002", "address": 2, "type": "float32", "unit": "ug/m3"}]},
+                     "fog": {"bus": "lan", "slave": 9, "interval": INTERVAL, "registers": [
+                        {"channel": "running", "address": 0, "type": "bool", "table": "coil"}]}},
+                    alarms=[{"channel": "dust.a34002", "above": 80, "action": {"device": "fog", "coil": 0}}])
+        wait_for(lambda: (5, 0, True) in fog.writes, 20, "the coil written on")
+        wait_for(lambda: any(r["value"] == 1 for r in readings(collector, "fog")), 20, "the cannon reads on")
+        dust.put("holding", 2, 42.0, "float32")
+        wait_for(lambda: (5, 0, False) in fog.writes, 20, "the coil written off")
+        events = wait_for(lambda: [m["alarm"] for m in collector.json_messages("/alarm")
+                                   if m["alarm"]["state"] == "cleared"] and
+                          [m["alarm"] for m in collector.json_messages("/alarm")], 10, "both alarm events")
+        assert [(e["id"], e["state"], e["threshold"]) for e in events] == [
+            ("dust.a34002:above", "raised", 80), ("dust.a34002:above", "cleared", 80)]
+        assert events[0]["value"] == 95.5
+        assert fog.writes == [(5, 0, True), (5, 0, False)]
+    finally:
+        server.close()
+
+
+def test_built_in_profiles_read_instruments_laid_out_as_domain_md_describes(tmp_path, run_station, collector):
+    """One RS-485 line with six analyzers, each configured by its built-in `profile` only."""
+    cod, hach, fpi, ph, flow, dust = Unit(2), Unit(3), Unit(4), Unit(5), Unit(6), Unit(7)
+    cod.put("holding", 0x42, 23.4, "float32", "DCBA")  # COD analyzer: float32 DCBA at 0x0042
+    cod.put("holding", 0x44, ord("N"), "uint16")  # the ASCII flag letter next to the value
+    hach.put("holding", 0, 1.25, "float32", "CDAB")  # HACH ammonia: CDAB at 0
+    fpi.put("holding", 0, 0.75, "float32", "ABCD")  # Focused Photonics ammonia: ABCD at 0
+    ph.put("holding", 0, 712, "int16")  # pH: int16 raw/100
+    ph.put("holding", 1, -52, "int16")  # water temperature below zero: raw/10
+    flow.put("holding", 0, 36.0, "float32", "CDAB")  # m3/h
+    flow.put("holding", 2, 123456.789, "float64", "CDAB")
+    flow.put("holding", 6, 0, "uint16")
+    for i, v in enumerate([180.5, 95.25, 48.0, 62.5, 3.5, 270.0, -12.5, 45.0]):
+        dust.put("holding", 2 * i, v, "float32", "ABCD")
+    dust.put("holding", 0x10, 0, "uint16")  # i12001 running
+    server = ModbusRtuSlave([cod, hach, fpi, ph, flow, dust], tmp_path / "ttyUSB0").start()
+    try:
+        profiles = {"cod": (2, "cod-analyzer"), "hach": (3, "nh3n-analyzer"), "fpi": (4, "nh3n-analyzer-fpi"),
+                    "ph": (5, "ph-meter"), "flow": (6, "flow-meter"), "dust": (7, "dust-monitor")}
+        run_station({"rs485": {"type": "rtu", "port": server.path, "baudrate": 9600, "timeout": 0.3}},
+                    {dev: {"bus": "rs485", "slave": slave, "interval": 1.0, "profile": profile}
+                     for dev, (slave, profile) in profiles.items()})
+        expected = {
+            "cod": {"w01018": (23.4, "mg/L")},
+            "hach": {"w21003": (1.25, "mg/L")},
+            "fpi": {"w21003": (0.75, "mg/L")},
+            "ph": {"w01001": (7.12, None), "w01010": (-5.2, "°C")},
+            "flow": {"w00000": (10.0, "L/s"), "w00000_total": (123456.789, "m3")},
+            "dust": {"a34001": (180.5, "ug/m3"), "a34002": (95.25, "ug/m3"), "a34004": (48.0, "ug/m3"),
+                     "LA": (62.5, "dB(A)"), "a01007": (3.5, "m/s"), "a01008": (270.0, "°"),
+                     "a01001": (-12.5, "°C"), "a01002": (45.0, "%")},
+        }
+        for dev, channels in expected.items():
+            poll = wait_for(lambda: complete_poll(collector, dev, set(channels)), 30, f"a poll of {dev}")
+            got = {ch: (poll[ch]["value"], poll[ch]["unit"]) for ch in channels}
+            assert got == channels, dev
+            assert {poll[ch]["flag"] for ch in channels} == {"N"}, (dev, poll)
+        cod.put("holding", 0x44, ord("M"), "uint16")  # the analyzer goes into maintenance
+        wait_for(lambda: any(r["flag"] == "M" and r["value"] == 23.4 for r in readings(collector, "cod")), 10,
+                 "the COD reading flagged M")
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "rtu"])
+@pytest.mark.parametrize("retries", [0, 2])
+def test_a_silent_slave_is_tried_retries_plus_one_times_then_reads_null_b(kind, retries, tmp_path, run_station,
+                                                                        collector):
+    silent = Unit(8, mode="silent")
+    silent.put("holding", 0, 1, "uint16")
+    if kind == "tcp":
+        server = ModbusTcpServer([silent]).start()
+        bus = {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.2, "retries": retries}
+    else:
+        server = ModbusRtuSlave([silent], tmp_path / "ttyBUS").start()
+        bus = {"type": "rtu", "port": server.path, "baudrate": 9600, "timeout": 0.2, "retries": retries}
+    try:
+        run_station({"line": bus}, {"dead": {"bus": "line", "slave": 8, "interval": 2.0, "registers": [
+            {"channel": "x", "address": 0, "type": "uint16"}]}})
+        first = wait_for(lambda: readings(collector, "dead"), 20, "the first poll")
+        assert [(r["value"], r["flag"]) for r in first] == [(None, "B")]
+        tries = silent.reads()
+        assert len(tries) == retries + 1, tries
+        assert tries[-1] - tries[0] >= 0.2 * retries - 0.05  # each try waited its timeout
+    finally:
+        server.close()
+
+
+def test_a_map_of_more_than_125_registers_is_read_in_several_requests(tmp_path, run_station, collector):
+    """Modbus reads at most 125 registers per request: 80 float32 values (160 registers) still arrive."""
+    unit = Unit(1)
+    registers = []
+    for i in range(80):
+        unit.put("input", 2 * i, i + 0.5, "float32", "CDAB")
+        registers.append({"channel": f"v{i}", "address": 2 * i, "type": "float32", "order": "CDAB",
+                          "table": "input"})
+    server = ModbusTcpServer([unit]).start()
+    try:
+        run_station({"lan": {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.5}},
+                    {"big": {"bus": "lan", "slave": 1, "interval": 1.0, "registers": registers}})
+        poll = wait_for(lambda: complete_poll(collector, "big", {f"v{i}" for i in range(80)}), 20, "a poll")
+        assert {ch: r["value"] for ch, r in poll.items()} == {f"v{i}": i + 0.5 for i in range(80)}
+        assert {r["flag"] for r in poll.values()} == {"N"}
+        assert all(count <= 125 for _, _, _, count in unit.requests)
     finally:
         server.close()
