@@ -9,7 +9,8 @@ documents, so that a bug shared by the agent and its own simulators cannot hide 
   CRC-16/Modbus computed here.
 - `Unit`: one instrument's four tables and its misbehaviour (`mode`): `normal`, `silent`,
   `exception` (code `exception_code`), `badcrc`, `short`, `other_unit`, `trailing`, `dribble` (the
-  answer in pieces), `close_after` (TCP: the connection closed after each answer), and `delay`
+  answer in pieces), `split` and `leading` (RTU: two chunks 30 ms apart; a 00 byte before the
+  answer), `close_after` (TCP: the connection closed after each answer), and `delay`
   seconds before each answer. Every request is logged with its time (`Unit.requests`).
 - `put_value`: writes a value of any SPEC §2 type in any order into a table.
 - `pms5003_frame`, `sds011_frame`, `hj212_packet`: serial frames with their own checksums, and
@@ -328,6 +329,13 @@ class ModbusRtuSlave:
             frame = frame[:-3] + with_crc(frame[:-3])[-2:]  # one data byte less, CRC made to match
         elif unit.mode == "trailing":
             frame += b"\x00\x17\x42"
+        if unit.mode == "leading":  # a byte as the RS-485 transceiver turns round, before the answer
+            frame = b"\x00" + frame
+        if unit.mode == "split":  # two chunks 30 ms apart (a USB adapter's latency timer)
+            os.write(self.master, frame[:3])
+            time.sleep(0.03)
+            os.write(self.master, frame[3:])
+            return
         if unit.mode == "dribble":  # byte by byte, a few ms apart (a USB adapter's chunks)
             for b in frame:
                 os.write(self.master, bytes([b]))

@@ -367,7 +367,8 @@ def test_a_dead_slave_on_an_rtu_bus_does_not_break_the_rhythm_of_the_others(tmp_
         server.close()
 
 
-@pytest.mark.parametrize("kind,mode", [("tcp", "dribble"), ("rtu", "dribble"), ("tcp", "close_after")])
+@pytest.mark.parametrize("kind,mode", [("tcp", "dribble"), ("rtu", "dribble"), ("rtu", "split"), ("rtu", "leading"),
+                                       ("tcp", "close_after")])
 def test_answers_in_pieces_or_a_gateway_closing_each_connection_still_read_normal(
         kind, mode, tmp_path, run_station, collector):
     good, odd = _two_units(mode)
