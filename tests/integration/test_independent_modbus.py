@@ -9,7 +9,6 @@ unit's answer), units, and the rhythm of the healthy devices on a bus with a dea
 from __future__ import annotations
 
 import math
-import time
 from collections import defaultdict
 
 import pytest
@@ -357,12 +356,12 @@ def test_a_dead_slave_on_an_rtu_bus_does_not_break_the_rhythm_of_the_others(tmp_
         assert dead_readings and {(r["value"], r["flag"]) for r in dead_readings} == {(None, "B")}
         for device in ("cod", "nh3n"):
             times = sorted(_ts(r) for r in readings(collector, device))
-            gaps = [b - a for a, b in zip(times[2:], times[3:])]  # after the dead slave's first give-ups
+            gaps = [b - a for a, b in zip(times[2:], times[3:], strict=False)]  # after the dead slave's first give-ups
             assert max(gaps) <= 1.0 + 0.3 + 0.15, (device, gaps)
             assert abs(sum(gaps) / len(gaps) - 1.0) < 0.1, (device, gaps)
         times = sorted(_ts(r) for r in dead_readings)
         assert len(times) >= 9, times
-        assert max(b - a for a, b in zip(times[2:], times[3:])) <= 1.0 + 0.6 + 0.15, times
+        assert max(b - a for a, b in zip(times[2:], times[3:], strict=False)) <= 1.0 + 0.6 + 0.15, times
     finally:
         server.close()
 
@@ -417,7 +416,8 @@ def test_coils_and_discrete_inputs_across_byte_boundaries(tmp_path, run_station,
         unit.put("discrete", a, bit)
     server = ModbusTcpServer([unit]).start()
     try:
-        registers = [{"channel": f"c{a}", "address": 100 + a, "type": "bool", "table": "coil"} for a in range(len(coils))]
+        registers = [{"channel": f"c{a}", "address": 100 + a, "type": "bool", "table": "coil"}
+                     for a in range(len(coils))]
         registers += [{"channel": f"d{a}", "address": a, "type": "bool", "table": "discrete"}
                       for a in range(len(discretes))]
         run_station({"lan": {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.5}},
@@ -495,7 +495,7 @@ def test_built_in_profiles_read_instruments_laid_out_as_domain_md_describes(tmp_
                      "a01001": (-12.5, "°C"), "a01002": (45.0, "%")},
         }
         for dev, channels in expected.items():
-            poll = wait_for(lambda: complete_poll(collector, dev, set(channels)), 30, f"a poll of {dev}")
+            poll = wait_for(lambda d=dev, c=set(channels): complete_poll(collector, d, c), 30, f"a poll of {dev}")
             got = {ch: (poll[ch]["value"], poll[ch]["unit"]) for ch in channels}
             assert got == channels, dev
             assert {poll[ch]["flag"] for ch in channels} == {"N"}, (dev, poll)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -179,7 +178,7 @@ def test_hj212_analyzer_packets_take_their_datatime(station, collector):
         else:
             cod = 20 + k / 10
             send_noisy(line, hj212_packet(_hj212_segment(data_time, cod, "D" if k % 4 == 0 else "N")), rng, b"##")
-            utc = data_time.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+            utc = data_time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
             sent[utc] = cod
         time.sleep(0.25)
     wait_for(lambda: len([r for r in readings(collector, "w01018") if r["flag"] == "B"]) >= 1
@@ -209,7 +208,7 @@ def test_hj212_packets_with_a_lower_case_crc_are_accepted(station, collector):
         if packet[-6:-2].isdigit():
             continue  # no letter to write in lower case
         line.send(packet[:-6] + packet[-6:-2].lower() + b"\r\n")
-        sent[data_time.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")] = 30 + k / 4
+        sent[data_time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")] = 30 + k / 4
         if [r for r in readings(collector, "w01018") if r["flag"] == "N"]:
             break
         time.sleep(0.3)
