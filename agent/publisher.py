@@ -170,7 +170,8 @@ class Publisher(threading.Thread):
         self._inflight: dict[str, deque[list]] = {s: deque() for s in (STREAM_READINGS, STREAM_AGGREGATES,
                                                                        STREAM_ALARMS)}
         self._by_mid: dict[int, list] = {}
-        self._early_acks: set[int] = set()
+        self._early_acks: set[int] = set()  # QoS 0 messages reported written while `publish()` ran
+        self._publishing = False  # in `client.publish()` (publisher thread)
         # Gaps as (id, last_seq): a gap that eviction extends after it was sent is sent again for its new part.
         self._gaps_inflight: set[tuple[int, int]] = set()
         self._gaps_done: dict[int, int] = {}  # gap id -> last seq acknowledged, maybe not yet marked in the file
@@ -918,7 +919,11 @@ class Publisher(threading.Thread):
         client = self.client
         if client is None:
             return False
-        info = client.publish(topic, payload, qos=self.settings.qos, retain=retain)
+        self._publishing = True
+        try:
+            info = client.publish(topic, payload, qos=self.settings.qos, retain=retain)
+        finally:
+            self._publishing = False
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             self._lost(f"publish failed: {mqtt.error_string(info.rc)}")
             return False
@@ -935,9 +940,12 @@ class Publisher(threading.Thread):
             self._refused(self._by_mid.pop(mid), reason_code)
             return
         if mid not in self._by_mid:
-            self._early_acks.add(mid)
-            if len(self._early_acks) > 10_000:
-                self._early_acks.clear()
+            # Early only while `publish()` runs (QoS 0: written before its mid is returned). Any other is the
+            # PUBACK of a message no longer tracked (the window was reset while connected: the birth status
+            # at every connection): kept, it acknowledged the message that got its mid after paho's ids
+            # wrapped (65535 messages later) as it was published, before any PUBACK.
+            if self._publishing:
+                self._early_acks.add(mid)
             return
         self._acknowledge(mid)
 
