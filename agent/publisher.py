@@ -166,6 +166,7 @@ class Publisher(threading.Thread):
         self._short_lived = 0  # connections in a row closed soon after they were accepted
         self._reader: Buffer | None = None
         self._cursor: dict[str, int] = {}
+        self._offered_upto = 0  # the highest readings seq offered on a connection since lost (`in_flight_upto`)
         self._acked: dict[str, int] = {}
         self._inflight: dict[str, deque[list]] = {s: deque() for s in (STREAM_READINGS, STREAM_AGGREGATES,
                                                                        STREAM_ALARMS)}
@@ -635,6 +636,8 @@ class Publisher(threading.Thread):
     def _reset_window(self) -> None:
         """Forget messages in flight; publishing resumes after the last acknowledged seq."""
         self._need_fill = True
+        # What was offered may have arrived: the eviction keeps it (`in_flight_upto`) though the cursor falls back.
+        self._offered_upto = max(self._offered_upto, self._cursor.get(STREAM_READINGS, 0))
         for stream, q in self._inflight.items():
             q.clear()
             self._cursor[stream] = self._acked.get(stream, 0)
@@ -761,9 +764,9 @@ class Publisher(threading.Thread):
     def in_flight_upto(self) -> int:
         """The highest readings seq offered to the broker (and not yet known acknowledged), for the
         recorder's eviction, which calls it holding `evict_lock`: rows up to it may arrive, so they are
-        never dropped as lost. After a lost connection it stays until the next one starts over from the
-        watermark (the messages in flight then may have arrived too)."""
-        return self._cursor.get(STREAM_READINGS, 0)
+        never dropped as lost. A lost connection does not lower it, though the cursor falls back to the
+        watermark: the messages in flight then may have arrived too (they are kept until acknowledged)."""
+        return max(self._cursor.get(STREAM_READINGS, 0), self._offered_upto)
 
     def _prepare_backlog(self) -> bool:
         """Offline (JSON payload): encode the backlog's next full data message ahead of time, up to
