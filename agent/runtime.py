@@ -93,11 +93,16 @@ def build_uplinks(config: Config, recorder: Recorder, marks: dict[str, dict[str,
     The recorder then keeps what they have not delivered yet (`Recorder.set_holders`)."""
     identity = hj212_identity(config)
     uplinks: list[Uplink] = []
-    for u in config.hj212.uplinks if config.hj212 is not None else []:
-        assert identity is not None  # an hj212 section gives an identity
-        target = UplinkTarget(host=u.host, port=u.port, timeout=u.timeout, retries=u.retries)
-        uplinks.append(Uplink(target, identity, config.storage.path, recorder, reconnect_max=config.mqtt.reconnect_max,
-                              marks=(marks or {}).get(target.meta_key)))
+    try:
+        for u in config.hj212.uplinks if config.hj212 is not None else []:
+            assert identity is not None  # an hj212 section gives an identity
+            target = UplinkTarget(host=u.host, port=u.port, timeout=u.timeout, retries=u.retries)
+            uplinks.append(Uplink(target, identity, config.storage.path, recorder,
+                                  reconnect_max=config.mqtt.reconnect_max, marks=(marks or {}).get(target.meta_key)))
+    except BaseException:
+        for built in uplinks:  # not started: what they opened is closed here
+            built.discard()
+        raise
     recorder.set_holders([u.target.meta_key for u in uplinks])
     return uplinks
 
@@ -318,6 +323,8 @@ class Station:
         self._clock_synced: bool | None = None
         self._clock_recorded: object = "unset"
         self.uplinks: list[Uplink] = []
+        self._uplinks_due: tuple[Config, dict[str, dict[str, int]]] | None = None  # a reload's, not started yet
+        self._uplink_log = RateLimitedLog(log, every_s=60)
         self.console: Console | None = None
         self._instance_lock: int | None = None  # the buffer's lock (agent.instance), held until the process ends
 
@@ -459,6 +466,7 @@ class Station:
             if self._reload_requested:
                 self._reload_requested = False
                 self.reload()
+            self._start_due_uplinks()
             self._watch_clock()
             self._failed = self.ended_loops()
             if self._failed:
@@ -634,7 +642,25 @@ class Station:
         if new.hj212 == self.config.hj212 and new.station == self.config.station:
             return
         marks = self._stop_uplinks()
-        self.uplinks = build_uplinks(new.model_copy(update={"storage": self.config.storage}), self.recorder, marks)
+        if self._uplinks_due is not None:  # those a reload before could not start yet: their progress too
+            marks = {**self._uplinks_due[1], **marks}
+        self._uplinks_due = (new.model_copy(update={"storage": self.config.storage}), marks)
+        self._start_due_uplinks()
+
+    def _start_due_uplinks(self) -> None:
+        """Start the uplinks a reload asked for. Each opens the buffer: while the file is away from its path
+        (deleted or renamed, not put back yet) that fails, and is tried again at each turn of the main loop
+        (it raised out of the reload, ending the agent without its orderly stop)."""
+        if self._uplinks_due is None:
+            return
+        config, marks = self._uplinks_due
+        try:
+            uplinks = build_uplinks(config, self.recorder, marks)
+        except (BufferError, sqlite3.Error, OSError) as exc:
+            self._uplink_log.error("cannot start the HJ 212 uplinks yet (%s); retrying", exc)
+            return
+        self._uplinks_due = None
+        self.uplinks = uplinks
         for u in self.uplinks:
             u.start()
         log.info("HJ 212 uplinks reloaded: %d", len(self.uplinks))

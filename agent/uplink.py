@@ -226,6 +226,14 @@ class Uplink(threading.Thread):
         self.request_stop()
         self.join(timeout)
 
+    def discard(self) -> None:
+        """Close what the constructor opened, for an uplink that will never be started."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        self._wake_r.close()
+        self._wake_w.close()
+
     @property
     def marks(self) -> dict[str, int]:
         """Highest seq per stream the platform acknowledged (with all before it)."""

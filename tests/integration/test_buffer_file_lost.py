@@ -155,3 +155,35 @@ def test_no_room_to_put_a_deleted_buffer_back_keeps_the_agent_running_until_ther
         broker.stop()
     assert not [m for m in platform.json_messages("/data") if "gap" in m], "no gap announced"
     assert contiguous_from_one(platform.reading_seqs())
+
+
+def test_a_sighup_that_changes_the_uplinks_while_the_file_is_away_does_not_end_the_agent(tmp_path, broker):
+    """A reload that restarts the HJ 212 uplinks opens the buffer for each new one. While the file was
+    away from its path (deleted or renamed, not put back yet: up to 5 s) that opening raised out of the
+    reload and ended the main thread with a traceback: no orderly stop, and the file the agent held
+    was never put back, its unpublished readings stranded. The agent goes on and the uplinks start
+    once the file is back at its path."""
+    import signal
+    import socket
+
+    path, cfg, agent = start_station(tmp_path, broker)
+    platform = socket.create_server(("127.0.0.1", 0))
+    platform.settimeout(30)
+    try:
+        wait_for(lambda: db_last_seq(path) > 10, 20, "readings stored")
+        config = sim_config(tmp_path, broker, channels=3, interval=0.2, station_id="14010500000017",
+                            storage={"path": str(path), "commit_interval_ms": 100})
+        config["hj212"] = {"st": 32, "pw": "s3cr3T",
+                           "uplinks": [{"host": "127.0.0.1", "port": platform.getsockname()[1]}]}
+        os.rename(path, path.with_name("renamed.db"))
+        write_config(cfg, config)
+        agent.signal(signal.SIGHUP)
+        conn, _ = platform.accept()  # the new uplink connects, once the file is back at its path
+        conn.close()
+        assert agent.alive(), agent.log()[-3000:]
+        wait_for(lambda: "put back" in agent.log(), 10, "the file put back")
+        assert agent.stop() == 0
+        assert "Traceback" not in agent.log()
+    finally:
+        platform.close()
+        agent.stop()
