@@ -963,6 +963,14 @@ class Publisher(threading.Thread):
         if kind == "other":  # the retained status or a command reply: said again at the next connection
             self._errlog.warning("%s", why, key=why)
             return
+        if kind == "resend-reply":  # its reply refused (an ACL without P/cmd/reply): the job is over all the
+            # same; dropping the connection had it rewind and reply again, refused again, for ever
+            if self._resends and self._resends[0] is entry[1]:
+                self._resends.popleft()
+            self._errlog.warning("%s; the platform does not get the answer to resend %r", why, entry[1].cmd_id,
+                                 key=why)
+            self._need_fill = True
+            return
         rows = self._rows_in(entry)
         if getattr(reason, "value", None) == PACKET_TOO_LARGE and rows > 1:
             # Half of what was refused: a message in flight built before the last halving, and refused

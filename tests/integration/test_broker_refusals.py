@@ -73,6 +73,33 @@ def test_readings_the_acl_refuses_are_not_marked_sent(tmp_path):
         broker.stop()
 
 
+def test_a_resend_reply_the_acl_refuses_neither_holds_up_later_resends_nor_renews_the_connection(tmp_path):
+    """A broker whose ACL lets the station publish data but not P/cmd/reply refuses the reply to a resend
+    (MQTT 5 PUBACK 0x87). That refusal was handled like refused data: the connection dropped and made
+    again, the job rewound and its reply refused again, for ever (a new connection every reconnect_max),
+    and every later resend waited behind it. A refused reply is logged and the job is over."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite env/TEST0001/status\ntopic readwrite env/TEST0001/data\n"
+                   "topic readwrite env/TEST0001/cmd\ntopic read env/#\n")
+    broker = Broker(tmp_path / "broker", extra=f"acl_file {acl}").start()
+    platform = Collector(broker, "env/TEST0001/data")
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=3, interval=0.2))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: platform.has_readings_upto(60), 20, "seqs 1..60")
+        platform.client.publish("env/TEST0001/cmd", json.dumps({"id": "r1", "cmd": "resend", "from_seq": 1,
+                                                                "to_seq": 30}), qos=1)
+        wait_for(lambda: "refused a resend-reply" in agent.log(), 20, "the reply refused")
+        platform.client.publish("env/TEST0001/cmd", json.dumps({"id": "r2", "cmd": "resend", "from_seq": 41,
+                                                                "to_seq": 50}), qos=1)
+        wait_for(lambda: platform.reading_seqs().count(45) == 2, 20, "the second resend served")
+    finally:
+        assert agent.stop() == 0
+        platform.close()
+        broker.stop()
+    assert agent.log().count("connected to") == 1, agent.log()
+
+
 class Mqtt311OnlyBroker:
     """A broker that speaks only MQTT 3.1.1: a CONNECT of protocol level 5 is answered with return
     code 1 (unacceptable protocol version) and closed, as MQTT 3.1.1 §3.1.2.2 says; at level 4 it
