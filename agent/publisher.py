@@ -181,8 +181,8 @@ class Publisher(threading.Thread):
         self._read_identity: tuple[int, int] | None = None  # the file the last reader opened was on
         self._need_fill = True
         # While offline, the backlog's next data messages, encoded ahead: (after_seq, first_seq,
-        # last_seq, payload), consecutive. The drain after reconnection then only sends them.
-        self._prepared: deque[tuple[int, int, int, bytes]] = deque()
+        # last_seq, readings, payload), consecutive. The drain after reconnection then only sends them.
+        self._prepared: deque[tuple[int, int, int, int, bytes]] = deque()
         self._prepared_bytes = 0
         self._connack: object = None
         self._paho_log = _PahoLog()
@@ -794,7 +794,7 @@ class Publisher(threading.Thread):
         if batch is None or batch.count < self._batch:
             return False
         payload = data_message(s.station_id, batch.items)
-        self._prepared.append((after, batch.first_seq, batch.last_seq, payload))
+        self._prepared.append((after, batch.first_seq, batch.last_seq, batch.count, payload))
         self._prepared_bytes += len(payload)
         return True
 
@@ -805,15 +805,16 @@ class Publisher(threading.Thread):
         if not prepared:
             return None
         while prepared and prepared[0][0] < cursor:
-            self._prepared_bytes -= len(prepared.popleft()[3])
+            self._prepared_bytes -= len(prepared.popleft()[4])
         if not prepared:
             self._clear_prepared()
             return None
-        after, first, last, payload = prepared[0]
+        after, first, last, count, payload = prepared[0]
         assert self._reader is not None
-        oldest = self._reader.first_seq(STREAM_READINGS)
-        if after != cursor or oldest is None or oldest > first:  # the size cap evicted some of its rows
-            self._clear_prepared()
+        # Every one of its rows still stored? Not the oldest row stored alone: the cap keeps the rows in
+        # flight (below the cursor) and drops those above them, the rows of the next prepared messages.
+        if after != cursor or self._reader.count_between(STREAM_READINGS, first, last, count + 1) != count:
+            self._clear_prepared()  # the size cap evicted some of its rows
             return None
         prepared.popleft()
         self._prepared_bytes -= len(payload)

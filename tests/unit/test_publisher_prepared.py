@@ -75,6 +75,25 @@ def test_rows_evicted_after_preparing_are_never_published(tmp_path):
     assert live is not None and live.first_seq == 451
 
 
+def test_rows_the_cap_evicts_above_the_messages_in_flight_are_never_published(tmp_path):
+    """The size cap keeps the readings in flight (up to the cursor: they may arrive) and drops the oldest
+    above them. The check that the next prepared message's rows were all still stored looked only at the
+    oldest row stored, which the rows kept in flight hold below it: messages of evicted rows went out
+    after the drain resumed, their seqs announced as a buffer_full gap as well (audit audw's soak: a
+    0.1 MB cap and link cuts, 11660 readings both delivered and in a gap)."""
+    pub, writer = offline_publisher(tmp_path, 1000)
+    prepare_all(pub)
+    first = pub._take_prepared(0)
+    assert first is not None and first[0] == 200  # published: in flight, no PUBACK yet
+    writer.begin()
+    _, dropped, gap, _ = writer.evict(0, now_ms(), in_flight_upto=200, max_rows=250)
+    writer.commit()
+    assert dropped and gap is not None and gap.first_seq == 201
+    taken = pub._take_prepared(200)
+    published = [r["seq"] for r in json.loads(taken[1])["readings"]] if taken is not None else []
+    assert not set(published) & set(range(gap.first_seq, gap.last_seq + 1)), "evicted readings published"
+
+
 def test_nothing_is_prepared_for_less_than_a_full_message(tmp_path):
     pub, _ = offline_publisher(tmp_path, BATCH - 1)
     assert prepare_all(pub) == 0
