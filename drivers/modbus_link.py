@@ -374,8 +374,8 @@ class _TcpLink(_Link):
     progress, so the receive buffer (kept across requests: the stream stays in step) holds less than one
     largest frame. What does not parse as Modbus TCP, or more bytes waiting before a request than the
     answers still outstanding could be, closes the connection (`_OutOfStep`, `_Flood`); so does a frame
-    still unfinished when a try's timeout ends (a peer that sends fewer bytes than its MBAP length says:
-    the bytes that would finish it are the next answer's)."""
+    begun within a try's timeout and still unfinished one more timeout later (a peer that sends fewer
+    bytes than its MBAP length says: the bytes that would finish it are the next answer's)."""
 
     _RECENT_TIDS = 64
     _MUTE_TRIES = 3  # tries in a row without a byte received: the connection is reopened
@@ -453,14 +453,22 @@ class _TcpLink(_Link):
                         self._mute = 0
                         return fc, data
                     self._late_answer(owner)
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = deadline - now
+                if remaining <= 0 and buf and now < deadline + self.timeout:
+                    # An answer begun within the timeout may end after it (an RTU answer gets its transfer
+                    # time too): a gateway that writes the MBAP header and the PDU apart, a slave just at
+                    # the timeout. Its end is awaited within the late window, before anything else is sent,
+                    # so what completes it can only answer what was asked: reopening the connection and
+                    # trying again would end the same way, a reading lost and a connection at every try.
+                    remaining = deadline + self.timeout - now
                 if remaining <= 0:
                     if buf:
-                        # Part of a frame whose end did not come within the timeout: a peer that sends
-                        # fewer bytes than its MBAP length says (a gateway off by one) would have the
-                        # next answer's first bytes taken for this frame's end, another request's bytes
-                        # read as this request's values. The stream is out of step: start afresh.
-                        log.debug("bus %s: %d bytes of an unfinished frame from %s:%d at the timeout; "
+                        # Part of a frame whose end did not come within that: a peer that sends fewer
+                        # bytes than its MBAP length says (a gateway off by one) would have the next
+                        # answer's first bytes taken for this frame's end, another request's bytes read
+                        # as this request's values. The stream is out of step: start afresh.
+                        log.debug("bus %s: %d bytes of an unfinished frame from %s:%d a timeout after the timeout; "
                                   "reopening the connection", self.bus_name, len(buf), self.host, self.port)
                         self.close()
                         raise _NoFrame("garbled answer", garbled=True)

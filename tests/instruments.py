@@ -92,6 +92,7 @@ class Unit:
     mode: str = "normal"
     exception_code: int = 4
     delay: float = 0.0
+    split_gap: float = 0.0  # mode `late_split` (Modbus TCP): seconds between the MBAP header and the rest
     requests: list[tuple[float, int, int, int]] = field(default_factory=list)  # (t, function, address, count)
     writes: list[tuple[int, int, object]] = field(default_factory=list)  # (function, address, value)
 
@@ -171,6 +172,7 @@ class ModbusTcpServer:
         self.port = self.sock.getsockname()[1]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.connections = 0  # accepted so far
 
     def start(self) -> ModbusTcpServer:
         t = threading.Thread(target=self._accept, daemon=True, name="indep-tcp")
@@ -187,6 +189,7 @@ class ModbusTcpServer:
                 continue
             except OSError:
                 return
+            self.connections += 1
             t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
             t.start()
             self._threads.append(t)
@@ -238,6 +241,10 @@ class ModbusTcpServer:
                     if unit.mode == "dribble":  # the MBAP header and the PDU in two segments
                         conn.sendall(frame[:7])
                         time.sleep(0.05)
+                        conn.sendall(frame[7:])
+                    elif unit.mode == "late_split":  # the header, then the rest `split_gap` s later
+                        conn.sendall(frame[:7])
+                        time.sleep(unit.split_gap)
                         conn.sendall(frame[7:])
                     else:
                         conn.sendall(frame)
