@@ -666,7 +666,10 @@ class Publisher(threading.Thread):
         self._reader = None
 
     def _reader_failed(self, exc: Exception) -> None:
+        """A read failed: reopen the reader. The fill is tried again at the next turn (at least 0.5 s on),
+        not at the next commit, which a quiet station (the drain of a stop, a slow analyzer) may not make."""
         self._errlog.error("reading the buffer failed (%s); reopening it", exc)
+        self._need_fill = True
         if is_corruption(exc):
             self.recorder.suspect_corruption("publisher", exc)
         self._drop_reader()
