@@ -10,14 +10,15 @@ and pyserial; nothing else from the project. Its log lines are the Modbus master
 `drivers.modbus`).
 
 A hostile or broken peer cannot make the master hold memory or the wire: every read loop is bounded in
-time (it waits at most `timeout`, plus on RTU the transfer time of an answer that has begun) and in bytes
-kept (received bytes are cut into frames as they arrive; a link never holds more than about one largest
-frame: 260 bytes on TCP, 511 on RTU, `BusStats.peak_buffered`). A Modbus TCP peer that sends what does
-not parse as Modbus TCP, or before a request more bytes than the answers still outstanding could be (a
-peer that streams without end), fails the try and has its connection closed; the next try opens a fresh
-one. An RTU line that does not fall silent for the frame gap within `timeout` (noise, a babbling device)
-fails the try before the request is sent. Either way the bytes are counted and dropped, and the device
-reads null/B as for a silent slave (`BusStats.floods`), within `timeout * (retries + 1)`.
+time (it waits at most `timeout`, plus the transfer time of an answer that has begun: on TCP at most one
+more `timeout`) and in bytes kept (received bytes are cut into frames as they arrive; a link never holds
+more than about one largest frame: 260 bytes on TCP, 511 on RTU, `BusStats.peak_buffered`). A Modbus TCP
+peer that sends what does not parse as Modbus TCP, or before a request more bytes than the answers still
+outstanding could be (a peer that streams without end), fails the try and has its connection closed; the
+next try opens a fresh one. An RTU line that does not fall silent for the frame gap within `timeout`
+(noise, a babbling device) fails the try before the request is sent. Either way the bytes are counted and
+dropped, and the device reads null/B as for a silent slave (`BusStats.floods`), within
+`timeout * (retries + 1)`.
 
 Answers. Every request goes through `ModbusBus._transact` (reads and writes alike) and every answer is checked
 against the request it is taken for (`_Ask.mismatch`): the unit id, the function code (or the same code
