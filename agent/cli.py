@@ -129,9 +129,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     path = config.storage.path
     reader = None
     why = hint = None
+    recorded = None  # what the agent that wrote the file noted of itself (meta `agent`)
     try:
         reader = Buffer.open_reader(path) if path.exists() else None
         status = collect(reader, device_intervals(config), device_channels(config), uplink_names(config))
+        recorded = reader.meta_value("agent") if reader is not None and reader.has_schema() else None
     except (sqlite3.Error, OSError) as exc:  # a damaged file, or one this user may not read
         why, hint = unreadable_buffer(path, exc, args.config)
         status = unreadable(device_intervals(config), why)
@@ -139,7 +141,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if reader is not None:
             reader.close()
     status["station"] = config.station.id
-    status["agent"] = agent_state(path)
+    status["agent"] = agent_state(path, recorded)
     if status["agent"]["running"] is False:  # the broker state in the file is the one it left behind
         left = status["broker"]
         if left.get("state") == "offline":  # a clean stop: offline since it stopped

@@ -227,7 +227,7 @@ class Console:
             if reader is not None:
                 reader.close()
         doc["station"] = config.station.id
-        doc["agent"] = {"running": True, "pid": os.getpid()}  # as `status` says it (this is the agent)
+        doc["agent"] = {"running": True, **self.station.agent_record()}  # as `status` says it (this is the agent)
         now = now_ms()
         committed = self.station.recorder.last_committed_seq
         acked = self.station.publisher.acked_upto()

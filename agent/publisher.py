@@ -131,6 +131,7 @@ class Publisher(threading.Thread):
         recorder: Recorder,
         status_provider: Callable[[], dict] | None = None,
         summary_provider: Callable[[], dict | None] | None = None,
+        started: str | None = None,
     ):
         super().__init__(name="publisher", daemon=True)
         self.settings = settings
@@ -138,6 +139,7 @@ class Publisher(threading.Thread):
         self.recorder = recorder
         self.status_provider = status_provider
         self.summary_provider = summary_provider
+        self.started = started or iso_utc_ms(now_ms())  # when the agent started: the retained status says it
         self._summary_said: dict | None = None  # what the retained online status last said
         self._summary_seen: dict | None = None  # the summary at the last check
         self._summary_checked = 0.0
@@ -523,7 +525,8 @@ class Publisher(threading.Thread):
         self._summary_checked = time.monotonic()
         self._publish_raw(f"{s.base_topic}/status",
                           status_message(s.station_id, "online", ts=iso_utc_ms(now_ms()),
-                                         agent=f"edge-agent {__version__}", **summary), retain=True)
+                                         agent=f"edge-agent {__version__}", started=self.started, **summary),
+                          retain=True)
 
     def _refresh_summary(self) -> None:
         """Publish the retained status again when its summary changed (an operator watching many

@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent import instance
+from agent import __version__, instance
 from agent.aggregate import Aggregator
 from agent.alarms import AlarmEngine
 from agent.buffer import Buffer, BufferError
@@ -30,6 +30,7 @@ from agent.config import Config, ConfigError, load_config
 from agent.hj212_payload import Hj212Identity
 from agent.logutil import RateLimitedLog
 from agent.memtrim import release_free_memory
+from agent.model import iso_utc_ms, now_ms
 from agent.poller import BusPoller
 from agent.pollerset import SIM_PREFIX, PollerSpec, plan_reload, poller_specs
 from agent.publisher import BrokerSettings, Publisher
@@ -327,6 +328,10 @@ class Station:
         self._uplink_log = RateLimitedLog(log, every_s=60)
         self.console: Console | None = None
         self._instance_lock: int | None = None  # the buffer's lock (agent.instance), held until the process ends
+        self.started = iso_utc_ms(now_ms())  # said on the retained status: a restart is not a reconnect
+        # Why the last reload was refused (None once one succeeds): the station runs an older configuration
+        # than its file, and its next start will fail on that file; said wherever an operator looks.
+        self.config_error: str | None = None
 
     def run(self) -> int:
         """Run until stopped; raises AlreadyRunning (before touching the buffer) when another agent
@@ -348,7 +353,8 @@ class Station:
                                  keep_sent_days=storage.keep_sent_days, max_mb=storage.max_mb, sync=storage.sync)
         self.recorder.set_quiet_check(self._pollers_quiet_until)
         self.publisher = Publisher(broker_settings(cfg), str(storage.path), self.recorder, self._status,
-                                   self._summary)
+                                   self._summary, started=self.started)
+        self._record_agent()
         self.recorder.add_listener(self.publisher.wake)
         self.recorder.set_in_flight_check(self.publisher.in_flight_upto)
         self.recorder.start()
@@ -530,10 +536,32 @@ class Station:
         except RuntimeError:  # the engine changed its state meanwhile (it runs on the recorder thread)
             alarms = 0
         refused = self.recorder.write_error
-        return ((f"buffer refuses writes ({refused}), readings wait in memory; " if refused else "")
+        return (("the last reload was refused (see the journal), the previous configuration runs; "
+                 if self.config_error else "")
+                + (f"buffer refuses writes ({refused}), readings wait in memory; " if refused else "")
                 + (f"{self.recorder.detached_text()}; " if self.recorder.detached else "")
                 + f"backlog {backlog}, broker {p.state}, {alarms} active alarms, "
                 f"last seq {self.recorder.last_committed_seq}")
+
+    def agent_record(self) -> dict:
+        """This agent as `status` shows it under `agent` (beside `running`): pid, version, start time and
+        why the last reload was refused (null when it was not)."""
+        return {"pid": os.getpid(), "version": __version__, "started": self.started, "config_error": self.config_error}
+
+    def _record_agent(self) -> None:
+        """Keep `agent_record()` in the buffer's meta `agent`, for `edge-agent status` (another process)."""
+        self.recorder.set_meta("agent", json.dumps(self.agent_record(), separators=(",", ":")))
+
+    def _refuse_reload(self, problems: list[str]) -> None:
+        """A reload that does not load: logged line by line, the running configuration kept, and the
+        refusal kept for the retained status, `status` and systemd's STATUS= until a reload succeeds."""
+        for problem in problems:
+            log.error("reload refused: %s", problem)
+        log.error("keeping the running configuration; the next start would fail on this file: fix it and reload")
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        self.config_error = (f"reload refused at {iso_utc_ms(now_ms())}, running the configuration loaded before: "
+                             f"{problems[0]}{more}")
+        self._record_agent()
 
     def _summary(self) -> dict | None:
         """What the retained `P/status` says of the station beside `online` (publisher thread); None
@@ -544,18 +572,22 @@ class Station:
         if problems is None or alarms is None:
             return None
         return {"failing_devices": problems.failing(), "active_alarms": alarms.active_ids(),
-                "buffer_error": self.recorder.write_error or self.recorder.detached_text()}
+                "buffer_error": self.recorder.write_error or self.recorder.detached_text(),
+                "config_error": self.config_error}
 
     def _status(self) -> dict:
+        """The `status` command's answer: what `edge-agent status --json` shows, this agent included."""
         try:
             reader = self.recorder.open_reader()
         except BufferError as exc:  # the file at the path is not the one written, until it is put back
-            return unreadable(device_intervals(self.config), str(exc))
-        try:
-            return collect(reader, device_intervals(self.config), device_channels(self.config),
-                           uplink_names(self.config))
-        finally:
-            reader.close()
+            status = unreadable(device_intervals(self.config), str(exc))
+        else:
+            try:
+                status = collect(reader, device_intervals(self.config), device_channels(self.config),
+                                 uplink_names(self.config))
+            finally:
+                reader.close()
+        return {**status, "station": self.config.station.id, "agent": {"running": True, **self.agent_record()}}
 
     def reload(self) -> None:
         """SIGHUP: load the config again; a bad one is logged and the running one kept."""
@@ -565,12 +597,10 @@ class Station:
             check_supported(new)
             settings = broker_settings(new)
         except ConfigError as exc:
-            for problem in exc.problems:
-                log.error("reload refused: %s", problem)
-            log.error("keeping the running configuration")
+            self._refuse_reload([str(p) for p in exc.problems])
             return
         except (UnsupportedConfig, OSError, ValueError) as exc:
-            log.error("reload refused: %s; keeping the running configuration", exc)
+            self._refuse_reload([str(exc)])
             return
         plan = plan_reload(poller_specs(self.config), poller_specs(new))
         running = {p.bus_name: p for p in self.pollers}
@@ -588,9 +618,11 @@ class Station:
                                   self.device_problems.note, only=set(plan.restarted + plan.started),
                                   predecessors=predecessors)
         except Exception as exc:  # noqa: BLE001 - a driver that cannot be built must not end the agent
-            log.error("reload refused: cannot set up the devices (%s: %s); keeping the running configuration",
-                      type(exc).__name__, exc)
+            self._refuse_reload([f"cannot set up the devices ({type(exc).__name__}: {exc})"])
             return
+        if self.config_error is not None:
+            self.config_error = None
+            self._record_agent()
         applied, waiting = storage_changes(self.config.storage, new.storage)
         for line in waiting:
             log.warning("%s", line)

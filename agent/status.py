@@ -187,7 +187,10 @@ def render_text(status: dict[str, Any]) -> str:
     if agent:
         running = {True: f"running (pid {agent.get('pid')})", False: "NOT running",
                    None: "unknown (the lock file cannot be read by this user)"}
-        lines.append(f"agent    {running[agent['running']]}")
+        lines.append(f"agent    {running[agent['running']]}"
+                     + (f", edge-agent {agent['version']} since {agent['started']}" if agent.get("started") else ""))
+        if agent.get("config_error"):
+            lines.append(f"         {agent['config_error']}")
     broker = status.get("broker") or {}
     lines.append(f"broker   {broker.get('state', 'unknown')}"
                  + (f" {broker['url']}" if broker.get("url") else "")
@@ -245,14 +248,23 @@ def format_value(value: float | None) -> str:
     return f"{value:.15g}"
 
 
-def agent_state(buffer_path: Path) -> dict[str, Any]:
+def agent_state(buffer_path: Path, recorded: str | None = None) -> dict[str, Any]:
     """Whether an agent runs with this buffer (its lock, `agent.instance`): `running` true/false, or
-    null when this user may not read the lock file; `pid` when known."""
+    null when this user may not read the lock file; `pid` when known. `recorded`: the buffer's meta
+    `agent` (`Station.agent_record`: version, start time, a refused reload), added when the agent that
+    wrote it is the one running."""
     try:
         pid = running_pid(buffer_path)
     except PermissionError:
         return {"running": None, "pid": None}
-    return {"running": pid is not None, "pid": pid or None}
+    state: dict[str, Any] = {"running": pid is not None, "pid": pid or None}
+    try:
+        noted = json.loads(recorded) if recorded else None
+    except ValueError:
+        noted = None
+    if pid and isinstance(noted, dict) and noted.get("pid") == pid:
+        state.update(noted)
+    return state
 
 
 def unreadable_buffer(path: Path, error: Exception, config_file: str) -> tuple[str, str]:

@@ -32,6 +32,8 @@ from harness import (
     write_config,
 )
 
+from agent import __version__
+
 
 def assert_complete(seqs: list[int], first: int, last: int) -> None:
     missing = set(range(first, last + 1)) - set(seqs)
@@ -587,7 +589,8 @@ def test_a_second_agent_on_the_same_buffer_is_refused_and_status_knows_whether_o
         assert second.proc.wait(20) == 1
         assert f"another edge-agent (pid {first.proc.pid}) is running" in second.log()
         status = json.loads(run_cli("status", "-c", str(cfg), "--json").stdout)
-        assert status["agent"] == {"running": True, "pid": first.proc.pid}
+        assert status["agent"] == {"running": True, "pid": first.proc.pid, "version": __version__,
+                                   "started": status["agent"]["started"], "config_error": None}
         assert status["broker"]["state"] == "online"
         before = max(collector.reading_seqs())
         wait_for(lambda: max(collector.reading_seqs()) > before + 5, 10, "the first agent goes on publishing")

@@ -1,0 +1,112 @@
+"""What an operator of hundreds of gateways reads from the broker alone (the retained `P/status`, the
+`status` command's reply) and from `edge-agent status --json`: when the agent started (a restart loop
+is not a reconnect), which version runs, and a reload that was refused (the station runs an older
+configuration than its file, and its next start will fail on that file)."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import paho.mqtt.publish as mqtt_publish
+import pytest
+from harness import AgentProcess, Broker, Collector, run_cli, sim_config, wait_for, write_config
+
+from agent import __version__
+from agent.model import parse_iso_utc_ms
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+def _statuses(collector: Collector) -> list[dict]:
+    return [json.loads(p) for t, p, _ in collector.messages if t.endswith("/status")]
+
+
+def _status_reply(broker: Broker, collector: Collector, cmd_id: str) -> dict:
+    mqtt_publish.single("env/TEST0001/cmd", json.dumps({"id": cmd_id, "cmd": "status"}),
+                        hostname="127.0.0.1", port=broker.port, qos=1)
+    return wait_for(lambda: next((m for m in collector.json_messages("/cmd/reply") if m.get("id") == cmd_id), None),
+                    20, f"the reply to status command {cmd_id}")["status"]
+
+
+def test_the_agents_start_and_version_are_on_the_retained_status_the_reply_and_status_json(tmp_path):
+    """A retained `online` whose `ts` moves may be a reconnect or a restart; `started` tells them apart
+    (a gateway restarting every few minutes is a problem, a broker restart is not), and the `status`
+    reply says, as `status --json` does, which station and which agent (pid, version) answered."""
+    broker = Broker(tmp_path / "broker").start()
+    collector = Collector(broker, "env/#")
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker))
+    agent = AgentProcess(cfg)
+    try:
+        birth = wait_for(lambda: next((s for s in _statuses(collector) if s["state"] == "online"), None), 20,
+                         "the retained online status")
+        started = birth.get("started")
+        assert started is not None, birth
+        assert parse_iso_utc_ms(started) <= parse_iso_utc_ms(birth["ts"])
+        reply = _status_reply(broker, collector, "s1")
+        assert reply["station"] == "TEST0001"
+        assert reply["agent"] == {"running": True, "pid": agent.proc.pid, "version": __version__,
+                                  "started": started, "config_error": None}
+        cli = json.loads(run_cli("status", "-c", str(cfg), "--json").stdout)
+        assert cli["agent"] == reply["agent"]
+
+        collector.close()
+        broker.stop()  # the broker restarts: the station reconnects, the agent did not restart
+        broker.start()
+        collector = Collector(broker, "env/#")
+        again = wait_for(lambda: next((s for s in _statuses(collector) if s["state"] == "online"), None), 60,
+                         "the retained online status after the broker's restart")
+        assert again["started"] == started and again["ts"] != birth["ts"]
+    finally:
+        assert agent.stop() == 0
+        collector.close()
+        broker.stop()
+    after = json.loads(run_cli("status", "-c", str(cfg), "--json").stdout)
+    assert after["agent"]["running"] is False and after["agent"]["pid"] is None
+    assert "started" not in after["agent"], "a stopped agent's start is not news"
+
+
+def test_a_refused_reload_is_said_on_the_retained_status_and_the_reply_until_a_good_one(
+        tmp_path, broker):
+    """`systemctl reload` after an edit that does not load: the agent keeps the running configuration
+    (README) and says so in its journal; but nobody reads the journal of hundreds of gateways, and the
+    next start (a power cut, a reboot) fails on that file for good (the unit's start limit). The
+    retained status and the reply carry `config_error` until a reload succeeds (`status` reads the
+    file itself and prints its problems)."""
+    collector = Collector(broker, "env/#")
+    config = sim_config(tmp_path, broker)
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: any("active_alarms" in s for s in _statuses(collector)), 30, "the status summary")
+        assert all(s.get("config_error") is None for s in _statuses(collector))
+        config["devices"]["sim0"]["intervall"] = 5  # a typo made on site
+        write_config(cfg, config)
+        agent.signal(signal.SIGHUP)
+        said = wait_for(lambda: next((s for s in _statuses(collector) if s.get("config_error")), None), 40,
+                        "a retained status saying that the reload was refused")
+        assert said["state"] == "online"
+        assert "station.yaml" in said["config_error"] and "intervall" in said["config_error"]
+        reply = _status_reply(broker, collector, "s1")
+        assert reply["agent"]["config_error"] == said["config_error"]
+        cli = run_cli("status", "-c", str(cfg), "--json")  # reads the file: prints its problems, as documented
+        assert cli.returncode == 2 and "intervall" in cli.stderr and "reload of this file is refused" in cli.stderr
+
+        del config["devices"]["sim0"]["intervall"]
+        write_config(cfg, config)
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in agent.log(), 20, "the good reload")
+        cleared = len(_statuses(collector))
+        wait_for(lambda: any("config_error" in s and s["config_error"] is None
+                             for s in _statuses(collector)[cleared - 1:]),
+                 40, "a retained status without the error once a reload succeeded")
+        assert _status_reply(broker, collector, "s2")["agent"]["config_error"] is None
+        assert json.loads(run_cli("status", "-c", str(cfg), "--json").stdout)["agent"]["config_error"] is None
+    finally:
+        assert agent.stop() == 0
+        collector.close()
