@@ -157,6 +157,7 @@ class Publisher(threading.Thread):
         self.url: str | None = None  # the broker connected last
         self.last_error: str | None = None
         self._state_url: str | None = None  # the broker the recorded state is about
+        self._state_since: str | None = None  # when `state` last changed (UTC ISO)
         self._url_index = 0
         self._v311_urls: set[str] = set()  # brokers that do not speak MQTT 5
         self._v311_next: set[str] = set()  # brokers to try in MQTT 3.1.1 next: they closed an MQTT 5 CONNECT
@@ -487,15 +488,19 @@ class Publisher(threading.Thread):
 
     def _set_state(self, state: str, error: str | None, url: str | None = None) -> None:
         """Record the broker state for `status`; `url` is the broker the error is about (default: the
-        one connected last)."""
+        one connected last). `since` is when the state (online, offline) last changed: another error
+        or broker while offline (each attempt of a failover, a refusal that also disconnects) is news
+        for `error` and `url`, not for how long the station has been offline."""
         url = url or self.url
         changed = state != self.state or error != self.last_error or url != self._state_url
+        if state != self.state or self._state_since is None:
+            self._state_since = iso_utc_ms(now_ms())
         self.state = state
         self.last_error = error
         self._state_url = url
         if changed:
             record = {"state": state, "url": _safe_url(url) if url else None,
-                      "since": iso_utc_ms(now_ms()), "error": error}
+                      "since": self._state_since, "error": error}
             self.recorder.set_meta("broker", json.dumps(record))
 
     def _close(self, clean: bool, reason: str = "stopped") -> None:

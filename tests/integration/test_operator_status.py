@@ -110,3 +110,36 @@ def test_a_refused_reload_is_said_on_the_retained_status_and_the_reply_until_a_g
     finally:
         assert agent.stop() == 0
         collector.close()
+
+
+def test_status_says_since_when_the_broker_is_offline_not_when_it_was_last_tried(tmp_path):
+    """`broker offline since T — broker refused the connection: Not authorized`: T is when the station
+    lost the broker, however often it tries again meanwhile. With a wrong password every attempt used
+    to move T to that attempt (each refusal is also a disconnect, two errors in turn), so that a
+    station refused for days looked refused a second ago."""
+    broker = Broker(tmp_path / "broker", passwords={"station": "right-password"}).start()
+    (tmp_path / "mqtt.pass").write_text("wrong-password\n")
+    config = sim_config(tmp_path, broker)
+    config["mqtt"].update(username="station", password_file=str(tmp_path / "mqtt.pass"))
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+
+    def broker_state() -> dict:
+        result = run_cli("status", "-c", str(cfg), "--json")
+        return json.loads(result.stdout)["broker"] if result.returncode == 0 else {}
+
+    try:
+        first = wait_for(lambda: (s := broker_state()).get("error", "").startswith("broker refused") and s, 20,
+                         "the refusal in status")
+        wait_for(lambda: len(_refused(broker)) >= 4, 30, "more attempts refused")
+        later = broker_state()
+    finally:
+        assert agent.stop() == 0
+        broker.stop()
+    assert later["state"] == "offline" and later["since"] == first["since"], (first, later)
+
+
+def _refused(broker: Broker) -> list[str]:
+    """The connections the broker refused for their credentials (its log)."""
+    text = broker.log.read_text(errors="replace") if broker.log.exists() else ""
+    return [line for line in text.splitlines() if "not authorised" in line.lower()]
