@@ -192,6 +192,8 @@ class Publisher(threading.Thread):
         self._dropped_because = ""  # why the last connection was dropped
         self.last_progress = time.monotonic()
         self._errlog = RateLimitedLog(log, every_s=300)
+        self._failed_attempts = 0  # connection attempts failed in a row (said when one succeeds)
+        self._failing_since = 0.0  # monotonic time of the first of them
         self._cmdlog = RateLimitedLog(log, every_s=60)  # refused commands: anyone may send them
         self._resends: deque[_Resend] = deque()
         self._hj212 = self._payload_strategy(settings)
@@ -409,6 +411,9 @@ class Publisher(threading.Thread):
 
     def _connect_failed(self, url: str, why: str) -> bool:
         self._set_state("offline", why, url)
+        if not self._failed_attempts:
+            self._failing_since = time.monotonic()
+        self._failed_attempts += 1
         # One line per distinct reason (a new one, after a reload for instance, is logged at once).
         self._errlog.error("cannot connect to %s: %s; retrying with backoff", _safe_url(url), why, key=why)
         return False
@@ -420,7 +425,12 @@ class Publisher(threading.Thread):
         self.url = url
         self._url_index = 0
         self._online_at = time.monotonic()
-        log.info("connected to %s as %s", _safe_url(url), s.client_id)
+        if self._failed_attempts:  # the end of an outage: how long, so that the journal need not be added up
+            log.info("connected to %s as %s, after %s of failed attempts (%d)", _safe_url(url), s.client_id,
+                     _duration(time.monotonic() - self._failing_since), self._failed_attempts)
+            self._failed_attempts = 0
+        else:
+            log.info("connected to %s as %s", _safe_url(url), s.client_id)
         self._set_state("online", None)
         self.client.subscribe(f"{s.base_topic}/cmd", qos=1)
         self._say_online()
@@ -1276,6 +1286,15 @@ def _only_keys(cmd: dict, allowed: set[str]) -> None:
     extra = sorted(set(cmd) - allowed)
     if extra:
         raise CommandError(f"unknown field(s) {', '.join(map(repr, extra))} for command {cmd.get('cmd')!r}")
+
+
+def _duration(seconds: float) -> str:
+    """`42 s`, `17 min`, `3.5 h`: how long an outage lasted, for a log line."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _safe_url(url: str | None) -> str:

@@ -143,3 +143,23 @@ def _refused(broker: Broker) -> list[str]:
     """The connections the broker refused for their credentials (its log)."""
     text = broker.log.read_text(errors="replace") if broker.log.exists() else ""
     return [line for line in text.splitlines() if "not authorised" in line.lower()]
+
+
+def test_the_end_of_a_broker_outage_is_logged_with_how_long_it_lasted(tmp_path):
+    """A broker down for hours is one `cannot connect` line and then one every 5 minutes; the line
+    that ends it says how long the station was without it and how many attempts failed, so that an
+    operator reading the journal of a gateway need not add up the rate-limited lines."""
+    broker = Broker(tmp_path / "broker")  # not started yet: every attempt is refused
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: "cannot connect" in agent.log(), 20, "the first failed attempt")
+        wait_for(lambda: "agent.runtime: station" in agent.log(), 20, "the station running")
+        broker.start()
+        line = wait_for(lambda: next((x for x in agent.log().splitlines() if "connected to" in x), None), 30,
+                        "the connection")
+    finally:
+        assert agent.stop() == 0
+        broker.stop()
+    assert "after " in line and " of failed attempts (" in line, line
+    assert agent.log().count("cannot connect") == 1, "a refused broker is said once, not at each attempt"
