@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("run", cmd_run, "Run the station until SIGTERM/SIGINT; SIGHUP reloads the config.")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p = add("check-config", cmd_check_config, "Validate a config file without touching hardware or network.",
             config_flag=False)
     p.add_argument("file", metavar="FILE")
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = add("simulate", cmd_simulate, "Serve simulated instruments for the devices of FILE that use a built-in "
             "profile or a serial driver (pms5003, sds011, hj212).")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p = add("tail", cmd_tail, "Print the station's MQTT messages as they arrive, flagging gaps and duplicates.")
     p.add_argument("--url", help="broker URL (default: the config's first)")
     add("schema", cmd_schema, "Print the JSON Schema of the config file.", config_flag=False)

@@ -163,3 +163,13 @@ def test_the_end_of_a_broker_outage_is_logged_with_how_long_it_lasted(tmp_path):
         broker.stop()
     assert "after " in line and " of failed attempts (" in line, line
     assert agent.log().count("cannot connect") == 1, "a refused broker is said once, not at each attempt"
+
+
+def test_log_level_is_taken_in_lower_case_too(tmp_path):
+    """`--log-level debug` in a unit's drop-in (as journalctl prints levels) was refused by argparse, and
+    the service then ended in its restart loop with exit status 2."""
+    cfg = write_config(tmp_path / "station.yaml", {"station": {"id": "TEST0001"}})  # incomplete: exits 2
+    for level in ("debug", "Warning"):
+        result = run_cli("run", "-c", str(cfg), "--log-level", level)
+        assert "invalid choice" not in result.stderr, result.stderr
+        assert result.returncode == 2 and "station.yaml:" in result.stderr
