@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -44,6 +45,18 @@ EVICT_ROUND_ROWS = 20_000
 # A reader's report of a damaged page (`suspect_corruption`) makes the recorder read the whole file
 # (quick_check) at most this often: a report the check does not confirm is not worth a re-read sooner.
 VERIFY_EVERY_S = 600.0
+
+
+DISK_FULL_BYTES = 1024 * 1024  # a refused write with less than this free on the disk: the disk is full
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Bytes free for this user on the disk holding `path` (None when it cannot be told)."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 class Recorder(threading.Thread):
@@ -477,8 +490,15 @@ class Recorder(threading.Thread):
                 target = min(int(self.max_bytes * 0.8), int(self.buffer.used_bytes() * 0.9))
             except sqlite3.Error:
                 target = int(self.max_bytes * 0.8)
-            self._errlog.error("buffer write refused (%s): evicting to make room; %d readings wait in memory",
-                               exc, len(batch))
+            free = _free_bytes(self.buffer.path)
+            if free is not None and free < DISK_FULL_BYTES:  # the disk, not the cap: the operator's to cure
+                self._errlog.error("buffer write refused: the disk holding %s is full (%.0f kB free): free space on "
+                                   "it (other files took it; files moved aside beside the buffer count too); "
+                                   "%d readings wait in memory meanwhile (at most %d), published rows are evicted",
+                                   self.buffer.path, free / 1024, len(batch), MAX_PENDING)
+            else:
+                self._errlog.error("buffer write refused (%s): evicting to make room; %d readings wait in memory",
+                                   exc, len(batch))
             self._make_room(target)
             try:
                 self.buffer.give_wal_back()  # the WAL's space back to the disk, a frame in it again

@@ -52,6 +52,29 @@ def test_full_disk_holds_readings_in_memory_and_loses_nothing_when_space_returns
     assert not [m for m in readings if "gap" in m], "no reading was dropped: they waited in memory"
 
 
+def test_a_full_disk_is_logged_as_the_disk_not_the_buffer_with_what_to_do(tmp_path, small_disk):
+    """SQLite says "database or disk is full" at the size cap and on a full disk alike; the operator
+    reading the journal must tell them apart: a full disk names the buffer's path, the space left and
+    what to do (the cap is the agent's own business, the disk is the operator's), once a minute."""
+    broker = Broker(tmp_path / "broker").start()
+    config = sim_config(tmp_path, broker, channels=50, interval=0.1,
+                        storage={"path": str(small_disk / "buffer.db"), "commit_interval_ms": 100})
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: db_last_seq(small_disk / "buffer.db") >= 500, 20, "readings before the disk fills")
+        filler = fill_disk(small_disk, leave_bytes=16 * 1024)
+        line = wait_for(lambda: next((x for x in agent.log().splitlines() if "buffer write refused" in x), None),
+                        60, "the full disk logged")
+        assert f"the disk holding {small_disk / 'buffer.db'} is full" in line, line
+        assert "kB free" in line and "free space on it" in line, line
+        filler.unlink()
+        wait_for(lambda: "buffer writes work again" in agent.log(), 30, "the end logged")
+    finally:
+        assert agent.stop() == 0
+        broker.stop()
+
+
 def test_a_disk_full_at_start_is_waited_out_without_a_restart_loop(tmp_path, small_disk):
     """The gateway boots with its disk full: no traceback and no exit (systemd would give up after its
     start limit), one clear line, and the station starts by itself once space is freed."""
