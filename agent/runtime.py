@@ -265,6 +265,11 @@ class DeviceProblems:
         with self._lock:
             return sorted(self._problems)
 
+    def problems(self) -> dict[str, str]:
+        """Why each of them failed, as `status` shows it (any thread)."""
+        with self._lock:
+            return dict(sorted(self._problems.items()))
+
     def keep_only(self, device_ids: set[str]) -> None:
         """A reload removed devices: what was noted of them is no longer news, nor what a poller the
         reload stopped notes of them as it ends its last poll."""
@@ -571,7 +576,8 @@ class Station:
         alarms = getattr(self, "alarms", None)
         if problems is None or alarms is None:
             return None
-        return {"failing_devices": problems.failing(), "active_alarms": alarms.active_ids(),
+        return {"failing_devices": problems.failing(), "device_problems": problems.problems(),
+                "active_alarms": alarms.active_ids(),
                 "buffer_error": self.recorder.write_error or self.recorder.detached_text(),
                 "config_error": self.config_error}
 

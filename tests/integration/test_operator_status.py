@@ -10,7 +10,7 @@ import signal
 
 import paho.mqtt.publish as mqtt_publish
 import pytest
-from harness import AgentProcess, Broker, Collector, run_cli, sim_config, wait_for, write_config
+from harness import AgentProcess, Broker, Collector, free_port, run_cli, sim_config, wait_for, write_config
 
 from agent import __version__
 from agent.model import parse_iso_utc_ms
@@ -173,3 +173,27 @@ def test_log_level_is_taken_in_lower_case_too(tmp_path):
         result = run_cli("run", "-c", str(cfg), "--log-level", level)
         assert "invalid choice" not in result.stderr, result.stderr
         assert result.returncode == 2 and "station.yaml:" in result.stderr
+
+
+def test_the_retained_status_says_why_each_failing_device_fails_as_status_does(tmp_path, broker):
+    """`failing_devices` says which instruments fail; from the broker alone an operator must also tell a
+    dead USB adapter or a refused TCP gateway (a site visit with a spare part) from an analyzer that
+    does not answer (a phone call to the plant): `device_problems` gives each one's reason, the text
+    `status` shows on its `why:` line."""
+    collector = Collector(broker, "env/#")
+    config = sim_config(tmp_path, broker, channels=1)
+    config["buses"] = {"lan": {"type": "tcp", "host": "127.0.0.1", "port": free_port(), "timeout": 0.2}}
+    config["devices"]["flow"] = {"bus": "lan", "slave": 1, "interval": 0.5,
+                                 "registers": [{"channel": "w00000", "address": 0}]}
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        said = wait_for(lambda: next((s for s in _statuses(collector) if s.get("failing_devices") == ["flow"]), None),
+                        40, "a retained status naming the failing device")
+        status = json.loads(run_cli("status", "-c", str(cfg), "--json").stdout)
+    finally:
+        assert agent.stop() == 0
+        collector.close()
+    problem = status["devices"]["flow"]["problem"]
+    assert problem and "Connection refused" in problem
+    assert said.get("device_problems") == {"flow": problem}, said
