@@ -477,6 +477,7 @@ class Station:
             if self._reload_requested:
                 self._reload_requested = False
                 self.reload()
+                next_status = 0.0  # `systemctl status` after `systemctl reload`: whether it was refused, at once
             self._start_due_uplinks()
             self._watch_clock()
             self._failed = self.ended_loops()

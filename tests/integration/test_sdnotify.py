@@ -234,3 +234,27 @@ def test_a_hung_poller_stops_the_watchdog_pings_until_it_moves_again(
     agent.signal(signal.SIGTERM)
     wait_for(lambda: notify_socket.first("STOPPING=1"), 10, "STOPPING=1 after SIGTERM")
     assert agent.stop(timeout=20) == 0
+
+
+def test_a_refused_reload_is_said_in_status_at_once_until_a_good_one(tmp_path, broker, notify_socket, agents,
+                                                                     monkeypatch):
+    """`systemctl reload` reports success whatever the file holds (ExecReload only sends SIGHUP): the
+    technician's next look is `systemctl status`, whose STATUS= line says, right after the reload and
+    not at the next 30 s summary, that it was refused and the previous configuration runs."""
+    agent = _start(tmp_path, broker, notify_socket, agents, monkeypatch)
+    _ready(notify_socket, agent)
+    path = agent.config_path
+    good = path.read_text()
+    path.write_text(good.replace("interval:", "intervall:", 1))
+    t_hup = time.monotonic()
+    agent.signal(signal.SIGHUP)
+    said = wait_for(lambda: [text for t, _, text in notify_socket.snapshot()
+                             if t > t_hup and text.startswith("STATUS=") and "reload was refused" in text], 10,
+                    "STATUS= saying the reload was refused")
+    assert "previous configuration runs" in said[0], said
+    path.write_text(good)
+    t_good = time.monotonic()
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: [text for t, _, text in notify_socket.snapshot()
+                      if t > t_good and text.startswith("STATUS=backlog")], 10, "STATUS= without it")
+    assert agent.stop(timeout=20) == 0
