@@ -540,7 +540,7 @@ class Publisher(threading.Thread):
         self._summary_checked = time.monotonic()
         self._publish_raw(f"{s.base_topic}/status",
                           status_message(s.station_id, "online", ts=iso_utc_ms(now_ms()),
-                                         agent=f"edge-agent {__version__}", started=self.started, **summary),
+                                         agent=f"edge-agent {__version__}", **{"started": self.started, **summary}),
                           retain=True)
 
     def _refresh_summary(self) -> None:

@@ -333,7 +333,10 @@ class Station:
         self._uplink_log = RateLimitedLog(log, every_s=60)
         self.console: Console | None = None
         self._instance_lock: int | None = None  # the buffer's lock (agent.instance), held until the process ends
-        self.started = iso_utc_ms(now_ms())  # said on the retained status: a restart is not a reconnect
+        # Said on the retained status (a restart is not a reconnect); moved with each step of the wall clock,
+        # so that a start before NTP set the clock (a Pi without a real-time clock) is right once it has.
+        self._started_ms = now_ms()
+        self.started = iso_utc_ms(self._started_ms)
         # Why the last reload was refused (None once one succeeds): the station runs an older configuration
         # than its file, and its next start will fail on that file; said wherever an operator looks.
         self.config_error: str | None = None
@@ -508,6 +511,9 @@ class Station:
         if step is not None:
             log.warning("wall clock stepped by %+.1f s; readings keep the time they were taken at, intervals "
                         "and delays run on the monotonic clock", step.seconds)
+            self._started_ms += round(step.seconds * 1000)
+            self.started = self.publisher.started = iso_utc_ms(self._started_ms)
+            self._record_agent()
         if synced != self._clock_synced:
             if synced is False:
                 log.warning("system clock not synchronised (no NTP yet): reading times may be wrong until it is")
@@ -577,7 +583,7 @@ class Station:
         alarms = getattr(self, "alarms", None)
         if problems is None or alarms is None:
             return None
-        return {"failing_devices": problems.failing(), "device_problems": problems.problems(),
+        return {"started": self.started, "failing_devices": problems.failing(), "device_problems": problems.problems(),
                 "active_alarms": alarms.active_ids(),
                 "buffer_error": self.recorder.write_error or self.recorder.detached_text(),
                 "config_error": self.config_error}

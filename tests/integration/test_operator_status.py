@@ -7,10 +7,22 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 
 import paho.mqtt.publish as mqtt_publish
 import pytest
-from harness import AgentProcess, Broker, Collector, free_port, run_cli, sim_config, wait_for, write_config
+from harness import (
+    AgentProcess,
+    Broker,
+    Collector,
+    build_preload_shim,
+    free_port,
+    run_cli,
+    sim_config,
+    wait_for,
+    write_config,
+)
+from test_clock_step import CLOCKSHIFT_C  # its wall-clock shim
 
 from agent import __version__
 from agent.model import parse_iso_utc_ms
@@ -197,3 +209,32 @@ def test_the_retained_status_says_why_each_failing_device_fails_as_status_does(t
     problem = status["devices"]["flow"]["problem"]
     assert problem and "Connection refused" in problem
     assert said.get("device_problems") == {"flow": problem}, said
+
+
+def test_started_follows_a_clock_step_after_the_start(tmp_path, broker):
+    """A Pi without a real-time clock starts the agent before NTP has set the clock (the unit does not
+    wait for time-sync.target): `started`, taken from the wrong clock, would put the start hours or
+    years off for the whole run. When the clock steps, `started` moves with it and the retained status
+    says it again."""
+    so = build_preload_shim(CLOCKSHIFT_C, "clockshift", tmp_path, "clock")
+    shift = tmp_path / "shift"
+    shift.write_text("-7200\n")  # two hours behind, as a fake-hwclock after a long power cut
+    collector = Collector(broker, "env/#")
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker))
+    real_start = time.time()
+    agent = AgentProcess(cfg, env={"LD_PRELOAD": str(so), "CLOCKSHIFT_FILE": str(shift)})
+    try:
+        birth = wait_for(lambda: next((s for s in _statuses(collector) if "started" in s), None), 20, "the birth")
+        assert abs(parse_iso_utc_ms(birth["started"]) / 1000 - (real_start - 7200)) < 30
+        shift.write_text("0\n")  # NTP steps the clock right
+        wait_for(lambda: "wall clock stepped" in agent.log(), 20, "the step noticed")
+        said = wait_for(lambda: next((s for s in _statuses(collector)
+                                      if abs(parse_iso_utc_ms(s.get("started", "1970-01-01T00:00:00.000Z")) / 1000
+                                             - real_start) < 30), None), 40,
+                        "a retained status whose start is on the corrected clock")
+        assert said["state"] == "online"
+        reply = _status_reply(broker, collector, "s1")
+        assert reply["agent"]["started"] == said["started"]
+    finally:
+        assert agent.stop() == 0
+        collector.close()
