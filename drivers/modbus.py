@@ -202,6 +202,7 @@ class ModbusBus:
         self._was_up = False
         self._link_log = FlapLimiter()  # "lost" lines of a link that flaps: at most three a minute
         self.down_reason = ""  # why the link was last found unusable
+        self._down_since = self._down_reminded = 0.0  # monotonic: when it went down, when that was last said
         self._users = 0
         self._closed = False
 
@@ -264,9 +265,16 @@ class ModbusBus:
     def _mark_down(self, reason: str) -> None:
         self.down_reason = reason
         self._close_client()
-        unlogged = self._link_log.lost(time.monotonic())
+        now = time.monotonic()
+        verb = "lost" if self._was_up else "cannot open"
+        if self._up is not False:
+            self._down_since = self._down_reminded = now
+        elif now - self._down_reminded >= STILL_FAILING_EVERY_S:  # as for a failing device: the journal's last hour
+            self._down_reminded = now
+            log.warning("bus %s: still cannot open %s (%s), down for %.0f min; its devices read flag B until it "
+                        "returns", self.name, self.describe(), reason, (now - self._down_since) / 60)
+        unlogged = self._link_log.lost(now)
         if unlogged is not None:  # a link that flaps logs at most one line a minute
-            verb = "lost" if self._was_up else "cannot open"
             more = f"; it was lost {unlogged} more time(s) since the last such line" if unlogged else ""
             log.warning("bus %s: %s %s (%s); its devices read flag B until it returns%s", self.name, verb,
                         self.describe(), reason, more)

@@ -268,6 +268,33 @@ def test_a_tcp_bus_that_cannot_connect_says_why(caplog):
         f"bus lan: cannot open 127.0.0.1:{port} (Connection refused); its devices read flag B until it returns"]
 
 
+def test_a_bus_that_stays_down_is_reminded_of_as_a_failing_device_is(caplog, monkeypatch):
+    """A TCP gateway refusing (or a USB adapter gone) for days was logged once, at its first failure: the
+    journal's last hour (or all of it, once journald rotated that line away) showed a station with
+    nothing wrong, where a silent slave is reminded of every STILL_FAILING_EVERY_S."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(modbus, "STILL_FAILING_EVERY_S", 0.0)
+    bus = ModbusBus("lan", "tcp", host="127.0.0.1", tcp_port=port, timeout=0.2)
+    driver = ModbusDriver("flow", bus, 1, 1, [RegisterSpec(channel="a", address=0)])
+    with caplog.at_level(logging.WARNING, logger="drivers.modbus"):
+        for _ in range(3):
+            assert [(r.value, r.flag) for r in driver.poll(0)] == [(None, "B")]
+    said = [m for m in caplog.messages if m.startswith("bus lan")]
+    assert said[0] == (f"bus lan: cannot open 127.0.0.1:{port} (Connection refused); its devices read flag B until "
+                       "it returns")
+    reminder = f"bus lan: still cannot open 127.0.0.1:{port} (Connection refused), down for "
+    assert len(said) == 3 and all(m.startswith(reminder) and m.endswith("; its devices read flag B until it returns")
+                                  for m in said[1:]), said
+    monkeypatch.setattr(modbus, "STILL_FAILING_EVERY_S", 900.0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="drivers.modbus"):
+        driver.poll(0)
+    driver.close()
+    assert not [m for m in caplog.messages if m.startswith("bus lan")], "within the period: no line"
+
+
 def test_write_checks_its_arguments_at_once_and_fails_cleanly_on_a_closed_bus():
     bus = ModbusBus("lan", "tcp", host="127.0.0.1", tcp_port=1, slaves={"relay": 5})
     for args in [("nobody", "coil", 0, 1), ("relay", "valve", 0, 1), ("relay", "coil", 70000, 1),
