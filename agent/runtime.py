@@ -342,8 +342,8 @@ class Station:
         self.config_error: str | None = None
 
     def run(self) -> int:
-        """Run until stopped; raises AlreadyRunning (before touching the buffer) when another agent
-        runs with the same buffer."""
+        """Run until stopped; raises AlreadyRunning (before touching the buffer) when another agent runs
+        with the same buffer, unless under systemd, where it waits for it (`_open_buffer`)."""
         self._install_signals()  # first: a signal during start-up is acted on once running, never lost
         cfg = self.config
         storage = cfg.storage
@@ -406,7 +406,11 @@ class Station:
         """The writer buffer. A failure that time or a technician may cure (a full disk, a file or
         directory the agent may not write, an I/O error) is logged and retried every BUFFER_RETRY_S,
         the service reported running (systemd's STATUS= says why nothing is polled) instead of ending
-        in a restart loop that systemd gives up on; None when a stop is asked meanwhile."""
+        in a restart loop that systemd gives up on; None when a stop is asked meanwhile.
+        Another agent holding the buffer (`instance.hold`) ends a run started by hand at once
+        (AlreadyRunning: the technician sees why); under systemd it is waited for the same way: the
+        service restarted while a technician's run by hand holds the buffer would otherwise use up its
+        start limit in a minute and stay failed, recording nothing, after that run ended."""
         storage = self.config.storage
         failures = 0
         while True:
@@ -420,12 +424,17 @@ class Station:
                                           progress=lambda: self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000"))
             except NewerBuffer:
                 raise  # a downgrade: waiting cures nothing, and the file must stay as it is
+            except instance.AlreadyRunning as exc:
+                if not self.notifier.enabled:
+                    raise
+                reason, hint = str(exc).split(";")[0], "waiting for it to end"
             except (BufferError, sqlite3.Error, OSError) as exc:
                 cause = exc.__cause__ if isinstance(exc, BufferError) and exc.__cause__ else exc
                 reason = f"cannot open the buffer {storage.path}: {cause}"
+                hint = "check free space and the permissions of its directory"
             if failures % max(1, round(BUFFER_RETRY_LOG_S / BUFFER_RETRY_S)) == 0:
-                log.error("%s; nothing is polled until it opens (check free space and the permissions of "
-                          "its directory); retrying every %g s", reason, BUFFER_RETRY_S)
+                log.error("%s; nothing is polled until it opens (%s); retrying every %g s", reason, hint,
+                          BUFFER_RETRY_S)
             failures += 1
             self.notifier.notify(f"READY=1\nSTATUS={reason}; retrying")
             deadline = time.monotonic() + BUFFER_RETRY_S

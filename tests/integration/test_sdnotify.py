@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import AgentProcess, sim_config, wait_for, write_config
+from harness import AgentProcess, Collector, sim_config, wait_for, write_config
 
 WATCHDOG_USEC = 2_000_000  # pings expected every ~1 s
 PING_PERIOD = WATCHDOG_USEC / 2_000_000
@@ -258,3 +258,34 @@ def test_a_refused_reload_is_said_in_status_at_once_until_a_good_one(tmp_path, b
     wait_for(lambda: [text for t, _, text in notify_socket.snapshot()
                       if t > t_good and text.startswith("STATUS=backlog")], 10, "STATUS= without it")
     assert agent.stop(timeout=20) == 0
+
+
+def test_the_service_waits_for_an_agent_run_by_hand_instead_of_using_up_its_start_limit(
+        tmp_path, broker, notify_socket, agents, monkeypatch):
+    """A technician runs the agent by hand (debugging at the station) and the service is restarted
+    meanwhile: a service that exits at once (as a run by hand does) is restarted 10 times within a
+    minute and left failed by systemd's start limit, recording nothing after the technician's run
+    ends. Under systemd it reports itself running, says why in STATUS=, and takes over the buffer
+    (numbering going on) as soon as the other agent ends."""
+    collector = Collector(broker, "env/#")
+    try:
+        cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, interval=0.2, channels=2))
+        by_hand = AgentProcess(cfg)
+        agents.append(by_hand)
+        wait_for(lambda: len(collector.reading_seqs()) >= 5, 20, "the run by hand publishing")
+        monkeypatch.delenv("WATCHDOG_PID", raising=False)
+        service = AgentProcess(cfg, env={"NOTIFY_SOCKET": notify_socket.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)})
+        agents.append(service)
+        said = wait_for(lambda: notify_socket.first("STATUS=another edge-agent"), 20, "STATUS= saying why it waits")
+        assert f"(pid {by_hand.proc.pid})" in said[2]
+        assert notify_socket.first("READY=1") is not None  # running for systemd: no restart loop
+        wait_for(lambda: len(notify_socket.times("WATCHDOG=1")) >= 2, 20, "watchdog pings while it waits")
+        assert service.alive()
+        assert by_hand.stop() == 0
+        last_by_hand = max(collector.reading_seqs())
+        wait_for(lambda: max(collector.reading_seqs()) > last_by_hand + 5, 30, "the service recording and publishing")
+        seqs = collector.reading_seqs()
+        assert set(range(1, max(seqs) + 1)) <= set(seqs), "every seq from the first to the last arrived"
+        assert service.stop() == 0
+    finally:
+        collector.close()
