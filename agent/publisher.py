@@ -933,11 +933,15 @@ class Publisher(threading.Thread):
             self._gaps_inflight.add(key)
 
     def _publish_tracked(self, stream: str, topic: str, payload: bytes, last_seq: int) -> None:
+        """Publish a message of `stream` up to `last_seq`, in flight until its PUBACK. A publish that
+        fails may have dropped the connection meanwhile (`_lost`), which forgets the window, this
+        entry included: only an entry still there is taken back."""
         entry = [stream, last_seq, False]
-        self._inflight[stream].append(entry)
+        inflight = self._inflight[stream]
+        inflight.append(entry)
         self._cursor[stream] = last_seq
-        if not self._publish_raw(topic, payload, entry=entry):
-            self._inflight[stream].pop()
+        if not self._publish_raw(topic, payload, entry=entry) and inflight and inflight[-1] is entry:
+            inflight.pop()
 
     def _publish_raw(self, topic: str, payload: bytes, retain: bool = False, entry: list | None = None) -> bool:
         """Publish; every message is tracked by mid until its PUBACK (so mids are never confused)."""

@@ -72,3 +72,33 @@ def test_a_message_is_never_taken_as_acknowledged_by_the_puback_of_an_earlier_on
         link.kill()
         link.wait()
         broker.stop()
+
+
+def test_a_publish_that_fails_on_a_dead_socket_leaves_the_window_empty_without_an_error(tmp_path):
+    """The socket dies under a publish (the write fails: paho reports the connection lost): the
+    publisher drops the connection, which forgets the window, this message included. Taking the message
+    back out of the emptied window then raised IndexError in the middle of the fill (caught further up
+    only because the client was gone by then)."""
+    import socket
+
+    broker = Broker(tmp_path / "broker").start()
+    path = tmp_path / "buffer.db"
+    writer = Buffer.open_writer(path)
+    writer.begin()
+    writer.insert_readings([Reading("d", "c", T0 + i, float(i), "mg/L", "N") for i in range(50)])
+    writer.commit()
+    recorder = Recorder(writer, commit_interval_ms=100, keep_sent_days=7, max_mb=64)
+    publisher = Publisher(BrokerSettings(urls=[broker.url], client_id="dead", station_id="ST1", max_batch=10),
+                          str(path), recorder)
+    try:
+        assert publisher._connect_once() and publisher.online  # the publisher's own steps, in this thread
+        publisher._open_reader()
+        publisher.client.socket().shutdown(socket.SHUT_RDWR)  # the link dies: the next write fails
+        publisher._publish_readings("env/ST1/data")
+        assert publisher.client is None and not publisher.online
+        assert not publisher._inflight["readings"] and publisher._cursor["readings"] == 0, \
+            "the next connection publishes again from the watermark"
+    finally:
+        publisher._drop_reader()
+        writer.close()
+        broker.stop()
