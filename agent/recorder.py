@@ -198,13 +198,18 @@ class Recorder(threading.Thread):
         (monotonic): the group commit then writes at once instead of waiting for its window."""
         self._quiet_check = check
 
-    def keep_seq_marks_for(self, path: str | Path) -> None:
+    def keep_seq_marks_for(self, path: str | Path) -> bool:
         """The config now names another buffer file (used from the next start): keep this buffer's seq
-        high-water mark beside it too, so that its seqs continue above every seq issued here."""
+        high-water mark beside it too, so that its seqs continue above every seq issued here. False when
+        it is kept there already (a later reload of the same file)."""
         path = Path(path)
         assert self.buffer.seqmark is not None
-        self._seq_mirrors.append(path.with_name(path.name + ".seq"))
-        self.buffer.seqmark.mirror_to(self._seq_mirrors[-1])
+        mirror = path.with_name(path.name + ".seq")
+        if mirror in self._seq_mirrors:
+            return False
+        self._seq_mirrors.append(mirror)
+        self.buffer.seqmark.mirror_to(mirror)
+        return True
 
     def _new_writer(self, buffer: Buffer) -> Buffer:
         """`buffer` replaces the writer (a rescue, a reopen): its seq mark, a new one, is kept beside the

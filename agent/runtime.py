@@ -654,11 +654,14 @@ class Station:
             if new.storage.max_mb != self.config.storage.max_mb:
                 warn_if_disk_smaller_than_cap(self.config.storage.path, new.storage.max_mb)
         if new.storage.path != self.config.storage.path:
-            self.recorder.keep_seq_marks_for(new.storage.path)
-            log.warning("storage.path changed to %s: this agent writes %s until it restarts (`status` with the "
-                        "new file reads the new path meanwhile); the buffer started there will number every "
-                        "stream on from this one's high-water mark (kept beside it in %s.seq), never again "
-                        "from 1", new.storage.path, self.config.storage.path, new.storage.path)
+            if self.recorder.keep_seq_marks_for(new.storage.path):  # news: said in full once
+                log.warning("storage.path changed to %s: this agent writes %s until it restarts (`status` with the "
+                            "new file reads the new path meanwhile); the buffer started there will number every "
+                            "stream on from this one's high-water mark (kept beside it in %s.seq), never again "
+                            "from 1", new.storage.path, self.config.storage.path, new.storage.path)
+            else:  # a later reload with that path still in the file: said as `storage.sync` is
+                log.warning("storage.path is %s in the file but %s in force: it takes effect at the next restart "
+                            "(systemctl restart edge-agent)", new.storage.path, self.config.storage.path)
         self.publisher.update_settings(settings)
         self._reload_uplinks(new)
         for name in plan.restarted + plan.stopped:

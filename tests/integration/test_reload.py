@@ -195,3 +195,29 @@ def test_check_configs_warnings_reach_the_journal_at_start_and_at_each_reload(tm
     assert log.count("buses.rs485.port: warning: /dev/ttyUSB97 does not exist on this machine") == 1
     assert log.count("buses.rs485.port: warning: /dev/ttyUSB98 does not exist on this machine") == 1
     assert "alarms.0.channel: warning" not in log and "rule not applied" in log
+
+
+def test_a_new_storage_path_is_said_in_full_once_not_at_every_later_reload(tmp_path, broker):
+    """After a reload that named another storage.path, every later reload (another edit, the path
+    still in the file) said again that the path "changed to" it, with the whole explanation, and kept
+    that path's seq mark once more each time. Later reloads say only what waits for the restart, as
+    for `storage.sync`."""
+    config = sim_config(tmp_path, broker, channels=1)
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: "running" in agent.log(), 20, "the agent running")
+        (tmp_path / "ssd").mkdir()
+        config["storage"]["path"] = str(tmp_path / "ssd" / "buffer.db")
+        write_config(cfg, config)
+        for reloads in (1, 2, 3):
+            agent.signal(signal.SIGHUP)
+            wait_for(lambda n=reloads: agent.log().count("configuration reloaded") == n, 20, f"reload {reloads}")
+            config["devices"]["sim0"]["interval"] = 0.5 + reloads / 10  # an unrelated edit for the next
+            write_config(cfg, config)
+    finally:
+        assert agent.stop() == 0
+    log = agent.log()
+    assert log.count("storage.path changed to") == 1, log
+    assert log.count(f"storage.path is {tmp_path / 'ssd' / 'buffer.db'} in the file but {tmp_path / 'buffer.db'} "
+                     "in force: it takes effect at the next restart") == 2, log
