@@ -19,7 +19,8 @@ A serial port is checked (one `stat()` of its path) before every transaction: wh
 when the path is back. A TCP connection that dropped is reopened by the next transaction (once within
 it, not counted as a retry), and one that stays mute for 3 tries in a row is reopened too (a peer gone
 without closing it). Each bus logs one line when its link is lost and one when it is back (a link that
-flaps: at most three "lost" lines a minute, then one with the count of losses in between); each device
+flaps: at most three "lost" lines a minute, then one with the count of losses in between; one that stays
+down: a reminder every STILL_FAILING_EVERY_S with how long it has been down); each device
 one line when it stops answering properly (and at most one more per other kind of failure: no answer,
 bad answer, exception), a reminder with the count every STILL_FAILING_EVERY_S while it keeps failing,
 and one when it recovers: never one per poll, whatever bytes its answers hold.
