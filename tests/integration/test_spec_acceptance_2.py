@@ -273,12 +273,14 @@ def test_sigterm_while_a_backlog_drains_stops_within_the_grace_says_offline_and_
     broker = Broker(tmp_path / "broker", persistence=True).start()
     platform = Collector(broker, "env/#", persistent=True)
     broker.stop()
-    config = sim_config(tmp_path, broker, channels=200, interval=0.1,
-                        mqtt={"max_batch": 1, "shutdown_grace": 0.5})
+    # A backlog that takes a while to drain one reading a message (20 000 messages: over a second at
+    # loopback's fastest), and a short grace: the stop must come before the end of the drain.
+    config = sim_config(tmp_path, broker, channels=400, interval=0.1,
+                        mqtt={"max_batch": 1, "shutdown_grace": 0.1})
     cfg = write_config(tmp_path / "station.yaml", config)
     agent = AgentProcess(cfg)
     try:
-        wait_for(lambda: status_json(cfg)["last_seq"] >= 8_000, 60, "a backlog of 8000 readings")
+        wait_for(lambda: status_json(cfg)["last_seq"] >= 20_000, 60, "a backlog of 20 000 readings")
         broker.start()
         wait_for(lambda: platform.reading_seqs(), 20, "the drain under way")
         began = time.monotonic()
@@ -288,7 +290,7 @@ def test_sigterm_while_a_backlog_drains_stops_within_the_grace_says_offline_and_
         assert agent.proc.returncode == 0, agent.log()[-2000:]
     finally:
         agent.stop()
-    assert took < 0.5 + 5, f"stopped {took:.1f} s after SIGTERM with shutdown_grace 0.5"
+    assert took < 0.1 + 5, f"stopped {took:.1f} s after SIGTERM with shutdown_grace 0.1"
     stored = status_json(cfg)["last_seq"]
     assert len(set(platform.reading_seqs())) < stored, "the stop came before the end of the drain"
     wait_for(lambda: [m for m in platform.json_messages("/status") if m["state"] == "offline"], 10, "offline")
