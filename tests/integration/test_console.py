@@ -113,8 +113,10 @@ def test_console_api_serves_status_history_and_alarms_and_keeps_history_across_a
         assert alarms["active"][0]["threshold"] == 50 and alarms["active"][0]["value"] == 60
         assert alarms["recent"][0]["id"] == ALARM_ID and alarms["recent"][0]["state"] == "raised"
 
-        # /api/status is the `status --json` document, plus the console's own key.
-        status, doc = get_json(port, "/api/status")
+        # /api/status is the `status --json` document, plus the console's own key. It is cached for
+        # STATUS_TTL_S: the document read before the alarm was raised may still be served for a moment.
+        status, doc = wait_for(lambda: (r := get_json(port, "/api/status"))[1]["alarms"] and r, 15,
+                               "the alarm in /api/status")
         cli = json.loads(run_cli("status", "-c", str(cfg), "--json").stdout)
         assert status == 200 and set(cli) <= set(doc) and set(doc) - set(cli) == {"console"}
         assert doc["station"] == "TEST0001" and set(doc["devices"]) == set(cli["devices"]) == {"sim0", "cod"}
