@@ -475,20 +475,25 @@ class Publisher(threading.Thread):
                 self._errlog.warning("the broker closed the connection %.1f s after accepting it (%s)%s; "
                                      "reconnecting with backoff", lasted, why, hint,
                                      key="short-lived-hint" if hint else "short-lived")
-        self._drop_connection(why)
+        self._drop_connection(why, will=True)
         self._set_state("offline", why)
 
-    def _drop_connection(self, why: str) -> None:
+    def _drop_connection(self, why: str, will: bool = False) -> None:
+        """Forget the connection. `will`: end it without a goodbye (DISCONNECT), so that the broker
+        publishes the Last Will (`offline`, retained): a connection the agent gives up on while it goes
+        on running offline (a refused message, a lost link) must not leave `online` retained through
+        the reconnect backoff. A deliberate end (a stop, a reload) says its own `offline` first."""
         self._dropped_because = why
         client, self.client = self.client, None
         self.online = False
         self._reset_window()
         if client is not None:
-            try:
-                client.on_disconnect = None
-                client.disconnect()
-            except Exception:  # noqa: BLE001
-                pass
+            if not will:
+                try:
+                    client.on_disconnect = None
+                    client.disconnect()
+                except Exception:  # noqa: BLE001
+                    pass
             try:
                 sock = client.socket()
                 if sock is not None:
@@ -617,7 +622,7 @@ class Publisher(threading.Thread):
             why, self._refusal = self._refusal, None
             if self.client is client:
                 self._hold_off = True
-                self._drop_connection(why)
+                self._drop_connection(why, will=True)
                 self._set_state("offline", why)
         return bool(readable or writable or pending)
 

@@ -73,6 +73,36 @@ def test_readings_the_acl_refuses_are_not_marked_sent(tmp_path):
         broker.stop()
 
 
+def test_a_connection_given_up_after_a_refusal_leaves_offline_retained_until_the_next_one(tmp_path):
+    """An operator reads the fleet from the retained statuses. After a refused message the agent drops
+    the connection and waits its backoff before the next: a goodbye (DISCONNECT) then kept the broker
+    from publishing the Last Will, and `online` stayed retained while the station published nothing.
+    The broker now says `offline` (the Will) until the agent is back, and `online` again when it is."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite env/TEST0001/status\ntopic readwrite env/TEST0001/cmd/#\n"
+                   "topic read env/#\n")
+    broker = Broker(tmp_path / "broker", extra=f"acl_file {acl}").start()
+    watcher = Collector(broker, "env/TEST0001/status")
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=5, interval=0.2))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: "Not authorized" in agent.log(), 20, "the refusal logged")
+
+        def states() -> list[str]:
+            return [m["state"] for m in watcher.json_messages("/status")]
+
+        offline = wait_for(lambda: "offline" in states()[1:] and states(), 20, "offline after the refusal")
+        assert offline[0] == "online"
+        assert [m.get("reason") for m in watcher.json_messages("/status") if m["state"] == "offline"][0] == \
+            "connection lost", "the Will, not a deliberate stop"
+        assert agent.alive()
+        wait_for(lambda: states()[len(offline):].count("online") >= 1, 60, "online again at the next connection")
+    finally:
+        assert agent.stop() == 0
+        watcher.close()
+        broker.stop()
+
+
 def test_a_resend_reply_the_acl_refuses_neither_holds_up_later_resends_nor_renews_the_connection(tmp_path):
     """A broker whose ACL lets the station publish data but not P/cmd/reply refuses the reply to a resend
     (MQTT 5 PUBACK 0x87). That refusal was handled like refused data: the connection dropped and made
