@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Broker, kill_leftovers, leaked_secrets  # noqa: E402
+from harness import Broker, Collector, kill_leftovers, leaked_secrets  # noqa: E402
 
 
 @pytest.fixture
@@ -19,6 +19,14 @@ def broker(tmp_path):
     b = Broker(tmp_path / "broker").start()
     yield b
     b.stop()
+
+
+@pytest.fixture
+def collector(broker):
+    """Every message the test's broker carries for the station (`env/#`), as a platform receives them."""
+    c = Collector(broker, "env/#")
+    yield c
+    c.close()
 
 
 @pytest.fixture

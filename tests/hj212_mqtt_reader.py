@@ -1,5 +1,6 @@
 """A provincial platform's reader of HJ 212-2017 packets carried in MQTT messages (`mqtt.payload: hj212`),
-written from SPEC.md §4 and DOMAIN.md alone: it imports nothing from agent/ or drivers/. Each MQTT message
+written from SPEC.md §4 and DOMAIN.md alone: it imports nothing from agent/ or drivers/ (its CRC is the test
+platform's, `hj212_platform.crc212`). Each MQTT message
 must hold exactly one packet: ``##`` + 4-digit data-segment length + data segment + 4 hex CRC + CRLF, the
 length right, the CRC right (DOMAIN.md's algorithm, not Modbus's), the data segment at most 1024
 characters. `read` returns what a platform would store, and the list of every rule the message broke."""
@@ -11,25 +12,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+from hj212_platform import crc212  # the test platform's, from DOMAIN.md (checked against its examples)
+
 MAX_SEGMENT = 1024  # DOMAIN.md: the data segment is at most 1024 characters
 PLAIN_DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?")  # no exponent, no "+", no "inf"/"nan"
 QN_TEXT = re.compile(r"[0-9]{17}")
 TIME_TEXT = re.compile(r"[0-9]{14}")
 HEAD_ORDER = ("QN", "ST", "CN", "PW", "MN", "Flag")
-
-
-def crc212(data: bytes) -> int:
-    """DOMAIN.md: init 0xFFFF; for each byte crc = (crc >> 8) ^ byte, then 8 times shift right one bit and
-    xor 0xA001 when the bit shifted out was 1."""
-    crc = 0xFFFF
-    for byte in data:
-        crc = (crc >> 8) ^ byte
-        for _ in range(8):
-            carry = crc & 1
-            crc >>= 1
-            if carry:
-                crc ^= 0xA001
-    return crc
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Independent instruments for acceptance tests, written from SPEC.md §2 and DOMAIN.md alone.
 
-Nothing here imports the project (`agent`, `drivers`) or pymodbus: the frames, CRCs, checksums and
-the register encodings of every `type` and `order` are this file's own code, from the protocol
-documents, so that a bug shared by the agent and its own simulators cannot hide here.
+Nothing here imports the project (`agent`, `drivers`) or pymodbus: the frames, CRCs, checksums and the
+register encodings of every `type` and `order` are this file's own code (HJ 212's CRC is the test
+platform's, `hj212_platform.crc212`), from the protocol documents, so that a bug shared by the agent
+and its own simulators cannot hide here.
 
 - `ModbusTcpServer`: a Modbus TCP server (MBAP, functions 01 02 03 04 05 06 15 16) on a loopback port.
 - `ModbusRtuSlave`: one or more Modbus RTU slaves on one pseudo-terminal (several units on one bus),
@@ -28,6 +29,8 @@ import time
 import tty
 from dataclasses import dataclass, field
 
+from hj212_platform import crc212  # HJ 212's CRC: the test platform's, from DOMAIN.md, not the project's
+
 # ------------------------------------------------------------------------------------------------
 # Checksums
 # ------------------------------------------------------------------------------------------------
@@ -47,16 +50,6 @@ def with_crc(frame: bytes) -> bytes:
     """An RTU frame with its CRC appended, low byte first."""
     crc = crc16_modbus(frame)
     return frame + bytes([crc & 0xFF, crc >> 8])
-
-
-def crc_hj212(data: bytes) -> int:
-    """DOMAIN.md's HJ 212 CRC: init 0xFFFF; `crc = (crc >> 8) ^ byte`, then 8 shifts with 0xA001."""
-    crc = 0xFFFF
-    for byte in data:
-        crc = (crc >> 8) ^ byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-    return crc
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,13 +268,11 @@ def _rtu_request_length(buf: bytes) -> int | None:
     return 8
 
 
-class ModbusRtuSlave:
-    """Several Modbus RTU units on one pseudo-terminal; `path` (a symlink to the pty's slave end) is
-    the bus `port` of the agent's configuration. Answers frames whose CRC is right and whose unit is
-    served; other bytes are skipped one at a time (resynchronisation)."""
+class _LinkedPty:
+    """A pseudo-terminal whose slave end is linked at `link` (the `port` of the agent's configuration),
+    served by a thread of the subclass (`_run`) until `close()`."""
 
-    def __init__(self, units: list[Unit], link: os.PathLike | str):
-        self.units = {u.unit_id: u for u in units}
+    def __init__(self, link: os.PathLike | str, thread_name: str):
         self.master, self.slave = os.openpty()
         tty.setraw(self.slave)
         self.path = str(link)
@@ -289,7 +280,31 @@ class ModbusRtuSlave:
             os.unlink(self.path)
         os.symlink(os.ttyname(self.slave), self.path)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="indep-rtu")
+        self._thread = threading.Thread(target=self._run, daemon=True, name=thread_name)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        for fd in (self.master, self.slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if os.path.islink(self.path):
+            os.unlink(self.path)
+
+
+class ModbusRtuSlave(_LinkedPty):
+    """Several Modbus RTU units on one pseudo-terminal; `path` (a symlink to the pty's slave end) is
+    the bus `port` of the agent's configuration. Answers frames whose CRC is right and whose unit is
+    served; other bytes are skipped one at a time (resynchronisation)."""
+
+    def __init__(self, units: list[Unit], link: os.PathLike | str):
+        super().__init__(link, "indep-rtu")
+        self.units = {u.unit_id: u for u in units}
         self.crc_errors = 0
 
     def start(self) -> ModbusRtuSlave:
@@ -350,17 +365,6 @@ class ModbusRtuSlave:
             return
         os.write(self.master, frame)
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        for fd in (self.master, self.slave):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        if os.path.islink(self.path):
-            os.unlink(self.path)
-
 
 # ------------------------------------------------------------------------------------------------
 # Serial streaming sensors
@@ -389,27 +393,20 @@ def sds011_frame(pm25_tenths: int, pm10_tenths: int, device_id: int = 0xA1B2, *,
 def hj212_packet(segment: str, *, corrupt: bool = False) -> bytes:
     """`##` + 4-digit length + data segment + 4 hex CRC + CRLF (DOMAIN.md)."""
     data = segment.encode("ascii")
-    crc = crc_hj212(data) ^ (0x0001 if corrupt else 0)
+    crc = crc212(data) ^ (0x0001 if corrupt else 0)
     return b"##" + f"{len(data):04d}".encode() + data + f"{crc:04X}".encode() + b"\r\n"
 
 
-class SerialStreamer:
+class SerialStreamer(_LinkedPty):
     """A pty whose slave end is linked at `link`; the test writes bytes into it (`send`), and what the
     agent writes to the sensor is kept in `received`."""
 
     def __init__(self, link: os.PathLike | str):
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.slave)
-        self.path = str(link)
-        if os.path.lexists(self.path):
-            os.unlink(self.path)
-        os.symlink(os.ttyname(self.slave), self.path)
+        super().__init__(link, "indep-serial")
         self.received = b""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._drain, daemon=True, name="indep-serial")
         self._thread.start()
 
-    def _drain(self) -> None:
+    def _run(self) -> None:
         while not self._stop.is_set():
             ready, _, _ = select.select([self.master], [], [], 0.05)
             if ready:
@@ -420,14 +417,3 @@ class SerialStreamer:
 
     def send(self, data: bytes) -> None:
         os.write(self.master, data)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        for fd in (self.master, self.slave):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        if os.path.islink(self.path):
-            os.unlink(self.path)

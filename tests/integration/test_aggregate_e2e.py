@@ -26,13 +26,6 @@ NEEDED = 90  # ceil(0.75 x 60 s / 0.5 s): valid values a minute needs for flag N
 CAP_MS = 1000  # a flow value holds for at most 2 device intervals
 
 
-@pytest.fixture
-def collector(broker):
-    c = Collector(broker, "env/#")
-    yield c
-    c.close()
-
-
 def station(tmp_path, broker, station_id: str):
     """A station with a two-channel simulated analyzer (5 % failed polls) and a flow meter at 10 L/s."""
     home = tmp_path / station_id

@@ -52,13 +52,6 @@ class RelayBoard(RegisterBank):
 
 
 @pytest.fixture
-def collector(broker):
-    c = Collector(broker, "env/#")
-    yield c
-    c.close()
-
-
-@pytest.fixture
 def servers():
     started: list[TcpServer] = []
 

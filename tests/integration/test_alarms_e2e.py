@@ -20,13 +20,6 @@ ALARM_ID = "cod.w01018:above"
 ISO_MS_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
-@pytest.fixture
-def collector(broker):
-    c = Collector(broker, "env/#")
-    yield c
-    c.close()
-
-
 def station(tmp_path, broker, cod_mean: float) -> dict:
     """A station with one COD analyzer (simulated, constant value) and a COD limit of 50 mg/L."""
     config = sim_config(tmp_path, broker, devices=0, alarms=[{"channel": "cod.w01018", "above": 50, "hysteresis": 2}])

@@ -11,6 +11,16 @@ import threading
 import pytest
 from harness import AgentProcess, Broker, Collector, db_last_seq, run_cli, sim_config, wait_for, write_config
 
+# An ACL that lets the station say its status and read commands, and refuses its data.
+REFUSING_DATA = ("topic readwrite env/TEST0001/status", "topic readwrite env/TEST0001/cmd/#", "topic read env/#")
+
+
+def acl_broker(tmp_path, *rules: str) -> Broker:
+    """A started broker whose ACL (mosquitto's acl_file) holds `rules`, one per line."""
+    acl = tmp_path / "acl"
+    acl.write_text("".join(f"{rule}\n" for rule in rules))
+    return Broker(tmp_path / "broker", extra=f"acl_file {acl}").start()
+
 
 def test_a_broker_message_size_limit_below_a_batch_loses_nothing(tmp_path):
     """mosquitto acknowledges a message over `message_size_limit` and drops it. A poll of 20 channels is
@@ -56,10 +66,7 @@ def test_messages_refused_as_too_large_halve_the_batch_once_per_size(tmp_path):
 def test_readings_the_acl_refuses_are_not_marked_sent(tmp_path):
     """mosquitto refuses a PUBLISH its ACL does not allow with an MQTT 5 PUBACK 0x87: the readings stay
     unsent (backlog, state offline with the reason) and are retried with backoff, not lost."""
-    acl = tmp_path / "acl"
-    acl.write_text("topic readwrite env/TEST0001/status\ntopic readwrite env/TEST0001/cmd/#\n"
-                   "topic read env/#\n")
-    broker = Broker(tmp_path / "broker", extra=f"acl_file {acl}").start()
+    broker = acl_broker(tmp_path, *REFUSING_DATA)
     cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=5, interval=0.2))
     agent = AgentProcess(cfg)
     try:
@@ -78,10 +85,7 @@ def test_a_connection_given_up_after_a_refusal_leaves_offline_retained_until_the
     the connection and waits its backoff before the next: a goodbye (DISCONNECT) then kept the broker
     from publishing the Last Will, and `online` stayed retained while the station published nothing.
     The broker now says `offline` (the Will) until the agent is back, and `online` again when it is."""
-    acl = tmp_path / "acl"
-    acl.write_text("topic readwrite env/TEST0001/status\ntopic readwrite env/TEST0001/cmd/#\n"
-                   "topic read env/#\n")
-    broker = Broker(tmp_path / "broker", extra=f"acl_file {acl}").start()
+    broker = acl_broker(tmp_path, *REFUSING_DATA)
     watcher = Collector(broker, "env/TEST0001/status")
     cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=5, interval=0.2))
     agent = AgentProcess(cfg)
@@ -108,10 +112,8 @@ def test_a_resend_reply_the_acl_refuses_neither_holds_up_later_resends_nor_renew
     (MQTT 5 PUBACK 0x87). That refusal was handled like refused data: the connection dropped and made
     again, the job rewound and its reply refused again, for ever (a new connection every reconnect_max),
     and every later resend waited behind it. A refused reply is logged and the job is over."""
-    acl = tmp_path / "acl"
-    acl.write_text("topic readwrite env/TEST0001/status\ntopic readwrite env/TEST0001/data\n"
-                   "topic readwrite env/TEST0001/cmd\ntopic read env/#\n")
-    broker = Broker(tmp_path / "broker", extra=f"acl_file {acl}").start()
+    broker = acl_broker(tmp_path, "topic readwrite env/TEST0001/status", "topic readwrite env/TEST0001/data",
+                        "topic readwrite env/TEST0001/cmd", "topic read env/#")
     platform = Collector(broker, "env/TEST0001/data")
     cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=3, interval=0.2))
     agent = AgentProcess(cfg)

@@ -225,13 +225,6 @@ def clockshift(tmp_path_factory) -> Path:
     return so
 
 
-@pytest.fixture
-def collector(broker):
-    c = Collector(broker, "env/#")
-    yield c
-    c.close()
-
-
 def station(tmp_path, broker) -> dict:
     config = sim_config(tmp_path, broker, devices=0, aggregate={"minute": 1}, alarms=[
         {"channel": f"sim0.{COD}", "above": 50, "delay": COD_DELAY_S},

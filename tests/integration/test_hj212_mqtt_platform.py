@@ -16,7 +16,8 @@ import pytest
 from harness import AgentProcess, Broker, Collector, run_cli, sim_config, wait_for, write_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hj212_mqtt_reader import crc212, number_problem, qn_problem, read  # noqa: E402
+from hj212_mqtt_reader import number_problem, qn_problem, read  # noqa: E402
+from hj212_platform import crc212  # noqa: E402
 
 PW = "Pw1234"
 MN24 = "010000A8900016F000169DC0"

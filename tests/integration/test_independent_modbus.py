@@ -18,11 +18,14 @@ from instruments import ModbusRtuSlave, ModbusTcpServer, Unit
 INTERVAL = 0.5
 
 
-@pytest.fixture
-def collector(broker):
-    c = Collector(broker, "env/#")
-    yield c
-    c.close()
+def serve(kind: str, units: list[Unit], tmp_path, **bus_options) -> tuple[ModbusTcpServer | ModbusRtuSlave, dict]:
+    """The independent instrument serving `units` over Modbus `kind` (tcp, or rtu on a pty), started,
+    and the bus section of the agent's configuration that reaches it (with `bus_options`: timeout, ...)."""
+    if kind == "tcp":
+        server = ModbusTcpServer(units).start()
+        return server, {"type": "tcp", "host": "127.0.0.1", "port": server.port, **bus_options}
+    server = ModbusRtuSlave(units, tmp_path / "ttyBUS").start()
+    return server, {"type": "rtu", "port": server.path, "baudrate": 9600, **bus_options}
 
 
 @pytest.fixture
@@ -114,12 +117,7 @@ def extreme_map(unit: Unit) -> list[dict]:
 def test_every_type_and_order_at_its_extremes_arrives_exact(kind, tmp_path, run_station, collector):
     unit = Unit(7)
     registers = extreme_map(unit)
-    if kind == "tcp":
-        server = ModbusTcpServer([unit]).start()
-        bus = {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.5}
-    else:
-        server = ModbusRtuSlave([unit], tmp_path / "ttyBUS").start()
-        bus = {"type": "rtu", "port": server.path, "baudrate": 9600, "timeout": 0.5}
+    server, bus = serve(kind, [unit], tmp_path, timeout=0.5)
     try:
         run_station({"line": bus}, {"ext": {"bus": "line", "slave": 7, "interval": INTERVAL, "registers": registers}})
         names = {e[0] for e in EXTREMES}
@@ -222,12 +220,7 @@ def _devices(bus: str) -> dict:
 def test_a_misbehaving_unit_reads_null_with_its_flag_and_its_neighbour_stays_normal(
         kind, mode, tmp_path, run_station, collector):
     good, bad = _two_units(mode)
-    if kind == "tcp":
-        server = ModbusTcpServer([good, bad]).start()
-        bus = {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.3, "retries": 1}
-    else:
-        server = ModbusRtuSlave([good, bad], tmp_path / "ttyBUS").start()
-        bus = {"type": "rtu", "port": server.path, "baudrate": 9600, "timeout": 0.3, "retries": 1}
+    server, bus = serve(kind, [good, bad], tmp_path, timeout=0.3, retries=1)
     try:
         run_station({"line": bus}, _devices("line"))
         wait_for(lambda: len(readings(collector, "bad")) >= 3 and len(readings(collector, "cod")) >= 3, 30,
@@ -245,12 +238,7 @@ def test_trailing_garbage_after_an_answer_never_gives_a_wrong_value(kind, tmp_pa
     """Bytes after a complete answer: the value is never taken from them, and the next polls read the
     instrument again (the garbage does not poison the following transactions for good)."""
     good, bad = _two_units("trailing")
-    if kind == "tcp":
-        server = ModbusTcpServer([good, bad]).start()
-        bus = {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.3}
-    else:
-        server = ModbusRtuSlave([good, bad], tmp_path / "ttyBUS").start()
-        bus = {"type": "rtu", "port": server.path, "baudrate": 9600, "timeout": 0.3}
+    server, bus = serve(kind, [good, bad], tmp_path, timeout=0.3)
     try:
         run_station({"line": bus}, _devices("line"))
         wait_for(lambda: len(readings(collector, "bad")) >= 6 and len(readings(collector, "cod")) >= 6, 30,
@@ -308,12 +296,7 @@ def test_an_answer_just_inside_the_timeout_is_taken_and_one_outside_is_not(kind,
     quick.put("holding", 0, 111, "uint16")
     slow.put("holding", 0, 222, "uint16")
     slow.put("holding", 40, 333, "uint16")
-    if kind == "tcp":
-        server = ModbusTcpServer([quick, slow]).start()
-        bus = {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.4, "retries": 0}
-    else:
-        server = ModbusRtuSlave([quick, slow], tmp_path / "ttyBUS").start()
-        bus = {"type": "rtu", "port": server.path, "baudrate": 9600, "timeout": 0.4, "retries": 0}
+    server, bus = serve(kind, [quick, slow], tmp_path, timeout=0.4, retries=0)
     try:
         run_station({"line": bus}, {
             "quick": {"bus": "line", "slave": 1, "interval": 1.0, "registers": [
@@ -370,12 +353,7 @@ def test_a_dead_slave_on_an_rtu_bus_does_not_break_the_rhythm_of_the_others(tmp_
 def test_answers_in_pieces_or_a_gateway_closing_each_connection_still_read_normal(
         kind, mode, tmp_path, run_station, collector):
     good, odd = _two_units(mode)
-    if kind == "tcp":
-        server = ModbusTcpServer([good, odd]).start()
-        bus = {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.3}
-    else:
-        server = ModbusRtuSlave([good, odd], tmp_path / "ttyBUS").start()
-        bus = {"type": "rtu", "port": server.path, "baudrate": 9600, "timeout": 0.3}
+    server, bus = serve(kind, [good, odd], tmp_path, timeout=0.3)
     try:
         run_station({"line": bus}, _devices("line"))
         wait_for(lambda: len(readings(collector, "bad")) >= 4 and len(readings(collector, "cod")) >= 4, 30,
@@ -511,12 +489,7 @@ def test_a_silent_slave_is_tried_retries_plus_one_times_then_reads_null_b(kind, 
                                                                         collector):
     silent = Unit(8, mode="silent")
     silent.put("holding", 0, 1, "uint16")
-    if kind == "tcp":
-        server = ModbusTcpServer([silent]).start()
-        bus = {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.2, "retries": retries}
-    else:
-        server = ModbusRtuSlave([silent], tmp_path / "ttyBUS").start()
-        bus = {"type": "rtu", "port": server.path, "baudrate": 9600, "timeout": 0.2, "retries": retries}
+    server, bus = serve(kind, [silent], tmp_path, timeout=0.2, retries=retries)
     try:
         run_station({"line": bus}, {"dead": {"bus": "line", "slave": 8, "interval": 2.0, "registers": [
             {"channel": "x", "address": 0, "type": "uint16"}]}})

@@ -22,13 +22,6 @@ POISON = 4444  # the value every broken frame carries: it must never be publishe
 
 
 @pytest.fixture
-def collector(broker):
-    c = Collector(broker, "env/#")
-    yield c
-    c.close()
-
-
-@pytest.fixture
 def station(tmp_path, broker):
     """station(driver, **device) -> (agent, streamer): one serial device on a pty; stopped after."""
     running: list = []

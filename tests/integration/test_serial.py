@@ -32,13 +32,6 @@ NOISE = {"garbage": 0.3, "split": 0.3, "bad_checksum": 0.3}
 
 
 @pytest.fixture
-def collector(broker):
-    c = Collector(broker, "env/#")
-    yield c
-    c.close()
-
-
-@pytest.fixture
 def start(tmp_path, broker):
     """start(instrument, driver) -> (agent, sim): the simulator on a pty behind tmp_path/ttySIM and the
     agent configured with one serial device on it. Both are stopped at the end of the test."""

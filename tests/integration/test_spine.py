@@ -46,13 +46,6 @@ def assert_ordered_per_message(collector: Collector) -> None:
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), f"message not in seq order: {seqs[:20]}"
 
 
-@pytest.fixture
-def collector(broker):
-    c = Collector(broker, "env/#")
-    yield c
-    c.close()
-
-
 def test_readings_arrive_with_the_documented_payload(tmp_path, broker, collector):
     cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=2, interval=0.2))
     agent = AgentProcess(cfg)

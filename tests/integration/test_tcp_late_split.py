@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from harness import wait_for
 from instruments import ModbusTcpServer, Unit
-from test_independent_modbus import collector, readings, run_station  # noqa: F401 - fixtures
+from test_independent_modbus import readings, run_station  # noqa: F401 - a fixture
 
 
 def test_an_answer_split_around_the_timeout_reads_like_a_late_whole_one(tmp_path, run_station, collector):  # noqa: F811
