@@ -19,9 +19,11 @@ beside it.
 
 Bytes written per reading (`write_bytes` of /proc/self/io, as `bench_steady.py` reads the agent's) are
 printed for each step too, and for a fifth: `+ sqlite` again on a table of the smallest rows a reading
-could have (seq and value alone). Every fsynced commit dirties at least one whole 4 KiB page of the
-WAL again, whatever it holds: that floor of the issue's target of 150 bytes per reading (at 40
-readings a commit, ~100 bytes before any row is written twice) shows there.
+could have (seq and value alone), and a sixth: `packed`, the most compact schema a buffer could have,
+one row per poll (its first and last seq, time, device, and every value and flag packed into one
+blob: 8 + 1 bytes a reading). Every fsynced commit dirties at least one whole 4 KiB page of the WAL
+again, whatever it holds: that floor of the issue's target of 150 bytes per reading (at 40 readings
+a commit, ~100 bytes before any row is written twice) shows there.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import argparse
 import platform
 import resource
 import sqlite3
+import struct
 import sys
 import tempfile
 import time
@@ -49,6 +52,8 @@ SCHEMA = """CREATE TABLE readings (seq INTEGER PRIMARY KEY, device TEXT NOT NULL
 
 
 SMALLEST = "CREATE TABLE readings (seq INTEGER PRIMARY KEY, value REAL)"
+
+PACKED = "CREATE TABLE polls (first_seq INTEGER PRIMARY KEY, last_seq INTEGER, ts_ms INTEGER, device TEXT, data BLOB)"
 
 
 def cpu_seconds() -> float:
@@ -89,10 +94,13 @@ def run_step(step: str, seconds: float, channels: int, db, client: mqtt.Client |
         db.execute("BEGIN")
         if step == "smallest":
             db.executemany("INSERT INTO readings VALUES (?,?)", [(row[0], row[4]) for row in rows])
+        elif step == "packed":
+            data = struct.pack(f"<{channels}d", *(row[4] for row in rows)) + b"N" * channels
+            db.execute("INSERT INTO polls VALUES (?,?,?,?,?)", (first, state["seq"], ts_ms, "sim0", data))
         else:
             db.executemany("INSERT INTO readings VALUES (?,?,?,?,?,?,?)", rows)
         db.execute("COMMIT")
-        if step in ("+ sqlite", "smallest"):
+        if step in ("+ sqlite", "smallest", "packed"):
             continue
         (items,) = db.execute(f"SELECT group_concat({READING_JSON}, ',') FROM readings WHERE seq >= ?",
                               (first,)).fetchone()
@@ -129,6 +137,8 @@ def main() -> None:
             client.disconnect()
             smallest = open_db(tmp / "smallest.db", SMALLEST)
             results.append(("smallest", run_step("smallest", args.seconds, args.channels, smallest, None, state)))
+            packed = open_db(tmp / "packed.db", PACKED)
+            results.append(("packed", run_step("packed", args.seconds, args.channels, packed, None, state)))
         finally:
             broker.stop()
     print(f"bench_floor  {time.strftime('%Y-%m-%d')}  {platform.machine()}  python {platform.python_version()}  "
@@ -136,7 +146,8 @@ def main() -> None:
     print(f"  one thread, {args.channels} readings once a second for {args.seconds:.0f} s per step; "
           f"CPU ms per 1000 readings (issue 2's target: <= 20) and bytes written per reading (target: <= 150)")
     for step, (ms, per_reading) in results:
-        what = "  (+ sqlite with rows of seq and value alone)" if step == "smallest" else ""
+        what = {"smallest": "  (+ sqlite with rows of seq and value alone)",
+                "packed": "  (+ sqlite with one row per poll, values packed in a blob)"}.get(step, "")
         print(f"    {step:10s}: {ms:6.1f} ms  {per_reading:6.0f} B{what}")
 
 
