@@ -906,12 +906,15 @@ class Buffer:
             "GROUP BY device, channel", (after_seq, limit))}
         return [(*row, valid.get(key)) for key, row in last.items()]
 
-    def readings_json(self, after_seq: int, limit: int, upto_seq: int | None = None) -> JsonBatch | None:
-        """Up to `limit` readings with seq > after_seq (and <= upto_seq), encoded, in seq order."""
+    def readings_json(self, after_seq: int, limit: int, upto_seq: int | None = None,
+                      ts_range: tuple[int, int] | None = None) -> JsonBatch | None:
+        """Up to `limit` readings with seq > after_seq (and <= upto_seq), encoded, in seq order; with
+        `ts_range` (start_ms, end_ms), only those whose `ts_ms` lies in it (both inclusive)."""
+        when, args = _ts_filter(ts_range)
         row = self.conn.execute(
             f"SELECT min(seq), max(seq), count(*), group_concat(j, ',') FROM (SELECT seq, {READING_JSON} AS j "
-            "FROM readings WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?)",
-            (after_seq, upto_seq if upto_seq is not None else 2**63 - 1, limit),
+            f"FROM readings WHERE seq > ? AND seq <= ?{when} ORDER BY seq LIMIT ?)",
+            (after_seq, upto_seq if upto_seq is not None else 2**63 - 1, *args, limit),
         ).fetchone()
         if not row[2]:
             return None
@@ -936,27 +939,34 @@ class Buffer:
         return [EventRow(r[0], r[1], json.loads(r[2])) for r in rows]
 
     def reading_polls(self, after_seq: int, max_readings: int, *, upto_seq: int | None = None,
-                      max_polls: int | None = None) -> list[Poll]:
+                      max_polls: int | None = None, ts_range: tuple[int, int] | None = None,
+                      scan_upto: int | None = None) -> list[Poll]:
         """Readings with seq > after_seq (and <= upto_seq) in seq order, grouped per device poll.
 
         A poll is a run of consecutive seqs of one device with one `ts_ms` (the recorder stores each
         poll's readings together, in one transaction). About `max_readings` readings are read; the
         last poll is completed beyond that limit (a poll is never cut in two), and at most
-        `max_polls` polls are returned.
+        `max_polls` polls are returned. With `ts_range` (start_ms, end_ms, both inclusive) only the
+        polls taken in it; with `scan_upto`, only the rows up to that seq are looked at (one bounded
+        step of a long scan), the last poll still being completed up to `upto_seq`.
         """
         upto = upto_seq if upto_seq is not None else 2**63 - 1
-        sql = ("SELECT seq, ts_ms, device, channel, value, unit, flag FROM readings WHERE seq > ? AND seq <= ? "
-               "ORDER BY seq LIMIT ?")
-        rows = self.conn.execute(sql, (after_seq, upto, max(max_readings, 1))).fetchall()
+        scan = upto if scan_upto is None else min(upto, scan_upto)
+        when, args = _ts_filter(ts_range)
+        sql = ("SELECT seq, ts_ms, device, channel, value, unit, flag FROM readings WHERE seq > ? AND seq <= ?"
+               "{} ORDER BY seq LIMIT ?")
+        rows = self.conn.execute(sql.format(when), (after_seq, scan, *args, max(max_readings, 1))).fetchall()
         if not rows:
             return []
         groups = _poll_groups(rows)
         if max_polls is not None and len(groups) > max_polls:
             groups = groups[:max_polls]
-        elif len(rows) >= max_readings:  # the limit may have cut the last poll: read the rest of it
+        elif len(rows) >= max_readings or rows[-1][0] == scan < upto:
+            # The limit, or the end of the step, may have cut the last poll: read the rest of it (its rows
+            # follow in seq and share its time, so they need no time filter).
             last = groups[-1]
             while True:
-                more = self.conn.execute(sql, (last[-1][0], upto, 256)).fetchall()
+                more = self.conn.execute(sql.format(""), (last[-1][0], upto, 256)).fetchall()
                 same = list(itertools.takewhile(lambda r: (r[1], r[2]) == (last[0][1], last[0][2]), more))
                 last.extend(same)
                 if len(same) < 256:
@@ -1022,9 +1032,9 @@ class Buffer:
         ).fetchall()
         return [Gap(*r) for r in rows]
 
-    def first_seq(self, stream: str = STREAM_READINGS) -> int | None:
-        """The oldest seq still stored (None when the table is empty)."""
-        return self.conn.execute(f"SELECT min(seq) FROM {stream}").fetchone()[0]
+    def first_seq(self, stream: str = STREAM_READINGS, after: int = 0) -> int | None:
+        """The oldest seq still stored (above `after`); None when there is none."""
+        return self.conn.execute(f"SELECT min(seq) FROM {stream} WHERE seq > ?", (after,)).fetchone()[0]
 
     def has_after(self, stream: str, after_seq: int) -> bool:
         """Whether a row has seq > after_seq (one step down the primary key, whatever the backlog)."""
@@ -1119,6 +1129,12 @@ def _reporting(step: Callable[[], T], progress: Callable[[], None] | None) -> T:
     if not ok:
         raise value
     return value
+
+
+def _ts_filter(ts_range: tuple[int, int] | None) -> tuple[str, tuple[int, ...]]:
+    """The SQL condition (and its arguments) keeping the rows whose `ts_ms` lies in `ts_range`, both ends
+    inclusive; nothing for None."""
+    return ("", ()) if ts_range is None else (" AND ts_ms BETWEEN ? AND ?", ts_range)
 
 
 def _poll_groups(rows: Sequence[tuple]) -> list[list[tuple]]:

@@ -46,7 +46,7 @@ from agent.buffer import Buffer, BufferError, Gap, is_corruption
 from agent.hj212_payload import Hj212Identity, Hj212Message, Hj212Payload, group_periods
 from agent.logutil import RateLimitedLog
 from agent.memtrim import release_free_memory
-from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, iso_utc_ms, now_ms
+from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, iso_utc_ms, now_ms, parse_iso_utc_ms
 from agent.mqttclient import Client
 from agent.payloads import (
     aggregates_message,
@@ -74,6 +74,12 @@ SHORT_LIVED_HINT_AFTER = 3  # such connections in a row before the log suspects 
 # rescues the file meanwhile, and the platform may ask again) instead of holding up the resends after it.
 RESEND_READ_TRIES = 10
 MAX_RESENDS_QUEUED = 4  # resend commands under way at once; more are refused until one is answered
+MAX_RESEND_SPAN_MS = 366 * 86_400_000  # the widest from_ts..to_ts a resend by time may ask for
+# A resend by time reads the readings by seq and keeps those of its range (they have no time index, and
+# `ts` steps back with the clock): this many seqs per read, reads for at most RESEND_SCAN_S per turn of
+# the publisher's loop, so that live data, acknowledgements and commands go on during a long scan.
+RESEND_SCAN_SEQS = 20_000
+RESEND_SCAN_S = 0.05
 EVENT_BATCH = 50  # aggregates per agg message
 HJ212_EVENT_BATCH = 500  # aggregate rows read at once to group into period packets
 PREPARED_MAX_BYTES = 16 * 1024 * 1024  # data messages of the backlog encoded ahead while offline
@@ -196,6 +202,7 @@ class Publisher(threading.Thread):
         self._failing_since = 0.0  # monotonic time of the first of them
         self._cmdlog = RateLimitedLog(log, every_s=60)  # refused commands: anyone may send them
         self._resends: deque[_Resend] = deque()
+        self._resend_due = False  # a resend by time stopped its scan for this turn: the loop does not wait
         self._hj212 = self._payload_strategy(settings)
 
     # ------------------------------------------------------------------ any thread
@@ -252,7 +259,7 @@ class Publisher(threading.Thread):
                         self._sleep(self._next_backoff())
                     continue
                 busy = self._window_full() or not self.online or self._drain_until is not None
-                self._service_io(0.5 if busy else 5.0)
+                self._service_io(0.5 if busy else 0 if self._resend_due else 5.0)
                 self._refresh_summary()
                 # Read the buffer only when something new may be there: a commit woke us, or the window
                 # was full and acknowledgements have made room.
@@ -1119,32 +1126,55 @@ class Publisher(threading.Thread):
         return {"cmd": "status", "status": status}
 
     def _cmd_resend(self, cmd_id: object, cmd: dict) -> None:
-        """Queue the range; `_continue_resends` publishes it within the window and then replies."""
-        _only_keys(cmd, {"id", "cmd", "from_seq", "to_seq"})
-        first, last = cmd.get("from_seq"), cmd.get("to_seq")
-        for name, value in (("from_seq", first), ("to_seq", last)):
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEQ:
-                raise CommandError(f"'{name}' must be an integer from 0 to {MAX_SEQ}")
-        assert isinstance(first, int) and isinstance(last, int)
-        if first > last:
-            raise CommandError("'from_seq' is greater than 'to_seq'")
+        """Queue the range (of seqs, or of times: `_resend_by_time`); `_continue_resends` publishes it
+        within the window and then replies."""
+        _only_keys(cmd, {"id", "cmd", "from_seq", "to_seq", "from_ts", "to_ts", "after_seq"})
+        by_time = {"from_ts", "to_ts", "after_seq"} & set(cmd)
+        if by_time and {"from_seq", "to_seq"} & set(cmd):
+            raise CommandError("a resend names seqs (from_seq, to_seq) or times (from_ts, to_ts), not both")
         if self._reader is None:
             raise CommandError("buffer not available")
-        if last - first + 1 > MAX_RESEND and self._reader.count_between(STREAM_READINGS, first, last,
-                                                                         MAX_RESEND + 1) > MAX_RESEND:
-            raise CommandError(f"at most {MAX_RESEND} readings per resend; split the range")
+        if by_time:
+            job = self._resend_by_time(cmd_id, cmd)
+        else:
+            first, last = (_seq_field(cmd, name) for name in ("from_seq", "to_seq"))
+            if first > last:
+                raise CommandError("'from_seq' is greater than 'to_seq'")
+            if last - first + 1 > MAX_RESEND and self._reader.count_between(STREAM_READINGS, first, last,
+                                                                             MAX_RESEND + 1) > MAX_RESEND:
+                raise CommandError(f"at most {MAX_RESEND} readings per resend; split the range")
+            job = _Resend(cmd_id, first, last, after=first - 1, acked=first - 1)
         if len(self._resends) >= MAX_RESENDS_QUEUED:
             raise CommandError(f"{len(self._resends)} resends are under way; ask again when one has been answered")
-        self._resends.append(_Resend(cmd_id, first, last, after=first - 1, acked=first - 1))
+        self._resends.append(job)
         self._need_fill = True
+
+    def _resend_by_time(self, cmd_id: object, cmd: dict) -> _Resend:
+        """The resend of the readings whose `ts` lies in from_ts..to_ts (both inclusive), among those
+        stored now (with seq > `after_seq`, the reply's cursor when a range held more than MAX_RESEND)."""
+        assert self._reader is not None
+        start, end = (_time_field(cmd, name) for name in ("from_ts", "to_ts"))
+        if start > end:
+            raise CommandError("'from_ts' is later than 'to_ts'")
+        if end - start > MAX_RESEND_SPAN_MS:
+            raise CommandError(f"at most {MAX_RESEND_SPAN_MS // 86_400_000} days per resend; split the range")
+        after = _seq_field(cmd, "after_seq") if "after_seq" in cmd else 0
+        top, _ = self._reader.stream_state(STREAM_READINGS)
+        oldest = self._reader.first_seq(STREAM_READINGS)
+        after = max(after, (oldest if oldest is not None else top + 1) - 1)
+        return _Resend(cmd_id, after + 1, top, after=after, acked=after, ts_range=(start, end), end=top)
 
     def _continue_resends(self) -> None:
         """Publish the oldest queued resend's next batch while the window has room (after the live
         data: resent messages count in the window like any other, so a flood of resends is bounded
         in memory and never holds up what is new); reply once the broker has acknowledged its whole
         range. A lost connection drops the batches in flight: the job goes on from the first batch
-        not acknowledged (`_reset_window`), so the reply counts only what the broker took."""
+        not acknowledged (`_reset_window`), so the reply counts only what the broker took. A resend
+        by time reads RESEND_SCAN_SEQS seqs at a time, for at most RESEND_SCAN_S per call, and stops
+        at MAX_RESEND readings (its reply then says where: `_Resend.stop_here`)."""
         topic = f"{self.settings.base_topic}/data"
+        deadline = time.monotonic() + RESEND_SCAN_S
+        self._resend_due = False
         while self._resends and not self._window_full() and self.client is not None:
             job = self._resends[0]
             assert self._reader is not None
@@ -1153,26 +1183,46 @@ class Publisher(threading.Thread):
                     return  # the rest of its batches, or its reply, to be acknowledged first
                 self._answer_resend(job)
                 return
+            if job.ts_range is not None and time.monotonic() >= deadline:
+                self._resend_due = True  # more to read: the next turn of the loop comes back at once
+                return
+            scan = job.last if job.ts_range is None else min(job.last, job.after + RESEND_SCAN_SEQS)
+            room = job.room()
+            if room <= 0:
+                job.stop_here()
+                continue
             if self._hj212 is not None:  # payload hj212: the stored polls again, as 2011 packets
-                polls = self._reader.reading_polls(job.after, self.settings.max_batch, upto_seq=job.last,
-                                                   max_polls=WINDOW)
+                polls = self._reader.reading_polls(job.after, min(self.settings.max_batch, room),
+                                                   upto_seq=job.last, max_polls=WINDOW, ts_range=job.ts_range,
+                                                   scan_upto=scan)
                 for poll in polls:
+                    if len(poll.readings) > job.room():
+                        job.stop_here()
+                        break
                     frames = self._hj212.poll_message(poll).frames
                     if not self._publish_resend(job, topic, frames, poll.first_seq, poll.last_seq,
                                                 len(poll.readings), _holes([r.seq for r in poll.readings])):
                         return
-                job.read_all = not polls
+                found = bool(polls)
             else:
                 with self._reader.snapshot():  # the holes as the batch saw the file: an eviction may commit between
-                    batch = self._reader.readings_json(job.after, self._batch, upto_seq=job.last)
+                    batch = self._reader.readings_json(job.after, min(self._batch, room), upto_seq=scan,
+                                                       ts_range=job.ts_range)
                     holes = (self._reader.missing_between(STREAM_READINGS, batch.first_seq, batch.last_seq)
-                             if batch is not None and batch.last_seq - batch.first_seq + 1 > batch.count else [])
+                             if batch is not None and job.ts_range is None
+                             and batch.last_seq - batch.first_seq + 1 > batch.count else [])
                 if batch is not None:
                     payload = data_message(self.settings.station_id, batch.items)
                     if not self._publish_resend(job, topic, [payload], batch.first_seq, batch.last_seq,
                                                 batch.count, holes):
                         return
-                job.read_all = batch is None
+                found = batch is not None
+            if not found and scan < job.last:  # nothing of the range in this step: on to the next stored seq
+                nxt = self._reader.first_seq(STREAM_READINGS, after=scan)
+                upto = job.last if nxt is None else max(scan, min(job.last, nxt - 1))
+                self._publish_resend(job, topic, [], upto, upto, 0, [])
+            elif not found:
+                job.read_all = True
 
     def _continue_resends_or_refuse(self) -> None:
         """`_continue_resends`; the resend whose rows fail to be read RESEND_READ_TRIES times is answered
@@ -1196,7 +1246,9 @@ class Publisher(threading.Thread):
         counts (and moves the job's acknowledged point) when the last of its messages is acknowledged,
         with every earlier one. `holes`: the seq ranges missing inside the batch (evicted, or lost with a
         damaged page). False when the connection was lost meanwhile."""
-        skipped = [[job.after + 1, first_seq - 1]] if first_seq > job.after + 1 else []
+        # The seqs before the batch that the range holds and the buffer does not (a resend by time skips
+        # the readings of other times: it says nothing of seqs).
+        skipped = [[job.after + 1, first_seq - 1]] if first_seq > job.after + 1 and job.ts_range is None else []
         skipped += holes
         if not frames:  # unsayable rows (HJ 212): nothing to send, counted in order as before
             job.inflight.append(["resend", job, True, last_seq, count, skipped])
@@ -1218,10 +1270,16 @@ class Publisher(threading.Thread):
     def _answer_resend(self, job: _Resend) -> None:
         """The reply, once the broker has acknowledged every batch of the range; the job stays queued
         until the reply is acknowledged too (a lost connection then makes it reply again)."""
-        missing = job.missing + ([[job.acked + 1, job.last]] if job.acked < job.last else [])
-        reply: dict = {"cmd": "resend", "from_seq": job.first, "to_seq": job.last, "count": job.count}
-        if missing:  # purged (older than keep_sent_days), evicted, or not issued yet
-            reply["missing"] = missing
+        reply: dict = {"cmd": "resend"}
+        if job.ts_range is not None:
+            reply.update(from_ts=iso_utc_ms(job.ts_range[0]), to_ts=iso_utc_ms(job.ts_range[1]), count=job.count)
+            if job.last < job.end:  # stopped at MAX_RESEND: the same command with this after_seq goes on
+                reply.update(more=True, after_seq=job.last)
+        else:
+            missing = job.missing + ([[job.acked + 1, job.last]] if job.acked < job.last else [])
+            reply.update(from_seq=job.first, to_seq=job.last, count=job.count)
+            if missing:  # purged (older than keep_sent_days), evicted, or not issued yet
+                reply["missing"] = missing
         job.replied = True
         self._publish_raw(f"{self.settings.base_topic}/cmd/reply", reply_message(job.cmd_id, True, **reply),
                           entry=["resend-reply", job, False])
@@ -1270,6 +1328,20 @@ class _Resend:
     replied: bool = False  # the reply is published, not yet acknowledged (the job stays queued until it is)
     read_failures: int = 0  # reads of its rows that failed (RESEND_READ_TRIES)
     inflight: deque[list] = field(default_factory=deque)  # bounded by the publisher's window (they hold mids)
+    ts_range: tuple[int, int] | None = None  # a resend by time: (from, to) in Unix ms; first..last are then
+    end: int = 0  # the seqs stored when it came, and `last` drops to where it stopped at MAX_RESEND (< end)
+
+    def room(self) -> int:
+        """How many more readings a resend by time may publish (MAX_RESEND in all); a seq resend's
+        range was checked against the limit when it came."""
+        if self.ts_range is None:
+            return MAX_RESEND
+        return MAX_RESEND - self.count - sum(entry[4] for entry in self.inflight)
+
+    def stop_here(self) -> None:
+        """A resend by time reached MAX_RESEND: its range ends with what it has published."""
+        self.last = self.after
+        self.read_all = True
 
     def settle(self) -> None:
         """Take in the acknowledged batches at the head of the job's window, in order."""
@@ -1289,6 +1361,25 @@ class _Resend:
 
 class CommandError(Exception):
     """A command that is refused (answered with ok:false)."""
+
+
+def _seq_field(cmd: dict, name: str) -> int:
+    value = cmd.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEQ:
+        raise CommandError(f"'{name}' must be an integer from 0 to {MAX_SEQ}")
+    return value
+
+
+def _time_field(cmd: dict, name: str) -> int:
+    """A command's ISO 8601 time with its offset (`2026-11-29T02:00:00Z`, `…T10:00:00.000+08:00`), in Unix ms."""
+    value = cmd.get(name)
+    try:
+        if not isinstance(value, str) or "T" not in value:
+            raise ValueError("not a date and time")
+        return parse_iso_utc_ms(value)
+    except (ValueError, OverflowError) as exc:
+        raise CommandError(f"'{name}' must be an ISO 8601 UTC time such as 2026-11-29T02:00:00Z or "
+                           f"2026-11-29T10:00:00.000+08:00 (an offset is required): {exc}") from None
 
 
 def _only_keys(cmd: dict, allowed: set[str]) -> None:

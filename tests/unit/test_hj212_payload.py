@@ -76,6 +76,26 @@ def test_reading_polls_never_cuts_a_poll_at_the_limit(buf):
     assert [p.device for p in buf.reading_polls(600, 10)] == ["small"]
 
 
+def test_a_step_of_a_scan_by_time_keeps_the_range_and_completes_the_poll_it_ends_in(buf):
+    """A resend by time reads a few seqs at a time (`scan_upto`) with a time filter: the polls taken in
+    the range, both ends inclusive, whatever their order in seq; a poll the step's end cuts is read to
+    its end (one 2011 packet per poll), not beyond `upto_seq`."""
+    store_polls(buf, [poll("cod", T0 - 1, {"a": 1.0, "b": 2.0}),      # seqs 1-2: before the range
+                      poll("cod", T0, {"a": 1.0, "b": 2.0}),          # 3-4: its first instant
+                      poll("cod", T0 + 61_000, {"a": 1.0, "b": 2.0}),  # 5-6: after it
+                      poll("cod", T0 + 60_000, {"a": 1.0, "b": 2.0, "c": 3.0})])  # 7-9: its last, clock stepped back
+    in_range = (T0, T0 + 60_000)
+    assert [(p.first_seq, p.last_seq) for p in buf.reading_polls(0, 100, ts_range=in_range)] == [(3, 4), (7, 9)]
+    assert [(p.first_seq, p.last_seq) for p in buf.reading_polls(0, 100, ts_range=in_range, scan_upto=7)] == [
+        (3, 4), (7, 9)]
+    assert [(p.first_seq, p.last_seq) for p in buf.reading_polls(0, 100, ts_range=in_range, scan_upto=7,
+                                                                 upto_seq=8)] == [(3, 4), (7, 8)]
+    assert buf.reading_polls(4, 100, ts_range=in_range, scan_upto=6) == []
+    batch = buf.readings_json(0, 100, upto_seq=8, ts_range=in_range)
+    assert (batch.first_seq, batch.last_seq, batch.count) == (3, 8, 4)
+    assert [r["seq"] for r in json.loads(f"[{batch.items}]")] == [3, 4, 7, 8]
+
+
 def test_aggregates_between_is_inclusive_ordered_by_time_and_filtered_by_unit(buf):
     ten = 600_000
     aggregate(buf, "cod", "w01018", "10m", T0 + ten)  # seq 1, stored out of time order
