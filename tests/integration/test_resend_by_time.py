@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from harness import AgentProcess, Collector, sim_config, wait_for, write_config
+from harness import AgentProcess, Broker, Collector, sim_config, wait_for, write_config
 
 from agent.buffer import Buffer
 from agent.model import STREAM_READINGS, Reading
@@ -60,10 +60,11 @@ def replies(collector: Collector) -> dict:
     return {r["id"]: r for r in collector.json_messages("/cmd/reply")}
 
 
-def resent_json(collector: Collector, since: int) -> list[dict]:
-    """The stored instrument's readings on the data topic among the messages from index `since` on."""
+def resent_json(collector: Collector, since: int, upto: int | None = None) -> list[dict]:
+    """The stored instrument's readings on the data topic among the messages from index `since` on
+    (and before `upto`)."""
     out = []
-    for topic, payload, _ in collector.messages[since:]:
+    for topic, payload, _ in list(collector.messages)[since:upto]:
         if topic == f"{BASE}/data":
             out += [r for r in json.loads(payload).get("readings", []) if r["device"] == "cod"]
     return out
@@ -201,3 +202,45 @@ def test_a_resend_by_time_sends_hj212_packets_with_their_datatime(tmp_path, brok
         values[r.ts_ms][r.channel] = r.value
     for p, t in zip(resent, [t for t in polls if START <= t <= END], strict=True):
         assert {c: float(v["Rtd"]) for c, v in p.codes().items()} == values[t], p.raw
+
+
+def test_a_resend_by_time_cut_off_by_a_broker_restart_still_delivers_its_whole_range(tmp_path):
+    """As a seq resend: the messages in flight are lost with the connection, the resend goes on after
+    the reconnect from its first batch not acknowledged, and the reply counts what the broker took."""
+    path = tmp_path / "buffer.db"
+    buf = Buffer.open_writer(path, sync="normal")
+    buf.begin()
+    t0 = ms("02:00:00.000")
+    stored = buf.insert_readings([Reading("cod", f"c{i % 10}", t0 + i // 10 * 1000, float(i), "mg/L", "N")
+                                  for i in range(20_000)])
+    buf.set_sent_upto(STREAM_READINGS, stored[-1].seq)
+    buf.commit()
+    buf.close()
+    broker = Broker(tmp_path / "broker", persistence=True).start()
+    platform = Collector(broker, "env/#", persistent=True)
+    # One reading per message: 20 000 messages, so that the restart lands mid-way.
+    config = sim_config(tmp_path, broker, channels=1, interval=0.5, mqtt={"max_batch": 1})
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    pub = None
+    try:
+        wait_for(lambda: platform.reading_seqs(), 20, "live readings")
+        pub = Collector(broker, "nothing/#")
+        command(pub, {"id": "cut", "cmd": "resend", "from_ts": "2026-11-29T02:00:00Z",
+                      "to_ts": "2026-11-29T03:00:00Z"})
+        wait_for(lambda: len(resent_json(platform, 0)) >= 200, 20, "the resend under way")
+        pub.close()
+        pub = None
+        broker.stop()
+        assert not replies(platform), "the restart must land before the resend is done (make the range larger)"
+        assert len(resent_json(platform, 0)) < len(stored), "the restart must land mid-way"
+        broker.start()
+        reply = wait_for(lambda: replies(platform).get("cut"), 60, "the resend's reply")
+        assert reply["ok"] is True and reply["count"] == len(stored) and "more" not in reply, reply
+        at = next(i for i, (t, p, _) in enumerate(list(platform.messages)) if t.endswith("/cmd/reply"))
+        assert {r["seq"] for r in resent_json(platform, 0, at)} == {r.seq for r in stored}, "all before the reply"
+    finally:
+        if pub is not None:
+            pub.close()
+        assert agent.stop() == 0
+        platform.close()
+        broker.stop()
