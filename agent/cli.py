@@ -51,7 +51,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     tls_problems = check_tls(config)
     for problem in tls_problems:
         print(problem, file=sys.stderr)
-    if tls_problems:
+    if any(not p.warning for p in tls_problems):
         return EXIT_INVALID
     print(f"{args.file}: OK — station {config.station.id}, {len(config.devices)} devices, "
           f"{len(config.buses)} buses, {len(config.alarms)} alarm rules")

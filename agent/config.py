@@ -50,6 +50,7 @@ valid one by one.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ from agent.configsections import (
     read_password_file,
 )
 from agent.configyaml import TOO_DEEP, YAML_LINE_BREAK, KeyPath, TooComplex, TreeBuilder
-from agent.tlsfiles import TlsFilesError, tls_context
+from agent.tlsfiles import CERT_WARN_DAYS, TlsFilesError, earliest_ca_expiry, not_after, tls_context
 
 __all__ = [
     "AGGREGATE_MINUTES",
@@ -297,7 +298,8 @@ def check_files(config: Config) -> list[Problem]:
 def check_tls(config: Config) -> list[Problem]:
     """Whether the files of `mqtt.tls` (there and readable: `check_files`) make a TLS client together
     as `run` will use them: PEM that parses, a key that matches its certificate and has no
-    passphrase. Only `check-config` asks: `run` starts anyway, buffers, and says why it cannot
+    passphrase; and whether the client certificate or a CA has expired (a problem) or expires within
+    CERT_WARN_DAYS days (a warning). Only `check-config` asks: `run` starts anyway, buffers, and says why it cannot
     connect until a SIGHUP brings usable files."""
     tls = config.mqtt.tls
     if tls is None:
@@ -309,7 +311,21 @@ def check_tls(config: Config) -> list[Problem]:
         key = ("mqtt", "tls", exc.key)
         line, col = config._marks.get(key, config._marks.get(("mqtt", "tls"), (1, 1)))
         return [Problem(config._file, line, col, _dotted(key), f"cannot be used for TLS: {exc.reason}")]
-    return []
+    found = []
+    for part, what, when in (("cert", "the client certificate", not_after(str(tls.cert)) if tls.cert else None),
+                             ("ca", "a CA certificate", earliest_ca_expiry(str(tls.ca)) if tls.ca else None)):
+        if when is None:
+            continue
+        key = ("mqtt", "tls", part)
+        line, col = config._marks.get(key, (1, 1))
+        left, stamp = when - time.time(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when))
+        if left <= 0:  # by this machine's clock: the broker refuses it all the same
+            found.append(Problem(config._file, line, col, _dotted(key), f"{what} expired on {stamp}: the broker "
+                                 "refuses it; renew it"))
+        elif left < CERT_WARN_DAYS * 86400:
+            found.append(Problem(config._file, line, col, _dotted(key), f"{what} expires on {stamp}, in "
+                                 f"{left / 86400:.0f} days: renew it", warning=True))
+    return found
 
 
 #: The keys that name files, checked by `check-config` (`load_config(..., check_files=True)`).

@@ -14,7 +14,7 @@ from typing import Any
 
 from agent.buffer import Buffer
 from agent.instance import running_pid
-from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, iso_utc_ms, now_ms
+from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, iso_utc_ms, now_ms, parse_iso_utc_ms
 
 STALE_AFTER_INTERVALS = 3  # a device is "stale" when nothing was stored for this many intervals
 RECENT_SCAN = 50_000  # readings after the channel snapshot that status folds in
@@ -196,6 +196,8 @@ def render_text(status: dict[str, Any]) -> str:
                  + (f" {broker['url']}" if broker.get("url") else "")
                  + (f" since {broker['since']}" if broker.get("since") else "")
                  + (f" — {broker['error']}" if broker.get("error") else ""))
+    if "cert_expires" in broker:  # a client certificate is configured
+        lines.append(f"         client certificate {_expiry(broker['cert_expires'])}")
     if status["backlog"] is None:  # the buffer could not be read (`buffer_error`)
         lines.append(f"backlog  unknown: {status.get('buffer_error')}")
     else:
@@ -236,6 +238,20 @@ def render_text(status: dict[str, Any]) -> str:
     for a in alarms:
         lines.append(f"  {a.get('id')} since {a.get('since')} value {a.get('value')}")
     return "\n".join(lines)
+
+
+def _expiry(when: object) -> str:
+    """`expires 2027-03-01T00:00:00.000Z (in 90 days)`, `EXPIRED at …`, or why it is not known."""
+    try:
+        left = (parse_iso_utc_ms(str(when)) - now_ms()) / 1000
+    except ValueError:
+        return "expiry unknown (the file cannot be read or parsed)"
+    if left <= 0:
+        return f"EXPIRED at {when}: the broker refuses it; renew it"
+    days = left / 86400
+    soon = " — renew it" if days < 30 else ""
+    within = f"{days:.0f} days" if days >= 2 else f"{left / 3600:.0f} h"
+    return f"expires {when} (in {within}{soon})"
 
 
 def format_value(value: float | None) -> str:
