@@ -680,6 +680,10 @@ class Uplink(threading.Thread):
                     self._send(frame)
                 count += 1 if message.frames else 0
                 self.last_progress = time.monotonic()
+        except sqlite3.OperationalError:
+            if self._stop_event.is_set():  # the query was interrupted for the stop (`_reading_the_buffer`)
+                raise LinkDown("agent stopping") from None
+            raise
         finally:
             reader.conn.set_progress_handler(None, 0)
         log.info("uplink %s: backfill CN=%s %s..%s: %d records sent", self.target.name, request.cn,
@@ -687,8 +691,10 @@ class Uplink(threading.Thread):
         self._send_packet(reply_9012(request, EXERTN_OK if count else EXERTN_NO_DATA))
 
     def _reading_the_buffer(self) -> int:
+        """SQLite's progress handler during a backfill: progress for the watchdog; a stop interrupts the query
+        (else a stop or reload waited for a scan of minutes, and a reload's successor ran beside it)."""
         self.last_progress = time.monotonic()
-        return 0  # go on
+        return 1 if self._stop_event.is_set() else 0
 
     def _period_records(self, start_ms: int, end_ms: int, request: Packet,
                         shown: Callable[[int], bool]) -> Iterator[Hj212Message]:

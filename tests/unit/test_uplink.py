@@ -527,6 +527,36 @@ def test_a_backfill_reading_a_big_buffer_notes_progress_while_sqlite_reads_it(st
     assert len(notes) >= 20, "progress noted while 20 000 readings were read"
 
 
+def test_a_stop_is_heeded_while_a_backfill_reads_a_big_buffer(station, platform, monkeypatch, caplog):
+    """The scan of a 2011 backfill (2 minutes for a 1.4 GB buffer out of the page cache) went on to its end
+    after a stop: SIGTERM waited 15 s for the uplink and left it running, and a SIGHUP started its successor
+    beside it, to which it later wrote back its older progress and "offline, agent stopped". The scan now
+    ends at the stop (its SQLite query interrupted), and nothing is logged as a buffer error."""
+    monkeypatch.setattr(uplink_module, "SCAN_PROGRESS_STEPS", 1000)
+    t0 = local("20261129100000")
+    for i in range(0, 20_000, 1000):
+        station.recorder.submit([Reading("cod", f"c{j}", t0 + (i + j) * 1000, 1.0, "mg/L", "N") for j in range(1000)])
+    assert station.recorder.flush(30)
+    uplink = station.start_uplink()
+    notes: list[float] = []
+    noted = uplink._reading_the_buffer
+
+    def slow_disk() -> int:  # every note of progress stands for 0.1 s of reading a disk
+        notes.append(time.monotonic())
+        time.sleep(0.1)
+        return noted()
+
+    monkeypatch.setattr(uplink, "_reading_the_buffer", slow_disk)
+    platform.send(encode_one(Packet(qn="20261129120000001", st="32", cn="2011", pw="123456", mn=MN, flag=5,
+                                    cp=[{"BeginTime": "20200101000000", "EndTime": "20200101000000"}])))
+    wait_for(lambda: notes, 10, "the backfill reading the buffer")
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="agent.uplink"):
+        uplink.stop()
+    assert not uplink.is_alive() and time.monotonic() - started < 1.0, f"stopped after {len(notes)} notes"
+    assert not [m for m in caplog.messages if "buffer" in m], caplog.messages
+
+
 def test_unknown_command_wrong_password_and_wrong_mn_are_refused(station, platform):
     station.start_uplink()
     assert [(p.cn, p.get("QnRtn")) for p in platform.request("3020", qn="20261129120000011")] == [("9011", "8")]
