@@ -38,6 +38,8 @@ Decisions:
   digits is checked and answered like one without QN (its QN cannot be echoed: a QN is 17 digits).
 * A platform that never acknowledges, or drops every connection, logs its first "no 9014" and
   "connection dropped" lines at once, then one a minute with the count.
+  A 9011 refusing a data packet (QnRtn 2..9: the platform takes our PW, MN or ST for wrong) is logged
+  the same way with the code's meaning; the packet is then treated as unacknowledged.
 * 1012 (set time): answered 9011 QnRtn=1, logged with the offset, never applied; 9012 ExeRtn=1 when
   the clock already agrees within `TIME_TOLERANCE_S`, else ExeRtn=2 (failed), so that a platform is
   never told a wrong clock was set.
@@ -83,6 +85,7 @@ from agent.hj212 import (
     Packet,
     Reassembler,
     ReassemblyError,
+    codes,
     encode,
     first_instant_ms,
     format_time,
@@ -546,10 +549,25 @@ class Uplink(threading.Thread):
                     acked.add(packet.qn)
                     self._count_split_ack(packet.qn)
                 continue
-            if packet.cn in (CN_REQUEST_ANSWER, CN_EXECUTION_RESULT):
+            if packet.cn == CN_REQUEST_ANSWER:
+                self._refused_by_platform(packet)
+                continue
+            if packet.cn == CN_EXECUTION_RESULT:
                 continue  # answers to nothing we asked: ignore
             self._answer(packet)
         return acked
+
+    def _refused_by_platform(self, answer: Packet) -> None:
+        """A 9011 from the platform: we ask nothing, but a platform that refuses a data packet (our PW, MN or
+        ST taken for wrong) may say so with QnRtn 2..9 instead of a 9014. Logged with its meaning (else the
+        journal said only "no 9014", for ever); the packet is sent again as for a missing 9014."""
+        code = answer.get("QnRtn")
+        if answer.mn != self.identity.mn or code in (None, "1"):
+            return
+        meaning = codes()["qn_rtn"].meaning(code or "")
+        self._linklog.warning("uplink %s: the platform refuses packet QN %s: QnRtn=%s (%s); check hj212 st/pw and "
+                              "station.id against what the platform expects", self.target.name, answer.qn, code,
+                              meaning or "unknown code", key=f"refused-by-platform:{code if meaning else '?'}")
 
     def _count_split_ack(self, qn: str) -> None:
         """A 9014 for `qn`. A second one for the same split packet: the platform acknowledges each piece,

@@ -15,6 +15,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from harness import wait_for
+from hj212_platform import Platform as IndependentPlatform
+from hj212_platform import frame as platform_frame
 
 import agent.uplink as uplink_module
 from agent.buffer import Buffer
@@ -261,6 +263,32 @@ def test_unacknowledged_packet_is_retried_then_the_connection_renewed_and_nothin
         platform.ack = True
         wait_for(lambda: uplink.marks[STREAM_READINGS] == 1, 10, "delivered once acknowledged")
         assert uplink.is_alive()
+    finally:
+        station.close()
+        platform.close()
+
+
+def test_a_platform_refusing_the_data_is_logged_with_its_reason(tmp_path, caplog):
+    """A platform that checks the station's PW (or MN, ST) answers a data packet it refuses with 9011 and
+    QnRtn 3..9 instead of a 9014. That answer was dropped unread: the journal said only "no 9014" and
+    "connection dropped", for ever, and never that the platform took the password for wrong."""
+    refused = []
+
+    def refuse(p):  # the independent platform's answer: 9011 QnRtn=3 (PW error) naming the packet's QN
+        h = p.header
+        refused.append(h["QN"])
+        return [platform_frame(f"QN={h['QN']};ST=91;CN=9011;PW={h['PW']};MN={h['MN']};Flag=4;CP=&&QnRtn=3&&")]
+
+    platform = IndependentPlatform(ack=refuse)
+    station = Station(tmp_path, platform, timeout=0.3, retries=0)
+    try:
+        station.start_uplink()
+        station.store("cod", T0, {"w01018": 1.0})
+        with caplog.at_level(logging.WARNING, logger="agent.uplink"):
+            wait_for(lambda: platform.accepted >= 2, 10, "the connection renewed")
+        lines = [m for m in caplog.messages if "QnRtn=3" in m]
+        assert lines and "PW error" in lines[0] and refused[0] in lines[0], caplog.messages
+        assert "123456" not in " ".join(caplog.messages)
     finally:
         station.close()
         platform.close()
