@@ -37,7 +37,7 @@ from agent.publisher import BrokerSettings, Publisher
 from agent.recorder import Recorder
 from agent.sdnotify import Notifier
 from agent.status import collect, unreadable, uplink_names
-from agent.uplink import Uplink, UplinkTarget
+from agent.uplink import Uplink, UplinkTarget, stop_uplinks
 from drivers.simulated import SimChannelSpec, SimulatedDriver
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+UPLINK_STOP_S = 15.0  # a stop or reload waits this long for the HJ 212 uplinks in all
 PROGRESS_DEADLINE_S = 60.0  # a loop silent for longer than this (or 2 watchdog periods) is hung
 ACTION_STOP_WAIT_S = 10.0  # at a stop, how long alarm action writes under way may take
 BUFFER_RETRY_S = 10.0  # a buffer that cannot be opened at start is tried again this often
@@ -685,12 +686,7 @@ class Station:
 
     def _stop_uplinks(self) -> dict[str, dict[str, int]]:
         """Stop every uplink (in parallel); returns their progress by meta key."""
-        for u in self.uplinks:
-            u.request_stop()
-        deadline = time.monotonic() + 15
-        for u in self.uplinks:
-            u.join(max(deadline - time.monotonic(), 0.1))
-        marks = {u.target.meta_key: u.marks for u in self.uplinks}
+        marks = stop_uplinks(self.uplinks, UPLINK_STOP_S)
         self.uplinks = []
         return marks
 

@@ -141,6 +141,16 @@ class UplinkTarget:
         return f"{META_PREFIX}{self.host}:{self.port}"
 
 
+def stop_uplinks(uplinks: list[Uplink], timeout: float) -> dict[str, dict[str, int]]:
+    """Stop every uplink in parallel, waiting up to `timeout` s in all; returns their progress by meta key."""
+    for u in uplinks:
+        u.request_stop()
+    deadline = time.monotonic() + timeout
+    for u in uplinks:
+        u.join(max(deadline - time.monotonic(), 0.1))
+    return {u.target.meta_key: u.marks for u in uplinks}
+
+
 class ProgressSink(Protocol):
     """Where an uplink persists its progress and which buffer file it reads (`agent.recorder.Recorder`)."""
 
