@@ -142,12 +142,19 @@ class UplinkTarget:
 
 
 def stop_uplinks(uplinks: list[Uplink], timeout: float) -> dict[str, dict[str, int]]:
-    """Stop every uplink in parallel, waiting up to `timeout` s in all; returns their progress by meta key."""
+    """Stop every uplink in parallel, waiting up to `timeout` s in all; returns their progress by meta key.
+    One that has not ended by then (a DNS lookup of the platform's name heeds no stop) is retired: it ends
+    on its own, and never writes its progress over its successor's."""
     for u in uplinks:
         u.request_stop()
     deadline = time.monotonic() + timeout
     for u in uplinks:
         u.join(max(deadline - time.monotonic(), 0.1))
+    for u in uplinks:
+        if u.is_alive():
+            u.retire()
+            log.warning("uplink %s has not stopped within %.0f s; left to end on its own (its progress is "
+                        "carried on by its successor, if any)", u.target.name, timeout)
     return {u.target.meta_key: u.marks for u in uplinks}
 
 
@@ -212,6 +219,8 @@ class Uplink(threading.Thread):
         self._split_acks = 0
         self._dirty = not stored
         self._last_persist = 0.0
+        self._persist_lock = threading.Lock()
+        self._retired = False
         self.state = "connecting"
         self.last_error: str | None = None
         self.since = iso_utc_ms(now_ms())
@@ -285,9 +294,21 @@ class Uplink(threading.Thread):
         if not force and now - self._last_persist < PERSIST_EVERY_S:
             return
         record = {**self._marks, "state": self.state, "error": self.last_error, "since": self.since}
-        self.recorder.set_meta(self.target.meta_key, json.dumps(record, separators=(",", ":")))
+        with self._persist_lock:
+            if self._retired:  # a successor writes this record now (`retire`)
+                return
+            self.recorder.set_meta(self.target.meta_key, json.dumps(record, separators=(",", ":")))
         self._dirty = False
         self._last_persist = now
+
+    def retire(self) -> None:
+        """For an uplink asked to stop that has not ended yet (its successor may start): its record is written
+        now, for the last time (its thread would put its older marks and "agent stopped" over its successor's)."""
+        with self._persist_lock:
+            if not self._retired:
+                record = {**self._marks, "state": "offline", "error": "agent stopped", "since": iso_utc_ms(now_ms())}
+                self.recorder.set_meta(self.target.meta_key, json.dumps(record, separators=(",", ":")))
+                self._retired = True
 
     def _set_state(self, state: str, error: str | None) -> None:
         if state != self.state or error != self.last_error:

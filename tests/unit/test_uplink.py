@@ -444,6 +444,38 @@ def test_new_uplink_starts_from_now_and_a_known_one_resumes_where_it_stopped(sta
     assert [p.get("DataTime") for p in platform.received("2011")][-1] == "20261129100002"
 
 
+def test_an_uplink_that_outlives_its_stop_never_writes_back_older_progress(station, platform, monkeypatch):
+    """A reload stops the uplinks, waits for them (15 s), then starts their successors with their progress.
+    One still in a connect that does not heed a stop (a DNS lookup of the platform's name with the DNS
+    down: tens of seconds) ended later, and its last words, its older progress and "offline, agent
+    stopped", overwrote what its successor had written meanwhile: after a restart the platform got again
+    what it had acknowledged, and `status` showed a running uplink stopped. It is retired instead."""
+    uplink = station.start_uplink()
+    for i in range(3):
+        station.store("cod", T0 + i * 1000, {"w01018": float(i)})
+    wait_for(lambda: uplink.marks[STREAM_READINGS] == 3, 10, "3 polls acknowledged")
+    platform.cut()
+    connecting = threading.Event()
+    real_connect = socket.create_connection
+
+    def slow_dns(address, timeout=None):
+        connecting.set()
+        time.sleep(2.0)  # a name lookup: no timeout, no stop heeded
+        return real_connect(address, timeout=timeout)
+
+    monkeypatch.setattr(uplink_module.socket, "create_connection", slow_dns)
+    wait_for(connecting.is_set, 10, "the uplink reconnecting")
+    marks = uplink_module.stop_uplinks([uplink], 0.2)
+    assert uplink.is_alive() and marks[station.target.meta_key][STREAM_READINGS] == 3
+    assert (station.meta()[STREAM_READINGS], station.meta()["state"]) == (3, "offline"), "its last record, at once"
+    successor = {STREAM_READINGS: 9, STREAM_AGGREGATES: 0, "state": "online", "error": None, "since": "x"}
+    station.recorder.set_meta(station.target.meta_key, json.dumps(successor))
+    uplink.join(10)
+    assert not uplink.is_alive()
+    station.uplink = None
+    assert station.meta() == successor
+
+
 # ---------------------------------------------------------------- requests
 
 
