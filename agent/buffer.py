@@ -630,8 +630,11 @@ class Buffer:
         """After a rollback: drop the in-memory counters advanced by the failed transaction. The file is
         the truth then: the rolled-back seqs were never committed nor offered to anyone, so they are
         issued again, even where the failed batch had raised the reservation beside the file a block
-        above what the file holds (that is no loss, and no reason to jump)."""
+        above what the file holds (that is no loss, and no reason to jump): the reservation comes back
+        down (`SeqMark.release`), or a crash before the retry commits has the next start jump to it."""
         self._load_counters(rereading=True)
+        if self.seqmark is not None:
+            self.seqmark.release(self._last_seq)
 
     def _next_seqs(self, stream: str, n: int) -> int:
         """Reserve n seqs; returns the first. Grows the external high-water mark when needed."""

@@ -148,6 +148,19 @@ class SeqMark:
             self._write(marks)
             self._marks = marks
 
+    def release(self, last_seqs: dict[str, int]) -> None:
+        """After a rollback: bring each stream's reservation back to its last committed seq + a block when a
+        rolled-back transaction had raised it above (`ensure_above` runs before the commit). Those seqs were
+        never committed nor offered, and the writer issues them again; a reservation left a block above the
+        file made a start after a crash take the file for one that lost rows: it jumped there and announced
+        seqs never issued as buffer_missing. Never lowered below a block above `last_seqs`; a file that
+        cannot be written keeps the higher reservation (logged: a jump at worst, never a seq twice)."""
+        marks = self.read()
+        lowered = {stream: last + self.block for stream, last in last_seqs.items()
+                   if marks.get(stream, 0) > last + self.block}
+        if lowered:
+            self._note(lowered)
+
     def _write(self, marks: dict[str, int]) -> None:
         self._write_file(self.path, marks)
         for mirror in self._mirrors:

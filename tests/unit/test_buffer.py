@@ -392,6 +392,37 @@ def test_a_crash_after_a_full_buffer_gave_its_wal_back_continues_without_a_jump(
         buf.close()
 
 
+def test_a_crash_while_a_refused_batch_waits_in_memory_continues_without_a_jump(tmp_path):
+    """A batch refused at the cap (or by a full disk) had raised the reservation beside the file to its end
+    + a block before its commit failed. The rollback issues those seqs again, but the reservation stayed up:
+    a kill -9 or a power cut before the retry committed had the next start take the file for one a whole
+    block below the mark (rows lost, or another buffer's), jump there and announce 10 500 seqs never issued
+    as buffer_missing (audit audb)."""
+    path = tmp_path / "b.db"
+    code = ("import os, signal, sqlite3, sys; sys.path[:0] = [sys.argv[2]]; from agent.buffer import Buffer; "
+            "from agent.model import Reading; from agent.recorder import Recorder; "
+            "b = Buffer.open_writer(sys.argv[1]); "
+            "rows = lambda n: [Reading('d', f'c{i % 10}', 1_764_000_000_000 + i, float(i), None, 'N') "
+            "for i in range(n)]; "
+            "b.begin(); b.insert_readings(rows(9_900)); b.commit(); "
+            "mb = b.conn.execute('PRAGMA page_count').fetchone()[0] / 1024; b.set_size_cap(mb); "
+            "rec = Recorder(b, commit_interval_ms=50, keep_sent_days=7, max_mb=mb); "
+            "batch = rows(500); b.begin()\n"
+            "try:\n    b.insert_readings(batch); b.commit()\n"  # 9901..10400 cross the reservation at 10 000
+            "except sqlite3.OperationalError as exc:\n    b.rollback(); rec._on_write_error(exc, batch, [], [], {})\n"
+            "else:\n    sys.exit('the cap refused nothing')\n"
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    repo = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, "-c", code, str(path), repo], timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    buf = Buffer.open_writer(path)
+    try:
+        assert store(buf, readings(1))[0].seq == 9_901, "the seqs the rolled-back batch had are issued again"
+        assert [g for g in gaps(buf) if g[2] == "buffer_missing"] == [], "no seq was lost: no gap to announce"
+    finally:
+        buf.close()
+
+
 def test_an_older_copy_of_the_file_put_back_never_lets_seqs_be_issued_twice(tmp_path):
     """An operator restores a backup of buffer.db: the seqs issued since must not come again."""
     path = tmp_path / "b.db"
