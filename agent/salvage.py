@@ -7,7 +7,8 @@ fresh file, with their seqs unchanged:
 
 - every stream's rows above the old file's acknowledged watermark (all rows when the watermark
   cannot be read: a duplicate is harmless, a loss is not), so that they are still delivered, in
-  order, before the new rows, which continue above the high-water mark (SPEC §3);
+  order, before the new rows, which continue above the high-water mark (SPEC §3); and the published
+  rows an HJ 212 uplink has not delivered yet (its progress in the old meta), which stay published;
 - the old file's gaps not yet announced, and its meta rows (alarm and aggregate state, broker);
   when those are unreadable, the active alarms are rebuilt from the alarm events.
 
@@ -55,6 +56,7 @@ COLUMNS = {
 }
 MAX_DAMAGED_STRETCHES = 1000  # per table: beyond that the file is garbage, stop reading it
 CHUNK = 5000  # rows per INSERT batch
+UPLINK_PREFIX = "uplink:"  # the meta keys of the HJ 212 uplinks' progress (agent.uplink.META_PREFIX)
 
 
 @dataclass
@@ -65,6 +67,7 @@ class StreamSalvage:
     first_seq: int | None = None
     last_seq: int | None = None
     unreadable: list[tuple[int, int | None]] = field(default_factory=list)  # (first, last or None: to the end)
+    held: int = 0  # rows published on MQTT, copied for an HJ 212 uplink that has not delivered them yet
 
 
 @dataclass
@@ -77,6 +80,9 @@ class SalvageReport:
         parts = [f"{name} {s.rows} (seq {s.first_seq}..{s.last_seq})" if s.rows else f"{name} 0"
                  for name, s in self.streams.items()]
         text = "salvaged unpublished rows: " + ", ".join(parts) if parts else "salvaged nothing"
+        held = [f"{name} {s.held}" for name, s in self.streams.items() if s.held]
+        if held:
+            text += "; published rows an HJ 212 uplink has not delivered yet: " + ", ".join(held)
         if self.gaps_announced:
             text += "; gap(s) to announce: " + ", ".join(f"{a}..{b}" for a, b in self.gaps_announced)
         if self.error:
@@ -138,12 +144,16 @@ def _salvage(old: sqlite3.Connection, moved: Path, fresh: Buffer, now_ms: int, r
         if probe:
             known[stream] = (hint, hint)
     sent = {stream: known[stream][1] if known[stream] else 0 for stream in STREAMS}
+    # Rows published on MQTT that an HJ 212 uplink has not delivered yet: the buffer keeps them for it, so
+    # does the salvage (they stay published for MQTT: only those above `sent` are published again).
+    held = _uplink_progress(old if sql_readable else None, state.meta)
+    start = {stream: min(sent[stream], held.get(stream, sent[stream])) for stream in STREAMS}
     for stream in STREAMS:
         got = report.streams[stream] = StreamSalvage()
         if not sql_readable:
-            got.unreadable = [(sent[stream] + 1, None)]
+            got.unreadable = [(start[stream] + 1, None)]
             continue
-        for rows in _rows_after(old, stream, sent[stream], got):
+        for rows in _rows_after(old, stream, start[stream], got):
             _insert(fresh, stream, rows)
             got.last_seq = rows[-1][0]
             progress()
@@ -155,12 +165,15 @@ def _salvage(old: sqlite3.Connection, moved: Path, fresh: Buffer, now_ms: int, r
     _fill_from_pages(moved, fresh, report, alarm_events, progress)
     for stream in STREAMS:
         got = report.streams[stream]
-        got.rows, got.first_seq, got.last_seq = fresh.conn.execute(f"SELECT count(*), min(seq), max(seq) FROM {stream}"
-                                                                    ).fetchone()
+        got.rows, got.first_seq, got.last_seq = fresh.conn.execute(
+            f"SELECT count(*), min(seq), max(seq) FROM {stream} WHERE seq > ?", (sent[stream],)).fetchone()
+        got.held = fresh.conn.execute(f"SELECT count(*) FROM {stream} WHERE seq <= ?", (sent[stream],)).fetchone()[0]
         if got.unreadable:  # what the page scan did not find either
             if known[stream] is None and not sql_readable and got.first_seq is not None:
                 got.unreadable = [(got.first_seq, None)]  # no watermark: the rows before may have been published
-            got.unreadable = [run for a, b in got.unreadable for run in _missing(fresh, stream, a, b)]
+            # Below `sent` MQTT lost nothing (the rows kept for an uplink only): no gap to announce there.
+            got.unreadable = [run for a, b in got.unreadable if b is None or b > sent[stream]
+                              for run in _missing(fresh, stream, max(a, sent[stream] + 1), b)]
         if got.rows:
             # Publishing resumes at the first salvaged row; the new ones follow above the mark.
             fresh.conn.execute("UPDATE streams SET sent_upto=? WHERE name=?", (got.first_seq - 1, stream))
@@ -385,6 +398,32 @@ def _record_lost_stretches(fresh: Buffer, got: StreamSalvage, known: tuple[int, 
         if last is not None and first <= last:
             fresh.record_gap(STREAM_READINGS, first, last, GAP_REASON, now_ms)
             report.gaps_announced.append((first, last))
+
+
+def _uplink_progress(old: sqlite3.Connection | None, page_meta: Mapping[str, str]) -> dict[str, int]:
+    """Per stream, the lowest progress of the HJ 212 uplinks (meta `uplink:<host>:<port>`, as `agent.uplink`
+    keeps it) in the old file's meta (`old`: None when SQL cannot read it) or in its newest WAL frames
+    (`page_meta`, which wins). An uplink removed from the configuration since costs only rows copied
+    needlessly (purged for their age as usual), never a row lost."""
+    records: dict[str, str] = {}
+    if old is not None:
+        try:
+            records = {str(k): v for k, v in old.execute(
+                f"SELECT key, value FROM meta WHERE substr(key, 1, {len(UPLINK_PREFIX)}) = ?", (UPLINK_PREFIX,))}
+        except sqlite3.Error:
+            pass
+    records.update((k, v) for k, v in page_meta.items() if k.startswith(UPLINK_PREFIX))
+    held: dict[str, int] = {}
+    for text in records.values():
+        try:
+            marks = json.loads(text)
+        except (TypeError, ValueError):
+            continue
+        for stream in STREAMS:
+            mark = marks.get(stream) if isinstance(marks, dict) else None
+            if isinstance(mark, int) and not isinstance(mark, bool):
+                held[stream] = min(held.get(stream, mark), mark)
+    return held
 
 
 def _copy_pending_gaps(old: sqlite3.Connection, fresh: Buffer, now_ms: int) -> None:

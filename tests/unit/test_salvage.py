@@ -14,6 +14,7 @@ from agent.buffer import Buffer
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
 from agent.recorder import VERIFY_EVERY_S, Recorder
 from agent.salvage import GAP_REASON
+from agent.uplink import META_PREFIX
 
 
 def readings(n: int) -> list[Reading]:
@@ -487,5 +488,42 @@ def test_with_the_file_header_damaged_an_unannounced_gap_is_still_announced(tmp_
     try:
         assert (101, 140, "buffer_full") in gaps(buf)
         assert (1, 40, "buffer_full") not in gaps(buf), "announced already"
+    finally:
+        buf.close()
+
+
+def test_rows_an_hj212_uplink_has_not_delivered_are_salvaged_and_not_published_again(tmp_path):
+    """Published on MQTT, not yet acknowledged by an HJ 212 platform (its uplink's progress lags): the
+    buffer keeps such rows for the uplink (never purged for their age). A corrupt file's salvage copied only
+    what MQTT had not acknowledged: the platform lost every readable reading and period between its progress
+    and MQTT's, with the uplink's error 'no longer in the buffer … lost with a corrupt file' (audit audb)."""
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    for _ in range(0, 3000, 40):
+        buf.begin()
+        buf.insert_readings(readings(40))
+        buf.commit()
+    buf.begin()
+    buf.insert_event(STREAM_AGGREGATES, now_ms(), {"period": "1h", "n": 1})
+    buf.set_sent_upto(STREAM_READINGS, 2000)
+    buf.set_sent_upto(STREAM_AGGREGATES, 1)
+    buf.set_meta(f"{META_PREFIX}127.0.0.1:9000", json.dumps({STREAM_READINGS: 1200, STREAM_AGGREGATES: 0,
+                                                      "state": "offline", "error": None, "since": None}))
+    buf.commit()
+    buf.close()
+    mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
+    damage(path, pages_of(path, "readings")[-3])  # a leaf of readings MQTT has not published yet
+    buf = Buffer.open_writer(path)
+    try:
+        assert [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+        lost = {s for a, b, _ in gaps(buf) for s in range(a, min(b, 3000) + 1)}
+        assert lost and min(lost) > 2000, "only the damaged page's readings, all unpublished, are announced lost"
+        polls = buf.reading_polls(1200, 10_000)  # what the uplink reads from its progress on
+        assert [r.seq for p in polls for r in p.readings] == sorted(set(range(1201, 3001)) - lost)
+        assert buf.sent_upto(STREAM_READINGS) == 2000, "MQTT does not publish again what its broker acknowledged"
+        assert [e.body["period"] for e in buf.events_after(STREAM_AGGREGATES, 0, 10)] == ["1h"], "the platform's period"
+        assert buf.sent_upto(STREAM_AGGREGATES) == 1
+        assert json.loads(buf.meta_value(f"{META_PREFIX}127.0.0.1:9000"))[STREAM_READINGS] == 1200
+        assert_next_seq(buf, mark + 1)
     finally:
         buf.close()
