@@ -767,17 +767,20 @@ class Buffer:
         to the newest note older than the cutoff: a seq range, its cost in proportion to what goes (at
         most PURGE_MAX_ROWS a stream, the rest at the next pass: a file from before the notes, noted
         as a whole at its first pass, must not stall the recorder's commits when it ages).
-        Notes are not written while the wall clock is implausible (not set yet after a boot), and
-        a note in the future (the clock stepped back) counts as written now."""
+        A pass while the wall clock is implausible (not set yet after a boot) does nothing: it would
+        take every note for one in the future and date it then, and the first pass once NTP has set the
+        clock would find them all 56 years old. A note in the future of a plausible clock (it stepped
+        back) counts as written now."""
         cutoff = now_ms - int(keep_sent_days * 86_400_000)
         deleted = 0
         self.purge_cut_short = False
+        if now_ms < EARLIEST_PLAUSIBLE * 1000:
+            return 0
         for stream in STREAMS:
             self.conn.execute("UPDATE stored_upto SET stored_ms=? WHERE stream=? AND stored_ms>?",
                               (now_ms, stream, now_ms))
-            if now_ms >= EARLIEST_PLAUSIBLE * 1000:
-                self.conn.execute("INSERT OR IGNORE INTO stored_upto(stream, seq, stored_ms) VALUES (?,?,?)",
-                                  (stream, self._last_seq[stream], now_ms))
+            self.conn.execute("INSERT OR IGNORE INTO stored_upto(stream, seq, stored_ms) VALUES (?,?,?)",
+                              (stream, self._last_seq[stream], now_ms))
             sent = min(self._sent_upto[stream], (held or {}).get(stream, self._sent_upto[stream]))
             stored = self.conn.execute("SELECT max(seq) FROM stored_upto WHERE stream=? AND stored_ms<=?",
                                        (stream, cutoff)).fetchone()[0]

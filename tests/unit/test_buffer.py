@@ -669,6 +669,29 @@ def test_the_age_purge_survives_wall_clock_steps(tmp_path):
     buf.close()
 
 
+def test_a_restart_with_the_clock_unset_does_not_age_what_was_stored_before(tmp_path):
+    """A gateway without a real-time clock reboots in 1970 and its network (NTP) comes back after the first
+    purge pass: that pass took every note of the previous run for one in the future and dated it 1970, so
+    the pass after NTP set the clock purged every published reading at once, hours old, instead of keeping
+    them `keep_sent_days` for resend requests (audit audb)."""
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    t = now_ms()
+    store(buf, readings(100, start_ms=t))
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 100)
+    buf.commit()
+    assert purge(buf, 7, t) == 0  # a pass of the previous run notes the 100 readings as stored now
+    buf.close()
+    buf = Buffer.open_writer(path)  # the reboot, the clock at 1970 + 10 minutes for the first pass
+    try:
+        assert purge(buf, 7, 600_000) == 0
+        assert purge(buf, 7, t + 3_600_000) == 0, "NTP set the clock: the readings are an hour old, not 56 years"
+        assert purge(buf, 7, t + 7 * DAY_MS) == 100, "kept keep_sent_days from when they were stored"
+    finally:
+        buf.close()
+
+
 def test_the_age_purge_costs_what_it_deletes_not_the_table_size(tmp_path):
     """Every row published, none old: a pass does the same small work on a big table as on a small one
     (SQLite VM steps counted), so it never stalls the recorder's commits."""
