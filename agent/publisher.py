@@ -1194,7 +1194,7 @@ class Publisher(threading.Thread):
             key = entry[1]
             self._gaps_inflight.discard(key)
             self._gaps_done[key[0]] = max(self._gaps_done.get(key[0], 0), key[1])
-            self.recorder.gap_announced(*key)
+            self.recorder.gap_announced(*key, identity=self._read_identity)  # the file its id is of
             log.info("gap %d announced up to seq %d", *key)
             return
         if kind == "other":

@@ -82,7 +82,7 @@ class Recorder(threading.Thread):
         self._pending: deque[Reading] = deque()
         self._events: list[tuple[str, int, dict]] = []
         self._acks: dict[str, int] = {}
-        self._gaps_announced: list[tuple[int, int]] = []
+        self._gaps_announced: list[tuple[int, int, tuple[int, int] | None]] = []
         self._meta: dict[str, str] = {}
         self._beside_due: set[str] = set()  # meta keys to keep beside the file once committed (set_meta)
         self._listeners: list[Callable[[], None]] = []
@@ -150,9 +150,12 @@ class Recorder(threading.Thread):
             if upto_seq > self._acks.get(stream, 0):
                 self._acks[stream] = upto_seq
 
-    def gap_announced(self, gap_id: int, last_seq: int) -> None:
+    def gap_announced(self, gap_id: int, last_seq: int, identity: tuple[int, int] | None = None) -> None:
+        """The gap `gap_id` of the file `identity` (`Buffer.identity`, as the publisher read it) was announced
+        up to `last_seq`. Gap ids are each file's own (a rescued file numbers its gaps from 1 again): an
+        announcement of another file's gap is dropped, or it marked an unrelated gap of this one announced."""
         with self._cond:
-            self._gaps_announced.append((gap_id, last_seq))
+            self._gaps_announced.append((gap_id, last_seq, identity))
             self._cond.notify()
 
     def suspect_corruption(self, reader: str, exc: BaseException) -> None:
@@ -406,8 +409,9 @@ class Recorder(threading.Thread):
             if persist_acks:
                 for stream, upto in acks.items():
                     self.buffer.set_sent_upto(stream, upto)
-            for gap_id, last_seq in gaps:
-                self.buffer.mark_gap_announced(gap_id, last_seq)
+            for gap_id, last_seq, identity in gaps:
+                if identity is None or identity == self.buffer.identity:
+                    self.buffer.mark_gap_announced(gap_id, last_seq)
             for key, value in meta.items():
                 self.buffer.set_meta(key, value)
             self._track_channels(stored)
@@ -465,7 +469,7 @@ class Recorder(threading.Thread):
         except Exception:  # noqa: BLE001 - a listener bug must not stop the recorder
             log.exception("recorder listener %r failed", callback)
 
-    def _on_write_error(self, exc: Exception, batch: list[Reading], events: list, gaps: list[tuple[int, int]],
+    def _on_write_error(self, exc: Exception, batch: list[Reading], events: list, gaps: list[tuple],
                         meta: dict[str, str]) -> None:
         """Keep everything in memory and retry next interval; make room or rescue the file first."""
         if self.write_error is None:
