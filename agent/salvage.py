@@ -117,9 +117,43 @@ def salvage_into(moved: Path, fresh: Buffer, now_ms: int, progress: Callable[[],
         report.error = f"salvage stopped: {exc}"
         report.streams.clear()
         report.gaps_announced.clear()
+        _announce_unsalvaged(old, fresh, now_ms, report, acked_hint or {})
     finally:
         old.close()
     return report
+
+
+def _announce_unsalvaged(old: sqlite3.Connection, fresh: Buffer, now_ms: int, report: SalvageReport,
+                         acked_hint: Mapping[str, int]) -> None:
+    """The salvage stopped (a disk without room for the copy: a long outage filled the buffer to its cap, and
+    the copy needs as much again) and left the fresh file as it was: announce every readings seq above what
+    was acknowledged up to the fresh file's first as lost (a small write that fits where the copy did not),
+    with the old file's unannounced gaps. Its rows stay in the file moved aside."""
+    try:
+        watermarks = _read_watermarks(old)
+    except sqlite3.Error:
+        watermarks = None
+    mark = fresh.last_seq(STREAM_READINGS)
+    if watermarks is not None and STREAM_READINGS in watermarks:
+        acked = watermarks[STREAM_READINGS][1]
+    elif STREAM_READINGS in acked_hint:
+        acked = acked_hint[STREAM_READINGS]
+    else:  # as for a deleted file (`Buffer._announce_jump`): from the block the mark reserved
+        acked = max(0, mark - (fresh.seqmark.block if fresh.seqmark is not None else mark))
+    try:
+        fresh.begin()
+        try:
+            if acked < mark:
+                fresh.record_gap(STREAM_READINGS, acked + 1, mark, GAP_REASON, now_ms)
+                report.gaps_announced.append((acked + 1, mark))
+            _copy_pending_gaps(old, fresh, now_ms)
+            fresh.commit()
+        except BaseException:
+            fresh.rollback()
+            raise
+    except Exception as exc:  # noqa: BLE001 - the disk refuses even that: said in the log line
+        report.gaps_announced.clear()
+        report.error += f"; nor could the seqs it did not copy be announced: {exc}"
 
 
 def _salvage(old: sqlite3.Connection, moved: Path, fresh: Buffer, now_ms: int, report: SalvageReport,

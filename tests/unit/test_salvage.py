@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import fill_disk
 
 from agent.buffer import Buffer
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
@@ -527,3 +528,32 @@ def test_rows_an_hj212_uplink_has_not_delivered_are_salvaged_and_not_published_a
         assert_next_seq(buf, mark + 1)
     finally:
         buf.close()
+
+
+def test_a_salvage_the_disk_has_no_room_for_still_announces_what_the_fresh_file_lacks(tmp_path, small_disk):
+    """A long outage fills the buffer to its cap, then the card damages a page: the rescue's copy of the
+    unpublished rows needs as much room again, and the disk (the README's max_mb + 16 MiB) has not got it.
+    The salvage stopped, rolled back, and the fresh file continued above the old seqs with nothing
+    announced: 29 000 readings gone without a gap, a jump SPEC §3 forbids (audit audb)."""
+    path = small_disk / "b.db"
+    buf = Buffer.open_writer(path)
+    for _ in range(0, 30_000, 1000):
+        buf.begin()
+        buf.insert_readings(readings(1000))
+        buf.commit()
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 1000)
+    buf.commit()
+    buf.close()
+    damage(path, pages_of(path, "readings")[len(pages_of(path, "readings")) // 2])
+    filler = fill_disk(small_disk, leave_bytes=300 * 1024)
+    buf = Buffer.open_writer(path)
+    try:
+        assert [p for p in small_disk.iterdir() if p.name.endswith(".txt")], "the damaged file is kept, with its note"
+        stored = {r.seq for r in buf.readings_after(0, 40_000)}
+        announced = {s for a, b, _ in gaps(buf) for s in range(a, b + 1)}
+        assert set(range(1001, 30_001)) <= stored | announced, "every unpublished seq salvaged or announced lost"
+        assert not announced & set(range(1, 1001)), "what the broker acknowledged is not announced lost"
+    finally:
+        buf.close()
+        filler.unlink()
