@@ -133,7 +133,7 @@ def _announce_unsalvaged(old: sqlite3.Connection, fresh: Buffer, now_ms: int, re
         watermarks = _read_watermarks(old)
     except sqlite3.Error:
         watermarks = None
-    mark = fresh.last_seq(STREAM_READINGS)
+    mark = max(fresh.last_seq(STREAM_READINGS), (watermarks or {}).get(STREAM_READINGS, (0, 0))[0])
     if watermarks is not None and STREAM_READINGS in watermarks:
         acked = watermarks[STREAM_READINGS][1]
     elif STREAM_READINGS in acked_hint:
@@ -143,6 +143,8 @@ def _announce_unsalvaged(old: sqlite3.Connection, fresh: Buffer, now_ms: int, re
     try:
         fresh.begin()
         try:
+            for stream, (top, _) in (watermarks or {}).items():  # new seqs above the old file's, mark or not
+                fresh.conn.execute("UPDATE streams SET floor_seq=max(floor_seq, ?) WHERE name=?", (top, stream))
             if acked < mark:
                 fresh.record_gap(STREAM_READINGS, acked + 1, mark, GAP_REASON, now_ms)
                 report.gaps_announced.append((acked + 1, mark))
@@ -151,6 +153,7 @@ def _announce_unsalvaged(old: sqlite3.Connection, fresh: Buffer, now_ms: int, re
         except BaseException:
             fresh.rollback()
             raise
+        fresh.reload_counters()
     except Exception as exc:  # noqa: BLE001 - the disk refuses even that: said in the log line
         report.gaps_announced.clear()
         report.error += f"; nor could the seqs it did not copy be announced: {exc}"

@@ -530,11 +530,13 @@ def test_rows_an_hj212_uplink_has_not_delivered_are_salvaged_and_not_published_a
         buf.close()
 
 
-def test_a_salvage_the_disk_has_no_room_for_still_announces_what_the_fresh_file_lacks(tmp_path, small_disk):
+@pytest.mark.parametrize("mark", ["kept", "lost too"])
+def test_a_salvage_the_disk_has_no_room_for_still_announces_what_the_fresh_file_lacks(tmp_path, small_disk, mark):
     """A long outage fills the buffer to its cap, then the card damages a page: the rescue's copy of the
     unpublished rows needs as much room again, and the disk (the README's max_mb + 16 MiB) has not got it.
     The salvage stopped, rolled back, and the fresh file continued above the old seqs with nothing
-    announced: 29 000 readings gone without a gap, a jump SPEC §3 forbids (audit audb)."""
+    announced: 29 000 readings gone without a gap, a jump SPEC §3 forbids; with the mark beside the file lost
+    too, the fresh file numbered from 1 again, every seq issued twice (audit audb)."""
     path = small_disk / "b.db"
     buf = Buffer.open_writer(path)
     for _ in range(0, 30_000, 1000):
@@ -546,6 +548,8 @@ def test_a_salvage_the_disk_has_no_room_for_still_announces_what_the_fresh_file_
     buf.commit()
     buf.close()
     damage(path, pages_of(path, "readings")[len(pages_of(path, "readings")) // 2])
+    if mark == "lost too":
+        (small_disk / "b.db.seq").unlink()
     filler = fill_disk(small_disk, leave_bytes=300 * 1024)
     buf = Buffer.open_writer(path)
     try:
@@ -554,6 +558,7 @@ def test_a_salvage_the_disk_has_no_room_for_still_announces_what_the_fresh_file_
         announced = {s for a, b, _ in gaps(buf) for s in range(a, b + 1)}
         assert set(range(1001, 30_001)) <= stored | announced, "every unpublished seq salvaged or announced lost"
         assert not announced & set(range(1, 1001)), "what the broker acknowledged is not announced lost"
+        filler.unlink()
+        assert_next_seq(buf, 30_001)
     finally:
         buf.close()
-        filler.unlink()
