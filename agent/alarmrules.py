@@ -81,8 +81,8 @@ class _Rule:
 class _Channel:
     """What the engine knows of one `device.channel`."""
 
-    __slots__ = ("key", "device", "code", "unit", "last_valid_mono", "fault_since", "last_value", "windows",
-                 "instances", "passive")
+    __slots__ = ("key", "device", "code", "unit", "last_valid_mono", "fault_since", "last_value", "last_value_ms",
+                 "windows", "instances", "passive")
 
     def __init__(self, key: str, started: float):
         self.key = key
@@ -91,6 +91,7 @@ class _Channel:
         self.last_valid_mono = started  # not seen yet: the stale clock runs from the engine's start
         self.fault_since: float | None = None
         self.last_value: float | None = None  # last measured value (flag N/T)
+        self.last_value_ms: int | None = None  # its reading's time
         self.windows: dict[float, _Window] = {}
         self.instances: list[_Instance] = []
         # Neither a rule's background nor a preset's cold-start channel: with no instances and no

@@ -38,7 +38,12 @@ Decisions (the README's alarm section repeats them for technicians):
   of the window (span of the readings plus one poll interval), so a restart does not alarm on a
   "15-minute mean" of one value. Windows are saved with the alarm state and restored on start. A
   reading more than S older than the newest one (the clock stepped back) restarts the window.
-- `background: dev.ch` is subtracted: its window mean (same S) or, without a window, its last value.
+- `background: dev.ch` is subtracted: its window mean (same S, the readings of the S seconds before the
+  site's reading, covering MIN_WINDOW_COVERAGE of them as the site's must) or, without a window, its last
+  value while it is at most BACKGROUND_HOLD_INTERVALS of its device's intervals from the site's reading.
+  With no such background (its instrument dead, or not read yet) the site's value is not compared, like
+  a null one: a background read hours ago is no background (a low one raised alarms when dust blew over
+  the whole area, a high one hid real exceedances).
 - The GB 18918 "<= 12 degC" NH3-N limit applies while the station's water temperature channel (the
   code the preset names, w01010; the same device's first, else the most recent of any device) reads
   <= 12; with no temperature reading the normal (stricter) limit applies. A batch's temperatures are
@@ -120,6 +125,8 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 WINDOW_SAVE_EVERY_S = 60.0  # windows are saved with the alarm state at most this often
+BACKGROUND_HOLD_INTERVALS = 2  # a background value (no window) is subtracted this many device intervals at most
+BACKGROUND_UNKNOWN_INTERVAL_S = 60.0  # device interval assumed for a background device not configured
 
 
 def _dumps(value: Any) -> str:
@@ -422,7 +429,7 @@ class AlarmEngine:
             ch = self._channels[key]
             if ch.instances or ch.windows or not ch.passive:
                 # Its readings were skipped until now: what a new rule knows of it starts here.
-                ch.last_valid_mono, ch.fault_since, ch.last_value = reloaded, None, None
+                ch.last_valid_mono, ch.fault_since, ch.last_value, ch.last_value_ms = reloaded, None, None, None
         if not restoring:
             for key in self._channels.keys() - existing:
                 # New to the config (a device or register added): not polled yet, it goes stale from now.
@@ -573,7 +580,7 @@ class AlarmEngine:
             ch.last_valid_mono = now
         if measured:
             assert r.value is not None
-            ch.last_value = r.value
+            ch.last_value, ch.last_value_ms = r.value, r.ts_ms
             for w in ch.windows.values():
                 w.add(r.ts_ms, r.value)
                 self._windows_dirty = True
@@ -609,11 +616,25 @@ class AlarmEngine:
             bg = self._channels.get(bg_key)
             if bg is None:
                 return None
-            b = bg.windows[rule.window].mean() if rule.window is not None else bg.last_value
+            b = self._background(bg, rule.window, r.ts_ms)
             if b is None:
                 return None
             x -= b
         return x if rule.window is None and not bg_key else round(x, 6)
+
+    def _background(self, bg: _Channel, window: float | None, ts_ms: int) -> float | None:
+        """What is subtracted from a reading taken at `ts_ms`: the background's mean of the same S seconds
+        (covering the window as the site's mean must), or without a window its last value when taken within
+        BACKGROUND_HOLD_INTERVALS of its device's intervals; None when the background instrument gave
+        no such value (dead, or not yet read): the reading is then not compared."""
+        interval_ms = (self._intervals.get(bg.device) or BACKGROUND_UNKNOWN_INTERVAL_S) * 1000
+        if window is not None:
+            w = bg.windows[window]
+            mean, covered = w.since(ts_ms - w.span_ms)
+            return mean if covered + interval_ms >= MIN_WINDOW_COVERAGE * w.span_ms else None
+        if bg.last_value_ms is None or abs(ts_ms - bg.last_value_ms) > BACKGROUND_HOLD_INTERVALS * interval_ms:
+            return None
+        return bg.last_value
 
     def _limit(self, inst: _Instance) -> float | None:
         alarm = inst.rule.alarm

@@ -102,6 +102,24 @@ class _Window:
         mean = self.total / self.count if self.count else math.nan
         return mean if math.isfinite(mean) else None
 
+    def since(self, horizon_ms: int) -> tuple[float | None, int]:
+        """(mean, covered milliseconds) of the readings in the buckets that end after `horizon_ms`, as
+        `_expire` would keep them: this window read from another channel's time (a background channel whose
+        readings stopped while the site's go on). (None, 0) when none is left."""
+        n = 0
+        while n < len(self.index) and (self.index[n] + 1) * self.bucket_ms <= horizon_ms:
+            n += 1
+        if n == 0:
+            return self.mean(), self.covered_ms()
+        if n == len(self.index) or self.newest is None:
+            return None, 0
+        count = sum(self.counts[n:])
+        try:
+            mean = math.fsum(self.sums[n:]) / count
+        except OverflowError:
+            return None, 0
+        return (mean if math.isfinite(mean) else None), int(self.newest - self.oldest[n])
+
     def covered_ms(self) -> int:
         """Milliseconds between the oldest and the newest reading in the window."""
         if not self.index or self.newest is None:

@@ -308,6 +308,46 @@ def test_background_channel_is_subtracted():
     assert 80 < body["value"] < 81, "raised as soon as the 15-minute means differ by more than 80"
 
 
+def test_a_dead_background_station_is_not_subtracted_for_ever():
+    """The background instrument dies (null/B from then on): its last value, or the mean of a window that
+    no longer got readings, was subtracted for as long as it stayed dead. A background that was low when
+    it died then raised the site's alarm (and switched its fog cannon on) when dust blew over the whole
+    area an hour later (site 100 - background 10 = 90 > 80, where the background read 70 by then); one
+    that was high hid a real exceedance. A background value counts for two of its device's intervals, a
+    background mean for the readings of the same S seconds as the site's (covering the window as the
+    site's must); without one the site's value is not compared (as a null reading: no raise, no clear)."""
+    rig = Rig([{"channel": "dust.a34002", "above": 80, "background": "bg.a34002"}])
+    rig.feed("bg.a34002", 10, at=0)
+    rig.feed("dust.a34002", 30, at=0)
+    for t in range(10, 3600, 10):
+        rig.feed("bg.a34002", None, at=t, flag="B")
+        rig.feed("dust.a34002", 30 if t < 1800 else 100, at=t)
+    assert rig.rec.events == [], "the site's 100 was compared with a background value an hour old"
+    rig.feed("bg.a34002", 70, at=3600)
+    rig.feed("dust.a34002", 100, at=3600)
+    assert rig.rec.events == [], "100 - 70 = 30"
+    rig.feed("bg.a34002", 10, at=3610)
+    rig.feed("dust.a34002", 100, at=3610)
+    assert rig.rec.states() == [("dust.a34002:above", "raised")], "100 - 10 = 90 > 80, with a fresh background"
+
+    windowed = Rig([{"channel": "dust.a34002", "preset": "dust-15min", "background": "bg.a34002"}])
+    for t in range(0, 1000, 10):
+        windowed.feed("bg.a34002", 10, at=t)
+        windowed.feed("dust.a34002", 30, at=t)
+    for t in range(1000, 8000, 10):  # the background dies; an hour later the site's 15-minute mean is 100
+        windowed.feed("bg.a34002", None, at=t, flag="B")
+        windowed.feed("dust.a34002", 30 if t < 4000 else 100, at=t)
+    assert windowed.rec.events == [], "a background mean of readings two hours old was subtracted"
+    for t in range(8000, 9000, 10):  # back, reading 15: the site's mean is 85 above it
+        windowed.feed("bg.a34002", 15, at=t)
+        windowed.feed("dust.a34002", 100, at=t)
+        if windowed.rec.events:
+            break
+    body = windowed.rec.bodies()[0]
+    assert body["state"] == "raised" and body["value"] == pytest.approx(85)
+    assert t >= 8000 + 0.75 * 900 - 10, "not before the background's readings cover the window"
+
+
 # --------------------------------------------------------------------------------------------------
 # stale, fault
 
