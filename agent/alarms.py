@@ -67,6 +67,9 @@ Decisions (the README's alarm section repeats them for technicians):
   that split holds its windows and is read as it is. A pending delay is not saved (it restarts). An
   active alarm whose rule, device or channel is gone from the config (after a restart or a reload)
   is cleared with value null.
+- Readings of a channel the configuration does not have are ignored: those of a poll under way when a
+  reload removed its device or register reach the engine after the reload (the `*` stale rule then
+  watched the channel again, from the agent's start, and raised its stale alarm at once for good).
 - A rule whose channel names a device that is not configured is not applied, and an action on such a
   device is skipped (both logged once at start and reload; `check-config` warns about them), so a
   shared list of rules can name instruments a station does not have.
@@ -287,6 +290,8 @@ class AlarmEngine:
             key = f"{r.device}.{r.channel}"
             ch = self._channels.get(key)
             if ch is None:
+                if not self._configured(key):
+                    continue  # polled before a reload removed its device or register (the poll was under way)
                 ch = self._channel(key)
             try:
                 self._observe_one(ch, r, _taken_at(now, wall, r.ts_ms))
@@ -393,13 +398,8 @@ class AlarmEngine:
 
         # Rebind every channel known (config, saved state, seen so far) that is still configured: the
         # alarms of a removed device or channel are cleared below, and no stale rule watches it.
-        known = {dev_id: dev.known_channels() for dev_id, dev in config.devices.items()}
-
-        def configured(key: str) -> bool:
-            dev_id, _, code = key.partition(".")
-            codes = known.get(dev_id, [])
-            return codes is None or code in codes  # None: channels learnt from the wire (hj212)
-
+        self._known = {dev_id: dev.known_channels() for dev_id, dev in config.devices.items()}
+        configured = self._configured
         self._channels = {key: ch for key, ch in self._channels.items() if configured(key)}
         existing = set(self._channels)
         ignored = {key for key, ch in self._channels.items() if ch.passive and not ch.instances and not ch.windows}
@@ -472,6 +472,12 @@ class AlarmEngine:
             self._clear_orphan(a)
         if orphans or not restoring:
             self._save()
+
+    def _configured(self, key: str) -> bool:
+        """Whether the configuration has channel `key` ("device.channel")."""
+        dev_id, _, code = key.partition(".")
+        codes = self._known.get(dev_id, [])
+        return codes is None or code in codes  # None: channels learnt from the wire (hj212)
 
     def _target(self, alarm: Alarm, index: int, targets: dict[str, _Target]) -> _Target | None:
         action = alarm.action

@@ -12,9 +12,11 @@ import os
 import re
 import signal
 import sqlite3
+import time
 
 import pytest
 from harness import AgentProcess, Collector, db_last_seq, run_cli, sim_config, wait_for, write_config
+from instruments import ModbusTcpServer, Unit
 
 ALARM_ID = "cod.w01018:above"
 ISO_MS_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -162,3 +164,47 @@ def test_an_alarm_active_when_the_buffer_file_is_lost_is_not_raised_again(tmp_pa
         assert wait_for(lambda: status_alarms(cfg) == [], 10, "status lists no active alarm")
     finally:
         assert agent.stop() == 0
+
+
+def test_a_device_removed_by_a_reload_during_its_poll_raises_no_stale_alarm(tmp_path, broker, collector):
+    """A dead analyzer (no Modbus answer, 3 s timeout) is removed from the file and SIGHUP sent while a
+    poll of it waits for its timeout. That poll's null/B readings reach the alarm engine after the reload:
+    the `*` stale rule was applied to the channel again as if new (its stale clock at the agent's start),
+    and raised `dead.x:stale` at once, for a device no longer configured, listed by `status` until the
+    next restart. Its alarm is cleared once by the reload, and nothing more."""
+    dead = Unit(unit_id=1, mode="silent")
+    server = ModbusTcpServer([dead]).start()
+    try:
+        config = sim_config(tmp_path, broker, devices=1, interval=0.2, channels=1,
+                            alarms=[{"channel": "*", "stale": 1}],
+                            buses={"lan": {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 3,
+                                           "retries": 0}})
+        config["devices"]["dead"] = {"bus": "lan", "slave": 1, "interval": 1,
+                                     "registers": [{"channel": "x", "address": 0, "type": "uint16"}]}
+        cfg = write_config(tmp_path / "station.yaml", config)
+        agent = AgentProcess(cfg)
+        try:
+            wait_for(lambda: states(collector) == ["raised"], 20, "the dead analyzer's stale alarm")
+            asked = len(dead.reads())
+            wait_for(lambda: len(dead.reads()) > asked, 10, "a poll of the dead analyzer under way")
+            del config["devices"]["dead"]
+            write_config(cfg, config)
+            agent.signal(signal.SIGHUP)
+            wait_for(lambda: states(collector)[:2] == ["raised", "cleared"], 10, "its alarm cleared by the reload")
+            wait_for(lambda: "configuration reloaded" in agent.log(), 10, "the reload")
+            # The poll under way ends (timeout) 3 s after its request; then the stale rule's 1 s.
+            polled = dead.reads()[-1]
+            wait_for(lambda: time.monotonic() > polled + 3 + 1 + 2, 10, "the poll's end and a stale delay")
+            assert stored_readings_of(tmp_path / "buffer.db", "dead") > 0
+            assert [(m["alarm"]["id"], m["alarm"]["state"]) for m in alarm_events(collector)] == [
+                ("dead.x:stale", "raised"), ("dead.x:stale", "cleared")]
+            assert status_alarms(cfg) == []
+        finally:
+            assert agent.stop() == 0
+    finally:
+        server.close()
+
+
+def stored_readings_of(db, device: str) -> int:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return conn.execute("SELECT count(*) FROM readings WHERE device = ?", (device,)).fetchone()[0]

@@ -39,7 +39,7 @@ def make_config(alarms: list[dict], devices: dict[str, Any] | None = None) -> Co
         "station": {"id": "ST01", "type": "other"},
         "storage": {"path": "./buffer.db"},
         "mqtt": {"url": "mqtt://127.0.0.1:1883"},
-        "buses": {"lan": {"type": "tcp", "host": "127.0.0.1"}},
+        "buses": {"lan": {"type": "tcp", "host": "127.0.0.1"}, "rs485": {"type": "serial", "port": "/dev/ttyUSB0"}},
         "devices": DEVICES if devices is None else devices,
         "alarms": alarms,
     }
@@ -477,12 +477,13 @@ def test_a_fault_interrupted_by_a_good_reading_starts_over():
 
 
 def test_wildcards_expand_to_every_channel_and_the_most_specific_rule_wins():
-    rig = Rig([{"channel": "*", "stale": 30}, {"channel": "cod.*", "above": 100},
-               {"channel": "cod.w01018", "stale": 300}])
+    analyzer = {"an": {"bus": "rs485", "driver": "hj212", "interval": 10}}  # channels learnt from its packets
+    rig = Rig([{"channel": "*", "stale": 30}, {"channel": "cod.*", "above": 100}, {"channel": "an.*", "above": 100},
+               {"channel": "cod.w01018", "stale": 300}], devices={**DEVICES, **analyzer})
     rig.feed("cod.w21003", 150, at=1)
     rig.feed("dust.a34002", 150, at=2)  # "cod.*" does not match dust
-    rig.feed("cod.newcode", 101, at=3)  # a channel the config does not list: expanded when seen
-    assert rig.rec.states() == [("cod.w21003:above", "raised"), ("cod.newcode:above", "raised")]
+    rig.feed("an.newcode", 101, at=3)  # a channel the config does not list (HJ 212 analyzer): expanded when seen
+    assert rig.rec.states() == [("cod.w21003:above", "raised"), ("an.newcode:above", "raised")]
     rig.tick(30.5)
     stale = {b["channel"] for b in rig.rec.bodies() if b["rule"] == "stale"}
     # every channel the config lists (and fog.running of the Modbus device) except the fresh ones,
@@ -490,7 +491,7 @@ def test_wildcards_expand_to_every_channel_and_the_most_specific_rule_wins():
     assert stale == {"cod.w01010", "dust.a34004", "dust.a34001", "bg.a34002", "fog.running"}
     rig.tick(33.5)
     stale = {b["channel"] for b in rig.rec.bodies() if b["rule"] == "stale"}
-    assert {"cod.w21003", "dust.a34002", "cod.newcode"} <= stale and "cod.w01018" not in stale
+    assert {"cod.w21003", "dust.a34002", "an.newcode"} <= stale and "cod.w01018" not in stale
     rig.tick(300)
     assert ("cod.w01018:stale", "raised") in rig.rec.states()
     assert len(rig.rec.states()) == len(set(rig.rec.states())), "each alarm raised once"
@@ -987,7 +988,7 @@ def test_a_reading_that_the_engine_fails_on_skips_only_itself(caplog, monkeypatc
         for t in range(3):
             rig.t = t
             rig.engine.observe([Reading("cod", "w01018", rig.wall_ms(), 60.0, "mg/L"),
-                                Reading("nh3n", "w21003", rig.wall_ms(), 60.0, "mg/L")])
-    assert rig.rec.states() == [("nh3n.w21003:above", "raised")]
+                                Reading("dust", "a34002", rig.wall_ms(), 60.0, "ug/m3")])
+    assert rig.rec.states() == [("dust.a34002:above", "raised")]
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "cod.w01018" in errors[0].getMessage() and errors[0].exc_info is not None
