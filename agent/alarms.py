@@ -48,7 +48,10 @@ Decisions (the README's alarm section repeats them for technicians):
   code the preset names, w01010; the same device's first, else the most recent of any device) reads
   <= 12; with no temperature reading the normal (stricter) limit applies. A batch's temperatures are
   taken before any of its values is compared (channel order in a poll does not matter), and the
-  last ones are kept in the saved state (a restart does not fall back to the stricter limit).
+  last ones are kept in the saved state with their time (a restart does not fall back to the stricter
+  limit). A temperature counts for TEMPERATURE_HOLD_S after it was taken (two intervals of its device
+  when longer), then the normal limit applies as with none: a thermometer that died in winter kept the
+  cold limit into the summer.
   A cleared event carries the limit in force when it clears (a temperature or a reload may have
   moved it since the raise: the event then says why the value now counts as within the limit).
 - `stale: S` raises in `tick` when a channel had no valid reading (a value flagged N or T, as for
@@ -128,6 +131,7 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 WINDOW_SAVE_EVERY_S = 60.0  # windows are saved with the alarm state at most this often
+TEMPERATURE_HOLD_S = 3600.0  # a water temperature sets a preset's cold limit this long after it was taken
 BACKGROUND_HOLD_INTERVALS = 2  # a background value (no window) is subtracted this many device intervals at most
 BACKGROUND_UNKNOWN_INTERVAL_S = 60.0  # device interval assumed for a background device not configured
 
@@ -191,7 +195,7 @@ class AlarmEngine:
         self._instances: dict[str, _Instance] = {}
         self._stale: list[_Instance] = []
         self._targets: dict[str, _Target] = {}
-        self._temps: dict[str, tuple[float, float]] = {}  # device -> (temperature, monotonic time)
+        self._temps: dict[str, tuple[float, float]] = {}  # device -> (temperature, monotonic time taken)
         self._cold_codes: frozenset[str] = frozenset()
         self._backgrounds: frozenset[str] = frozenset()
         self._warned: set[str] = set()
@@ -210,9 +214,15 @@ class AlarmEngine:
                         self._saved_windows[(str(key), float(seconds))] = data
                     except ValueError:
                         continue
-        for device, value in (state.get("temperatures") or {}).items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-                self._temps[str(device)] = (float(value), -math.inf)  # older than any new reading
+        started_ms = wall_ms()
+        for device, saved_temp in (state.get("temperatures") or {}).items():
+            # [value, Unix ms taken]; a bare value (saved before the time was) counts as taken at this start
+            value, taken_ms = saved_temp if isinstance(saved_temp, list) and len(saved_temp) == 2 else (saved_temp,
+                                                                                                       started_ms)
+            if (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+                    and isinstance(taken_ms, int) and not isinstance(taken_ms, bool)):
+                age = max((started_ms - taken_ms) / 1000, 0.0)
+                self._temps[str(device)] = (float(value), self._started - age)
         self._apply_config(config, state, restoring=True)
         if (saved_state and not state) or resave:
             self._save()  # replace the unreadable state, or fill a fresh file (and the active list `status` shows)
@@ -285,7 +295,7 @@ class AlarmEngine:
             for r in readings:
                 if r.channel in self._cold_codes and _measured(r):
                     assert r.value is not None
-                    self._temps[r.device] = (r.value, now)
+                    self._temps[r.device] = (r.value, _taken_at(now, wall, r.ts_ms))
         for r in readings:
             key = f"{r.device}.{r.channel}"
             ch = self._channels.get(key)
@@ -661,10 +671,16 @@ class AlarmEngine:
         return _limit_for(inst.limit, temperature) * inst._factor
 
     def _temperature(self, device: str) -> float | None:
-        own = self._temps.get(device)
+        """The water temperature a preset's cold limit looks at: the device's own, else the most recent
+        of any device; only one taken within TEMPERATURE_HOLD_S (or two intervals of its device, when
+        longer): a thermometer dead since winter must not keep the cold limit through the summer."""
+        now = self.clock()
+        fresh = {d: t for d, t in self._temps.items()
+                 if now - t[1] <= max(TEMPERATURE_HOLD_S, 2 * self._intervals.get(d, 0.0))}
+        own = fresh.get(device)
         if own is not None:
             return own[0]
-        latest = max(self._temps.values(), key=lambda t: t[1], default=None)
+        latest = max(fresh.values(), key=lambda t: t[1], default=None)
         return latest[0] if latest is not None else None
 
     def _eval_limit(self, inst: _Instance, x: float, limit: float, now: float, ts_ms: int) -> None:
@@ -758,7 +774,9 @@ class AlarmEngine:
                    "value": i.value, "threshold": i.threshold}
                   for i in self._instances.values() if i.active]
         actions = {t.key: t.to_json() for t in self._targets.values() if t.touched}
-        temperatures = {device: value for device, (value, _) in self._temps.items()}
+        now, wall = self.clock(), self.wall_ms()
+        temperatures = {device: [value, wall - round((now - taken) * 1000)]
+                        for device, (value, taken) in self._temps.items()}
         return {"v": STATE_VERSION, "active": active, "actions": actions, "temperatures": temperatures}
 
     def _windows_json(self) -> str:

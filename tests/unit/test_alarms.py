@@ -594,6 +594,33 @@ def test_the_last_water_temperature_survives_a_restart():
     assert again.rec.bodies()[0]["threshold"] == 5, "warm water now: the normal limit"
 
 
+def test_a_water_temperature_that_stopped_coming_no_longer_relaxes_the_nh3n_limit():
+    """The thermometer dies in 10 degC water (null/B from then on): its last value kept the cold NH3-N
+    limit (8 mg/L instead of 5) for good, saved and restored across restarts too, so that 6.5 mg/L went
+    unreported into the summer. A temperature counts for TEMPERATURE_HOLD_S (an hour) after it was
+    taken, then the normal (stricter) limit applies, as with no temperature at all; a restart counts
+    its age from its reading's time."""
+    rig = Rig([{"channel": "cod.w21003", "preset": "gb18918-1a"}])
+    rig.feed("probe.w01010", 10.0, at=0)
+    rig.feed("cod.w21003", 6.5, at=1)
+    assert rig.rec.events == [], "cold water: limit 8"
+    for t in range(60, 3600, 60):
+        rig.feed("probe.w01010", None, at=t, flag="B")
+        rig.feed("cod.w21003", 6.5, at=t + 1)
+    assert rig.rec.events == [], "the temperature is less than an hour old"
+    rig.feed("cod.w21003", 6.5, at=3601 + 60)
+    assert [(b["state"], b["threshold"]) for b in rig.rec.bodies()] == [("raised", 5)]
+
+    before = Rig([{"channel": "cod.w21003", "preset": "gb18918-1a"}])
+    before.feed("probe.w01010", 10.0, at=0)
+    before.engine.save_at_next_tick()
+    before.tick(1)
+    later = Rig([{"channel": "cod.w21003", "preset": "gb18918-1a"}], saved=before.saved(), start=7200)
+    later.feed("cod.w21003", 6.5, at=7200)
+    assert [(b["state"], b["threshold"]) for b in later.rec.bodies()] == [("raised", 5)], \
+        "restarted two hours after the last temperature"
+
+
 def test_a_preset_limit_is_converted_to_the_channels_mass_unit():
     rig = Rig([{"channel": "dust.a34002", "preset": "dust-15min"}])
     for t in range(0, 900, 10):
