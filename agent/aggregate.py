@@ -27,7 +27,10 @@ Decisions (the README's aggregate section should repeat them for technicians):
   ceil(`min_valid` x expected) valid values, never more than the polls that fit in it (default share
   0.75, the standard's "at least 75 %"; at water stations the minute period's default is every
   expected value, DOMAIN.md's "120 valid 5-second samples" of a water 10-minute value; `min_count`
-  gives absolute numbers per kind instead; at least 1).
+  gives absolute numbers per kind instead; at least 1). A day needs DAY_VALID_HOURS (20) valid hours
+  instead, each with the valid values an hour needs (DOMAIN.md "a day 20 valid hours", GB 3095-2012's
+  table of validity), unless the file gives `min_valid.day` or `min_count.day`: 75 % of the day's
+  values was 18 hours, and a day of 19 hours after an outage was flagged N.
   * Water stations (`station.type` outfall or river_section): one abnormal value makes the period
     abnormal: its flag is the most severe flag among the period's readings, D > B > F > M > C > S > T
     (fault, no communication, stopped, maintenance, calibration, manual, over range). With no abnormal
@@ -127,6 +130,7 @@ REPLAY_BATCH = 5000  # readings read at a time when rebuilding periods at start
 SEQ_INDEX_MINUTES = 1500  # minutes (a day and more) whose first seq is kept for a reload's new kinds
 RELOAD_REPLAY_MAX = 200_000  # readings a reload may replay into its new kinds (about a second of work)
 UNKNOWN_INTERVAL_S = 60.0  # device interval assumed for a device no longer configured
+DAY_VALID_HOURS = 20  # DOMAIN.md: "a day [needs] 20 valid hours" (unless the file gives min_valid/min_count.day)
 
 # Flow codes whose cou is a volume, with the unit assumed when the reading names none (DOMAIN.md).
 VOLUME_CODES: Mapping[str, str] = {"w00000": "L/s"}
@@ -248,7 +252,7 @@ class _Acc:
     """One channel in one period."""
 
     __slots__ = ("role", "n", "count", "total", "comp", "low", "high", "abnormal", "vol", "last_ts", "last_q",
-                 "cq", "qsum")
+                 "cq", "qsum", "hours")
 
     def __init__(self, role: _Role):
         self.role = role
@@ -264,6 +268,7 @@ class _Acc:
         self.last_q = 0.0
         self.cq = 0.0  # sum of concentration x flow
         self.qsum = 0.0  # sum of the paired flow values
+        self.hours: dict[int, int] = {}  # day periods: valid values per local hour (start in Unix ms)
 
     def add_value(self, x: float) -> None:
         t = self.total + x
@@ -474,12 +479,14 @@ class Aggregator:
         for kind in kinds:
             self._open.setdefault(kind.name, {})
         self._calendars = calendars
+        self._hour_cal = PeriodCalendar(PeriodKind("hour", 60), tz)  # the hours a day's validity counts
         self._water = config.station.type in WATER_STATIONS
         self._grace_ms = round(agg.grace * 1000)
         self._min_valid = agg.min_valid.model_dump()
         if self._water and "min_valid" not in agg.model_fields_set:
             self._min_valid["minute"] = WATER_MINUTE_SHARE
         self._min_count = agg.min_count.model_dump() if agg.min_count is not None else {}
+        self._day_by_hours = "day" not in agg.min_valid.model_fields_set and not self._min_count.get("day")
         self._intervals = {dev_id: dev.interval for dev_id, dev in config.devices.items()}
         self._flow_key: _Key | None = None
         self._flow_cap_ms = 0
@@ -590,6 +597,9 @@ class Aggregator:
             if valid:
                 assert value is not None
                 acc.add_value(value)
+                if cal.kind.family == "day":
+                    hour = self._hour_cal.span(ts)[0]
+                    acc.hours[hour] = acc.hours.get(hour, 0) + 1
                 if acc.role.volume is not None:
                     acc.integrate(ts, value, start, self._hold.get(key))
                 if q is not None and acc.role.weighted:
@@ -764,30 +774,37 @@ class Aggregator:
             bodies.append({
                 "device": key[0], "channel": key[1], "period": p.kind.name, "start": iso_utc_ms(p.start),
                 "avg": avg, "min": low, "max": high, "cou": _number(cou), "count": acc.count,
-                "flag": self._flag(acc, self._needed(p, key[0])),
+                "flag": self._flag(acc, self._enough(p, key[0], acc)),
             })
         return bodies
 
-    def _needed(self, p: _Period, device: str) -> int:
-        """Valid values the period needs for flag N."""
-        family = p.kind.family
+    def _enough(self, p: _Period, device: str, acc: _Acc) -> bool:
+        """Whether the period has the valid values flag N needs: a day DAY_VALID_HOURS valid hours (each
+        with the hour's valid values), unless the file gives the day a share or count of its own."""
+        if p.kind.family == "day" and self._day_by_hours:
+            needed = self._needed("hour", 3_600_000, device)
+            return sum(n >= needed for n in acc.hours.values()) >= DAY_VALID_HOURS
+        return acc.count >= self._needed(p.kind.family, p.end - p.start, device)
+
+    def _needed(self, family: str, length_ms: int, device: str) -> int:
+        """Valid values a period of `family` lasting `length_ms` needs for flag N."""
         fixed = self._min_count.get(family)
         if fixed:
             return int(fixed)
         interval = self._intervals.get(device)
         if not interval:
             return 1
-        expected = (p.end - p.start) / 1000 / interval
+        expected = length_ms / 1000 / interval
         # Never more than the polls that fit in the period (an interval that does not divide it).
         return max(1, min(math.ceil(self._min_valid[family] * expected - 1e-9), math.floor(expected + 1e-9)))
 
-    def _flag(self, acc: _Acc, needed: int) -> str:
+    def _flag(self, acc: _Acc, enough: bool) -> str:
         worst = min(acc.abnormal, key=_severity) if acc.abnormal else None
         if self._water:
             if worst is not None:
                 return worst
-            return FLAG_NORMAL if acc.count >= needed else FLAG_COMM
-        if acc.count >= needed:
+            return FLAG_NORMAL if enough else FLAG_COMM
+        if enough:
             return FLAG_NORMAL
         return worst or FLAG_COMM
 

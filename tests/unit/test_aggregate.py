@@ -239,6 +239,40 @@ def test_other_stations_are_normal_with_75_percent_valid_values(faults, flag):
     assert rig.rec.bodies() == [body("pm", "a34004", "10m", z("02:00:00"), 50.0, 50.0, 50.0, None, 10 - faults, flag)]
 
 
+@pytest.mark.parametrize("hours, flag", [(19, "B"), (20, "N")])
+def test_a_day_needs_20_valid_hours(hours, flag):
+    """DOMAIN.md (and GB 3095-2012's validity table): "a day [needs] 20 valid hours". The day was judged
+    on 75 % of its readings, i.e. 18 hours: after a 5-hour outage a day of 19 hours was flagged N. A
+    valid hour is one with the hour's share of valid values."""
+    rig = Rig(make_config({"minute": 10, "hour": False}, station_type="dust"), now=t("15:59:00", "2026-09-20"))
+    day = t("16:00:00", "2026-09-20")  # local midnight of 2026-09-21
+    rig.feed(every("pm", "a34004", day, 60, [50] * (hours * 60)))
+    rig.at(t("16:00:02"))
+    [got] = rig.rec.bodies("1d")
+    assert (got["count"], got["flag"]) == (hours * 60, flag)
+
+
+def test_a_day_counts_its_valid_hours_not_its_share_of_values():
+    """Twenty-one hours of readings with 50 of the 60 values of each (every hour valid: 45 needed): 1050
+    values, under 75 % of the day's 1440 expected (the day was flagged B), but 21 valid hours."""
+    rig = Rig(make_config({"minute": 10, "hour": False}, station_type="dust"), now=t("15:59:00", "2026-09-20"))
+    day = t("16:00:00", "2026-09-20")
+    rig.feed([r for h in range(21) for r in every("pm", "a34004", day + h * 3_600_000, 60, [50] * 50)])
+    rig.at(t("16:00:02"))
+    [got] = rig.rec.bodies("1d")
+    assert (got["count"], got["flag"]) == (21 * 50, "N")
+
+
+def test_a_day_share_or_count_in_the_file_replaces_the_20_valid_hours():
+    for aggregate, flag in [({"min_valid": {"day": 0.75}}, "N"), ({"min_count": {"day": 1140}}, "N"),
+                            ({"min_valid": {"minute": 0.5}}, "B")]:
+        rig = Rig(make_config({"minute": 10, "hour": False, **aggregate}, station_type="dust"),
+                  now=t("15:59:00", "2026-09-20"))
+        rig.feed(every("pm", "a34004", t("16:00:00", "2026-09-20"), 60, [50] * (19 * 60)))
+        rig.at(t("16:00:02"))
+        assert [b["flag"] for b in rig.rec.bodies("1d")] == [flag], aggregate
+
+
 def test_a_gap_lowers_the_count_and_a_water_period_without_enough_values_is_flagged_b():
     rig = Rig(make_config({"minute": 10, "hour": False, "day": False}), now=t("01:59:00"))
     readings = every("cod", "w01018", t("02:00:00"), 60, [10, 12, 11, 13, 9, 10, 14, 12, 11, 8])
