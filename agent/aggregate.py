@@ -30,7 +30,8 @@ Decisions (the README's aggregate section should repeat them for technicians):
   gives absolute numbers per kind instead; at least 1). A day needs DAY_VALID_HOURS (20) valid hours
   instead, each with the valid values an hour needs (DOMAIN.md "a day 20 valid hours", GB 3095-2012's
   table of validity), unless the file gives `min_valid.day` or `min_count.day`: 75 % of the day's
-  values was 18 hours, and a day of 19 hours after an outage was flagged N.
+  values was 18 hours, and a day of 19 hours after an outage was flagged N. A device polled less often
+  than hourly needs 20/24 of the polls that fit in the day.
   * Water stations (`station.type` outfall or river_section): one abnormal value makes the period
     abnormal: its flag is the most severe flag among the period's readings, D > B > F > M > C > S > T
     (fault, no communication, stopped, maintenance, calibration, manual, over range). With no abnormal
@@ -782,8 +783,14 @@ class Aggregator:
         """Whether the period has the valid values flag N needs: a day DAY_VALID_HOURS valid hours (each
         with the hour's valid values), unless the file gives the day a share or count of its own."""
         if p.kind.family == "day" and self._day_by_hours:
-            needed = self._needed("hour", 3_600_000, device)
-            return sum(n >= needed for n in acc.hours.values()) >= DAY_VALID_HOURS
+            interval = self._intervals.get(device) or 0.0
+            if interval <= 3600:
+                needed = self._needed("hour", 3_600_000, device)
+                return sum(n >= needed for n in acc.hours.values()) >= DAY_VALID_HOURS
+            # Polled less often than hourly (an analyzer's 2-hour cycle): the same share of its polls.
+            expected = (p.end - p.start) / 1000 / interval
+            return acc.count >= max(1, min(math.ceil(DAY_VALID_HOURS / 24 * expected - 1e-9),
+                                           math.floor(expected + 1e-9)))
         return acc.count >= self._needed(p.kind.family, p.end - p.start, device)
 
     def _needed(self, family: str, length_ms: int, device: str) -> int:

@@ -263,6 +263,19 @@ def test_a_day_counts_its_valid_hours_not_its_share_of_values():
     assert (got["count"], got["flag"]) == (21 * 50, "N")
 
 
+@pytest.mark.parametrize("values, flag", [(10, "N"), (9, "B")])
+def test_a_device_polled_less_than_hourly_needs_20_of_24_of_its_polls_in_a_day(values, flag):
+    """An analyzer measuring every 2 hours has at most 12 hours with a value: it needs 10 of its 12
+    values (20/24), not 20 valid hours it can never have."""
+    devices = {"tp": {"driver": "simulated", "interval": 7200, "channels": {"w21011": {"unit": "mg/L"}}}}
+    rig = Rig(make_config({"minute": 10, "hour": False}, station_type="outfall", devices=devices),
+              now=t("15:59:00", "2026-09-20"))
+    rig.feed(every("tp", "w21011", t("16:00:00", "2026-09-20"), 7200, [0.3] * values))
+    rig.at(t("16:00:02"))
+    [got] = rig.rec.bodies("1d")
+    assert (got["count"], got["flag"]) == (values, flag)
+
+
 def test_a_day_share_or_count_in_the_file_replaces_the_20_valid_hours():
     for aggregate, flag in [({"min_valid": {"day": 0.75}}, "N"), ({"min_count": {"day": 1140}}, "N"),
                             ({"min_valid": {"minute": 0.5}}, "B")]:
