@@ -22,13 +22,11 @@ Imports `agent.buffer`, `agent.recorder` (its type), `agent.payloads`, `agent.mo
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import logging
 import math
 import random
-import re
 import select
 import socket
 import sqlite3
@@ -45,6 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from agent import __version__
 from agent.buffer import Buffer, BufferError, Gap, is_corruption
+from agent.certwatch import BROKER_ALERT, CertWatch
 from agent.hj212_payload import Hj212Identity, Hj212Message, Hj212Payload, group_periods
 from agent.logutil import RateLimitedLog
 from agent.memtrim import release_free_memory
@@ -60,7 +59,7 @@ from agent.payloads import (
 )
 from agent.recorder import Recorder
 from agent.threadname import name_this_thread
-from agent.tlsfiles import CERT_WARN_DAYS, TlsFilesError, earliest_ca_expiry, not_after, tls_context
+from agent.tlsfiles import TlsFilesError, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +83,6 @@ RESEND_SCAN_SEQS = 20_000
 RESEND_SCAN_S = 0.05
 EVENT_BATCH = 50  # aggregates per agg message
 HJ212_EVENT_BATCH = 500  # aggregate rows read at once to group into period packets
-CERT_CHECK_EVERY_S = 3600.0  # how often the certificates' expiry is read again while nothing else reads it
-# A TLS alert the broker sent about the client's certificate, as OpenSSL words it in the error text.
-_BROKER_ALERT = re.compile(r"\b(?:sslv3|tlsv1[0-9]?) alert ([a-z ]+?)\s*\(")
 PREPARED_MAX_BYTES = 16 * 1024 * 1024  # data messages of the backlog encoded ahead while offline
 PACKET_TOO_LARGE = 0x95  # MQTT 5 PUBACK reason code of a message over the broker's size limit
 
@@ -209,14 +205,7 @@ class Publisher(threading.Thread):
         self._resends: deque[_Resend] = deque()
         self._resend_due = False  # a resend by time stopped its scan for this turn: the loop does not wait
         self._hj212 = self._payload_strategy(settings)
-        # The client certificate: when it expires (Unix time, None: no client certificate or unreadable),
-        # the alert a broker last refused it with (by URL), and the files' digest the last context was built of.
-        self.cert_not_after: float | None = None
-        self._certs_checked = -math.inf
-        self._certlog = RateLimitedLog(log, every_s=86400)  # "expires in N days": once a day at most
-        self._tls_alert: dict[str, str] = {}
-        self._tls_digest: bytes | None = None
-        self._cert_in_use: float | None = None  # the expiry of the certificate the connection was made with
+        self._certs = CertWatch(settings)  # the TLS files: expiry, renewal, how a refusal is said
 
     # ------------------------------------------------------------------ any thread
 
@@ -264,7 +253,7 @@ class Publisher(threading.Thread):
                                                       (self.online and self._backlog_empty())):
                     break
                 self._apply_new_settings()
-                if time.monotonic() - self._certs_checked >= CERT_CHECK_EVERY_S:
+                if self._certs.due():
                     self._check_certificates()
                 if self.client is None:
                     if self._hold_off:
@@ -347,8 +336,7 @@ class Publisher(threading.Thread):
         self._backoff = 0.5
         self._url_index = 0
         self._errlog = RateLimitedLog(log, every_s=300)  # the new settings' errors are news
-        self._tls_alert.clear()
-        self._certs_checked = -math.inf
+        self._certs.reset(new)
 
     def _renewed_tls_files(self) -> None:
         """SIGHUP with the same settings: TLS files replaced at the same paths (a renewed client
@@ -357,7 +345,7 @@ class Publisher(threading.Thread):
         a TLS client are said, and the connection that works goes on."""
         s = self.settings
         self._check_certificates()
-        if self.client is None or self._tls_digest is None or self._tls_files_digest() == self._tls_digest:
+        if self.client is None or not self._certs.renewed():
             return  # offline: the next attempt (at once, after a SIGHUP) reads them anyway
         try:
             tls_context(s.tls_ca, s.tls_cert, s.tls_key, names=s.tls_names)
@@ -370,48 +358,10 @@ class Publisher(threading.Thread):
         self._set_state("offline", "connecting again with the renewed TLS files")
         self._backoff = 0.5
 
-    def _tls_files_digest(self) -> bytes | None:
-        """A digest of the TLS files' contents (never logged), to tell files replaced at the same paths."""
-        s = self.settings
-        h = hashlib.sha256()
-        for path in (s.tls_ca, s.tls_cert, s.tls_key):
-            if path:
-                try:
-                    with open(path, "rb") as f:
-                        h.update(f.read())
-                except OSError:
-                    return None
-            h.update(b"\0")
-        return h.digest()
-
     def _check_certificates(self) -> None:
-        """Read when the client certificate and the CA expire (for `status` and the retained status),
-        and say it, at most once a day each, from CERT_WARN_DAYS days before: a certificate that expires
-        unseen takes the station offline, and a fleet's certificates tend to expire on the same day."""
-        s = self.settings
-        self._certs_checked = time.monotonic()
-        tls = any(u.lower().startswith("mqtts") for u in s.urls)
-        cert = not_after(s.tls_cert) if tls and s.tls_cert else None
-        ca = earliest_ca_expiry(s.tls_ca) if tls and s.tls_ca else None
-        if cert != self.cert_not_after:
-            self.cert_not_after = cert
+        """The certificates' expiry read again (and warned of): `status` shows a change."""
+        if self._certs.check():
             self._record_state()
-        for what, part, when in (("the client certificate", "cert", cert), ("a CA certificate of", "ca", ca)):
-            if when is None:
-                continue
-            left = when - time.time()
-            if left >= CERT_WARN_DAYS * 86400:
-                continue
-            where = self._tls_name(part)
-            stamp = iso_utc_ms(int(when * 1000))
-            if left <= 0:
-                self._certlog.error("%s %s expired at %s: the broker refuses the connection; put the renewed "
-                                    "files in place (used at the next connection attempt, or at once on SIGHUP)",
-                                    what, where, stamp, key=f"{part} {when}")
-            else:
-                self._certlog.warning("%s %s expires at %s (in %s): renew it; the renewed files are used at the "
-                                      "next connection attempt, or at once on SIGHUP",
-                                      what, where, stamp, _days(left), key=f"{part} {when}")
 
     # ------------------------------------------------------------------ connection
 
@@ -447,10 +397,8 @@ class Publisher(threading.Thread):
             client.username_pw_set(s.username, s.password)
         if tls:
             self._check_certificates()
-            digest = self._tls_files_digest()
             try:
-                client.tls_set_context(tls_context(s.tls_ca, s.tls_cert, s.tls_key, names=s.tls_names))
-                self._tls_digest, self._cert_in_use = digest, self.cert_not_after
+                client.tls_set_context(self._certs.context())
             except TlsFilesError as exc:
                 self._set_state("offline", f"TLS files unusable: {exc}", url)
                 self._errlog.error("cannot use the TLS files: %s", exc, key=str(exc))
@@ -467,9 +415,9 @@ class Publisher(threading.Thread):
             else:
                 client.connect(host, port, keepalive=s.keepalive, clean_start=True)
         except ssl.SSLCertVerificationError as exc:
-            return self._connect_failed(url, f"TLS handshake failed: {self._not_verified(exc, host)}")
+            return self._connect_failed(url, f"TLS handshake failed: {self._certs.not_verified(exc, host)}")
         except ssl.SSLError as exc:  # with TLS 1.2, the broker's refusal of the client certificate is here
-            refused = self._client_cert_refused(url, str(exc)) if _BROKER_ALERT.search(str(exc)) else None
+            refused = self._certs.refused(url, str(exc)) if BROKER_ALERT.search(str(exc)) else None
             return self._connect_failed(url, refused or f"TLS handshake failed: {exc}")
         except (OSError, ValueError) as exc:
             return self._connect_failed(url, f"{type(exc).__name__}: {exc}")
@@ -479,13 +427,13 @@ class Publisher(threading.Thread):
                and not self._stopping()):  # a stop during the wait: its grace is not spent here
             self._service_io(0.2)
         if self.client is None and (self._connack is None or self._connack is True):  # the other end closed it
-            refused = self._client_cert_refused(url, self._dropped_because) if tls and self._connack is None else None
+            refused = self._certs.refused(url, self._dropped_because) if tls and self._connack is None else None
             if refused:
                 return self._connect_failed(url, refused)
             if self._connack is None and not v311:  # closed without a word in MQTT 5: the next attempt in 3.1.1
                 self._v311_next.add(url)
             when = "before the broker answered CONNECT" if self._connack is None else "as soon as it was accepted"
-            hint = (f" (a broker that refuses the client certificate {self._tls_name('cert')} may close it so)"
+            hint = (f" (a broker that refuses the client certificate {self._certs.name('cert')} may close it so)"
                     if tls and s.tls_cert and self._connack is None else "")
             return self._connect_failed(url, f"the connection was closed {when}: {self._dropped_because}{hint}")
         if self._connack is None:
@@ -509,42 +457,6 @@ class Publisher(threading.Thread):
         self._on_online(url)
         return True
 
-    def _tls_name(self, part: str) -> str:
-        """`mqtt.tls.cert (FILE)`: how a log line names a TLS file (without its path where it may be a secret)."""
-        s = self.settings
-        path = getattr(s, f"tls_{part}")
-        shown = s.tls_names.get(part) if s.tls_names is not None else path
-        return f"mqtt.tls.{part} ({shown})" if shown else f"mqtt.tls.{part}"
-
-    def _not_verified(self, exc: ssl.SSLCertVerificationError, host: str) -> str:
-        """Why the broker's certificate was not accepted, and what to check."""
-        said = exc.verify_message or str(exc)
-        if exc.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
-            return (f"the broker's certificate is not for {host} ({said}): the host in mqtt.url must be a name "
-                    "its certificate gives")
-        against = self._tls_name("ca") if self.settings.tls_ca else "the system's CAs (mqtt.tls.ca not set)"
-        return f"the broker's certificate does not verify against {against}: {said}"
-
-    def _client_cert_refused(self, url: str, error: str) -> str | None:
-        """Why a TLS connection with a client certificate failed (`error`), when the broker refused the
-        certificate. It says so by an alert: with TLS 1.2 in the handshake; with TLS 1.3 after the
-        client's side of it is done, where the alert is read, or the socket found closed first: the
-        alert seen last on this URL stands for both, so that the log and `status` say one thing. A
-        certificate expired by this gateway's clock is said as such."""
-        s = self.settings
-        if not s.tls_cert:
-            return None
-        alert = _BROKER_ALERT.search(error or "")
-        if alert:
-            self._tls_alert[url] = alert.group(1)
-        said = self._tls_alert.get(url)
-        if self.cert_not_after is not None and self.cert_not_after <= time.time():
-            return (f"the broker refused the client certificate {self._tls_name('cert')}: it expired at "
-                    f"{iso_utc_ms(int(self.cert_not_after * 1000))}")
-        if said is None:
-            return None
-        return f"the broker refused the client certificate {self._tls_name('cert')}: TLS alert \"{said}\""
-
     def _connect_failed(self, url: str, why: str) -> bool:
         self._set_state("offline", why, url)
         if not self._failed_attempts:
@@ -561,7 +473,7 @@ class Publisher(threading.Thread):
         self.url = url
         self._url_index = 0
         self._online_at = time.monotonic()
-        self._tls_alert.pop(url, None)
+        self._certs.connected(url)
         if self._failed_attempts:  # the end of an outage: how long, so that the journal need not be added up
             log.info("connected to %s as %s, after %s of failed attempts (%d)", _safe_url(url), s.client_id,
                      _duration(time.monotonic() - self._failing_since), self._failed_attempts)
@@ -658,10 +570,7 @@ class Publisher(threading.Thread):
         client certificate is configured: when the one read last expires."""
         url = self._state_url
         record = {"state": self.state, "url": _safe_url(url) if url else None,
-                  "since": self._state_since, "error": self.last_error}
-        if self.settings.tls_cert:
-            record["cert_expires"] = (iso_utc_ms(int(self.cert_not_after * 1000))
-                                      if self.cert_not_after is not None else None)
+                  "since": self._state_since, "error": self.last_error, **self._certs.expires()}
         self.recorder.set_meta("broker", json.dumps(record))
 
     def _close(self, clean: bool, reason: str = "stopped") -> None:
@@ -692,16 +601,8 @@ class Publisher(threading.Thread):
         self._publish_raw(f"{s.base_topic}/status",
                           status_message(s.station_id, "online", ts=iso_utc_ms(now_ms()),
                                          agent=f"edge-agent {__version__}", **{"started": self.started, **summary},
-                                         **self._cert_summary()),
+                                         **self._certs.expires(connection=True)),
                           retain=True)
-
-    def _cert_summary(self) -> dict:
-        """`cert_expires` for the retained status, where a client certificate is configured: an operator
-        of many stations finds those due for renewal without asking each one."""
-        if not self.settings.tls_cert:
-            return {}
-        when = self._cert_in_use
-        return {"cert_expires": iso_utc_ms(int(when * 1000)) if when is not None else None}
 
     def _refresh_summary(self) -> None:
         """Publish the retained status again when its summary changed (an operator watching many
@@ -1534,13 +1435,6 @@ def _only_keys(cmd: dict, allowed: set[str]) -> None:
     extra = sorted(set(cmd) - allowed)
     if extra:
         raise CommandError(f"unknown field(s) {', '.join(map(repr, extra))} for command {cmd.get('cmd')!r}")
-
-
-def _days(seconds: float) -> str:
-    """`12 days`, `36 h`: how long until a certificate expires."""
-    if seconds >= 2 * 86400:
-        return f"{seconds / 86400:.0f} days"
-    return f"{seconds / 3600:.0f} h"
 
 
 def _duration(seconds: float) -> str:
