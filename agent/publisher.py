@@ -953,13 +953,14 @@ class Publisher(threading.Thread):
 
     def _publish_events(self, stream: str, topic: str, batch: int) -> None:
         assert self._reader is not None
-        if self._cursor[stream] >= self.recorder.stored_upto(stream):
+        upto = self.recorder.stored_upto(stream)  # alarms: only those whose state is kept beside the file
+        if self._cursor[stream] >= upto:
             return  # nothing new (alarms and aggregates are rare: most fills skip these queries)
         if stream == STREAM_AGGREGATES and self._hj212 is not None:
             self._publish_periods(topic)
             return
         while not self._window_full() and self.client is not None:
-            rows = self._reader.events_after(stream, self._cursor[stream], batch)
+            rows = [r for r in self._reader.events_after(stream, self._cursor[stream], batch) if r.seq <= upto]
             if not rows:
                 return
             if stream == STREAM_ALARMS:

@@ -25,7 +25,7 @@ from pathlib import Path
 from agent.buffer import Buffer, BufferError, is_corruption
 from agent.clock import AgeClock
 from agent.logutil import RateLimitedLog
-from agent.model import STREAM_READINGS, STREAMS, Reading, now_ms
+from agent.model import STREAM_ALARMS, STREAM_READINGS, STREAMS, Reading, now_ms
 from agent.threadname import name_this_thread
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,8 @@ class Recorder(threading.Thread):
         self._gaps_announced: list[tuple[int, int, tuple[int, int] | None]] = []
         self._meta: dict[str, str] = {}
         self._beside_due: set[str] = set()  # meta keys to keep beside the file once committed (set_meta)
+        # Alarm events up to this seq may be published: their state is kept beside the file (stored_upto)
+        self._alarms_released = buffer.last_seq(STREAM_ALARMS)
         self._listeners: list[Callable[[], None]] = []
         self._stored_listeners: list[Callable[[list[Reading]], None]] = []
         self._tick_listeners: list[Callable[[], None]] = []
@@ -291,7 +293,11 @@ class Recorder(threading.Thread):
         return f"buffer file {what} while the agent runs, not put back yet (see the log)" if what else None
 
     def stored_upto(self, stream: str) -> int:
-        """The last seq of `stream` stored (or being stored now): the publisher reads no further."""
+        """The last seq of `stream` stored (or being stored now): the publisher reads no further. For
+        alarms, the last one whose state is also kept beside the file: published before that, an event
+        was raised a second time by a fresh file after a crash in between and the loss of this one."""
+        if stream == STREAM_ALARMS:
+            return self._alarms_released
         return self.buffer.last_seq(stream)
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -433,6 +439,9 @@ class Recorder(threading.Thread):
             self._channels_dirty = False
         if self._beside_due:
             self._keep_beside(meta)
+        with self._cond:
+            if not self._beside_due:  # (else a newer state is still to be kept, at its own commit)
+                self._alarms_released = self.buffer.last_seq(STREAM_ALARMS)
         self._after_commit(stored, events)
 
     def _keep_beside(self, committed: dict[str, str]) -> None:

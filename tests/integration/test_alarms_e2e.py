@@ -15,7 +15,17 @@ import sqlite3
 import time
 
 import pytest
-from harness import AgentProcess, Collector, db_last_seq, run_cli, sim_config, wait_for, write_config
+from harness import (
+    AgentProcess,
+    Broker,
+    Collector,
+    build_preload_shim,
+    db_last_seq,
+    run_cli,
+    sim_config,
+    wait_for,
+    write_config,
+)
 from instruments import ModbusTcpServer, Unit
 
 ALARM_ID = "cod.w01018:above"
@@ -164,6 +174,81 @@ def test_an_alarm_active_when_the_buffer_file_is_lost_is_not_raised_again(tmp_pa
         assert wait_for(lambda: status_alarms(cfg) == [], 10, "status lists no active alarm")
     finally:
         assert agent.stop() == 0
+
+
+SLOWSYNC_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static int (*real_fsync)(int);
+
+__attribute__((constructor)) static void init(void) { real_fsync = dlsym(RTLD_NEXT, "fsync"); }
+
+/* A slow card: fsync of a file whose path ends with $SLOWSYNC_SUFFIX waits while $SLOWSYNC_TRIGGER exists. */
+int fsync(int fd) {
+    const char *suffix = getenv("SLOWSYNC_SUFFIX"), *trigger = getenv("SLOWSYNC_TRIGGER");
+    char link[64], path[PATH_MAX];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    if (suffix && trigger && n > 0) {
+        path[n] = 0;
+        size_t ls = strlen(suffix), lp = strlen(path);
+        if (lp >= ls && strcmp(path + lp - ls, suffix) == 0)
+            while (access(trigger, F_OK) == 0) usleep(10000);
+    }
+    return real_fsync(fd);
+}
+"""
+
+
+def test_an_alarm_is_published_only_once_its_state_is_kept_beside_the_file(tmp_path):
+    """The state kept beside the buffer file (for a fresh file, should this one be lost) is written after
+    the event's commit, an fsync or two later on a slow card; a publisher that read the buffer meanwhile
+    sent the committed event. A crash then, and the file lost: the platform had the alarm raised, the fresh
+    file had no state, and the alarm was raised a second time (SPEC §4: raised once; a run of the test
+    above failed so on a loaded machine). An alarm event is now published once its state is beside the
+    file. Here the card holds the state's fsync while the broker comes back: the publisher's first round
+    looks at the alarms before the readings."""
+    build = tmp_path / "shim"
+    build.mkdir()
+    so = build_preload_shim(SLOWSYNC_C, "slowsync", build, "slow-fsync")
+    slow = tmp_path / "slow"
+    slow.touch()
+    broker = Broker(tmp_path / "broker", persistence=True).start()
+    platform = Collector(broker, "env/#", persistent=True)
+    try:
+        broker.stop()  # down while the alarm is raised: the readings and the event wait in the buffer
+        db = tmp_path / "buffer.db"
+        cfg = write_config(tmp_path / "station.yaml", station(tmp_path, broker, cod_mean=60))
+        agent = AgentProcess(cfg, env={"LD_PRELOAD": str(so), "SLOWSYNC_SUFFIX": "buffer.db.alarm_state.tmp",
+                                       "SLOWSYNC_TRIGGER": str(slow)})
+        try:
+            wait_for(lambda: db_last_seq(db) > 0 and stored_alarms(db) == 1, 20, "the raise committed")
+            after = stored_readings(db)  # the recorder now waits for the card: nothing more is committed
+            broker.start()
+            wait_for(lambda: platform.has_readings_upto(after), 20, "the readings stored before it published")
+            assert not (tmp_path / "buffer.db.alarm_state").exists(), "the state beside the file is being written"
+        finally:
+            agent.kill9()
+        for lost in (db, db.with_name("buffer.db-wal"), db.with_name("buffer.db-shm")):
+            lost.unlink(missing_ok=True)
+        slow.unlink()
+        agent = AgentProcess(cfg)
+        try:
+            wait_for(lambda: db_last_seq(db) > 0 and stored_alarms(db) == 1, 20, "the raise in the fresh file")
+            before = stored_readings(db)
+            wait_for(lambda: max(platform.reading_seqs() or [0]) >= before + 20, 20, "readings published")
+            assert states(platform) == ["raised"], "raised a second time"
+        finally:
+            assert agent.stop() == 0
+    finally:
+        platform.close()
+        broker.stop()
 
 
 def test_a_device_removed_by_a_reload_during_its_poll_raises_no_stale_alarm(tmp_path, broker, collector):
