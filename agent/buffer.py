@@ -269,11 +269,11 @@ class Buffer:
 
     @classmethod
     def open_writer(cls, path: str | Path, *, sync: str = "full", max_mb: float | None = None,
-                    progress: Callable[[], None] | None = None) -> Buffer:
+                    progress: Callable[[], None] | None = None, holders: Sequence[str] | None = None) -> Buffer:
         """Open or create the database for writing. A corrupt file is rescued (`rescue`). `progress` is
         called now and then while a step that reads or copies the whole file runs: the integrity check,
         the compaction, a salvage (2 minutes for a 1.4 GB buffer not in the page cache on the test VM:
-        systemd's start timeout is extended as it goes)."""
+        systemd's start timeout is extended as it goes). `holders`: as for `rescue`."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         refuse_newer(path)  # a downgrade: never taken for corruption, never written (NewerBuffer)
@@ -283,7 +283,7 @@ class Buffer:
         except sqlite3.DatabaseError as exc:
             if not is_corruption(exc):
                 raise BufferError(f"cannot open buffer {path}: {exc}") from exc
-            return cls.rescue(path, exc, sync=sync, max_mb=max_mb, progress=progress)
+            return cls.rescue(path, exc, sync=sync, max_mb=max_mb, progress=progress, holders=holders)
         if max_mb is not None:
             buf.set_size_cap(max_mb)
             _reporting(buf.compact_over_cap, progress)
@@ -291,10 +291,12 @@ class Buffer:
 
     @classmethod
     def rescue(cls, path: Path, exc: BaseException, *, sync: str, max_mb: float | None,
-               progress: Callable[[], None] | None = None) -> Buffer:
+               progress: Callable[[], None] | None = None, holders: Sequence[str] | None = None) -> Buffer:
         """`path` is corrupt (`exc` says how): move it aside (never deleted), start a fresh file whose
         seqs continue above the old high-water mark, and salvage into it what is still readable of
-        the old one (`agent.salvage`; `progress()` after every batch of rows). Everything is logged."""
+        the old one (`agent.salvage`; `progress()` after every batch of rows; `holders`: the meta keys of
+        the HJ 212 uplinks configured now, for whom it keeps what they have not delivered). Everything is
+        logged."""
         from agent.salvage import salvage_into  # only on this rare path
 
         moved = move_aside(path, str(exc))
@@ -302,7 +304,7 @@ class Buffer:
         seqmark = SeqMark(path.with_name(path.name + ".seq"))
         acked = seqmark.acked()  # read before the fresh file notes its own
         buf = cls._open_checked(path, sync, seqmark, announce_jump=False)
-        report = salvage_into(moved, buf, int(time.time() * 1000), progress, acked)
+        report = salvage_into(moved, buf, int(time.time() * 1000), progress, acked, holders)
         seqmark.note_acked(buf._sent_upto)  # the salvaged rows wait below the mark
         log.warning("buffer %s: from %s %s", path, moved.name, report.summary())
         if max_mb is not None:

@@ -118,7 +118,8 @@ class Recorder(threading.Thread):
         self.write_error: str | None = None  # why the buffer refuses writes (None while they work): P/status says it
         self._write_error_since = 0.0
         self._reopen = False  # the writer connection is gone (a rescue failed): open the file again
-        self._holders: tuple[str, ...] = ()  # meta keys of the HJ 212 uplinks' progress (set_holders)
+        # Meta keys of the HJ 212 uplinks' progress (set_holders; None until then: a rescue keeps rows for all).
+        self._holders: tuple[str, ...] | None = None
         self.detached: str | None = None  # what became of the file at the path while it is not put back yet
         self._seq_mirrors: list[Path] = []  # the seq marks kept beside other storage paths (keep_seq_marks_for)
         self._suspected: str | None = None  # a reader met a damaged page: what it said (suspect_corruption)
@@ -258,7 +259,7 @@ class Recorder(threading.Thread):
         """Per stream, the seq up to which every holder has delivered it (recorder thread). A holder's
         record names the streams it consumes (an uplink writes its record before polling starts)."""
         held: dict[str, int] = {}
-        for key in self._holders:
+        for key in self._holders or ():
             try:
                 marks = json.loads(self.buffer.meta_value(key) or "{}")
             except (ValueError, sqlite3.Error):
@@ -536,7 +537,7 @@ class Recorder(threading.Thread):
         try:
             self.buffer = self._new_writer(Buffer.rescue(self.buffer.path, exc, sync=self.sync,
                                                          max_mb=self.max_bytes / (1024 * 1024),
-                                                         progress=self._progressing))
+                                                         progress=self._progressing, holders=self._holders))
         except (sqlite3.Error, OSError, BufferError) as exc2:
             # The disk refuses even a fresh file: open it again at the next commit (it then starts
             # empty above the high-water mark, or rescues whatever is at the path by then).

@@ -90,15 +90,20 @@ def hj212_identity(config: Config) -> Hj212Identity | None:
     return Hj212Identity(mn=config.station.id, st=f"{h.st:02d}", pw=h.pw, timezone=config.station.timezone)
 
 
+def uplink_targets(config: Config) -> list[UplinkTarget]:
+    """The `hj212.uplinks` entries of `config`."""
+    return [UplinkTarget(host=u.host, port=u.port, timeout=u.timeout, retries=u.retries)
+            for u in (config.hj212.uplinks if config.hj212 is not None else [])]
+
+
 def build_uplinks(config: Config, recorder: Recorder, marks: dict[str, dict[str, int]] | None = None) -> list[Uplink]:
     """One `Uplink` per `hj212.uplinks` entry (not started). `marks`: progress of the uplinks they replace.
     The recorder then keeps what they have not delivered yet (`Recorder.set_holders`)."""
     identity = hj212_identity(config)
     uplinks: list[Uplink] = []
     try:
-        for u in config.hj212.uplinks if config.hj212 is not None else []:
+        for target in uplink_targets(config):
             assert identity is not None  # an hj212 section gives an identity
-            target = UplinkTarget(host=u.host, port=u.port, timeout=u.timeout, retries=u.retries)
             uplinks.append(Uplink(target, identity, config.storage.path, recorder,
                                   reconnect_max=config.mqtt.reconnect_max, marks=(marks or {}).get(target.meta_key)))
     except BaseException:
@@ -422,7 +427,8 @@ class Station:
                 # not in the page cache (a start after a power cut): systemd's start timeout is
                 # extended as it goes (EXTEND_TIMEOUT_USEC; without systemd this does nothing).
                 return Buffer.open_writer(storage.path, sync=storage.sync, max_mb=storage.max_mb,
-                                          progress=lambda: self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000"))
+                                          progress=lambda: self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000"),
+                                          holders=[t.meta_key for t in uplink_targets(self.config)])
             except NewerBuffer:
                 raise  # a downgrade: waiting cures nothing, and the file must stay as it is
             except instance.AlreadyRunning as exc:

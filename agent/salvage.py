@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -91,13 +91,15 @@ class SalvageReport:
 
 
 def salvage_into(moved: Path, fresh: Buffer, now_ms: int, progress: Callable[[], None] | None = None,
-                 acked_hint: Mapping[str, int] | None = None) -> SalvageReport:
+                 acked_hint: Mapping[str, int] | None = None, holders: Sequence[str] | None = None) -> SalvageReport:
     """Copy what is readable of `moved` (a corrupt buffer file, with its -wal beside it) into
     `fresh` (a freshly created writer Buffer, above the high-water mark), in one transaction.
     `progress()` is called after every batch of rows (a large buffer takes a while: the caller
     keeps systemd's start timeout or watchdog informed). `acked_hint`: the acknowledged watermarks
     noted beside the high-water mark (`SeqMark.acked`), used for a stream whose own watermark cannot
-    be read. Never raises: what went wrong is in the report, and the fresh file is then left as it was."""
+    be read. `holders`: the meta keys of the HJ 212 uplinks configured now (`Recorder.set_holders`; None:
+    every uplink whose progress the old file holds), for whom published rows they have not delivered are
+    copied too. Never raises: what went wrong is in the report, and the fresh file is then left as it was."""
     report = SalvageReport()
     try:
         old = sqlite3.connect(f"file:{moved}?mode=ro", uri=True, timeout=5, check_same_thread=False)
@@ -107,7 +109,7 @@ def salvage_into(moved: Path, fresh: Buffer, now_ms: int, progress: Callable[[],
     try:
         fresh.begin()
         try:
-            _salvage(old, moved, fresh, now_ms, report, progress or (lambda: None), acked_hint or {})
+            _salvage(old, moved, fresh, now_ms, report, progress or (lambda: None), acked_hint or {}, holders)
             fresh.commit()
         except BaseException:
             fresh.rollback()
@@ -160,7 +162,7 @@ def _announce_unsalvaged(old: sqlite3.Connection, fresh: Buffer, now_ms: int, re
 
 
 def _salvage(old: sqlite3.Connection, moved: Path, fresh: Buffer, now_ms: int, report: SalvageReport,
-             progress: Callable[[], None], acked_hint: Mapping[str, int]) -> None:
+             progress: Callable[[], None], acked_hint: Mapping[str, int], holders: Sequence[str] | None) -> None:
     watermarks = _read_watermarks(old)  # stream -> (last seq known, acknowledged watermark), when readable
     sql_readable = watermarks is not None or _readable(old, STREAM_READINGS)
     # Page 1 or the schema damaged: SQLite reads nothing, but the leaf pages may hold it all. Else the
@@ -183,7 +185,7 @@ def _salvage(old: sqlite3.Connection, moved: Path, fresh: Buffer, now_ms: int, r
     sent = {stream: known[stream][1] if known[stream] else 0 for stream in STREAMS}
     # Rows published on MQTT that an HJ 212 uplink has not delivered yet: the buffer keeps them for it, so
     # does the salvage (they stay published for MQTT: only those above `sent` are published again).
-    held = _uplink_progress(old if sql_readable else None, state.meta)
+    held = _uplink_progress(old if sql_readable else None, state.meta, holders)
     start = {stream: min(sent[stream], held.get(stream, sent[stream])) for stream in STREAMS}
     for stream in STREAMS:
         got = report.streams[stream] = StreamSalvage()
@@ -437,11 +439,13 @@ def _record_lost_stretches(fresh: Buffer, got: StreamSalvage, known: tuple[int, 
             report.gaps_announced.append((first, last))
 
 
-def _uplink_progress(old: sqlite3.Connection | None, page_meta: Mapping[str, str]) -> dict[str, int]:
+def _uplink_progress(old: sqlite3.Connection | None, page_meta: Mapping[str, str],
+                     holders: Sequence[str] | None) -> dict[str, int]:
     """Per stream, the lowest progress of the HJ 212 uplinks (meta `uplink:<host>:<port>`, as `agent.uplink`
     keeps it) in the old file's meta (`old`: None when SQL cannot read it) or in its newest WAL frames
-    (`page_meta`, which wins). An uplink removed from the configuration since costs only rows copied
-    needlessly (purged for their age as usual), never a row lost."""
+    (`page_meta`, which wins); of those among `holders` only, when given. The progress of an uplink removed
+    from the configuration stays in the meta: counted, it had the salvage copy every row still stored,
+    as much room again as the file, and a disk without it lost the unpublished rows the copy could have kept."""
     records: dict[str, str] = {}
     if old is not None:
         try:
@@ -450,6 +454,8 @@ def _uplink_progress(old: sqlite3.Connection | None, page_meta: Mapping[str, str
         except sqlite3.Error:
             pass
     records.update((k, v) for k, v in page_meta.items() if k.startswith(UPLINK_PREFIX))
+    if holders is not None:
+        records = {k: v for k, v in records.items() if k in holders}
     held: dict[str, int] = {}
     for text in records.values():
         try:

@@ -530,6 +530,34 @@ def test_rows_an_hj212_uplink_has_not_delivered_are_salvaged_and_not_published_a
         buf.close()
 
 
+def test_the_progress_of_an_uplink_no_longer_configured_does_not_widen_the_salvage(tmp_path):
+    """An uplink removed from the configuration leaves its progress in the meta (here at 0). Counted by the
+    salvage, it had every row still stored copied (as much room again as the file: on a full card the copy
+    failed, and the unpublished rows it could have kept were announced lost); only the uplinks configured
+    now hold rows back."""
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    for _ in range(0, 3000, 40):
+        buf.begin()
+        buf.insert_readings(readings(40))
+        buf.commit()
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 2000)
+    for where, upto in (("10.0.0.9:9000", 0), ("127.0.0.1:9000", 1200)):  # removed, configured
+        buf.set_meta(f"{META_PREFIX}{where}", json.dumps({STREAM_READINGS: upto, STREAM_AGGREGATES: 0,
+                                                           "state": "offline", "error": None, "since": None}))
+    buf.commit()
+    buf.close()
+    damage(path, pages_of(path, "readings")[-3])
+    buf = Buffer.open_writer(path, holders=[f"{META_PREFIX}127.0.0.1:9000"])
+    try:
+        lost = {s for a, b, _ in gaps(buf) for s in range(a, min(b, 3000) + 1)}
+        stored = [r.seq for p in buf.reading_polls(0, 10_000) for r in p.readings]
+        assert stored == sorted(set(range(1201, 3001)) - lost), "the configured uplink's rows on, not every row"
+    finally:
+        buf.close()
+
+
 @pytest.mark.parametrize("mark", ["kept", "lost too"])
 def test_a_salvage_the_disk_has_no_room_for_still_announces_what_the_fresh_file_lacks(tmp_path, small_disk, mark):
     """A long outage fills the buffer to its cap, then the card damages a page: the rescue's copy of the
