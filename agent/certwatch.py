@@ -40,9 +40,13 @@ class CertWatch:
         self._digest: bytes | None = None  # the files' digest the last context was built of
 
     def reset(self, settings: Any) -> None:
-        """New settings (a reload): read everything again."""
+        """New settings (a reload): read everything again. The files the last context was built of are
+        forgotten: the reload reconnects (building the new settings' context when they use TLS); kept, a
+        reload that dropped mqtt.tls had every later SIGHUP take the absent files for renewed ones and
+        drop the working connection."""
         self.settings = settings
         self._alerts.clear()
+        self._digest = None
         self._checked = -math.inf
 
     def due(self) -> bool:

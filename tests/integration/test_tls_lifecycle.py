@@ -256,3 +256,35 @@ def test_check_config_says_a_client_certificate_expired_or_about_to(tmp_path):
         line_no = next(i for i, line in enumerate(cfg.read_text().splitlines(), 1) if line.strip().startswith("cert:"))
         said = [line for line in result.stderr.splitlines() if "mqtt.tls.cert" in line]
         assert len(said) == 1 and said[0].startswith(f"{cfg}:{line_no}:") and words in said[0], result.stderr
+
+
+def test_a_reload_with_unchanged_settings_after_tls_was_dropped_keeps_the_connection(tmp_path):
+    """A station moved from an mqtts broker to a plain one (mqtt.tls removed, SIGHUP): a later
+    `systemctl reload` that changes nothing must not drop the working connection for a "renewal" of TLS
+    files it no longer has."""
+    pki = make_pki(tmp_path / "pki")
+    tls_broker = Broker(tmp_path / "tls-broker", tls=pki).start()
+    plain = Broker(tmp_path / "plain-broker").start()
+    config = sim_config(tmp_path, tls_broker, channels=2, interval=0.2, mqtt={
+        "reconnect_max": 1, "tls": {"ca": pki["ca"], "cert": pki["client_cert"], "key": pki["client_key"]}})
+    cfg = write_config(tmp_path / "station.yaml", config)
+    collector = Collector(plain, "env/#")
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: agent.log().count("connected to") >= 1, 20, "connected over TLS")
+        moved = sim_config(tmp_path, plain, channels=2, interval=0.2, mqtt={"reconnect_max": 1})
+        write_config(cfg, moved)
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: collector.reading_seqs(), 20, "delivery to the plain broker")
+        connections = agent.log().count("connected to")
+        agent.signal(signal.SIGHUP)  # nothing changed
+        wait_for(lambda: agent.log().count("configuration reloaded") >= 2, 10, "the second reload taken")
+        before = len(collector.reading_seqs())
+        wait_for(lambda: len(collector.reading_seqs()) > before + 20, 10, "readings go on")
+        assert "TLS files changed" not in agent.log(), agent.log()
+        assert agent.log().count("connected to") == connections, "the connection that works was kept"
+    finally:
+        assert agent.stop() == 0
+        collector.close()
+        plain.stop()
+        tls_broker.stop()
