@@ -798,6 +798,10 @@ class Publisher(threading.Thread):
             return False
 
     def _fill_window(self) -> None:
+        # Set again by `_continue_resends` when this fill leaves a resend by time mid-scan; a fill that does not
+        # get there (no reader to open while the recorder rescues its file, a failed read) must not leave the
+        # loop turning without waiting (it did, at 100 % of a core, for as long as the reader could not open).
+        self._resend_due = False
         if self._reader is not None and self._reader.identity != self.recorder.file_identity():
             self._follow_recorder()
         if self._reader is None:
