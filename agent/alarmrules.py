@@ -82,7 +82,7 @@ class _Channel:
     """What the engine knows of one `device.channel`."""
 
     __slots__ = ("key", "device", "code", "unit", "last_valid_mono", "fault_since", "last_value", "last_value_ms",
-                 "windows", "instances", "passive")
+                 "last_value_mono", "windows", "instances", "passive")
 
     def __init__(self, key: str, started: float):
         self.key = key
@@ -91,7 +91,8 @@ class _Channel:
         self.last_valid_mono = started  # not seen yet: the stale clock runs from the engine's start
         self.fault_since: float | None = None
         self.last_value: float | None = None  # last measured value (flag N/T)
-        self.last_value_ms: int | None = None  # its reading's time
+        self.last_value_ms: int | None = None  # its reading's time (the instrument's clock, for an hj212 one)
+        self.last_value_mono: float | None = None  # when it was taken on this machine's monotonic clock
         self.windows: dict[float, _Window] = {}
         self.instances: list[_Instance] = []
         # Neither a rule's background nor a preset's cold-start channel: with no instances and no

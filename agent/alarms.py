@@ -40,7 +40,8 @@ Decisions (the README's alarm section repeats them for technicians):
   reading more than S older than the newest one (the clock stepped back) restarts the window.
 - `background: dev.ch` is subtracted: its window mean (same S, the readings of the S seconds before the
   site's reading, covering MIN_WINDOW_COVERAGE of them as the site's must) or, without a window, its last
-  value while it is at most BACKGROUND_HOLD_INTERVALS of its device's intervals from the site's reading.
+  value while it is at most BACKGROUND_HOLD_INTERVALS of its device's intervals from the site's reading,
+  both timed on this machine's clock (an `hj212` background's stamps are its analyzer's clock's).
   With no such background (its instrument dead, or not read yet) the site's value is not compared, like
   a null one: a background read hours ago is no background (a low one raised alarms when dust blew over
   the whole area, a high one hid real exceedances).
@@ -439,7 +440,8 @@ class AlarmEngine:
             ch = self._channels[key]
             if ch.instances or ch.windows or not ch.passive:
                 # Its readings were skipped until now: what a new rule knows of it starts here.
-                ch.last_valid_mono, ch.fault_since, ch.last_value, ch.last_value_ms = reloaded, None, None, None
+                ch.last_valid_mono, ch.fault_since = reloaded, None
+                ch.last_value = ch.last_value_ms = ch.last_value_mono = None
         if not restoring:
             for key in self._channels.keys() - existing:
                 # New to the config (a device or register added): not polled yet, it goes stale from now.
@@ -596,7 +598,7 @@ class AlarmEngine:
             ch.last_valid_mono = now
         if measured:
             assert r.value is not None
-            ch.last_value, ch.last_value_ms = r.value, r.ts_ms
+            ch.last_value, ch.last_value_ms, ch.last_value_mono = r.value, r.ts_ms, now
             for w in ch.windows.values():
                 w.add(r.ts_ms, r.value)
                 self._windows_dirty = True
@@ -608,13 +610,14 @@ class AlarmEngine:
             elif name == RULE_FAULT:
                 self._eval_fault(inst, in_fault, now, r.ts_ms)
             elif measured:
-                x = self._input_value(inst, r)
+                x = self._input_value(inst, r, now)
                 limit = self._limit(inst)
                 if x is not None and limit is not None:
                     self._eval_limit(inst, x, limit, now, r.ts_ms)
 
-    def _input_value(self, inst: _Instance, r: Reading) -> float | None:
-        """The number compared with the limit: the value or its window mean, minus the background."""
+    def _input_value(self, inst: _Instance, r: Reading, taken: float) -> float | None:
+        """The number compared with the limit: the value or its window mean, minus the background
+        (`taken`: when `r` was taken, on the monotonic clock)."""
         rule = inst.rule
         ch = inst.channel
         if rule.window is not None:
@@ -632,23 +635,31 @@ class AlarmEngine:
             bg = self._channels.get(bg_key)
             if bg is None:
                 return None
-            b = self._background(bg, rule.window, r.ts_ms)
+            b = self._background(bg, rule.window, r.ts_ms, taken)
             if b is None:
                 return None
             x -= b
         return x if rule.window is None and not bg_key else round(x, 6)
 
-    def _background(self, bg: _Channel, window: float | None, ts_ms: int) -> float | None:
-        """What is subtracted from a reading taken at `ts_ms`: the background's mean of the same S seconds
-        (covering the window as the site's mean must), or without a window its last value when taken within
-        BACKGROUND_HOLD_INTERVALS of its device's intervals; None when the background instrument gave
-        no such value (dead, or not yet read): the reading is then not compared."""
+    def _background(self, bg: _Channel, window: float | None, ts_ms: int, taken: float) -> float | None:
+        """What is subtracted from a reading taken at `ts_ms` (`taken` on the monotonic clock): the
+        background's mean of the same S seconds (covering the window as the site's mean must), or without
+        a window its last value when taken within BACKGROUND_HOLD_INTERVALS of its device's intervals; None
+        when the background instrument gave no such value (dead, or not yet read): the reading is then not
+        compared. How long ago the background's readings were taken is counted on this machine's clock, its
+        window read from the site's time as the background's own clock gives it: an `hj212` analyzer stamps
+        its readings by its own clock, which may be minutes off this machine's (or the site instrument's),
+        and its readings then never counted as current: the rule compared nothing, for good."""
         interval_ms = (self._intervals.get(bg.device) or BACKGROUND_UNKNOWN_INTERVAL_S) * 1000
+        since_ms = None if bg.last_value_mono is None else (taken - bg.last_value_mono) * 1000
         if window is not None:
             w = bg.windows[window]
-            mean, covered = w.since(ts_ms - w.span_ms)
+            # The site's reading's time on the background's clock; windows restored at a start, before the
+            # background's first reading of this run, by the site's own time.
+            at = ts_ms if since_ms is None or bg.last_value_ms is None else bg.last_value_ms + round(since_ms)
+            mean, covered = w.since(at - w.span_ms)
             return mean if covered + interval_ms >= MIN_WINDOW_COVERAGE * w.span_ms else None
-        if bg.last_value_ms is None or abs(ts_ms - bg.last_value_ms) > BACKGROUND_HOLD_INTERVALS * interval_ms:
+        if since_ms is None or abs(since_ms) > BACKGROUND_HOLD_INTERVALS * interval_ms:
             return None
         return bg.last_value
 

@@ -1019,3 +1019,30 @@ def test_a_reading_that_the_engine_fails_on_skips_only_itself(caplog, monkeypatc
     assert rig.rec.states() == [("dust.a34002:above", "raised")]
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "cod.w01018" in errors[0].getMessage() and errors[0].exc_info is not None
+
+
+def test_a_background_on_an_instrument_clock_that_lags_is_still_subtracted():
+    """The background instrument stamps its readings by its own clock (an `hj212` analyzer's DataTime),
+    ten minutes behind this machine's, while it reads every 10 s without fail: it is current, and the
+    site's value is compared with it. Timed by the readings' own stamps, it counted as ten minutes old
+    (more than two of its intervals): the site's rule compared nothing, and no alarm was ever raised."""
+    lag_ms = 600_000
+    devices = {**DEVICES, "bg": {"bus": "rs485", "driver": "hj212", "interval": 10}}
+    rig = Rig([{"channel": "dust.a34002", "above": 80, "background": "bg.a34002"}], devices=devices)
+    for t in range(0, 100, 10):
+        rig.t = t
+        rig.engine.observe([Reading("bg", "a34002", rig.wall_ms() - lag_ms, 10.0, None, "N"),
+                            Reading("dust", "a34002", rig.wall_ms(), 30.0 if t < 50 else 100.0, None, "N")])
+        rig.engine.tick()
+    assert rig.rec.states() == [("dust.a34002:above", "raised")], "100 - 10 = 90 > 80"
+
+    windowed = Rig([{"channel": "dust.a34002", "preset": "dust-15min", "background": "bg.a34002"}], devices=devices)
+    for t in range(0, 3000, 10):
+        windowed.t = t
+        windowed.engine.observe([Reading("bg", "a34002", windowed.wall_ms() - lag_ms, 15.0, None, "N"),
+                                 Reading("dust", "a34002", windowed.wall_ms(), 100.0, None, "N")])
+        windowed.engine.tick()
+        if windowed.rec.events:
+            break
+    assert windowed.rec.bodies() and windowed.rec.bodies()[0]["value"] == pytest.approx(85), \
+        "the site's 15-minute mean 85 above the background's"
