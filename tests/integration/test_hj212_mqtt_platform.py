@@ -128,6 +128,9 @@ def test_a_channel_code_hj212_cannot_carry_is_refused_and_a_24_char_station_id_i
         assert result.returncode == 2, (code, result.stdout, result.stderr)
 
 
+# Two minute periods of the wall clock: up to 120 s from a start just after a minute began, plus the
+# agent's start and the period's grace; the wait below allows 150 s, and the test must be let run that long.
+@pytest.mark.timeout(200)
 def test_agg_packets_agree_with_the_raw_packets_of_their_period(tmp_path, broker):
     """minute: 1 periods: each 2051 packet's Avg/Min/Max are those of the 2011 packets received for its
     period, its DataTime is the period start in station time, and a flow's Cou is its volume in m3."""
