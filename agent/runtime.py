@@ -36,6 +36,7 @@ from agent.pollerset import SIM_PREFIX, PollerSpec, plan_reload, poller_specs
 from agent.publisher import BrokerSettings, Publisher
 from agent.recorder import Recorder
 from agent.sdnotify import Notifier
+from agent.startsink import StartSink
 from agent.status import collect, unreadable, uplink_names
 from agent.uplink import Uplink, UplinkTarget, stop_uplinks
 from drivers.simulated import SimChannelSpec, SimulatedDriver
@@ -330,6 +331,9 @@ class Station:
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
         self.pollers: list[BusPoller] = []
+        # The pollers' sink until the recorder exists: polling starts once the buffer's lock is held, before
+        # the buffer is open (its check may take minutes after a power cut: agent.startsink)
+        self.sink: StartSink | None = None
         self._retired: list[BusPoller] = []  # stopped by a reload, maybe still ending their poll
         self.clock = ClockWatch()
         self._clock_synced: bool | None = None
@@ -354,8 +358,13 @@ class Station:
         cfg = self.config
         storage = cfg.storage
         release_free_memory(collect=True)  # what loading the configuration built and dropped
-        buffer = self._open_buffer()
+        try:
+            buffer = self._open_buffer()
+        except BaseException:
+            self._stop_early_polling()
+            raise
         if buffer is None:  # stopped while waiting for it
+            self._stop_early_polling()
             log.info("stopped cleanly")
             return 0
         buffer.ensure_time_index()  # HJ 212 backfill requests ask for aggregates by time
@@ -387,21 +396,18 @@ class Station:
         self.alarms = AlarmEngine(cfg, self.recorder, saved_alarms, writer, resave=from_beside,
                                   saved_windows=buffer.meta_value("alarm_windows"))
         self.recorder.add_stored_listener(self.alarms.observe)
-        self.recorder.add_tick_listener(self.alarms.tick)
-        # Rebuilds its open periods from the stored readings before polling starts.
+        # Rebuilds its open periods from the stored readings before any reading of this run is stored.
         self.aggregator = Aggregator(cfg, self.recorder, buffer.meta_value("aggregate_state"),
                                      self.recorder.open_reader)
         self.recorder.add_stored_listener(self.aggregator.observe)
-        self.recorder.add_tick_listener(self.aggregator.tick)
         if cfg.console is not None:  # imported only when configured: it costs memory
             from agent.console import start_console
 
             self.console = start_console(self)  # None if it could not start (logged)
-        self.device_problems = DeviceProblems(self.recorder.set_meta)
-        self.pollers = build_pollers(cfg, self.recorder.submit, self.recorder.seen_channels(),
-                                     on_problem=self.device_problems.note)
-        for p in self.pollers:
-            p.start()
+        self._store_early_readings()
+        # Ticks only now: a period that ended while the buffer was opened is computed with its readings
+        self.recorder.add_tick_listener(self.alarms.tick)
+        self.recorder.add_tick_listener(self.aggregator.tick)
         self.notifier.notify("READY=1\nSTATUS=running")
         log.info("station %s running: %d devices on %d pollers", cfg.station.id, len(cfg.devices), len(self.pollers))
         self._main_loop()
@@ -420,14 +426,14 @@ class Station:
         storage = self.config.storage
         failures = 0
         while True:
+            if self._instance_lock is not None and self.sink is None:
+                self._start_polling()  # this agent owns the buses now
             try:
                 if self._instance_lock is None:  # held until the process ends; raises AlreadyRunning
                     self._instance_lock = instance.hold(storage.path)
-                # The integrity check, a compaction or a corrupt file's salvage may take minutes on a large buffer
-                # not in the page cache (a start after a power cut): systemd's start timeout is
-                # extended as it goes (EXTEND_TIMEOUT_USEC; without systemd this does nothing).
+                    continue  # polling starts (above) before the buffer is opened
                 return Buffer.open_writer(storage.path, sync=storage.sync, max_mb=storage.max_mb,
-                                          progress=lambda: self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000"),
+                                          progress=self._opening,
                                           holders=[t.meta_key for t in uplink_targets(self.config)])
             except NewerBuffer:
                 raise  # a downgrade: waiting cures nothing, and the file must stay as it is
@@ -440,8 +446,9 @@ class Station:
                 reason = f"cannot open the buffer {storage.path}: {cause}"
                 hint = "check free space and the permissions of its directory"
             if failures % max(1, round(BUFFER_RETRY_LOG_S / BUFFER_RETRY_S)) == 0:
-                log.error("%s; nothing is polled until it opens (%s); retrying every %g s", reason, hint,
-                          BUFFER_RETRY_S)
+                log.error("%s; %s (%s); retrying every %g s", reason,
+                          "readings wait in memory until it opens" if self.sink is not None else
+                          "nothing is polled until it opens", hint, BUFFER_RETRY_S)
             failures += 1
             self.notifier.notify(f"READY=1\nSTATUS={reason}; retrying")
             deadline = time.monotonic() + BUFFER_RETRY_S
@@ -450,6 +457,59 @@ class Station:
                 self._wait_for_signal(min(left, 5.0))
             if self._stop_requested:
                 return None
+
+    def _start_polling(self) -> None:
+        """Start the pollers as soon as the buffer's lock is held (one agent per buffer, hence per bus),
+        before the buffer is open: their readings wait in `self.sink` until the recorder exists. Opening
+        checks the whole file (quick_check), compacts or salvages it: minutes for a large file not in the
+        page cache (a start after a power cut), every reading of which was never taken before."""
+        self.sink = StartSink()
+        self.device_problems = DeviceProblems(self.sink.set_meta)
+        self.pollers = build_pollers(self.config, self.sink.submit, on_problem=self.device_problems.note)
+        for p in self.pollers:
+            p.start()
+
+    def _store_early_readings(self) -> None:
+        """Once the alarm engine and the aggregator listen: the readings taken while the buffer was opened
+        are handed to the recorder, in the order they were taken, and committed (seqs issued now, as for
+        any reading stored late); from now on the pollers' readings go straight to it. The hj212 drivers
+        learn the channels stored before this start, as a build after the open gave them."""
+        assert self.sink is not None
+        seen = self.recorder.seen_channels()
+        for driver in (d for p in self.pollers for d in p.drivers):
+            learn = getattr(driver, "learn_stored", None)
+            if learn is not None:
+                learn(seen.get(driver.device_id, {}))
+        held = self.sink.attach(self.recorder.submit, self.recorder.set_meta)
+        if held or self.sink.dropped:
+            self.recorder.flush()
+            log.info("%d readings taken while the buffer was opened are stored%s", held,
+                     f" ({self.sink.dropped} older ones were dropped: more than {self.sink.limit} waited)"
+                     if self.sink.dropped else "")
+
+    def _opening(self) -> None:
+        """Called every few seconds while the buffer's check, compaction or salvage runs (main thread). The
+        integrity check, a compaction or a corrupt file's salvage may take minutes on a large buffer not in
+        the page cache (a start after a power cut): systemd's start timeout is extended as it goes
+        (EXTEND_TIMEOUT_USEC; without systemd this does nothing). A stop asked meanwhile stops polling
+        here (SPEC §1: within PROGRESS_EVERY_S); what was polled is stored once the buffer is open, then
+        the agent stops as usual."""
+        self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000")
+        if self._stop_requested:
+            for p in self.pollers:
+                p.stop(close_drivers=False)  # their buses still carry the alarm actions of the shutdown
+
+    def _stop_early_polling(self) -> None:
+        """The buffer was never opened (a stop asked meanwhile, or an error that ends the run): stop the
+        pollers and say what they took that cannot be stored."""
+        for p in self.pollers:
+            p.stop()
+        deadline = time.monotonic() + 10  # a poller stuck on a dead wire must not hold the stop
+        for p in self.pollers:
+            p.join(max(deadline - time.monotonic(), 0.1))
+        lost = (self.sink.held() + self.sink.dropped) if self.sink is not None else 0
+        if lost:
+            log.error("stopping before the buffer could be opened: %d readings taken meanwhile are lost", lost)
 
     def _pollers_quiet_until(self, deadline: float) -> bool:
         """True when no poller hands over readings before `deadline` (for the recorder's group commit)."""

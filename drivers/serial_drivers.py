@@ -612,11 +612,8 @@ class Hj212Driver:
         # channel -> unit, in first-seen order (declared channels first)
         self.known: dict[str, str | None] = {ch: (unit or _pollutant_unit(ch)) for ch, unit in (declared or {}).items()}
         # channels stored before this start (`seen`): learnt then, so they count towards the limit
-        learnt = [(ch, unit) for ch, unit in (seen or {}).items() if ch not in self.known and len(ch) <= MAX_CODE]
         self._learnt = 0
-        for ch, unit in learnt[:MAX_LEARNT_CHANNELS]:
-            self.known[ch] = unit or _pollutant_unit(ch)
-            self._learnt += 1
+        self.learn_stored(seen or {})
         self._refused_logged = False
         # channel -> (value, flag, ts_ms, receive time) of the latest item since the previous poll
         self._latest: dict[str, tuple[float | None, str, int, float]] = {}
@@ -631,6 +628,17 @@ class Hj212Driver:
         line.acquire()
         line.subscribe(self._on_bytes)
         line.on_open(self._on_open)
+
+    def learn_stored(self, seen: Mapping[str, str | None]) -> None:
+        """The channels (and units) stored for this device before this start, learnt then: each gets its
+        reading (null/B when no item came) at every poll, and counts towards MAX_LEARNT_CHANNELS. Given
+        at construction, or once the buffer is open when polling started before (`agent.runtime`)."""
+        with self._cond:
+            for ch, unit in seen.items():
+                if ch in self.known or len(ch) > MAX_CODE or self._learnt >= MAX_LEARNT_CHANNELS:
+                    continue
+                self.known[ch] = unit or _pollutant_unit(ch)
+                self._learnt += 1
 
     # reader thread
     def _on_open(self) -> None:

@@ -1,0 +1,204 @@
+"""A start whose buffer takes seconds to open polls from the start: a real agent process, simulated devices
+every 0.2 s, a real broker, the buffer's opening made slow by an LD_PRELOAD shim.
+
+Opening the buffer checks the whole file (quick_check), compacts it above its cap or salvages a corrupt
+one: ~2 minutes for a 1.4 GB file not in the page cache, which is the start after a power cut. Before,
+nothing was polled until it was open: every reading of that time was never taken, a gap in the data with
+no reason. The shim stalls the process's first read of the buffer file (inside `Buffer.open_writer`, on
+whichever thread makes it) for STALL_S seconds, like a cold card would; the pollers' readings of that
+time must be stored and published, in seq order, none lost, also when the file is corrupt (salvaged).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sqlite3
+import time
+from datetime import datetime
+from pathlib import Path
+
+from harness import AgentProcess, Collector, build_preload_shim, sim_config, wait_for, write_config
+
+from agent.buffer import Buffer
+from agent.model import Reading
+
+STALL_S = 4.0
+INTERVAL = 0.2
+
+STALL_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+/* The first read of the file SLOW_OPEN_PATH by this process sleeps SLOW_OPEN_S seconds: a buffer whose
+   opening (its integrity check, its salvage) reads a cold card. Every read after it is untouched. */
+static int stalled;
+
+static void stall_once(int fd) {
+    if (__atomic_load_n(&stalled, __ATOMIC_ACQUIRE)) return;
+    const char *want = getenv("SLOW_OPEN_PATH");
+    if (!want) return;
+    char link[64], target[4096];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, target, sizeof target - 1);
+    if (n <= 0) return;
+    target[n] = 0;
+    if (strcmp(target, want) != 0 || __atomic_exchange_n(&stalled, 1, __ATOMIC_ACQ_REL)) return;
+    double s = atof(getenv("SLOW_OPEN_S") ? getenv("SLOW_OPEN_S") : "0");
+    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
+    fprintf(stderr, "SHIM: stalling the first read of %s for %.1f s\n", want, s);
+    nanosleep(&ts, NULL);
+}
+
+ssize_t read(int fd, void *buf, size_t count) {
+    static ssize_t (*real)(int, void *, size_t);
+    if (!real) real = dlsym(RTLD_NEXT, "read");
+    stall_once(fd);
+    return real(fd, buf, count);
+}
+
+ssize_t pread(int fd, void *buf, size_t count, off_t offset) {
+    static ssize_t (*real)(int, void *, size_t, off_t);
+    if (!real) real = dlsym(RTLD_NEXT, "pread");
+    stall_once(fd);
+    return real(fd, buf, count, offset);
+}
+
+ssize_t pread64(int fd, void *buf, size_t count, off_t offset) {
+    static ssize_t (*real)(int, void *, size_t, off_t);
+    if (!real) real = dlsym(RTLD_NEXT, "pread64");
+    stall_once(fd);
+    return real(fd, buf, count, offset);
+}
+"""
+
+OLD_ROWS = 300
+
+
+def _old_buffer(path: Path) -> int:
+    """A buffer left by an earlier run: OLD_ROWS readings of another device, all published."""
+    buf = Buffer.open_writer(path)
+    t = int(time.time() * 1000) - 3_600_000
+    buf.begin()
+    buf.insert_readings([Reading("old", "c00", t + i * 1000, float(i), "mg/L") for i in range(OLD_ROWS)])
+    buf.set_sent_upto("readings", buf.last_seq())
+    buf.commit()
+    last = buf.last_seq()
+    buf.close()
+    return last
+
+
+def _corrupt(path: Path) -> None:
+    """Damage the file header's page-size field and a leaf page: SQLite reports the file corrupt."""
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        data[16:18] = b"\x00\x03"  # an impossible page size
+        f.seek(0)
+        f.write(data)
+
+
+def _log_time(log: str, pattern: str) -> float:
+    """Wall time (s) of the agent's first log line matching `pattern`."""
+    m = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ \S+ " + pattern, log, re.M)
+    assert m, f"no log line /{pattern}/ in:\n{log[-3000:]}"
+    return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()  # local time, as logging's
+
+
+def _rows(path: Path, above: int) -> list[tuple[int, str, int]]:
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        return conn.execute("SELECT seq, channel, ts_ms FROM readings WHERE device='sim0' AND seq > ? "
+                            "ORDER BY seq", (above,)).fetchall()
+
+
+def _start_slow(tmp_path: Path, broker) -> tuple[AgentProcess, Collector, Path, float]:
+    so = build_preload_shim(STALL_C, "slowopen", tmp_path, "slow buffer open")
+    collector = Collector(broker, "env/TEST0001/#")
+    config = sim_config(tmp_path, broker, interval=INTERVAL, channels=2)
+    db = Path(config["storage"]["path"])
+    started = time.time()
+    agent = AgentProcess(write_config(tmp_path / "agent.yaml", config),
+                         env={"LD_PRELOAD": str(so), "SLOW_OPEN_PATH": str(db), "SLOW_OPEN_S": str(STALL_S)})
+    wait_for(lambda: "running:" in agent.log() or not agent.alive(), 60, "the agent running")
+    assert "SHIM: stalling" in agent.log(), agent.log()[-3000:]
+    return agent, collector, db, started
+
+
+def _check_no_gap(rows: list[tuple[int, str, int]], polled_from: float, open_ended: float) -> None:
+    """Every channel has a reading every INTERVAL from the first poll on, across the opening."""
+    for channel in ("c00", "c01"):
+        times = [ts / 1000 for _, ch, ts in rows if ch == channel]
+        assert times, f"no readings of {channel}"
+        assert times[0] < polled_from, (f"{channel}: first reading {times[0] - open_ended:+.2f} s after the "
+                                        "buffer opened: nothing was polled while it was opened")
+        steps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        assert max(steps) < 5 * INTERVAL, f"{channel}: a gap of {max(steps):.2f} s in the readings"
+        assert steps == [s for s in steps if s > 0], f"{channel}: seq order is not the order taken"
+
+
+def test_readings_taken_while_the_buffer_opens_are_stored_and_published(broker, tmp_path):
+    old_last = _old_buffer(tmp_path / "buffer.db")
+    agent, collector, db, started = _start_slow(tmp_path, broker)
+    try:
+        log = agent.log()
+        opened = _log_time(log, r"buffer .* open: readings last seq")
+        assert opened - started > STALL_S - 0.5, log[-3000:]  # the opening did take that long
+        wait_for(lambda: len(_rows(db, old_last)) >= 20, 20, "readings stored after the start")
+        assert agent.stop() == 0
+        rows = _rows(db, old_last)
+        # the readings of the time the buffer was opened are there, seqs following on from the old ones
+        _check_no_gap(rows, opened - STALL_S / 2, opened)
+        seqs = [seq for seq, _, _ in rows]
+        assert seqs == list(range(old_last + 1, old_last + 1 + len(seqs))), "seqs not contiguous"
+        # and every one was published (before the stop's grace ran out), in seq order
+        published = [r["seq"] for m in collector.json_messages("/data") for r in m.get("readings", [])
+                     if r.get("device") == "sim0"]
+        assert sorted(set(published)) == seqs, f"published {len(set(published))} of {len(seqs)}"
+        assert published == sorted(published), "published out of seq order"
+        assert "readings taken while the buffer was opened are stored" in agent.log()
+    finally:
+        collector.close()
+        agent.stop()
+
+
+def test_salvaged_buffer_start_keeps_the_readings_taken_meanwhile(broker, tmp_path):
+    old_last = _old_buffer(tmp_path / "buffer.db")
+    _corrupt(tmp_path / "buffer.db")
+    agent, collector, db, started = _start_slow(tmp_path, broker)
+    try:
+        log = agent.log()
+        assert "corrupt" in log, log[-3000:]
+        opened = _log_time(log, r"buffer .* open: readings last seq")
+        wait_for(lambda: len(_rows(db, 0)) >= 20, 20, "readings stored after the start")
+        assert agent.stop() == 0
+        rows = _rows(db, 0)
+        _check_no_gap(rows, opened - STALL_S / 2, opened)
+        seqs = [seq for seq, _, _ in rows]
+        assert seqs[0] > old_last and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        published = [r["seq"] for m in collector.json_messages("/data") for r in m.get("readings", [])
+                     if r.get("device") == "sim0"]
+        assert sorted(set(published)) == seqs, f"published {len(set(published))} of {len(seqs)}"
+    finally:
+        collector.close()
+        agent.stop()
+
+
+def test_sigterm_while_the_buffer_opens_stores_what_was_polled(broker, tmp_path):
+    old_last = _old_buffer(tmp_path / "buffer.db")
+    so = build_preload_shim(STALL_C, "slowopen", tmp_path, "slow buffer open")
+    config = sim_config(tmp_path, broker, interval=INTERVAL, channels=2)
+    db = Path(config["storage"]["path"])
+    agent = AgentProcess(write_config(tmp_path / "agent.yaml", config),
+                         env={"LD_PRELOAD": str(so), "SLOW_OPEN_PATH": str(db), "SLOW_OPEN_S": str(STALL_S)})
+    wait_for(lambda: "SHIM: stalling" in agent.log(), 30, "the opening under way")
+    time.sleep(1.0)  # polls to keep: the stall lasts STALL_S from here
+    agent.signal(signal.SIGTERM)
+    assert agent.proc.wait(30) == 0, agent.log()[-3000:]
+    log = agent.log()
+    assert "stopped cleanly" in log, log[-3000:]
+    rows = _rows(db, old_last)
+    assert len(rows) >= 2, f"the readings polled before the stop were not stored:\n{log[-3000:]}"
