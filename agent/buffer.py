@@ -1145,6 +1145,22 @@ def _reporting(step: Callable[[], T], progress: Callable[[], None] | None) -> T:
     return value
 
 
+def lowest_progress(records: Iterable[str | None]) -> dict[str, int]:
+    """Per stream, the lowest seq among the progress records of the buffer's other consumers (the HJ 212
+    uplinks' meta values: JSON objects stream -> seq delivered); records that do not parse are skipped."""
+    held: dict[str, int] = {}
+    for text in records:
+        try:
+            marks = json.loads(text or "{}")
+        except (TypeError, ValueError):
+            continue
+        for stream in STREAMS:
+            mark = marks.get(stream) if isinstance(marks, dict) else None
+            if isinstance(mark, int) and not isinstance(mark, bool):
+                held[stream] = min(held.get(stream, mark), mark)
+    return held
+
+
 def _ts_filter(ts_range: tuple[int, int] | None) -> tuple[str, tuple[int, ...]]:
     """The SQL condition (and its arguments) keeping the rows whose `ts_ms` lies in `ts_range`, both ends
     inclusive; nothing for None."""

@@ -12,7 +12,6 @@ helpers `agent.logutil` and `agent.threadname`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
@@ -22,10 +21,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from agent.buffer import Buffer, BufferError, is_corruption
+from agent.buffer import Buffer, BufferError, is_corruption, lowest_progress
 from agent.clock import AgeClock
 from agent.logutil import RateLimitedLog
-from agent.model import STREAM_ALARMS, STREAM_READINGS, STREAMS, Reading, now_ms
+from agent.model import STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
 from agent.threadname import name_this_thread
 
 log = logging.getLogger(__name__)
@@ -258,17 +257,13 @@ class Recorder(threading.Thread):
     def _held(self) -> dict[str, int]:
         """Per stream, the seq up to which every holder has delivered it (recorder thread). A holder's
         record names the streams it consumes (an uplink writes its record before polling starts)."""
-        held: dict[str, int] = {}
+        records = []
         for key in self._holders or ():
             try:
-                marks = json.loads(self.buffer.meta_value(key) or "{}")
-            except (ValueError, sqlite3.Error):
+                records.append(self.buffer.meta_value(key))
+            except sqlite3.Error:
                 continue
-            for stream in STREAMS:
-                mark = marks.get(stream) if isinstance(marks, dict) else None
-                if isinstance(mark, int) and not isinstance(mark, bool):
-                    held[stream] = min(held.get(stream, mark), mark)
-        return held
+        return lowest_progress(records)
 
     def seen_channels(self) -> dict[str, dict[str, str | None]]:
         """device -> {channel: unit of its latest reading} of every channel stored so far."""

@@ -26,8 +26,8 @@ Where the old file tells nothing (not a database any more), the stretch runs fro
 watermark noted beside the mark, else from the block the mark reserved. The moved-aside file is
 only read, never changed.
 
-Imports `agent.model` and `agent.pagescan` (and, to rebuild the alarm state, `agent.alarms`'s state
-version); the fresh `Buffer` is passed in.
+Imports `agent.model`, `agent.pagescan`, `agent.buffer`'s `lowest_progress` (and, to rebuild the alarm
+state, `agent.alarms`'s state version); the fresh `Buffer` is passed in.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.buffer import lowest_progress
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, STREAMS
 from agent.pagescan import GAPS_TABLE, META_TABLE, STREAMS_TABLE, scan
 
@@ -456,17 +457,7 @@ def _uplink_progress(old: sqlite3.Connection | None, page_meta: Mapping[str, str
     records.update((k, v) for k, v in page_meta.items() if k.startswith(UPLINK_PREFIX))
     if holders is not None:
         records = {k: v for k, v in records.items() if k in holders}
-    held: dict[str, int] = {}
-    for text in records.values():
-        try:
-            marks = json.loads(text)
-        except (TypeError, ValueError):
-            continue
-        for stream in STREAMS:
-            mark = marks.get(stream) if isinstance(marks, dict) else None
-            if isinstance(mark, int) and not isinstance(mark, bool):
-                held[stream] = min(held.get(stream, mark), mark)
-    return held
+    return lowest_progress(records.values())
 
 
 def _copy_pending_gaps(old: sqlite3.Connection, fresh: Buffer, now_ms: int) -> None:

@@ -493,12 +493,9 @@ def test_with_the_file_header_damaged_an_unannounced_gap_is_still_announced(tmp_
         buf.close()
 
 
-def test_rows_an_hj212_uplink_has_not_delivered_are_salvaged_and_not_published_again(tmp_path):
-    """Published on MQTT, not yet acknowledged by an HJ 212 platform (its uplink's progress lags): the
-    buffer keeps such rows for the uplink (never purged for their age). A corrupt file's salvage copied only
-    what MQTT had not acknowledged: the platform lost every readable reading and period between its progress
-    and MQTT's, with the uplink's error 'no longer in the buffer … lost with a corrupt file' (audit audb)."""
-    path = tmp_path / "b.db"
+def buffer_behind_an_uplink(path: Path, uplinks: dict[str, int]) -> None:
+    """A closed buffer file with 3000 readings, the first 2000 acknowledged by MQTT, and one aggregate
+    event, acknowledged too; `uplinks`: the HJ 212 uplinks' progress in readings (host:port -> seq)."""
     buf = Buffer.open_writer(path)
     for _ in range(0, 3000, 40):
         buf.begin()
@@ -508,10 +505,20 @@ def test_rows_an_hj212_uplink_has_not_delivered_are_salvaged_and_not_published_a
     buf.insert_event(STREAM_AGGREGATES, now_ms(), {"period": "1h", "n": 1})
     buf.set_sent_upto(STREAM_READINGS, 2000)
     buf.set_sent_upto(STREAM_AGGREGATES, 1)
-    buf.set_meta(f"{META_PREFIX}127.0.0.1:9000", json.dumps({STREAM_READINGS: 1200, STREAM_AGGREGATES: 0,
-                                                      "state": "offline", "error": None, "since": None}))
+    for where, upto in uplinks.items():
+        buf.set_meta(f"{META_PREFIX}{where}", json.dumps({STREAM_READINGS: upto, STREAM_AGGREGATES: 0,
+                                                           "state": "offline", "error": None, "since": None}))
     buf.commit()
     buf.close()
+
+
+def test_rows_an_hj212_uplink_has_not_delivered_are_salvaged_and_not_published_again(tmp_path):
+    """Published on MQTT, not yet acknowledged by an HJ 212 platform (its uplink's progress lags): the
+    buffer keeps such rows for the uplink (never purged for their age). A corrupt file's salvage copied only
+    what MQTT had not acknowledged: the platform lost every readable reading and period between its progress
+    and MQTT's, with the uplink's error 'no longer in the buffer … lost with a corrupt file' (audit audb)."""
+    path = tmp_path / "b.db"
+    buffer_behind_an_uplink(path, {"127.0.0.1:9000": 1200})
     mark = json.loads((tmp_path / "b.db.seq").read_text())[STREAM_READINGS]
     damage(path, pages_of(path, "readings")[-3])  # a leaf of readings MQTT has not published yet
     buf = Buffer.open_writer(path)
@@ -536,18 +543,7 @@ def test_the_progress_of_an_uplink_no_longer_configured_does_not_widen_the_salva
     failed, and the unpublished rows it could have kept were announced lost); only the uplinks configured
     now hold rows back."""
     path = tmp_path / "b.db"
-    buf = Buffer.open_writer(path)
-    for _ in range(0, 3000, 40):
-        buf.begin()
-        buf.insert_readings(readings(40))
-        buf.commit()
-    buf.begin()
-    buf.set_sent_upto(STREAM_READINGS, 2000)
-    for where, upto in (("10.0.0.9:9000", 0), ("127.0.0.1:9000", 1200)):  # removed, configured
-        buf.set_meta(f"{META_PREFIX}{where}", json.dumps({STREAM_READINGS: upto, STREAM_AGGREGATES: 0,
-                                                           "state": "offline", "error": None, "since": None}))
-    buf.commit()
-    buf.close()
+    buffer_behind_an_uplink(path, {"10.0.0.9:9000": 0, "127.0.0.1:9000": 1200})  # removed, configured
     damage(path, pages_of(path, "readings")[-3])
     buf = Buffer.open_writer(path, holders=[f"{META_PREFIX}127.0.0.1:9000"])
     try:
