@@ -364,27 +364,34 @@ def test_a_crash_with_its_wal_in_place_continues_without_a_jump(tmp_path):
         buf.close()
 
 
+def killed_while_a_refused_batch_waits(path: Path, setup: str, batch: int) -> None:
+    """In a process of its own: `setup` (Python opening the buffer `b` at `path`, storing with `rows(n)`,
+    and setting `mb`, the cap), then a batch of `batch` readings that the cap refuses, handed to the
+    recorder's write-error path as a failed commit is (kept in memory for a retry); then kill -9."""
+    code = ("import os, signal, sqlite3, sys; sys.path[:0] = [sys.argv[2]]; from agent.buffer import Buffer; "
+            "from agent.model import STREAM_READINGS, Reading; from agent.recorder import Recorder; "
+            "rows = lambda n: [Reading('d', f'c{i % 10}', 1_764_000_000_000 + i, float(i), None, 'N') "
+            "for i in range(n)]; " + setup +
+            "rec = Recorder(b, commit_interval_ms=50, keep_sent_days=7, max_mb=mb); "
+            f"batch = rows({batch}); b.begin()\n"
+            "try:\n    b.insert_readings(batch); b.commit()\n"
+            "except sqlite3.OperationalError as exc:\n    b.rollback(); rec._on_write_error(exc, batch, [], [], {})\n"
+            "else:\n    sys.exit('the cap refused nothing')\n"
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    repo = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, "-c", code, str(path), repo], timeout=60)
+    assert done.returncode == -signal.SIGKILL, done
+
+
 def test_a_crash_after_a_full_buffer_gave_its_wal_back_continues_without_a_jump(tmp_path):
     """A commit refused as full (the cap or the disk) has the recorder checkpoint the WAL with TRUNCATE, to give
     its space back to the disk. Left empty until the next commit (a second later, or for as long as the disk
     stays full), a crash meanwhile made the next start take the empty WAL for a deleted one: it jumped to the
     mark and announced up to a block of seqs never issued as buffer_missing (audit Z)."""
     path = tmp_path / "b.db"
-    code = ("import os, signal, sqlite3, sys; sys.path[:0] = [sys.argv[2]]; from agent.buffer import Buffer; "
-            "from agent.model import STREAM_READINGS, Reading; from agent.recorder import Recorder; "
-            "b = Buffer.open_writer(sys.argv[1], max_mb=0.25); "
-            "rec = Recorder(b, commit_interval_ms=50, keep_sent_days=7, max_mb=0.25); "
-            "rows = lambda n: [Reading('d', f'c{i % 10}', 1_764_000_000_000 + i, float(i), None, 'N') "
-            "for i in range(n)]; "
-            "b.begin(); b.insert_readings(rows(100)); b.set_sent_upto(STREAM_READINGS, 100); b.commit(); "
-            "batch = rows(9_500); b.begin()\n"
-            "try:\n    b.insert_readings(batch)\n"
-            "except sqlite3.OperationalError as exc:\n    b.rollback(); rec._on_write_error(exc, batch, [], [], {})\n"
-            "else:\n    sys.exit('the cap refused nothing')\n"
-            "os.kill(os.getpid(), signal.SIGKILL)")
-    repo = str(Path(__file__).resolve().parents[2])
-    done = subprocess.run([sys.executable, "-c", code, str(path), repo], timeout=60)
-    assert done.returncode == -signal.SIGKILL
+    killed_while_a_refused_batch_waits(path, "b = Buffer.open_writer(sys.argv[1], max_mb=0.25); "
+                                       "b.begin(); b.insert_readings(rows(100)); "
+                                       "b.set_sent_upto(STREAM_READINGS, 100); b.commit(); mb = 0.25; ", batch=9_500)
     buf = Buffer.open_writer(path)
     try:
         assert store(buf, readings(1))[0].seq == 101 and gaps(buf) == []
@@ -399,22 +406,11 @@ def test_a_crash_while_a_refused_batch_waits_in_memory_continues_without_a_jump(
     block below the mark (rows lost, or another buffer's), jump there and announce 10 500 seqs never issued
     as buffer_missing (audit audb)."""
     path = tmp_path / "b.db"
-    code = ("import os, signal, sqlite3, sys; sys.path[:0] = [sys.argv[2]]; from agent.buffer import Buffer; "
-            "from agent.model import Reading; from agent.recorder import Recorder; "
-            "b = Buffer.open_writer(sys.argv[1]); "
-            "rows = lambda n: [Reading('d', f'c{i % 10}', 1_764_000_000_000 + i, float(i), None, 'N') "
-            "for i in range(n)]; "
-            "b.begin(); b.insert_readings(rows(9_900)); b.commit(); "
-            "mb = b.conn.execute('PRAGMA page_count').fetchone()[0] / 1024; b.set_size_cap(mb); "
-            "rec = Recorder(b, commit_interval_ms=50, keep_sent_days=7, max_mb=mb); "
-            "batch = rows(500); b.begin()\n"
-            "try:\n    b.insert_readings(batch); b.commit()\n"  # 9901..10400 cross the reservation at 10 000
-            "except sqlite3.OperationalError as exc:\n    b.rollback(); rec._on_write_error(exc, batch, [], [], {})\n"
-            "else:\n    sys.exit('the cap refused nothing')\n"
-            "os.kill(os.getpid(), signal.SIGKILL)")
-    repo = str(Path(__file__).resolve().parents[2])
-    done = subprocess.run([sys.executable, "-c", code, str(path), repo], timeout=60)
-    assert done.returncode == -signal.SIGKILL
+    killed_while_a_refused_batch_waits(path, "b = Buffer.open_writer(sys.argv[1]); "
+                                       "b.begin(); b.insert_readings(rows(9_900)); b.commit(); "
+                                       "mb = b.conn.execute('PRAGMA page_count').fetchone()[0] / 1024; "
+                                       "b.set_size_cap(mb); ",
+                                       batch=500)  # 9901..10400 cross the reservation at 10 000
     buf = Buffer.open_writer(path)
     try:
         assert store(buf, readings(1))[0].seq == 9_901, "the seqs the rolled-back batch had are issued again"
