@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 from harness import LIVE_PROCESSES, Broker, Collector, free_port, wait_for
 
@@ -21,11 +22,18 @@ T0 = 1_700_000_000_000
 def relay(port: int, broker: Broker) -> subprocess.Popen:
     """socat carrying one connection from `port` to the broker: SIGSTOP freezes that link, SIGKILL cuts it
     (with whatever it had not passed on yet); a new one is started for the next connection."""
-    proc = subprocess.Popen(["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr", f"TCP:127.0.0.1:{broker.port}"])
-    LIVE_PROCESSES.append(proc)
-    wait_for(lambda: subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout,
-             10, "socat listening")
-    return proc
+    deadline = time.monotonic() + 30
+    while True:
+        proc = subprocess.Popen(["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr",
+                                 f"TCP:127.0.0.1:{broker.port}"])
+        LIVE_PROCESSES.append(proc)
+        while proc.poll() is None and time.monotonic() < deadline:
+            if subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout:
+                return proc
+            time.sleep(0.05)
+        # socat could not bind: the publisher's own attempt to reach the closed port may hold it for a moment
+        # (a connection to a free port of the ephemeral range can be given that port as its source); again.
+        assert time.monotonic() < deadline, "socat not listening within 30 s"
 
 
 def test_a_message_is_never_taken_as_acknowledged_by_the_puback_of_an_earlier_one_with_its_mid(tmp_path):
