@@ -62,7 +62,16 @@ class RawFloat(float):
     _yaml_raw: str
 
 
+# YAML 1.1 (PyYAML) reads an integer with a leading 0 as octal: `address: 0100` copied from a manual
+# would be register 64. It is decimal here, as in YAML 1.2 and as "0100" in quotes or 089 already were.
+_YAML11_OCTAL = re.compile(r"[-+]?0[0-7_]+\Z")
+
+
 def with_raw(value: Any, raw: str) -> Any:
+    """`value` (as PyYAML constructed it from the text `raw`) remembering `raw`; an integer written
+    with leading zeros is decimal."""
+    if type(value) is int and _YAML11_OCTAL.match(raw):
+        value = int(raw.replace("_", ""), 10)
     if type(value) is int:
         wrapped: Any = RawInt(value)
     elif type(value) is float:

@@ -199,6 +199,20 @@ def test_numbers_written_where_text_is_expected_keep_their_spelling(tmp_path: Pa
     assert config.hj212 is not None and config.hj212.pw == "012345" and config.hj212.version == "2017"
 
 
+def test_a_number_with_leading_zeros_is_decimal_not_yaml_1_1_octal(tmp_path: Path) -> None:
+    """`address: 0100` copied from a manual's table is register 100: YAML 1.1 (PyYAML) reads it as
+    octal 64, and the agent read the wrong register without a word ("0100" in quotes, or 089, gave 100)."""
+    text = GOOD.replace("slave: 1", "slave: 010").replace("interval: 1", "interval: ${EVERY}")
+    text += "    registers:\n      - {channel: extra, address: 0100, type: uint16}\n"
+    config = load_config(write(tmp_path, text), env={"EVERY": "010"})
+    specs = {s.channel: s for s in config.devices["cod"].register_map() or []}
+    assert specs["extra"].address == 100
+    assert config.devices["cod"].slave == 10
+    assert config.devices["sim"].interval == 10  # substituted into a plain scalar: the same number
+    problems = problems_of(write(tmp_path, text.replace("address: 0100", "address: -0_17")), env={"EVERY": "1"})
+    assert any("-17 is outside" in p for p in problems), problems
+
+
 def test_profile_entries_can_be_overridden_inline(tmp_path: Path) -> None:
     text = GOOD + "    registers:\n      - {channel: w01018, range: [0, 500]}\n" \
                   "      - {channel: extra, address: 0x50, type: uint16}\n"
