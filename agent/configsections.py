@@ -283,18 +283,25 @@ class Mqtt(_Model):
 
 def read_password_file(path: Path) -> str:
     """The password held in the file at `path` (`mqtt.password_file`, `console.password_file`): its
-    text without its trailing newline. The one reader of password files, for `run`, `check-config`
-    and the console. Raises ValueError whose message is the reason ("Permission denied", "not UTF-8
-    text"), never quoting the file nor its path, when it cannot be read."""
+    one line, without its line break (and without the byte order mark Windows editors may put first).
+    The one reader of password files, for `run`, `check-config` and the console. Raises ValueError
+    whose message is the reason ("Permission denied", "not UTF-8 text", "the file is empty"), never
+    quoting the file nor its path, when it does not hold one password."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:  # str(exc) would quote the path
         raise ValueError(exc.strerror or exc.__class__.__name__) from None
     except UnicodeDecodeError:  # its message would quote the bytes
         raise ValueError("not UTF-8 text") from None
     if text.endswith("\r\n"):
-        return text[:-2]
-    return text[:-1] if text.endswith("\n") else text
+        text = text[:-2]
+    elif text.endswith("\n"):
+        text = text[:-1]
+    if not text:  # made with `touch`: an empty password the broker refuses
+        raise ValueError("the file is empty")
+    if "\n" in text or "\r" in text:  # a user name above, a blank line below: not one password
+        raise ValueError("it holds more than one line (it must hold the password alone, on one line)")
+    return text
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ class ConsoleError(Exception):
 
 
 class _Password:
-    """The console password: the file's content without its trailing newline (read as the MQTT
-    password file is, `read_password_file`), re-read when the file changes. Unreadable or empty →
+    """The console password: the file's one line (read as the MQTT password file is,
+    `read_password_file`), re-read when the file changes. Unreadable, empty or of several lines →
     None (every request is then refused: the console fails closed). `shown`: the file's path as
     messages may show it, None where it may be the secret itself (`Config.shown_file`)."""
 
@@ -56,11 +56,9 @@ class _Password:
                 st = self.path.stat()
                 stamp = (st.st_mtime_ns, st.st_size)
                 if stamp != self._stamp:
-                    text = read_password_file(self.path)
-                    self._digest = hashlib.sha256(text.encode("utf-8")).digest() if text else None
+                    text = read_password_file(self.path)  # an empty file raises ValueError
+                    self._digest = hashlib.sha256(text.encode("utf-8")).digest()
                     self._stamp = stamp
-                    if self._digest is None:
-                        self._errlog.error("%s is empty: every request is refused", self.name)
             except (OSError, ValueError) as exc:  # str(OSError) would quote the path
                 reason = str(exc) if isinstance(exc, ValueError) else exc.strerror or exc.__class__.__name__
                 self._errlog.error("%s cannot be read (%s): every request is refused", self.name, reason)

@@ -529,6 +529,32 @@ def test_password_file_is_read_without_its_newline(tmp_path: Path) -> None:
         load_config(tmp_path / "station.yaml", env={}, check_files=True)
 
 
+@pytest.mark.parametrize("content, says", [
+    (b"", "the file is empty"),
+    (b"\n", "the file is empty"),
+    (b"s3cret\n\n", "it holds more than one line (it must hold the password alone, on one line)"),
+    (b"user\ns3cret\n", "it holds more than one line (it must hold the password alone, on one line)"),
+])
+def test_a_password_file_that_cannot_hold_one_password_is_refused(tmp_path: Path, content: bytes, says: str) -> None:
+    """A file made with `touch`, or with a second line (a user name above, a blank line below), was
+    taken as it was: an empty password or one with a line break in it, that the broker refused at the
+    site while check-config said OK."""
+    (tmp_path / "mqtt.pass").write_bytes(content)
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883",
+                        "  url: mqtt://127.0.0.1:1883\n  username: u\n  password_file: mqtt.pass")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={}, check_files=True)
+    assert [str(p).split(": ", 1)[1] for p in info.value.problems] == [
+        f"mqtt.password_file: cannot read the password file: {says}"], info.value.problems
+
+
+def test_a_password_file_saved_with_a_byte_order_mark_gives_the_password_without_it(tmp_path: Path) -> None:
+    (tmp_path / "mqtt.pass").write_bytes(b"\xef\xbb\xbfs3cret\r\n")  # Windows Notepad's UTF-8
+    text = GOOD.replace("  url: mqtt://127.0.0.1:1883",
+                        "  url: mqtt://127.0.0.1:1883\n  username: u\n  password_file: mqtt.pass")
+    assert load_config(write(tmp_path, text), env={}).mqtt.read_password() == "s3cret"
+
+
 # --------------------------------------------------------------------------------------------------
 # Secrets
 
