@@ -275,7 +275,10 @@ def _yaml_problem(file: str, exc: yaml.MarkedYAMLError) -> Problem:
         message = "YAML syntax error: found undefined alias (put a value that starts with '*' in quotes)"
     if exc.context and exc.problem and exc.context_mark is not None:
         message += f" ({exc.context} at line {exc.context_mark.line + 1})"
-    if exc.problem and "'\\t'" in exc.problem:
+    if mark is not None and mark.buffer is not None and mark.buffer[mark.pointer - 1:mark.pointer + 1] == "${":
+        # in a flow collection a plain `${NAME}` ends at its `{`, which YAML takes for a new mapping
+        message += "; inside {...} or [...], put a ${NAME} in quotes: \"${NAME}\""
+    elif exc.problem and "'\\t'" in exc.problem:
         message += "; YAML does not allow tabs for indentation, use spaces"
     elif exc.problem and exc.problem.startswith(_INDENTATION_PROBLEMS):
         message += ("; check the indentation of this line: the keys of one section start in the same column "

@@ -393,6 +393,17 @@ def test_yaml_syntax_error(tmp_path: Path) -> None:
     assert single_problem(tmp_path, text).startswith(f"10:8: {FILE_PATH}: YAML syntax error: ")
 
 
+@pytest.mark.parametrize("written", ["{channel: sim.a34004, above: ${LIMIT}}", "[${LIMIT}]"])
+def test_an_unquoted_substitution_inside_braces_or_brackets_is_explained(tmp_path: Path, written: str) -> None:
+    """SPEC's own example writes buses, registers and uplinks in `{...}`, where YAML takes the `{` of
+    `${NAME}` for the start of a mapping: the bare "expected ',' or '}', but got '{'" left the
+    technician without a clue."""
+    found = single_problem(tmp_path, GOOD + f"alarms:\n  - {written}\n", env={"LIMIT": "5"})
+    column = 5 + written.index("${") + 1
+    assert found.startswith(f"21:{column}: {FILE_PATH}: YAML syntax error: "), found
+    assert found.endswith("; inside {...} or [...], put a ${NAME} in quotes: \"${NAME}\""), found
+
+
 def test_tab_indentation_is_explained(tmp_path: Path) -> None:
     text = GOOD.replace("    interval: 1", "\tinterval: 1")
     assert "use spaces" in single_problem(tmp_path, text)
