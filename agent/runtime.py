@@ -715,6 +715,8 @@ class Station:
         applied, waiting = storage_changes(self.config.storage, new.storage)
         for line in waiting:
             log.warning("%s", line)
+        if self.console is None and new.console != self.config.console:  # a running console says it itself
+            log.warning("console settings changed: they take effect at the next restart (systemctl restart edge-agent)")
         if applied:
             log.info("storage limits applied: %s", "; ".join(applied))
             self.recorder.set_limits(**{key: getattr(new.storage, key) for key in LIVE_STORAGE_KEYS})

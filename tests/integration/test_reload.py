@@ -221,3 +221,23 @@ def test_a_new_storage_path_is_said_in_full_once_not_at_every_later_reload(tmp_p
     assert log.count("storage.path changed to") == 1, log
     assert log.count(f"storage.path is {tmp_path / 'ssd' / 'buffer.db'} in the file but {tmp_path / 'buffer.db'} "
                      "in force: it takes effect at the next restart") == 2, log
+
+
+def test_a_reload_that_adds_a_console_says_it_waits_for_a_restart(tmp_path, broker):
+    """The console is set up at start only (README): a reload that adds one (or edits one that could
+    not start, its port taken) said "configuration reloaded" and nothing else, and no console came."""
+    config = sim_config(tmp_path, broker, interval=0.5)
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: "running" in agent.log(), 20, "the agent running")
+        config["console"] = {"listen": "127.0.0.1:8080"}
+        write_config(cfg, config)
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in agent.log(), 10, "the reload")
+        agent.signal(signal.SIGHUP)  # said once, not at every reload
+        wait_for(lambda: agent.log().count("configuration reloaded") == 2, 10, "the second reload")
+    finally:
+        assert agent.stop() == 0
+    assert agent.log().count("console settings changed: they take effect at the next restart "
+                             "(systemctl restart edge-agent)") == 1, agent.log()
