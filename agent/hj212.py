@@ -15,7 +15,9 @@ Decisions:
   value. Deliberate leniencies: CRC in lower-case hex; header fields in any order (encoding always
   writes QN ST CN PW MN Flag PNUM PNO CP); QN and Flag optional (HJ/T 212-2005 style packets);
   any version bits in Flag (see `Packet.version`); empty item values (``w01012-Rtd=``); and, only
-  with ``allow_missing_crlf=True`` (off by default), a frame that ends right after its CRC.
+  with ``allow_missing_crlf=True`` (off by default), a frame that ends right after its CRC
+  (`FrameReader`: followed by a lone CR or LF, taken as its end, by the next frame's ``##``, or by
+  nothing yet).
 * HJ 212 has no null: a real-time value that is missing is sent as ``<code>-Flag`` alone (no
   ``-Rtd``); period statistics that are None are omitted.
 * A data segment over 1024 characters is split between CP groups (a group longer than a whole
@@ -854,10 +856,13 @@ class FrameReader:
         resume = self._resume
         while self._swallow and pos < n:
             if buf[pos] == self._swallow[0]:
-                pos += 1
                 self._swallow = self._swallow[1:]
+            elif buf[pos] == 0x0A and self._swallow == b"\r\n":
+                self._swallow = b""  # a lone LF ends the frame
             else:
                 self._swallow = b""
+                break
+            pos += 1
         while True:
             start = buf.find(b"##", pos)
             if start < 0:
@@ -907,8 +912,15 @@ class FrameReader:
                     resume = end
                     break  # wait for the CRLF
                 frame_end, stop, swallow = end, end + len(tail), b"\r\n"[len(tail) :]
+            elif self.allow_missing_crlf and tail == b"#":
+                resume = end
+                break  # the next frame's "##", or a byte that refuses this one: the next byte tells
+            elif self.allow_missing_crlf and (tail[:1] in (b"\r", b"\n") or tail == b"##"):
+                # A lone CR or LF ends the frame (firmware that sends one of the two), or the next frame
+                # begins; any other byte there is a length field gone wrong (the CRC is weak): refused.
+                frame_end, stop = end, end + (tail != b"##")
             else:
-                frame_end = stop = end if self.allow_missing_crlf else end + 2
+                frame_end = stop = end + 2
             try:
                 packet = decode(
                     bytes(buf[pos:frame_end]),

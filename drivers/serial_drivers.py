@@ -578,8 +578,10 @@ class Hj212Driver:
     (or an empty) `-Rtd` is value None with that flag. Packets with a bad CRC, length or syntax are
     rejected whole, and so are packets without a valid DataTime or with a non-numeric value or an
     unknown flag (the HJ 212 CRC lets 1 corrupted frame in 256 through: a malformed item is taken as
-    a sign of one). Other commands (minute/hour data, ...) are ignored; split packets are reassembled.
-    A packet that asks for an answer (Flag A bit) gets a CN 9014 acknowledgement.
+    a sign of one). A packet ending in LF or CR alone, or in nothing, is taken (its length and CRC
+    frame it; some analyzers' firmware gets the CRLF wrong). Other commands (minute/hour data, ...)
+    are ignored; split packets are reassembled. A packet that asks for an answer (Flag A bit) gets a
+    CN 9014 acknowledgement.
 
     Channels are not known in advance: at each poll every channel declared in the config
     (`device.channels`, if any), stored before this start (`seen`) or seen so far gets the latest item
@@ -605,7 +607,7 @@ class Hj212Driver:
         self.interval = float(interval)
         self.line = line
         self.tz: tzinfo = ZoneInfo(timezone) if isinstance(timezone, str) else timezone
-        self.reader = hj212.FrameReader()
+        self.reader = hj212.FrameReader(allow_missing_crlf=True)  # length and CRC frame a packet
         self._reassembler = hj212.Reassembler()
         self._cond = threading.Condition()
         self._window = self.interval * WINDOW_FACTOR

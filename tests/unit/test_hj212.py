@@ -829,6 +829,18 @@ def test_reader_strict_and_lenient_crlf() -> None:
     assert lenient.frames_bad == 0 and lenient.bytes_dropped == 0
 
 
+def test_lenient_reader_ends_a_frame_at_a_lone_cr_or_lf_or_the_next_frame_and_refuses_any_other_byte() -> None:
+    lenient = FrameReader(allow_missing_crlf=True)
+    stream = STD_1062[:-2] + b"\n" + STD_9014[:-2] + b"\r" + STD_1062[:-2] + STD_9014[:-2]
+    out = []
+    for i in range(len(stream)):  # byte by byte: a frame's end is decided whatever the reads' sizes
+        out += lenient.feed(stream[i : i + 1])
+    assert out == [decode(STD_1062), decode(STD_9014), decode(STD_1062), decode(STD_9014)]
+    assert lenient.frames_bad == 0 and lenient.bytes_dropped == 0
+    # Any other byte right after the CRC: the length field went wrong (the CRC lets 1 in 256 through).
+    assert [type(x) for x in lenient.feed(STD_1062[:-2] + b"0" + STD_9014)] == [BadLength, Packet]
+
+
 corruptions = st.sampled_from(["byte", "truncate"])
 
 

@@ -612,3 +612,22 @@ def test_simulators_send_poison_only_in_frames_the_readers_reject(tmp_path, buil
             assert not values & poison, driver
         finally:
             sim.close()
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r", b""], ids=["lf", "cr", "none"])
+def test_hj212_packets_ending_in_lf_cr_or_nothing_are_taken_and_no_garbage(pty, built, caplog, ending):
+    # Length and CRC frame an HJ 212 packet; its CRLF is only a courtesy, which some analyzers' firmware
+    # gets wrong (LF or CR alone, or nothing). Such packets were rejected whole ("frame does not end
+    # with CRLF"): the analyzer read null/B at every poll while it sent valid data.
+    (an,) = build(built, pty.path, {"an": ("hj212", 10)}, reject_log_every=0.0)
+    wait_open(an)
+    values = [(20261129100000 + k, 20.0 + k) for k in range(3)]
+    for data_time, value in values:
+        pty.write(packet_frame(str(data_time), {"w01018": (value, "N")})[:-2] + ending)
+    wait_for(lambda: an.stats().get("packets", 0) == 3, 5, "three packets")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        readings = by_channel(an.poll(1))
+    assert (readings["w01018"].value, readings["w01018"].flag) == (22.0, "N")
+    stats = an.stats()
+    assert stats.get("malformed", 0) == 0 and stats["garbage_bytes"] == 0, stats
+    assert not [m for m in caplog.messages if "rejected" in m], caplog.messages
