@@ -18,12 +18,14 @@ A serial port is checked (one `stat()` of its path) before every transaction: wh
 (USB adapter unplugged) or now names another device (replugged) the port is closed, and it is reopened
 when the path is back. A TCP connection that dropped is reopened by the next transaction (once within
 it, not counted as a retry), and one that stays mute for 3 tries in a row is reopened too (a peer gone
-without closing it). Each bus logs one line when its link is lost and one when it is back (a link that
-flaps: at most three "lost" lines a minute, then one with the count of losses in between; one that stays
-down: a reminder every STILL_FAILING_EVERY_S with how long it has been down); each device
-one line when it stops answering properly (and at most one more per other kind of failure: no answer,
-bad answer, exception), a reminder with the count every STILL_FAILING_EVERY_S while it keeps failing,
-and one when it recovers: never one per poll, whatever bytes its answers hold.
+without closing it); a slow failed connect (no answer) is not tried again for 4 times what it cost
+(`modbus_link.CONNECT_BACKOFF`): meanwhile the bus's devices read null/B at once. Each bus logs one
+line when its link is lost and one when it is back (a link that flaps: at most three "lost" lines a
+minute, then one with the count of losses in between; one that stays down: a reminder every
+STILL_FAILING_EVERY_S with how long it has been down); each device one line when it stops answering
+properly (and at most one more per other kind of failure: no answer, bad answer, exception), a
+reminder with the count every STILL_FAILING_EVERY_S while it keeps failing, and one when it recovers:
+never one per poll, whatever bytes its answers hold.
 
 The requests and answers as bytes (`_Ask`, CRC, RTU and MBAP frames) are in `drivers.modbus_frames`; the
 links, how they bound what a peer can make them hold and how they tell a late answer from the answer to

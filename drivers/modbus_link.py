@@ -110,6 +110,9 @@ class _Sent:
     until: float  # its late window for a slave proven late (`_Link._proven_late`)
 
 
+#: A slow failed TCP connect is tried again only after this many times what it cost: the bus spends at
+#: most a fifth of its time on a peer that does not answer; a refused connect is retried at once.
+CONNECT_BACKOFF = 4.0
 LATE_WINDOW_TIMEOUTS = 20  # a slave proven late: its late answers are recognised this many timeouts...
 LATE_WINDOW_MIN_S = 10.0  # ...and at least this long after their request
 
@@ -388,6 +391,7 @@ class _TcpLink(_Link):
         self.port = port
         self._sock: socket.socket | None = None
         self.open_error = ""  # why the last connect() failed
+        self._retry_at = 0.0  # monotonic: no connect attempt before (see connect())
         self._mute = 0
         self._tid = 0
         self._tids: dict[int, _Ask] = {}  # recent transaction ids -> what they asked
@@ -398,13 +402,24 @@ class _TcpLink(_Link):
         return self._sock is not None
 
     def connect(self) -> bool:
+        """Open the connection; False when it cannot be opened (`open_error` says why). A failed attempt
+        that took at least half the timeout is not repeated before CONNECT_BACKOFF times what it cost
+        has passed: a peer that does not answer (powered off, cable cut) costs the whole timeout per
+        attempt (a host unreachable or a name server that does not answer, seconds), and the devices of
+        its bus, each polled in turn, would otherwise spend the bus's time on it and skip their polls."""
         if self._sock is not None:
             return True
+        started = time.monotonic()
+        if started < self._retry_at:
+            return False
         try:
             sock = socket.create_connection((self.host, self.port), timeout=max(self.timeout, 0.1))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # sendall() keeps that timeout
         except OSError as exc:
             self.open_error = _connect_error(exc)
+            ended = time.monotonic()
+            if ended - started >= self.timeout / 2:  # a slow failure; one refused at once is tried again at once
+                self._retry_at = ended + CONNECT_BACKOFF * (ended - started)
             return False
         self.open_error = ""
         self._sock = sock

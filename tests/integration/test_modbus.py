@@ -984,6 +984,53 @@ def test_tcp_connection_dropped_or_server_restarted_is_reopened(tmp_path, caplog
     assert len([m for m in caplog.messages if m.endswith(" is back")]) == 1, caplog.messages
 
 
+class UnreachablePeer:
+    """A loopback port whose accept queue is full: its SYNs go unanswered, so a connect() to it takes the
+    whole timeout, as to a gateway powered off or behind a cut cable (no RST, no ICMP)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+        self.port = self.listener.getsockname()[1]
+        self.fillers = []
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", self.port))
+            self.fillers.append(filler)
+
+    def close(self) -> None:
+        for sock in (*self.fillers, self.listener):
+            sock.close()
+
+
+def test_an_unreachable_tcp_peer_reads_null_b_at_every_poll_without_overrunning_the_bus(caplog):
+    # Four devices behind a gateway that went dark, due every second, timeout 0.4 s. Each device poll
+    # tried to connect and waited the whole timeout: 1.6 s of connects per 1 s round, so polls were
+    # skipped (fewer rows than intervals, not even null/B ones) and every device logged an overrun
+    # WARNING a minute for as long as the outage lasted. A connect that failed is now tried again only
+    # after four times what it cost: the other polls read null/B at once, on their slots.
+    peer = UnreachablePeer()
+    bus = ModbusBus("lan", "tcp", host="127.0.0.1", tcp_port=peer.port, timeout=0.4, retries=1)
+    drivers = [ModbusDriver(f"d{i}", bus, i, 1.0, [RegisterSpec(channel="c", address=0)]) for i in range(1, 5)]
+    received: list[Reading] = []
+    poller = BusPoller("lan", drivers, received.extend)
+    try:
+        with caplog.at_level(logging.INFO):
+            poller.start()
+            wait_for(lambda: all(sum(r.device == d.device_id for r in received) >= 5 for d in drivers), 30,
+                     "five polls of every device")
+    finally:
+        poller.stop()
+        poller.join(5)
+        peer.close()
+    assert {(r.value, r.flag) for r in received} == {(None, "B")}
+    assert poller.missed == dict.fromkeys(poller.missed, 0), poller.missed
+    assert not [m for m in caplog.messages if " late " in m], caplog.messages
+    down = [m for m in caplog.messages if m.startswith("bus lan: ")]
+    assert len(down) == 1 and "cannot open" in down[0] and "timed out" in down[0], down
+    assert all((d.problem or "").startswith("bus lan: ") for d in drivers), [d.problem for d in drivers]
+
+
 # --------------------------------------------------------------------------------------------------
 # writes
 
