@@ -364,7 +364,11 @@ class ModbusBus:
                 self.stats.bad_answers += 1
                 if isinstance(exc, _Flood):
                     self.stats.floods += 1
-                last, failure = str(exc), BadAnswer
+                # An RTU line that never fell silent: nothing can be heard on it, as on a silent one (its
+                # devices go to one try per poll). A TCP peer's flood closed the connection: the next
+                # try, on a fresh one, may be answered.
+                noise = isinstance(exc, _Flood) and self.kind == "rtu"
+                last, failure = str(exc), Garbled if noise else BadAnswer
                 log.debug("bus %s: answer to %s refused: %s", self.name, ask, exc)
                 tries += 1
                 continue
@@ -600,8 +604,9 @@ class ModbusDriver:
             except NoAnswer as exc:
                 # Given up for this poll: every channel B, and the bus moves on (SPEC §2).
                 kind = {BadAnswer: "bad answer", Garbled: "garbled answer"}.get(type(exc), "no answer")
-                # Silent (or garbled) counts towards one try per poll; frames that answer something else
-                # mean a peer that talks (a flood is found, and its connection closed, on a second try).
+                # Silent (or garbled, or an RTU line never silent) counts towards one try per poll; frames
+                # that answer something else mean a peer that talks (a TCP flood is found, and its
+                # connection closed, on a second try).
                 self._given_up = 0 if isinstance(exc, BadAnswer) else self._given_up + 1
                 return dict.fromkeys(self.specs, FLAG_COMM), (kind, str(exc))
             except Exception as exc:  # noqa: BLE001 - whatever else came off the wire: B, never a raise

@@ -830,6 +830,38 @@ def test_an_rtu_line_that_never_falls_silent_reads_null_b_within_the_timeouts(tm
     assert link.bus.stats.peak_buffered <= 2 * RTU_MAX_FRAME
 
 
+def test_an_rtu_line_that_never_falls_silent_costs_one_try_per_poll_once_given_up(tmp_path):
+    # A line without a pause is like a silent slave for every device on it: nothing can be heard. Its
+    # tries were counted as "bad answers" (a peer that talks), which keep a device's retries, so every
+    # device cost timeout x (retries + 1) at every poll for as long as the noise lasted and the bus
+    # overran its schedule (polls skipped). Like silence, it now costs one try per poll once given up
+    # twice in a row; the slave is read again once the line is quiet.
+    bank = RegisterBank()
+    bank.set("holding", 0, [712])
+    timeout, retries = 0.2, 2
+    link = Link("rtu", {4: bank}, tmp_path, timeout=timeout, retries=retries, baudrate=1200)
+    driver = link.driver("ph", 4, [RegisterSpec(channel="w01001", address=0, type="int16", scale=0.01)])
+    assert isinstance(link.server, RtuPtyServer) and link.server._master is not None
+    noise = LineNoise(link.server._master)
+    try:
+        bank.fault = Fault("silent")  # should a request slip through a pause after all: still no values
+        noise.start()
+        try:
+            wait_for(lambda: noise.sent > 4 * RTU_MAX_FRAME, 5, "noise on the line")
+            for _ in range(2):
+                assert [(r.value, r.flag) for r in poll_within(driver, 10 * timeout * (retries + 1))] == [(None, "B")]
+            tries = link.bus.stats.requests
+            assert [(r.value, r.flag) for r in poll_within(driver, 10 * timeout)] == [(None, "B")]
+            assert link.bus.stats.requests - tries == 1, "one try once given up twice in a row"
+            assert driver.problem is not None and "noise on the line" in driver.problem, driver.problem
+        finally:
+            noise.stop()
+            bank.fault = None
+        wait_for(lambda: driver.poll(0)[0].value == 7.12, 5, "the slave read again once the line is quiet")
+    finally:
+        link.close()
+
+
 def test_a_peer_answering_garbage_at_every_poll_is_logged_once_not_once_per_poll(caplog):
     # Every answer is other bytes that are not Modbus TCP: a line per poll would each be "new" if the
     # bytes made the line. One WARNING when the device goes bad (with the first answer's bytes), one
