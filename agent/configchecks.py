@@ -191,6 +191,10 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
                             "value"))
             else:
                 port_owner[port] = str(name)
+        if btype == "rtu" and str(bus.get("bytesize")) == "7":
+            out.append(_Cross(("buses", name, "bytesize"), "Modbus RTU sends 8 data bits: with 7 no answer can "
+                        "be read (7 data bits are Modbus ASCII's, which the agent does not speak)", "value",
+                        warning=True))
         baud = bus.get("baudrate")
         if (btype in ("rtu", "serial") and _is_number(baud) and baud > 0 and float(baud).is_integer()
                 and baud not in STANDARD_BAUDRATES):  # a fraction is an error of its own

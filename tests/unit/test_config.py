@@ -1229,6 +1229,24 @@ devices:
     ]
 
 
+def test_an_rtu_bus_with_7_data_bits_is_warned_of(tmp_path: Path) -> None:
+    # Modbus RTU frames are 8-bit bytes: on a 7-bit line every answer is garbled and the log blamed the
+    # baudrate, parity or wiring, never this setting (a serial bus may use 7 bits: no warning there).
+    path = write(tmp_path, """station: {id: ST01, type: outfall}
+storage: {path: b.db}
+mqtt: {url: "mqtt://127.0.0.1:1883"}
+buses:
+  rs: {type: rtu, port: /dev/ttyUSB0, bytesize: 7, parity: E}
+  uart: {type: serial, port: /dev/ttyUSB1, bytesize: 7}
+devices:
+  a: {bus: rs, slave: 1, registers: [{channel: x, address: 0}]}
+  pm: {bus: uart, driver: sds011, interval: 10}
+""")
+    warnings = [str(w)[len(str(path)) + 1:] for w in load_config(path, env={}).warnings]
+    assert warnings == ["5:49: buses.rs.bytesize: warning: Modbus RTU sends 8 data bits: with 7 no answer can be "
+                        "read (7 data bits are Modbus ASCII's, which the agent does not speak)"]
+
+
 def test_a_duplicate_channel_and_an_invalid_entry_of_one_register_list_come_in_one_pass(tmp_path: Path) -> None:
     path = write(tmp_path, """station: {id: ST01, type: outfall}
 storage: {path: b.db}
