@@ -1,4 +1,5 @@
-"""Shared fixtures: a real mosquitto per test on a free loopback port; a small tmpfs for a full disk."""
+"""Shared fixtures: a real mosquitto per test on a free loopback port; a small tmpfs for a full disk; the
+wall-clock shim."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from clockshift import build_clockshift  # noqa: E402
 from harness import Broker, Collector, kill_leftovers, leaked_secrets  # noqa: E402
 
 
@@ -27,6 +29,12 @@ def collector(broker):
     c = Collector(broker, "env/#")
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def clockshift(tmp_path_factory) -> Path:
+    """The wall-clock shim of tests/clockshift.py (LD_PRELOAD), built and checked once per worker."""
+    return build_clockshift(tmp_path_factory.mktemp("clockshift"))
 
 
 @pytest.fixture

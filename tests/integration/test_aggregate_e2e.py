@@ -1,11 +1,13 @@
 """Period statistics end to end: simulated devices -> agent process -> SQLite -> real mosquitto.
 
-Two stations run side by side against one broker, so that a single minute boundary proves both paths
-in about a minute: LIVE0001 runs across the boundary and computes the minute at its end (+ 2 s grace);
-DOWN0001 is stopped before the boundary and started again after it, and computes the minute that ended
-while it was down, once, from the readings it had stored. Every aggregate is checked against the
-readings in the station's own buffer: SPEC §4 keys, count of valid values, min, max, mean, flag, and
-the flow volume.
+Two stations run side by side against one broker, so that a single minute boundary proves both paths:
+LIVE0001 runs across the boundary and computes the minute at its end (+ 2 s grace); DOWN0001 is stopped
+before the boundary and started again after it, and computes the minute that ended while it was down,
+once, from the readings it had stored. Every aggregate is checked against the readings in the station's
+own buffer: SPEC §4 keys, count of valid values, min, max, mean, flag, and the flow volume.
+
+Both agents' wall clock (tests/clockshift.py, one offset for both) starts LEAD_S before a minute boundary,
+so that DOWN0001 is stopped late in that minute and the test waits about 25 s for its end, not up to 80 s.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sqlite3
 import time
 
 import pytest
+from clockshift import ShiftedClock
 from harness import AgentProcess, Collector, as_published, db_last_seq, sim_config, wait_for, write_config
 
 KEYS = ["seq", "device", "channel", "period", "start", "avg", "min", "max", "cou", "count", "flag"]
@@ -24,6 +27,7 @@ CHANNELS = {("sim0", "c00"), ("sim0", "c01"), ("flow", "w00000")}
 INTERVAL = 0.5
 NEEDED = 90  # ceil(0.75 x 60 s / 0.5 s): valid values a minute needs for flag N
 CAP_MS = 1000  # a flow value holds for at most 2 device intervals
+LEAD_S = 25  # the agents' clock starts this long before a minute boundary: DOWN0001 is stopped ~20 s before it
 
 
 def station(tmp_path, broker, station_id: str):
@@ -93,25 +97,27 @@ def stored_aggregates(db, start: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.timeout(150)
-def test_minute_aggregates_arrive_live_and_after_a_restart_once(tmp_path, broker, collector):
+def test_minute_aggregates_arrive_live_and_after_a_restart_once(tmp_path, broker, collector, clockshift):
     live_cfg, live_db = station(tmp_path, broker, "LIVE0001")
     down_cfg, down_db = station(tmp_path, broker, "DOWN0001")
-    live = AgentProcess(live_cfg)
-    down = AgentProcess(down_cfg)
+    clock = ShiftedClock(tmp_path / "clock-offset", clockshift)
+    clock.lead_to_a_minute(LEAD_S)
+    live = AgentProcess(live_cfg, env=clock.env)
+    down = AgentProcess(down_cfg, env=clock.env)
     try:
         wait_for(lambda: db_last_seq(down_db) >= 20, 20, "DOWN0001 stores readings")
         # Stop DOWN0001 well before the end of the minute, so that the minute ends while it is down.
-        wait_for(lambda: 5 <= time.time() % 60 < 45, 25, "a moment 5 to 45 s into a minute")
+        wait_for(lambda: 5 <= clock.now() % 60 < 45, 25, "a moment 5 to 45 s into a minute")
         assert down.stop() == 0
         last_ms = query(down_db, "SELECT max(ts_ms) FROM readings")[0][0]
         start_ms = last_ms // 60_000 * 60_000
-        assert time.time() * 1000 < start_ms + 60_000, "stopped within the minute of its last reading"
+        assert clock.now() * 1000 < start_ms + 60_000, "stopped within the minute of its last reading"
         start = time.strftime("%Y-%m-%dT%H:%M:00.000Z", time.gmtime(start_ms / 1000))
         assert stored_aggregates(down_db, start) == [], "not computed before the minute ended"
 
         # Back once the minute and its 2 s grace are over: the minute ended while the agent was down.
-        wait_for(lambda: time.time() * 1000 >= start_ms + 60_000 + 3000, 70, "the minute (and its grace) to end")
-        down = AgentProcess(down_cfg)
+        wait_for(lambda: clock.now() * 1000 >= start_ms + 60_000 + 3000, 70, "the minute (and its grace) to end")
+        down = AgentProcess(down_cfg, env=clock.env)
 
         # DOWN0001: the minute that ended while it was down, computed at start from its stored readings.
         for agg in wait_for(lambda: minute_aggregates(collector, "DOWN0001", start), 30, "DOWN0001's minute"):
@@ -126,7 +132,7 @@ def test_minute_aggregates_arrive_live_and_after_a_restart_once(tmp_path, broker
         # Restarting again does not compute that minute a second time.
         assert down.stop() == 0
         mark = db_last_seq(down_db)
-        down = AgentProcess(down_cfg)
+        down = AgentProcess(down_cfg, env=clock.env)
         wait_for(lambda: db_last_seq(down_db) >= mark + 30, 20, "readings after the second restart")
         assert sorted(stored_aggregates(down_db, start)) == sorted(CHANNELS)
         assert len(minute_aggregates(collector, "DOWN0001", start) or []) == len(CHANNELS)

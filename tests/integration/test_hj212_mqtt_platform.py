@@ -13,6 +13,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from clockshift import ShiftedClock
 from harness import AgentProcess, Broker, Collector, run_cli, sim_config, wait_for, write_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -128,12 +129,18 @@ def test_a_channel_code_hj212_cannot_carry_is_refused_and_a_24_char_station_id_i
         assert result.returncode == 2, (code, result.stdout, result.stderr)
 
 
-# Two minute periods of the wall clock: up to 120 s from a start just after a minute began, plus the
-# agent's start and the period's grace; the wait below allows 150 s, and the test must be let run that long.
+AGG_LEAD_S = 10  # the agent's clock starts this long before a minute boundary E
+
+
+# Two minute periods: [E-60, E) computed at E+2 (its grace), [E, E+60) at E+62, about 75 s with the agent's
+# start. An agent slower to start than AGG_LEAD_S has its first reading after E: a minute more, up to 140 s;
+# the wait below allows 150 s, and the test must be let run that long.
 @pytest.mark.timeout(200)
-def test_agg_packets_agree_with_the_raw_packets_of_their_period(tmp_path, broker):
+def test_agg_packets_agree_with_the_raw_packets_of_their_period(tmp_path, broker, clockshift):
     """minute: 1 periods: each 2051 packet's Avg/Min/Max are those of the 2011 packets received for its
-    period, its DataTime is the period start in station time, and a flow's Cou is its volume in m3."""
+    period, its DataTime is the period start in station time, and a flow's Cou is its volume in m3. The
+    agent's wall clock starts AGG_LEAD_S before a minute boundary (tests/clockshift.py): the two periods
+    end in about 75 s instead of up to 150 s."""
     tz = "Asia/Kolkata"
     config = sim_config(tmp_path, broker, station_id=MN24, mqtt={"payload": "hj212"})
     config["station"]["timezone"] = tz
@@ -146,7 +153,9 @@ def test_agg_packets_agree_with_the_raw_packets_of_their_period(tmp_path, broker
     }
     config["hj212"] = {"st": 32, "pw": PW}
     collector = Collector(broker, f"env/{MN24}/#")
-    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    clock = ShiftedClock(tmp_path / "clock-offset", clockshift)
+    clock.lead_to_a_minute(AGG_LEAD_S)
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config), env=clock.env)
     zone = ZoneInfo(tz)
 
     def agg():
@@ -184,8 +193,8 @@ def test_agg_packets_agree_with_the_raw_packets_of_their_period(tmp_path, broker
                 assert "Cou" not in stats, p.raw
     assert datetime.strptime(starts[1], "%Y%m%d%H%M%S") - datetime.strptime(starts[0], "%Y%m%d%H%M%S") == \
         timedelta(minutes=1)
-    assert datetime.now(zone) - datetime.strptime(starts[1], "%Y%m%d%H%M%S").replace(tzinfo=zone) < \
-        timedelta(minutes=3), "DataTime in station time"
+    assert datetime.fromtimestamp(clock.now(), zone) - datetime.strptime(starts[1], "%Y%m%d%H%M%S").replace(
+        tzinfo=zone) < timedelta(minutes=3), "DataTime in station time (of the agent's clock)"
 
 
 def db_polls_by_seq(db: Path, tz: str) -> list[tuple[int, int, str, str]]:

@@ -11,18 +11,17 @@ import time
 
 import paho.mqtt.publish as mqtt_publish
 import pytest
+from clockshift import ShiftedClock
 from harness import (
     AgentProcess,
     Broker,
     Collector,
-    build_preload_shim,
     free_port,
     run_cli,
     sim_config,
     wait_for,
     write_config,
 )
-from test_clock_step import CLOCKSHIFT_C  # its wall-clock shim
 
 from agent import __version__
 from agent.model import parse_iso_utc_ms
@@ -211,22 +210,21 @@ def test_the_retained_status_says_why_each_failing_device_fails_as_status_does(t
     assert said.get("device_problems") == {"flow": problem}, said
 
 
-def test_started_follows_a_clock_step_after_the_start(tmp_path, broker):
+def test_started_follows_a_clock_step_after_the_start(tmp_path, broker, clockshift):
     """A Pi without a real-time clock starts the agent before NTP has set the clock (the unit does not
     wait for time-sync.target): `started`, taken from the wrong clock, would put the start hours or
     years off for the whole run. When the clock steps, `started` moves with it and the retained status
     says it again."""
-    so = build_preload_shim(CLOCKSHIFT_C, "clockshift", tmp_path, "clock")
-    shift = tmp_path / "shift"
-    shift.write_text("-7200\n")  # two hours behind, as a fake-hwclock after a long power cut
+    clock = ShiftedClock(tmp_path / "shift", clockshift)
+    clock.step(-7200)  # two hours behind, as a fake-hwclock after a long power cut
     collector = Collector(broker, "env/#")
     cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker))
     real_start = time.time()
-    agent = AgentProcess(cfg, env={"LD_PRELOAD": str(so), "CLOCKSHIFT_FILE": str(shift)})
+    agent = AgentProcess(cfg, env=clock.env)
     try:
         birth = wait_for(lambda: next((s for s in _statuses(collector) if "started" in s), None), 20, "the birth")
         assert abs(parse_iso_utc_ms(birth["started"]) / 1000 - (real_start - 7200)) < 30
-        shift.write_text("0\n")  # NTP steps the clock right
+        clock.step(7200)  # NTP steps the clock right
         wait_for(lambda: "wall clock stepped" in agent.log(), 20, "the step noticed")
         said = wait_for(lambda: next((s for s in _statuses(collector)
                                       if abs(parse_iso_utc_ms(s.get("started", "1970-01-01T00:00:00.000Z")) / 1000
