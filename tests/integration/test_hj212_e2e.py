@@ -194,8 +194,9 @@ def test_rows_an_unreachable_platform_still_needs_go_last_at_the_size_cap_and_th
     port = free_port()
     config = station_config(tmp_path, broker, port, storage={"max_mb": 0.25, "commit_interval_ms": 100})
     config["devices"]["cod"]["interval"] = config["devices"]["nh3n"]["interval"] = 0.1
-    config["devices"]["many"] = {"driver": "simulated", "interval": 0.1,
-                                 "channels": {f"c{i:02d}": {"mean": i} for i in range(40)}}
+    for many in ("many", "more"):  # 800 readings/s besides: the cap soon
+        config["devices"][many] = {"driver": "simulated", "interval": 0.1,
+                                   "channels": {f"c{i:02d}": {"mean": i} for i in range(40)}}
     collector = Collector(broker, "env/#")
     agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
     platform = None

@@ -265,8 +265,8 @@ def test_an_evicted_range_is_announced_on_the_hj212_data_topic_as_the_json_gap_m
     broker = Broker(tmp_path / "broker", persistence=True).start()
     config = sim_config(tmp_path, broker, station_id="14010500000017", mqtt={"payload": "hj212"},
                         storage={"max_mb": 0.25, "commit_interval_ms": 100})
-    config["devices"] = {"many": {"driver": "simulated", "interval": 0.1,
-                                  "channels": {f"c{i:02d}": {"mean": i} for i in range(40)}}}
+    config["devices"] = {f"many{d}": {"driver": "simulated", "interval": 0.1,  # 800 readings/s: the cap soon
+                                      "channels": {f"c{i:02d}": {"mean": i} for i in range(40)}} for d in range(2)}
     config["hj212"] = {"st": 32, "pw": PW}
     collector = Collector(broker, "env/14010500000017/data", persistent=True)
     agent = AgentProcess(write_config(tmp_path / "station.yaml", config))

@@ -185,7 +185,7 @@ def test_a_gap_recorded_while_connected_is_announced_on_the_same_connection(tmp_
 def test_size_cap_during_outage_purges_published_then_drops_oldest_and_announces_the_gap(tmp_path):
     broker = Broker(tmp_path / "broker", persistence=True).start()
     collector = Collector(broker, "env/#", persistent=True)
-    config = sim_config(tmp_path, broker, channels=40, interval=0.1,
+    config = sim_config(tmp_path, broker, channels=80, interval=0.1,  # 800 readings/s: the cap soon
                         storage={"max_mb": 0.5, "commit_interval_ms": 100})
     cfg = write_config(tmp_path / "station.yaml", config)
     agent = AgentProcess(cfg)
