@@ -216,7 +216,7 @@ def test_a_power_cut_never_gets_a_seq_issued_twice(syncshadow, tmp_path, sync):
     data, disk = tmp_path / "data", tmp_path / "disk"
     data.mkdir()
     disk.mkdir()
-    config = sim_config(tmp_path, broker, channels=10, interval=0.2, devices=2)
+    config = sim_config(tmp_path, broker, channels=20, interval=0.2, devices=2)  # 200 readings/s
     config["storage"].update(path=str(data / "buffer.db"), commit_interval_ms=200, sync=sync)
     path = write_config(tmp_path / "station.yaml", config)
     collector = Collector(broker, "env/TEST0001/#")
