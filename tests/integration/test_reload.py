@@ -156,7 +156,8 @@ def test_a_reload_applies_the_storage_limits_at_once_and_names_what_waits_for_a_
     collector = Collector(broker, "env/TEST0001/data")
     agent = AgentProcess(cfg)
     try:
-        wait_for(lambda: len(collector.reading_seqs()) >= 15_000, 60, "a buffer of published readings")
+        # 10 000 readings take about 0.41 MB (41 B each): well above the new cap of 0.3 MB
+        wait_for(lambda: len(collector.reading_seqs()) >= 10_000, 60, "a buffer of published readings")
         config["storage"].update(max_mb=0.3, keep_sent_days=2, sync="normal")
         write_config(cfg, config)
         agent.signal(signal.SIGHUP)
