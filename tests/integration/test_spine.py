@@ -285,8 +285,9 @@ def test_a_flood_of_resends_is_worked_off_within_the_window_and_the_excess_refus
     """Each resend is published within the publisher's window, after what is new, and answered when
     done; at most four are under way, more are refused until one is answered (a flood queued every
     message at once: ~12 MB per command). Live readings go on meanwhile."""
-    # Small messages: a resend of ~3000 readings is ~300 messages, ten windows' worth.
-    config = sim_config(tmp_path, broker, channels=20, interval=0.1, mqtt={"max_batch": 1})
+    # Small messages: a resend of ~3000 readings is ~300 messages, ten windows' worth. Two devices: 400
+    # readings/s, in messages as small as with one.
+    config = sim_config(tmp_path, broker, channels=20, interval=0.1, devices=2, mqtt={"max_batch": 1})
     agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
     try:
         wait_for(lambda: len(collector.reading_seqs()) >= 3000, 30, "a few thousand readings")
