@@ -232,7 +232,7 @@ def test_a_broker_that_takes_one_message_at_a_time_gets_the_whole_backlog(tmp_pa
     broker = Broker(tmp_path / "broker", persistence=True, extra="max_inflight_messages 1").start()
     platform = Collector(broker, "env/#", persistent=True)
     broker.stop()
-    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=40, interval=0.1))
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=80, interval=0.1))
     agent = AgentProcess(cfg)
     try:
         wait_for(lambda: db_last_seq(tmp_path / "buffer.db") >= 5000, 30, "a backlog of 5000 readings")

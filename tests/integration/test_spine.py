@@ -89,7 +89,7 @@ def test_broker_outage_loses_nothing(tmp_path):
 
 
 def test_kill9_while_draining_backlog_then_restart_loses_nothing(tmp_path, broker, collector):
-    config = sim_config(tmp_path, broker, channels=40, interval=0.1, mqtt={"max_batch": 5})
+    config = sim_config(tmp_path, broker, channels=80, interval=0.1, mqtt={"max_batch": 5})
     broker.stop()
     cfg = write_config(tmp_path / "station.yaml", config)
     agent = AgentProcess(cfg)
