@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from clockshift import build_clockshift  # noqa: E402
 from harness import Broker, Collector, kill_leftovers, leaked_secrets  # noqa: E402
+
+
+def pytest_collection_modifyitems(items):
+    """The order in which `--dist loadfile` hands the files out to the workers (`--no-loadscope-reorder`,
+    pyproject.toml): the integration tests, which wait on real time, first, the files with the most tests
+    first (xdist's own rule), then the unit tests, quick, which fill in while the last integration files
+    end. By test count alone the one-test integration files (a minute's aggregates, a clock step: 35 s
+    each) came last and ended the run alone on one worker. The tests of a file stay together and in order."""
+    files = [item.nodeid.split("::")[0] for item in items]
+    count, first = Counter(files), {}
+    for i, f in enumerate(files):
+        first.setdefault(f, i)
+    order = {id(item): ("/unit/" in f, -count[f], first[f]) for item, f in zip(items, files, strict=True)}
+    items.sort(key=lambda item: order[id(item)])  # stable: a file's tests keep their order
 
 
 @pytest.fixture
