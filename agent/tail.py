@@ -179,30 +179,35 @@ def tail(url: str | Sequence[str], base_topic: str, out: TextIO = sys.stdout, us
         tls = tls or {}
         client.tls_set(ca_certs=tls.get("ca"), certfile=tls.get("cert"), keyfile=tls.get("key"))
 
-    def on_connect(c, userdata, flags, reason_code, properties):
-        if reason_code.is_failure:
-            print(f"# broker refused: {reason_code}", file=out, flush=True)
-            return
-        c.subscribe(f"{base_topic}/#", qos=1)
-        now = targets[at[0]]
-        print(f"# subscribed to {base_topic}/# on {now.hostname}:{now.port or ''}", file=out, flush=True)
-
     done = stop or threading.Event()
     reader_gone = threading.Event()
 
-    def on_message(c, userdata, message):
+    def say(lines: Sequence[str]) -> None:
+        """Print from paho's thread; `edge-agent tail ... | head`: once whoever read the lines is gone
+        (whichever line finds it gone: a message, or a connection attempt's), we go too."""
         try:
-            for line in format_message(message.topic, message.payload, tracker):
+            for line in lines:
                 print(line, file=out, flush=True)
-        except BrokenPipeError:  # `edge-agent tail ... | head`: whoever read the lines is gone, so we go too
+        except BrokenPipeError:
             reader_gone.set()
             done.set()
+
+    def on_connect(c, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            say([f"# broker refused: {reason_code}"])
+            return
+        c.subscribe(f"{base_topic}/#", qos=1)
+        now = targets[at[0]]
+        say([f"# subscribed to {base_topic}/# on {now.hostname}:{now.port or ''}"])
+
+    def on_message(c, userdata, message):
+        say(format_message(message.topic, message.payload, tracker))
 
     def on_connect_fail(c, userdata):  # called by paho within its `except OSError`: the error is at hand
         error = sys.exc_info()[1]
         why = f" ({error.strerror or error})" if isinstance(error, OSError) else ""
         now = targets[at[0]]
-        print(f"# cannot connect to {now.hostname}:{now.port or ''}{why}; retrying", file=out, flush=True)
+        say([f"# cannot connect to {now.hostname}:{now.port or ''}{why}; retrying"])
         if len(targets) > 1:  # the next attempt goes to the next broker (connect_async only sets where)
             at[0] = (at[0] + 1) % len(targets)
             c.connect_async(*address(targets[at[0]]))

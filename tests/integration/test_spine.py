@@ -509,6 +509,25 @@ def test_tail_piped_into_head_ends_when_head_has_read_its_lines(tmp_path, broker
         proc.wait()
 
 
+def test_tail_piped_into_head_ends_while_the_broker_cannot_be_reached(tmp_path, broker):
+    """`edge-agent tail -c FILE | head -1` with the broker down: head has its line (`# cannot connect
+    ...`), and tail ends at its next attempt's line. It waited for ever: the broken pipe was raised
+    in paho's thread by the attempt's line, where only a message's line was looked after."""
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker))
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "tail", "-c", str(cfg), "--url",
+                             f"mqtt://127.0.0.1:{free_port()}"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("# cannot connect to 127.0.0.1:")
+        proc.stdout.close()  # what `head -1` does once it has its line
+        wait_for(lambda: proc.poll() is not None, 30, "tail ends once its reader is gone")
+        assert proc.wait() == 0
+        assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_tail_says_when_it_cannot_reach_the_broker(tmp_path, broker):
     """`edge-agent tail` with the broker down (or a wrong --url) says so and why, instead of waiting
     in silence as if nothing were published."""
