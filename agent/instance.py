@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
+
+PROBE_WAIT_S = 0.2  # how long a start tries again when the lock is taken (see _lock_exclusive)
 
 
 class AlreadyRunning(Exception):
@@ -29,9 +32,7 @@ def hold(buffer_path: Path) -> int:
     path = lock_path(buffer_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not _lock_exclusive(fd):
         pid = _read_pid(fd)
         os.close(fd)
         raise AlreadyRunning(f"another edge-agent{f' (pid {pid})' if pid else ''} is running with the buffer "
@@ -42,6 +43,21 @@ def hold(buffer_path: Path) -> int:
     except OSError:  # a full disk: the lock holds all the same, only its pid is not told
         pass
     return fd
+
+
+def _lock_exclusive(fd: int) -> bool:
+    """Take the lock, False when another process holds it. A `status` asking whether an agent runs
+    (`running_pid`) holds it shared for a few microseconds: an attempt that meets such a probe is tried
+    again for up to PROBE_WAIT_S, so that a start is not refused as if another agent ran."""
+    deadline = time.monotonic() + PROBE_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
 
 
 def running_pid(buffer_path: Path) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -40,3 +41,25 @@ def test_the_lock_dies_with_its_process(tmp_path):
         child.wait()
     assert running_pid(buffer) is None
     os.close(hold(buffer))
+
+
+def test_a_status_probing_the_lock_never_makes_a_start_refused(tmp_path):
+    """`status` asks the lock whether an agent runs by taking it shared for an instant; a start that
+    met that instant was refused as if another agent ran ("another edge-agent (pid …) is running",
+    exit 1: 1677 of 20 000 starts against a status probing in a loop)."""
+    buffer = tmp_path / "buffer.db"
+    probing = threading.Event()
+    probing.set()
+
+    def probe() -> None:
+        while probing.is_set():
+            running_pid(buffer)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        for _ in range(3000):
+            os.close(hold(buffer))
+    finally:
+        probing.clear()
+        prober.join()
