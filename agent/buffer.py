@@ -3,7 +3,8 @@
 `Buffer` opens (or creates, or rescues) the database file and offers the operations of the one
 writer (`agent.recorder` owns a writer `Buffer`) and of readers (the publisher, `edge-agent status`),
 each on its own connection. It imports only `agent.model`, `agent.seqmark`, `agent.memtrim`,
-`agent.pagescan` (the WAL header check), `agent.bufferschema` (the layout version) and `agent.clock`.
+`agent.pagescan` (the WAL header check), `agent.bufferschema` (the layout version, the read-only URI)
+and `agent.clock`.
 
 Design: rows are append-only, keyed by `seq` (INTEGER PRIMARY KEY, so the table is ordered by seq).
 Publication progress is a watermark per stream (`streams.sent_upto`: every row with seq <= it is
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from agent.bufferschema import SCHEMA_VERSION, refuse_newer
+from agent.bufferschema import SCHEMA_VERSION, readonly_uri, refuse_newer
 from agent.clock import EARLIEST_PLAUSIBLE
 from agent.memtrim import release_free_memory
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, STREAMS, Reading
@@ -218,7 +219,7 @@ def _keep_wal(path: Path) -> Path | None:
 
 def _connect(path: Path, *, readonly: bool, sync: str) -> sqlite3.Connection:
     if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
+        conn = sqlite3.connect(readonly_uri(path), uri=True, timeout=10, check_same_thread=False)
     else:
         conn = sqlite3.connect(str(path), timeout=10, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=10000")

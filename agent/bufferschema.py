@@ -20,6 +20,7 @@ from __future__ import annotations
 import sqlite3
 import struct
 from pathlib import Path
+from urllib.parse import quote
 
 SCHEMA_VERSION = 1  # the buffer layout this agent writes and knows
 STATE_VERSIONS = {"alarms": 1, "aggregates": 1}  # the meta state formats SCHEMA_VERSION 1 holds
@@ -44,13 +45,21 @@ def header_versions(path: Path) -> tuple[int, int] | None:
     return head[18], struct.unpack(">I", head[60:64])[0]
 
 
+def readonly_uri(path: Path, immutable: bool = False) -> str:
+    """The URI SQLite opens `path` by read-only (`mode=ro`; `immutable=1`: a file no connection writes,
+    read without locks, -wal or -shm). The path is percent-encoded: a `#`, `?` or `%` in a directory's
+    name is part of the path, not the URI's fragment, query or an escape (`.../site#2/buffer.db` opened,
+    and created, `.../site` read-write)."""
+    return f"file:{quote(str(path))}?mode=ro" + ("&immutable=1" if immutable else "")
+
+
 def meta_schema_version(path: Path) -> int | None:
     """`meta.schema_version` as a read-only connection sees it (the WAL included); None when it
     cannot be read (no such table yet, a damaged file: the writer's own checks deal with those). With
     no WAL beside the file (a clean close) it is opened `immutable`: no -wal or -shm is made for it."""
     wal = path.with_name(path.name + "-wal").exists()
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro{'' if wal else '&immutable=1'}", uri=True, timeout=10)
+        conn = sqlite3.connect(readonly_uri(path, immutable=not wal), uri=True, timeout=10)
     except sqlite3.Error:
         return None
     try:

@@ -26,8 +26,9 @@ Where the old file tells nothing (not a database any more), the stretch runs fro
 watermark noted beside the mark, else from the block the mark reserved. The moved-aside file is
 only read, never changed.
 
-Imports `agent.model`, `agent.pagescan`, `agent.buffer`'s `lowest_progress` (and, to rebuild the alarm
-state, `agent.alarms`'s state version); the fresh `Buffer` is passed in.
+Imports `agent.model`, `agent.pagescan`, `agent.buffer`'s `lowest_progress`, `agent.bufferschema`'s
+`readonly_uri` (and, to rebuild the alarm state, `agent.alarms`'s state version); the fresh `Buffer` is
+passed in.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.buffer import lowest_progress
+from agent.bufferschema import readonly_uri
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, STREAMS
 from agent.pagescan import GAPS_TABLE, META_TABLE, STREAMS_TABLE, scan
 
@@ -103,7 +105,7 @@ def salvage_into(moved: Path, fresh: Buffer, now_ms: int, progress: Callable[[],
     copied too. Never raises: what went wrong is in the report, and the fresh file is then left as it was."""
     report = SalvageReport()
     try:
-        old = sqlite3.connect(f"file:{moved}?mode=ro", uri=True, timeout=5, check_same_thread=False)
+        old = sqlite3.connect(readonly_uri(moved), uri=True, timeout=5, check_same_thread=False)
     except sqlite3.Error as exc:
         report.error = f"cannot open it: {exc}"
         return report

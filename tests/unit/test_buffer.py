@@ -1364,3 +1364,26 @@ def test_a_new_storage_path_after_a_clean_stop_continues_right_after_the_last_se
         assert gaps(buf) == [(1, 50, "buffer_missing")], "the 50 rows left in the old file, nothing more"
     finally:
         buf.close()
+
+
+def test_a_reader_opens_the_file_at_a_path_with_uri_characters_in_it(tmp_path):
+    """The readers (the publisher, `status`, the console) open the file by a `file:` URI: a `#`, `?` or
+    `%` in a directory's name was taken for the URI's fragment, query or an escape, so that they read
+    (and created) another file, read-write: `status` said 0 readings of a buffer holding them, and the
+    publisher found no table to publish from."""
+    made: list[str] = []
+    for name in ("site#2", "what?x=1", "100%41"):
+        made.append(name)
+        path = tmp_path / name / "buffer.db"
+        path.parent.mkdir()
+        writer = Buffer.open_writer(path)
+        store(writer, readings(5))
+        for closed in (False, True):
+            if closed:
+                writer.close()
+            reader = Buffer.open_reader(path)
+            try:
+                assert reader.stream_state(STREAM_READINGS)[0] == 5, (name, closed)
+            finally:
+                reader.close()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(made), "nothing opened or made beside"
