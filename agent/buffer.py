@@ -217,9 +217,24 @@ def _keep_wal(path: Path) -> Path | None:
         return None  # no WAL, or a file system without hard links: the check goes on without a copy
 
 
+def may_access(path: Path, mode: int) -> bool:
+    """os.access with the ids that open files (`sudo -u` sets both; a test may set the effective ones only)."""
+    return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
+
+
+def _unwritten_where_readers_cannot_write(path: Path) -> bool:
+    """Whether a reader opens `path` as immutable: a read-only connection to a WAL database makes the -wal
+    and -shm beside it when they are not there, and cannot where this user may not write the directory (a
+    read-only file system, the agent's state directory to another user: "unable to open database file").
+    No -wal there means that no connection writes the file (a writer's is there from its open to its
+    close): it is read as it is, without locks or -shm."""
+    return not os.path.lexists(path.with_name(path.name + "-wal")) and not may_access(path.parent, os.W_OK)
+
+
 def _connect(path: Path, *, readonly: bool, sync: str) -> sqlite3.Connection:
     if readonly:
-        conn = sqlite3.connect(readonly_uri(path), uri=True, timeout=10, check_same_thread=False)
+        conn = sqlite3.connect(readonly_uri(path, immutable=_unwritten_where_readers_cannot_write(path)), uri=True,
+                               timeout=10, check_same_thread=False)
     else:
         conn = sqlite3.connect(str(path), timeout=10, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=10000")

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from agent.buffer import Buffer
+from agent.buffer import Buffer, may_access
 from agent.instance import running_pid
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, iso_utc_ms, now_ms, parse_iso_utc_ms
 
@@ -297,16 +297,14 @@ def unreadable_buffer(path: Path, error: Exception, config_file: str) -> tuple[s
 def reader_access_denied(path: Path) -> bool:
     """Whether this user lacks an access that reading the WAL database at `path` takes (os.access):
     search on its directory; read on the file, and on its -wal and -shm files where they are; write
-    on the directory where the -shm file is not (the reader creates it)."""
-    def allowed(file: Path, mode: int) -> bool:  # with the ids that open files (sudo -u sets both)
-        return os.access(file, mode, effective_ids=os.access in os.supports_effective_ids)
-
+    on the directory where a -wal is but not its -shm (the reader creates it; with no -wal the file is
+    read as immutable, `Buffer.open_reader`)."""
     directory = path.parent
-    if not allowed(directory, os.X_OK):
+    if not may_access(directory, os.X_OK):
         return True
     shm = path.with_name(path.name + "-shm")
     wal = path.with_name(path.name + "-wal")
     needed = [(path, os.R_OK)] + [(f, os.R_OK) for f in (wal, shm) if os.path.lexists(f)]
-    if not os.path.lexists(shm):
+    if os.path.lexists(wal) and not os.path.lexists(shm):
         needed.append((directory, os.W_OK))
-    return not all(allowed(f, mode) for f, mode in needed)
+    return not all(may_access(f, mode) for f, mode in needed)

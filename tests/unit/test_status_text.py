@@ -14,6 +14,7 @@ from harness import as_another_user
 
 from agent import status
 from agent.buffer import Buffer
+from agent.model import STREAM_READINGS, Reading, now_ms
 from agent.status import format_value, unreadable_buffer
 
 AS_THE_AGENT = "run status as the agent's user: sudo -u edge-agent edge-agent status -c /etc/edge-agent/edge-agent.yaml"
@@ -40,6 +41,7 @@ def test_what_status_says_of_a_buffer_it_could_not_read_follows_what_this_user_m
     missing; SQLite's error and the damaged-file hint otherwise."""
     path = tmp_path / "buffer.db"
     path.write_bytes(b"")
+    (tmp_path / "buffer.db-wal").write_bytes(b"")  # left by an agent killed with -9, without its -shm
     opening = sqlite3.OperationalError("unable to open database file")
     denied = f"cannot read the buffer {path}: permission denied"
     cases = [  # (what os.access refuses, what status says)
@@ -52,6 +54,10 @@ def test_what_status_says_of_a_buffer_it_could_not_read_follows_what_this_user_m
     for refused, said in cases:
         monkeypatch.setattr(status.os, "access", lambda p, mode, refused=refused, **_: not refused(p, mode))
         assert unreadable_buffer(path, opening, "/etc/edge-agent/edge-agent.yaml") == said
+    (tmp_path / "buffer.db-wal").unlink()  # no -wal: read as immutable, no -shm made; the error is the file's
+    monkeypatch.setattr(status.os, "access", lambda p, mode, **_: not (Path(p) == tmp_path and mode & os.W_OK))
+    assert unreadable_buffer(path, opening, "station.yaml") == (
+        f"cannot read the buffer {path}: unable to open database file", "run moves a damaged file aside when it starts")
     (tmp_path / "buffer.db-shm").write_bytes(b"")  # an agent runs: the reader needs no directory write
     monkeypatch.setattr(status.os, "access", lambda p, mode, **_: not (Path(p) == tmp_path and mode & os.W_OK))
     damaged = sqlite3.DatabaseError("file is not a database")
@@ -75,4 +81,29 @@ def test_a_buffer_in_a_directory_this_user_may_not_enter_is_permission_denied():
         assert said == (f"cannot read the buffer {path}: permission denied", AS_THE_AGENT)
     finally:
         state.chmod(0o700)
+        shutil.rmtree(top)
+
+
+def test_a_buffer_in_a_directory_this_user_may_not_write_is_read():
+    """A stopped agent's buffer (no -wal) where this user may not write (a read-only file system, the
+    agent's state directory): the reader needs no -wal or -shm of its own. It was "unable to open
+    database file", told as permission denied: run status as the agent's user (root too, read-only)."""
+    top = Path(tempfile.mkdtemp(prefix="edge-agent-status-"))  # in /tmp: every user may reach it
+    path = top / "buffer.db"
+    try:
+        top.chmod(0o755)
+        writer = Buffer.open_writer(path)
+        writer.begin()
+        writer.insert_readings([Reading("cod", "w01018", now_ms(), 23.4, "mg/L", "N")])
+        writer.commit()
+        writer.close()
+        path.chmod(0o644)
+        with as_another_user():
+            reader = Buffer.open_reader(path)
+            try:
+                assert reader.stream_state(STREAM_READINGS)[0] == 1
+            finally:
+                reader.close()
+        assert sorted(p.name for p in top.iterdir()) == ["buffer.db", "buffer.db.seq"], "nothing made beside"
+    finally:
         shutil.rmtree(top)
