@@ -75,6 +75,8 @@ SHORT_LIVED_HINT_AFTER = 3  # such connections in a row before the log suspects 
 # rescues the file meanwhile, and the platform may ask again) instead of holding up the resends after it.
 RESEND_READ_TRIES = 10
 MAX_RESENDS_QUEUED = 4  # resend commands under way at once; more are refused until one is answered
+STATUS_REPLY_TTL_S = 1.0  # status commands within this share one status (each reads the buffer on the
+# publisher's thread: a platform asking many times a second held the drain)
 MAX_RESEND_SPAN_MS = 366 * 86_400_000  # the widest from_ts..to_ts a resend by time may ask for
 # A resend by time reads the readings by seq and keeps those of its range (they have no time index, and
 # `ts` steps back with the clock): this many seqs per read, reads for at most RESEND_SCAN_S per turn of
@@ -151,6 +153,7 @@ class Publisher(threading.Thread):
         self._summary_seen: dict | None = None  # the summary at the last check
         self._summary_checked = 0.0
         self._summary_sent = -math.inf  # when a change of the summary was last published
+        self._status_reply: tuple[float, dict] | None = None  # (monotonic time, status) of the last status command
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -1176,8 +1179,10 @@ class Publisher(threading.Thread):
 
     def _cmd_status(self, cmd_id: object, cmd: dict) -> dict:
         _only_keys(cmd, {"id", "cmd"})
-        status = self.status_provider() if self.status_provider else {}
-        return {"cmd": "status", "status": status}
+        now = time.monotonic()
+        if self._status_reply is None or now - self._status_reply[0] >= STATUS_REPLY_TTL_S:
+            self._status_reply = (now, self.status_provider() if self.status_provider else {})
+        return {"cmd": "status", "status": self._status_reply[1]}
 
     def _cmd_resend(self, cmd_id: object, cmd: dict) -> None:
         """Queue the range (of seqs, or of times: `_resend_by_time`); `_continue_resends` publishes it

@@ -468,6 +468,26 @@ def test_status_command_and_cli_status_report_backlog_and_devices(tmp_path, brok
         assert agent.stop() == 0
 
 
+def test_a_burst_of_status_commands_reads_the_buffer_once_a_second_not_once_each(tmp_path, broker, collector):
+    """Each `status` command read the buffer on the publisher's thread (the backlog counted, the latest
+    value of every channel): a platform asking 100 times a second held the drain (p50 latency of the
+    readings 10 -> 100 ms, p99 500 ms, with a small buffer). Commands within a second share one status:
+    40 asked at once get the same few `ts`, not 40 different ones."""
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=2, interval=0.2))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: collector.reading_seqs(), 20, "readings")
+        for i in range(40):
+            collector.client.publish("env/TEST0001/cmd", json.dumps({"id": i, "cmd": "status"}), qos=1)
+        wait_for(lambda: len(collector.json_messages("/cmd/reply")) >= 40, 30, "40 replies")
+        replies = collector.json_messages("/cmd/reply")
+        assert all(r["ok"] and r["status"]["last_seq"] >= 1 for r in replies), replies[0]
+        taken = {r["status"]["ts"] for r in replies}
+        assert len(taken) <= 10, f"{len(taken)} statuses read for 40 commands"
+    finally:
+        assert agent.stop() == 0
+
+
 def test_status_json_before_the_first_start_has_the_keys_of_a_running_station(tmp_path, broker, collector):
     """README: `status --json` with no buffer file yet reports backlog 0, last_seq 0 and every device
     `unknown`, so that a technician (or a script) can run it before the first start: with the keys
