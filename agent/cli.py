@@ -118,7 +118,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from agent.buffer import Buffer
     from agent.runtime import device_channels, device_intervals
-    from agent.status import agent_state, collect, render_text, unreadable, unreadable_buffer, uplink_names
+    from agent.status import (
+        agent_state,
+        collect,
+        render_text,
+        unopened_buffer,
+        unreadable,
+        unreadable_buffer,
+        uplink_names,
+    )
 
     config = _load_or_report(args.config, for_status=True)  # it never connects
     if config is None:
@@ -130,10 +138,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     reader = None
     why = hint = None
     recorded = None  # what the agent that wrote the file noted of itself (meta `agent`)
+    stored = False  # a buffer with its tables is there
     try:
         reader = Buffer.open_reader(path) if path.exists() else None
         status = collect(reader, device_intervals(config), device_channels(config), uplink_names(config))
-        recorded = reader.meta_value("agent") if reader is not None and reader.has_schema() else None
+        stored = reader is not None and reader.has_schema()
+        recorded = reader.meta_value("agent") if stored else None
     except (sqlite3.Error, OSError) as exc:  # a damaged file, or one this user may not read
         why, hint = unreadable_buffer(path, exc, args.config)
         status = unreadable(device_intervals(config), why)
@@ -142,6 +152,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             reader.close()
     status["station"] = config.station.id
     status["agent"] = agent_state(path, recorded)
+    if why is None and not stored and status["agent"]["running"]:  # its readings wait in its memory
+        why, hint = unopened_buffer(path)
+        status.update(unreadable(device_intervals(config), why))
     if status["agent"]["running"] is False:  # the broker state in the file is the one it left behind
         left = status["broker"]
         if left.get("state") == "offline":  # a clean stop: offline since it stopped

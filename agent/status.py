@@ -185,7 +185,7 @@ def render_text(status: dict[str, Any]) -> str:
     lines = []
     agent = status.get("agent")
     if agent:
-        running = {True: f"running (pid {agent.get('pid')})", False: "NOT running",
+        running = {True: f"running (pid {agent.get('pid') or 'unknown'})", False: "NOT running",
                    None: "unknown (the lock file cannot be read by this user)"}
         lines.append(f"agent    {running[agent['running']]}"
                      + (f", edge-agent {agent['version']} since {agent['started']}" if agent.get("started") else ""))
@@ -292,6 +292,14 @@ def unreadable_buffer(path: Path, error: Exception, config_file: str) -> tuple[s
         return (f"cannot read the buffer {path}: permission denied",
                 f"run status as the agent's user: sudo -u edge-agent edge-agent status -c {config_file}")
     return f"cannot read the buffer {path}: {error}", "run moves a damaged file aside when it starts"
+
+
+def unopened_buffer(path: Path) -> tuple[str, str]:
+    """(what, hint) when an agent runs but no buffer with its tables is at `path`: it has not opened its
+    buffer yet (it cannot create it: a full disk, permissions; or it is putting back a file that was moved
+    away), and its readings wait in its memory: nothing is known of a backlog, which is not 0."""
+    return (f"the running agent has no buffer at {path} yet: its readings wait in its memory",
+            "it cannot create the file, a full disk or permissions: see its log; or it is putting back one moved away")
 
 
 def reader_access_denied(path: Path) -> bool:

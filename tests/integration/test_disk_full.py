@@ -14,6 +14,7 @@ from harness import (
     build_preload_shim,
     db_last_seq,
     fill_disk,
+    run_cli,
     sim_config,
     wait_for,
     write_config,
@@ -265,3 +266,29 @@ def test_a_disk_without_room_for_the_cap_and_its_wal_is_warned_of(small_disk, ca
     with caplog.at_level(logging.WARNING, logger="agent.runtime"):
         warn_if_disk_smaller_than_cap(small_disk / "buffer.db", 1)  # 1 MB on a disk of 8
     assert "has room for 8 MB, less than max_mb + 16 MB for its WAL" in caplog.text
+
+
+def test_status_while_the_agent_cannot_create_its_buffer_says_so_not_an_empty_backlog(tmp_path, small_disk):
+    """An agent that cannot create its buffer (a full disk at the first start) holds its readings in
+    memory and tries again; `status` said `backlog 0 unsent readings (last seq 0)` and `running (pid
+    None)`, as if nothing waited. It says that the running agent has no buffer yet, the backlog unknown."""
+    broker = Broker(tmp_path / "broker").start()
+    cfg = write_config(tmp_path / "station.yaml",
+                       sim_config(tmp_path, broker, storage={"path": str(small_disk / "buffer.db")}))
+    fill_disk(small_disk, leave_bytes=0)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: "cannot open the buffer" in agent.log(), 30, "the agent cannot open its buffer")
+        result = run_cli("status", "-c", str(cfg), "--json")
+        assert result.returncode == 0, result.stderr
+        status = json.loads(result.stdout)
+        assert status["agent"]["running"] is True
+        assert status["backlog"] is None and status["last_seq"] is None, status
+        assert status["buffer_error"] == f"the running agent has no buffer at {small_disk / 'buffer.db'} yet: " \
+                                          "its readings wait in its memory"
+        text = run_cli("status", "-c", str(cfg)).stdout
+        assert "agent    running (pid unknown)" in text, text  # the full disk kept the pid out of the lock file
+        assert "backlog  unknown: the running agent has no buffer" in text, text
+    finally:
+        assert agent.stop() == 0
+        broker.stop()
