@@ -71,6 +71,7 @@ class JsonBatch:
     items: str
 
 
+SALVAGE_UNFINISHED = "salvage_unfinished"  # meta: the file moved aside whose rows a salvage is copying in
 GAP_BUFFER_MISSING = "buffer_missing"  # the reason of a gap of seqs a fresh buffer file cannot account for
 
 
@@ -347,6 +348,7 @@ class Buffer:
                                                 "transactions SQLite had to drop (a damaged frame before them)")
             buf = cls(path, conn, writer=True, seqmark=seqmark)
             buf._create_schema()
+            conn.execute("DELETE FROM meta WHERE key=?", (SALVAGE_UNFINISHED,))  # left by a salvage cut short
             buf._load_counters(fresh_file=fresh, announce_jump=announce_jump, opening=True, wal_missing=wal_missing,
                                rereading=restored)
             seqmark.ensure_above(buf._last_seq, acked=buf._sent_upto)

@@ -26,9 +26,9 @@ Where the old file tells nothing (not a database any more), the stretch runs fro
 watermark noted beside the mark, else from the block the mark reserved. The moved-aside file is
 only read, never changed.
 
-Imports `agent.model`, `agent.pagescan`, `agent.buffer`'s `lowest_progress`, `agent.bufferschema`'s
-`readonly_uri` (and, to rebuild the alarm state, `agent.alarms`'s state version); the fresh `Buffer` is
-passed in.
+Imports `agent.model`, `agent.pagescan`, `agent.buffer`'s `lowest_progress` and `SALVAGE_UNFINISHED`,
+`agent.bufferschema`'s `readonly_uri` (and, to rebuild the alarm state, `agent.alarms`'s state version);
+the fresh `Buffer` is passed in.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.buffer import lowest_progress
+from agent.buffer import SALVAGE_UNFINISHED, lowest_progress
 from agent.bufferschema import readonly_uri
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, STREAMS
 from agent.pagescan import GAPS_TABLE, META_TABLE, STREAMS_TABLE, scan
@@ -96,7 +96,9 @@ class SalvageReport:
 def salvage_into(moved: Path, fresh: Buffer, now_ms: int, progress: Callable[[], None] | None = None,
                  acked_hint: Mapping[str, int] | None = None, holders: Sequence[str] | None = None) -> SalvageReport:
     """Copy what is readable of `moved` (a corrupt buffer file, with its -wal beside it) into
-    `fresh` (a freshly created writer Buffer, above the high-water mark), in one transaction.
+    `fresh` (a freshly created writer Buffer, above the high-water mark), in one transaction; meta
+    `SALVAGE_UNFINISHED` (the moved file's name), committed before it and removed by it, tells `status`
+    meanwhile that the backlog is not known yet.
     `progress()` is called after every batch of rows (a large buffer takes a while: the caller
     keeps systemd's start timeout or watchdog informed). `acked_hint`: the acknowledged watermarks
     noted beside the high-water mark (`SeqMark.acked`), used for a stream whose own watermark cannot
@@ -110,9 +112,14 @@ def salvage_into(moved: Path, fresh: Buffer, now_ms: int, progress: Callable[[],
         report.error = f"cannot open it: {exc}"
         return report
     try:
+        fresh.set_meta(SALVAGE_UNFINISHED, moved.name)  # `status` meanwhile: the backlog is not known yet
+    except sqlite3.Error:
+        pass  # a full disk: the salvage itself says what it can
+    try:
         fresh.begin()
         try:
             _salvage(old, moved, fresh, now_ms, report, progress or (lambda: None), acked_hint or {}, holders)
+            fresh.conn.execute("DELETE FROM meta WHERE key=?", (SALVAGE_UNFINISHED,))
             fresh.commit()
         except BaseException:
             fresh.rollback()
@@ -154,6 +161,7 @@ def _announce_unsalvaged(old: sqlite3.Connection, fresh: Buffer, now_ms: int, re
                 fresh.record_gap(STREAM_READINGS, acked + 1, mark, GAP_REASON, now_ms)
                 report.gaps_announced.append((acked + 1, mark))
             _copy_pending_gaps(old, fresh, now_ms)
+            fresh.conn.execute("DELETE FROM meta WHERE key=?", (SALVAGE_UNFINISHED,))
             fresh.commit()
         except BaseException:
             fresh.rollback()

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from agent.buffer import Buffer, may_access
+from agent.buffer import SALVAGE_UNFINISHED, Buffer, may_access
 from agent.instance import running_pid
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, iso_utc_ms, now_ms, parse_iso_utc_ms
 
@@ -53,6 +53,10 @@ def _collect(reader: Buffer | None, device_intervals: dict[str, float],
     now = now_ms()
     if reader is not None and not reader.has_schema():
         reader = None  # a first start is creating the file: nothing is stored yet
+    moved = reader.meta_value(SALVAGE_UNFINISHED) if reader is not None else None
+    if moved is not None:  # the rows waiting are still being copied in from the file moved aside
+        return unreadable(device_intervals, f"salvaging what is readable of {moved} (the corrupt buffer, moved "
+                                            "aside) into a fresh one: the backlog is known once it is done")
     if reader is None:
         return {  # the keys of a status read from a buffer, so that a script can run before the first start
             "backlog": 0, "backlog_exact": True, "last_seq": 0, "sent_upto": 0, "alarms": [],

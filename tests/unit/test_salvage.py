@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from harness import fill_disk
 
-from agent.buffer import Buffer
+from agent.buffer import SALVAGE_UNFINISHED, Buffer
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
 from agent.recorder import VERIFY_EVERY_S, Recorder
 from agent.salvage import GAP_REASON
+from agent.status import collect
 from agent.uplink import META_PREFIX
 
 
@@ -584,5 +585,53 @@ def test_a_salvage_the_disk_has_no_room_for_still_announces_what_the_fresh_file_
         assert not announced & set(range(1, 1001)), "what the broker acknowledged is not announced lost"
         filler.unlink()
         assert_next_seq(buf, 30_001)
+    finally:
+        buf.close()
+
+
+def test_status_during_a_salvage_says_the_backlog_is_not_known_yet(tmp_path):
+    """While the rows of a corrupt file are copied into the fresh one (minutes for a large file), `status`
+    read the fresh file as it was before that commit: `backlog 0`, no alarm active, as if nothing waited.
+    It says that a salvage is under way and the backlog unknown; once done, the salvaged backlog."""
+    path = tmp_path / "b.db"
+    filled_buffer(path, 2000, sent=500)
+    damage(path, pages_of(path, "meta")[0])
+    seen: list[dict] = []
+
+    def status_now() -> None:
+        if not seen:
+            reader = Buffer.open_reader(path)
+            try:
+                seen.append(collect(reader, {"d": 1.0}))
+            finally:
+                reader.close()
+
+    buf = Buffer.open_writer(path, progress=status_now)
+    try:
+        assert seen, "the salvage reported progress"
+        during = seen[0]
+        assert during["backlog"] is None and during["last_seq"] is None and during["alarms"] is None, during
+        moved = min((p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name), key=len)  # not its -wal
+        assert during["buffer_error"].startswith(f"salvaging what is readable of {moved} "), during["buffer_error"]
+        reader = Buffer.open_reader(path)
+        try:
+            after = collect(reader, {"d": 1.0})
+        finally:
+            reader.close()
+        assert after["backlog"] == 1500 and "buffer_error" not in after, after
+    finally:
+        buf.close()
+
+
+def test_a_salvage_cut_short_is_not_said_under_way_once_the_agent_opens_the_file_again(tmp_path):
+    path = tmp_path / "b.db"
+    filled_buffer(path, 100, sent=40, clean=True)
+    buf = Buffer.open_writer(path)
+    buf.set_meta(SALVAGE_UNFINISHED, "b.db.corrupt-20261201T000000")  # the agent was killed while salvaging
+    buf.conn.close()
+    buf = Buffer.open_writer(path)
+    try:
+        assert buf.meta_value(SALVAGE_UNFINISHED) is None
+        assert collect(buf, {"d": 1.0})["backlog"] == 60
     finally:
         buf.close()
