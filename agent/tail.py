@@ -37,10 +37,18 @@ class SeqTracker:
     missing: dict[str, list[list[int]]] = field(default_factory=dict)  # [first, last] still missing
     announced_gaps: list[tuple[int, int]] = field(default_factory=list)
     reassembler: Reassembler = field(default_factory=Reassembler)  # split HJ 212 packets
+    unseen: set[str] = field(default_factory=set)  # streams whose next jump happened while tail was disconnected
+
+    def lost_sight(self) -> None:
+        """tail's connection dropped: what is published until it is back never reaches it (a clean
+        session), so the next jump of each stream is tail's own, not the station's."""
+        self.unseen = set(self.last)
 
     def see(self, stream: str, seq: object) -> str:
         if not isinstance(seq, int) or isinstance(seq, bool):
             raise ValueError(f"seq {seq!r} is not an integer")
+        unseen = stream in self.unseen
+        self.unseen.discard(stream)
         prev = self.last.get(stream)
         if prev is None or seq == prev + 1:
             self.last[stream] = seq
@@ -57,7 +65,7 @@ class SeqTracker:
         ranges = self.missing.setdefault(stream, [])
         ranges.append([first, last])
         del ranges[:-MAX_MISSING_RANGES]
-        return f"GAP {first}..{last} missing"
+        return f"GAP {first}..{last} " + ("not seen here (tail was disconnected)" if unseen else "missing")
 
     def _fill(self, stream: str, seq: int) -> bool:
         """Take `seq` out of the missing ranges; False if it was not missing (a duplicate)."""
@@ -203,6 +211,11 @@ def tail(url: str | Sequence[str], base_topic: str, out: TextIO = sys.stdout, us
     def on_message(c, userdata, message):
         say(format_message(message.topic, message.payload, tracker))
 
+    def on_disconnect(c, userdata, flags, reason_code, properties):
+        if not done.is_set():  # not tail's own end
+            tracker.lost_sight()
+            say([f"# disconnected ({reason_code}); reconnecting: what is published meanwhile is not seen here"])
+
     def on_connect_fail(c, userdata):  # called by paho within its `except OSError`: the error is at hand
         error = sys.exc_info()[1]
         why = f" ({error.strerror or error})" if isinstance(error, OSError) else ""
@@ -214,6 +227,7 @@ def tail(url: str | Sequence[str], base_topic: str, out: TextIO = sys.stdout, us
 
     client.on_connect = on_connect
     client.on_connect_fail = on_connect_fail
+    client.on_disconnect = on_disconnect
     client.on_message = on_message
     client.connect_async(*address(parts))
     client.loop_start()
@@ -222,6 +236,7 @@ def tail(url: str | Sequence[str], base_topic: str, out: TextIO = sys.stdout, us
     except KeyboardInterrupt:
         pass
     finally:
+        done.set()  # tail's own end: not said as a lost connection
         client.loop_stop()
         client.disconnect()
         if reader_gone.is_set() and out is sys.stdout:  # else Python's flush at exit raises it again

@@ -548,6 +548,34 @@ def test_tail_piped_into_head_ends_while_the_broker_cannot_be_reached(tmp_path, 
         proc.wait()
 
 
+def test_tail_says_when_its_connection_drops_and_ends_on_ctrl_c_without_saying_so(tmp_path, broker):
+    """What is published while tail's connection is down never reaches it: it says so when it happens
+    (the jump after it is then tail's, not the station's; see tests/unit/test_tail.py). Its own end
+    (Ctrl-C) is no lost connection: exit 0, nothing more printed."""
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker))
+    outputs = []
+    for name in ("ctrl-c", "broker-stop"):
+        out = tmp_path / f"tail-{name}.out"
+        with out.open("w") as stdout:
+            proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "tail", "-c", str(cfg)], cwd=REPO,
+                                    stdout=stdout, stderr=subprocess.PIPE, text=True)
+        outputs.append((proc, out))
+        wait_for(lambda out=out: out.read_text().startswith("# subscribed"), 20, f"tail ({name}) subscribed")
+    try:
+        proc, out = outputs[0]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        assert out.read_text().splitlines() == [out.read_text().splitlines()[0]], out.read_text()
+        proc, out = outputs[1]
+        broker.stop()
+        wait_for(lambda: "# disconnected (" in out.read_text(), 20, "tail says its connection dropped")
+        assert "reconnecting: what is published meanwhile is not seen here" in out.read_text()
+    finally:
+        for proc, _ in outputs:
+            proc.kill()
+            proc.wait()
+
+
 def test_tail_says_when_it_cannot_reach_the_broker(tmp_path, broker):
     """`edge-agent tail` with the broker down (or a wrong --url) says so and why, instead of waiting
     in silence as if nothing were published."""
