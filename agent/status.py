@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -290,11 +291,15 @@ def agent_state(buffer_path: Path, recorded: str | None = None) -> dict[str, Any
 def unreadable_buffer(path: Path, error: Exception, config_file: str) -> tuple[str, str]:
     """(what, hint) for a buffer database `status` could not open or read: permission denied, with
     the command to run as the agent's user, when this user lacks an access reading it takes
-    (`reader_access_denied`; the error SQLite gives then is "unable to open database file"); else
-    the error, and that `run` moves a damaged file aside."""
+    (`reader_access_denied`; the error SQLite gives then is "unable to open database file"); a lock
+    another process held for all of the busy timeout (10 s); else the error, and that `run` moves a
+    damaged file aside."""
     if reader_access_denied(path):
         return (f"cannot read the buffer {path}: permission denied",
                 f"run status as the agent's user: sudo -u edge-agent edge-agent status -c {config_file}")
+    if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):  # for all of busy_timeout
+        return (f"cannot read the buffer {path}: {error}",
+                "another process holds it locked (a sqlite3 shell, a backup): try again once it is done")
     return f"cannot read the buffer {path}: {error}", "run moves a damaged file aside when it starts"
 
 

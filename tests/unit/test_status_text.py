@@ -63,6 +63,11 @@ def test_what_status_says_of_a_buffer_it_could_not_read_follows_what_this_user_m
     damaged = sqlite3.DatabaseError("file is not a database")
     assert unreadable_buffer(path, damaged, "station.yaml") == (
         f"cannot read the buffer {path}: file is not a database", "run moves a damaged file aside when it starts")
+    locked = sqlite3.OperationalError("database is locked")  # held by another process for all of busy_timeout
+    assert unreadable_buffer(path, locked, "station.yaml") == (
+        f"cannot read the buffer {path}: database is locked",
+        "another process holds it locked (a sqlite3 shell, a backup): try again once it is done"), \
+        "a locked file is not a damaged one"
 
 
 def test_a_buffer_in_a_directory_this_user_may_not_enter_is_permission_denied():
