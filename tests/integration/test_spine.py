@@ -508,25 +508,36 @@ def test_status_json_before_the_first_start_has_the_keys_of_a_running_station(tm
     assert set(before["devices"]["sim0"]) == set(after["devices"]["sim0"])
 
 
-def test_tail_piped_into_head_ends_when_head_has_read_its_lines(tmp_path, broker, collector):
-    """`edge-agent tail -c FILE | head`: once the reader is gone, tail ends (exit 0) at its next
-    message, without a traceback; it used to print a BrokenPipeError and then wait for ever."""
-    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker))
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "tail", "-c", str(cfg)], cwd=REPO,
+def tail_piped_into_head(cfg: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "agent.cli", "tail", "-c", str(cfg), *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().startswith("# subscribed to env/TEST0001/#")
-        proc.stdout.close()  # what `head -1` does once it has its line
 
-        def published_and_ended() -> bool:
-            collector.client.publish("env/TEST0001/status", '{"v":1,"station":"TEST0001","state":"online"}', qos=1)
+
+def ends_once_head_has_its_line(proc: subprocess.Popen, first_line: str, nudge=lambda: None) -> None:
+    """What `head -1` does: read tail's first line and close the pipe; tail must then end (exit 0, no
+    traceback) at its next line (`nudge` makes one, when tail prints only what arrives)."""
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith(first_line)
+        proc.stdout.close()
+
+        def nudged_and_ended() -> bool:
+            nudge()
             return proc.poll() is not None
-        wait_for(published_and_ended, 20, "tail ends once its reader is gone")
+        wait_for(nudged_and_ended, 30, "tail ends once its reader is gone")
         assert proc.wait() == 0
         assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_tail_piped_into_head_ends_when_head_has_read_its_lines(tmp_path, broker, collector):
+    """`edge-agent tail -c FILE | head`: once the reader is gone, tail ends (exit 0) at its next
+    message, without a traceback; it used to print a BrokenPipeError and then wait for ever."""
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker))
+    status = '{"v":1,"station":"TEST0001","state":"online"}'
+    ends_once_head_has_its_line(tail_piped_into_head(cfg), "# subscribed to env/TEST0001/#",
+                                lambda: collector.client.publish("env/TEST0001/status", status, qos=1))
 
 
 def test_tail_piped_into_head_ends_while_the_broker_cannot_be_reached(tmp_path, broker):
@@ -534,18 +545,8 @@ def test_tail_piped_into_head_ends_while_the_broker_cannot_be_reached(tmp_path, 
     ...`), and tail ends at its next attempt's line. It waited for ever: the broken pipe was raised
     in paho's thread by the attempt's line, where only a message's line was looked after."""
     cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker))
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "tail", "-c", str(cfg), "--url",
-                             f"mqtt://127.0.0.1:{free_port()}"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().startswith("# cannot connect to 127.0.0.1:")
-        proc.stdout.close()  # what `head -1` does once it has its line
-        wait_for(lambda: proc.poll() is not None, 30, "tail ends once its reader is gone")
-        assert proc.wait() == 0
-        assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
-    finally:
-        proc.kill()
-        proc.wait()
+    ends_once_head_has_its_line(tail_piped_into_head(cfg, "--url", f"mqtt://127.0.0.1:{free_port()}"),
+                                "# cannot connect to 127.0.0.1:")
 
 
 def test_tail_says_when_its_connection_drops_and_ends_on_ctrl_c_without_saying_so(tmp_path, broker):
