@@ -118,6 +118,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from agent.buffer import Buffer
     from agent.runtime import device_channels, device_intervals
+    from agent.seqmark import SeqMark
     from agent.status import (
         agent_state,
         collect,
@@ -155,6 +156,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if why is None and not stored and status["agent"]["running"]:  # its readings wait in its memory
         why, hint = unopened_buffer(path)
         status.update(unreadable(device_intervals(config), why))
+        if not SeqMark(path.with_name(path.name + ".seq")).read().get("readings"):
+            status["last_seq"] = 0  # no seq was ever issued here (a first start): the highest stored is known
     if status["agent"]["running"] is False:  # the broker state in the file is the one it left behind
         left = status["broker"]
         if left.get("state") == "offline":  # a clean stop: offline since it stopped

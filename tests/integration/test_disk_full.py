@@ -283,7 +283,8 @@ def test_status_while_the_agent_cannot_create_its_buffer_says_so_not_an_empty_ba
         assert result.returncode == 0, result.stderr
         status = json.loads(result.stdout)
         assert status["agent"]["running"] is True
-        assert status["backlog"] is None and status["last_seq"] is None, status
+        # nothing waits stored (its readings are in its memory), and no seq was ever issued: last_seq 0
+        assert status["backlog"] is None and status["last_seq"] == 0, status
         assert status["buffer_error"] == f"the running agent has no buffer at {small_disk / 'buffer.db'} yet: " \
                                           "its readings wait in its memory"
         text = run_cli("status", "-c", str(cfg)).stdout
