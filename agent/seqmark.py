@@ -25,6 +25,7 @@ ISSUED = ".issued"  # key suffix of a stream's last seq at the last clean close
 RUNNING = "running"  # 1 from a writer's start (its WAL written) to its clean close, else 0
 VOLATILE_BOOT = "volatile_boot"  # the boot a writer that does not fsync each commit runs in, else 0
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")  # new at every boot of the kernel
+UNKNOWN_BOOT = -1  # the `volatile_boot` of a writer that could not read BOOT_ID: any start counts as another boot
 
 
 class SeqMark:
@@ -101,8 +102,17 @@ class SeqMark:
 
     def note_running(self, volatile: bool = False) -> None:
         """A writer has the file open and has written its WAL (see `lost_rows`); `volatile`: it does not
-        fsync each commit (`sync: normal`): its latest commits outlive its process, not the machine."""
-        self._note({RUNNING: 1, VOLATILE_BOOT: (boot_id() or 0) if volatile else 0})
+        fsync each commit (`sync: normal`): its latest commits outlive its process, not the machine. A boot
+        that cannot be read (/proc/sys hidden, as by systemd's `ProcSubset=pid`) is noted as UNKNOWN_BOOT:
+        the next start after a crash then jumps as after a reboot, never issuing a lost seq again."""
+        boot = 0
+        if volatile:
+            boot = boot_id()
+            if boot is None:
+                log.warning("cannot read %s: with storage.sync normal, a start after a crash cannot tell it from "
+                            "a reboot and continues above the reservation (an announced jump)", BOOT_ID)
+                boot = UNKNOWN_BOOT
+        self._note({RUNNING: 1, VOLATILE_BOOT: boot})
 
     def note_closed(self, last_seqs: dict[str, int], sent_upto: dict[str, int]) -> bool:
         """A writer closed the file cleanly, every row in the file itself: each stream's last seq and

@@ -129,6 +129,17 @@ def test_unit_runs_the_agent_under_systemd_supervision():
     assert int(s["TimeoutStopSec"][0]) >= 5 + 15
 
 
+def test_unit_leaves_the_proc_files_the_agent_reads_visible():
+    """The agent reads the kernel's boot id (with `storage.sync: normal`, whether a start follows a reboot:
+    agent.seqmark.BOOT_ID) and /proc/uptime (the console). `ProcSubset=pid` hides every /proc file that is
+    not a process's: the unit had it, so under the service the boot was never known and a power cut's
+    lost seqs were issued again."""
+    from agent.seqmark import BOOT_ID
+
+    assert str(BOOT_ID).startswith("/proc/sys/")
+    assert unit_settings().get("ProcSubset", ["all"]) == ["all"], f"{BOOT_ID} and /proc/uptime must stay readable"
+
+
 def test_unit_hardening_leaves_serial_ports_and_the_network_open():
     s = unit_settings()
     assert "dialout" in s["SupplementaryGroups"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from harness import wait_for
 
 import agent.buffer as buffer_module
+import agent.seqmark as seqmark_module
 from agent.buffer import Buffer
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, Reading, iso_utc_ms, now_ms
 from agent.recorder import Recorder
@@ -148,6 +149,20 @@ def test_every_open_writes_a_wal_frame_so_that_a_missing_wal_means_a_deleted_one
         assert wal.exists() and wal.stat().st_size > 32, "a frame after the WAL header"
     finally:
         buf.close()
+
+
+def test_a_sync_normal_writer_that_cannot_read_its_boot_id_is_taken_for_one_of_another_boot(tmp_path, monkeypatch):
+    """`sync: normal` leaves the last commits to the kernel: after a reboot under such a writer, its seqs
+    since the last write-back may be lost, published or not, and must not be issued again. Whether the
+    machine rebooted is told by the kernel's boot id, which a hardened unit can hide (`ProcSubset=pid`
+    hides /proc/sys): the writer then noted 0, "fsyncs every commit", and a start after a power cut
+    issued the lost seqs again for other readings. Unknown counts as another boot: a jump, announced."""
+    monkeypatch.setattr(seqmark_module, "BOOT_ID", tmp_path / "no-proc-sys" / "boot_id")
+    mark = SeqMark(tmp_path / "b.db.seq")
+    mark.note_running(volatile=True)
+    assert mark.lost_rows(STREAM_READINGS, 0, wal_missing=False), "the boot of the last writer is not known"
+    mark.note_running(volatile=False)
+    assert not mark.lost_rows(STREAM_READINGS, 0, wal_missing=False), "`sync: full` needs no boot id"
 
 
 def test_seq_strictly_increasing_and_continues_after_restart(tmp_path):
