@@ -172,6 +172,13 @@ check_platform() {
         command -v useradd >/dev/null || die "useradd not found (package passwd)"
         if [[ $NO_SYSTEMCTL -eq 0 ]]; then
             command -v systemctl >/dev/null || die "systemctl not found: this needs systemd (or use --no-systemctl)"
+            # systemctl is there but systemd is not PID 1 (a container, a chroot): every systemctl call
+            # fails ("System has not been booted with systemd"), which stopped the install half way.
+            if [[ ! -d /run/systemd/system ]]; then
+                say "warning: systemd is not running here (a container or chroot?): the unit is installed but not"
+                say "  enabled; where systemd runs: systemctl daemon-reload && systemctl enable --now $UNIT_NAME"
+                NO_SYSTEMCTL=1
+            fi
         fi
     fi
 }

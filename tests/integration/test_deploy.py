@@ -364,7 +364,8 @@ def test_real_venv_install_runs_and_upgrades(src, root, tmp_path):
     print(f"install.sh with a real venv: first run {first:.1f}s, unchanged re-run {second:.1f}s")
 
 
-NAMESPACE_SCRIPT = r"""
+# In a private mount namespace: /etc, /opt, /var and /usr are overlays on the test's folder ($1).
+OVERLAID_HOST = r"""
 set -euo pipefail
 up=$1; shift
 for d in etc opt var usr; do
@@ -372,6 +373,9 @@ for d in etc opt var usr; do
     mount -t overlay overlay -o "lowerdir=/$d,upperdir=$up/$d.up,workdir=$up/$d.work" "/$d" || exit 97
     [[ $(findmnt -n -o FSTYPE "/$d") == overlay ]] || { echo "no overlay on /$d" >&2; exit 97; }
 done
+"""
+
+NAMESPACE_SCRIPT = OVERLAID_HOST + r"""
 bash "$@" --no-systemctl --skip-venv
 bash "$@" --no-systemctl --skip-venv
 echo "GROUPS $(id -nG edge-agent)"
@@ -387,10 +391,10 @@ echo "AFTER_UNINSTALL $(ls /etc/edge-agent | tr '\n' ' ')| $(test -d /var/lib/ed
 """
 
 
-def test_install_as_root_creates_the_user_and_sets_owners(src, tmp_path):
-    """The real thing, not --root: useradd, chown and modes as on a gateway — inside a private mount
-    namespace whose /etc, /opt, /var and /usr are overlays on the test's folder, so the host is
-    untouched (needs root and overlayfs; skipped elsewhere)."""
+def in_overlaid_host(script: str, tmp_path: Path, *install_args: str | Path) -> subprocess.CompletedProcess:
+    """`script` (OVERLAID_HOST first) run as root in a private mount namespace, with install.sh and
+    `install_args` as its "$@": the real thing, not --root, yet the host untouched (needs root and
+    overlayfs; skipped elsewhere)."""
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv"):
         pytest.skip("needs root, unshare and setpriv (util-linux)")
     if any(str(tmp_path).startswith(d) for d in ("/etc", "/opt", "/var", "/usr")):
@@ -398,11 +402,16 @@ def test_install_as_root_creates_the_user_and_sets_owners(src, tmp_path):
     probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip("no mount namespaces here")
-    up = tmp_path / "overlay"
-    proc = subprocess.run(["unshare", "-m", "bash", "-c", NAMESPACE_SCRIPT, "ns", str(up), str(INSTALL),
-                           "--source", str(src)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["unshare", "-m", "bash", "-c", script, "ns", str(tmp_path / "overlay"), str(INSTALL),
+                           *map(str, install_args)], capture_output=True, text=True, timeout=120)
     if proc.returncode == 97:
         pytest.skip(f"overlayfs not available: {proc.stderr.strip()[:200]}")
+    return proc
+
+
+def test_install_as_root_creates_the_user_and_sets_owners(src, tmp_path):
+    """useradd, chown and modes as on a gateway (`in_overlaid_host`)."""
+    proc = in_overlaid_host(NAMESPACE_SCRIPT, tmp_path, "--source", src)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "created system user edge-agent" in out and "user edge-agent exists" in out
@@ -419,3 +428,19 @@ def test_install_as_root_creates_the_user_and_sets_owners(src, tmp_path):
                      "/var/lib/edge-agent": "edge-agent:edge-agent 750"}
     assert "SERVICE_READS_PASSWORD yes" in out and "OTHERS_READ_CONFIG no" in out
     assert "AFTER_UNINSTALL edge-agent.yaml mqtt.pass | state-kept" in out
+
+
+def test_install_where_systemd_is_not_running_installs_the_unit_and_says_what_is_left(src, tmp_path):
+    """A container or chroot has systemctl but no systemd as PID 1: every systemctl call fails there. The
+    install stopped at the unit's daemon-reload (exit 1, "System has not been booted with systemd"),
+    before the config check; it now installs everything, skips systemctl and says what to run."""
+    script = OVERLAID_HOST + r"""
+mkdir -p /run/systemd && mount -t tmpfs tmpfs /run/systemd   # no /run/systemd/system: not booted with systemd
+bash "$@" --skip-venv
+echo "UNIT $(test -f /etc/systemd/system/edge-agent.service && echo installed)"
+"""
+    proc = in_overlaid_host(script, tmp_path, "--source", src)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "systemd is not running here" in out and "systemctl enable --now edge-agent.service" in out
+    assert "skip: systemctl daemon-reload" in out and "UNIT installed" in out
