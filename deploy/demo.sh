@@ -59,8 +59,18 @@ config=$run_config
 if grep -q "profile:\|driver: *\(pms5003\|sds011\|hj212\)" "$config"; then
   echo "== starting the simulated instruments (edge-agent simulate)"
   edge-agent simulate -c "$config" &
-  pids+=($!)
-  sleep 2
+  sim_pid=$!
+  pids+=("$sim_pid")
+  # Ready once its serial ports exist (served after its Modbus ones); if it ended, it said why above
+  # (a port taken, say by another demo), and the agent would only poll instruments that are not there.
+  for _ in $(seq 50); do
+    if ! kill -0 "$sim_pid" 2>/dev/null; then
+      echo "== the simulated instruments could not start (see above; another demo running?): stopping" >&2
+      exit 1
+    fi
+    edge-agent check-config "$config" 2>&1 | grep -q "does not exist on this machine" || break
+    sleep 0.2
+  done
 fi
 edge-agent check-config "$config"  # once the simulated serial ports exist
 echo "== starting the agent (log: demo-agent.log); live view below, Ctrl-C to stop"

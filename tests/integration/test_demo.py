@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from harness import LIVE_PROCESSES, REPO
 
 DEMO_LINKS = [Path("/tmp/edge-agent-demo") / name for name in ("ttySIM0", "ttyPMS0", "ttyHJ0")]
@@ -32,6 +33,18 @@ def repository_copy(dest: Path) -> Path:
         "demo-agent.log", ".demo-*"))
     (dest / ".venv").symlink_to(sys.prefix)
     return dest
+
+
+def processes_working_in(directory: Path) -> list[str]:
+    """The command lines of the processes whose working directory is `directory` (the demo's own)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == directory:
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue  # ended meanwhile, or not ours to look at
+    return found
 
 
 def test_the_demo_shows_readings_of_every_protocol_and_stops_cleanly_on_ctrl_c(tmp_path):
@@ -71,3 +84,28 @@ def test_the_demo_shows_readings_of_every_protocol_and_stops_cleanly_on_ctrl_c(t
     assert not any(os.path.lexists(link) for link in DEMO_LINKS), "the simulated ports are removed"
     assert "stopped cleanly" in (copy / "demo-agent.log").read_text()
     assert not list(copy.glob("config/examples/.demo-*.yaml")), "the demo's copy of the config is removed"
+    assert not processes_working_in(copy), "Ctrl-C leaves no process of the demo behind"
+
+
+def test_the_demo_stops_with_a_reason_when_its_instruments_cannot_be_simulated(tmp_path):
+    """The demo's Modbus TCP instrument listens on a fixed port (another demo may hold it): `edge-agent
+    simulate` then ends at once, saying so. The demo used to sleep 2 s and run the agent anyway, whose
+    live view then scrolled readings of instruments that were not there (null, flag B) past the reason."""
+    copy = repository_copy(tmp_path / "edge-agent")
+    bus = yaml.safe_load((copy / "config/examples/demo-station.yaml").read_text())["buses"]["plant-lan"]
+    with socket.socket() as taken:
+        taken.bind((bus["host"], bus["port"]))
+        taken.listen()
+        demo = subprocess.Popen(["bash", "deploy/demo.sh"], cwd=copy, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        LIVE_PROCESSES.append(demo)
+        try:
+            out, _ = demo.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C: the demo ran on
+            out, _ = demo.communicate(timeout=30)
+            raise AssertionError(f"the demo ran on without its instruments:\n{out[-3000:]}") from None
+    assert demo.returncode != 0, out
+    assert "Address already in use" in out and "could not start" in out, out
+    assert "starting the agent" not in out and not (copy / "demo-agent.log").exists()
+    assert not processes_working_in(copy), "nothing of the demo is left running"
