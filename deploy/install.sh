@@ -385,7 +385,13 @@ check_installed_config() {
                 "in a directory only root can read?); reinstall with --python /usr/bin/python3"
         fi
     fi
-    if "${as_service[@]}" "$entry" check-config "$CONF_FILE" >/dev/null; then
+    # The service gets the ${NAME} values of the config from $CONF_DIR/env (EnvironmentFile=, read by
+    # root): so does the check, or every configured station using them was said to have problems.
+    local -a with_env=()
+    if [[ -f "$CONF_DIR/env" ]]; then
+        with_env=(sh -c 'set -a; . "$1"; shift; exec "$@"' sh "$CONF_DIR/env")
+    fi
+    if "${with_env[@]}" "${as_service[@]}" "$entry" check-config "$CONF_FILE" >/dev/null; then
         say "checked $CONF_FILE with the installed program: valid"
     else
         say "warning: $CONF_FILE has problems (above); fix them before starting the service"

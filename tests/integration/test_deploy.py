@@ -351,12 +351,19 @@ def test_real_venv_install_runs_and_upgrades(src, root, tmp_path):
     assert "unchanged" in proc.stdout and "installed edge-agent" not in proc.stdout
 
     # a newer source (same version number): the new code is installed, config and buffer kept
+    # The station's config takes a value from /etc/edge-agent/env, as the unit's EnvironmentFile= gives it
+    # (the examples' HJ212_PW, MQTT_USER, MQTT_PASS): the check after the upgrade runs with it too.
     buffer = root / "var/lib/edge-agent/buffer.db"
     buffer.write_bytes(b"unsent readings")
-    conf_before = (root / "etc/edge-agent/edge-agent.yaml").read_bytes()
+    conf = root / "etc/edge-agent/edge-agent.yaml"
+    conf.write_text(re.sub(r'(?m)^  name: .*$', '  name: "${EDGE_AGENT_TEST_NAME}"', conf.read_text(), count=1))
+    (root / "etc/edge-agent/env").write_text("# for ${NAME} in the config\nEDGE_AGENT_TEST_NAME='Fenhe outfall 17'\n")
+    assert "EDGE_AGENT_TEST_NAME" not in os.environ
+    conf_before = conf.read_bytes()
     init = src / "agent/__init__.py"
     init.write_text(re.sub(r'__version__ = "([^"]+)"', r'__version__ = "\1+upgradetest"', init.read_text()))
-    install("--root", root, "--source", src, "--python", python)
+    proc = install("--root", root, "--source", src, "--python", python)
+    assert "with the installed program: valid" in proc.stdout, proc.stdout + proc.stderr
     version = subprocess.run([str(entry), "--version"], capture_output=True, text=True).stdout
     assert "+upgradetest" in version
     assert buffer.read_bytes() == b"unsent readings"
