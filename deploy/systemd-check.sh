@@ -111,5 +111,8 @@ check "stop: a clean exit within the stop timeout" \
   "[ \$($(prop Result)) = success ] && [ \$($(prop ExecMainStatus)) = 0 ] && $journal | grep -q 'stopped cleanly'"
 inside "systemctl start edge-agent"
 wait_inside "starts again from its buffer" "$(prop StatusText) | grep -q 'broker online'"
+inside "sed -i '/^  commit_interval_ms:/a\\  sync: normal' /etc/edge-agent/edge-agent.yaml && systemctl restart edge-agent"
+wait_inside "with sync: normal it notes the boot it runs in (/proc/sys/kernel/random/boot_id not hidden)" \
+  "python3 -c 'import json; assert json.load(open(\"/var/lib/edge-agent/buffer.db.seq\"))[\"volatile_boot\"] > 0'"
 if [ $failures -eq 0 ]; then echo "== all checks passed"; else echo "== $failures checks failed"; fi
 exit $((failures > 0))
