@@ -34,6 +34,7 @@ SKIP_VENV=0
 NO_SYSTEMCTL=0
 SYSTEM_ACTIONS=1   # useradd, chown, apt-get: off under --root
 CHANGED=0          # the venv or the unit changed: a running service is restarted
+CONFIG_VALID=1     # 0: the installed program refuses the config, so a running service is not restarted
 BUILD_TMP=""
 
 usage() {
@@ -95,6 +96,7 @@ readonly LINK="$ROOT/usr/local/bin/edge-agent"
 # Paths as the running system sees them (written into files), whatever ROOT is.
 readonly TARGET_BUFFER=/var/lib/edge-agent/buffer.db
 readonly TARGET_ENTRY=/opt/edge-agent/venv/bin/edge-agent
+readonly TARGET_CONF=/etc/edge-agent/edge-agent.yaml
 
 # A system action: run it, or under --root print what would have been run.
 system() {
@@ -395,6 +397,7 @@ check_installed_config() {
         say "checked $CONF_FILE with the installed program: valid"
     else
         say "warning: $CONF_FILE has problems (above); fix them before starting the service"
+        CONFIG_VALID=0
     fi
 }
 
@@ -414,7 +417,12 @@ main() {
     install_docs
     install_unit
     check_installed_config
-    if [[ $was_active -eq 1 && $CHANGED -eq 1 ]]; then
+    if [[ $was_active -eq 1 && $CHANGED -eq 1 && $CONFIG_VALID -eq 0 ]]; then
+        # Restarted, the new version would exit at once on this config, again and again until the unit
+        # gives up: the station would record nothing until someone fixed it.
+        say "NOT restarted: $UNIT_NAME goes on with the version it started with until the config is fixed;"
+        say "  then: edge-agent check-config $TARGET_CONF && systemctl restart $UNIT_NAME"
+    elif [[ $was_active -eq 1 && $CHANGED -eq 1 ]]; then
         sysctl_ restart "$UNIT_NAME"
         say "restarted $UNIT_NAME with the new version (config and buffer kept)"
     elif [[ $was_active -eq 1 ]]; then

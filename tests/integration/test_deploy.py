@@ -451,3 +451,30 @@ echo "UNIT $(test -f /etc/systemd/system/edge-agent.service && echo installed)"
     assert proc.returncode == 0, out
     assert "systemd is not running here" in out and "systemctl enable --now edge-agent.service" in out
     assert "skip: systemctl daemon-reload" in out and "UNIT installed" in out
+
+
+def test_an_upgrade_whose_program_refuses_the_config_leaves_the_running_service_alone(src, tmp_path):
+    """The service runs; the upgrade's program refuses the station's config (a key it no longer takes,
+    say). install.sh warned, then restarted the service anyway: the new version exited at once, again
+    and again until the unit gave up, and the station recorded nothing until someone came. It now says
+    so and leaves the running service alone. systemd is a stand-in here: a `systemctl` that notes its
+    calls and reports the unit active; the installed program refuses every config."""
+    script = OVERLAID_HOST + r"""
+mkdir -p /run/systemd && mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/system
+calls=$(mktemp)
+printf '#!/bin/sh\necho "$*" >> %s\nexit 0\n' "$calls" > /usr/local/bin/systemctl
+chmod 755 /usr/local/bin/systemctl
+mkdir -p /opt/edge-agent/venv/bin
+printf '#!/bin/sh\nexit 0\n' > /opt/edge-agent/venv/bin/python
+printf '#!/bin/sh\necho "$2:20:3: mqtt.old_key: unknown key" >&2\nexit 2\n' > /opt/edge-agent/venv/bin/edge-agent
+chmod 755 /opt/edge-agent/venv/bin/python /opt/edge-agent/venv/bin/edge-agent
+bash "$@" --skip-venv
+echo "SYSTEMCTL $(tr '\n' ';' < "$calls")"
+"""
+    proc = in_overlaid_host(script, tmp_path, "--source", src)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    calls = next(line for line in out.splitlines() if line.startswith("SYSTEMCTL ")).split(" ", 1)[1]
+    assert "is-active" in calls and "daemon-reload" in calls, "the stand-in saw the install (the unit is new)"
+    assert "restart" not in calls, out
+    assert "has problems" in out and "NOT restarted" in out, out
