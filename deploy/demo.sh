@@ -76,4 +76,8 @@ edge-agent check-config "$config"  # once the simulated serial ports exist
 echo "== starting the agent (log: demo-agent.log); live view below, Ctrl-C to stop"
 edge-agent run -c "$config" 2>demo-agent.log &
 agent_pid=$!
-edge-agent tail -c "$config"
+# The live view in the background, waited for: a signal to this script alone (kill PID) runs `cleanup`
+# at once, where bash waiting for a foreground command would run it only once that command ended.
+edge-agent tail -c "$config" &
+pids+=($!)
+wait "$!"
