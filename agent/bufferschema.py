@@ -49,8 +49,10 @@ def readonly_uri(path: Path, immutable: bool = False) -> str:
     """The URI SQLite opens `path` by read-only (`mode=ro`; `immutable=1`: a file no connection writes,
     read without locks, -wal or -shm). The path is percent-encoded: a `#`, `?` or `%` in a directory's
     name is part of the path, not the URI's fragment, query or an escape (`.../site#2/buffer.db` opened,
-    and created, `.../site` read-write)."""
-    return f"file:{quote(str(path))}?mode=ro" + ("&immutable=1" if immutable else "")
+    and created, `.../site` read-write). An absolute path gets the URI's empty authority (`file:///...`):
+    a path that starts with `//` (`${STATE_DIR}/buffer.db` with STATE_DIR=/) is not read as a host."""
+    authority = "//" if path.is_absolute() else ""
+    return f"file:{authority}{quote(str(path))}?mode=ro" + ("&immutable=1" if immutable else "")
 
 
 def meta_schema_version(path: Path) -> int | None:

@@ -15,6 +15,7 @@ from harness import wait_for
 import agent.buffer as buffer_module
 import agent.seqmark as seqmark_module
 from agent.buffer import Buffer
+from agent.bufferschema import SCHEMA_VERSION, meta_schema_version
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, Reading, iso_utc_ms, now_ms
 from agent.recorder import Recorder
 from agent.seqmark import SeqMark
@@ -1402,3 +1403,22 @@ def test_a_reader_opens_the_file_at_a_path_with_uri_characters_in_it(tmp_path):
             finally:
                 reader.close()
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(made), "nothing opened or made beside"
+
+
+def test_a_reader_opens_the_file_at_a_path_that_starts_with_two_slashes(tmp_path):
+    """`storage.path: ${STATE_DIR}/buffer.db` with STATE_DIR=/ gives `//buffer.db` (normpath keeps a
+    leading `//`): the writer opened it, but the readers' `file://...` URI took the first directory for
+    a host, 'invalid uri authority': status could not read the buffer and the publisher published nothing."""
+    path = Path("/" + str(tmp_path / "buffer.db"))
+    assert str(path).startswith("//")
+    writer = Buffer.open_writer(path)
+    try:
+        store(writer, readings(5))
+        reader = Buffer.open_reader(path)
+        try:
+            assert reader.stream_state(STREAM_READINGS)[0] == 5
+        finally:
+            reader.close()
+    finally:
+        writer.close()
+    assert meta_schema_version(path) == SCHEMA_VERSION, "the layout check reads it too"
