@@ -872,6 +872,18 @@ def streams(draw: st.DrawFn) -> tuple[list[bytes], list[Packet]]:
     return segments, expected
 
 
+def fed_in_chunks(reader: FrameReader, data: bytes, chunk_sizes: list[int]) -> list[Packet | Hj212Error]:
+    """What `reader` yields for `data` fed in reads of `chunk_sizes` (in turn, again and again)."""
+    out: list[Packet | Hj212Error] = []
+    pos = 0
+    sizes = iter(chunk_sizes * (len(data) // len(chunk_sizes) + 1))
+    while pos < len(data):
+        size = next(sizes)
+        out.extend(reader.feed(data[pos : pos + size]))
+        pos += size
+    return out
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(streams(), st.lists(st.integers(1, 200), min_size=1, max_size=50))
 def test_reader_yields_exactly_the_good_packets_in_order(
@@ -880,13 +892,7 @@ def test_reader_yields_exactly_the_good_packets_in_order(
     segments, expected = stream
     data = b"".join(segments)
     reader = FrameReader()
-    out: list[Packet | Hj212Error] = []
-    pos = 0
-    sizes = iter(chunk_sizes * (len(data) // len(chunk_sizes) + 1))
-    while pos < len(data):
-        size = next(sizes)
-        out.extend(reader.feed(data[pos : pos + size]))
-        pos += size
+    out = fed_in_chunks(reader, data, chunk_sizes)
     # A truncated or length-corrupted frame at the very end may still wait for bytes: close the
     # stream with bytes that cannot be part of any frame.
     out.extend(reader.feed(b"\x00" * 1100))
@@ -896,6 +902,25 @@ def test_reader_yields_exactly_the_good_packets_in_order(
     for a, b in zip(got, expected, strict=True):
         assert_same(a, b)
     assert all(isinstance(x, Packet | Hj212Error) for x in out)
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.tuples(packets(max_groups=3), st.sampled_from([b"\r\n", b"\n", b"\r", b""])), min_size=1, max_size=8),
+    st.lists(st.integers(1, 120), min_size=1, max_size=30),
+)
+def test_lenient_reader_takes_every_packet_once_whatever_its_ending_and_the_reads(
+    items: list[tuple[Packet, bytes]], chunk_sizes: list[int]
+) -> None:
+    """Valid packets ending in CRLF, LF, CR or nothing, split at any points: each decoded exactly once,
+    in order, nothing counted as garbage or refused."""
+    data = b"".join(encode_one(packet)[:-2] + ending for packet, ending in items)
+    reader = FrameReader(allow_missing_crlf=True)
+    out = fed_in_chunks(reader, data, chunk_sizes)
+    assert all(isinstance(x, Packet) for x in out), out
+    assert len(out) == len(items)
+    for got, (packet, _ending) in zip(out, items, strict=True):
+        assert_same(got, packet)
+    assert reader.frames_bad == 0 and reader.bytes_dropped == 0
 
 
 # --- fuzz ------------------------------------------------------------------------------------------
