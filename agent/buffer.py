@@ -301,6 +301,9 @@ class Buffer:
             if not is_corruption(exc):
                 raise BufferError(f"cannot open buffer {path}: {exc}") from exc
             return cls.rescue(path, exc, sync=sync, max_mb=max_mb, progress=progress, holders=holders)
+        moved = buf.meta_value(SALVAGE_UNFINISHED)
+        if moved is not None:
+            buf._salvage_cut_short(path.with_name(moved), progress, holders)
         if max_mb is not None:
             buf.set_size_cap(max_mb)
             _reporting(buf.compact_over_cap, progress)
@@ -314,19 +317,40 @@ class Buffer:
         the old one (`agent.salvage`; `progress()` after every batch of rows; `holders`: the meta keys of
         the HJ 212 uplinks configured now, for whom it keeps what they have not delivered). Everything is
         logged."""
-        from agent.salvage import salvage_into  # only on this rare path
-
         moved = move_aside(path, str(exc))
         log.error("buffer %s is corrupt (%s); moved aside to %s, starting a fresh one", path, exc, moved)
         seqmark = SeqMark(path.with_name(path.name + ".seq"))
         acked = seqmark.acked()  # read before the fresh file notes its own
         buf = cls._open_checked(path, sync, seqmark, announce_jump=False)
-        report = salvage_into(moved, buf, int(time.time() * 1000), progress, acked, holders)
-        seqmark.note_acked(buf._sent_upto)  # the salvaged rows wait below the mark
-        log.warning("buffer %s: from %s %s", path, moved.name, report.summary())
+        seqmark.note_acked(acked)  # not the fresh file's: a salvage cut short is done again with them
+        buf._salvage_from(moved, acked, progress, holders)
         if max_mb is not None:
             buf.set_size_cap(max_mb)
         return buf
+
+    def _salvage_cut_short(self, moved: Path, progress: Callable[[], None] | None,
+                           holders: Sequence[str] | None) -> None:
+        """The agent was stopped (killed, a power cut) while it salvaged `moved` into this fresh file, whose
+        transaction never committed: done again, as the rows of `moved` were neither copied nor announced.
+        A file that holds rows of its own (written by a version that does not know the mark) keeps them."""
+        if not moved.exists() or any(self.conn.execute(f"SELECT EXISTS(SELECT 1 FROM {stream})").fetchone()[0]
+                                     for stream in STREAMS):
+            log.error("buffer %s: a salvage from %s was cut short, and %s: not salvaged again", self.path, moved.name,
+                      "that file is gone" if not moved.exists() else "this file holds rows of its own")
+            self.conn.execute("DELETE FROM meta WHERE key=?", (SALVAGE_UNFINISHED,))
+            return
+        log.warning("buffer %s: the salvage from %s was cut short; salvaging again", self.path, moved.name)
+        self._salvage_from(moved, self.seqmark.acked() if self.seqmark is not None else {}, progress, holders)
+
+    def _salvage_from(self, moved: Path, acked: dict[str, int], progress: Callable[[], None] | None,
+                      holders: Sequence[str] | None) -> None:
+        """Salvage into this fresh file what is readable of `moved` (`agent.salvage`), and log what it did."""
+        from agent.salvage import salvage_into  # only on this rare path
+
+        report = salvage_into(moved, self, int(time.time() * 1000), progress, acked, holders)
+        if self.seqmark is not None:
+            self.seqmark.note_acked(self._sent_upto)  # the salvaged rows wait below the mark
+        log.warning("buffer %s: from %s %s", self.path, moved.name, report.summary())
 
     @classmethod
     def _open_checked(cls, path: Path, sync: str, seqmark: SeqMark, announce_jump: bool = True,
@@ -348,7 +372,6 @@ class Buffer:
                                                 "transactions SQLite had to drop (a damaged frame before them)")
             buf = cls(path, conn, writer=True, seqmark=seqmark)
             buf._create_schema()
-            conn.execute("DELETE FROM meta WHERE key=?", (SALVAGE_UNFINISHED,))  # left by a salvage cut short
             buf._load_counters(fresh_file=fresh, announce_jump=announce_jump, opening=True, wal_missing=wal_missing,
                                rereading=restored)
             seqmark.ensure_above(buf._last_seq, acked=buf._sent_upto)

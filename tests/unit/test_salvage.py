@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from agent.buffer import SALVAGE_UNFINISHED, Buffer
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
 from agent.recorder import VERIFY_EVERY_S, Recorder
 from agent.salvage import GAP_REASON
+from agent.seqmark import SeqMark
 from agent.status import collect
 from agent.uplink import META_PREFIX
 
@@ -635,3 +638,43 @@ def test_a_salvage_cut_short_is_not_said_under_way_once_the_agent_opens_the_file
         assert collect(buf, {"d": 1.0})["backlog"] == 60
     finally:
         buf.close()
+
+
+KILLED_DURING_THE_SALVAGE = """
+import os, sys
+from agent.buffer import Buffer
+Buffer.open_writer(sys.argv[1], progress=lambda: os._exit(9))  # killed at its first batch of rows
+"""
+
+
+def test_a_salvage_cut_short_by_a_kill_is_done_again_at_the_next_start(tmp_path):
+    """The agent killed while it copied the rows of a corrupt file into the fresh one (a power cut, the
+    watchdog, an OOM kill: minutes for a large file): at the next start the fresh file opened as it was,
+    empty, and its rows were neither copied nor announced lost: 1500 readings waiting to be sent gone
+    without a gap (backlog 0, last seq 10000). The salvage is done again from the file moved aside, as
+    the uninterrupted one does. The acknowledged watermarks noted beside the mark (the salvage's hint where
+    the old file's are unreadable; the gap's start should the file be lost) stay the old file's: the
+    fresh file's own claimed every seq below the mark acknowledged."""
+    results = []
+    for killed in (False, True):
+        path = tmp_path / ("killed" if killed else "whole") / "b.db"
+        path.parent.mkdir()
+        filled_buffer(path, 2000, sent=500)
+        damage(path, pages_of(path, "meta")[0])
+        if killed:
+            acked = SeqMark(path.with_name("b.db.seq")).acked()
+            run = subprocess.run([sys.executable, "-c", KILLED_DURING_THE_SALVAGE, str(path)], capture_output=True,
+                                 text=True, timeout=60)
+            assert run.returncode == 9, run.stderr
+            assert SeqMark(path.with_name("b.db.seq")).acked() == acked
+        buf = Buffer.open_writer(path)
+        try:
+            assert buf.meta_value(SALVAGE_UNFINISHED) is None
+            status = collect(buf, {"d": 1.0})
+            results.append((status["backlog"], status["last_seq"], gaps(buf),
+                            [r.seq for r in buf.readings_after(0, 10_000)]))
+        finally:
+            buf.close()
+    whole, killed = results
+    assert whole[0] == 1500, whole[:3]
+    assert killed == whole, "the same readings and gaps as a salvage let run to its end"
