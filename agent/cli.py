@@ -140,6 +140,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     why = hint = None
     recorded = None  # what the agent that wrote the file noted of itself (meta `agent`)
     stored = False  # a buffer with its tables is there
+    # Read before the buffer: a first start reserves its first seqs as it creates the file meanwhile.
+    seqmark = SeqMark(path.with_name(path.name + ".seq"))
+    issued_before = seqmark.path.exists() and bool(seqmark.read().get("readings"))
     try:
         reader = Buffer.open_reader(path) if path.exists() else None
         status = collect(reader, device_intervals(config), device_channels(config), uplink_names(config))
@@ -156,7 +159,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if why is None and not stored and status["agent"]["running"]:  # its readings wait in its memory
         why, hint = unopened_buffer(path)
         status.update(unreadable(device_intervals(config), why))
-        if not SeqMark(path.with_name(path.name + ".seq")).read().get("readings"):
+        if not issued_before:
             status["last_seq"] = 0  # no seq was ever issued here (a first start): the highest stored is known
     if status["agent"]["running"] is False:  # the broker state in the file is the one it left behind
         left = status["broker"]
