@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, field_validator, mo
 
 from agent.configfields import (
     _QUOTED_CHOICE,
+    MAX_TIMEOUT_S,
     NonEmptyText,
     Text,
     _as_text,
@@ -83,7 +84,7 @@ class RtuBus(_Model):
     parity: Parity = "N"
     bytesize: Annotated[Literal[7, 8], _QUOTED_CHOICE] = 8
     stopbits: Annotated[Literal[1, 2], _QUOTED_CHOICE] = 1
-    timeout: float = Field(0.5, gt=0, description="Answer timeout, seconds")
+    timeout: float = Field(0.5, gt=0, le=MAX_TIMEOUT_S, description="Answer timeout, seconds")
     retries: int = Field(1, ge=0, description="Retries before a device is given up for this poll")
 
     @field_validator("port")
@@ -98,7 +99,7 @@ class TcpBus(_Model):
     type: Literal["tcp"]
     host: NonEmptyText
     port: int = Field(502, ge=1, le=65535)
-    timeout: float = Field(1.0, gt=0, description="Answer timeout, seconds")
+    timeout: float = Field(1.0, gt=0, le=MAX_TIMEOUT_S, description="Answer timeout, seconds")
     retries: int = Field(1, ge=0, description="Retries before a device is given up for this poll")
 
 
@@ -111,7 +112,7 @@ class SerialBus(_Model):
     parity: Parity = "N"
     bytesize: Annotated[Literal[7, 8], _QUOTED_CHOICE] = 8
     stopbits: Annotated[Literal[1, 2], _QUOTED_CHOICE] = 1
-    timeout: float = Field(1.0, gt=0, description="Read timeout, seconds")
+    timeout: float = Field(1.0, gt=0, le=MAX_TIMEOUT_S, description="Read timeout, seconds")
 
     @field_validator("port")
     @classmethod

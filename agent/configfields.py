@@ -36,6 +36,10 @@ from pydantic_core import PydanticCustomError
 
 from agent.configyaml import SECRET_FILE_KEYS
 
+# The longest answer timeout a bus or an uplink may have: no instrument or platform answers after an
+# hour, and a slip like `timeout: 1e26` passed check-config, then failed every poll (OverflowError).
+MAX_TIMEOUT_S = 3600
+
 # What a file key's value is when it holds a file's content instead of its path (`_looks_pasted`).
 _PASTED_CONTENT = {"password_file": "password", "key": "key", "cert": "certificate", "ca": "certificate"}
 _NOT_SHOWN = "(the value is not shown: it may be the secret itself; give the path of the file)"

@@ -33,6 +33,7 @@ from pydantic import (
 
 from agent.configfields import (
     _QUOTED_CHOICE,
+    MAX_TIMEOUT_S,
     FilePath,
     NonEmptyText,
     Text,
@@ -384,7 +385,7 @@ class Uplink(_Model):
 
     host: NonEmptyText
     port: int = Field(ge=1, le=65535)
-    timeout: float = Field(10.0, gt=0, description="Seconds to wait for the platform's answer")
+    timeout: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S, description="Seconds to wait for the platform's answer")
     retries: int = Field(3, ge=0)
 
 

@@ -1499,3 +1499,28 @@ def test_one_pollutant_code_on_two_devices_is_a_warning_when_hj212_is_spoken(tmp
     assert "channel w01018 is also measured by device 'inlet'" in warnings[0][1]
     without_hj212 = text.replace('hj212: {st: 39, pw: "123456", uplinks: [{host: 127.0.0.1, port: 9000}]}\n', "")
     assert load_config(write(tmp_path, without_hj212), env={}).warnings == []
+
+
+def test_a_timeout_of_more_than_an_hour_is_refused(tmp_path: Path) -> None:
+    # `timeout: 1e26` (a slip of the keyboard) passed check-config, and then every poll failed with an
+    # OverflowError logged as a "bad answer"; no instrument or platform answers after more than an hour.
+    path = write(tmp_path, """station: {id: ST01, type: outfall}
+storage: {path: b.db}
+mqtt: {url: "mqtt://127.0.0.1:1883"}
+buses:
+  rs: {type: rtu, port: /dev/ttyUSB0, timeout: 1e26}
+  lan: {type: tcp, host: 10.0.0.2, timeout: 3601}
+  uart: {type: serial, port: /dev/ttyUSB1, timeout: 3600}
+devices:
+  a: {bus: rs, slave: 1, registers: [{channel: x, address: 0}]}
+  b: {bus: lan, slave: 1, registers: [{channel: x, address: 0}]}
+  pm: {bus: uart, driver: sds011, interval: 10}
+hj212:
+  st: 32
+  pw: "123456"
+  uplinks: [{host: 10.0.0.9, port: 9000, timeout: 1e9}]
+""")
+    problems = problems_of(path)
+    keys = [p.split(": ", 2)[1] for p in problems]
+    assert keys == ["buses.rs.timeout", "buses.lan.timeout", "hj212.uplinks.0.timeout"], problems
+    assert all("must be at most 3600" in p for p in problems), problems
