@@ -35,7 +35,7 @@ from agent.clock import EARLIEST_PLAUSIBLE
 from agent.memtrim import release_free_memory
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, STREAMS, Reading
 from agent.pagescan import wal_header_valid
-from agent.seqmark import SeqMark, write_atomically
+from agent.seqmark import SeqMark, mark_path, write_atomically
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -294,7 +294,7 @@ class Buffer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         refuse_newer(path)  # a downgrade: never taken for corruption, never written (NewerBuffer)
-        seqmark = SeqMark(path.with_name(path.name + ".seq"))
+        seqmark = SeqMark(mark_path(path))
         try:
             buf = cls._open_checked(path, sync, seqmark, progress=progress)
         except sqlite3.DatabaseError as exc:
@@ -319,7 +319,7 @@ class Buffer:
         logged."""
         moved = move_aside(path, str(exc))
         log.error("buffer %s is corrupt (%s); moved aside to %s, starting a fresh one", path, exc, moved)
-        seqmark = SeqMark(path.with_name(path.name + ".seq"))
+        seqmark = SeqMark(mark_path(path))
         acked = seqmark.acked()  # read before the fresh file notes its own
         buf = cls._open_checked(path, sync, seqmark, announce_jump=False)
         seqmark.note_acked(acked)  # not the fresh file's: a salvage cut short is done again with them

@@ -118,7 +118,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from agent.buffer import Buffer
     from agent.runtime import device_channels, device_intervals
-    from agent.seqmark import SeqMark
+    from agent.seqmark import SeqMark, mark_path
     from agent.status import (
         agent_state,
         collect,
@@ -141,7 +141,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     recorded = None  # what the agent that wrote the file noted of itself (meta `agent`)
     stored = False  # a buffer with its tables is there
     # Read before the buffer: a first start reserves its first seqs as it creates the file meanwhile.
-    seqmark = SeqMark(path.with_name(path.name + ".seq"))
+    seqmark = SeqMark(mark_path(path))
     issued_before = seqmark.path.exists() and bool(seqmark.read().get("readings"))
     try:
         reader = Buffer.open_reader(path) if path.exists() else None

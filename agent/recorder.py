@@ -25,6 +25,7 @@ from agent.buffer import Buffer, BufferError, is_corruption, lowest_progress
 from agent.clock import AgeClock
 from agent.logutil import RateLimitedLog
 from agent.model import STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
+from agent.seqmark import mark_path
 from agent.threadname import name_this_thread
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ class Recorder(threading.Thread):
         it is kept there already (a later reload of the same file)."""
         path = Path(path)
         assert self.buffer.seqmark is not None
-        mirror = path.with_name(path.name + ".seq")
+        mirror = mark_path(path)
         if mirror in self._seq_mirrors:
             return False
         self._seq_mirrors.append(mirror)

@@ -28,6 +28,11 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id")  # new at every boot of the ke
 UNKNOWN_BOOT = -1  # the `volatile_boot` of a writer that could not read BOOT_ID: any start counts as another boot
 
 
+def mark_path(buffer_path: Path) -> Path:
+    """Where the seq mark of the buffer file at `buffer_path` is kept: `<buffer>.seq` beside it."""
+    return buffer_path.with_name(buffer_path.name + ".seq")
+
+
 class SeqMark:
     """The `<buffer>.seq` file: `{"readings": N, "aggregates": N, "alarms": N}` reserved upper bounds,
     and `{"readings.acked": N, ...}` the acknowledged watermarks as last noted (at a clean close, a

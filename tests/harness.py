@@ -65,6 +65,21 @@ def fill_disk(disk: Path, leave_bytes: int) -> Path:
     return filler
 
 
+def wired_publisher(writer, path: Path, port: int, *, commit_interval_ms: int, max_mb: float, **settings):
+    """(recorder, publisher) in this process: a Recorder over the open `writer` and a Publisher of the buffer
+    at `path` to the broker on 127.0.0.1:`port` (station ST1; `settings`: more BrokerSettings), wired as the
+    agent wires them (each commit wakes the publisher; eviction spares the rows in flight); not started."""
+    from agent.publisher import BrokerSettings, Publisher
+    from agent.recorder import Recorder
+
+    recorder = Recorder(writer, commit_interval_ms=commit_interval_ms, keep_sent_days=7, max_mb=max_mb)
+    publisher = Publisher(BrokerSettings(urls=[f"mqtt://127.0.0.1:{port}"], station_id="ST1", **settings),
+                          str(path), recorder)
+    recorder.add_listener(publisher.wake)
+    recorder.set_in_flight_check(publisher.in_flight_upto)
+    return recorder, publisher
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

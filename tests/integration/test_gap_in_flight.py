@@ -8,12 +8,10 @@ import socket
 import threading
 import time
 
-from harness import Broker, Collector, free_port, wait_for
+from harness import Broker, Collector, free_port, wait_for, wired_publisher
 
 from agent.buffer import Buffer
 from agent.model import Reading
-from agent.publisher import BrokerSettings, Publisher
-from agent.recorder import Recorder
 
 T0 = 1_700_000_000_000
 
@@ -91,12 +89,8 @@ def test_readings_in_flight_when_the_link_dropped_are_not_evicted_as_a_gap(tmp_p
     collector = Collector(broker, "env/ST1/data")
     path = tmp_path / "buffer.db"
     writer = Buffer.open_writer(path, max_mb=1)
-    recorder = Recorder(writer, commit_interval_ms=100, keep_sent_days=7, max_mb=1)
-    settings = BrokerSettings(urls=[f"mqtt://127.0.0.1:{port}"], client_id="gap", station_id="ST1", max_batch=100,
-                              reconnect_max=2)
-    publisher = Publisher(settings, str(path), recorder)
-    recorder.add_listener(publisher.wake)
-    recorder.set_in_flight_check(publisher.in_flight_upto)
+    recorder, publisher = wired_publisher(writer, path, port, commit_interval_ms=100, max_mb=1,
+                                          client_id="gap", max_batch=100, reconnect_max=2)
     recorder.start()
     publisher.start()
     seq = 0

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 
-from harness import LIVE_PROCESSES, Broker, Collector, free_port, wait_for
+from harness import LIVE_PROCESSES, Broker, Collector, free_port, wait_for, wired_publisher
 
 from agent.buffer import Buffer
 from agent.model import Reading
@@ -52,11 +52,8 @@ def test_a_message_is_never_taken_as_acknowledged_by_the_puback_of_an_earlier_on
     writer.begin()
     writer.insert_readings([Reading("d", "c", T0 + i, float(i), "mg/L", "N") for i in range(backlog)])
     writer.commit()
-    recorder = Recorder(writer, commit_interval_ms=100, keep_sent_days=7, max_mb=512)
-    settings = BrokerSettings(urls=[f"mqtt://127.0.0.1:{port}"], client_id="acks", station_id="ST1", max_batch=1)
-    publisher = Publisher(settings, str(path), recorder)
-    recorder.add_listener(publisher.wake)
-    recorder.set_in_flight_check(publisher.in_flight_upto)
+    recorder, publisher = wired_publisher(writer, path, port, commit_interval_ms=100, max_mb=512,
+                                          client_id="acks", max_batch=1)
     recorder.start()
     publisher.start()
     collector = None

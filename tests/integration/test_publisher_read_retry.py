@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import sqlite3
 
-from harness import Broker, Collector, wait_for
+from harness import Broker, Collector, wait_for, wired_publisher
 
 from agent.buffer import Buffer
 from agent.model import Reading
-from agent.publisher import BrokerSettings, Publisher
-from agent.recorder import Recorder
 
 T0 = 1_700_000_000_000
 
@@ -22,12 +20,8 @@ def test_a_read_that_failed_once_is_tried_again_without_waiting_for_a_commit(tmp
     collector = Collector(broker, "env/ST1/data")
     path = tmp_path / "buffer.db"
     writer = Buffer.open_writer(path)
-    recorder = Recorder(writer, commit_interval_ms=50, keep_sent_days=7, max_mb=64)
-    settings = BrokerSettings(urls=[f"mqtt://127.0.0.1:{broker.port}"], client_id="retry", station_id="ST1",
-                              reconnect_max=2)
-    publisher = Publisher(settings, str(path), recorder)
-    recorder.add_listener(publisher.wake)
-    recorder.set_in_flight_check(publisher.in_flight_upto)
+    recorder, publisher = wired_publisher(writer, path, broker.port, commit_interval_ms=50, max_mb=64,
+                                          client_id="retry", reconnect_max=2)
     failures = []
     real_read = Buffer.readings_json
 

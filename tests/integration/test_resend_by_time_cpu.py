@@ -10,12 +10,11 @@ import json
 import os
 import time
 
-from harness import Broker, Collector, wait_for
+from harness import Broker, Collector, wait_for, wired_publisher
 
 from agent import publisher as publisher_module
 from agent.buffer import Buffer, BufferError
 from agent.model import STREAM_READINGS, Reading
-from agent.publisher import BrokerSettings, Publisher
 from agent.recorder import Recorder
 
 T0 = 1_700_000_000_000
@@ -40,12 +39,8 @@ def test_a_resend_by_time_whose_buffer_cannot_be_opened_does_not_spin(tmp_path, 
     writer.commit()
     broker = Broker(tmp_path / "broker").start()
     collector = Collector(broker, "env/ST1/#")
-    recorder = Recorder(writer, commit_interval_ms=50, keep_sent_days=7, max_mb=256)
-    settings = BrokerSettings(urls=[f"mqtt://127.0.0.1:{broker.port}"], client_id="spin", station_id="ST1",
-                              reconnect_max=2)
-    publisher = Publisher(settings, str(path), recorder)
-    recorder.add_listener(publisher.wake)
-    recorder.set_in_flight_check(publisher.in_flight_upto)
+    recorder, publisher = wired_publisher(writer, path, broker.port, commit_interval_ms=50, max_mb=256,
+                                          client_id="spin", reconnect_max=2)
     recorder.start()
     publisher.start()
     try:
