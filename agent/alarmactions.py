@@ -56,7 +56,7 @@ class _Target:
 
     def to_json(self) -> dict[str, Any]:
         return {"device": self.device, "kind": self.kind, "address": self.address, "on": self.on_value,
-                "off": self.off_value, "min_on": self.min_on, "written": self.written}
+                "off": self.off_value, "min_on": self.min_on, "written": self.written, "touched": self.touched}
 
     @classmethod
     def from_json(cls, key: str, data: Mapping[str, Any]) -> _Target | None:
@@ -67,7 +67,10 @@ class _Target:
             return None
         written = data.get("written")
         target.written = written if isinstance(written, bool) else None
-        target.touched = target.written is not None
+        # A write was tried: its state is unknown after a failure (written None), and it may be on. A
+        # state saved before "touched" was has none; it is then known from `written` alone.
+        touched = data.get("touched")
+        target.touched = touched if isinstance(touched, bool) else target.written is not None
         return target
 
 

@@ -933,6 +933,24 @@ def test_an_off_write_that_failed_before_a_restart_is_done_after_it():
     assert "actions" not in json.loads(fourth.saved()) or not json.loads(fourth.saved())["actions"]
 
 
+def test_an_off_write_that_failed_is_done_after_a_restart_even_once_the_failure_was_saved():
+    """An "off" that failed (the relay board did not answer) leaves the output's state unknown; a stop
+    saves the state as it stands then: the next start must still switch the output off, not forget it."""
+    writer = FakeWriter()
+    rig = Rig([FOG], writer=writer)
+    rig.feed("dust.a34002", 90, at=0)
+    writer.fail = 100
+    rig.feed("dust.a34002", 10, at=70)  # the off write fails
+    assert writer.values() == [True, False]
+    rig.engine.save_at_next_tick()  # a stop saves the state (and the windows) at the recorder's last tick
+    rig.tick(71)
+    for rules in ([FOG], [{"channel": "dust.a34002", "above": 80}]):  # same rule; or its action removed meanwhile
+        writer2 = FakeWriter()
+        again = Rig(rules, saved=rig.saved(), writer=writer2)
+        again.tick(0)
+        assert [c[1:] for c in writer2.calls] == [("fog", "coil", 0, False)], rules
+
+
 def test_an_active_alarm_writes_its_output_on_again_after_a_restart():
     first = Rig([FOG], writer=FakeWriter())
     first.feed("dust.a34002", 90, at=0)
