@@ -287,3 +287,40 @@ def test_a_stop_right_after_the_poll_that_clears_an_alarm_switches_its_output_of
     finally:
         assert restarted.stop() == 0
     assert len(fog.log()) == 2, "nothing written again after the restart"
+
+
+def test_an_off_write_the_dead_relay_board_missed_is_done_at_the_next_start(tmp_path, broker, collector, servers):
+    """The relay board (its own Modbus TCP link) is dead when the alarm clears: the off-write fails and is
+    retried. The agent is restarted (an upgrade) before the board is back: once it answers again, the new
+    run switches the fog cannon off, and nothing else is written."""
+    dust = dust_monitor(HIGH)
+    fog = RelayBoard()
+    fog.set("coil", 0, [0])
+    relay = servers({5: fog})
+    buses = {"lan": tcp_bus(servers({1: dust})), "relay": tcp_bus(relay)}
+    devices = {"fog": {"bus": "relay", "slave": 5, "interval": 0.2,
+                       "registers": [{"channel": "fog_on", "address": 0, "table": "coil"}]}}
+    cfg = write_config(tmp_path / "station.yaml",
+                       station(tmp_path, broker, buses, devices, LIMIT, {"device": "fog", "coil": 0}))
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: fog.first_write("coil", 0, 1), STARTUP_S, "fog cannon coil 0 switched on")
+        wait_for(lambda: states(collector) == [(ALARM_ID, "raised")], 10, "the alarm raised on P/alarm")
+        relay.stop()  # the relay board loses power
+        dust.set("holding", 0, [LOW])
+        wait_for(lambda: "alarm action fog coil 0 off failed" in agent.log(), 20, "the off-write failing")
+        wait_for(lambda: states(collector) == [(ALARM_ID, "raised"), (ALARM_ID, "cleared")], 10,
+                 "the alarm cleared on P/alarm")
+    finally:
+        assert agent.stop() == 0
+    assert fog.get("coil", 0) == [1], "the board missed the off"
+
+    relay.start()  # the board is back (same port) while the agent is down
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: fog.first_write("coil", 0, 0), STARTUP_S, "fog cannon coil 0 switched off after the restart")
+        assert fog.get("coil", 0) == [0]
+    finally:
+        assert agent.stop() == 0
+    assert [(tb, a, v) for _, tb, a, v in fog.log()] == [("coil", 0, 1), ("coil", 0, 0)]
+    assert states(collector) == [(ALARM_ID, "raised"), (ALARM_ID, "cleared")], "no alarm event from the restart"
