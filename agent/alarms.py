@@ -81,7 +81,8 @@ Decisions (the README's alarm section repeats them for technicians):
   a rule naming it is active. Writes run on a worker thread through `action_writer`; a failed write is
   retried after 2 s, doubling up to 60 s; "off" waits until the target has been on for `min_on`
   seconds. At start, a target whose alarm is active is written "on" again; one saved as "on" whose
-  alarm is gone is written "off".
+  alarm is gone is written "off" (also when its last write failed: its state is unknown). A reload or
+  restart that changes a written target's `on`/`off` values writes its state again with them.
 """
 
 from __future__ import annotations
@@ -400,6 +401,8 @@ class AlarmEngine:
                 if target is not None:  # keep what is known of the device
                     target.written, target.touched, target.on_since = prev.written, prev.touched, prev.on_since
                     target.inflight, target.retry_at, target.failures = prev.inflight, prev.retry_at, prev.failures
+                    if (prev.on_value, prev.off_value) != (target.on_value, target.off_value) and target.touched:
+                        target.written = None  # the device holds the old value: write the state with the new
                 elif prev.written is not False and prev.touched:
                     # No rule names it any more, and it may be on: switch it off (min_on respected).
                     prev.orphan = True

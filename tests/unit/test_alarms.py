@@ -951,6 +951,30 @@ def test_an_off_write_that_failed_is_done_after_a_restart_even_once_the_failure_
         assert [c[1:] for c in writer2.calls] == [("fog", "coil", 0, False)], rules
 
 
+def test_a_reload_that_changes_an_actions_values_writes_the_output_again_with_the_new_ones():
+    """A technician changes the sampler's "on" value (its mode register: 3 -> 4) while the alarm is
+    active: the register is written with the new value at once, and its "off" value when it clears."""
+    writer = FakeWriter()
+    rule = {"channel": "cod.w01018", "above": 50, "action": {"device": "fog", "register": 7, "on": 3, "off": 1}}
+    rig = Rig([rule], writer=writer)
+    rig.feed("cod.w01018", 60, at=0)
+    changed = {**rule, "action": {**rule["action"], "on": 4}}
+    rig.engine.reconfigure(make_config([changed]))
+    rig.tick(1)
+    assert [c[1:] for c in writer.calls] == [("fog", "register", 7, 3), ("fog", "register", 7, 4)]
+    rig.feed("cod.w01018", 40, at=3)
+    rig.engine.reconfigure(make_config([{**changed, "action": {**changed["action"], "off": 0}}]))
+    rig.tick(4)
+    assert [c[1:] for c in writer.calls[2:]] == [("fog", "register", 7, 1), ("fog", "register", 7, 0)]
+    # ... and across a restart: the saved state holds the values written
+    again = Rig([{**changed, "action": {**changed["action"], "off": 2}}], saved=rig.saved(), writer=FakeWriter())
+    again.tick(0)
+    assert [c[1:] for c in again.writer.calls] == [("fog", "register", 7, 2)]
+    unchanged = Rig([{**changed, "action": {**changed["action"], "off": 0}}], saved=rig.saved(), writer=FakeWriter())
+    unchanged.tick(0)
+    assert unchanged.writer.calls == [], "the same values: nothing written"
+
+
 def test_an_active_alarm_writes_its_output_on_again_after_a_restart():
     first = Rig([FOG], writer=FakeWriter())
     first.feed("dust.a34002", 90, at=0)
