@@ -324,3 +324,37 @@ def test_an_off_write_the_dead_relay_board_missed_is_done_at_the_next_start(tmp_
         assert agent.stop() == 0
     assert [(tb, a, v) for _, tb, a, v in fog.log()] == [("coil", 0, 1), ("coil", 0, 0)]
     assert states(collector) == [(ALARM_ID, "raised"), (ALARM_ID, "cleared")], "no alarm event from the restart"
+
+
+def test_a_reload_that_removes_an_active_rule_clears_its_alarm_once_and_switches_its_output_off(
+        tmp_path, broker, collector, servers):
+    """SIGHUP with the rule gone while its alarm is active (and the value still above the old limit): the
+    alarm is cleared once (value null, the old limit as threshold), the fog cannon switched off, and a
+    second reload with the same file changes nothing."""
+    dust = dust_monitor(HIGH)
+    fog = RelayBoard()
+    fog.set("coil", 0, [0])
+    server = servers({1: dust, 5: fog})
+    devices = {"fog": {"bus": "lan", "slave": 5, "interval": 0.2,
+                       "registers": [{"channel": "fog_on", "address": 0, "table": "coil"}]}}
+    config = station(tmp_path, broker, {"lan": tcp_bus(server)}, devices, LIMIT, {"device": "fog", "coil": 0})
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: fog.first_write("coil", 0, 1), STARTUP_S, "fog cannon coil 0 switched on")
+        wait_for(lambda: states(collector) == [(ALARM_ID, "raised")], 10, "the alarm raised on P/alarm")
+        write_config(cfg, {**config, "alarms": []})
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: fog.first_write("coil", 0, 0), 15, "fog cannon coil 0 switched off by the reload")
+        wait_for(lambda: states(collector) == [(ALARM_ID, "raised"), (ALARM_ID, "cleared")], 10,
+                 "the alarm cleared on P/alarm")
+        cleared = alarm_events(collector)[1]
+        assert (cleared["value"], cleared["threshold"]) == (None, LIMIT)
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: agent.log().count("configuration reloaded") >= 2, 15, "the second reload")
+        polls = server.core.counters[5].requests
+        wait_for(lambda: server.core.counters[5].requests >= polls + 5, 10, "polls of the relay after it")
+    finally:
+        assert agent.stop() == 0
+    assert [(tb, a, v) for _, tb, a, v in fog.log()] == [("coil", 0, 1), ("coil", 0, 0)]
+    assert states(collector) == [(ALARM_ID, "raised"), (ALARM_ID, "cleared")]
