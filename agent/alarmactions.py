@@ -54,12 +54,19 @@ class _Target:
     def desired(self) -> bool:
         return bool(self.active_ids)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, now: float, wall_ms: int) -> dict[str, Any]:
+        """The saved form; `now` (monotonic) and `wall_ms` (Unix ms) are the same instant: the time "on"
+        was confirmed is saved in Unix ms (the monotonic clock starts again at a reboot)."""
+        on_ms = None if self.on_since is None else wall_ms - round((now - self.on_since) * 1000)
         return {"device": self.device, "kind": self.kind, "address": self.address, "on": self.on_value,
-                "off": self.off_value, "min_on": self.min_on, "written": self.written, "touched": self.touched}
+                "off": self.off_value, "min_on": self.min_on, "written": self.written, "touched": self.touched,
+                "on_ms": on_ms}
 
     @classmethod
-    def from_json(cls, key: str, data: Mapping[str, Any]) -> _Target | None:
+    def from_json(cls, key: str, data: Mapping[str, Any], now: float, wall_ms: int) -> _Target | None:
+        """A saved target (`now` and `wall_ms` as for `to_json`); None when the data is not one. "On" confirmed
+        at a time after `wall_ms` (the clock stepped back since: a gateway without a real-time clock, booted
+        before NTP) is taken as long ago, as before the time was saved: "off" is then not held back."""
         try:
             target = cls(key, str(data["device"]), str(data["kind"]), int(data["address"]), data["on"],
                          data["off"], float(data["min_on"]))
@@ -71,6 +78,9 @@ class _Target:
         # state saved before "touched" was has none; it is then known from `written` alone.
         touched = data.get("touched")
         target.touched = touched if isinstance(touched, bool) else target.written is not None
+        on_ms = data.get("on_ms")
+        if target.written is True and isinstance(on_ms, int) and not isinstance(on_ms, bool) and on_ms <= wall_ms:
+            target.on_since = now - (wall_ms - on_ms) / 1000  # min_on counts across a restart
         return target
 
 

@@ -80,9 +80,10 @@ Decisions (the README's alarm section repeats them for technicians):
 - Actions: the desired state of a target (device, coil/register, address) is "on" while any alarm of
   a rule naming it is active. Writes run on a worker thread through `action_writer`; a failed write is
   retried after 2 s, doubling up to 60 s; "off" waits until the target has been on for `min_on`
-  seconds. At start, a target whose alarm is active is written "on" again; one saved as "on" whose
-  alarm is gone is written "off" (also when its last write failed: its state is unknown). A reload or
-  restart that changes a written target's `on`/`off` values writes its state again with them.
+  seconds (the time "on" was confirmed is saved, so this holds across a restart). At start, a target
+  whose alarm is active is written "on" again; one saved as "on" whose alarm is gone is written "off"
+  (also when its last write failed: its state is unknown). A reload or restart that changes a written
+  target's `on`/`off` values writes its state again with them.
 """
 
 from __future__ import annotations
@@ -395,7 +396,8 @@ class AlarmEngine:
         if self.action_writer is not None:
             known = dict(self._targets) if not restoring else {
                 key: t for key, data in saved_targets.items()
-                if isinstance(data, dict) and (t := _Target.from_json(key, data)) is not None}
+                if isinstance(data, dict) and (t := _Target.from_json(key, data, self.clock(), self.wall_ms()))
+                is not None}
             for key, prev in known.items():
                 target = targets.get(key)
                 if target is not None:  # keep what is known of the device
@@ -787,8 +789,8 @@ class AlarmEngine:
         active = [{"id": i.id, "channel": i.channel.key, "rule": i.rule_name, "since_ms": i.since_ms,
                    "value": i.value, "threshold": i.threshold}
                   for i in self._instances.values() if i.active]
-        actions = {t.key: t.to_json() for t in self._targets.values() if t.touched}
         now, wall = self.clock(), self.wall_ms()
+        actions = {t.key: t.to_json(now, wall) for t in self._targets.values() if t.touched}
         temperatures = {device: [value, wall - round((now - taken) * 1000)]
                         for device, (value, taken) in self._temps.items()}
         return {"v": STATE_VERSION, "active": active, "actions": actions, "temperatures": temperatures}

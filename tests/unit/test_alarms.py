@@ -920,15 +920,17 @@ def test_an_off_write_that_failed_before_a_restart_is_done_after_it():
     rig.feed("dust.a34002", 10, at=70)  # off fails
     assert writer.values() == [True, False]
     writer2 = FakeWriter()
-    again = Rig([FOG], saved=rig.saved(), writer=writer2)
-    again.tick(0)
+    again = Rig([FOG], saved=rig.saved(), writer=writer2, start=70)  # restarted where the first run stopped
+    again.tick(70)
     assert writer2.values() == [False]
-    # ... and an output saved "on" whose rule is gone is switched off too
+    # ... and an output saved "on" whose rule is gone is switched off too, once on for min_on
     third = Rig([FOG], writer=FakeWriter())
     third.feed("dust.a34002", 90, at=0)
     writer4 = FakeWriter()
-    fourth = Rig([{"channel": "dust.a34002", "above": 80}], saved=third.saved(), writer=writer4)
+    fourth = Rig([{"channel": "dust.a34002", "above": 80}], saved=third.saved(), writer=writer4, start=1)
     fourth.tick(1)
+    assert writer4.calls == [], "on for 1 s of min_on 60 s"
+    fourth.tick(60)
     assert [c[1:] for c in writer4.calls] == [("fog", "coil", 0, False)]
     assert "actions" not in json.loads(fourth.saved()) or not json.loads(fourth.saved())["actions"]
 
@@ -973,6 +975,25 @@ def test_a_reload_that_changes_an_actions_values_writes_the_output_again_with_th
     unchanged = Rig([{**changed, "action": {**changed["action"], "off": 0}}], saved=rig.saved(), writer=FakeWriter())
     unchanged.tick(0)
     assert unchanged.writer.calls == [], "the same values: nothing written"
+
+
+def test_the_minimum_on_time_still_holds_after_a_restart():
+    """The alarm clears 10 s after the cannon went on (min_on 60 s) and the agent is restarted 10 s later
+    (an upgrade): the cannon stays on until 60 s after its on-write, not switched off at the start."""
+    writer = FakeWriter()
+    rig = Rig([FOG], writer=writer)
+    rig.feed("dust.a34002", 90, at=0)
+    rig.feed("dust.a34002", 10, at=10)
+    rig.engine.save_at_next_tick()
+    rig.tick(20)
+    assert writer.values() == [True]
+    writer2 = FakeWriter()
+    again = Rig([FOG], saved=rig.saved(), writer=writer2, start=20)  # both clocks go on from 20 s
+    for t in (20, 30, 59):
+        again.tick(t)
+    assert writer2.calls == [], "still within min_on"
+    again.tick(60)
+    assert [c[1:] for c in writer2.calls] == [("fog", "coil", 0, False)]
 
 
 def test_an_active_alarm_writes_its_output_on_again_after_a_restart():
