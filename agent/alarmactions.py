@@ -92,7 +92,7 @@ class _ActionWorker(threading.Thread):
         super().__init__(name="alarm-actions", daemon=True)
         self.writer = writer
         self._queue: queue.Queue[tuple | None] = queue.Queue()
-        self._results: deque[tuple[str, bool, BaseException | None]] = deque()
+        self._results: deque[tuple[str, bool, int | bool, BaseException | None]] = deque()
         self._idle = threading.Condition()
         self._unfinished = 0  # jobs submitted and not yet written (or failed)
 
@@ -106,7 +106,8 @@ class _ActionWorker(threading.Thread):
         with self._idle:
             return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
 
-    def results(self) -> list[tuple[str, bool, BaseException | None]]:
+    def results(self) -> list[tuple[str, bool, int | bool, BaseException | None]]:
+        """(target key, on, value written, error or None) of the writes done since the last call."""
         out = []
         while self._results:
             out.append(self._results.popleft())
@@ -125,9 +126,9 @@ class _ActionWorker(threading.Thread):
             try:
                 self.writer(device, kind, address, value)
             except Exception as exc:  # noqa: BLE001 - reported to the engine, which retries
-                self._results.append((key, on, exc))
+                self._results.append((key, on, value, exc))
             else:
-                self._results.append((key, on, None))
+                self._results.append((key, on, value, None))
             with self._idle:
                 self._unfinished -= 1
                 self._idle.notify_all()

@@ -404,7 +404,9 @@ class AlarmEngine:
                     target.written, target.touched, target.on_since = prev.written, prev.touched, prev.on_since
                     target.inflight, target.retry_at, target.failures = prev.inflight, prev.retry_at, prev.failures
                     if (prev.on_value, prev.off_value) != (target.on_value, target.off_value) and target.touched:
-                        target.written = None  # the device holds the old value: write the state with the new
+                        # The device holds (or is being written) the old value: write the state with the new
+                        # one, after the write under way (the result of which then changes nothing).
+                        target.written = target.inflight = None
                 elif prev.written is not False and prev.touched:
                     # No rule names it any more, and it may be on: switch it off (min_on respected).
                     prev.orphan = True
@@ -841,8 +843,8 @@ class AlarmEngine:
             return
         changed = False
         if self._worker is not None:
-            for key, value, error in self._worker.results():
-                changed |= self._write_done(key, value, error, now)
+            for key, on, value, error in self._worker.results():
+                changed |= self._write_done(key, on, value, error, now)
         for target in self._targets.values():
             if target.inflight is not None or target.written == target.desired:
                 continue
@@ -868,18 +870,20 @@ class AlarmEngine:
             try:
                 self.action_writer(target.device, target.kind, target.address, value)
             except Exception as exc:  # noqa: BLE001 - any failure of the write is retried
-                return self._write_done(target.key, on, exc, now)
-            return self._write_done(target.key, on, None, now)
+                return self._write_done(target.key, on, value, exc, now)
+            return self._write_done(target.key, on, value, None, now)
         if self._worker is None:
             self._worker = _ActionWorker(self.action_writer)
             self._worker.start()
         self._worker.submit(target.key, on, target.device, target.kind, target.address, value)
         return False
 
-    def _write_done(self, key: str, on: bool, error: BaseException | None, now: float) -> bool:
-        """A write finished; True when the confirmed state changed (to be saved)."""
+    def _write_done(self, key: str, on: bool, value: int | bool, error: BaseException | None, now: float) -> bool:
+        """A write of `value` finished; True when the confirmed state changed (to be saved). One of a value
+        that a reload has changed since says nothing of the target's state: the write of the new value
+        follows it."""
         target = self._targets.get(key)
-        if target is None or target.inflight != on:
+        if target is None or target.inflight != on or value != (target.on_value if on else target.off_value):
             return False
         target.inflight = None
         what = f"{target.device} {target.kind} {target.address} {'on' if on else 'off'}"

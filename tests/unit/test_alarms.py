@@ -996,6 +996,44 @@ def test_the_minimum_on_time_still_holds_after_a_restart():
     assert [c[1:] for c in writer2.calls] == [("fog", "coil", 0, False)]
 
 
+def test_a_reload_that_changes_an_actions_values_during_its_write_writes_the_new_value_after_it():
+    """The "on" write is still on the wire (a slow bus) when a reload changes the on value: once it is done,
+    the new value is written, and the old write's result does not say the output holds the new value (the
+    first write of the new one fails: the saved state must say so, not "written")."""
+    import threading
+
+    release = threading.Event()
+    written: list[int | bool] = []
+    fail_new = [1]
+
+    def writer(device_id: str, kind: str, address: int, value: int | bool) -> None:
+        release.wait(10)
+        written.append(value)
+        if value == 4 and fail_new[0]:
+            fail_new[0] -= 1
+            raise OSError("no answer from slave 1")
+
+    def saved_written() -> object:
+        return json.loads(rec.meta["alarm_state"])["actions"]["fog|register|7"]["written"]
+
+    rule = {"channel": "cod.w01018", "above": 50, "action": {"device": "fog", "register": 7, "on": 3, "off": 1}}
+    rec = FakeRecorder()
+    engine = AlarmEngine(make_config([rule]), rec, None, writer)
+    try:
+        engine.observe([Reading("cod", "w01018", T0_MS, 60.0)])
+        engine.reconfigure(make_config([{**rule, "action": {**rule["action"], "on": 4}}]))
+        engine.tick()
+        release.set()
+        wait_for(lambda: (engine.tick(), written == [3, 4])[1], 5, "the new on value tried after the old")
+        engine.finish_actions(5)
+        engine.tick()
+        assert saved_written() is None, "the old value's write says nothing of the new one's"
+        wait_for(lambda: (engine.tick(), saved_written() is True)[1], 10, "the new value written on retry")
+        assert written == [3, 4, 4]
+    finally:
+        engine.close()
+
+
 def test_an_active_alarm_writes_its_output_on_again_after_a_restart():
     first = Rig([FOG], writer=FakeWriter())
     first.feed("dust.a34002", 90, at=0)
