@@ -358,3 +358,51 @@ def test_a_reload_that_removes_an_active_rule_clears_its_alarm_once_and_switches
         assert agent.stop() == 0
     assert [(tb, a, v) for _, tb, a, v in fog.log()] == [("coil", 0, 1), ("coil", 0, 0)]
     assert states(collector) == [(ALARM_ID, "raised"), (ALARM_ID, "cleared")]
+
+
+def test_on_a_shared_rs485_line_a_dead_relay_delays_its_write_not_the_polls_and_nothing_else_is_written(
+        tmp_path, broker, collector):
+    """One RS-485 line (a pseudo-terminal, Modbus RTU at 9600 baud): the dust monitor (slave 1), the fog
+    cannon's relay (slave 9) and an analyzer that never answers (slave 4). The relay is dead when the
+    alarm is raised: its on-write fails and is retried while the monitor goes on being polled; once the
+    relay answers again it is switched on, and off after the clear. Only function 05 to coil 0 of slave 9
+    ever goes on the line, and no frame is garbled by a write interleaved with a poll."""
+    from instruments import ModbusRtuSlave, Unit
+
+    dust, fog, dead = Unit(1), Unit(9), Unit(4, mode="silent")
+    dust.put("holding", 0, HIGH)
+    dead.put("holding", 0, 7)
+    fog.put("coil", 0, False)
+    fog.mode = "silent"  # the relay board is off when the dust rises
+    line = ModbusRtuSlave([dust, fog, dead], tmp_path / "ttyUSB0").start()
+    config = station(tmp_path, broker, {"rs485": {"type": "rtu", "port": line.path, "baudrate": 9600,
+                                                  "timeout": 0.3, "retries": 1}},
+                     {"fog": {"bus": "rs485", "slave": 9, "interval": 0.5,
+                              "registers": [{"channel": "fog_on", "address": 0, "table": "coil"}]},
+                      "cod": {"bus": "rs485", "slave": 4, "interval": 0.5,
+                              "registers": [{"channel": "w01018", "address": 0, "type": "uint16"}]}},
+                     LIMIT, {"device": "fog", "coil": 0})
+    config["devices"]["dust"]["bus"] = "rs485"
+    config["buses"] = {"rs485": config["buses"]["rs485"]}
+    config["devices"]["dust"]["interval"] = 0.5
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    try:
+        wait_for(lambda: states(collector) == [(ALARM_ID, "raised")], STARTUP_S, "the alarm raised on P/alarm")
+        wait_for(lambda: "alarm action fog coil 0 on failed" in agent.log(), 20, "the on-write failing")
+        reads = len(dust.reads())
+        wait_for(lambda: len(dust.reads()) >= reads + 5, 20, "the monitor polled while the relay is dead")
+        fog.mode = "normal"  # the relay board is back
+        wait_for(lambda: (5, 0, True) in fog.writes, 30, "the coil written on once the relay answers")
+        dust.put("holding", 0, LOW)
+        wait_for(lambda: (5, 0, False) in fog.writes, 20, "the coil written off after the clear")
+        wait_for(lambda: states(collector) == [(ALARM_ID, "raised"), (ALARM_ID, "cleared")], 10,
+                 "the alarm cleared on P/alarm")
+    finally:
+        assert agent.stop() == 0
+        line.close()
+    assert fog.writes == [(5, 0, True), (5, 0, False)]
+    assert dust.writes == [] and dead.writes == []
+    writes_on_line = [(u.unit_id, f, a) for u in (dust, fog, dead)
+                      for _, f, a, _ in u.requests if f not in (1, 2, 3, 4)]
+    assert set(writes_on_line) == {(9, 5, 0)}, writes_on_line
+    assert line.crc_errors == 0, "a frame on the line was garbled"
