@@ -198,6 +198,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_INVALID
+    # Stopped by SIGTERM (`timeout`, a supervisor, `kill`), tail ends as on Ctrl-C: exit 0, nothing
+    # more printed; by default the signal killed it (status 143).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     tail(args.url or s.urls, s.base_topic, username=s.username, password=s.password,
          tls={"ca": s.tls_ca, "cert": s.tls_cert, "key": s.tls_key})
     return EXIT_OK
