@@ -45,6 +45,9 @@ def _load_or_report(path: str, check_files: bool = False, warnings: bool = False
 def cmd_check_config(args: argparse.Namespace) -> int:
     from agent.config import check_tls
 
+    if (args.file is None) == (args.config_file is None):
+        args.usage_error("give the config file once: check-config FILE (or check-config -c FILE)")
+    args.file = args.file or args.config_file
     config = _load_or_report(args.file, check_files=True, warnings=True)
     if config is None:
         return EXIT_INVALID
@@ -232,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p = add("check-config", cmd_check_config, "Validate a config file without touching hardware or network.",
             config_flag=False)
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", nargs="?")
+    # `-c FILE` as every other command takes it (a technician types it by habit); FILE stays the spelling.
+    p.add_argument("-c", "--config", dest="config_file", metavar="FILE", help="the same as FILE")
+    p.set_defaults(usage_error=p.error)
     p = add("status", cmd_status, "Show backlog, devices, alarms and broker state from the buffer.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = add("simulate", cmd_simulate, "Serve simulated instruments for the devices of FILE that use a built-in "

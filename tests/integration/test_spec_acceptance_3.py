@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from harness import REPO, Broker, sim_config, wait_for, write_config
+from harness import REPO, Broker, run_cli, sim_config, wait_for, write_config
 
 
 def test_tail_stopped_by_sigterm_ends_with_status_0_as_on_ctrl_c(tmp_path):
@@ -30,3 +30,28 @@ def test_tail_stopped_by_sigterm_ends_with_status_0_as_on_ctrl_c(tmp_path):
         proc.kill()
         proc.wait()
         broker.stop()
+
+
+def test_check_config_takes_the_file_also_as_dash_c_like_every_other_command(tmp_path):
+    """SPEC §1: `check-config FILE`. Every other command that reads the file takes it as `-c FILE`,
+    so a technician types `check-config -c FILE` too: it validates that file the same way (problems as
+    `FILE:LINE:COL: path.to.key: message`, exit 2; exit 0 when valid), instead of an argparse usage
+    error. Both spellings at once, or neither, is a usage error (exit 2)."""
+    broker = Broker(tmp_path / "broker")
+    good = write_config(tmp_path / "good.yaml", sim_config(tmp_path, broker))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text().replace("station:\n", "station:\n  nmae: x\n", 1))
+
+    for args in (("check-config", str(good)), ("check-config", "-c", str(good)),
+                 ("check-config", "--config", str(good))):
+        result = run_cli(*args)
+        assert result.returncode == 0, (args, result.stderr)
+        assert result.stdout.startswith(f"{good}: OK"), result.stdout
+    for args in (("check-config", str(bad)), ("check-config", "-c", str(bad))):
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.splitlines()[0] == (f"{bad}:2:3: station.nmae: unknown key 'nmae' "
+                                                 "(did you mean 'name'?)"), result.stderr
+    for args in (("check-config",), ("check-config", str(good), "-c", str(good))):
+        result = run_cli(*args)
+        assert result.returncode == 2 and "usage: edge-agent check-config" in result.stderr, result.stderr
