@@ -1154,6 +1154,8 @@ class Publisher(threading.Thread):
             if not isinstance(cmd_id, (str, int)) or isinstance(cmd_id, bool):
                 cmd_id = None
                 raise CommandError("missing or invalid 'id' (a string or integer)")
+            if "v" in cmd and (type(cmd["v"]) is not int or cmd["v"] != 1):
+                raise CommandError("unsupported 'v' (this agent speaks version 1; 'v' may be left out)")
             name = cmd.get("cmd")
             if name is None:
                 raise CommandError("missing 'cmd' (known: ping, resend, status)")
@@ -1442,7 +1444,9 @@ def _time_field(cmd: dict, name: str) -> int:
 
 
 def _only_keys(cmd: dict, allowed: set[str]) -> None:
-    extra = sorted(set(cmd) - allowed)
+    """Refuse a command with a field it does not take; "v" (the version every message of the agent carries,
+    checked before) is taken by every command."""
+    extra = sorted(set(cmd) - allowed - {"v"})
     if extra:
         raise CommandError(f"unknown field(s) {', '.join(map(repr, extra))} for command {cmd.get('cmd')!r}")
 

@@ -341,7 +341,8 @@ def test_commands_of_every_wrong_shape_are_answered_ok_false_and_status_json_kee
                b'{"id": "n", "cmd": "resend", "from_seq": -1, "to_seq": 1}',
                b'{"id": "b", "cmd": "resend", "from_seq": true, "to_seq": 1}',
                b'{"id": "f", "cmd": "resend", "from_seq": 1.0, "to_seq": 2}',
-               b'{"id": "o", "cmd": "resend", "from_seq": 1}', b'{"id": "u", "cmd": "Ping"}']
+               b'{"id": "o", "cmd": "resend", "from_seq": 1}', b'{"id": "u", "cmd": "Ping"}',
+               b'{"v": 2, "id": "v2", "cmd": "ping"}', b'{"v": "1", "id": "vs", "cmd": "ping"}']
     try:
         wait_for(lambda: status_json(cfg)["last_seq"] >= 5, 20, "a few readings")
         running = status_json(cfg)
@@ -349,7 +350,8 @@ def test_commands_of_every_wrong_shape_are_answered_ok_false_and_status_json_kee
             platform.client.publish("env/TEST0001/cmd", payload, qos=1)
         platform.client.publish("env/TEST0001/cmd", json.dumps(
             {"id": "huge", "cmd": "resend", "from_seq": 1, "to_seq": 2**63 - 1}), qos=1)
-        wait_for(lambda: len(platform.on("/reply")) == len(refused) + 1, 20, "an answer to each command")
+        platform.client.publish("env/TEST0001/cmd", json.dumps({"v": 1, "id": "v1", "cmd": "ping"}), qos=1)
+        wait_for(lambda: len(platform.on("/reply")) == len(refused) + 2, 20, "an answer to each command")
     finally:
         assert agent.stop() == 0
         platform.close()
@@ -359,7 +361,9 @@ def test_commands_of_every_wrong_shape_are_answered_ok_false_and_status_json_kee
     huge = [m for m in replies if m["id"] == "huge"]
     assert len(huge) == 1 and huge[0]["ok"] is True and huge[0]["count"] >= 5, huge
     assert huge[0]["missing"][-1][1] == 2**63 - 1, huge
-    others = [m for m in replies if m["id"] != "huge"]
+    versioned = [m for m in replies if m["id"] == "v1"]  # the version every reply carries may be sent back
+    assert len(versioned) == 1 and versioned[0]["ok"] is True and versioned[0]["pong"] is True, versioned
+    others = [m for m in replies if m["id"] not in ("huge", "v1")]
     assert [m["ok"] for m in others] == [False] * len(refused), others
     assert all(isinstance(m["error"], str) and m["error"] for m in others), others
     stopped = status_json(cfg)
