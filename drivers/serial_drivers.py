@@ -67,6 +67,8 @@ GARBAGE_LOG_MIN = 32  # garbage alone (no rejected candidate) is worth a log lin
 WINDOW_FACTOR = 1.5  # a frame older than 1.5 intervals is never reported (a late poll still gets its frame)
 MAX_LEARNT_CHANNELS = 100  # channels an hj212 analyzer may name beyond its declared ones (see Hj212Driver)
 MAX_CODE = 64  # the longest channel code an HJ 212 packet can carry (check-config's limit)
+# Answers are never answered (two devices acknowledging each other's acknowledgements for ever).
+ANSWER_CNS = frozenset({hj212.CN_REQUEST_ANSWER, hj212.CN_EXECUTION_RESULT, hj212.CN_DATA_ACK})
 # DataTimes an hj212 reading may take (UTC): 1970-01-01 up to 9999-01-01, which every part of the agent
 # can date (an ISO time, a period in the station timezone, an HJ 212 DataTime again)
 DATA_TIME_MIN_MS, DATA_TIME_MAX_MS = 0, 253_370_764_800_000
@@ -581,7 +583,7 @@ class Hj212Driver:
     a sign of one). A packet ending in LF or CR alone, or in nothing, is taken (its length and CRC
     frame it; some analyzers' firmware gets the CRLF wrong). Other commands (minute/hour data, ...)
     are ignored; split packets are reassembled. A packet that asks for an answer (Flag A bit) gets a
-    CN 9014 acknowledgement.
+    CN 9014 acknowledgement, and so does each piece of a split packet that asks (see `_accept`).
 
     Channels are not known in advance: at each poll every channel declared in the config
     (`device.channels`, if any), stored before this start (`seen`) or seen so far gets the latest item
@@ -669,16 +671,21 @@ class Hj212Driver:
         self._last_error = _short(error)
 
     def _accept(self, piece: hj212.Packet, t: float) -> bytes | None:
+        """Takes a valid frame; returns the 9014 to write back when it asks for one. Each piece of a split
+        packet is answered (each carries Flag A: an analyzer may wait for it before sending the next), and
+        so is a packet of a command the agent does not use (minute data...: it arrived whole, and the
+        analyzer would otherwise send it again and again); a 2011 packet whose content is refused is not."""
         try:
             packet = self._reassembler.add(piece)
         except hj212.ReassemblyError as exc:
             self._reject(exc, "malformed")
             return None
+        ack = self._ack(piece)
         if packet is None:
-            return None  # more pieces to come
+            return ack  # more pieces to come
         if packet.cn != hj212.CN_REALTIME:
             self.counters["ignored"] += 1
-            return None
+            return ack
         try:
             ts = _ts_ms_of(packet, self.tz, int(time.time() * 1000))
             items = self._items(packet, ts)
@@ -691,12 +698,17 @@ class Hj212Driver:
         for code, (value, flag, ts) in items.items():
             if code in self.known or self._learn(code):
                 self._latest[code] = (value, flag, ts, t)
-        if packet.answer_requested:
-            try:
-                return hj212.encode_one(hj212.ack_9014(packet))
-            except ValueError:
-                return None
-        return None
+        return ack
+
+    @staticmethod
+    def _ack(packet: hj212.Packet) -> bytes | None:
+        """The 9014 for `packet` (a whole packet or one piece) when it asks for an answer, else None."""
+        if not packet.answer_requested or packet.cn in ANSWER_CNS:
+            return None
+        try:
+            return hj212.encode_one(hj212.ack_9014(packet))
+        except ValueError:
+            return None
 
     def _learn(self, code: str) -> bool:
         """A channel named for the first time: known from now on, unless its code is too long or the

@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import serial
 from harness import as_another_user, wait_for
+from hj212_strict import build as strict_build
 
 from agent import hj212
 from agent.config import parse_config
@@ -437,6 +438,41 @@ def test_hj212_split_packet_is_reassembled(pty, built):
         pty.write(frame)
     wait_for(lambda: an.stats().get("packets", 0) >= 1, 5, "the reassembled packet")
     assert {r.channel: r.value for r in an.poll(0)} == {code: v for code, (v, _) in items.items()}
+
+
+def acks_of(pty) -> list[hj212.Packet]:
+    """The 9014 packets the agent wrote back to the analyzer so far."""
+    return [p for p in hj212.FrameReader().feed(pty.read_available(0.1)) if isinstance(p, hj212.Packet)]
+
+
+def test_hj212_each_piece_of_a_split_packet_that_asks_for_an_answer_gets_its_9014(pty, built):
+    """An analyzer that waits for the 9014 of each piece (Flag A is set on each: each piece is a packet that
+    asks for an answer, DOMAIN.md's Flag bits) before it sends the next: the agent's own uplink waits so on a
+    platform. Only the whole packet was answered, so such an analyzer resent its first piece for ever and
+    its channels read null/B. Pieces built by the independent checker (tests/hj212_strict.py)."""
+    (an,) = build(built, pty.path, {"an": ("hj212", 10)})
+    wait_open(an)
+    head = "QN=20261129100000000;ST=32;CN=2011;PW=123456;MN=ANALYZER0001;Flag=7;PNUM=3;PNO={};CP=&&"
+    pieces = [strict_build(head.format(n) + f"DataTime=20261129100000;w0{n}018-Rtd={n}.5,w0{n}018-Flag=N&&")
+              for n in (1, 2, 3)]
+    for piece in pieces:
+        pty.write(piece)
+        acks = wait_for(lambda: acks_of(pty), 5, "the piece's 9014")
+        assert [(a.cn, a.qn, a.st) for a in acks] == [("9014", "20261129100000000", "91")]
+    wait_for(lambda: an.stats().get("packets", 0) >= 1, 5, "the reassembled packet")
+    assert {r.channel: r.value for r in an.poll(0)} == {"w01018": 1.5, "w02018": 2.5, "w03018": 3.5}
+
+
+def test_hj212_minute_data_the_agent_does_not_use_is_still_acknowledged_when_asked(pty, built):
+    """A 2051 (minute data) packet with Flag=5 is not used (real-time data is), but it reached the gateway
+    whole: unanswered, the analyzer sends it again and again, and the real-time packets wait behind it."""
+    (an,) = build(built, pty.path, {"an": ("hj212", 10)})
+    wait_open(an)
+    pty.write(strict_build("QN=20261129100100000;ST=32;CN=2051;PW=123456;MN=ANALYZER0001;Flag=5;"
+                           "CP=&&DataTime=20261129100000;w01018-Avg=23.4,w01018-Flag=N&&"))
+    acks = wait_for(lambda: acks_of(pty), 5, "a 9014")
+    assert [(a.cn, a.qn) for a in acks] == [("9014", "20261129100100000")]
+    assert an.stats()["ignored"] == 1
 
 
 # --------------------------------------------------------------------------------------------------
