@@ -75,6 +75,7 @@ AGGREGATE_MINUTES: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30)
 STATION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,24}")
 # HJ 212-2017 PW: at most 6 printable ASCII characters, no space nor ; , & = (as agent.hj212 encodes it)
 HJ212_PW_RE = re.compile(r"[!-%'-+\--:<>-~]{0,6}")
+ST_SYSTEM_INTERACTION = 91  # HJ 212 ST of answers and commands (DOMAIN.md), never a station's system code
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,6 +402,15 @@ class Hj212(_Model):
     uplinks: Annotated[list[Uplink], BeforeValidator(_none_to_empty_list,
                                                      json_schema_input_type=list[Uplink] | None)] = Field(
         default_factory=list)
+
+    @field_validator("st")
+    @classmethod
+    def _check_st(cls, value: int) -> int:
+        if value == ST_SYSTEM_INTERACTION:  # answers and commands: a platform neither stores nor acks data with it
+            raise _err("ST 91 is the system interaction code (answers, commands), never a station's data: give the "
+                       "station's system code (21 surface water, 22 ambient air, 32 water pollution source, 39 "
+                       "construction-site dust, ...)")
+        return value
 
     @field_validator("pw")
     @classmethod

@@ -865,6 +865,14 @@ def test_hj212_password_rules_are_checked_with_the_config(tmp_path: Path) -> Non
     assert load_config(write(tmp_path, GOOD + "hj212: {st: 32, pw: 012345}\n"), env={}).hj212.pw == "012345"
 
 
+def test_hj212_st_91_system_interaction_is_refused_as_the_stations_system_code(tmp_path: Path) -> None:
+    """ST=91 is DOMAIN.md's "system interaction" (answers and commands), never a station's data: every packet of
+    such a station went out as system interaction, which a platform does not store nor acknowledge."""
+    found = single_problem(tmp_path, GOOD + 'hj212: {st: 91, pw: "123456"}\n')
+    assert found.startswith("20:13: hj212.st: ST 91 is the system interaction code"), found
+    assert load_config(write(tmp_path, GOOD + 'hj212: {st: 39, pw: "123456"}\n'), env={}).hj212.st == 39
+
+
 def test_hj212_password_rule_is_the_one_packets_are_encoded_with() -> None:
     from agent.config import HJ212_PW_RE
     from agent.hj212 import Packet, encode
