@@ -19,9 +19,10 @@ A serial port is checked (one `stat()` of its path) before every transaction: wh
 when the path is back. A TCP connection that dropped is reopened by the next transaction (once within
 it, not counted as a retry), and one that stays mute for 3 tries in a row is reopened too (a peer gone
 without closing it); a slow failed connect (no answer) is not tried again for 4 times what it cost
-(`modbus_link.CONNECT_BACKOFF`): meanwhile the bus's devices read null/B at once. Each bus logs one
-line when its link is lost and one when it is back (a link that flaps: at most three "lost" lines a
-minute, then one with the count of losses in between; one that stays down: a reminder every
+(`modbus_link.CONNECT_BACKOFF`, at most 30 s: `CONNECT_BACKOFF_MAX_S`): meanwhile the bus's devices
+read null/B at once. Each bus logs one line when its link is lost and one when it is back (a link that
+flaps: at most three "lost" lines a minute, then one with the count of losses in between; one that stays
+down: a reminder every
 STILL_FAILING_EVERY_S with how long it has been down); each device one line when it stops answering
 properly (and at most one more per other kind of failure: no answer, bad answer, exception), a
 reminder with the count every STILL_FAILING_EVERY_S while it keeps failing, and one when it recovers:

@@ -113,6 +113,10 @@ class _Sent:
 #: A slow failed TCP connect is tried again only after this many times what it cost: the bus spends at
 #: most a fifth of its time on a peer that does not answer; a refused connect is retried at once.
 CONNECT_BACKOFF = 4.0
+#: ...but never more than this many seconds later (the broker's default `reconnect_max`): what a connect
+#: costs includes the host name's resolution, and a name server that hangs 20 s would otherwise keep the
+#: bus's devices at null/B for 80 s after the gateway is back.
+CONNECT_BACKOFF_MAX_S = 30.0
 LATE_WINDOW_TIMEOUTS = 20  # a slave proven late: its late answers are recognised this many timeouts...
 LATE_WINDOW_MIN_S = 10.0  # ...and at least this long after their request
 
@@ -404,9 +408,10 @@ class _TcpLink(_Link):
     def connect(self) -> bool:
         """Open the connection; False when it cannot be opened (`open_error` says why). A failed attempt
         that took at least half the timeout is not repeated before CONNECT_BACKOFF times what it cost
-        has passed: a peer that does not answer (powered off, cable cut) costs the whole timeout per
-        attempt (a host unreachable or a name server that does not answer, seconds), and the devices of
-        its bus, each polled in turn, would otherwise spend the bus's time on it and skip their polls."""
+        has passed (at most CONNECT_BACKOFF_MAX_S): a peer that does not answer (powered off, cable cut)
+        costs the whole timeout per attempt (a host unreachable or a name server that does not answer,
+        seconds), and the devices of its bus, each polled in turn, would otherwise spend the bus's time
+        on it and skip their polls."""
         if self._sock is not None:
             return True
         started = time.monotonic()
@@ -419,7 +424,7 @@ class _TcpLink(_Link):
             self.open_error = _connect_error(exc)
             ended = time.monotonic()
             if ended - started >= self.timeout / 2:  # a slow failure; one refused at once is tried again at once
-                self._retry_at = ended + CONNECT_BACKOFF * (ended - started)
+                self._retry_at = ended + min(CONNECT_BACKOFF * (ended - started), CONNECT_BACKOFF_MAX_S)
             return False
         self.open_error = ""
         self._sock = sock

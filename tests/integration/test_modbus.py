@@ -30,7 +30,7 @@ from harness import REPO, AgentProcess, Collector, free_port, wait_for, write_co
 
 from agent.model import Reading
 from agent.poller import BusPoller
-from drivers import profiles
+from drivers import modbus_link, profiles
 from drivers.modbus import DeviceWriter, ModbusBus, ModbusDriver, WriteFailed
 from drivers.planner import naive_plan
 from drivers.registers import RegisterSpec
@@ -1061,6 +1061,40 @@ def test_an_unreachable_tcp_peer_reads_null_b_at_every_poll_without_overrunning_
     down = [m for m in caplog.messages if m.startswith("bus lan: ")]
     assert len(down) == 1 and "cannot open" in down[0] and "timed out" in down[0], down
     assert all((d.problem or "").startswith("bus lan: ") for d in drivers), [d.problem for d in drivers]
+
+
+def test_a_slow_failed_connect_waits_at_most_connect_backoff_max_s_before_the_next_try(monkeypatch):
+    # A failed connect that was slow was tried again only after four times what it cost, without a cap:
+    # a name server that hangs 20 s (the cost includes the name's resolution) kept the bus's devices at
+    # null/B for up to 80 s after the gateway and the resolver were back. The wait is now at most
+    # CONNECT_BACKOFF_MAX_S (here lowered so that the cap is less than four connect timeouts): once it has
+    # passed, the next poll connects. A refused connect (nothing listens) is still tried again at once.
+    monkeypatch.setattr(modbus_link, "CONNECT_BACKOFF_MAX_S", 0.5)
+    peer = UnreachablePeer()
+    port = peer.port
+    bus = ModbusBus("lan", "tcp", host="127.0.0.1", tcp_port=port, timeout=0.4, retries=0)
+    bank = RegisterBank()
+    bank.set("holding", 0, [7])
+    driver = ModbusDriver("d1", bus, 1, 1.0, [RegisterSpec(channel="c", address=0)])
+    server = None
+    try:
+        assert driver.poll(0)[0].flag == "B"  # the connect took the whole timeout
+        failed_at = time.monotonic()
+        peer.close()
+        server = TcpServer(SlaveCore({1: bank}), "127.0.0.1", port).start()
+        wait_for(lambda: time.monotonic() > failed_at + modbus_link.CONNECT_BACKOFF_MAX_S, 5, "the cap passed")
+        reading = driver.poll(0)[0]
+        assert (reading.value, reading.flag) == (7, "N"), "reconnected once the capped backoff had passed"
+        server.stop()
+        server = None
+        assert driver.poll(0)[0].flag == "B"  # the connection is gone and a connect is refused at once
+        server = TcpServer(SlaveCore({1: bank}), "127.0.0.1", port).start()
+        reading = driver.poll(0)[0]
+        assert (reading.value, reading.flag) == (7, "N"), "a refused connect is tried again at the next poll"
+    finally:
+        bus.close()
+        if server is not None:
+            server.stop()
 
 
 # --------------------------------------------------------------------------------------------------
