@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, field_validator, mo
 
 from agent.configfields import (
     _QUOTED_CHOICE,
+    MAX_INTERVAL_S,
     MAX_TIMEOUT_S,
     NonEmptyText,
     Text,
@@ -237,7 +238,7 @@ class Device(_Model):
     bus: Text | None = Field(None, description="Name of a bus under buses: (not for driver: simulated)")
     slave: int | None = Field(None, ge=0, le=255, description="Modbus unit id (RTU: 1..247; TCP: 0..255, "
                               "255 for a device addressed by its IP address)")
-    interval: float = Field(60.0, ge=0.1, description="Poll period, seconds (>= 0.1)")
+    interval: float = Field(60.0, ge=0.1, le=MAX_INTERVAL_S, description="Poll period, seconds (0.1 to 86400)")
     profile: Text | None = Field(None, description="Built-in register map (drivers/profiles/)")
     registers: Annotated[list[RegisterSpec], Field(min_length=1)] | None = Field(
         None, description="Inline register map; with a profile, entries override the profile's entry of "

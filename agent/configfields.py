@@ -39,6 +39,9 @@ from agent.configyaml import SECRET_FILE_KEYS
 # The longest answer timeout a bus or an uplink may have: no instrument or platform answers after an
 # hour, and a slip like `timeout: 1e26` passed check-config, then failed every poll (OverflowError).
 MAX_TIMEOUT_S = 3600
+# The longest poll period a device may have: a day (a daily lab entry, a slow counter); `interval: 1e26`
+# passed check-config and the device was then never polled, not even a null/B reading saying so.
+MAX_INTERVAL_S = 86400
 
 # What a file key's value is when it holds a file's content instead of its path (`_looks_pasted`).
 _PASTED_CONTENT = {"password_file": "password", "key": "key", "cert": "certificate", "ca": "certificate"}

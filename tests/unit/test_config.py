@@ -1532,3 +1532,21 @@ hj212:
     keys = [p.split(": ", 2)[1] for p in problems]
     assert keys == ["buses.rs.timeout", "buses.lan.timeout", "hj212.uplinks.0.timeout"], problems
     assert all("must be at most 3600" in p for p in problems), problems
+
+
+def test_an_interval_of_more_than_a_day_is_refused_where_it_is_written(tmp_path: Path) -> None:
+    # `interval: 1e26` (a slip of the keyboard) passed check-config and the device was then never polled:
+    # no reading, not even null/B, and nothing said why. A poll period longer than a day is refused like a
+    # timeout longer than an hour; a day itself is accepted (a daily manual-lab entry, a slow counter).
+    path = write(tmp_path, """station: {id: ST01, type: outfall}
+storage: {path: b.db}
+mqtt: {url: "mqtt://127.0.0.1:1883"}
+devices:
+  a: {driver: simulated, interval: 1e26, channels: {w01018: {mean: 1}}}
+  b: {driver: simulated, interval: 86401, channels: {w01018: {mean: 1}}}
+  c: {driver: simulated, interval: 86400, channels: {w01018: {mean: 1}}}
+""")
+    problems = problems_of(path)
+    assert [p.split(": ", 2)[1] for p in problems] == ["devices.a.interval", "devices.b.interval"], problems
+    assert all("must be at most 86400" in p for p in problems), problems
+    assert problems[0].startswith(f"{path}:5:"), problems
