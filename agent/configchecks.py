@@ -72,6 +72,37 @@ def _inline_channels(dev: Mapping[str, Any]) -> list[tuple[int, str]]:
             if (channel := _text_of(_mapping(entry).get("channel"))) is not None]
 
 
+def _channel_clashes(base: tuple[str | int, ...], dev: Mapping[str, Any]) -> list[_Cross]:
+    """A channel written twice in one device's raw data (an invalid entry must not hide it), or two codes
+    that differ only in case (`a34004`, `A34004`): HJ 212 platforms match pollutant codes without regard
+    to case in practice, so the two series would be merged or overwritten, and an inline register meant
+    to override a profile's entry would be a second channel instead."""
+    out: list[_Cross] = []
+    first: dict[str, str] = {}  # lower-case code -> the code as first written
+    profile = _text_of(dev.get("profile"))
+    specs = _profile_specs(profile) if profile is not None else None
+    from_profile = {spec.channel.lower(): spec.channel for spec in specs or ()}
+    sim = dev.get("channels") if isinstance(dev.get("channels"), dict) else {}
+    written = [(base + ("channels", code), str(code), "key") for code in sim if isinstance(code, str)]
+    written += [(base + ("registers", i, "channel"), code, "value") for i, code in _inline_channels(dev)]
+    seen: set[str] = set()
+    for where, code, kind in written:
+        other = first.setdefault(code.lower(), code)
+        in_profile = from_profile.get(code.lower(), code)
+        if code in seen:
+            out.append(_Cross(where, f"channel {code!r} appears twice in this device", kind))
+        elif other != code:
+            out.append(_Cross(where, f"channel {code!r} differs from channel {other!r} only in case: HJ 212 "
+                              "platforms match pollutant codes without regard to case, so the two would be "
+                              "merged or overwritten; write one code once", kind))
+        elif in_profile != code:
+            out.append(_Cross(where, f"channel {code!r} differs from the channel {in_profile!r} of profile "
+                              f"{profile!r} only in case: an entry overrides the profile's entry of the same "
+                              f"code, so this one would be a second channel; write {in_profile!r}", kind))
+        seen.add(code)
+    return out
+
+
 def _register_number_hints(dev: Mapping[str, Any]) -> list[tuple[int, str]]:
     """(index, warning) for each inline register entry of raw device data whose address, written in
     decimal, is a register number of a manual (30001..39999 input, 40001..49999 holding) rather than
@@ -209,12 +240,7 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
         if not isinstance(dev, dict):
             continue
         base = ("devices", dev_id)
-        seen_channels: set[str] = set()  # checked on the raw list: an invalid entry must not hide it
-        for i, channel in _inline_channels(dev):
-            if channel in seen_channels:
-                out.append(_Cross(base + ("registers", i, "channel"),
-                                  f"channel {channel!r} appears twice in this device", "value"))
-            seen_channels.add(channel)
+        out.extend(_channel_clashes(base, dev))
         for i, hint in _register_number_hints(dev):
             out.append(_Cross(base + ("registers", i, "address"), hint, "value", warning=True))
         driver = dev.get("driver") if dev.get("driver") in DRIVERS else None
@@ -318,12 +344,14 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
         return [name for name, role in roles.items() if role == "value"]
 
     if mqtt.get("payload") == "hj212" or uplinks:  # a packet names a pollutant by its code alone, never the device
-        measured_by: dict[str, str] = {}
+        measured_by: dict[str, tuple[str, str]] = {}  # lower-case code -> (device, code as written there)
         for dev_id in map(str, devices):
             for channel in known_channels(dev_id) or []:
-                other = measured_by.setdefault(channel, dev_id)
+                other, written = measured_by.setdefault(channel.lower(), (dev_id, channel))
                 if other != dev_id:
-                    out.append(_Cross(("devices", dev_id), f"channel {channel} is also measured by device '{other}': "
+                    spelled = f" (as {written})" if written != channel else ""
+                    out.append(_Cross(("devices", dev_id), f"channel {channel} is also measured by device "
+                                      f"'{other}'{spelled}: "
                                       "HJ 212 packets name a pollutant by its code alone (MN is the station), so a "
                                       f"platform cannot tell the two {channel} apart (it merges or overwrites them); "
                                       "give one of them another channel code", "key", warning=True))

@@ -1550,3 +1550,54 @@ devices:
     assert [p.split(": ", 2)[1] for p in problems] == ["devices.a.interval", "devices.b.interval"], problems
     assert all("must be at most 86400" in p for p in problems), problems
     assert problems[0].startswith(f"{path}:5:"), problems
+
+
+def test_two_channel_codes_of_one_device_that_differ_only_in_case_are_refused(tmp_path: Path) -> None:
+    # `a34004` and `A34004` were taken as two channels of one device: two series for one pollutant in
+    # the buffer, the payloads and the alarms, which HJ 212 platforms (which match codes without regard
+    # to case in practice) merge or overwrite. An inline register whose code is a profile's in other
+    # case was a new channel, not the override the technician meant. Refused, naming the first spelling.
+    path = write(tmp_path, """station: {id: ST01, type: outfall}
+storage: {path: b.db}
+mqtt: {url: "mqtt://127.0.0.1:1883"}
+buses:
+  rs: {type: rtu, port: /dev/ttyUSB0}
+devices:
+  sim:
+    driver: simulated
+    channels: {a34004: {mean: 1}, A34004: {mean: 2}}
+  dust:
+    bus: rs
+    slave: 1
+    registers:
+      - {channel: a34002, address: 0}
+      - {channel: A34002, address: 2}
+  cod:
+    bus: rs
+    slave: 2
+    profile: cod-analyzer
+    registers: [{channel: W01018, address: 0x0042, type: float32, order: DCBA, range: [0, 500]}]
+""")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    problems = info.value.problems
+    assert [(p.line, p.path) for p in problems] == [
+        (9, "devices.sim.channels.A34004"), (15, "devices.dust.registers.1.channel"),
+        (20, "devices.cod.registers.0.channel")], [str(p) for p in problems]
+    assert "'A34004' differs from channel 'a34004' only in case" in problems[0].message, problems[0].message
+    assert "'A34002' differs from channel 'a34002' only in case" in problems[1].message, problems[1].message
+    assert "profile 'cod-analyzer'" in problems[2].message and "'w01018'" in problems[2].message, problems[2].message
+
+
+def test_one_pollutant_code_in_two_cases_on_two_devices_is_a_warning_when_hj212_is_spoken(tmp_path: Path) -> None:
+    path = write(tmp_path, """station: {id: ST01, type: outfall}
+storage: {path: b.db}
+mqtt: {url: "mqtt://127.0.0.1:1883", payload: hj212}
+hj212: {st: 39, pw: "123456"}
+devices:
+  up: {driver: simulated, channels: {a34004: {mean: 1, unit: ug/m3}}}
+  down: {driver: simulated, channels: {A34004: {mean: 1, unit: ug/m3}}}
+""")
+    warnings = [w for w in load_config(path, env={}).warnings if "also measured" in w.message]
+    assert [(w.path, "channel A34004 is also measured by device 'up' (as a34004)" in w.message)
+            for w in warnings] == [("devices.down", True)], [str(w) for w in warnings]
