@@ -27,6 +27,7 @@ from agent.buffer import Buffer, BufferError
 from agent.bufferschema import NewerBuffer
 from agent.clock import ClockWatch
 from agent.config import Config, ConfigError, load_config
+from agent.configproblem import Problem
 from agent.hj212_payload import Hj212Identity
 from agent.logutil import RateLimitedLog
 from agent.memtrim import release_free_memory
@@ -640,11 +641,17 @@ class Station:
         """Keep `agent_record()` in the buffer's meta `agent`, for `edge-agent status` (another process)."""
         self.recorder.set_meta("agent", json.dumps(self.agent_record(), separators=(",", ":")))
 
-    def _refuse_reload(self, problems: list[str]) -> None:
+    def _refuse_reload(self, problems: list[str], shown: list[Problem] | None = None) -> None:
         """A reload that does not load: logged line by line, the running configuration kept, and the
-        refusal kept for the retained status, `status` and systemd's STATUS= until a reload succeeds."""
-        for problem in problems:
-            log.error("reload refused: %s", problem)
+        refusal kept for the retained status, `status` and systemd's STATUS= until a reload succeeds.
+        `shown`: the file's problems and warnings in file order, when it did not validate: logged as
+        check-config prints them (every warning: no rule of that file is applied, so the alarm engine
+        says none of them)."""
+        for line in shown or problems:
+            if isinstance(line, Problem) and line.warning:
+                log.warning("%s", line)
+            else:
+                log.error("reload refused: %s", line)
         log.error("keeping the running configuration; the next start would fail on this file: fix it and reload")
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         self.config_error = (f"reload refused at {iso_utc_ms(now_ms())}, running the configuration loaded before: "
@@ -686,7 +693,8 @@ class Station:
             check_supported(new)
             settings = broker_settings(new)
         except ConfigError as exc:
-            self._refuse_reload([str(p) for p in exc.problems])
+            self._refuse_reload([str(p) for p in exc.problems],
+                                sorted(exc.problems + exc.warnings, key=lambda p: (p.line, p.col)))
             return
         except (UnsupportedConfig, OSError, ValueError) as exc:
             self._refuse_reload([str(exc)])

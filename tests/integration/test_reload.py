@@ -242,3 +242,32 @@ def test_a_reload_that_adds_a_console_says_it_waits_for_a_restart(tmp_path, brok
         assert agent.stop() == 0
     assert agent.log().count("console settings changed: they take effect at the next restart "
                              "(systemctl restart edge-agent)") == 1, agent.log()
+
+
+def test_a_refused_reload_logs_check_configs_warnings_with_its_errors(tmp_path, broker):
+    """A refused reload logged its errors but not what check-config warns of in the same file (a serial
+    port missing on this machine, an alarm rule on an unknown device): the technician fixing the error from
+    the journal learnt of the rest only at the next reload. The journal now holds check-config's lines,
+    errors and warnings alike, in file order (an alarm rule's too: no rule of that file is applied)."""
+    config = sim_config(tmp_path, broker, interval=0.5)
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: "running" in agent.log(), 20, "the agent running")
+        config["buses"] = {"rs485": {"type": "rtu", "port": "/dev/ttyUSB97"}}
+        config["devices"]["cod"] = {"bus": "rs485", "slave": 1, "interval": 0.01, "profile": "cod-analyzer"}
+        config["alarms"] = [{"channel": "dust.a34002", "above": 80}]
+        write_config(cfg, config)
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: "keeping the running configuration" in agent.log(), 10, "the reload refused")
+    finally:
+        assert agent.stop() == 0
+    lines = [line for line in agent.log().splitlines() if f"{cfg}:" in line]
+    said = {line.split(f"{cfg}:", 1)[1].split(": ", 1)[1].split(":", 1)[0]: line for line in lines}
+    assert len(lines) == 3 and len(said) == 3, lines
+    assert " WARNING " in said["buses.rs485.port"] and "/dev/ttyUSB97 does not exist on this machine" in said[
+        "buses.rs485.port"], lines
+    assert " ERROR " in said["devices.cod.interval"] and "reload refused: " in said["devices.cod.interval"], lines
+    assert " WARNING " in said["alarms.0.channel"] and "unknown device 'dust'" in said["alarms.0.channel"], lines
+    positions = [tuple(map(int, line.split(f"{cfg}:", 1)[1].split(":", 2)[:2])) for line in lines]
+    assert positions == sorted(positions), lines  # in file order, as check-config prints them
