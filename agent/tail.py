@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -170,29 +172,42 @@ def address(parts: SplitResult) -> tuple[str, int]:
     return parts.hostname or "localhost", parts.port or (8883 if parts.scheme == "mqtts" else 1883)
 
 
+RETRY_FIRST_S = 1.0  # after every URL failed: the wait before the next round, doubling...
+RETRY_MAX_S = 30.0  # ...up to this (the agent's default reconnect_max)
+CONNACK_TIMEOUT_S = 10.0  # a broker that took the connection but does not answer it: the next attempt
+_LOGIN_REFUSED = ("Not authorized", "Bad user name or password")
+
+
+def _reader_gone(out: TextIO) -> bool:
+    """Whether `out` is a pipe whose reader has gone (`| head` has its lines): told without writing,
+    for the time tail has nothing new to say."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR and POLLHUP are always reported
+    return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+
+
 def tail(url: str | Sequence[str], base_topic: str, out: TextIO = sys.stdout, username: str | None = None,
          password: str | None = None, tls: dict | None = None, stop: threading.Event | None = None) -> None:
     """Print every message under `base_topic/#` until interrupted (or `stop` is set). `url`: the broker,
     or the station's `urls` in failover order: an attempt that fails goes on with the next one, as the
-    agent does, so that tail finds the station's messages on the broker it publishes to."""
-    urls = [url] if isinstance(url, str) else list(url)
-    targets = [urlsplit(u) for u in urls]
-    at = [0]  # the url of the current attempt
-    parts = targets[0]
+    agent does, so that tail finds the station's messages on the broker it publishes to; each attempt
+    speaks TLS when its own URL is mqtts:// (`tls`: the station's files, if any). Every round of URLs
+    that all failed is followed by a wait, RETRY_FIRST_S doubling to RETRY_MAX_S. Why an attempt
+    failed (refused, a login refused, ...) is said once per cause until tail subscribes again, not at
+    every attempt."""
+    targets = [urlsplit(u) for u in ([url] if isinstance(url, str) else list(url))]
     tracker = SeqTracker()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
-    if username is not None:
-        client.username_pw_set(username, password)
-    if parts.scheme == "mqtts":
-        tls = tls or {}
-        client.tls_set(ca_certs=tls.get("ca"), certfile=tls.get("cert"), keyfile=tls.get("key"))
-
     done = stop or threading.Event()
     reader_gone = threading.Event()
+    said: set[str] = set()  # the causes said since tail last subscribed
 
     def say(lines: Sequence[str]) -> None:
-        """Print from paho's thread; `edge-agent tail ... | head`: once whoever read the lines is gone
-        (whichever line finds it gone: a message, or a connection attempt's), we go too."""
+        """Print (from the main thread); `edge-agent tail ... | head`: once whoever read the lines is gone,
+        we go too."""
         try:
             for line in lines:
                 print(line, file=out, flush=True)
@@ -200,44 +215,85 @@ def tail(url: str | Sequence[str], base_topic: str, out: TextIO = sys.stdout, us
             reader_gone.set()
             done.set()
 
-    def on_connect(c, userdata, flags, reason_code, properties):
-        if reason_code.is_failure:
-            say([f"# broker refused: {reason_code}"])
-            return
-        c.subscribe(f"{base_topic}/#", qos=1)
-        now = targets[at[0]]
-        say([f"# subscribed to {base_topic}/# on {now.hostname}:{now.port or ''}"])
+    def say_once(line: str) -> None:
+        if line not in said:
+            said.add(line)
+            say([line])
 
-    def on_message(c, userdata, message):
-        say(format_message(message.topic, message.payload, tracker))
+    def wait(seconds: float) -> None:
+        """Wait, ending at once when tail is to end (its reader gone included)."""
+        end = time.monotonic() + seconds
+        while not done.is_set() and (left := end - time.monotonic()) > 0:
+            if _reader_gone(out):
+                reader_gone.set()
+                done.set()
+                return
+            done.wait(min(left, 0.25))
 
-    def on_disconnect(c, userdata, flags, reason_code, properties):
-        if not done.is_set():  # not tail's own end
+    def attempt(target: SplitResult) -> bool:
+        """One connection to `target`, kept until it ends (or tail does); whether it subscribed."""
+        host, port = address(target)
+        where = f"{host}:{port}"
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", clean_session=True)
+        if username is not None:
+            client.username_pw_set(username, password)
+        if target.scheme == "mqtts":
+            files = tls or {}
+            client.tls_set(ca_certs=files.get("ca"), certfile=files.get("cert"), keyfile=files.get("key"))
+        state: dict = {"subscribed": False, "reason": None, "answered": False}
+
+        def on_connect(c, userdata, flags, reason_code, properties):
+            state["answered"] = True
+            if reason_code.is_failure:
+                login = str(reason_code) in _LOGIN_REFUSED
+                hint = " (check mqtt.username and mqtt.password / password_file)" if login else ""
+                say_once(f"# broker {where} refused the connection: {reason_code}{hint}; retrying")
+                return
+            c.subscribe(f"{base_topic}/#", qos=1)
+            state["subscribed"] = True
+            said.clear()
+            say([f"# subscribed to {base_topic}/# on {target.hostname}:{target.port or ''}"])
+
+        client.on_connect = on_connect
+        client.on_message = lambda c, userdata, message: say(format_message(message.topic, message.payload, tracker))
+        client.on_disconnect = lambda c, userdata, flags, reason_code, properties: state.update(reason=reason_code)
+        try:
+            client.connect(host, port, keepalive=60)
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+            say_once(f"# cannot connect to {target.hostname}:{target.port or ''} ({why}); retrying")
+            return False
+        answer_by = time.monotonic() + CONNACK_TIMEOUT_S
+        try:
+            while not done.is_set() and client.loop(timeout=0.25) == mqtt.MQTT_ERR_SUCCESS:
+                if _reader_gone(out):
+                    reader_gone.set()
+                    done.set()
+                elif not state["answered"] and time.monotonic() > answer_by:
+                    say_once(f"# broker {where} does not answer (no CONNACK within {CONNACK_TIMEOUT_S:g} s); retrying")
+                    break
+        finally:  # tail's own end, or a broker that does not answer: a clean DISCONNECT
+            client.disconnect()
+            client.loop(timeout=0)
+        if state["subscribed"] and not done.is_set():
             tracker.lost_sight()
-            say([f"# disconnected ({reason_code}); reconnecting: what is published meanwhile is not seen here"])
+            say([f"# disconnected ({state['reason']}); reconnecting: what is published meanwhile is not seen here"])
+        return state["subscribed"]
 
-    def on_connect_fail(c, userdata):  # called by paho within its `except OSError`: the error is at hand
-        error = sys.exc_info()[1]
-        why = f" ({error.strerror or error})" if isinstance(error, OSError) else ""
-        now = targets[at[0]]
-        say([f"# cannot connect to {now.hostname}:{now.port or ''}{why}; retrying"])
-        if len(targets) > 1:  # the next attempt goes to the next broker (connect_async only sets where)
-            at[0] = (at[0] + 1) % len(targets)
-            c.connect_async(*address(targets[at[0]]))
-
-    client.on_connect = on_connect
-    client.on_connect_fail = on_connect_fail
-    client.on_disconnect = on_disconnect
-    client.on_message = on_message
-    client.connect_async(*address(parts))
-    client.loop_start()
+    at, failed, delay = 0, 0, RETRY_FIRST_S
     try:
-        done.wait()
+        while not done.is_set():
+            if attempt(targets[at]):
+                failed, delay = 0, RETRY_FIRST_S  # the same broker first again
+                continue
+            at = (at + 1) % len(targets)
+            failed += 1
+            if failed >= len(targets):
+                wait(delay)
+                failed, delay = 0, min(delay * 2, RETRY_MAX_S)
     except KeyboardInterrupt:
         pass
     finally:
-        done.set()  # tail's own end: not said as a lost connection
-        client.loop_stop()
-        client.disconnect()
+        done.set()
         if reader_gone.is_set() and out is sys.stdout:  # else Python's flush at exit raises it again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -1,0 +1,116 @@
+"""`edge-agent tail` against real mosquitto brokers: a broker that refuses its login (a password file),
+and the station's failover `urls` mixing mqtt:// and mqtts:// (TLS is each URL's, as for `run`)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from harness import REPO, Broker, free_port, sim_config, wait_for, write_config
+from test_tls_and_limits import make_pki
+
+
+def start_tail(cfg: Path, out: Path, env: dict | None = None) -> subprocess.Popen:
+    with out.open("w") as stdout:
+        return subprocess.Popen([sys.executable, "-m", "agent.cli", "tail", "-c", str(cfg)], cwd=REPO,
+                                stdout=stdout, stderr=subprocess.STDOUT, env=env)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait()
+
+
+def attempts(broker: Broker) -> int:
+    """Connections the broker received (its log)."""
+    return broker.log.read_text().count("New connection from") if broker.log.exists() else 0
+
+
+def test_a_login_the_broker_refuses_is_said_once_not_at_every_attempt(tmp_path):
+    # A wrong password: tail printed "# broker refused: Not authorized" and "# disconnected (Unspecified
+    # error); reconnecting ..." at every attempt, for as long as it ran. It now says once why, with what
+    # to check, and tries again without repeating it; a cause that changes is said again.
+    broker = Broker(tmp_path / "broker", passwords={"station": "right-one"}).start()
+    pwfile = tmp_path / "mqtt.pass"
+    pwfile.write_text("wrong-one\n")
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, mqtt={
+        "username": "station", "password_file": str(pwfile)}))
+    out = tmp_path / "tail.out"
+    proc = start_tail(cfg, out)
+    try:
+        wait_for(lambda: attempts(broker) >= 3, 30, "three attempts of tail")
+        lines = out.read_text().splitlines()
+        assert lines == [f"# broker 127.0.0.1:{broker.port} refused the connection: Not authorized (check "
+                         "mqtt.username and mqtt.password / password_file); retrying"], lines
+        broker.stop()
+        wait_for(lambda: len(out.read_text().splitlines()) >= 2, 30, "the next cause")
+        assert out.read_text().splitlines()[1] == (f"# cannot connect to 127.0.0.1:{broker.port} (Connection "
+                                                   "refused); retrying"), out.read_text()
+    finally:
+        stop(proc)
+        broker.stop()
+
+
+def test_failover_urls_that_mix_mqtt_and_mqtts_each_get_their_own_tls(tmp_path):
+    # tail set TLS up once, by the first URL: a plain broker after an mqtts:// one was spoken to in TLS
+    # ("Connection reset by peer"), a TLS broker after an mqtt:// one in plain text, and it never
+    # subscribed. Each attempt now takes its URL's scheme, as `run` does. (mqtts:// without `tls:` uses
+    # the system's CAs: here SSL_CERT_FILE names the test CA.)
+    pki = make_pki(tmp_path / "pki")
+    plain = Broker(tmp_path / "plain").start()
+    secure = Broker(tmp_path / "secure", tls=pki, extra="require_certificate false").start()
+    env = {"SSL_CERT_FILE": pki["ca"], "PATH": "/usr/bin:/bin"}
+    procs = []
+    try:
+        for name, urls, target in (
+                ("tls-first", [f"mqtts://127.0.0.1:{free_port()}", plain.url], plain),
+                ("plain-first", [f"mqtt://127.0.0.1:{free_port()}", secure.url], secure)):
+            config = sim_config(tmp_path, plain)
+            config["mqtt"].pop("url")
+            config["mqtt"]["urls"] = urls
+            cfg = write_config(tmp_path / f"{name}.yaml", config)
+            out = tmp_path / f"{name}.out"
+            procs.append(start_tail(cfg, out, env))
+            wait_for(lambda out=out: "# subscribed" in out.read_text(), 30, f"tail ({name}) subscribed")
+            assert f"# subscribed to env/TEST0001/# on 127.0.0.1:{target.port}" in out.read_text().splitlines()
+    finally:
+        for proc in procs:
+            stop(proc)
+        plain.stop()
+        secure.stop()
+
+
+def test_a_broker_that_takes_the_connection_and_never_answers_is_said_once_and_the_next_url_tried(tmp_path):
+    # A port that accepts TCP and never sends a CONNACK (a frozen broker, a wrong service): tail waited on
+    # it for ever, saying nothing, and never tried the station's next URL.
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept_and_say_nothing() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
+    broker = Broker(tmp_path / "broker").start()
+    config = sim_config(tmp_path, broker)
+    config["mqtt"].pop("url")
+    config["mqtt"]["urls"] = [f"mqtt://127.0.0.1:{listener.getsockname()[1]}", broker.url]
+    out = tmp_path / "tail.out"
+    proc = start_tail(write_config(tmp_path / "station.yaml", config), out)
+    try:
+        wait_for(lambda: "# subscribed" in out.read_text(), 40, "tail subscribed on the next URL")
+        assert out.read_text().splitlines() == [
+            f"# broker 127.0.0.1:{listener.getsockname()[1]} does not answer (no CONNACK within 10 s); retrying",
+            f"# subscribed to env/TEST0001/# on 127.0.0.1:{broker.port}"], out.read_text()
+    finally:
+        stop(proc)
+        listener.close()
+        for sock in held:
+            sock.close()
+        broker.stop()
