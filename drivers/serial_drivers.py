@@ -3,9 +3,10 @@
 One `SerialLine` owns each bus's port: its reader thread opens the port (and reopens it when it comes
 back after vanishing), reads whatever arrives and hands each chunk, stamped with its monotonic receive
 time, to the devices on the bus, whose frame readers decode it. `poll()` therefore never waits on the
-wire, except a PMS5003 in passive mode, for which it sends a read command and waits at most the bus's
-`timeout` (capped at half the interval) for the answer. At each poll a device reports the latest valid
-frame received since its previous poll, or value None with flag B for every channel when none came
+wire, except a PMS5003 in passive mode or an SDS011 in query mode, for which it sends a read command
+(a query) and waits at most the bus's `timeout` (capped at half the interval) for the answer. At each
+poll a device reports the latest valid frame received since its previous poll, or value None with
+flag B for every channel when none came
 (except at the very first poll, right at start-up, which closes no interval and reports nothing when
 no frame is there yet, so that a restart does not leave a flag-B row behind).
 
@@ -39,6 +40,7 @@ from drivers.serial_frames import (
     PMS5003_PASSIVE_READ,
     PMS5003_UNITS,
     SDS011_CHANNELS,
+    SDS011_QUERY,
     SDS011_UNITS,
     Frame,
     FrameReader,
@@ -529,12 +531,78 @@ class Pms5003Driver(StreamDriver):
 
 
 class Sds011Driver(StreamDriver):
-    """Nova SDS011: a34004 (PM2.5) and a34002 (PM10), streamed about once a second (its default
-    active reporting mode; nothing is sent to it)."""
+    """Nova SDS011: a34004 (PM2.5) and a34002 (PM10), streamed about once a second in its default
+    active reporting mode, when nothing is sent to it.
+
+    A sensor set to query mode (a setting it keeps across power cycles: sensor libraries and tools set
+    it to spare the laser) sends nothing until asked. So a poll that finds no frame since the previous
+    one sends the query command (`AA B4 04 ... FF FF 02 AB`, any sensor id) without waiting: that poll
+    reads null/B (nothing came in its interval). A frame within the bus timeout (capped at half the
+    interval) after it shows the query mode: from then on each poll sends the query and waits that long
+    for its answer, until a frame arrives unasked (the sensor streams again). A streaming sensor is sent
+    nothing, and the mode is never changed (that is written to the sensor's flash).
+    """
 
     protocol = "sds011"
     channels = SDS011_CHANNELS
     units = SDS011_UNITS
+
+    def __init__(self, device_id: str, interval: float, line: SerialLine, *,
+                 reject_log_every: float = REJECT_LOG_EVERY_S) -> None:
+        super().__init__(device_id, interval, line, reject_log_every=reject_log_every)
+        self.query_mode = False  # the sensor answers queries and sends nothing unasked
+        self.queries = 0  # query commands sent
+        self._wait = max(0.05, self.interval / 2)  # the answer's wait (with the bus timeout, at the first query)
+        self._frames_seen = 0  # `frames` when the previous poll ended
+        self._probe_at: float | None = None  # monotonic time of a query sent without waiting
+        self._probe_answered = False  # a frame came within `_wait` after it
+        self._mode_logged = False
+
+    def _on_bytes(self, data: bytes, t: float) -> None:
+        before = self.frames
+        super()._on_bytes(data, t)
+        if self.frames > before and self._probe_at is not None and t - self._probe_at <= self._wait:
+            with self._cond:
+                self._probe_answered = True
+
+    def _before_take(self) -> None:
+        self._wait = min(self.line.timeout, max(0.05, self.interval / 2))
+        with self._cond:
+            before = self.frames
+            unasked = before > self._frames_seen and not self._probe_answered
+            probe_answered, self._probe_answered, self._probe_at = self._probe_answered, False, None
+        try:
+            if self.query_mode and unasked:
+                self.query_mode = False
+                log.info("device %s: SDS011 sends frames by itself again (active mode)", self.device_id)
+            elif probe_answered and not self.query_mode:
+                self.query_mode = True
+                if not self._mode_logged:
+                    self._mode_logged = True
+                    log.info("device %s: SDS011 answered the query command (it is in query mode); asking it at "
+                             "each poll", self.device_id)
+            elif before == self._frames_seen and self.line.is_open:
+                self._ask(before, wait=self.query_mode)
+        finally:
+            with self._cond:
+                self._frames_seen = self.frames
+
+    def _ask(self, before: int, wait: bool) -> None:
+        """Send the query; in query mode wait for its answer, else note when it was sent (a probe)."""
+        sent_at = time.monotonic()
+        if not wait:
+            with self._cond:
+                self._probe_at = sent_at
+        if not self.line.write(SDS011_QUERY):
+            return
+        self.queries += 1
+        if wait:
+            with self._cond:
+                if not self._cond.wait_for(lambda: self.frames > before, timeout=self._wait):
+                    log.debug("device %s: no answer to the query within %.2f s", self.device_id, self._wait)
+
+    def stats(self) -> dict[str, int]:
+        return {**super().stats(), "query_mode": int(self.query_mode), "queries": self.queries}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -148,6 +148,17 @@ SDS011_FRAME_SIZE = 10
 SDS011_CHANNELS: tuple[str, ...] = ("a34004", "a34002")
 SDS011_UNITS: dict[str, str] = {"a34004": UNIT_MASS, "a34002": UNIT_MASS}
 SDS011_DEFAULT_ID = 0xA160  # id1 = 0xA1, id2 = 0x60, as in the test vector AA C0 D4 04 3A 0A A1 60 1D AB
+SDS011_CMD_QUERY = 0x04  # "query data": a sensor in query mode answers it with one data frame
+
+
+def sds011_command(cmd: int, data: bytes = b"", id: int = 0xFFFF) -> bytes:
+    """A 19-byte SDS011 command (Nova's control protocol, not in DOMAIN.md): `AA B4 cmd`, twelve data
+    bytes (zero-padded), the sensor id (FF FF: any sensor), checksum = sum of bytes 2..16 mod 256, `AB`."""
+    body = bytes((cmd,)) + data.ljust(12, b"\x00") + id.to_bytes(2, "big")
+    return bytes((SDS011_HEAD, 0xB4)) + body + bytes((sum(body) & 0xFF, SDS011_TAIL))
+
+
+SDS011_QUERY = sds011_command(SDS011_CMD_QUERY)  # AA B4 04 00 x12 FF FF 02 AB
 
 
 def _sds011_values(buf: bytes | bytearray | memoryview, i: int) -> Frame:
