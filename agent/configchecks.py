@@ -236,6 +236,7 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
     devices = _mapping(data.get("devices"))
     effective: dict[str, str | None] = {}
     slave_owner: dict[tuple[str, int], str] = {}  # (bus, slave) -> the first Modbus device with it
+    serial_owner: dict[tuple[str, str], str] = {}  # (serial bus, driver) -> the first device with it
     for dev_id, dev in devices.items():
         if not isinstance(dev, dict):
             continue
@@ -293,6 +294,15 @@ def _cross_check(data: Mapping[str, Any]) -> list[_Cross]:
                 if dev.get("profile") is None and dev.get("registers") is None:
                     out.append(_Cross(base + ("profile",), "missing required key 'profile' (or inline "
                                 "'registers'): a Modbus device needs a register map", "missing"))
+            elif eff in SERIAL_DRIVERS:
+                other = serial_owner.setdefault((bus_name, eff), str(dev_id))
+                if other != dev_id:
+                    article = "a" if eff == "pms5003" else "an"
+                    out.append(_Cross(base + ("bus",), f"device '{other}' is {article} {eff} instrument on serial "
+                                      f"bus '{bus_name}' too: its frames do not say which instrument sent them, so "
+                                      "both devices would store every frame on the line (each instrument's values "
+                                      "under both); give each instrument its own serial bus (its own port)",
+                                      "value"))
         effective[str(dev_id)] = eff
 
     mqtt = _mapping(data.get("mqtt"))

@@ -1601,3 +1601,31 @@ devices:
     warnings = [w for w in load_config(path, env={}).warnings if "also measured" in w.message]
     assert [(w.path, "channel A34004 is also measured by device 'up' (as a34004)" in w.message)
             for w in warnings] == [("devices.down", True)], [str(w) for w in warnings]
+
+
+def test_two_devices_of_one_serial_driver_on_one_serial_bus_are_refused(tmp_path: Path) -> None:
+    # Two hj212 analyzers (or two dust sensors) on one serial bus passed check-config; `run` then logged a
+    # warning and both devices stored every packet on the line: each analyzer's values under both device
+    # ids. A serial frame names no instrument the agent could tell apart (RS-232 is point to point, and two
+    # instruments that talk unasked on one RS-485 pair collide), so it is refused where the second
+    # device names the bus. Devices of different drivers on one line are left alone (their frames differ).
+    path = write(tmp_path, f"""station: {{id: ST01, type: outfall}}
+storage: {{path: b.db}}
+mqtt: {{url: "mqtt://127.0.0.1:1883"}}
+buses:
+  rs: {{type: serial, port: {tmp_path}}}
+  uart: {{type: serial, port: {tmp_path}/x}}
+devices:
+  a: {{bus: rs, driver: hj212}}
+  b: {{bus: rs, driver: hj212}}
+  pm: {{bus: rs, driver: pms5003}}
+  d1: {{bus: uart, driver: sds011}}
+  d2: {{bus: uart, driver: sds011}}
+""")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    problems = info.value.problems
+    assert [(p.line, p.path) for p in problems] == [(9, "devices.b.bus"), (12, "devices.d2.bus")], \
+        [str(p) for p in problems]
+    assert "device 'a' is an hj212 instrument on serial bus 'rs' too" in problems[0].message, problems[0].message
+    assert "its own serial bus" in problems[0].message, problems[0].message
