@@ -24,15 +24,17 @@ log = logging.getLogger("edge-agent")
 
 
 def _load_or_report(path: str, check_files: bool = False, warnings: bool = False,
-                    for_status: bool = False):
+                    for_status: bool = False, warnings_if_invalid: bool = False):
     """The config at `path`, or None after printing its problems (and, with `warnings`, its
-    warnings) to stderr, one `FILE:LINE:COL: path: [warning: ]message` line each, in file order."""
+    warnings) to stderr, one `FILE:LINE:COL: path: [warning: ]message` line each, in file order.
+    `warnings_if_invalid`: the warnings too, but only beside problems (`run` logs those of a valid
+    file itself)."""
     from agent.config import ConfigError, load_config
 
     try:
         config = load_config(path, check_files=check_files, for_status=for_status)
     except ConfigError as exc:
-        shown = exc.problems + (exc.warnings if warnings else [])
+        shown = exc.problems + (exc.warnings if warnings or warnings_if_invalid else [])
         for problem in sorted(shown, key=lambda p: (p.line, p.col)):
             print(problem, file=sys.stderr)
         return None
@@ -80,7 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.runtime import Station, UnsupportedConfig, check_supported, log_config_warnings
 
     setup_logging(args.log_level)
-    config = _load_or_report(args.config, check_files=True)  # as check-config: a missing TLS file too
+    # As check-config: a missing TLS file too, and the warnings of a file that does not load.
+    config = _load_or_report(args.config, check_files=True, warnings_if_invalid=True)
     if config is None:
         return EXIT_INVALID
     try:

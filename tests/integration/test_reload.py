@@ -271,3 +271,20 @@ def test_a_refused_reload_logs_check_configs_warnings_with_its_errors(tmp_path, 
     assert " WARNING " in said["alarms.0.channel"] and "unknown device 'dust'" in said["alarms.0.channel"], lines
     positions = [tuple(map(int, line.split(f"{cfg}:", 1)[1].split(":", 2)[:2])) for line in lines]
     assert positions == sorted(positions), lines  # in file order, as check-config prints them
+
+
+def test_a_start_refused_for_a_bad_file_prints_check_configs_warnings_with_its_errors(tmp_path, broker):
+    """`run` with a file that does not load printed its errors only; check-config prints the warnings of
+    that file beside them (a technician reading `journalctl -u edge-agent` saw half of it)."""
+    config = sim_config(tmp_path, broker, interval=0.5)
+    config["buses"] = {"rs485": {"type": "rtu", "port": "/dev/ttyUSB97"}}
+    config["devices"]["cod"] = {"bus": "rs485", "slave": 1, "interval": 0.01, "profile": "cod-analyzer"}
+    cfg = write_config(tmp_path / "station.yaml", config)
+    result = subprocess.run([sys.executable, "-m", "agent.cli", "run", "-c", str(cfg)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    check = subprocess.run([sys.executable, "-m", "agent.cli", "check-config", str(cfg)], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+    assert result.returncode == check.returncode == 2, result.stderr
+    said = [line for line in result.stderr.splitlines() if line.startswith(f"{cfg}:")]
+    assert said == check.stderr.splitlines(), (said, check.stderr)
+    assert any("buses.rs485.port: warning: /dev/ttyUSB97 does not exist" in line for line in said), said

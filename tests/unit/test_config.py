@@ -1001,8 +1001,11 @@ def test_run_refuses_an_unreadable_password_file_in_one_line(tmp_path: Path) -> 
     path = write(tmp_path, text)
     result = run_cli("run", "-c", str(path), timeout=30)
     assert result.returncode == 2
-    # The same line as check-config's: run checks the files a config names as check-config does.
-    assert result.stderr == f"{path}:9:18: mqtt.password_file: file not found: {tmp_path / 'nope.pass'}\n"
+    # The same lines as check-config's: run checks the files a config names as check-config does, and
+    # prints the warnings of a file it refuses beside its problems (here: GOOD's serial port, missing).
+    assert f"{path}:9:18: mqtt.password_file: file not found: {tmp_path / 'nope.pass'}" in result.stderr.splitlines()
+    assert result.stderr == run_cli("check-config", str(path), timeout=30).stderr
+    assert all(": warning: " in line for line in result.stderr.splitlines() if ":9:18: " not in line), result.stderr
     assert not (tmp_path / "data").exists()  # refused before anything started
 
 
