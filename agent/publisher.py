@@ -1432,12 +1432,16 @@ def _seq_field(cmd: dict, name: str) -> int:
 
 
 def _time_field(cmd: dict, name: str) -> int:
-    """A command's ISO 8601 time with its offset (`2026-11-29T02:00:00Z`, `…T10:00:00.000+08:00`), in Unix ms."""
+    """A command's ISO 8601 time with its offset (`2026-11-29T02:00:00Z`, `…T10:00:00.000+08:00`), in Unix ms;
+    one whose UTC falls outside the years 1..9999 (`0001-01-01T00:00:00+14:00`) is refused: the reply could
+    not say it (and, taken, the resend failed at its reply for ever, holding up every later one)."""
     value = cmd.get(name)
     try:
         if not isinstance(value, str) or "T" not in value:
             raise ValueError("not a date and time")
-        return parse_iso_utc_ms(value)
+        ms = parse_iso_utc_ms(value)
+        iso_utc_ms(ms)  # raises for a UTC year outside 1..9999
+        return ms
     except (ValueError, OverflowError) as exc:
         raise CommandError(f"'{name}' must be an ISO 8601 UTC time such as 2026-11-29T02:00:00Z or "
                            f"2026-11-29T10:00:00.000+08:00 (an offset is required): {exc}") from None

@@ -244,3 +244,29 @@ def test_a_resend_by_time_cut_off_by_a_broker_restart_still_delivers_its_whole_r
         assert agent.stop() == 0
         platform.close()
         broker.stop()
+
+
+def test_a_resend_by_time_outside_the_years_a_reply_can_say_is_refused_and_the_next_is_answered(
+        tmp_path, broker, collector):
+    """`0001-01-01T00:00:00+14:00` is a valid ISO 8601 time whose UTC falls in year 0 (and
+    `9999-12-31T23:00:00-14:00` in year 10000): no `ts` can say it. Such a resend was taken, found
+    nothing, and then failed to write its reply (`from_ts` in it) for ever: the publisher logged "reading
+    the buffer failed (year 0 is out of range)", reopened the buffer at every turn, and every later
+    resend waited behind it unanswered until the agent restarted. It is refused, and the next one done."""
+    stored = stored_station(tmp_path / "buffer.db")
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=1)))
+    try:
+        wait_for(lambda: collector.reading_seqs(), 20, "live readings")
+        command(collector, {"id": "y0", "cmd": "resend", "from_ts": "0001-01-01T00:00:00+14:00",
+                            "to_ts": "0001-01-01T00:00:01+14:00"})
+        command(collector, {"id": "y10000", "cmd": "resend", "from_ts": "9999-12-31T23:00:00-14:00",
+                            "to_ts": "9999-12-31T23:00:01-14:00"})
+        command(collector, {"id": "next", "cmd": "resend", "from_seq": stored[0].seq, "to_seq": stored[1].seq})
+        got = wait_for(lambda: (r := replies(collector)).keys() >= {"y0", "y10000", "next"} and r, 30,
+                       "the three replies")
+        assert got["y0"]["ok"] is False and "from_ts" in got["y0"]["error"], got["y0"]
+        assert got["y10000"]["ok"] is False and "from_ts" in got["y10000"]["error"], got["y10000"]
+        assert got["next"]["ok"] is True and got["next"]["count"] == 2, got["next"]
+    finally:
+        assert agent.stop() == 0
+    assert "reading the buffer failed" not in agent.log()
