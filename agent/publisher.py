@@ -75,6 +75,10 @@ SHORT_LIVED_HINT_AFTER = 3  # such connections in a row before the log suspects 
 # rescues the file meanwhile, and the platform may ask again) instead of holding up the resends after it.
 RESEND_READ_TRIES = 10
 MAX_RESENDS_QUEUED = 4  # resend commands under way at once; more are refused until one is answered
+# Command replies published and not yet acknowledged; a command arriving while this many wait is dropped
+# unanswered. Without a bound a platform looping on P/cmd queued every reply in paho (memory without
+# limit, the data held behind them) until paho's message ids wrapped and the connection was dropped.
+MAX_REPLIES_WAITING = 64
 STATUS_REPLY_TTL_S = 1.0  # status commands within this share one status (each reads the buffer on the
 # publisher's thread: a platform asking many times a second held the drain)
 MAX_RESEND_SPAN_MS = 366 * 86_400_000  # the widest from_ts..to_ts a resend by time may ask for
@@ -1139,6 +1143,10 @@ class Publisher(threading.Thread):
             self._cmdlog.warning("ignored a retained message on %s: commands are never retained (clear it "
                                  "with an empty retained message)", message.topic)
             return
+        if self._replies_waiting() >= MAX_REPLIES_WAITING:
+            self._cmdlog.warning("commands on %s arrive faster than the broker acknowledges their replies: "
+                                 "dropped unanswered while %d replies wait", message.topic, MAX_REPLIES_WAITING)
+            return
         try:
             if len(message.payload) > MAX_COMMAND_BYTES:
                 raise CommandError(f"command larger than {MAX_COMMAND_BYTES} bytes")
@@ -1173,7 +1181,11 @@ class Publisher(threading.Thread):
         except Exception as exc:  # noqa: BLE001 - a command must never take the agent down
             log.exception("command failed")
             payload = reply_message(cmd_id, False, error=f"internal error: {type(exc).__name__}")
-        self._publish_raw(f"{s.base_topic}/cmd/reply", payload)
+        self._publish_raw(f"{s.base_topic}/cmd/reply", payload, entry=["other", "reply", False])
+
+    def _replies_waiting(self) -> int:
+        """Command replies published and not yet acknowledged (`_on_message` bounds them)."""
+        return sum(1 for entry in self._by_mid.values() if entry[0] == "other" and entry[1] == "reply")
 
     def _cmd_ping(self, cmd_id: object, cmd: dict) -> dict:
         _only_keys(cmd, {"id", "cmd"})

@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 from harness import (
     REPO,
@@ -31,6 +32,7 @@ from harness import (
     wait_for,
     write_config,
 )
+from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import __version__
 
@@ -378,6 +380,53 @@ def test_a_resend_cut_off_by_a_broker_restart_still_delivers_its_whole_range(tmp
         platform.close()
         broker.stop()
     assert_ordered_per_message(platform)
+
+
+def _vm_kb(pid: int, field: str) -> int:
+    """`VmRSS` or `VmHWM` (peak resident) of a process, in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def test_a_flood_of_commands_is_answered_within_a_bound_and_the_connection_holds(tmp_path, broker, collector):
+    """A platform script looping on P/cmd (80 000 pings as fast as a client can send them): each reply
+    waited for its PUBACK in paho's queue, without a bound: the agent grew by over 100 MB, the data queued
+    behind tens of thousands of replies, and once 65 535 replies were waiting paho refused the next
+    publish ("Message queue full": its message ids had wrapped) and the agent dropped its connection,
+    again at each flood. Commands arriving while too many replies wait are dropped unanswered (and that
+    is logged); the connection holds, the memory stays flat, and the agent answers again afterwards."""
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker, channels=2, interval=0.2))
+    agent = AgentProcess(cfg)
+    flooder = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="flooder")
+    flooder.max_inflight_messages_set(0)
+    flooder.max_queued_messages_set(0)
+    flooder.connect("127.0.0.1", broker.port)
+    flooder.loop_start()
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) >= 5, 20, "readings")
+        rss_before = _vm_kb(agent.proc.pid, "VmRSS")
+        last = None
+        for i in range(80_000):
+            last = flooder.publish("env/TEST0001/cmd", b'{"id":%d,"cmd":"ping"}' % i, qos=1)
+        last.wait_for_publish(60)
+        replies = lambda: {r["id"] for r in collector.json_messages("/cmd/reply")}  # noqa: E731
+        def answered() -> bool:
+            flooder.publish("env/TEST0001/cmd", json.dumps({"id": "after", "cmd": "ping"}), qos=1)
+            return "after" in replies()
+        wait_for(answered, 120, "a ping answered after the flood", interval=0.5)
+        grown_mb = (_vm_kb(agent.proc.pid, "VmHWM") - rss_before) / 1024
+        newest = max(collector.reading_seqs())
+        wait_for(lambda: max(collector.reading_seqs()) > newest + 10, 20, "readings go on")
+    finally:
+        flooder.loop_stop()
+        flooder.disconnect()
+        assert agent.stop() == 0
+    log = agent.log()
+    assert log.count("connected to") == 1 and "publish failed" not in log, log[-3000:]
+    assert "dropped unanswered" in log
+    assert grown_mb < 40, f"the agent grew by {grown_mb:.0f} MB during the flood"
 
 
 def test_a_retained_command_is_ignored(tmp_path, broker, collector):
