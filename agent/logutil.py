@@ -9,6 +9,7 @@ import logging
 import sys
 import threading
 import time
+import unicodedata
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -23,6 +24,25 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     for noisy in ("pymodbus", "paho"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+# Bidirectional overrides and isolates: they reorder what a terminal shows ("Trojan source").
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: str, keep: str = "\t") -> str:
+    """`text` with its control characters (C0 but those in `keep`, DEL, C1), line and paragraph separators
+    and bidirectional overrides written as Python escapes (`\\x1b`, `\\u2028`): text that came from
+    outside (a payload, a platform's field) can then neither start a line of its own, nor drive the
+    terminal (escape sequences), nor end a journald entry (NUL)."""
+    if text.isprintable() and not (_BIDI & set(text)):
+        return text
+    return "".join(ch.encode("unicode_escape").decode("ascii") if _unsafe(ch) and ch not in keep else ch
+                   for ch in text)
+
+
+def _unsafe(ch: str) -> bool:
+    return ch in _BIDI or unicodedata.category(ch) in ("Cc", "Zl", "Zp")
 
 
 class OneLineFormatter(logging.Formatter):

@@ -25,6 +25,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.hj212 import Hj212Error, Packet, Reassembler, codes, decode
+from agent.logutil import printable
 
 MAX_MISSING_RANGES = 1000  # per stream; the oldest are forgotten beyond this
 
@@ -81,12 +82,15 @@ class SeqTracker:
 
 def format_message(topic: str, payload: bytes, tracker: SeqTracker) -> list[str]:
     """Lines to print for one message; a message that does not have the shape of SPEC §4 is shown as
-    malformed (tail goes on with the next one)."""
+    malformed (tail goes on with the next one). Anyone allowed to publish under the station's topics
+    (P/cmd: the platform) chooses what is printed: its control characters are shown escaped, so that
+    it can neither forge a line of its own nor drive the terminal (`logutil.printable`)."""
     kind = topic.rsplit("/", 1)[-1] if not topic.endswith("/cmd/reply") else "reply"
     try:
-        return _message_lines(kind, payload, tracker)
+        lines = _message_lines(kind, payload, tracker)
     except Exception as exc:  # noqa: BLE001 - whatever a publisher sends, tail keeps printing
-        return [f"{kind:<6} MALFORMED ({type(exc).__name__}: {exc}): {payload[:120]!r}"]
+        lines = [f"{kind:<6} MALFORMED ({type(exc).__name__}: {exc}): {payload[:120]!r}"]
+    return [printable(line) for line in lines]
 
 
 def _message_lines(kind: str, payload: bytes, tracker: SeqTracker) -> list[str]:

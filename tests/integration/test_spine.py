@@ -633,6 +633,37 @@ def test_tail_says_when_its_connection_drops_and_ends_on_ctrl_c_without_saying_s
             proc.wait()
 
 
+def test_tail_prints_what_anyone_publishes_without_letting_it_forge_lines_or_drive_the_terminal(
+        tmp_path, broker, collector):
+    """tail prints what arrives under P/#, P/cmd included (anyone allowed to publish there): a line break
+    in a payload or a field forged a line of its own (`data   #999 ...`), and escape sequences reached
+    the technician's terminal (a window title set, the screen cleared). Control characters are shown
+    escaped; each message still gives its lines."""
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker))
+    out = tmp_path / "tail.out"
+    with out.open("w") as stdout:
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "tail", "-c", str(cfg)], cwd=REPO,
+                                stdout=stdout, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: out.read_text().startswith("# subscribed"), 20, "tail subscribed")
+        publish = lambda topic, payload: collector.client.publish(f"env/TEST0001/{topic}", payload,  # noqa: E731
+                                                                   qos=1).wait_for_publish(10)
+        publish("cmd", "hello\ndata   #999 sim0.c00 forged\x1b]0;owned\x07\x1b[2J\x00\u2028".encode())
+        publish("data", json.dumps({"v": 1, "station": "TEST0001", "readings": [
+            {"seq": 1, "device": "sim0\ndata   #998 forged", "channel": "c00\u001b[31m", "ts": "t",
+             "value": 1, "unit": "mg/L\u202e", "flag": "N"}]}))
+        publish("status", json.dumps({"v": 1, "station": "TEST0001", "state": "endmark\u0085x"}))
+        wait_for(lambda: "endmark" in out.read_text(), 20, "the last message printed")
+    finally:
+        proc.kill()
+        proc.wait()
+    text = out.read_text()
+    assert not any(line.startswith("data   #99") for line in text.splitlines()), text
+    forbidden = ["\x1b", "\x07", "\x00", "\u2028", "\u202e", "\x85"]
+    assert not [c for c in forbidden if c in text], repr(text)
+    assert "forged" in text and "\\x1b" in text, "what was sent is still shown, escaped"
+
+
 def test_tail_says_when_it_cannot_reach_the_broker(tmp_path, broker):
     """`edge-agent tail` with the broker down (or a wrong --url) says so and why, instead of waiting
     in silence as if nothing were published."""
