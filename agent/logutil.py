@@ -47,10 +47,11 @@ def _unsafe(ch: str) -> bool:
 
 class OneLineFormatter(logging.Formatter):
     """Every record on one line, also a traceback or a message with line breaks (folded with ` | `):
-    journald and `grep` see one event as one entry."""
+    journald and `grep` see one event as one entry. Other control characters (a NUL ends a journald
+    entry too; escape sequences drive a terminal) are written as escapes (`printable`)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).replace("\r", "").replace("\n", " | ")
+        return printable(super().format(record).replace("\r", "").replace("\n", " | "))
 
 
 class RateLimitedLog:

@@ -30,6 +30,27 @@ def test_a_traceback_and_line_breaks_stay_on_one_line():
     assert lines[1] == "WARNING test.oneline: two | lines"
 
 
+def test_control_characters_from_outside_cannot_end_a_journal_entry_or_drive_a_terminal():
+    """journald ends an entry at a NUL as at a line break, and a terminal obeys escape sequences: text
+    from outside (a console request's path, a broker's reason string) with them forged a second entry
+    or recoloured/cleared the technician's screen. They are written as escapes; other text as it is."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("test.controls")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("console: GET %s failed", "/x\x00ERROR agent: forged\x1b[2J\u2028\x85\u202e")
+        logger.warning("station %s\tµg/m³", "汾河")
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert not [c for c in "\x00\x1b\u2028\x85\u202e" if c in text], repr(text)
+    assert text.splitlines() == ["WARNING test.controls: console: GET /x\\x00ERROR agent: forged\\x1b[2J"
+                                 "\\u2028\\x85\\u202e failed", "WARNING test.controls: station 汾河\tµg/m³"]
+
+
 def test_a_new_reason_is_logged_at_once_a_repeated_one_is_held_back(caplog):
     from agent.logutil import RateLimitedLog
 
