@@ -50,6 +50,7 @@ valid one by one.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -229,6 +230,8 @@ def parse_config(
             trouble = _file_problem(key, value, written)
             if trouble is not None:
                 problems.append(locator.problem(key, "value", trouble))
+            elif (exposed := _exposed_secret(key, value)) is not None:
+                warnings.append(locator.problem(key, "value", exposed, warning=True))
         warnings += [locator.problem(path, "value", message, warning=True)
                      for path, message in _missing_ports(data) if path not in claimed]
     if config is not None and not problems:
@@ -362,6 +365,28 @@ def _file_problem(key: KeyPath, value: Path, written: str) -> str | None:
         except ValueError as exc:
             return f"cannot read the password file: {exc}"
     return None
+
+
+_SECRET_FILE_KEYS = (("mqtt", "password_file"), ("mqtt", "tls", "key"), ("console", "password_file"))
+
+
+def _exposed_secret(key: KeyPath, value: Path) -> str | None:
+    """A warning when other users of the machine may read or write the secret file at `value` (a password
+    file, the client key): its mode lets 'other' in (a copy made with 0644) and so do the directories
+    above it (a file kept in install.sh's /etc/edge-agent, root:edge-agent 0750, cannot be reached
+    whatever its own mode). Else None. Group access is fine: install.sh makes them root:edge-agent 0640."""
+    if key not in _SECRET_FILE_KEYS:
+        return None
+    try:
+        real = value.resolve()
+        mode = real.stat().st_mode
+        reachable = all(parent.stat().st_mode & 0o001 for parent in real.parents)
+    except OSError:
+        return None  # said by `_file_problem`
+    if not stat.S_ISREG(mode) or not mode & 0o006 or not reachable:
+        return None
+    return (f"other users of this machine may read or change it (mode {stat.S_IMODE(mode):04o}); "
+            f"chmod o-rwx it (install.sh makes it root:edge-agent 0640)")
 
 
 def _named_files(data: Any, base_dir: Path | None) -> list[tuple[KeyPath, Path, str]]:

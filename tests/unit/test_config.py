@@ -682,6 +682,48 @@ def test_tls_errors_at_run_name_no_file_that_may_be_the_secret(tmp_path: Path) -
     assert shown.tls_file_names()["key"] == str(tmp_path / "client.key")
 
 
+def test_a_key_or_password_file_other_users_may_read_is_a_warning() -> None:
+    """A client key or a password file copied with the usual mode 0644 (scp, a renewal script) into a
+    directory others may enter can be read by every user of the gateway: check-config said OK. It is a
+    warning there and in run's log (`log_config_warnings`), never quoting the file. 0600 and 0640
+    (install.sh's root:edge-agent) are fine, and so is any mode inside a directory others cannot
+    enter (install.sh's /etc/edge-agent, 0750)."""
+    import subprocess
+    import tempfile
+
+    from harness import run_cli
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as name:  # /tmp: others may enter (pytest's own dirs: 0700)
+        tmp_path = Path(name)
+        tmp_path.chmod(0o755)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-keyout", str(tmp_path / "client.key"), "-out", str(tmp_path / "client.pem"),
+                        "-days", "400", "-subj", "/CN=station"], check=True, capture_output=True)
+        (tmp_path / "mqtt.pass").write_text("s3cret-broker\n")
+        (tmp_path / "console.pass").write_text("s3cret-console\n")
+        text = GOOD.replace("  url: mqtt://127.0.0.1:1883",
+                            "  url: mqtts://127.0.0.1:1\n  username: u\n  password_file: mqtt.pass\n"
+                            "  tls: {ca: client.pem, cert: client.pem, key: client.key}")
+        path = write(tmp_path, port_here(tmp_path, text) + "console: {password_file: console.pass}\n")
+        for file, mode in (("client.key", 0o600), ("mqtt.pass", 0o640), ("console.pass", 0o600)):
+            (tmp_path / file).chmod(mode)
+        quiet = run_cli("check-config", str(path))
+        assert (quiet.returncode, quiet.stderr) == (0, ""), quiet.stderr
+        for file, mode in (("client.key", 0o644), ("mqtt.pass", 0o604), ("console.pass", 0o666)):
+            (tmp_path / file).chmod(mode)
+        loud = run_cli("check-config", str(path))
+        assert loud.returncode == 0, loud.stderr
+        lines = loud.stderr.splitlines()
+        for key, mode in (("mqtt.password_file", "0604"), ("mqtt.tls.key", "0644"),
+                          ("console.password_file", "0666")):
+            said = f": {key}: warning: other users of this machine may read or change it (mode {mode})"
+            assert [line for line in lines if said in line], (key, lines)
+        assert "s3cret" not in loud.stderr and "PRIVATE KEY" not in loud.stderr
+        tmp_path.chmod(0o750)  # as install.sh keeps /etc/edge-agent: others cannot reach the files
+        closed = run_cli("check-config", str(path))
+        assert (closed.returncode, closed.stderr) == (0, ""), closed.stderr
+
+
 def test_check_config_reads_the_password_file_as_run_does(tmp_path: Path) -> None:
     """A password file that is not UTF-8: check-config says so where run does, in the same words."""
     from harness import run_cli
