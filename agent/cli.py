@@ -204,6 +204,14 @@ def cmd_tail(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_INVALID
+    if args.url is not None:  # checked as the config's mqtt.url (a password in it is refused, never shown)
+        from agent.configsections import check_mqtt_url
+
+        try:
+            check_mqtt_url(args.url)
+        except ValueError as exc:
+            print(f"edge-agent tail: --url: {exc}", file=sys.stderr)
+            return EXIT_INVALID
     # Stopped by SIGTERM (`timeout`, a supervisor, `kill`), tail ends as on Ctrl-C: exit 0, nothing
     # more printed; by default the signal killed it (status 143).
     signal.signal(signal.SIGTERM, signal.default_int_handler)

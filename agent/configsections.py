@@ -30,6 +30,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from agent.configfields import (
     _QUOTED_CHOICE,
@@ -169,6 +170,14 @@ def _check_mqtt_url(value: str) -> str:
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise _err("a broker url has no path, query or fragment (expected mqtt://HOST[:PORT])")
     return value
+
+
+def check_mqtt_url(value: str) -> None:
+    """`_check_mqtt_url` for a url given outside the config (`tail --url`): ValueError with its message."""
+    try:
+        _check_mqtt_url(value)
+    except PydanticCustomError as exc:
+        raise ValueError(exc.message()) from None
 
 
 MqttUrl = Annotated[Text, AfterValidator(_check_mqtt_url),

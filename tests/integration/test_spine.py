@@ -664,6 +664,25 @@ def test_tail_prints_what_anyone_publishes_without_letting_it_forge_lines_or_dri
     assert "forged" in text and "\\x1b" in text, "what was sent is still shown, escaped"
 
 
+@pytest.mark.parametrize(("url", "says"), [
+    ("mqtt://bob:Tail-Secr3t@127.0.0.1:1883", "do not put a user or password in the url"),
+    ("mqtt://127.0.0.1:99999", "port must be a number from 1 to 65535"),
+    ("mqtt://[::1", "Invalid IPv6 URL"),
+    ("http://127.0.0.1:1883", "unsupported scheme 'http://'"),
+])
+def test_tail_refuses_a_url_it_cannot_use_in_one_line(tmp_path, broker, url, says):
+    """`tail --url` took any text: a port out of range or a broken IPv6 address ended in a Python
+    traceback, and `user:password@` was taken silently and ignored (the config's credentials were used;
+    the password sat in the shell history and the process list for nothing). The url is checked as
+    the config's `mqtt.url` is, in one line, exit 2, without echoing the password."""
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker))
+    result = run_cli("tail", "-c", str(cfg), "--url", url, timeout=20)
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edge-agent tail: --url: ") and says in lines[0], lines
+    assert "Traceback" not in result.stderr and "Tail-Secr3t" not in result.stderr + result.stdout
+
+
 def test_tail_says_when_it_cannot_reach_the_broker(tmp_path, broker):
     """`edge-agent tail` with the broker down (or a wrong --url) says so and why, instead of waiting
     in silence as if nothing were published."""
