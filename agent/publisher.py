@@ -1179,7 +1179,8 @@ class Publisher(threading.Thread):
             self._cmdlog.warning("refused command on %s: %s", message.topic, exc)
             payload = reply_message(cmd_id, False, error=str(exc))
         except Exception as exc:  # noqa: BLE001 - a command must never take the agent down
-            log.exception("command failed")
+            # Rate-limited: anyone allowed on P/cmd can repeat the command that fails (a status on a damaged buffer).
+            self._cmdlog.error("command failed", exc_info=True)
             payload = reply_message(cmd_id, False, error=f"internal error: {type(exc).__name__}")
         self._publish_raw(f"{s.base_topic}/cmd/reply", payload, entry=["other", "reply", False])
 
