@@ -78,7 +78,10 @@ MAX_RESENDS_QUEUED = 4  # resend commands under way at once; more are refused un
 # Command replies published and not yet acknowledged; a command arriving while this many wait is dropped
 # unanswered. Without a bound a platform looping on P/cmd queued every reply in paho (memory without
 # limit, the data held behind them) until paho's message ids wrapped and the connection was dropped.
-MAX_REPLIES_WAITING = 64
+# Replies do not count in the data's window (`_inflight_count`): while costly commands (a resend refused
+# after counting its range) keep the publisher's thread busy and their PUBACKs come late, the data goes on.
+# A platform's burst of a few dozen commands is answered whole.
+MAX_REPLIES_WAITING = 128
 STATUS_REPLY_TTL_S = 1.0  # status commands within this share one status (each reads the buffer on the
 # publisher's thread: a platform asking many times a second held the drain)
 MAX_RESEND_SPAN_MS = 366 * 86_400_000  # the widest from_ts..to_ts a resend by time may ask for
@@ -188,6 +191,7 @@ class Publisher(threading.Thread):
         self._inflight: dict[str, deque[list]] = {s: deque() for s in (STREAM_READINGS, STREAM_AGGREGATES,
                                                                        STREAM_ALARMS)}
         self._by_mid: dict[int, list] = {}
+        self._replies_in_flight = 0  # entries of _by_mid that are command replies (`_replies_waiting`)
         self._early_acks: set[int] = set()  # QoS 0 messages reported written while `publish()` ran
         self._publishing = False  # in `client.publish()` (publisher thread)
         # Gaps as (id, last_seq): a gap that eviction extends after it was sent is sent again for its new part.
@@ -728,6 +732,7 @@ class Publisher(threading.Thread):
             q.clear()
             self._cursor[stream] = self._acked.get(stream, 0)
         self._by_mid.clear()
+        self._replies_in_flight = 0
         self._early_acks.clear()
         self._gaps_inflight.clear()
         for job in self._resends:
@@ -783,7 +788,8 @@ class Publisher(threading.Thread):
         self._gaps_done.clear()  # gap ids are the old file's: the new one numbers its own from 1
 
     def _inflight_count(self) -> int:
-        return len(self._by_mid)
+        """Messages in the window: those in flight but command replies (bounded on their own)."""
+        return len(self._by_mid) - self._replies_in_flight
 
     def _window_full(self) -> bool:
         return self._inflight_count() >= WINDOW
@@ -1030,6 +1036,7 @@ class Publisher(threading.Thread):
             self._lost(f"publish failed: {mqtt.error_string(info.rc)}")
             return False
         self._by_mid[info.mid] = entry if entry is not None else ["other", 0, False]
+        self._replies_in_flight += _is_reply(self._by_mid[info.mid])
         if info.mid in self._early_acks:  # QoS 0: paho reported it written before we got the mid
             self._early_acks.discard(info.mid)
             self._acknowledge(info.mid)
@@ -1039,7 +1046,7 @@ class Publisher(threading.Thread):
         if client is not self.client:
             return
         if reason_code.is_failure and mid in self._by_mid:  # MQTT 5: the broker did not take it
-            self._refused(self._by_mid.pop(mid), reason_code)
+            self._refused(self._forget(mid), reason_code)
             return
         if mid not in self._by_mid:
             # Early only while `publish()` runs (QoS 0: written before its mid is returned). Any other is the
@@ -1101,7 +1108,7 @@ class Publisher(threading.Thread):
         return 0
 
     def _acknowledge(self, mid: int) -> None:
-        entry = self._by_mid.pop(mid)
+        entry = self._forget(mid)
         kind = entry[0]
         if kind == "gap":
             key = entry[1]
@@ -1186,7 +1193,13 @@ class Publisher(threading.Thread):
 
     def _replies_waiting(self) -> int:
         """Command replies published and not yet acknowledged (`_on_message` bounds them)."""
-        return sum(1 for entry in self._by_mid.values() if entry[0] == "other" and entry[1] == "reply")
+        return self._replies_in_flight
+
+    def _forget(self, mid: int) -> list:
+        """The entry of `mid`, no longer in flight."""
+        entry = self._by_mid.pop(mid)
+        self._replies_in_flight -= _is_reply(entry)
+        return entry
 
     def _cmd_ping(self, cmd_id: object, cmd: dict) -> dict:
         _only_keys(cmd, {"id", "cmd"})
@@ -1458,6 +1471,10 @@ def _time_field(cmd: dict, name: str) -> int:
     except (ValueError, OverflowError) as exc:
         raise CommandError(f"'{name}' must be an ISO 8601 UTC time such as 2026-11-29T02:00:00Z or "
                            f"2026-11-29T10:00:00.000+08:00 (an offset is required): {exc}") from None
+
+
+def _is_reply(entry: list) -> bool:
+    return entry[0] == "other" and entry[1] == "reply"
 
 
 def _only_keys(cmd: dict, allowed: set[str]) -> None:

@@ -429,6 +429,55 @@ def test_a_flood_of_commands_is_answered_within_a_bound_and_the_connection_holds
     assert grown_mb < 40, f"the agent grew by {grown_mb:.0f} MB during the flood"
 
 
+def test_a_flood_of_costly_commands_does_not_hold_the_live_data_up(tmp_path, broker, collector):
+    """Each resend of more than 100 000 readings is refused after counting the stored rows of its range
+    (a few ms each): a platform script sending them in a loop kept the publisher's thread on commands,
+    and the replies waiting for their PUBACK filled the publisher's window, so no live reading was
+    published for as long as the flood lasted (none in 10 s). Replies may take at most half the window:
+    live data messages go out between the flood's replies."""
+    from agent.buffer import Buffer
+    from agent.model import STREAM_READINGS, Reading
+
+    stored = 150_000
+    buf = Buffer.open_writer(tmp_path / "buffer.db", sync="normal")
+    buf.begin()
+    rows = buf.insert_readings([Reading("old", f"c{i % 10}", 1_764_000_000_000 + i * 100, float(i), "mg/L", "N")
+                                for i in range(stored)])
+    buf.set_sent_upto(STREAM_READINGS, rows[-1].seq)
+    buf.commit()
+    buf.close()
+    config = sim_config(tmp_path, broker, channels=3, interval=0.1)
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    flooder = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="flooder")
+    flooder.max_inflight_messages_set(0)
+    flooder.max_queued_messages_set(0)
+    flooder.connect("127.0.0.1", broker.port)
+    flooder.loop_start()
+    try:
+        wait_for(lambda: any(s > stored for s in collector.reading_seqs()), 20, "live readings")
+        last = None
+        for i in range(20_000):
+            last = flooder.publish("env/TEST0001/cmd", json.dumps(
+                {"id": i, "cmd": "resend", "from_seq": 1, "to_seq": stored}).encode(), qos=1)
+        last.wait_for_publish(60)
+
+        def answered() -> bool:
+            flooder.publish("env/TEST0001/cmd", json.dumps({"id": "after", "cmd": "ping"}), qos=1)
+            return any(r["id"] == "after" for r in collector.json_messages("/cmd/reply"))
+        wait_for(answered, 120, "a ping answered after the flood", interval=0.5)
+    finally:
+        flooder.loop_stop()
+        flooder.disconnect()
+        assert agent.stop() == 0
+    messages = list(collector.messages)
+    flood = [i for i, (t, p, _) in enumerate(messages)
+             if t.endswith("/cmd/reply") and isinstance(json.loads(p)["id"], int)]
+    assert len(flood) >= 20 and all(not json.loads(messages[i][1])["ok"] for i in flood)
+    live = [i for i, (t, p, _) in enumerate(messages[flood[0]:flood[-1]], flood[0]) if t.endswith("/data")
+            and any(r["seq"] > stored for r in json.loads(p)["readings"])]
+    assert len(live) >= 3, f"{len(live)} live data messages among {len(flood)} replies to the flood"
+
+
 def test_a_retained_command_is_ignored(tmp_path, broker, collector):
     """SPEC §4: P/cmd is not retained. One left there by mistake would run at every connection."""
     pub = Collector(broker, "nothing/#")
