@@ -213,18 +213,22 @@ class Platform:
             return [p for p in self.packets if p.cn == cn]
 
     def close(self):
+        """Stop listening and drop every connection. shutdown() first: close() alone, from another
+        thread than the one blocked in accept() or recv(), leaves the socket open under it (the port
+        stays taken and the agent's connection up)."""
         self.closed = True
         self.read_paused.clear()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
         with self.lock:
-            for c in self.conns:
-                try:
-                    c.close()
-                except OSError:
-                    pass
+            socks = [self.sock, *self.conns]
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                s.close()
+            except OSError:
+                pass
 
 
 STANDARD_EXAMPLE = (b"##0101QN=20160801085857223;ST=32;CN=1062;PW=100000;MN=010000A8900016F000169DC0;Flag=5;"
