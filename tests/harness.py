@@ -86,6 +86,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def silent_listener() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A loopback port that accepts TCP and never says anything (a frozen broker, a wrong service):
+    (its port, the connections it took so far); all closed on exit."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=16)
+    held: list[socket.socket] = []
+
+    def accept_and_say_nothing() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
+    try:
+        yield listener.getsockname()[1], held
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
 def db_last_seq(path) -> int:
     """Highest readings seq stored in the agent's buffer (0 while the file is being created or rescued)."""
     try:

@@ -87,13 +87,17 @@ def tcp_bus(server: TcpServer) -> dict:
     return {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 0.5, "retries": 1}
 
 
-def fog_cannon_station(tmp_path, broker, server: TcpServer, action: dict):
+def fog_cannon_config(tmp_path, broker, server: TcpServer, action: dict) -> dict:
     """The dust monitor and a fog cannon relay (unit 5, its coil 0 polled too) on one Modbus TCP link."""
-    return write_config(tmp_path / "station.yaml", station(
-        tmp_path, broker, {"lan": tcp_bus(server)},
-        {"fog": {"bus": "lan", "slave": 5, "interval": 0.2,
-                 "registers": [{"channel": "fog_on", "address": 0, "table": "coil"}]}},
-        LIMIT, action))
+    return station(tmp_path, broker, {"lan": tcp_bus(server)},
+                   {"fog": {"bus": "lan", "slave": 5, "interval": 0.2,
+                            "registers": [{"channel": "fog_on", "address": 0, "table": "coil"}]}},
+                   LIMIT, action)
+
+
+def fog_cannon_station(tmp_path, broker, server: TcpServer, action: dict):
+    """`fog_cannon_config` written to station.yaml: its path."""
+    return write_config(tmp_path / "station.yaml", fog_cannon_config(tmp_path, broker, server, action))
 
 
 def alarm_events(collector: Collector) -> list[dict]:
@@ -210,9 +214,7 @@ def test_a_coil_left_on_by_a_removed_rule_is_switched_off_at_the_next_start(tmp_
     fog = RelayBoard()
     fog.set("coil", 0, [0])
     server = servers({1: dust, 5: fog})
-    devices = {"fog": {"bus": "lan", "slave": 5, "interval": 0.2,
-                       "registers": [{"channel": "fog_on", "address": 0, "table": "coil"}]}}
-    config = station(tmp_path, broker, {"lan": tcp_bus(server)}, devices, LIMIT, {"device": "fog", "coil": 0})
+    config = fog_cannon_config(tmp_path, broker, server, {"device": "fog", "coil": 0})
     cfg = write_config(tmp_path / "station.yaml", config)
     agent = AgentProcess(cfg)
     try:
@@ -335,9 +337,7 @@ def test_a_reload_that_removes_an_active_rule_clears_its_alarm_once_and_switches
     fog = RelayBoard()
     fog.set("coil", 0, [0])
     server = servers({1: dust, 5: fog})
-    devices = {"fog": {"bus": "lan", "slave": 5, "interval": 0.2,
-                       "registers": [{"channel": "fog_on", "address": 0, "table": "coil"}]}}
-    config = station(tmp_path, broker, {"lan": tcp_bus(server)}, devices, LIMIT, {"device": "fog", "coil": 0})
+    config = fog_cannon_config(tmp_path, broker, server, {"device": "fog", "coil": 0})
     cfg = write_config(tmp_path / "station.yaml", config)
     agent = AgentProcess(cfg)
     try:

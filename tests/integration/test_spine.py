@@ -28,6 +28,7 @@ from harness import (
     db_last_seq,
     free_port,
     run_cli,
+    silent_listener,
     sim_config,
     wait_for,
     write_config,
@@ -774,31 +775,14 @@ def test_sigterm_while_the_broker_hangs_exits_within_the_shutdown_grace(tmp_path
 def test_sigterm_while_connecting_to_a_broker_that_never_answers_exits_within_the_shutdown_grace(tmp_path, scheme):
     """A broker that accepts TCP and never answers (no CONNACK; with TLS, no handshake): the agent waits
     up to its connect timeout (5 s) per attempt, but a stop's grace is not spent waiting there."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    held: list[socket.socket] = []
-
-    def accept_and_say_nothing() -> None:
-        while True:
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
-    config = sim_config(tmp_path, Broker(tmp_path / "unused"), channels=1, mqtt={"shutdown_grace": 1})
-    config["mqtt"]["url"] = f"{scheme}://127.0.0.1:{listener.getsockname()[1]}"
-    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
-    try:
+    with silent_listener() as (port, held):
+        config = sim_config(tmp_path, Broker(tmp_path / "unused"), channels=1, mqtt={"shutdown_grace": 1})
+        config["mqtt"]["url"] = f"{scheme}://127.0.0.1:{port}"
+        agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
         wait_for(lambda: len(held) >= 1, 20, "the agent connecting")
         started = time.monotonic()
         assert agent.stop() == 0
         took = time.monotonic() - started
-    finally:
-        listener.close()
-        for conn in held:
-            conn.close()
     assert took < 1 + 0.9, f"stopped after {took:.2f} s with shutdown_grace 1"
 
 def test_a_second_agent_on_the_same_buffer_is_refused_and_status_knows_whether_one_runs(tmp_path, broker,

@@ -3,13 +3,11 @@ and the station's failover `urls` mixing mqtt:// and mqtts:// (TLS is each URL's
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
-from harness import REPO, Broker, free_port, sim_config, wait_for, write_config
+from harness import REPO, Broker, free_port, silent_listener, sim_config, wait_for, write_config
 from test_tls_and_limits import make_pki
 
 
@@ -86,31 +84,18 @@ def test_failover_urls_that_mix_mqtt_and_mqtts_each_get_their_own_tls(tmp_path):
 def test_a_broker_that_takes_the_connection_and_never_answers_is_said_once_and_the_next_url_tried(tmp_path):
     # A port that accepts TCP and never sends a CONNACK (a frozen broker, a wrong service): tail waited on
     # it for ever, saying nothing, and never tried the station's next URL.
-    listener = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-
-    def accept_and_say_nothing() -> None:
-        while True:
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
-    broker = Broker(tmp_path / "broker").start()
-    config = sim_config(tmp_path, broker)
-    config["mqtt"].pop("url")
-    config["mqtt"]["urls"] = [f"mqtt://127.0.0.1:{listener.getsockname()[1]}", broker.url]
-    out = tmp_path / "tail.out"
-    proc = start_tail(write_config(tmp_path / "station.yaml", config), out)
-    try:
-        wait_for(lambda: "# subscribed" in out.read_text(), 40, "tail subscribed on the next URL")
-        assert out.read_text().splitlines() == [
-            f"# broker 127.0.0.1:{listener.getsockname()[1]} does not answer (no CONNACK within 10 s); retrying",
-            f"# subscribed to env/TEST0001/# on 127.0.0.1:{broker.port}"], out.read_text()
-    finally:
-        stop(proc)
-        listener.close()
-        for sock in held:
-            sock.close()
-        broker.stop()
+    with silent_listener() as (port, _):
+        broker = Broker(tmp_path / "broker").start()
+        config = sim_config(tmp_path, broker)
+        config["mqtt"].pop("url")
+        config["mqtt"]["urls"] = [f"mqtt://127.0.0.1:{port}", broker.url]
+        out = tmp_path / "tail.out"
+        proc = start_tail(write_config(tmp_path / "station.yaml", config), out)
+        try:
+            wait_for(lambda: "# subscribed" in out.read_text(), 40, "tail subscribed on the next URL")
+            assert out.read_text().splitlines() == [
+                f"# broker 127.0.0.1:{port} does not answer (no CONNACK within 10 s); retrying",
+                f"# subscribed to env/TEST0001/# on 127.0.0.1:{broker.port}"], out.read_text()
+        finally:
+            stop(proc)
+            broker.stop()
