@@ -538,9 +538,10 @@ class Sds011Driver(StreamDriver):
     it to spare the laser) sends nothing until asked. So a poll that finds no frame since the previous
     one sends the query command (`AA B4 04 ... FF FF 02 AB`, any sensor id) without waiting: that poll
     reads null/B (nothing came in its interval). A frame within the bus timeout (capped at half the
-    interval) after it shows the query mode: from then on each poll sends the query and waits that long
-    for its answer, until a frame arrives unasked (the sensor streams again). A streaming sensor is sent
-    nothing, and the mode is never changed (that is written to the sensor's flash).
+    interval) after it, and no other before the next poll, shows the query mode: from then on each poll
+    sends the query and waits that long for its answer, until a frame arrives unasked (the sensor streams
+    again). A streaming sensor is sent nothing but such a query at a poll that found no frame, and the
+    mode is never changed (that is written to the sensor's flash).
     """
 
     protocol = "sds011"
@@ -561,9 +562,14 @@ class Sds011Driver(StreamDriver):
     def _on_bytes(self, data: bytes, t: float) -> None:
         before = self.frames
         super()._on_bytes(data, t)
-        if self.frames > before and self._probe_at is not None and t - self._probe_at <= self._wait:
+        if self.frames > before and self._probe_at is not None:
             with self._cond:
-                self._probe_answered = True
+                if self._probe_answered or self.frames - before > 1 or t - self._probe_at > self._wait:
+                    # More frames than one answer, or one too late: a sensor that streams (it may have just
+                    # started, right after the query), not one in query mode, which answers once.
+                    self._probe_answered, self._probe_at = False, None
+                else:
+                    self._probe_answered = True
 
     def _before_take(self) -> None:
         self._wait = min(self.line.timeout, max(0.05, self.interval / 2))

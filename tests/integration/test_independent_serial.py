@@ -232,3 +232,36 @@ def test_an_sds011_in_query_mode_is_asked_at_each_poll(station, collector):
     normal = [r for r in readings(collector, "a34004") if r["flag"] == "N"]
     assert {r["value"] for r in normal} <= {v / 10 for v in answered}, (normal, answered)
     assert line.received.replace(SDS011_QUERY, b"") == b"", "nothing but query commands was sent"
+
+
+
+def test_a_streaming_sds011_is_not_taken_for_one_in_query_mode(station, collector):
+    # A sensor silent at first (its fan spinning up, its cable plugged in late) is sent the query at the
+    # polls without a frame. When it then starts streaming (about a frame a second) just after one, its
+    # first frame was taken for the query's answer: the log said the sensor was in query mode and would
+    # be asked at each poll, then at the next poll that it sent frames by itself again, and `status`
+    # said query mode meanwhile. A frame that more frames follow, unasked, before the poll is no answer.
+    import threading
+
+    stop = threading.Event()
+    agent, line = station("sds011", interval=3)
+    wait_for(lambda: SDS011_QUERY in line.received, 20, "a query at a poll without a frame")
+
+    def stream_like_a_sensor() -> None:
+        value = 200
+        while not stop.is_set():
+            line.send(sds011_frame(value, value + 500))
+            value += 1
+            stop.wait(0.5)
+
+    sensor = threading.Thread(target=stream_like_a_sensor, daemon=True)
+    sensor.start()
+    try:
+        wait_for(lambda: len([r for r in readings(collector, "a34004") if r["flag"] == "N"]) >= 3, 30,
+                 "three PM2.5 readings of a streaming sensor")
+        sent = len(line.received)
+    finally:
+        stop.set()
+        sensor.join(5)
+    assert "query mode" not in agent.log(), agent.log()[-3000:]
+    assert line.received[sent:] == b"", "nothing is sent to a streaming sensor"
