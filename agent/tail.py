@@ -179,6 +179,7 @@ def address(parts: SplitResult) -> tuple[str, int]:
 RETRY_FIRST_S = 1.0  # after every URL failed: the wait before the next round, doubling...
 RETRY_MAX_S = 30.0  # ...up to this (the agent's default reconnect_max)
 CONNACK_TIMEOUT_S = 10.0  # a broker that took the connection but does not answer it: the next attempt
+STABLE_CONNECTION_S = 10.0  # a connection lost sooner is followed by the wait of a failed round
 _LOGIN_REFUSED = ("Not authorized", "Bad user name or password")
 
 
@@ -200,7 +201,8 @@ def tail(url: str | Sequence[str], base_topic: str, out: TextIO = sys.stdout, us
     or the station's `urls` in failover order: an attempt that fails goes on with the next one, as the
     agent does, so that tail finds the station's messages on the broker it publishes to; each attempt
     speaks TLS when its own URL is mqtts:// (`tls`: the station's files, if any). Every round of URLs
-    that all failed is followed by a wait, RETRY_FIRST_S doubling to RETRY_MAX_S. Why an attempt
+    that all failed, and every connection lost within STABLE_CONNECTION_S, is followed by a wait,
+    RETRY_FIRST_S doubling to RETRY_MAX_S. Why an attempt
     failed (refused, a login refused, ...) is said once per cause until tail subscribes again, not at
     every attempt."""
     targets = [urlsplit(u) for u in ([url] if isinstance(url, str) else list(url))]
@@ -287,8 +289,14 @@ def tail(url: str | Sequence[str], base_topic: str, out: TextIO = sys.stdout, us
     at, failed, delay = 0, 0, RETRY_FIRST_S
     try:
         while not done.is_set():
+            started = time.monotonic()
             if attempt(targets[at]):
-                failed, delay = 0, RETRY_FIRST_S  # the same broker first again
+                if time.monotonic() - started < STABLE_CONNECTION_S:  # dropped soon (an ACL that closes
+                    wait(delay)  # it at the SUBSCRIBE): not again at once, as fast as the broker answers
+                    delay = min(delay * 2, RETRY_MAX_S)
+                else:
+                    delay = RETRY_FIRST_S
+                failed = 0  # the same broker first again
                 continue
             at = (at + 1) % len(targets)
             failed += 1

@@ -3,8 +3,10 @@ and the station's failover `urls` mixing mqtt:// and mqtts:// (TLS is each URL's
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from harness import REPO, Broker, free_port, silent_listener, sim_config, wait_for, write_config
@@ -99,3 +101,52 @@ def test_a_broker_that_takes_the_connection_and_never_answers_is_said_once_and_t
         finally:
             stop(proc)
             broker.stop()
+
+
+def test_a_broker_that_drops_tail_once_subscribed_is_retried_with_backoff(tmp_path):
+    # A broker that accepts the connection and closes it at the SUBSCRIBE (an ACL that disconnects on a
+    # topic denied, as AWS IoT or EMQX can be set to): tail reconnected at once, again and again, as fast
+    # as the broker answered, printing "# subscribed" and "# disconnected" at every turn. paho's own loop,
+    # which tail used before, waited at least a second between attempts. A connection that did not last
+    # is now followed by the same wait as a failed attempt.
+    import io
+
+    from agent.tail import tail
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def connack_then_close_at_subscribe() -> None:
+        while True:
+            try:
+                conn = listener.accept()[0]
+            except OSError:
+                return
+            accepted.append(conn)
+            conn.recv(4096)  # CONNECT
+            conn.sendall(b"\x20\x02\x00\x00")  # CONNACK, accepted
+            conn.recv(4096)  # SUBSCRIBE
+            conn.close()
+
+    class CountedWaits(threading.Event):
+        waits = 0
+
+        def wait(self, timeout=None):
+            CountedWaits.waits += 1
+            return super().wait(timeout)
+
+    threading.Thread(target=connack_then_close_at_subscribe, daemon=True).start()
+    stop_tail = CountedWaits()
+    out = io.StringIO()
+    runner = threading.Thread(target=tail, args=(f"mqtt://127.0.0.1:{listener.getsockname()[1]}", "env/X"),
+                              kwargs={"out": out, "stop": stop_tail}, daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: len(accepted) >= 3, 30, "three connections")
+        assert CountedWaits.waits > 0, f"no wait between {len(accepted)} connections:\n{out.getvalue()[:2000]}"
+    finally:
+        stop_tail.set()
+        runner.join(10)
+        listener.close()
+        for sock in accepted:
+            sock.close()
