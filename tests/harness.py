@@ -86,6 +86,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_tail(cfg: Path, out: Path, *args: str, env: dict | None = None,
+               stderr: int = subprocess.STDOUT) -> subprocess.Popen:
+    """`edge-agent tail -c cfg [args]` printing into the file `out` (its stderr there too, unless
+    `stderr` says otherwise: subprocess.PIPE, read as text)."""
+    with out.open("w") as stdout:
+        return subprocess.Popen([sys.executable, "-m", "agent.cli", "tail", "-c", str(cfg), *args], cwd=REPO,
+                                stdout=stdout, stderr=stderr, env=env, text=True)
+
+
 @contextmanager
 def silent_listener() -> Iterator[tuple[int, list[socket.socket]]]:
     """A loopback port that accepts TCP and never says anything (a frozen broker, a wrong service):

@@ -17,7 +17,6 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 from harness import (
-    REPO,
     AgentProcess,
     Broker,
     Collector,
@@ -25,6 +24,7 @@ from harness import (
     free_port,
     run_cli,
     sim_config,
+    start_tail,
     wait_for,
     write_config,
 )
@@ -314,9 +314,7 @@ def test_tail_follows_the_station_to_the_broker_it_fails_over_to(tmp_path):
     cfg = write_config(tmp_path / "station.yaml", config)
     agent = AgentProcess(cfg)
     out = tmp_path / "tail.out"
-    with out.open("w") as stdout:
-        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "tail", "-c", str(cfg)], cwd=REPO,
-                                stdout=stdout, stderr=subprocess.STDOUT)
+    proc = start_tail(cfg, out)
     try:
         wait_for(lambda: "\ndata   #" in out.read_text(), 20, "readings shown by tail")
         assert f"# subscribed to env/TEST0001/# on 127.0.0.1:{broker.port}" in out.read_text()

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 
-from harness import REPO, Broker, run_cli, sim_config, wait_for, write_config
+from harness import Broker, run_cli, sim_config, start_tail, wait_for, write_config
 
 
 def test_tail_stopped_by_sigterm_ends_with_status_0_as_on_ctrl_c(tmp_path):
@@ -17,9 +16,7 @@ def test_tail_stopped_by_sigterm_ends_with_status_0_as_on_ctrl_c(tmp_path):
     broker = Broker(tmp_path / "broker").start()
     cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker))
     out = tmp_path / "tail.out"
-    with out.open("w") as stdout:
-        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "tail", "-c", str(cfg)], cwd=REPO,
-                                stdout=stdout, stderr=subprocess.PIPE, text=True)
+    proc = start_tail(cfg, out, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: out.read_text().startswith("# subscribed"), 20, "tail subscribed")
         proc.send_signal(signal.SIGTERM)

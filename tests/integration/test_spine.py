@@ -30,6 +30,7 @@ from harness import (
     run_cli,
     silent_listener,
     sim_config,
+    start_tail,
     wait_for,
     write_config,
 )
@@ -663,9 +664,7 @@ def test_tail_says_when_its_connection_drops_and_ends_on_ctrl_c_without_saying_s
     outputs = []
     for name in ("ctrl-c", "broker-stop"):
         out = tmp_path / f"tail-{name}.out"
-        with out.open("w") as stdout:
-            proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "tail", "-c", str(cfg)], cwd=REPO,
-                                    stdout=stdout, stderr=subprocess.PIPE, text=True)
+        proc = start_tail(cfg, out, stderr=subprocess.PIPE)
         outputs.append((proc, out))
         wait_for(lambda out=out: out.read_text().startswith("# subscribed"), 20, f"tail ({name}) subscribed")
     try:
@@ -691,9 +690,7 @@ def test_tail_prints_what_anyone_publishes_without_letting_it_forge_lines_or_dri
     escaped; each message still gives its lines."""
     cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker))
     out = tmp_path / "tail.out"
-    with out.open("w") as stdout:
-        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "tail", "-c", str(cfg)], cwd=REPO,
-                                stdout=stdout, stderr=subprocess.PIPE, text=True)
+    proc = start_tail(cfg, out, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: out.read_text().startswith("# subscribed"), 20, "tail subscribed")
         publish = lambda topic, payload: collector.client.publish(f"env/TEST0001/{topic}", payload,  # noqa: E731
@@ -739,9 +736,7 @@ def test_tail_says_when_it_cannot_reach_the_broker(tmp_path, broker):
     port = free_port()
     cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker))
     out = tmp_path / "tail.out"
-    with out.open("w") as stdout:
-        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "tail", "-c", str(cfg), "--url",
-                                 f"mqtt://127.0.0.1:{port}"], cwd=REPO, stdout=stdout)
+    proc = start_tail(cfg, out, "--url", f"mqtt://127.0.0.1:{port}", stderr=None)
     try:
         wait_for(lambda: out.read_text(), 10, "a line from tail")
         assert out.read_text().splitlines()[0] == f"# cannot connect to 127.0.0.1:{port} (Connection refused); retrying"

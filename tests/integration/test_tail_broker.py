@@ -5,18 +5,10 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import threading
-from pathlib import Path
 
-from harness import REPO, Broker, free_port, silent_listener, sim_config, wait_for, write_config
+from harness import Broker, free_port, silent_listener, sim_config, start_tail, wait_for, write_config
 from test_tls_and_limits import make_pki
-
-
-def start_tail(cfg: Path, out: Path, env: dict | None = None) -> subprocess.Popen:
-    with out.open("w") as stdout:
-        return subprocess.Popen([sys.executable, "-m", "agent.cli", "tail", "-c", str(cfg)], cwd=REPO,
-                                stdout=stdout, stderr=subprocess.STDOUT, env=env)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -73,7 +65,7 @@ def test_failover_urls_that_mix_mqtt_and_mqtts_each_get_their_own_tls(tmp_path):
             config["mqtt"]["urls"] = urls
             cfg = write_config(tmp_path / f"{name}.yaml", config)
             out = tmp_path / f"{name}.out"
-            procs.append(start_tail(cfg, out, env))
+            procs.append(start_tail(cfg, out, env=env))
             wait_for(lambda out=out: "# subscribed" in out.read_text(), 30, f"tail ({name}) subscribed")
             assert f"# subscribed to env/TEST0001/# on 127.0.0.1:{target.port}" in out.read_text().splitlines()
     finally:
