@@ -10,20 +10,12 @@ from zoneinfo import ZoneInfo
 from hj212_strict import STANDARD_ACK, STANDARD_EXAMPLE, build, check, crc_hj212
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from instruments import crc16_modbus
 
 from agent import hj212
 
 EXAMPLE_SEGMENT = (b"QN=20160801085857223;ST=32;CN=1062;PW=100000;MN=010000A8900016F000169DC0;Flag=5;"
                    b"CP=&&RtdInterval=30&&")
-
-
-def modbus_crc(data: bytes) -> int:
-    crc = 0xFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-    return crc
 
 
 def test_the_checker_reproduces_domain_md_examples_exactly():
@@ -34,7 +26,7 @@ def test_the_checker_reproduces_domain_md_examples_exactly():
 
 
 def test_the_checker_refuses_what_domain_md_forbids():
-    modbus = b"##0101" + EXAMPLE_SEGMENT + b"%04X\r\n" % modbus_crc(EXAMPLE_SEGMENT)
+    modbus = b"##0101" + EXAMPLE_SEGMENT + b"%04X\r\n" % crc16_modbus(EXAMPLE_SEGMENT)
     assert any("CRC" in p for p in check(modbus).problems)
     assert any("length" in p for p in check(STANDARD_EXAMPLE.replace(b"##0101", b"##0100")).problems)
     seg = "QN=20261201000000000;ST=32;CN=2011;PW=123456;MN=M1;Flag=4;CP=&&DataTime=20261201000000;{}&&"
