@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import sqlite3
 import struct
@@ -59,6 +60,22 @@ READING_JSON = ("json_object('seq',seq,'device',device,'channel',channel,"
                 f"WHEN value<-{FLOAT_MAX_15} THEN -{FLOAT_MAX_15} "
                 "WHEN abs(value)>=1e15 AND value=CAST(value AS INTEGER) "
                 "THEN CAST(value AS INTEGER) ELSE value END,'unit',unit,'flag',flag)")
+
+
+# An aggregate row's `period`; NULL for a body that is not JSON (one holding `Infinity`, as versions before
+# insert_event refused non-finite numbers stored them): json_extract raised on it, failing the whole query.
+PERIOD_OF_BODY = "CASE WHEN json_valid(body) THEN json_extract(body, '$.period') END"
+
+
+def _finite(value: object) -> object:
+    """`value` with NaN and infinities made None, in dicts and lists too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -704,8 +721,14 @@ class Buffer:
             raise ValueError(f"not an event stream: {stream}")
         seq = self._next_seqs(stream, 1)
         body = {"seq": seq, **body}
-        self.conn.execute(f"INSERT INTO {stream}(seq, ts_ms, body) VALUES (?,?,?)",
-                          (seq, ts_ms, json.dumps(body, separators=(",", ":"))))
+        try:
+            text = json.dumps(body, separators=(",", ":"), allow_nan=False)
+        except ValueError:
+            # inf or NaN (statistics of a float64 instrument's 1.8e308): JSON cannot say them, and a body
+            # holding `Infinity` made SQLite's json_extract fail on the whole table (see PERIOD_OF_BODY)
+            log.warning("%s event seq %d: a number that is not finite is stored as null", stream, seq)
+            text = json.dumps(_finite(body), separators=(",", ":"), allow_nan=False)
+        self.conn.execute(f"INSERT INTO {stream}(seq, ts_ms, body) VALUES (?,?,?)", (seq, ts_ms, text))
         return seq
 
     def set_sent_upto(self, stream: str, seq: int) -> None:
@@ -1046,7 +1069,7 @@ class Buffer:
         last computed, not the latest start: periods computed while the clock was years ahead, before it was
         corrected, must not count every period until then as done (SQLite takes `ts_ms` from the max(seq) row)."""
         rows = self.conn.execute(
-            f"SELECT json_extract(body, '$.period'), ts_ms, max(seq) FROM {STREAM_AGGREGATES} "
+            f"SELECT {PERIOD_OF_BODY}, ts_ms, max(seq) FROM {STREAM_AGGREGATES} "
             f"WHERE seq > (SELECT coalesce(max(seq), 0) FROM {STREAM_AGGREGATES}) - ? GROUP BY 1", (within,)
         ).fetchall()
         return {str(name): int(start) for name, start, _ in rows if name is not None}
@@ -1069,7 +1092,7 @@ class Buffer:
             sql += " AND (ts_ms > ? OR seq > ?)"
             args += [after[0], after[1]]
         if unit is not None:
-            sql += " AND substr(json_extract(body, '$.period'), -1) = ?"
+            sql += f" AND substr({PERIOD_OF_BODY}, -1) = ?"
             args.append(unit)
         sql += " ORDER BY ts_ms, seq LIMIT ?"
         args.append(limit)

@@ -904,6 +904,30 @@ def test_newest_period_starts_is_the_last_computed_period_not_the_latest_start(t
     buf.close()
 
 
+def test_an_event_body_with_infinity_or_nan_is_stored_as_json_and_never_stops_the_period_queries(tmp_path):
+    """An event body holding inf or NaN (an aggregate of a float64 instrument's 1.8e308) was stored as
+    `Infinity`, which is not JSON: SQLite's json_extract then failed on it, so the aggregator's start could
+    not read the newest periods (its open periods restarted empty) and every HJ 212 backfill of a range
+    holding that row failed. Such numbers are stored as null; rows stored so by an older version are
+    passed over by those queries."""
+    buf = Buffer.open_writer(tmp_path / "b.db")
+    buf.begin()
+    buf.insert_event(STREAM_AGGREGATES, 600_000, {"period": "10m", "avg": None, "min": float("inf"),
+                                                  "max": float("nan"), "count": 3})
+    buf.insert_event(STREAM_AGGREGATES, 1_200_000, {"period": "10m"})
+    buf.insert_event(STREAM_AGGREGATES, 0, {"period": "1h", "min": -float("inf")})
+    buf.conn.execute(f"UPDATE {STREAM_AGGREGATES} SET body = ? WHERE seq = 2",  # as an older version stored it
+                     ('{"seq":2,"period":"10m","min":Infinity}',))
+    buf.commit()
+    bodies = [body for (body,) in buf.conn.execute(f"SELECT body FROM {STREAM_AGGREGATES} WHERE seq != 2")]
+    assert [json.loads(b, parse_constant=lambda name: 1 / 0) for b in bodies] == [
+        {"seq": 1, "period": "10m", "avg": None, "min": None, "max": None, "count": 3},
+        {"seq": 3, "period": "1h", "min": None}]
+    assert buf.newest_period_starts() == {"10m": 600_000, "1h": 0}
+    assert [r.seq for r in buf.aggregates_between(0, 2_000_000, unit="m")] == [1]
+    buf.close()
+
+
 def test_encoded_values_keep_their_digits(tmp_path):
     """The JSON SQLite builds for the data topic: whole numbers up to 2^53 (64-bit counters) digit for
     digit, ordinary values in their usual form, null as null."""
