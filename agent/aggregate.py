@@ -21,8 +21,10 @@ Decisions (the README's aggregate section should repeat them for technicians):
   average is the mean of all the day's valid values, exactly.
 - Valid values: non-null, finite, flag N or T (T, above the measuring range, is still a measurement;
   leaving it out would bias the mean down exactly when the water is worst). avg, min, max and count use
-  valid values only. A reading with another flag, or with no value, is abnormal (null flagged N or T
-  counts as B).
+  valid values only. Values near the double max (a float64 register of a misbehaving instrument) still
+  give a finite mean (a sum that overflows goes on scaled down); min and max are the values as the data
+  topic publishes them (15 digits; the double max as 1.79769313486231e308, as the readings say it). A
+  reading with another flag, or with no value, is abnormal (null flagged N or T counts as B).
 - Flag. Expected values = period length / device interval; a period needs
   ceil(`min_valid` x expected) valid values, never more than the polls that fit in it (default share
   0.75, the standard's "at least 75 %"; at water stations the minute period's default is every
@@ -49,9 +51,9 @@ Decisions (the README's aggregate section should repeat them for technicians):
   * With `aggregate.flow`, concentrations (unit mg/L, ug/L, ng/L or g/L, or the channels listed in
     `flow_weighted`) of any device get a flow-weighted avg = sum(c_i q_i) / sum(q_i), q_i being the
     flow's last valid value at most 2 flow-device intervals from c_i; values without such a flow value
-    are left out of the weighting; with none paired, or sum(q_i) = 0, avg is the plain mean. Their cou
-    is the load in kg: avg x the flow channel's volume of the same period x the unit factor
-    (mg/L x m3 = g, / 1000).
+    are left out of the weighting; with none paired, or sum(q_i) = 0, or sums that overflow, avg is the
+    plain mean. Their cou is the load in kg: avg x the flow channel's volume of the same period x the
+    unit factor (mg/L x m3 = g, / 1000).
 - Emission: a period is computed when the wall clock passes its end + `aggregate.grace` (default 2 s,
   for the last poll's readings to be committed); readings are placed in periods by their own
   timestamps. A reading whose period has already been computed (late, or the clock stepped back) is
@@ -131,6 +133,8 @@ REPLAY_BATCH = 5000  # readings read at a time when rebuilding periods at start
 SEQ_INDEX_MINUTES = 1500  # minutes (a day and more) whose first seq is kept for a reload's new kinds
 RELOAD_REPLAY_MAX = 200_000  # readings a reload may replay into its new kinds (about a second of work)
 UNKNOWN_INTERVAL_S = 60.0  # device interval assumed for a device no longer configured
+FLOAT_MAX_15 = 1.79769313486231e308  # the largest double as published (15 digits): agent.buffer.FLOAT_MAX_15
+SCALE_DOWN = 2.0 ** -64  # a sum that overflows the double goes on scaled by this (see _Acc.add_value)
 DAY_VALID_HOURS = 20  # DOMAIN.md: "a day [needs] 20 valid hours" (unless the file gives min_valid/min_count.day)
 
 # Flow codes whose cou is a volume, with the unit assumed when the reading names none (DOMAIN.md).
@@ -165,6 +169,14 @@ def _norm_unit(unit: str | None) -> str:
 def _severity(flag: str) -> int:
     index = FLAG_SEVERITY.find(flag)
     return index if index >= 0 else len(FLAG_SEVERITY)
+
+
+def _as_published(x: float) -> float:
+    """A reading's value as the data topic publishes it (15 significant digits, SQLite's JSON), so that a
+    period's min and max are the readings' own numbers. The few doubles above FLOAT_MAX_15 round up to
+    infinity, which JSON cannot say: they are FLOAT_MAX_15, as the readings say them (`agent.buffer`)."""
+    rounded = float(f"{x:.15g}")
+    return rounded if math.isfinite(rounded) else math.copysign(FLOAT_MAX_15, x)
 
 
 def _number(x: float | None) -> float | None:
@@ -252,8 +264,8 @@ class _Role:
 class _Acc:
     """One channel in one period."""
 
-    __slots__ = ("role", "n", "count", "total", "comp", "low", "high", "abnormal", "vol", "last_ts", "last_q",
-                 "cq", "qsum", "hours")
+    __slots__ = ("role", "n", "count", "total", "comp", "scaled", "low", "high", "abnormal", "vol", "last_ts",
+                 "last_q", "cq", "qsum", "hours")
 
     def __init__(self, role: _Role):
         self.role = role
@@ -261,6 +273,7 @@ class _Acc:
         self.count = 0  # valid values
         self.total = 0.0  # their sum (Neumaier-compensated with comp)
         self.comp = 0.0
+        self.scaled = False  # the sum overflowed the double: `total` holds it times SCALE_DOWN
         self.low = math.inf
         self.high = -math.inf
         self.abnormal: set[str] = set()
@@ -272,12 +285,23 @@ class _Acc:
         self.hours: dict[int, int] = {}  # day periods: valid values per local hour (start in Unix ms)
 
     def add_value(self, x: float) -> None:
-        t = self.total + x
-        if abs(self.total) >= abs(x):
-            self.comp += (self.total - t) + x
+        """A valid (finite) value. Values near the double max (a float64 register of a misbehaving
+        instrument reads 1.5e308) overflow the sum: from then on it is kept times SCALE_DOWN, so that the
+        mean is still the values' mean, not NaN (the body's avg was null with a count of 10)."""
+        if self.scaled:
+            self.total += x * SCALE_DOWN
         else:
-            self.comp += (x - t) + self.total
-        self.total = t
+            t = self.total + x
+            if math.isinf(t):
+                self.total = (self.total + self.comp) * SCALE_DOWN + x * SCALE_DOWN
+                self.comp = 0.0
+                self.scaled = True
+            else:
+                if abs(self.total) >= abs(x):
+                    self.comp += (self.total - t) + x
+                else:
+                    self.comp += (x - t) + self.total
+                self.total = t
         self.count += 1
         if x < self.low:
             self.low = x
@@ -285,6 +309,8 @@ class _Acc:
             self.high = x
 
     def mean(self) -> float:
+        if self.scaled:
+            return self.total / self.count / SCALE_DOWN  # within [low, high]: finite but for rounding
         return (self.total + self.comp) / self.count
 
     def integrate(self, ts: int, q: float, start: int, before: tuple[int, float] | None) -> None:
@@ -763,8 +789,10 @@ class Aggregator:
             if acc.count:
                 # 15 significant digits, as the readings themselves are published (SQLite's JSON):
                 # a reading shown as 15.177 on the data topic is not 15.177000000000001 here.
-                low, high = float(f"{acc.low:.15g}"), float(f"{acc.high:.15g}")
-                mean = acc.cq / acc.qsum if role.weighted and acc.qsum > 0 else acc.mean()
+                low, high = _as_published(acc.low), _as_published(acc.high)
+                mean = acc.cq / acc.qsum if role.weighted and acc.qsum > 0 else math.nan
+                if not math.isfinite(mean):  # not weighted, or c x q overflowed (a flow of 1e308): plain mean
+                    mean = acc.mean()
                 mean = min(max(mean, low), high)
                 rounded = _number(mean)  # then kept within [min, max] too: rounding may leave them
                 avg = None if rounded is None else min(max(rounded, low), high)

@@ -822,6 +822,33 @@ def test_min_and_max_carry_the_digits_the_readings_are_published_with():
     assert (got["min"], got["max"]) == (15.177, 16.2)
 
 
+DOUBLE_MAX = 1.7976931348623157e308
+FLOAT_MAX_15 = 1.79769313486231e308  # the largest double the readings are published with (agent.buffer)
+
+
+def test_values_near_the_double_max_give_a_finite_mean_min_and_max():
+    """A misbehaving float64 instrument reads 1.5e308, or the double max itself: the sum of two such
+    values overflows, and the mean was NaN (published as null with count 10); min and max of the double
+    max, rounded to 15 digits, were infinity (stored as `Infinity`, which is not JSON). The statistics
+    are those of the values, as finite numbers, and never above what the readings are published with."""
+    config = make_config({"minute": 10, "hour": False, "day": False, "flow": "flow.w00000"}, station_type="other")
+    rig = Rig(config, now=t("01:59:00"))
+    rig.feed(every("cod", "w01018", t("02:00:10"), 60, [DOUBLE_MAX] * 10)
+             + every("pm", "a34004", t("02:00:00"), 60, [1.5e308] * 5 + [-1.5e308] * 4 + [3.0])
+             + every("cod", "w21003", t("02:00:10"), 60, [1.5e308] * 10)
+             + every("flow", "w00000", t("02:00:00"), 60, [1.5e308] * 10))
+    rig.at(t("02:10:02"))
+    got = {b["channel"]: b for b in rig.rec.bodies()}
+    for b in got.values():
+        assert all(v is None or math.isfinite(v) for v in (b["avg"], b["min"], b["max"], b["cou"])), b
+        json.dumps(b, allow_nan=False)
+    assert (got["w01018"]["avg"], got["w01018"]["min"], got["w01018"]["max"]) == (FLOAT_MAX_15,) * 3
+    assert got["a34004"]["avg"] == pytest.approx((1.5e308 + 3.0) / 10)  # 5 x 1.5e308 - 4 x 1.5e308 + 3
+    assert (got["a34004"]["min"], got["a34004"]["max"]) == (-1.5e308, 1.5e308)
+    # Flow-weighted with a flow of 1.5e308: sum(c q) overflows; the weighted mean of equal values is the value.
+    assert got["w21003"]["avg"] == 1.5e308 and got["w00000"]["avg"] == 1.5e308
+
+
 def test_periods_of_a_time_without_aggregates_are_not_computed_after_they_are_enabled_again():
     rig = Rig(make_config({"minute": 10, "hour": False, "day": False}), now=t("01:59:00"))
     rig.feed(every("cod", "w01018", t("02:00:00"), 60, [10] * 12))
