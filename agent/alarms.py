@@ -35,9 +35,11 @@ Decisions (the README's alarm section repeats them for technicians):
   milliseconds after its turn): a delay of two poll intervals raises on the third value, always.
 - `window: S` compares the mean of the readings of the last S seconds (reading timestamps, kept in
   WINDOW_BUCKETS buckets of S/120) and is evaluated only once the readings cover MIN_WINDOW_COVERAGE
-  of the window (span of the readings plus one poll interval), so a restart does not alarm on a
-  "15-minute mean" of one value. Windows are saved with the alarm state and restored on start. A
-  reading more than S older than the newest one (the clock stepped back) restarts the window.
+  of the window (span of the readings plus one poll interval, at most one interval per reading), so a
+  restart does not alarm on a "15-minute mean" of one value, nor a dropout (failed polls: null values,
+  which never enter the window) on one of 5 minutes of values and 10 minutes of gap. Windows are saved
+  with the alarm state and restored on start. A reading more than S older than the newest one (the
+  clock stepped back) restarts the window.
 - `background: dev.ch` is subtracted: its window mean (same S, the readings of the S seconds before the
   site's reading, covering MIN_WINDOW_COVERAGE of them as the site's must) or, without a window, its last
   value while it is at most BACKGROUND_HOLD_INTERVALS of its device's intervals from the site's reading,
@@ -112,7 +114,7 @@ from agent.alarmrules import (
     _Rule,
     _taken_at,
 )
-from agent.alarmwindow import MIN_WINDOW_COVERAGE, _Window
+from agent.alarmwindow import MIN_WINDOW_COVERAGE, _Window, covered
 from agent.config import Alarm, Config
 from agent.logutil import RateLimitedLog
 from agent.model import STREAM_ALARMS, Reading, iso_utc_ms, now_ms
@@ -630,7 +632,7 @@ class AlarmEngine:
         if rule.window is not None:
             w = ch.windows[rule.window]
             interval_ms = self._intervals.get(ch.device, 0.0) * 1000
-            if w.covered_ms() + interval_ms < MIN_WINDOW_COVERAGE * w.span_ms:
+            if covered(w.covered_ms(), w.count, interval_ms) < MIN_WINDOW_COVERAGE * w.span_ms:
                 return None
             x = w.mean()
         else:
@@ -664,8 +666,8 @@ class AlarmEngine:
             # The site's reading's time on the background's clock; windows restored at a start, before the
             # background's first reading of this run, by the site's own time.
             at = ts_ms if since_ms is None or bg.last_value_ms is None else bg.last_value_ms + round(since_ms)
-            mean, covered = w.since(at - w.span_ms)
-            return mean if covered + interval_ms >= MIN_WINDOW_COVERAGE * w.span_ms else None
+            mean, span, count = w.since(at - w.span_ms)
+            return mean if covered(span, count, interval_ms) >= MIN_WINDOW_COVERAGE * w.span_ms else None
         if since_ms is None or abs(since_ms) > BACKGROUND_HOLD_INTERVALS * interval_ms:
             return None
         return bg.last_value

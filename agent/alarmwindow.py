@@ -2,7 +2,7 @@
 channel's readings of the last S seconds (reading timestamps) in about WINDOW_BUCKETS (sum, count)
 buckets, and how it is saved with the alarm state and restored (`to_json`, `from_json`);
 MIN_WINDOW_COVERAGE, the share of the window its readings must cover before the engine
-(`agent.alarms`) compares the mean with a limit.
+(`agent.alarms`) compares the mean with a limit, and `covered`, the time they cover.
 
 Imports nothing from the project.
 """
@@ -15,6 +15,17 @@ from typing import Any
 
 MIN_WINDOW_COVERAGE = 0.75  # a window mean needs readings over this share of the window
 WINDOW_BUCKETS = 120  # a window keeps at most about this many (sum, count) buckets
+
+
+def covered(span_ms: float, count: int, interval_ms: float) -> float:
+    """Milliseconds of a window that `count` readings spanning `span_ms` (oldest to newest) cover, each
+    reading standing for one poll `interval_ms`: their span plus one interval, and never more than one
+    interval per reading. A dropout inside the window (failed polls: null values, which never enter it)
+    is a gap: 5 minutes of values before 10 minutes of failed polls are no 15-minute mean, where their
+    span alone said the window was covered."""
+    if interval_ms <= 0:
+        return span_ms
+    return min(span_ms + interval_ms, count * interval_ms)
 
 
 class _Window:
@@ -102,23 +113,23 @@ class _Window:
         mean = self.total / self.count if self.count else math.nan
         return mean if math.isfinite(mean) else None
 
-    def since(self, horizon_ms: int) -> tuple[float | None, int]:
-        """(mean, covered milliseconds) of the readings in the buckets that end after `horizon_ms`, as
-        `_expire` would keep them: this window read from another channel's time (a background channel whose
-        readings stopped while the site's go on). (None, 0) when none is left."""
+    def since(self, horizon_ms: int) -> tuple[float | None, int, int]:
+        """(mean, span in milliseconds, count) of the readings in the buckets that end after `horizon_ms`,
+        as `_expire` would keep them: this window read from another channel's time (a background channel
+        whose readings stopped while the site's go on). (None, 0, 0) when none is left."""
         n = 0
         while n < len(self.index) and (self.index[n] + 1) * self.bucket_ms <= horizon_ms:
             n += 1
         if n == 0:
-            return self.mean(), self.covered_ms()
+            return self.mean(), self.covered_ms(), self.count
         if n == len(self.index) or self.newest is None:
-            return None, 0
+            return None, 0, 0
         count = sum(self.counts[n:])
         try:
             mean = math.fsum(self.sums[n:]) / count
         except OverflowError:
-            return None, 0
-        return (mean if math.isfinite(mean) else None), int(self.newest - self.oldest[n])
+            return None, 0, 0
+        return (mean if math.isfinite(mean) else None), int(self.newest - self.oldest[n]), count
 
     def covered_ms(self) -> int:
         """Milliseconds between the oldest and the newest reading in the window."""

@@ -273,6 +273,44 @@ def test_window_uses_the_rolling_mean_not_single_values():
     assert raised[0]["ts"] == ts(140)
 
 
+def test_a_dropout_inside_the_window_counts_as_a_gap_not_as_covered_time():
+    """A 900 s window polled every 10 s: 30 values of 100 (5 minutes), then 10 minutes of failed polls
+    (null, flag B), then one value of 100. The window's readings span 890 s, but they cover 310 s of it:
+    that is no 15-minute mean (it was taken for one and raised the alarm on 5 minutes of data). The mean
+    is compared again once the readings after the dropout cover 75 % of the window with the ones left."""
+    rig = Rig([{"channel": "dust.a34002", "above": 80, "window": 900}])
+    for t in range(0, 300, 10):
+        rig.feed("dust.a34002", 100, at=t)
+    for t in range(300, 890, 10):
+        rig.feed("dust.a34002", None, at=t, flag="B")
+    rig.feed("dust.a34002", 100, at=890)
+    assert rig.rec.events == [], "5 minutes of values in a 15-minute window are no 15-minute mean"
+    t = 890
+    while not rig.rec.events:
+        t += 10
+        rig.feed("dust.a34002", 100, at=t)
+        assert t < 2000
+    # Raised once the values in the window (t - 900, t] cover 675 s: those of 0..290 leave as t passes 900.
+    readings = [x for x in range(0, 300, 10) if x > t - 900] + list(range(890, t + 1, 10))
+    assert len(readings) * 10 >= 675 > (len(readings) - 1) * 10, (t, len(readings))
+    assert rig.rec.states() == [("dust.a34002:above", "raised")]
+
+
+def test_a_dropout_in_the_background_window_counts_as_a_gap():
+    """The background's window is read the same way: 5 minutes of its values in a 15-minute window
+    (a dropout between) are no background mean; the site's mean is then not compared."""
+    rig = Rig([{"channel": "dust.a34002", "above": 80, "window": 900, "background": "bg.a34002"}])
+    for t in range(0, 890, 10):
+        rig.feed("dust.a34002", 150, at=t)
+        if t < 300:
+            rig.feed("bg.a34002", 10, at=t)
+        else:
+            rig.feed("bg.a34002", None, at=t, flag="B")
+    rig.feed("bg.a34002", 10, at=890)
+    rig.feed("dust.a34002", 150, at=890)
+    assert rig.rec.events == [], "no background mean of 15 minutes: nothing subtracted, nothing compared"
+
+
 def test_values_near_the_double_max_in_a_window_break_neither_the_batch_nor_the_window():
     """A float64 register (or an HJ 212 `-Rtd`) may hold 1e308, a finite number: two of them in a window
     overflow its sum. That window has no mean while they are in it; the other readings of the batch are
@@ -542,8 +580,10 @@ def test_every_preset_names_its_standard_and_year_and_config_knows_them_all():
                          [row for row in PRESET_TABLE if row[2] is None])
 def test_a_preset_rule_raises_at_its_limit_with_its_window(preset, code, temperature, limit, window):
     device = "cod" if code.startswith("w") else "dust"
-    rig = Rig([{"channel": f"{device}.{code}", "preset": preset}])
     step = (window or 10) / 20
+    # The device is polled every `step` (a window mean needs 75 % of the values its interval gives).
+    devices = {name: {**dev, "interval": step} if name == device else dev for name, dev in DEVICES.items()}
+    rig = Rig([{"channel": f"{device}.{code}", "preset": preset}], devices=devices)
     for i in range(17):  # 80 % of the window: enough readings for a mean
         rig.feed(f"{device}.{code}", limit, at=i * step)  # at the limit is not above it
     assert rig.rec.events == []
