@@ -85,7 +85,10 @@ Decisions (the README's alarm section repeats them for technicians):
   seconds (the time "on" was confirmed is saved, so this holds across a restart). At start, a target
   whose alarm is active is written "on" again; one saved as "on" whose alarm is gone is written "off"
   (also when its last write failed: its state is unknown). A reload or restart that changes a written
-  target's `on`/`off` values writes its state again with them.
+  target's `on`/`off` values writes its state again with them. An output whose device a reload or
+  restart removed from the configuration (or made other than Modbus) is not written while it is so
+  (logged at each reload and start): no bus reaches it, and its off-write was retried every minute for
+  good; it is kept (in the saved state too), and switched off once the device is configured again.
 """
 
 from __future__ import annotations
@@ -415,6 +418,11 @@ class AlarmEngine:
                     prev.active_ids.clear()
                     targets[key] = prev
         self._targets = targets
+        for target in targets.values():
+            if not self._writable(target.device):
+                log.warning("alarm action output %s %s %d: device %s is no longer configured (as a Modbus device): "
+                            "it is not written (switched off) while it is not, and may have been left on",
+                            target.device, target.kind, target.address, target.device)
 
         # Rebind every channel known (config, saved state, seen so far) that is still configured: the
         # alarms of a removed device or channel are cleared below, and no stale rule watches it.
@@ -493,6 +501,11 @@ class AlarmEngine:
             self._clear_orphan(a)
         if orphans or not restoring:
             self._save()
+
+    def _writable(self, device: str) -> bool:
+        """Whether action writes can reach `device`: a Modbus device of the configuration."""
+        dev = self.config.devices.get(device)
+        return dev is not None and dev.driver in (None, "modbus")
 
     def _configured(self, key: str) -> bool:
         """Whether the configuration has channel `key` ("device.channel")."""
@@ -850,6 +863,8 @@ class AlarmEngine:
         for target in self._targets.values():
             if target.inflight is not None or target.written == target.desired:
                 continue
+            if not self._writable(target.device):
+                continue  # its device was removed (reload, restart): no bus reaches it; kept in case it comes back
             if target.written is None and not target.desired and not target.touched:
                 continue  # never written and not wanted: leave the device alone
             if now < target.retry_at:

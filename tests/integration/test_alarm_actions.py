@@ -406,3 +406,44 @@ def test_on_a_shared_rs485_line_a_dead_relay_delays_its_write_not_the_polls_and_
                       for _, f, a, _ in u.requests if f not in (1, 2, 3, 4)]
     assert set(writes_on_line) == {(9, 5, 0)}, writes_on_line
     assert line.crc_errors == 0, "a frame on the line was garbled"
+
+
+def test_an_output_whose_device_a_reload_removed_is_left_alone_and_switched_off_when_it_is_back(
+        tmp_path, broker, collector, servers):
+    """The alarm has cleared and the fog cannon's off-write waits for min_on when a reload (SIGHUP) removes
+    the fog device from the file. No bus reaches it any more: the agent no longer tries to write it (it
+    tried, failing with 'not a Modbus device being polled', every minute for good), says so once, and
+    switches the cannon off when a second reload puts the device back."""
+    min_on = 4.0
+    dust = dust_monitor(HIGH)
+    fog = RelayBoard()
+    fog.set("coil", 0, [0])
+    server = servers({1: dust, 5: fog})
+    config = fog_cannon_config(tmp_path, broker, server, {"device": "fog", "coil": 0, "min_on": min_on})
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        on_at = wait_for(lambda: fog.first_write("coil", 0, 1), STARTUP_S, "fog cannon coil 0 switched on")
+        dust.set("holding", 0, [LOW])
+        wait_for(lambda: states(collector) == [(ALARM_ID, "raised"), (ALARM_ID, "cleared")], 10,
+                 "the alarm cleared on P/alarm")
+        assert time.monotonic() < on_at + min_on - 0.5, "cleared too late to reload within min_on"
+        without_fog = {**config, "devices": {"dust": config["devices"]["dust"]},
+                       "alarms": [{"channel": "dust.a34002", "above": LIMIT, "hysteresis": 2}]}
+        write_config(cfg, without_fog)
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: "device fog is no longer configured" in agent.log(), 15, "the reload's warning")
+        # Well past min_on and the first retries (2 s, 4 s): the dust monitor polled 40 more times.
+        polls = server.core.counters[1].requests
+        wait_for(lambda: time.monotonic() > on_at + min_on + 6 and server.core.counters[1].requests >= polls + 40,
+                 30, "min_on and the retries' time passing")
+        assert "not a Modbus device being polled" not in agent.log()
+        assert "alarm action fog coil 0 off failed" not in agent.log()
+        assert fog.get("coil", 0) == [1], "left alone while its device is not configured"
+        write_config(cfg, config)
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: fog.first_write("coil", 0, 0), 15, "fog cannon coil 0 switched off once configured again")
+    finally:
+        assert agent.stop() == 0
+    assert [(tb, a, v) for _, tb, a, v in fog.log()] == [("coil", 0, 1), ("coil", 0, 0)]
+    assert states(collector) == [(ALARM_ID, "raised"), (ALARM_ID, "cleared")]

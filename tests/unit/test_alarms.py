@@ -952,6 +952,34 @@ def test_two_alarms_driving_one_output_keep_it_on_until_both_clear():
     assert writer.values() == [True, False]
 
 
+def test_an_output_whose_device_a_reload_removed_is_not_written_until_the_device_is_back(caplog):
+    """The off-write of the fog cannon is pending (min_on) or failing when a reload removes the fog device
+    from the file: no bus reaches it any more, and the write was retried every minute for good (and after
+    every restart, the target being saved). It is not written while the device is gone (logged), and
+    switched off once a reload configures the device again."""
+    writer = FakeWriter()
+    rig = Rig([FOG], writer=writer)
+    rig.feed("dust.a34002", 90, at=0)
+    writer.fail = 100  # the relay board does not answer
+    rig.feed("dust.a34002", 10, at=61)  # cleared; the off-write fails, and is retried
+    rig.tick(64)
+    assert writer.values() == [True, False, False]
+    without_fog = {name: dev for name, dev in DEVICES.items() if name != "fog"}
+    rule = {"channel": "dust.a34002", "above": 80}
+    with caplog.at_level(logging.WARNING, logger="agent.alarms"):
+        rig.engine.reconfigure(make_config([rule], without_fog))
+        for t in range(65, 3600, 5):
+            rig.tick(t)
+    assert writer.values() == [True, False, False], "no write to a device no longer configured"
+    assert "device fog is no longer configured" in caplog.text
+    assert json.loads(rig.saved())["actions"]["fog|coil|0"]["written"] is None, "kept, its state unknown"
+    writer.fail = 0  # the board is back, and so is the device in the file
+    rig.engine.reconfigure(make_config([rule]))
+    rig.tick(3600)
+    assert writer.values() == [True, False, False, False]
+    assert json.loads(rig.saved()).get("actions", {}) == {}, "switched off: forgotten"
+
+
 def test_an_off_write_that_failed_before_a_restart_is_done_after_it():
     writer = FakeWriter()
     rig = Rig([FOG], writer=writer)
