@@ -3,7 +3,9 @@
 Flags seq gaps and duplicates per stream, so a platform engineer (or the demo) sees at once whether
 delivery is complete. A message that is not JSON is read as an HJ 212 packet (`payload: hj212`): its
 CN, DataTime and items are shown, a bad frame is flagged, and the pieces of a split packet are shown
-once the last one arrives (HJ 212 has no seq: gaps cannot be flagged there).
+once the last one arrives (HJ 212 has no seq: gaps cannot be flagged there). A message larger than
+MAX_MESSAGE_BYTES is not decoded (its size and first bytes are shown), and no line shows more than
+MAX_LINE_CHARS characters of a message.
 Imports `agent.hj212` only (and paho).
 """
 
@@ -28,6 +30,13 @@ from agent.hj212 import Hj212Error, Packet, Reassembler, codes, decode
 from agent.logutil import printable
 
 MAX_MISSING_RANGES = 1000  # per stream; the oldest are forgotten beyond this
+# Whoever may publish under the station's topics chooses the size of what tail prints. A data message of
+# the largest batch (mqtt.max_batch 10 000 readings of ~130 bytes) is ~1.3 MB: beyond MAX_MESSAGE_BYTES a
+# message is not decoded, its size and its first SHOWN_BYTES are shown. No line shows more than
+# MAX_LINE_CHARS characters of it (a `status` reply of a station of 50 instruments is ~60 KB).
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+SHOWN_BYTES = 200
+MAX_LINE_CHARS = 100_000
 
 
 @dataclass
@@ -84,13 +93,27 @@ def format_message(topic: str, payload: bytes, tracker: SeqTracker) -> list[str]
     """Lines to print for one message; a message that does not have the shape of SPEC §4 is shown as
     malformed (tail goes on with the next one). Anyone allowed to publish under the station's topics
     (P/cmd: the platform) chooses what is printed: its control characters are shown escaped, so that
-    it can neither forge a line of its own nor drive the terminal (`logutil.printable`)."""
+    it can neither forge a line of its own nor drive the terminal (`logutil.printable`), and their size is
+    capped (MAX_MESSAGE_BYTES, MAX_LINE_CHARS)."""
     kind = topic.rsplit("/", 1)[-1] if not topic.endswith("/cmd/reply") else "reply"
-    try:
-        lines = _message_lines(kind, payload, tracker)
-    except Exception as exc:  # noqa: BLE001 - whatever a publisher sends, tail keeps printing
-        lines = [f"{kind:<6} MALFORMED ({type(exc).__name__}: {exc}): {payload[:120]!r}"]
-    return [printable(line) for line in lines]
+    if len(payload) > MAX_MESSAGE_BYTES:
+        shown = _PW_FIELD.sub(b"PW=***", payload[:SHOWN_BYTES])  # never an HJ 212 access password
+        lines = [f"{kind:<6} TOO LARGE: {len(payload)} bytes, not decoded; the first {SHOWN_BYTES} shown "
+                 f"({len(payload) - SHOWN_BYTES} cut): {shown!r}"]
+    else:
+        try:
+            lines = _message_lines(kind, payload, tracker)
+        except Exception as exc:  # noqa: BLE001 - whatever a publisher sends, tail keeps printing
+            lines = [f"{kind:<6} MALFORMED ({type(exc).__name__}: {exc}): {payload[:120]!r}"]
+    return [printable(_cut(line)) for line in lines]
+
+
+def _cut(line: str) -> str:
+    """`line` up to MAX_LINE_CHARS characters, then how many more there were (escaped afterwards:
+    a control character then takes up to 10 columns)."""
+    if len(line) <= MAX_LINE_CHARS:
+        return line
+    return f"{line[:MAX_LINE_CHARS]} \u2026 ({len(line) - MAX_LINE_CHARS} more characters not shown)"
 
 
 def _message_lines(kind: str, payload: bytes, tracker: SeqTracker) -> list[str]:

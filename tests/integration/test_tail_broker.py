@@ -7,8 +7,12 @@ import socket
 import subprocess
 import threading
 
+import paho.mqtt.client as mqtt
 from harness import Broker, free_port, silent_listener, sim_config, start_tail, wait_for, write_config
+from paho.mqtt.enums import CallbackAPIVersion
 from test_tls_and_limits import make_pki
+
+from agent.tail import MAX_MESSAGE_BYTES, SHOWN_BYTES
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -142,3 +146,31 @@ def test_a_broker_that_drops_tail_once_subscribed_is_retried_with_backoff(tmp_pa
         listener.close()
         for sock in accepted:
             sock.close()
+
+
+def test_a_huge_message_on_the_stations_topics_is_shown_cut_and_tail_goes_on(tmp_path, broker):
+    # A 100 MB payload of NUL bytes published under the station's topics (mosquitto takes up to 256 MB by
+    # default): tail decoded it, escaped it byte by byte and printed it whole, 400 MB of `\x00` on the
+    # technician's terminal after minutes, past 7 GB of memory on the gateway meanwhile. It now shows its
+    # size and its first bytes at once, and goes on with the next message.
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, broker))
+    out = tmp_path / "tail.out"
+    proc = start_tail(cfg, out)
+    publisher = mqtt.Client(CallbackAPIVersion.VERSION2)
+    try:
+        wait_for(lambda: "# subscribed" in out.read_text(), 30, "tail subscribed")
+        publisher.connect("127.0.0.1", broker.port)
+        publisher.loop_start()
+        size = 5 * MAX_MESSAGE_BYTES
+        publisher.publish("env/TEST0001/data", bytes(size), qos=1).wait_for_publish(30)
+        reading = b'{"readings":[{"seq":1,"device":"cod","channel":"w01018","ts":"T","value":2,"flag":"N"}]}'
+        publisher.publish("env/TEST0001/data", reading, qos=1).wait_for_publish(30)
+        wait_for(lambda: "data   #1 " in out.read_text(errors="replace"), 15, "the next message printed")
+        assert out.read_text().splitlines()[1:] == [
+            f"data   TOO LARGE: {size} bytes, not decoded; the first {SHOWN_BYTES} shown ({size - SHOWN_BYTES} cut): "
+            f"{bytes(SHOWN_BYTES)!r}",
+            "data   #1 cod.w01018 T 2  N"]
+    finally:
+        publisher.loop_stop()
+        publisher.disconnect()
+        stop(proc)

@@ -15,3 +15,32 @@ def test_a_jump_while_tail_was_disconnected_is_not_called_a_loss_of_the_station(
     assert tracker.see("readings", 5) == "LATE (was missing)", "a resend of them still fills the hole"
     assert tracker.see("readings", 20) == "GAP 11..19 missing", "once back, a jump is the station's again"
     assert tracker.see("alarms", 7) == "", "a stream first seen after the reconnection starts there"
+
+
+def test_a_huge_message_is_shown_cut_with_its_size_not_printed_whole():
+    """Whoever may publish under the station's topics chose what tail printed, whole: a 100 MB payload of
+    NUL bytes took tail past 7 GB of memory (each escaped byte a string of its own), a gateway's OOM killer
+    then choosing among its processes (the agent's too). Beyond MAX_MESSAGE_BYTES a message is not decoded:
+    its first SHOWN_BYTES and its size are shown; no line is ever longer than MAX_LINE_CHARS."""
+    from agent.tail import MAX_LINE_CHARS, MAX_MESSAGE_BYTES, SHOWN_BYTES, format_message
+
+    tracker = SeqTracker()
+    size = MAX_MESSAGE_BYTES + 1
+    [line] = format_message("env/S/data", b"\x00" * size, tracker)
+    cut = size - SHOWN_BYTES
+    assert line == (f"data   TOO LARGE: {size} bytes, not decoded; the first {SHOWN_BYTES} shown "
+                    f"({cut} cut): {bytes(SHOWN_BYTES)!r}")
+    [line] = format_message("env/S/cmd", b"##0101QN=1;PW=secret;" + b"x" * size, tracker)
+    assert "TOO LARGE" in line and "secret" not in line and "PW=***" in line, "never the HJ 212 password"
+
+    for payload, shown in ((b"\x00" * MAX_MESSAGE_BYTES, "\\x00"), (b"a" * MAX_MESSAGE_BYTES, "a"),
+                           (b"\xc3\xa9" * (MAX_MESSAGE_BYTES // 2), "\u00e9")):
+        [line] = format_message("env/S/status", payload, tracker)
+        head = "status "  # the line's first MAX_LINE_CHARS characters are shown (escaped), then how many more
+        more = len(head) + len(payload.decode()) - MAX_LINE_CHARS
+        assert line == head + shown * (MAX_LINE_CHARS - len(head)) + f" \u2026 ({more} more characters not shown)"
+    # Real messages are untouched: a data message of the largest batch prints every reading, whole.
+    readings = ",".join(f'{{"seq":{s},"device":"cod","channel":"w01018","ts":"2026-01-01T00:00:00.000Z",'
+                        f'"value":1.5,"unit":"mg/L","flag":"N"}}' for s in range(1, 10_001))
+    lines = format_message("env/S/data", f'{{"readings":[{readings}]}}'.encode(), tracker)
+    assert len(lines) == 10_000 and lines[-1] == "data   #10000 cod.w01018 2026-01-01T00:00:00.000Z 1.5 mg/L N"
