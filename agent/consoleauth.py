@@ -1,8 +1,9 @@
 """Who may use the web console (`agent.console`): `_Password`, the console password (the file's
 content, re-read when the file changes; unusable: every request is refused), `_Throttle`, the wrong
 passwords of each client address (too many: 429), and `ConsoleError`, the console cannot start (a
-password file it cannot read, an address it cannot listen on). The check of a request's credentials
-is the HTTP handler's (`agent.consolehttp`).
+password file it cannot read, an address it cannot listen on), and `client_key`, who counts as one
+client (an IPv4 address, an IPv6 /64). The check of a request's credentials is the HTTP handler's
+(`agent.consolehttp`).
 
 Imports `agent.config` (`read_password_file`) and `agent.logutil`; nothing else from the project. Its
 log lines are the console's (logger `agent.console`).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import threading
 import time
@@ -25,6 +27,21 @@ log = logging.getLogger("agent.console")  # the console's lines, under one name 
 
 MAX_AUTH_FAILURES = 20  # wrong passwords from one address within AUTH_WINDOW_S before it gets 429
 AUTH_WINDOW_S = 60.0
+
+
+def client_key(host: str) -> str:
+    """The client a peer address counts as, for the limits that are per client (wrong passwords,
+    connections): an IPv4 address (also IPv4-mapped, as an IPv6 listener sees it), an IPv6 /64 (a host
+    chooses its own interface identifier: one machine has the whole /64)."""
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
 
 
 class ConsoleError(Exception):
@@ -75,7 +92,8 @@ class _Password:
 
 
 class _Throttle:
-    """Wrong passwords per client address: more than MAX_AUTH_FAILURES in AUTH_WINDOW_S → 429."""
+    """Wrong passwords per client (`client_key`: an IPv4 address, an IPv6 /64): MAX_AUTH_FAILURES in
+    AUTH_WINDOW_S → 429."""
 
     def __init__(self) -> None:
         self._failures: dict[str, deque[float]] = {}
@@ -84,7 +102,7 @@ class _Throttle:
     def blocked(self, client: str) -> bool:
         now = time.monotonic()
         with self._lock:
-            q = self._failures.get(client)
+            q = self._failures.get(client_key(client))
             if q is None:
                 return False
             while q and now - q[0] > AUTH_WINDOW_S:
@@ -95,4 +113,4 @@ class _Throttle:
         with self._lock:
             if len(self._failures) > 10_000:
                 self._failures.clear()
-            self._failures.setdefault(client, deque(maxlen=MAX_AUTH_FAILURES)).append(time.monotonic())
+            self._failures.setdefault(client_key(client), deque(maxlen=MAX_AUTH_FAILURES)).append(time.monotonic())

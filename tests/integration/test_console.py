@@ -23,6 +23,7 @@ import pytest
 from harness import REPO, AgentProcess, Broker, free_port, run_cli, sim_config, wait_for, write_config
 
 from agent.console import MAX_CLIENTS, MAX_HEAD_BYTES, REQUEST_DEADLINE_S
+from agent.consoleauth import AUTH_WINDOW_S, MAX_AUTH_FAILURES
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -48,8 +49,8 @@ def port_of(config: dict) -> int:
 
 
 def request(port: int, path: str, *, method: str = "GET", password: str | None = None, user: str = "technician",
-            headers: dict | None = None) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            headers: dict | None = None, host: str = "127.0.0.1") -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(host, port, timeout=10)
     try:
         sent = dict(headers or {})
         if password is not None:
@@ -253,6 +254,30 @@ def test_console_password_wrong_is_401_right_is_200(tmp_path, broker):
         assert agent.stop() == 0
     assert PASSWORD not in agent.log()
     assert "wrong password" in agent.log()
+
+
+def test_wrong_passwords_are_throttled_per_client_on_an_ipv6_listener(tmp_path, broker):
+    """A console on [::1]: MAX_AUTH_FAILURES wrong passwords from ::1 and its /64 (::/64, `client_key`;
+    loopback has no second address of it: the grouping of a /64 is tests/unit/test_console_clients.py's)
+    gets 429 for AUTH_WINDOW_S, the right password too, never the password in an answer or the log."""
+    (tmp_path / "console.pass").write_text(PASSWORD + "\n")
+    config = station(tmp_path, broker, console={"listen": f"[::1]:{free_port()}", "password_file": "console.pass"})
+    port = port_of(config)
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    try:
+        wait_for(lambda: console_up(port, host="::1"), 15, "the console listening on [::1]")
+        assert request(port, "/api/status", password=PASSWORD, host="::1")[0] == 200
+        answers = [request(port, "/api/status", password=f"guess{i}", host="::1") for i in range(MAX_AUTH_FAILURES)]
+        assert [status for status, _, _ in answers] == [401] * MAX_AUTH_FAILURES
+        for password in ("guess", PASSWORD):
+            status, headers, body = request(port, "/api/status", password=password, host="::1")
+            assert status == 429 and headers["retry-after"] == str(int(AUTH_WINDOW_S)), (status, headers)
+            assert json.loads(body) == {"error": "too many wrong passwords; try again in a minute", "status": 429}
+            answers.append((status, headers, body))
+        assert all(PASSWORD.encode() not in body and PASSWORD not in str(headers) for _, headers, body in answers)
+    finally:
+        assert agent.stop() == 0
+    assert "console: wrong password from ::1" in agent.log() and PASSWORD not in agent.log()
 
 
 # --------------------------------------------------------------------------------------------------
