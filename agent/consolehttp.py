@@ -6,10 +6,11 @@ stack trace, never the request's own bytes.
 
 One request per connection (HTTP/1.0). Its request line and headers must arrive whole within
 REQUEST_DEADLINE_S, or the connection is closed unanswered. At most MAX_CLIENTS connections are held; when
-they are all taken, a new connection takes the place of the oldest one still sending its request (that one is
-closed), so that clients trickling headers to hold slots (slowloris) cannot lock the technician out.
+they are all taken, a new connection takes the place of the oldest one still sending its request of the
+client holding the most (that one is closed), so that clients trickling headers to hold slots (slowloris),
+or opening connections faster than the technician's request arrives, cannot lock the technician out.
 
-Imports `agent.consoleauth` (`AUTH_WINDOW_S`), `agent.consoleapi`, `agent.consolepage`,
+Imports `agent.consoleauth` (`AUTH_WINDOW_S`, `client_key`), `agent.consoleapi`, `agent.consolepage`,
 `agent.payloads` (`finite`) and, for type checking only, `agent.console` (`Console`); nothing else from
 the project. Its log lines are the console's (logger `agent.console`).
 """
@@ -23,6 +24,7 @@ import logging
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from agent.consoleapi import _ROUTES, ApiError, _query
-from agent.consoleauth import AUTH_WINDOW_S
+from agent.consoleauth import AUTH_WINDOW_S, client_key
 from agent.consolepage import PAGE_BYTES, PAGE_CSP
 from agent.payloads import finite
 
@@ -76,11 +78,13 @@ def _head_end(data: bytearray, start: int) -> int:
 class _Server(ThreadingHTTPServer):
     """At most MAX_CLIENTS connections at once, each in a thread; IPv6 when asked.
 
-    A connection holds a slot from accept to close. When all are taken, a new connection evicts the oldest
-    one still sending its request (shut down under the lock: its handler's read ends and it closes): a
-    client cannot keep the technician out by opening connections and trickling headers, however many it
-    opens, and each slot it holds is lost after REQUEST_DEADLINE_S anyway. Only when every slot is busy
-    answering a complete request is the new connection closed unanswered (those answers take milliseconds).
+    A connection holds a slot from accept to close. When all are taken, a new connection evicts one still
+    sending its request (shut down under the lock: its handler's read ends and it closes): the oldest of
+    those of the client (`client_key`: an IPv4 address, an IPv6 /64) holding the most slots. A client
+    cannot keep the technician out by opening connections and trickling headers, however many it opens and
+    however fast: it takes its own slots, and each slot it holds is lost after REQUEST_DEADLINE_S anyway.
+    The new connection is closed unanswered instead when its client, another, would then hold more than
+    that one, or when every slot is busy answering a complete request (those answers take milliseconds).
     """
 
     daemon_threads = True
@@ -93,26 +97,39 @@ class _Server(ThreadingHTTPServer):
         self.console = console
         self._lock = threading.Lock()
         self._clients: dict[Any, bool] = {}  # connection -> still sending its request; in accept order
+        self._client_of: dict[Any, str] = {}  # connection -> its client_key
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        key = client_key(str(client_address[0]))
         with self._lock:
             if len(self._clients) >= MAX_CLIENTS:
-                oldest = next((conn for conn, sending in self._clients.items() if sending), None)
-                if oldest is None:
+                victim = self._victim()
+                held = Counter(self._client_of.values())
+                owner = self._client_of[victim] if victim is not None else key
+                if victim is None or (owner != key and held[key] + 1 > held[owner]):
                     self.shutdown_request(request)
                     return
-                del self._clients[oldest]
+                del self._clients[victim]
+                del self._client_of[victim]
                 try:
-                    oldest.shutdown(socket.SHUT_RDWR)
+                    victim.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
             self._clients[request] = True
+            self._client_of[request] = key
         try:
             super().process_request(request, client_address)
         except BaseException:
             self._release(request)
             raise
+
+    def _victim(self) -> Any:
+        """The oldest connection still sending its request of the client holding the most; None if none is
+        sending (under the lock)."""
+        held = Counter(self._client_of.values())
+        sending = [conn for conn, still in self._clients.items() if still]
+        return max(sending, key=lambda conn: held[self._client_of[conn]], default=None)  # the first of equals
 
     def request_arrived(self, request: Any) -> bool:
         """The handler has the whole request: no longer evictable. False if it was evicted meanwhile."""
@@ -125,6 +142,7 @@ class _Server(ThreadingHTTPServer):
     def _release(self, request: Any) -> None:
         with self._lock:
             self._clients.pop(request, None)
+            self._client_of.pop(request, None)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:

@@ -286,9 +286,10 @@ def test_wrong_passwords_are_throttled_per_client_on_an_ipv6_listener(tmp_path, 
 REQUEST_START = b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 
 
-def open_trickling(port: int) -> socket.socket:
-    """A connection that has sent a request line and a header, and not the blank line that ends the request."""
-    sock = socket.create_connection(("127.0.0.1", port), 5)
+def open_trickling(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A connection (from the loopback address `source`) that has sent a request line and a header, and not
+    the blank line that ends the request."""
+    sock = socket.create_connection(("127.0.0.1", port), 5, source_address=(source, 0))
     sock.sendall(REQUEST_START)
     return sock
 
@@ -309,9 +310,9 @@ class Trickler:
     """`count` trickling connections, each sending a header line every `every` s; a connection the console
     closes is opened again at the next round, so that they keep taking every slot they can get."""
 
-    def __init__(self, port: int, count: int, every: float = 1.0):
-        self.port, self.count, self.every = port, count, every
-        self.socks = [open_trickling(port) for _ in range(count)]
+    def __init__(self, port: int, count: int, every: float = 1.0, source: str = "127.0.0.1"):
+        self.port, self.count, self.every, self.source = port, count, every, source
+        self.socks = [open_trickling(port, source) for _ in range(count)]
         self.closed = 0  # connections the console closed
         self.answered = 0  # ... after sending something back (it never should: no request ever ends)
         self._stop = threading.Event()
@@ -331,7 +332,7 @@ class Trickler:
                 self.answered += bool(got)
             while len(live) < self.count and not self._stop.is_set():
                 try:
-                    live.append(open_trickling(self.port))
+                    live.append(open_trickling(self.port, self.source))
                 except OSError:
                     break
             self.socks = live
@@ -395,6 +396,33 @@ def test_trickling_clients_cannot_lock_the_technician_out(tmp_path, broker):
             trickler.stop()
         assert agent.stop() == 0
     assert "Traceback" not in agent.log()
+
+
+def test_a_client_flooding_connections_evicts_its_own_not_the_technicians(tmp_path, broker):
+    """When every slot is taken, a new connection took the place of the oldest one still sending its
+    request, whoever's it was: a client opening connections faster than the technician's request arrives
+    (a slow link, a request sent in pieces) closed the technician's. It now takes the place of one of the
+    client holding the most (an IPv4 address, an IPv6 /64: `consoleauth.client_key`)."""
+    config, port = password_station(tmp_path, broker)
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    trickler = None
+    try:
+        wait_for(lambda: console_up(port), 15, "the console listening")
+        auth = base64.b64encode(f"technician:{PASSWORD}".encode())
+        with socket.create_connection(("127.0.0.1", port), 10) as technician:
+            technician.sendall(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the rest comes later
+            extra = 8
+            trickler = Trickler(port, MAX_CLIENTS + extra, every=0.2, source="127.0.0.2")
+            wait_for(lambda: trickler.closed >= extra, REQUEST_DEADLINE_S - 2, "the console full")
+            technician.sendall(b"Authorization: Basic " + auth + b"\r\n\r\n")
+            answer = technician.recv(65536)
+        assert answer.startswith(b"HTTP/1.0 200 OK\r\n"), answer[:200]
+        assert trickler.answered == 0
+        assert agent.alive()
+    finally:
+        if trickler is not None:
+            trickler.stop()
+        assert agent.stop() == 0
 
 
 def test_a_request_must_arrive_whole_within_the_deadline(tmp_path, broker):
