@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import REPO, AgentProcess, Broker, free_port, run_cli, sim_config, wait_for, write_config
+from harness import REPO, AgentProcess, Broker, Collector, free_port, run_cli, sim_config, wait_for, write_config
 
 from agent.console import MAX_CLIENTS, MAX_HEAD_BYTES, REQUEST_DEADLINE_S
 from agent.consoleauth import AUTH_WINDOW_S, MAX_AUTH_FAILURES
@@ -492,6 +492,123 @@ def test_a_malformed_request_gets_a_400_with_status_line_and_headers_and_no_echo
         assert agent.alive()
     finally:
         assert agent.stop() == 0
+    assert "Traceback" not in agent.log()
+
+
+# --------------------------------------------------------------------------------------------------
+# A hostile client on the station's LAN, all at once: the station records on, the console answers after
+
+MQTT_PASSWORD = "mqtt-Secret-4711"
+AUTH = {"Authorization": "Basic " + base64.b64encode(f"technician:{PASSWORD}".encode()).decode()}
+AUTH_LINE = f"Authorization: {AUTH['Authorization']}\r\n".encode()
+
+# (raw request, the one status line it gets): each sent as is over its own connection
+ODD_REQUESTS = [
+    (b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n" + AUTH_LINE + b"Content-Length: 10\r\n\r\n0123456789",
+     "200 OK"),  # a body on GET: ignored
+    (b"GET /api/status HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE + b"Content-Length: 999999999999999999\r\n\r\nabc",
+     "200 OK"),
+    (b"GET /api/status HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+     "200 OK"),
+    (b"GET /api/alarms HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE + b"\r\n"
+     b"GET /api/status HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE + b"\r\n", "200 OK"),  # pipelined: one answer
+    (b"GET /api/status HTTP/1.0\r\n" + AUTH_LINE + b"\r\n", "200 OK"),  # HTTP/1.0 without Host
+    (b"HEAD /api/status HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE + b"\r\n", "200 OK"),
+    (b"GET /api/status HTTP/1.1\nHost: x\n" + AUTH_LINE.replace(b"\r", b"") + b"\n", "200 OK"),  # bare LF
+    (b"GET /api/history?channel=cod%zz.w01018 HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE + b"\r\n", "400 Bad Request"),
+    (b"GET /api/history?channel=%ff%fe.w01018 HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE + b"\r\n", "400 Bad Request"),
+    (b"GET /api/history?channel=cod.w01018&hours=%EF%BC%91 HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE + b"\r\n",
+     "400 Bad Request"),  # a fullwidth digit
+    (b"GET /api/history?channel=cod.w01018&hours=1% HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE + b"\r\n",
+     "400 Bad Request"),
+    (b"GET /api/history?channel=cod.w01018&hours=1&hours=2 HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE + b"\r\n",
+     "400 Bad Request"),
+    (b"GET /api/hist%6Fry?channel=cod.w01018 HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE + b"\r\n", "404 Not Found"),
+    (b"GET /%ff%00/../api/status HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE + b"\r\n", "404 Not Found"),
+    (b"GET //api/status HTTP/1.1\r\nHost: x\r\n" + AUTH_LINE + b"\r\n", "200 OK"),  # http.server: one /
+    (b"GET /api/status HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + AUTH_LINE + b"\r\n",
+     "431 Request Header Fields Too Large"),
+    (b"GET /api/status HTTP/1.1\r\nHost: x\r\nAuthorization: Basic " + base64.b64encode(b"a:" + b"x" * 40_000)
+     + b"\r\n\r\n", "401 Unauthorized"),
+    (b"GET /api/status HTTP/1.1\r\nHost: x\r\nAuthorization: Basic \xff\xfe\r\n\r\n", "401 Unauthorized"),
+]
+
+
+def flood_connections(port: int, source: str, stop: threading.Event, opened: list[int]) -> None:
+    """Connections opened as fast as the kernel takes them, never sending anything, closed in bulk."""
+    held: list[socket.socket] = []
+    while not stop.is_set():
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.bind((source, 0))
+        sock.connect_ex(("127.0.0.1", port))
+        held.append(sock)
+        opened[0] += 1
+        if len(held) >= 500:
+            for old in held:
+                old.close()
+            held.clear()
+            time.sleep(0.01)
+    for sock in held:
+        sock.close()
+
+
+def test_a_hostile_client_neither_stops_the_station_nor_keeps_the_technician_out(tmp_path):
+    """Idle and trickling connections, a connection flood and odd requests (a body on GET, pipelined
+    requests, HTTP/1.0 without Host, bad percent-encoding, repeated parameters, too many headers, a huge
+    Authorization) at once: readings reach the broker throughout, each odd request gets one answer of its
+    own, a legitimate request is answered within REQUEST_DEADLINE_S afterwards, and no password is in
+    any answer or log line."""
+    broker = Broker(tmp_path / "broker", passwords={"station": MQTT_PASSWORD}).start()
+    (tmp_path / "mqtt.pass").write_text(MQTT_PASSWORD + "\n")
+    config, port = password_station(tmp_path, broker)
+    config["mqtt"].update({"username": "station", "password_file": "mqtt.pass"})
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    collector = Collector(broker, "env/TEST0001/data", username="station", password=MQTT_PASSWORD)
+    trickler, stop, opened, flooders, idle = None, threading.Event(), [0], [], []
+    answers: list[bytes] = []
+    try:
+        wait_for(lambda: console_up(port), 15, "the console listening")
+        wait_for(lambda: collector.reading_seqs(), 15, "readings at the broker")
+        idle = [socket.create_connection(("127.0.0.1", port), 5, source_address=("127.0.0.2", 0))
+                for _ in range(2 * MAX_CLIENTS)]
+        trickler = Trickler(port, MAX_CLIENTS, every=0.5, source="127.0.0.3")
+        for raw, status in ODD_REQUESTS:
+            answer = raw_exchange(port, raw)
+            answers.append(answer)
+            assert answer.split(b"\r\n", 1)[0].decode("latin-1") == f"HTTP/1.0 {status}", (raw[:80], answer[:300])
+            assert answer.count(b"HTTP/1.0 ") == 1, f"one answer per connection: {answer[:300]!r}"
+            assert b"Traceback" not in answer
+        # Then a flood as well (the listen queue overflows: the console may answer slowly meanwhile).
+        flooders = [threading.Thread(target=flood_connections, args=(port, "127.0.0.4", stop, opened), daemon=True)
+                    for _ in range(2)]
+        for thread in flooders:
+            thread.start()
+        wait_for(lambda: opened[0] >= 1000, 15, "the flood under way")
+        before = max(collector.reading_seqs())
+        wait_for(lambda: max(collector.reading_seqs()) >= before + 10, 15, "10 more readings during the attack")
+    finally:
+        stop.set()
+        for thread in flooders:
+            thread.join(10)
+        if trickler is not None:
+            trickler.stop()
+        for sock in idle:
+            sock.close()
+    try:
+        started = time.monotonic()
+        wait_for(lambda: answered_200(port), REQUEST_DEADLINE_S, "the technician answered after the attack")
+        assert time.monotonic() - started <= REQUEST_DEADLINE_S
+        status, headers, body = request(port, "/api/status", password=PASSWORD)
+        answers.append(body)
+        assert status == 200 and agent.alive()
+    finally:
+        collector.close()
+        assert agent.stop() == 0
+        broker.stop()
+    for secret in (PASSWORD, MQTT_PASSWORD):
+        assert not [a for a in answers if secret.encode() in a], "a password in an answer"
+        assert secret not in agent.log(), "a password in the log"
     assert "Traceback" not in agent.log()
 
 
