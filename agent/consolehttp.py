@@ -269,8 +269,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _authorized(self, console: Console) -> bool:
         if console.password is None:
             # Loopback only: refuse names other than an IP or localhost, so that a web page the
-            # technician opens cannot reach the console through DNS rebinding.
-            if not _is_ip_or_localhost(self.headers.get("Host", "")):
+            # technician opens cannot reach the console through DNS rebinding. No Host (HTTP/1.0 by
+            # hand) names nothing DNS could rebind: a browser always sends one.
+            host = self.headers.get("Host", "")
+            if host.strip() and not _is_ip_or_localhost(host):
                 self._send_json(403, {"error": "open the console by address (http://127.0.0.1:PORT/)",
                                       "status": 403})
                 return False
