@@ -56,6 +56,14 @@ class SeqTracker:
         session), so the next jump of each stream is tail's own, not the station's."""
         self.unseen = set(self.last)
 
+    def announce_gap(self, first: object, last: object) -> None:
+        """The station said it dropped `first..last` (the last MAX_MISSING_RANGES are kept); ValueError
+        when they are not seqs (kept, they would break the comparison of every later jump)."""
+        if not (isinstance(first, int) and isinstance(last, int)) or isinstance(first, bool) or isinstance(last, bool):
+            raise ValueError(f"gap bounds {first!r}..{last!r} are not integers")
+        self.announced_gaps.append((first, last))
+        del self.announced_gaps[:-MAX_MISSING_RANGES]
+
     def see(self, stream: str, seq: object) -> str:
         if not isinstance(seq, int) or isinstance(seq, bool):
             raise ValueError(f"seq {seq!r} is not an integer")
@@ -135,7 +143,7 @@ def _message_lines(kind: str, payload: bytes, tracker: SeqTracker) -> list[str]:
                          f"{value} {r.get('unit') or ''} {r.get('flag')} {note}".rstrip())
     elif "gap" in msg:
         a, b = msg["gap"]
-        tracker.announced_gaps.append((a, b))
+        tracker.announce_gap(a, b)
         lines.append(f"GAP    seq {a}..{b} dropped at the station ({msg.get('reason')})")
     elif "aggregates" in msg:
         for g in msg["aggregates"]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.tail import SeqTracker
+from agent.tail import MAX_MISSING_RANGES, SeqTracker
 
 
 def test_a_jump_while_tail_was_disconnected_is_not_called_a_loss_of_the_station():
@@ -44,3 +44,25 @@ def test_a_huge_message_is_shown_cut_with_its_size_not_printed_whole():
                         f'"value":1.5,"unit":"mg/L","flag":"N"}}' for s in range(1, 10_001))
     lines = format_message("env/S/data", f'{{"readings":[{readings}]}}'.encode(), tracker)
     assert len(lines) == 10_000 and lines[-1] == "data   #10000 cod.w01018 2026-01-01T00:00:00.000Z 1.5 mg/L N"
+
+
+def test_a_gap_message_with_bounds_that_are_not_seqs_does_not_poison_the_next_gaps():
+    """A gap announcement `{"gap": ["x", "y"]}` (anyone allowed to publish on the station's topics) was kept
+    as announced: from then on every jump of every stream compared seqs with strings, and each data message
+    with a jump was shown as one `MALFORMED (TypeError ...)` line, its readings not at all, for the rest of
+    tail's run. It is shown as malformed itself, and nothing of it is kept."""
+    from agent.tail import format_message
+
+    tracker = SeqTracker()
+    for bad in (b'{"gap": ["x", "y"]}', b'{"gap": [true, 5]}', b'{"gap": [1, 2, 3]}', b'{"gap": 7}'):
+        [line] = format_message("env/S/data", bad, tracker)
+        assert line.startswith("data   MALFORMED ("), line
+    assert format_message("env/S/data", b'{"gap": [2, 4], "reason": "cap"}', tracker) == [
+        "GAP    seq 2..4 dropped at the station (cap)"]
+    data = b'{"readings":[{"seq":%d,"device":"d","channel":"c","ts":"T","value":1,"flag":"N"}]}'
+    assert format_message("env/S/data", data % 1, tracker) == ["data   #1 d.c T 1  N"]
+    assert format_message("env/S/data", data % 5, tracker) == ["data   #5 d.c T 1  N (announced gap 2..4)"]
+    assert format_message("env/S/data", data % 9, tracker) == ["data   #9 d.c T 1  N GAP 6..8 missing"]
+    for a in range(100, 100 + 3 * MAX_MISSING_RANGES):  # announcements are kept as missing ranges are: the last
+        format_message("env/S/data", b'{"gap": [%d, %d]}' % (a, a), tracker)
+    assert len(tracker.announced_gaps) == MAX_MISSING_RANGES
