@@ -49,6 +49,7 @@ valid one by one.
 
 from __future__ import annotations
 
+import hmac
 import os
 import stat
 import time
@@ -237,6 +238,8 @@ def parse_config(
     if config is not None and not problems:
         warnings += [locator.problem(path, "value", message, warning=True)
                      for path, message in (*_register_overlaps(config), *_bus_overruns(config))]
+        if check_files and (reused := _console_password_reused(config)) is not None:
+            warnings.append(locator.problem(("console", "password_file"), "value", reused, warning=True))
     warnings.sort(key=lambda p: (p.line, p.col))
     if problems:
         unique = list(dict.fromkeys(problems))
@@ -387,6 +390,24 @@ def _exposed_secret(key: KeyPath, value: Path) -> str | None:
         return None
     return (f"other users of this machine may read or change it (mode {stat.S_IMODE(mode):04o}); "
             f"chmod o-rwx it (install.sh makes it root:edge-agent 0640)")
+
+
+def _console_password_reused(config: Config) -> str | None:
+    """A warning when a console reachable from other machines has the MQTT password: its plain HTTP
+    sends it at every refresh of the page (the browser's basic auth), to anyone on the network who
+    listens. Else None (also when a file cannot be read: said by `_file_problem`)."""
+    console = config.console
+    if console is None or console.password_file is None or console.is_loopback():
+        return None
+    try:
+        mqtt_password = config.mqtt.read_password()
+        console_password = read_password_file(console.password_file)
+    except (ConfigError, OSError, ValueError):
+        return None
+    if mqtt_password is None or not hmac.compare_digest(mqtt_password.encode(), console_password.encode()):
+        return None
+    return ("is the MQTT password: the console sends it unencrypted over the network at every refresh of "
+            "its page; give the console a password of its own")
 
 
 def _named_files(data: Any, base_dir: Path | None) -> list[tuple[KeyPath, Path, str]]:

@@ -724,6 +724,31 @@ def test_a_key_or_password_file_other_users_may_read_is_a_warning() -> None:
         assert (closed.returncode, closed.stderr) == (0, ""), closed.stderr
 
 
+def test_a_console_reachable_from_the_network_that_takes_the_mqtt_password_is_a_warning(tmp_path: Path) -> None:
+    """The console speaks plain HTTP: on a non-loopback address the browser sends its password over the
+    network at every refresh (every 3 s). A technician who gave it the MQTT password's file (or the same
+    password) handed the station's broker login to anyone on the LAN who listens: said by check-config
+    (and in the log at start), never the password itself."""
+    from harness import run_cli
+
+    (tmp_path / "mqtt.pass").write_text("s3cret-broker\n")
+    (tmp_path / "console.pass").write_text("s3cret-broker\n")
+    for name in ("mqtt.pass", "console.pass"):
+        (tmp_path / name).chmod(0o600)
+    mqtt = "  url: mqtts://127.0.0.1:1\n  username: u\n  password_file: mqtt.pass"
+    said = "console.password_file: warning: is the MQTT password: the console sends it unencrypted"
+    for console, warned in (("{listen: '0.0.0.0:8080', password_file: mqtt.pass}", True),
+                            ("{listen: '0.0.0.0:8080', password_file: console.pass}", True),
+                            ("{listen: '127.0.0.1:8080', password_file: console.pass}", False)):
+        text = port_here(tmp_path, GOOD.replace("  url: mqtt://127.0.0.1:1883", mqtt)) + f"console: {console}\n"
+        result = run_cli("check-config", str(write(tmp_path, text)))
+        assert result.returncode == 0 and (said in result.stderr) == warned, (console, result.stderr)
+        assert "s3cret" not in result.stderr
+    (tmp_path / "console.pass").write_text("s3cret-console\n")
+    result = run_cli("check-config", str(write(tmp_path, text.replace("127.0.0.1:8080", "0.0.0.0:8080"))))
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+
+
 def test_check_config_reads_the_password_file_as_run_does(tmp_path: Path) -> None:
     """A password file that is not UTF-8: check-config says so where run does, in the same words."""
     from harness import run_cli
