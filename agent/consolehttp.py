@@ -2,7 +2,8 @@
 most MAX_CLIENTS connections, and `_Handler`, which reads a request, checks who sends it (`_authorized`:
 a password, or loopback names only without one), routes it to the page or the JSON API and answers it
 with security headers; errors are JSON `{"error": ..., "status": ...}` with the status code, never a
-stack trace, never the request's own bytes.
+stack trace, never the request's own bytes (but an unknown query parameter's name, at most 40 characters,
+quoted in the JSON).
 
 One request per connection (HTTP/1.0). Its request line and headers must arrive whole within
 REQUEST_DEADLINE_S, or the connection is closed unanswered. At most MAX_CLIENTS connections are held; when
@@ -168,10 +169,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     server: _Server
     server_version = "edge-agent-console"
-    sys_version = ""
     protocol_version = "HTTP/1.0"
     default_request_version = "HTTP/1.0"  # so that errors before the version is parsed have a status line too
     timeout = 10  # seconds for each write of the answer (the request itself: REQUEST_DEADLINE_S in all)
+
+    def version_string(self) -> str:
+        """The Server header: the name alone (http.server appends Python's version after a space)."""
+        return self.server_version
 
     def handle(self) -> None:
         """One request per connection; its head read against one deadline, then parsed by http.server."""

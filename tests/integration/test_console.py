@@ -481,6 +481,7 @@ def test_a_malformed_request_gets_a_400_with_status_line_and_headers_and_no_echo
             assert status_line == "HTTP/1.0 400 Bad Request", (raw, answer[:200])
             headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
             assert headers["content-type"] == "application/json; charset=utf-8", (raw, headers)
+            assert "Server: edge-agent-console" in header_lines, header_lines  # no version, no trailing space
             assert int(headers["content-length"]) == len(body) and headers["x-content-type-options"] == "nosniff"
             assert json.loads(body)["status"] == 400, (raw, body)
             assert b"ECHO-ME" not in answer, f"the request's bytes echoed: {answer!r}"
