@@ -14,7 +14,9 @@ Decisions:
   ``key=value`` items, no empty group, no duplicate key in a group, ``&`` and ``=`` never inside a
   value. Deliberate leniencies: CRC in lower-case hex; header fields in any order (encoding always
   writes QN ST CN PW MN Flag PNUM PNO CP); QN and Flag optional (HJ/T 212-2005 style packets);
-  any version bits in Flag (see `Packet.version`); empty item values (``w01012-Rtd=``); and, only
+  any version bits in Flag (see `Packet.version`); empty item values (``w01012-Rtd=``); a malformed
+  MN, PW, ST or CN (QN) in an otherwise good data segment raises `BadHeader` carrying the packet, so a
+  request can be refused with the QnRtn of its fault rather than dropped (as `BadQn`); and, only
   with ``allow_missing_crlf=True`` (off by default), a frame that ends right after its CRC
   (`FrameReader`: followed by a lone CR or LF, taken as its end, by the next frame's ``##``, or by
   nothing yet).
@@ -49,6 +51,7 @@ from agent.model import FLAGS
 
 __all__ = [
     "BadCrc",
+    "BadHeader",
     "BadLength",
     "BadQn",
     "CodeTable",
@@ -151,6 +154,16 @@ class BadQn(Malformed):
     parses (only to answer a request with QnRtn 7), else None."""
 
     packet: Packet | None = None
+
+
+class BadHeader(Malformed):
+    """Header fields a request's answer can name (MN, PW, ST, CN; and QN) are malformed, the rest of the data
+    segment is good: a PW over 6 characters is a mistyped password, to be answered QnRtn 3 (PW error), not
+    dropped. `fields`: the malformed keys; `packet`: the data segment with those fields' raw text (None for
+    the QN), untrusted and not encodable as it is: only to answer the request with a refusal."""
+
+    packet: Packet | None = None
+    fields: frozenset[str] = frozenset()
 
 
 class ReassemblyError(Hj212Error):
@@ -652,21 +665,27 @@ def _parse_segment(text: str) -> Packet:
         if key not in fields:
             raise Malformed(f"header field {key} is missing")
 
-    def field_value(key: str, pattern: re.Pattern[str], rule: str, secret: bool = False) -> str | None:
+    bad: dict[str, str] = {}  # fields a refusal can name (BadHeader): key -> what is wrong
+
+    def field_value(key: str, pattern: re.Pattern[str], rule: str, secret: bool = False,
+                    answerable: bool = False) -> str | None:
         value = fields.get(key)
         if value is not None and not pattern.fullmatch(value):
             shown = "" if secret else f" {value[:30]!r}"
-            raise Malformed(f"{key}{shown} is not {rule}")
+            if not answerable:
+                raise Malformed(f"{key}{shown} is not {rule}")
+            bad[key] = f"{key}{shown} is not {rule}"
         return value
 
     qn = fields.get("QN")
     bad_qn = None  # a QN that is not one: the rest is still parsed, for an answer QnRtn 7 (BadQn)
     if qn is not None and not _QN_RE.fullmatch(qn):
         bad_qn, qn = qn, None
-    st = field_value("ST", _ST_RE, "2 digits")
-    cn = field_value("CN", _CN_RE, "4 digits")
-    pw = field_value("PW", _PW_RE, f"at most {PW_MAX} characters without space or ; , & =", secret=True)
-    mn = field_value("MN", _MN_RE, f"1..{MN_MAX} characters without space or ; , & =")
+    st = field_value("ST", _ST_RE, "2 digits", answerable=True)
+    cn = field_value("CN", _CN_RE, "4 digits", answerable=True)
+    pw = field_value("PW", _PW_RE, f"at most {PW_MAX} characters without space or ; , & =", secret=True,
+                     answerable=True)
+    mn = field_value("MN", _MN_RE, f"1..{MN_MAX} characters without space or ; , & =", answerable=True)
     flag_text = field_value("Flag", _FLAG_RE, "a decimal number without leading zeros")
     pnum_text = field_value("PNUM", _PNUM_RE, "a number 1..9999")
     pno_text = field_value("PNO", _PNUM_RE, "a number 1..9999")
@@ -703,6 +722,12 @@ def _parse_segment(text: str) -> Packet:
             groups.append(group)
     assert st is not None and cn is not None and pw is not None and mn is not None
     packet = Packet(qn=qn, st=st, cn=cn, pw=pw, mn=mn, flag=flag, pnum=pnum, pno=pno, cp=groups)
+    if bad:
+        if bad_qn is not None:
+            bad["QN"] = f"QN {bad_qn[:30]!r} is not 17 digits"
+        header_error = BadHeader("; ".join(bad.values()))
+        header_error.packet, header_error.fields = packet, frozenset(bad)
+        raise header_error
     if bad_qn is not None:
         error = BadQn(f"QN {bad_qn[:30]!r} is not 17 digits")
         error.packet = packet

@@ -35,7 +35,10 @@ Decisions:
   (refused). A request whose only fault is its CRC, whose data segment names this station's MN and a
   QN, is answered QnRtn=9 (CRC error) and never executed: the platform knows to send it again. Any
   other frame that does not decode is logged (rate-limited) and dropped. A request whose QN is not 17
-  digits is checked and answered like one without QN (its QN cannot be echoed: a QN is 17 digits).
+  digits is checked and answered like one without QN (its QN cannot be echoed: a QN is 17 digits). One
+  whose MN, PW, ST or CN is malformed (a PW of 7 characters: a mistyped password) is refused with the
+  code of its first fault in the order above (CN: 8), never executed; its answer names the station's
+  own PW and MN in place of the request's when those could not be in a valid packet.
 * A platform that never acknowledges, or drops every connection, logs its first "no 9014" and
   "connection dropped" lines at once, then one a minute with the count.
   A 9011 refusing a data packet (QnRtn 2..9: the platform takes our PW, MN or ST for wrong) is logged
@@ -79,6 +82,7 @@ from agent.hj212 import (
     FLAG_ANSWER,
     FLAG_V2017,
     BadCrc,
+    BadHeader,
     BadQn,
     FrameReader,
     Hj212Error,
@@ -615,7 +619,13 @@ class Uplink(threading.Thread):
     def _bad_frame(self, error: Hj212Error) -> None:
         """A frame that does not decode is dropped; a request whose only fault is its CRC, addressed to
         this station with a QN, is answered QnRtn 9 (CRC error) so the platform knows to send it again;
-        one whose only fault is its QN is answered as a request without QN (QnRtn 7)."""
+        one whose only fault is its QN is answered as a request without QN (QnRtn 7); one whose MN, PW, ST or
+        CN is malformed (a password of 7 characters) is refused with the code of its first fault
+        (`_refuse_malformed`)."""
+        if isinstance(error, BadHeader) and error.packet is not None and error.packet.pnum is None \
+                and error.packet.cn not in (CN_DATA_ACK, CN_REQUEST_ANSWER, CN_EXECUTION_RESULT):
+            self._refuse_malformed(error.packet, error.fields)
+            return
         if isinstance(error, BadQn) and error.packet is not None and error.packet.pnum is None \
                 and error.packet.cn not in (CN_DATA_ACK, CN_REQUEST_ANSWER, CN_EXECUTION_RESULT):
             self._errlog.warning("uplink %s: request CN=%s with a malformed QN (%s)", self.target.name,
@@ -656,15 +666,31 @@ class Uplink(threading.Thread):
             return QNRTN_QN
         return QNRTN_OK
 
+    def _refuse(self, request: Packet, code: int) -> None:
+        """Answer 9011 with QnRtn `code` (a request without QN gets a QN of its own: every packet has one)."""
+        self._errlog.warning("uplink %s: refused request CN=%.8s QN=%s: QnRtn=%d", self.target.name, request.cn,
+                             request.qn, code, key=f"refused:{code}")
+        if request.qn is None:
+            request = dataclasses.replace(request, qn=self.payload.next_qn())
+        self._send_packet(reply_9011(request, code))
+
+    def _refuse_malformed(self, request: Packet, fields: frozenset[str]) -> None:
+        """A request with a malformed MN, PW, ST or CN (`BadHeader`), never executed: refused with the code of
+        its first fault in `_check`'s order (a malformed value never equals the station's), QnRtn 8 when only
+        its CN is. Its answer names the station's own MN and PW where the request's do not fit a packet (a
+        PW of 7 characters echoed would make the answer itself invalid); ST and CN are not echoed (9011, 91)."""
+        code = self._check(request)
+        if code == QNRTN_OK:
+            code = QNRTN_CN
+        ident = self.identity
+        self._refuse(dataclasses.replace(request, pw=ident.pw if "PW" in fields else request.pw,
+                                         mn=ident.mn if "MN" in fields else request.mn), code)
+
     def _answer(self, request: Packet) -> None:
         name = self.target.name
         code = self._check(request)
         if code != QNRTN_OK:
-            self._errlog.warning("uplink %s: refused request CN=%s QN=%s: QnRtn=%d", name, request.cn, request.qn,
-                                 code, key=f"refused:{code}")
-            if request.qn is None:  # every packet starts with a QN: the answer gets one of its own
-                request = dataclasses.replace(request, qn=self.payload.next_qn())
-            self._send_packet(reply_9011(request, code))
+            self._refuse(request, code)
             return
         self._backoff = 0.5
         handlers = {CN_MINUTE: self._backfill, CN_HOUR: self._backfill, CN_DAY: self._backfill,

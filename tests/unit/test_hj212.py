@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from agent import hj212
 from agent.hj212 import (
     BadCrc,
+    BadHeader,
     BadLength,
     BadQn,
     FrameReader,
@@ -488,6 +489,26 @@ def test_a_bad_qn_says_what_the_rest_of_the_packet_is_but_only_when_the_rest_is_
     with pytest.raises(Malformed) as caught:
         decode(frame_of(GOOD_SEGMENT.replace("QN=20160801085857223", "QN=2016").replace("ST=32", "ST=320")))
     assert not isinstance(caught.value, BadQn)
+
+
+def test_an_over_long_pw_or_mn_says_what_the_rest_of_the_packet_is_for_a_refusal() -> None:
+    """A request whose PW is over 6 or MN over 24 characters (a mistyped password) can be answered QnRtn 3 / 4:
+    the error carries the rest of the packet, the faulty fields named; the password never in the message."""
+    segment = GOOD_SEGMENT.replace("PW=123456", "PW=s3cr3tpass").replace("MN=MN01", "MN=" + "M" * 25)
+    with pytest.raises(BadHeader) as caught:
+        decode(frame_of(segment))
+    assert isinstance(caught.value, Malformed) and caught.value.fields == {"PW", "MN"}
+    assert caught.value.packet is not None and (caught.value.packet.qn, caught.value.packet.cn) == (
+        "20160801085857223", "2011")
+    assert "s3cr3t" not in str(caught.value) and "PW" in str(caught.value)
+    # With a bad QN as well: the QN is named and left out.
+    with pytest.raises(BadHeader) as caught:
+        decode(frame_of(segment.replace("QN=20160801085857223", "QN=2016")))
+    assert caught.value.fields == {"PW", "MN", "QN"} and caught.value.packet.qn is None
+    # Any other fault besides: no packet to answer (as for a bad QN).
+    with pytest.raises(Malformed) as caught:
+        decode(frame_of(segment.replace("Flag=4", "Flag=04")))
+    assert not isinstance(caught.value, BadHeader)
 
 
 def test_split_needs_qn_and_flag() -> None:

@@ -17,6 +17,7 @@ import pytest
 from harness import wait_for
 from hj212_platform import Platform as IndependentPlatform
 from hj212_platform import frame as platform_frame
+from hj212_strict import check as strict_check
 
 import agent.uplink as uplink_module
 from agent.buffer import Buffer
@@ -644,6 +645,50 @@ def test_unknown_command_wrong_password_and_wrong_mn_are_refused(station, platfo
                           f"the answer to QN {qn!r}")
         assert [(p.cn, p.get("QnRtn")) for p in answer] == [("9011", expected)]
         assert answer[0].qn is not None and len(answer[0].qn) == 17
+
+
+def test_a_request_with_an_over_long_pw_or_mn_is_refused_with_a_valid_answer(tmp_path):
+    """A platform that mistyped the password (7 characters) or the station code (25) had its request dropped
+    unanswered: the decoder refused the field's length. It is answered 9011 QnRtn=3 (PW error) / 4 (MN
+    error), MN checked first, and never executed (a malformed ST or CN: 5 or 8); the answer is a valid
+    packet for both independent checkers: it names the station's own PW and MN where the request's do not
+    fit a packet."""
+    platform = IndependentPlatform()
+    station = Station(tmp_path, platform)
+    try:
+        station.start_uplink()
+        wait_for(lambda: platform.accepted, 10, "the station to connect")
+        long_mn = "1401050000001700000000001"  # 25 characters
+        cases = [  # QN, PW, MN, expected QnRtn, the answer's (PW, MN)
+            ("20261129120000041", "1234567", MN, "3", ("123456", MN)),
+            ("20261129120000042", "123456", long_mn, "4", ("123456", MN)),
+            ("20261129120000043", "12345678", long_mn, "4", ("123456", MN)),
+            ("20261129120000044", "1234567", "OTHER", "4", ("123456", "OTHER")),
+            ("20261129120000045", "654321", long_mn, "4", ("654321", MN)),
+        ]
+        for qn, pw, mn, _, _ in cases:
+            platform.send(platform_frame(f"QN={qn};ST=32;CN=1011;PW={pw};MN={mn};Flag=5;CP=&&&&"))
+        # A malformed ST or CN is an ST error (5) or a CN error (8) likewise.
+        platform.send(platform_frame(f"QN=20261129120000046;ST=320;CN=1011;PW=123456;MN={MN};Flag=5;CP=&&&&"))
+        platform.send(platform_frame(f"QN=20261129120000047;ST=32;CN=10111;PW=123456;MN={MN};Flag=5;CP=&&&&"))
+        cases += [("20261129120000046", "", "", "5", ("123456", MN)),
+                  ("20261129120000047", "", "", "8", ("123456", MN))]
+        for qn, _, _, code, (pw, mn) in cases:
+            answer = wait_for(lambda qn=qn: [p for p in platform.packets if p.header.get("QN") == qn], 10,
+                              f"the answer to QN {qn}")
+            assert [(p.cn, p.items().get("QnRtn")) for p in answer] == [("9011", code)], qn
+            assert (answer[0].header["PW"], answer[0].header["MN"], answer[0].header["ST"]) == (pw, mn, "91")
+            assert answer[0].problems == [] and strict_check(answer[0].raw).problems == [], answer[0].raw
+        # A bad QN besides: the PW error is said, under a QN of the station's own (a QN is 17 digits).
+        seen = len(platform.packets)
+        platform.send(platform_frame(f"QN=1;ST=32;CN=1011;PW=1234567;MN={MN};Flag=5;CP=&&&&"))
+        answer = wait_for(lambda: platform.packets[seen:], 10, "the answer to the request with a bad QN")
+        assert [(p.cn, p.items().get("QnRtn")) for p in answer] == [("9011", "3")]
+        assert len(answer[0].header["QN"]) == 17 and strict_check(answer[0].raw).problems == []
+        assert not platform.of_cn("1011"), "a refused request was executed"
+    finally:
+        station.close()
+        platform.close()
 
 
 def test_time_requests_report_the_clock_and_never_set_it(station, platform):
