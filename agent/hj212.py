@@ -19,7 +19,8 @@ Decisions:
   request can be refused with the QnRtn of its fault rather than dropped (as `BadQn`); and, only
   with ``allow_missing_crlf=True`` (off by default), a frame that ends right after its CRC
   (`FrameReader`: followed by a lone CR or LF, taken as its end, by the next frame's ``##``, or by
-  nothing yet).
+  nothing yet); `FrameReader(allow_lf=True)` takes a frame ending in a lone LF but still insists on
+  an end (some platform software ends its packets with LF).
 * HJ 212 has no null: a real-time value that is missing is sent as ``<code>-Flag`` alone (no
   ``-Rtd``); period statistics that are None are omitted.
 * A data segment over 1024 characters is split between CP groups (a group longer than a whole
@@ -842,13 +843,17 @@ class FrameReader:
     given up as soon as a byte that cannot be in a frame (not printable ASCII) shows up in its data
     segment, so a false header in noise does not hold back the frames behind it. At most one
     candidate frame (<= max_data_len + 12 bytes) is kept between calls: memory is bounded.
+    A frame ends in CRLF; with `allow_lf` in a lone LF too (a frame without an end is still refused);
+    with `allow_missing_crlf` in a lone CR or LF, before the next ``##``, or right after its CRC.
     """
 
-    def __init__(self, *, max_data_len: int = MAX_DATA_LEN, allow_missing_crlf: bool = False) -> None:
+    def __init__(self, *, max_data_len: int = MAX_DATA_LEN, allow_missing_crlf: bool = False,
+                 allow_lf: bool = False) -> None:
         if not 0 < max_data_len <= 9999:
             raise ValueError("max_data_len must be 1..9999")
         self.max_data_len = max_data_len
         self.allow_missing_crlf = allow_missing_crlf
+        self.allow_lf = allow_lf  # a lone LF ends a frame too (CRLF or LF: a frame still needs its end)
         self.frames_ok = 0
         self.frames_bad = 0
         self.bytes_dropped = 0
@@ -932,6 +937,8 @@ class FrameReader:
             swallow = b""
             if tail == b"\r\n":
                 frame_end = stop = end + 2
+            elif self.allow_lf and tail[:1] == b"\n":
+                frame_end, stop = end, end + 1
             elif len(tail) < 2 and b"\r\n".startswith(tail):
                 if not self.allow_missing_crlf:
                     resume = end
@@ -949,7 +956,7 @@ class FrameReader:
             try:
                 packet = decode(
                     bytes(buf[pos:frame_end]),
-                    allow_missing_crlf=self.allow_missing_crlf,
+                    allow_missing_crlf=self.allow_missing_crlf or frame_end == end,
                     max_data_len=self.max_data_len,
                 )
             except Hj212Error as exc:

@@ -39,6 +39,10 @@ Decisions:
   whose MN, PW, ST or CN is malformed (a PW of 7 characters: a mistyped password) is refused with the
   code of its first fault in the order above (CN: 8), never executed; its answer names the station's
   own PW and MN in place of the request's when those could not be in a valid packet.
+* What the platform sends may end in a lone LF instead of CRLF (some platform software ends its packets so):
+  `FrameReader(allow_lf=True)`. A packet with a bad CRC is never taken, whatever its ending (a request is
+  answered QnRtn 9 as above; a 9014 does not count), nor one that ends in nothing or in CR alone (the end
+  still frames a packet over TCP; the hj212 analyzer driver, on a serial line, is more lenient).
 * A platform that never acknowledges, or drops every connection, logs its first "no 9014" and
   "connection dropped" lines at once, then one a minute with the count.
   A 9011 refusing a data packet (QnRtn 2..9: the platform takes our PW, MN or ST for wrong) is logged
@@ -204,7 +208,7 @@ class Uplink(threading.Thread):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._sock: socket.socket | None = None
-        self._frames = FrameReader()
+        self._frames = FrameReader(allow_lf=True)
         self._reassembler = Reassembler()
         self._queue: deque[tuple[str, Poll | list[EventRow]]] = deque()
         self._backoff = 0.5
@@ -397,7 +401,7 @@ class Uplink(threading.Thread):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.settimeout(t.timeout)
         self._sock = sock
-        self._frames = FrameReader()
+        self._frames = FrameReader(allow_lf=True)
         self._reassembler = Reassembler()
         self._queue.clear()
         log.info("uplink %s connected", t.name)

@@ -850,6 +850,24 @@ def test_reader_strict_and_lenient_crlf() -> None:
     assert lenient.frames_bad == 0 and lenient.bytes_dropped == 0
 
 
+def test_reader_allowing_lf_takes_a_frame_ending_in_lf_alone_but_never_one_without_an_end() -> None:
+    """Some platform software ends its packets with LF: taken, byte by byte or whole, with CRLF frames
+    between; a frame ending in CR alone or in nothing (the next frame's ``##`` right after its CRC) is
+    still refused, and so is a bad CRC whatever the ending."""
+    reader = FrameReader(allow_lf=True)
+    stream = STD_1062[:-2] + b"\n" + STD_9014 + STD_1062[:-2] + b"\n"
+    out = []
+    for i in range(len(stream)):
+        out += reader.feed(stream[i : i + 1])
+    assert out == [decode(STD_1062), decode(STD_9014), decode(STD_1062)]
+    assert reader.feed(stream) == out
+    assert reader.frames_bad == 0 and reader.bytes_dropped == 0
+    bad_crc = STD_9014[:-6] + b"0000\n"
+    assert [type(x) for x in reader.feed(STD_1062[:-2] + b"\r" + STD_9014)] == [Malformed, Packet]
+    assert [type(x) for x in reader.feed(STD_1062[:-2] + STD_9014)] == [Malformed, Packet]
+    assert [type(x) for x in reader.feed(bad_crc + STD_9014)] == [BadCrc, Packet]
+
+
 def test_lenient_reader_ends_a_frame_at_a_lone_cr_or_lf_or_the_next_frame_and_refuses_any_other_byte() -> None:
     lenient = FrameReader(allow_missing_crlf=True)
     stream = STD_1062[:-2] + b"\n" + STD_9014[:-2] + b"\r" + STD_1062[:-2] + STD_9014[:-2]

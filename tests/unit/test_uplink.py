@@ -691,6 +691,57 @@ def test_a_request_with_an_over_long_pw_or_mn_is_refused_with_a_valid_answer(tmp
         platform.close()
 
 
+def test_answers_and_requests_ending_in_a_bare_lf_are_taken_but_never_one_with_a_bad_crc(tmp_path):
+    """Some platform software ends its packets with LF alone (or CR alone): the uplink dropped them as bad
+    frames, so its 9014s never counted (each packet sent `retries` times, then the connection renewed, for
+    ever) and its requests went unanswered. They are taken; a bad CRC never, nor a packet ending in CR alone
+    (a packet without its end is never executed)."""
+    def lf(segment: str, crc: str | None = None) -> bytes:
+        good = platform_frame(segment)
+        return good[:-6] + (crc.encode() if crc else good[-6:-2]) + b"\n"
+
+    acks: list[str] = []
+
+    def ack_with_lf(p):  # the first 9014 has a bad CRC: it must not count; the next ones are good
+        if not p.flag & 1 or p.header.get("ST") == "91":
+            return []
+        h = p.header
+        segment = f"QN={h['QN']};ST=91;CN=9014;PW=123456;MN={h['MN']};Flag=4;CP=&&&&"
+        acks.append(h["QN"])
+        bad = f"{(int(platform_frame(segment)[-6:-2], 16) + 1) % 0x10000:04X}"
+        return [lf(segment, bad if len(acks) == 1 else None)]
+
+    platform = IndependentPlatform(ack=ack_with_lf)
+    station = Station(tmp_path, platform, timeout=0.5, retries=3)
+    try:
+        uplink = station.start_uplink()
+        station.store("cod", T0, {"w01018": 1.0})
+        station.store("cod", T0 + 1000, {"w01018": 2.0})
+        wait_for(lambda: uplink.marks[STREAM_READINGS] == 2, 10, "both polls acknowledged by LF-ended 9014s")
+        data = platform.of_cn("2011")
+        assert [p.items()["DataTime"] for p in data] == ["20261129100000", "20261129100000", "20261129100001"]
+        assert acks == [data[0].header["QN"], data[0].header["QN"], data[2].header["QN"]], "a bad CRC counted"
+        assert platform.accepted == 1, "the connection was renewed"
+        request = f"QN=20261129120000051;ST=32;CN=1011;PW=123456;MN={MN};Flag=5;CP=&&&&"
+        platform.send(lf(request))
+        platform.send(platform_frame(request.replace("0051", "0054"))[:-2] + b"\r")  # CR alone: not executed
+        platform.send(lf(request.replace("0051", "0052")))
+        platform.send(lf(request.replace("0051", "0053"), crc="0000"))  # bad CRC: QnRtn 9, not executed
+        def answers(qn: str) -> list[str]:
+            return [p.cn for p in platform.packets if p.header.get("QN") == qn]
+
+        for qn, cns in (("20261129120000051", ["9011", "1011", "9012"]),
+                        ("20261129120000052", ["9011", "1011", "9012"]), ("20261129120000053", ["9011"])):
+            wait_for(lambda qn=qn, cns=cns: len(answers(qn)) >= len(cns), 10, f"the answers to QN {qn}")
+            assert answers(qn) == cns, qn
+        assert [p.items().get("QnRtn") for p in platform.packets if p.header.get("QN") == "20261129120000053"] == [
+            "9"]
+        assert answers("20261129120000054") == []
+    finally:
+        station.close()
+        platform.close()
+
+
 def test_time_requests_report_the_clock_and_never_set_it(station, platform):
     station.start_uplink()
     before = time.time()
