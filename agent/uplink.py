@@ -50,6 +50,8 @@ Decisions:
 * 1012 (set time): answered 9011 QnRtn=1, logged with the offset, never applied; 9012 ExeRtn=1 when
   the clock already agrees within `TIME_TOLERANCE_S`, else ExeRtn=2 (failed), so that a platform is
   never told a wrong clock was set.
+* 1013 (the station asks for time calibration) is never sent: its answer is a 1012, which is never applied
+  (above), so it could only earn an ExeRtn=2 at every reconnection (README, HJ 212).
 * Uplink progress holds back the buffer's purge (`Recorder.set_holders`): rows published on MQTT but
   not yet delivered by an uplink are not purged for their age, and at the size cap they go only after
   every other published row (logged as an error: that platform misses them). A stretch of readings
