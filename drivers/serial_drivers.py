@@ -655,9 +655,11 @@ class Hj212Driver:
     rejected whole, and so are packets without a valid DataTime or with a non-numeric value or an
     unknown flag (the HJ 212 CRC lets 1 corrupted frame in 256 through: a malformed item is taken as
     a sign of one). A packet ending in LF or CR alone, or in nothing, is taken (its length and CRC
-    frame it; some analyzers' firmware gets the CRLF wrong). Other commands (minute/hour data, ...)
+    frame it; some analyzers' firmware gets the CRLF wrong), and so is one whose MN is over 24 or PW over
+    6 characters (neither is used here). Other commands (minute/hour data, ...)
     are ignored; split packets are reassembled. A packet that asks for an answer (Flag A bit) gets a
-    CN 9014 acknowledgement, and so does each piece of a split packet that asks (see `_accept`).
+    CN 9014 acknowledgement, and so does each piece of a split packet that asks (see `_accept`), unless
+    its MN or PW is too long to be echoed in a valid packet (no 9014 is better than an invalid one).
 
     Channels are not known in advance: at each poll every channel declared in the config
     (`device.channels`, if any), stored before this start (`seen`) or seen so far gets the latest item
@@ -728,6 +730,8 @@ class Hj212Driver:
         acks: list[bytes] = []
         with self._cond:
             for item in self.reader.feed(data):
+                if isinstance(item, hj212.BadHeader) and item.packet is not None and item.fields <= {"MN", "PW"}:
+                    item = item.packet  # an analyzer's MN and PW are never used: only their length is wrong
                 if isinstance(item, hj212.Hj212Error):
                     self._reject(item)
                     continue
@@ -776,7 +780,8 @@ class Hj212Driver:
 
     @staticmethod
     def _ack(packet: hj212.Packet) -> bytes | None:
-        """The 9014 for `packet` (a whole packet or one piece) when it asks for an answer, else None."""
+        """The 9014 for `packet` (a whole packet or one piece) when it asks for an answer, else None (also when
+        the packet's MN or PW is too long to be echoed in a valid packet)."""
         if not packet.answer_requested or packet.cn in ANSWER_CNS:
             return None
         try:

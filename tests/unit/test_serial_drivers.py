@@ -426,6 +426,24 @@ def test_hj212_packet_asking_for_an_answer_gets_a_9014_acknowledgement(pty, buil
     assert isinstance(ack, hj212.Packet) and ack.cn == "9014" and ack.qn == "20261129100000000" and ack.st == "91"
 
 
+def test_hj212_analyzer_whose_mn_or_pw_is_too_long_is_read_but_gets_no_invalid_9014(pty, built):
+    """An analyzer whose MN is over 24 or PW over 6 characters (the agent uses neither) had every packet
+    refused as malformed: its channels read null/B for ever. Its readings are taken; a 9014 would have to
+    echo the over-long MN and PW, which no valid packet can, so none is written (it may send again)."""
+    (an,) = build(built, pty.path, {"an": ("hj212", 10)})
+    wait_open(an)
+    mn = "ANALYZER-0001-LONG-MN-26C"
+    for second, flag in ((0, 4), (5, 5)):
+        pty.write(strict_build(f"QN=2026112910000{second}000;ST=32;CN=2011;PW=12345678;MN={mn};Flag={flag};"
+                               f"CP=&&DataTime=2026112910000{second};w01018-Rtd={20 + second},w01018-Flag=N&&"))
+    wait_for(lambda: an.stats().get("packets", 0) >= 2, 5, "both packets")
+    (reading,) = an.poll(1)
+    stamp = int(datetime(2026, 11, 29, 2, 0, 5, tzinfo=UTC).timestamp() * 1000)
+    assert (reading.channel, reading.value, reading.flag, reading.ts_ms) == ("w01018", 25.0, "N", stamp)
+    assert an.stats().get("malformed", 0) == 0
+    assert pty.read_available(0.3) == b"", "a 9014 that breaks the length rules"
+
+
 def test_hj212_split_packet_is_reassembled(pty, built):
     (an,) = build(built, pty.path, {"an": ("hj212", 10)})
     wait_open(an)
