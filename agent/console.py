@@ -10,8 +10,9 @@ only through the attributes of `StationView` and never writes anything: no confi
   hours (0 < N <= 24) from an in-memory history fed by the recorder and prefilled from the buffer.
 - GET /api/alarms[?limit=N]: active alarms and the latest alarm events.
 Errors are JSON `{"error": ..., "status": ...}` with the status code; never a stack trace, never the
-request's own bytes (but an unknown query parameter's name, at most 40 characters, quoted in the JSON). A malformed request line or header block is answered `400 Bad Request` with a status line
-and headers like any other answer.
+request's own bytes (but an unknown query parameter's name, at most 40 characters, quoted in the JSON).
+A malformed request line or header block is answered `400 Bad Request` with a status line and headers
+like any other answer.
 
 One request per connection (HTTP/1.0), whose head must arrive within REQUEST_DEADLINE_S; at most
 MAX_CLIENTS connections, a new one taking the place of the oldest still sending its request: see
