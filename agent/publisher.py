@@ -70,6 +70,7 @@ MAX_SEQ = 2**63 - 1  # SQLite's largest integer: a seq is never above it
 STABLE_CONNECTION_S = 10.0  # a connection lost sooner is retried with backoff, not at once
 SUMMARY_EVERY_S = 5.0  # the retained status's summary (failing devices, active alarms) is checked this often
 SUMMARY_MIN_GAP_S = 30.0  # a change is published once it held for two checks, and at most once in this long
+RELOAD_ATTEMPT_GAP_S = 1.0  # a SIGHUP with unchanged settings brings the next attempt no closer than this
 SHORT_LIVED_HINT_AFTER = 3  # such connections in a row before the log suspects a duplicate client_id
 # Reads of a resend's rows that may fail before it is answered ok:false (a damaged page: the recorder
 # rescues the file meanwhile, and the platform may ask again) instead of holding up the resends after it.
@@ -212,6 +213,7 @@ class Publisher(threading.Thread):
         self._errlog = RateLimitedLog(log, every_s=300)
         self._failed_attempts = 0  # connection attempts failed in a row (said when one succeeds)
         self._failing_since = 0.0  # monotonic time of the first of them
+        self._last_attempt = -math.inf  # monotonic start of the last connection attempt
         self._cmdlog = RateLimitedLog(log, every_s=60)  # refused commands: anyone may send them
         self._resends: deque[_Resend] = deque()
         self._resend_due = False  # a resend by time stopped its scan for this turn: the loop does not wait
@@ -290,7 +292,9 @@ class Publisher(threading.Thread):
         self._close(clean=True)
 
     def _sleep(self, seconds: float) -> None:
-        """Wait before the next connection attempt; meanwhile prepare the backlog's messages."""
+        """Wait before the next connection attempt; meanwhile prepare the backlog's messages. New
+        settings (a SIGHUP) end the wait; a SIGHUP with the same settings ends it no sooner than
+        RELOAD_ATTEMPT_GAP_S after the last attempt (a burst of reloads is not a burst of attempts)."""
         end = time.monotonic() + seconds
         while not self._stopping():
             left = end - time.monotonic()
@@ -302,8 +306,11 @@ class Publisher(threading.Thread):
             self.last_progress = time.monotonic()
             if readable:
                 self._drain_wake()
-                if self._new_settings is not None:
-                    return
+                new = self._new_settings
+                if new is not None and new != self.settings:
+                    return  # other settings: tried at once
+                if new is not None:  # a SIGHUP with the same (its TLS files may be renewed): soon, not at once
+                    end = min(end, self._last_attempt + RELOAD_ATTEMPT_GAP_S)
 
     def _stopping(self) -> bool:
         return self._drain_until is not None and time.monotonic() >= self._drain_until
@@ -357,7 +364,7 @@ class Publisher(threading.Thread):
         s = self.settings
         self._check_certificates()
         if self.client is None or not self._certs.renewed():
-            return  # offline: the next attempt (at once, after a SIGHUP) reads them anyway
+            return  # offline: the next attempt (brought forward by the SIGHUP: `_sleep`) reads them anyway
         try:
             tls_context(s.tls_ca, s.tls_cert, s.tls_key, names=s.tls_names)
         except TlsFilesError as exc:
@@ -377,6 +384,7 @@ class Publisher(threading.Thread):
     # ------------------------------------------------------------------ connection
 
     def _connect_once(self) -> bool:
+        self._last_attempt = time.monotonic()
         s = self.settings
         url = s.urls[self._url_index % len(s.urls)]
         self._url_index += 1

@@ -11,6 +11,7 @@ reload itself never waits for a slow poll while the other buses stand still.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -288,3 +289,28 @@ def test_a_start_refused_for_a_bad_file_prints_check_configs_warnings_with_its_e
     said = [line for line in result.stderr.splitlines() if line.startswith(f"{cfg}:")]
     assert said == check.stderr.splitlines(), (said, check.stderr)
     assert any("buses.rs485.port: warning: /dev/ttyUSB97 does not exist" in line for line in said), said
+
+
+def test_a_sighup_storm_while_the_broker_is_down_does_not_storm_it_with_connection_attempts(tmp_path, broker):
+    """50 reloads of an unchanged file while the broker is down (a script looping on `systemctl reload`):
+    each one may bring the next connection attempt forward (renewed TLS files are tried at once), but
+    not to less than a second after the last one, so the broker is tried at the backoff's pace, not once
+    per SIGHUP (each reload used to start an attempt: 50 in a second, TLS handshakes included)."""
+    config = sim_config(tmp_path, broker, interval=0.5)  # reconnect_max 1: an attempt every 0.5-1 s
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: "connected to" in agent.log(), 20, "the first connection")
+        broker.stop()
+        wait_for(lambda: "cannot connect to" in agent.log(), 20, "the broker missed")
+        down = time.monotonic()
+        for n in range(1, 51):
+            agent.signal(signal.SIGHUP)
+            wait_for(lambda n=n: agent.log().count("configuration reloaded") >= n, 10, f"reload {n}")
+        broker.start()
+        wait_for(lambda: "failed attempts" in agent.log(), 20, "the connection once the broker is back")
+        outage = time.monotonic() - down
+    finally:
+        assert agent.stop() == 0
+    attempts = int(re.search(r"failed attempts \((\d+)\)", agent.log()).group(1))
+    assert attempts <= 2 * outage + 3, f"{attempts} connection attempts in an outage of {outage:.1f} s"
