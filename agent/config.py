@@ -247,6 +247,7 @@ def parse_config(
         raise ConfigError(unique, warnings)
     assert config is not None
     config._warnings = warnings
+    config._env_names = tuple(dict.fromkeys(name for used in builder.substituted.values() for name in used))
     config._file = file
     config._written_files = {key: written for key, _, written in named}
     config._marks = {p: (v.line + 1, v.column + 1) for p, (_, v) in builder.marks.items()}

@@ -59,6 +59,7 @@ class Config(_Model):
     _file: str = PrivateAttr(default="<config>")  # the file name problems show
     _marks: dict[tuple[str | int, ...], tuple[int, int]] = PrivateAttr(default_factory=dict)
     _warnings: list[Problem] = PrivateAttr(default_factory=list)
+    _env_names: tuple[str, ...] = PrivateAttr(default=())  # the `${NAME}`s substituted, in file order
     _written_files: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)  # file keys as written
 
     @model_validator(mode="after")
@@ -78,6 +79,12 @@ class Config(_Model):
     def source_path(self) -> Path | None:
         """The file this configuration was loaded from (None when built from data)."""
         return self._source_path
+
+    @property
+    def env_names(self) -> tuple[str, ...]:
+        """The environment variables the file's `${NAME}`s took their values from, in file order (never
+        the values: a password may be one)."""
+        return self._env_names
 
     @property
     def warnings(self) -> list[Problem]:

@@ -754,6 +754,10 @@ class Station:
         for p in fresh:
             p.start()
         log.info("configuration reloaded: %d devices (%s)", len(new.devices), plan.summary())
+        if new.env_names:  # a process's environment is fixed at its start: an edited EnvironmentFile is not seen
+            log.info("%s: the values the agent started with (its environment is read at start only): an edit of the "
+                     "service's environment file takes effect at the next restart (systemctl restart edge-agent)",
+                     ", ".join(f"${{{name}}}" for name in new.env_names))
         log_config_warnings(new)
 
     def _wake_uplinks(self) -> None:

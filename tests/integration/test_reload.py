@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import REPO, AgentProcess, Collector, sim_config, wait_for, write_config
+from harness import REPO, AgentProcess, Collector, secret, sim_config, wait_for, write_config
 
 
 def start_simulator(cfg: Path, tmp_path: Path, faults: str = "") -> subprocess.Popen:
@@ -314,3 +314,25 @@ def test_a_sighup_storm_while_the_broker_is_down_does_not_storm_it_with_connecti
         assert agent.stop() == 0
     attempts = int(re.search(r"failed attempts \((\d+)\)", agent.log()).group(1))
     assert attempts <= 2 * outage + 3, f"{attempts} connection attempts in an outage of {outage:.1f} s"
+
+
+def test_a_reload_says_that_environment_values_are_those_the_agent_started_with(tmp_path, broker):
+    """The examples take MQTT_USER, MQTT_PASS and HJ212_PW from `/etc/edge-agent/env` (the unit's
+    EnvironmentFile): a technician who rotates the password there and runs `systemctl reload` gets the
+    old value, since a process's environment is fixed at its start. The reload says which `${NAME}` it
+    took from that environment and that an edit of it needs a restart (it said nothing: the new password
+    seemed applied, and the broker went on refusing the old one), never their values."""
+    user = secret("station-user-7781")
+    config = sim_config(tmp_path, broker, interval=0.5, mqtt={"username": "${MQTT_USER}"})
+    config["station"]["name"] = "${SITE_NAME}"
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg, env={"MQTT_USER": user, "SITE_NAME": "Fenhe outfall 17"})
+    try:
+        wait_for(lambda: "running" in agent.log(), 20, "the agent running")
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in agent.log(), 10, "the reload")
+    finally:
+        assert agent.stop() == 0
+    assert ("${SITE_NAME}, ${MQTT_USER}: the values the agent started with (its environment is read at start "
+            "only): an edit of the service's environment file takes effect at the next restart "
+            "(systemctl restart edge-agent)") in agent.log()
