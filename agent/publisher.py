@@ -70,6 +70,7 @@ MAX_SEQ = 2**63 - 1  # SQLite's largest integer: a seq is never above it
 STABLE_CONNECTION_S = 10.0  # a connection lost sooner is retried with backoff, not at once
 SUMMARY_EVERY_S = 5.0  # the retained status's summary (failing devices, active alarms) is checked this often
 SUMMARY_MIN_GAP_S = 30.0  # a change is published once it held for two checks, and at most once in this long
+LIVE_SETTINGS = ("max_batch", "reconnect_max")  # a reload applies these on the connection there is
 RELOAD_ATTEMPT_GAP_S = 1.0  # a SIGHUP with unchanged settings brings the next attempt no closer than this
 SHORT_LIVED_HINT_AFTER = 3  # such connections in a row before the log suspects a duplicate client_id
 # Reads of a resend's rows that may fail before it is answered ok:false (a damaged page: the recorder
@@ -342,6 +343,9 @@ class Publisher(threading.Thread):
         if new == self.settings:
             self._renewed_tls_files()
             return
+        if dataclasses.replace(self.settings, **{key: getattr(new, key) for key in LIVE_SETTINGS}) == new:
+            self._apply_live_settings(new)
+            return
         log.info("broker settings changed; reconnecting")
         self._say_offline("reconfigured")  # where the agent was: it may not come back there (other broker, topic)
         self._hj212 = self._payload_strategy(new)
@@ -355,6 +359,20 @@ class Publisher(threading.Thread):
         self._url_index = 0
         self._errlog = RateLimitedLog(log, every_s=300)  # the new settings' errors are news
         self._certs.reset(new)
+
+    def _apply_live_settings(self, new: BrokerSettings) -> None:
+        """A reload that changed only `LIVE_SETTINGS`: they shape the batches and the backoff, not the
+        connection, which is kept (dropping it said `offline` to the platform and sent what was in flight
+        again)."""
+        old = self.settings
+        log.info("broker settings applied on the connection: %s", "; ".join(
+            f"mqtt.{key}: {getattr(new, key):g} (was {getattr(old, key):g})" for key in LIVE_SETTINGS
+            if getattr(new, key) != getattr(old, key)))
+        # a batch the broker's size limit made smaller stays so (at most the new max_batch)
+        self._batch = min(self._batch, new.max_batch) if self._batch < old.max_batch else new.max_batch
+        self._backoff = min(self._backoff, new.reconnect_max)
+        self._clear_prepared()  # batches prepared offline with the old size
+        self.settings = new  # the TLS files are the same: what the certificate watch knows of them stays
 
     def _renewed_tls_files(self) -> None:
         """SIGHUP with the same settings: TLS files replaced at the same paths (a renewed client

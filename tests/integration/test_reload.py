@@ -336,3 +336,31 @@ def test_a_reload_says_that_environment_values_are_those_the_agent_started_with(
     assert ("${SITE_NAME}, ${MQTT_USER}: the values the agent started with (its environment is read at start "
             "only): an edit of the service's environment file takes effect at the next restart "
             "(systemctl restart edge-agent)") in agent.log()
+
+
+def test_a_reload_that_tunes_max_batch_or_reconnect_max_keeps_the_connection(tmp_path, broker):
+    """`mqtt.max_batch` and `reconnect_max` shape what the publisher does, not the connection: a reload
+    that changes only them applies them on the connection there is (it dropped and made it again, with
+    a retained `offline` "reconfigured" for the platform though the station went nowhere, and the
+    messages in flight published twice)."""
+    config = sim_config(tmp_path, broker, interval=0.2)
+    cfg = write_config(tmp_path / "station.yaml", config)
+    collector = Collector(broker, "env/#")
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: len(collector.reading_seqs()) >= 6, 20, "readings published")
+        config["mqtt"].update(max_batch=50, reconnect_max=2)
+        write_config(cfg, config)
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in agent.log(), 10, "the reload")
+        after = len(collector.reading_seqs())
+        wait_for(lambda: len(collector.reading_seqs()) >= after + 6, 20, "readings published after the reload")
+    finally:
+        assert agent.stop() == 0
+        collector.close()
+    log = agent.log()
+    assert "broker settings applied on the connection: mqtt.max_batch: 50 (was 200); mqtt.reconnect_max: 2 (was 1)" \
+        in log, log
+    assert "reconnecting" not in log and log.count("connected to") == 1, log
+    states = [m["state"] for m in collector.json_messages("/status")]
+    assert states[-1] == "offline" and "offline" not in states[:-1], states  # the stop's, only
