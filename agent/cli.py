@@ -100,6 +100,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.info("edge-agent %s starting with %s", __version__, args.config)
     log_config_warnings(config)
     station = Station(args.config, config)
+    # From here a SIGHUP goes to the station (before its check below: one arriving between the check and
+    # Station.run installing its handlers was appended to a list nobody read again).
+    signal.signal(signal.SIGHUP, lambda *_: station.request_reload())
     if hup_while_starting:
         station.request_reload()
     try:
