@@ -1,12 +1,17 @@
-"""A start whose buffer takes seconds to open polls from the start: a real agent process, simulated devices
-every 0.2 s, a real broker, the buffer's opening made slow by an LD_PRELOAD shim.
+"""A start whose buffer takes seconds to open polls from the start: a real agent process, a real Modbus
+TCP instrument polled every 0.2 s, a real broker, the buffer's opening made slow by an LD_PRELOAD shim.
 
 Opening the buffer checks the whole file (quick_check), compacts it above its cap or salvages a corrupt
 one: ~2 minutes for a 1.4 GB file not in the page cache, which is the start after a power cut. Before,
 nothing was polled until it was open: every reading of that time was never taken, a gap in the data with
 no reason. The shim stalls the process's first read of the buffer file (inside `Buffer.open_writer`, on
-whichever thread makes it) for STALL_S seconds, like a cold card would; the pollers' readings of that
-time must be stored and published, in seq order, none lost, also when the file is corrupt (salvaged).
+whichever thread makes it), like a cold card would, until the test releases it (or, without a release
+file, for a fixed time); the pollers' readings of that time must be stored and published, in seq order,
+none lost, each with the time it was taken, also when the file is corrupt (salvaged).
+
+Nothing here depends on the machine's speed: the instrument numbers the requests it answers, the
+opening is released only once it has answered POLLS_WHILE_OPENING of them, and every answer must be
+found in the buffer exactly once, in order, stamped between the answers before and after it.
 """
 
 from __future__ import annotations
@@ -15,16 +20,19 @@ import re
 import signal
 import sqlite3
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from harness import AgentProcess, Collector, build_preload_shim, sim_config, wait_for, write_config
+from instruments import ModbusTcpServer, Unit
 
 from agent.buffer import Buffer
 from agent.model import Reading
 
 STALL_S = 4.0
 INTERVAL = 0.2
+POLLS_WHILE_OPENING = 10  # answered by the instrument before the test lets the opening finish
 
 STALL_C = r"""
 #define _GNU_SOURCE
@@ -35,8 +43,9 @@ STALL_C = r"""
 #include <time.h>
 #include <unistd.h>
 
-/* The first read of the file SLOW_OPEN_PATH by this process sleeps SLOW_OPEN_S seconds: a buffer whose
-   opening (its integrity check, its salvage) reads a cold card. Every read after it is untouched. */
+/* The first read of the file SLOW_OPEN_PATH by this process waits: until the file SLOW_OPEN_RELEASE
+   exists when that is set (at most 120 s), else SLOW_OPEN_S seconds: a buffer whose opening (its
+   integrity check, its salvage) reads a cold card. Every read after it is untouched. */
 static int stalled;
 
 static void stall_once(int fd) {
@@ -49,6 +58,14 @@ static void stall_once(int fd) {
     if (n <= 0) return;
     target[n] = 0;
     if (strcmp(target, want) != 0 || __atomic_exchange_n(&stalled, 1, __ATOMIC_ACQ_REL)) return;
+    const char *release = getenv("SLOW_OPEN_RELEASE");
+    if (release) {
+        fprintf(stderr, "SHIM: stalling the first read of %s until %s exists\n", want, release);
+        struct timespec tick = {0, 10 * 1000 * 1000};
+        for (int i = 0; i < 12000 && access(release, F_OK) != 0; i++) nanosleep(&tick, NULL);
+        fprintf(stderr, "SHIM: released\n");
+        return;
+    }
     double s = atof(getenv("SLOW_OPEN_S") ? getenv("SLOW_OPEN_S") : "0");
     struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
     fprintf(stderr, "SHIM: stalling the first read of %s for %.1f s\n", want, s);
@@ -102,6 +119,20 @@ def _corrupt(path: Path) -> None:
         f.write(data)
 
 
+@dataclass
+class CountingUnit(Unit):
+    """An instrument whose holding registers 0 and 1 both read how many read requests it has answered,
+    this one included: the readings stored say which poll each came from."""
+
+    answered: list[float] = field(default_factory=list)  # wall time of each read answered, in order
+
+    def answer(self, pdu: bytes) -> bytes | None:
+        if pdu[:1] == b"\x03":
+            self.holding[0] = self.holding[1] = len(self.answered) + 1
+            self.answered.append(time.time())
+        return super().answer(pdu)
+
+
 def _log_time(log: str, pattern: str) -> float:
     """Wall time (s) of the agent's first log line matching `pattern`."""
     m = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ \S+ " + pattern, log, re.M)
@@ -109,82 +140,103 @@ def _log_time(log: str, pattern: str) -> float:
     return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()  # local time, as logging's
 
 
-def _rows(path: Path, above: int) -> list[tuple[int, str, int]]:
+def _rows(path: Path, above: int, device: str = "dev0") -> list[tuple[int, str, int, float | None]]:
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-        return conn.execute("SELECT seq, channel, ts_ms FROM readings WHERE device='sim0' AND seq > ? "
-                            "ORDER BY seq", (above,)).fetchall()
+        return conn.execute("SELECT seq, channel, ts_ms, value FROM readings WHERE device=? AND seq > ? "
+                            "ORDER BY seq", (device, above)).fetchall()
 
 
-def _start_slow(tmp_path: Path, broker) -> tuple[AgentProcess, Collector, Path, float]:
+def _start_slow(tmp_path: Path, broker, unit: CountingUnit) -> tuple[AgentProcess, Collector, Path, ModbusTcpServer]:
+    """The agent polling `unit` every INTERVAL, its buffer's opening held until `unit` has answered
+    POLLS_WHILE_OPENING requests, then released; returns once the agent runs."""
     so = build_preload_shim(STALL_C, "slowopen", tmp_path, "slow buffer open")
+    server = ModbusTcpServer([unit]).start()
     collector = Collector(broker, "env/TEST0001/#")
-    config = sim_config(tmp_path, broker, interval=INTERVAL, channels=2)
+    config = sim_config(tmp_path, broker, devices=0)
+    config["buses"] = {"lan": {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 10}}
+    config["devices"] = {"dev0": {"bus": "lan", "slave": unit.unit_id, "interval": INTERVAL, "registers": [
+        {"channel": "c00", "address": 0, "type": "uint16"}, {"channel": "c01", "address": 1, "type": "uint16"}]}}
     db = Path(config["storage"]["path"])
-    started = time.time()
+    release = tmp_path / "release-the-opening"
     agent = AgentProcess(write_config(tmp_path / "agent.yaml", config),
-                         env={"LD_PRELOAD": str(so), "SLOW_OPEN_PATH": str(db), "SLOW_OPEN_S": str(STALL_S)})
+                         env={"LD_PRELOAD": str(so), "SLOW_OPEN_PATH": str(db), "SLOW_OPEN_RELEASE": str(release)})
+    wait_for(lambda: "SHIM: stalling" in agent.log() or not agent.alive(), 60, "the opening under way")
+    wait_for(lambda: len(unit.answered) >= POLLS_WHILE_OPENING or not agent.alive(), 60,
+             f"{POLLS_WHILE_OPENING} polls answered while the buffer opens")
+    assert "open: readings last seq" not in agent.log(), f"opened before the release:\n{agent.log()[-3000:]}"
+    release.touch()
     wait_for(lambda: "running:" in agent.log() or not agent.alive(), 60, "the agent running")
-    assert "SHIM: stalling" in agent.log(), agent.log()[-3000:]
-    return agent, collector, db, started
+    assert agent.alive(), agent.log()[-3000:]
+    return agent, collector, db, server
 
 
-def _check_no_gap(rows: list[tuple[int, str, int]], polled_from: float, open_ended: float) -> None:
-    """Every channel has a reading every INTERVAL from the first poll on, across the opening."""
+def _check_every_poll_stored(rows: list[tuple[int, str, int, float | None]], unit: CountingUnit,
+                             opened: float) -> None:
+    """Every poll the instrument answered is stored once per channel, in the order answered (seq order),
+    stamped with the time it was taken: after the answer before it and before its own. The first
+    POLLS_WHILE_OPENING of them were answered before the buffer opened."""
+    answered = list(unit.answered)
+    assert len(answered) >= POLLS_WHILE_OPENING
+    assert answered[POLLS_WHILE_OPENING - 1] < opened, "the instrument was not polled while the buffer opened"
     for channel in ("c00", "c01"):
-        times = [ts / 1000 for _, ch, ts in rows if ch == channel]
-        assert times, f"no readings of {channel}"
-        assert times[0] < polled_from, (f"{channel}: first reading {times[0] - open_ended:+.2f} s after the "
-                                        "buffer opened: nothing was polled while it was opened")
-        steps = [b - a for a, b in zip(times, times[1:], strict=False)]
-        assert max(steps) < 5 * INTERVAL, f"{channel}: a gap of {max(steps):.2f} s in the readings"
-        assert steps == [s for s in steps if s > 0], f"{channel}: seq order is not the order taken"
+        got = [(int(value), ts) for _, ch, ts, value in rows if ch == channel]
+        assert [n for n, _ in got] == list(range(1, len(answered) + 1)), (
+            f"{channel}: stored polls {[n for n, _ in got]}, answered 1..{len(answered)}")
+        for n, ts in got:
+            after = int(answered[n - 2] * 1000) if n > 1 else 0
+            assert after <= ts <= answered[n - 1] * 1000, (
+                f"{channel}: poll {n} stamped {ts}, not when it was taken ({after}..{answered[n - 1] * 1000:.0f})")
 
 
 def test_readings_taken_while_the_buffer_opens_are_stored_and_published(broker, tmp_path):
     old_last = _old_buffer(tmp_path / "buffer.db")
-    agent, collector, db, started = _start_slow(tmp_path, broker)
+    unit = CountingUnit(1)
+    agent, collector, db, server = _start_slow(tmp_path, broker, unit)
     try:
-        log = agent.log()
-        opened = _log_time(log, r"buffer .* open: readings last seq")
-        assert opened - started > STALL_S - 0.5, log[-3000:]  # the opening did take that long
-        wait_for(lambda: len(_rows(db, old_last)) >= 20, 20, "readings stored after the start")
+        opened = _log_time(agent.log(), r"buffer .* open: readings last seq")
+        wait_for(lambda: len(_rows(db, old_last)) >= 2 * (POLLS_WHILE_OPENING + 10), 30,
+                 "readings stored after the start")
         assert agent.stop() == 0
         rows = _rows(db, old_last)
         # the readings of the time the buffer was opened are there, seqs following on from the old ones
-        _check_no_gap(rows, opened - STALL_S / 2, opened)
-        seqs = [seq for seq, _, _ in rows]
+        _check_every_poll_stored(rows, unit, opened)
+        seqs = [seq for seq, _, _, _ in rows]
         assert seqs == list(range(old_last + 1, old_last + 1 + len(seqs))), "seqs not contiguous"
         # and every one was published (before the stop's grace ran out), in seq order
         published = [r["seq"] for m in collector.json_messages("/data") for r in m.get("readings", [])
-                     if r.get("device") == "sim0"]
+                     if r.get("device") == "dev0"]
         assert sorted(set(published)) == seqs, f"published {len(set(published))} of {len(seqs)}"
         assert published == sorted(published), "published out of seq order"
-        assert "readings taken while the buffer was opened are stored" in agent.log()
+        held = re.search(r"(\d+) readings taken while the buffer was opened are stored", agent.log())
+        assert held and int(held.group(1)) >= 2 * POLLS_WHILE_OPENING, agent.log()[-3000:]
     finally:
         collector.close()
         agent.stop()
+        server.close()
 
 
 def test_salvaged_buffer_start_keeps_the_readings_taken_meanwhile(broker, tmp_path):
     old_last = _old_buffer(tmp_path / "buffer.db")
     _corrupt(tmp_path / "buffer.db")
-    agent, collector, db, started = _start_slow(tmp_path, broker)
+    unit = CountingUnit(1)
+    agent, collector, db, server = _start_slow(tmp_path, broker, unit)
     try:
         log = agent.log()
         assert "corrupt" in log, log[-3000:]
         opened = _log_time(log, r"buffer .* open: readings last seq")
-        wait_for(lambda: len(_rows(db, 0)) >= 20, 20, "readings stored after the start")
+        wait_for(lambda: len(_rows(db, 0)) >= 2 * (POLLS_WHILE_OPENING + 10), 30, "readings stored after the start")
         assert agent.stop() == 0
         rows = _rows(db, 0)
-        _check_no_gap(rows, opened - STALL_S / 2, opened)
-        seqs = [seq for seq, _, _ in rows]
+        _check_every_poll_stored(rows, unit, opened)
+        seqs = [seq for seq, _, _, _ in rows]
         assert seqs[0] > old_last and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
         published = [r["seq"] for m in collector.json_messages("/data") for r in m.get("readings", [])
-                     if r.get("device") == "sim0"]
+                     if r.get("device") == "dev0"]
         assert sorted(set(published)) == seqs, f"published {len(set(published))} of {len(seqs)}"
     finally:
         collector.close()
         agent.stop()
+        server.close()
 
 
 def test_sigterm_while_the_buffer_opens_stores_what_was_polled(broker, tmp_path):
@@ -200,5 +252,5 @@ def test_sigterm_while_the_buffer_opens_stores_what_was_polled(broker, tmp_path)
     assert agent.proc.wait(30) == 0, agent.log()[-3000:]
     log = agent.log()
     assert "stopped cleanly" in log, log[-3000:]
-    rows = _rows(db, old_last)
+    rows = _rows(db, old_last, "sim0")
     assert len(rows) >= 2, f"the readings polled before the stop were not stored:\n{log[-3000:]}"
