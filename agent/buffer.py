@@ -89,6 +89,7 @@ class JsonBatch:
 
 
 SALVAGE_UNFINISHED = "salvage_unfinished"  # meta: the file moved aside whose rows a salvage is copying in
+WAL_LOST = "left without its -wal"  # `path_state`: the -wal of the file written deleted while it runs
 GAP_BUFFER_MISSING = "buffer_missing"  # the reason of a gap of seqs a fresh buffer file cannot account for
 
 
@@ -288,11 +289,19 @@ class Buffer:
         return _identity(self.path) != self.identity
 
     def path_state(self) -> str | None:
-        """Writer: None while `path` names this connection's file (its -wal and -shm are noted then,
-        for `write_back`); else what happened to it, in words for the log."""
+        """Writer: None while `path` names this connection's file and its -wal is the one SQLite writes
+        (both -wal and -shm are noted then, for `write_back`); else what happened, in words for the log:
+        the file deleted, renamed or replaced, or its -wal deleted (WAL_LOST; `rm buffer.db-wal`): this
+        connection goes on committing into the WAL it holds open, which no longer has a name, so what it
+        committed since the last checkpoint would go with the process (a crash, a power cut), and other
+        readers of the path (`status`) meet a disk I/O error."""
         now = _identity(self.path)
         if now == self.identity:
-            self._sides = {suffix: _identity(self._side(suffix)) for suffix in ("-wal", "-shm")}
+            sides = {suffix: _identity(self._side(suffix)) for suffix in ("-wal", "-shm")}
+            noted = self._sides.get("-wal")
+            if noted is not None and sides["-wal"] != noted:
+                return WAL_LOST
+            self._sides = sides
             return None
         return "deleted or renamed" if now is None else "replaced by another file"
 
@@ -476,7 +485,10 @@ class Buffer:
             if ident is not None and _identity(side) == ident:
                 side.unlink()  # this file's own: the copy has all it held, and this connection keeps it open
         moved = None
-        if _identity(self.path) is not None or any(self._side(s).exists() for s in ("-wal", "-shm")):
+        if _identity(self.path) == self.identity:  # its own file, only its -wal deleted (WAL_LOST): replaced
+            for suffix in ("-wal", "-shm"):  # a -wal there now was made by a reader since: nothing writes it
+                self._side(suffix).unlink(missing_ok=True)
+        elif _identity(self.path) is not None or any(self._side(s).exists() for s in ("-wal", "-shm")):
             moved = move_aside(self.path, "put in place of the running agent's buffer file, which the agent "
                                "then put back", kind="foreign")
         os.replace(tmp, self.path)

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from agent.buffer import Buffer, BufferError, is_corruption, lowest_progress
+from agent.buffer import WAL_LOST, Buffer, BufferError, is_corruption, lowest_progress
 from agent.clock import AgeClock
 from agent.logutil import RateLimitedLog
 from agent.model import STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
@@ -613,9 +613,15 @@ class Recorder(threading.Thread):
         last = buf.last_seq(STREAM_READINGS)
         if self.detached is None:
             self.detached = what
-            log.error("buffer %s was %s while the agent runs: putting the file the agent writes back at that path "
-                      "(every row it holds, readings up to seq %d), whatever stands there now moved aside",
-                      buf.path, what, last)
+            if what == WAL_LOST:
+                log.error("buffer %s: its -wal was deleted while the agent runs: what was committed since the last "
+                          "checkpoint is only in the WAL the agent holds open, which a crash or a power cut would "
+                          "lose, and other readers of the file meet an I/O error; writing the database back at "
+                          "that path (every row it holds, readings up to seq %d)", buf.path, last)
+            else:
+                log.error("buffer %s was %s while the agent runs: putting the file the agent writes back at that "
+                          "path (every row it holds, readings up to seq %d), whatever stands there now moved aside",
+                          buf.path, what, last)
         started = time.monotonic()
         try:
             self.buffer, moved = buf.write_back(sync=self.sync, max_mb=self.max_bytes / (1024 * 1024),

@@ -10,7 +10,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from harness import AgentProcess, Broker, Collector, db_last_seq, fill_disk, sim_config, wait_for, write_config
+from harness import (
+    AgentProcess,
+    Broker,
+    Collector,
+    db_last_seq,
+    fill_disk,
+    run_cli,
+    sim_config,
+    wait_for,
+    write_config,
+)
 
 
 def start_station(tmp_path: Path, broker: Broker) -> tuple[Path, Path, AgentProcess]:
@@ -80,6 +90,42 @@ def test_a_buffer_deleted_or_renamed_during_a_broker_outage_loses_nothing(tmp_pa
     broker.stop()
     assert not [m for m in platform.json_messages("/data") if "gap" in m], "no gap announced"
     assert contiguous_from_one(platform.reading_seqs())
+
+
+@pytest.mark.parametrize("sides", [("-wal",), ("-wal", "-shm")])
+def test_a_wal_deleted_while_running_is_made_again_so_a_crash_after_it_loses_nothing(tmp_path, sides):
+    """`rm buffer.db-wal` (a technician taking it for a temporary file): the writer goes on committing into
+    the WAL it holds open, which no longer has a name. Nothing of what it held since the last checkpoint
+    (the whole buffer of a young file) reached the database file, other readers (`status`) met a disk I/O
+    error, and a kill -9 or a power cut lost all of it (announced at the next start as buffer_missing).
+    The recorder notices it as it notices the file deleted, and writes its database back at the path."""
+    broker = Broker(tmp_path / "broker", persistence=True).start()
+    platform = Collector(broker, "env/#", persistent=True)
+    path, cfg, agent = start_station(tmp_path, broker)
+    try:
+        wait_for(lambda: len(platform.reading_seqs()) >= 30, 20, "readings before the outage")
+        broker.stop()
+        delivered = max(platform.reading_seqs())
+        wait_for(lambda: db_last_seq(path) > delivered + 30, 20, "a backlog while the broker is away")
+        for suffix in sides:
+            path.with_name(path.name + suffix).unlink()
+        goes_on_in_the_file_put_back(agent, path)
+        assert f"buffer {path}: its -wal was deleted while the agent runs" in agent.log(), agent.log()[-3000:]
+        status = run_cli("status", "-c", str(cfg))
+        assert status.returncode == 0 and "cannot read" not in status.stdout, status.stdout
+        last = db_last_seq(path)
+        agent.kill9()  # a crash or power cut after it: the rows committed before it are in the file at the path
+        agent = AgentProcess(cfg)
+        broker.start()
+        wait_for(lambda: platform.has_readings_upto(last), 30, f"every seq 1..{last} delivered")
+        assert "Traceback" not in agent.log()
+    finally:
+        assert agent.stop() == 0
+        platform.close()
+        broker.stop()
+    gaps = [m["gap"] for m in platform.json_messages("/data") if "gap" in m]
+    assert not [g for g in gaps if g[0] <= last], f"gaps announced over seqs that were stored: {gaps}"
+    assert not list(path.parent.glob("buffer.db.foreign-*")), "the agent's own file is not another's"
 
 
 def test_another_stations_buffer_put_in_place_is_never_published_and_is_kept(tmp_path):
