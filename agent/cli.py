@@ -126,11 +126,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     import sqlite3
 
     from agent.buffer import Buffer
+    from agent.model import STREAM_READINGS
     from agent.runtime import device_channels, device_intervals
     from agent.seqmark import SeqMark, mark_path
     from agent.status import (
         agent_state,
         collect,
+        missing_buffer,
         render_text,
         unopened_buffer,
         unreadable,
@@ -170,6 +172,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         status.update(unreadable(device_intervals(config), why))
         if not issued_before:
             status["last_seq"] = 0  # no seq was ever issued here (a first start): the highest stored is known
+    if why is None and not stored and issued_before and status["agent"]["running"] is False:  # deleted, emptied
+        marks = seqmark.read()
+        why, hint = missing_buffer(path, seqmark.issued_at_clean_close(STREAM_READINGS),
+                                   marks.get(STREAM_READINGS, 0), seqmark.acked().get(STREAM_READINGS, 0))
+        status.update(unreadable(device_intervals(config), why))
     if status["agent"]["running"] is False:  # the broker state in the file is the one it left behind
         left = status["broker"]
         if left.get("state") == "offline":  # a clean stop: offline since it stopped

@@ -311,6 +311,18 @@ def unopened_buffer(path: Path) -> tuple[str, str]:
             "it cannot create the file, a full disk or permissions: see its log; or it is putting back one moved away")
 
 
+def missing_buffer(path: Path, issued: int | None, reserved: int, acked: int) -> tuple[str, str]:
+    """(what, hint) when no agent runs and no buffer with its tables is at `path` although its seq mark
+    says seqs were issued there: the file was deleted or lost (emptied), not yet created. `issued`: the
+    readings' last seq at the last clean close (None after a crash: up to `reserved` may have been),
+    `acked`: the acknowledged watermark noted beside it."""
+    upto = f"seqs up to {issued} were issued here" if issued is not None else \
+        f"seqs up to {reserved} may have been issued here"
+    return (f"the buffer {path} is missing (deleted, lost with its card, or left behind at another storage.path): "
+            f"{upto}, readings acknowledged up to seq {acked}; the unacknowledged ones went with it",
+            "the next start numbers on above them and announces the lost ones as a buffer_missing gap")
+
+
 def reader_access_denied(path: Path) -> bool:
     """Whether this user lacks an access that reading the WAL database at `path` takes (os.access):
     search on its directory; read on the file, and on its -wal and -shm files where they are; write

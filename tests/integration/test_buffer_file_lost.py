@@ -5,6 +5,7 @@ Real agent processes, a real mosquitto restarted on its port, real SQLite files.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +22,9 @@ from harness import (
     wait_for,
     write_config,
 )
+
+from agent.buffer import Buffer
+from agent.model import STREAM_READINGS, Reading, now_ms
 
 
 def start_station(tmp_path: Path, broker: Broker) -> tuple[Path, Path, AgentProcess]:
@@ -233,3 +237,30 @@ def test_a_sighup_that_changes_the_uplinks_while_the_file_is_away_does_not_end_t
     finally:
         platform.close()
         agent.stop()
+
+
+@pytest.mark.parametrize("how", ["deleted", "emptied"])
+def test_status_of_a_stopped_station_whose_buffer_is_gone_says_so_not_a_first_start(tmp_path, how):
+    """The buffer file deleted (or left empty, a card that lost it) while the agent is stopped, its seq
+    mark still beside: seqs were issued here and the unsent readings went with the file. `status` said
+    `no buffer database at … yet (the agent has not run with this config)`, `backlog 0`, `last seq 0`,
+    as before a first start; it says the file is missing, what was issued and acknowledged, and the
+    figures it cannot know are unknown (null), as for a file it cannot read."""
+    path = tmp_path / "buffer.db"
+    buf = Buffer.open_writer(path)
+    buf.begin()
+    buf.insert_readings([Reading("sim0", "c00", now_ms() - 100_000 + i, float(i), "mg/L") for i in range(50)])
+    buf.set_sent_upto(STREAM_READINGS, 20)
+    buf.commit()
+    buf.close()
+    path.unlink()
+    if how == "emptied":
+        path.write_bytes(b"")
+    cfg = write_config(tmp_path / "station.yaml", sim_config(tmp_path, Broker(tmp_path / "unused")))
+    text = run_cli("status", "-c", str(cfg))
+    assert text.returncode == 0 and "Traceback" not in text.stderr, text.stderr
+    assert "yet" not in text.stdout and "backlog  0" not in text.stdout, text.stdout
+    assert f"the buffer {path} is missing" in text.stdout and "seq 20" in text.stdout, text.stdout
+    doc = json.loads(run_cli("status", "-c", str(cfg), "--json").stdout)
+    assert doc["backlog"] is None and doc["last_seq"] is None, doc
+    assert doc["buffer_error"].startswith(f"the buffer {path} is missing"), doc
