@@ -45,6 +45,24 @@ def hold(buffer_path: Path) -> int:
     return fd
 
 
+def keep_held(fd: int, buffer_path: Path) -> int | None:
+    """The lock file deleted while the agent runs (`rm buffer.db*`): the lock `fd` holds is then on a file
+    without a name, `status` says no agent runs and a second `run` starts on the same buffer. Take the
+    lock again on a new file at the path: returns the descriptor to keep from now on (`fd` closed), None
+    while `fd` is still the file at the path. Raises AlreadyRunning when another process took the new
+    file first (`fd` is kept then), OSError when it cannot be made (a full disk)."""
+    try:
+        at_path = os.stat(lock_path(buffer_path))
+        mine = os.fstat(fd)
+        if (at_path.st_dev, at_path.st_ino) == (mine.st_dev, mine.st_ino):
+            return None
+    except FileNotFoundError:
+        pass
+    new = hold(buffer_path)
+    os.close(fd)
+    return new
+
+
 def _lock_exclusive(fd: int) -> bool:
     """Take the lock, False when another process holds it. A `status` asking whether an agent runs
     (`running_pid`) holds it shared for a few microseconds: an attempt that meets such a probe is tried

@@ -603,8 +603,11 @@ class Recorder(threading.Thread):
         this thread committing into a file no later start finds, and readers following the path to
         another file. The file is put back (`Buffer.write_back`), what stood at the path moved aside;
         meanwhile the readers go on reading the file written (`open_reader`). Readings polled
-        meanwhile wait in memory as for any write. A disk without room for the copy: retried here."""
+        meanwhile wait in memory as for any write. A disk without room for the copy: retried here. The
+        seq mark beside the file, deleted with it, is written again (`SeqMark.keep`)."""
         buf = self.buffer
+        if buf.seqmark is not None:
+            buf.seqmark.keep()  # `rm buffer.db*` takes it too
         what = buf.path_state()
         if what is None:
             return

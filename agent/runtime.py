@@ -344,6 +344,7 @@ class Station:
         self._uplink_log = RateLimitedLog(log, every_s=60)
         self.console: Console | None = None
         self._instance_lock: int | None = None  # the buffer's lock (agent.instance), held until the process ends
+        self._locked_path: Path | None = None  # the buffer path it was taken for (a reload may name another)
         # Said on the retained status (a restart is not a reconnect); moved with each step of the wall clock,
         # so that a start before NTP set the clock (a Pi without a real-time clock) is right once it has.
         self._started_ms = now_ms()
@@ -432,6 +433,7 @@ class Station:
             try:
                 if self._instance_lock is None:  # held until the process ends; raises AlreadyRunning
                     self._instance_lock = instance.hold(storage.path)
+                    self._locked_path = storage.path
                     continue  # polling starts (above) before the buffer is opened
                 return Buffer.open_writer(storage.path, sync=storage.sync, max_mb=storage.max_mb,
                                           progress=self._opening,
@@ -550,6 +552,7 @@ class Station:
         next_status = 0.0
         was_hung = False
         self._hung_log = RateLimitedLog(log, every_s=60)
+        self._lock_log = RateLimitedLog(log, every_s=60)
         while not self._stop_requested:
             self._wait_for_signal(tick)
             if self._stop_requested:
@@ -560,6 +563,7 @@ class Station:
                 next_status = 0.0  # `systemctl status` after `systemctl reload`: whether it was refused, at once
             self._start_due_uplinks()
             self._watch_clock()
+            self._keep_lock()
             self._failed = self.ended_loops()
             if self._failed:
                 log.critical("%s ended unexpectedly (its error is logged above); stopping, so that the agent "
@@ -580,6 +584,28 @@ class Station:
             if self.notifier.enabled and now >= next_status:
                 next_status = now + 30
                 self.notifier.notify(f"STATUS={self.summary()}")
+
+    def _keep_lock(self) -> None:
+        """The buffer's lock file deleted while the agent runs (`rm buffer.db*`): taken again on a new file,
+        so that `status` sees this agent and a second `run` on the same buffer is refused (`instance.keep_held`)."""
+        if self._instance_lock is None or self._locked_path is None:
+            return
+        path = instance.lock_path(self._locked_path)  # a reload's new storage.path is the next start's
+        try:
+            fd = instance.keep_held(self._instance_lock, self._locked_path)
+        except instance.AlreadyRunning as exc:
+            self._lock_log.error("the buffer's lock file %s was deleted while this agent runs, and another process "
+                                 "took a new one: %s", path, str(exc).split(";")[0], key="lock")
+            return
+        except OSError as exc:
+            self._lock_log.error("the buffer's lock file %s was deleted while this agent runs and cannot be made "
+                                 "again (%s): a second agent on the same buffer would not be refused", path, exc,
+                                 key="lock")
+            return
+        if fd is not None:
+            self._instance_lock = fd
+            log.warning("the buffer's lock file %s was deleted while the agent runs: made again (status sees this "
+                        "agent, a second one on the same buffer is refused)", path)
 
     def _watch_clock(self) -> None:
         """Log a wall-clock step or a change of NTP synchronisation, and record both for `status`."""

@@ -135,6 +135,22 @@ class SeqMark:
         at a close whose checkpoint failed (`note_closed` otherwise)."""
         self._note({stream + ACKED: seq for stream, seq in sent_upto.items()})
 
+    def keep(self) -> bool:
+        """The file deleted while a writer runs (`rm buffer.db*`, a technician cleaning up): written again
+        from what this writer holds, else it stayed away until the next block or the clean close, and a
+        corrupt file meanwhile had its fresh one number on from what was salvaged, not above every seq
+        issued. True when it was written again (logged)."""
+        if not self._marks or self.path.exists():
+            return False
+        try:
+            self._write(self._marks)
+        except OSError as exc:
+            log.warning("seq high-water mark %s was deleted while the agent runs and cannot be written again (%s)",
+                        self.path, exc)
+            return False
+        log.warning("seq high-water mark %s was deleted while the agent runs: written again", self.path)
+        return True
+
     def _note(self, values: dict[str, int]) -> bool:
         marks = self.read()
         wanted = {**marks, **values}

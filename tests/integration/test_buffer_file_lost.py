@@ -132,6 +132,30 @@ def test_a_wal_deleted_while_running_is_made_again_so_a_crash_after_it_loses_not
     assert not list(path.parent.glob("buffer.db.foreign-*")), "the agent's own file is not another's"
 
 
+def test_rm_buffer_db_star_leaves_the_lock_and_the_seq_mark_in_place_too(tmp_path, broker):
+    """`rm buffer.db*`, as a technician cleaning up types it, takes the lock file and the seq mark with
+    the database. The file was put back, but not those: `status` said the agent was NOT running, a
+    second `run` started on the same buffer (two writers: `UNIQUE constraint failed: readings.seq`, the
+    two kicking each other off the broker), and the high-water mark that keeps seqs from being issued
+    again after a corrupt file was gone. Both are made again, as the file is."""
+    path, cfg, agent = start_station(tmp_path, broker)
+    mark = path.with_name("buffer.db.seq")
+    try:
+        wait_for(lambda: mark.exists() and db_last_seq(path) > 10, 20, "readings stored")
+        for p in list(path.parent.glob("buffer.db*")):
+            p.unlink()
+        goes_on_in_the_file_put_back(agent, path)
+        wait_for(lambda: mark.exists(), 20, "the seq mark written again")
+        assert json.loads(mark.read_text())["readings"] > db_last_seq(path), mark.read_text()
+        wait_for(lambda: "agent    running" in run_cli("status", "-c", str(cfg)).stdout, 20,
+                 "status sees the agent running again")
+        second = run_cli("run", "-c", str(cfg), timeout=30)
+        assert second.returncode == 1 and f"pid {agent.proc.pid}" in second.stderr, second.stderr[-2000:]
+        assert agent.alive() and "Traceback" not in agent.log()
+    finally:
+        assert agent.stop() == 0
+
+
 def test_another_stations_buffer_put_in_place_is_never_published_and_is_kept(tmp_path):
     broker = Broker(tmp_path / "broker").start()
     platform = Collector(broker, "env/#")
