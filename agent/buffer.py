@@ -97,6 +97,16 @@ class BufferError(Exception):
     """The buffer cannot be opened or written (not a corruption we can rescue)."""
 
 
+class RescueCutShort(BufferError):
+    """`Buffer.rescue` moved the corrupt file aside (to `moved`) but could not start the fresh one (a full
+    disk): `Buffer.resume_rescue(moved, acked)` does the rest once it can, salvage included."""
+
+    def __init__(self, message: str, moved: Path, acked: dict[str, int]):
+        super().__init__(message)
+        self.moved = moved
+        self.acked = acked
+
+
 @dataclass(frozen=True, slots=True)
 class Gap:
     """Unpublished readings dropped by eviction, to be announced on the data topic."""
@@ -345,14 +355,39 @@ class Buffer:
         logged."""
         moved = move_aside(path, str(exc))
         log.error("buffer %s is corrupt (%s); moved aside to %s, starting a fresh one", path, exc, moved)
-        seqmark = SeqMark(mark_path(path))
-        acked = seqmark.acked()  # read before the fresh file notes its own
-        buf = cls._open_checked(path, sync, seqmark, announce_jump=False)
-        seqmark.note_acked(acked)  # not the fresh file's: a salvage cut short is done again with them
-        buf._salvage_from(moved, acked, progress, holders)
+        acked = SeqMark(mark_path(path)).acked()  # read before the fresh file notes its own
+        try:
+            buf = cls._open_checked(path, sync, SeqMark(mark_path(path)), announce_jump=False)
+        except (sqlite3.Error, OSError) as exc2:
+            raise RescueCutShort(f"{exc2} (the fresh file after {moved.name})", moved, acked) from exc2
+        return buf._after_rescue(moved, acked, max_mb, progress, holders)
+
+    @classmethod
+    def resume_rescue(cls, path: Path, moved: Path, acked: dict[str, int], *, sync: str, max_mb: float | None,
+                      progress: Callable[[], None] | None = None, holders: Sequence[str] | None = None) -> Buffer:
+        """The rest of a `rescue` the disk cut short (RescueCutShort): the fresh file, and the salvage of
+        `moved` into it with the watermarks `acked` noted before. Before, the retry only opened a fresh
+        file: the unpublished rows of `moved`, readable, were announced lost. What a failed attempt left
+        at `path` (a fresh file without its schema, or empty) holds nothing and is replaced."""
+        if path.exists() and not _holds_schema(path):
+            for suffix in ("", "-wal", "-shm"):
+                path.with_name(path.name + suffix).unlink(missing_ok=True)
+        try:
+            buf = cls._open_checked(path, sync, SeqMark(mark_path(path)), announce_jump=False)
+        except (sqlite3.Error, OSError) as exc:
+            raise RescueCutShort(f"{exc} (the fresh file after {moved.name})", moved, acked) from exc
+        log.warning("buffer %s: fresh file started after %s; salvaging it now", path, moved.name)
+        return buf._after_rescue(moved, acked, max_mb, progress, holders)
+
+    def _after_rescue(self, moved: Path, acked: dict[str, int], max_mb: float | None,
+                      progress: Callable[[], None] | None, holders: Sequence[str] | None) -> Buffer:
+        """A rescue's fresh file is open: note the old watermarks, salvage `moved` into it, apply the cap."""
+        assert self.seqmark is not None
+        self.seqmark.note_acked(acked)  # not the fresh file's: a salvage cut short is done again with them
+        self._salvage_from(moved, acked, progress, holders)
         if max_mb is not None:
-            buf.set_size_cap(max_mb)
-        return buf
+            self.set_size_cap(max_mb)
+        return self
 
     def _salvage_cut_short(self, moved: Path, progress: Callable[[], None] | None,
                            holders: Sequence[str] | None) -> None:
@@ -1269,6 +1304,18 @@ def _poll(rows: list[tuple]) -> Poll:
     return Poll(rows[0][2], rows[0][1], tuple(Reading(r[2], r[3], r[1], r[4], r[5], r[6], r[0]) for r in rows))
 
 
+def _holds_schema(path: Path) -> bool:
+    """Whether the file at `path` is a database with the buffer's tables (read only, never changed)."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return conn.execute("SELECT count(*) FROM sqlite_master WHERE name='readings'").fetchone()[0] > 0
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return True  # not known: kept (a rescue of it is `open_writer`'s)
+
+
 def move_aside(path: Path, reason: str, kind: str = "corrupt") -> Path:
     """Rename a damaged database (and its -wal/-shm) to `NAME.corrupt-TIMESTAMP` (`kind`: another word
     for it, `foreign` for a file that is not the agent's); never deletes. The WAL is taken from the
@@ -1289,5 +1336,8 @@ def move_aside(path: Path, reason: str, kind: str = "corrupt") -> Path:
         elif side.exists():
             os.replace(side, target.with_name(target.name + suffix))
     note = target.with_name(target.name + ".txt")
-    note.write_text(f"moved aside by edge-agent at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {reason}\n")
+    try:
+        note.write_text(f"moved aside by edge-agent at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {reason}\n")
+    except OSError as exc:  # a full disk: the file is moved all the same, and its rescue goes on
+        log.warning("cannot write the note %s (%s): %s", note.name, exc, reason)
     return target

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from agent.buffer import WAL_LOST, Buffer, BufferError, is_corruption, lowest_progress
+from agent.buffer import WAL_LOST, Buffer, BufferError, RescueCutShort, is_corruption, lowest_progress
 from agent.clock import AgeClock
 from agent.logutil import RateLimitedLog
 from agent.model import STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
@@ -118,6 +118,7 @@ class Recorder(threading.Thread):
         self.write_error: str | None = None  # why the buffer refuses writes (None while they work): P/status says it
         self._write_error_since = 0.0
         self._reopen = False  # the writer connection is gone (a rescue failed): open the file again
+        self._rescue_pending: RescueCutShort | None = None  # a rescue the disk cut short: resumed at the reopen
         # Meta keys of the HJ 212 uplinks' progress (set_holders; None until then: a rescue keeps rows for all).
         self._holders: tuple[str, ...] | None = None
         self.detached: str | None = None  # what became of the file at the path while it is not put back yet
@@ -364,6 +365,10 @@ class Recorder(threading.Thread):
         if readings or events:
             log.error("stopping with %d readings and %d events that could not be written to the buffer (see the "
                       "errors above); they are lost", readings, events)
+        if self._rescue_pending is not None:
+            log.error("stopping before the corrupt buffer moved aside as %s could be salvaged (no fresh file could "
+                      "be made): its rows stay in it, and the next start announces the unacknowledged seqs as a "
+                      "gap", self._rescue_pending.moved.name)
 
     def _nothing_to_write(self, stopping: bool) -> bool:
         """Idle wake-up: no rows, no metadata, no acknowledgement due — skip the transaction."""
@@ -380,9 +385,14 @@ class Recorder(threading.Thread):
     def _commit_once(self, final: bool = False) -> None:
         if self._reopen:
             try:
-                self.buffer = self._new_writer(Buffer.open_writer(self.buffer.path, sync=self.sync,
-                                                                  max_mb=self.max_bytes / (1024 * 1024)))
+                max_mb = self.max_bytes / (1024 * 1024)
+                pending = self._rescue_pending
+                self.buffer = self._new_writer(
+                    Buffer.resume_rescue(self.buffer.path, pending.moved, pending.acked, sync=self.sync, max_mb=max_mb,
+                                         progress=self._progressing, holders=self._holders) if pending is not None
+                    else Buffer.open_writer(self.buffer.path, sync=self.sync, max_mb=max_mb))
                 self._reopen = False
+                self._rescue_pending = None
             except (sqlite3.Error, OSError, BufferError) as exc:
                 if self.write_error is None:
                     self._write_error_since = time.monotonic()
@@ -534,6 +544,12 @@ class Recorder(threading.Thread):
             self.buffer = self._new_writer(Buffer.rescue(self.buffer.path, exc, sync=self.sync,
                                                          max_mb=self.max_bytes / (1024 * 1024),
                                                          progress=self._progressing, holders=self._holders))
+        except RescueCutShort as exc2:  # moved aside, no fresh file yet: its salvage is done at the retry
+            self._rescue_pending = exc2
+            self._errlog.error("cannot start a fresh buffer file after corruption: %s; retrying, and salvaging "
+                               "%s once it can", exc2, exc2.moved.name)
+            self._reopen = True
+            time.sleep(min(self.commit_interval, 1.0))
         except (sqlite3.Error, OSError, BufferError) as exc2:
             # The disk refuses even a fresh file: open it again at the next commit (it then starts
             # empty above the high-water mark, or rescues whatever is at the path by then).

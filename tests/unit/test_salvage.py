@@ -229,6 +229,31 @@ def test_a_file_found_corrupt_while_running_is_replaced_and_readers_notice(tmp_p
         recorder.buffer.close()
 
 
+def test_a_rescue_the_full_disk_cut_short_still_salvages_once_there_is_room(small_disk):
+    """The file turns out corrupt while the disk is full: it is moved aside (a rename needs no room), but
+    the fresh file cannot be made. The recorder retries, and the retry only opened a fresh file: the
+    rows of the file moved aside (300 unpublished readings here) were never salvaged, announced lost as
+    `buffer_missing` though they were readable. The retry, once there is room, salvages them."""
+    path = small_disk / "b.db"
+    filled_buffer(path, 400, sent=100)
+    recorder = Recorder(Buffer.open_writer(path), commit_interval_ms=200, keep_sent_days=7, max_mb=64)
+    try:
+        damage(path, pages_of(path, "meta")[0])
+        filler = fill_disk(small_disk, leave_bytes=0)
+        recorder._rescue_corrupt(sqlite3.DatabaseError("database disk image is malformed"))
+        assert list(small_disk.glob("b.db.corrupt-*")), "moved aside all the same"
+        filler.unlink()  # the operator frees space
+        recorder._commit_once()
+        fresh = Buffer.open_reader(path)
+        try:
+            assert [r.seq for r in fresh.readings_after(0, 1000)] == list(range(101, 401))
+            assert not [g for g in gaps(fresh) if g[0] <= 400], gaps(fresh)
+        finally:
+            fresh.close()
+    finally:
+        recorder.buffer.close()
+
+
 def test_a_reader_s_report_of_a_damaged_page_is_checked_before_the_file_is_rescued(tmp_path):
     """`suspect_corruption`: the recorder reads the whole file before it rescues it (a report the check
     does not confirm leaves the file as it is), and not again within VERIFY_EVERY_S."""
