@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from agent import __version__, instance
 from agent.aggregate import Aggregator
 from agent.alarms import AlarmEngine
-from agent.buffer import Buffer, BufferError
+from agent.buffer import Buffer, BufferError, RescueCutShort
 from agent.bufferschema import NewerBuffer
 from agent.clock import ClockWatch
 from agent.config import Config, ConfigError, load_config
@@ -427,6 +427,7 @@ class Station:
         start limit in a minute and stay failed, recording nothing, after that run ended."""
         storage = self.config.storage
         failures = 0
+        rescue: RescueCutShort | None = None  # a corrupt file moved aside whose fresh file the disk refused
         while True:
             if self._instance_lock is not None and self.sink is None:
                 self._start_polling()  # this agent owns the buses now
@@ -435,11 +436,18 @@ class Station:
                     self._instance_lock = instance.hold(storage.path)
                     self._locked_path = storage.path
                     continue  # polling starts (above) before the buffer is opened
+                holders = [t.meta_key for t in uplink_targets(self.config)]
+                if rescue is not None:  # the corrupt file is moved aside: the fresh one, then its salvage
+                    return Buffer.resume_rescue(storage.path, rescue.moved, rescue.acked, sync=storage.sync,
+                                                max_mb=storage.max_mb, progress=self._opening, holders=holders)
                 return Buffer.open_writer(storage.path, sync=storage.sync, max_mb=storage.max_mb,
-                                          progress=self._opening,
-                                          holders=[t.meta_key for t in uplink_targets(self.config)])
+                                          progress=self._opening, holders=holders)
             except NewerBuffer:
                 raise  # a downgrade: waiting cures nothing, and the file must stay as it is
+            except RescueCutShort as exc:  # else the retry opened a fresh file and never salvaged the old one
+                rescue = exc
+                reason = f"cannot start a fresh buffer {storage.path} after its corrupt one was moved aside: {exc}"
+                hint = f"free space on its disk: {exc.moved.name} is salvaged into it then"
             except instance.AlreadyRunning as exc:
                 if not self.notifier.enabled:
                     raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 
 from harness import (
     AgentProcess,
@@ -293,3 +294,47 @@ def test_status_while_the_agent_cannot_create_its_buffer_says_so_not_an_empty_ba
     finally:
         assert agent.stop() == 0
         broker.stop()
+
+
+def test_a_corrupt_buffer_found_at_a_start_on_a_full_disk_is_salvaged_once_there_is_room(tmp_path, small_disk):
+    """The start finds the file corrupt and the disk full: it is moved aside, but no fresh file can be
+    made. The start is retried every 10 s, and the retry only opened a fresh file: the unpublished rows
+    of the file moved aside were never salvaged, announced lost (buffer_missing). They are salvaged and
+    published once the operator frees space."""
+    path = small_disk / "buffer.db"
+    buf = Buffer.open_writer(path)
+    t = now_ms() - 600_000
+    for k in range(0, 300, 50):
+        buf.begin()
+        buf.insert_readings([Reading("old", "c00", t + k + i, float(k + i), "mg/L") for i in range(50)])
+        buf.commit()
+    buf.begin()
+    buf.set_sent_upto(STREAM_READINGS, 100)
+    buf.commit()
+    buf.conn.close()  # as after a crash
+    with sqlite3.connect(path) as conn:
+        meta_page = conn.execute("SELECT pageno FROM dbstat WHERE name='meta' ORDER BY pageno").fetchone()[0]
+    conn.close()
+    with open(path, "r+b") as f:
+        f.seek((meta_page - 1) * 1024)
+        f.write(b"\xa5" * 1024)
+    broker = Broker(tmp_path / "broker").start()
+    platform = Collector(broker, "env/#")
+    config = sim_config(tmp_path, broker, channels=1, interval=0.5,
+                        storage={"path": str(path), "commit_interval_ms": 100})
+    filler = fill_disk(small_disk, leave_bytes=40 * 1024)  # room to check the file (its -shm), not for a fresh one
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    try:
+        wait_for(lambda: "retrying every" in agent.log(), 30, "the start waiting for room")
+        assert list(small_disk.glob("buffer.db.corrupt-*")), agent.log()[-3000:]
+        filler.unlink()  # the operator frees space
+        old = lambda: sorted({r["seq"] for m in platform.json_messages("/data")  # noqa: E731
+                              for r in m.get("readings", []) if r["device"] == "old"})
+        wait_for(lambda: old() == list(range(101, 301)), 60, "the unpublished rows salvaged and published")
+        assert "Traceback" not in agent.log()
+    finally:
+        assert agent.stop() == 0
+        platform.close()
+        broker.stop()
+    gaps = [m["gap"] for m in platform.json_messages("/data") if "gap" in m]
+    assert not [g for g in gaps if g[0] <= 300], gaps
