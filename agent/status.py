@@ -288,6 +288,9 @@ def agent_state(buffer_path: Path, recorded: str | None = None) -> dict[str, Any
     return state
 
 
+DAMAGED_HINT = "run moves a damaged file aside when it starts, or once its own reads or writes meet the damage"
+
+
 def unreadable_buffer(path: Path, error: Exception, config_file: str) -> tuple[str, str]:
     """(what, hint) for a buffer database `status` could not open or read: permission denied, with
     the command to run as the agent's user, when this user lacks an access reading it takes
@@ -300,7 +303,7 @@ def unreadable_buffer(path: Path, error: Exception, config_file: str) -> tuple[s
     if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):  # for all of busy_timeout
         return (f"cannot read the buffer {path}: {error}",
                 "another process holds it locked (a sqlite3 shell, a backup): try again once it is done")
-    return f"cannot read the buffer {path}: {error}", "run moves a damaged file aside when it starts"
+    return f"cannot read the buffer {path}: {error}", DAMAGED_HINT
 
 
 def unopened_buffer(path: Path) -> tuple[str, str]:

@@ -983,7 +983,8 @@ def test_status_of_a_buffer_it_cannot_read_says_unknown_not_zero(tmp_path):
     assert "backlog  unknown" in text and "alarms   unknown" in text
     # A damaged file (this user may read it): the hint is what `run` does about it, not permissions.
     assert text.splitlines()[0] == (f"cannot read the buffer {tmp_path / 'buffer.db'}: file is not a database "
-                                    "(run moves a damaged file aside when it starts)")
+                                    "(run moves a damaged file aside when it starts, or once its own reads or writes "
+                                    "meet the damage)")
 
 
 def test_status_needs_no_credentials_from_the_environment(tmp_path):

@@ -18,6 +18,8 @@ from agent.buffer import Buffer
 from agent.model import STREAM_READINGS, Reading, now_ms
 from agent.status import format_value, unreadable_buffer
 
+DAMAGED = "run moves a damaged file aside when it starts, or once its own reads or writes meet the damage"
+
 AS_THE_AGENT = "run status as the agent's user: sudo -u edge-agent edge-agent status -c /etc/edge-agent/edge-agent.yaml"
 
 
@@ -50,7 +52,7 @@ def test_what_status_says_of_a_buffer_it_could_not_read_follows_what_this_user_m
         (lambda p, mode: Path(p) == tmp_path and mode & os.X_OK, (denied, AS_THE_AGENT)),  # its directory
         (lambda p, mode: Path(p) == tmp_path and mode & os.W_OK, (denied, AS_THE_AGENT)),  # no -shm to create
         (lambda p, mode: False, (f"cannot read the buffer {path}: unable to open database file",
-                                 "run moves a damaged file aside when it starts")),
+                                 DAMAGED)),
     ]
     for refused, said in cases:
         monkeypatch.setattr(status.os, "access", lambda p, mode, refused=refused, **_: not refused(p, mode))
@@ -58,12 +60,12 @@ def test_what_status_says_of_a_buffer_it_could_not_read_follows_what_this_user_m
     (tmp_path / "buffer.db-wal").unlink()  # no -wal: read as immutable, no -shm made; the error is the file's
     monkeypatch.setattr(status.os, "access", lambda p, mode, **_: not (Path(p) == tmp_path and mode & os.W_OK))
     assert unreadable_buffer(path, opening, "station.yaml") == (
-        f"cannot read the buffer {path}: unable to open database file", "run moves a damaged file aside when it starts")
+        f"cannot read the buffer {path}: unable to open database file", DAMAGED)
     (tmp_path / "buffer.db-shm").write_bytes(b"")  # an agent runs: the reader needs no directory write
     monkeypatch.setattr(status.os, "access", lambda p, mode, **_: not (Path(p) == tmp_path and mode & os.W_OK))
     damaged = sqlite3.DatabaseError("file is not a database")
     assert unreadable_buffer(path, damaged, "station.yaml") == (
-        f"cannot read the buffer {path}: file is not a database", "run moves a damaged file aside when it starts")
+        f"cannot read the buffer {path}: file is not a database", DAMAGED)
     locked = sqlite3.OperationalError("database is locked")  # held by another process for all of busy_timeout
     assert unreadable_buffer(path, locked, "station.yaml") == (
         f"cannot read the buffer {path}: database is locked",
