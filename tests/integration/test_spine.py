@@ -1049,6 +1049,35 @@ def test_check_config_cli_prints_file_line_col_and_exits_2(tmp_path):
     assert schema.returncode == 0 and json.loads(schema.stdout)["type"] == "object"
 
 
+def readme_block_after(marker: str) -> list[str]:
+    """The lines of the README's first fenced block after `marker`."""
+    text = (REPO / "README.md").read_text()
+    after = text[text.index(marker):]
+    start = after.index("```\n") + 4
+    return after[start:after.index("```", start)].strip().splitlines()
+
+
+def test_the_readme_check_config_examples_are_what_check_config_prints(tmp_path):
+    """The quick start's examples of check-config's lines, as a technician gets them: config/example.yaml
+    copied to station.yaml with the two mistakes the README shows (a typo in a key, an unset variable),
+    and SPEC's example (devices it names but does not define). The README showed the first two lines in
+    the wrong order (check-config prints in file order) and at lines that file does not have."""
+    station = tmp_path / "station.yaml"
+    example = (REPO / "config" / "example.yaml").read_text()
+    station.write_text(example.replace("url: mqtt://127.0.0.1:1883", "url: mqtt://${MQTT_HOST}:1883")
+                       .replace("    interval: 5 ", "    intervall: 5 ", 1))
+    checked = run_cli("check-config", "station.yaml", cwd=tmp_path)
+    lines = [line for line in checked.stderr.splitlines() if "MQTT_HOST" in line or "intervall" in line]
+    assert checked.returncode == 2
+    assert lines == readme_block_after("`check-config` exits 0 when the file is valid"), checked.stderr
+
+    spec = (REPO / "tests" / "unit" / "configs" / "spec-example.yaml").read_text()
+    station.write_text(spec[spec.index("station:"):])  # SPEC's text, without the fixture's comment
+    checked = run_cli("check-config", "station.yaml", cwd=tmp_path, env={"MQTT_USER": "u", "HJ212_PW": "pw1"})
+    for line in readme_block_after("logs such rules as not applied"):
+        assert line in checked.stderr.splitlines(), checked.stderr
+
+
 def test_the_retained_status_summarises_the_station_and_says_why_it_went_offline(tmp_path, broker, collector):
     """An operator of hundreds of gateways reads the retained P/status of each: which devices fail,
     which alarms are active, and whether an offline station stopped or lost its connection."""
