@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
             "profile or a serial driver (pms5003, sds011, hj212).")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p = add("tail", cmd_tail, "Print the station's MQTT messages as they arrive, flagging gaps and duplicates.")
-    p.add_argument("--url", help="broker URL (default: the config's first)")
+    p.add_argument("--url", help="watch this broker (default: the config's mqtt.url, or its mqtt.urls in order, "
+                   "going on with the next while one cannot be reached)")
     add("schema", cmd_schema, "Print the JSON Schema of the config file.", config_flag=False)
     return parser
 

@@ -1,6 +1,8 @@
-"""`edge-agent tail`'s flags of seq jumps (pure logic)."""
+"""`edge-agent tail`'s flags of seq jumps and its command line (pure logic)."""
 
 from __future__ import annotations
+
+import argparse
 
 from agent.tail import MAX_MISSING_RANGES, SeqTracker
 
@@ -66,3 +68,14 @@ def test_a_gap_message_with_bounds_that_are_not_seqs_does_not_poison_the_next_ga
     for a in range(100, 100 + 3 * MAX_MISSING_RANGES):  # announcements are kept as missing ranges are: the last
         format_message("env/S/data", b'{"gap": [%d, %d]}' % (a, a), tracker)
     assert len(tracker.announced_gaps) == MAX_MISSING_RANGES
+
+
+def test_tail_help_says_url_defaults_to_the_configs_brokers_in_order():
+    """`tail` without `--url` tries the config's `mqtt.urls` in order, as `run` does (README, Commands);
+    its --help said "default: the config's first", which an operator with a failover list took for the
+    one broker tail would watch."""
+    from agent.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    url = next(a for a in sub.choices["tail"]._actions if "--url" in a.option_strings)
+    assert "in order" in url.help and "first" not in url.help, url.help
