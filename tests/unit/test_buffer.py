@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import sqlite3
@@ -235,14 +236,23 @@ def test_corrupt_file_is_moved_aside_and_seq_continues_above_high_water_mark(tmp
     buf.close()
 
 
-def test_not_a_database_file_is_moved_aside(tmp_path):
+def test_not_a_database_file_is_moved_aside(tmp_path, caplog):
+    """...and logged as the README's troubleshooting table quotes it (it quoted `buffer … is corrupt;
+    moved aside`, which a technician grepping the journal for it never found: the reason comes
+    between the two)."""
     path = tmp_path / "b.db"
     path.write_bytes(b"this is not sqlite at all" * 100)
-    buf = Buffer.open_writer(path)
+    with caplog.at_level("ERROR", logger="agent.buffer"):
+        buf = Buffer.open_writer(path)
     assert store(buf, readings(1))[0].seq == 1
     kept = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name and not p.name.endswith(".txt")]
     assert kept and kept[0].read_bytes().startswith(b"this is not sqlite")
     buf.close()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    quoted = re.search(r"^\| `(buffer … is corrupt[^`]*)`", readme, re.M)
+    assert quoted, "the README's troubleshooting table has the corrupt buffer's line"
+    pattern = ".*".join(re.escape(part) for part in quoted.group(1).split("…"))
+    assert any(re.search(pattern, record.getMessage()) for record in caplog.records), (pattern, caplog.text)
 
 
 def test_a_file_overwritten_entirely_announces_its_lost_seqs_from_what_was_acknowledged(tmp_path):
