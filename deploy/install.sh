@@ -401,6 +401,16 @@ check_installed_config() {
     fi
 }
 
+# The command a technician runs to check the config as the service reads it (README, checklist step 4):
+# as its user (root reads every file), with the ${NAME} values of /etc/edge-agent/env when there is one.
+check_hint() {
+    if [[ -f "$CONF_DIR/env" ]]; then
+        echo "sudo sh -c 'set -a; . /etc/edge-agent/env; exec runuser -u $SVC_USER -- edge-agent check-config $TARGET_CONF'"
+    else
+        echo "sudo -u $SVC_USER edge-agent check-config $TARGET_CONF"
+    fi
+}
+
 main() {
     if [[ $UNINSTALL -eq 1 ]]; then
         uninstall
@@ -421,7 +431,7 @@ main() {
         # Restarted, the new version would exit at once on this config, again and again until the unit
         # gives up: the station would record nothing until someone fixed it.
         say "NOT restarted: $UNIT_NAME goes on with the version it started with until the config is fixed;"
-        say "  then: edge-agent check-config $TARGET_CONF && systemctl restart $UNIT_NAME"
+        say "  then: $(check_hint) && sudo systemctl restart $UNIT_NAME"
     elif [[ $was_active -eq 1 && $CHANGED -eq 1 ]]; then
         sysctl_ restart "$UNIT_NAME"
         say "restarted $UNIT_NAME with the new version (config and buffer kept)"
@@ -429,7 +439,7 @@ main() {
         say "nothing changed; $UNIT_NAME left running"
     else
         say "done. Next: edit /etc/edge-agent/edge-agent.yaml (and mqtt.pass), then"
-        say "  edge-agent check-config /etc/edge-agent/edge-agent.yaml && systemctl start $UNIT_NAME"
+        say "  $(check_hint) && sudo systemctl start $UNIT_NAME"
     fi
 }
 

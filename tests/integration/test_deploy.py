@@ -238,6 +238,20 @@ def test_install_into_a_root_lays_out_files_with_safe_permissions(src, root):
     assert written <= {"etc", "opt", "var", "usr"}
 
 
+def test_the_next_step_it_prints_checks_the_config_as_the_service_reads_it(src, root):
+    """The closing hint is the README's checklist step 4: check as the service's user (root reads every
+    file, so a key or password the service may not read passed), and with /etc/edge-agent/env when there
+    is one (without it, every `${NAME}` of the config was said to be unset). It printed a plain
+    `edge-agent check-config …`, run as root by a technician who had just used sudo."""
+    conf = "/etc/edge-agent/edge-agent.yaml"
+    out = install("--root", root, "--source", src, "--skip-venv").stdout
+    assert f"sudo -u edge-agent edge-agent check-config {conf} && sudo systemctl start edge-agent.service" in out, out
+    (root / "etc/edge-agent/env").write_text("HJ212_PW=abc123\n")
+    out = install("--root", root, "--source", src, "--skip-venv").stdout
+    assert ("sudo sh -c 'set -a; . /etc/edge-agent/env; exec runuser -u edge-agent -- edge-agent check-config "
+            f"{conf}' && sudo systemctl start edge-agent.service") in out, out
+
+
 def test_second_run_changes_nothing_and_keeps_the_technicians_edits(src, root):
     install("--root", root, "--source", src, "--skip-venv")
     conf = root / "etc/edge-agent/edge-agent.yaml"
