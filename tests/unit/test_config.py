@@ -149,6 +149,38 @@ def test_good_config_has_defaults_and_helpers(tmp_path: Path) -> None:
     assert (broker.host, broker.port, broker.tls) == ("127.0.0.1", 1883, False)
 
 
+def test_the_readme_states_the_defaults_an_omitted_key_takes(tmp_path: Path) -> None:
+    """SPEC's example sets these keys without saying what leaving one out gives; a technician who
+    deletes a line (a device's `interval`, the `timezone`) must find the value in the README. It said
+    none of them (a device without `interval` is polled once a minute)."""
+    text = GOOD.replace("  rs485-1: {type: rtu, port: /dev/ttyUSB0}\n",
+                        "  rs485-1: {type: rtu, port: /dev/ttyUSB0}\n  lan: {type: tcp, host: 127.0.0.1}\n"
+                        "  uart: {type: serial, port: /dev/ttyAMA0}\n")
+    text += "  pm: {bus: uart, driver: pms5003}\nhj212: {st: 32, pw: '123456', uplinks: [{host: h, port: 9000}]}\n"
+    config = load_config(write(tmp_path, text), env={})
+    rtu, tcp, serial = config.buses["rs485-1"], config.buses["lan"], config.buses["uart"]
+    uplink = config.hj212.uplinks[0]
+    stated = {
+        "`station.timezone` Asia/Shanghai": config.station.timezone == "Asia/Shanghai",
+        "`storage.max_mb` 256": config.storage.max_mb == 256,
+        "`keep_sent_days` 7": config.storage.keep_sent_days == 7,
+        "`commit_interval_ms` 200": config.storage.commit_interval_ms == 200,
+        "`mqtt.topic_prefix` env": config.mqtt.topic_prefix == "env",
+        "`max_batch` 200": config.mqtt.max_batch == 200,
+        "`reconnect_max` 30": config.mqtt.reconnect_max == 30,
+        "a device's `interval` 60 s": config.devices["cod"].interval == 60,
+        "buses 9600 baud 8N1": all((b.baudrate, b.bytesize, b.parity, b.stopbits) == (9600, 8, "N", 1)
+                                   for b in (rtu, serial)),
+        "`timeout` 0.5 s on rtu buses and 1 s on tcp and serial ones": (rtu.timeout, tcp.timeout,
+                                                                         serial.timeout) == (0.5, 1, 1),
+        "tcp `port` 502": tcp.port == 502,
+        "uplinks' `timeout` 10 s and `retries` 3": (uplink.timeout, uplink.retries) == (10, 3),
+    }
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert all(stated.values()), stated
+    assert [phrase for phrase in stated if phrase not in readme] == []
+
+
 def test_relative_paths_resolve_against_the_config_directory(tmp_path: Path, monkeypatch) -> None:
     conf_dir = tmp_path / "etc"
     conf_dir.mkdir()
