@@ -26,6 +26,7 @@ and device models are duck-typed; nothing from `agent.config` is imported.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -105,6 +106,20 @@ def _serial_starter() -> Callable[[Any, threading.Event], list[Any]] | None:
     return serve_serial
 
 
+def _cannot_serve_hint(exc: OSError, bus_name: str, bus: Any) -> str:
+    """What to change when a TCP bus cannot be served here: a station's file names its gateway's address
+    (192.168.1.50), which the technician's laptop does not have, or a port only root may open."""
+    if getattr(bus, "type", None) != "tcp":
+        return ""
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f" ({bus.host} is not an address of this machine: to simulate the station here, use a copy of"
+                f" the file whose bus {bus_name} has host: 127.0.0.1)")
+    if exc.errno == errno.EACCES and int(bus.port) < 1024:
+        return (f" (port {bus.port} needs root: run simulate as root, or use a copy of the file whose bus"
+                f" {bus_name} has a port above 1023 and host: 127.0.0.1)")
+    return ""
+
+
 def serve(config: Any, *, stop: threading.Event | None = None, control: str | None = None,
           on_ready: Callable[[list[SimBus]], None] | None = None) -> int:
     """Serve the simulated instruments of `config` until SIGINT/SIGTERM (or `stop` is set).
@@ -121,7 +136,8 @@ def serve(config: Any, *, stop: threading.Event | None = None, control: str | No
             try:
                 start_bus(sb, config.buses[sb.name])
             except OSError as exc:
-                log.error("simulate: bus %s: cannot serve %s: %s", sb.name, sb.where, exc)
+                log.error("simulate: bus %s: cannot serve %s: %s%s", sb.name, sb.where, exc,
+                          _cannot_serve_hint(exc, sb.name, config.buses[sb.name]))
                 return 1
             started.append(sb)
             served = ", ".join(f"{sb.devices[u]} (slave {u}, {getattr(config.devices[sb.devices[u]], 'profile', '')})"

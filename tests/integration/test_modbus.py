@@ -1297,3 +1297,21 @@ def test_status_says_why_a_device_fails_and_forgets_it_once_it_answers(tmp_path,
         assert agent.stop() == 0
         if server is not None:
             server.stop()
+
+
+def test_simulate_says_what_to_change_when_a_tcp_bus_is_not_an_address_of_this_machine(tmp_path):
+    """The checklist's step 5 runs `edge-agent simulate` on the laptop with the station's file; its Modbus
+    TCP gateway (192.168.1.50 in the examples) is no address of the laptop. simulate stopped with the
+    socket's words alone ("Cannot assign requested address"); it now says what to change."""
+    config = yaml.safe_load((REPO / "config/examples/modbus-demo.yaml").read_text())
+    config["storage"]["path"] = str(tmp_path / "buffer.db")
+    config["buses"] = {name: bus for name, bus in config["buses"].items() if bus["type"] == "tcp"}
+    for bus in config["buses"].values():
+        bus["host"] = "192.0.2.50"  # TEST-NET-1: never an address of this machine
+    config["devices"] = {d: dev for d, dev in config["devices"].items() if dev["bus"] in config["buses"]}
+    cfg = write_config(tmp_path / "station.yaml", config)
+    sim = subprocess.run([sys.executable, "-m", "agent.cli", "simulate", "-c", str(cfg)], cwd=REPO,
+                         capture_output=True, text=True, timeout=30)
+    assert sim.returncode == 1
+    said = next(line for line in sim.stderr.splitlines() if "cannot serve 192.0.2.50:" in line)
+    assert "192.0.2.50 is not an address of this machine" in said and "host: 127.0.0.1" in said, said
