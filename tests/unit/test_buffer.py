@@ -1456,3 +1456,28 @@ def test_a_reader_opens_the_file_at_a_path_that_starts_with_two_slashes(tmp_path
     finally:
         writer.close()
     assert meta_schema_version(path) == SCHEMA_VERSION, "the layout check reads it too"
+
+
+def test_a_seq_mark_that_cannot_be_written_again_is_said_once_not_at_every_path_check(tmp_path, caplog):
+    """`rm buffer.db*` on a full disk (a technician freeing space: the agent still holds buffer.db open, so
+    nothing is freed) takes the seq mark, and the recorder's 5 s path check cannot write it again. That
+    was a WARNING every 5 s (17 280 a day) for as long as the disk stayed full. It is said once, then once
+    more when it is written again, and again should it fail anew."""
+    mark = SeqMark(tmp_path / "b.db.seq")
+    mark.ensure_above({STREAM_READINGS: 5})
+    mark.path.unlink()
+    blocker = mark.path.with_name(mark.path.name + ".tmp")
+    blocker.mkdir()  # the atomic write's temporary file cannot be made (as root too, unlike a chmod)
+    with caplog.at_level("WARNING", logger="agent.seqmark"):
+        assert [mark.keep() for _ in range(5)] == [False] * 5
+        assert caplog.text.count("cannot be written again") == 1, caplog.text
+        blocker.rmdir()
+        assert mark.keep() and mark.path.exists()
+        assert caplog.text.count("written again") == 2, caplog.text  # "cannot be written again", "written again"
+        mark.path.unlink()
+        blocker.mkdir()
+        assert not mark.keep() and not mark.keep()
+        assert caplog.text.count("cannot be written again") == 2, caplog.text
+        blocker.rmdir()
+        assert mark.keep()
+    assert json.loads(mark.path.read_text())[STREAM_READINGS] == 5 + mark.block, "the reservation it holds"
