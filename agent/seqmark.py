@@ -50,6 +50,7 @@ class SeqMark:
         self._marks: dict[str, int] | None = None
         self._mirrors: tuple[Path, ...] = ()
         self._mirror_floors: dict[Path, dict[str, int]] = {}  # what each mirror held before it mirrored this one
+        self._keep_failed = False  # `keep` could not write the file back (said once, until it can)
 
     def mirror_to(self, path: Path) -> None:
         """Keep the reservation in `path` too, now and at every later rewrite, never lowering what that
@@ -139,15 +140,19 @@ class SeqMark:
         """The file deleted while a writer runs (`rm buffer.db*`, a technician cleaning up): written again
         from what this writer holds, else it stayed away until the next block or the clean close, and a
         corrupt file meanwhile had its fresh one number on from what was salvaged, not above every seq
-        issued. True when it was written again (logged)."""
+        issued. True when it was written again (logged). A failure (a full disk) is logged once, not at each
+        of the recorder's path checks (every 5 s), until the file is written again."""
         if not self._marks or self.path.exists():
             return False
         try:
             self._write(self._marks)
         except OSError as exc:
-            log.warning("seq high-water mark %s was deleted while the agent runs and cannot be written again (%s)",
-                        self.path, exc)
+            if not self._keep_failed:
+                log.warning("seq high-water mark %s was deleted while the agent runs and cannot be written again "
+                            "(%s); trying again every few seconds, said again once it is written", self.path, exc)
+            self._keep_failed = True
             return False
+        self._keep_failed = False
         log.warning("seq high-water mark %s was deleted while the agent runs: written again", self.path)
         return True
 
