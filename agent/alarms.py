@@ -645,7 +645,16 @@ class AlarmEngine:
         if rule.window is not None:
             w = ch.windows[rule.window]
             interval_ms = self._intervals.get(ch.device, 0.0) * 1000
-            if covered(w.covered_ms(), w.count, interval_ms) < MIN_WINDOW_COVERAGE * w.span_ms:
+            have = covered(w.covered_ms(), w.count, interval_ms)
+            if have < MIN_WINDOW_COVERAGE * w.span_ms:
+                if w.covered_ms() + interval_ms >= MIN_WINDOW_COVERAGE * w.span_ms:
+                    # The readings span the window but are too few (polls missed or failed): not a window
+                    # still filling after a start. Said, or a rule that used to raise stops without a word.
+                    self._errlog.warning(
+                        "alarm rule alarms.%d on %s: its %g s window mean is not compared: the readings of the "
+                        "window cover %d %% of it, %d %% needed (polls missed or failed)", rule.index, ch.key,
+                        rule.window, int(100 * have / w.span_ms), round(100 * MIN_WINDOW_COVERAGE),
+                        key=f"sparse:{rule.index}:{ch.key}")
                 return None
             x = w.mean()
         else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 import pytest
@@ -294,6 +295,32 @@ def test_a_dropout_inside_the_window_counts_as_a_gap_not_as_covered_time():
     readings = [x for x in range(0, 300, 10) if x > t - 900] + list(range(890, t + 1, 10))
     assert len(readings) * 10 >= 675 > (len(readings) - 1) * 10, (t, len(readings))
     assert rig.rec.states() == [("dust.a34002:above", "raised")]
+
+
+def test_a_window_its_device_keeps_too_sparse_is_said_in_the_log_not_left_silent(caplog):
+    """A device missing half its polls for good (a bus that cannot keep its intervals, a flaky sensor) never
+    covers 75 % of the window: the rule is not compared, as the aggregates flag such a period. That must not
+    be silent (a fog-cannon rule that used to fire would stop with no word): one warning per rule and
+    channel, naming the coverage; not while the window simply fills after a start."""
+    rig = Rig([{"channel": "dust.a34002", "above": 80, "window": 900}])
+    with caplog.at_level(logging.WARNING, logger="agent.alarms"):
+        for t in range(0, 900, 10):  # the first window filling, every poll good: no word
+            rig.feed("dust.a34002", 100, at=t)
+        assert not [r for r in caplog.records if "window" in r.getMessage()]
+        rig.rec.events.clear()
+    rig = Rig([{"channel": "dust.a34002", "above": 80, "window": 900}])
+    with caplog.at_level(logging.WARNING, logger="agent.alarms"):
+        for t in range(0, 2700, 10):
+            if t % 20:
+                rig.feed("dust.a34002", None, at=t, flag="B")
+            else:
+                rig.feed("dust.a34002", 100, at=t)
+    assert rig.rec.events == [], "values over half the window are no window mean"
+    said = [r.getMessage() for r in caplog.records if "window" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "alarms.0 on dust.a34002" in said[0] and "75 % needed" in said[0], said
+    share = int(re.search(r"cover (\d+) % of it", said[0]).group(1))  # when first said: the span just long enough
+    assert 30 <= share <= 50, said
 
 
 def test_a_dropout_in_the_background_window_counts_as_a_gap():
