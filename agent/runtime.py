@@ -467,6 +467,10 @@ class Station:
                 self.notifier.notify("WATCHDOG=1")
                 self._wait_for_signal(min(left, 5.0))
             if self._stop_requested:
+                if rescue is not None:  # as the recorder says it at a stop while running
+                    log.error("stopping before the corrupt buffer moved aside as %s could be salvaged (no fresh "
+                              "file could be made): its rows stay in it, and the next start announces the "
+                              "unacknowledged seqs as a gap", rescue.moved.name)
                 return None
 
     def _start_polling(self) -> None:

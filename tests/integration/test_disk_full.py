@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sqlite3
+from pathlib import Path
 
 from harness import (
     AgentProcess,
@@ -296,12 +297,9 @@ def test_status_while_the_agent_cannot_create_its_buffer_says_so_not_an_empty_ba
         broker.stop()
 
 
-def test_a_corrupt_buffer_found_at_a_start_on_a_full_disk_is_salvaged_once_there_is_room(tmp_path, small_disk):
-    """The start finds the file corrupt and the disk full: it is moved aside, but no fresh file can be
-    made. The start is retried every 10 s, and the retry only opened a fresh file: the unpublished rows
-    of the file moved aside were never salvaged, announced lost (buffer_missing). They are salvaged and
-    published once the operator frees space."""
-    path = small_disk / "buffer.db"
+def corrupt_buffer_of_300_readings(path: Path) -> Path:
+    """A buffer at `path` of 300 readings of device "old", 1..100 acknowledged, left as after a crash, its meta
+    table's page overwritten: corrupt, the readings' pages readable."""
     buf = Buffer.open_writer(path)
     t = now_ms() - 600_000
     for k in range(0, 300, 50):
@@ -318,6 +316,15 @@ def test_a_corrupt_buffer_found_at_a_start_on_a_full_disk_is_salvaged_once_there
     with open(path, "r+b") as f:
         f.seek((meta_page - 1) * 1024)
         f.write(b"\xa5" * 1024)
+    return path
+
+
+def test_a_corrupt_buffer_found_at_a_start_on_a_full_disk_is_salvaged_once_there_is_room(tmp_path, small_disk):
+    """The start finds the file corrupt and the disk full: it is moved aside, but no fresh file can be
+    made. The start is retried every 10 s, and the retry only opened a fresh file: the unpublished rows
+    of the file moved aside were never salvaged, announced lost (buffer_missing). They are salvaged and
+    published once the operator frees space."""
+    path = corrupt_buffer_of_300_readings(small_disk / "buffer.db")
     broker = Broker(tmp_path / "broker").start()
     platform = Collector(broker, "env/#")
     config = sim_config(tmp_path, broker, channels=1, interval=0.5,
@@ -338,3 +345,25 @@ def test_a_corrupt_buffer_found_at_a_start_on_a_full_disk_is_salvaged_once_there
         broker.stop()
     gaps = [m["gap"] for m in platform.json_messages("/data") if "gap" in m]
     assert not [g for g in gaps if g[0] <= 300], gaps
+
+
+def test_a_stop_while_the_start_waits_for_room_to_salvage_says_which_file_keeps_the_rows(tmp_path, small_disk):
+    """Stopped (`systemctl restart` on a full disk) while the start waits for room for the fresh file of a
+    corrupt buffer moved aside: the stop said nothing, and the next start announced the unacknowledged seqs
+    as lost without a word of the file that keeps them. The stop now names it, as a stop while running does."""
+    path = corrupt_buffer_of_300_readings(small_disk / "buffer.db")
+    broker = Broker(tmp_path / "broker").start()
+    config = sim_config(tmp_path, broker, channels=1, interval=0.5,
+                        storage={"path": str(path), "commit_interval_ms": 100})
+    filler = fill_disk(small_disk, leave_bytes=40 * 1024)
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    try:
+        wait_for(lambda: "retrying every" in agent.log(), 30, "the start waiting for room")
+        moved = [p for p in small_disk.glob("buffer.db.corrupt-*") if not p.name.endswith((".txt", "-wal", "-shm"))]
+        assert len(moved) == 1, list(small_disk.iterdir())
+    finally:
+        assert agent.stop() == 0
+        filler.unlink()
+        broker.stop()
+    assert (f"stopping before the corrupt buffer moved aside as {moved[0].name} could be salvaged" in agent.log()), \
+        agent.log()[-3000:]
