@@ -94,3 +94,43 @@ def test_the_age_clock_takes_the_first_plausible_time_as_it_is():
     clocks.advance(60)
     clocks.wall += 86_400  # a day ahead from now on: not followed
     assert age.now_ms() == (clocks.wall - 86_400) * 1000
+
+
+class PreemptedClocks:
+    """One real time read through a wall and a monotonic clock; `preempt_after_wall` makes the real time
+    jump on by that much right after the next wall-clock read, as when the thread is descheduled (or waits
+    for the GIL) between its two reads on a loaded machine."""
+
+    def __init__(self):
+        self.real = 1_800_000_000.0
+        self.offset = 0.0  # the wall clock's step
+        self.preempt_after_wall = 0.0
+
+    def wall(self) -> float:
+        value = self.real + self.offset
+        self.real += self.preempt_after_wall
+        self.preempt_after_wall = 0.0
+        return value
+
+    def mono(self) -> float:
+        return self.real - 1_799_999_900.0
+
+
+def test_a_step_is_measured_exactly_when_the_thread_is_preempted_between_its_reads():
+    # Under load, the thread that checks the clock can be descheduled between the wall and the monotonic
+    # read: its wait was measured into the step (-90.004 for a step of -90 s), and status said so.
+    clocks = PreemptedClocks()
+    watch = ClockWatch(wall=clocks.wall, mono=clocks.mono, synchronised=lambda: True)
+    clocks.real += 5
+    clocks.offset = -90.0
+    clocks.preempt_after_wall = 0.004
+    step = watch.check()
+    assert step is not None and step.seconds == -90.0
+    assert watch.state()["last_step_s"] == -90.0
+    clocks.real += 5
+    clocks.preempt_after_wall = 0.004
+    assert watch.check() is None and watch.state()["last_step_s"] == -90.0
+    clocks.real += 5
+    clocks.offset += 30.0
+    clocks.preempt_after_wall = 0.004
+    assert watch.check().seconds == 30.0
