@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
 import sqlite3
 import struct
@@ -36,6 +35,7 @@ from agent.clock import EARLIEST_PLAUSIBLE
 from agent.memtrim import release_free_memory
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, STREAMS, Reading
 from agent.pagescan import wal_header_valid
+from agent.payloads import finite
 from agent.seqmark import SeqMark, mark_path, write_atomically
 
 log = logging.getLogger(__name__)
@@ -65,17 +65,6 @@ READING_JSON = ("json_object('seq',seq,'device',device,'channel',channel,"
 # An aggregate row's `period`; NULL for a body that is not JSON (one holding `Infinity`, as versions before
 # insert_event refused non-finite numbers stored them): json_extract raised on it, failing the whole query.
 PERIOD_OF_BODY = "CASE WHEN json_valid(body) THEN json_extract(body, '$.period') END"
-
-
-def _finite(value: object) -> object:
-    """`value` with NaN and infinities made None, in dicts and lists too."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -774,7 +763,7 @@ class Buffer:
             # inf or NaN (statistics of a float64 instrument's 1.8e308): JSON cannot say them, and a body
             # holding `Infinity` made SQLite's json_extract fail on the whole table (see PERIOD_OF_BODY)
             log.warning("%s event seq %d: a number that is not finite is stored as null", stream, seq)
-            text = json.dumps(_finite(body), separators=(",", ":"), allow_nan=False)
+            text = json.dumps(finite(body), separators=(",", ":"), allow_nan=False)
         self.conn.execute(f"INSERT INTO {stream}(seq, ts_ms, body) VALUES (?,?,?)", (seq, ts_ms, text))
         return seq
 
