@@ -120,6 +120,7 @@ SCAN_PROGRESS_STEPS = 100_000  # SQLite VM steps between two notes of progress w
 TIME_TOLERANCE_S = 60.0  # 1012: a clock within this of the platform's counts as set
 CONNECT_TIMEOUT_S = 10.0
 RECV_BYTES = 65536
+SPLIT_QNS_REMEMBERED = 8  # split packets whose 9014s are still counted (a late one tells the platform's way)
 
 CN_GET_TIME = "1011"
 CN_SET_TIME = "1012"
@@ -223,10 +224,10 @@ class Uplink(threading.Thread):
         self._missing_logged: tuple[int, int] | None = None
         # A platform seen acknowledging a split packet once, after its last piece (not each piece)
         self._acks_whole_packets = False
-        # The QN of the last split packet sent, and the 9014s naming it: more than one says the platform
-        # acknowledges each piece after all (a 9014 that was merely slow made it look otherwise)
-        self._split_qn: str | None = None
-        self._split_acks = 0
+        # The 9014s naming each of the last split packets sent (their pieces share one QN). More than one
+        # for any of them says the platform acknowledges each piece after all: a 9014 that was merely slow
+        # made it look otherwise, and the second may come only while the next packet is sent.
+        self._split_acks: dict[str, int] = {}
         self._dirty = not stored
         self._last_persist = 0.0
         self._persist_lock = threading.Lock()
@@ -470,23 +471,45 @@ class Uplink(threading.Thread):
             self._receive(1.0)
             return
         stream, message = item
-        *pieces, last = message.frames
-        unanswered = 0
-        if pieces:
-            self._split_qn, self._split_acks = message.qn, 0
-        for frame in pieces:  # of a split packet
-            if self._acks_whole_packets:
-                self._send(frame)
-            elif not self._send_and_wait(frame, message.qn, tries=1, must=False):
-                unanswered += 1
-        self._send_and_wait(last, message.qn)
-        if unanswered and not self._acks_whole_packets and self._split_acks <= 1:
-            self._acks_whole_packets = True
-            log.info("uplink %s: the platform acknowledges a split packet once, after its last piece; pieces now "
-                     "go one after the other, the last one waiting for the 9014", self.target.name)
+        if len(message.frames) == 1:
+            self._send_and_wait(message.frames[0], message.qn)
+        else:
+            self._deliver_split(message)
         self.packets_acked += 1
         self._backoff = 0.5
         self._advance(stream, message.last_seq)
+
+    def _deliver_split(self, message: Hj212Message) -> None:
+        """The pieces of a split packet, which share one QN, so that a 9014 does not say which piece it
+        acknowledges. To a platform that acknowledges each piece, the packet is delivered once it has sent
+        as many 9014s as there are pieces (a slow first one, which came while the last piece was awaited,
+        counted for the packet: a platform gone after reading the first piece never got the rest). To one
+        that acknowledges a packet once, after its last piece (seen when, a piece unanswered, the last
+        piece's wait ends with one 9014 only), one 9014 after the last piece."""
+        qn, *pieces, last = message.qn, *message.frames
+        self._split_acks.pop(qn, None)  # (the same packet again, on a new connection: counted afresh)
+        self._split_acks[qn] = 0
+        while len(self._split_acks) > SPLIT_QNS_REMEMBERED:
+            del self._split_acks[next(iter(self._split_acks))]
+        unanswered = 0
+        for number, frame in enumerate(pieces, 1):
+            if self._acks_whole_packets:
+                self._send(frame)
+            elif not self._send_and_wait(frame, qn, tries=1, must=False, acks=lambda n=number: n):
+                unanswered += 1
+        whole = len(message.frames)
+
+        def acks_needed() -> int:  # read at each 9014: a late second one may show the platform's way meanwhile
+            return 1 if self._acks_whole_packets else whole
+
+        if self._send_and_wait(last, qn, tries=1 if unanswered else None, must=not unanswered, acks=acks_needed):
+            return
+        if self._split_acks.get(qn, 0) == 0:  # nothing at all: sent again as any unacknowledged packet
+            self._send_and_wait(last, qn, tries=self.target.retries, acks=acks_needed)
+            return
+        self._acks_whole_packets = True
+        log.info("uplink %s: the platform acknowledges a split packet once, after its last piece; pieces now "
+                 "go one after the other, the last one waiting for the 9014", self.target.name)
 
     def _next_message(self) -> tuple[str, Hj212Message] | None:
         """The next packet to deliver: aggregates first (few, and what platforms keep), then polls."""
@@ -524,10 +547,16 @@ class Uplink(threading.Thread):
                           "them", self.target.name, *missing)
         self._queue.extend((STREAM_READINGS, p) for p in polls)
 
-    def _send_and_wait(self, frame: bytes, qn: str, *, tries: int | None = None, must: bool = True) -> bool:
+    def _send_and_wait(self, frame: bytes, qn: str, *, tries: int | None = None, must: bool = True,
+                       acks: Callable[[], int] | None = None) -> bool:
         """Send `frame` until a 9014 names `qn` (True), at most `tries` times (1 + retries); then LinkDown, or
-        False when not `must`."""
+        False when not `must`. For a piece of a split packet, `acks` says how many 9014s naming `qn` it
+        takes (`_deliver_split`)."""
         t = self.target
+
+        def answered(acked: set[str]) -> bool:
+            return qn in acked if acks is None else self._split_acks.get(qn, 0) >= acks()
+
         for attempt in range(t.retries + 1 if tries is None else tries):
             if attempt:  # a platform that never acknowledges: not a line per packet (rate-limited)
                 self._linklog.warning("uplink %s: no 9014 for QN %s within %ss; sending again (%d/%d)",
@@ -540,10 +569,10 @@ class Uplink(threading.Thread):
                 self.last_progress = time.monotonic()
                 left = deadline - time.monotonic()
                 if left <= 0:  # the 9014 may be waiting, read after a long answer to a request (a backfill)
-                    if qn in self._receive(0):
+                    if answered(self._receive(0)):
                         return True
                     break
-                if qn in self._receive(left):
+                if answered(self._receive(left)):
                     return True
         if not must:
             return False
@@ -611,13 +640,13 @@ class Uplink(threading.Thread):
                               meaning or "unknown code", key=f"refused-by-platform:{code if meaning else '?'}")
 
     def _count_split_ack(self, qn: str) -> None:
-        """A 9014 for `qn`. A second one for the same split packet: the platform acknowledges each piece,
-        whatever a slow 9014 made it look like. Taken for one that answers whole packets, it had any 9014
-        (the first piece's) count for the packet: a platform gone after the first piece lost the rest."""
-        if qn != self._split_qn:
+        """A 9014 for `qn`. A second one for one of the last split packets: the platform acknowledges each
+        piece, whatever a slow 9014 made it look like. Taken for one that answers whole packets, it had any
+        9014 (the first piece's) count for the packet: a platform gone after the first piece lost the rest."""
+        if qn not in self._split_acks:
             return
-        self._split_acks += 1
-        if self._split_acks > 1 and self._acks_whole_packets:
+        self._split_acks[qn] += 1
+        if self._split_acks[qn] > 1 and self._acks_whole_packets:
             self._acks_whole_packets = False
             log.info("uplink %s: the platform acknowledges each piece of a split packet after all; each piece now "
                      "waits for its 9014", self.target.name)
