@@ -98,6 +98,12 @@ def uplink_targets(config: Config) -> list[UplinkTarget]:
             for u in (config.hj212.uplinks if config.hj212 is not None else [])]
 
 
+def rtd_interval(config: Config) -> float | None:
+    """Seconds between two real-time data packets (HJ 212 `RtdInterval`, CN 1061): the shortest device interval,
+    since a CN 2011 packet goes out at each device poll."""
+    return min((dev.interval for dev in config.devices.values()), default=None)
+
+
 def build_uplinks(config: Config, recorder: Recorder, marks: dict[str, dict[str, int]] | None = None) -> list[Uplink]:
     """One `Uplink` per `hj212.uplinks` entry (not started). `marks`: progress of the uplinks they replace.
     The recorder then keeps what they have not delivered yet (`Recorder.set_holders`)."""
@@ -107,7 +113,8 @@ def build_uplinks(config: Config, recorder: Recorder, marks: dict[str, dict[str,
         for target in uplink_targets(config):
             assert identity is not None  # an hj212 section gives an identity
             uplinks.append(Uplink(target, identity, config.storage.path, recorder,
-                                  reconnect_max=config.mqtt.reconnect_max, marks=(marks or {}).get(target.meta_key)))
+                                  reconnect_max=config.mqtt.reconnect_max, marks=(marks or {}).get(target.meta_key),
+                                  rtd_interval=rtd_interval(config)))
     except BaseException:
         for built in uplinks:  # not started: what they opened is closed here
             built.discard()

@@ -9,7 +9,8 @@ uplink advance independently, and what a platform has not acknowledged is sent a
 connection (at-least-once, like MQTT). It also answers the platform's requests on the connection:
 backfill (2051/2061/2031, and 2011 for the stored real-time data, with BeginTime/EndTime), 2011 without
 times (real-time data, sent anyway: QnRtn=1), 1011 get time, 1012 set time (logged, the clock is
-never changed); anything else is refused with 9011. Bad input never ends the thread.
+never changed), 1061 get the real-time data interval, 1062 set it (logged, never changed); anything else
+is refused with 9011. Bad input never ends the thread.
 Imports `agent.buffer`, `agent.hj212`, `agent.model`, `agent.logutil`, `agent.publisher` (the HJ 212
 packet builder shared with `payload: hj212`); never `drivers`.
 
@@ -31,14 +32,15 @@ Decisions:
   expected: the exchange is closed by the 9012).
 * Request checks, in order: MN (QnRtn 4), PW (3), ST = station's or 91 (5), Flag version 2017 or
   no Flag (6), QN present (7: the answer gets a QN of its own, as every packet has one); then an
-  unsupported CN is answered QnRtn=8 (CN error) and a backfill or 1012 without valid times QnRtn=2
-  (refused). A request whose only fault is its CRC, whose data segment names this station's MN and a
-  QN, is answered QnRtn=9 (CRC error) and never executed: the platform knows to send it again. Any
-  other frame that does not decode is logged (rate-limited) and dropped. A request whose QN is not 17
-  digits is checked and answered like one without QN (its QN cannot be echoed: a QN is 17 digits). One
-  whose MN, PW, ST or CN is malformed (a PW of 7 characters: a mistyped password) is refused with the
-  code of its first fault in the order above (CN: 8), never executed; its answer names the station's
-  own PW and MN in place of the request's when those could not be in a valid packet.
+  unsupported CN is answered QnRtn=8 (CN error), a backfill or 1012 without valid times and a
+  1062 without a valid RtdInterval QnRtn=2 (refused). A request whose only fault is its CRC, whose data
+  segment names this station's MN and a QN, is answered QnRtn=9 (CRC error) and never executed: the
+  platform knows to send it again. Any other frame that does not decode is logged (rate-limited) and
+  dropped. A request whose QN is not 17 digits is checked and answered like one without QN (its QN cannot
+  be echoed: a QN is 17 digits). One whose MN, PW, ST or CN is malformed (a PW of 7 characters: a mistyped
+  password) is refused with the code of its first fault in the order above (CN: 8), never executed; its
+  answer names the station's own PW and MN in place of the request's when those could not be in a valid
+  packet.
 * What the platform sends may end in a lone LF instead of CRLF (some platform software ends its packets so):
   `FrameReader(allow_lf=True)`. A packet with a bad CRC is never taken, whatever its ending (a request is
   answered QnRtn 9 as above; a 9014 does not count), nor one that ends in nothing or in CR alone (the end
@@ -50,6 +52,12 @@ Decisions:
 * 1012 (set time): answered 9011 QnRtn=1, logged with the offset, never applied; 9012 ExeRtn=1 when
   the clock already agrees within `TIME_TOLERANCE_S`, else ExeRtn=2 (failed), so that a platform is
   never told a wrong clock was set.
+* 1061 reports `RtdInterval`, the interval at which real-time data goes out: the shortest device interval
+  (`rtd_interval`, from the configuration; a 2011 packet goes out at each poll). An uplink not given one
+  refuses 1061 (QnRtn=2) rather than say a made-up value.
+* 1062 (set the real-time interval) is a remote change of configuration, which a command never makes
+  (SPEC §4): answered as 1012, 9011 QnRtn=1, logged, never applied (in memory or in a file), 9012 ExeRtn=1
+  when the interval already is the one asked, else ExeRtn=2; without a valid `RtdInterval`, QnRtn=2.
 * 1013 (the station asks for time calibration) is never sent: its answer is a 1012, which is never applied
   (above), so it could only earn an ExeRtn=2 at every reconnection (README, HJ 212).
 * Uplink progress holds back the buffer's purge (`Recorder.set_holders`): rows published on MQTT but
@@ -98,8 +106,10 @@ from agent.hj212 import (
     codes,
     encode,
     first_instant_ms,
+    format_number,
     format_time,
     last_instant_ms,
+    parse_number,
     parse_time,
     reply_9011,
     reply_9012,
@@ -124,6 +134,8 @@ SPLIT_QNS_REMEMBERED = 8  # split packets whose 9014s are still counted (a late 
 
 CN_GET_TIME = "1011"
 CN_SET_TIME = "1012"
+CN_GET_RTD_INTERVAL = "1061"
+CN_SET_RTD_INTERVAL = "1062"
 ST_SYSTEM = "91"
 UNIT_BY_CN = {CN_MINUTE: "m", CN_HOUR: "h", CN_DAY: "d"}
 
@@ -191,12 +203,13 @@ class Uplink(threading.Thread):
     `recorder` (an `agent.recorder.Recorder`) persists the progress (`set_meta`). The starting
     watermarks are read when the object is built, so build it before polling starts. `marks`
     carries the progress of the uplink this one replaces (SIGHUP), which may not be committed yet.
+    `rtd_interval`: seconds between two real-time data packets (the shortest device interval), for 1061.
     Thread-safe entry points: wake, stop, marks, state.
     """
 
     def __init__(self, target: UplinkTarget, identity: Hj212Identity, db_path: str | Path, recorder: ProgressSink, *,
                  reconnect_max: float = 30.0, marks: dict[str, int] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, rtd_interval: float | None = None) -> None:
         super().__init__(name=f"uplink:{target.name}", daemon=True)
         self.target = target
         self.identity = identity
@@ -204,6 +217,7 @@ class Uplink(threading.Thread):
         self.recorder = recorder
         self.reconnect_max = reconnect_max
         self.clock = clock
+        self.rtd_interval = rtd_interval
         self.payload = Hj212Payload(identity, clock)
         self.tz = identity.tz
         self._stop_event = threading.Event()
@@ -729,7 +743,8 @@ class Uplink(threading.Thread):
             return
         self._backoff = 0.5
         handlers = {CN_MINUTE: self._backfill, CN_HOUR: self._backfill, CN_DAY: self._backfill,
-                    CN_REALTIME: self._realtime, CN_GET_TIME: self._get_time, CN_SET_TIME: self._set_time}
+                    CN_REALTIME: self._realtime, CN_GET_TIME: self._get_time, CN_SET_TIME: self._set_time,
+                    CN_GET_RTD_INTERVAL: self._get_rtd_interval, CN_SET_RTD_INTERVAL: self._set_rtd_interval}
         handler = handlers.get(request.cn)
         if handler is None:
             self._errlog.log(logging.INFO, "uplink %s: request CN=%s is not supported; answered QnRtn=%d", name,
@@ -857,4 +872,41 @@ class Uplink(threading.Thread):
         self._errlog.warning("uplink %s: platform asks to set the clock to %s (%+.0f s from ours); the agent never "
                              "changes the system clock%s", self.target.name, format_time(wanted), offset,
                              "" if agrees else " - check NTP (timedatectl)", key="set-time")
+        self._send_packet(reply_9012(request, EXERTN_OK if agrees else EXERTN_FAILED))
+
+    def _rtd_interval_text(self) -> str | None:
+        return None if self.rtd_interval is None else format_number(self.rtd_interval)
+
+    def _get_rtd_interval(self, request: Packet) -> None:
+        """1061: 9011, a 1061 packet with RtdInterval (seconds), 9012; refused (QnRtn=2) when not known."""
+        interval = self._rtd_interval_text()
+        if interval is None:
+            self._errlog.warning("uplink %s: 1061 QN=%s asks for the real-time interval, which this uplink was not "
+                                 "given; refused", self.target.name, request.qn, key="rtd-interval-unknown")
+            self._send_packet(reply_9011(request, QNRTN_REFUSED))
+            return
+        self._send_packet(reply_9011(request, QNRTN_OK))
+        ident = self.identity
+        self._send_packet(Packet(qn=request.qn, st=ident.st, cn=CN_GET_RTD_INTERVAL, pw=ident.pw, mn=ident.mn,
+                                 flag=FLAG_V2017, cp=[{"RtdInterval": interval}]))
+        self._send_packet(reply_9012(request, EXERTN_OK))
+
+    def _set_rtd_interval(self, request: Packet) -> None:
+        """1062: logged, never applied (a command never changes the configuration; see the module docstring)."""
+        text = request.get("RtdInterval") or ""
+        try:
+            wanted = parse_number(text, "RtdInterval")
+        except Hj212Error:
+            wanted = None
+        if wanted is None or wanted <= 0:
+            self._errlog.warning("uplink %s: 1062 QN=%s without a valid RtdInterval; refused", self.target.name,
+                                 request.qn, key="bad-rtd-interval")
+            self._send_packet(reply_9011(request, QNRTN_REFUSED))
+            return
+        self._send_packet(reply_9011(request, QNRTN_OK))
+        agrees = self.rtd_interval is not None and wanted == self.rtd_interval
+        self._errlog.warning("uplink %s: platform asks to set the real-time interval (RtdInterval) to %s s (ours: %s); "
+                             "a remote command never changes the configuration: set the devices' `interval` in the "
+                             "configuration file", self.target.name, format_number(wanted),
+                             self._rtd_interval_text() or "not known", key="set-rtd-interval")
         self._send_packet(reply_9012(request, EXERTN_OK if agrees else EXERTN_FAILED))

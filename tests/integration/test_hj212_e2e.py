@@ -151,6 +151,9 @@ def test_backfill_request_and_refusals_on_the_uplink(tmp_path, broker, platform)
         assert [(p.cn, p.get("QnRtn") or p.get("ExeRtn")) for p in nothing] == [("9011", "1"), ("9012", "100")]
         unknown = platform.request("3020", qn="20261129120000003", pw=PW)
         assert [(p.cn, p.get("QnRtn")) for p in unknown] == [("9011", "8")]
+        interval = platform.request("1061", qn="20261129120000005", pw=PW)  # both devices are polled every 1 s
+        assert [(p.cn, p.get("QnRtn") or p.get("RtdInterval") or p.get("ExeRtn")) for p in interval] == [
+            ("9011", "1"), ("1061", "1"), ("9012", "1")]
         wrong_pw = platform.request("2051", [{"BeginTime": "20261129100000", "EndTime": "20261129101000"}],
                                     pw="WRONG1", qn="20261129120000004")
         assert [(p.cn, p.get("QnRtn")) for p in wrong_pw] == [("9011", "3")]

@@ -169,8 +169,9 @@ class Station:
         self.target = UplinkTarget("127.0.0.1", platform.port, timeout=timeout, retries=retries)
         self.uplink: Uplink | None = None
 
-    def start_uplink(self, identity: Hj212Identity = IDENTITY) -> Uplink:
-        self.uplink = Uplink(self.target, identity, self.path, self.recorder, reconnect_max=0.5)
+    def start_uplink(self, identity: Hj212Identity = IDENTITY, rtd_interval: float | None = None) -> Uplink:
+        self.uplink = Uplink(self.target, identity, self.path, self.recorder, reconnect_max=0.5,
+                             rtd_interval=rtd_interval)
         self.recorder.add_listener(self.uplink.wake)
         self.uplink.start()
         return self.uplink
@@ -793,3 +794,38 @@ def test_a_platform_repeating_requests_it_is_refused_logs_a_line_per_kind_not_on
     lines = [r.getMessage() for r in caplog.records if r.name == "agent.uplink"]
     for what in ("refused request", "is not supported", "without a valid BeginTime", "set the clock"):
         assert len([line for line in lines if what in line]) == 1, (what, lines)
+
+
+def test_1061_reports_the_realtime_interval_and_1062_never_changes_it(tmp_path, station, platform, caplog):
+    """1061 (get the real-time data interval) was refused QnRtn=8 as an unknown CN: it is answered 9011, a 1061
+    packet with RtdInterval (the shortest device interval: real-time data goes out at each poll), 9012. 1062
+    (set it) is a remote change of configuration, which a command never makes: answered 9011 QnRtn=1, never
+    applied (nothing written, the interval stays), ExeRtn=1 only when the interval is already the one asked,
+    else 2 (failed), as 1012; without a valid RtdInterval it is refused QnRtn=2."""
+    station.start_uplink(rtd_interval=60.0)
+    files = sorted(p.name for p in tmp_path.iterdir())
+
+    def asked_interval(qn: str) -> list[tuple[str, str | None]]:
+        answer = platform.request("1061", qn=qn)
+        return [(p.cn, p.get("QnRtn") or p.get("RtdInterval") or p.get("ExeRtn")) for p in answer]
+
+    assert asked_interval("20261129120000061") == [("9011", "1"), ("1061", "60"), ("9012", "1")]
+    report = [p for p in platform.received("1061") if p.qn == "20261129120000061"][0]
+    assert (report.st, report.mn, report.flag) == ("32", MN, 4)
+    caplog.set_level(logging.INFO, logger="agent.uplink")
+    changed = platform.request("1062", [{"RtdInterval": "30"}], qn="20261129120000062")
+    assert [(p.cn, p.get("QnRtn") or p.get("ExeRtn")) for p in changed] == [("9011", "1"), ("9012", "2")]
+    assert asked_interval("20261129120000063") == [("9011", "1"), ("1061", "60"), ("9012", "1")]
+    same = platform.request("1062", [{"RtdInterval": "60"}], qn="20261129120000064")
+    assert [(p.cn, p.get("QnRtn") or p.get("ExeRtn")) for p in same] == [("9011", "1"), ("9012", "1")]
+    for qn, cp in (("20261129120000065", []), ("20261129120000066", [{"RtdInterval": "often"}])):
+        assert [(p.cn, p.get("QnRtn")) for p in platform.request("1062", cp, qn=qn)] == [("9011", "2")]
+    lines = [r.getMessage() for r in caplog.records if r.name == "agent.uplink"]
+    assert any("RtdInterval" in line and "30" in line and "never" in line for line in lines), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
+
+
+def test_1061_without_a_known_interval_is_refused(station, platform):
+    """An uplink not told the interval (none configured) cannot report one: 9011 QnRtn=2, not a made-up value."""
+    station.start_uplink()
+    assert [(p.cn, p.get("QnRtn")) for p in platform.request("1061", qn="20261129120000067")] == [("9011", "2")]
