@@ -27,7 +27,11 @@ Decisions:
   uplink resent the first piece of its first split packet for ever). A second 9014 naming one split packet
   undoes that (the platform answers each piece; one 9014 was only slow): else a platform gone after
   reading a first piece had its 9014 count for the whole packet.
-* Answers (9011, 9012) use ST=91 and the request's QN (SPEC §4). The records of a backfill and the
+* Answers (9011, 9012) use ST=91 and the request's QN (SPEC §4). A request whose Flag asks for no answer
+  (A bit clear: Flag=4 in HJ 212-2017, DOMAIN.md) gets no 9011, neither acceptance nor refusal (a refusal is
+  logged); it is still executed, its data and 9012 being its result, not its answer. One without Flag
+  (HJ/T 212-2005 style) is answered. A request with a bad CRC is answered QnRtn=9 whatever its Flag says
+  (the Flag of a damaged packet cannot be trusted). The records of a backfill and the
   1011 time report carry data, so they use the station's ST, the request's QN and Flag=4 (no 9014
   expected: the exchange is closed by the 9012).
 * Request checks, in order: MN (QnRtn 4), PW (3), ST = station's or 91 (5), Flag version 2017 or
@@ -715,13 +719,24 @@ class Uplink(threading.Thread):
             return QNRTN_QN
         return QNRTN_OK
 
+    def _reply_9011(self, request: Packet, code: int) -> None:
+        """The request answer 9011 with QnRtn `code`, unless the request's Flag asks for no answer (A bit clear:
+        Flag=4 in HJ 212-2017); a request without Flag (HJ/T 212-2005 style) is answered. A refusal left
+        unanswered so is logged (its reason is logged where it is refused)."""
+        if request.flag is None or request.answer_requested:
+            self._send_packet(reply_9011(request, code))
+        elif code != QNRTN_OK:
+            self._errlog.warning("uplink %s: request CN=%.8s QN=%s refused with QnRtn=%d, not answered: its Flag=%d "
+                                 "asks for no answer", self.target.name, request.cn, request.qn, code, request.flag,
+                                 key=f"unanswered:{code}")
+
     def _refuse(self, request: Packet, code: int) -> None:
         """Answer 9011 with QnRtn `code` (a request without QN gets a QN of its own: every packet has one)."""
         self._errlog.warning("uplink %s: refused request CN=%.8s QN=%s: QnRtn=%d", self.target.name, request.cn,
                              request.qn, code, key=f"refused:{code}")
         if request.qn is None:
             request = dataclasses.replace(request, qn=self.payload.next_qn())
-        self._send_packet(reply_9011(request, code))
+        self._reply_9011(request, code)
 
     def _refuse_malformed(self, request: Packet, fields: frozenset[str]) -> None:
         """A request with a malformed MN, PW, ST or CN (`BadHeader`), never executed: refused with the code of
@@ -747,9 +762,9 @@ class Uplink(threading.Thread):
                     CN_GET_RTD_INTERVAL: self._get_rtd_interval, CN_SET_RTD_INTERVAL: self._set_rtd_interval}
         handler = handlers.get(request.cn)
         if handler is None:
-            self._errlog.log(logging.INFO, "uplink %s: request CN=%s is not supported; answered QnRtn=%d", name,
+            self._errlog.log(logging.INFO, "uplink %s: request CN=%s is not supported; refused with QnRtn=%d", name,
                              request.cn, QNRTN_CN, key=f"unsupported:{request.cn}")
-            self._send_packet(reply_9011(request, QNRTN_CN))
+            self._reply_9011(request, QNRTN_CN)
             return
         handler(request)
 
@@ -766,7 +781,7 @@ class Uplink(threading.Thread):
         """2011 from the platform: with BeginTime/EndTime, a backfill of real-time data (the stored
         polls); without, a request for real-time data, which this uplink sends anyway: 9011 QnRtn=1."""
         if request.get("BeginTime") is None and request.get("EndTime") is None:
-            self._send_packet(reply_9011(request, QNRTN_OK))
+            self._reply_9011(request, QNRTN_OK)
             return
         self._backfill(request)
 
@@ -776,9 +791,9 @@ class Uplink(threading.Thread):
         if begin is None or end is None or begin > end:
             self._errlog.warning("uplink %s: backfill CN=%s QN=%s without a valid BeginTime..EndTime; refused",
                                  self.target.name, request.cn, request.qn, key="bad-range")
-            self._send_packet(reply_9011(request, QNRTN_REFUSED))
+            self._reply_9011(request, QNRTN_REFUSED)
             return
-        self._send_packet(reply_9011(request, QNRTN_OK))
+        self._reply_9011(request, QNRTN_OK)
         # Both inclusive, in station time: the records whose DataTime lies between them, also those of
         # the repeated autumn hour's second pass, and from a BeginTime in the spring gap on. The instants
         # from the first time the clock showed BeginTime to the last time it showed EndTime hold them all,
@@ -849,7 +864,7 @@ class Uplink(threading.Thread):
 
     def _get_time(self, request: Packet) -> None:
         """1011: 9011, a 1011 packet with SystemTime (station time), 9012."""
-        self._send_packet(reply_9011(request, QNRTN_OK))
+        self._reply_9011(request, QNRTN_OK)
         group: dict[str, str] = {}
         pol_id = request.get("PolId")
         if pol_id:
@@ -864,9 +879,11 @@ class Uplink(threading.Thread):
         """1012: logged, never applied to the system clock (see the module docstring)."""
         wanted = self._time_item(request, "SystemTime")
         if wanted is None:
-            self._send_packet(reply_9011(request, QNRTN_REFUSED))
+            self._errlog.warning("uplink %s: 1012 QN=%s without a valid SystemTime; refused", self.target.name,
+                                 request.qn, key="bad-system-time")
+            self._reply_9011(request, QNRTN_REFUSED)
             return
-        self._send_packet(reply_9011(request, QNRTN_OK))
+        self._reply_9011(request, QNRTN_OK)
         offset = wanted.timestamp() - self.clock()
         agrees = abs(offset) <= TIME_TOLERANCE_S
         self._errlog.warning("uplink %s: platform asks to set the clock to %s (%+.0f s from ours); the agent never "
@@ -883,9 +900,9 @@ class Uplink(threading.Thread):
         if interval is None:
             self._errlog.warning("uplink %s: 1061 QN=%s asks for the real-time interval, which this uplink was not "
                                  "given; refused", self.target.name, request.qn, key="rtd-interval-unknown")
-            self._send_packet(reply_9011(request, QNRTN_REFUSED))
+            self._reply_9011(request, QNRTN_REFUSED)
             return
-        self._send_packet(reply_9011(request, QNRTN_OK))
+        self._reply_9011(request, QNRTN_OK)
         ident = self.identity
         self._send_packet(Packet(qn=request.qn, st=ident.st, cn=CN_GET_RTD_INTERVAL, pw=ident.pw, mn=ident.mn,
                                  flag=FLAG_V2017, cp=[{"RtdInterval": interval}]))
@@ -901,9 +918,9 @@ class Uplink(threading.Thread):
         if wanted is None or wanted <= 0:
             self._errlog.warning("uplink %s: 1062 QN=%s without a valid RtdInterval; refused", self.target.name,
                                  request.qn, key="bad-rtd-interval")
-            self._send_packet(reply_9011(request, QNRTN_REFUSED))
+            self._reply_9011(request, QNRTN_REFUSED)
             return
-        self._send_packet(reply_9011(request, QNRTN_OK))
+        self._reply_9011(request, QNRTN_OK)
         agrees = self.rtd_interval is not None and wanted == self.rtd_interval
         self._errlog.warning("uplink %s: platform asks to set the real-time interval (RtdInterval) to %s s (ours: %s); "
                              "a remote command never changes the configuration: set the devices' `interval` in the "

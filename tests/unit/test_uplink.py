@@ -829,3 +829,28 @@ def test_1061_without_a_known_interval_is_refused(station, platform):
     """An uplink not told the interval (none configured) cannot report one: 9011 QnRtn=2, not a made-up value."""
     station.start_uplink()
     assert [(p.cn, p.get("QnRtn")) for p in platform.request("1061", qn="20261129120000067")] == [("9011", "2")]
+
+
+def test_a_request_with_flag_4_gets_no_request_answer_but_is_executed(station, platform, caplog):
+    """Flag=4 (HJ 212-2017, A bit clear) asks for no answer: the 9011 was sent anyway. The request is executed
+    (its data and 9012 are the result, not the answer) without a 9011; a refused one is logged, not answered.
+    A request without Flag (HJ/T 212-2005 style) is answered as before."""
+    station.start_uplink()
+    caplog.set_level(logging.INFO, logger="agent.uplink")
+    platform.send(encode_one(Packet(qn="20261129120000071", st="32", cn="1011", pw="123456", mn=MN, flag=4, cp=[])))
+    got = wait_for(lambda: [p.cn for p in platform.received() if p.qn == "20261129120000071"] if any(
+        p.cn == "9012" for p in platform.received() if p.qn == "20261129120000071") else None, 10, "the 9012")
+    assert got == ["1011", "9012"]
+    platform.send(encode_one(Packet(qn="20261129120000072", st="32", cn="1011", pw="999999", mn=MN, flag=4, cp=[])))
+    platform.send(encode_one(Packet(qn="20261129120000073", st="32", cn="3020", pw="123456", mn=MN, flag=4, cp=[])))
+    # Answered in order: once the next request's answer is here, none came for the two above.
+    assert [p.cn for p in platform.request("1011", qn="20261129120000074")] == ["9011", "1011", "9012"]
+    assert not [p for p in platform.received() if p.qn in ("20261129120000072", "20261129120000073")]
+    lines = [r.getMessage() for r in caplog.records if r.name == "agent.uplink"]
+    assert any("20261129120000072" in line and "QnRtn=3" in line and "Flag" in line for line in lines), lines
+    assert any("CN=3020" in line and "Flag" in line for line in lines), lines
+    for frame in encode(Packet(qn="20261129120000075", st="32", cn="1011", pw="123456", mn=MN, flag=None, cp=[])):
+        platform.send(frame)
+    assert wait_for(lambda: [p.cn for p in platform.received() if p.qn == "20261129120000075"] if any(
+        p.cn == "9012" for p in platform.received() if p.qn == "20261129120000075") else None, 10,
+        "the answer to a request without Flag") == ["9011", "1011", "9012"]
