@@ -20,7 +20,10 @@ Decisions:
   with ``allow_missing_crlf=True`` (off by default), a frame that ends right after its CRC
   (`FrameReader`: followed by a lone CR or LF, taken as its end, by the next frame's ``##``, or by
   nothing yet); `FrameReader(allow_lf=True)` takes a frame ending in a lone LF but still insists on
-  an end (some platform software ends its packets with LF).
+  an end (some platform software ends its packets with LF). With ``allow_non_ascii`` (the TCP uplink),
+  bytes over 0x7F do not end a candidate frame: one with good length and CRC comes out as `NotAscii`,
+  carrying what its ASCII says, so that a request holding Chinese text (UTF-8 or GBK) is refused and
+  logged rather than lost in the byte stream; it is never taken as a packet.
 * HJ 212 has no null: a real-time value that is missing is sent as ``<code>-Flag`` alone (no
   ``-Rtd``); period statistics that are None are omitted.
 * A data segment over 1024 characters is split between CP groups (a group longer than a whole
@@ -63,6 +66,7 @@ __all__ = [
     "Hj212Error",
     "MAX_DATA_LEN",
     "Malformed",
+    "NotAscii",
     "Packet",
     "QnSource",
     "ReassemblyError",
@@ -126,6 +130,8 @@ _CHANNEL_RE = re.compile(r"[A-Za-z0-9_]+")  # SPEC: channel codes have no '-'
 _NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _TIME_RE = re.compile(r"([0-9]{4})([0-9]{2})([0-9]{2})([0-9]{2})([0-9]{2})([0-9]{2})([0-9]{3})?")
 _NON_PRINTABLE = re.compile(rb"[^\x20-\x7e]")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # bytes that are never text, in any encoding
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
 _CRC_TEXT_RE = re.compile(rb"[0-9A-Fa-f]{4}")
 
 # --- errors ----------------------------------------------------------------------------------------
@@ -165,6 +171,20 @@ class BadHeader(Malformed):
 
     packet: Packet | None = None
     fields: frozenset[str] = frozenset()
+
+
+class NotAscii(Malformed):
+    """A frame whose length and CRC are good but whose data segment holds bytes over 0x7F: text in UTF-8
+    (which HJ 212-2017 is said to use for Chinese; unconfirmed) or GBK (seen in the field), where every field
+    this codec reads is ASCII. Raised only with ``allow_non_ascii``. `packet`: what the data segment says with
+    each such byte read as '?' (None when even that does not parse), untrusted: only to refuse a request;
+    `fields`: the header fields holding such bytes; `offset`: the first one's; `utf8`: the segment is UTF-8.
+    The message never quotes the text (it may be a password)."""
+
+    packet: Packet | None = None
+    fields: frozenset[str] = frozenset()
+    offset: int = 0
+    utf8: bool = False
 
 
 class ReassemblyError(Hj212Error):
@@ -597,8 +617,12 @@ def decode(
     *,
     allow_missing_crlf: bool = False,
     max_data_len: int = MAX_DATA_LEN,
+    allow_non_ascii: bool = False,
 ) -> Packet:
     """Parse one complete frame; raise a Hj212Error subclass saying precisely what is wrong.
+
+    With `allow_non_ascii`, a frame whose only fault is text over 0x7F (no control byte) raises `NotAscii`
+    (which carries what the rest of it says) rather than a plain `Malformed`.
 
     Checks, in order: ``##``, 4-digit length (<= `max_data_len`), trailing CRLF (optional with
     `allow_missing_crlf`), length = data segment, CRC (upper or lower-case hex), printable ASCII,
@@ -636,8 +660,37 @@ def decode(
         raise error
     bad = _NON_PRINTABLE.search(data)
     if bad:
+        if allow_non_ascii and not _CONTROL.search(data):
+            raise _not_ascii(data)
         raise Malformed(f"byte 0x{data[bad.start()]:02X} at data offset {bad.start()} is not printable ASCII")
     return _parse_segment(data.decode("ascii"))
+
+
+def _not_ascii(data: bytes) -> NotAscii:
+    """The NotAscii error of a data segment holding bytes over 0x7F (and no control byte)."""
+    match = _NON_ASCII.search(data)
+    offset = match.start() if match else 0
+    try:
+        data.decode("utf-8")
+        utf8 = True
+    except UnicodeDecodeError:
+        utf8 = False
+    what = "UTF-8 text" if utf8 else "bytes over 0x7F that are not UTF-8 (GBK text?)"
+    error = NotAscii(f"{what} at data offset {offset}: HJ 212 fields are ASCII")
+    # Structure survives reading each such byte as '?': UTF-8 bytes of non-ASCII characters are all over 0x7F
+    # and GBK's second bytes are 0x40 or over, never one of ; , & = (all below 0x40).
+    header = data.split(b"CP=&&", 1)[0]
+    fields = {part.partition(b"=")[0].decode("ascii", "replace") for part in header.split(b";")
+              if _NON_ASCII.search(part.partition(b"=")[2])}
+    try:
+        packet: Packet | None = _parse_segment(_NON_ASCII.sub(b"?", data).decode("ascii"))
+    except (BadHeader, BadQn) as exc:
+        packet = exc.packet
+        fields |= set(exc.fields) if isinstance(exc, BadHeader) else set()
+    except Hj212Error:
+        packet = None
+    error.packet, error.fields, error.offset, error.utf8 = packet, frozenset(fields), offset, utf8
+    return error
 
 
 def _parse_segment(text: str) -> Packet:
@@ -843,17 +896,22 @@ class FrameReader:
     given up as soon as a byte that cannot be in a frame (not printable ASCII) shows up in its data
     segment, so a false header in noise does not hold back the frames behind it. At most one
     candidate frame (<= max_data_len + 12 bytes) is kept between calls: memory is bounded.
-    A frame ends in CRLF; with `allow_lf` in a lone LF too (a frame without an end is still refused);
+    With `allow_non_ascii` only control bytes give a candidate up (bytes over 0x7F may be text: such a frame
+    comes out as a `NotAscii` error). A frame ends in CRLF; with `allow_lf` in a lone LF too (a frame without
+    an end is still refused);
     with `allow_missing_crlf` in a lone CR or LF, before the next ``##``, or right after its CRC.
     """
 
     def __init__(self, *, max_data_len: int = MAX_DATA_LEN, allow_missing_crlf: bool = False,
-                 allow_lf: bool = False) -> None:
+                 allow_lf: bool = False, allow_non_ascii: bool = False) -> None:
         if not 0 < max_data_len <= 9999:
             raise ValueError("max_data_len must be 1..9999")
         self.max_data_len = max_data_len
         self.allow_missing_crlf = allow_missing_crlf
         self.allow_lf = allow_lf  # a lone LF ends a frame too (CRLF or LF: a frame still needs its end)
+        # Bytes over 0x7F may be in a frame (text in UTF-8 or GBK, from a platform): decoded as NotAscii
+        self.allow_non_ascii = allow_non_ascii
+        self._never_in_frame = _CONTROL if allow_non_ascii else _NON_PRINTABLE
         self.frames_ok = 0
         self.frames_bad = 0
         self.bytes_dropped = 0
@@ -919,7 +977,7 @@ class FrameReader:
                 pos, resume = pos + 1, 0
                 continue
             end = pos + 6 + length + 4  # end of the CRC
-            bad = _NON_PRINTABLE.search(buf, max(pos + 6, resume), min(n, end))
+            bad = self._never_in_frame.search(buf, max(pos + 6, resume), min(n, end))
             if bad:
                 offset = bad.start() - pos - 6
                 self._bad(
@@ -958,6 +1016,7 @@ class FrameReader:
                     bytes(buf[pos:frame_end]),
                     allow_missing_crlf=self.allow_missing_crlf or frame_end == end,
                     max_data_len=self.max_data_len,
+                    allow_non_ascii=self.allow_non_ascii,
                 )
             except Hj212Error as exc:
                 self._bad(out, exc)

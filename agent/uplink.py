@@ -45,6 +45,10 @@ Decisions:
   password) is refused with the code of its first fault in the order above (CN: 8), never executed; its
   answer names the station's own PW and MN in place of the request's when those could not be in a valid
   packet.
+* A request holding bytes over 0x7F (Chinese text in UTF-8, which HJ 212-2017 is said to use, or GBK) with a
+  good length (in bytes) and CRC is refused, never executed, with a log line naming its CN, QN, the encoding
+  and where the text starts: QnRtn=2 (refused), or 3/4 when its PW/MN holds the text (its answer then names
+  the station's own). Such a frame was given up at its first byte over 0x7F: the request went unanswered.
 * What the platform sends may end in a lone LF instead of CRLF (some platform software ends its packets so):
   `FrameReader(allow_lf=True)`. A packet with a bad CRC is never taken, whatever its ending (a request is
   answered QnRtn 9 as above; a 9014 does not count), nor one that ends in nothing or in CR alone (the end
@@ -104,6 +108,7 @@ from agent.hj212 import (
     BadQn,
     FrameReader,
     Hj212Error,
+    NotAscii,
     Packet,
     Reassembler,
     ReassemblyError,
@@ -229,7 +234,7 @@ class Uplink(threading.Thread):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._sock: socket.socket | None = None
-        self._frames = FrameReader(allow_lf=True)
+        self._frames = FrameReader(allow_lf=True, allow_non_ascii=True)
         self._reassembler = Reassembler()
         self._queue: deque[tuple[str, Poll | list[EventRow]]] = deque()
         self._backoff = 0.5
@@ -422,7 +427,7 @@ class Uplink(threading.Thread):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.settimeout(t.timeout)
         self._sock = sock
-        self._frames = FrameReader(allow_lf=True)
+        self._frames = FrameReader(allow_lf=True, allow_non_ascii=True)
         self._reassembler = Reassembler()
         self._queue.clear()
         log.info("uplink %s connected", t.name)
@@ -674,7 +679,12 @@ class Uplink(threading.Thread):
         this station with a QN, is answered QnRtn 9 (CRC error) so the platform knows to send it again;
         one whose only fault is its QN is answered as a request without QN (QnRtn 7); one whose MN, PW, ST or
         CN is malformed (a password of 7 characters) is refused with the code of its first fault
-        (`_refuse_malformed`)."""
+        (`_refuse_malformed`); one holding text that is not ASCII (`NotAscii`) is refused QnRtn=2, or with the
+        code of a header field that holds it (`_refuse_not_ascii`)."""
+        if isinstance(error, NotAscii) and error.packet is not None and error.packet.pnum is None \
+                and error.packet.cn not in (CN_DATA_ACK, CN_REQUEST_ANSWER, CN_EXECUTION_RESULT):
+            self._refuse_not_ascii(error.packet, error)
+            return
         if isinstance(error, BadHeader) and error.packet is not None and error.packet.pnum is None \
                 and error.packet.cn not in (CN_DATA_ACK, CN_REQUEST_ANSWER, CN_EXECUTION_RESULT):
             self._refuse_malformed(error.packet, error.fields)
@@ -738,14 +748,24 @@ class Uplink(threading.Thread):
             request = dataclasses.replace(request, qn=self.payload.next_qn())
         self._reply_9011(request, code)
 
-    def _refuse_malformed(self, request: Packet, fields: frozenset[str]) -> None:
+    def _refuse_not_ascii(self, request: Packet, error: NotAscii) -> None:
+        """A request holding text that is not ASCII (UTF-8 or GBK: `NotAscii`), never executed (what it asks may
+        be in that text): refused with the code of its first fault in `_check`'s order (a PW or MN holding such
+        text is never the station's), else QnRtn=2 (refused); the answer names the station's PW and MN in
+        place of the request's where those hold it."""
+        self._errlog.warning("uplink %s: request CN=%.8s QN=%s holds %s; refused, never executed (HJ 212 fields "
+                             "are ASCII: check the platform's character encoding)", self.target.name, request.cn,
+                             request.qn, error, key=f"not-ascii:{error.utf8}")
+        self._refuse_malformed(request, error.fields, otherwise=QNRTN_REFUSED)
+
+    def _refuse_malformed(self, request: Packet, fields: frozenset[str], otherwise: int = QNRTN_CN) -> None:
         """A request with a malformed MN, PW, ST or CN (`BadHeader`), never executed: refused with the code of
         its first fault in `_check`'s order (a malformed value never equals the station's), QnRtn 8 when only
         its CN is. Its answer names the station's own MN and PW where the request's do not fit a packet (a
         PW of 7 characters echoed would make the answer itself invalid); ST and CN are not echoed (9011, 91)."""
         code = self._check(request)
         if code == QNRTN_OK:
-            code = QNRTN_CN
+            code = otherwise
         ident = self.identity
         self._refuse(dataclasses.replace(request, pw=ident.pw if "PW" in fields else request.pw,
                                          mn=ident.mn if "MN" in fields else request.mn), code)

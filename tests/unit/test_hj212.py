@@ -26,6 +26,7 @@ from agent.hj212 import (
     FrameReader,
     Hj212Error,
     Malformed,
+    NotAscii,
     Packet,
     QnSource,
     Reassembler,
@@ -1084,3 +1085,34 @@ def test_period_data_time_is_the_period_start() -> None:
     start = end - timedelta(minutes=10)
     packet = period_packet("2051", "MN1", 32, "pw", start, {"w01018": {"avg": 1.0, "flag": "N"}}, qn="1" * 17)
     assert packet.get("DataTime") == "20261129100000"
+
+
+def _raw_frame(segment: bytes) -> bytes:
+    return b"##%04d" % len(segment) + segment + b"%04X\r\n" % crc16(segment)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "gbk"])
+def test_a_frame_with_text_that_is_not_ascii_is_recognised_when_allowed(encoding):
+    """A packet from a platform holding Chinese text (HJ 212-2017 is said to write Chinese in UTF-8; GBK is
+    seen in the field): its length counts bytes and its CRC is over the bytes. With `allow_non_ascii` (the TCP
+    uplink) such a frame is taken apart as a NotAscii error carrying what its ASCII says (other bytes read as
+    '?') and the header fields holding such text, so a request can be refused; without it (a serial line,
+    where bytes over 0x7F are noise) it is Malformed, as before."""
+    segment = "QN=20261129120000081;ST=32;CN=1011;PW=密码;MN=14010500000017;Flag=5;CP=&&PolId=化学&&".encode(encoding)
+    frame = _raw_frame(segment)
+    with pytest.raises(NotAscii) as caught:
+        decode(frame, allow_non_ascii=True)
+    error = caught.value
+    assert error.packet is not None and (error.packet.qn, error.packet.cn) == ("20261129120000081", "1011")
+    assert error.fields == frozenset({"PW"}) and error.utf8 == (encoding == "utf-8")
+    assert error.offset == segment.index(b"PW=") + 3 and "密" not in str(error)
+    with pytest.raises(Malformed) as strict:
+        decode(frame)
+    assert not isinstance(strict.value, NotAscii)
+    good = encode_one(Packet(qn="20261129120000082", st="32", cn="1011", pw="123456", mn="M1", cp=[]))
+    items = FrameReader(allow_non_ascii=True).feed(frame + good)
+    assert [type(item).__name__ for item in items] == ["NotAscii", "Packet"]
+    assert [type(item).__name__ for item in FrameReader().feed(frame + good)][-1] == "Packet"
+    with pytest.raises(Malformed) as control:  # a control byte is never text
+        decode(_raw_frame(segment.replace(b"PolId", b"Pol\x01d")), allow_non_ascii=True)
+    assert not isinstance(control.value, NotAscii)

@@ -854,3 +854,38 @@ def test_a_request_with_flag_4_gets_no_request_answer_but_is_executed(station, p
     assert wait_for(lambda: [p.cn for p in platform.received() if p.qn == "20261129120000075"] if any(
         p.cn == "9012" for p in platform.received() if p.qn == "20261129120000075") else None, 10,
         "the answer to a request without Flag") == ["9011", "1011", "9012"]
+
+
+def raw_frame(segment: bytes) -> bytes:
+    """A frame of `segment` as given (any bytes): its length in bytes, the CRC over its bytes."""
+    return b"##%04d" % len(segment) + segment + b"%04X\r\n" % crc16(segment)
+
+
+def test_a_request_with_text_that_is_not_ascii_is_refused_and_logged(station, platform, caplog):
+    """A request holding Chinese text (UTF-8 or GBK) was dropped without a word of why it went unanswered
+    (the frame reader gave the frame up at its first byte over 0x7F). Its length (bytes) and CRC are checked
+    as for any frame; it is answered 9011 QnRtn=2 (refused), never executed, with a log line naming its CN,
+    QN and the encoding; one whose PW or MN holds such text is refused for that field (3, 4), the answer
+    naming the station's own. The uplink goes on."""
+    uplink = station.start_uplink()
+    caplog.set_level(logging.WARNING, logger="agent.uplink")
+    cases = [  # QN, encoding, PW, MN, expected QnRtn
+        ("20261129120000081", "utf-8", "123456", MN, "2"),
+        ("20261129120000082", "gbk", "123456", MN, "2"),
+        ("20261129120000083", "utf-8", "密码", MN, "3"),
+        ("20261129120000084", "gbk", "123456", "站点" + MN[:10], "4"),
+    ]
+    for qn, encoding, pw, mn, _ in cases:
+        segment = f"QN={qn};ST=32;CN=1011;PW={pw};MN={mn};Flag=5;CP=&&PolId=化学需氧量&&".encode(encoding)
+        platform.send(raw_frame(segment))
+    for qn, encoding, _, _, code in cases:
+        answer = wait_for(lambda qn=qn: [p for p in platform.received() if p.qn == qn], 10, f"the answer to {qn}")
+        assert [(p.cn, p.get("QnRtn"), p.pw, p.mn) for p in answer] == [("9011", code, "123456", MN)], encoding
+    assert not platform.received("1011"), "a request with text it cannot read was executed"
+    lines = [r.getMessage() for r in caplog.records if r.name == "agent.uplink"]
+    assert any("20261129120000081" in line and "UTF-8" in line and "CN=1011" in line for line in lines), lines
+    assert any("20261129120000082" in line and "not UTF-8" in line for line in lines), lines
+    assert "密码" not in " ".join(lines)
+    station.store("cod", T0, {"w01018": 5.0})
+    wait_for(lambda: uplink.marks[STREAM_READINGS] == 1, 10, "delivery goes on")
+    assert [p.cn for p in platform.request("1011", qn="20261129120000085")] == ["9011", "1011", "9012"]
