@@ -44,7 +44,9 @@ Decisions:
   be echoed: a QN is 17 digits). One whose MN, PW, ST or CN is malformed (a PW of 7 characters: a mistyped
   password) is refused with the code of its first fault in the order above (CN: 8), never executed; its
   answer names the station's own PW and MN in place of the request's when those could not be in a valid
-  packet.
+  packet. A 9014, 9011 or 9012 so malformed (a 9014 whose PW is over 6 characters) is never taken nor
+  answered (an answer is not answered): logged, first at once then once a minute with the count, naming
+  its CN and QN (a 9014 not taken leaves its data packet to go again).
 * A request holding bytes over 0x7F (Chinese text in UTF-8, which HJ 212-2017 is said to use, or GBK) with a
   good length (in bytes) and CRC is refused, never executed, with a log line naming its CN, QN, the encoding
   and where the text starts: QnRtn=2 (refused), or 3/4 when its PW/MN holds the text (its answer then names
@@ -694,6 +696,14 @@ class Uplink(threading.Thread):
             self._errlog.warning("uplink %s: request CN=%s with a malformed QN (%s)", self.target.name,
                                  error.packet.cn, error, key="bad-qn")
             self._answer(error.packet)
+            return
+        answer = error.packet if isinstance(error, (BadHeader, BadQn, NotAscii)) else None
+        if answer is not None and answer.cn in (CN_DATA_ACK, CN_REQUEST_ANSWER, CN_EXECUTION_RESULT):
+            # An answer is never answered; a malformed one is never acted on (a 9014 with a PW of 7 characters
+            # does not count: the packet it names goes again). Said with what it names, not as "a bad frame".
+            self._linklog.warning("uplink %s: %s QN=%s from the platform not taken: %s%s", self.target.name,
+                                  answer.cn, answer.qn, error, "; the data packet it acknowledges goes again"
+                                  if answer.cn == CN_DATA_ACK else "", key=f"bad-answer:{answer.cn}")
             return
         request = error.packet if isinstance(error, BadCrc) else None
         if (request is not None and request.qn is not None and request.mn == self.identity.mn

@@ -889,3 +889,35 @@ def test_a_request_with_text_that_is_not_ascii_is_refused_and_logged(station, pl
     station.store("cod", T0, {"w01018": 5.0})
     wait_for(lambda: uplink.marks[STREAM_READINGS] == 1, 10, "delivery goes on")
     assert [p.cn for p in platform.request("1011", qn="20261129120000085")] == ["9011", "1011", "9012"]
+
+
+def test_a_9014_with_an_over_long_pw_is_not_taken_and_said_clearly(tmp_path, caplog):
+    """A 9014 whose PW is over 6 characters (a platform configured with a longer password) was dropped with a
+    generic "bad frame" line: the station then sent the packet again for no reason it said. It is still not
+    taken (a malformed packet is never acted on) and never answered (an answer is not answered), but the log
+    names the 9014, its QN and the field; the packet goes again and nothing is lost."""
+    bad_acks: list[str] = []
+
+    def ack(p):
+        h = p.header
+        pw = "123456"
+        if not bad_acks:
+            bad_acks.append(h["QN"])
+            pw = "1234567"
+        return [platform_frame(f"QN={h['QN']};ST=91;CN=9014;PW={pw};MN={h['MN']};Flag=4;CP=&&&&")]
+
+    platform = IndependentPlatform(ack=ack)
+    station = Station(tmp_path, platform, timeout=3.0, retries=2)  # the good 9014 comes well within 3 s
+    try:
+        uplink = station.start_uplink()
+        with caplog.at_level(logging.WARNING, logger="agent.uplink"):
+            station.store("cod", T0, {"w01018": 5.0})
+            wait_for(lambda: uplink.marks[STREAM_READINGS] == 1, 15, "the reading acknowledged")
+        lines = [m for m in caplog.messages if bad_acks[0] in m and "9014" in m]
+        assert lines and "PW" in lines[0] and "not taken" in lines[0], caplog.messages
+        assert "1234567" not in " ".join(caplog.messages)
+        assert len(platform.of_cn("2011")) == 2  # sent again once, then acknowledged
+        assert not [p for p in platform.packets if p.header.get("ST") == "91"], "an answer was answered"
+    finally:
+        station.close()
+        platform.close()
