@@ -319,9 +319,13 @@ class Buffer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         refuse_newer(path)  # a downgrade: never taken for corruption, never written (NewerBuffer)
+        pending = pending_salvages(path)
+        if pending and not (path.exists() and _holds_schema(path)):  # stopped before the fresh file was made
+            return cls.resume_rescue(path, pending[0], SeqMark(mark_path(path)).acked(), sync=sync, max_mb=max_mb,
+                                     progress=progress, holders=holders)
         seqmark = SeqMark(mark_path(path))
         try:
-            buf = cls._open_checked(path, sync, seqmark, progress=progress)
+            buf = cls._open_checked(path, sync, seqmark, progress=progress, announce_jump=not pending)
         except sqlite3.DatabaseError as exc:
             if not is_corruption(exc):
                 raise BufferError(f"cannot open buffer {path}: {exc}") from exc
@@ -329,6 +333,10 @@ class Buffer:
         moved = buf.meta_value(SALVAGE_UNFINISHED)
         if moved is not None:
             buf._salvage_cut_short(path.with_name(moved), progress, holders)
+            for marker in pending:  # the meta took over from the marker (stopped before it was removed)
+                marker_of_pending_salvage(path, marker).unlink(missing_ok=True)
+        elif pending:  # the fresh file was made, its salvage never began (stopped, or a disk without room)
+            buf._salvage_cut_short(pending[0], progress, holders)
         if max_mb is not None:
             buf.set_size_cap(max_mb)
             _reporting(buf.compact_over_cap, progress)
@@ -342,7 +350,7 @@ class Buffer:
         the old one (`agent.salvage`; `progress()` after every batch of rows; `holders`: the meta keys of
         the HJ 212 uplinks configured now, for whom it keeps what they have not delivered). Everything is
         logged."""
-        moved = move_aside(path, str(exc))
+        moved = move_aside(path, str(exc), pending_salvage=True)
         log.error("buffer %s is corrupt (%s); moved aside to %s, starting a fresh one", path, exc, moved)
         acked = SeqMark(mark_path(path)).acked()  # read before the fresh file notes its own
         try:
@@ -388,6 +396,7 @@ class Buffer:
             log.error("buffer %s: a salvage from %s was cut short, and %s: not salvaged again", self.path, moved.name,
                       "that file is gone" if not moved.exists() else "this file holds rows of its own")
             self.conn.execute("DELETE FROM meta WHERE key=?", (SALVAGE_UNFINISHED,))
+            marker_of_pending_salvage(self.path, moved).unlink(missing_ok=True)
             return
         log.warning("buffer %s: the salvage from %s was cut short; salvaging again", self.path, moved.name)
         self._salvage_from(moved, self.seqmark.acked() if self.seqmark is not None else {}, progress, holders)
@@ -1305,16 +1314,51 @@ def _holds_schema(path: Path) -> bool:
         return True  # not known: kept (a rescue of it is `open_writer`'s)
 
 
-def move_aside(path: Path, reason: str, kind: str = "corrupt") -> Path:
+def marker_of_pending_salvage(path: Path, moved: Path) -> Path:
+    """The empty file `NAME.unsalvaged-corrupt-STAMP` beside the buffer at `path`: the salvage of `moved`
+    (`NAME.corrupt-STAMP`) into the buffer has not begun yet. Made before the corrupt file is renamed, removed
+    once the fresh file's meta `SALVAGE_UNFINISHED` (committed at the salvage's start) takes over, or the
+    salvage is done: a start finding it salvages `moved` (a stop, a kill or a power cut before the fresh file
+    could be made, a full disk). Empty: a full disk has room for its name, not for a byte of it."""
+    return path.with_name(f"{path.name}.unsalvaged-{moved.name[len(path.name) + 1:]}")
+
+
+def pending_salvages(path: Path) -> list[Path]:
+    """The files moved aside whose salvage into the buffer at `path` has not begun (`marker_of_pending_salvage`),
+    oldest first. A marker whose file is gone is removed (logged)."""
+    prefix = f"{path.name}.unsalvaged-"
+    try:
+        markers = sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix))
+    except OSError:
+        return []
+    found = []
+    for marker in markers:
+        moved = path.with_name(f"{path.name}.{marker.name[len(prefix):]}")
+        if moved.exists():
+            found.append(moved)
+        else:
+            log.error("buffer %s: %s was to be salvaged, but it is gone: not salvaged", path, moved.name)
+            marker.unlink(missing_ok=True)
+    return found
+
+
+def move_aside(path: Path, reason: str, kind: str = "corrupt", pending_salvage: bool = False) -> Path:
     """Rename a damaged database (and its -wal/-shm) to `NAME.corrupt-TIMESTAMP` (`kind`: another word
     for it, `foreign` for a file that is not the agent's); never deletes. The WAL is taken from the
-    link `_keep_wal` made when there is one."""
+    link `_keep_wal` made when there is one. `pending_salvage`: its `marker_of_pending_salvage` is made
+    first (a failure to make it is logged, and the rename done all the same)."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
     target = path.with_name(f"{path.name}.{kind}-{stamp}")
     n = 1
     while target.exists():
         n += 1
         target = path.with_name(f"{path.name}.{kind}-{stamp}-{n}")
+    if pending_salvage:
+        try:
+            marker_of_pending_salvage(path, target).touch()
+        except OSError as exc:
+            log.warning("cannot make the marker of %s's pending salvage (%s): a stop before it is salvaged loses "
+                        "its rows", target.name, exc)
     if path.exists():  # `write_back` may find a -wal or -shm alone
         os.replace(path, target)
     for suffix in ("-wal", "-shm"):

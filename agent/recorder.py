@@ -367,8 +367,8 @@ class Recorder(threading.Thread):
                       "errors above); they are lost", readings, events)
         if self._rescue_pending is not None:
             log.error("stopping before the corrupt buffer moved aside as %s could be salvaged (no fresh file could "
-                      "be made): its rows stay in it, and the next start announces the unacknowledged seqs as a "
-                      "gap", self._rescue_pending.moved.name)
+                      "be made): its rows stay in it, and the next start with room "
+                      "salvages it (a marker beside the buffer says so)", self._rescue_pending.moved.name)
 
     def _nothing_to_write(self, stopping: bool) -> bool:
         """Idle wake-up: no rows, no metadata, no acknowledgement due — skip the transaction."""

@@ -476,8 +476,8 @@ class Station:
             if self._stop_requested:
                 if rescue is not None:  # as the recorder says it at a stop while running
                     log.error("stopping before the corrupt buffer moved aside as %s could be salvaged (no fresh "
-                              "file could be made): its rows stay in it, and the next start announces the "
-                              "unacknowledged seqs as a gap", rescue.moved.name)
+                              "file could be made): its rows stay in it, and the next start with room "
+                              "salvages it (a marker beside the buffer says so)", rescue.moved.name)
                 return None
 
     def _start_polling(self) -> None:

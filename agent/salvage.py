@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.buffer import SALVAGE_UNFINISHED, lowest_progress
+from agent.buffer import SALVAGE_UNFINISHED, lowest_progress, marker_of_pending_salvage
 from agent.bufferschema import readonly_uri
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, STREAMS
 from agent.pagescan import GAPS_TABLE, META_TABLE, STREAMS_TABLE, scan
@@ -110,9 +110,11 @@ def salvage_into(moved: Path, fresh: Buffer, now_ms: int, progress: Callable[[],
         old = sqlite3.connect(readonly_uri(moved), uri=True, timeout=5, check_same_thread=False)
     except sqlite3.Error as exc:
         report.error = f"cannot open it: {exc}"
+        _taken_over(fresh, moved)
         return report
     try:
         fresh.set_meta(SALVAGE_UNFINISHED, moved.name)  # `status` meanwhile: the backlog is not known yet
+        _taken_over(fresh, moved)  # a stop from now on is a salvage cut short, done again (`Buffer.open_writer`)
     except sqlite3.Error:
         pass  # a full disk: the salvage itself says what it can
     try:
@@ -124,19 +126,30 @@ def salvage_into(moved: Path, fresh: Buffer, now_ms: int, progress: Callable[[],
         except BaseException:
             fresh.rollback()
             raise
+        _taken_over(fresh, moved)
         fresh.reload_counters()
     except Exception as exc:  # noqa: BLE001 - an I/O error of a failing card too: the agent must start
         report.error = f"salvage stopped: {exc}"
         report.streams.clear()
         report.gaps_announced.clear()
-        _announce_unsalvaged(old, fresh, now_ms, report, acked_hint or {})
+        if _announce_unsalvaged(old, fresh, now_ms, report, acked_hint or {}):
+            _taken_over(fresh, moved)
     finally:
         old.close()
     return report
 
 
+def _taken_over(fresh: Buffer, moved: Path) -> None:
+    """The marker of `moved`'s pending salvage (`agent.buffer.marker_of_pending_salvage`) is no longer
+    needed: the fresh file's meta says a salvage is under way, or it is over."""
+    try:
+        marker_of_pending_salvage(fresh.path, moved).unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot remove %s (%s)", marker_of_pending_salvage(fresh.path, moved).name, exc)
+
+
 def _announce_unsalvaged(old: sqlite3.Connection, fresh: Buffer, now_ms: int, report: SalvageReport,
-                         acked_hint: Mapping[str, int]) -> None:
+                         acked_hint: Mapping[str, int]) -> bool:
     """The salvage stopped (a disk without room for the copy: a long outage filled the buffer to its cap, and
     the copy needs as much again) and left the fresh file as it was: announce every readings seq above what
     was acknowledged up to the fresh file's first as lost (a small write that fits where the copy did not),
@@ -170,6 +183,8 @@ def _announce_unsalvaged(old: sqlite3.Connection, fresh: Buffer, now_ms: int, re
     except Exception as exc:  # noqa: BLE001 - the disk refuses even that: said in the log line
         report.gaps_announced.clear()
         report.error += f"; nor could the seqs it did not copy be announced: {exc}"
+        return False
+    return True
 
 
 def _salvage(old: sqlite3.Connection, moved: Path, fresh: Buffer, now_ms: int, report: SalvageReport,

@@ -9,6 +9,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+import pytest
 from harness import (
     AgentProcess,
     Broker,
@@ -367,3 +368,51 @@ def test_a_stop_while_the_start_waits_for_room_to_salvage_says_which_file_keeps_
         broker.stop()
     assert (f"stopping before the corrupt buffer moved aside as {moved[0].name} could be salvaged" in agent.log()), \
         agent.log()[-3000:]
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_a_corrupt_buffer_whose_start_was_stopped_waiting_for_room_is_salvaged_at_the_next_start(
+        tmp_path, small_disk, how):
+    """Stopped (or killed: a power cut) while the start waits for room for the fresh file of a corrupt
+    buffer moved aside: the next start ignored the file moved aside, made a fresh file and announced the
+    unacknowledged seqs as lost (`buffer_missing`), though its rows were readable. A marker beside the
+    buffer keeps the pending salvage: the next start with room salvages it, once, and its rows are
+    published once each, no gap announced over them."""
+    path = corrupt_buffer_of_300_readings(small_disk / "buffer.db")
+    broker = Broker(tmp_path / "broker").start()
+    platform = Collector(broker, "env/#")
+    config = sim_config(tmp_path, broker, channels=1, interval=0.5,
+                        storage={"path": str(path), "commit_interval_ms": 100})
+    cfg = write_config(tmp_path / "station.yaml", config)
+    old = lambda: [r["seq"] for m in platform.json_messages("/data")  # noqa: E731
+                   for r in m.get("readings", []) if r["device"] == "old"]
+    filler = fill_disk(small_disk, leave_bytes=40 * 1024)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: "retrying every" in agent.log(), 30, "the start waiting for room")
+        if how == "killed":
+            agent.kill9()
+        else:
+            assert agent.stop() == 0
+        filler.unlink()  # the operator frees space, then the service starts again
+        agent = AgentProcess(cfg)
+        wait_for(lambda: sorted(set(old())) == list(range(101, 301)), 60,
+                 "the unpublished rows salvaged and published")
+        wait_for(lambda: len([s for s in platform.reading_seqs() if s > 300]) >= 3, 30, "new readings after them")
+        assert "Traceback" not in agent.log()
+        assert agent.stop() == 0
+        assert sorted(old()) == list(range(101, 301)), "each salvaged row published once"
+        gaps = [m["gap"] for m in platform.json_messages("/data") if "gap" in m]
+        assert not [g for g in gaps if g[0] <= 300], gaps
+        assert not list(small_disk.glob("buffer.db.unsalvaged-*")), "the pending salvage is done: its marker gone"
+
+        top = max(platform.reading_seqs())
+        agent = AgentProcess(cfg)  # a third start salvages nothing again
+        wait_for(lambda: any(s > top for s in platform.reading_seqs()), 30, "readings of the third start")
+        assert agent.stop() == 0
+        assert "salvag" not in agent.log(), agent.log()[-3000:]
+        assert sorted(old()) == list(range(101, 301)), "no salvaged row published again"
+    finally:
+        agent.stop()
+        platform.close()
+        broker.stop()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from harness import fill_disk
 
-from agent.buffer import SALVAGE_UNFINISHED, Buffer
+from agent.buffer import SALVAGE_UNFINISHED, Buffer, RescueCutShort
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
 from agent.recorder import VERIFY_EVERY_S, Recorder
 from agent.salvage import GAP_REASON
@@ -252,6 +252,37 @@ def test_a_rescue_the_full_disk_cut_short_still_salvages_once_there_is_room(smal
             fresh.close()
     finally:
         recorder.buffer.close()
+
+
+def test_a_rescue_the_full_disk_cut_short_is_salvaged_once_by_the_next_start(small_disk):
+    """As above, but the agent stops (or is killed) before there is room for the fresh file: the next start
+    made a fresh file and announced the 300 unpublished seqs as lost (`buffer_missing`), the file moved aside
+    ignored. The marker beside the buffer has the next start with room salvage it, and only that start."""
+    path = small_disk / "b.db"
+    filled_buffer(path, 400, sent=100)
+    recorder = Recorder(Buffer.open_writer(path), commit_interval_ms=200, keep_sent_days=7, max_mb=64)
+    damage(path, pages_of(path, "meta")[0])
+    filler = fill_disk(small_disk, leave_bytes=0)
+    recorder._rescue_corrupt(sqlite3.DatabaseError("database disk image is malformed"))
+    assert recorder._rescue_pending is not None, "no fresh file yet"
+    with pytest.raises(RescueCutShort):
+        Buffer.open_writer(path)  # a start on the still full disk waits for room, as the first did
+    filler.unlink()  # the agent was stopped; the operator frees space; it starts again
+    buf = Buffer.open_writer(path)
+    try:
+        assert [r.seq for r in buf.readings_after(0, 1000)] == list(range(101, 401))
+        assert not [g for g in gaps(buf) if g[0] <= 400], gaps(buf)
+        assert not list(small_disk.glob("b.db.unsalvaged-*")), "the marker gone once salvaged"
+        buf.begin()
+        buf.set_sent_upto(STREAM_READINGS, 400)  # all delivered
+        buf.commit()
+    finally:
+        buf.close()
+    buf = Buffer.open_writer(path)  # a later start salvages nothing again
+    try:
+        assert buf.sent_upto(STREAM_READINGS) == 400 and not [g for g in gaps(buf) if g[0] <= 400]
+    finally:
+        buf.close()
 
 
 def test_a_reader_s_report_of_a_damaged_page_is_checked_before_the_file_is_rescued(tmp_path):
