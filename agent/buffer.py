@@ -543,6 +543,20 @@ class Buffer:
         self.conn.close()
         return buf, moved
 
+    def close_corrupt(self) -> None:
+        """Writer, its file found corrupt while running (`Buffer.rescue` follows): close the connection and
+        keep the WAL whole for the salvage (the link `_keep_wal` makes, which `move_aside` takes). Closed as
+        the last connection to the file, SQLite checkpoints the WAL and deletes it, and with it the older
+        frames' copies of a page damaged in the file since (frames SQLite no longer reads once the WAL started
+        over, but `agent.pagescan` does): whether a reader had the file open then decided whether the
+        page's readings were salvaged or announced lost."""
+        if _identity(self.path) == self.identity:  # not a file put at the path since: its WAL is not this one's
+            _keep_wal(self.path)
+        try:
+            self.conn.close()
+        except sqlite3.Error:
+            pass
+
     def close(self) -> None:
         if self.writer:
             complete = False

@@ -536,10 +536,7 @@ class Recorder(threading.Thread):
 
     def _rescue_corrupt(self, exc: Exception) -> None:
         """The file turned out corrupt while running: rescue it (readers notice the new file)."""
-        try:
-            self.buffer.conn.close()
-        except sqlite3.Error:
-            pass
+        self.buffer.close_corrupt()
         try:
             self.buffer = self._new_writer(Buffer.rescue(self.buffer.path, exc, sync=self.sync,
                                                          max_mb=self.max_bytes / (1024 * 1024),

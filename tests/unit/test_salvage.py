@@ -15,6 +15,7 @@ from harness import fill_disk
 
 from agent.buffer import SALVAGE_UNFINISHED, Buffer, RescueCutShort
 from agent.model import STREAM_AGGREGATES, STREAM_ALARMS, STREAM_READINGS, Reading, now_ms
+from agent.pagescan import scan
 from agent.recorder import VERIFY_EVERY_S, Recorder
 from agent.salvage import GAP_REASON
 from agent.seqmark import SeqMark
@@ -310,6 +311,53 @@ def test_a_reader_s_report_of_a_damaged_page_is_checked_before_the_file_is_rescu
         assert lost and gaps(fresh)[0] == (lost[0], lost[-1], GAP_REASON), "the damaged page's readings announced"
         assert kept[0] == 101 and kept[-1] == 400
         fresh.close()
+    finally:
+        recorder.buffer.close()
+
+
+def test_a_rescue_while_running_salvages_the_copies_of_a_damaged_page_its_wal_still_holds(tmp_path):
+    """A page damaged on the card after it was checkpointed: SQLite no longer reads the copies of it that
+    older frames of the WAL still hold (the WAL started over), but the salvage finds them there. The
+    running rescue closes the writer before it moves the file aside; when no other connection had the file
+    open (the publisher's reader dropped after its failed read), SQLite checkpointed the WAL at that close
+    and deleted it with those copies, and the page's readings were announced lost though readable: whether
+    they were depended on the publisher's timing."""
+    path = tmp_path / "b.db"
+    buf = Buffer.open_writer(path)
+    for _ in range(10):
+        buf.begin()
+        buf.insert_readings(readings(40))
+        buf.commit()
+    busy, frames, copied = buf.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and frames == copied
+    buf.begin()
+    buf.insert_readings(readings(1))  # the WAL starts over: its older frames are no longer SQLite's
+    buf.set_sent_upto(STREAM_READINGS, 40)
+    buf.commit()
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:  # the fourth leaf of readings in key order, and its seqs
+        leaves = conn.execute("SELECT pageno, ncell FROM dbstat WHERE name='readings' AND pagetype='leaf' "
+                              "ORDER BY path").fetchall()
+        damaged, cells = leaves[3]
+        before = sum(n for _, n in leaves[:3])
+        on_page = [r[0] for r in conn.execute("SELECT seq FROM readings ORDER BY seq LIMIT ? OFFSET ?",
+                                              (cells, before))]
+    finally:
+        conn.close()
+    in_wal = {row[0] for _, row, _ in scan(path, {STREAM_READINGS}, wal_only=True)}
+    assert on_page and set(on_page) <= in_wal, "the WAL's older frames hold copies of the page"
+    recorder = Recorder(buf, commit_interval_ms=200, keep_sent_days=7, max_mb=64)
+    try:
+        damage(path, damaged)
+        recorder.suspect_corruption("publisher", sqlite3.DatabaseError("database disk image is malformed"))
+        recorder._housekeeping(time.monotonic() + VERIFY_EVERY_S)
+        assert list(tmp_path.glob("b.db.corrupt-*")), "the damage confirmed: the file rescued"
+        fresh = Buffer.open_reader(path)
+        try:
+            assert [r.seq for r in fresh.readings_after(0, 1000)] == list(range(41, 402)), "every reading salvaged"
+            assert not [g for g in gaps(fresh) if g[0] <= 401], gaps(fresh)
+        finally:
+            fresh.close()
     finally:
         recorder.buffer.close()
 
