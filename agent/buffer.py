@@ -327,6 +327,9 @@ class Buffer:
         try:
             buf = cls._open_checked(path, sync, seqmark, progress=progress, announce_jump=not pending)
         except sqlite3.DatabaseError as exc:
+            if pending and not is_corruption(exc):  # the fresh file a full disk cut short (an -shm it cannot grow)
+                raise RescueCutShort(f"{exc} (the fresh file after {pending[0].name})", pending[0],
+                                     seqmark.acked()) from exc
             if not is_corruption(exc):
                 raise BufferError(f"cannot open buffer {path}: {exc}") from exc
             return cls.rescue(path, exc, sync=sync, max_mb=max_mb, progress=progress, holders=holders)
