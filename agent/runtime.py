@@ -350,8 +350,9 @@ class Station:
         self._uplinks_due: tuple[Config, dict[str, dict[str, int]]] | None = None  # a reload's, not started yet
         self._uplink_log = RateLimitedLog(log, every_s=60)
         self.console: Console | None = None
-        self._instance_lock: int | None = None  # the buffer's lock (agent.instance), held until the process ends
-        self._locked_path: Path | None = None  # the buffer path it was taken for (a reload may name another)
+        # The buffer's locks (agent.instance), held until the process ends; `buffer_path` is the path they were
+        # taken for (a reload may name another: the next start's).
+        self._instance_lock: instance.Held | None = None
         # Said on the retained status (a restart is not a reconnect); moved with each step of the wall clock,
         # so that a start before NTP set the clock (a Pi without a real-time clock) is right once it has.
         self._started_ms = now_ms()
@@ -441,7 +442,6 @@ class Station:
             try:
                 if self._instance_lock is None:  # held until the process ends; raises AlreadyRunning
                     self._instance_lock = instance.hold(storage.path)
-                    self._locked_path = storage.path
                     continue  # polling starts (above) before the buffer is opened
                 holders = [t.meta_key for t in uplink_targets(self.config)]
                 if rescue is not None:  # the corrupt file is moved aside: the fresh one, then its salvage
@@ -605,24 +605,24 @@ class Station:
                 self.notifier.notify(f"STATUS={self.summary()}")
 
     def _keep_lock(self) -> None:
-        """The buffer's lock file deleted while the agent runs (`rm buffer.db*`): taken again on a new file,
-        so that `status` sees this agent and a second `run` on the same buffer is refused (`instance.keep_held`)."""
-        if self._instance_lock is None or self._locked_path is None:
+        """A lock file of the buffer deleted while the agent runs (`rm .buffer.db.lock`; `rm buffer.db*` takes
+        the one older edge-agents look at): taken again on a new file, so that `status` sees this agent and a
+        second `run` on the same buffer is refused (`instance.keep_held`)."""
+        if self._instance_lock is None:
             return
-        path = instance.lock_path(self._locked_path)  # a reload's new storage.path is the next start's
         try:
-            fd = instance.keep_held(self._instance_lock, self._locked_path)
+            made = instance.keep_held(self._instance_lock)
         except instance.AlreadyRunning as exc:
-            self._lock_log.error("the buffer's lock file %s was deleted while this agent runs, and another process "
-                                 "took a new one: %s", path, str(exc).split(";")[0], key="lock")
+            self._lock_log.error("a lock file of the buffer %s was deleted while this agent runs, and another "
+                                 "process took a new one: %s", self._instance_lock.buffer_path,
+                                 str(exc).split(";")[0], key="lock")
             return
         except OSError as exc:
-            self._lock_log.error("the buffer's lock file %s was deleted while this agent runs and cannot be made "
-                                 "again (%s): a second agent on the same buffer would not be refused", path, exc,
-                                 key="lock")
+            self._lock_log.error("a lock file of the buffer %s was deleted while this agent runs and cannot be made "
+                                 "again (%s): a second agent on the same buffer would not be refused",
+                                 self._instance_lock.buffer_path, exc, key="lock")
             return
-        if fd is not None:
-            self._instance_lock = fd
+        for path in made:
             log.warning("the buffer's lock file %s was deleted while the agent runs: made again (status sees this "
                         "agent, a second one on the same buffer is refused)", path)
 

@@ -140,6 +140,6 @@ def test_a_first_start_that_makes_its_buffer_while_status_looks_still_gives_a_la
     try:
         cli.main(["status", "-c", str(config), "--json"])
     finally:
-        os.close(lock)
+        lock.close()
     out = json.loads(capsys.readouterr().out)
     assert out["backlog"] is None and out["last_seq"] == 0, out
