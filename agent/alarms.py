@@ -138,6 +138,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+# The JSON type of each field of a saved state (`AlarmEngine._parse_state`).
+_STATE_FIELDS: dict[str, type] = {"active": list, "actions": dict, "temperatures": dict, "windows": dict}
 WINDOW_SAVE_EVERY_S = 60.0  # windows are saved with the alarm state at most this often
 TEMPERATURE_HOLD_S = 3600.0  # a water temperature sets a preset's cold limit this long after it was taken
 BACKGROUND_HOLD_INTERVALS = 2  # a background value (no window) is subtracted this many device intervals at most
@@ -232,7 +234,7 @@ class AlarmEngine:
                 age = max((started_ms - taken_ms) / 1000, 0.0)
                 self._temps[str(device)] = (float(value), self._started - age)
         self._apply_config(config, state, restoring=True)
-        if (saved_state and not state) or resave:
+        if (saved_state is not None and not state) or resave:
             self._save()  # replace the unreadable state, or fill a fresh file (and the active list `status` shows)
         log.info("alarm engine: %d rules, %d alarms on %d channels, %d active", len(self._rules),
                  len(self._instances), len(self._channels), sum(i.active for i in self._instances.values()))
@@ -842,17 +844,28 @@ class AlarmEngine:
 
     @staticmethod
     def _parse_state(saved: str | None, what: str = "state") -> dict[str, Any]:
-        if not saved:
+        """A saved state, {} (said in an ERROR line) when it is damaged: empty or cut short (a file
+        truncated), not JSON, or of another format; a field of the wrong type (damage that still parses)
+        is dropped alone, so that no start fails on it again and again."""
+        if saved is None:
             return {}
         starting = "starting with no active alarms" if what == "state" else "windows start empty"
+        if not saved.strip():
+            log.error("saved alarm %s is empty (truncated); %s", what, starting)
+            return {}
         try:
             state = json.loads(saved)
         except ValueError:
-            log.error("saved alarm %s is not valid JSON; %s", what, starting)
+            log.error("saved alarm %s is not valid JSON (truncated or corrupt); %s", what, starting)
             return {}
         if not isinstance(state, dict) or state.get("v") != STATE_VERSION:
             log.error("saved alarm %s has an unknown format; %s", what, starting)
             return {}
+        wrong = [k for k, kind in _STATE_FIELDS.items() if state.get(k) is not None and not isinstance(state[k], kind)]
+        if wrong:
+            log.error("saved alarm %s is damaged (%s of the wrong type); %s start empty", what, ", ".join(wrong),
+                      ", ".join(wrong))
+            state = {k: v for k, v in state.items() if k not in wrong}
         return state
 
     def _warn_once(self, key: str, msg: str, *args: object) -> None:

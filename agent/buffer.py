@@ -1223,12 +1223,13 @@ class Buffer:
         write_atomically(self.beside_path(key), value)
 
     def beside_value(self, key: str) -> str | None:
-        """The value `keep_beside` last kept for `key`; None when there is none or it cannot be read."""
+        """The value `keep_beside` last kept for `key`; None when there is none or it cannot be read. Bytes
+        that are not UTF-8 (a damaged file) are read as U+FFFD: the reader then says what it makes of it."""
         try:
-            return self.beside_path(key).read_text("utf-8")
+            return self.beside_path(key).read_bytes().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return None
-        except (OSError, UnicodeDecodeError) as exc:
+        except OSError as exc:
             log.error("cannot read %s (%s); going without it", self.beside_path(key), exc)
             return None
 

@@ -12,6 +12,7 @@ helpers `agent.logutil` and `agent.threadname`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -59,6 +60,13 @@ def _free_bytes(path: Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def _json_object(text: str | None) -> bool:
+    try:
+        return isinstance(json.loads(text or ""), dict)
+    except ValueError:
+        return False
+
+
 class Recorder(threading.Thread):
     """Owns the writer `Buffer`. Thread-safe entry points: submit, ack, gap_announced, set_meta,
     add_listener, flush, stop. Everything else runs on the recorder thread."""
@@ -85,6 +93,8 @@ class Recorder(threading.Thread):
         self._gaps_announced: list[tuple[int, int, tuple[int, int] | None]] = []
         self._meta: dict[str, str] = {}
         self._beside_due: set[str] = set()  # meta keys to keep beside the file once committed (set_meta)
+        # Meta keys whose copy beside the file is looked after (watch_beside): True until it was compared once.
+        self._beside_watched: dict[str, bool] = {}
         # Alarm events up to this seq may be published: their state is kept beside the file (stored_upto)
         self._alarms_released = buffer.last_seq(STREAM_ALARMS)
         self._listeners: list[Callable[[], None]] = []
@@ -181,6 +191,16 @@ class Recorder(threading.Thread):
             if keep_beside:
                 self._beside_due.add(key)
             self._cond.notify()
+
+    def watch_beside(self, key: str) -> None:
+        """Look after `<buffer>.<key>`, the copy of meta `key` that `set_meta(keep_beside=True)` writes at
+        each change: at the next path check it must be there and sound (one left by an earlier run may be
+        missing, truncated or corrupt), then every PATH_CHECK_EVERY_S it must still exist (`rm
+        buffer.db*` takes it); else it is written again from the buffer (`_check_beside`). Else it stayed
+        away until the next change (an alarm event: rare), and a buffer file lost meanwhile had the fresh
+        one start without it, raising an active alarm a second time."""
+        with self._cond:
+            self._beside_watched[key] = True
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """`callback()` runs on the recorder thread after every commit that stored new rows."""
@@ -621,6 +641,7 @@ class Recorder(threading.Thread):
         buf = self.buffer
         if buf.seqmark is not None:
             buf.seqmark.keep()  # `rm buffer.db*` takes it too
+        self._check_beside()  # and the copies of meta kept beside the file
         what = buf.path_state()
         if what is None:
             return
@@ -660,6 +681,34 @@ class Recorder(threading.Thread):
                     "seqs%s", buf.path, time.monotonic() - started, last, max(last - acked, 0),
                     f"; the file that stood there is kept as {moved.name}" if moved is not None else "")
         self.detached = None
+
+    def _check_beside(self) -> None:
+        """Write a watched copy beside the file (`watch_beside`) again from the buffer when it is missing,
+        or at the first check when it is damaged (not a JSON object; one that merely differs is an older
+        copy, as meta saved without `keep_beside` leaves it). A value waiting to be committed, or committed
+        and waiting to be kept beside, is written at its own commit instead."""
+        with self._cond:
+            due = {k: compare for k, compare in self._beside_watched.items()
+                   if k not in self._beside_due and k not in self._meta}
+        for key, compare in due.items():
+            path = self.buffer.beside_path(key)
+            try:
+                if not compare and path.exists():
+                    continue
+                value = self.buffer.meta_value(key)
+                kept = self.buffer.beside_value(key) if compare and value is not None else None
+                if value is not None and (not compare or not _json_object(kept)):
+                    self.buffer.keep_beside(key, value)
+                    log.warning("%s %s: written again from the buffer", path,
+                                "was deleted while the agent runs" if not compare else "was missing" if kept is None
+                                else "was damaged (not a JSON object: truncated or corrupt)")
+            except (OSError, sqlite3.Error) as exc:
+                self._errlog.error("cannot write %s from the buffer (%s): should the buffer file be lost, a fresh one "
+                                   "would start without it; trying again every %.0f s", path, exc,
+                                   PATH_CHECK_EVERY_S, key=f"beside-{key}")
+                continue
+            with self._cond:
+                self._beside_watched[key] = False
 
     def _check_wal(self) -> None:
         """The WAL is outside `max_mb` and bounded only by checkpoints, which another process can hold

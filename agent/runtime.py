@@ -405,6 +405,7 @@ class Station:
         saved_alarms, from_beside = _saved_alarm_state(buffer)
         self.alarms = AlarmEngine(cfg, self.recorder, saved_alarms, writer, resave=from_beside,
                                   saved_windows=buffer.meta_value("alarm_windows"))
+        self.recorder.watch_beside("alarm_state")  # `rm buffer.db*` takes it: written again, as the seq mark is
         self.recorder.add_stored_listener(self.alarms.observe)
         # Rebuilds its open periods from the stored readings before any reading of this run is stored.
         self.aggregator = Aggregator(cfg, self.recorder, buffer.meta_value("aggregate_state"),
