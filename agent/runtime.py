@@ -7,6 +7,7 @@ of SPEC §1 (stop polling, commit, publish the backlog for at most `shutdown_gra
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import logging
@@ -309,6 +310,18 @@ class DeviceProblems:
         self._set_meta("device_problems", json.dumps(self._problems, separators=(",", ":"), sort_keys=True))
 
 
+def _open_hint(cause: BaseException) -> str:
+    """What to do about a buffer that cannot be opened, by the error's errno where it has one."""
+    code = getattr(cause, "errno", None)
+    if code == errno.EROFS:
+        return "its file system is mounted read-only: remount it read-write (dmesg says why it went read-only)"
+    if code in (errno.EACCES, errno.EPERM):
+        return "this user may not write its directory: check the owner and permissions of the directory and files"
+    if code == errno.ENOSPC:
+        return "free space on its disk"
+    return "check free space and the permissions of its directory"
+
+
 def _saved_alarm_state(buffer: Buffer) -> tuple[str | None, bool]:
     """The alarm state of the previous run, and whether it comes from beside the file: a buffer file
     that holds none (fresh: the old one was deleted or lost to corruption) starts from the copy kept
@@ -463,7 +476,7 @@ class Station:
             except (BufferError, sqlite3.Error, OSError) as exc:
                 cause = exc.__cause__ if isinstance(exc, BufferError) and exc.__cause__ else exc
                 reason = f"cannot open the buffer {storage.path}: {cause}"
-                hint = "check free space and the permissions of its directory"
+                hint = _open_hint(cause)
             if failures % max(1, round(BUFFER_RETRY_LOG_S / BUFFER_RETRY_S)) == 0:
                 log.error("%s; %s (%s); retrying every %g s", reason,
                           "readings wait in memory until it opens" if self.sink is not None else

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -120,8 +120,9 @@ def silent_listener() -> Iterator[tuple[int, list[socket.socket]]]:
 
 def db_last_seq(path) -> int:
     """Highest readings seq stored in the agent's buffer (0 while the file is being created or rescued)."""
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+    try:  # closed at once (`with` on a connection only commits): a connection left to the garbage collector
+        # keeps the -shm open for writing, and a remount read-only of the disk is refused as busy meanwhile
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
             top = conn.execute("SELECT max(seq) FROM readings").fetchone()[0] or 0
             row = conn.execute("SELECT floor_seq FROM streams WHERE name='readings'").fetchone()
     except sqlite3.DatabaseError:  # still being created, or (corrupt) about to be moved aside

@@ -135,8 +135,9 @@ def test_a_compaction_the_disk_has_no_room_for_keeps_every_row_and_gives_its_wal
         buf.close()
 
 
-# Writes to the files whose path starts with $FAILWRITE_PREFIX fail with EIO while $FAILWRITE_TRIGGER exists:
-# an SD card returning I/O errors for a while (the shim is checked by the test through the agent's log).
+# Writes to the files whose path starts with $FAILWRITE_PREFIX fail with EIO (or the errno $FAILWRITE_ERRNO) while
+# $FAILWRITE_TRIGGER exists: an SD card returning I/O errors for a while, a file system the kernel remounted
+# read-only (EROFS) (the shim is checked by the test through the agent's log).
 FAILWRITE_C = r"""
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -155,6 +156,11 @@ __attribute__((constructor)) static void init(void) {
     real_write = dlsym(RTLD_NEXT, "write");
 }
 
+static int fail_errno(void) {
+    const char *e = getenv("FAILWRITE_ERRNO");
+    return e ? atoi(e) : EIO;
+}
+
 static int failing(int fd) {
     const char *prefix = getenv("FAILWRITE_PREFIX"), *trigger = getenv("FAILWRITE_TRIGGER");
     char link[64], path[PATH_MAX];
@@ -167,14 +173,14 @@ static int failing(int fd) {
 }
 
 ssize_t pwrite64(int fd, const void *buf, size_t n, off_t off) {
-    if (failing(fd)) { errno = EIO; return -1; }
+    if (failing(fd)) { errno = fail_errno(); return -1; }
     return real_pwrite64(fd, buf, n, off);
 }
 
 ssize_t pwrite(int fd, const void *buf, size_t n, off_t off) { return pwrite64(fd, buf, n, off); }
 
 ssize_t write(int fd, const void *buf, size_t n) {
-    if (failing(fd)) { errno = EIO; return -1; }
+    if (failing(fd)) { errno = fail_errno(); return -1; }
     return real_write(fd, buf, n);
 }
 """
