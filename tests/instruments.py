@@ -12,7 +12,9 @@ and its own simulators cannot hide here.
   `exception` (code `exception_code`), `badcrc`, `short`, `other_unit`, `trailing`, `dribble` (the
   answer in pieces), `split` and `leading` (RTU: two chunks 30 ms apart; a 00 byte before the
   answer), `close_after` (TCP: the connection closed after each answer), and `delay`
-  seconds before each answer. Every request is logged with its time (`Unit.requests`).
+  seconds before each answer. Every request is logged with its time (`Unit.requests`). Each unit is
+  its own instrument: while one takes its `delay`, the servers hear and answer the others' requests
+  (`_Later`); a unit answers its own requests in order.
 - `put_value`: writes a value of any SPEC §2 type in any order into a table.
 - `pms5003_frame`, `sds011_frame`, `hj212_packet`: serial frames with their own checksums, and
   `SerialStreamer`, which writes bytes into a pty in pieces chosen by the test.
@@ -148,6 +150,33 @@ class Unit:
         return [t for t, f, _, _ in self.requests if f in (1, 2, 3, 4)]
 
 
+class _Later:
+    """The answers of units with a `delay`, each sent by a thread of its own `delay` after its request
+    arrived: each unit is its own instrument, so one slave's thinking time does not keep the server (or
+    the line) from hearing and answering the others' requests, as on a real bus or a gateway that
+    forwards requests concurrently. A unit answers its own requests in order (each waits for the one
+    before). The threads end at once when `stop` is set."""
+
+    def __init__(self, stop: threading.Event):
+        self._stop = stop
+        self._last: dict[int, threading.Thread] = {}  # unit id -> the thread of its latest answer
+
+    def send(self, unit: Unit, write) -> None:
+        """Call `write()` `unit.delay` seconds from now, after the unit's earlier answers."""
+        at = time.monotonic() + unit.delay
+        before = self._last.get(unit.unit_id)
+
+        def run() -> None:
+            if before is not None:
+                before.join()
+            if not self._stop.wait(max(0.0, at - time.monotonic())):
+                write()
+
+        t = threading.Thread(target=run, daemon=True, name=f"indep-unit{unit.unit_id}")
+        self._last[unit.unit_id] = t
+        t.start()
+
+
 # ------------------------------------------------------------------------------------------------
 # Modbus TCP
 # ------------------------------------------------------------------------------------------------
@@ -198,6 +227,10 @@ class ModbusTcpServer:
         return data
 
     def _serve(self, conn: socket.socket) -> None:
+        """Read the requests of one connection; each is answered at once, or (a unit with a `delay`) by a
+        thread of its own `delay` after it arrived (`_Later`), while the next requests are read."""
+        send_lock = threading.Lock()  # one answer's bytes at a time on the connection
+        later = _Later(self._stop)
         with conn:
             conn.settimeout(0.2)
             while not self._stop.is_set():
@@ -219,32 +252,45 @@ class ModbusTcpServer:
                 response = unit.answer(pdu)
                 if response is None:
                     continue
+                frame = self._frame(unit, tid, proto, unit_id, response)
                 if unit.delay:
-                    time.sleep(unit.delay)
-                reply_unit = unit_id
-                if unit.mode == "other_unit":
-                    reply_unit = (unit_id % 247) + 1
-                body = bytes([reply_unit]) + response
-                frame = struct.pack(">HHH", tid, proto, len(body)) + body
-                if unit.mode == "short":
-                    frame = frame[:-1]
-                elif unit.mode == "trailing":
-                    frame += b"\x00\x17"
-                try:
-                    if unit.mode == "dribble":  # the MBAP header and the PDU in two segments
-                        conn.sendall(frame[:7])
-                        time.sleep(0.05)
-                        conn.sendall(frame[7:])
-                    elif unit.mode == "late_split":  # the header, then the rest `split_gap` s later
-                        conn.sendall(frame[:7])
-                        time.sleep(unit.split_gap)
-                        conn.sendall(frame[7:])
-                    else:
-                        conn.sendall(frame)
-                except OSError:
+                    later.send(unit, lambda u=unit, f=frame: self._send(conn, send_lock, u, f))
+                elif not self._send(conn, send_lock, unit, frame):
                     return
+
+    @staticmethod
+    def _frame(unit: Unit, tid: int, proto: int, unit_id: int, response: bytes) -> bytes:
+        """The answer's bytes as `unit` (mis)behaves: another unit's id, one byte short, trailing bytes."""
+        reply_unit = (unit_id % 247) + 1 if unit.mode == "other_unit" else unit_id
+        body = bytes([reply_unit]) + response
+        frame = struct.pack(">HHH", tid, proto, len(body)) + body
+        if unit.mode == "short":
+            frame = frame[:-1]
+        elif unit.mode == "trailing":
+            frame += b"\x00\x17"
+        return frame
+
+    def _send(self, conn: socket.socket, lock: threading.Lock, unit: Unit, frame: bytes) -> bool:
+        """Write `frame` as `unit` does (in pieces for `dribble` and `late_split`); False when the connection
+        is over (failed, or closed after the answer by a `close_after` gateway)."""
+        with lock:
+            try:
+                if unit.mode == "dribble":  # the MBAP header and the PDU in two segments
+                    conn.sendall(frame[:7])
+                    time.sleep(0.05)
+                    conn.sendall(frame[7:])
+                elif unit.mode == "late_split":  # the header, then the rest `split_gap` s later
+                    conn.sendall(frame[:7])
+                    time.sleep(unit.split_gap)
+                    conn.sendall(frame[7:])
+                else:
+                    conn.sendall(frame)
                 if unit.mode == "close_after":  # a gateway that closes the connection after each answer
-                    return
+                    conn.shutdown(socket.SHUT_RDWR)  # (from a delayed answer's thread too: the reads end)
+                    return False
+            except OSError:
+                return False
+        return True
 
     def close(self) -> None:
         self._stop.set()
@@ -306,6 +352,8 @@ class ModbusRtuSlave(_LinkedPty):
         super().__init__(link, "indep-rtu")
         self.units = {u.unit_id: u for u in units}
         self.crc_errors = 0
+        self._write_lock = threading.Lock()  # one answer's bytes at a time on the line
+        self._later = _Later(self._stop)
 
     def start(self) -> ModbusRtuSlave:
         self._thread.start()
@@ -341,8 +389,6 @@ class ModbusRtuSlave(_LinkedPty):
         response = unit.answer(pdu)
         if response is None:
             return
-        if unit.delay:
-            time.sleep(unit.delay)
         reply_unit = (unit_id % 247) + 1 if unit.mode == "other_unit" else unit_id
         frame = with_crc(bytes([reply_unit]) + response)
         if unit.mode == "badcrc":
@@ -353,17 +399,34 @@ class ModbusRtuSlave(_LinkedPty):
             frame += b"\x00\x17\x42"
         if unit.mode == "leading":  # a byte as the RS-485 transceiver turns round, before the answer
             frame = b"\x00" + frame
-        if unit.mode == "split":  # two chunks 30 ms apart (a USB adapter's latency timer)
-            os.write(self.master, frame[:3])
-            time.sleep(0.03)
-            os.write(self.master, frame[3:])
-            return
-        if unit.mode == "dribble":  # byte by byte, a few ms apart (a USB adapter's chunks)
-            for b in frame:
-                os.write(self.master, bytes([b]))
-                time.sleep(0.003)
-            return
-        os.write(self.master, frame)
+        if unit.delay:  # its own thinking time: the other slaves on the line go on hearing their requests
+            self._later.send(unit, lambda: self._write(unit, frame))
+        else:
+            self._write(unit, frame)
+
+    def _write(self, unit: Unit, frame: bytes) -> None:
+        """Put `frame` on the line as `unit` does (in pieces for `split` and `dribble`); never after
+        `close()`, whose file descriptor number may already name another file."""
+        with self._write_lock:
+            if self._stop.is_set():
+                return
+            if unit.mode == "split":  # two chunks 30 ms apart (a USB adapter's latency timer)
+                os.write(self.master, frame[:3])
+                time.sleep(0.03)
+                os.write(self.master, frame[3:])
+                return
+            if unit.mode == "dribble":  # byte by byte, a few ms apart (a USB adapter's chunks)
+                for b in frame:
+                    os.write(self.master, bytes([b]))
+                    time.sleep(0.003)
+                return
+            os.write(self.master, frame)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._write_lock:  # a delayed answer being written ends before the descriptors close
+            pass
+        super().close()
 
 
 # ------------------------------------------------------------------------------------------------

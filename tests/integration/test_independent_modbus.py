@@ -291,8 +291,10 @@ def _ts(r: dict) -> float:
 def test_an_answer_inside_the_timeout_is_taken_and_one_outside_is_not(kind, tmp_path, run_station, collector):
     """timeout 1 s: a slave answering after 0.4 s reads its values (N); one answering after 1.6 s,
     with no retry (`retries: 0`), reads null/B and its late answers are never taken for its neighbour's
-    request, nor for its own next look-alike request. (The margins, 0.6 s on either side, are for the test's
-    own slave: with 0.15 s, its sleep on a 2-core machine at load 8 once answered after the timeout.)"""
+    request, nor for its own next look-alike request. The margins are 0.6 s on either side: the test's
+    instruments answer each unit's requests on their own (a unit's `delay` does not keep the server deaf
+    to the others: served one after the other, 'quick' asked just after 'slow' timed out answered
+    0.4 + 1.6 s after slow's request, 1 s after its own, right at the timeout, and read B now and then)."""
     quick, slow = Unit(1, delay=0.4), Unit(2, delay=1.6)
     quick.put("holding", 0, 111, "uint16")
     slow.put("holding", 0, 222, "uint16")
