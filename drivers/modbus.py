@@ -196,6 +196,7 @@ class ModbusBus:
         self.retries = max(0, int(retries))
         self.slaves: dict[str, int] = dict(slaves or {})
         self.stats = BusStats()
+        self._transaction = 0  # numbers each `_transact` call (on TCP an answer must name one of its tries)
         self._serial_settings: dict[str, Any] = {"baudrate": baudrate, "parity": parity, "bytesize": bytesize,
                                                  "stopbits": stopbits}
         self._wire = threading.Lock()
@@ -335,6 +336,8 @@ class ModbusBus:
         last = "no answer"
         failure: type[NoAnswer] = NoAnswer  # what the last try got: nothing, garbage, or another answer
         allowed = self.retries + 1 if max_tries is None else max(1, min(max_tries, self.retries + 1))
+        self._transaction += 1
+        transaction = self._transaction
         tries = 0
         reopened = False
         while tries < allowed:
@@ -343,7 +346,7 @@ class ModbusBus:
             assert self._client is not None  # _ensure_link made it
             self.stats.requests += 1
             try:
-                fc, data = self._client.exchange(ask)
+                fc, data = self._client.exchange(ask, transaction)
             except _LinkFailed:
                 # The port or socket failed and was closed (peer closed, write error). Reopening it once is not
                 # a retry: a TCP server that restarted answers the request on the fresh connection. Logged

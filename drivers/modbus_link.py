@@ -37,10 +37,15 @@ next 20 timeouts (at least 10 s) after each such answer, its requests' late wind
 (audit V: the answers of a slave 2.5 timeouts slow were taken for the next look-alike request's values,
 flag N; it now reads B). Only a definitely late answer renews the proof: a request lost on the line
 (noise) must not keep a healthy slave one answer behind (audit W), and is forgotten after `2 * timeout`.
-Answers may also overtake each other (a caching gateway answers what it holds at once, the rest
-slowly), so a request is not sent while an earlier one whose answer would look alike is still in its
-late window: the master first waits for that answer, or the window's end (`_Link._settle`; only a
-slave that already answers late costs this, and the retries of one request are not held up).
+On Modbus TCP a request asked again by the next poll (the same request, another `_transact` call) is another
+request: an answer whose transaction id names the poll that gave up is late, never taken for the new one (a
+slave 1.6 timeouts slow with one register read N every other poll with the last poll's values), and it is not
+waited for (`_Link._settle`). On RTU, or from a gateway that labels late answers with the current id, nothing
+tells those two answers apart: one to the same request is taken.
+Answers may also overtake each other (a caching gateway answers what it holds at once, the rest slowly), so a
+request is not sent while an earlier one whose answer would look alike is still in its late window: the master
+first waits for that answer, or the window's end (`_Link._settle`; only a slave that already answers late
+costs this, and the retries of one poll's request are not held up).
 Before each request, whatever arrived since the last answer is dropped (on RTU also waiting for the line
 to be silent for 3.5 characters, the RTU frame gap, at most `timeout`). On TCP the transaction id must
 agree as well. So the values of a request come only from an answer to that very request (to an earlier
@@ -176,7 +181,9 @@ class _Link:
         outstanding at once could not be told apart if their answers overtook each other (a caching
         gateway answers what it holds at once and the rest slowly). `receive(seconds)` waits at most
         that long for bytes and hands every complete frame among them to `_claim`. Only a slave that
-        already answers late costs this wait; retries of one request are not held up."""
+        already answers late costs this wait; retries of one request are not held up, nor is the same
+        request asked again by the next poll (see `_TcpLink._tids`); waiting for that one would cost
+        every poll of a slave proven late, then dead, a whole late window."""
         while True:
             self._prune()
             now = time.monotonic()
@@ -260,7 +267,7 @@ class _RtuPort(_Link):
             except Exception:  # noqa: BLE001 - the port is gone anyway
                 pass
 
-    def exchange(self, ask: _Ask) -> tuple[int, bytes]:
+    def exchange(self, ask: _Ask, transaction: int) -> tuple[int, bytes]:  # noqa: ARG002 - RTU has no id
         ser = self._serial
         if ser is None:
             raise _LinkFailed(f"{self.path} is not open")
@@ -279,6 +286,8 @@ class _RtuPort(_Link):
                     if owner is None:
                         raise _BadFrame(ask.mismatch(*frame) or "a frame that answers no request sent")
                     if owner.ask == ask:  # this request's answer (possibly to an earlier try of it)
+                        # ...or to the same request asked by an earlier poll: without a transaction id, an
+                        # answer to it and one to this request are the same bytes (see `_TcpLink._tids`)
                         return frame[1], frame[2]
                     self._late_answer(owner)
                 remaining = deadline - time.monotonic()
@@ -398,7 +407,13 @@ class _TcpLink(_Link):
         self._retry_at = 0.0  # monotonic: no connect attempt before (see connect())
         self._mute = 0
         self._tid = 0
-        self._tids: dict[int, _Ask] = {}  # recent transaction ids -> what they asked
+        self._tids: dict[int, int] = {}  # recent MBAP transaction ids -> the `_transact` call that sent them
+        # `transaction`: which `ModbusBus._transact` call sent each try (a poll's request, with its retries).
+        # The same request asked again by the next poll is another transaction; on TCP an answer whose
+        # transaction id names an earlier one is that one's late answer, never taken for this one's (a gateway
+        # that relabels late answers uses the current id: then, as on RTU, where nothing tells a slave slower
+        # than the timeout from one whose last request was lost on the line, an answer to the same request is
+        # taken).
         self._buf = bytearray()  # received, not yet a complete frame (less than _MAX_FRAME bytes)
 
     @property
@@ -448,7 +463,7 @@ class _TcpLink(_Link):
         self._tid = self._tid % 0xFFFF + 1
         return self._tid
 
-    def exchange(self, ask: _Ask) -> tuple[int, bytes]:
+    def exchange(self, ask: _Ask, transaction: int) -> tuple[int, bytes]:
         sock = self._sock
         if sock is None:
             raise _LinkFailed(f"{self.host}:{self.port} is not connected")
@@ -458,7 +473,7 @@ class _TcpLink(_Link):
             buf = self._buf
             tid = self._next_tid()
             pdu = ask.pdu()
-            self._tids[tid] = ask
+            self._tids[tid] = transaction
             while len(self._tids) > self._RECENT_TIDS:
                 del self._tids[next(iter(self._tids))]
             sock.sendall(struct.pack(">HHHB", tid, 0, len(pdu) + 1, ask.unit) + pdu)
@@ -470,7 +485,9 @@ class _TcpLink(_Link):
                     owner = self._claim(unit, fc, data)
                     if owner is None:
                         raise _BadFrame(ask.mismatch(unit, fc, data) or "a frame that answers no request sent")
-                    if owner.ask == ask and self._tids.get(got_tid) == ask:
+                    # The same request asked by an earlier poll fits as well as this one (`_TcpLink._tids`):
+                    # an answer whose transaction id names that poll is its late answer, not this one's.
+                    if owner.ask == ask and self._tids.get(got_tid) == transaction:
                         self._mute = 0
                         return fc, data
                     self._late_answer(owner)

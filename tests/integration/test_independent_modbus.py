@@ -316,6 +316,25 @@ def test_an_answer_inside_the_timeout_is_taken_and_one_outside_is_not(kind, tmp_
         server.close()
 
 
+def test_a_tcp_slave_slower_than_the_timeout_never_reads_its_previous_polls_answer(tmp_path, run_station,
+                                                                                  collector):
+    """timeout 1 s, a slave answering after 1.6 s, one register, no retry: each poll asks the very same
+    request as the last one, whose late answer arrives while the new one waits. That answer is the last
+    poll's (values a poll old, for a request given up), and its transaction id says so: this poll reads
+    null/B, never that value with N. (On RTU nothing tells it from the answer of a slave whose last
+    request was lost on the line: it is taken there, see drivers/modbus_link.py.)"""
+    slow = Unit(2, delay=1.6)
+    slow.put("holding", 0, 222, "uint16")
+    server, bus = serve("tcp", [slow], tmp_path, timeout=1.0, retries=0)
+    try:
+        run_station({"line": bus}, {"slow": {"bus": "line", "slave": 2, "interval": 1.0, "registers": [
+            {"channel": "b", "address": 0, "type": "uint16"}]}})
+        wait_for(lambda: len(readings(collector, "slow")) >= 5, 30, "five polls")
+        assert {(r["value"], r["flag"]) for r in readings(collector, "slow")} == {(None, "B")}
+    finally:
+        server.close()
+
+
 def test_a_dead_slave_on_an_rtu_bus_does_not_break_the_rhythm_of_the_others(tmp_path, run_station, collector):
     """Three analyzers on one RS-485 line, the middle one dead: the two others keep their 1 s interval
     (a dead slave costs the bus at most its timeout × tries, then one timeout per poll), and the dead
