@@ -31,7 +31,7 @@ from harness import REPO, AgentProcess, Collector, free_port, wait_for, write_co
 from agent.model import Reading
 from agent.poller import BusPoller
 from drivers import modbus_link, profiles
-from drivers.modbus import DeviceWriter, ModbusBus, ModbusDriver, WriteFailed
+from drivers.modbus import SILENT_AFTER_POLLS, DeviceWriter, ModbusBus, ModbusDriver, WriteFailed
 from drivers.planner import naive_plan
 from drivers.registers import RegisterSpec
 from drivers.sim.instruments import SimInstrument
@@ -307,15 +307,22 @@ def test_dead_slave_on_shared_rtu_bus_costs_one_timeout_and_recovers(tmp_path):
     assert first_ok >= 8
     assert all(r.value is None and r.flag == "B" for r in dead_readings[:first_ok])
     assert dead_readings[-1].value == 12.5
-    budget = timeout * (retries + 1)
-    assert budget * 0.9 <= first_cost <= budget + 0.1, f"a slave gone silent gets its tries, took {first_cost:.3f}"
-    assert timeout * 0.9 <= dead_cost <= timeout + 0.08, f"a dead slave costs one timeout, took {dead_cost:.3f}"
-    alive_ts = [r.ts_ms / 1000 for r in of("alive")]
-    gaps = [b - a for a, b in zip(alive_ts, alive_ts[1:], strict=False)]
+    # Its tries counted at the slave, not timed (a loaded machine stretches every duration): the first
+    # SILENT_AFTER_POLLS polls of a slave gone silent get 1 + retries requests each, every later poll one
+    # (then answered), and one more may have been on the line when the poller stopped.
+    tries, full = retries + 1, SILENT_AFTER_POLLS
+    expected = tries * full + len(dead_readings) - full
+    sent = link.core.counters[2].requests
+    assert expected <= sent <= expected + 1, \
+        f"a dead slave costs one try per poll once given up twice: {sent} requests for {len(dead_readings)} polls"
+    assert first_cost >= timeout * tries * 0.9, f"a slave gone silent gets its tries, took {first_cost:.3f}"
+    assert dead_cost >= timeout * 0.9, f"each try waits its timeout, took {dead_cost:.3f}"
     assert all(r.flag == "N" for r in of("alive"))
-    assert max(gaps) <= interval + budget + 0.1, f"alive slave delayed beyond one dead poll: {max(gaps):.3f}"
-    mean = (alive_ts[-1] - alive_ts[0]) / len(gaps)
-    assert abs(mean - interval) < 0.05, f"alive slave kept its {interval} s interval on average ({mean:.3f})"
+    # The alive slave is held up by at most one dead poll: never two of them between two of its polls
+    alive_ts = [r.ts_ms for r in of("alive")]
+    dead_ts = [r.ts_ms for r in dead_readings]
+    between = [sum(a < t <= b for t in dead_ts) for a, b in zip(alive_ts, alive_ts[1:], strict=False)]
+    assert max(between) <= 1, f"two dead polls between two of the alive slave's: {between}"
 
 
 def test_a_silent_slave_holds_up_a_healthy_one_no_longer_than_one_silent_poll(tmp_path, caplog):
