@@ -297,6 +297,18 @@ AGENT_LOGS: list[Path] = []  # every agent log of the test, scanned for secrets 
 SECRETS: set[str] = set()  # passwords and key material a test used: they must never reach a log line
 
 
+def start_station(tmp_path: Path, broker: Broker) -> tuple[Path, Path, AgentProcess]:
+    """(buffer path, config path, agent) of a station of 3 simulated channels at 0.2 s whose buffer is
+    `tmp_path`/data/buffer.db (a directory of its own: what `rm buffer.db*` there removes is the buffer's)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "buffer.db"
+    config = sim_config(tmp_path, broker, channels=3, interval=0.2,
+                        storage={"path": str(path), "commit_interval_ms": 100})
+    cfg = write_config(tmp_path / "station.yaml", config)
+    return path, cfg, AgentProcess(cfg)
+
+
 def secret(value: str) -> str:
     """Register a secret for the after-test log scan; returns it."""
     SECRETS.add(value)

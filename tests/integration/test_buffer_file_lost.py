@@ -19,22 +19,13 @@ from harness import (
     fill_disk,
     run_cli,
     sim_config,
+    start_station,
     wait_for,
     write_config,
 )
 
 from agent.buffer import Buffer
 from agent.model import STREAM_READINGS, Reading, now_ms
-
-
-def start_station(tmp_path: Path, broker: Broker) -> tuple[Path, Path, AgentProcess]:
-    data = tmp_path / "data"
-    data.mkdir()
-    path = data / "buffer.db"
-    config = sim_config(tmp_path, broker, channels=3, interval=0.2,
-                        storage={"path": str(path), "commit_interval_ms": 100})
-    cfg = write_config(tmp_path / "station.yaml", config)
-    return path, cfg, AgentProcess(cfg)
 
 
 def contiguous_from_one(seqs: list[int]) -> bool:

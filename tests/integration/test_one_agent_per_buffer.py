@@ -4,19 +4,7 @@ after `rm buffer.db*`. Real agent processes, a real mosquitto, real SQLite files
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from harness import AgentProcess, Broker, db_last_seq, run_cli, sim_config, wait_for, write_config
-
-
-def start_station(tmp_path: Path, broker: Broker) -> tuple[Path, Path, AgentProcess]:
-    data = tmp_path / "data"
-    data.mkdir()
-    path = data / "buffer.db"
-    config = sim_config(tmp_path, broker, channels=3, interval=0.2,
-                        storage={"path": str(path), "commit_interval_ms": 100})
-    cfg = write_config(tmp_path / "station.yaml", config)
-    return path, cfg, AgentProcess(cfg)
+from harness import AgentProcess, db_last_seq, run_cli, start_station, wait_for
 
 
 def refused(second: AgentProcess, first: AgentProcess) -> None:
