@@ -297,6 +297,14 @@ AGENT_LOGS: list[Path] = []  # every agent log of the test, scanned for secrets 
 SECRETS: set[str] = set()  # passwords and key material a test used: they must never reach a log line
 
 
+def cod_alarm_station(tmp_path: Path, broker: Broker, cod_mean: float) -> dict:
+    """A station with one COD analyzer (simulated, constant value) and a COD limit of 50 mg/L."""
+    config = sim_config(tmp_path, broker, devices=0, alarms=[{"channel": "cod.w01018", "above": 50, "hysteresis": 2}])
+    config["devices"] = {"cod": {"driver": "simulated", "interval": 0.2, "channels": {
+        "w01018": {"unit": "mg/L", "mean": cod_mean, "amplitude": 0, "noise": 0}}}}
+    return config
+
+
 def start_station(tmp_path: Path, broker: Broker) -> tuple[Path, Path, AgentProcess]:
     """(buffer path, config path, agent) of a station of 3 simulated channels at 0.2 s whose buffer is
     `tmp_path`/data/buffer.db (a directory of its own: what `rm buffer.db*` there removes is the buffer's)."""

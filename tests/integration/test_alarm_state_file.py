@@ -11,17 +11,20 @@ import re
 import signal
 
 import pytest
-from harness import AgentProcess, Broker, Collector, db_last_seq, sim_config, wait_for, write_config
+from harness import AgentProcess, Broker, Collector, db_last_seq, wait_for, write_config
+from harness import cod_alarm_station as station
 
 ALARM_ID = "cod.w01018:above"
 
 
-def station(tmp_path, broker, cod_mean: float) -> dict:
-    """One COD analyzer (simulated, constant value) and a COD limit of 50 mg/L."""
-    config = sim_config(tmp_path, broker, devices=0, alarms=[{"channel": "cod.w01018", "above": 50, "hysteresis": 2}])
-    config["devices"] = {"cod": {"driver": "simulated", "interval": 0.2, "channels": {
-        "w01018": {"unit": "mg/L", "mean": cod_mean, "amplitude": 0, "noise": 0}}}}
-    return config
+def run_until_raised_and_kept(cfg, collector: Collector, kept) -> None:
+    """Run the agent until the alarm is raised and its state kept beside the buffer, then stop it (exit 0)."""
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: states(collector) == ["raised"] and kept_active(kept) == [ALARM_ID], 20,
+                 "the alarm raised and its state kept beside the buffer")
+    finally:
+        assert agent.stop() == 0
 
 
 def states(collector: Collector) -> list[str]:
@@ -72,12 +75,7 @@ def test_a_damaged_state_at_start_with_the_buffer_lost_starts_fresh_and_says_so(
     db = tmp_path / "buffer.db"
     kept = tmp_path / "buffer.db.alarm_state"
     cfg = write_config(tmp_path / "station.yaml", station(tmp_path, broker, cod_mean=60))
-    agent = AgentProcess(cfg)
-    try:
-        wait_for(lambda: states(collector) == ["raised"] and kept_active(kept) == [ALARM_ID], 20,
-                 "the alarm raised and its state kept beside the buffer")
-    finally:
-        assert agent.stop() == 0
+    run_until_raised_and_kept(cfg, collector, kept)
     for lost in (db, db.with_name("buffer.db-wal"), db.with_name("buffer.db-shm")):
         lost.unlink(missing_ok=True)
     text = kept.read_bytes()
@@ -101,12 +99,7 @@ def test_a_damaged_state_at_start_beside_a_sound_buffer_is_written_again_from_it
     is replaced at once, not at the next alarm event (a buffer lost before it had no state to start from)."""
     kept = tmp_path / "buffer.db.alarm_state"
     cfg = write_config(tmp_path / "station.yaml", station(tmp_path, broker, cod_mean=60))
-    agent = AgentProcess(cfg)
-    try:
-        wait_for(lambda: states(collector) == ["raised"] and kept_active(kept) == [ALARM_ID], 20,
-                 "the alarm raised and its state kept beside the buffer")
-    finally:
-        assert agent.stop() == 0
+    run_until_raised_and_kept(cfg, collector, kept)
     kept.write_bytes(kept.read_bytes()[:20])
     agent = AgentProcess(cfg)
     try:

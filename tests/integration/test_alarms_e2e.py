@@ -26,18 +26,11 @@ from harness import (
     wait_for,
     write_config,
 )
+from harness import cod_alarm_station as station
 from instruments import ModbusTcpServer, Unit
 
 ALARM_ID = "cod.w01018:above"
 ISO_MS_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
-
-
-def station(tmp_path, broker, cod_mean: float) -> dict:
-    """A station with one COD analyzer (simulated, constant value) and a COD limit of 50 mg/L."""
-    config = sim_config(tmp_path, broker, devices=0, alarms=[{"channel": "cod.w01018", "above": 50, "hysteresis": 2}])
-    config["devices"] = {"cod": {"driver": "simulated", "interval": 0.2, "channels": {
-        "w01018": {"unit": "mg/L", "mean": cod_mean, "amplitude": 0, "noise": 0}}}}
-    return config
 
 
 def alarm_events(collector: Collector) -> list[dict]:
