@@ -830,8 +830,13 @@ class Station:
         return marks
 
     def _reload_uplinks(self, new: Config) -> None:
-        """SIGHUP: restart the uplinks when their list or the HJ 212 identity changed."""
+        """SIGHUP: restart the uplinks when their list or the HJ 212 identity changed; otherwise give them
+        the new backoff ceiling and real-time interval (those a reload before could not start yet too)."""
         if new.hj212 == self.config.hj212 and new.station == self.config.station:
+            for u in self.uplinks:
+                u.apply_settings(new.mqtt.reconnect_max, rtd_interval(new))
+            if self._uplinks_due is not None:
+                self._uplinks_due = (new.model_copy(update={"storage": self.config.storage}), self._uplinks_due[1])
             return
         marks = self._stop_uplinks()
         if self._uplinks_due is not None:  # those a reload before could not start yet: their progress too

@@ -215,7 +215,7 @@ class Uplink(threading.Thread):
     watermarks are read when the object is built, so build it before polling starts. `marks`
     carries the progress of the uplink this one replaces (SIGHUP), which may not be committed yet.
     `rtd_interval`: seconds between two real-time data packets (the shortest device interval), for 1061.
-    Thread-safe entry points: wake, stop, marks, state.
+    Thread-safe entry points: wake, stop, marks, state, apply_settings.
     """
 
     def __init__(self, target: UplinkTarget, identity: Hj212Identity, db_path: str | Path, recorder: ProgressSink, *,
@@ -393,6 +393,13 @@ class Uplink(threading.Thread):
                 return
             self._stop_event.wait(min(left, 1.0))
             self.last_progress = time.monotonic()
+
+    def apply_settings(self, reconnect_max: float, rtd_interval: float | None) -> None:
+        """A reload that keeps this uplink (and its connection): the new backoff ceiling and real-time
+        interval (1061) take effect now. Thread-safe (plain attribute writes the uplink thread reads)."""
+        self.reconnect_max = reconnect_max
+        self.rtd_interval = rtd_interval
+        self._backoff = min(self._backoff, reconnect_max)
 
     def _next_backoff(self) -> float:
         delay = self._backoff

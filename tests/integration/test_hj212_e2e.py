@@ -10,6 +10,7 @@ valid packet per poll.
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import sys
 import time
@@ -135,7 +136,8 @@ def test_backfill_request_and_refusals_on_the_uplink(tmp_path, broker, platform)
         ("cod", "w01018", "1h", "20261129100000", 1.5),
         ("cod", "w01018", "10m", "20261129102000", 3.0),
     ])
-    agent = AgentProcess(write_config(tmp_path / "station.yaml", station_config(tmp_path, broker, platform.port)))
+    config = station_config(tmp_path, broker, platform.port)
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
     try:
         # A new uplink pushes the stored period data with Flag A; the platform acknowledges it.
         wait_for(lambda: len(platform.received("2051")) >= 3 and platform.received("2061"), 20, "period packets")
@@ -154,6 +156,16 @@ def test_backfill_request_and_refusals_on_the_uplink(tmp_path, broker, platform)
         interval = platform.request("1061", qn="20261129120000005", pw=PW)  # both devices are polled every 1 s
         assert [(p.cn, p.get("QnRtn") or p.get("RtdInterval") or p.get("ExeRtn")) for p in interval] == [
             ("9011", "1"), ("1061", "1"), ("9012", "1")]
+        # The technician slows both analyzers down (a reload that keeps the uplink and its connection):
+        # the platform's next 1061 gets the interval now in force.
+        config["devices"]["cod"]["interval"] = config["devices"]["nh3n"]["interval"] = 2.5
+        write_config(tmp_path / "station.yaml", config)
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in agent.log(), 20, "the reload")
+        interval = platform.request("1061", qn="20261129120000006", pw=PW)
+        assert [(p.cn, p.get("QnRtn") or p.get("RtdInterval") or p.get("ExeRtn")) for p in interval] == [
+            ("9011", "1"), ("1061", "2.5"), ("9012", "1")]
+        assert platform.accepted == 1, "a reload of the devices alone keeps the platform connection"
         wrong_pw = platform.request("2051", [{"BeginTime": "20261129100000", "EndTime": "20261129101000"}],
                                     pw="WRONG1", qn="20261129120000004")
         assert [(p.cn, p.get("QnRtn")) for p in wrong_pw] == [("9011", "3")]

@@ -825,6 +825,21 @@ def test_1061_reports_the_realtime_interval_and_1062_never_changes_it(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == files
 
 
+def test_a_reload_that_keeps_the_uplink_applies_the_new_backoff_ceiling_at_once(station, platform):
+    """`apply_settings` (a reload of `mqtt.reconnect_max` or of the device intervals, the uplink kept): a backoff
+    already grown past the new ceiling is cut to it, not left to wait out the old one."""
+    uplink = Uplink(station.target, IDENTITY, station.path, station.recorder, reconnect_max=64.0, rtd_interval=60.0)
+    try:
+        for _ in range(10):
+            uplink._next_backoff()
+        assert uplink._next_backoff() > 16, "grown towards the old ceiling"
+        uplink.apply_settings(2.0, 2.5)
+        assert all(uplink._next_backoff() <= 2.0 for _ in range(5))
+        assert uplink.rtd_interval == 2.5
+    finally:
+        uplink.discard()
+
+
 def test_1061_without_a_known_interval_is_refused(station, platform):
     """An uplink not told the interval (none configured) cannot report one: 9011 QnRtn=2, not a made-up value."""
     station.start_uplink()
