@@ -96,9 +96,9 @@ from typing import Protocol
 
 from agent.buffer import Buffer, BufferError, EventRow, Poll, is_corruption
 from agent.hj212 import (
+    ANSWER_CNS,
     CN_DATA_ACK,
     CN_DAY,
-    CN_EXECUTION_RESULT,
     CN_HOUR,
     CN_MINUTE,
     CN_REALTIME,
@@ -654,8 +654,8 @@ class Uplink(threading.Thread):
             if packet.cn == CN_REQUEST_ANSWER:
                 self._refused_by_platform(packet)
                 continue
-            if packet.cn == CN_EXECUTION_RESULT:
-                continue  # answers to nothing we asked: ignore
+            if packet.cn in ANSWER_CNS:
+                continue  # 9012, 9013: answers to nothing we asked: ignored, never answered
             self._answer(packet)
         return acked
 
@@ -691,21 +691,21 @@ class Uplink(threading.Thread):
         (`_refuse_malformed`); one holding text that is not ASCII (`NotAscii`) is refused QnRtn=2, or with the
         code of a header field that holds it (`_refuse_not_ascii`)."""
         if isinstance(error, NotAscii) and error.packet is not None and error.packet.pnum is None \
-                and error.packet.cn not in (CN_DATA_ACK, CN_REQUEST_ANSWER, CN_EXECUTION_RESULT):
+                and error.packet.cn not in ANSWER_CNS:
             self._refuse_not_ascii(error.packet, error)
             return
         if isinstance(error, BadHeader) and error.packet is not None and error.packet.pnum is None \
-                and error.packet.cn not in (CN_DATA_ACK, CN_REQUEST_ANSWER, CN_EXECUTION_RESULT):
+                and error.packet.cn not in ANSWER_CNS:
             self._refuse_malformed(error.packet, error.fields)
             return
         if isinstance(error, BadQn) and error.packet is not None and error.packet.pnum is None \
-                and error.packet.cn not in (CN_DATA_ACK, CN_REQUEST_ANSWER, CN_EXECUTION_RESULT):
+                and error.packet.cn not in ANSWER_CNS:
             self._errlog.warning("uplink %s: request CN=%s with a malformed QN (%s)", self.target.name,
                                  error.packet.cn, error, key="bad-qn")
             self._answer(error.packet)
             return
         answer = error.packet if isinstance(error, (BadHeader, BadQn, NotAscii)) else None
-        if answer is not None and answer.cn in (CN_DATA_ACK, CN_REQUEST_ANSWER, CN_EXECUTION_RESULT):
+        if answer is not None and answer.cn in ANSWER_CNS:
             # An answer is never answered; a malformed one is never acted on (a 9014 with a PW of 7 characters
             # does not count: the packet it names goes again). Said with what it names, not as "a bad frame".
             self._linklog.warning("uplink %s: %s QN=%s from the platform not taken: %s%s", self.target.name,
@@ -714,7 +714,7 @@ class Uplink(threading.Thread):
             return
         request = error.packet if isinstance(error, BadCrc) else None
         if (request is not None and request.qn is not None and request.mn == self.identity.mn
-                and request.cn not in (CN_DATA_ACK, CN_REQUEST_ANSWER, CN_EXECUTION_RESULT)):
+                and request.cn not in ANSWER_CNS):
             self._errlog.warning("uplink %s: request CN=%s QN=%s with a bad CRC (%s): answered QnRtn=%d",
                                  self.target.name, request.cn, request.qn, error, QNRTN_CRC, key="bad-crc")
             self._send_packet(reply_9011(request, QNRTN_CRC))

@@ -69,8 +69,6 @@ GARBAGE_LOG_MIN = 32  # garbage alone (no rejected candidate) is worth a log lin
 WINDOW_FACTOR = 1.5  # a frame older than 1.5 intervals is never reported (a late poll still gets its frame)
 MAX_LEARNT_CHANNELS = 100  # channels an hj212 analyzer may name beyond its declared ones (see Hj212Driver)
 MAX_CODE = 64  # the longest channel code an HJ 212 packet can carry (check-config's limit)
-# Answers are never answered (two devices acknowledging each other's acknowledgements for ever).
-ANSWER_CNS = frozenset({hj212.CN_REQUEST_ANSWER, hj212.CN_EXECUTION_RESULT, hj212.CN_DATA_ACK})
 # DataTimes an hj212 reading may take (UTC): 1970-01-01 up to 9999-01-01, which every part of the agent
 # can date (an ISO time, a period in the station timezone, an HJ 212 DataTime again)
 DATA_TIME_MIN_MS, DATA_TIME_MAX_MS = 0, 253_370_764_800_000
@@ -781,8 +779,9 @@ class Hj212Driver:
     @staticmethod
     def _ack(packet: hj212.Packet) -> bytes | None:
         """The 9014 for `packet` (a whole packet or one piece) when it asks for an answer, else None (also when
-        the packet's MN or PW is too long to be echoed in a valid packet)."""
-        if not packet.answer_requested or packet.cn in ANSWER_CNS:
+        the packet's MN or PW is too long to be echoed in a valid packet). An answer is never answered: two
+        devices would answer each other's answers for ever."""
+        if not packet.answer_requested or packet.cn in hj212.ANSWER_CNS:
             return None
         try:
             return hj212.encode_one(hj212.ack_9014(packet))

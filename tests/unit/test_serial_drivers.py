@@ -426,6 +426,18 @@ def test_hj212_packet_asking_for_an_answer_gets_a_9014_acknowledgement(pty, buil
     assert isinstance(ack, hj212.Packet) and ack.cn == "9014" and ack.qn == "20261129100000000" and ack.st == "91"
 
 
+def test_hj212_answers_from_the_analyzer_are_never_acknowledged(pty, built):
+    """9011, 9012, 9013 (notice answer) and 9014 are answers, which get no 9014 even with Flag A set (a 9013
+    was acknowledged: two devices may answer each other's answers for ever); the next data packet is."""
+    (an,) = build(built, pty.path, {"an": ("hj212", 10)})
+    wait_open(an)
+    for k, cn in enumerate(("9011", "9012", "9013", "9014")):
+        pty.write(strict_build(f"QN=2026112909595900{k};ST=91;CN={cn};PW=123456;MN=ANALYZER0001;Flag=5;CP=&&&&"))
+    pty.write(packet_frame("20261129100000", {"w01018": (20.0, "N")}, flag=hj212.FLAG_V2017 | hj212.FLAG_ANSWER))
+    acks = wait_for(lambda: acks_of(pty), 5, "the data packet's 9014")
+    assert [(a.cn, a.qn) for a in acks] == [("9014", "20261129100000000")]
+
+
 def test_hj212_analyzer_whose_mn_or_pw_is_too_long_is_read_but_gets_no_invalid_9014(pty, built):
     """An analyzer whose MN is over 24 or PW over 6 characters (the agent uses neither) had every packet
     refused as malformed: its channels read null/B for ever. Its readings are taken; a 9014 would have to

@@ -778,6 +778,21 @@ def test_garbage_and_bad_crc_never_kill_the_uplink(station, platform):
     assert uplink.is_alive()
 
 
+def test_answers_from_the_platform_are_never_answered(station, platform):
+    """9011, 9012, 9013 (notice answer) and 9014 are answers: a platform sending one the station did not ask for
+    gets no reply (a 9013 was taken for an unknown request and answered 9011 QnRtn=8: an answer to an answer,
+    which a platform may answer in turn), and a malformed one (a 7-character PW) is dropped, not refused."""
+    station.start_uplink()
+    for n, cn in enumerate(("9011", "9012", "9013", "9014")):
+        for k, pw in enumerate(("123456", "1234567")):
+            cp = "QnRtn=1" if cn == "9011" else "ExeRtn=1" if cn == "9012" else ""
+            platform.send(platform_frame(f"QN=202611291200009{n}{k};ST=91;CN={cn};PW={pw};MN={MN};Flag=5;CP=&&{cp}&&"))
+    assert platform.request("1011", qn="20261129120000099")[-1].cn == "9012", "the next request is answered"
+    answered = [(p.qn, p.cn) for p in platform.received() if p.qn and p.qn.startswith("202611291200009")
+                and p.qn != "20261129120000099"]
+    assert answered == []
+
+
 def test_a_platform_repeating_requests_it_is_refused_logs_a_line_per_kind_not_one_each(station, platform, caplog):
     """Each refused request, unsupported CN, backfill without valid times or 1012 logged a line: a
     platform that repeats them (a hundred a minute in audit Q's fuzzing) filled the journal. Each is still
