@@ -655,8 +655,9 @@ def decode(
     expected = crc16(data)
     if int(crc_text, 16) != expected:
         error = BadCrc(f"CRC {crc_text.decode('ascii')} in frame, {expected:04X} computed over the data segment")
-        try:  # what the frame would say, for an answer naming its QN (QnRtn 9): never to be acted on
-            error.packet = _parse_segment(data.decode("ascii"))
+        try:  # what the frame would say, for an answer naming its QN (QnRtn 9): never to be acted on. Line
+            # noise that broke the CRC may also have set bytes over 0x7F: read as '?', as `_not_ascii` does
+            error.packet = _parse_segment(_NON_ASCII.sub(b"?", data).decode("ascii"))
         except (Hj212Error, UnicodeDecodeError):
             pass
         raise error

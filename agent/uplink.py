@@ -27,26 +27,25 @@ Decisions:
   uplink resent the first piece of its first split packet for ever). A second 9014 naming one split packet
   undoes that (the platform answers each piece; one 9014 was only slow): else a platform gone after
   reading a first piece had its 9014 count for the whole packet.
-* Answers (9011, 9012) use ST=91 and the request's QN (SPEC §4). A request whose Flag asks for no answer
-  (A bit clear: Flag=4 in HJ 212-2017, DOMAIN.md) gets no 9011, neither acceptance nor refusal (a refusal is
-  logged); it is still executed, its data and 9012 being its result, not its answer. One without Flag
-  (HJ/T 212-2005 style) is answered. A request with a bad CRC is answered QnRtn=9 whatever its Flag says
-  (the Flag of a damaged packet cannot be trusted). The records of a backfill and the
-  1011 time report carry data, so they use the station's ST, the request's QN and Flag=4 (no 9014
-  expected: the exchange is closed by the 9012).
-* Request checks, in order: MN (QnRtn 4), PW (3), ST = station's or 91 (5), Flag version 2017 or
-  no Flag (6), QN present (7: the answer gets a QN of its own, as every packet has one); then an
-  unsupported CN is answered QnRtn=8 (CN error), a backfill or 1012 without valid times and a
-  1062 without a valid RtdInterval QnRtn=2 (refused). A request whose only fault is its CRC, whose data
-  segment names this station's MN and a QN, is answered QnRtn=9 (CRC error) and never executed: the
-  platform knows to send it again. Any other frame that does not decode is logged (rate-limited) and
-  dropped. A request whose QN is not 17 digits is checked and answered like one without QN (its QN cannot
-  be echoed: a QN is 17 digits). One whose MN, PW, ST or CN is malformed (a PW of 7 characters: a mistyped
-  password) is refused with the code of its first fault in the order above (CN: 8), never executed; its
-  answer names the station's own PW and MN in place of the request's when those could not be in a valid
-  packet. A 9014, 9011 or 9012 so malformed (a 9014 whose PW is over 6 characters) is never taken nor
-  answered (an answer is not answered): logged, first at once then once a minute with the count, naming
-  its CN and QN (a 9014 not taken leaves its data packet to go again).
+* Answers (9011, 9012) use ST=91 and the request's QN (SPEC §4); answers from the platform (9011..9014) are never
+  answered. A request whose Flag asks for no answer (A bit clear: Flag=4 in HJ 212-2017, DOMAIN.md) gets no 9011,
+  neither acceptance nor refusal (a refusal is logged); it is still executed, its data and 9012 being its result, not
+  its answer. One without Flag (HJ/T 212-2005 style) is answered. A request with a bad CRC is answered QnRtn=9
+  whatever its Flag says (the Flag of a damaged packet cannot be trusted). The records of a backfill and the 1011 time
+  report carry data, so they use the station's ST, the request's QN and Flag=4 (no 9014 expected: the exchange is
+  closed by the 9012).
+* Request checks, in order: MN (QnRtn 4), PW (3), ST = station's or 91 (5), Flag version 2017 or no Flag (6), QN
+  present (7: the answer gets a QN of its own, as every packet has one); then an unsupported CN is answered QnRtn=8
+  (CN error), a backfill or 1012 without valid times and a 1062 without a valid RtdInterval QnRtn=2 (refused). A
+  request with a bad CRC whose data segment names this station's MN and a QN (bytes over 0x7F, which the noise that
+  broke the CRC may have set, read as '?') is answered QnRtn=9 (CRC error) and never executed: the platform knows to
+  send it again. Any other frame that does not decode is logged (rate-limited) and dropped. A request whose QN is not
+  17 digits is checked and answered like one without QN (its QN cannot be echoed: a QN is 17 digits). One whose MN,
+  PW, ST or CN is malformed (a PW of 7 characters: a mistyped password) is refused with the code of its first fault in
+  the order above (CN: 8), never executed; its answer names the station's own PW and MN in place of the request's when
+  those could not be in a valid packet. A 9014, 9011, 9012 or 9013 so malformed (a 9014 whose PW is over 6 characters)
+  is never taken nor answered (an answer is not answered): logged, first at once then once a minute with the count,
+  naming its CN and QN (a 9014 not taken leaves its data packet to go again).
 * A request holding bytes over 0x7F (Chinese text in UTF-8, which HJ 212-2017 is said to use, or GBK) with a
   good length (in bytes) and CRC is refused, never executed, with a log line naming its CN, QN, the encoding
   and where the text starts: QnRtn=2 (refused), or 3/4 when its PW/MN holds the text (its answer then names
@@ -684,8 +683,8 @@ class Uplink(threading.Thread):
                      "waits for its 9014", self.target.name)
 
     def _bad_frame(self, error: Hj212Error) -> None:
-        """A frame that does not decode is dropped; a request whose only fault is its CRC, addressed to
-        this station with a QN, is answered QnRtn 9 (CRC error) so the platform knows to send it again;
+        """A frame that does not decode is dropped; a request with a bad CRC, addressed to this station
+        with a QN (bytes over 0x7F read as '?'), is answered QnRtn 9 (CRC error) so the platform knows to send it again;
         one whose only fault is its QN is answered as a request without QN (QnRtn 7); one whose MN, PW, ST or
         CN is malformed (a password of 7 characters) is refused with the code of its first fault
         (`_refuse_malformed`); one holding text that is not ASCII (`NotAscii`) is refused QnRtn=2, or with the

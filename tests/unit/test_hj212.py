@@ -869,6 +869,20 @@ def test_reader_allowing_lf_takes_a_frame_ending_in_lf_alone_but_never_one_witho
     assert [type(x) for x in reader.feed(bad_crc + STD_9014)] == [BadCrc, Packet]
 
 
+def test_a_bad_crc_frame_holding_bytes_over_0x7f_still_says_its_header_for_a_qnrtn_9_answer() -> None:
+    """Line noise flips bits, so a damaged request often holds both a bad CRC and bytes over 0x7F: its
+    header (QN, MN, CN) was not read, and the request was dropped unanswered instead of answered QnRtn 9
+    (send it again). The bytes over 0x7F are read as '?', as for `NotAscii`; the packet stays untrusted."""
+    segment = ("QN=20261129120000031;ST=32;CN=1011;PW=123456;MN=14010500000017;Flag=5;"
+               "CP=&&SystemTime=2026112912000\u00e9&&")
+    for data in (segment.encode("utf-8"), segment.encode("latin-1")):
+        with pytest.raises(BadCrc) as caught:
+            decode(frame_of(data, crc="0000"))
+        assert caught.value.packet is not None
+        assert (caught.value.packet.qn, caught.value.packet.cn, caught.value.packet.mn) == (
+            "20261129120000031", "1011", "14010500000017")
+
+
 def test_lenient_reader_ends_a_frame_at_a_lone_cr_or_lf_or_the_next_frame_and_refuses_any_other_byte() -> None:
     lenient = FrameReader(allow_missing_crlf=True)
     stream = STD_1062[:-2] + b"\n" + STD_9014[:-2] + b"\r" + STD_1062[:-2] + STD_9014[:-2]

@@ -768,11 +768,15 @@ def test_garbage_and_bad_crc_never_kill_the_uplink(station, platform):
     uplink = station.start_uplink()
     good = encode_one(Packet(qn="20261129120000031", st="32", cn="1011", pw="123456", mn=MN, flag=5, cp=[]))
     bad_crc = good[:-6] + (b"0000" if good[-6:-2] != b"0000" else b"0001") + b"\r\n"
-    platform.send(b"\x00\xff garbage ##12 ##9999" + bad_crc + b"##0010QN=1;ST=\r\n" + bytes(range(256)))
+    # A request damaged by line noise: a bad CRC and a byte over 0x7F in its data segment
+    data = f"QN=20261129120000033;ST=32;CN=1011;PW=123456;MN={MN};Flag=5;CP=&&SystemTime=2026112912000\xe9&&"
+    noisy = b"##%04d" % len(data) + data.encode("latin-1") + b"0000\r\n"
+    platform.send(b"\x00\xff garbage ##12 ##9999" + bad_crc + b"##0010QN=1;ST=\r\n" + bytes(range(256)) + noisy)
     answer = platform.request("1011", qn="20261129120000032")
     assert [p.cn for p in answer] == ["9011", "1011", "9012"]
-    # The bad-CRC request is answered QnRtn 9 (CRC error) with its QN, and never executed.
-    assert [(p.cn, p.get("QnRtn")) for p in platform.received() if p.qn == "20261129120000031"] == [("9011", "9")]
+    # Each bad-CRC request is answered QnRtn 9 (CRC error) with its QN, and never executed.
+    for qn in ("20261129120000031", "20261129120000033"):
+        assert [(p.cn, p.get("QnRtn")) for p in platform.received() if p.qn == qn] == [("9011", "9")], qn
     station.store("cod", T0, {"w01018": 5.0})
     wait_for(lambda: uplink.marks[STREAM_READINGS] == 1, 10, "delivery goes on")
     assert uplink.is_alive()
