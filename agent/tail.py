@@ -80,12 +80,15 @@ class SeqTracker:
             return "LATE (was missing)" if self._fill(stream, seq) else "DUP"
         self.last[stream] = seq
         first, last = prev + 1, seq - 1
-        if any(a <= first and last <= b for a, b in self.announced_gaps):
+        # A gap that grew while connected is announced in parts.
+        lost, announced = _split_by_announced(first, last, self.announced_gaps)
+        if not lost:
             return f"(announced gap {first}..{last})"
         ranges = self.missing.setdefault(stream, [])
-        ranges.append([first, last])
+        ranges.extend([a, b] for a, b in lost)
         del ranges[:-MAX_MISSING_RANGES]
-        return f"GAP {first}..{last} " + ("not seen here (tail was disconnected)" if unseen else "missing")
+        note = f"GAP {_ranges(lost)} " + ("not seen here (tail was disconnected)" if unseen else "missing")
+        return note + (f" ({_ranges(announced)} announced)" if announced else "")
 
     def _fill(self, stream: str, seq: int) -> bool:
         """Take `seq` out of the missing ranges; False if it was not missing (a duplicate)."""
@@ -95,6 +98,35 @@ class SeqTracker:
                 ranges[i:i + 1] = [r for r in ([a, seq - 1], [seq + 1, b]) if r[0] <= r[1]]
                 return True
         return False
+
+
+def _split_by_announced(first: int, last: int, announced: Sequence[tuple[int, int]]
+                        ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The ranges of `first..last` that no announced gap covers (lost), and those that announced gaps
+    cover (however many announcements, overlapping or adjacent, they take), in seq order."""
+    lost: list[tuple[int, int]] = []
+    covered: list[tuple[int, int]] = []
+    at = first  # the lowest seq not yet placed
+    for a, b in sorted(announced):
+        if b < at or a > last:
+            continue
+        if a > at:
+            lost.append((at, a - 1))
+        start, end = max(a, at), min(b, last)
+        if covered and covered[-1][1] + 1 == start:
+            covered[-1] = (covered[-1][0], end)
+        else:
+            covered.append((start, end))
+        at = end + 1
+        if at > last:
+            break
+    if at <= last:
+        lost.append((at, last))
+    return lost, covered
+
+
+def _ranges(ranges: Sequence[tuple[int, int]]) -> str:
+    return ", ".join(f"{a}..{b}" for a, b in ranges)
 
 
 def format_message(topic: str, payload: bytes, tracker: SeqTracker) -> list[str]:

@@ -79,3 +79,32 @@ def test_tail_help_says_url_defaults_to_the_configs_brokers_in_order():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     url = next(a for a in sub.choices["tail"]._actions if "--url" in a.option_strings)
     assert "in order" in url.help and "first" not in url.help, url.help
+
+
+def _data(seq: int) -> bytes:
+    return (b'{"v":1,"station":"S","readings":[{"seq":%d,"device":"d","channel":"c","ts":"T","value":1,'
+            b'"flag":"N"}]}' % seq)
+
+
+def _gap(first: int, last: int) -> bytes:
+    return b'{"v":1,"station":"S","gap":[%d,%d],"reason":"buffer_full"}' % (first, last)
+
+
+def test_a_gap_announced_in_parts_is_not_called_missing():
+    """The station announces a gap that the size cap grows while it stays connected in parts, the new
+    part only ([10, 19], then [20, 29]: `Publisher._unannounced`, Audit T's soak). The jump over the
+    whole of it (9 -> 30) was flagged `GAP 10..29 missing`, as a loss the station never announced; and
+    a jump over an announced gap and seqs that really are missing called all of it missing."""
+    from agent.tail import format_message
+
+    tracker = SeqTracker()
+    format_message("env/S/data", _data(9), tracker)
+    format_message("env/S/data", _gap(10, 19), tracker)
+    format_message("env/S/data", _gap(20, 29), tracker)
+    assert format_message("env/S/data", _data(30), tracker) == ["data   #30 d.c T 1  N (announced gap 10..29)"]
+    format_message("env/S/data", _gap(31, 40), tracker)
+    assert format_message("env/S/data", _data(45), tracker) == [
+        "data   #45 d.c T 1  N GAP 41..44 missing (31..40 announced)"]
+    assert tracker.see("readings", 35) == "DUP", "an announced seq is not waited for"
+    assert tracker.see("readings", 42) == "LATE (was missing)"
+
