@@ -47,7 +47,7 @@ class SeqTracker:
     last: dict[str, int] = field(default_factory=dict)
     first: dict[str, int] = field(default_factory=dict)  # the first seq seen: tail saw none before it
     missing: dict[str, list[list[int]]] = field(default_factory=dict)  # [first, last] still missing
-    announced_gaps: list[tuple[int, int]] = field(default_factory=list)
+    announced_gaps: list[tuple[int, int]] = field(default_factory=list)  # readings seqs the station dropped
     reassembler: Reassembler = field(default_factory=Reassembler)  # split HJ 212 packets
     unseen: set[str] = field(default_factory=set)  # streams whose next jump happened while tail was disconnected
 
@@ -80,8 +80,8 @@ class SeqTracker:
             return "LATE (was missing)" if self._fill(stream, seq) else "DUP"
         self.last[stream] = seq
         first, last = prev + 1, seq - 1
-        # A gap that grew while connected is announced in parts.
-        lost, announced = _split_by_announced(first, last, self.announced_gaps)
+        # Announcements name readings seqs (they come on the data topic); a grown gap comes in parts.
+        lost, announced = _split_by_announced(first, last, self.announced_gaps if stream == "readings" else [])
         if not lost:
             return f"(announced gap {first}..{last})"
         ranges = self.missing.setdefault(stream, [])

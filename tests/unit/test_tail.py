@@ -108,3 +108,13 @@ def test_a_gap_announced_in_parts_is_not_called_missing():
     assert tracker.see("readings", 35) == "DUP", "an announced seq is not waited for"
     assert tracker.see("readings", 42) == "LATE (was missing)"
 
+
+
+def test_a_readings_gap_announcement_does_not_hide_a_jump_of_the_aggregates_or_alarms():
+    """A gap announcement (on the data topic) names readings seqs; each stream has its own seqs (SPEC §3).
+    A jump of the aggregates or alarms that fell inside an announced readings gap was shown as
+    `(announced gap ...)`: a loss of aggregates or alarms hidden."""
+    tracker = SeqTracker()
+    tracker.announce_gap(10, 500)
+    assert tracker.see("aggregates", 11) == "" and tracker.see("aggregates", 20) == "GAP 12..19 missing"
+    assert tracker.see("alarms", 11) == "" and tracker.see("alarms", 13) == "GAP 12..12 missing"
