@@ -3,9 +3,9 @@
 Flags seq gaps and duplicates per stream, so a platform engineer (or the demo) sees at once whether
 delivery is complete. A message that is not JSON is read as an HJ 212 packet (`payload: hj212`): its
 CN, DataTime and items are shown, a bad frame is flagged, and the pieces of a split packet are shown
-once the last one arrives (HJ 212 has no seq: gaps cannot be flagged there). A message larger than
-MAX_MESSAGE_BYTES is not decoded (its size and first bytes are shown), and no line shows more than
-MAX_LINE_CHARS characters of a message.
+once the last one arrives (HJ 212 has no seq: gaps cannot be flagged there; a data packet repeated,
+whatever its QN, is flagged DUP). A message larger than MAX_MESSAGE_BYTES is not decoded (its size and
+first bytes are shown), and no line shows more than MAX_LINE_CHARS characters of a message.
 Imports `agent.hj212` only (and paho).
 """
 
@@ -18,6 +18,7 @@ import select
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -30,6 +31,7 @@ from agent.hj212 import Hj212Error, Packet, Reassembler, codes, decode
 from agent.logutil import printable
 
 MAX_MISSING_RANGES = 1000  # per stream; the oldest are forgotten beyond this
+MAX_PACKETS_REMEMBERED = 100_000  # HJ 212 packets whose repetition is flagged; the oldest are forgotten
 # Whoever may publish under the station's topics chooses the size of what tail prints. A data message of
 # the largest batch (mqtt.max_batch 10 000 readings of ~130 bytes) is ~1.3 MB: beyond MAX_MESSAGE_BYTES a
 # message is not decoded, its size and its first SHOWN_BYTES are shown. No line shows more than
@@ -50,6 +52,24 @@ class SeqTracker:
     announced_gaps: list[tuple[int, int]] = field(default_factory=list)  # readings seqs the station dropped
     reassembler: Reassembler = field(default_factory=Reassembler)  # split HJ 212 packets
     unseen: set[str] = field(default_factory=set)  # streams whose next jump happened while tail was disconnected
+    packets: set[int] = field(default_factory=set)  # the contents of the HJ 212 data packets seen (hashed)
+    packet_order: deque[int] = field(default_factory=deque)  # ...oldest first
+
+    def see_packet(self, kind: str, packet: Packet) -> str:
+        """`DUP` when a data packet (one with a DataTime) with the same command, station, DataTime and
+        items came before on this topic: HJ 212 has no seq, and a resend or a re-publication after a
+        reconnection repeats a packet under a new QN. (Two devices measuring one pollutant that give the
+        same value in the same second are the same packet too, to a platform as here.)"""
+        if packet.get("DataTime") is None:
+            return ""
+        key = hash((kind, packet.cn, packet.mn, tuple(packet.items())))
+        if key in self.packets:
+            return "DUP"
+        self.packets.add(key)
+        self.packet_order.append(key)
+        if len(self.packet_order) > MAX_PACKETS_REMEMBERED:
+            self.packets.discard(self.packet_order.popleft())
+        return ""
 
     def lost_sight(self) -> None:
         """tail's connection dropped: what is published until it is back never reaches it (a clean
@@ -214,17 +234,17 @@ def format_hj212(kind: str, payload: bytes, tracker: SeqTracker) -> list[str]:
         return [f"{kind:<6} BAD HJ 212 frame ({type(exc).__name__}: {reason}): {shown!r}"]
     if packet is None:
         return [f"{kind:<6} HJ 212 CN={piece.cn} QN={piece.qn} piece {piece.pno}/{piece.pnum} (waiting for the rest)"]
-    return _packet_lines(kind, packet)
+    return _packet_lines(kind, packet, tracker.see_packet(kind, packet))
 
 
-def _packet_lines(kind: str, packet: Packet) -> list[str]:
+def _packet_lines(kind: str, packet: Packet, note: str = "") -> list[str]:
     name = _command_name(packet.cn)
     head = f"{kind:<6} HJ 212 CN={packet.cn}{f' ({name})' if name else ''} MN={packet.mn} ST={packet.st}"
     data_time = packet.get("DataTime")
     if data_time is not None:
         head += f" DataTime={data_time}"
     head += f" QN={packet.qn} Flag={packet.flag}"
-    lines = [head]
+    lines = [f"{head} {note}".rstrip()]
     pollutants = packet.pollutants()
     for code, fields in pollutants.items():
         lines.append(f"         {code}: " + " ".join(f"{k}={v}" for k, v in fields.items()))

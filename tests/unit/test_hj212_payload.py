@@ -282,3 +282,29 @@ def test_tail_started_mid_stream_does_not_call_a_resend_of_what_it_never_saw_a_d
     assert tracker.see("readings", 40) == "" and tracker.see("readings", 41) == ""
     assert tracker.see("readings", 3) == "EARLIER (before tail started)"
     assert tracker.see("readings", 40) == "DUP"
+
+
+def test_tail_flags_an_hj212_packet_published_again_as_a_duplicate(buf):
+    """With `payload: hj212` the data and agg topics carry no seq, and a resend (or a re-publication after
+    a reconnection) repeats a poll's packet under a new QN: tail printed it as a new measurement, with no
+    flag, so a platform engineer could not tell a repeat from new data. A packet with the command, station,
+    DataTime and items of one seen before on its topic is flagged DUP; two devices' polls of one instant
+    are not duplicates of each other."""
+    store_polls(buf, [poll("cod", T0, {"w01018": 23.4}), poll("nh3n", T0, {"w21003": 1.2}),
+                      poll("cod", T0 + 60_000, {"w01018": 23.4})])
+    aggregate(buf, "cod", "w01018", "1h", T0)
+    payload = Hj212Payload(IDENTITY)
+    cod, nh3n, cod_later = buf.reading_polls(0, 10)
+    hour = payload.period_message(buf.events_after(STREAM_AGGREGATES, 0, 10))
+    tracker = SeqTracker()
+
+    def head(topic: str, frame: bytes) -> str:
+        return format_message(f"env/14010500000017/{topic}", frame, tracker)[0]
+
+    for p in (cod, nh3n, cod_later):  # cod_later: the same value a minute later
+        assert not head("data", payload.poll_message(p).frames[0]).endswith("DUP")
+    assert not head("agg", hour.frames[0]).endswith("DUP")
+    resent = payload.poll_message(cod)
+    assert resent.qn != payload.poll_message(cod).qn, "each publication has a QN of its own"
+    assert head("data", resent.frames[0]).endswith(" DUP")
+    assert head("agg", payload.period_message(buf.events_after(STREAM_AGGREGATES, 0, 10)).frames[0]).endswith(" DUP")
