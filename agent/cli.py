@@ -24,7 +24,7 @@ log = logging.getLogger("edge-agent")
 
 
 def _load_or_report(path: str, check_files: bool = False, warnings: bool = False,
-                    for_status: bool = False, warnings_if_invalid: bool = False):
+                    for_status: bool = False, warnings_if_invalid: bool = False, check_tls: bool = False):
     """The config at `path`, or None after printing its problems (and, with `warnings`, its
     warnings) to stderr, one `FILE:LINE:COL: path: [warning: ]message` line each, in file order.
     `warnings_if_invalid`: the warnings too, but only beside problems (`run` logs those of a valid
@@ -32,7 +32,7 @@ def _load_or_report(path: str, check_files: bool = False, warnings: bool = False
     from agent.config import ConfigError, load_config
 
     try:
-        config = load_config(path, check_files=check_files, for_status=for_status)
+        config = load_config(path, check_files=check_files, check_tls=check_tls, for_status=for_status)
     except ConfigError as exc:
         shown = exc.problems + (exc.warnings if warnings or warnings_if_invalid else [])
         for problem in sorted(shown, key=lambda p: (p.line, p.col)):
@@ -45,18 +45,11 @@ def _load_or_report(path: str, check_files: bool = False, warnings: bool = False
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from agent.config import check_tls
-
     if (args.file is None) == (args.config_file is None):
         args.usage_error("give the config file once: check-config FILE (or check-config -c FILE)")
     args.file = args.file or args.config_file
-    config = _load_or_report(args.file, check_files=True, warnings=True)
+    config = _load_or_report(args.file, check_files=True, check_tls=True, warnings=True)
     if config is None:
-        return EXIT_INVALID
-    tls_problems = check_tls(config)
-    for problem in tls_problems:
-        print(problem, file=sys.stderr)
-    if any(not p.warning for p in tls_problems):
         return EXIT_INVALID
     print(f"{args.file}: OK — station {config.station.id}, {len(config.devices)} devices, "
           f"{len(config.buses)} buses, {len(config.alarms)} alarm rules")

@@ -7,8 +7,8 @@ is valid but most likely a technician's mistake (two Modbus devices at one slave
 the bus certainly cannot keep, a register number of a manual given as `address`, a serial port not on
 this machine), is a warning, `FILE:LINE:COL: path: warning: message` (`Config.warnings`), not a problem.
 
-This module holds the entry points, `load_config`, `parse_config`, `check_files`, `check_tls`, and
-the checks of the files a configuration names (`_file_problem`); it re-exports `Problem`,
+This module holds the entry points, `load_config`, `parse_config`, `check_files`, and
+the checks of the files a configuration names (`_file_problem`, `_tls_problems`); it re-exports `Problem`,
 `ConfigError`, the models and the constants other modules use, so that `from agent.config import X`
 is the way in (`agent.configschema.json_schema` makes the JSON Schema from these models). The
 configuration layer, from the bottom up (each module imports only modules above it in this list):
@@ -132,7 +132,6 @@ __all__ = [
     "Tls",
     "Uplink",
     "check_files",
-    "check_tls",
     "load_config",
     "parse_config",
     "read_password_file",
@@ -150,11 +149,13 @@ def parse_config(
     env: Mapping[str, str] | None = None,
     base_dir: str | os.PathLike[str] | None = None,
     check_files: bool = False,
+    check_tls: bool = False,
     for_status: bool = False,
 ) -> Config:
     """Validate configuration `text`; `file` is only used in messages, `base_dir` anchors relative
     paths (None: they stay relative). Raises ConfigError listing every problem, in file order.
-    With `check_files`, the files it names (password, TLS) must exist too. With
+    With `check_files`, the files it names (password, TLS) must exist too; with `check_tls` as well,
+    the TLS files must make a client together (`_tls_problems`: only `check-config` asks). With
     `for_status`, an unset environment variable is no problem in a value `status` does not read
     (credentials, broker URLs, client id, buses, uplinks...: `status` never connects, and a
     technician's shell may lack the service's environment), unless the stand-in put there fails
@@ -235,6 +236,12 @@ def parse_config(
                 warnings.append(locator.problem(key, "value", exposed, warning=True))
         warnings += [locator.problem(path, "value", message, warning=True)
                      for path, message in _missing_ports(data) if path not in claimed]
+        tls_files = {_dotted(("mqtt", "tls", part)) for part in ("ca", "cert", "key")}
+        if check_tls and not tls_files & {p.path for p in problems}:  # whatever else is wrong in the file
+            for part, message, warning in _tls_problems({key[-1]: (path, written) for key, path, written in named
+                                                         if key[:2] == ("mqtt", "tls")}):
+                found = locator.problem(("mqtt", "tls", part), "value", message, warning=warning)
+                (warnings if warning else problems).append(found)
     if config is not None and not problems:
         warnings += [locator.problem(path, "value", message, warning=True)
                      for path, message in (*_register_overlaps(config), *_bus_overruns(config))]
@@ -259,12 +266,13 @@ def load_config(
     env: Mapping[str, str] | None = None,
     *,
     check_files: bool = False,
+    check_tls: bool = False,
     for_status: bool = False,
 ) -> Config:
     """Load and validate the configuration file at `path` (env: default os.environ).
 
     Relative paths inside it are resolved against its directory. With `check_files`, the files it
-    names (password_file, TLS files) must exist too (for `check-config`); `for_status`:
+    names (password_file, TLS files) must exist too (for `check-config`); `check_tls`, `for_status`:
     see `parse_config`. Raises ConfigError.
     """
     file = os.fspath(path)
@@ -284,7 +292,7 @@ def load_config(
                                    "the file is not UTF-8 text (save it as UTF-8)")]) from None
     base_dir = Path(file).absolute().parent
     config = parse_config(text, file=file, env=env, base_dir=base_dir, check_files=check_files,
-                          for_status=for_status)
+                          check_tls=check_tls, for_status=for_status)
     config._source_path = Path(file).absolute()
     return config
 
@@ -302,36 +310,31 @@ def check_files(config: Config) -> list[Problem]:
     return problems
 
 
-def check_tls(config: Config) -> list[Problem]:
-    """Whether the files of `mqtt.tls` (there and readable: `check_files`) make a TLS client together
-    as `run` will use them: PEM that parses, a key that matches its certificate and has no
-    passphrase; and whether the client certificate or a CA has expired (a problem) or expires within
-    CERT_WARN_DAYS days (a warning). Only `check-config` asks: `run` starts anyway, buffers, and says why it cannot
-    connect until a SIGHUP brings usable files."""
-    tls = config.mqtt.tls
-    if tls is None:
+def _tls_problems(files: Mapping[str, tuple[Path, str]]) -> list[tuple[str, str, bool]]:
+    """(key of `mqtt.tls`, message, warning) for what keeps its files (`files`: "ca", "cert", "key" -> the
+    path and the value as written; each there and readable) from making a TLS client as `run` will use
+    them: PEM that parses, a key that matches its certificate and has no passphrase; and a client
+    certificate or a CA that has expired (a problem) or expires within CERT_WARN_DAYS days (a warning).
+    Only `check-config` asks: `run` starts anyway, buffers, and says why it cannot connect until a
+    SIGHUP brings usable files."""
+    if not files:
         return []
+    paths = {part: str(files[part][0]) if part in files else None for part in ("ca", "cert", "key")}
+    names = {part: str(path) if _may_show_path(part, written) else None for part, (path, written) in files.items()}
     try:
-        tls_context(str(tls.ca) if tls.ca else None, str(tls.cert) if tls.cert else None,
-                    str(tls.key) if tls.key else None, names=config.tls_file_names())
+        tls_context(paths["ca"], paths["cert"], paths["key"], names=names)
     except TlsFilesError as exc:
-        key = ("mqtt", "tls", exc.key)
-        line, col = config._marks.get(key, config._marks.get(("mqtt", "tls"), (1, 1)))
-        return [Problem(config._file, line, col, _dotted(key), f"cannot be used for TLS: {exc.reason}")]
+        return [(exc.key, f"cannot be used for TLS: {exc.reason}", False)]
     found = []
-    for part, what, when in (("cert", "the client certificate", not_after(str(tls.cert)) if tls.cert else None),
-                             ("ca", "a CA certificate", earliest_ca_expiry(str(tls.ca)) if tls.ca else None)):
+    for part, what, when in (("cert", "the client certificate", not_after(paths["cert"]) if paths["cert"] else None),
+                             ("ca", "a CA certificate", earliest_ca_expiry(paths["ca"]) if paths["ca"] else None)):
         if when is None:
             continue
-        key = ("mqtt", "tls", part)
-        line, col = config._marks.get(key, (1, 1))
         left, stamp = when - time.time(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when))
         if left <= 0:  # by this machine's clock: the broker refuses it all the same
-            found.append(Problem(config._file, line, col, _dotted(key), f"{what} expired on {stamp}: the broker "
-                                 "refuses it; renew it"))
+            found.append((part, f"{what} expired on {stamp}: the broker refuses it; renew it", False))
         elif left < CERT_WARN_DAYS * 86400:
-            found.append(Problem(config._file, line, col, _dotted(key), f"{what} expires on {stamp}, in "
-                                 f"{left / 86400:.0f} days: renew it", warning=True))
+            found.append((part, f"{what} expires on {stamp}, in {left / 86400:.0f} days: renew it", True))
     return found
 
 

@@ -147,6 +147,25 @@ def test_tls_problems_name_the_config_file_as_given_on_the_command_line(tmp_path
         assert len(result.stderr.splitlines()) == 1 and "hunter2" not in result.stderr
 
 
+def test_a_tls_file_that_cannot_make_a_connection_is_reported_beside_the_files_other_problems(tmp_path):
+    """check-config prints every problem (SPEC §1). A CA that is no certificate was reported only once the
+    rest of the file was valid: with a typo elsewhere, the technician fixed it, ran check-config again
+    and only then learnt of the CA (on a visit, after copying the files over once more)."""
+    pki = make_pki(tmp_path / "pki")
+    broker = Broker(tmp_path / "broker", tls=pki)  # only its URL: check-config touches no network
+    config = sim_config(tmp_path, broker, mqtt={"tls": {"ca": pki["client_key"]}})  # a key where the CA belongs
+    config["storage"]["max_mb"] = 0
+    cfg = write_config(tmp_path / "station.yaml", config)
+    result = run_cli("check-config", str(cfg))
+    assert result.returncode == 2, result.stderr
+    lines = cfg.read_text().splitlines()
+    at = {key: next(i for i, line in enumerate(lines, 1) if line.strip().startswith(f"{key}:"))
+          for key in ("max_mb", "ca")}
+    max_mb, ca = result.stderr.splitlines()
+    assert max_mb == f"{cfg}:{at['max_mb']}:11: storage.max_mb: must be at least 0.1 MB (got 0)", result.stderr
+    assert ca.startswith(f"{cfg}:{at['ca']}:9: mqtt.tls.ca: cannot be used for TLS: "), result.stderr
+
+
 def test_a_gap_recorded_while_connected_is_announced_on_the_same_connection(tmp_path):
     """The link stays up but carries nothing (a frozen broker): the buffer reaches its cap and drops
     unpublished readings while the agent still counts itself connected. The gap is announced as soon
