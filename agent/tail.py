@@ -76,13 +76,23 @@ class SeqTracker:
         session), so the next jump of each stream is tail's own, not the station's."""
         self.unseen = set(self.last)
 
-    def announce_gap(self, first: object, last: object) -> None:
-        """The station said it dropped `first..last` (the last MAX_MISSING_RANGES are kept); ValueError
-        when they are not seqs (kept, they would break the comparison of every later jump)."""
+    def announce_gap(self, first: object, last: object) -> list[tuple[int, int]]:
+        """The station said it dropped readings `first..last` (the last MAX_MISSING_RANGES are kept);
+        ValueError when they are not seqs (kept, they would break the comparison of every later jump).
+        Returns the ranges tail had already reported missing that this accounts for (the readings beyond
+        a gap may go out before its announcement), no longer waited for."""
         if not (isinstance(first, int) and isinstance(last, int)) or isinstance(first, bool) or isinstance(last, bool):
             raise ValueError(f"gap bounds {first!r}..{last!r} are not integers")
         self.announced_gaps.append((first, last))
         del self.announced_gaps[:-MAX_MISSING_RANGES]
+        explained, kept = [], []
+        for a, b in self.missing.get("readings", []):
+            lost, covered = _split_by_announced(a, b, [(first, last)])
+            explained += covered
+            kept += [[x, y] for x, y in lost]
+        if explained:
+            self.missing["readings"] = kept
+        return explained
 
     def see(self, stream: str, seq: object) -> str:
         if not isinstance(seq, int) or isinstance(seq, bool):
@@ -195,8 +205,9 @@ def _message_lines(kind: str, payload: bytes, tracker: SeqTracker) -> list[str]:
                          f"{value} {r.get('unit') or ''} {r.get('flag')} {note}".rstrip())
     elif "gap" in msg:
         a, b = msg["gap"]
-        tracker.announce_gap(a, b)
-        lines.append(f"GAP    seq {a}..{b} dropped at the station ({msg.get('reason')})")
+        explained = tracker.announce_gap(a, b)
+        said = f": the GAP {_ranges(explained)} above is accounted for" if explained else ""
+        lines.append(f"GAP    seq {a}..{b} dropped at the station ({msg.get('reason')}){said}")
     elif "aggregates" in msg:
         for g in msg["aggregates"]:
             note = tracker.see("aggregates", g.get("seq", -1))

@@ -118,3 +118,20 @@ def test_a_readings_gap_announcement_does_not_hide_a_jump_of_the_aggregates_or_a
     tracker.announce_gap(10, 500)
     assert tracker.see("aggregates", 11) == "" and tracker.see("aggregates", 20) == "GAP 12..19 missing"
     assert tracker.see("alarms", 11) == "" and tracker.see("alarms", 13) == "GAP 12..12 missing"
+
+
+def test_a_gap_announced_after_the_readings_beyond_it_accounts_for_what_tail_called_missing():
+    """The size cap may drop readings between the publisher's look at the pending gaps and its next batch
+    (`Recorder._make_room` counts the gap once it lets the publisher go on): the readings beyond the gap
+    then go out before its announcement. tail printed `GAP 32..44 missing` and, later, the announcement,
+    with nothing to say that the two were the same, and went on waiting for 32..44 as missing."""
+    from agent.tail import format_message
+
+    tracker = SeqTracker()
+    format_message("env/S/data", _data(31), tracker)
+    assert format_message("env/S/data", _data(45), tracker) == ["data   #45 d.c T 1  N GAP 32..44 missing"]
+    assert format_message("env/S/data", _gap(32, 44), tracker) == [
+        "GAP    seq 32..44 dropped at the station (buffer_full): the GAP 32..44 above is accounted for"]
+    assert tracker.see("readings", 40) == "DUP", "an announced seq is no longer waited for"
+    assert format_message("env/S/data", _gap(50, 60), tracker) == [
+        "GAP    seq 50..60 dropped at the station (buffer_full)"], "nothing was missing there"
