@@ -22,7 +22,7 @@ from agent.configfields import (
     _QUOTED_CHOICE,
     MAX_INTERVAL_S,
     MAX_TIMEOUT_S,
-    NonEmptyText,
+    HostName,
     Text,
     _as_text,
     _Broken,
@@ -98,7 +98,7 @@ class TcpBus(_Model):
     """A Modbus TCP connection (instrument or RS-485 gateway)."""
 
     type: Literal["tcp"]
-    host: NonEmptyText
+    host: HostName
     port: int = Field(502, ge=1, le=65535)
     timeout: float = Field(1.0, gt=0, le=MAX_TIMEOUT_S, description="Answer timeout, seconds")
     retries: int = Field(1, ge=0, description="Retries before a device is given up for this poll")

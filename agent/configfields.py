@@ -1,7 +1,7 @@
 """The building blocks of the configuration's section models (`agent.configsections`,
 `agent.configdevices`, `agent.configroot`): `_Model`, the base of every section (unknown keys are
 errors, yes/no is no number and nothing else is true/false, numbers are finite); the field types
-`Text`, `NonEmptyText` and `FilePath` (relative to the config file's directory); `_err`, the
+`Text`, `NonEmptyText`, `HostName` and `FilePath` (relative to the config file's directory); `_err`, the
 validation error with a technician-readable message; `_Broken` and `_raise_first`, for the rules that
 combine keys of one section; how a value is shown in a message (`_show`, `_text_of`, `_suggest`,
 `_known`); and whether a message may show a file key's value (`_may_show_path`: never a file's
@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import ipaddress
 import os
 import re
 import types
@@ -169,6 +170,37 @@ def _non_empty_text(value: str) -> str:
 
 
 NonEmptyText = Annotated[Text, AfterValidator(_non_empty_text)]
+
+_HOST_NAME = re.compile(r"[\w-]+(\.[\w-]+)*\.?\Z")  # labels of letters (IDN too), digits, '_' and '-'
+HOST_NAME_RULE = "letters, digits, '-', '_' and '.'; an IPv6 address in [ ]"
+
+
+def is_host(text: str) -> bool:
+    """Whether `text` can name a host to connect to: a host name or an IP address (IPv6 in brackets or not)."""
+    try:
+        ipaddress.ip_address(text[1:-1] if text.startswith("[") and text.endswith("]") else text)
+        return True
+    except ValueError:
+        return _HOST_NAME.match(text) is not None
+
+
+def _check_host(value: str) -> str:
+    """`host:` of a Modbus TCP bus or an HJ 212 uplink: a host name or IP address, without scheme or port
+    (what a technician pastes from a browser or a manual is refused, said how to write it)."""
+    host = value.strip()
+    if not host:
+        raise _err("must not be empty")
+    if "://" in host:
+        raise _err("a host name or IP address, not a URL (e.g. host: 192.168.1.50; the port goes in port:)")
+    if not is_host(host):
+        name, _, port = host.rpartition(":")
+        if port.isdigit() and is_host(name):
+            raise _err("give the port in port:, not in host (e.g. host: 192.168.1.50, port: 502)")
+        raise _err(f"{host!r} is not a host name or IP address ({HOST_NAME_RULE})")
+    return host
+
+
+HostName = Annotated[Text, AfterValidator(_check_host)]
 
 
 def _check_path_text(value: Any) -> Any:

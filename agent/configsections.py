@@ -34,8 +34,10 @@ from pydantic_core import PydanticCustomError
 
 from agent.configfields import (
     _QUOTED_CHOICE,
+    HOST_NAME_RULE,
     MAX_TIMEOUT_S,
     FilePath,
+    HostName,
     NonEmptyText,
     Text,
     _as_text,
@@ -47,6 +49,7 @@ from agent.configfields import (
     _raise_first,
     _show,
     _suggest,
+    is_host,
 )
 from agent.configproblem import ConfigError, Problem
 
@@ -161,6 +164,8 @@ def _check_mqtt_url(value: str) -> str:
         raise _err("do not put a user or password in the url; use username: and password_file:")
     if not parts.hostname:
         raise _err("the url names no host (expected mqtt://HOST[:PORT])")
+    if not is_host(parts.hostname):
+        raise _err(f"the url's host {parts.hostname!r} is not a host name or IP address ({HOST_NAME_RULE})")
     try:
         port = parts.port
     except ValueError:
@@ -393,7 +398,7 @@ class Aggregate(_Model):
 class Uplink(_Model):
     """An HJ 212 platform reached over TCP."""
 
-    host: NonEmptyText
+    host: HostName
     port: int = Field(ge=1, le=65535)
     timeout: float = Field(10.0, gt=0, le=MAX_TIMEOUT_S, description="Seconds to wait for the platform's answer")
     retries: int = Field(3, ge=0)
