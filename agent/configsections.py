@@ -551,6 +551,9 @@ _LISTEN_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)
 def _split_listen(value: str) -> tuple[str, int]:
     """`HOST:PORT` or `[IPV6]:PORT` -> (host, port); raises ValueError with a readable reason."""
     m = _LISTEN_RE.fullmatch(value.strip())
+    if m is None and "://" in value:
+        scheme = value.strip().split("://", 1)[0]
+        raise ValueError(f"give HOST:PORT, not a URL (e.g. 0.0.0.0:8080 without {scheme}://)")
     if m is None and value.count(":") > 1 and not value.strip().startswith("["):
         raise ValueError("put an IPv6 address in brackets: [::1]:8080")
     if m is None:

@@ -1764,3 +1764,12 @@ def test_a_host_that_no_connection_can_reach_is_a_problem_at_its_line(tmp_path: 
             (next(n for n, line in enumerate(lines, 1) if "url:" in line), "mqtt://broker"),
             (next(n for n, line in enumerate(lines, 1) if "lan:" in line), '"192.168'),
             (next(n for n, line in enumerate(lines, 1) if "tcp://" in line), '"tcp://'))]
+
+
+def test_a_console_listen_given_as_a_url_is_told_to_drop_the_scheme(tmp_path: Path) -> None:
+    """`console.listen: "http://0.0.0.0:8080"` (the address as a browser shows it) was answered "put an
+    IPv6 address in brackets": its two ':' were taken for an IPv6 address, and the hint led nowhere."""
+    text = port_here(tmp_path, GOOD) + 'console:\n  listen: "http://0.0.0.0:8080"\n  password_file: x\n'
+    problems = [p for p in problems_of(write(tmp_path, text)) if "console.listen" in p]
+    assert [p.split("console.listen: ", 1)[1] for p in problems] == [
+        "give HOST:PORT, not a URL (e.g. 0.0.0.0:8080 without http://)"], problems
