@@ -49,6 +49,7 @@ valid one by one.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import os
 import stat
@@ -222,7 +223,8 @@ def parse_config(
         problem = locator.broken(path, broken)
         if problem.path not in reported:
             problems.append(problem)
-    warnings: list[Problem] = []
+    warnings: list[Problem] = [dataclasses.replace(locator.at_mark(p, mark, m), warning=True)
+                               for p, mark, m in builder.warnings]
     for path, message, where, warning in _cross_check(data):
         if path not in claimed and not stand_in_failed(path):
             (warnings if warning else problems).append(locator.problem(path, where, message, warning=warning))

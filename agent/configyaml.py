@@ -116,6 +116,7 @@ class TreeBuilder:
         self.env = env
         self.for_status = for_status  # an unset ${VAR} is no problem where `status` does not look
         self.problems: list[tuple[KeyPath, yaml.Mark, str]] = []
+        self.warnings: list[tuple[KeyPath, yaml.Mark, str]] = []  # variables set but empty
         # for_status: unset ${VAR}s given a stand-in; their problem counts only if the stand-in fails
         self.deferred: dict[KeyPath, tuple[yaml.Mark, str]] = {}
         self.marks: dict[KeyPath, tuple[yaml.Mark | None, yaml.Mark]] = {}
@@ -184,6 +185,10 @@ class TreeBuilder:
                 return text
             if result.used:
                 self.substituted[path] = result.used
+            if empty := [name for name, value in result.used.items() if not value]:
+                said = f"environment variable {empty[0]} is" if len(empty) == 1 else \
+                    f"environment variables {', '.join(empty)} are"
+                self.warnings.append((path, node.start_mark, f"{said} set but empty"))
             if is_secret_key_path(path):
                 self.secret_texts.discard(node.value)  # `${NAME}` itself is no secret
                 self.secret_texts.add(result.text)

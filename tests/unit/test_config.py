@@ -1773,3 +1773,20 @@ def test_a_console_listen_given_as_a_url_is_told_to_drop_the_scheme(tmp_path: Pa
     problems = [p for p in problems_of(write(tmp_path, text)) if "console.listen" in p]
     assert [p.split("console.listen: ", 1)[1] for p in problems] == [
         "give HOST:PORT, not a URL (e.g. 0.0.0.0:8080 without http://)"], problems
+
+
+def test_a_variable_set_but_empty_is_a_warning_at_the_value(tmp_path: Path) -> None:
+    """`${NAME}` unset is an error (SPEC §2); set but empty (`MQTT_PASS=` in the service's environment
+    file, the value forgotten) it was taken silently: `path: ${DATA_DIR}/buffer.db` became /buffer.db,
+    `password: ${MQTT_PASS}` an empty password the broker refuses, and check-config said OK. It is
+    a warning (the file stays valid: an empty value may be meant), at the value, naming the variable."""
+    credentials = "  url: mqtt://127.0.0.1:1883\n  username: ${MQTT_USER}\n  password: ${MQTT_PASS}"
+    text = port_here(tmp_path, GOOD).replace("  path: ./data/buffer.db", "  path: ${DATA_DIR}/buffer.db").replace(
+        "  url: mqtt://127.0.0.1:1883", credentials)
+    path = write(tmp_path, text)
+    config = load_config(path, env={"DATA_DIR": "", "MQTT_USER": "station", "MQTT_PASS": ""})
+    assert config.storage.path == Path("/buffer.db")
+    assert [str(w) for w in config.warnings if "environment variable" in str(w)] == [
+        f"{path}:5:9: storage.path: warning: environment variable DATA_DIR is set but empty",
+        f"{path}:9:13: mqtt.password: warning: environment variable MQTT_PASS is set but empty",
+    ]
