@@ -32,6 +32,8 @@ from agent.logutil import printable
 
 MAX_MISSING_RANGES = 1000  # per stream; the oldest are forgotten beyond this
 MAX_PACKETS_REMEMBERED = 100_000  # HJ 212 packets whose repetition is flagged; the oldest are forgotten
+DISCONNECTED = "tail was disconnected"  # why a jump is tail's own, not the station's
+DURING_RESEND = "tail started during a resend"
 # Whoever may publish under the station's topics chooses the size of what tail prints. A data message of
 # the largest batch (mqtt.max_batch 10 000 readings of ~130 bytes) is ~1.3 MB: beyond MAX_MESSAGE_BYTES a
 # message is not decoded, its size and its first SHOWN_BYTES are shown. No line shows more than
@@ -51,7 +53,10 @@ class SeqTracker:
     missing: dict[str, list[list[int]]] = field(default_factory=dict)  # [first, last] still missing
     announced_gaps: list[tuple[int, int]] = field(default_factory=list)  # readings seqs the station dropped
     reassembler: Reassembler = field(default_factory=Reassembler)  # split HJ 212 packets
-    unseen: set[str] = field(default_factory=set)  # streams whose next jump happened while tail was disconnected
+    # Streams whose next jump is tail's own, not the station's, and why (DISCONNECTED, DURING_RESEND).
+    unseen: dict[str, str] = field(default_factory=dict)
+    resends: set[str] = field(default_factory=set)  # resends asked for on P/cmd, not yet answered (their ids)
+    started_in_resend: bool = False  # tail's first readings came during a resend: until its answer or a jump
     packets: set[int] = field(default_factory=set)  # the contents of the HJ 212 data packets seen (hashed)
     packet_order: deque[int] = field(default_factory=deque)  # ...oldest first
 
@@ -74,7 +79,28 @@ class SeqTracker:
     def lost_sight(self) -> None:
         """tail's connection dropped: what is published until it is back never reaches it (a clean
         session), so the next jump of each stream is tail's own, not the station's."""
-        self.unseen = set(self.last)
+        self.unseen = dict.fromkeys(self.last, DISCONNECTED)
+
+    def resend_asked(self, command: dict) -> None:
+        """A resend command on P/cmd. Before any reading of tail's own, the readings that follow are
+        (also) the resend's, older than the live ones: the jump from them to the live ones is tail's own."""
+        self.resends.add(repr(command.get("id")))
+        if "readings" not in self.last:
+            self.started_in_resend = True
+            self.unseen["readings"] = DURING_RESEND
+
+    def resend_answered(self, reply: dict) -> None:
+        """A reply on P/cmd/reply: one to a resend (or the refusal of one) ends it. When every reading
+        tail saw lies in the seqs a resend covered (its command came before tail subscribed), the next
+        jump is tail's own too."""
+        self.resends.discard(repr(reply.get("id")))
+        if not self.resends:
+            self.started_in_resend = False  # the flag, if still set, goes with the next reading
+        low, high = reply.get("from_seq"), reply.get("to_seq")
+        if (reply.get("cmd") == "resend" and isinstance(low, int) and isinstance(high, int) and "readings" in self.last
+                and not self.missing.get("readings") and low <= self.first["readings"]
+                and self.last["readings"] <= high):
+            self.unseen["readings"] = DURING_RESEND
 
     def announce_gap(self, first: object, last: object) -> list[tuple[int, int]]:
         """The station said it dropped readings `first..last` (the last MAX_MISSING_RANGES are kept);
@@ -97,8 +123,8 @@ class SeqTracker:
     def see(self, stream: str, seq: object) -> str:
         if not isinstance(seq, int) or isinstance(seq, bool):
             raise ValueError(f"seq {seq!r} is not an integer")
-        unseen = stream in self.unseen
-        self.unseen.discard(stream)
+        held = stream == "readings" and self.started_in_resend  # until the resend is answered or a jump
+        unseen = self.unseen.get(stream) if held else self.unseen.pop(stream, None)
         prev = self.last.get(stream)
         if prev is None or seq == prev + 1:
             self.last[stream] = seq
@@ -109,6 +135,9 @@ class SeqTracker:
         if seq <= prev:
             return "LATE (was missing)" if self._fill(stream, seq) else "DUP"
         self.last[stream] = seq
+        if held:
+            self.started_in_resend = False
+            self.unseen.pop(stream, None)
         first, last = prev + 1, seq - 1
         # Announcements name readings seqs (they come on the data topic); a grown gap comes in parts.
         lost, announced = _split_by_announced(first, last, self.announced_gaps if stream == "readings" else [])
@@ -117,7 +146,7 @@ class SeqTracker:
         ranges = self.missing.setdefault(stream, [])
         ranges.extend([a, b] for a, b in lost)
         del ranges[:-MAX_MISSING_RANGES]
-        note = f"GAP {_ranges(lost)} " + ("not seen here (tail was disconnected)" if unseen else "missing")
+        note = f"GAP {_ranges(lost)} " + (f"not seen here ({unseen})" if unseen else "missing")
         return note + (f" ({_ranges(announced)} announced)" if announced else "")
 
     def _fill(self, stream: str, seq: int) -> bool:
@@ -220,6 +249,10 @@ def _message_lines(kind: str, payload: bytes, tracker: SeqTracker) -> list[str]:
         lines.append(f"ALARM  #{a.get('seq')} {a.get('id')} {a.get('state')} value={a.get('value')} "
                      f"threshold={a.get('threshold')} {a.get('ts')} {note}".rstrip())
     else:
+        if kind == "cmd" and msg.get("cmd") == "resend":
+            tracker.resend_asked(msg)
+        elif kind == "reply":
+            tracker.resend_answered(msg)
         lines.append(f"{kind:<6} {json.dumps(msg, ensure_ascii=False)}")
     return lines
 

@@ -135,3 +135,55 @@ def test_a_gap_announced_after_the_readings_beyond_it_accounts_for_what_tail_cal
     assert tracker.see("readings", 40) == "DUP", "an announced seq is no longer waited for"
     assert format_message("env/S/data", _gap(50, 60), tracker) == [
         "GAP    seq 50..60 dropped at the station (buffer_full)"], "nothing was missing there"
+
+
+def _cmd(cmd_id: str, first: int, last: int) -> bytes:
+    return b'{"id":"%s","cmd":"resend","from_seq":%d,"to_seq":%d}' % (cmd_id.encode(), first, last)
+
+
+def _reply(cmd_id: str, first: int, last: int) -> bytes:
+    return b'{"v":1,"id":"%s","ok":true,"cmd":"resend","from_seq":%d,"to_seq":%d,"count":3}' % (
+        cmd_id.encode(), first, last)
+
+
+def test_a_resend_that_comes_before_any_live_reading_is_not_taken_for_the_live_seqs():
+    """tail started, then the platform engineer sent a resend (a station polled every 60 s: no live
+    reading yet). The resent readings were the first tail saw, so the next live one was a jump from
+    them: `GAP 103..4999 missing`, a loss at the station that never happened. The jump is tail's own
+    (it started during a resend), said as for a disconnection; a real jump after it is missing again."""
+    from agent.tail import format_message
+
+    tracker = SeqTracker()
+    format_message("env/S/cmd", _cmd("r1", 100, 102), tracker)
+    assert [format_message("env/S/data", _data(s), tracker)[0][-1] for s in (100, 101, 102)] == ["N", "N", "N"]
+    format_message("env/S/cmd/reply", _reply("r1", 100, 102), tracker)
+    assert format_message("env/S/data", _data(5000), tracker) == [
+        "data   #5000 d.c T 1  N GAP 103..4999 not seen here (tail started during a resend)"]
+    assert tracker.see("readings", 5001) == ""
+    assert tracker.see("readings", 5003) == "GAP 5002..5002 missing"
+
+    # The command published before tail subscribed: its reply says which seqs the resend covered.
+    tracker = SeqTracker()
+    for s in (100, 101, 102):
+        format_message("env/S/data", _data(s), tracker)
+    format_message("env/S/cmd/reply", _reply("r2", 100, 102), tracker)
+    assert tracker.see("readings", 5000) == "GAP 103..4999 not seen here (tail started during a resend)"
+
+    # Live readings first: the resend's are what tail saw or never saw, as before.
+    tracker = SeqTracker()
+    assert tracker.see("readings", 5000) == ""
+    format_message("env/S/cmd", _cmd("r3", 100, 102), tracker)
+    assert tracker.see("readings", 100) == "EARLIER (before tail started)"
+    format_message("env/S/cmd/reply", _reply("r3", 100, 102), tracker)
+    assert tracker.see("readings", 5002) == "GAP 5001..5001 missing"
+
+    # A resend refused, or never answered (the agent was away): later jumps are the station's again.
+    tracker = SeqTracker()
+    format_message("env/S/cmd", _cmd("r4", 100, 102), tracker)
+    format_message("env/S/cmd/reply", b'{"v":1,"id":"r4","ok":false,"error":"busy"}', tracker)
+    assert tracker.see("readings", 7) == "" and tracker.see("readings", 9) == "GAP 8..8 missing"
+    tracker = SeqTracker()
+    format_message("env/S/cmd", _cmd("r5", 100, 102), tracker)
+    assert tracker.see("readings", 100) == ""
+    assert tracker.see("readings", 5000) == "GAP 101..4999 not seen here (tail started during a resend)"
+    assert tracker.see("readings", 5002) == "GAP 5001..5001 missing"
