@@ -49,6 +49,7 @@ valid one by one.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hmac
 import os
@@ -288,8 +289,10 @@ def load_config(
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        at = exc.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)  # counted after the BOM
+        line = raw[:at].count(b"\n") + 1
+        before = raw[raw.rfind(b"\n", 0, at) + 1 : at].decode()  # valid UTF-8: the first bad byte follows
+        col = len(before.removeprefix("\ufeff") if line == 1 else before) + 1  # in characters, as YAML's marks
         raise ConfigError([Problem(file, line, col, FILE_PATH,
                                    "the file is not UTF-8 text (save it as UTF-8)")]) from None
     base_dir = Path(file).absolute().parent

@@ -1790,3 +1790,19 @@ def test_a_variable_set_but_empty_is_a_warning_at_the_value(tmp_path: Path) -> N
         f"{path}:5:9: storage.path: warning: environment variable DATA_DIR is set but empty",
         f"{path}:9:13: mqtt.password: warning: environment variable MQTT_PASS is set but empty",
     ]
+
+
+def test_a_byte_that_is_not_utf8_is_located_in_characters_as_every_other_problem(tmp_path: Path) -> None:
+    """A line pasted from a GBK source (Windows Notepad's "ANSI" on a Chinese system) into a UTF-8 file:
+    the column of the first byte that is not UTF-8 was counted in bytes, so on a line with Chinese text
+    before it (3 bytes a character) it pointed past it; in a file that starts with a BOM (Notepad's
+    "UTF-8") every position was 3 bytes early, at the start of a line on the line before. Columns count
+    characters, as in every other problem (and as an editor shows them)."""
+    gbk = "排口".encode("gbk")
+    path = tmp_path / "station.yaml"
+    path.write_bytes(b'station:\n  name: "' + "汾河".encode() + gbk + b'"\n')
+    assert problems_of(path) == [f"{path}:2:12: (file): the file is not UTF-8 text (save it as UTF-8)"]
+    path.write_bytes(b'\xef\xbb\xbfstation: {name: "' + gbk + b'"}\n')
+    assert problems_of(path) == [f"{path}:1:18: (file): the file is not UTF-8 text (save it as UTF-8)"]
+    path.write_bytes(b'\xef\xbb\xbfstation:\n  id: S1\n' + gbk + b': x\n')
+    assert problems_of(path) == [f"{path}:3:1: (file): the file is not UTF-8 text (save it as UTF-8)"]
