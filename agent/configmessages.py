@@ -279,11 +279,22 @@ def _yaml_problem(file: str, exc: yaml.MarkedYAMLError) -> Problem:
         # in a flow collection a plain `${NAME}` ends at its `{`, which YAML takes for a new mapping
         message += "; inside {...} or [...], put a ${NAME} in quotes: \"${NAME}\""
     elif exc.problem and "'\\t'" in exc.problem:
-        message += "; YAML does not allow tabs for indentation, use spaces"
+        message += _tab_hint(mark)
     elif exc.problem and exc.problem.startswith(_INDENTATION_PROBLEMS):
         message += ("; check the indentation of this line: the keys of one section start in the same column "
                     "(a value that contains ': ' goes in quotes)")
     return Problem(file, line, col, FILE_PATH, message)
+
+
+def _tab_hint(mark: yaml.Mark | None) -> str:
+    """Why a tab at `mark` is refused: indentation, or (PyYAML refuses it there too) after a key."""
+    line = "" if mark is None or mark.buffer is None else \
+        mark.buffer[: mark.pointer].rsplit("\n", 1)[-1].rsplit("\r", 1)[-1]
+    if line.rstrip(" \t").endswith(":"):
+        return "; a tab cannot separate a key from its value here: use a space"
+    if line.strip(" \t"):
+        return "; tabs are not allowed here: use spaces"
+    return "; YAML does not allow tabs for indentation, use spaces"
 
 
 #: PyYAML's words for what is, in a hand-written config, nearly always a key indented wrongly.

@@ -441,6 +441,14 @@ def test_tab_indentation_is_explained(tmp_path: Path) -> None:
     assert "use spaces" in single_problem(tmp_path, text)
 
 
+def test_a_tab_after_a_key_is_not_called_indentation(tmp_path: Path) -> None:
+    """`interval:<TAB>1` (values lined up with a tab): PyYAML refuses a tab there too, and the hint said
+    "YAML does not allow tabs for indentation", about a line whose indentation is spaces."""
+    problem = single_problem(tmp_path, GOOD.replace("    interval: 1", "    interval:\t1"))
+    assert problem.startswith("13:14: (file): YAML syntax error: ") and problem.endswith(
+        "; a tab cannot separate a key from its value here: use a space"), problem
+
+
 @pytest.mark.parametrize("indent", ["      interval: 1", "   interval: 1"])
 def test_a_key_indented_wrongly_is_explained_at_its_line(tmp_path: Path, indent: str) -> None:
     text = GOOD.replace("    interval: 1", indent)
