@@ -192,6 +192,8 @@ def _check_host(value: str) -> str:
         raise _err("must not be empty")
     if "://" in host:
         raise _err("a host name or IP address, not a URL (e.g. host: 192.168.1.50; the port goes in port:)")
+    if "@" in host:  # never shown: what comes before it may be a password
+        raise _err("a host name or IP address only: no user or password (e.g. host: 192.168.1.50)")
     if not is_host(host):
         name, _, port = host.rpartition(":")
         if port.isdigit() and is_host(name):

@@ -1745,7 +1745,8 @@ def test_a_host_that_no_connection_can_reach_is_a_problem_at_its_line(tmp_path: 
     """`host:` of a Modbus TCP bus or an HJ 212 uplink, and the host of the broker url, took any text:
     an address pasted with its port (`192.168.1.50:502`), a URL from a browser, a space typed in it.
     check-config said OK; on site the agent never reached the instrument or platform (every poll null,
-    flag B) and the technician had left. Names, IPv4 and IPv6 addresses pass, as does `${NAME}`."""
+    flag B) and the technician had left. Names, IPv4 and IPv6 addresses pass, as does `${NAME}`; a
+    user and password written in a host are refused without being shown."""
     text = (port_here(tmp_path, GOOD) + textwrap.dedent("""\
           plc: {bus: lan, slave: 1, profile: cod-analyzer}
         hj212:
@@ -1756,6 +1757,7 @@ def test_a_host_that_no_connection_can_reach_is_a_problem_at_its_line(tmp_path: 
             - {host: platform.example, port: 9000}
             - {host: "fe80::1", port: 9000}
             - {host: "${PLATFORM}", port: 9000}
+            - {host: "admin:Hunter2@10.20.0.7", port: 9000}
         """)).replace("buses:\n", "buses:\n  lan: {type: tcp, host: \"192.168.1.50:502\", port: 502}\n")
     text = text.replace("url: mqtt://127.0.0.1:1883", "url: mqtt://broker example:1883")
     path = write(tmp_path, text)
@@ -1765,13 +1767,16 @@ def test_a_host_that_no_connection_can_reach_is_a_problem_at_its_line(tmp_path: 
         "buses.lan.host: give the port in port:, not in host (e.g. host: 192.168.1.50, port: 502)",
         "hj212.uplinks.0.host: a host name or IP address, not a URL (e.g. host: 192.168.1.50; the port goes "
         "in port:)",
+        "hj212.uplinks.4.host: a host name or IP address only: no user or password (e.g. host: 192.168.1.50)",
     ]
+    assert "Hunter2" not in "".join(problems_of(path, env={"PLATFORM": "x"})), "what comes before '@' may be a password"
     lines = text.splitlines()
     assert [p.split(": ", 1)[0].split(":", 1)[1] for p in problems_of(path, env={"PLATFORM": "x"})] == [
         f"{i}:{lines[i - 1].index(v) + 1}" for i, v in (
             (next(n for n, line in enumerate(lines, 1) if "url:" in line), "mqtt://broker"),
             (next(n for n, line in enumerate(lines, 1) if "lan:" in line), '"192.168'),
-            (next(n for n, line in enumerate(lines, 1) if "tcp://" in line), '"tcp://'))]
+            (next(n for n, line in enumerate(lines, 1) if "tcp://" in line), '"tcp://'),
+            (next(n for n, line in enumerate(lines, 1) if "Hunter2" in line), '"admin'))]
 
 
 def test_a_console_listen_given_as_a_url_is_told_to_drop_the_scheme(tmp_path: Path) -> None:
