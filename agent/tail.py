@@ -32,6 +32,7 @@ from agent.logutil import printable
 
 MAX_MISSING_RANGES = 1000  # per stream; the oldest are forgotten beyond this
 MAX_PACKETS_REMEMBERED = 100_000  # HJ 212 packets whose repetition is flagged; the oldest are forgotten
+MAX_RESENDS_WATCHED = 100  # resend commands seen on P/cmd waiting for their reply; the oldest are forgotten
 DISCONNECTED = "tail was disconnected"  # why a jump is tail's own, not the station's
 DURING_RESEND = "tail started during a resend"
 # Whoever may publish under the station's topics chooses the size of what tail prints. A data message of
@@ -55,7 +56,8 @@ class SeqTracker:
     reassembler: Reassembler = field(default_factory=Reassembler)  # split HJ 212 packets
     # Streams whose next jump is tail's own, not the station's, and why (DISCONNECTED, DURING_RESEND).
     unseen: dict[str, str] = field(default_factory=dict)
-    resends: set[str] = field(default_factory=set)  # resends asked for on P/cmd, not yet answered (their ids)
+    # Resends asked for on P/cmd, not yet answered: id -> their seq range (None: by time, any seq).
+    resends: dict[str, tuple[int, int] | None] = field(default_factory=dict)
     started_in_resend: bool = False  # tail's first readings came during a resend: until its answer or a jump
     packets: set[int] = field(default_factory=set)  # the contents of the HJ 212 data packets seen (hashed)
     packet_order: deque[int] = field(default_factory=deque)  # ...oldest first
@@ -84,7 +86,11 @@ class SeqTracker:
     def resend_asked(self, command: dict) -> None:
         """A resend command on P/cmd. Before any reading of tail's own, the readings that follow are
         (also) the resend's, older than the live ones: the jump from them to the live ones is tail's own."""
-        self.resends.add(repr(command.get("id")))
+        low, high = command.get("from_seq"), command.get("to_seq")
+        seqs = (low, high) if _are_seqs(low, high) else None
+        self.resends[repr(command.get("id"))] = seqs
+        if len(self.resends) > MAX_RESENDS_WATCHED:  # never answered (a flood of commands): the oldest go
+            del self.resends[next(iter(self.resends))]
         if "readings" not in self.last:
             self.started_in_resend = True
             self.unseen["readings"] = DURING_RESEND
@@ -93,11 +99,11 @@ class SeqTracker:
         """A reply on P/cmd/reply: one to a resend (or the refusal of one) ends it. When every reading
         tail saw lies in the seqs a resend covered (its command came before tail subscribed), the next
         jump is tail's own too."""
-        self.resends.discard(repr(reply.get("id")))
+        self.resends.pop(repr(reply.get("id")), None)
         if not self.resends:
             self.started_in_resend = False  # the flag, if still set, goes with the next reading
         low, high = reply.get("from_seq"), reply.get("to_seq")
-        if (reply.get("cmd") == "resend" and isinstance(low, int) and isinstance(high, int) and "readings" in self.last
+        if (reply.get("cmd") == "resend" and _are_seqs(low, high) and "readings" in self.last
                 and not self.missing.get("readings") and low <= self.first["readings"]
                 and self.last["readings"] <= high):
             self.unseen["readings"] = DURING_RESEND
@@ -107,7 +113,7 @@ class SeqTracker:
         ValueError when they are not seqs (kept, they would break the comparison of every later jump).
         Returns the ranges tail had already reported missing that this accounts for (the readings beyond
         a gap may go out before its announcement), no longer waited for."""
-        if not (isinstance(first, int) and isinstance(last, int)) or isinstance(first, bool) or isinstance(last, bool):
+        if not _are_seqs(first, last):
             raise ValueError(f"gap bounds {first!r}..{last!r} are not integers")
         self.announced_gaps.append((first, last))
         del self.announced_gaps[:-MAX_MISSING_RANGES]
@@ -126,6 +132,9 @@ class SeqTracker:
         held = stream == "readings" and self.started_in_resend  # until the resend is answered or a jump
         unseen = self.unseen.get(stream) if held else self.unseen.pop(stream, None)
         prev = self.last.get(stream)
+        if held and prev is None and not any(r is None or r[0] <= seq <= r[1] for r in self.resends.values()):
+            held = self.started_in_resend = False  # a live reading came first: tail counts from it
+            unseen = self.unseen.pop(stream, None)
         if prev is None or seq == prev + 1:
             self.last[stream] = seq
             self.first.setdefault(stream, seq)
@@ -157,6 +166,10 @@ class SeqTracker:
                 ranges[i:i + 1] = [r for r in ([a, seq - 1], [seq + 1, b]) if r[0] <= r[1]]
                 return True
         return False
+
+
+def _are_seqs(*values: object) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
 
 def _split_by_announced(first: int, last: int, announced: Sequence[tuple[int, int]]

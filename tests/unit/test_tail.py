@@ -187,3 +187,15 @@ def test_a_resend_that_comes_before_any_live_reading_is_not_taken_for_the_live_s
     assert tracker.see("readings", 100) == ""
     assert tracker.see("readings", 5000) == "GAP 101..4999 not seen here (tail started during a resend)"
     assert tracker.see("readings", 5002) == "GAP 5001..5001 missing"
+
+
+def test_a_live_reading_that_comes_before_the_resends_readings_is_where_tail_counts_from():
+    """tail saw a resend's command before any reading, but the first reading to come was a live one
+    (new readings go first): a jump of the station's own after it is a loss, not tail's."""
+    from agent.tail import format_message
+
+    tracker = SeqTracker()
+    format_message("env/S/cmd", _cmd("r6", 100, 102), tracker)
+    assert tracker.see("readings", 5000) == ""
+    assert tracker.see("readings", 100) == "EARLIER (before tail started)"
+    assert tracker.see("readings", 5002) == "GAP 5001..5001 missing"
