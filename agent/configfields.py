@@ -262,6 +262,8 @@ def _refuse_yes_no(annotation: Any, value: Any) -> Any:
     if kind != "type" or tp is None:
         return value
     if tp is bool:
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):  # quoted, or from a ${NAME}
+            return _Refused(f"the text {_show(value)}: write true or false without quotes or ${{NAME}}")
         return value if value is None or isinstance(value, bool) else _Refused(_show(value))
     if _is_number_type(tp):
         return _Refused("a yes/no value") if isinstance(value, bool) else value

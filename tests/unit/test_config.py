@@ -1819,3 +1819,15 @@ def test_a_byte_that_is_not_utf8_is_located_in_characters_as_every_other_problem
     assert problems_of(path) == [f"{path}:1:18: (file): the file is not UTF-8 text (save it as UTF-8)"]
     path.write_bytes(b'\xef\xbb\xbfstation:\n  id: S1\n' + gbk + b': x\n')
     assert problems_of(path) == [f"{path}:3:1: (file): the file is not UTF-8 text (save it as UTF-8)"]
+
+
+def test_true_or_false_written_as_text_is_told_apart_from_true_or_false(tmp_path: Path) -> None:
+    """`hour: "true"`, or `hour: ${AGG_HOUR}` with AGG_HOUR=true (a substituted value is text where a
+    yes/no value is expected), was refused as "expected true or false (got 'true')": the technician
+    had written true."""
+    said = "expected true or false (got the text 'true': write true or false without quotes or ${NAME})"
+    for written, env in (('"true"', {}), ("${AGG_HOUR}", {"AGG_HOUR": "true"})):
+        text = port_here(tmp_path, GOOD) + f"aggregate:\n  hour: {written}\n"
+        assert single_problem(tmp_path, text, env) == f"21:9: aggregate.hour: {said}"
+    text = port_here(tmp_path, GOOD) + "aggregate:\n  hour: maybe\n"
+    assert single_problem(tmp_path, text) == "21:9: aggregate.hour: expected true or false (got 'maybe')"
