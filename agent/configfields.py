@@ -185,8 +185,9 @@ def is_host(text: str) -> bool:
 
 
 def _check_host(value: str) -> str:
-    """`host:` of a Modbus TCP bus or an HJ 212 uplink: a host name or IP address, without scheme or port
-    (what a technician pastes from a browser or a manual is refused, said how to write it)."""
+    """`host:` of a Modbus TCP bus or an HJ 212 uplink: a host name or IP address (IPv6 with or without
+    brackets, taken without), without scheme or port (what a technician pastes from a browser or a manual
+    is refused, said how to write it)."""
     host = value.strip()
     if not host:
         raise _err("must not be empty")
@@ -199,7 +200,8 @@ def _check_host(value: str) -> str:
         if port.isdigit() and is_host(name):
             raise _err("give the port in port:, not in host (e.g. host: 192.168.1.50, port: 502)")
         raise _err(f"{host!r} is not a host name or IP address ({HOST_NAME_RULE})")
-    return host
+    # an IPv6 address written as URLs have it, "[fe80::1]": a socket takes it without the brackets
+    return host[1:-1] if host.startswith("[") else host
 
 
 HostName = Annotated[Text, AfterValidator(_check_host)]

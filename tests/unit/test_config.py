@@ -1779,6 +1779,21 @@ def test_a_host_that_no_connection_can_reach_is_a_problem_at_its_line(tmp_path: 
             (next(n for n, line in enumerate(lines, 1) if "Hunter2" in line), '"admin'))]
 
 
+def test_an_ipv6_host_written_in_brackets_is_the_address_the_agent_connects_to(tmp_path: Path) -> None:
+    """`[fe80::1]` (an IPv6 address as URLs write it) passed check-config for a bus or an uplink, then every
+    connection failed: a socket takes the address without brackets. It is taken without them."""
+    text = (port_here(tmp_path, GOOD) + textwrap.dedent("""\
+          plc: {bus: lan, slave: 1, profile: cod-analyzer}
+        hj212:
+          st: 32
+          pw: "123456"
+          uplinks:
+            - {host: "[fe80::1]", port: 9000}
+        """)).replace("buses:\n", "buses:\n  lan: {type: tcp, host: \"[::1]\", port: 502}\n")
+    config = load_config(write(tmp_path, text), env={})
+    assert (config.buses["lan"].host, config.hj212.uplinks[0].host) == ("::1", "fe80::1")
+
+
 def test_a_console_listen_given_as_a_url_is_told_to_drop_the_scheme(tmp_path: Path) -> None:
     """`console.listen: "http://0.0.0.0:8080"` (the address as a browser shows it) was answered "put an
     IPv6 address in brackets": its two ':' were taken for an IPv6 address, and the hint led nowhere."""
