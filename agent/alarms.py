@@ -60,9 +60,11 @@ Decisions (the README's alarm section repeats them for technicians):
 - `stale: S` raises in `tick` when a channel had no valid reading (a value flagged N or T, as for
   limits and the aggregates; a value flagged M, C, D, F or S is none) for S seconds of agent time
   (from start, or from the reload that added its device or register, for a channel not yet seen) and
-  clears on its next valid reading. `fault: S` raises when a channel's readings have been flagged
-  B or D for S seconds and clears after `clear_delay` of readings with other flags. Their `value` is
-  the number of seconds the condition has lasted (0 when cleared) and their `threshold` is S.
+  clears on its next valid reading; none is raised once a stop has stopped the pollers (`polling_stopped`:
+  the backlog drain after SIGTERM is no instrument's silence). `fault: S` raises when a channel's
+  readings have been flagged B or D for S seconds and clears after `clear_delay` of readings with other
+  flags. Their `value` is the number of seconds the condition has lasted (0 when cleared) and their
+  `threshold` is S.
 - State across restarts: the active alarms (with action states and temperatures) are saved in meta
   `alarm_state` in the same transaction as each event; a restored alarm is not raised again and clears
   normally. That state is also kept beside the buffer file (`buffer.db.alarm_state`, after each
@@ -212,6 +214,7 @@ class AlarmEngine:
         self._windows_dirty = False
         self._windows_saved = self._started
         self._save_requested = False
+        self._polling_stopped = False
         self._errlog = RateLimitedLog(log, every_s=300)
         self._worker: _ActionWorker | None = None
         state = self._parse_state(saved_state)
@@ -323,7 +326,7 @@ class AlarmEngine:
         """About once a second (recorder thread): stale rules, action writes, saving windows."""
         self._take_config()
         now = self.clock()
-        for inst in self._stale:
+        for inst in () if self._polling_stopped else self._stale:
             if inst.active:
                 continue
             limit = inst.rule.alarm.stale
@@ -338,6 +341,12 @@ class AlarmEngine:
             self._windows_dirty = False
             self.recorder.set_meta("alarm_state", _dumps(self._state()))  # the temperatures, with the windows
             self.recorder.set_meta("alarm_windows", self._windows_json())
+
+    def polling_stopped(self) -> None:
+        """Any thread, at a stop, as the pollers are stopped: no reading comes any more, so the stale rules
+        stop counting (the agent's own stop, whose backlog drain lasts up to `shutdown_grace`, is no
+        instrument's silence: it raised every channel stale, cleared by the first poll after the restart)."""
+        self._polling_stopped = True
 
     def save_at_next_tick(self) -> None:
         """Any thread: save the state (windows included) at the next tick, so that the recorder's last

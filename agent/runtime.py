@@ -868,6 +868,7 @@ class Station:
         self.notifier.notify("STOPPING=1")
         if self.console is not None:
             self.console.stop()
+        self.alarms.polling_stopped()  # a stale rule must not take the stop for silent instruments
         for p in self.pollers:
             p.stop(close_drivers=False)  # their buses still carry the alarm actions of the last readings
         deadline = time.monotonic() + 10  # a poller stuck on a dead wire must not hold the stop

@@ -286,3 +286,26 @@ def test_a_device_removed_by_a_reload_during_its_poll_raises_no_stale_alarm(tmp_
 def stored_readings_of(db, device: str) -> int:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         return conn.execute("SELECT count(*) FROM readings WHERE device = ?", (device,)).fetchone()[0]
+
+
+def test_a_stop_during_a_link_outage_raises_no_stale_alarm_for_channels_that_answered(tmp_path, broker, collector):
+    """SIGTERM stops polling and then goes on publishing the backlog for up to `shutdown_grace` s; with the
+    link down the whole grace passes. The `*` stale rule went on counting meanwhile: every channel, whose
+    device answered to the last poll, was raised stale by the agent's own stop (in the buffer, in `status`),
+    and cleared by the first poll after the restart: a raise and a clear on the platform for instruments
+    that never stopped answering."""
+    db = tmp_path / "buffer.db"
+    config = sim_config(tmp_path, broker, devices=1, interval=0.5, channels=2, alarms=[{"channel": "*", "stale": 2}],
+                        mqtt={"shutdown_grace": 5})
+    cfg = write_config(tmp_path / "station.yaml", config)
+    agent = AgentProcess(cfg)
+    try:
+        wait_for(lambda: max(collector.reading_seqs() or [0]) >= 10, 20, "readings published")
+        broker.stop()  # the 4G link drops: the stop below waits the whole grace for it
+        before = stored_readings(db)
+        wait_for(lambda: stored_readings(db) >= before + 4, 10, "readings polled during the outage")
+    finally:
+        assert agent.stop() == 0
+    assert "stopped cleanly" in agent.log()
+    assert stored_alarms(db) == 0, "stale alarms raised while the agent itself was stopping"
+    assert status_alarms(cfg) == []
