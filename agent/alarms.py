@@ -33,6 +33,8 @@ Decisions (the README's alarm section repeats them for technicians):
   from when it was taken (the engine's clock less the reading's age, at most READING_AGE_MAX_S), not
   from when its batch was committed, and a delay is up POLL_JITTER_S early (a poll may start a few
   milliseconds after its turn): a delay of two poll intervals raises on the third value, always.
+  The readings polled while the buffer opened at a start, stored minutes later, have their age
+  reckoned from the clocks read as their poll was handed over (`held_poll_times`).
 - `window: S` compares the mean of the readings of the last S seconds (reading timestamps, kept in
   WINDOW_BUCKETS buckets of S/120) and is evaluated only once the readings cover MIN_WINDOW_COVERAGE
   of the window (span of the readings plus one poll interval, at most one interval per reading), so a
@@ -215,6 +217,7 @@ class AlarmEngine:
         self._windows_saved = self._started
         self._save_requested = False
         self._polling_stopped = False
+        self._held_polls: Mapping[tuple[str, int], tuple[float, int]] = {}
         self._errlog = RateLimitedLog(log, every_s=300)
         self._worker: _ActionWorker | None = None
         state = self._parse_state(saved_state)
@@ -308,7 +311,7 @@ class AlarmEngine:
             for r in readings:
                 if r.channel in self._cold_codes and _measured(r):
                     assert r.value is not None
-                    self._temps[r.device] = (r.value, _taken_at(now, wall, r.ts_ms))
+                    self._temps[r.device] = (r.value, self._taken(r, now, wall))
         for r in readings:
             key = f"{r.device}.{r.channel}"
             ch = self._channels.get(key)
@@ -317,10 +320,16 @@ class AlarmEngine:
                     continue  # polled before a reload removed its device or register (the poll was under way)
                 ch = self._channel(key)
             try:
-                self._observe_one(ch, r, _taken_at(now, wall, r.ts_ms))
+                self._observe_one(ch, r, self._taken(r, now, wall))
             except Exception:  # noqa: BLE001 - a bug met by one reading must not skip the rest of the batch
                 self._errlog.error("alarm evaluation failed on a reading of %s (%s, flag %s); the other readings "
                                    "are evaluated", key, r.value, r.flag, key=key, exc_info=True)
+
+    def _taken(self, r: Reading, now: float, wall: int) -> float:
+        """When `r` was taken on the monotonic clock (`_taken_at`): from the clocks read as its poll was
+        handed over when it waited for the buffer to open, else from the clocks read now."""
+        polled = self._held_polls.get((r.device, r.ts_ms)) if self._held_polls else None
+        return _taken_at(*polled, r.ts_ms) if polled is not None else _taken_at(now, wall, r.ts_ms)
 
     def tick(self) -> None:
         """About once a second (recorder thread): stale rules, action writes, saving windows."""
@@ -341,6 +350,14 @@ class AlarmEngine:
             self._windows_dirty = False
             self.recorder.set_meta("alarm_state", _dumps(self._state()))  # the temperatures, with the windows
             self.recorder.set_meta("alarm_windows", self._windows_json())
+
+    def held_poll_times(self, polls: Mapping[tuple[str, int], tuple[float, int]]) -> None:
+        """Any thread, at the start: when the polls whose readings waited in memory while the buffer opened
+        were taken, (device, ts_ms) -> (monotonic s, Unix ms) as the pollers handed them over; {} once they
+        are stored. Their delays count from then: taken as at most READING_AGE_MAX_S old when stored, after
+        a long opening (the start after a power cut), an exceedance of that time was squeezed into one
+        instant, and never lasted a rule's `delay`."""
+        self._held_polls = polls
 
     def polling_stopped(self) -> None:
         """Any thread, at a stop, as the pollers are stopped: no reading comes any more, so the stale rules

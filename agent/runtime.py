@@ -516,12 +516,14 @@ class Station:
             learn = getattr(driver, "learn_stored", None)
             if learn is not None:
                 learn(seen.get(driver.device_id, {}))
+        self.alarms.held_poll_times(self.sink.poll_times())  # their delays count from when they were polled
         held = self.sink.attach(self.recorder.submit, self.recorder.set_meta)
         if held or self.sink.dropped:
             self.recorder.flush()
             log.info("%d readings taken while the buffer was opened are stored%s", held,
                      f" ({self.sink.dropped} older ones were dropped: more than {self.sink.limit} waited)"
                      if self.sink.dropped else "")
+        self.alarms.held_poll_times({})
 
     def _opening(self) -> None:
         """Called every few seconds while the buffer's check, compaction or salvage runs (main thread). The

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from agent.model import Reading
+from agent.model import Reading, now_ms
 from agent.recorder import MAX_PENDING
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ class StartSink:
         self._submit: Callable[[Sequence[Reading]], None] | None = None
         self._set_meta: Callable[[str, str], None] | None = None
         self.dropped = 0  # readings dropped while held (over `limit`)
+        # (device, ts_ms) of each poll held -> (monotonic s, Unix ms) when it was handed over: for the alarm
+        # delays, which count from when a value was polled (`poll_times`)
+        self._polled: dict[tuple[str, int], tuple[float, int]] = {}
 
     def submit(self, readings: Sequence[Reading]) -> None:
         """A poller's readings: held until `attach`, then handed over at once. Never blocks for long."""
@@ -43,6 +47,9 @@ class StartSink:
                 self._submit(readings)
                 return
             self._held.extend(readings)
+            clocks = (time.monotonic(), now_ms())
+            for r in readings:
+                self._polled.setdefault((r.device, r.ts_ms), clocks)
             overflow = len(self._held) - self.limit
             if overflow > 0:
                 for _ in range(overflow):
@@ -65,12 +72,19 @@ class StartSink:
         with self._lock:
             return len(self._held)
 
+    def poll_times(self) -> dict[tuple[str, int], tuple[float, int]]:
+        """When each poll held so far was handed over: (device, ts_ms) -> (monotonic s, Unix ms), both
+        clocks read at once (`AlarmEngine.held_poll_times`)."""
+        with self._lock:
+            return dict(self._polled)
+
     def attach(self, submit: Callable[[Sequence[Reading]], None], set_meta: Callable[[str, str], None]) -> int:
         """Hand what is held to the recorder (`Recorder.submit`, `Recorder.set_meta`), in order, and
         forward everything from now on; returns how many readings were held."""
         with self._lock:
             held = list(self._held)
             self._held.clear()
+            self._polled.clear()
             for key, value in self._meta.items():
                 set_meta(key, value)
             self._meta.clear()

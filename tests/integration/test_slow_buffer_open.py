@@ -28,7 +28,7 @@ from harness import AgentProcess, Collector, build_preload_shim, sim_config, wai
 from instruments import ModbusTcpServer, Unit
 
 from agent.buffer import Buffer
-from agent.model import Reading
+from agent.model import Reading, iso_utc_ms
 
 STALL_S = 4.0
 INTERVAL = 0.2
@@ -254,3 +254,58 @@ def test_sigterm_while_the_buffer_opens_stores_what_was_polled(broker, tmp_path)
     assert "stopped cleanly" in log, log[-3000:]
     rows = _rows(db, old_last, "sim0")
     assert len(rows) >= 2, f"the readings polled before the stop were not stored:\n{log[-3000:]}"
+
+
+def test_an_exceedance_while_the_buffer_opens_raises_its_alarm_counted_from_when_it_was_polled(broker, tmp_path):
+    """The start after a power cut: the buffer takes long to open, the pollers' readings wait in memory.
+    The COD rises above its limit for longer than the rule's `delay` and falls back, all while the file
+    opens. SPEC §2: the delay counts on a monotonic clock from the first value beyond the limit. The alarm
+    engine took every reading held over 5 s as taken 5 s before it was stored: the exceedance, squeezed
+    into one instant, never lasted the delay, and no alarm was raised for it (after a long opening, an
+    alarm was raised a whole opening late)."""
+    delay = 2.0
+    unit = Unit(1, holding={0: 300})  # COD 30.0 mg/L: within the limit
+    server = ModbusTcpServer([unit]).start()
+    so = build_preload_shim(STALL_C, "slowopen", tmp_path, "slow buffer open")
+    collector = Collector(broker, "env/TEST0001/#")
+    config = sim_config(tmp_path, broker, devices=0,
+                        alarms=[{"channel": "cod.w01018", "above": 50, "delay": delay}])
+    config["buses"] = {"lan": {"type": "tcp", "host": "127.0.0.1", "port": server.port, "timeout": 10}}
+    config["devices"] = {"cod": {"bus": "lan", "slave": 1, "interval": INTERVAL, "registers": [
+        {"channel": "w01018", "address": 0, "type": "uint16", "scale": 0.1, "unit": "mg/L"}]}}
+    db = Path(config["storage"]["path"])
+    release = tmp_path / "release-the-opening"
+    agent = AgentProcess(write_config(tmp_path / "agent.yaml", config),
+                         env={"LD_PRELOAD": str(so), "SLOW_OPEN_PATH": str(db), "SLOW_OPEN_RELEASE": str(release)})
+    try:
+        wait_for(lambda: "SHIM: stalling" in agent.log(), 60, "the opening under way")
+
+        def polled_for(seconds: float, since: float) -> bool:
+            return bool(unit.reads()) and unit.reads()[-1] - since >= seconds
+
+        unit.put("holding", 0, 600)  # 60.0 mg/L: above the limit ...
+        rose = time.monotonic()
+        wait_for(lambda: polled_for(delay + 1, rose), 30, "the exceedance polled for longer than the delay")
+        unit.put("holding", 0, 300)  # ... and back, then 6 s more: every value beyond is held over 5 s
+        fell = time.monotonic()
+        wait_for(lambda: polled_for(6, fell), 30, "the values back within polled for 6 s")
+        assert "open: readings last seq" not in agent.log(), "opened before the release"
+        release.touch()
+        wait_for(lambda: "running:" in agent.log(), 60, "the agent running")
+
+        def alarm_events() -> list[dict]:
+            by_seq = {m["alarm"]["seq"]: m["alarm"] for m in collector.json_messages("/alarm")}
+            return [by_seq[s] for s in sorted(by_seq)]
+
+        wait_for(lambda: [a["state"] for a in alarm_events()] == ["raised", "cleared"], 20,
+                 "the exceedance's alarm raised and cleared")
+        raised = alarm_events()[0]
+        above = [ts for _, ch, ts, value in _rows(db, 0, "cod") if value == 60]
+        assert (raised["id"], raised["value"], raised["threshold"]) == ("cod.w01018:above", 60, 50)
+        # raised by the first value beyond the limit taken `delay` after the first one, as it was polled
+        first_due = next(ts for ts in above if ts >= above[0] + (delay - 0.1) * 1000)
+        assert raised["ts"] == iso_utc_ms(first_due)
+    finally:
+        collector.close()
+        agent.stop()
+        server.close()
