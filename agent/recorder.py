@@ -95,6 +95,8 @@ class Recorder(threading.Thread):
         self._beside_due: set[str] = set()  # meta keys to keep beside the file once committed (set_meta)
         # Meta keys whose copy beside the file is looked after (watch_beside): True until it was compared once.
         self._beside_watched: dict[str, bool] = {}
+        # Meta keys whose copy beside the file this run wrote or found there: only such a copy gone is news
+        self._beside_seen: set[str] = set()
         # Alarm events up to this seq may be published: their state is kept beside the file (stored_upto)
         self._alarms_released = buffer.last_seq(STREAM_ALARMS)
         self._listeners: list[Callable[[], None]] = []
@@ -483,6 +485,8 @@ class Recorder(threading.Thread):
             except OSError as exc:
                 self._errlog.error("cannot keep %s beside the buffer file (%s): should the file be lost, a fresh "
                                    "one would start without it", key, exc)
+                continue
+            self._beside_seen.add(key)
 
     def _after_commit(self, stored: list[Reading], events: list) -> None:
         """Tell the listeners (alarm engine, aggregator, publisher) and do the periodic housekeeping.
@@ -686,22 +690,31 @@ class Recorder(threading.Thread):
         """Write a watched copy beside the file (`watch_beside`) again from the buffer when it is missing,
         or at the first check when it is damaged (not a JSON object; one that merely differs is an older
         copy, as meta saved without `keep_beside` leaves it). A value waiting to be committed, or committed
-        and waiting to be kept beside, is written at its own commit instead."""
+        and waiting to be kept beside, is written at its own commit instead. A warning says a copy gone or
+        damaged; one never written yet (meta saved without `keep_beside` only: a station that never raised
+        an alarm) is written with an info line (it was "missing" at every start, on every gateway)."""
         with self._cond:
             due = {k: compare for k, compare in self._beside_watched.items()
                    if k not in self._beside_due and k not in self._meta}
         for key, compare in due.items():
             path = self.buffer.beside_path(key)
             try:
-                if not compare and path.exists():
-                    continue
+                if path.exists():
+                    self._beside_seen.add(key)
+                    if not compare:
+                        continue
                 value = self.buffer.meta_value(key)
                 kept = self.buffer.beside_value(key) if compare and value is not None else None
                 if value is not None and (not compare or not _json_object(kept)):
                     self.buffer.keep_beside(key, value)
-                    log.warning("%s %s: written again from the buffer", path,
-                                "was deleted while the agent runs" if not compare else "was missing" if kept is None
-                                else "was damaged (not a JSON object: truncated or corrupt)")
+                    if kept is not None:
+                        log.warning("%s was damaged (not a JSON object: truncated or corrupt): written again from "
+                                    "the buffer", path)
+                    elif key in self._beside_seen:
+                        log.warning("%s was deleted while the agent runs: written again from the buffer", path)
+                    else:
+                        log.info("%s written from the buffer (kept beside it from now on)", path)
+                    self._beside_seen.add(key)
             except (OSError, sqlite3.Error) as exc:
                 self._errlog.error("cannot write %s from the buffer (%s): should the buffer file be lost, a fresh one "
                                    "would start without it; trying again every %.0f s", path, exc,

@@ -40,6 +40,27 @@ def kept_active(path) -> list[str] | None:
         return None
 
 
+def test_a_station_without_alarms_keeps_its_state_beside_the_buffer_without_a_warning(tmp_path, broker):
+    """A station that never raised an alarm saves its state in the buffer at a stop (and with its windows);
+    the copy beside it, never written yet, was then found "missing" (or "deleted while the agent runs")
+    in a WARNING line at the next start, on every gateway: a false alarm for the operator. It is written
+    from the buffer without one."""
+    kept = tmp_path / "buffer.db.alarm_state"
+    cfg = write_config(tmp_path / "station.yaml", station(tmp_path, broker, cod_mean=10))
+    db = tmp_path / "buffer.db"
+    for _ in range(2):  # a first start, then the next
+        agent = AgentProcess(cfg)
+        try:
+            stored = db_last_seq(db)
+            wait_for(lambda stored=stored: db_last_seq(db) > stored + 20, 20, "readings")
+            wait_for(lambda: agent.log().count("running:") >= 1, 10, "the station running")
+        finally:
+            assert agent.stop() == 0
+        assert "written again from the buffer" not in agent.log(), agent.log()
+        assert " WARNING " not in agent.log().replace("system clock not synchronised", ""), agent.log()
+    assert kept_active(kept) == [], "the state is kept beside the buffer all the same"
+
+
 def test_the_state_deleted_while_running_is_written_again_and_the_agent_goes_on(tmp_path, broker, collector):
     db = tmp_path / "buffer.db"
     kept = tmp_path / "buffer.db.alarm_state"
