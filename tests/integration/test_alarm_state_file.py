@@ -53,7 +53,6 @@ def test_a_station_without_alarms_keeps_its_state_beside_the_buffer_without_a_wa
         try:
             stored = db_last_seq(db)
             wait_for(lambda stored=stored: db_last_seq(db) > stored + 20, 20, "readings")
-            wait_for(lambda: agent.log().count("running:") >= 1, 10, "the station running")
         finally:
             assert agent.stop() == 0
         assert "written again from the buffer" not in agent.log(), agent.log()

@@ -1741,24 +1741,22 @@ devices:
     assert "its own serial bus" in problems[0].message, problems[0].message
 
 
+def with_tcp_bus_and_uplinks(tmp_path: Path, bus_host: str, uplink_hosts: list[str]) -> str:
+    """GOOD with a Modbus TCP bus `lan` at `bus_host` (and a device on it) and HJ 212 uplinks to `uplink_hosts`."""
+    uplinks = "".join(f'    - {{host: "{host}", port: 9000}}\n' for host in uplink_hosts)
+    text = port_here(tmp_path, GOOD) + "  plc: {bus: lan, slave: 1, profile: cod-analyzer}\n"
+    text += 'hj212:\n  st: 32\n  pw: "123456"\n  uplinks:\n' + uplinks
+    return text.replace("buses:\n", f'buses:\n  lan: {{type: tcp, host: "{bus_host}", port: 502}}\n')
+
+
 def test_a_host_that_no_connection_can_reach_is_a_problem_at_its_line(tmp_path: Path) -> None:
     """`host:` of a Modbus TCP bus or an HJ 212 uplink, and the host of the broker url, took any text:
     an address pasted with its port (`192.168.1.50:502`), a URL from a browser, a space typed in it.
     check-config said OK; on site the agent never reached the instrument or platform (every poll null,
     flag B) and the technician had left. Names, IPv4 and IPv6 addresses pass, as does `${NAME}`; a
     user and password written in a host are refused without being shown."""
-    text = (port_here(tmp_path, GOOD) + textwrap.dedent("""\
-          plc: {bus: lan, slave: 1, profile: cod-analyzer}
-        hj212:
-          st: 32
-          pw: "123456"
-          uplinks:
-            - {host: "tcp://10.20.0.6", port: 9000}
-            - {host: platform.example, port: 9000}
-            - {host: "fe80::1", port: 9000}
-            - {host: "${PLATFORM}", port: 9000}
-            - {host: "admin:Hunter2@10.20.0.7", port: 9000}
-        """)).replace("buses:\n", "buses:\n  lan: {type: tcp, host: \"192.168.1.50:502\", port: 502}\n")
+    text = with_tcp_bus_and_uplinks(tmp_path, "192.168.1.50:502", [
+        "tcp://10.20.0.6", "platform.example", "fe80::1", "${PLATFORM}", "admin:Hunter2@10.20.0.7"])
     text = text.replace("url: mqtt://127.0.0.1:1883", "url: mqtt://broker example:1883")
     path = write(tmp_path, text)
     assert [p.split(": ", 1)[1] for p in problems_of(path, env={"PLATFORM": "10.20.0.5"})] == [
@@ -1782,14 +1780,7 @@ def test_a_host_that_no_connection_can_reach_is_a_problem_at_its_line(tmp_path: 
 def test_an_ipv6_host_written_in_brackets_is_the_address_the_agent_connects_to(tmp_path: Path) -> None:
     """`[fe80::1]` (an IPv6 address as URLs write it) passed check-config for a bus or an uplink, then every
     connection failed: a socket takes the address without brackets. It is taken without them."""
-    text = (port_here(tmp_path, GOOD) + textwrap.dedent("""\
-          plc: {bus: lan, slave: 1, profile: cod-analyzer}
-        hj212:
-          st: 32
-          pw: "123456"
-          uplinks:
-            - {host: "[fe80::1]", port: 9000}
-        """)).replace("buses:\n", "buses:\n  lan: {type: tcp, host: \"[::1]\", port: 502}\n")
+    text = with_tcp_bus_and_uplinks(tmp_path, "[::1]", ["[fe80::1]"])
     config = load_config(write(tmp_path, text), env={})
     assert (config.buses["lan"].host, config.hj212.uplinks[0].host) == ("::1", "fe80::1")
 
