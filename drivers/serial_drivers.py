@@ -465,8 +465,10 @@ class Pms5003Driver(StreamDriver):
     Passive mode when the sensor supports it: the passive-mode command is sent at every open of the
     port and at each poll until the sensor answers it; from then on each poll sends a read command and
     waits (at most the bus timeout, capped at half the interval) for the frame it asks for. A sensor
-    that does not answer, or stops answering read commands (power-cycled: back in active mode), is
-    sent the passive-mode command again; streaming frames are accepted all the time.
+    that does not answer a read command (power-cycled: back in active mode) is sent the passive-mode
+    command again, and the next poll still asks and waits: an answer broken on the line (bad
+    checksum) costs that poll its frame, not the next one too. Streaming frames are accepted all the
+    time.
     """
 
     protocol = "pms5003"
@@ -517,11 +519,9 @@ class Pms5003Driver(StreamDriver):
         wait = min(self.line.timeout, max(0.05, self.interval / 2))
         with self._cond:
             answered = self._cond.wait_for(lambda: self.frames > before, timeout=wait)
-            if not answered:
-                self.passive = False  # probe the mode again at the next poll
-                self._mode_base = None
         if not answered:
             log.debug("device %s: no answer to the read command within %.2f s", self.device_id, wait)
+            self._send_mode()  # in case it was power-cycled (back in active mode); still read at the next poll
 
     def stats(self) -> dict[str, int]:
         return {**super().stats(), "passive": int(self.passive), "mode_commands": self.mode_commands,

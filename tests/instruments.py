@@ -17,7 +17,8 @@ and its own simulators cannot hide here.
   (`_Later`); a unit answers its own requests in order.
 - `put_value`: writes a value of any SPEC §2 type in any order into a table.
 - `pms5003_frame`, `sds011_frame`, `hj212_packet`: serial frames with their own checksums, and
-  `SerialStreamer`, which writes bytes into a pty in pieces chosen by the test.
+  `SerialStreamer`, which writes bytes into a pty in pieces chosen by the test; `PassivePms5003`, a
+  PMS5003 in passive mode answering the agent's read commands.
 """
 
 from __future__ import annotations
@@ -458,6 +459,42 @@ def hj212_packet(segment: str, *, corrupt: bool = False) -> bytes:
     data = segment.encode("ascii")
     crc = crc212(data) ^ (0x0001 if corrupt else 0)
     return b"##" + f"{len(data):04d}".encode() + data + f"{crc:04X}".encode() + b"\r\n"
+
+
+class PassivePms5003(_LinkedPty):
+    """A PMS5003 as its datasheet describes it, on a pty linked at `link`: it streams nothing once the
+    passive-mode command `42 4D E1 00 00 ..` came (answered `42 4D 00 04 E1 00 cs`), and answers each
+    read command `42 4D E2 ..` with one data frame whose words all hold the count of reads answered
+    (1, 2, ...). The answers numbered in `corrupt` go out with a bad checksum."""
+
+    def __init__(self, link: os.PathLike | str, corrupt: set[int] | None = None):
+        super().__init__(link, "indep-pms5003")
+        self.corrupt = set(corrupt or ())
+        self.passive = False
+        self.answered = 0
+        self._thread.start()
+
+    def _run(self) -> None:
+        buf = b""
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self.master], [], [], 0.05)
+            if not ready:
+                continue
+            try:
+                buf += os.read(self.master, 512)
+            except OSError:
+                time.sleep(0.02)
+                continue
+            while (start := buf.find(b"\x42\x4d")) >= 0 and len(buf) - start >= 7:
+                command, data = buf[start + 2], buf[start + 4]
+                buf = buf[start + 7:]
+                if command == 0xE1:
+                    self.passive = data == 0
+                    body = bytes([0x42, 0x4D, 0x00, 0x04, 0xE1, data])
+                    os.write(self.master, body + (sum(body) & 0xFFFF).to_bytes(2, "big"))
+                elif command == 0xE2 and self.passive:
+                    self.answered += 1
+                    os.write(self.master, pms5003_frame([self.answered] * 13, corrupt=self.answered in self.corrupt))
 
 
 class SerialStreamer(_LinkedPty):

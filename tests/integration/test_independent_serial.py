@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from harness import AgentProcess, Collector, sim_config, wait_for, write_config
-from instruments import SerialStreamer, hj212_packet, pms5003_frame, sds011_frame
+from instruments import PassivePms5003, SerialStreamer, hj212_packet, pms5003_frame, sds011_frame
 
 INTERVAL = 1.0
 POISON = 4444  # the value every broken frame carries: it must never be published
@@ -265,3 +265,28 @@ def test_a_streaming_sds011_is_not_taken_for_one_in_query_mode(station, collecto
         sensor.join(5)
     assert "query mode" not in agent.log(), agent.log()[-3000:]
     assert line.received[sent:] == b"", "nothing is sent to a streaming sensor"
+
+
+def test_one_broken_answer_of_a_pms5003_in_passive_mode_costs_one_interval_not_two(tmp_path, broker, collector):
+    """The agent puts a PMS5003 in passive mode and asks it for a frame at each poll. One answer broken
+    on the line (bad checksum) leaves its interval without a valid frame: null/B for that poll. The
+    sensor answers the next read command as always, so the next poll reads its frame: a healthy sensor
+    that answered within milliseconds must not read as a communication failure."""
+    sensor = PassivePms5003(tmp_path / "ttyPMS", corrupt={3})
+    config = sim_config(tmp_path, broker, devices=0)
+    config["buses"] = {"uart": {"type": "serial", "port": sensor.path, "baudrate": 9600}}
+    config["devices"] = {"dev": {"bus": "uart", "driver": "pms5003", "interval": INTERVAL}}
+    agent = AgentProcess(write_config(tmp_path / "station.yaml", config))
+    try:
+        wait_for(lambda: any((r["value"] or 0) >= 6 for r in readings(collector, "a34004")), 30,
+                 "the sixth frame asked for")
+        got = readings(collector, "a34004")
+        assert all(r["value"] is None for r in got if r["flag"] != "N"), got
+        flags = [r["flag"] for r in got]
+        first = flags.index("N")
+        assert flags[first:].count("B") == 1, f"one broken answer, one interval null/B: {got}"
+        asked = [int(r["value"]) for r in got if r["flag"] == "N"]
+        assert asked == [v for v in range(asked[0], asked[-1] + 1) if v != 3], "each poll reads the frame it asked for"
+    finally:
+        assert agent.stop() == 0, agent.log()[-3000:]
+        sensor.close()

@@ -236,10 +236,11 @@ def test_pms5003_that_answers_the_mode_command_is_read_on_demand(tmp_path, built
             assert {r.channel: r.value for r in readings} == sensor.sent[-1], "the frame asked for in this poll"
             assert all(r.flag == "N" for r in readings)
         assert sum(1 for cmd, _ in sensor.commands if cmd == PMS5003_CMD_READ) >= 3
-        # The sensor stops answering: flag B, and the mode is probed again; then it answers again.
+        # The sensor stops answering: flag B, and the mode command is sent again; then it answers again.
         sensor.silent = True
+        mode_commands = pm.stats()["mode_commands"]
         assert all(r.value is None and r.flag == "B" for r in pm.poll(2))
-        assert not pm.passive
+        assert pm.stats()["mode_commands"] == mode_commands + 1
         sensor.silent = False
         wait_for(lambda: pm.poll(3)[4].value is not None, 10, "readings again")
         # Passive again at a poll after the sensor's answer to the mode command, which may come after
