@@ -553,7 +553,10 @@ class _TcpLink(_Link):
         it answers) and is dropped; a frame still arriving stays in `_buf` (its end comes later). A
         connection the peer closed is noticed here. The late answers still possible are those of the
         requests in their late window: more bytes than those could be (with a frame of slack), or bytes
-        that keep coming for `timeout`, are a peer that sends what nobody asked for: `_Flood`."""
+        that keep coming for `timeout`, are a peer that sends what nobody asked for: `_Flood`. When no
+        request waits for its answer any more, no byte received can be (the start of) one: a peer that
+        sends more than its MBAP length says (a serial converter forwarding an RTU answer's CRC too)
+        leaves bytes that would otherwise put the next answer out of step, refused at every poll."""
         buf = self._buf
         self._prune()
         budget = self._MAX_FRAME * (len(self._sent) + 2)
@@ -561,6 +564,9 @@ class _TcpLink(_Link):
         dropped = 0
         try:
             while True:
+                if not self._sent:
+                    self.stats.discarded_bytes += len(buf)
+                    del buf[:]
                 while (frame := _take_mbap_frame(buf)) is not None:
                     owner = self._claim(*frame[1:])
                     if owner is not None:

@@ -251,6 +251,23 @@ def test_trailing_garbage_after_an_answer_never_gives_a_wrong_value(kind, tmp_pa
         server.close()
 
 
+def test_bytes_after_a_tcp_answer_are_not_taken_for_the_start_of_the_next_one(tmp_path, run_station, collector):
+    """A Modbus TCP peer that sends two bytes more than its MBAP length says after each answer (a serial
+    converter forwarding the RTU answer's CRC too). No request waits for them, so they are dropped: with
+    `retries: 0` neither that unit nor its neighbour on the same connection reads null/B because of them
+    (the neighbour's answer was read with them in front, out of step, and refused at every poll)."""
+    good, bad = _two_units("trailing")
+    server, bus = serve("tcp", [good, bad], tmp_path, timeout=0.3, retries=0)
+    try:
+        run_station({"line": bus}, _devices("line"))
+        wait_for(lambda: len(readings(collector, "bad")) >= 5 and len(readings(collector, "cod")) >= 5, 30,
+                 "five polls of each device")
+        assert {(r["value"], r["flag"]) for r in readings(collector, "cod")} == {(23.4, "N")}
+        assert {(r["value"], r["flag"]) for r in readings(collector, "bad")} == {(0x1234, "N")}
+    finally:
+        server.close()
+
+
 STATUS_WORDS = [
     ({"role": "status", "flags": {0: "N", 1: "M", 2: "D"}}, 2, "D"),
     ({"role": "status", "flags": {0: "N", 1: "M", 2: "D"}}, 1, "M"),
