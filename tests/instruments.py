@@ -30,6 +30,7 @@ import struct
 import threading
 import time
 import tty
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from hj212_platform import crc212  # HJ 212's CRC: the test platform's, from DOMAIN.md, not the project's
@@ -332,6 +333,18 @@ class _LinkedPty:
     def _run(self) -> None:
         raise NotImplementedError
 
+    def _chunks(self) -> Iterator[bytes]:
+        """What the agent writes on the line, as it comes, until `close()` (a port the agent closed reads
+        nothing: the slave end stays open here)."""
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self.master], [], [], 0.05)
+            if not ready:
+                continue
+            try:
+                yield os.read(self.master, 512)
+            except OSError:
+                time.sleep(0.02)
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)
@@ -362,15 +375,8 @@ class ModbusRtuSlave(_LinkedPty):
 
     def _run(self) -> None:
         buf = b""
-        while not self._stop.is_set():
-            ready, _, _ = select.select([self.master], [], [], 0.05)
-            if not ready:
-                continue
-            try:
-                buf += os.read(self.master, 512)
-            except OSError:
-                time.sleep(0.02)  # the agent closed the port; the slave end stays open here
-                continue
+        for chunk in self._chunks():
+            buf += chunk
             while True:
                 n = _rtu_request_length(buf)
                 if n is None or len(buf) < n:
@@ -476,15 +482,8 @@ class PassivePms5003(_LinkedPty):
 
     def _run(self) -> None:
         buf = b""
-        while not self._stop.is_set():
-            ready, _, _ = select.select([self.master], [], [], 0.05)
-            if not ready:
-                continue
-            try:
-                buf += os.read(self.master, 512)
-            except OSError:
-                time.sleep(0.02)
-                continue
+        for chunk in self._chunks():
+            buf += chunk
             while (start := buf.find(b"\x42\x4d")) >= 0 and len(buf) - start >= 7:
                 command, data = buf[start + 2], buf[start + 4]
                 buf = buf[start + 7:]
@@ -507,13 +506,8 @@ class SerialStreamer(_LinkedPty):
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            ready, _, _ = select.select([self.master], [], [], 0.05)
-            if ready:
-                try:
-                    self.received += os.read(self.master, 512)
-                except OSError:
-                    time.sleep(0.02)
+        for chunk in self._chunks():
+            self.received += chunk
 
     def send(self, data: bytes) -> None:
         os.write(self.master, data)
