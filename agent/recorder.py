@@ -49,6 +49,9 @@ VERIFY_EVERY_S = 600.0
 
 
 DISK_FULL_BYTES = 1024 * 1024  # a refused write with less than this free on the disk: the disk is full
+# What one reading takes in the file at most (its row, its share of the pages and of the time index), to
+# size the transactions that work off a backlog held in memory within the room an eviction left.
+READING_BYTES = 200
 
 
 def _free_bytes(path: Path) -> int | None:
@@ -109,6 +112,10 @@ class Recorder(threading.Thread):
         self._stopping = False
         self._flush_requested = 0
         self._flushed = 0
+        # Readings per transaction while a backlog held in memory is worked off (None: all that wait). Set by
+        # a write the cap refused, to what the room left by the eviction holds: one transaction for a backlog
+        # larger than the cap was refused for ever, every reading taken since waiting behind it, then lost.
+        self._commit_limit: int | None = None
         # (device, channel) -> [last reading, time of the last valid one, good count, bad count]
         self._channels: dict[tuple[str, str], list] = {
             (c["device"], c["channel"]): [
@@ -352,7 +359,8 @@ class Recorder(threading.Thread):
         while True:
             with self._cond:
                 self._cond.wait_for(self._has_work, timeout=1.0)
-                if self._pending and not self._stopping and self._flushed >= self._flush_requested:
+                if (self._pending and not self._stopping and self._flushed >= self._flush_requested
+                        and self._commit_limit is None):  # (a backlog being worked off goes on at once)
                     # Group commit: let the interval fill up before writing, unless nothing more
                     # will come within it (checked again at every hand-over).
                     deadline = time.monotonic() + self.commit_interval
@@ -373,8 +381,12 @@ class Recorder(threading.Thread):
                     self._flushed = max(self._flushed, flush_target)
                 self._cond.notify_all()
             if stopping:
-                if self._pending or self._events:
-                    self._commit_once(final=True)  # once more: the failed commit made room if it could
+                # Once more (the failed commit made room if it could), and on while a backlog goes in in parts.
+                while self._pending or self._events:
+                    left = len(self._pending) + len(self._events)
+                    self._commit_once(final=True)
+                    if len(self._pending) + len(self._events) >= left:
+                        break
                 self._report_unwritten()
                 if not self._reopen:  # (a writer that lost its connection has no file of its own to put back)
                     self._check_path(stopping=True)
@@ -424,8 +436,11 @@ class Recorder(threading.Thread):
                 time.sleep(min(self.commit_interval, 1.0))
                 return
         with self._cond:
-            batch = list(self._pending)
-            self._pending.clear()
+            if self._commit_limit is None or len(self._pending) <= self._commit_limit:
+                batch = list(self._pending)
+                self._pending.clear()
+            else:  # the oldest part of a backlog, in whole polls: the rest in the next transactions
+                batch = self._take_whole_polls(self._commit_limit)
             events = self._events
             self._events = []
             gaps = self._gaps_announced
@@ -457,6 +472,11 @@ class Recorder(threading.Thread):
             self.buffer.rollback()
             self._on_write_error(exc, batch, events, gaps, meta)
             return
+        with self._cond:
+            if not self._pending:
+                self._commit_limit = None
+            elif self._commit_limit is not None:  # taken: the next part may be larger (a failure sizes it again)
+                self._commit_limit *= 2
         if self.write_error is not None:
             log.warning("buffer writes work again after %.0f s: %d readings held in memory meanwhile are stored",
                         time.monotonic() - self._write_error_since, len(batch))
@@ -549,6 +569,7 @@ class Recorder(threading.Thread):
                 self._errlog.error("buffer write refused (%s): evicting to make room; %d readings wait in memory",
                                    exc, len(batch))
             self._make_room(target)
+            self._limit_commits_to_room()
             try:
                 self.buffer.give_wal_back()  # the WAL's space back to the disk, a frame in it again
             except sqlite3.Error:
@@ -557,6 +578,27 @@ class Recorder(threading.Thread):
         else:
             self._errlog.error("buffer write failed (%s); %d readings kept in memory, retrying", exc, len(batch))
             time.sleep(min(self.commit_interval, 1.0))
+
+    def _take_whole_polls(self, limit: int) -> list[Reading]:
+        """The oldest `limit` readings waiting, and the rest of the poll the last of them belongs to (a
+        poll's readings are stored in one transaction: readers group them by device and time; caller
+        holds `_cond`)."""
+        pending = self._pending
+        batch = [pending.popleft() for _ in range(limit)]
+        last = batch[-1]
+        while pending and pending[0].device == last.device and pending[0].ts_ms == last.ts_ms:
+            batch.append(pending.popleft())
+        return batch
+
+    def _limit_commits_to_room(self) -> None:
+        """After an eviction for a write the cap refused: the next transactions take at most the readings the
+        room left below the cap holds, so that a backlog larger than the cap goes in part by part (each part
+        evicted in its turn, as the oldest unpublished readings, with its gap) instead of never."""
+        try:
+            room = self.max_bytes - self.buffer.used_bytes()
+        except sqlite3.Error:
+            return
+        self._commit_limit = max(1, room // READING_BYTES)
 
     def _rescue_corrupt(self, exc: Exception) -> None:
         """The file turned out corrupt while running: rescue it (readers notice the new file)."""
