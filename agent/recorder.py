@@ -36,6 +36,9 @@ ACK_PERSIST_EVERY_S = 5.0  # acknowledged watermark written at most this often (
 SIZE_CHECK_EVERY_S = 5.0
 PATH_CHECK_EVERY_S = 5.0  # that the buffer's path still names the file written (one stat)
 PURGE_EVERY_S = 600.0
+# The first pass, this long after a start: at PURGE_EVERY_S, an agent restarted more often than that (a crash
+# loop, a flaky power supply) never purged by age, and only `max_mb` bounded the file
+PURGE_FIRST_S = 10.0
 PURGE_CATCHUP_S = 5.0  # the next pass, while a pass found more than it may delete at once (PURGE_MAX_ROWS)
 MAX_PENDING = 500_000  # readings held in memory while the disk refuses writes
 # Rows an eviction deletes per transaction. Every page a transaction frees goes through the WAL, so one
@@ -126,7 +129,7 @@ class Recorder(threading.Thread):
         self._channels_dirty = False
         self._last_snapshot = self._last_ack_persist = self._last_size_check = self._last_path_check = 0.0
         self._wal_held = False
-        self._next_purge = time.monotonic() + PURGE_EVERY_S
+        self._next_purge = time.monotonic() + PURGE_FIRST_S
         self.age_clock = AgeClock()  # the purge's "now": a clock set days ahead by mistake purges nothing early
         self.age_clock.now_ms()  # from the start: a step before the first purge pass is not followed either
         self.dropped_in_memory = 0
@@ -671,7 +674,7 @@ class Recorder(threading.Thread):
                 if self.buffer.purge_cut_short:  # a station storing more than PURGE_MAX_ROWS in 10 minutes (audit Y)
                     self._next_purge = now + PURGE_CATCHUP_S
                 if n:
-                    log.info("purged %d published rows stored more than %s days ago", n, self.keep_sent_days)
+                    log.info("purged %d published rows stored more than %g days ago", n, self.keep_sent_days)
             except sqlite3.Error as exc:
                 self.buffer.rollback()
                 self._errlog.error("purge failed: %s", exc)
