@@ -658,7 +658,7 @@ def decode(
         try:  # what the frame would say, for an answer naming its QN (QnRtn 9): never to be acted on. Line
             # noise that broke the CRC may also have set bytes over 0x7F: read as '?', as `_not_ascii` does
             error.packet = _parse_segment(_NON_ASCII.sub(b"?", data).decode("ascii"))
-        except (Hj212Error, UnicodeDecodeError):
+        except Hj212Error:
             pass
         raise error
     bad = _NON_PRINTABLE.search(data)

@@ -18,7 +18,6 @@ import select
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -59,8 +58,8 @@ class SeqTracker:
     # Resends asked for on P/cmd, not yet answered: id -> their seq range (None: by time, any seq).
     resends: dict[str, tuple[int, int] | None] = field(default_factory=dict)
     started_in_resend: bool = False  # tail's first readings came during a resend: until its answer or a jump
-    packets: set[int] = field(default_factory=set)  # the contents of the HJ 212 data packets seen (hashed)
-    packet_order: deque[int] = field(default_factory=deque)  # ...oldest first
+    # The contents of the HJ 212 data packets seen (hashed), oldest first (a dict keeps insertion order)
+    packets: dict[int, None] = field(default_factory=dict)
 
     def see_packet(self, kind: str, packet: Packet) -> str:
         """`DUP` when a data packet (one with a DataTime) with the same command, station, DataTime and
@@ -72,10 +71,9 @@ class SeqTracker:
         key = hash((kind, packet.cn, packet.mn, tuple(packet.items())))
         if key in self.packets:
             return "DUP"
-        self.packets.add(key)
-        self.packet_order.append(key)
-        if len(self.packet_order) > MAX_PACKETS_REMEMBERED:
-            self.packets.discard(self.packet_order.popleft())
+        self.packets[key] = None
+        if len(self.packets) > MAX_PACKETS_REMEMBERED:
+            del self.packets[next(iter(self.packets))]
         return ""
 
     def lost_sight(self) -> None:
