@@ -83,11 +83,18 @@ class CertWatch:
 
     def context(self) -> ssl.SSLContext:
         """The client context of the files as they are now (TlsFilesError when they cannot make one);
-        remembered as the connection's (`renewed`, `in_use`)."""
+        remembered as the connection's (`renewed`, `in_use`), with the expiry of the certificate it was
+        built of: a renewal renamed into place after `check` read the expiry had the connection use the
+        renewed files while `status` said the old date until the next check (an hour). Files replaced
+        while they are read are read again (a renewal renames two files: at most a few times)."""
         s = self.settings
-        digest = self._files_digest()
-        ctx = tls_context(s.tls_ca, s.tls_cert, s.tls_key, names=s.tls_names)
-        self._digest, self.in_use = digest, self.not_after
+        for _ in range(3):
+            digest = self._files_digest()
+            ctx = tls_context(s.tls_ca, s.tls_cert, s.tls_key, names=s.tls_names)
+            expiry = not_after(s.tls_cert) if s.tls_cert else None
+            if self._files_digest() == digest:
+                break
+        self._digest, self.not_after, self.in_use = digest, expiry, expiry
         return ctx
 
     def renewed(self) -> bool:

@@ -288,3 +288,37 @@ def test_a_reload_with_unchanged_settings_after_tls_was_dropped_keeps_the_connec
         collector.close()
         plain.stop()
         tls_broker.stop()
+
+
+def test_a_renewal_landing_while_the_connection_reads_the_files_is_what_status_says(tmp_path, monkeypatch):
+    """A connection attempt reads the certificate's expiry, then builds its TLS context from the files; a
+    renewal renamed into place between the two (the operator's tooling does not wait for the agent) had
+    the connection made with the renewed files while `status` kept the expired certificate's date for an
+    hour (CI saw it once: 'status shows the renewed certificate's expiry' timed out). The expiry said is
+    that of the files the context was built of. Real certificates (openssl), real files."""
+    from types import SimpleNamespace
+
+    from agent import certwatch
+
+    pki = make_pki(tmp_path / "pki")
+    d = tmp_path / "pki"
+    expired, expired_key = client_cert(d, "expired", days=-1)
+    renewed, renewed_key = client_cert(d, "renewed", days=365)
+    cert, key = d / "station.pem", d / "station.key"
+    replace_atomically(cert, expired)
+    replace_atomically(key, expired_key)
+    watch = certwatch.CertWatch(SimpleNamespace(tls_ca=pki["ca"], tls_cert=str(cert), tls_key=str(key),
+                                                tls_names=None, urls=["mqtts://127.0.0.1:8883"]))
+    watch.check()  # the attempt reads the expiry: the expired certificate's
+    assert watch.not_after is not None and watch.not_after < time.time()
+
+    def renewal_lands_then_build(*args, **kwargs):
+        replace_atomically(key, renewed_key)
+        replace_atomically(cert, renewed)
+        monkeypatch.setattr(certwatch, "tls_context", tls_context)
+        return tls_context(*args, **kwargs)
+
+    monkeypatch.setattr(certwatch, "tls_context", renewal_lands_then_build)
+    watch.context()
+    assert watch.in_use is not None and watch.in_use > time.time() + 300 * 86400
+    assert watch.not_after == watch.in_use
