@@ -80,10 +80,44 @@ def wired_publisher(writer, path: Path, port: int, *, commit_interval_ms: int, m
     return recorder, publisher
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS_FLOOR = 10_000
+_next_port: int | None = None
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range, from this test worker's own share of it.
+
+    A port of the ephemeral range (what binding port 0 gives) fails a test now and then: a client that keeps
+    connecting to it while nothing listens (the broker stopped, a relay not started yet) can be given that
+    very port as its source, and TCP's simultaneous open then connects the client to itself and holds the
+    port, so the broker or relay cannot bind it again (CI saw socat refused for 30 s). Any other connection
+    of the machine can take it as a source the same way. Ports below the range are never given as sources;
+    each pytest-xdist worker draws from its own slice so two workers never pick the same one."""
+    global _next_port
+    low = _ephemeral_low()
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), worker + 1)
+    span = (low - _PORTS_FLOOR) // workers
+    first = _PORTS_FLOOR + worker * span
+    if _next_port is None:
+        _next_port = first + (os.getpid() * 7919) % span  # not the same ports at every run of the suite
+    for _ in range(span):
+        port = first + (_next_port - first) % span
+        _next_port = port + 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}..{first + span - 1}")
 
 
 def start_tail(cfg: Path, out: Path, *args: str, env: dict | None = None,

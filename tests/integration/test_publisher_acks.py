@@ -31,8 +31,8 @@ def relay(port: int, broker: Broker) -> subprocess.Popen:
             if subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout:
                 return proc
             time.sleep(0.05)
-        # socat could not bind: the publisher's own attempt to reach the closed port may hold it for a moment
-        # (a connection to a free port of the ephemeral range can be given that port as its source); again.
+        # socat could not bind (free_port's ports are below the ephemeral range, so no connection of the
+        # publisher can hold it as its source; something else may for a moment): again.
         assert time.monotonic() < deadline, "socat not listening within 30 s"
 
 

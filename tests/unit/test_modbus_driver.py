@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 import struct
 from contextlib import contextmanager
 
 import pytest
+from harness import free_port
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymodbus.framer import FramerRTU
@@ -256,9 +256,7 @@ def test_a_device_that_keeps_failing_is_reminded_of_with_the_count(caplog, monke
 def test_a_tcp_bus_that_cannot_connect_says_why(caplog):
     # Nothing listens on the port: the technician reads "Connection refused" (wrong port, service off),
     # not a bare "connection failed" that looks the same as a wrong address or a typo in the name.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # below the ephemeral range: never a port this connection could get as its source
     bus = ModbusBus("lan", "tcp", host="127.0.0.1", tcp_port=port, timeout=0.2)
     driver = ModbusDriver("flow", bus, 1, 1, [RegisterSpec(channel="a", address=0)])
     with caplog.at_level(logging.WARNING, logger="drivers.modbus"):
@@ -272,9 +270,7 @@ def test_a_bus_that_stays_down_is_reminded_of_as_a_failing_device_is(caplog, mon
     """A TCP gateway refusing (or a USB adapter gone) for days was logged once, at its first failure: the
     journal's last hour (or all of it, once journald rotated that line away) showed a station with
     nothing wrong, where a silent slave is reminded of every STILL_FAILING_EVERY_S."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # below the ephemeral range: never a port this connection could get as its source
     monkeypatch.setattr(modbus, "STILL_FAILING_EVERY_S", 0.0)
     bus = ModbusBus("lan", "tcp", host="127.0.0.1", tcp_port=port, timeout=0.2)
     driver = ModbusDriver("flow", bus, 1, 1, [RegisterSpec(channel="a", address=0)])
