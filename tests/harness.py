@@ -104,8 +104,9 @@ def free_port() -> int:
     low = _ephemeral_low()
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), worker + 1)
-    span = (low - _PORTS_FLOOR) // workers
-    first = _PORTS_FLOOR + worker * span
+    floor = _PORTS_FLOOR if low - _PORTS_FLOOR >= 100 * workers else 1024  # a machine with a wide ephemeral range
+    span = (low - floor) // workers
+    first = floor + worker * span
     if _next_port is None:
         _next_port = first + (os.getpid() * 7919) % span  # not the same ports at every run of the suite
     for _ in range(span):
